@@ -1,0 +1,23 @@
+"""Benchmarks that print figures: `python -m bench [validate|apply]` (default: all).
+
+- validate: events parsed and validated per second, one core.
+- apply:    events applied per second by `apply_batch` on SQLite and PostgreSQL, by batch size.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench import apply_throughput, validation
+
+
+def main(argv: list[str]) -> None:
+    wanted = set(argv) or {"validate", "apply"}
+    if "validate" in wanted:
+        validation.run()
+    if "apply" in wanted:
+        apply_throughput.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,328 @@
+"""The event contract: bytes from Kafka in, a typed, validated `Event` out.
+
+Pure functions, no I/O. Every rejection is an `InvalidEvent` naming the field and the reason,
+so a dead-lettered message says exactly what was wrong with it. Money stays `Decimal`, times
+become aware UTC datetimes, ids are bounded strings. Unknown fields are ignored so producers
+can add fields before consumers know them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Final, NamedTuple
+
+from eventpipe.errors import InvalidEvent
+
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({1})
+MAX_ID_LENGTH: Final = 64
+MAX_TEXT_LENGTH: Final = 200
+MAX_EMAIL_LENGTH: Final = 254
+MAX_ITEMS: Final = 1000
+MAX_DELTA: Final = 10**12
+# Matches the `NUMERIC(18, 4)` money columns: larger values or finer fractions would be
+# rounded by the database, and money must never be silently changed.
+_MONEY = re.compile(r"(?:0|[1-9][0-9]{0,13})(?:\.[0-9]{1,4})?")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+class EventType(StrEnum):
+    USER_CREATED = "UserCreated"
+    ORDER_PLACED = "OrderPlaced"
+    PAYMENT_SETTLED = "PaymentSettled"
+    INVENTORY_ADJUSTED = "InventoryAdjusted"
+
+
+@dataclass(frozen=True, slots=True)
+class UserCreated:
+    user_id: str
+    email: str
+    name: str
+    created_at: datetime
+
+    @property
+    def key(self) -> str:
+        return self.user_id
+
+
+@dataclass(frozen=True, slots=True)
+class OrderItem:
+    sku: str
+    quantity: int
+    unit_price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlaced:
+    order_id: str
+    user_id: str
+    items: tuple[OrderItem, ...]
+    total_amount: Decimal
+    currency: str
+    placed_at: datetime
+
+    @property
+    def key(self) -> str:
+        return self.order_id
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentSettled:
+    payment_id: str
+    order_id: str
+    amount: Decimal
+    currency: str
+    settled_at: datetime
+
+    @property
+    def key(self) -> str:
+        return self.order_id
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryAdjusted:
+    sku: str
+    delta: int
+    reason: str
+    adjusted_at: datetime
+
+    @property
+    def key(self) -> str:
+        return self.sku
+
+
+Payload = UserCreated | OrderPlaced | PaymentSettled | InventoryAdjusted
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    event_type: EventType
+    schema_version: int
+    occurred_at: datetime
+    data: Payload
+
+    @property
+    def key(self) -> str:
+        """The Kafka key the contract assigns to this event: the id of the entity it changes."""
+        return self.data.key
+
+    @property
+    def version(self) -> tuple[datetime, str]:
+        """Orders events of one entity: newer `occurredAt` wins, ties broken by `eventId`."""
+        return (self.occurred_at, self.event_id)
+
+
+class Identity(NamedTuple):
+    """What could be read of a message that may not be a valid event (for the DLQ and logs)."""
+
+    event_id: str | None
+    event_type: str | None
+
+
+def parse_event(value: bytes | str, key: bytes | str | None = None) -> Event:
+    """Decode and validate one message value; `key`, when given, must match the contract's key.
+
+    Raises `InvalidEvent` (a `PermanentError`) for anything that is not a valid event.
+    """
+    document = _load_object(value)
+    event_id = _id(document, "eventId", "eventId")
+    type_name = _required(document, "eventType", "eventType")
+    parse_data = _PAYLOAD_PARSERS.get(type_name) if isinstance(type_name, str) else None
+    if parse_data is None:
+        known = ", ".join(t.value for t in EventType)
+        raise InvalidEvent("eventType", f"unknown event type {type_name!r} (known: {known})")
+    version = _required(document, "schemaVersion", "schemaVersion")
+    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = ", ".join(map(str, sorted(SUPPORTED_SCHEMA_VERSIONS)))
+        raise InvalidEvent(
+            "schemaVersion", f"unsupported schema version {version!r} (supported: {supported})"
+        )
+    occurred_at = _time(document, "occurredAt", "occurredAt")
+    data = _required(document, "data", "data")
+    if not isinstance(data, dict):
+        raise InvalidEvent("data", "must be an object")
+    payload = parse_data(data)
+    if key is not None:
+        text_key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        if text_key != payload.key:
+            raise InvalidEvent(
+                "key", f"Kafka key {text_key!r} does not match the event's key {payload.key!r}"
+            )
+    return Event(event_id, EventType(type_name), version, occurred_at, payload)
+
+
+def peek_identity(value: bytes | str) -> Identity:
+    """Best effort `eventId`/`eventType` of any message, valid or not; never raises."""
+    try:
+        document = json.loads(value)
+    except (ValueError, TypeError):
+        return Identity(None, None)
+    if not isinstance(document, dict):
+        return Identity(None, None)
+    event_id, event_type = document.get("eventId"), document.get("eventType")
+    return Identity(
+        event_id[:MAX_ID_LENGTH] if isinstance(event_id, str) else None,
+        event_type[:MAX_ID_LENGTH] if isinstance(event_type, str) else None,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_object(value: bytes | str) -> dict[str, Any]:
+    try:
+        # Decoded here, not by json.loads, which would guess UTF-16/32 from the first bytes.
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        document = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("value", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except ValueError as exc:
+        raise InvalidEvent("value", f"malformed JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise InvalidEvent("value", f"must be a JSON object, not {type(document).__name__}")
+    return document
+
+
+def _required(obj: dict[str, Any], name: str, path: str) -> Any:
+    try:
+        value = obj[name]
+    except KeyError:
+        raise InvalidEvent(path, "is required") from None
+    if value is None:
+        raise InvalidEvent(path, "is required")
+    return value
+
+
+def _text(obj: dict[str, Any], name: str, path: str, max_length: int) -> str:
+    value = _required(obj, name, path)
+    if not isinstance(value, str):
+        raise InvalidEvent(path, f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidEvent(path, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidEvent(path, f"must be at most {max_length} characters")
+    return value
+
+
+def _id(obj: dict[str, Any], name: str, path: str) -> str:
+    return _text(obj, name, path, MAX_ID_LENGTH)
+
+
+def _time(obj: dict[str, Any], name: str, path: str) -> datetime:
+    value = _text(obj, name, path, 64)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEvent(path, f"must be an ISO-8601 time, got {value!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent(path, f"must carry a UTC offset (e.g. 'Z'), got {value!r}")
+    return parsed.astimezone(UTC)
+
+
+def _money(obj: dict[str, Any], name: str, path: str) -> Decimal:
+    value = _required(obj, name, path)
+    if not isinstance(value, str):
+        raise InvalidEvent(path, f"must be a decimal string such as \"12.50\", not {value!r}")
+    if _MONEY.fullmatch(value) is None:
+        raise InvalidEvent(
+            path, f"must be a non-negative decimal with at most 14 digits before the point "
+            f"and 4 after, got {value!r}"
+        )
+    return Decimal(value)
+
+
+def _currency(obj: dict[str, Any], name: str, path: str) -> str:
+    value = _required(obj, name, path)
+    if not isinstance(value, str) or _CURRENCY.fullmatch(value) is None:
+        raise InvalidEvent(path, f"must be a 3-letter ISO 4217 code such as 'EUR', got {value!r}")
+    return value
+
+
+def _integer(obj: dict[str, Any], name: str, path: str) -> int:
+    value = _required(obj, name, path)
+    if type(value) is not int:  # bool is an int subclass and is not a quantity
+        raise InvalidEvent(path, f"must be an integer, not {value!r}")
+    return value
+
+
+def _user_created(data: dict[str, Any]) -> UserCreated:
+    email = _text(data, "email", "data.email", MAX_EMAIL_LENGTH)
+    if _EMAIL.fullmatch(email) is None:
+        raise InvalidEvent("data.email", f"is not an email address: {email!r}")
+    return UserCreated(
+        user_id=_id(data, "userId", "data.userId"),
+        # Addresses are unique regardless of case, so they are kept in one case.
+        email=email.lower(),
+        name=_text(data, "name", "data.name", MAX_TEXT_LENGTH),
+        created_at=_time(data, "createdAt", "data.createdAt"),
+    )
+
+
+def _order_item(item: Any, path: str) -> OrderItem:
+    if not isinstance(item, dict):
+        raise InvalidEvent(path, "must be an object")
+    quantity = _integer(item, "quantity", f"{path}.quantity")
+    if quantity < 1:
+        raise InvalidEvent(f"{path}.quantity", f"must be at least 1, got {quantity}")
+    return OrderItem(
+        sku=_id(item, "sku", f"{path}.sku"),
+        quantity=quantity,
+        unit_price=_money(item, "unitPrice", f"{path}.unitPrice"),
+    )
+
+
+def _order_placed(data: dict[str, Any]) -> OrderPlaced:
+    items = _required(data, "items", "data.items")
+    if not isinstance(items, list) or not items:
+        raise InvalidEvent("data.items", "must be a non-empty list")
+    if len(items) > MAX_ITEMS:
+        raise InvalidEvent("data.items", f"must hold at most {MAX_ITEMS} items")
+    return OrderPlaced(
+        order_id=_id(data, "orderId", "data.orderId"),
+        user_id=_id(data, "userId", "data.userId"),
+        items=tuple(_order_item(item, f"data.items[{i}]") for i, item in enumerate(items)),
+        total_amount=_money(data, "totalAmount", "data.totalAmount"),
+        currency=_currency(data, "currency", "data.currency"),
+        placed_at=_time(data, "placedAt", "data.placedAt"),
+    )
+
+
+def _payment_settled(data: dict[str, Any]) -> PaymentSettled:
+    amount = _money(data, "amount", "data.amount")
+    if amount == 0:
+        raise InvalidEvent("data.amount", "must be greater than 0")
+    return PaymentSettled(
+        payment_id=_id(data, "paymentId", "data.paymentId"),
+        order_id=_id(data, "orderId", "data.orderId"),
+        amount=amount,
+        currency=_currency(data, "currency", "data.currency"),
+        settled_at=_time(data, "settledAt", "data.settledAt"),
+    )
+
+
+def _inventory_adjusted(data: dict[str, Any]) -> InventoryAdjusted:
+    delta = _integer(data, "delta", "data.delta")
+    if delta == 0 or abs(delta) > MAX_DELTA:
+        raise InvalidEvent("data.delta", f"must be non-zero and at most {MAX_DELTA} in size")
+    return InventoryAdjusted(
+        sku=_id(data, "sku", "data.sku"),
+        delta=delta,
+        reason=_text(data, "reason", "data.reason", MAX_TEXT_LENGTH),
+        adjusted_at=_time(data, "adjustedAt", "data.adjustedAt"),
+    )
+
+
+_PAYLOAD_PARSERS: Final[dict[str, Callable[[dict[str, Any]], Payload]]] = {
+    EventType.USER_CREATED.value: _user_created,
+    EventType.ORDER_PLACED.value: _order_placed,
+    EventType.PAYMENT_SETTLED.value: _payment_settled,
+    EventType.INVENTORY_ADJUSTED.value: _inventory_adjusted,
+}

@@ -1,0 +1,1 @@
+"""The Celery workers that apply events to the read model."""

@@ -1,0 +1,160 @@
+"""The event contract: every type parses; every kind of bad input names its field and reason."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from eventpipe.errors import InvalidEvent, PermanentError
+from eventpipe.events import (
+    EventType,
+    InventoryAdjusted,
+    OrderPlaced,
+    PaymentSettled,
+    UserCreated,
+    parse_event,
+    peek_identity,
+)
+from eventpipe.samples import (
+    Document,
+    encode,
+    inventory_adjusted,
+    order_placed,
+    payment_settled,
+    user_created,
+)
+
+WHEN = datetime(2026, 11, 24, 10, 15, 0, 123000, tzinfo=UTC)
+
+
+def test_every_event_type_parses_with_exact_types() -> None:
+    key, doc = order_placed("o-1", "u-1", items=[("SKU-1", 2, "19.99"), ("SKU-2", 1, "0.01")],
+                            currency="USD", occurred_at=WHEN, event_id="e-1")
+    event = parse_event(encode(doc), key.encode())
+    assert event.event_id == "e-1" and event.event_type is EventType.ORDER_PLACED
+    assert event.occurred_at == WHEN and event.occurred_at.tzinfo is UTC
+    assert isinstance(event.data, OrderPlaced)
+    assert event.data.total_amount == Decimal("39.99")
+    assert [(i.sku, i.quantity, i.unit_price) for i in event.data.items] == [
+        ("SKU-1", 2, Decimal("19.99")), ("SKU-2", 1, Decimal("0.01"))]
+    assert event.key == "o-1" and event.version == (WHEN, "e-1")
+
+    user = parse_event(encode(user_created("u-1", email="A@B.io", occurred_at=WHEN)[1]))
+    assert isinstance(user.data, UserCreated) and user.data.email == "a@b.io"
+    payment = parse_event(encode(payment_settled("p-1", "o-1", "5.5", occurred_at=WHEN)[1]))
+    assert isinstance(payment.data, PaymentSettled) and payment.data.amount == Decimal("5.5")
+    assert payment.key == "o-1"
+    stock = parse_event(encode(inventory_adjusted("S", -4, occurred_at=WHEN)[1]))
+    assert isinstance(stock.data, InventoryAdjusted) and stock.data.delta == -4
+
+
+def test_offsets_are_converted_to_utc() -> None:
+    _, doc = user_created("u", occurred_at=WHEN)
+    doc["occurredAt"] = "2026-11-24T12:15:00.123+02:00"
+    assert parse_event(encode(doc)).occurred_at == WHEN
+
+
+def _mutated(path: str, value: Any) -> bytes:
+    _, doc = order_placed("o-1", "u-1", occurred_at=WHEN)
+    target: Any = doc
+    *parents, last = path.split(".")
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return encode(doc)
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "reason"),
+    [
+        ("eventId", _DELETE, "eventId", "is required"),
+        ("eventId", "", "eventId", "must not be empty"),
+        ("eventId", "x" * 65, "eventId", "must be at most 64 characters"),
+        ("eventType", "OrderShipped", "eventType", "unknown event type 'OrderShipped'"),
+        ("schemaVersion", 2, "schemaVersion", "unsupported schema version 2"),
+        ("schemaVersion", True, "schemaVersion", "unsupported schema version True"),
+        ("occurredAt", "yesterday", "occurredAt", "must be an ISO-8601 time"),
+        ("occurredAt", "2026-11-24T10:00:00", "occurredAt", "must carry a UTC offset"),
+        ("data", [], "data", "must be an object"),
+        ("data.items", [], "data.items", "must be a non-empty list"),
+        ("data.items.0.quantity", 0, "data.items[0].quantity", "must be at least 1"),
+        ("data.items.0.quantity", 1.5, "data.items[0].quantity", "must be an integer"),
+        ("data.items.0.quantity", True, "data.items[0].quantity", "must be an integer"),
+        ("data.items.0.unitPrice", 10.0, "data.items[0].unitPrice", "must be a decimal string"),
+        ("data.items.0.unitPrice", "-1.00", "data.items[0].unitPrice", "non-negative decimal"),
+        ("data.items.0.unitPrice", "1.23456", "data.items[0].unitPrice", "4 after"),
+        ("data.items.0.unitPrice", "1e3", "data.items[0].unitPrice", "non-negative decimal"),
+        ("data.totalAmount", "NaN", "data.totalAmount", "non-negative decimal"),
+        ("data.currency", "eur", "data.currency", "3-letter ISO 4217"),
+        ("data.userId", 42, "data.userId", "must be a string"),
+        ("data.placedAt", _DELETE, "data.placedAt", "is required"),
+    ],
+)
+def test_invalid_fields_are_named_with_a_reason(
+    path: str, value: Any, field: str, reason: str
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(_mutated(path, value))
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+    assert isinstance(caught.value, PermanentError)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[1, 2]", "must be a JSON object, not list"),
+        (b'{"eventId": NaN}', "malformed JSON"),
+    ],
+)
+def test_bytes_that_are_not_an_event(value: bytes, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(value)
+    assert caught.value.field == "value" and reason in caught.value.reason
+
+
+def test_payload_rules_per_type() -> None:
+    cases: list[tuple[Document, str]] = [
+        (user_created("u", email="not-an-email")[1], "data.email"),
+        (payment_settled("p", "o", "0.00")[1], "data.amount"),
+        (inventory_adjusted("S", 0)[1], "data.delta"),
+    ]
+    for doc, field in cases:
+        with pytest.raises(InvalidEvent) as caught:
+            parse_event(encode(doc))
+        assert caught.value.field == field
+
+
+def test_key_must_match_the_contract() -> None:
+    key, doc = payment_settled("p-1", "o-1", "1.00")
+    assert parse_event(encode(doc), key).key == "o-1"
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(doc), b"p-1")
+    assert caught.value.field == "key"
+
+
+def test_unknown_fields_are_ignored() -> None:
+    _, doc = user_created("u")
+    doc["trace"] = {"span": 1}
+    doc["data"]["nickname"] = "ada"
+    assert parse_event(json.dumps(doc)).data == parse_event(encode(user_created("u")[1])).data
+
+
+def test_peek_identity_reads_what_it_can_and_never_raises() -> None:
+    _, doc = user_created("u", event_id="e-9")
+    assert peek_identity(encode(doc)) == ("e-9", "UserCreated")
+    assert peek_identity(b'{"eventId": 3, "eventType": "X"}') == (None, "X")
+    assert peek_identity(b"\xff garbage") == (None, None)
+    assert peek_identity(b"[]") == (None, None)

@@ -1,0 +1,1 @@
+"""The read API: Flask-Smorest service over the read model."""

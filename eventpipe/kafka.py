@@ -1,0 +1,71 @@
+"""Kafka clients configured one way for every role: producer, bridge consumer, admin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from eventpipe.settings import Settings
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        # A message counts as sent only once every in-sync replica has it.
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "none",
+        **overrides,
+    }
+
+
+def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": settings.kafka_group_id,
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(500, settings.kafka_session_timeout_ms // 3),
+        # Offsets are committed by the bridge, and only past events that are done.
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "range",
+        "statistics.interval.ms": 5000,
+        **overrides,
+    }
+
+
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
+    return Producer(producer_config(settings, **overrides))
+
+
+def ensure_topic(settings: Settings, timeout_s: float = 15.0) -> None:
+    """Create the events topic with the configured partitions if it does not exist yet."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    existing = admin.list_topics(timeout=timeout_s).topics
+    if settings.kafka_topic in existing:
+        return
+    futures = admin.create_topics(
+        [NewTopic(settings.kafka_topic, num_partitions=settings.kafka_partitions,
+                  replication_factor=-1)],
+        request_timeout=timeout_s,
+    )
+    for future in futures.values():
+        try:
+            future.result(timeout=timeout_s)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
+    """True when a broker answers a metadata request within `timeout_s`."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except Exception:
+        return False
+    return True

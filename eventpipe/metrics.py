@@ -1,0 +1,61 @@
+"""Every Prometheus metric of the pipeline, defined once; each process exports what it moves.
+
+Worker hosts run several processes: with `PROMETHEUS_MULTIPROC_DIR` set (as `eventpipe
+worker` does), prometheus_client aggregates them, and gauges say how (`livesum`, `max`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+EVENTS_PROCESSED = Counter(
+    "events_processed", "Events by final status of one processing attempt "
+    "(applied, duplicate, stale, retried, dead_lettered)", ["event_type", "status"],
+)
+EVENTS_PER_SECOND = Gauge(
+    "events_processed_per_second", "Events processed per second over the last 10 s",
+    ["event_type"], multiprocess_mode="livesum",
+)
+DLQ_ENTRIES = Counter("dlq_entries", "Entries added to the dead-letter queue", ["event_type"])
+DLQ_DEPTH = Gauge("dlq_depth", "Entries in the dead-letter queue now", multiprocess_mode="max")
+DB_OPERATION = Histogram(
+    "db_operation_duration_seconds", "Duration of database operations", ["operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+KAFKA_PRODUCE = Histogram(
+    "kafka_produce_duration_seconds", "From produce() to the broker's acknowledgement",
+    buckets=_LATENCY_BUCKETS,
+)
+KAFKA_CONSUME = Histogram(
+    "kafka_consume_duration_seconds", "Duration of one consumer poll that returned messages",
+    buckets=_LATENCY_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "kafka_consumer_lag", "High watermark minus the committed offset, per partition",
+    ["topic", "partition"], multiprocess_mode="max",
+)
+QUEUE_DEPTH = Gauge(
+    "celery_queue_depth", "Messages waiting in each partition's Celery queue", ["queue"],
+    multiprocess_mode="max",
+)
+IN_FLIGHT = Gauge(
+    "bridge_in_flight_events", "Events handed to Celery and not yet done, per partition",
+    ["partition"], multiprocess_mode="livesum",
+)
+PAUSED = Gauge(
+    "bridge_paused_partitions", "Partitions paused for backpressure", multiprocess_mode="livesum"
+)
+REDELIVERIES = Counter(
+    "bridge_redeliveries", "Times a partition was re-read from its committed offset", ["partition"]
+)
+RETRIES = Counter(
+    "event_retries", "Retries scheduled, by reason (missing_parent, transient)",
+    ["event_type", "reason"],
+)
+END_TO_END = Histogram(
+    "event_end_to_end_latency_seconds", "From the event's occurredAt to its effect committed",
+    ["event_type"], buckets=_E2E_BUCKETS,
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from eventpipe.settings import Settings
@@ -69,3 +69,21 @@ def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     except Exception:
         return False
     return True
+
+
+def fetch_message(
+    settings: Settings, topic: str, partition: int, offset: int, timeout_s: float = 5.0
+) -> bytes | None:
+    """The value of the message at one position, read without joining any group."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": f"{settings.kafka_group_id}-trace",
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        record = consumer.poll(timeout_s)
+        if record is None or record.error() is not None or record.offset() != offset:
+            return None
+        value = record.value()
+        return value if isinstance(value, bytes) else None
+    finally:
+        consumer.close()

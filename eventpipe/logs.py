@@ -51,5 +51,6 @@ def configure(role: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kombu", "celery.worker.strategy", "urllib3", "werkzeug"):
+    # celery.app.trace logs every task with its full arguments: event payloads, at INFO.
+    for noisy in ("kombu", "celery.app.trace", "celery.worker.strategy", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -6,6 +6,9 @@ worker` does), prometheus_client aggregates them, and gauges say how (`livesum`,
 
 from __future__ import annotations
 
+import threading
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -59,3 +62,50 @@ END_TO_END = Histogram(
     "event_end_to_end_latency_seconds", "From the event's occurredAt to its effect committed",
     ["event_type"], buckets=_E2E_BUCKETS,
 )
+
+
+class RateMeter:
+    """Keeps `events_processed_per_second` at the rate of the last `window_s` seconds.
+
+    Counts go into one-second buckets; a daemon thread recomputes the gauge every second,
+    so the rate falls back to zero when traffic stops instead of keeping its last value.
+    """
+
+    def __init__(self, gauge: Gauge = EVENTS_PER_SECOND, window_s: int = 10) -> None:
+        self.gauge = gauge
+        self.window_s = window_s
+        self._buckets: dict[str, dict[int, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, label: str, count: int = 1, now: float | None = None) -> None:
+        second = int(time.time() if now is None else now)
+        with self._lock:
+            by_second = self._buckets.setdefault(label, {})
+            by_second[second] = by_second.get(second, 0) + count
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rate-meter",
+                                                daemon=True)
+                self._thread.start()
+
+    def rates(self, now: float | None = None) -> dict[str, float]:
+        """Events per second per label over the last full `window_s` seconds."""
+        current = int(time.time() if now is None else now)
+        oldest = current - self.window_s
+        with self._lock:
+            result = {}
+            for label, by_second in self._buckets.items():
+                for second in [s for s in by_second if s < oldest]:
+                    del by_second[second]
+                counted = sum(n for s, n in by_second.items() if s < current)
+                result[label] = counted / self.window_s
+            return result
+
+    def _run(self) -> None:
+        while True:
+            for label, rate in self.rates().items():
+                self.gauge.labels(label).set(rate)
+            time.sleep(1)
+
+
+RATE = RateMeter()

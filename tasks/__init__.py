@@ -1,1 +1,5 @@
-"""The Celery workers that apply events to the read model."""
+"""The Celery workers that apply events to the read model: `celery -A tasks worker`."""
+
+from tasks.app import app
+
+__all__ = ["app"]

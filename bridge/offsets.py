@@ -1,0 +1,112 @@
+"""Per-partition progress: what was handed out, what is done, what may be committed.
+
+Pure bookkeeping, no I/O. The bridge records every dispatched offset, feeds in what the
+delivery ledger says is done or leased, and asks:
+- `committable()`: the offset to commit — the oldest offset not yet done (Kafka's committed
+  offset is the next one to read), so a commit never moves past unfinished work;
+- `redelivery()`: the offset to re-read from, when the oldest unfinished offset was lost on
+  the way (see `needs_redelivery`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class PartitionProgress:
+    partition: int
+    committed: int | None = None
+    outstanding: deque[tuple[int, float]] = field(default_factory=deque)  # (offset, sent at)
+    pending: set[int] = field(default_factory=set)  # outstanding offsets not yet done
+    done_ahead: set[int] = field(default_factory=set)  # done, but behind an unfinished one
+    leased: set[int] = field(default_factory=set)
+    last_dispatched: int | None = None
+    last_progress: float = 0.0
+    overtaken_since: float | None = None
+    paused: bool = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def low(self) -> int | None:
+        """The oldest offset whose fate the ledger can still tell us, if any."""
+        return self.outstanding[0][0] if self.outstanding else None
+
+    def dispatched(self, offsets: list[int], now: float) -> None:
+        if not self.outstanding:
+            self.last_progress = now
+        for offset in offsets:
+            self.outstanding.append((offset, now))
+            self.pending.add(offset)
+        if offsets:
+            self.last_dispatched = offsets[-1]
+
+    def observe(self, done: set[int], leased: set[int], now: float) -> None:
+        """Take in the ledger's view: offsets done, offsets with a live lease."""
+        newly_done = done & self.pending
+        if newly_done:
+            self.last_progress = now
+            self.pending -= newly_done
+            self.done_ahead |= newly_done
+        while self.outstanding and self.outstanding[0][0] in self.done_ahead:
+            self.done_ahead.discard(self.outstanding.popleft()[0])
+        self.leased = leased
+        if self.done_ahead and self.outstanding:
+            if self.overtaken_since is None:
+                self.overtaken_since = now
+        else:
+            self.overtaken_since = None
+
+    def committable(self) -> int | None:
+        """Offset to commit now, or None when there is nothing new to commit."""
+        if self.outstanding:
+            candidate = self.outstanding[0][0]
+        elif self.last_dispatched is not None:
+            candidate = self.last_dispatched + 1
+        else:
+            return None
+        if self.committed is not None and candidate <= self.committed:
+            return None
+        return candidate
+
+    def redelivery(self, now: float, timeout_s: float) -> int | None:
+        """The offset to read again from, if the oldest unfinished offset was lost."""
+        if not self.outstanding:
+            return None
+        head, sent_at = self.outstanding[0]
+        if needs_redelivery(head in self.leased, now, sent_at, self.last_progress,
+                            self.overtaken_since, timeout_s):
+            return head
+        return None
+
+    def reset(self) -> None:
+        """Forget everything handed out: the partition is about to be read again."""
+        self.outstanding.clear()
+        self.pending.clear()
+        self.done_ahead.clear()
+        self.leased = set()
+        self.last_dispatched = None
+        self.overtaken_since = None
+
+
+def needs_redelivery(
+    head_leased: bool, now: float, head_sent_at: float, last_progress: float,
+    overtaken_since: float | None, timeout_s: float,
+) -> bool:
+    """Whether the oldest unfinished offset of a partition was lost on the way.
+
+    A worker leases the offsets it holds (a batch being applied, a retry waiting), so a
+    leased offset is never lost. Otherwise it is lost when
+    - later offsets of the partition are done: one partition's tasks run in order in one
+      worker, so work that was overtaken was dropped (a worker killed mid-batch) — after a
+      short grace in case two workers serve the partition by mistake; or
+    - nothing at all has happened on the partition for `timeout_s` (the queue was flushed).
+    """
+    if head_leased:
+        return False
+    if overtaken_since is not None and now - overtaken_since >= timeout_s / 4:
+        return True
+    return now - max(head_sent_at, last_progress) >= timeout_s

@@ -1,0 +1,308 @@
+"""The bridge: a Kafka consumer group member that hands each partition's events to that
+partition's Celery queue and commits offsets only past events that are done.
+
+Loop, in order:
+1. consume messages; add each to its partition's pending batch;
+2. send batches that are full or have waited long enough, as one task each, to `events.pN`;
+3. every `commit_interval_s`, read the delivery ledger, commit each partition's offset up to
+   its oldest unfinished event, pause partitions with too much in flight (resume below half),
+   and re-read from Kafka any partition whose oldest unfinished event was lost.
+Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, waits up to
+`shutdown_drain_timeout_s` for work in flight, commits and leaves the group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import redis
+from celery import Celery
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from bridge.batching import Batcher
+from bridge.offsets import PartitionProgress
+from eventpipe import metrics
+from eventpipe.dlq import HISTORY_HEADER
+from eventpipe.events import peek_identity
+from eventpipe.kafka import consumer_config
+from eventpipe.progress import DeliveryLedger
+from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
+from eventpipe.settings import Settings
+
+log = logging.getLogger("eventpipe.bridge")
+
+
+class Bridge:
+    def __init__(
+        self, settings: Settings, *, celery: Celery | None = None,
+        ledger: DeliveryLedger | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.kafka_topic
+        self.celery = celery or make_celery(settings, main="bridge")
+        self.ledger = ledger or DeliveryLedger(
+            redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+        self.broker_redis = (redis.Redis.from_url(settings.celery_broker_url, socket_timeout=5)
+                             if settings.celery_broker_url.startswith("redis") else None)
+        self.clock = clock
+        self.batcher = Batcher(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
+        self.partitions: dict[int, PartitionProgress] = {}
+        self.unsent: dict[int, list[Message]] = {}
+        self.stopping = False
+        self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("bridge started", extra={"topic": self.topic,
+                                          "group": self.settings.kafka_group_id})
+        next_sync = 0.0
+        try:
+            while not self.stopping:
+                self._consume_once()
+                now = self.clock()
+                for partition, messages in self.batcher.due(now):
+                    self._dispatch(partition, messages)
+                if now >= next_sync:
+                    self._sync(now)
+                    next_sync = now + self.settings.commit_interval_s
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.batcher.clear()
+        self.unsent.clear()
+        deadline = self.clock() + self.settings.shutdown_drain_timeout_s
+        for progress in self.partitions.values():
+            progress.paused = True
+        self._pause_all()
+        while self.clock() < deadline and any(p.in_flight for p in self.partitions.values()):
+            self._sync(self.clock(), redeliver=False)
+            # Serve the group's callbacks while waiting; all partitions are paused.
+            self.consumer.consume(num_messages=1, timeout=0.2)
+        self._sync(self.clock(), redeliver=False)
+        left = sum(p.in_flight for p in self.partitions.values())
+        log.info("bridge stopped", extra={"inFlightLeft": left})
+        self.consumer.close()
+
+    def _pause_all(self) -> None:
+        assigned = [TopicPartition(self.topic, p) for p in self.partitions]
+        if assigned:
+            self.consumer.pause(assigned)
+
+    # -- consuming and dispatching -----------------------------------------------------------
+
+    def _consume_once(self) -> None:
+        started = time.perf_counter()
+        messages = self.consumer.consume(num_messages=self.settings.batch_max_events,
+                                         timeout=0.05)
+        if messages:
+            metrics.KAFKA_CONSUME.observe(time.perf_counter() - started)
+        now = self.clock()
+        for record in messages:
+            error = record.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.error("consumer error: %s", error)
+                    if error.fatal():
+                        raise KafkaException(error)
+                continue
+            partition = record.partition()
+            if partition not in self.partitions:
+                continue  # revoked while the message was on its way
+            history = dict(record.headers() or []).get(HISTORY_HEADER)
+            message = Message(record.offset() or 0, record.key(), record.value() or b"",
+                              history.encode() if isinstance(history, str) else history)
+            if self._debug:
+                identity = peek_identity(message.value)
+                log.debug("event received", extra={
+                    "eventId": identity.event_id, "eventType": identity.event_type,
+                    "partition": partition, "offset": message.offset})
+            full = self.batcher.add(partition, message, now)
+            if full is not None:
+                self._dispatch(partition, full)
+
+    def _dispatch(self, partition: int, messages: list[Message]) -> None:
+        progress = self.partitions.get(partition)
+        if progress is None:
+            return
+        waiting = self.unsent.pop(partition, None)
+        if waiting:
+            messages = waiting + messages
+        if not messages:
+            return
+        try:
+            self.celery.send_task(APPLY_TASK, args=[self.topic, partition,
+                                                    [m.to_wire() for m in messages]],
+                                  queue=queue_name(partition))
+        except Exception as exc:
+            # The Celery broker is unreachable: keep the batch, stop reading the partition,
+            # and try again at the next sync. Nothing is committed past it meanwhile.
+            log.error("could not send batch to %s: %s", queue_name(partition), exc)
+            self.unsent[partition] = messages
+            self._pause(progress)
+            return
+        progress.dispatched([m.offset for m in messages], self.clock())
+        metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
+        log.info("batch sent", extra={"partition": partition, "events": len(messages),
+                                      "offsetFirst": messages[0].offset,
+                                      "offsetLast": messages[-1].offset,
+                                      "queue": queue_name(partition)})
+        if progress.in_flight >= self.settings.max_in_flight_per_partition:
+            self._pause(progress)
+
+    def _pause(self, progress: PartitionProgress) -> None:
+        if not progress.paused:
+            self.consumer.pause([TopicPartition(self.topic, progress.partition)])
+            progress.paused = True
+            metrics.PAUSED.inc()
+            log.info("partition paused", extra={"partition": progress.partition,
+                                                "inFlight": progress.in_flight})
+
+    def _resume(self, progress: PartitionProgress) -> None:
+        if progress.paused:
+            self.consumer.resume([TopicPartition(self.topic, progress.partition)])
+            progress.paused = False
+            metrics.PAUSED.dec()
+            log.info("partition resumed", extra={"partition": progress.partition,
+                                                 "inFlight": progress.in_flight})
+
+    # -- the ledger: commit, backpressure, redelivery ----------------------------------------
+
+    def _sync(self, now: float, *, redeliver: bool = True,
+              only: list[int] | None = None) -> None:
+        chosen = {p: self.partitions[p] for p in (only or list(self.partitions))
+                  if p in self.partitions}
+        lows = {p: low for p, progress in chosen.items()
+                if (low := progress.low()) is not None}
+        if lows:
+            for partition, (done, leased) in self.ledger.read(self.topic, lows, now).items():
+                chosen[partition].observe(done, leased, now)
+        self._commit(chosen, now)
+        for partition, progress in chosen.items():
+            metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
+            if partition in self.unsent and not self.stopping:
+                self._dispatch(partition, [])
+                continue
+            if progress.paused and not self.stopping and (
+                    progress.in_flight < self.settings.max_in_flight_per_partition // 2):
+                self._resume(progress)
+            if redeliver:
+                self._maybe_redeliver(progress, now)
+        self._queue_depths(chosen)
+
+    def _commit(self, chosen: dict[int, PartitionProgress], now: float) -> None:
+        offsets = {p: c for p, progress in chosen.items()
+                   if (c := progress.committable()) is not None}
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
+                                          for p, o in offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            log.warning("offset commit failed, will retry: %s", exc)
+            return
+        for partition, offset in offsets.items():
+            chosen[partition].committed = offset
+        self.ledger.trim(self.topic, offsets, now)
+        log.debug("committed", extra={"offsets": offsets})
+
+    def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
+        offset = progress.redelivery(now, self.settings.redelivery_timeout_s)
+        if offset is None:
+            return
+        log.warning("events lost on the way; re-reading partition from offset %d", offset,
+                    extra={"partition": progress.partition, "offset": offset,
+                           "inFlight": progress.in_flight})
+        metrics.REDELIVERIES.labels(str(progress.partition)).inc()
+        self.batcher.drop(progress.partition)
+        self.unsent.pop(progress.partition, None)
+        progress.reset()
+        try:
+            self.consumer.seek(TopicPartition(self.topic, progress.partition, offset))
+        except KafkaException as exc:
+            log.warning("seek failed, will retry: %s", exc)
+            progress.dispatched([offset], now)  # keep the offset outstanding: retried later
+            return
+        self._resume(progress)
+
+    def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
+        if self.broker_redis is None or not chosen:
+            return
+        try:
+            with self.broker_redis.pipeline(transaction=False) as pipe:
+                for partition in chosen:
+                    pipe.llen(queue_name(partition))
+                depths = pipe.execute()
+        except redis.RedisError:
+            return
+        for partition, depth in zip(chosen, depths, strict=True):
+            metrics.QUEUE_DEPTH.labels(queue_name(partition)).set(depth)
+
+    def _on_stats(self, raw: str) -> None:
+        # Lag from librdkafka's own view: its high watermark comes from fetch responses,
+        # which is right even on brokers whose ListOffsets answer is not.
+        stats: dict[str, Any] = json.loads(raw)
+        partitions = stats.get("topics", {}).get(self.topic, {}).get("partitions", {})
+        for key, values in partitions.items():
+            partition = int(key)
+            if partition < 0 or partition not in self.partitions:
+                continue
+            high = values.get("hi_offset", -1)
+            committed = self.partitions[partition].committed
+            if high >= 0 and committed is not None:
+                metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
+
+    # -- rebalance callbacks -----------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self.partitions[tp.partition] = PartitionProgress(tp.partition)
+        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned]})
+
+    def _on_revoke(self, _consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]
+        for partition in numbers:
+            self.batcher.drop(partition)
+            self.unsent.pop(partition, None)
+        try:
+            self._sync(self.clock(), redeliver=False, only=numbers)
+        except Exception as exc:  # the new owner re-reads from the last commit either way
+            log.warning("final commit on revoke failed: %s", exc)
+        for partition in numbers:
+            if self.partitions.pop(partition).paused:
+                metrics.PAUSED.dec()
+            metrics.IN_FLIGHT.labels(str(partition)).set(0)
+        log.info("partitions revoked", extra={"partitions": numbers})
+
+    def _on_lost(self, _consumer: Consumer, lost: list[TopicPartition]) -> None:
+        for tp in lost:
+            self.batcher.drop(tp.partition)
+            self.unsent.pop(tp.partition, None)
+            progress = self.partitions.pop(tp.partition, None)
+            if progress is not None and progress.paused:
+                metrics.PAUSED.dec()
+        log.warning("partitions lost", extra={"partitions": [tp.partition for tp in lost]})
+
+
+def run(settings: Settings) -> None:
+    bridge = Bridge(settings)
+    bridge.install_signal_handlers()
+    bridge.run()

@@ -1,0 +1,117 @@
+"""The interactive producer: a menu to publish each event type, with generated defaults."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TextIO
+
+from confluent_kafka import Producer
+
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import parse_event
+from eventpipe.samples import (
+    Document,
+    encode,
+    inventory_adjusted,
+    order_placed,
+    payment_settled,
+    user_created,
+)
+from producer.publish import publish
+from producer.stream import Planned, plan_stream
+
+MENU = """
+  1) UserCreated         3) PaymentSettled       5) generate a sample stream
+  2) OrderPlaced         4) InventoryAdjusted    q) quit
+"""
+
+
+class Menu:
+    def __init__(self, producer: Producer, topic: str, read: Callable[[str], str],
+                 out: TextIO) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.read = read
+        self.out = out
+        self.last_user = f"user-{uuid.uuid4().hex[:8]}"
+        self.last_order: tuple[str, str, str] | None = None  # id, amount, currency
+
+    def ask(self, label: str, default: str) -> str:
+        answer = self.read(f"  {label} [{default}]: ").strip()
+        return answer or default
+
+    def run(self) -> int:
+        actions: dict[str, Callable[[], tuple[str, Document] | None]] = {
+            "1": self.user, "2": self.order, "3": self.payment, "4": self.stock,
+            "5": self.generate,
+        }
+        while True:
+            self.out.write(MENU)
+            try:
+                choice = self.read("choose: ").strip().lower()
+            except EOFError:
+                return 0
+            if choice in ("q", "quit", "exit"):
+                return 0
+            action = actions.get(choice)
+            if action is None:
+                self.out.write(f"  no such choice {choice!r}\n")
+                continue
+            try:
+                built = action()
+            except EOFError:
+                return 0
+            if built is not None:
+                self.send(*built)
+
+    def send(self, key: str, document: Document) -> None:
+        value = encode(document)
+        try:
+            parse_event(value, key)
+        except InvalidEvent as exc:
+            self.out.write(f"  note: this event is invalid and will be dead-lettered: {exc}\n")
+        result = publish(self.producer, self.topic, [Planned(key.encode(), value, "manual")],
+                         total=1, progress=False)
+        status = "sent" if result.delivered else f"FAILED ({'; '.join(result.errors)})"
+        self.out.write(f"  {status}: {document['eventType']} {document['eventId']} "
+                       f"key={key}\n")
+
+    def user(self) -> tuple[str, Document]:
+        user_id = self.ask("userId", f"user-{uuid.uuid4().hex[:8]}")
+        email = self.ask("email", f"{user_id}@example.com")
+        name = self.ask("name", "Ada Lovelace")
+        self.last_user = user_id
+        return user_created(user_id, email=email, name=name)
+
+    def order(self) -> tuple[str, Document]:
+        order_id = self.ask("orderId", f"order-{uuid.uuid4().hex[:8]}")
+        user_id = self.ask("userId", self.last_user)
+        sku = self.ask("sku", "SKU-0001")
+        quantity = int(self.ask("quantity", "2"))
+        price = self.ask("unitPrice", "19.99")
+        currency = self.ask("currency", "EUR")
+        key, document = order_placed(order_id, user_id, items=[(sku, quantity, price)],
+                                     currency=currency)
+        self.last_order = (order_id, document["data"]["totalAmount"], currency)
+        return key, document
+
+    def payment(self) -> tuple[str, Document]:
+        order_id, amount, currency = self.last_order or (f"order-{uuid.uuid4().hex[:8]}",
+                                                         "10.00", "EUR")
+        return payment_settled(self.ask("paymentId", f"pay-{uuid.uuid4().hex[:8]}"),
+                               self.ask("orderId", order_id), self.ask("amount", amount),
+                               currency=self.ask("currency", currency))
+
+    def stock(self) -> tuple[str, Document]:
+        return inventory_adjusted(self.ask("sku", "SKU-0001"), int(self.ask("delta", "10")),
+                                  reason=self.ask("reason", "restock"))
+
+    def generate(self) -> None:
+        count = int(self.ask("how many events", "200"))
+        plan = plan_stream(count, duplicates=0.05, out_of_order=0.05,
+                           seed=int(datetime.now(UTC).timestamp()))
+        result = publish(self.producer, self.topic, plan.messages, total=count)
+        self.out.write(f"  sent {result.delivered} ({dict(plan.counts)})\n")
+        return None

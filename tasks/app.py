@@ -1,0 +1,90 @@
+"""The Celery app of the workers: `celery -A tasks worker -Q events.p0,events.p1 --pool solo`.
+
+The task is a thin wrapper over `tasks.processing.Processor`: it decodes the payload, runs the
+processor, sends the retries it asks for to the same partition queue, and turns a transient
+failure into a delayed retry of the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import setup_logging
+
+from eventpipe import logs
+from eventpipe.database import make_engine
+from eventpipe.dlq import DeadLetterQueue
+from eventpipe.errors import TransientError
+from eventpipe.progress import DeliveryLedger
+from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
+from eventpipe.settings import get_settings
+from tasks.processing import Processor, Retry
+from tasks.retry import backoff_delay
+
+log = logging.getLogger("eventpipe.tasks")
+
+settings = get_settings()
+app = make_celery(settings, main="tasks")
+
+
+@setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    logs.configure("worker", settings.log_level)
+
+
+@cache
+def processor() -> Processor:
+    """One per worker process, made on first use (never inherited across a fork)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    return Processor(
+        settings, make_engine(settings),
+        DeadLetterQueue(client, settings.dlq_stream, settings.dlq_max_entries),
+        DeliveryLedger(client),
+    )
+
+
+@app.task(name=APPLY_TASK, bind=True)
+def apply_events(
+    self: Task, topic: str, partition: int, messages: list[list[Any]], transient_attempts: int = 0
+) -> dict[str, int]:
+    decoded = [Message.from_wire(m) for m in messages]
+    work = processor()
+    try:
+        report = work.run(topic, partition, decoded)
+    except TransientError as exc:
+        attempt = transient_attempts + 1
+        countdown = backoff_delay(attempt, settings.retry_backoff_base_s,
+                                  settings.retry_backoff_max_s)
+        # The offsets stay leased while the batch waits, so the bridge does not re-read them.
+        work.ledger.lease(topic, partition, [m.offset for m in decoded],
+                          work.clock() + countdown + settings.redelivery_timeout_s)
+        log.warning("transient failure, batch retried in %.1fs: %s", countdown, exc, extra={
+            "topic": topic, "partition": partition, "taskId": self.request.id,
+            "attempt": attempt, "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset,
+        })
+        _send(topic, partition, messages, countdown, attempt)
+        return {"transient_retry": len(messages)}
+    for retry in report.retries:
+        _send_retry(topic, partition, retry)
+    log.info("batch done", extra={
+        "topic": topic, "partition": partition, "taskId": self.request.id,
+        "events": len(decoded), "offsetFirst": decoded[0].offset,
+        "offsetLast": decoded[-1].offset, **report.statuses,
+    })
+    return dict(report.statuses)
+
+
+def _send_retry(topic: str, partition: int, retry: Retry) -> None:
+    _send(topic, partition, [m.to_wire() for m in retry.messages], retry.countdown, 0)
+
+
+def _send(
+    topic: str, partition: int, messages: list[list[Any]], countdown: float, attempt: int
+) -> None:
+    app.send_task(APPLY_TASK, args=[topic, partition, messages],
+                  kwargs={"transient_attempts": attempt},
+                  queue=queue_name(partition), countdown=countdown)

@@ -1,0 +1,120 @@
+"""`eventpipe worker`: run Celery worker processes that serve a set of partition queues.
+
+Each process is a `--pool solo` Celery worker, so it applies one batch at a time, and each
+partition queue is served by exactly one process: a partition's events are applied in order
+by one process at any moment. Several processes (`--processes`) share the partitions of a
+host between them; the parent restarts a process that dies, forwards SIGTERM/SIGINT for a
+warm shutdown, and serves the metrics of all its processes, aggregated, on one port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import multiprocess
+
+from eventpipe.queues import queue_name
+from eventpipe.settings import Settings
+
+log = logging.getLogger("eventpipe.workers")
+
+
+def parse_partitions(spec: str) -> list[int]:
+    """'0-5', '0,2,4' or '0-2,7' → sorted partition numbers."""
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise ValueError(f"bad partition range {part!r}: use e.g. 0-5 or 0,2,4") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad partition range {part!r}")
+        chosen.update(range(first, last + 1))
+    if not chosen:
+        raise ValueError("no partitions given")
+    return sorted(chosen)
+
+
+def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
+    """Deal partitions round-robin over `processes` (never more processes than partitions)."""
+    count = max(1, min(processes, len(partitions)))
+    return [list(partitions[i::count]) for i in range(count)]
+
+
+def celery_command(partitions: Sequence[int], index: int, log_level: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        "--pool", "solo",
+        "--queues", ",".join(queue_name(p) for p in partitions),
+        "--hostname", f"eventpipe-{index}-{uuid.uuid4().hex[:6]}@%h",
+        "--without-mingle", "--without-gossip",
+        "--loglevel", log_level,
+    ]
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, partitions: Sequence[int], processes: int) -> None:
+        self.settings = settings
+        self.groups = share(partitions, processes)
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="eventpipe-worker-metrics-"))
+
+    def _start(self, index: int) -> None:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        command = celery_command(self.groups[index], index, self.settings.log_level)
+        self.children[index] = subprocess.Popen(command, env=env)
+        log.info("worker process started", extra={
+            "pid": self.children[index].pid,
+            "queues": [queue_name(p) for p in self.groups[index]]})
+
+    def _serve_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        start_http_server(self.settings.worker_metrics_port, registry=registry)
+
+    def run(self) -> int:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self.stopping = True
+            for child in self.children.values():
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self._serve_metrics()
+        for index in range(len(self.groups)):
+            self._start(index)
+        while not self.stopping:
+            for index, child in list(self.children.items()):
+                code = child.poll()
+                if code is not None and not self.stopping:
+                    log.error("worker process %d exited with %s; restarting", child.pid, code)
+                    multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                        child.pid, str(self.metrics_dir))
+                    self._start(index)
+            time.sleep(0.5)
+        for child in self.children.values():
+            try:
+                child.wait(timeout=self.settings.shutdown_drain_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        return 0

@@ -1,0 +1,211 @@
+"""A whole pipeline of real processes for end-to-end tests.
+
+A fresh Kafka topic on the test broker, a fresh PostgreSQL database, a Redis database for the
+DLQ and ledger and another for the Celery broker, and as subprocesses the bridge
+(`eventpipe bridge`) and Celery workers (`celery -A tasks worker`), configured only through
+their environment, as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from eventpipe.dlq import DeadLetter, DeadLetterQueue
+from eventpipe.kafka import ensure_topic
+from eventpipe.migrations import upgrade
+from eventpipe.queues import queue_name
+from eventpipe.samples import Document, encode
+from eventpipe.settings import Settings
+from eventpipe.tables import applied_events
+from tests.services import REDIS_URL, require_postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# Redis databases of their own, so a test may flush the broker's without touching others'.
+LEDGER_DB, BROKER_DB = 13, 14
+
+
+def new_database() -> str:
+    """A fresh, empty PostgreSQL database; its URL."""
+    admin_url = require_postgres()
+    name = f"eventpipe_e2e_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    admin = create_engine(require_postgres(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
+               interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Pipeline:
+    def __init__(self, bootstrap: str, log_dir: Path, partitions: int = 4,
+                 database_url: str | None = None, **overrides: str) -> None:
+        self.name = f"t{uuid.uuid4().hex[:8]}"
+        self.log_dir = log_dir
+        self.partitions = partitions
+        self.own_database = database_url is None
+        self.database_url = database_url or new_database()
+        redis_base = REDIS_URL.rstrip("/")
+        self.env = {
+            **os.environ,
+            "EVENTPIPE_ENV_FILE": "/nonexistent",
+            "DATABASE_URL": self.database_url,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKA_TOPIC": self.name,
+            "KAFKA_PARTITIONS": str(partitions),
+            "KAFKA_GROUP_ID": f"{self.name}-bridge",
+            "REDIS_URL": f"{redis_base}/{LEDGER_DB}",
+            "CELERY_BROKER_URL": f"{redis_base}/{BROKER_DB}",
+            "DLQ_STREAM": f"{self.name}:dlq",
+            "BATCH_MAX_EVENTS": "100",
+            "BATCH_MAX_WAIT_MS": "20",
+            "COMMIT_INTERVAL_S": "0.2",
+            "REDELIVERY_TIMEOUT_S": "4",
+            "RETRY_BACKOFF_BASE_S": "0.2",
+            "RETRY_BACKOFF_MAX_S": "1",
+            "RETRY_MAX_ATTEMPTS": "40",
+            "SHUTDOWN_DRAIN_TIMEOUT_S": "5",
+            "BRIDGE_METRICS_PORT": "0",
+            "LOG_LEVEL": "INFO",
+            **overrides,
+        }
+        self.settings = Settings.from_env(self.env)
+        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.broker = redis.Redis.from_url(self.settings.celery_broker_url)
+        self.broker.flushdb()
+        self.dlq = DeadLetterQueue(self.redis, self.settings.dlq_stream, 10_000)
+        self.engine: Engine = create_engine(self.database_url, pool_pre_ping=True)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                                  "linger.ms": 5})
+        self.processes: list[subprocess.Popen[bytes]] = []
+        ensure_topic(self.settings)
+        upgrade(self.database_url)
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: list[str], **env: str) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{self.name}-{name}.log").open("ab")
+        process = subprocess.Popen(command, env={**self.env, **env}, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def start_bridge(self, name: str = "bridge") -> subprocess.Popen[bytes]:
+        return self._spawn(name, [str(BIN / "eventpipe"), "bridge"])
+
+    def start_worker(self, partitions: Iterable[int] | None = None,
+                     name: str = "worker") -> subprocess.Popen[bytes]:
+        """One Celery worker process, as `celery -A tasks worker` is run by hand."""
+        chosen = range(self.partitions) if partitions is None else partitions
+        queues = ",".join(queue_name(p) for p in chosen)
+        return self._spawn(name, [
+            sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo",
+            "--queues", queues, "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
+            "--without-mingle", "--without-gossip", "--loglevel", "INFO",
+        ], PROMETHEUS_MULTIPROC_DIR="")
+
+    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+             timeout_s: float = 30) -> int:
+        if process.poll() is None:
+            process.send_signal(sig)
+        return process.wait(timeout=timeout_s)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.engine.dispose()
+        self.redis.delete(self.settings.dlq_stream, f"{self.settings.dlq_stream}:index")
+        for key in self.redis.scan_iter(f"eventpipe:*:{self.name}:*"):
+            self.redis.delete(key)
+        self.redis.close()
+        self.broker.close()
+        if self.own_database:
+            drop_database(self.database_url)
+
+    # -- traffic ---------------------------------------------------------------------------
+
+    def send(self, messages: Iterable[tuple[str | bytes | None, bytes | Document]]) -> int:
+        sent = 0
+        for key, value in messages:
+            payload = value if isinstance(value, bytes) else encode(value)
+            self.producer.produce(self.name, key=key, value=payload)
+            self.producer.poll(0)
+            sent += 1
+        assert self.producer.flush(30) == 0, "Kafka did not acknowledge every message"
+        return sent
+
+    # -- observations ----------------------------------------------------------------------
+
+    def applied_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(applied_events))
+                       .scalar_one())
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return list(self.dlq.scan())
+
+    def end_offsets(self) -> dict[int, int]:
+        """Per partition, the offset after the last message (read, since the broker's
+        ListOffsets answer cannot be trusted)."""
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                             "group.id": f"{self.name}-reader", "enable.auto.commit": False,
+                             "auto.offset.reset": "earliest", "enable.partition.eof": True,
+                             "session.timeout.ms": 6000})
+        ends: dict[int, int] = {}
+        consumer.assign([TopicPartition(self.name, p, 0) for p in range(self.partitions)])
+        eof: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(eof) < self.partitions and time.monotonic() < deadline:
+            record = consumer.poll(0.5)
+            if record is None:
+                continue
+            if record.error() is not None:
+                eof.add(record.partition() or 0)
+                continue
+            ends[record.partition() or 0] = (record.offset() or 0) + 1
+        consumer.close()
+        return ends
+
+    def committed_offsets(self) -> dict[int, int]:
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                             "group.id": self.settings.kafka_group_id})
+        found = consumer.committed([TopicPartition(self.name, p)
+                                    for p in range(self.partitions)], timeout=10)
+        consumer.close()
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+
+def describe(entries: list[DeadLetter]) -> list[tuple[Any, ...]]:
+    return sorted((e.error_class, e.event_id or e.value.decode("utf-8", "replace"))
+                  for e in entries)

@@ -1,0 +1,91 @@
+"""The bridge's bookkeeping: commit only past done work; re-read only what was lost."""
+
+from __future__ import annotations
+
+from bridge.batching import Batcher
+from bridge.offsets import PartitionProgress, needs_redelivery
+from eventpipe.queues import Message
+
+TIMEOUT = 60.0
+
+
+def test_commit_stops_at_the_oldest_unfinished_offset() -> None:
+    progress = PartitionProgress(0)
+    assert progress.committable() is None
+    progress.dispatched([10, 11, 12], now=0)
+    progress.dispatched([13, 14], now=1)
+    progress.observe({11, 12, 14}, set(), now=2)
+    assert progress.committable() == 10 and progress.in_flight == 2
+    progress.observe({10}, set(), now=3)
+    assert progress.committable() == 13
+    progress.committed = 13
+    assert progress.committable() is None
+    progress.observe({13}, set(), now=4)
+    assert progress.committable() == 15  # everything dispatched is done: commit past the last
+    assert progress.in_flight == 0
+
+
+def test_offsets_may_have_gaps() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([3, 7, 8], now=0)  # e.g. transaction markers between them
+    progress.observe({3, 7}, set(), now=1)
+    assert progress.committable() == 8
+
+
+def test_done_marks_for_offsets_not_dispatched_here_are_ignored() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([5], now=0)
+    progress.observe({1, 2, 5, 99}, set(), now=1)
+    assert progress.committable() == 6 and progress.in_flight == 0
+
+
+def test_overtaken_head_without_a_lease_is_redelivered_after_a_grace() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([1, 2], now=0)
+    progress.dispatched([3, 4], now=0)
+    progress.observe({3, 4}, set(), now=10)  # a later batch finished first: 1-2 were dropped
+    assert progress.redelivery(now=10 + TIMEOUT / 4 - 1, timeout_s=TIMEOUT) is None
+    assert progress.redelivery(now=10 + TIMEOUT / 4, timeout_s=TIMEOUT) == 1
+
+
+def test_a_leased_head_is_never_redelivered() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([1, 2], now=0)
+    progress.observe({2}, {1}, now=1)  # 1 waits for its parent
+    assert progress.redelivery(now=10_000, timeout_s=TIMEOUT) is None
+
+
+def test_a_silent_partition_is_redelivered_after_the_timeout() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([1], now=100)
+    assert progress.redelivery(now=100 + TIMEOUT - 1, timeout_s=TIMEOUT) is None
+    assert progress.redelivery(now=100 + TIMEOUT, timeout_s=TIMEOUT) == 1
+    progress.reset()
+    assert progress.redelivery(now=1_000, timeout_s=TIMEOUT) is None
+    assert progress.in_flight == 0 and progress.committable() is None
+
+
+def test_progress_elsewhere_in_the_partition_postpones_the_timeout() -> None:
+    assert not needs_redelivery(False, now=100, head_sent_at=0, last_progress=50,
+                                overtaken_since=None, timeout_s=TIMEOUT)
+    assert needs_redelivery(False, now=100, head_sent_at=0, last_progress=40,
+                            overtaken_since=None, timeout_s=TIMEOUT)
+
+
+def _message(offset: int) -> Message:
+    return Message(offset, b"k", b"{}")
+
+
+def test_batches_close_on_count_and_on_time() -> None:
+    batcher = Batcher(max_events=3, max_wait_s=0.05)
+    assert batcher.add(0, _message(1), now=0) is None
+    assert batcher.add(1, _message(1), now=0.01) is None
+    assert batcher.add(0, _message(2), now=0.02) is None
+    full = batcher.add(0, _message(3), now=0.03)
+    assert full is not None and [m.offset for m in full] == [1, 2, 3]
+    assert batcher.due(now=0.05) == []
+    due = batcher.due(now=0.07)
+    assert [(p, [m.offset for m in ms]) for p, ms in due] == [(1, [1])]
+    batcher.add(2, _message(9), now=1)
+    batcher.drop(2)
+    assert batcher.due(now=5) == []

@@ -1,0 +1,80 @@
+"""The stream generator: the requested mix, every event valid except the poison."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import parse_event
+from producer.menu import Menu
+from producer.stream import plan_stream
+
+
+def test_a_clean_stream_is_all_valid_events_with_their_keys() -> None:
+    plan = plan_stream(500, seed=3)
+    assert len(plan.messages) == 500
+    for message in plan.messages:
+        event = parse_event(message.value, message.key)
+        assert message.kind == event.event_type.value
+    assert set(plan.counts) == {"UserCreated", "OrderPlaced", "PaymentSettled",
+                                "InventoryAdjusted"}
+
+
+def test_duplicates_poison_and_disorder_in_the_asked_proportions() -> None:
+    plan = plan_stream(4000, duplicates=0.1, out_of_order=0.1, poison=0.05, seed=9)
+    assert len(plan.messages) == 4000
+    poison = [m for m in plan.messages if m.kind.startswith("poison:")]
+    assert 120 < len(poison) < 280
+    for message in poison:
+        with pytest.raises(InvalidEvent):
+            parse_event(message.value, message.key)
+    values = [m.value for m in plan.messages if not m.kind.startswith("poison:")]
+    assert 280 < len(values) - len(set(values)) < 520  # resent byte for byte
+    occurred = [parse_event(v).occurred_at for v in dict.fromkeys(values)]
+    late = sum(1 for a, b in itertools.pairwise(occurred) if b < a)
+    assert late > 100  # held-back events arrive after newer ones
+
+
+def test_ratios_are_checked() -> None:
+    with pytest.raises(ValueError, match="--poison"):
+        plan_stream(10, poison=1.5)
+
+
+class _Producer:
+    """Stands in for Kafka in this unit test of the menu's dialogue only."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes | None, bytes]] = []
+        self._callbacks: list[object] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: object) -> None:
+        self.sent.append((key, value))
+        self._callbacks.append(on_delivery)
+
+    def poll(self, _timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, _timeout: float = 0) -> int:
+        for callback in self._callbacks:
+            callback(None, None)  # type: ignore[operator]
+        self._callbacks.clear()
+        return 0
+
+
+def test_the_menu_prompts_with_defaults_and_sends_valid_events() -> None:
+    answers: Iterator[str] = iter(["1", "u-menu", "", "Grace",  # user: id, email, name
+                                   "2", "", "", "", "3", "", "",  # order: all but quantity
+                                   "q"])
+    producer = _Producer()
+    out = io.StringIO()
+    menu = Menu(producer, "events", lambda _prompt: next(answers), out)  # type: ignore[arg-type]
+    assert menu.run() == 0
+    events = [parse_event(value, key) for key, value in producer.sent]
+    assert [e.event_type.value for e in events] == ["UserCreated", "OrderPlaced"]
+    assert events[0].key == "u-menu" and events[1].data.user_id == "u-menu"  # type: ignore[union-attr]
+    assert events[1].data.items[0].quantity == 3  # type: ignore[union-attr]
+    assert "sent: UserCreated" in out.getvalue()

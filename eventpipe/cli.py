@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--no-kafka", action="store_true", help="don't fetch the message")
     trace.set_defaults(handler=_trace)
 
+    web = commands.add_parser("web", help="serve the read API (development server; "
+                              "production: gunicorn -c web/gunicorn_conf.py web.wsgi:app)")
+    web.set_defaults(handler=_web)
+
     dlq = commands.add_parser("dlq", help="inspect, replay and purge dead letters")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = dlq_commands.add_parser("list", help="list entries, oldest first")
@@ -114,6 +118,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         print(f"eventpipe worker: {exc}", file=sys.stderr)
         return 2
     return Supervisor(settings, partitions, args.processes).run()
+
+
+def _web(_args: argparse.Namespace, settings: Settings) -> int:
+    from web import create_app
+
+    create_app(settings).run(host=settings.web_host, port=settings.web_port, threaded=True)
+    return 0
 
 
 def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -233,8 +244,7 @@ def _selected(args: argparse.Namespace, queue: Any) -> list[Any] | None:
 
 
 def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from eventpipe.dlq import HISTORY_HEADER
-    from eventpipe.kafka import make_producer
+    from eventpipe.replay import Publisher
 
     queue = _queue(settings)
     entries = _selected(args, queue)
@@ -244,13 +254,8 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(("would replay " if args.dry_run else "replaying ") + _summary(entry))
     if args.dry_run or not entries:
         return 0
-    producer = make_producer(settings)
-
-    def publish(entry: Any, history: bytes) -> None:
-        producer.produce(entry.topic or settings.kafka_topic, value=entry.value, key=entry.key,
-                         headers=[(HISTORY_HEADER, history)])
-
-    replayed = queue.replay(entries, publish, lambda: producer.flush(30))
+    publisher = Publisher(settings, timeout_s=30)
+    replayed = queue.replay(entries, publisher.publish, publisher.flush)
     print(f"replayed {replayed} entries", file=sys.stderr)
     return 0
 

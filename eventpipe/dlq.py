@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from eventpipe.errors import TransientError
 log = logging.getLogger(__name__)
 
 HISTORY_HEADER = "eventpipe-dlq-history"
+_ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
 
 # Atomically: return the existing entry for this position, or add one and index it.
@@ -211,6 +213,8 @@ class DeadLetterQueue:
         return int(self.client.xlen(self.stream))
 
     def get(self, entry_id: str) -> DeadLetter | None:
+        if _ENTRY_ID.fullmatch(entry_id) is None:
+            return None  # not a stream id: no such entry, rather than a Redis error
         found: Any = self.client.xrange(self.stream, min=entry_id, max=entry_id, count=1)
         return DeadLetter.from_fields(_text(found[0][0]), found[0][1]) if found else None
 
@@ -291,7 +295,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _stream_time(moment: datetime | None, default: str) -> str:
-    return str(int(moment.timestamp() * 1000)) if moment else default
+    # Stream ids count milliseconds since 1970 and cannot be negative.
+    return str(max(0, int(moment.timestamp() * 1000))) if moment else default
 
 
 def _text(raw: bytes | str) -> str:

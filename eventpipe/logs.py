@@ -51,6 +51,7 @@ def configure(role: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings too become JSON records, not stray stderr text
     # celery.app.trace logs every task with its full arguments: event payloads, at INFO.
-    for noisy in ("kombu", "celery.app.trace", "celery.worker.strategy", "urllib3"):
+    for noisy in ("kombu", "celery.app.trace", "celery.worker.strategy", "urllib3", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -23,7 +23,9 @@ EVENTS_PER_SECOND = Gauge(
     ["event_type"], multiprocess_mode="livesum",
 )
 DLQ_ENTRIES = Counter("dlq_entries", "Entries added to the dead-letter queue", ["event_type"])
-DLQ_DEPTH = Gauge("dlq_depth", "Entries in the dead-letter queue now", multiprocess_mode="max")
+# "mostrecent": the last process to look at the DLQ knows its depth best.
+DLQ_DEPTH = Gauge("dlq_depth", "Entries in the dead-letter queue now",
+                  multiprocess_mode="mostrecent")
 DB_OPERATION = Histogram(
     "db_operation_duration_seconds", "Duration of database operations", ["operation"],
     buckets=_LATENCY_BUCKETS,

@@ -96,6 +96,9 @@ class Settings:
     log_level: str = _field("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
     web_host: str = _field("WEB_HOST", "127.0.0.1", "Address the API listens on")
     web_port: int = _field("WEB_PORT", 8000, "Port the API listens on")
+    web_workers: int = _field(
+        "WEB_WORKERS", 0, "gunicorn worker processes for the API; 0: two per core, plus one"
+    )
     bridge_metrics_port: int = _field("BRIDGE_METRICS_PORT", 9101, "Bridge /metrics port")
     worker_metrics_port: int = _field("WORKER_METRICS_PORT", 9102, "Worker host /metrics port")
 

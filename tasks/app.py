@@ -8,12 +8,14 @@ failure into a delayed retry of the whole batch.
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
 from typing import Any
 
 import redis
 from celery import Task
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_ready
+from prometheus_client import start_http_server
 
 from eventpipe import logs
 from eventpipe.database import make_engine
@@ -28,12 +30,27 @@ from tasks.retry import backoff_delay
 log = logging.getLogger("eventpipe.tasks")
 
 settings = get_settings()
+# Configured on import, not only when Celery asks, so what Celery says before it sets up
+# logging (e.g. the warning about running as root) is a JSON record too.
+logs.configure("worker", settings.log_level)
 app = make_celery(settings, main="tasks")
 
 
 @setup_logging.connect
 def _json_logs(**_: Any) -> None:
     logs.configure("worker", settings.log_level)
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # Under `eventpipe worker` the parent serves every process's metrics, aggregated
+    # (PROMETHEUS_MULTIPROC_DIR is set). A worker started directly serves its own.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    try:
+        start_http_server(settings.worker_metrics_port)
+    except OSError as exc:
+        log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
 
 
 @cache

@@ -125,6 +125,9 @@ class Processor:
             log.debug("event %s", outcome.status.value, extra=_context(
                 message, topic, partition, event.event_id, event.event_type.value))
 
+        # Events waiting for a parent are retried together, as one task: a burst of
+        # children ahead of their parents costs one retry, not one per event.
+        retrying: list[Message] = []
         for message, outcome in waiting:
             attempts = message.attempts + 1
             identity = peek_identity(message.value)
@@ -134,20 +137,21 @@ class Processor:
                     f"{outcome.reason}; gave up after {attempts} attempts", "",
                     identity.event_id, identity.event_type))
                 continue
-            countdown = backoff_delay(attempts, self.settings.retry_backoff_base_s,
-                                      self.settings.retry_backoff_max_s, self.rng)
             first = message.first_failure_at or _iso(self.clock())
-            report.retries.append(Retry(
-                [replace(message, attempts=attempts, first_failure_at=first)], countdown,
-                "missing_parent"))
-            leases[message.offset] = (self.clock() + countdown
-                                      + self.settings.redelivery_timeout_s)
+            retrying.append(replace(message, attempts=attempts, first_failure_at=first))
             report.statuses["retried"] += 1
             metrics.EVENTS_PROCESSED.labels(identity.event_type or "unknown", "retried").inc()
             metrics.RETRIES.labels(identity.event_type or "unknown", "missing_parent").inc()
-            log.info("parent missing, retrying in %.1fs", countdown, extra={
+            log.info("parent missing, retrying", extra={
                 **_context(message, topic, partition, identity.event_id, identity.event_type),
                 "attempt": attempts, "reason": outcome.reason})
+        if retrying:
+            countdown = backoff_delay(max(m.attempts for m in retrying),
+                                      self.settings.retry_backoff_base_s,
+                                      self.settings.retry_backoff_max_s, self.rng)
+            report.retries.append(Retry(retrying, countdown, "missing_parent"))
+            until = self.clock() + countdown + self.settings.redelivery_timeout_s
+            leases.update((m.offset, until) for m in retrying)
 
         for failure in failed:
             self._dead_letter(topic, partition, failure)

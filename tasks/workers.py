@@ -23,6 +23,7 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from eventpipe.children import die_with_parent
 from eventpipe.queues import queue_name
 from eventpipe.settings import Settings
 
@@ -57,7 +58,8 @@ def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
 
 def celery_command(partitions: Sequence[int], index: int, log_level: str) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        # --quiet: no banner on stdout, so every line of output is a JSON log record.
+        sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "worker",
         "--pool", "solo",
         "--queues", ",".join(queue_name(p) for p in partitions),
         "--hostname", f"eventpipe-{index}-{uuid.uuid4().hex[:6]}@%h",
@@ -71,16 +73,35 @@ class Supervisor:
         self.settings = settings
         self.groups = share(partitions, processes)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[int, float] = {}
+        self.restart_delay: dict[int, float] = {}
         self.stopping = False
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="eventpipe-worker-metrics-"))
 
     def _start(self, index: int) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         command = celery_command(self.groups[index], index, self.settings.log_level)
-        self.children[index] = subprocess.Popen(command, env=env)
+        # SIGTERM if this supervisor dies: a warm shutdown, never an orphan still consuming.
+        self.children[index] = subprocess.Popen(command, env=env,
+                                                preexec_fn=die_with_parent(signal.SIGTERM))
+        self.started_at[index] = time.monotonic()
         log.info("worker process started", extra={
             "pid": self.children[index].pid,
             "queues": [queue_name(p) for p in self.groups[index]]})
+
+    def _restart(self, index: int, child: subprocess.Popen[bytes], code: int) -> None:
+        multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        # A process that dies right after starting would die again: back off, up to 30 s.
+        lived = time.monotonic() - self.started_at[index]
+        delay = 0.0 if lived > 30 else min(30.0, max(1.0, 2 * self.restart_delay.get(index, 0)))
+        self.restart_delay[index] = delay
+        log.error("worker process %d exited with %s; restarting in %.0fs", child.pid, code,
+                  delay)
+        deadline = time.monotonic() + delay
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not self.stopping:
+            self._start(index)
 
     def _serve_metrics(self) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -106,10 +127,7 @@ class Supervisor:
             for index, child in list(self.children.items()):
                 code = child.poll()
                 if code is not None and not self.stopping:
-                    log.error("worker process %d exited with %s; restarting", child.pid, code)
-                    multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-                        child.pid, str(self.metrics_dir))
-                    self._start(index)
+                    self._restart(index, child, code)
             time.sleep(0.5)
         for child in self.children.values():
             try:

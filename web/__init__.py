@@ -1,1 +1,86 @@
-"""The read API: Flask-Smorest service over the read model."""
+"""The read API: Flask-Smorest service over the read model.
+
+`create_app(settings)` builds the whole service: the users, orders and inventory reads,
+health and readiness, Prometheus metrics, the token-guarded dead-letter queue endpoints, the
+OpenAPI 3 document at `/openapi.json` and interactive docs (Swagger UI) at `/docs`.
+`web.wsgi:app` is the same app for gunicorn (`gunicorn -c web/gunicorn_conf.py web.wsgi:app`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from werkzeug.routing import BaseConverter
+
+from eventpipe.settings import Settings, get_settings
+from web import errors, metrics, services
+from web.resources import register
+
+__all__ = ["create_app"]
+
+API_VERSION = "1.0.0"
+OPENAPI_VERSION = "3.0.3"
+SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+
+
+class IdConverter(BaseConverter):
+    """Any one path segment, even empty, so that `/users/` is a 422 naming the bad id."""
+
+    regex = "[^/]*"
+    part_isolating = True
+
+
+def flask_config() -> dict[str, Any]:
+    return {
+        "API_TITLE": "eventpipe read API",
+        "API_VERSION": API_VERSION,
+        "OPENAPI_VERSION": OPENAPI_VERSION,
+        "OPENAPI_URL_PREFIX": "/",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "OPENAPI_SWAGGER_UI_PATH": "docs",
+        "OPENAPI_SWAGGER_UI_URL": SWAGGER_UI_URL,
+        "API_SPEC_OPTIONS": {
+            "info": {"description": "The read model of the eventpipe pipeline, its health, "
+                                    "and its dead-letter queue. JSON in camelCase; money as "
+                                    "decimal strings; times in ISO-8601 UTC."},
+        },
+        # A stack trace never reaches a client, even when the app runs in a debugger.
+        "PROPAGATE_EXCEPTIONS": False,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The API for `settings` (default: the process's settings from the environment)."""
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(flask_config())
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the schemas' field order
+    # A '%2F' in an id must not turn into a redirect to a merged path: it is just not found.
+    app.url_map.merge_slashes = False
+    app.url_map.converters["id"] = IdConverter
+
+    deps = services.Services.from_settings(settings)
+    services.install(app, deps)
+    errors.install(app)
+
+    api = errors.Api(app)
+    api.register_converter(IdConverter, lambda _converter: {"type": "string"})
+    api.spec.components.security_scheme(
+        "bearerAuth", {"type": "http", "scheme": "bearer",
+                       "description": "The DLQ_API_TOKEN of the deployment"})
+    register(api)
+    metrics.install(app, lambda: deps.dead_letters().depth())
+    _document_metrics(app, api)
+    return app
+
+
+def _document_metrics(app: Flask, api: Any) -> None:
+    # The exporter's route is plain Flask; list it in the document so clients see it too.
+    rule = next(r for r in app.url_map.iter_rules() if r.rule == metrics.PATH)
+    api.spec.path(rule=rule, operations={"get": {
+        "tags": ["health"],
+        "summary": "Prometheus metrics (text exposition format)",
+        "responses": {"200": {"description": "Metrics",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }})

@@ -1,7 +1,8 @@
 """A whole pipeline of real processes for end-to-end tests.
 
-A fresh Kafka topic on the test broker, a fresh PostgreSQL database, a Redis database for the
-DLQ and ledger and another for the Celery broker, and as subprocesses the bridge
+A fresh Kafka topic on the test broker, a fresh PostgreSQL database, a Redis server of its
+own (database 0 for the DLQ and ledger, 1 for the Celery broker, so a test may flush the
+broker's and no other test's worker can take its tasks), and as subprocesses the bridge
 (`eventpipe bridge`) and Celery workers (`celery -A tasks worker`), configured only through
 their environment, as in production.
 """
@@ -23,19 +24,19 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
+from eventpipe.children import terminate
 from eventpipe.dlq import DeadLetter, DeadLetterQueue
+from eventpipe.embedded import start_redis
 from eventpipe.kafka import ensure_topic
 from eventpipe.migrations import upgrade
 from eventpipe.queues import queue_name
 from eventpipe.samples import Document, encode
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events
-from tests.services import REDIS_URL, require_postgres
+from tests.services import require_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Redis databases of their own, so a test may flush the broker's without touching others'.
-LEDGER_DB, BROKER_DB = 13, 14
 
 
 def new_database() -> str:
@@ -74,17 +75,18 @@ class Pipeline:
         self.partitions = partitions
         self.own_database = database_url is None
         self.database_url = database_url or new_database()
-        redis_base = REDIS_URL.rstrip("/")
+        self.redis_server = start_redis()
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env = {
-            **os.environ,
+            **inherited,
             "EVENTPIPE_ENV_FILE": "/nonexistent",
             "DATABASE_URL": self.database_url,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "KAFKA_TOPIC": self.name,
             "KAFKA_PARTITIONS": str(partitions),
             "KAFKA_GROUP_ID": f"{self.name}-bridge",
-            "REDIS_URL": f"{redis_base}/{LEDGER_DB}",
-            "CELERY_BROKER_URL": f"{redis_base}/{BROKER_DB}",
+            "REDIS_URL": f"{self.redis_server.url}/0",
+            "CELERY_BROKER_URL": f"{self.redis_server.url}/1",
             "DLQ_STREAM": f"{self.name}:dlq",
             "BATCH_MAX_EVENTS": "100",
             "BATCH_MAX_WAIT_MS": "20",
@@ -95,13 +97,13 @@ class Pipeline:
             "RETRY_MAX_ATTEMPTS": "40",
             "SHUTDOWN_DRAIN_TIMEOUT_S": "5",
             "BRIDGE_METRICS_PORT": "0",
+            "WORKER_METRICS_PORT": "0",
             "LOG_LEVEL": "INFO",
             **overrides,
         }
         self.settings = Settings.from_env(self.env)
         self.redis = redis.Redis.from_url(self.settings.redis_url)
         self.broker = redis.Redis.from_url(self.settings.celery_broker_url)
-        self.broker.flushdb()
         self.dlq = DeadLetterQueue(self.redis, self.settings.dlq_stream, 10_000)
         self.engine: Engine = create_engine(self.database_url, pool_pre_ping=True)
         self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
@@ -131,7 +133,13 @@ class Pipeline:
             sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo",
             "--queues", queues, "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "--without-mingle", "--without-gossip", "--loglevel", "INFO",
-        ], PROMETHEUS_MULTIPROC_DIR="")
+        ])
+
+    def start_worker_host(self, partitions: str, processes: int,
+                          name: str = "worker-host") -> subprocess.Popen[bytes]:
+        """`eventpipe worker`: supervised processes sharing partitions, metrics aggregated."""
+        return self._spawn(name, [str(BIN / "eventpipe"), "worker", "--partitions", partitions,
+                                  "--processes", str(processes)])
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
              timeout_s: float = 30) -> int:
@@ -141,15 +149,11 @@ class Pipeline:
 
     def close(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            terminate(process, timeout_s=15)
         self.engine.dispose()
-        self.redis.delete(self.settings.dlq_stream, f"{self.settings.dlq_stream}:index")
-        for key in self.redis.scan_iter(f"eventpipe:*:{self.name}:*"):
-            self.redis.delete(key)
         self.redis.close()
         self.broker.close()
+        self.redis_server.stop()
         if self.own_database:
             drop_database(self.database_url)
 

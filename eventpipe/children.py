@@ -1,0 +1,45 @@
+"""Child processes that never outlive their parent, and stop in order."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to send `sig` to the child when its parent dies; None
+    elsewhere.
+
+    Without it a crashed or SIGKILLed parent leaves brokers listening and workers consuming.
+    Best effort: the signal fires when the *thread* that started the child exits, so start
+    children from a long-lived thread (normally the main one).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    # Resolved here, in the parent: the hook runs between fork and exec, where loading a
+    # library could deadlock on a lock held by another thread of the parent. The process's
+    # own symbols (CDLL(None)) include libc's.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    number = int(sig)
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, number)
+
+    return hook
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, wait up to `timeout_s`, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

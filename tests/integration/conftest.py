@@ -1,0 +1,27 @@
+"""Fixtures for integration tests that need a Kafka-protocol broker (embedded Tansu)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.broker import TopicFactory, create_topic, running_kafka
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The bootstrap address of one Tansu shared by the session; tests keep apart by using
+    their own topics and consumer groups. Its log is kept in the session's tmp dir."""
+    with running_kafka(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log") as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture
+def kafka_topic(kafka_broker: str) -> TopicFactory:
+    """Call it to create a fresh, uniquely named topic: `kafka_topic(partitions=3)`."""
+
+    def make(partitions: int = 12) -> str:
+        return create_topic(kafka_broker, partitions)
+
+    return make

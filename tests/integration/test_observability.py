@@ -1,0 +1,117 @@
+"""After a run with real components: each process's metrics moved as they should, and one
+event's life can be followed through the JSON logs of the bridge and a worker by its id."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventpipe.samples import Document, Story, user_created
+from tests.integration.pipeline import Pipeline, wait_until
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(value for (sample, sample_labels), value in samples.items()
+               if sample == name and labels.items() <= dict(sample_labels).items())
+
+
+@pytest.fixture
+def observed(kafka_broker: str, tmp_path: Path) -> Iterator[tuple[Pipeline, int, int, int]]:
+    bridge_port, worker_port = free_port(), free_port()
+    pipeline = Pipeline(kafka_broker, tmp_path, LOG_LEVEL="DEBUG",
+                        BRIDGE_METRICS_PORT=str(bridge_port),
+                        WORKER_METRICS_PORT=str(worker_port))
+    story = Story(seed=5)
+    messages = [story.next() for _ in range(400)]
+    poison: list[tuple[str | bytes | None, bytes | Document]] = [
+        (b"p1", b"{broken"), user_created("u-bad", email="nope")]
+    sent = pipeline.send([*messages, *poison])
+    pipeline.start_worker_host("0-3", processes=2)
+    pipeline.start_bridge()
+    ends = pipeline.end_offsets()
+    wait_until(lambda: pipeline.committed_offsets() == ends, 120, "the stream drained")
+    try:
+        yield pipeline, bridge_port, worker_port, sent
+    finally:
+        pipeline.close()
+
+
+def test_every_process_exports_the_metrics_that_moved(
+    observed: tuple[Pipeline, int, int, int],
+) -> None:
+    pipeline, bridge_port, worker_port, sent = observed
+    applied = pipeline.applied_count()
+    worker = scrape(worker_port)
+    # Two worker processes, one endpoint: the counts add up across processes.
+    done = sum(total(worker, "events_processed_total", status=s)
+               for s in ("applied", "duplicate", "stale"))
+    assert done == applied
+    assert total(worker, "dlq_entries_total") == 2
+    assert total(worker, "events_processed_total", status="dead_lettered") == 2
+    assert total(worker, "event_end_to_end_latency_seconds_count") == total(
+        worker, "events_processed_total", status="applied")
+    assert total(worker, "db_operation_duration_seconds_count", operation="apply_batch") > 0
+    assert total(worker, "event_retries_total") == total(
+        worker, "events_processed_total", status="retried")
+    assert ("events_processed_per_second", (("event_type", "OrderPlaced"),)) in worker
+
+    def lag_is_zero() -> bool:
+        bridge = scrape(bridge_port)
+        lags = [v for (name, _), v in bridge.items() if name == "kafka_consumer_lag"]
+        return len(lags) == pipeline.partitions and not any(lags)
+
+    # librdkafka reports statistics every few seconds: the lag settles to 0 once drained.
+    wait_until(lag_is_zero, 30, "consumer lag back to 0 on every partition")
+    bridge = scrape(bridge_port)
+    assert total(bridge, "kafka_consume_duration_seconds_count") > 0
+    assert total(bridge, "bridge_in_flight_events") == 0
+    assert total(bridge, "bridge_paused_partitions") == 0
+    depths = {dict(labels)["queue"]: v for (name, labels), v in bridge.items()
+              if name == "celery_queue_depth"}
+    assert depths == {f"events.p{p}": 0.0 for p in range(4)}
+    assert applied + 2 <= sent  # duplicates aside, every message was applied or dead-lettered
+
+
+def test_logs_are_json_and_follow_an_event_by_its_id(
+    observed: tuple[Pipeline, int, int, int],
+) -> None:
+    pipeline = observed[0]
+    lines: dict[str, list[dict[str, object]]] = {}
+    for role in ("bridge", "worker-host"):
+        path = pipeline.log_dir / f"{pipeline.name}-{role}.log"
+        records = [json.loads(raw) for raw in path.read_text().splitlines() if raw.strip()]
+        assert records, f"no log lines from the {role}"
+        lines[role] = records
+    applied_ids = {r["eventId"] for r in lines["worker-host"] if r.get("msg") == "event applied"}
+    received_ids = {r["eventId"] for r in lines["bridge"] if r.get("msg") == "event received"}
+    common = applied_ids & received_ids
+    assert common, "no event id appears in both the bridge's and a worker's lines"
+    one = next(iter(common))
+    worker_record = next(r for r in lines["worker-host"] if r.get("eventId") == one)
+    assert {"eventType", "partition", "offset"} <= worker_record.keys()
+    dead = [r for r in lines["worker-host"] if str(r.get("msg", "")).startswith("dead-lettered")]
+    assert len(dead) == 2 and all(r["level"] == "WARNING" for r in dead)

@@ -1,0 +1,236 @@
+"""The read API without services: formats, validation, error shapes, the OpenAPI document,
+the readiness runner and the T-SQL of the read queries. Nothing here opens a connection.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlglot
+from flask import Flask
+from flask.testing import FlaskClient
+from marshmallow import ValidationError
+from openapi_spec_validator import validate
+from sqlalchemy.dialects.mssql import pyodbc
+
+from eventpipe.settings import Settings
+from web import create_app, services
+from web.resources.dlq.schemas import EntryPathSchema, ListArgsSchema, SelectionSchema
+from web.resources.health.checks import run_checks
+from web.resources.orders.queries import latest_orders_query, order_query
+from web.resources.users.schemas import UserPathSchema
+from web.schemas import ID_PATTERN, camel_case, money, utc_iso
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    # Engines and Redis clients connect lazily: building the app touches nothing.
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+                              redis_url="redis://127.0.0.1:1/0"))
+    yield app
+    services.of(app).close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def document(client: FlaskClient) -> dict[str, Any]:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    spec: dict[str, Any] = response.get_json()
+    return spec
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("20.0000", "20.00"), ("20", "20.00"), ("9.9900", "9.99"), ("0.0001", "0.0001"),
+    ("12345.6789", "12345.6789"), ("99999999999999.9999", "99999999999999.9999"),
+    ("1E+2", "100.00"), ("0", "0.00"), ("0.1", "0.10"),
+])
+def test_money_has_one_spelling_whatever_the_database_returns(value: str, text: str) -> None:
+    assert money(Decimal(value)) == text
+    assert re.fullmatch(r"(0|[1-9][0-9]*)\.[0-9]{2,4}", text)
+
+
+def test_times_are_utc_with_a_z() -> None:
+    paris = timezone(timedelta(hours=1))
+    assert utc_iso(datetime(2026, 11, 24, 11, 15, tzinfo=paris)) == "2026-11-24T10:15:00.000Z"
+    assert utc_iso(datetime(2026, 11, 24, 10, 15, 0, 123000, tzinfo=UTC)) == (
+        "2026-11-24T10:15:00.123Z")
+    assert utc_iso(datetime(2026, 11, 24, 10, 15, 0, 123456, tzinfo=UTC)) == (
+        "2026-11-24T10:15:00.123456Z")
+
+
+def test_camel_case() -> None:
+    assert [camel_case(n) for n in ("user_id", "placed_at", "sku", "next_cursor")] == [
+        "userId", "placedAt", "sku", "nextCursor"]
+
+
+@pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a ", "ünï-cødé", "a.b", "..", "a\nb"])
+def test_valid_ids(user_id: str) -> None:
+    assert UserPathSchema().load({"userId": user_id}) == {"user_id": user_id}
+
+
+@pytest.mark.parametrize("user_id", ["", "x" * 65, "   ", "\t\n", "\x1c", "\u3000", "a/b",
+                                     "a\x00b"])
+def test_invalid_ids(user_id: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        UserPathSchema().load({"userId": user_id})
+    assert list(caught.value.messages) == ["userId"]
+
+
+def test_blank_means_what_the_event_contract_strips() -> None:
+    pattern = re.compile(ID_PATTERN)
+    disagree = [hex(point) for point in range(0x110000) if not 0xD800 <= point <= 0xDFFF
+                if (pattern.match(chr(point)) is None)
+                != (chr(point).isspace() or chr(point) in "/\x00")]
+    assert disagree == []
+
+
+@pytest.mark.parametrize(("entry_id", "valid"), [
+    ("1764000000000-0", True), ("0-1", True), ("9999999999999999999-9999999999999999999", True),
+    ("18446744073709551615-0", False), ("18446744073709551616-0", False), ("1-2-3", False),
+    ("abc", False), ("1-", False), ("1-2\n", False), ("１-2", False), ("", False),
+])
+def test_entry_ids_are_what_redis_accepts(entry_id: str, valid: bool) -> None:
+    errors = EntryPathSchema().validate({"entryId": entry_id})
+    assert (errors == {}) is valid, errors
+
+
+def test_list_arguments_have_defaults_and_bounds() -> None:
+    assert ListArgsSchema().load({}) == {"limit": 50}
+    assert ListArgsSchema().validate({"limit": "0"}) and ListArgsSchema().validate({"limit": 501})
+    since = ListArgsSchema().load({"since": "2026-11-24T10:00:00"})["since"]
+    assert since == datetime(2026, 11, 24, 10, tzinfo=UTC)  # a naive time is UTC
+
+
+def test_a_selection_must_name_something() -> None:
+    assert SelectionSchema().validate({}) == {
+        "_schema": ["name a filter (eventType, errorClass, since, until) or set all to true"]}
+    assert SelectionSchema().validate({"all": True}) == {}
+    assert SelectionSchema().validate({"errorClass": "InvalidEvent"}) == {}
+
+
+def test_the_openapi_document_is_valid_and_complete(document: dict[str, Any]) -> None:
+    validate(document)
+    assert document["openapi"] == "3.0.3"
+    assert {path: sorted(ops) for path, ops in document["paths"].items()} == {
+        "/users/{userId}": ["get", "parameters"],
+        "/orders/{orderId}": ["get", "parameters"],
+        "/inventory/{sku}": ["get", "parameters"],
+        "/health": ["get"], "/ready": ["get"], "/metrics": ["get"],
+        "/dlq/entries": ["get"],
+        "/dlq/entries/{entryId}": ["delete", "get", "parameters"],
+        "/dlq/entries/{entryId}/replay": ["parameters", "post"],
+        "/dlq/replay": ["post"], "/dlq/purge": ["post"],
+    }
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            secured = operation.get("security") == [{"bearerAuth": []}]
+            assert secured is path.startswith("/dlq"), (path, method)
+            if secured:
+                assert {"401", "403"} <= set(operation["responses"]), (path, method)
+
+
+def test_every_json_property_is_camel_case(document: dict[str, Any]) -> None:
+    names = [name for schema in document["components"]["schemas"].values()
+             if schema.get("type") == "object" for name in schema.get("properties", {})]
+    assert "placedAt" in names and "nextCursor" in names
+    pagination = {"total_pages", "first_page", "last_page", "previous_page", "next_page"}
+    wrong = [n for n in names if not re.fullmatch(r"[a-z][a-zA-Z0-9]*", n) and
+             n not in pagination]  # flask-smorest's own, unused here
+    assert wrong == []
+
+
+def test_path_ids_are_documented_with_their_limits(document: dict[str, Any]) -> None:
+    [parameter] = document["paths"]["/users/{userId}"]["get"]["parameters"]
+    assert parameter["name"] == "userId" and parameter["in"] == "path"
+    assert parameter["schema"]["minLength"] == 1 and parameter["schema"]["maxLength"] == 64
+
+
+def test_interactive_docs_are_served(client: FlaskClient) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert b"swagger-ui" in response.data and b"/openapi.json" in response.data
+
+
+def test_health_calls_nothing(client: FlaskClient) -> None:
+    # The Redis URL points nowhere and the database file does not exist.
+    response = client.get("/health")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_errors_are_json_with_status_message_and_field_errors(client: FlaskClient) -> None:
+    missing = client.get("/no/such/path")
+    assert missing.status_code == 404
+    assert set(missing.get_json()) == {"code", "status", "message", "errors"}
+    wrong_method = client.post("/users/u1")
+    assert wrong_method.status_code == 405
+    assert set(wrong_method.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    assert wrong_method.get_json()["status"] == "Method Not Allowed"
+    invalid = client.get("/orders/" + "o" * 65)
+    assert invalid.status_code == 422
+    assert invalid.get_json() == {
+        "code": 422, "status": "Unprocessable Entity",
+        "message": "invalid parameters: see errors",
+        "errors": {"path": {"orderId": ["Length must be between 1 and 64."]}}}
+
+
+def test_an_unforeseen_error_is_a_bare_500(app: Flask, client: FlaskClient) -> None:
+    def explode() -> str:
+        raise RuntimeError("secret detail /etc/passwd")
+
+    app.add_url_rule("/explode", view_func=explode)
+    response = client.get("/explode")
+    assert response.status_code == 500
+    body = response.get_json()
+    assert body["status"] == "Internal Server Error" and body["errors"] == {}
+    assert "secret" not in response.get_data(as_text=True)
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_readiness_runs_checks_side_by_side_within_the_timeout() -> None:
+    release = threading.Event()
+
+    def fine() -> None:
+        pass
+
+    def broken() -> None:
+        raise ConnectionRefusedError("nope")
+
+    def hangs() -> None:
+        release.wait(10)
+
+    started = time.monotonic()
+    try:
+        results = run_checks({"database": fine, "redis": broken, "kafka": hangs},
+                             timeout_s=0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 1.0
+    assert [(r.name, r.ok, r.error) for r in results] == [
+        ("database", True, None), ("redis", False, "ConnectionRefusedError"),
+        ("kafka", False, "no answer within 0.3 s")]
+
+
+MSSQL = pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("query", [order_query("o1"), latest_orders_query("u1")])
+def test_the_read_queries_are_valid_t_sql(query: Any) -> None:
+    sql = str(query.compile(dialect=MSSQL, compile_kwargs={"literal_binds": True}))
+    [parsed] = sqlglot.parse(sql, read="tsql", error_level=sqlglot.ErrorLevel.RAISE)
+    assert parsed is not None
+    assert "LIMIT" not in sql and "TOP" in sql

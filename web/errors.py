@@ -1,0 +1,81 @@
+"""The one place that turns failures into HTTP errors: JSON, never a stack trace.
+
+Every error body has the same shape (`ErrorSchema`): `code`, `status`, `message` and `errors`
+(field errors, by location then field). A dependency that is down or slow (database, Redis,
+Kafka: what `eventpipe.errors.is_transient` calls transient) is a 503 the client may retry;
+anything else unforeseen is logged with its traceback and answered as a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+import flask_smorest
+import redis
+import sqlalchemy.exc
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+
+from eventpipe.errors import PipelineError, is_transient
+from web.schemas import ErrorSchema
+
+log = logging.getLogger(__name__)
+
+ErrorResponse = tuple[dict[str, Any], int, dict[str, str]]
+RETRY_AFTER_S = 5
+
+
+class Api(flask_smorest.Api):  # type: ignore[misc]
+    """flask-smorest's Api with the project's error payload."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException) -> ErrorResponse:
+        return http_error(error)
+
+
+def http_error(error: HTTPException) -> ErrorResponse:
+    data: dict[str, Any] = getattr(error, "data", None) or {}
+    code = error.code or 500
+    errors = data.get("errors", data.get("messages", {}))
+    message = data.get("message") or (
+        "invalid parameters: see errors" if errors else error.description or error.name
+    )
+    # Keep what werkzeug says in headers (Allow on a 405, Retry-After…), not its HTML type.
+    headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+    headers.update(data.get("headers") or {})
+    return {"code": code, "status": error.name, "message": message, "errors": errors}, code, headers
+
+
+def not_found(message: str) -> NoReturn:
+    """Answer 404 with `message` (flask-smorest's `abort`, typed for the checker)."""
+    flask_smorest.abort(404, message=message)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+def dependency_error(exc: Exception) -> ErrorResponse:
+    """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors)."""
+    if is_transient(exc):
+        message = _unavailable(exc)
+        log.warning("dependency unavailable", extra={"path": request.path, "reason": message,
+                                                     "error": f"{type(exc).__name__}: {exc}"})
+        body, code, headers = http_error(ServiceUnavailable(message))
+        return body, code, {**headers, "Retry-After": str(RETRY_AFTER_S)}
+    log.exception("unexpected error", extra={"path": request.path})
+    return http_error(InternalServerError())
+
+
+def _unavailable(exc: Exception) -> str:
+    if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+        return "the database is unavailable; retry later"
+    if isinstance(exc, redis.RedisError):
+        return "Redis is unavailable; retry later"
+    # The pipeline's own errors are written for operators (e.g. a replay Kafka did not take);
+    # driver errors may name hosts and are only logged.
+    return str(exc)
+
+
+def install(app: Flask) -> None:
+    for kind in (sqlalchemy.exc.SQLAlchemyError, redis.RedisError, PipelineError):
+        app.register_error_handler(kind, dependency_error)

@@ -1,0 +1,51 @@
+"""gunicorn configuration for the read API: `gunicorn -c web/gunicorn_conf.py web.wsgi:app`.
+
+Binds to WEB_HOST:WEB_PORT from the settings. Workers are separate processes, so Prometheus
+metrics go through prometheus_client's multiprocess mode: each worker writes its samples to
+files in PROMETHEUS_MULTIPROC_DIR and `/metrics`, whichever worker serves it, aggregates
+them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from eventpipe.settings import get_settings
+
+_settings = get_settings()
+
+bind = f"{_settings.web_host}:{_settings.web_port}"
+# Reads wait on the database, not the CPU: a few processes per core keep the cores busy.
+workers = _settings.web_workers or 2 * (os.cpu_count() or 1) + 1
+# Each worker must build its own engine and Redis pool after the fork, never share them.
+preload_app = False
+# A replay waits up to 10 s for Kafka; leave room above that before a worker is killed.
+timeout = 60
+accesslog = "-"
+# Nothing here uses gunicornc, and servers on one host would all claim its default socket.
+control_socket_disable = True
+
+# prometheus_client picks its multiprocess mode from this variable when first imported, which
+# happens in the workers after the fork; it is the library's own setting, not the project's.
+# Without one given, each server run gets a private directory.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eventpipe-web-metrics-")
+_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def on_starting(_server: Any) -> None:
+    """Start without the metric files of a previous run, which would still be counted."""
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+    # Only prometheus_client's own files: the directory may have been given by an operator.
+    for leftover in _metrics_dir.glob("*.db"):
+        leftover.unlink()
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges; its counters and histograms still count."""
+    from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
+
+    GunicornPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)

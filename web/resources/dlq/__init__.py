@@ -1,0 +1,1 @@
+"""The dead-letter queue over HTTP, behind a bearer token."""

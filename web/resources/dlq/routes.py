@@ -1,0 +1,128 @@
+"""The dead-letter queue over HTTP: list, show, replay (one or by filter), delete, purge.
+
+Every endpoint requires the bearer token (`DLQ_API_TOKEN`), checked before anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import marshmallow as ma
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from eventpipe.dlq import DeadLetter, DeadLetterQueue
+from eventpipe.replay import Publisher, replay_matching, replay_one
+from web import services
+from web.errors import not_found
+from web.resources.dlq.auth import require_token
+from web.resources.dlq.schemas import (
+    DeadLetterSchema,
+    DeletedSchema,
+    EntryPathSchema,
+    ListArgsSchema,
+    PageSchema,
+    ReplayedSchema,
+    SelectionSchema,
+    to_filter,
+)
+
+SECURITY_SCHEME = "bearerAuth"
+
+blp = Blueprint("dlq", __name__, url_prefix="/dlq",
+                description="The dead-letter queue (bearer token required)")
+blp.before_request(require_token)
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def guarded(view: View) -> View:
+    """Document the token requirement and its two refusals on an operation."""
+    view = blp.alt_response(403, response="FORBIDDEN")(view)
+    view = blp.alt_response(401, response="UNAUTHORIZED")(view)
+    documented: View = blp.doc(security=[{SECURITY_SCHEME: []}])(view)
+    return documented
+
+
+def _queue() -> DeadLetterQueue:
+    return services.current().dead_letters()
+
+
+def _entry(entry_id: str) -> DeadLetter:
+    entry = _queue().get(entry_id)
+    if entry is None:
+        not_found(f"no dead letter {entry_id!r}")
+    return entry
+
+
+@blp.route("/entries")
+class Entries(MethodView):
+    @guarded
+    # A misspelt filter (?evenType=…) must be an error, not a silent listing of everything.
+    @blp.arguments(ListArgsSchema, location="query", unknown=ma.RAISE)
+    @blp.response(200, PageSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Entries oldest first, a page at a time, optionally filtered"""
+        queue = _queue()
+        limit: int = args["limit"]
+        # One more than asked tells whether another page follows.
+        found = queue.page(to_filter(args), args.get("after"), limit + 1)
+        page = found[:limit]
+        more = len(found) > limit
+        return {"items": [entry.as_json() for entry in page],
+                "next_cursor": page[-1].entry_id if more else None, "depth": queue.depth()}
+
+
+@blp.route("/entries/<id:entryId>")
+class Entry(MethodView):
+    @guarded
+    @blp.arguments(EntryPathSchema, location="path")
+    @blp.response(200, DeadLetterSchema)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
+        """One entry in full: message bytes, Kafka position, error, traceback, history"""
+        return _entry(path["entry_id"]).as_json()
+
+    @guarded
+    @blp.arguments(EntryPathSchema, location="path")
+    @blp.response(204)
+    @blp.alt_response(404, response="NOT_FOUND")
+    def delete(self, path: dict[str, str], **_: str) -> None:
+        """Delete one entry for good"""
+        _queue().delete(_entry(path["entry_id"]))
+
+
+@blp.route("/entries/<id:entryId>/replay")
+class ReplayEntry(MethodView):
+    @guarded
+    @blp.arguments(EntryPathSchema, location="path")
+    @blp.response(200, ReplayedSchema)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+    def post(self, path: dict[str, str], **_: str) -> dict[str, int]:
+        """Publish one entry back to Kafka; deleted once Kafka acknowledged it"""
+        entry = _entry(path["entry_id"])
+        return {"replayed": replay_one(_queue(), entry, Publisher(services.current().settings))}
+
+
+@blp.route("/replay")
+class Replay(MethodView):
+    @guarded
+    @blp.arguments(SelectionSchema)
+    @blp.response(200, ReplayedSchema)
+    @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+    def post(self, selection: dict[str, Any]) -> dict[str, int]:
+        """Publish every entry that matches back to Kafka (a filter, or all)"""
+        publisher = Publisher(services.current().settings)
+        return {"replayed": replay_matching(_queue(), to_filter(selection), publisher)}
+
+
+@blp.route("/purge")
+class Purge(MethodView):
+    @guarded
+    @blp.arguments(SelectionSchema)
+    @blp.response(200, DeletedSchema)
+    def post(self, selection: dict[str, Any]) -> dict[str, int]:
+        """Delete every entry that matches (a filter, or all)"""
+        return {"deleted": _queue().purge(to_filter(selection))}

@@ -1,0 +1,1 @@
+"""Inventory: the stock of one SKU."""

@@ -1,0 +1,1 @@
+"""Orders: one order with its items and payment status."""

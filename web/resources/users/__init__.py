@@ -1,0 +1,1 @@
+"""Users: a user and their latest orders."""

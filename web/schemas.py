@@ -1,0 +1,108 @@
+"""What every resource's schemas share: camelCase JSON, money, UTC times, ids, errors.
+
+The marshmallow schemas are the single source of both the JSON the API sends and the OpenAPI
+document that describes it, so the formats below carry their pattern and format for the doc.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from eventpipe.events import MAX_ID_LENGTH
+
+# An id as the event contract allows it (1 to 64 characters, not only whitespace) that can
+# also be named in a URL path: a '/' would end the segment, and PostgreSQL rejects NUL.
+# Whitespace is spelt out, as what Python's str.strip() removes (the contract's test), since
+# `\s` means a different set in Python and in the ECMA regexes OpenAPI tools use.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+ID_PATTERN = rf"^[^/\x00]*[^/\x00{_SPACE}][^/\x00]*$"
+
+# Money as the event contract writes it: fixed point, 2 to 4 decimals here (see `money`).
+MONEY_PATTERN = r"^(0|[1-9][0-9]*)\.[0-9]{2,4}$"
+
+
+def camel_case(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class CamelSchema(ma.Schema):
+    """Python names inside, camelCase names on the wire and in the OpenAPI document."""
+
+    def on_bind_field(self, field_name: str, field_obj: fields.Field[Any]) -> None:
+        field_obj.data_key = camel_case(field_obj.data_key or field_name)
+
+
+def money(value: Decimal) -> str:
+    """A decimal string with 2 to 4 decimals: the same text whatever the database kept.
+
+    PostgreSQL returns NUMERIC(18, 4) values with four decimals and SQLite the text it was
+    given, so trailing zeros beyond the cents are dropped to give one spelling everywhere.
+    """
+    text = f"{value:f}"
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
+def utc_iso(moment: datetime) -> str:
+    """ISO-8601 in UTC with a 'Z': milliseconds, or microseconds when the time has them."""
+    spec = "milliseconds" if moment.microsecond % 1000 == 0 else "microseconds"
+    return moment.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+class Money(fields.String):
+    """A `Decimal` sent as a decimal string, never as a float."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        metadata = {"pattern": MONEY_PATTERN, "example": "19.99", **kwargs.pop("metadata", {})}
+        super().__init__(metadata=metadata, **kwargs)
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else money(Decimal(value))
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """Sent as ISO-8601 UTC with a 'Z'; read as ISO-8601, naive times taken as UTC."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="iso", default_timezone=UTC, **kwargs)
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else utc_iso(value)
+
+
+class Id(fields.String):
+    """An entity id in a URL path: validated so a bad one is a 422 naming the parameter."""
+
+    def __init__(self, what: str, **kwargs: Any) -> None:
+        super().__init__(
+            required=True,
+            validate=[
+                validate.Length(min=1, max=MAX_ID_LENGTH),
+                validate.Regexp(
+                    ID_PATTERN,
+                    error="must hold a character other than whitespace, and no '/' or NUL",
+                ),
+            ],
+            metadata={"description": f"The {what}'s id (1 to {MAX_ID_LENGTH} characters)",
+                      "example": f"{what.split()[0]}-1"},
+            **kwargs,
+        )
+
+
+class ErrorSchema(ma.Schema):
+    """Every error the API answers, 4xx or 5xx: never a stack trace."""
+
+    code = fields.Integer(required=True, metadata={"description": "HTTP status code"})
+    status = fields.String(required=True, metadata={"description": "HTTP status name"})
+    message = fields.String(required=True, metadata={"description": "What went wrong"})
+    errors = fields.Dict(
+        required=True,
+        metadata={"description": "Field errors by location then field (e.g. "
+                                 "{\"path\": {\"userId\": [\"…\"]}}); empty when none"},
+    )

@@ -1,0 +1,77 @@
+"""What the API talks to, built once per app (so once per gunicorn worker process).
+
+One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings), one
+Redis client for the dead-letter queue. A request borrows one database connection, opened on
+first use and handed back to the pool when the app context ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from flask import Flask, current_app, g
+from sqlalchemy import Connection, Engine
+
+from eventpipe.database import make_engine
+from eventpipe.dlq import DeadLetterQueue
+from eventpipe.settings import Settings
+
+EXTENSION = "eventpipe"
+# A request must not hang on Redis: operations answer fast or the request fails with 503.
+REDIS_CONNECT_TIMEOUT_S = 2.0
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        # decode_responses stays off: dead letters hold the original message bytes.
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        )
+        return cls(settings, make_engine(settings, writer=False), client)
+
+    def dead_letters(self) -> DeadLetterQueue:
+        return DeadLetterQueue(self.redis, self.settings.dlq_stream, self.settings.dlq_max_entries)
+
+    def close(self) -> None:
+        """Close the pools: for tests and embedders that create apps and throw them away."""
+        self.engine.dispose()
+        self.redis.close()
+
+
+def install(app: Flask, services: Services) -> None:
+    app.extensions[EXTENSION] = services
+    app.teardown_appcontext(_release_connection)
+
+
+def of(app: Flask) -> Services:
+    found: Services = app.extensions[EXTENSION]
+    return found
+
+
+def current() -> Services:
+    return of(current_app)
+
+
+def connection() -> Connection:
+    """The request's database connection, opened on first use."""
+    if "db" not in g:
+        g.db = current().engine.connect()
+    conn: Connection = g.db
+    return conn
+
+
+def _release_connection(_exc: BaseException | None) -> None:
+    conn: Connection | None = g.pop("db", None)
+    if conn is not None:
+        # Reads only: closing rolls back the implicit transaction and returns it to the pool.
+        conn.close()

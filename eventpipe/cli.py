@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    up = commands.add_parser("up", help="run the whole pipeline here, in the foreground")
+    up.add_argument("--demo", action="store_true", help="also send sample events and show "
+                    "what the API answers")
+    up.set_defaults(handler=_up)
+
     bridge = commands.add_parser("bridge", help="forward Kafka partitions to Celery queues")
     bridge.set_defaults(handler=_bridge)
 
@@ -96,6 +101,13 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-class")
     parser.add_argument("--since", type=datetime.fromisoformat, help="ISO-8601 time")
     parser.add_argument("--until", type=datetime.fromisoformat, help="ISO-8601 time")
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from eventpipe.settings import provided
+    from eventpipe.stack import run
+
+    return run(settings, provided(), args.demo)
 
 
 def _bridge(_args: argparse.Namespace, settings: Settings) -> int:

@@ -99,6 +99,7 @@ class Settings:
     web_workers: int = _field(
         "WEB_WORKERS", 0, "gunicorn worker processes for the API; 0: two per core, plus one"
     )
+    flower_port: int = _field("FLOWER_PORT", 5555, "Flower's port under `eventpipe up`")
     bridge_metrics_port: int = _field("BRIDGE_METRICS_PORT", 9101, "Bridge /metrics port")
     worker_metrics_port: int = _field("WORKER_METRICS_PORT", 9102, "Worker host /metrics port")
 
@@ -129,8 +130,26 @@ def env_vars() -> list[tuple[str, Any, str]]:
 
 
 @cache
-def get_settings() -> Settings:
-    """The process's settings: real environment first, then `.env` in the working directory."""
+def _environment() -> dict[str, str | None]:
+    """The real environment over the values of `.env` in the working directory."""
     dotenv = Path(os.environ.get("EVENTPIPE_ENV_FILE", ".env"))
     file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
-    return Settings.from_env({**file_values, **os.environ})
+    return {**file_values, **os.environ}
+
+
+@cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings.from_env(_environment())
+
+
+def provided() -> frozenset[str]:
+    """The settings variables given explicitly (environment or `.env`), not defaulted."""
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    return frozenset(name for name, value in _environment().items()
+                     if name in known and value not in (None, ""))
+
+
+def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a child process of ours: this one's, with `overrides`."""
+    return {**os.environ, **overrides}

@@ -20,6 +20,9 @@ class Delivery:
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Per partition, the offset after the last delivered message: where a consumer that has
+    # read everything sent stands (the broker's own "latest offset" answer is not trusted).
+    ends: dict[int, int] = field(default_factory=dict)
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -35,10 +38,12 @@ def publish(
     started = time.monotonic()
 
     def acknowledged(sent_at: float) -> Any:
-        def callback(error: KafkaError | None, _message: Message) -> None:
+        def callback(error: KafkaError | None, message: Message) -> None:
             elapsed = time.monotonic() - sent_at
             if error is None:
                 result.delivered += 1
+                partition, offset = message.partition() or 0, message.offset() or 0
+                result.ends[partition] = max(result.ends.get(partition, 0), offset + 1)
                 result.latencies.append(elapsed)
                 metrics.KAFKA_PRODUCE.observe(elapsed)
             else:

@@ -1,0 +1,83 @@
+"""`eventpipe up --demo`: send a realistic stream, wait until it is applied, show the API."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from eventpipe.dlq import DeadLetterQueue
+from eventpipe.kafka import make_producer
+from eventpipe.settings import Settings
+from producer.publish import publish
+from producer.stream import plan_stream
+
+DEMO_EVENTS = 600
+DRAIN_TIMEOUT_S = 120.0
+
+
+def run_demo(settings: Settings, check: Callable[[], None]) -> None:
+    plan = plan_stream(DEMO_EVENTS, duplicates=0.05, out_of_order=0.05, poison=0.01, seed=2026)
+    print(f"demo: sending {len(plan.messages)} events "
+          f"({', '.join(f'{n} {k}' for k, n in sorted(plan.counts.items()))})")
+    sent = publish(make_producer(settings), settings.kafka_topic, plan.messages,
+                   total=len(plan.messages), progress=False)
+    print(f"demo: {sent.delivered} acknowledged by Kafka; waiting until all are done")
+    _wait_drained(settings, sent.ends, check)
+    documents = [json.loads(m.value) for m in plan.messages if not m.kind.startswith("poison")]
+    base = f"http://{settings.web_host}:{settings.web_port}"
+    user_id, order_id, sku = _examples(documents)
+    for path in (f"/users/{user_id}", f"/orders/{order_id}", f"/inventory/{sku}"):
+        print(f"\nGET {base}{path}")
+        print(json.dumps(_get(base + path), indent=2))
+    client = redis.Redis.from_url(settings.redis_url)
+    depth = DeadLetterQueue(client, settings.dlq_stream, settings.dlq_max_entries).depth()
+    client.close()
+    print(f"\ndemo: {depth} poison message(s) in the dead-letter queue: `eventpipe dlq list`")
+    print(f"demo: a user to look at: {base}/users/{user_id}\n")
+
+
+def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], None]) -> None:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": settings.kafka_group_id, "enable.auto.commit": False})
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    try:
+        while True:
+            check()
+            found = consumer.committed([TopicPartition(settings.kafka_topic, p) for p in ends],
+                                       timeout=5)
+            behind = sum(max(0, ends[tp.partition] - max(tp.offset, 0)) for tp in found)
+            if behind == 0:
+                return
+            if time.monotonic() > deadline:
+                print(f"demo: still {behind} events to go after {DRAIN_TIMEOUT_S:.0f}s; "
+                      "carrying on")
+                return
+            time.sleep(0.5)
+    finally:
+        consumer.close()
+
+
+def _examples(documents: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """The user with the most orders, one of their orders, the busiest SKU."""
+    orders = [d["data"] for d in documents if d["eventType"] == "OrderPlaced"]
+    per_user = Counter(o["userId"] for o in orders)
+    user_id = per_user.most_common(1)[0][0]
+    order_id = next(o["orderId"] for o in reversed(orders) if o["userId"] == user_id)
+    skus = Counter(d["data"]["sku"] for d in documents if d["eventType"] == "InventoryAdjusted")
+    return user_id, order_id, skus.most_common(1)[0][0]
+
+
+def _get(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read() or b"{}")

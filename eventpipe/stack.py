@@ -1,0 +1,249 @@
+"""`eventpipe up`: the whole pipeline on one machine, in the foreground.
+
+Embedded defaults where nothing is configured — Tansu for Kafka unless
+KAFKA_BOOTSTRAP_SERVERS is set, a SQLite file unless DATABASE_URL is set, the configured Redis
+if it answers, else an embedded redis-server — then the bridge, the workers for every
+partition, the web API and Flower as child processes. It waits until everything is ready,
+prints where to look, and on Ctrl-C or SIGTERM stops the children in order (the bridge first,
+so it commits what is done; the brokers last) so that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import redis
+
+from eventpipe.children import die_with_parent, terminate
+from eventpipe.embedded import (
+    EmbeddedProcess,
+    EmbeddedServiceError,
+    start_kafka,
+    start_redis,
+)
+from eventpipe.kafka import ensure_topic
+from eventpipe.migrations import create_database_if_missing, upgrade
+from eventpipe.settings import Settings, child_environment
+
+log = logging.getLogger("eventpipe.up")
+READY_TIMEOUT_S = 90.0
+# Stopped in this order: the bridge commits first, the API and Flower go last.
+_STOP_ORDER = ("bridge", "worker", "web", "flower")
+_STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while starting."""
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    provided: frozenset[str]
+    run_dir: Path
+    say: Callable[[str], None] = print
+    services: list[EmbeddedProcess] = field(default_factory=list)
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stopping: bool = False
+
+    # -- the parts ---------------------------------------------------------------------------
+
+    def start_brokers(self) -> None:
+        overrides: dict[str, Any] = {}
+        if "KAFKA_BOOTSTRAP_SERVERS" not in self.provided:
+            log_path = self.run_dir / "kafka.log"
+            try:
+                kafka = start_kafka(_default_port(self.settings.kafka_bootstrap_servers),
+                                    log_path=log_path)
+            except EmbeddedServiceError:  # the usual port is taken: any free one will do
+                kafka = start_kafka(None, log_path=log_path)
+            self.services.append(kafka)
+            overrides["kafka_bootstrap_servers"] = kafka.bootstrap
+            self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
+        else:
+            self.say(f"  kafka     {self.settings.kafka_bootstrap_servers}")
+        if _answers(self.settings.redis_url):
+            self.say(f"  redis     {self.settings.redis_url}")
+        else:
+            server = start_redis()
+            self.services.append(server)
+            overrides.update(redis_url=f"{server.url}/0", celery_broker_url=f"{server.url}/1")
+            self.say(f"  redis     embedded redis-server on {server.address} "
+                     f"(nothing answered at {self.settings.redis_url})")
+        self.settings = replace(self.settings, **overrides)
+
+    def prepare_database(self) -> None:
+        create_database_if_missing(self.settings.database_url)
+        upgrade(self.settings.database_url)
+        self.say(f"  database  {_redact(self.settings.database_url)} (migrated)")
+        ensure_topic(self.settings)
+
+    def start_children(self) -> None:
+        env = child_environment(_environment_of(self.settings))
+        last = self.settings.kafka_partitions - 1
+        processes = str(max(1, min(2, os.cpu_count() or 1)))
+        commands = {
+            "bridge": [_eventpipe(), "bridge"],
+            "worker": [_eventpipe(), "worker", "--partitions", f"0-{last}",
+                       "--processes", processes],
+            "web": [_eventpipe(), "web"],
+            "flower": [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower",
+                       f"--port={self.settings.flower_port}", "--address=127.0.0.1"],
+        }
+        for name, command in commands.items():
+            output = (self.run_dir / f"{name}.log").open("ab")
+            self.children[name] = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT,
+                # A session of their own: Ctrl-C reaches us only, and we stop them in order.
+                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+            output.close()
+
+    def wait_ready(self) -> None:
+        s = self.settings
+        probes = {
+            "web API": f"http://{s.web_host}:{s.web_port}/ready",
+            "bridge metrics": f"http://127.0.0.1:{s.bridge_metrics_port}/metrics",
+            "worker metrics": f"http://127.0.0.1:{s.worker_metrics_port}/metrics",
+            "Flower": f"http://127.0.0.1:{s.flower_port}/healthcheck",
+        }
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for name, url in probes.items():
+            while not _http_ok(url):
+                self.check_children()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready at {url} after {READY_TIMEOUT_S:.0f}s"
+                                       f"; see the logs in {self.run_dir}")
+                self._pause(0.25)
+
+    def check_children(self) -> None:
+        if self.stopping:
+            raise Interrupted
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                raise RuntimeError(f"{name} exited with {child.returncode}; "
+                                   f"see {self.run_dir / (name + '.log')}")
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stopping:
+            time.sleep(min(0.05, seconds))
+
+    def urls(self) -> dict[str, str]:
+        s = self.settings
+        api = f"http://{s.web_host}:{s.web_port}"
+        return {
+            "API": api,
+            "API docs": f"{api}/docs",
+            "OpenAPI": f"{api}/openapi.json",
+            "API metrics": f"{api}/metrics",
+            "Flower": f"http://127.0.0.1:{s.flower_port}",
+            "bridge metrics": f"http://127.0.0.1:{s.bridge_metrics_port}/metrics",
+            "worker metrics": f"http://127.0.0.1:{s.worker_metrics_port}/metrics",
+            "logs": str(self.run_dir),
+        }
+
+    def stop(self) -> None:
+        for name in _STOP_ORDER:
+            child = self.children.get(name)
+            if child is not None:
+                terminate(child, _STOP_TIMEOUTS_S[name])
+        for service in reversed(self.services):
+            service.stop()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    def serve_until_stopped(self) -> None:
+        while not self.stopping:
+            self.check_children()
+            self._pause(0.5)
+
+
+def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
+    run_dir = Path("var") / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(settings, provided, run_dir)
+    stack.install_signal_handlers()
+    print("starting the pipeline:")
+    try:
+        stack.start_brokers()
+        stack.prepare_database()
+        stack.start_children()
+        stack.wait_ready()
+        print("ready:")
+        for name, url in stack.urls().items():
+            print(f"  {name:15s} {url}")
+        if demo:
+            from eventpipe.demo import run_demo
+
+            run_demo(stack.settings, stack.check_children)
+        print("running; Ctrl-C stops everything")
+        stack.serve_until_stopped()
+        return 0
+    except Interrupted:
+        return 0
+    except RuntimeError as exc:
+        print(f"eventpipe up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping…")
+        stack.stop()
+        print("stopped")
+
+
+def _environment_of(settings: Settings) -> dict[str, str]:
+    """Every setting as its environment variable, so the children see what `up` decided."""
+    return {f.metadata["env"]: str(getattr(settings, f.name))
+            for f in dataclasses.fields(settings)}
+
+
+def _default_port(bootstrap: str) -> int | None:
+    _, _, port = bootstrap.split(",")[0].rpartition(":")
+    return int(port) if port.isdigit() else None
+
+
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _eventpipe() -> str:
+    return str(Path(sys.executable).with_name("eventpipe"))
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+

@@ -1,0 +1,75 @@
+"""`eventpipe up --demo`, the README's run command, as a newcomer runs it: from nothing to a
+working pipeline whose API answers, and Ctrl-C leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from tests.integration.pipeline import BIN, wait_until
+from tests.integration.test_observability import free_port
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path) -> None:
+    marker = f"/nonexistent/{uuid.uuid4().hex}"
+    ports = {name: free_port() for name in ("WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT",
+                                            "WORKER_METRICS_PORT")}
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({name: str(port) for name, port in ports.items()})
+    env.update(EVENTPIPE_ENV_FILE=marker, KAFKA_PARTITIONS="4",
+               REDIS_URL="redis://127.0.0.1:1/0")  # nothing there: the embedded one is used
+    output = (tmp_path / "up.out").open("w+")
+    up = subprocess.Popen([str(BIN / "eventpipe"), "up", "--demo"], cwd=tmp_path, env=env,
+                          stdout=output, stderr=subprocess.DEVNULL, text=True)
+    try:
+        def text() -> str:
+            return (tmp_path / "up.out").read_text()
+
+        wait_until(lambda: "running; Ctrl-C stops everything" in text() or up.poll() is not None,
+                   240, "the pipeline up and the demo done")
+        assert up.poll() is None, text()
+        shown = text()
+        assert "embedded Tansu" in shown and "embedded redis-server" in shown
+        user_url = re.search(r"a user to look at: (\S+)", shown)
+        assert user_url is not None
+        with urllib.request.urlopen(user_url.group(1), timeout=5) as response:
+            user = json.loads(response.read())
+        assert user["orders"] and user["userId"] in user_url.group(1)
+        ready = f"http://127.0.0.1:{ports['WEB_PORT']}/ready"
+        with urllib.request.urlopen(ready, timeout=5) as response:
+            assert response.status == 200
+        assert "poison message(s) in the dead-letter queue" in shown
+        assert len(_processes_with(marker)) >= 6  # brokers, bridge, workers, web, flower
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=120) == 0
+        deadline = time.monotonic() + 10
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(marker) == []
+        assert "stopped" in text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -44,6 +44,17 @@ def test_ratios_are_checked() -> None:
         plan_stream(10, poison=1.5)
 
 
+class _Delivered:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
 class _Producer:
     """Stands in for Kafka in this unit test of the menu's dialogue only."""
 
@@ -59,8 +70,8 @@ class _Producer:
         return 0
 
     def flush(self, _timeout: float = 0) -> int:
-        for callback in self._callbacks:
-            callback(None, None)  # type: ignore[operator]
+        for offset, callback in enumerate(self._callbacks):
+            callback(None, _Delivered(offset))  # type: ignore[operator]
         self._callbacks.clear()
         return 0
 

@@ -2,21 +2,27 @@
 
 - validate: events parsed and validated per second, one core.
 - apply:    events applied per second by `apply_batch` on SQLite and PostgreSQL, by batch size.
+- logging:  the worker's rate at each log level (what per-event records cost).
+- pipeline: events per second through Kafka, the bridge, Celery workers and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import apply_throughput, validation
+from bench import apply_throughput, logging_cost, pipeline_throughput, validation
 
 
 def main(argv: list[str]) -> None:
-    wanted = set(argv) or {"validate", "apply"}
+    wanted = set(argv) or {"validate", "apply", "logging", "pipeline"}
     if "validate" in wanted:
         validation.run()
     if "apply" in wanted:
         apply_throughput.run()
+    if "logging" in wanted:
+        logging_cost.run()
+    if "pipeline" in wanted:
+        pipeline_throughput.run()
 
 
 if __name__ == "__main__":

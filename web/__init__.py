@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+import swagger_ui_bundle  # type: ignore[import-untyped]
+from flask import Flask, Response, send_from_directory
 from werkzeug.routing import BaseConverter
 
 from eventpipe.settings import Settings, get_settings
@@ -21,7 +22,9 @@ __all__ = ["create_app"]
 
 API_VERSION = "1.0.0"
 OPENAPI_VERSION = "3.0.3"
-SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+# Swagger UI's assets are served by the app itself (from the swagger-ui-bundle wheel), so
+# the interactive docs work where browsers cannot reach a CDN.
+SWAGGER_UI_ASSETS = "/docs/assets/"
 
 
 class IdConverter(BaseConverter):
@@ -39,7 +42,7 @@ def flask_config() -> dict[str, Any]:
         "OPENAPI_URL_PREFIX": "/",
         "OPENAPI_JSON_PATH": "openapi.json",
         "OPENAPI_SWAGGER_UI_PATH": "docs",
-        "OPENAPI_SWAGGER_UI_URL": SWAGGER_UI_URL,
+        "OPENAPI_SWAGGER_UI_URL": SWAGGER_UI_ASSETS,
         "API_SPEC_OPTIONS": {
             "info": {"description": "The read model of the eventpipe pipeline, its health, "
                                     "and its dead-letter queue. JSON in camelCase; money as "
@@ -71,8 +74,14 @@ def create_app(settings: Settings | None = None) -> Flask:
                        "description": "The DLQ_API_TOKEN of the deployment"})
     register(api)
     metrics.install(app, lambda: deps.dead_letters().depth())
+    app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
+                     _swagger_ui_asset)
     _document_metrics(app, api)
     return app
+
+
+def _swagger_ui_asset(filename: str) -> Response:
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename, max_age=86400)
 
 
 def _document_metrics(app: Flask, api: Any) -> None:

@@ -164,6 +164,11 @@ def test_interactive_docs_are_served(client: FlaskClient) -> None:
     response = client.get("/docs")
     assert response.status_code == 200
     assert b"swagger-ui" in response.data and b"/openapi.json" in response.data
+    # Its assets come from the app itself, not from a CDN.
+    assert b'src="/docs/assets/swagger-ui-bundle.js"' in response.data
+    for asset in ("swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "swagger-ui.css"):
+        served = client.get(f"/docs/assets/{asset}")
+        assert served.status_code == 200 and len(served.data) > 1000, asset
 
 
 def test_health_calls_nothing(client: FlaskClient) -> None:

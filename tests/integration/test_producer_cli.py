@@ -1,0 +1,50 @@
+"""`eventpipe produce generate` against a real broker: what it says it sent is in the topic."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+
+from confluent_kafka import Consumer, TopicPartition
+
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import parse_event
+from tests.integration.pipeline import BIN
+
+
+def test_generate_sends_the_stream_it_reports(kafka_broker: str) -> None:
+    topic = f"produce-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent", "KAFKA_TOPIC": topic,
+           "KAFKA_PARTITIONS": "3", "KAFKA_BOOTSTRAP_SERVERS": kafka_broker}
+    done = subprocess.run(
+        [str(BIN / "eventpipe"), "produce", "generate", "--count", "300", "--rate", "2000",
+         "--duplicates", "0.1", "--out-of-order", "0.1", "--poison", "0.05", "--seed", "4"],
+        env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert re.search(r"sent 300 of 300 messages to " + topic, done.stdout), done.stdout
+    poison_reported = sum(int(n) for n in re.findall(r"poison:\S+\s+(\d+)", done.stdout))
+    assert poison_reported > 0 and "produce latency: p50" in done.stdout
+
+    consumer = Consumer({"bootstrap.servers": kafka_broker, "group.id": f"{topic}-check",
+                         "auto.offset.reset": "earliest", "enable.partition.eof": True,
+                         "session.timeout.ms": 6000})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(3)])
+    values: list[tuple[bytes | None, bytes]] = []
+    finished: set[int | None] = set()
+    while len(finished) < 3:
+        record = consumer.poll(10)
+        assert record is not None, "the topic ended early"
+        if record.error() is not None:
+            finished.add(record.partition())
+            continue
+        values.append((record.key(), record.value() or b""))
+    consumer.close()
+    assert len(values) == 300
+    invalid = 0
+    for key, value in values:
+        try:
+            parse_event(value, key)
+        except InvalidEvent:
+            invalid += 1
+    assert invalid == poison_reported

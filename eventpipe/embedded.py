@@ -146,7 +146,7 @@ def start_redis(port: int | None = None, data_dir: Path | None = None) -> Embedd
                 "--daemonize", "no"]
 
     def ready(service: EmbeddedProcess) -> bool:
-        return _accepts_tcp(service.port) and _answers_ping(service.port)
+        return _accepts_tcp(service.port) and redis_answers(service.url)
 
     try:
         service = _start("redis", "redis", command, ready, port, None)
@@ -286,8 +286,9 @@ def _accepts_tcp(port: int) -> bool:
     return True
 
 
-def _answers_ping(port: int) -> bool:
-    client = redis.Redis(host=HOST, port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server at `url` answers PING within a second."""
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
     try:
         return bool(client.ping())
     except redis.RedisError:

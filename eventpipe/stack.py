@@ -25,12 +25,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import redis
-
 from eventpipe.children import die_with_parent, terminate
 from eventpipe.embedded import (
     EmbeddedProcess,
     EmbeddedServiceError,
+    redis_answers,
     start_kafka,
     start_redis,
 )
@@ -75,7 +74,7 @@ class Stack:
             self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
         else:
             self.say(f"  kafka     {self.settings.kafka_bootstrap_servers}")
-        if _answers(self.settings.redis_url):
+        if redis_answers(self.settings.redis_url):
             self.say(f"  redis     {self.settings.redis_url}")
         else:
             server = start_redis()
@@ -218,16 +217,6 @@ def _environment_of(settings: Settings) -> dict[str, str]:
 def _default_port(bootstrap: str) -> int | None:
     _, _, port = bootstrap.split(",")[0].rpartition(":")
     return int(port) if port.isdigit() else None
-
-
-def _answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
 
 
 def _http_ok(url: str) -> bool:

@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from eventpipe.database import make_engine
 from eventpipe.settings import Settings
 from eventpipe.tables import metadata
-from tests.services import migrate, require_postgres
+from tests.services import REDIS_URL, migrate, require_postgres, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,18 @@ def engine(database_url: str) -> Iterator[Engine]:
     _truncate(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """The machine's Redis; tests keep apart by the key names they use."""
+    connection = redis.Redis.from_url(REDIS_URL)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", REDIS_URL, exc)
+    yield connection
+    connection.close()
 
 
 def _truncate(engine: Engine) -> None:

@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import count
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 
 from eventpipe.apply import apply_batch
-from eventpipe.effects import Delivery, Position, Status
-from eventpipe.events import parse_event
+from eventpipe.effects import Status
 from eventpipe.samples import (
     Document,
-    encode,
     inventory_adjusted,
     order_placed,
     payment_settled,
     user_created,
 )
 from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
-
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-_offsets = count()
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-def deliveries(*messages: tuple[str, Document]) -> list[Delivery]:
-    return [
-        Delivery(parse_event(encode(doc), key), Position("events", 3, next(_offsets)))
-        for key, doc in messages
-    ]
+from tests.factories import at, deliveries
 
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> list[Status]:

@@ -11,27 +11,15 @@ import redis
 
 from eventpipe.dlq import DeadLetter, DeadLetterQueue, DeadLetterQueueFull, Filter
 from eventpipe.errors import TransientError
-from tests.services import REDIS_URL, unavailable
 
 T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.RedisError as exc:
-        unavailable("Redis", REDIS_URL, exc)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def queue(client: redis.Redis) -> Iterator[DeadLetterQueue]:
+def queue(redis_client: redis.Redis) -> Iterator[DeadLetterQueue]:
     stream = f"test:dlq:{uuid.uuid4().hex}"
-    yield DeadLetterQueue(client, stream, max_entries=5)
-    client.delete(stream, f"{stream}:index")
+    yield DeadLetterQueue(redis_client, stream, max_entries=5)
+    redis_client.delete(stream, f"{stream}:index")
 
 
 def letter(offset: int, event_type: str = "OrderPlaced", error: str = "InvalidEvent",

@@ -26,7 +26,7 @@ from eventpipe.dlq import HISTORY_HEADER, DeadLetter, DeadLetterQueue
 from eventpipe.settings import Settings
 from tests.broker import TopicFactory
 from tests.integration.test_web_reads import fuzz, serving
-from tests.services import REDIS_URL, unavailable
+from tests.services import REDIS_URL
 from web import create_app, services
 
 TOKEN = "s3cret-token"
@@ -45,26 +45,15 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None]] = [
 
 
 @pytest.fixture
-def client_redis() -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except redis.RedisError as exc:
-        unavailable("Redis", REDIS_URL, exc)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def stream(client_redis: redis.Redis) -> Iterator[str]:
+def stream(redis_client: redis.Redis) -> Iterator[str]:
     name = f"test:dlq:{uuid.uuid4().hex}"
     yield name
-    client_redis.delete(name, f"{name}:index")
+    redis_client.delete(name, f"{name}:index")
 
 
 @pytest.fixture
-def queue(client_redis: redis.Redis, stream: str) -> DeadLetterQueue:
-    return DeadLetterQueue(client_redis, stream, max_entries=100)
+def queue(redis_client: redis.Redis, stream: str) -> DeadLetterQueue:
+    return DeadLetterQueue(redis_client, stream, max_entries=100)
 
 
 def settings_for(sqlite_url: str, stream: str, **overrides: Any) -> Settings:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from itertools import count
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,9 @@ from sqlalchemy import Engine, event, select, text
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from eventpipe.apply import apply_batch
-from eventpipe.effects import Delivery, Position, Status
-from eventpipe.events import parse_event
+from eventpipe.effects import Status
 from eventpipe.samples import (
     Document,
-    encode,
     inventory_adjusted,
     order_placed,
     payment_settled,
@@ -36,22 +33,15 @@ from eventpipe.samples import (
 )
 from eventpipe.settings import Settings
 from eventpipe.tables import users
+from tests.factories import at, deliveries
 from tests.services import REDIS_URL
 from web import create_app, services
 from web.resources.orders.queries import latest_orders_query
 
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-_offsets = count()
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> None:
-    deliveries = [Delivery(parse_event(encode(doc), key), Position("events", 0, next(_offsets)))
-                  for key, doc in messages]
-    statuses = [outcome.status for outcome in apply_batch(engine, deliveries)]
+    statuses = [outcome.status
+                for outcome in apply_batch(engine, deliveries(*messages, partition=0))]
     assert statuses == [Status.APPLIED] * len(messages)
 
 

@@ -13,6 +13,7 @@ Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -193,7 +194,13 @@ class Bridge:
         lows = {p: low for p, progress in chosen.items()
                 if (low := progress.low()) is not None}
         if lows:
-            for partition, (done, leased) in self.ledger.read(self.topic, lows, now).items():
+            try:
+                progress_by_partition = self.ledger.read(self.topic, lows, now)
+            except redis.RedisError as exc:
+                # Without the ledger nothing is known to be done: commit nothing, wait.
+                log.warning("delivery ledger unreachable: %s", exc)
+                return
+            for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
         self._commit(chosen, now)
         for partition, progress in chosen.items():
@@ -221,7 +228,8 @@ class Bridge:
             return
         for partition, offset in offsets.items():
             chosen[partition].committed = offset
-        self.ledger.trim(self.topic, offsets, now)
+        with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
+            self.ledger.trim(self.topic, offsets, now)
         log.debug("committed", extra={"offsets": offsets})
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:

@@ -72,6 +72,9 @@ def make_celery(settings: Settings, main: str = "eventpipe") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A task whose broker connection is lost cannot be acknowledged any more: its message
+        # comes back, so stop working on it rather than apply it twice in parallel.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_create_missing_queues=True,
         task_default_queue=queue_name(0),
         broker_connection_retry_on_startup=True,

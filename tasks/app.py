@@ -7,6 +7,7 @@ failure into a delayed retry of the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from functools import cache
@@ -20,7 +21,7 @@ from prometheus_client import start_http_server
 from eventpipe import logs
 from eventpipe.database import make_engine
 from eventpipe.dlq import DeadLetterQueue
-from eventpipe.errors import TransientError
+from eventpipe.errors import is_transient
 from eventpipe.progress import DeliveryLedger
 from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
 from eventpipe.settings import get_settings
@@ -72,13 +73,17 @@ def apply_events(
     work = processor()
     try:
         report = work.run(topic, partition, decoded)
-    except TransientError as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         attempt = transient_attempts + 1
         countdown = backoff_delay(attempt, settings.retry_backoff_base_s,
                                   settings.retry_backoff_max_s)
-        # The offsets stay leased while the batch waits, so the bridge does not re-read them.
-        work.ledger.lease(topic, partition, [m.offset for m in decoded],
-                          work.clock() + countdown + settings.redelivery_timeout_s)
+        # The offsets stay leased while the batch waits, so the bridge does not re-read them;
+        # if Redis itself is what failed, the bridge re-reads them later instead.
+        with contextlib.suppress(redis.RedisError):
+            work.ledger.lease(topic, partition, [m.offset for m in decoded],
+                              work.clock() + countdown + settings.redelivery_timeout_s)
         log.warning("transient failure, batch retried in %.1fs: %s", countdown, exc, extra={
             "topic": topic, "partition": partition, "taskId": self.request.id,
             "attempt": attempt, "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset,

@@ -34,6 +34,7 @@ from eventpipe.samples import Document, encode
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events
 from tests.services import require_postgres
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -69,13 +70,18 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
 
 class Pipeline:
     def __init__(self, bootstrap: str, log_dir: Path, partitions: int = 4,
-                 database_url: str | None = None, **overrides: str) -> None:
+                 database_url: str | None = None, redis_proxy: bool = False,
+                 **overrides: str) -> None:
         self.name = f"t{uuid.uuid4().hex[:8]}"
         self.log_dir = log_dir
         self.partitions = partitions
         self.own_database = database_url is None
         self.database_url = database_url or new_database()
         self.redis_server = start_redis()
+        # The processes may reach Redis through a proxy the test can cut; the test itself
+        # always talks to the server directly.
+        self.redis_proxy = TcpProxy("127.0.0.1", self.redis_server.port) if redis_proxy else None
+        redis_port = self.redis_proxy.port if self.redis_proxy else self.redis_server.port
         inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env = {
             **inherited,
@@ -85,8 +91,8 @@ class Pipeline:
             "KAFKA_TOPIC": self.name,
             "KAFKA_PARTITIONS": str(partitions),
             "KAFKA_GROUP_ID": f"{self.name}-bridge",
-            "REDIS_URL": f"{self.redis_server.url}/0",
-            "CELERY_BROKER_URL": f"{self.redis_server.url}/1",
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/1",
             "DLQ_STREAM": f"{self.name}:dlq",
             "BATCH_MAX_EVENTS": "100",
             "BATCH_MAX_WAIT_MS": "20",
@@ -102,8 +108,8 @@ class Pipeline:
             **overrides,
         }
         self.settings = Settings.from_env(self.env)
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
-        self.broker = redis.Redis.from_url(self.settings.celery_broker_url)
+        self.redis = redis.Redis.from_url(f"{self.redis_server.url}/0")
+        self.broker = redis.Redis.from_url(f"{self.redis_server.url}/1")
         self.dlq = DeadLetterQueue(self.redis, self.settings.dlq_stream, 10_000)
         self.engine: Engine = create_engine(self.database_url, pool_pre_ping=True)
         self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
@@ -153,6 +159,8 @@ class Pipeline:
         self.engine.dispose()
         self.redis.close()
         self.broker.close()
+        if self.redis_proxy is not None:
+            self.redis_proxy.close()
         self.redis_server.stop()
         if self.own_database:
             drop_database(self.database_url)

@@ -306,3 +306,24 @@ def _events_queued(pipeline: Pipeline, partition: int) -> int:
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         total += len(body[0][2])  # args: topic, partition, messages
     return total
+
+
+def test_redis_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> None:
+    pipeline: Pipeline = make_pipeline(redis_proxy=True)
+    assert pipeline.redis_proxy is not None
+    messages = stream(2000, seed=91)
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    sent = pipeline.send(messages[:1000])
+    wait_until(lambda: pipeline.applied_count() > 0, 60, "some events applied")
+    # The Celery broker, the ledger and the DLQ all go away at once.
+    pipeline.redis_proxy.cut()
+    sent += pipeline.send(messages[1000:])
+    bridge_log = pipeline.log_dir / f"{pipeline.name}-bridge.log"
+    wait_until(lambda: "unreachable" in bridge_log.read_text()
+               or "could not send batch" in bridge_log.read_text(), 30,
+               "the bridge to meet the outage")
+    pipeline.redis_proxy.restore()
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    assert pipeline.dead_letters() == []

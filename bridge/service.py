@@ -88,20 +88,25 @@ class Bridge:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        self.batcher.clear()
-        self.unsent.clear()
-        deadline = self.clock() + self.settings.shutdown_drain_timeout_s
-        for progress in self.partitions.values():
-            progress.paused = True
-        self._pause_all()
-        while self.clock() < deadline and any(p.in_flight for p in self.partitions.values()):
+        """Drop what was read but not sent, wait (bounded) for what was sent, commit, leave."""
+        try:
+            self.batcher.clear()
+            self.unsent.clear()
+            deadline = self.clock() + self.settings.shutdown_drain_timeout_s
+            for progress in self.partitions.values():
+                progress.paused = True
+            self._pause_all()
+            while self.clock() < deadline and any(p.in_flight
+                                                  for p in self.partitions.values()):
+                self._sync(self.clock(), redeliver=False)
+                # Serve the group's callbacks while waiting; all partitions are paused.
+                self.consumer.consume(num_messages=1, timeout=0.2)
             self._sync(self.clock(), redeliver=False)
-            # Serve the group's callbacks while waiting; all partitions are paused.
-            self.consumer.consume(num_messages=1, timeout=0.2)
-        self._sync(self.clock(), redeliver=False)
-        left = sum(p.in_flight for p in self.partitions.values())
-        log.info("bridge stopped", extra={"inFlightLeft": left})
-        self.consumer.close()
+            left = sum(p.in_flight for p in self.partitions.values())
+            log.info("bridge stopped", extra={"inFlightLeft": left})
+        finally:
+            # Leaving the group at once hands the partitions over without a session timeout.
+            self.consumer.close()
 
     def _pause_all(self) -> None:
         assigned = [TopicPartition(self.topic, p) for p in self.partitions]

@@ -31,7 +31,7 @@ from eventpipe.apply import apply_batch
 from eventpipe.dlq import DeadLetter, DeadLetterQueue, history_from_header
 from eventpipe.effects import Delivery, Outcome, Position, Status
 from eventpipe.errors import InvalidEvent, TransientError, is_transient
-from eventpipe.events import parse_event, peek_identity
+from eventpipe.events import Event, parse_event, peek_identity
 from eventpipe.progress import DeliveryLedger
 from eventpipe.queues import Message
 from eventpipe.settings import Settings
@@ -102,14 +102,13 @@ class Processor:
         outcomes = self._apply([d for _, d in valid], report, topic, partition, messages)
         if outcomes is None:
             return report  # split into single-message retries: nothing settles here
-        done = [f.message.offset for f in failed]
-        leases: dict[int, float] = {}
-        waiting: list[tuple[Message, Outcome]] = []
+        done: list[int] = []
+        waiting: list[tuple[Message, Event, Outcome]] = []
         applied_at = self.clock()
         for (message, delivery), outcome in zip(valid, outcomes, strict=True):
             event = delivery.event
             if outcome.status is Status.MISSING_PARENT:
-                waiting.append((message, outcome))
+                waiting.append((message, event, outcome))
                 continue
             if outcome.status is Status.REJECTED:
                 failed.append(_Failed(message, "RejectedEvent", outcome.reason or "rejected", "",
@@ -125,25 +124,42 @@ class Processor:
             log.debug("event %s", outcome.status.value, extra=_context(
                 message, topic, partition, event.event_id, event.event_type.value))
 
-        # Events waiting for a parent are retried together, as one task: a burst of
-        # children ahead of their parents costs one retry, not one per event.
+        leases = self._retry_later(topic, partition, waiting, failed, report)
+
+        for failure in failed:
+            self._dead_letter(topic, partition, failure)
+            done.append(failure.message.offset)
+            report.statuses["dead_lettered"] += 1
+        self.ledger.settle(topic, partition, done, leases)
+        return report
+
+    def _retry_later(
+        self, topic: str, partition: int, waiting: list[tuple[Message, Event, Outcome]],
+        failed: list[_Failed], report: Report,
+    ) -> dict[int, float]:
+        """Schedule the events whose parent is missing (or give up on them); their leases.
+
+        They are retried together, as one task: a burst of children ahead of their parents
+        costs one retry, not one per event.
+        """
+        leases: dict[int, float] = {}
         retrying: list[Message] = []
-        for message, outcome in waiting:
+        for message, event, outcome in waiting:
             attempts = message.attempts + 1
-            identity = peek_identity(message.value)
+            event_type = event.event_type.value
             if attempts >= self.settings.retry_max_attempts:
                 failed.append(_Failed(
                     replace(message, attempts=attempts), "MissingParent",
                     f"{outcome.reason}; gave up after {attempts} attempts", "",
-                    identity.event_id, identity.event_type))
+                    event.event_id, event_type))
                 continue
             first = message.first_failure_at or _iso(self.clock())
             retrying.append(replace(message, attempts=attempts, first_failure_at=first))
             report.statuses["retried"] += 1
-            metrics.EVENTS_PROCESSED.labels(identity.event_type or "unknown", "retried").inc()
-            metrics.RETRIES.labels(identity.event_type or "unknown", "missing_parent").inc()
+            metrics.EVENTS_PROCESSED.labels(event_type, "retried").inc()
+            metrics.RETRIES.labels(event_type, "missing_parent").inc()
             log.info("parent missing, retrying", extra={
-                **_context(message, topic, partition, identity.event_id, identity.event_type),
+                **_context(message, topic, partition, event.event_id, event_type),
                 "attempt": attempts, "reason": outcome.reason})
         if retrying:
             countdown = backoff_delay(max(m.attempts for m in retrying),
@@ -152,13 +168,7 @@ class Processor:
             report.retries.append(Retry(retrying, countdown, "missing_parent"))
             until = self.clock() + countdown + self.settings.redelivery_timeout_s
             leases.update((m.offset, until) for m in retrying)
-
-        for failure in failed:
-            self._dead_letter(topic, partition, failure)
-            done.append(failure.message.offset)
-            report.statuses["dead_lettered"] += 1
-        self.ledger.settle(topic, partition, done, leases)
-        return report
+        return leases
 
     def _apply(
         self, deliveries: list[Delivery], report: Report, topic: str, partition: int,

@@ -300,19 +300,27 @@ class Bridge:
         except Exception as exc:  # the new owner re-reads from the last commit either way
             log.warning("final commit on revoke failed: %s", exc)
         for partition in numbers:
-            if self.partitions.pop(partition).paused:
-                metrics.PAUSED.dec()
-            metrics.IN_FLIGHT.labels(str(partition)).set(0)
+            self._forget(partition)
         log.info("partitions revoked", extra={"partitions": numbers})
 
     def _on_lost(self, _consumer: Consumer, lost: list[TopicPartition]) -> None:
         for tp in lost:
             self.batcher.drop(tp.partition)
             self.unsent.pop(tp.partition, None)
-            progress = self.partitions.pop(tp.partition, None)
-            if progress is not None and progress.paused:
-                metrics.PAUSED.dec()
+            self._forget(tp.partition)
         log.warning("partitions lost", extra={"partitions": [tp.partition for tp in lost]})
+
+    def _forget(self, partition: int) -> None:
+        """Drop a partition that is no longer ours, and the series this bridge exported for
+        it: its new owner reports them now."""
+        progress = self.partitions.pop(partition, None)
+        if progress is not None and progress.paused:
+            metrics.PAUSED.dec()
+        for gauge, labels in ((metrics.CONSUMER_LAG, (self.topic, str(partition))),
+                              (metrics.QUEUE_DEPTH, (queue_name(partition),)),
+                              (metrics.IN_FLIGHT, (str(partition),))):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
 
 
 def run(settings: Settings) -> None:

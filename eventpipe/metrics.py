@@ -11,6 +11,17 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from eventpipe.events import EventType
+
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+def event_type_label(name: str | None) -> str:
+    """The `event_type` label for a message: one of the contract's types, else "unknown",
+    so that poison cannot create label values without bound."""
+    return name if name in _EVENT_TYPES else "unknown"
+
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -57,8 +68,13 @@ REDELIVERIES = Counter(
     "bridge_redeliveries", "Times a partition was re-read from its committed offset", ["partition"]
 )
 RETRIES = Counter(
-    "event_retries", "Retries scheduled, by reason (missing_parent, transient)",
+    "event_retries", "Events scheduled for another try, by reason: missing_parent, "
+    "transient (their whole batch met a failure of the world), error (an unforeseen error)",
     ["event_type", "reason"],
+)
+OWNER_CHANGES = Counter(
+    "partition_owner_changes", "Times a worker found a partition last served by another "
+    "(a restart, or two workers on one partition)", ["partition"],
 )
 END_TO_END = Histogram(
     "event_end_to_end_latency_seconds", "From the event's occurredAt to its effect committed",

@@ -29,6 +29,19 @@ class DeliveryLedger:
     def _lease(self, topic: str, partition: int) -> str:
         return f"{self.prefix}:lease:{topic}:{partition}"
 
+    def claim(self, topic: str, partition: int, worker: str, ttl_s: float) -> str | None:
+        """Record `worker` as the one serving the partition; the previous one, if another.
+
+        Only one worker should serve a partition (its events are then applied in order);
+        a different previous owner that is still alive means two do.
+        """
+        previous = self.client.set(f"{self.prefix}:owner:{topic}:{partition}", worker,
+                                   px=max(1, int(ttl_s * 1000)), get=True)
+        if previous is None:
+            return None
+        text = previous.decode() if isinstance(previous, bytes) else str(previous)
+        return None if text == worker else text
+
     def lease(self, topic: str, partition: int, offsets: Iterable[int], until: float) -> None:
         mapping = {str(offset): until for offset in offsets}
         if mapping:

@@ -7,10 +7,12 @@ them all, and raises a transient error when it did not.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
+from eventpipe import metrics
 from eventpipe.dlq import HISTORY_HEADER, DeadLetter, DeadLetterQueue, Filter
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
@@ -36,13 +38,17 @@ class Publisher:
         self.failed = 0
 
     def publish(self, entry: DeadLetter, history: bytes) -> None:
+        sent_at = time.monotonic()
+
+        def report(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                self.failed += 1
+            else:
+                metrics.KAFKA_PRODUCE.observe(time.monotonic() - sent_at)
+
         self.producer.produce(entry.topic or self.settings.kafka_topic, value=entry.value,
                               key=entry.key, headers=[(HISTORY_HEADER, history)],
-                              on_delivery=self._report)
-
-    def _report(self, error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            self.failed += 1
+                              on_delivery=report)
 
     def flush(self) -> int:
         """Wait for Kafka; how many messages since the last flush it did not acknowledge."""

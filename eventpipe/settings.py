@@ -78,7 +78,9 @@ class Settings:
     )
     # Retries
     retry_max_attempts: int = _field(
-        "RETRY_MAX_ATTEMPTS", 8, "Attempts for an event whose parent is missing, then DLQ"
+        "RETRY_MAX_ATTEMPTS", 8,
+        "Attempts for an event whose parent is missing (or that fails alone with an "
+        "unforeseen error) before it is dead-lettered"
     )
     retry_backoff_base_s: float = _field(
         "RETRY_BACKOFF_BASE_S", 1.0, "First retry delay; doubles each attempt, with jitter"
@@ -143,11 +145,12 @@ def get_settings() -> Settings:
     return Settings.from_env(_environment())
 
 
-def provided() -> frozenset[str]:
-    """The settings variables given explicitly (environment or `.env`), not defaulted."""
-    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
-    return frozenset(name for name, value in _environment().items()
-                     if name in known and value not in (None, ""))
+def provided(settings: Settings | None = None) -> frozenset[str]:
+    """The variables whose value differs from the default (so a copy of `.env.example`,
+    which holds the defaults, provides nothing)."""
+    chosen, defaults = settings or get_settings(), Settings()
+    return frozenset(f.metadata["env"] for f in dataclasses.fields(Settings)
+                     if getattr(chosen, f.name) != getattr(defaults, f.name))
 
 
 def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from eventpipe.embedded import (
     start_kafka,
     start_redis,
 )
-from eventpipe.kafka import ensure_topic
+from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.settings import Settings, child_environment
 
@@ -73,6 +73,11 @@ class Stack:
             overrides["kafka_bootstrap_servers"] = kafka.bootstrap
             self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
         else:
+            if not broker_reachable(self.settings, timeout_s=5):
+                raise RuntimeError(
+                    f"no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS="
+                    f"{self.settings.kafka_bootstrap_servers}; start it, or unset the variable "
+                    "to run an embedded one")
             self.say(f"  kafka     {self.settings.kafka_bootstrap_servers}")
         if redis_answers(self.settings.redis_url):
             self.say(f"  redis     {self.settings.redis_url}")
@@ -199,7 +204,7 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except Interrupted:
         return 0
-    except RuntimeError as exc:
+    except Exception as exc:  # whatever it is, say it plainly and still stop what started
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return 1
     finally:

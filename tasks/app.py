@@ -18,10 +18,11 @@ from celery import Task
 from celery.signals import setup_logging, worker_ready
 from prometheus_client import start_http_server
 
-from eventpipe import logs
+from eventpipe import logs, metrics
 from eventpipe.database import make_engine
 from eventpipe.dlq import DeadLetterQueue
 from eventpipe.errors import is_transient
+from eventpipe.events import peek_identity
 from eventpipe.progress import DeliveryLedger
 from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
 from eventpipe.settings import get_settings
@@ -77,6 +78,9 @@ def apply_events(
         if not is_transient(exc):
             raise
         attempt = transient_attempts + 1
+        for message in decoded:
+            event_type = metrics.event_type_label(peek_identity(message.value).event_type)
+            metrics.RETRIES.labels(event_type, "transient").inc()
         countdown = backoff_delay(attempt, settings.retry_backoff_base_s,
                                   settings.retry_backoff_max_s)
         # The offsets stay leased while the batch waits, so the bridge does not re-read them;

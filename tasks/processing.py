@@ -87,6 +87,7 @@ class Processor:
         offsets = [m.offset for m in messages]
         self.ledger.lease(topic, partition, offsets,
                           self.clock() + self.settings.redelivery_timeout_s)
+        self._check_owner(topic, partition)
         valid: list[tuple[Message, Delivery]] = []
         failed: list[_Failed] = []
         for message in messages:
@@ -132,6 +133,17 @@ class Processor:
             report.statuses["dead_lettered"] += 1
         self.ledger.settle(topic, partition, done, leases)
         return report
+
+    def _check_owner(self, topic: str, partition: int) -> None:
+        other = self.ledger.claim(topic, partition, self.worker,
+                                  2 * self.settings.redelivery_timeout_s)
+        if other is not None:
+            # Effects stay exactly-once (version guards, the ledger's key), but two workers
+            # interleave the partition's batches, so per-key order is no longer kept.
+            metrics.OWNER_CHANGES.labels(str(partition)).inc()
+            log.warning("partition %d was just served by %s: if it is still running, two "
+                        "workers serve this partition", partition, other,
+                        extra={"topic": topic, "partition": partition, "otherWorker": other})
 
     def _retry_later(
         self, topic: str, partition: int, waiting: list[tuple[Message, Event, Outcome]],
@@ -213,7 +225,7 @@ class Processor:
                                     countdown, "error"))
         self.ledger.settle(topic, partition, [], {
             message.offset: self.clock() + countdown + self.settings.redelivery_timeout_s})
-        metrics.RETRIES.labels(identity.event_type or "unknown", "error").inc()
+        metrics.RETRIES.labels(metrics.event_type_label(identity.event_type), "error").inc()
         log.exception("event failed unexpectedly, retrying in %.1fs", countdown, extra={
             **_context(message, topic, partition, identity.event_id, identity.event_type),
             "attempt": attempts})
@@ -233,8 +245,9 @@ class Processor:
         )
         entry_id, added = self.dlq.add(entry)
         if added:
-            metrics.DLQ_ENTRIES.labels(failure.event_type or "unknown").inc()
-            metrics.EVENTS_PROCESSED.labels(failure.event_type or "unknown",
+            event_type = metrics.event_type_label(failure.event_type)
+            metrics.DLQ_ENTRIES.labels(event_type).inc()
+            metrics.EVENTS_PROCESSED.labels(event_type,
                                             "dead_lettered").inc()
         log.warning("dead-lettered: %s: %s", failure.error_class, failure.error_message, extra={
             **_context(message, topic, partition, failure.event_id, failure.event_type),

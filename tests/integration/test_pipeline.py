@@ -327,3 +327,22 @@ def test_redis_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> None
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in messages])
     assert pipeline.dead_letters() == []
+
+
+def test_two_workers_on_the_same_partitions_still_apply_exactly_once(
+    make_pipeline: Any,
+) -> None:
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(2000, seed=101)
+    duplicates = messages[::7]
+    sent = pipeline.send([*messages, *duplicates])
+    pipeline.start_worker(name="twin-a")  # both serve every partition: a mistake
+    pipeline.start_worker(name="twin-b")
+    pipeline.start_bridge()
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    assert pipeline.dead_letters() == []
+    assert pipeline.applied_count() == len(messages)  # the ledger: once per event id
+    logs = "".join((pipeline.log_dir / f"{pipeline.name}-{name}.log").read_text()
+                   for name in ("twin-a", "twin-b"))
+    assert "two workers serve this partition" in logs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from eventpipe.metrics import RateMeter
+from eventpipe.metrics import RateMeter, event_type_label
 
 
 def test_rate_is_events_over_the_last_full_window_and_decays() -> None:
@@ -20,3 +20,9 @@ def test_rate_is_events_over_the_last_full_window_and_decays() -> None:
     assert meter.rates(now=110.5)["OrderPlaced"] == 5.0
     # Ten quiet seconds later nothing is left in the window.
     assert meter.rates(now=121) == {"OrderPlaced": 0.0, "UserCreated": 0.0}
+
+
+def test_event_type_labels_are_bounded() -> None:
+    assert event_type_label("OrderPlaced") == "OrderPlaced"
+    assert event_type_label("OrderShipped") == "unknown"
+    assert event_type_label(None) == "unknown"

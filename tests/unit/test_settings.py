@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eventpipe.settings import Settings, SettingsError, env_vars
+from eventpipe.settings import Settings, SettingsError, env_vars, provided
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +38,10 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
             name, _, value = line.partition("=")
             documented[name] = value
     assert documented == {env: str(default) for env, default, _ in env_vars()}
+
+
+def test_only_values_other_than_the_defaults_count_as_provided() -> None:
+    copied_example = Settings.from_env({env: str(default) for env, default, _ in env_vars()})
+    assert provided(copied_example) == frozenset()
+    chosen = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "WEB_PORT": "8000"})
+    assert provided(chosen) == {"KAFKA_BOOTSTRAP_SERVERS"}

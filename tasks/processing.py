@@ -106,6 +106,7 @@ class Processor:
         done: list[int] = []
         waiting: list[tuple[Message, Event, Outcome]] = []
         applied_at = self.clock()
+        finished: Counter[tuple[str, str]] = Counter()  # counted once per batch, not per event
         for (message, delivery), outcome in zip(valid, outcomes, strict=True):
             event = delivery.event
             if outcome.status is Status.MISSING_PARENT:
@@ -117,14 +118,16 @@ class Processor:
                 continue
             done.append(message.offset)
             report.statuses[outcome.status.value] += 1
-            metrics.EVENTS_PROCESSED.labels(event.event_type.value, outcome.status.value).inc()
-            metrics.RATE.add(event.event_type.value)
+            finished[(event.event_type.value, outcome.status.value)] += 1
             if outcome.status is Status.APPLIED:
                 metrics.END_TO_END.labels(event.event_type.value).observe(
                     max(0.0, applied_at - event.occurred_at.timestamp()))
             log.debug("event %s", outcome.status.value, extra=_context(
                 message, topic, partition, event.event_id, event.event_type.value))
 
+        for (event_type, status), number in finished.items():
+            metrics.EVENTS_PROCESSED.labels(event_type, status).inc(number)
+            metrics.RATE.add(event_type, number)
         leases = self._retry_later(topic, partition, waiting, failed, report)
 
         for failure in failed:

@@ -139,7 +139,8 @@ def test_every_event_type_with_disorder_duplicates_stale_and_poison(make_pipelin
 
 
 def test_worker_killed_mid_batch_loses_nothing(make_pipeline: Any) -> None:
-    pipeline: Pipeline = make_pipeline()
+    # Small batches: many tasks, so the kill lands while plenty of work is still queued.
+    pipeline: Pipeline = make_pipeline(BATCH_MAX_EVENTS="20")
     messages = stream(4000, seed=31)
     sent = pipeline.send(messages)
     worker = pipeline.start_worker(name="doomed")

@@ -10,7 +10,6 @@ warm shutdown, and serves the metrics of all its processes, aggregated, on one p
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from prometheus_client import multiprocess
 
 from eventpipe.children import die_with_parent
 from eventpipe.queues import queue_name
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, child_environment
 
 log = logging.getLogger("eventpipe.workers")
 
@@ -79,7 +78,7 @@ class Supervisor:
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="eventpipe-worker-metrics-"))
 
     def _start(self, index: int) -> None:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        env = child_environment({"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
         command = celery_command(self.groups[index], index, self.settings.log_level)
         # SIGTERM if this supervisor dies: a warm shutdown, never an orphan still consuming.
         self.children[index] = subprocess.Popen(command, env=env,

@@ -285,10 +285,35 @@ class Bridge:
 
     # -- rebalance callbacks -----------------------------------------------------------------
 
-    def _on_assign(self, _consumer: Consumer, assigned: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        known = self._committed(consumer, assigned)
+        committed = known or {}
+        # A partition the group never committed starts from its first offset, and whatever
+        # the ledger says of it is stale: a topic recreated from 0, or a bridge that died
+        # before its first commit. Forgetting it costs at most duplicates; trusting marks of
+        # other messages at the same offsets would commit past events never applied.
+        fresh = [tp.partition for tp in assigned if tp.partition not in committed]
+        if fresh and known is not None:
+            try:
+                self.ledger.forget(self.topic, fresh)
+            except redis.RedisError as exc:
+                log.warning("could not clear the ledger of new partitions: %s", exc)
         for tp in assigned:
-            self.partitions[tp.partition] = PartitionProgress(tp.partition)
-        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned]})
+            self.partitions[tp.partition] = PartitionProgress(
+                tp.partition, committed=committed.get(tp.partition))
+        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
+                                               "committed": committed})
+
+    def _committed(
+        self, consumer: Consumer, assigned: list[TopicPartition]
+    ) -> dict[int, int] | None:
+        """The group's committed offset of each partition that has one; None if unknown."""
+        try:
+            found = consumer.committed(assigned, timeout=10)
+        except KafkaException as exc:
+            log.warning("could not read committed offsets: %s", exc)
+            return None
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
     def _on_revoke(self, _consumer: Consumer, revoked: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]

@@ -17,6 +17,7 @@ worker, and the history of earlier failures when the entry was replayed before.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -35,13 +36,30 @@ HISTORY_HEADER = "eventpipe-dlq-history"
 _ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
 
-# Atomically: return the existing entry for this position, or add one and index it.
+# Atomically: return the entry already there for this position and these bytes, or add one
+# and index it. The index holds "<entry id> <fingerprint of the value>": a topic recreated
+# from offset 0 puts other messages at old positions, and those are new dead letters.
 _ADD_ONCE = """
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
-if existing then return {existing, 0} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-redis.call('HSET', KEYS[2], ARGV[1], id)
+if existing then
+  local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
+  if fingerprint == ARGV[2] and redis.call('XRANGE', KEYS[1], id, id)[1] then
+    return {id, 0}
+  end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('HSET', KEYS[2], ARGV[1], id .. ' ' .. ARGV[2])
 return {id, 1}
+"""
+
+# Delete an entry, and its index line only if the line is still about this entry.
+_DELETE = """
+local deleted = redis.call('XDEL', KEYS[1], ARGV[2])
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing and string.sub(existing, 1, #ARGV[2] + 1) == ARGV[2] .. ' ' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return deleted
 """
 
 
@@ -188,6 +206,7 @@ class DeadLetterQueue:
         self.index = f"{stream}:index"
         self.max_entries = max_entries
         self._add_once = client.register_script(_ADD_ONCE)
+        self._delete = client.register_script(_DELETE)
 
     def add(self, entry: DeadLetter) -> tuple[str, bool]:
         """Add `entry` unless its Kafka position is already in; (entry id, whether added)."""
@@ -205,8 +224,9 @@ class DeadLetterQueue:
         flat: list[bytes | str] = []
         for name, value in entry.to_fields().items():
             flat.extend((name, value))
+        fingerprint = hashlib.sha256(entry.value).hexdigest()[:32]
         entry_id, added = self._add_once(keys=[self.stream, self.index],
-                                         args=[entry.position, *flat])
+                                         args=[entry.position, fingerprint, *flat])
         return _text(entry_id), bool(added)
 
     def depth(self) -> int:
@@ -247,10 +267,8 @@ class DeadLetterQueue:
 
     def delete(self, entry: DeadLetter) -> bool:
         assert entry.entry_id is not None
-        with self.client.pipeline() as pipe:
-            pipe.xdel(self.stream, entry.entry_id)
-            pipe.hdel(self.index, entry.position)
-            deleted, _ = pipe.execute()
+        deleted = self._delete(keys=[self.stream, self.index],
+                               args=[entry.position, entry.entry_id])
         return bool(deleted)
 
     def purge(self, where: Filter = Filter()) -> int:

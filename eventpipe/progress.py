@@ -76,6 +76,12 @@ class DeliveryLedger:
             result[partition] = ({int(o) for o in done}, {int(o) for o in leased})
         return result
 
+    def forget(self, topic: str, partitions: Iterable[int]) -> None:
+        """Drop everything known of these partitions: done marks and leases."""
+        keys = [key for p in partitions for key in (self._done(topic, p), self._lease(topic, p))]
+        if keys:
+            self.client.delete(*keys)
+
     def trim(self, topic: str, partitions: Mapping[int, int], now: float) -> None:
         """Forget done offsets below each committed offset (Kafka remembers those for us)
         and leases that have expired."""

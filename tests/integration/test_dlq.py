@@ -90,3 +90,17 @@ def test_replay_deletes_only_what_kafka_acknowledged(queue: DeadLetterQueue) -> 
     assert queue.depth() == 0
     offset, header = published[-1]
     assert offset == 2 and b'"error_class": "InvalidEvent"' in header and b"replayed_at" in header
+
+
+def test_another_message_at_a_known_position_is_a_new_dead_letter(
+    queue: DeadLetterQueue,
+) -> None:
+    # A topic recreated from offset 0 puts other messages at positions seen before.
+    first, _ = queue.add(letter(1, value=b"first life"))
+    second, added = queue.add(letter(1, value=b"second life"))
+    assert added and second != first
+    assert queue.add(letter(1, value=b"second life")) == (second, False)
+    old = queue.get(first)
+    assert old is not None and queue.delete(old)  # leaves the newer entry's index alone
+    assert queue.add(letter(1, value=b"second life")) == (second, False)
+    assert queue.depth() == 1

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import redis
+
 from eventpipe.children import die_with_parent, terminate
 from eventpipe.embedded import (
     EmbeddedProcess,
@@ -35,6 +37,7 @@ from eventpipe.embedded import (
 )
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
+from eventpipe.queues import queue_name
 from eventpipe.settings import Settings, child_environment
 
 log = logging.getLogger("eventpipe.up")
@@ -88,6 +91,21 @@ class Stack:
             self.say(f"  redis     embedded redis-server on {server.address} "
                      f"(nothing answered at {self.settings.redis_url})")
         self.settings = replace(self.settings, **overrides)
+        if "kafka_bootstrap_servers" in overrides:
+            self._drop_stale_tasks()
+
+    def _drop_stale_tasks(self) -> None:
+        """The embedded Kafka starts empty, so tasks still queued from an earlier run carry
+        messages of a topic that is gone: drop them before any worker applies them."""
+        queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
+        client = redis.Redis.from_url(self.settings.celery_broker_url, socket_timeout=5)
+        try:
+            dropped = sum(int(client.llen(q)) for q in queues)
+            if dropped:
+                client.delete(*queues)
+                self.say(f"            dropped {dropped} task(s) queued by an earlier run")
+        finally:
+            client.close()
 
     def prepare_database(self) -> None:
         create_database_if_missing(self.settings.database_url)

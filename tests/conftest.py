@@ -18,6 +18,8 @@ from eventpipe.tables import metadata
 from tests.services import REDIS_URL, migrate, require_postgres, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
+# A developer's own `.env` must not change what the tests see: point at a file that is not.
+os.environ.setdefault("EVENTPIPE_ENV_FILE", str(ROOT / "tests" / "no-such.env"))
 
 
 @pytest.fixture(scope="session")
@@ -84,5 +86,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "integration" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.integration)
 
-
-os.environ.setdefault("EVENTPIPE_ENV_FILE", str(ROOT / "tests" / "no.env"))

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit bench clean
+.PHONY: run test lint unit soak bench clean config-docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,20 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## Only the pure unit tests: no services needed.
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
+
+## The fault soak: ten minutes of hostile traffic under a seeded schedule of faults (SOAK_ARGS
+## to change it, e.g. SOAK_ARGS="--seconds 3600 --seed 7"). Needs PostgreSQL.
+soak: $(STAMP)
+	$(BIN)/python -m tests.support.soak $(SOAK_ARGS)
+
+## Rewrite .env.example and docs/configuration.md from eventpipe/settings.py.
+config-docs: $(STAMP)
+	$(BIN)/python -m eventpipe.settings
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
-from eventpipe.effects import Delivery, Position
+from eventpipe.effects import Position, Received
 from eventpipe.events import parse_event
 from eventpipe.samples import Story, encode
 from eventpipe.settings import Settings
@@ -34,7 +34,7 @@ def _measure(url: str, label: str, count: int, batch_size: int) -> None:
     _migrate(url)
     story = Story(seed=batch_size)
     events = [
-        Delivery(parse_event(encode(doc), key), Position("bench", 0, offset))
+        Received.of(parse_event(encode(doc), key), Position("bench", 0, offset))
         for offset, (key, doc) in enumerate(story.next() for _ in range(count))
     ]
     engine = make_engine(Settings(database_url=url))

@@ -15,14 +15,14 @@ from pathlib import Path
 import redis
 
 from eventpipe.database import make_engine
-from eventpipe.dlq import DeadLetterQueue
-from eventpipe.embedded import start_redis
+from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.logs import JsonFormatter
 from eventpipe.migrations import upgrade
-from eventpipe.progress import DeliveryLedger
-from eventpipe.queues import Message
+from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.queues import TaskMessage
 from eventpipe.samples import Story, encode
 from eventpipe.settings import Settings
+from launcher.embedded import start_redis
 from tasks.processing import Processor
 
 
@@ -32,15 +32,15 @@ def _measure(level: int, workdir: Path, server_url: str, count: int, batch: int)
     settings = Settings(database_url=url)
     client = redis.Redis.from_url(server_url)
     processor = Processor(settings, make_engine(settings),
-                          DeadLetterQueue(client, f"bench:dlq:{level}", 10**6),
-                          DeliveryLedger(client, prefix=f"bench{level}"))
+                          DeadLetterStream(client, f"bench:dlq:{level}", 10**6, 10**9),
+                          OffsetLedger(client, f"bench{level}"), worker="bench")
     handler = logging.FileHandler(workdir / f"log-{level}.jsonl")
     handler.setFormatter(JsonFormatter("worker"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     story = Story(seed=level)
-    messages = [Message(offset, key.encode(), encode(doc))
+    messages = [TaskMessage(offset, key.encode(), encode(doc))
                 for offset, (key, doc) in enumerate(story.next() for _ in range(count))]
     started = time.perf_counter()
     for start in range(0, count, batch):

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from eventpipe.samples import Story
-from tests.broker import running_kafka
-from tests.integration.pipeline import Pipeline, wait_until
+from tests.support.broker import running_kafka
+from tests.support.pipeline import Pipeline, wait_until
 
 
 def _measure(bootstrap: str, count: int, batch: int) -> float:

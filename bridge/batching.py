@@ -1,36 +1,47 @@
-"""Grouping consecutive messages of one partition into one task, bounded by count and time."""
+"""Grouping consecutive messages of one partition into one task, bounded by count, bytes, time.
+
+A batch is sent when it holds `max_events` messages or `max_bytes` of message bytes, or has
+waited `max_wait_s`. A message larger than `max_bytes` on its own travels alone: the task
+stays bounded whatever the producers send.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from eventpipe.queues import Message
+from eventpipe.queues import TaskMessage
 
 
 @dataclass(slots=True)
 class _Pending:
     started: float
-    messages: list[Message] = field(default_factory=list)
+    size: int = 0
+    messages: list[TaskMessage] = field(default_factory=list)
 
 
 class Batcher:
-    def __init__(self, max_events: int, max_wait_s: float) -> None:
+    def __init__(self, max_events: int, max_bytes: int, max_wait_s: float) -> None:
         self.max_events = max(1, max_events)
+        self.max_bytes = max(1, max_bytes)
         self.max_wait_s = max_wait_s
         self._pending: dict[int, _Pending] = {}
 
-    def add(self, partition: int, message: Message, now: float) -> list[Message] | None:
-        """Add a message; returns the partition's batch when it just became full."""
+    def add(self, partition: int, message: TaskMessage, now: float) -> list[list[TaskMessage]]:
+        """Add a message; returns the partition's batches that just became full, in order."""
+        ready: list[list[TaskMessage]] = []
         pending = self._pending.get(partition)
+        if pending is not None and pending.size + message.size > self.max_bytes:
+            ready.append(self._pending.pop(partition).messages)
+            pending = None
         if pending is None:
             pending = self._pending[partition] = _Pending(now)
         pending.messages.append(message)
-        if len(pending.messages) >= self.max_events:
-            del self._pending[partition]
-            return pending.messages
-        return None
+        pending.size += message.size
+        if len(pending.messages) >= self.max_events or pending.size >= self.max_bytes:
+            ready.append(self._pending.pop(partition).messages)
+        return ready
 
-    def due(self, now: float) -> list[tuple[int, list[Message]]]:
+    def due(self, now: float) -> list[tuple[int, list[TaskMessage]]]:
         """Batches that have waited `max_wait_s`, removed from the batcher."""
         ready = [p for p, pending in self._pending.items()
                  if now - pending.started >= self.max_wait_s]

@@ -1,7 +1,7 @@
 """Per-partition progress: what was handed out, what is done, what may be committed.
 
 Pure bookkeeping, no I/O. The bridge records every dispatched offset, feeds in what the
-delivery ledger says is done or leased, and asks:
+offset ledger says is done or leased, and asks:
 - `committable()`: the offset to commit — the oldest offset not yet done (Kafka's committed
   offset is the next one to read), so a commit never moves past unfinished work;
 - `redelivery()`: the offset to re-read from, when the oldest unfinished offset was lost on
@@ -72,13 +72,15 @@ class PartitionProgress:
             return None
         return candidate
 
-    def redelivery(self, now: float, timeout_s: float) -> int | None:
-        """The offset to read again from, if the oldest unfinished offset was lost."""
+    def redelivery(self, now: float, timeout_s: float, queued: int | None = None) -> int | None:
+        """The offset to read again from, if the oldest unfinished offset was lost.
+
+        `queued`: tasks waiting in the partition's Celery queue (None: unknown)."""
         if not self.outstanding:
             return None
         head, sent_at = self.outstanding[0]
         if needs_redelivery(head in self.leased, now, sent_at, self.last_progress,
-                            self.overtaken_since, timeout_s):
+                            self.overtaken_since, timeout_s, queued):
             return head
         return None
 
@@ -94,18 +96,20 @@ class PartitionProgress:
 
 def needs_redelivery(
     head_leased: bool, now: float, head_sent_at: float, last_progress: float,
-    overtaken_since: float | None, timeout_s: float,
+    overtaken_since: float | None, timeout_s: float, queued: int | None = None,
 ) -> bool:
     """Whether the oldest unfinished offset of a partition was lost on the way.
 
     A worker leases the offsets it holds (a batch being applied, a retry waiting), so a
-    leased offset is never lost. Otherwise it is lost when
+    leased offset is never lost. Nor is one while tasks still wait in the partition's queue:
+    it may be among them (a worker stalled or slow), and reading it again would only add
+    copies behind it — the backpressure bound would not hold. Otherwise it is lost when
     - later offsets of the partition are done: one partition's tasks run in order in one
       worker, so work that was overtaken was dropped (a worker killed mid-batch) — after a
       short grace in case two workers serve the partition by mistake; or
     - nothing at all has happened on the partition for `timeout_s` (the queue was flushed).
     """
-    if head_leased:
+    if head_leased or (queued is not None and queued > 0):
         return False
     if overtaken_since is not None and now - overtaken_since >= timeout_s / 4:
         return True

@@ -4,7 +4,7 @@ partition's Celery queue and commits offsets only past events that are done.
 Loop, in order:
 1. consume messages; add each to its partition's pending batch;
 2. send batches that are full or have waited long enough, as one task each, to `events.pN`;
-3. every `commit_interval_s`, read the delivery ledger, commit each partition's offset up to
+3. every `commit_interval_s`, read the offset ledger, commit each partition's offset up to
    its oldest unfinished event, pause partitions with too much in flight (resume below half),
    and re-read from Kafka any partition whose oldest unfinished event was lost.
 Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, waits up to
@@ -24,37 +24,44 @@ from typing import Any
 
 import redis
 from celery import Celery
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from bridge.batching import Batcher
 from bridge.offsets import PartitionProgress
-from eventpipe import metrics
-from eventpipe.dlq import HISTORY_HEADER
+from eventpipe import metrics, redis_clients
 from eventpipe.events import peek_identity
 from eventpipe.kafka import consumer_config
-from eventpipe.progress import DeliveryLedger
-from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
+from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings
 
-log = logging.getLogger("eventpipe.bridge")
+log = logging.getLogger(__name__)
 
 
 class Bridge:
     def __init__(
         self, settings: Settings, *, celery: Celery | None = None,
-        ledger: DeliveryLedger | None = None, clock: Callable[[], float] = time.time,
+        ledger: OffsetLedger | None = None, clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.topic = settings.kafka_topic
         self.celery = celery or make_celery(settings, main="bridge")
-        self.ledger = ledger or DeliveryLedger(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=5))
-        self.broker_redis = (redis.Redis.from_url(settings.celery_broker_url, socket_timeout=5)
+        self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
+                                             settings.kafka_group_id)
+        self.broker_redis = (redis_clients.pipeline(settings.celery_broker_url)
                              if settings.celery_broker_url.startswith("redis") else None)
         self.clock = clock
-        self.batcher = Batcher(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
+        self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes,
+                               settings.batch_max_wait_ms / 1000)
         self.partitions: dict[int, PartitionProgress] = {}
-        self.unsent: dict[int, list[Message]] = {}
+        self.unsent: dict[int, list[TaskMessage]] = {}
+        self.queued: dict[int, int] = {}  # tasks waiting in each partition's queue, last seen
         self.stopping = False
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -133,19 +140,18 @@ class Bridge:
             partition = record.partition()
             if partition not in self.partitions:
                 continue  # revoked while the message was on its way
-            history = dict(record.headers() or []).get(HISTORY_HEADER)
-            message = Message(record.offset() or 0, record.key(), record.value() or b"",
-                              history.encode() if isinstance(history, str) else history)
+            kind, timestamp = record.timestamp()
+            message = TaskMessage(record.offset() or 0, record.key(), record.value() or b"",
+                                  timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None)
             if self._debug:
-                identity = peek_identity(message.value)
+                identity = peek_identity(message.value)  # never raises, whatever the bytes
                 log.debug("event received", extra={
                     "eventId": identity.event_id, "eventType": identity.event_type,
                     "partition": partition, "offset": message.offset})
-            full = self.batcher.add(partition, message, now)
-            if full is not None:
+            for full in self.batcher.add(partition, message, now):
                 self._dispatch(partition, full)
 
-    def _dispatch(self, partition: int, messages: list[Message]) -> None:
+    def _dispatch(self, partition: int, messages: list[TaskMessage]) -> None:
         progress = self.partitions.get(partition)
         if progress is None:
             return
@@ -155,9 +161,7 @@ class Bridge:
         if not messages:
             return
         try:
-            self.celery.send_task(APPLY_TASK, args=[self.topic, partition,
-                                                    [m.to_wire() for m in messages]],
-                                  queue=queue_name(partition))
+            send_batch(self.celery, self.topic, partition, messages)
         except Exception as exc:
             # The Celery broker is unreachable: keep the batch, stop reading the partition,
             # and try again at the next sync. Nothing is committed past it meanwhile.
@@ -200,14 +204,15 @@ class Bridge:
                 if (low := progress.low()) is not None}
         if lows:
             try:
-                progress_by_partition = self.ledger.read(self.topic, lows, now)
+                progress_by_partition = self.ledger.read(self.topic, lows)
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
-                log.warning("delivery ledger unreachable: %s", exc)
+                log.warning("offset ledger unreachable: %s", exc)
                 return
             for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
         self._commit(chosen, now)
+        self._queue_depths(chosen)
         for partition, progress in chosen.items():
             metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
             if partition in self.unsent and not self.stopping:
@@ -218,7 +223,6 @@ class Bridge:
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
-        self._queue_depths(chosen)
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float) -> None:
         offsets = {p: c for p, progress in chosen.items()
@@ -234,12 +238,20 @@ class Bridge:
         for partition, offset in offsets.items():
             chosen[partition].committed = offset
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
-            self.ledger.trim(self.topic, offsets, now)
+            self.ledger.trim(self.topic, offsets)
         log.debug("committed", extra={"offsets": offsets})
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
-        offset = progress.redelivery(now, self.settings.redelivery_timeout_s)
+        offset = progress.redelivery(now, self.settings.redelivery_timeout_s,
+                                     self.queued.get(progress.partition))
         if offset is None:
+            return
+        # Seek first: if it fails, the bookkeeping still describes what was handed out, and
+        # the redelivery is decided again at the next sync.
+        try:
+            self.consumer.seek(TopicPartition(self.topic, progress.partition, offset))
+        except KafkaException as exc:
+            log.warning("seek failed, will retry: %s", exc)
             return
         log.warning("events lost on the way; re-reading partition from offset %d", offset,
                     extra={"partition": progress.partition, "offset": offset,
@@ -248,12 +260,6 @@ class Bridge:
         self.batcher.drop(progress.partition)
         self.unsent.pop(progress.partition, None)
         progress.reset()
-        try:
-            self.consumer.seek(TopicPartition(self.topic, progress.partition, offset))
-        except KafkaException as exc:
-            log.warning("seek failed, will retry: %s", exc)
-            progress.dispatched([offset], now)  # keep the offset outstanding: retried later
-            return
         self._resume(progress)
 
     def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
@@ -265,8 +271,10 @@ class Bridge:
                     pipe.llen(queue_name(partition))
                 depths = pipe.execute()
         except redis.RedisError:
+            self.queued.clear()  # unknown: redelivery falls back to its other evidence
             return
         for partition, depth in zip(chosen, depths, strict=True):
+            self.queued[partition] = int(depth)
             metrics.QUEUE_DEPTH.labels(queue_name(partition)).set(depth)
 
     def _on_stats(self, raw: str) -> None:
@@ -338,6 +346,7 @@ class Bridge:
     def _forget(self, partition: int) -> None:
         """Drop a partition that is no longer ours, and the series this bridge exported for
         it: its new owner reports them now."""
+        self.queued.pop(partition, None)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()

@@ -1,171 +1,177 @@
-"""Apply a batch of validated events to the read model in one transaction.
+"""Apply a batch of events to the database in one transaction, and record every event's fate.
 
-Load the stored rows the batch depends on, let `effects.decide` work out every event's
-outcome, write the resulting rows and the ledger, commit. Events that cannot apply yet
-(missing parent) or ever (rejected) are reported, not raised, so the rest of the batch still
-applies. Database failures propagate for the caller to retry, except constraint violations,
-which are narrowed down by applying the batch one event at a time.
+In order, in one transaction:
+1. read the fingerprints already recorded for the batch's event ids and plan the batch
+   (`eventpipe.effects.plan_batch`): duplicates, ids reused for another payload, the newest
+   version of each entity;
+2. claim the remaining events in `applied_events` (insert unless recorded; the claim is what
+   makes a delta apply once even when two writers hold the same event);
+3. write the claimed entities with the version guard, returning the keys written; replace the
+   items of the orders written; add the claimed deltas; mark the entity events that wrote
+   nothing as stale;
+4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
+   and one more attempt on the live dead letters of duplicates;
+5. queue the keys written for the reconciler, which re-checks the rules that span keys.
+Failures of the database propagate: the caller classifies and retries them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, select, update
 
 from eventpipe import upserts
-from eventpipe.effects import (
-    Delivery,
-    OrderState,
-    Outcome,
-    Plan,
-    Snapshot,
-    Status,
-    UserState,
-    decide,
-    keys_of,
-)
+from eventpipe.dlq import records
+from eventpipe.dlq.letter import ID_REUSED, DeadLetter, event_key
+from eventpipe.effects import Fate, Plan, Received, plan_batch, sum_deltas
 from eventpipe.events import Event, OrderPlaced, PaymentSettled, UserCreated
-from eventpipe.tables import applied_events, orders, payments, users
-
-# Well under SQL Server's 2,100 parameters per statement and SQLite's 999 on old builds.
-_IN_CHUNK = 500
+from eventpipe.keysets import in_keys
+from eventpipe.tables import applied_events, orders, payments, reconcile_queue, users
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(slots=True)
+class BatchResult:
+    fates: list[Fate]
+    # Dead letters this batch created or changed, as saved (to project to the DLQ stream).
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    applied_at: datetime = field(default_factory=_utc_now)
+
+
 def apply_batch(
-    engine: Engine, batch: Sequence[Delivery], now: Callable[[], datetime] = _utc_now
-) -> list[Outcome]:
-    """Each event's outcome, in batch order. Raises only what is worth retrying as a whole."""
-    if not batch:
-        return []
-    try:
-        with engine.begin() as conn:
-            return _apply(conn, batch, now())
-    except IntegrityError:
-        # A constraint the snapshot could not foresee (a concurrent writer, an email swapped
-        # between two users within the batch): isolate it so the others still apply.
-        if len(batch) > 1:
-            return [outcome for d in batch for outcome in apply_batch(engine, [d], now)]
-    # One event that violated a constraint: decide it again on a fresh snapshot, which sees
-    # what the concurrent writer committed; if it still violates, it never can apply.
-    try:
-        with engine.begin() as conn:
-            return _apply(conn, batch, now())
-    except IntegrityError as exc:
-        return [Outcome(batch[0].event.event_id, Status.REJECTED, _constraint_reason(exc))]
+    engine: Engine, batch: Sequence[Received], failures: Sequence[DeadLetter] = (), *,
+    worker: str = "", now: Callable[[], datetime] = _utc_now,
+) -> BatchResult:
+    """Each event's fate, in batch order, and the dead letters written."""
+    with engine.begin() as conn:
+        return apply_in(conn, batch, failures, worker=worker, applied_at=now())
 
 
-def _constraint_reason(exc: IntegrityError) -> str:
-    return f"database constraint violated: {str(exc.orig).strip().splitlines()[0][:500]}"
+def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,
+             worker: str, applied_at: datetime) -> BatchResult:
+    plan = plan_batch(batch, _recorded_fingerprints(conn, batch))
+    # Stale within the batch is a fate too: recorded, so its redelivery is a duplicate.
+    to_claim = [i for i, fate in enumerate(plan.fates) if fate in (None, Fate.STALE)]
+    claimed = upserts.claim_events(conn, [
+        _applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
+        for i in to_claim])
+    for index in to_claim:
+        if batch[index].event.event_id not in claimed:
+            plan.fates[index] = Fate.DUPLICATE  # a concurrent writer recorded it first
+    written, wrote_nothing = _write_entities(conn, batch, plan, applied_at)
+    deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]
+    upserts.add_deltas(conn, [{"sku": sku, "quantity": change.delta,
+                               "updated_at": change.adjusted_at}
+                              for sku, change in sum_deltas(deltas).items()])
+    for where in in_keys(conn, applied_events.c.event_id, wrote_nothing):
+        conn.execute(update(applied_events).where(where).values(outcome=Fate.STALE.value))
+    letters = records.record_failures(conn, [
+        *failures, *(_reused(batch[i], plan.reused_from[i], applied_at, worker)
+                     for i in plan.reused_from)])
+    duplicates = {event_key(batch[i].fingerprint): batch[i].position
+                  for i, fate in enumerate(plan.fates) if fate is Fate.DUPLICATE}
+    letters += records.repeat(conn, duplicates, duplicates, applied_at)
+    if any(written.values()):
+        conn.execute(reconcile_queue.insert(), {
+            "keys": json.dumps({kind: sorted(keys) for kind, keys in written.items()}),
+            "created_at": applied_at})
+    return BatchResult([fate or Fate.APPLIED for fate in plan.fates], letters, applied_at)
 
 
-def _apply(conn: Connection, batch: Sequence[Delivery], applied_at: datetime) -> list[Outcome]:
-    plan = decide(batch, load_snapshot(conn, batch))
-    _write(conn, plan, applied_at)
-    return plan.outcomes
+def _recorded_fingerprints(conn: Connection, batch: Sequence[Received]) -> dict[str, str | None]:
+    ids = {received.event.event_id for received in batch}
+    columns = (applied_events.c.event_id, applied_events.c.fingerprint)
+    return {row.event_id: row.fingerprint
+            for where in in_keys(conn, applied_events.c.event_id, ids)
+            for row in conn.execute(select(*columns).where(where))}
 
 
-def load_snapshot(conn: Connection, batch: Sequence[Delivery]) -> Snapshot:
-    keys = keys_of(batch)
-    snapshot = Snapshot()
-    for rows in _chunked_select(conn, applied_events.c.event_id, keys.event_ids):
-        snapshot.applied_ids.update(row.event_id for row in rows)
-    user_columns = (users.c.user_id, users.c.email, users.c.version_at, users.c.version_event_id)
-    for key_column, ids in ((users.c.user_id, keys.user_ids), (users.c.email, keys.emails)):
-        for rows in _chunked_select(conn, key_column, ids, user_columns):
-            for row in rows:
-                snapshot.users[row.user_id] = UserState(
-                    row.email, (row.version_at, row.version_event_id)
-                )
-                snapshot.email_owners[row.email] = row.user_id
-    order_columns = (orders.c.order_id, orders.c.currency, orders.c.version_at,
-                     orders.c.version_event_id)
-    for rows in _chunked_select(conn, orders.c.order_id, keys.order_ids, order_columns):
-        for row in rows:
-            snapshot.orders[row.order_id] = OrderState(
-                row.currency, (row.version_at, row.version_event_id)
-            )
-    payment_columns = (payments.c.payment_id, payments.c.version_at, payments.c.version_event_id)
-    for rows in _chunked_select(conn, payments.c.payment_id, keys.payment_ids, payment_columns):
-        for row in rows:
-            snapshot.payment_versions[row.payment_id] = (row.version_at, row.version_event_id)
-    return snapshot
+def _applied_row(received: Received, fate: Fate, applied_at: datetime,
+                 worker: str) -> dict[str, Any]:
+    event, position = received.event, received.position
+    return {"event_id": event.event_id, "event_type": event.event_type.value,
+            "outcome": fate.value, "fingerprint": received.fingerprint,
+            "kafka_topic": position.topic, "kafka_partition": position.partition,
+            "kafka_offset": position.offset, "occurred_at": event.occurred_at,
+            "applied_at": applied_at, "worker": worker or None}
 
 
-def _chunked_select(
-    conn: Connection, key: Any, ids: Collection[str], columns: Sequence[Any] = ()
-) -> Iterator[Sequence[Any]]:
-    ordered = sorted(ids)
-    for start in range(0, len(ordered), _IN_CHUNK):
-        chunk = ordered[start : start + _IN_CHUNK]
-        yield conn.execute(select(*(columns or (key,))).where(key.in_(chunk))).all()
+def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
+                    applied_at: datetime) -> tuple[dict[str, set[str]], list[str]]:
+    """Write each claimed entity's newest version: the keys written, and the ids of the
+    events that wrote nothing (older than what their entity holds), now marked stale."""
+    def claimed(chosen: dict[str, int]) -> dict[str, Event]:
+        return {key: batch[i].event for key, i in chosen.items() if plan.fates[i] is None}
+
+    user_events, order_events = claimed(plan.users), claimed(plan.orders)
+    payment_events = claimed(plan.payments)
+    written = {
+        "users": upserts.upsert_entities(conn, users, [
+            _user_row(e, applied_at) for e in user_events.values()]),
+        "orders": upserts.upsert_entities(conn, orders, [
+            _order_row(e, applied_at) for e in order_events.values()]),
+        "payments": upserts.upsert_entities(conn, payments, [
+            _payment_row(e, applied_at) for e in payment_events.values()]),
+    }
+    upserts.replace_items(conn, written["orders"], [
+        item for e in order_events.values() for item in _item_rows(e)])
+    wrote_nothing = []
+    for chosen, kind in ((plan.users, "users"), (plan.orders, "orders"),
+                         (plan.payments, "payments")):
+        for key, index in chosen.items():
+            if plan.fates[index] is None and key not in written[kind]:
+                plan.fates[index] = Fate.STALE
+                wrote_nothing.append(batch[index].event.event_id)
+    return written, wrote_nothing
 
 
 def _versioned(event: Event, applied_at: datetime) -> dict[str, Any]:
-    return {
-        "version_at": event.occurred_at,
-        "version_event_id": event.event_id,
-        "updated_at": applied_at,
-    }
+    return {"version_at": event.occurred_at, "version_event_id": event.event_id,
+            "updated_at": applied_at}
 
 
-def _write(conn: Connection, plan: Plan, applied_at: datetime) -> None:
-    dialect = conn.dialect.name
-    user_rows: list[dict[str, Any]] = []
-    order_rows: list[dict[str, Any]] = []
-    item_rows: list[dict[str, Any]] = []
-    payment_rows: list[dict[str, Any]] = []
-    for event in plan.users.values():
-        assert isinstance(event.data, UserCreated)
-        u = event.data
-        user_rows.append({"user_id": u.user_id, "email": u.email, "name": u.name,
-                          "created_at": u.created_at, **_versioned(event, applied_at)})
-    for event in plan.orders.values():
-        assert isinstance(event.data, OrderPlaced)
-        o = event.data
-        order_rows.append({"order_id": o.order_id, "user_id": o.user_id,
-                           "total_amount": o.total_amount, "currency": o.currency,
-                           "placed_at": o.placed_at, **_versioned(event, applied_at)})
-        item_rows.extend(
-            {"order_id": o.order_id, "line_no": line_no, "sku": item.sku,
+def _user_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+    u = event.data
+    assert isinstance(u, UserCreated)
+    return {"user_id": u.user_id, "email": u.email, "name": u.name, "created_at": u.created_at,
+            **_versioned(event, applied_at)}
+
+
+def _order_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+    o = event.data
+    assert isinstance(o, OrderPlaced)
+    return {"order_id": o.order_id, "user_id": o.user_id, "total_amount": o.total_amount,
+            "currency": o.currency, "placed_at": o.placed_at, **_versioned(event, applied_at)}
+
+
+def _item_rows(event: Event) -> list[dict[str, Any]]:
+    o = event.data
+    assert isinstance(o, OrderPlaced)
+    return [{"order_id": o.order_id, "line_no": line_no, "sku": item.sku,
              "quantity": item.quantity, "unit_price": item.unit_price}
-            for line_no, item in enumerate(o.items, start=1)
-        )
-    for event in plan.payments.values():
-        assert isinstance(event.data, PaymentSettled)
-        p = event.data
-        payment_rows.append({"payment_id": p.payment_id, "order_id": p.order_id,
-                             "amount": p.amount, "currency": p.currency,
-                             "settled_at": p.settled_at, **_versioned(event, applied_at)})
-    # Parents before children, so foreign keys hold at every statement.
-    if user_rows:
-        conn.execute(upserts.entity_upsert(dialect, users), user_rows)
-    if order_rows:
-        conn.execute(upserts.entity_upsert(dialect, orders), order_rows)
-        delete_items, insert_items = upserts.replace_items()
-        conn.execute(delete_items, [{"p_order_id": row["order_id"]} for row in order_rows])
-        conn.execute(insert_items, item_rows)
-    if payment_rows:
-        conn.execute(upserts.entity_upsert(dialect, payments), payment_rows)
-    if plan.inventory:
-        conn.execute(
-            upserts.inventory_upsert(dialect),
-            [{"sku": sku, "quantity": change.delta, "updated_at": change.adjusted_at}
-             for sku, change in plan.inventory.items()],
-        )
-    if plan.ledger:
-        conn.execute(
-            upserts.record_applied(),
-            [{"event_id": d.event.event_id, "event_type": d.event.event_type.value,
-              "outcome": status.value, "kafka_topic": d.position.topic,
-              "kafka_partition": d.position.partition, "kafka_offset": d.position.offset,
-              "occurred_at": d.event.occurred_at, "applied_at": applied_at}
-             for d, status in plan.ledger],
-        )
+            for line_no, item in enumerate(o.items, start=1)]
+
+
+def _payment_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+    p = event.data
+    assert isinstance(p, PaymentSettled)
+    return {"payment_id": p.payment_id, "order_id": p.order_id, "amount": p.amount,
+            "currency": p.currency, "settled_at": p.settled_at, **_versioned(event, applied_at)}
+
+
+def _reused(received: Received, first: str, now: datetime, worker: str) -> DeadLetter:
+    event = received.event
+    return DeadLetter(
+        dlq_key=event_key(received.fingerprint), error_class=ID_REUSED,
+        reason=f"eventId {event.event_id!r} was recorded before for another payload "
+               f"(fingerprint {first}); this copy differs (fingerprint {received.fingerprint})",
+        first_failure_at=now, last_failure_at=now, worker=worker, event_id=event.event_id,
+        event_type=event.event_type.value, position=received.position)

@@ -19,33 +19,56 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     """
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
-    if url.get_backend_name() == "sqlite":
+    backend = url.get_backend_name()
+    statement_ms = round(settings.database_statement_timeout_s * 1000)
+    lock_ms = round(settings.database_lock_timeout_s * 1000)
+    if backend == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
+                                   "check_same_thread": False}
     else:
         options.update(
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
             pool_timeout=settings.database_pool_timeout_s,
         )
-    if url.get_backend_name() == "mssql":
+    if backend == "postgresql":
+        # Timeouts end as SQLSTATE 57014 / 55P03, which `eventpipe.errors` calls transient.
+        options["connect_args"] = {"options": f"-c statement_timeout={statement_ms} "
+                                              f"-c lock_timeout={lock_ms}"}
+    if backend == "mssql":
         # One round trip for a whole executemany instead of one per row.
         options["fast_executemany"] = True
     engine = create_engine(url, **options)
-    if url.get_backend_name() == "sqlite":
-        _configure_sqlite(engine, writer=writer)
+    if backend == "sqlite":
+        _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000)
+    elif backend == "mssql":
+        _configure_mssql(engine, statement_s=round(settings.database_statement_timeout_s),
+                         lock_ms=lock_ms or -1)
     return engine
 
 
-def _configure_sqlite(engine: Engine, *, writer: bool) -> None:
+def _configure_mssql(engine: Engine, *, statement_s: int, lock_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Query timeout (HYT00) and lock timeout (error 1222): both transient, retried.
+        dbapi_connection.timeout = statement_s
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET LOCK_TIMEOUT {int(lock_ms)}")
+        cursor.close()
+
+
+def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN instead of pysqlite's implicit one.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                       "busy_timeout=30000"):
+        # synchronous=FULL: a commit is on disk before it returns. With NORMAL a power loss
+        # can roll back a commit whose offsets Kafka has already passed: events lost.
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
+                       f"busy_timeout={int(busy_ms)}"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 

@@ -1,22 +1,26 @@
-"""What a batch of events does to the read model, decided without touching a database.
+"""What a batch of events writes, decided without touching a database.
 
-`decide` walks the batch in order against a `Snapshot` of the rows it touches, exactly as if
-the events were applied one by one, and returns a `Plan`: each event's outcome and the rows
-to write. The I/O around it (`eventpipe.apply`) loads the snapshot, writes the plan and
-records the ledger in one transaction.
+`plan_batch` takes the batch in order and the fingerprints the database already holds for its
+event ids, and says what each event is and what to write:
 
-Rules (MISSION, "Effects"):
-- an event id already in the ledger, or seen earlier in the batch, is a duplicate;
-- entities change only for a newer version (`occurredAt`, then `eventId`); older is stale;
-- an order needs its user, a payment its order: otherwise the event waits (missing parent);
-- a second user with the same email, or a payment in another currency than its order, is
-  rejected for good;
-- inventory deltas add up, once per event id.
+- an event id seen before (in the database or earlier in the batch) with the same fingerprint
+  is a duplicate; with another fingerprint it is an id reused for another payload, which is a
+  failure of the message (`IdReused`), never a silent duplicate;
+- of the events of one entity (user, order, payment) in the batch only the newest version is
+  written; the older ones are stale whatever the database holds. Whether the newest is newer
+  than what is stored is decided by the version guard of the write itself (see
+  `eventpipe.upserts`), so two writers racing on an entity can never move it backwards;
+- inventory deltas are written once per event id: the caller adds only the deltas of the
+  events its transaction claimed (`applied_events`), and `sum_deltas` adds them up per SKU.
+
+Rules that span keys (an order needs its user, a payment its order, an email belongs to its
+earliest claimant) are not decided here: entities are written on their own key whatever the
+others hold, and `eventpipe.visibility` derives the read model from what is stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -29,22 +33,14 @@ from eventpipe.events import (
     UserCreated,
 )
 
-Version = tuple[datetime, str]
 
+class Fate(StrEnum):
+    """What became of one event of a batch."""
 
-class Status(StrEnum):
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"
-    STALE = "stale"
-    MISSING_PARENT = "missing_parent"
-    REJECTED = "rejected"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    event_id: str
-    status: Status
-    reason: str | None = None
+    APPLIED = "applied"  # the entity's newest version, or a delta, was written
+    STALE = "stale"  # older than what its entity holds: changed nothing
+    DUPLICATE = "duplicate"  # the same event was recorded before
+    ID_REUSED = "id_reused"  # its id was recorded for another payload: dead-lettered
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,43 +53,78 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class Received:
+    """A valid event as a worker received it: where it was read, and its fingerprint."""
+
     event: Event
     position: Position = field(default_factory=Position)
+    fingerprint: str = ""
 
-
-@dataclass(frozen=True, slots=True)
-class UserState:
-    email: str
-    version: Version
-
-
-@dataclass(frozen=True, slots=True)
-class OrderState:
-    currency: str
-    version: Version
+    @classmethod
+    def of(cls, event: Event, position: Position | None = None) -> Received:
+        return cls(event, position or Position(), event.fingerprint)
 
 
 @dataclass(slots=True)
-class Snapshot:
-    """The stored state a batch depends on; ids absent from a map do not exist."""
+class Plan:
+    """Per event of the batch, in order: its fate if already known (duplicates, reused ids)
+    or None until the writes tell; and the rows to write."""
 
-    applied_ids: set[str] = field(default_factory=set)
-    users: dict[str, UserState] = field(default_factory=dict)
-    email_owners: dict[str, str] = field(default_factory=dict)
-    orders: dict[str, OrderState] = field(default_factory=dict)
-    payment_versions: dict[str, Version] = field(default_factory=dict)
+    fates: list[Fate | None]
+    # The id's first fingerprint, for events whose id was reused (the reason names it).
+    reused_from: dict[int, str] = field(default_factory=dict)
+    # Entity key → index in the batch of its newest event.
+    users: dict[str, int] = field(default_factory=dict)
+    orders: dict[str, int] = field(default_factory=dict)
+    payments: dict[str, int] = field(default_factory=dict)
+    inventory: list[int] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Keys:
-    """The ids whose stored rows a batch needs to be decided."""
+def plan_batch(batch: Sequence[Received], known: Mapping[str, str | None]) -> Plan:
+    """`known`: event id → stored fingerprint (None for rows recorded before fingerprints)."""
+    plan = Plan(fates=[None] * len(batch))
+    seen: dict[str, str | None] = dict(known)
+    newest: dict[tuple[str, str], int] = {}
+    for index, received in enumerate(batch):
+        event = received.event
+        if event.event_id in seen:
+            first = seen[event.event_id]
+            # A row from before fingerprints were kept cannot tell: it counts as the same.
+            if first is None or first == received.fingerprint:
+                plan.fates[index] = Fate.DUPLICATE
+            else:
+                plan.fates[index] = Fate.ID_REUSED
+                plan.reused_from[index] = first
+            continue
+        seen[event.event_id] = received.fingerprint
+        slot = entity_of(event)
+        if slot is None:
+            plan.inventory.append(index)
+            continue
+        previous = newest.get(slot)
+        if previous is None:
+            newest[slot] = index
+        elif batch[previous].event.version < event.version:
+            plan.fates[previous] = Fate.STALE
+            newest[slot] = index
+        else:
+            plan.fates[index] = Fate.STALE
+    by_kind = {"user": plan.users, "order": plan.orders, "payment": plan.payments}
+    for (kind, key), index in newest.items():
+        by_kind[kind][key] = index
+    return plan
 
-    event_ids: frozenset[str]
-    user_ids: frozenset[str]
-    emails: frozenset[str]
-    order_ids: frozenset[str]
-    payment_ids: frozenset[str]
+
+def entity_of(event: Event) -> tuple[str, str] | None:
+    """(kind, key) of the entity an event versions; None for inventory deltas."""
+    data = event.data
+    if isinstance(data, UserCreated):
+        return "user", data.user_id
+    if isinstance(data, OrderPlaced):
+        return "order", data.order_id
+    if isinstance(data, PaymentSettled):
+        return "payment", data.payment_id
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,119 +133,14 @@ class InventoryChange:
     adjusted_at: datetime
 
 
-@dataclass(slots=True)
-class Plan:
-    outcomes: list[Outcome]
-    users: dict[str, Event] = field(default_factory=dict)
-    orders: dict[str, Event] = field(default_factory=dict)
-    payments: dict[str, Event] = field(default_factory=dict)
-    inventory: dict[str, InventoryChange] = field(default_factory=dict)
-    # Applied and stale events: both are done with, so both go in the ledger.
-    ledger: list[tuple[Delivery, Status]] = field(default_factory=list)
-
-
-def keys_of(batch: Iterable[Delivery]) -> Keys:
-    event_ids, user_ids, emails, order_ids, payment_ids = set(), set(), set(), set(), set()
-    for delivery in batch:
-        event_ids.add(delivery.event.event_id)
-        data = delivery.event.data
-        if isinstance(data, UserCreated):
-            user_ids.add(data.user_id)
-            emails.add(data.email)
-        elif isinstance(data, OrderPlaced):
-            order_ids.add(data.order_id)
-            user_ids.add(data.user_id)
-        elif isinstance(data, PaymentSettled):
-            payment_ids.add(data.payment_id)
-            order_ids.add(data.order_id)
-    return Keys(
-        frozenset(event_ids), frozenset(user_ids), frozenset(emails),
-        frozenset(order_ids), frozenset(payment_ids),
-    )
-
-
-def decide(batch: Sequence[Delivery], snapshot: Snapshot) -> Plan:
-    """Outcomes in batch order and the rows to write. `snapshot` is updated as events apply."""
-    plan = Plan(outcomes=[])
-    seen: set[str] = set()
-    for delivery in batch:
-        event = delivery.event
-        if event.event_id in snapshot.applied_ids or event.event_id in seen:
-            plan.outcomes.append(Outcome(event.event_id, Status.DUPLICATE))
-            continue
-        outcome = _decide_one(event, snapshot, plan)
-        plan.outcomes.append(outcome)
-        if outcome.status in (Status.APPLIED, Status.STALE):
-            seen.add(event.event_id)
-            plan.ledger.append((delivery, outcome.status))
-    return plan
-
-
-def _decide_one(event: Event, snapshot: Snapshot, plan: Plan) -> Outcome:
-    data = event.data
-    if isinstance(data, UserCreated):
-        return _user(event, data, snapshot, plan)
-    if isinstance(data, OrderPlaced):
-        return _order(event, data, snapshot, plan)
-    if isinstance(data, PaymentSettled):
-        return _payment(event, data, snapshot, plan)
-    return _inventory(event, data, plan)
-
-
-def _user(event: Event, data: UserCreated, snapshot: Snapshot, plan: Plan) -> Outcome:
-    current = snapshot.users.get(data.user_id)
-    if current is not None and event.version <= current.version:
-        return Outcome(event.event_id, Status.STALE)
-    owner = snapshot.email_owners.get(data.email)
-    if owner is not None and owner != data.user_id:
-        return Outcome(
-            event.event_id, Status.REJECTED,
-            f"email {data.email!r} already belongs to user {owner!r}",
-        )
-    if current is not None and snapshot.email_owners.get(current.email) == data.user_id:
-        del snapshot.email_owners[current.email]
-    snapshot.email_owners[data.email] = data.user_id
-    snapshot.users[data.user_id] = UserState(data.email, event.version)
-    plan.users[data.user_id] = event
-    return Outcome(event.event_id, Status.APPLIED)
-
-
-def _order(event: Event, data: OrderPlaced, snapshot: Snapshot, plan: Plan) -> Outcome:
-    current = snapshot.orders.get(data.order_id)
-    if current is not None and event.version <= current.version:
-        return Outcome(event.event_id, Status.STALE)
-    if data.user_id not in snapshot.users:
-        return Outcome(event.event_id, Status.MISSING_PARENT, f"user {data.user_id!r} not found")
-    snapshot.orders[data.order_id] = OrderState(data.currency, event.version)
-    plan.orders[data.order_id] = event
-    return Outcome(event.event_id, Status.APPLIED)
-
-
-def _payment(event: Event, data: PaymentSettled, snapshot: Snapshot, plan: Plan) -> Outcome:
-    current = snapshot.payment_versions.get(data.payment_id)
-    if current is not None and event.version <= current:
-        return Outcome(event.event_id, Status.STALE)
-    order = snapshot.orders.get(data.order_id)
-    if order is None:
-        return Outcome(
-            event.event_id, Status.MISSING_PARENT, f"order {data.order_id!r} not found"
-        )
-    if order.currency != data.currency:
-        return Outcome(
-            event.event_id, Status.REJECTED,
-            f"payment currency {data.currency} differs from order currency {order.currency}",
-        )
-    snapshot.payment_versions[data.payment_id] = event.version
-    plan.payments[data.payment_id] = event
-    return Outcome(event.event_id, Status.APPLIED)
-
-
-def _inventory(event: Event, data: InventoryAdjusted, plan: Plan) -> Outcome:
-    previous = plan.inventory.get(data.sku)
-    if previous is None:
-        plan.inventory[data.sku] = InventoryChange(data.delta, data.adjusted_at)
-    else:
-        plan.inventory[data.sku] = InventoryChange(
-            previous.delta + data.delta, max(previous.adjusted_at, data.adjusted_at)
-        )
-    return Outcome(event.event_id, Status.APPLIED)
+def sum_deltas(events: Iterable[Event]) -> dict[str, InventoryChange]:
+    """Per SKU: the sum of the deltas and the latest `adjustedAt`."""
+    changes: dict[str, InventoryChange] = {}
+    for event in events:
+        data = event.data
+        assert isinstance(data, InventoryAdjusted)
+        previous = changes.get(data.sku)
+        changes[data.sku] = InventoryChange(data.delta, data.adjusted_at) if previous is None \
+            else InventoryChange(previous.delta + data.delta,
+                                 max(previous.adjusted_at, data.adjusted_at))
+    return changes

@@ -7,6 +7,9 @@ that is down, a deadlock, a timeout): the work is retried with backoff and never
 
 from __future__ import annotations
 
+import enum
+import re
+
 import sqlalchemy.exc
 from redis import exceptions as redis_exceptions
 
@@ -34,8 +37,7 @@ class TransientError(PipelineError):
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     TransientError,
-    sqlalchemy.exc.OperationalError,  # connection lost, deadlock victim, lock timeout
-    sqlalchemy.exc.TimeoutError,  # pool exhausted
+    sqlalchemy.exc.TimeoutError,  # the connection pool is exhausted
     sqlalchemy.exc.DisconnectionError,
     redis_exceptions.ConnectionError,
     redis_exceptions.TimeoutError,
@@ -43,9 +45,97 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# SQLSTATEs (PostgreSQL, SQL Server through ODBC) that say the world failed, not the event.
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({
+    "08",  # connection exception
+    "53",  # insufficient resources (too many connections, out of memory, disk full)
+    "57",  # operator intervention: shutdown, statement timeout (57014), cannot connect now
+    "58",  # system error (I/O)
+    "HYT",  # ODBC: timeout expired (HYT00, HYT01)
+})
+_TRANSIENT_SQLSTATES = frozenset({
+    "40001",  # serialization failure; SQL Server's deadlock victim (1205)
+    "40P01",  # PostgreSQL: deadlock detected
+    "55P03",  # PostgreSQL: lock not available (lock_timeout)
+    "55006",  # object in use
+})
+# SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
+_TRANSIENT_MSSQL_ERRORS = frozenset({
+    -2,  # client-side timeout
+    233, 10053, 10054, 10060, 64,  # the connection was broken
+    1205,  # deadlock victim
+    1222,  # lock request time out (LOCK_TIMEOUT)
+    4060, 40197, 40501, 40613, 49918, 49919, 49920,  # database unavailable / busy (Azure)
+})
+# pyodbc ends each diagnostic record with "(<native error>) (<ODBC function>)".
+_MSSQL_ERROR_NUMBER = re.compile(r"\((-?\d+)\) \(SQL\w+\)")
+
+
+class FailureKind(enum.Enum):
+    """What an exception says about retrying the work that raised it."""
+
+    TRANSIENT = "transient"  # the world failed: retry later, never dead-letter
+    DATA = "data"  # the database cannot store a value of the event: permanent
+    CONSTRAINT = "constraint"  # the database refused the event by a constraint: permanent
+    UNKNOWN = "unknown"  # nobody foresaw it: retried alone a bounded number of times
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """The one place that decides. Database errors are judged by SQLSTATE and native error
+    number first, since a driver's exception class does not say enough: pyodbc raises a
+    deadlock as a plain `Error`, and an `OperationalError` may be a value the database refused."""
+    if isinstance(exc, _TRANSIENT):
+        return FailureKind.TRANSIENT
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return FailureKind.TRANSIENT
+        by_code = _by_codes(exc.orig)
+        if by_code is not None:
+            return by_code
+    if isinstance(exc, sqlalchemy.exc.OperationalError):  # SQLite: "database is locked"
+        return FailureKind.TRANSIENT
+    if isinstance(exc, sqlalchemy.exc.DataError):
+        return FailureKind.DATA
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        return FailureKind.CONSTRAINT
+    return FailureKind.UNKNOWN
+
+
+def _by_codes(orig: BaseException | None) -> FailureKind | None:
+    if orig is None:
+        return None
+    state = sqlstate(orig)
+    if state is not None and (state in _TRANSIENT_SQLSTATES
+                              or state[:2] in _TRANSIENT_SQLSTATE_CLASSES
+                              or state[:3] in _TRANSIENT_SQLSTATE_CLASSES):
+        return FailureKind.TRANSIENT
+    if _mssql_error_numbers(orig) & _TRANSIENT_MSSQL_ERRORS:
+        return FailureKind.TRANSIENT
+    if state is not None and state.startswith("22"):
+        return FailureKind.DATA
+    if state is not None and state.startswith("23"):
+        return FailureKind.CONSTRAINT
+    return None
+
+
+def sqlstate(orig: BaseException) -> str | None:
+    """The SQLSTATE a driver attached: psycopg's `sqlstate`, pyodbc's first argument."""
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(code, str) and len(code) == 5:
+        return code.upper()
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], str) and len(args[0]) == 5 and args[0].isalnum():
+        return args[0].upper()
+    return None
+
+
+def _mssql_error_numbers(orig: BaseException) -> set[int]:
+    """pyodbc puts SQL Server's error numbers in the message, e.g. "… deadlocked … (1205)
+    (SQLExecDirectW)"."""
+    text = " ".join(str(arg) for arg in getattr(orig, "args", ())[1:])
+    return {int(number) for number in _MSSQL_ERROR_NUMBER.findall(text)}
+
 
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same work later can succeed."""
-    if isinstance(exc, _TRANSIENT):
-        return True
-    return bool(isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated)
+    return classify(exc) is FailureKind.TRANSIENT

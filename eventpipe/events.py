@@ -8,28 +8,37 @@ can add fields before consumers know them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
 from eventpipe.errors import InvalidEvent
+from eventpipe.times import utc_iso
 
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({1})
+# Bounds match the columns (`eventpipe.tables`) after normalisation, on every database: text
+# lengths are counted in UTF-16 code units, as SQL Server's NVARCHAR counts them.
 MAX_ID_LENGTH: Final = 64
 MAX_TEXT_LENGTH: Final = 200
 MAX_EMAIL_LENGTH: Final = 254
 MAX_ITEMS: Final = 1000
-MAX_DELTA: Final = 10**12
+MAX_QUANTITY: Final = 2**31 - 1  # INTEGER
+MAX_DELTA: Final = 10**12  # the stock level is a BIGINT; any sum of such deltas fits
+# A message larger than this is not an event (the contract's largest is well under 1 MiB).
+MAX_MESSAGE_BYTES: Final = 1 << 20
 # Matches the `NUMERIC(18, 4)` money columns: larger values or finer fractions would be
 # rounded by the database, and money must never be silently changed.
 _MONEY = re.compile(r"(?:0|[1-9][0-9]{0,13})(?:\.[0-9]{1,4})?")
+_MONEY_QUANTUM = Decimal("0.0001")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EventType(StrEnum):
@@ -118,6 +127,37 @@ class Event:
         """Orders events of one entity: newer `occurredAt` wins, ties broken by `eventId`."""
         return (self.occurred_at, self.event_id)
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the event as parsed: two copies of one `eventId` are the same event
+        when their fingerprints agree, whatever the spelling of their JSON (key order,
+        spacing, unknown fields, time zone of the times)."""
+        canonical = json.dumps([self.event_id, self.event_type.value, self.schema_version,
+                                _plain(self.occurred_at), _plain(self.data)],
+                               separators=(",", ":"), ensure_ascii=False)
+        return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """The fingerprint's view of a parsed value: JSON types only, one spelling per value."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value.quantize(_MONEY_QUANTUM))
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def message_fingerprint(key: bytes | None, value: bytes) -> str:
+    """A digest of a message's raw bytes (key and value), for messages that are not events."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(key).to_bytes(8, "big") + key if key is not None else b"\xff" * 8)
+    digest.update(value)
+    return digest.hexdigest()
+
 
 class Identity(NamedTuple):
     """What could be read of a message that may not be a valid event (for the DLQ and logs)."""
@@ -126,11 +166,31 @@ class Identity(NamedTuple):
     event_type: str | None
 
 
-def parse_event(value: bytes | str, key: bytes | str | None = None) -> Event:
+def parse_event(value: bytes | str, key: bytes | str | None = None, *,
+                received_at: datetime | None = None, max_future: timedelta | None = None) -> Event:
     """Decode and validate one message value; `key`, when given, must match the contract's key.
 
-    Raises `InvalidEvent` (a `PermanentError`) for anything that is not a valid event.
+    `received_at` is the message's Kafka timestamp: an `occurredAt` more than `max_future`
+    after it is refused, since a version from the far future would make every later event of
+    its entity stale.
+
+    Raises `InvalidEvent` (a `PermanentError`) for anything that is not a valid event, and
+    nothing else whatever the bytes: any other exception here would fail the task without
+    giving the message a fate.
     """
+    try:
+        return _parse(value, key, received_at, max_future)
+    except InvalidEvent:
+        raise
+    except RecursionError:
+        raise InvalidEvent("value", "nested too deeply") from None
+    except Exception as exc:
+        raise InvalidEvent("value", f"cannot be read as an event: {type(exc).__name__}: "
+                           f"{exc}"[:300]) from exc
+
+
+def _parse(value: bytes | str, key: bytes | str | None, received_at: datetime | None,
+           max_future: timedelta | None) -> Event:
     document = _load_object(value)
     event_id = _id(document, "eventId", "eventId")
     type_name = _required(document, "eventType", "eventType")
@@ -155,22 +215,33 @@ def parse_event(value: bytes | str, key: bytes | str | None = None) -> Event:
             raise InvalidEvent(
                 "key", f"Kafka key {text_key!r} does not match the event's key {payload.key!r}"
             )
+    if received_at is not None and max_future is not None \
+            and occurred_at - received_at > max_future:
+        raise InvalidEvent("occurredAt", f"{utc_iso(occurred_at)} is more than {max_future} "
+                           f"in the future of the message's Kafka timestamp "
+                           f"{utc_iso(received_at)}")
     return Event(event_id, EventType(type_name), version, occurred_at, payload)
 
 
 def peek_identity(value: bytes | str) -> Identity:
     """Best effort `eventId`/`eventType` of any message, valid or not; never raises."""
+    if len(value) > MAX_MESSAGE_BYTES:
+        return Identity(None, None)
     try:
         document = json.loads(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return Identity(None, None)
     if not isinstance(document, dict):
         return Identity(None, None)
     event_id, event_type = document.get("eventId"), document.get("eventType")
-    return Identity(
-        event_id[:MAX_ID_LENGTH] if isinstance(event_id, str) else None,
-        event_type[:MAX_ID_LENGTH] if isinstance(event_type, str) else None,
-    )
+    return Identity(_printable(event_id), _printable(event_type))
+
+
+def _printable(value: Any) -> str | None:
+    """A string field as logs and the DLQ can show it: bounded, NUL and surrogates replaced."""
+    if not isinstance(value, str):
+        return None
+    return value[:MAX_ID_LENGTH].encode("utf-8", "replace").decode().replace("\x00", "?")
 
 
 def _reject_constant(name: str) -> Any:
@@ -178,6 +249,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def _load_object(value: bytes | str) -> dict[str, Any]:
+    if len(value) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent("value", f"is {len(value)} bytes, larger than {MAX_MESSAGE_BYTES}")
     try:
         # Decoded here, not by json.loads, which would guess UTF-16/32 from the first bytes.
         text = value.decode("utf-8") if isinstance(value, bytes) else value
@@ -207,9 +280,24 @@ def _text(obj: dict[str, Any], name: str, path: str, max_length: int) -> str:
         raise InvalidEvent(path, f"must be a string, not {type(value).__name__}")
     if not value.strip():
         raise InvalidEvent(path, "must not be empty")
-    if len(value) > max_length:
-        raise InvalidEvent(path, f"must be at most {max_length} characters")
+    _check_text(value, path, max_length)
     return value
+
+
+def _check_text(value: str, path: str, max_length: int) -> None:
+    """Text every database stores unchanged: no NUL (PostgreSQL refuses it), no lone
+    surrogate (not encodable), at most `max_length` UTF-16 code units (NVARCHAR's count)."""
+    if "\x00" in value:
+        raise InvalidEvent(path, "must not contain NUL characters")
+    if _SURROGATE.search(value):
+        raise InvalidEvent(path, "must not contain lone surrogates (not valid Unicode text)")
+    if len(value) > max_length or _utf16_units(value) > max_length:
+        raise InvalidEvent(path, f"must be at most {max_length} characters "
+                           "(UTF-16 code units)")
+
+
+def _utf16_units(value: str) -> int:
+    return len(value) + sum(1 for char in value if ord(char) > 0xFFFF)
 
 
 def _id(obj: dict[str, Any], name: str, path: str) -> str:
@@ -224,7 +312,10 @@ def _time(obj: dict[str, Any], name: str, path: str) -> datetime:
         raise InvalidEvent(path, f"must be an ISO-8601 time, got {value!r}") from None
     if parsed.tzinfo is None:
         raise InvalidEvent(path, f"must carry a UTC offset (e.g. 'Z'), got {value!r}")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is in year 0 in UTC
+        raise InvalidEvent(path, f"is out of range once in UTC, got {value!r}") from None
 
 
 def _money(obj: dict[str, Any], name: str, path: str) -> Decimal:
@@ -249,18 +340,26 @@ def _currency(obj: dict[str, Any], name: str, path: str) -> str:
 def _integer(obj: dict[str, Any], name: str, path: str) -> int:
     value = _required(obj, name, path)
     if type(value) is not int:  # bool is an int subclass and is not a quantity
-        raise InvalidEvent(path, f"must be an integer, not {value!r}")
+        raise InvalidEvent(path, f"must be an integer, not {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _user_created(data: dict[str, Any]) -> UserCreated:
     email = _text(data, "email", "data.email", MAX_EMAIL_LENGTH)
     if _EMAIL.fullmatch(email) is None:
-        raise InvalidEvent("data.email", f"is not an email address: {email!r}")
+        raise InvalidEvent("data.email", f"is not an email address: {_short(email)}")
+    # Addresses are unique regardless of case, so they are kept in one case; lowercasing can
+    # lengthen them ("İ" becomes two characters), so the bound is checked again.
+    email = email.lower()
+    _check_text(email, "data.email", MAX_EMAIL_LENGTH)
     return UserCreated(
         user_id=_id(data, "userId", "data.userId"),
-        # Addresses are unique regardless of case, so they are kept in one case.
-        email=email.lower(),
+        email=email,
         name=_text(data, "name", "data.name", MAX_TEXT_LENGTH),
         created_at=_time(data, "createdAt", "data.createdAt"),
     )
@@ -272,6 +371,8 @@ def _order_item(item: Any, path: str) -> OrderItem:
     quantity = _integer(item, "quantity", f"{path}.quantity")
     if quantity < 1:
         raise InvalidEvent(f"{path}.quantity", f"must be at least 1, got {quantity}")
+    if quantity > MAX_QUANTITY:
+        raise InvalidEvent(f"{path}.quantity", f"must be at most {MAX_QUANTITY}")
     return OrderItem(
         sku=_id(item, "sku", f"{path}.sku"),
         quantity=quantity,

@@ -7,6 +7,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from eventpipe.effects import Position
 from eventpipe.settings import Settings
 
 
@@ -73,19 +74,33 @@ def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     return True
 
 
-def fetch_message(
-    settings: Settings, topic: str, partition: int, offset: int, timeout_s: float = 5.0
-) -> bytes | None:
-    """The value of the message at one position, read without joining any group."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "group.id": f"{settings.kafka_group_id}-trace",
-                         "enable.auto.commit": False})
-    try:
-        consumer.assign([TopicPartition(topic, partition, offset)])
-        record = consumer.poll(timeout_s)
-        if record is None or record.error() is not None or record.offset() != offset:
+class MessageReader:
+    """Reads single messages by position, without joining any group: the bytes of dead
+    letters for the DLQ, and `eventpipe trace`. One consumer, reused for every read."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                                  "group.id": f"{settings.kafka_group_id}.reader",
+                                  "enable.auto.commit": False,
+                                  "enable.auto.offset.store": False,
+                                  # One message is wanted at a time: answer at once rather
+                                  # than wait for more (0.5 s per read otherwise, on some
+                                  # brokers, which makes rebuilding a large DLQ crawl).
+                                  "fetch.wait.max.ms": 10})
+
+    def fetch(self, position: Position) -> tuple[bytes | None, bytes] | None:
+        """(key, value) of the message at `position`; None when Kafka no longer has it."""
+        if position.topic is None or position.partition is None or position.offset is None:
             return None
-        value = record.value()
-        return value if isinstance(value, bytes) else None
-    finally:
-        consumer.close()
+        self.consumer.assign([TopicPartition(position.topic, position.partition,
+                                             position.offset)])
+        record = self.consumer.poll(self.timeout_s)
+        if record is None or record.error() is not None or record.offset() != position.offset:
+            return None
+        key, value = record.key(), record.value()
+        return (key if isinstance(key, bytes) else None,
+                value if isinstance(value, bytes) else b"")
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -6,7 +6,6 @@ here so the two can never disagree on broker, serializer or routing.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,49 +22,53 @@ def queue_name(partition: int) -> str:
     return f"{QUEUE_PREFIX}{partition}"
 
 
-def partition_of(queue: str) -> int | None:
-    if not queue.startswith(QUEUE_PREFIX):
-        return None
-    suffix = queue.removeprefix(QUEUE_PREFIX)
-    return int(suffix) if suffix.isdigit() else None
-
-
 @dataclass(frozen=True, slots=True)
-class Message:
-    """One Kafka message as a task carries it, with its retry state."""
+class TaskMessage:
+    """One Kafka message as a task carries it: raw bytes (msgpack keeps them binary), the
+    Kafka timestamp (the contract's clock for `occurredAt` in the future), and how many times
+    it was already tried alone after an unforeseen error."""
 
     offset: int
     key: bytes | None
     value: bytes
-    history: bytes | None = None  # the DLQ history header of a replayed message
-    attempts: int = 0  # attempts already made on this message
-    first_failure_at: str | None = None
+    timestamp_ms: int | None = None
+    attempts: int = 0
 
     def to_wire(self) -> list[Any]:
-        return [self.offset, _b64(self.key), _b64(self.value), _b64(self.history),
-                self.attempts, self.first_failure_at]
+        return [self.offset, self.key, self.value, self.timestamp_ms, self.attempts]
 
     @classmethod
-    def from_wire(cls, raw: list[Any]) -> Message:
-        offset, key, value, history, attempts, first_failure_at = raw
-        return cls(int(offset), _unb64(key), _unb64(value) or b"", _unb64(history),
-                   int(attempts), first_failure_at)
+    def from_wire(cls, raw: list[Any]) -> TaskMessage:
+        offset, key, value, timestamp_ms, attempts = raw
+        return cls(int(offset), key, value, timestamp_ms, int(attempts))
+
+    @property
+    def size(self) -> int:
+        return len(self.value) + len(self.key or b"")
 
 
-def _b64(raw: bytes | None) -> str | None:
-    # Values may be any bytes (poison included); JSON carries them safely as base64.
-    return None if raw is None else base64.b64encode(raw).decode("ascii")
+def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str:
+    """What Flower shows for a task: where its messages are, never their content (which holds
+    personal data)."""
+    first, last = messages[0].offset, messages[-1].offset
+    span = f"offset {first}" if first == last else f"offsets {first}–{last}"
+    return f"{topic} p{partition} {span}, {len(messages)} events"
 
 
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
+def send_batch(app: Celery, topic: str, partition: int, messages: list[TaskMessage], *,
+               countdown: float | None = None) -> None:
+    """Queue one task applying `messages` on their partition's queue."""
+    app.send_task(APPLY_TASK, args=[topic, partition, [m.to_wire() for m in messages]],
+                  queue=queue_name(partition), countdown=countdown,
+                  argsrepr=task_summary(topic, partition, messages), kwargsrepr="{}")
 
 
 def make_celery(settings: Settings, main: str = "eventpipe") -> Celery:
     app = Celery(main, broker=settings.celery_broker_url, set_as_current=False)
     app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
+        # Binary-safe and compact: message values travel as the bytes Kafka gave.
+        task_serializer="msgpack",
+        accept_content=["msgpack"],
         task_ignore_result=True,
         # The effect is idempotent, so a task is acknowledged only once it is done, and a
         # task whose worker died is handed out again.

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from eventpipe.events import EventType
+from eventpipe.times import utc_iso
 
 Document = dict[str, Any]
 _FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Linus", "Radia")
@@ -25,7 +26,7 @@ _REASONS = ("restock", "sale", "return", "damaged", "recount")
 
 def iso(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a 'Z', as the contract shows it."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return utc_iso(moment, "milliseconds")
 
 
 def encode(document: Document) -> bytes:

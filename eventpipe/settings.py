@@ -39,6 +39,14 @@ class Settings:
     database_pool_timeout_s: float = _field(
         "DATABASE_POOL_TIMEOUT_S", 10.0, "Seconds to wait for a pooled connection"
     )
+    database_statement_timeout_s: float = _field(
+        "DATABASE_STATEMENT_TIMEOUT_S", 60.0,
+        "A statement running longer is cancelled and its work retried (0: no limit)",
+    )
+    database_lock_timeout_s: float = _field(
+        "DATABASE_LOCK_TIMEOUT_S", 20.0,
+        "Longest wait for a row or table lock before the work is retried (0: no limit)",
+    )
     # Kafka
     kafka_bootstrap_servers: str = _field(
         "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka brokers, comma-separated"
@@ -51,16 +59,25 @@ class Settings:
     kafka_session_timeout_ms: int = _field(
         "KAFKA_SESSION_TIMEOUT_MS", 6000, "Consumer group session timeout"
     )
-    # Redis: the DLQ and the delivery ledger live here, apart from the Celery broker, so that
+    max_future_skew_s: float = _field(
+        "MAX_FUTURE_SKEW_S", 300.0,
+        "An occurredAt later than its message's Kafka timestamp by more than this is invalid",
+    )
+    # Redis: the DLQ and the offset ledger live here, apart from the Celery broker, so that
     # losing the broker's queued messages never loses what is needed to recover them.
-    redis_url: str = _field("REDIS_URL", "redis://127.0.0.1:6379/0", "DLQ and delivery ledger")
+    redis_url: str = _field("REDIS_URL", "redis://127.0.0.1:6379/0", "DLQ and offset ledger")
     celery_broker_url: str = _field(
         "CELERY_BROKER_URL", "redis://127.0.0.1:6379/1", "Celery broker (per-partition queues)"
     )
     # Bridge
     batch_max_events: int = _field("BATCH_MAX_EVENTS", 500, "Events of one partition per task")
+    batch_max_bytes: int = _field(
+        "BATCH_MAX_BYTES", 4 * 1024 * 1024,
+        "Message bytes of one partition per task (a larger message travels alone)",
+    )
     batch_max_wait_ms: int = _field(
-        "BATCH_MAX_WAIT_MS", 50, "Longest wait to fill a batch before sending it"
+        "BATCH_MAX_WAIT_MS", 0,
+        "Longest wait to fill a batch; 0 sends what each poll of Kafka returned at once",
     )
     max_in_flight_per_partition: int = _field(
         "MAX_IN_FLIGHT_PER_PARTITION", 5000,
@@ -78,9 +95,22 @@ class Settings:
     )
     # Retries
     retry_max_attempts: int = _field(
-        "RETRY_MAX_ATTEMPTS", 8,
-        "Attempts for an event whose parent is missing (or that fails alone with an "
-        "unforeseen error) before it is dead-lettered"
+        "RETRY_MAX_ATTEMPTS", 5,
+        "Attempts for an event that fails alone with an unforeseen error before it is "
+        "dead-lettered (failures of the world are retried without limit)"
+    )
+    crash_max_attempts: int = _field(
+        "CRASH_MAX_ATTEMPTS", 3,
+        "Times one message may kill its worker process before it is dead-lettered",
+    )
+    park_timeout_s: float = _field(
+        "PARK_TIMEOUT_S", 3600.0,
+        "How long an event waits for its parent before it also shows in the DLQ "
+        "(it still applies by itself if the parent arrives later)",
+    )
+    task_time_limit_s: float = _field(
+        "TASK_TIME_LIMIT_S", 300.0,
+        "A batch still running after this long is killed (and its messages isolated)",
     )
     retry_backoff_base_s: float = _field(
         "RETRY_BACKOFF_BASE_S", 1.0, "First retry delay; doubles each attempt, with jitter"
@@ -89,7 +119,12 @@ class Settings:
     # Dead-letter queue
     dlq_stream: str = _field("DLQ_STREAM", "eventpipe:dlq", "Redis Stream holding the DLQ")
     dlq_max_entries: int = _field(
-        "DLQ_MAX_ENTRIES", 100_000, "DLQ bound: when full, dead-lettering fails loudly"
+        "DLQ_MAX_ENTRIES", 100_000,
+        "DLQ bound in entries: when full, new dead letters wait in SQL, loudly",
+    )
+    dlq_max_bytes: int = _field(
+        "DLQ_MAX_BYTES", 256 * 1024 * 1024,
+        "DLQ bound in bytes of its Redis stream: when full, new dead letters wait in SQL",
     )
     dlq_api_token: str = _field(
         "DLQ_API_TOKEN", "", "Bearer token for the DLQ endpoints; empty disables them"
@@ -145,14 +180,59 @@ def get_settings() -> Settings:
     return Settings.from_env(_environment())
 
 
-def provided(settings: Settings | None = None) -> frozenset[str]:
-    """The variables whose value differs from the default (so a copy of `.env.example`,
-    which holds the defaults, provides nothing)."""
-    chosen, defaults = settings or get_settings(), Settings()
-    return frozenset(f.metadata["env"] for f in dataclasses.fields(Settings)
-                     if getattr(chosen, f.name) != getattr(defaults, f.name))
+def provided(environment: Mapping[str, str | None] | None = None) -> frozenset[str]:
+    """The variables given a value, in the environment or in `.env`: whatever it is, even the
+    default, it was chosen (so `eventpipe up` uses a Kafka at 127.0.0.1:9092 if told so)."""
+    chosen = _environment() if environment is None else environment
+    known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    return frozenset(name for name, value in chosen.items() if name in known and value)
 
 
 def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
     """The environment for a child process of ours: this one's, with `overrides`."""
     return {**os.environ, **overrides}
+
+
+_SECTIONS = (("DATABASE_", "Database"), ("KAFKA_", "Kafka"), ("MAX_FUTURE", "Kafka"),
+             ("REDIS_", "Redis"), ("CELERY_", "Redis"), ("RETRY_", "Retries"),
+             ("CRASH_", "Retries"), ("PARK_", "Retries"), ("DLQ_", "Dead-letter queue"))
+
+
+def section_of(env: str) -> str:
+    """The heading a variable is documented under."""
+    return next((title for prefix, title in _SECTIONS if env.startswith(prefix)), "Processes")
+
+
+def render_env_example() -> str:
+    """`.env.example`: every variable, commented out, with its default and what it does."""
+    lines = ["# eventpipe configuration: every variable is optional and shown with its default.",
+             "# Copy to .env (read from the working directory) and uncomment what you change;",
+             "# the environment wins over .env. Generated from eventpipe/settings.py",
+             "# (`make config-docs`); docs/configuration.md says the same."]
+    for env, default, doc in env_vars():
+        lines += ["", f"# {doc}", f"# {env}={default}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """docs/configuration.md: one table per section."""
+    out = ["# Configuration", "",
+           "Every setting is an environment variable, read once at start-up from the "
+           "environment and from `.env` in the working directory (the environment wins). "
+           "`.env.example` lists them all with their defaults. This page is generated from "
+           "`eventpipe/settings.py` by `make config-docs`; a test keeps it in step."]
+    sections: dict[str, list[str]] = {}
+    for env, default, doc in env_vars():
+        shown = f"`{default}`" if default != "" else "(empty)"
+        sections.setdefault(section_of(env), []).append(f"| `{env}` | {shown} | {doc} |")
+    for title, rows in sections.items():
+        out += ["", f"## {title}", "", "| variable | default | what it does |", "|---|---|---|",
+                *rows]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    # `python -m eventpipe.settings`: rewrite the generated files from this module.
+    root = Path(__file__).resolve().parent.parent
+    (root / ".env.example").write_text(render_env_example())
+    (root / "docs" / "configuration.md").write_text(render_markdown())

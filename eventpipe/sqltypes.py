@@ -60,6 +60,13 @@ class Money(TypeDecorator[Decimal]):
         return None if value is None else Decimal(value)
 
 
+def key_type(length: int = 64) -> TypeEngine[str]:
+    """Text that names an entity or an event: compared exactly (by code point) on every
+    database. SQL Server's default collations ignore case; PostgreSQL's and SQLite's don't."""
+    return Unicode(length).with_variant(
+        mssql.NVARCHAR(length, collation="Latin1_General_BIN2"), "mssql")
+
+
 def event_id_type() -> TypeEngine[str]:
     """A 64-character id whose ordering is by code point on every database, as in Python."""
     return (

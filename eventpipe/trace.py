@@ -1,23 +1,26 @@
 """`eventpipe trace <eventId>`: an event's life, from what the system holds about it.
 
-The applied-events ledger says where in Kafka the event was read and when it was applied
-(or found stale); the DLQ holds every failed episode with its attempts; Kafka itself gives
-back the message at that position. Logs carry the same `eventId` for the step-by-step story.
+`applied_events` says where in Kafka the event was read, when it was applied (or found stale)
+and by which worker; `dead_letters` holds every failure or hold of it, with its state and its
+earlier lives; the DLQ stream says whether operators see it now; Kafka gives back the message.
+Logs carry the same `eventId` for the step-by-step story.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, select
 
-from eventpipe.dlq import DeadLetter, DeadLetterQueue
-from eventpipe.tables import applied_events
-
-FetchMessage = Callable[[str, int, int], bytes | None]
+from eventpipe.dlq.letter import DeadLetter
+from eventpipe.dlq.projection import Fetch
+from eventpipe.dlq.records import letter_of
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.effects import Position
+from eventpipe.tables import applied_events, dead_letters
+from eventpipe.times import utc_iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,64 +28,75 @@ class Trace:
     event_id: str
     applied: dict[str, Any] | None
     dead_letters: list[DeadLetter]
-    message: bytes | None
+    in_stream: set[str]  # DLQ keys of this event the operators' stream shows
+    message: tuple[bytes | None, bytes] | None
 
     @property
     def found(self) -> bool:
         return self.applied is not None or bool(self.dead_letters)
 
 
-def gather(event_id: str, engine: Engine, dlq: DeadLetterQueue,
-           fetch: FetchMessage | None = None) -> Trace:
+def gather(event_id: str, engine: Engine, stream: DeadLetterStream,
+           fetch: Fetch | None = None) -> Trace:
     with engine.connect() as conn:
-        row = conn.execute(select(applied_events).where(applied_events.c.event_id == event_id)
-                           ).first()
+        row = conn.execute(select(applied_events)
+                           .where(applied_events.c.event_id == event_id)).first()
+        letters = [letter_of(r) for r in conn.execute(
+            select(dead_letters).where(dead_letters.c.event_id == event_id)
+            .order_by(dead_letters.c.first_failure_at))]
     applied = dict(row._mapping) if row is not None else None
-    letters = dlq.find_event(event_id)
+    shown = {entry.letter.dlq_key for entry in stream.find_event(event_id)}
     message = None
-    if fetch is not None:
-        position = _position(applied, letters)
-        if position is not None:
-            message = fetch(*position)
-    return Trace(event_id, applied, letters, message)
+    position = _position(applied, letters)
+    if fetch is not None and position is not None:
+        message = fetch(position)
+    return Trace(event_id, applied, letters, shown, message)
 
 
-def _position(applied: dict[str, Any] | None,
-              letters: list[DeadLetter]) -> tuple[str, int, int] | None:
+def _position(applied: dict[str, Any] | None, letters: list[DeadLetter]) -> Position | None:
     if applied and applied["kafka_topic"] is not None:
-        return applied["kafka_topic"], applied["kafka_partition"], applied["kafka_offset"]
+        return Position(applied["kafka_topic"], applied["kafka_partition"],
+                        applied["kafka_offset"])
     for letter in letters:
-        if letter.topic and letter.partition is not None and letter.offset is not None:
-            return letter.topic, letter.partition, letter.offset
+        if letter.position.topic is not None:
+            return letter.position
     return None
 
 
 def render(trace: Trace) -> str:
     lines = [f"event {trace.event_id}"]
     if not trace.found:
-        lines.append("  not applied and not in the dead-letter queue: not yet consumed, "
-                     "waiting for a retry, or never sent")
+        lines.append("  neither applied nor dead-lettered: not yet consumed, waiting for a "
+                     "retry, or never sent")
         return "\n".join(lines)
     if trace.applied:
         a = trace.applied
         lines.append(f"  kafka     {a['kafka_topic']} partition {a['kafka_partition']} "
                      f"offset {a['kafka_offset']}")
-        lines.append(f"  occurred  {a['occurred_at'].isoformat()}")
-        lines.append(f"  {a['outcome']:9s} {a['applied_at'].isoformat()}  ({a['event_type']})")
+        lines.append(f"  occurred  {utc_iso(a['occurred_at'])}")
+        lines.append(f"  {a['outcome']:9s} {utc_iso(a['applied_at'])}  ({a['event_type']}, "
+                     f"by {a['worker'] or 'an unnamed worker'})")
     for letter in trace.dead_letters:
-        lines.append(f"  dead-lettered {letter.last_failure_at.isoformat()} entry "
-                     f"{letter.entry_id}: {letter.error_class}: {letter.error_message}")
-        lines.append(f"    at {letter.topic} partition {letter.partition} offset "
-                     f"{letter.offset}; {letter.attempts} attempt(s) since "
-                     f"{letter.first_failure_at.isoformat()} on {letter.worker}")
-        for failure in letter.history:
-            lines.append(f"    earlier: {failure.error_class}: {failure.error_message} "
-                         f"({failure.attempts} attempt(s), replayed {failure.replayed_at})")
+        shown = "in the DLQ" if letter.dlq_key in trace.in_stream else "not in the DLQ stream"
+        lines.append(f"  {letter.state:9s} {letter.error_class}: {letter.reason}")
+        lines.append(f"    {letter.dlq_key}; {letter.attempts} attempt(s) from "
+                     f"{utc_iso(letter.first_failure_at)} to {utc_iso(letter.last_failure_at)}"
+                     f" on {letter.worker}; {shown}")
+        if letter.position.topic is not None:
+            lines.append(f"    at {letter.position.topic} partition {letter.position.partition}"
+                         f" offset {letter.position.offset}")
+        if letter.deadline is not None:
+            lines.append(f"    until {utc_iso(letter.deadline)}")
+        for episode in letter.history:
+            lines.append(f"    earlier: {episode.error_class}: {episode.reason} "
+                         f"({episode.attempts} attempt(s); {episode.ended} at "
+                         f"{episode.ended_at})")
     if trace.message is not None:
+        _, value = trace.message
         try:
-            body = json.dumps(json.loads(trace.message), indent=2)
+            body = json.dumps(json.loads(value), indent=2)
         except ValueError:
-            body = repr(trace.message)
+            body = repr(value)
         lines.append("  message:")
         lines.extend(f"    {line}" for line in body.splitlines())
     return "\n".join(lines)

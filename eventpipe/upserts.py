@@ -1,20 +1,37 @@
-"""The write statements, one compiled statement per table and dialect, run with many rows.
+"""The write statements of a batch, per dialect: each table written by one statement per batch.
 
-PostgreSQL and SQLite use `INSERT … ON CONFLICT DO UPDATE … WHERE <newer>`; SQL Server uses
-`MERGE … WITH (HOLDLOCK)`, the lock hint that makes MERGE safe against a concurrent insert of
-the same key. The version guard sits in the statement itself, so even two processes racing
-on one entity can never move it backwards. Each statement is executed with a list of
-parameter sets (executemany), never rebuilt per batch.
+- Entities: insert the row, or overwrite the stored one only when the new version is newer —
+  the guard sits in the statement itself, so two processes racing on one entity can never move
+  it backwards — and return the keys actually written, which drive the order items (an
+  order's items are replaced only when the order row itself was) and the applied/stale fate.
+- Applied events: the claim. Inserted unless the id is already there, returning the ids this
+  transaction claimed; only their inventory deltas are added, so a delta applies once even
+  when two writers hold the same event.
+- PostgreSQL: `INSERT … SELECT * FROM unnest(<one array per column>) ON CONFLICT … DO UPDATE
+  … WHERE <newer> RETURNING key`: one statement whose text never changes, whatever the batch
+  size, so the driver and the server parse and plan it once (multi-row VALUES would be new
+  SQL for every batch size, parsed again each time).
+- SQLite: the same `INSERT … ON CONFLICT`, executed with the batch's rows.
+- SQL Server: the rows go to a `#staging` table (fast_executemany), then one
+  `MERGE … WITH (HOLDLOCK) … OUTPUT inserted.key` — HOLDLOCK makes MERGE safe against a
+  concurrent insert of the same key.
+Rows are sorted by key before every write, so writers touching the same keys lock them in the
+same order (fewer deadlocks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    Column,
     ColumnElement,
+    Connection,
+    Delete,
     Executable,
+    MetaData,
     Table,
     and_,
     bindparam,
@@ -25,13 +42,26 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.schema import CreateTable
 
 from eventpipe.tables import applied_events, inventory, order_items
+
+Rows = Sequence[dict[str, Any]]
 
 
 def _insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT that supports ON CONFLICT (PostgreSQL and SQLite share the syntax)."""
     return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+def _key(table: Table) -> str:
+    [column] = table.primary_key.columns
+    return column.name
+
+
+def _sorted(table: Table, rows: Rows) -> list[dict[str, Any]]:
+    key = _key(table)
+    return sorted(rows, key=lambda row: row[key])
 
 
 def _newer(stored: Table, new: Any) -> ColumnElement[bool]:
@@ -45,35 +75,34 @@ def _newer(stored: Table, new: Any) -> ColumnElement[bool]:
     )
 
 
+_GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = source.version_at "
+               "AND target.version_event_id < source.version_event_id)")
+
+
 @cache
 def entity_upsert(dialect: str, table: Table) -> Executable:
-    """Insert the row, or overwrite the stored one only if the new version is newer."""
-    keys = [c.name for c in table.primary_key.columns]
-    values = [c.name for c in table.columns if c.name not in keys]
-    if dialect == "mssql":
-        guard = (
-            "target.version_at < source.version_at OR (target.version_at = source.version_at "
-            "AND target.version_event_id < source.version_event_id)"
-        )
-        return _merge(table, keys, values, guard, ", ".join(f"{v} = source.{v}" for v in values))
+    """PostgreSQL/SQLite: the guarded upsert of one entity table, returning keys written."""
+    key = _key(table)
+    values = [c.name for c in table.columns if c.name != key]
     stmt = _insert(dialect, table)
     return stmt.on_conflict_do_update(
-        index_elements=keys,
+        index_elements=[key],
         set_={name: stmt.excluded[name] for name in values},
         where=_newer(table, stmt.excluded),
-    )
+    ).returning(table.c[key])
+
+
+@cache
+def claim(dialect: str) -> Executable:
+    """PostgreSQL/SQLite: record events unless their id is recorded; the ids recorded now."""
+    return (_insert(dialect, applied_events).on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(applied_events.c.event_id))
 
 
 @cache
 def inventory_upsert(dialect: str) -> Executable:
-    """Add a delta to a SKU's quantity (creating it at the delta), keeping the latest time."""
-    if dialect == "mssql":
-        return _merge(
-            inventory, ["sku"], ["quantity", "updated_at"], None,
-            "quantity = target.quantity + source.quantity, updated_at = CASE WHEN "
-            "source.updated_at > target.updated_at THEN source.updated_at "
-            "ELSE target.updated_at END",
-        )
+    """PostgreSQL/SQLite: add a delta to a SKU's quantity (creating it at the delta), keeping
+    the latest time."""
     stmt = _insert(dialect, inventory)
     return stmt.on_conflict_do_update(
         index_elements=["sku"],
@@ -87,33 +116,173 @@ def inventory_upsert(dialect: str) -> Executable:
     )
 
 
-def _merge(
-    table: Table, keys: list[str], values: list[str], guard: str | None, update_set: str
-) -> Executable:
-    columns = keys + values
-    matched = f"WHEN MATCHED AND ({guard}) THEN" if guard else "WHEN MATCHED THEN"
-    sql = (
-        f"MERGE INTO {table.name} WITH (HOLDLOCK) AS target "
-        f"USING (SELECT {', '.join(f':{c} AS {c}' for c in columns)}) AS source "
-        f"ON {' AND '.join(f'target.{k} = source.{k}' for k in keys)} "
-        f"{matched} UPDATE SET {update_set} "
-        f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) "
-        f"VALUES ({', '.join(f'source.{c}' for c in columns)});"
-    )
-    # Typed bind parameters, so times and money go through the same conversions as Core.
-    return text(sql).bindparams(*(bindparam(c, type_=table.c[c].type) for c in columns))
-
-
 @cache
-def replace_items() -> tuple[Executable, Executable]:
-    """Delete an order's items, then insert its new ones: an order event carries them all."""
+def delete_items() -> Delete:
+    return delete(order_items).where(order_items.c.order_id.in_(bindparam("order_ids",
+                                                                           expanding=True)))
+
+
+# -- SQL Server -------------------------------------------------------------------------------
+
+
+def staging_table(table: Table) -> Table:
+    """A session-local `#staging_<table>` with the table's columns, no constraints."""
+    return Table(f"#staging_{table.name}", MetaData(),
+                 *(Column(c.name, c.type, nullable=True) for c in table.columns))
+
+
+def _merge_tsql(table: Table, matched: str | None, update_set: str | None,
+                output: bool) -> str:
+    key = _key(table)
+    columns = [c.name for c in table.columns]
+    when_matched = ""
+    if update_set is not None:
+        condition = f" AND ({matched})" if matched else ""
+        when_matched = f"WHEN MATCHED{condition} THEN UPDATE SET {update_set} "
+    returning = f" OUTPUT inserted.{key}" if output else ""
     return (
-        delete(order_items).where(order_items.c.order_id == bindparam("p_order_id")),
-        insert(order_items),
+        f"MERGE INTO {table.name} WITH (HOLDLOCK) AS target "
+        f"USING #staging_{table.name} AS source ON target.{key} = source.{key} "
+        f"{when_matched}"
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f'source.{c}' for c in columns)}){returning};"
     )
 
 
 @cache
-def record_applied() -> Executable:
-    """The ledger insert. Plain INSERT on purpose: a second writer of one event id fails."""
-    return insert(applied_events)
+def entity_merge(table: Table) -> str:
+    key = _key(table)
+    update_set = ", ".join(f"{c.name} = source.{c.name}" for c in table.columns if c.name != key)
+    return _merge_tsql(table, _GUARD_TSQL, update_set, output=True)
+
+
+@cache
+def claim_merge() -> str:
+    return _merge_tsql(applied_events, None, None, output=True)
+
+
+@cache
+def inventory_merge() -> str:
+    return _merge_tsql(
+        inventory, None,
+        "quantity = target.quantity + source.quantity, updated_at = CASE WHEN "
+        "source.updated_at > target.updated_at THEN source.updated_at "
+        "ELSE target.updated_at END",
+        output=False)
+
+
+def _merge_staged(conn: Connection, table: Table, rows: Rows, merge: str,
+                  returning: bool = True) -> set[Any]:
+    staging = staging_table(table)
+    conn.execute(CreateTable(staging))
+    try:
+        conn.execute(insert(staging), rows)
+        result = conn.execute(text(merge))
+        return {row[0] for row in result} if returning else set()
+    finally:
+        conn.exec_driver_sql(f"DROP TABLE {staging.name}")
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+_PG_ARRAY_TYPES = {"DateTime": "timestamptz", "Numeric": "numeric", "Integer": "int",
+                   "BigInteger": "bigint", "Boolean": "boolean"}
+
+
+def _pg_array_type(column: Column[Any]) -> str:
+    impl = getattr(column.type, "impl", column.type)
+    return _PG_ARRAY_TYPES.get(type(impl).__name__, "text")
+
+
+_PG_GUARD = ("{t}.version_at < excluded.version_at OR ({t}.version_at = excluded.version_at "
+             "AND {t}.version_event_id < excluded.version_event_id)")
+
+
+@cache
+def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
+    """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]`."""
+    columns = list(table.columns)
+    arrays = ", ".join(f"%b::{_pg_array_type(c)}[]" for c in columns)
+    sql = (f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+           f"SELECT * FROM unnest({arrays}) {conflict}")
+    return sql + (f" RETURNING {_key(table)}" if returning else "")
+
+
+@cache
+def pg_entity_conflict(table: Table) -> str:
+    key = _key(table)
+    values = ", ".join(f"{c.name} = excluded.{c.name}" for c in table.columns if c.name != key)
+    return (f"ON CONFLICT ({key}) DO UPDATE SET {values} "
+            f"WHERE {_PG_GUARD.format(t=table.name)}")
+
+
+PG_CLAIM_CONFLICT = "ON CONFLICT (event_id) DO NOTHING"
+PG_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.quantity + "
+                         "excluded.quantity, updated_at = GREATEST(inventory.updated_at, "
+                         "excluded.updated_at)")
+
+
+def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str,
+              returning: bool) -> set[Any]:
+    arrays = tuple([row[c.name] for row in rows] for c in table.columns)
+    result = conn.exec_driver_sql(pg_unnest_insert(table, conflict, returning), arrays)
+    return {row[0] for row in result} if returning else set()
+
+
+# -- what a batch calls ----------------------------------------------------------------------
+
+
+def upsert_entities(conn: Connection, table: Table, rows: Rows) -> set[str]:
+    """Write the rows whose version is newer than the stored one; the keys written."""
+    if not rows:
+        return set()
+    ordered = _sorted(table, rows)
+    if conn.dialect.name == "mssql":
+        return _merge_staged(conn, table, ordered, entity_merge(table))
+    if conn.dialect.name == "postgresql":
+        return _pg_write(conn, table, ordered, pg_entity_conflict(table), returning=True)
+    return {row[0] for row in conn.execute(entity_upsert(conn.dialect.name, table), ordered)}
+
+
+def claim_events(conn: Connection, rows: Rows) -> set[str]:
+    """Record the events whose id is not recorded yet; the ids this transaction recorded."""
+    if not rows:
+        return set()
+    ordered = _sorted(applied_events, rows)
+    if conn.dialect.name == "mssql":
+        return _merge_staged(conn, applied_events, ordered, claim_merge())
+    if conn.dialect.name == "postgresql":
+        return _pg_write(conn, applied_events, ordered, PG_CLAIM_CONFLICT, returning=True)
+    return {row[0] for row in conn.execute(claim(conn.dialect.name), ordered)}
+
+
+def add_deltas(conn: Connection, rows: Rows) -> None:
+    if not rows:
+        return
+    ordered = _sorted(inventory, rows)
+    if conn.dialect.name == "mssql":
+        _merge_staged(conn, inventory, ordered, inventory_merge(), returning=False)
+        return
+    if conn.dialect.name == "postgresql":
+        _pg_write(conn, inventory, ordered, PG_INVENTORY_CONFLICT, returning=False)
+        return
+    conn.execute(inventory_upsert(conn.dialect.name), ordered)
+
+
+def replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
+    """The items of the orders written: an order event carries them all."""
+    if not order_ids:
+        return
+    ordered = sorted(order_ids)
+    chosen = sorted((row for row in rows if row["order_id"] in order_ids),
+                    key=lambda row: (row["order_id"], row["line_no"]))
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("DELETE FROM order_items WHERE order_id = ANY(%b::text[])",
+                             (ordered,))
+        if chosen:
+            _pg_write(conn, order_items, chosen, "", returning=False)
+        return
+    for start in range(0, len(ordered), 500):
+        conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
+    if chosen:
+        conn.execute(insert(order_items), chosen)

@@ -1,35 +1,41 @@
-"""The Celery app of the workers: `celery -A tasks worker -Q events.p0,events.p1 --pool solo`.
+"""The Celery app of the workers: `celery -A tasks worker`.
 
 The task is a thin wrapper over `tasks.processing.Processor`: it decodes the payload, runs the
-processor, sends the retries it asks for to the same partition queue, and turns a transient
-failure into a delayed retry of the whole batch.
+processor under the task time limit, sends what must wait (a message retried alone) back to
+the partition's queue with a countdown, and turns a failure of the world into Celery's own
+retry of the rest of the batch — which Flower shows as RETRY. Flower shows each task as where
+its messages are (`events p3 offsets 100–599, 500 events`), never their content.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from functools import cache
+from types import FrameType
 from typing import Any
 
-import redis
 from celery import Task
 from celery.signals import setup_logging, worker_ready
 from prometheus_client import start_http_server
 
-from eventpipe import logs, metrics
+from eventpipe import logs, redis_clients
 from eventpipe.database import make_engine
-from eventpipe.dlq import DeadLetterQueue
-from eventpipe.errors import is_transient
-from eventpipe.events import peek_identity
-from eventpipe.progress import DeliveryLedger
-from eventpipe.queues import APPLY_TASK, Message, make_celery, queue_name
+from eventpipe.dlq.projection import Fetch
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.kafka import MessageReader
+from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.queues import APPLY_TASK, TaskMessage, make_celery, send_batch, task_summary
 from eventpipe.settings import get_settings
-from tasks.processing import Processor, Retry
-from tasks.retry import backoff_delay
+from tasks.processing import Processor
+from tasks.reconciler import Reconciler
 
-log = logging.getLogger("eventpipe.tasks")
+log = logging.getLogger(__name__)
 
 settings = get_settings()
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
@@ -38,13 +44,18 @@ logs.configure("worker", settings.log_level)
 app = make_celery(settings, main="tasks")
 
 
+class TaskTimeLimitExceeded(Exception):
+    """A batch ran past TASK_TIME_LIMIT_S; treated as an unforeseen error of its messages."""
+
+
 @setup_logging.connect
 def _json_logs(**_: Any) -> None:
     logs.configure("worker", settings.log_level)
 
 
 @worker_ready.connect
-def _serve_metrics(**_: Any) -> None:
+def _on_ready(**_: Any) -> None:
+    reconciler().start()
     # Under `eventpipe worker` the parent serves every process's metrics, aggregated
     # (PROMETHEUS_MULTIPROC_DIR is set). A worker started directly serves its own.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -55,62 +66,80 @@ def _serve_metrics(**_: Any) -> None:
         log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
 
 
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@cache
+def _stream() -> DeadLetterStream:
+    return DeadLetterStream(redis_clients.pipeline(settings.redis_url), settings.dlq_stream,
+                            settings.dlq_max_entries, settings.dlq_max_bytes)
+
+
 @cache
 def processor() -> Processor:
     """One per worker process, made on first use (never inherited across a fork)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    return Processor(
-        settings, make_engine(settings),
-        DeadLetterQueue(client, settings.dlq_stream, settings.dlq_max_entries),
-        DeliveryLedger(client),
-    )
+    return Processor(settings, _engine(), _stream(),
+                     OffsetLedger(redis_clients.pipeline(settings.redis_url),
+                                  settings.kafka_group_id),
+                     worker=worker_name())
 
 
-@app.task(name=APPLY_TASK, bind=True)
-def apply_events(
-    self: Task, topic: str, partition: int, messages: list[list[Any]], transient_attempts: int = 0
-) -> dict[str, int]:
-    decoded = [Message.from_wire(m) for m in messages]
-    work = processor()
+@cache
+def _engine() -> Any:
+    return make_engine(settings)
+
+
+@cache
+def reconciler() -> Reconciler:
+    return Reconciler(_engine(), _stream(), _kafka_reader,
+                      timedelta(seconds=settings.park_timeout_s))
+
+
+@cache
+def _kafka_reader() -> Fetch:
+    # Made, and then used, only by the reconciler's thread: a consumer is not shared.
+    return MessageReader(settings).fetch
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise `TaskTimeLimitExceeded` in this (the main) thread after `seconds`: the solo pool
+    runs tasks on the main thread, where SIGALRM is delivered."""
+    def expired(_signum: int, _frame: FrameType | None) -> None:
+        raise TaskTimeLimitExceeded(f"batch still running after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        report = work.run(topic, partition, decoded)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        attempt = transient_attempts + 1
-        for message in decoded:
-            event_type = metrics.event_type_label(peek_identity(message.value).event_type)
-            metrics.RETRIES.labels(event_type, "transient").inc()
-        countdown = backoff_delay(attempt, settings.retry_backoff_base_s,
-                                  settings.retry_backoff_max_s)
-        # The offsets stay leased while the batch waits, so the bridge does not re-read them;
-        # if Redis itself is what failed, the bridge re-reads them later instead.
-        with contextlib.suppress(redis.RedisError):
-            work.ledger.lease(topic, partition, [m.offset for m in decoded],
-                              work.clock() + countdown + settings.redelivery_timeout_s)
-        log.warning("transient failure, batch retried in %.1fs: %s", countdown, exc, extra={
-            "topic": topic, "partition": partition, "taskId": self.request.id,
-            "attempt": attempt, "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset,
-        })
-        _send(topic, partition, messages, countdown, attempt)
-        return {"transient_retry": len(messages)}
-    for retry in report.retries:
-        _send_retry(topic, partition, retry)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@app.task(name=APPLY_TASK, bind=True, max_retries=None)
+def apply_events(self: Task, topic: str, partition: int,
+                 messages: list[list[Any]]) -> dict[str, int]:
+    decoded = [TaskMessage.from_wire(m) for m in messages]
+    with time_limit(settings.task_time_limit_s):
+        report = processor().run(topic, partition, decoded, retries=self.request.retries)
+    reconciler().poke()
+    transient = None
+    for later in report.later:
+        if later.transient:
+            transient = later
+        else:
+            send_batch(app, topic, partition, later.messages, countdown=later.delay_s)
     log.info("batch done", extra={
         "topic": topic, "partition": partition, "taskId": self.request.id,
         "events": len(decoded), "offsetFirst": decoded[0].offset,
-        "offsetLast": decoded[-1].offset, **report.statuses,
-    })
-    return dict(report.statuses)
-
-
-def _send_retry(topic: str, partition: int, retry: Retry) -> None:
-    _send(topic, partition, [m.to_wire() for m in retry.messages], retry.countdown, 0)
-
-
-def _send(
-    topic: str, partition: int, messages: list[list[Any]], countdown: float, attempt: int
-) -> None:
-    app.send_task(APPLY_TASK, args=[topic, partition, messages],
-                  kwargs={"transient_attempts": attempt},
-                  queue=queue_name(partition), countdown=countdown)
+        "offsetLast": decoded[-1].offset, **report.fates})
+    if transient is not None:
+        log.warning("batch retried in %.1fs: %s", transient.delay_s, transient.reason, extra={
+            "topic": topic, "partition": partition, "taskId": self.request.id,
+            "attempt": self.request.retries + 1, "events": len(transient.messages)})
+        raise self.retry(args=[topic, partition, [m.to_wire() for m in transient.messages]],
+                         countdown=transient.delay_s,
+                         argsrepr=task_summary(topic, partition, transient.messages))
+    return dict(report.fates)

@@ -1,273 +1,271 @@
-"""One task's work: turn a partition's messages into applied events, retries and dead letters.
+"""One task's work: a partition's messages in, every one of them given a durable fate.
 
-The Celery task (`tasks.app`) is a thin wrapper around `Processor.run`, which
-1. leases the batch's offsets, so the bridge knows the work is in hand;
-2. validates every message — bytes that are not an event are dead-lettered at once;
-3. applies the valid events in one transaction (`eventpipe.apply.apply_batch`);
-4. dead-letters rejected events, schedules a retry for each event whose parent is missing
-   (or dead-letters it once its budget is spent);
-5. marks every finished offset done in the delivery ledger, leasing the retried ones.
-A failure of the world (database down, DLQ full) raises `TransientError`: the caller retries
-the whole batch later, and nothing is dead-lettered for it.
+`Processor.run`, which the Celery task (`tasks.app`) wraps:
+1. leases the offsets (the bridge then knows the work is in hand) and records the range as
+   running; if an earlier attempt at an overlapping range never finished — the process died —
+   the messages are applied one at a time, and one that has killed its worker
+   `CRASH_MAX_ATTEMPTS` times is dead-lettered (`eventpipe.failures.after_crashes`);
+2. parses each message: bytes that are not a valid event become a dead letter at once;
+3. applies the events and records the failures in one transaction (`eventpipe.apply`);
+4. on a failure, carries out `eventpipe.failures.decide`: retry the rest later (the world
+   failed), split the part in two (something in it is bad), dead-letter a single message, or
+   retry it alone later;
+5. marks the offsets of every committed part done in the offset ledger, and puts new dead
+   letters in the operators' stream (the SQL record is already durable; the reconciler
+   repairs the stream if this step is lost).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
 import traceback as tb
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
 from eventpipe import metrics
-from eventpipe.apply import apply_batch
-from eventpipe.dlq import DeadLetter, DeadLetterQueue, history_from_header
-from eventpipe.effects import Delivery, Outcome, Position, Status
-from eventpipe.errors import InvalidEvent, TransientError, is_transient
-from eventpipe.events import Event, parse_event, peek_identity
-from eventpipe.progress import DeliveryLedger
-from eventpipe.queues import Message
+from eventpipe.apply import BatchResult, apply_batch
+from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, key_of, message_key
+from eventpipe.dlq.projection import Fetch, project
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.effects import Fate, Position, Received
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import parse_event, peek_identity
+from eventpipe.failures import (
+    GiveUp,
+    RetryAlone,
+    RetryLater,
+    RetryPolicy,
+    Split,
+    after_crashes,
+    decide,
+)
+from eventpipe.offset_ledger import Crashed, OffsetLedger
+from eventpipe.queues import TaskMessage
 from eventpipe.settings import Settings
-from tasks.retry import backoff_delay
+from eventpipe.times import from_kafka_millis
 
-log = logging.getLogger("eventpipe.tasks")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Retry:
-    """Messages to send again, as one task, after `countdown` seconds."""
+class Later:
+    """Messages to send again, as one task, after `delay_s` seconds."""
 
-    messages: list[Message]
-    countdown: float
+    messages: list[TaskMessage]
+    delay_s: float
     reason: str
+    transient: bool  # a failure of the world (the whole rest of the batch), not of a message
 
 
 @dataclass(slots=True)
 class Report:
-    retries: list[Retry] = field(default_factory=list)
-    statuses: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    message: Message
-    error_class: str
-    error_message: str
-    traceback: str
-    event_id: str | None
-    event_type: str | None
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    later: list[Later] = field(default_factory=list)
+    fates: Counter[str] = field(default_factory=Counter)
 
 
 class Processor:
     def __init__(
-        self, settings: Settings, engine: Engine, dlq: DeadLetterQueue, ledger: DeliveryLedger,
-        *, clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+        self, settings: Settings, engine: Engine, stream: DeadLetterStream,
+        ledger: OffsetLedger, fetch: Fetch | None = None, *, worker: str,
+        clock: Callable[[], float] = time.time, rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.dlq = dlq
+        self.stream = stream
         self.ledger = ledger
+        self.fetch = fetch
+        self.worker = worker
         self.clock = clock
         self.rng = rng or random.Random()
-        self.worker = worker_name()
+        self.policy = RetryPolicy.of(settings)
+        self.max_future = timedelta(seconds=settings.max_future_skew_s)
+        # As long as the bridge waits for a sign of life; extended for work that waits to
+        # retry. A worker killed mid-batch lets its lease lapse soon, and the batch is re-read.
+        self.lease_s = settings.redelivery_timeout_s
+        self.retries = 0
 
-    def run(self, topic: str, partition: int, messages: list[Message]) -> Report:
+    def run(self, topic: str, partition: int, messages: list[TaskMessage],
+            retries: int = 0) -> Report:
+        """`retries`: times this batch already waited for the world (its backoff grows)."""
         report = Report()
-        offsets = [m.offset for m in messages]
-        self.ledger.lease(topic, partition, offsets,
-                          self.clock() + self.settings.redelivery_timeout_s)
-        self._check_owner(topic, partition)
-        valid: list[tuple[Message, Delivery]] = []
-        failed: list[_Failed] = []
-        for message in messages:
-            try:
-                event = parse_event(message.value, message.key)
-            except InvalidEvent as exc:
-                identity = peek_identity(message.value)
-                failed.append(_Failed(message, type(exc).__name__, str(exc), _trace(exc),
-                                      identity.event_id, identity.event_type))
-                continue
-            valid.append((message, Delivery(event, Position(topic, partition, message.offset))))
-
-        outcomes = self._apply([d for _, d in valid], report, topic, partition, messages)
-        if outcomes is None:
-            return report  # split into single-message retries: nothing settles here
-        done: list[int] = []
-        waiting: list[tuple[Message, Event, Outcome]] = []
-        applied_at = self.clock()
-        finished: Counter[tuple[str, str]] = Counter()  # counted once per batch, not per event
-        for (message, delivery), outcome in zip(valid, outcomes, strict=True):
-            event = delivery.event
-            if outcome.status is Status.MISSING_PARENT:
-                waiting.append((message, event, outcome))
-                continue
-            if outcome.status is Status.REJECTED:
-                failed.append(_Failed(message, "RejectedEvent", outcome.reason or "rejected", "",
-                                      event.event_id, event.event_type.value))
-                continue
-            done.append(message.offset)
-            report.statuses[outcome.status.value] += 1
-            finished[(event.event_type.value, outcome.status.value)] += 1
-            if outcome.status is Status.APPLIED:
-                metrics.END_TO_END.labels(event.event_type.value).observe(
-                    max(0.0, applied_at - event.occurred_at.timestamp()))
-            log.debug("event %s", outcome.status.value, extra=_context(
-                message, topic, partition, event.event_id, event.event_type.value))
-
-        for (event_type, status), number in finished.items():
-            metrics.EVENTS_PROCESSED.labels(event_type, status).inc(number)
-            metrics.RATE.add(event_type, number)
-        leases = self._retry_later(topic, partition, waiting, failed, report)
-
-        for failure in failed:
-            self._dead_letter(topic, partition, failure)
-            done.append(failure.message.offset)
-            report.statuses["dead_lettered"] += 1
-        self.ledger.settle(topic, partition, done, leases)
+        self.retries = retries
+        first, last = messages[0].offset, messages[-1].offset
+        self.ledger.lease(topic, partition, [m.offset for m in messages], self.lease_s)
+        crashed = self.ledger.begin(topic, partition, first, last)
+        if crashed is None:
+            self._work(topic, partition, [messages], report)
+        else:
+            log.warning("a worker died applying offsets %d–%d (%d time(s)): isolating them",
+                        crashed.first, crashed.last, crashed.deaths,
+                        extra={"topic": topic, "partition": partition, "offsetFirst": first,
+                               "offsetLast": last})
+            self._work(topic, partition, [[m] for m in messages], report, crashed)
+        self.ledger.finish(topic, partition, first, last)
         return report
 
-    def _check_owner(self, topic: str, partition: int) -> None:
-        other = self.ledger.claim(topic, partition, self.worker,
-                                  2 * self.settings.redelivery_timeout_s)
-        if other is not None:
-            # Effects stay exactly-once (version guards, the ledger's key), but two workers
-            # interleave the partition's batches, so per-key order is no longer kept.
-            metrics.OWNER_CHANGES.labels(str(partition)).inc()
-            log.warning("partition %d was just served by %s: if it is still running, two "
-                        "workers serve this partition", partition, other,
-                        extra={"topic": topic, "partition": partition, "otherWorker": other})
+    # -- the failure path ---------------------------------------------------------------------
 
-    def _retry_later(
-        self, topic: str, partition: int, waiting: list[tuple[Message, Event, Outcome]],
-        failed: list[_Failed], report: Report,
-    ) -> dict[int, float]:
-        """Schedule the events whose parent is missing (or give up on them); their leases.
-
-        They are retried together, as one task: a burst of children ahead of their parents
-        costs one retry, not one per event.
-        """
-        leases: dict[int, float] = {}
-        retrying: list[Message] = []
-        for message, event, outcome in waiting:
-            attempts = message.attempts + 1
-            event_type = event.event_type.value
-            if attempts >= self.settings.retry_max_attempts:
-                failed.append(_Failed(
-                    replace(message, attempts=attempts), "MissingParent",
-                    f"{outcome.reason}; gave up after {attempts} attempts", "",
-                    event.event_id, event_type))
+    def _work(self, topic: str, partition: int, parts: list[list[TaskMessage]],
+              report: Report, crashed: Crashed | None = None) -> None:
+        """Apply the parts in order, splitting those that fail. When isolating after a worker
+        died (`crashed`), each message is recorded as the running one before it is applied,
+        so a death points at it, and one that died too often is given up."""
+        while parts:
+            part = parts.pop(0)
+            if crashed is not None:
+                deaths = crashed.deaths_of(part[0].offset)
+                self.ledger.narrow(topic, partition, part[0].offset, part[-1].offset, deaths)
+                verdict = after_crashes(deaths, size=len(part), policy=self.policy)
+                if isinstance(verdict, GiveUp):
+                    self._give_up(topic, partition, part[0], verdict, report)
+                    continue
+            try:
+                self._apply(topic, partition, part, report)
                 continue
-            first = message.first_failure_at or _iso(self.clock())
-            retrying.append(replace(message, attempts=attempts, first_failure_at=first))
-            report.statuses["retried"] += 1
-            metrics.EVENTS_PROCESSED.labels(event_type, "retried").inc()
-            metrics.RETRIES.labels(event_type, "missing_parent").inc()
-            log.info("parent missing, retrying", extra={
-                **_context(message, topic, partition, event.event_id, event_type),
-                "attempt": attempts, "reason": outcome.reason})
-        if retrying:
-            countdown = backoff_delay(max(m.attempts for m in retrying),
-                                      self.settings.retry_backoff_base_s,
-                                      self.settings.retry_backoff_max_s, self.rng)
-            report.retries.append(Retry(retrying, countdown, "missing_parent"))
-            until = self.clock() + countdown + self.settings.redelivery_timeout_s
-            leases.update((m.offset, until) for m in retrying)
-        return leases
+            except Exception as exc:
+                decision = decide(exc, size=len(part), attempts=max(m.attempts for m in part),
+                                  retries=self.retries, policy=self.policy, rng=self.rng)
+                failure = exc
+            if isinstance(decision, RetryLater):
+                rest = [m for p in (part, *parts) for m in p]
+                self._later(topic, partition, Later(rest, decision.delay_s, decision.reason,
+                                                    transient=True), report)
+                return
+            if isinstance(decision, Split):
+                middle = len(part) // 2
+                log.warning("part failed, splitting it: %s", decision.reason, extra={
+                    "topic": topic, "partition": partition, "offsetFirst": part[0].offset,
+                    "offsetLast": part[-1].offset})
+                parts[:0] = [part[:middle], part[middle:]]
+            elif isinstance(decision, RetryAlone):
+                message = replace(part[0], attempts=part[0].attempts + 1)
+                log.warning("event failed, retrying it alone in %.1fs: %s", decision.delay_s,
+                            decision.reason, exc_info=failure, extra=_context(
+                                topic, partition, message))
+                self._later(topic, partition, Later([message], decision.delay_s,
+                                                    decision.reason, transient=False), report)
+            else:
+                self._give_up(topic, partition, part[0], decision, report, failure)
 
-    def _apply(
-        self, deliveries: list[Delivery], report: Report, topic: str, partition: int,
-        messages: list[Message],
-    ) -> list[Outcome] | None:
+    def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
+        # The offsets stay leased while they wait, so the bridge does not read them again.
+        self.ledger.lease(topic, partition, [m.offset for m in later.messages],
+                          later.delay_s + self.lease_s)
+        report.later.append(later)
+        reason = "transient" if later.transient else "error"
+        for message in later.messages:
+            metrics.RETRIES.labels(_type_label(message.value), reason).inc()
+
+    def _give_up(self, topic: str, partition: int, message: TaskMessage, decision: GiveUp,
+                 report: Report, exc: BaseException | None = None) -> None:
+        """Dead-letter one message on its own (its batch's transaction is gone)."""
+        now = self._now()
+        try:
+            event = parse_event(message.value, message.key)
+        except InvalidEvent:
+            event = None
+        identity = peek_identity(message.value)
+        letter = DeadLetter(
+            dlq_key=key_of(event, message.key, message.value), error_class=decision.error_class,
+            reason=decision.reason, first_failure_at=now, last_failure_at=now,
+            worker=self.worker, event_id=identity.event_id, event_type=identity.event_type,
+            position=Position(topic, partition, message.offset),
+            traceback=_trace(exc) if exc is not None else None,
+            attempts=message.attempts + 1)
+        result = apply_batch(self.engine, [], [letter], worker=self.worker)
+        self._done(topic, partition, [message], result, report,
+                   {letter.dlq_key: (message.key, message.value)})
+
+    # -- the happy path ------------------------------------------------------------------------
+
+    def _apply(self, topic: str, partition: int, messages: list[TaskMessage],
+               report: Report) -> None:
+        received: list[Received] = []
+        failures: list[DeadLetter] = []
+        payloads: dict[str, tuple[bytes | None, bytes]] = {}
+        now = self._now()
+        for message in messages:
+            position = Position(topic, partition, message.offset)
+            try:
+                event = parse_event(message.value, message.key, max_future=self.max_future,
+                                    received_at=from_kafka_millis(message.timestamp_ms))
+            except InvalidEvent as exc:
+                identity = peek_identity(message.value)
+                failures.append(DeadLetter(
+                    dlq_key=message_key(message.key, message.value), error_class=INVALID_EVENT,
+                    reason=str(exc), first_failure_at=now, last_failure_at=now,
+                    worker=self.worker, event_id=identity.event_id,
+                    event_type=identity.event_type, position=position, traceback=_trace(exc)))
+                payloads[failures[-1].dlq_key] = (message.key, message.value)
+                continue
+            received.append(Received.of(event, position))
+            payloads[event_key(received[-1].fingerprint)] = (message.key, message.value)
         started = time.perf_counter()
         try:
-            return apply_batch(self.engine, deliveries)
-        except Exception as exc:
-            if is_transient(exc):
-                raise TransientError(f"applying the batch failed: {exc}") from exc
-            if len(messages) > 1:
-                # An error nobody foresaw: give every message a try of its own, so one bad
-                # event cannot hold back the others (each keeps its own budget).
-                log.exception("batch failed unexpectedly; retrying its messages one by one",
-                              extra={"topic": topic, "partition": partition})
-                report.retries.extend(Retry([m], 0.0, "split") for m in messages)
-                self.ledger.lease(topic, partition, [m.offset for m in messages],
-                                  self.clock() + self.settings.redelivery_timeout_s)
-                return None
-            self._single_failed(exc, report, topic, partition, messages[0])
-            return None
+            result = apply_batch(self.engine, received, failures, worker=self.worker)
         finally:
             metrics.DB_OPERATION.labels("apply_batch").observe(time.perf_counter() - started)
+        applied_at = result.applied_at.timestamp()
+        counted: Counter[tuple[str, str]] = Counter()
+        debug = log.isEnabledFor(logging.DEBUG)
+        for item, fate in zip(received, result.fates, strict=True):
+            event_type = item.event.event_type.value
+            counted[(event_type, fate.value)] += 1
+            if debug:  # a line per event: its life is found by its eventId
+                log.debug("event %s", fate.value, extra={
+                    "eventId": item.event.event_id, "eventType": event_type, "topic": topic,
+                    "partition": partition, "offset": item.position.offset})
+            if fate is Fate.APPLIED:
+                metrics.END_TO_END.labels(event_type).observe(
+                    max(0.0, applied_at - item.event.occurred_at.timestamp()))
+        for failure in failures:
+            counted[(metrics.event_type_label(failure.event_type), "dead_lettered")] += 1
+        for (event_type, fate_name), number in counted.items():
+            metrics.EVENTS_PROCESSED.labels(event_type, fate_name).inc(number)
+            if fate_name != "dead_lettered":
+                metrics.RATE.add(event_type, number)
+        self._done(topic, partition, messages, result, report, payloads)
 
-    def _single_failed(
-        self, exc: Exception, report: Report, topic: str, partition: int, message: Message
-    ) -> None:
-        attempts = message.attempts + 1
-        identity = peek_identity(message.value)
-        if attempts >= self.settings.retry_max_attempts:
-            self._dead_letter(topic, partition, _Failed(
-                replace(message, attempts=attempts), type(exc).__name__, str(exc), _trace(exc),
-                identity.event_id, identity.event_type))
-            self.ledger.settle(topic, partition, [message.offset], {})
-            report.statuses["dead_lettered"] += 1
-            return
-        countdown = backoff_delay(attempts, self.settings.retry_backoff_base_s,
-                                  self.settings.retry_backoff_max_s, self.rng)
-        first = message.first_failure_at or _iso(self.clock())
-        report.retries.append(Retry([replace(message, attempts=attempts, first_failure_at=first)],
-                                    countdown, "error"))
-        self.ledger.settle(topic, partition, [], {
-            message.offset: self.clock() + countdown + self.settings.redelivery_timeout_s})
-        metrics.RETRIES.labels(metrics.event_type_label(identity.event_type), "error").inc()
-        log.exception("event failed unexpectedly, retrying in %.1fs", countdown, extra={
-            **_context(message, topic, partition, identity.event_id, identity.event_type),
-            "attempt": attempts})
+    def _done(self, topic: str, partition: int, messages: list[TaskMessage],
+              result: BatchResult, report: Report,
+              payloads: dict[str, tuple[bytes | None, bytes]]) -> None:
+        """The part's fates are committed: project its dead letters, mark its offsets done."""
+        for fate in result.fates:
+            report.fates[fate.value] += 1
+        if result.dead_letters:
+            report.fates["dead_lettered"] += len(result.dead_letters)
+            try:
+                project(self.engine, self.stream, self.fetch, payloads)
+            except Exception as exc:  # the SQL record stands; the reconciler projects it
+                log.warning("dead letters not put in the stream yet: %s", exc)
+            for letter in result.dead_letters:
+                log.warning("dead-lettered: %s: %s", letter.error_class, letter.reason, extra={
+                    "eventId": letter.event_id, "eventType": letter.event_type,
+                    "topic": topic, "partition": partition,
+                    "offset": letter.position.offset, "dlqKey": letter.dlq_key,
+                    "errorClass": letter.error_class, "attempt": letter.attempts})
+                metrics.DLQ_ENTRIES.labels(metrics.event_type_label(letter.event_type)).inc()
+        self.ledger.settle(topic, partition, [m.offset for m in messages])
 
-    def _dead_letter(self, topic: str, partition: int, failure: _Failed) -> None:
-        message = failure.message
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        first = (datetime.fromisoformat(message.first_failure_at)
-                 if message.first_failure_at else now)
-        entry = DeadLetter(
-            value=message.value, key=message.key, topic=topic, partition=partition,
-            offset=message.offset, event_id=failure.event_id, event_type=failure.event_type,
-            error_class=failure.error_class, error_message=failure.error_message,
-            traceback=failure.traceback, attempts=max(1, message.attempts),
-            first_failure_at=first, last_failure_at=now, worker=self.worker,
-            history=history_from_header(message.history),
-        )
-        entry_id, added = self.dlq.add(entry)
-        if added:
-            event_type = metrics.event_type_label(failure.event_type)
-            metrics.DLQ_ENTRIES.labels(event_type).inc()
-            metrics.EVENTS_PROCESSED.labels(event_type,
-                                            "dead_lettered").inc()
-        log.warning("dead-lettered: %s: %s", failure.error_class, failure.error_message, extra={
-            **_context(message, topic, partition, failure.event_id, failure.event_type),
-            "dlqEntryId": entry_id, "errorClass": failure.error_class,
-            "attempt": max(1, message.attempts)})
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
 
 
-def _context(
-    message: Message, topic: str, partition: int, event_id: str | None, event_type: str | None
-) -> dict[str, object]:
-    return {"eventId": event_id, "eventType": event_type, "topic": topic,
-            "partition": partition, "offset": message.offset}
+def _type_label(value: bytes) -> str:
+    return metrics.event_type_label(peek_identity(value).event_type)
+
+
+def _context(topic: str, partition: int, message: TaskMessage) -> dict[str, object]:
+    identity = peek_identity(message.value)
+    return {"eventId": identity.event_id, "eventType": identity.event_type, "topic": topic,
+            "partition": partition, "offset": message.offset, "attempt": message.attempts}
 
 
 def _trace(exc: BaseException) -> str:
-    return "".join(tb.format_exception(exc))
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+    return "".join(tb.format_exception(exc))[-8000:]

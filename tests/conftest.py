@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine
 
 from eventpipe.database import make_engine
 from eventpipe.settings import Settings
 from eventpipe.tables import metadata
-from tests.services import REDIS_URL, migrate, require_postgres, unavailable
+from tests.support.databases import postgres_database
+from tests.support.services import REDIS_URL, migrate, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 # A developer's own `.env` must not change what the tests see: point at a file that is not.
@@ -25,19 +24,9 @@ os.environ.setdefault("EVENTPIPE_ENV_FILE", str(ROOT / "tests" / "no-such.env"))
 @pytest.fixture(scope="session")
 def postgresql_url() -> Iterator[str]:
     """A fresh PostgreSQL database, migrated to head, dropped after the session."""
-    admin_url = require_postgres()
-    name = f"eventpipe_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    migrate(url, "head")
-    try:
+    with postgres_database() as url:
+        migrate(url, "head")
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,8 @@ def flask_config() -> dict[str, Any]:
         },
         # A stack trace never reaches a client, even when the app runs in a debugger.
         "PROPAGATE_EXCEPTIONS": False,
+        # Request bodies are small JSON selections: anything larger is refused (413).
+        "MAX_CONTENT_LENGTH": 64 * 1024,
     }
 
 

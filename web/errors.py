@@ -15,7 +15,12 @@ import flask_smorest
 import redis
 import sqlalchemy.exc
 from flask import Flask, request
-from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    InternalServerError,
+    ServiceUnavailable,
+)
 
 from eventpipe.errors import PipelineError, is_transient
 from web.schemas import ErrorSchema
@@ -76,6 +81,12 @@ def _unavailable(exc: Exception) -> str:
     return str(exc)
 
 
+def too_deep(_exc: RecursionError) -> ErrorResponse:
+    """A JSON body nested deeper than the parser can follow is the client's error."""
+    return http_error(BadRequest("the request body is nested too deeply"))
+
+
 def install(app: Flask) -> None:
     for kind in (sqlalchemy.exc.SQLAlchemyError, redis.RedisError, PipelineError):
         app.register_error_handler(kind, dependency_error)
+    app.register_error_handler(RecursionError, too_deep)

@@ -6,7 +6,7 @@ document that describes it, so the formats below carry their pattern and format 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +14,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from eventpipe.events import MAX_ID_LENGTH
+from eventpipe.times import utc_iso
 
 # An id as the event contract allows it (1 to 64 characters, not only whitespace) that can
 # also be named in a URL path: a '/' would end the segment, and PostgreSQL rejects NUL.
@@ -29,6 +30,16 @@ MONEY_PATTERN = r"^(0|[1-9][0-9]*)\.[0-9]{2,4}$"
 def camel_case(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
+
+
+class StrictBoolean(fields.Boolean):
+    """`true` or `false` only: marshmallow's Boolean also takes 0, 1, "yes", "on"…, which an
+    API whose document says boolean must refuse (a client sending `"all": 0` meant no)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 class CamelSchema(ma.Schema):
@@ -47,12 +58,6 @@ def money(value: Decimal) -> str:
     text = f"{value:f}"
     whole, _, fraction = text.partition(".")
     return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
-
-
-def utc_iso(moment: datetime) -> str:
-    """ISO-8601 in UTC with a 'Z': milliseconds, or microseconds when the time has them."""
-    spec = "milliseconds" if moment.microsecond % 1000 == 0 else "microseconds"
-    return moment.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 class Money(fields.String):

@@ -13,14 +13,12 @@ import redis
 from flask import Flask, current_app, g
 from sqlalchemy import Connection, Engine
 
+from eventpipe import redis_clients
 from eventpipe.database import make_engine
-from eventpipe.dlq import DeadLetterQueue
+from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.settings import Settings
 
 EXTENSION = "eventpipe"
-# A request must not hang on Redis: operations answer fast or the request fails with 503.
-REDIS_CONNECT_TIMEOUT_S = 2.0
-REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,16 +29,12 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
-        # decode_responses stays off: dead letters hold the original message bytes.
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        )
+        client = redis_clients.request(settings.redis_url)
         return cls(settings, make_engine(settings, writer=False), client)
 
-    def dead_letters(self) -> DeadLetterQueue:
-        return DeadLetterQueue(self.redis, self.settings.dlq_stream, self.settings.dlq_max_entries)
+    def dead_letters(self) -> DeadLetterStream:
+        return DeadLetterStream(self.redis, self.settings.dlq_stream,
+                                self.settings.dlq_max_entries, self.settings.dlq_max_bytes)
 
     def close(self) -> None:
         """Close the pools: for tests and embedders that create apps and throw them away."""

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.broker import TopicFactory, create_topic, running_kafka
+from tests.support.broker import TopicFactory, create_topic, running_kafka
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
-from eventpipe.apply import apply_batch
-from eventpipe.effects import Status
+from eventpipe import readmodel
+from eventpipe.apply import apply_batch, apply_in
+from eventpipe.effects import Fate
 from eventpipe.samples import (
     Document,
     inventory_adjusted,
@@ -18,11 +21,19 @@ from eventpipe.samples import (
     user_created,
 )
 from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
-from tests.factories import at, deliveries
+from tests.support.factories import at, received
 
 
-def apply(engine: Engine, *messages: tuple[str, Document]) -> list[Status]:
-    return [outcome.status for outcome in apply_batch(engine, deliveries(*messages))]
+def apply(engine: Engine, *messages: tuple[str, Document]) -> list[Fate]:
+    return apply_batch(engine, received(*messages)).fates
+
+
+def visible(engine: Engine) -> dict[str, set[str]]:
+    """The keys the read model shows."""
+    with engine.connect() as conn:
+        model = readmodel.whole(conn)
+    return {"users": set(model.users), "orders": set(model.orders),
+            "payments": set(model.payments)}
 
 
 def rows(engine: Engine, table: Any, *order_by: Any) -> list[dict[str, Any]]:
@@ -52,7 +63,7 @@ def test_new_entities_of_every_type_apply(engine: Engine) -> None:
         payment_settled("p1", "o1", "20.00", currency="EUR", occurred_at=at(2)),
         inventory_adjusted("SKU-1", -2, occurred_at=at(3)),
     )
-    assert statuses == [Status.APPLIED] * 4
+    assert statuses == [Fate.APPLIED] * 4
     [user] = rows(engine, users)
     assert (user["user_id"], user["email"], user["name"]) == ("u1", "ada@example.com", "Ada")
     assert user["created_at"] == at(0) and user["version_at"] == at(0)
@@ -76,15 +87,15 @@ def test_new_entities_of_every_type_apply(engine: Engine) -> None:
 
 def test_duplicate_is_a_no_op_across_and_within_batches(engine: Engine) -> None:
     message = user_created("u1", name="First", occurred_at=at(0), event_id="e-1")
-    assert apply(engine, message, message) == [Status.APPLIED, Status.DUPLICATE]
-    assert apply(engine, message) == [Status.DUPLICATE]
+    assert apply(engine, message, message) == [Fate.APPLIED, Fate.DUPLICATE]
+    assert apply(engine, message) == [Fate.DUPLICATE]
     assert user_names(engine) == {"u1": "First"}
     assert ledger_count(engine) == 1
 
 
 def test_older_version_changes_nothing(engine: Engine) -> None:
-    assert apply(engine, user_created("u1", name="New", occurred_at=at(10))) == [Status.APPLIED]
-    assert apply(engine, user_created("u1", name="Old", occurred_at=at(5))) == [Status.STALE]
+    assert apply(engine, user_created("u1", name="New", occurred_at=at(10))) == [Fate.APPLIED]
+    assert apply(engine, user_created("u1", name="Old", occurred_at=at(5))) == [Fate.STALE]
     assert user_names(engine) == {"u1": "New"}
     # A stale event is done with: it is in the ledger, so its redelivery is a duplicate.
     assert ledger_count(engine) == 2
@@ -93,11 +104,11 @@ def test_older_version_changes_nothing(engine: Engine) -> None:
 def test_newer_version_wins_and_ties_break_by_event_id(engine: Engine) -> None:
     apply(engine, user_created("u1", name="v1", occurred_at=at(0), event_id="e-b"))
     assert apply(engine, user_created("u1", name="v2", occurred_at=at(1), event_id="e-a")) == [
-        Status.APPLIED]
+        Fate.APPLIED]
     assert apply(engine, user_created("u1", name="tie-low", occurred_at=at(1),
-                                      event_id="e-0")) == [Status.STALE]
+                                      event_id="e-0")) == [Fate.STALE]
     assert apply(engine, user_created("u1", name="tie-high", occurred_at=at(1),
-                                      event_id="e-z")) == [Status.APPLIED]
+                                      event_id="e-z")) == [Fate.APPLIED]
     assert user_names(engine) == {"u1": "tie-high"}
 
 
@@ -105,7 +116,7 @@ def test_newer_order_replaces_its_items(engine: Engine) -> None:
     apply(engine, user_created("u1", occurred_at=at(0)),
           order_placed("o1", "u1", items=[("A", 1, "1.00"), ("B", 1, "2.00")], occurred_at=at(1)))
     assert apply(engine, order_placed("o1", "u1", items=[("C", 3, "5.00")],
-                                      occurred_at=at(2))) == [Status.APPLIED]
+                                      occurred_at=at(2))) == [Fate.APPLIED]
     items = rows(engine, order_items)
     assert [(i["sku"], i["quantity"]) for i in items] == [("C", 3)]
     assert rows(engine, orders)[0]["total_amount"] == Decimal("15.00")
@@ -114,68 +125,77 @@ def test_newer_order_replaces_its_items(engine: Engine) -> None:
 def test_inventory_delta_applies_once_per_event_id(engine: Engine) -> None:
     plus = inventory_adjusted("SKU-9", 5, occurred_at=at(2), event_id="d-1")
     minus = inventory_adjusted("SKU-9", -2, occurred_at=at(1), event_id="d-2")
-    assert apply(engine, plus, minus, plus) == [Status.APPLIED, Status.APPLIED, Status.DUPLICATE]
+    assert apply(engine, plus, minus, plus) == [Fate.APPLIED, Fate.APPLIED, Fate.DUPLICATE]
     assert apply(engine, minus, inventory_adjusted("SKU-9", 10, occurred_at=at(0))) == [
-        Status.DUPLICATE, Status.APPLIED]
+        Fate.DUPLICATE, Fate.APPLIED]
     [stock] = rows(engine, inventory)
     assert stock["quantity"] == 13
     assert stock["updated_at"] == at(2)  # the latest adjustment, whatever the arrival order
 
 
-def test_missing_parent_is_isolated_to_its_event(engine: Engine) -> None:
-    outcomes = apply_batch(engine, deliveries(
-        order_placed("o1", "ghost", occurred_at=at(1)),
-        user_created("u1", occurred_at=at(0)),
-        payment_settled("p1", "o-none", "1.00", occurred_at=at(2)),
-        order_placed("o2", "u1", occurred_at=at(3)),
-    ))
-    assert [o.status for o in outcomes] == [
-        Status.MISSING_PARENT, Status.APPLIED, Status.MISSING_PARENT, Status.APPLIED]
-    assert outcomes[0].reason == "user 'ghost' not found"
-    assert outcomes[2].reason == "order 'o-none' not found"
-    assert [r["order_id"] for r in rows(engine, orders)] == ["o2"]
-    # Nothing is recorded for an event that has not applied: it can still apply later.
-    assert ledger_count(engine) == 2
-    retried = order_placed("o1", "ghost", occurred_at=at(1))
-    assert apply(engine, user_created("ghost", occurred_at=at(5)), retried) == [
-        Status.APPLIED, Status.APPLIED]
+def test_children_are_stored_before_their_parents_and_appear_with_them(engine: Engine) -> None:
+    assert apply(engine,
+                 order_placed("o1", "ghost", occurred_at=at(1)),
+                 payment_settled("p1", "o1", "10.00", occurred_at=at(2))) == [Fate.APPLIED] * 2
+    assert visible(engine) == {"users": set(), "orders": set(), "payments": set()}
+    assert ledger_count(engine) == 2  # their fate is recorded: the offsets may be committed
+    assert apply(engine, user_created("ghost", occurred_at=at(0))) == [Fate.APPLIED]
+    assert visible(engine) == {"users": {"ghost"}, "orders": {"o1"}, "payments": {"p1"}}
 
 
-def test_email_clash_is_rejected_and_isolated(engine: Engine) -> None:
-    apply(engine, user_created("u1", email="same@example.com", occurred_at=at(0)))
-    outcomes = apply_batch(engine, deliveries(
-        user_created("u2", email="SAME@example.com", occurred_at=at(1)),
-        user_created("u3", email="other@example.com", occurred_at=at(1)),
-    ))
-    assert [o.status for o in outcomes] == [Status.REJECTED, Status.APPLIED]
-    assert outcomes[0].reason == "email 'same@example.com' already belongs to user 'u1'"
-    assert sorted(user_names(engine)) == ["u1", "u3"]
+def test_an_email_belongs_to_its_earliest_claimant_whatever_the_arrival(engine: Engine) -> None:
+    apply(engine, user_created("late", email="same@example.com", occurred_at=at(5)))
+    assert visible(engine)["users"] == {"late"}
+    apply(engine, user_created("early", email="SAME@example.com", occurred_at=at(1)),
+          user_created("other", email="other@example.com", occurred_at=at(1)))
+    assert visible(engine)["users"] == {"early", "other"}
+    # The winner moves to another address: the email is free for the next claimant.
+    apply(engine, user_created("early", email="new@example.com", occurred_at=at(9)))
+    assert visible(engine)["users"] == {"early", "late", "other"}
 
 
 def test_emails_can_move_between_users_within_a_batch(engine: Engine) -> None:
     apply(engine, user_created("a", email="a@x.io", occurred_at=at(0)),
           user_created("b", email="b@x.io", occurred_at=at(0)))
-    # a's row is written first, taking b's address before b has released it: the batch
-    # violates the unique index as a whole and is narrowed down to single events.
     statuses = apply(
         engine,
         user_created("a", email="tmp@x.io", occurred_at=at(1)),
         user_created("b", email="c@x.io", occurred_at=at(1)),
         user_created("a", email="b@x.io", occurred_at=at(2)),
     )
-    assert statuses == [Status.APPLIED] * 3
+    assert statuses == [Fate.STALE, Fate.APPLIED, Fate.APPLIED]
     assert {r["user_id"]: r["email"] for r in rows(engine, users)} == {
         "a": "b@x.io", "b": "c@x.io"}
+    assert visible(engine)["users"] == {"a", "b"}
 
 
-def test_payment_in_another_currency_is_rejected(engine: Engine) -> None:
+def test_a_payment_shows_only_in_its_orders_currency(engine: Engine) -> None:
     apply(engine, user_created("u1", occurred_at=at(0)),
-          order_placed("o1", "u1", currency="EUR", occurred_at=at(1)))
-    outcomes = apply_batch(engine, deliveries(
-        payment_settled("p1", "o1", "10.00", currency="USD", occurred_at=at(2))))
-    assert outcomes[0].status is Status.REJECTED
-    assert outcomes[0].reason == "payment currency USD differs from order currency EUR"
-    assert rows(engine, payments) == []
+          order_placed("o1", "u1", currency="EUR", occurred_at=at(1)),
+          payment_settled("p1", "o1", "10.00", currency="USD", occurred_at=at(2)))
+    assert visible(engine)["payments"] == set()
+    apply(engine, order_placed("o1", "u1", currency="USD", occurred_at=at(3)))
+    assert visible(engine)["payments"] == {"p1"}
+
+
+def test_an_order_written_by_nobody_keeps_its_items(engine: Engine) -> None:
+    """Two writers of one order (a replay on another partition, two workers on one queue):
+    the older version must not replace the newer version's items (issue 9, item 3)."""
+    apply(engine, user_created("u1", occurred_at=at(0)))
+    newer = order_placed("o1", "u1", items=[("NEW", 2, "2.00")], occurred_at=at(2))
+    older = order_placed("o1", "u1", items=[("OLD", 1, "1.00")], occurred_at=at(1))
+    with engine.connect() as holder:
+        # The newer version is being written by another transaction, not committed yet.
+        transaction = holder.begin()
+        apply_in(holder, received(newer), [], worker="w1", applied_at=at(10))
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(apply, engine, older)
+            if engine.dialect.name == "postgresql":
+                wait_for_lock_waiter(engine)
+            transaction.commit()
+            assert waiting.result(timeout=30) == [Fate.STALE]
+    assert [(i["sku"], i["quantity"]) for i in rows(engine, order_items)] == [("NEW", 2)]
+    assert rows(engine, orders)[0]["version_at"] == at(2)
 
 
 def test_money_is_exact(engine: Engine) -> None:
@@ -200,19 +220,35 @@ def test_mixed_batch_matches_one_by_one_application(engine: Engine) -> None:
         inventory_adjusted("X", 7, occurred_at=at(3), event_id="m-5"),
     ]
     batched = apply(engine, *messages)
-    assert batched == [Status.APPLIED, Status.APPLIED, Status.STALE, Status.APPLIED,
-                       Status.APPLIED, Status.REJECTED, Status.MISSING_PARENT, Status.DUPLICATE]
-    state = _state(engine)
+    assert batched == [Fate.APPLIED, Fate.APPLIED, Fate.STALE, Fate.APPLIED,
+                       Fate.APPLIED, Fate.APPLIED, Fate.APPLIED, Fate.DUPLICATE]
+    state, shown = _state(engine), visible(engine)
+    assert shown == {"users": {"u1"}, "orders": {"o1"}, "payments": {"p1"}}
     with engine.begin() as conn:
         for table in (applied_events, inventory, payments, order_items, orders, users):
             conn.execute(table.delete())
     singly = [s for m in messages for s in apply(engine, m)]
     assert singly == batched
-    assert _state(engine) == state
+    assert _state(engine) == state and visible(engine) == shown
+
+
+def wait_for_lock_waiter(engine: Engine) -> None:
+    """Until another backend waits on a lock (the second writer is blocked on the row)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        # A connection of its own: within a transaction, pg_stat_activity is a snapshot.
+        with engine.connect() as probe:
+            waiting = probe.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")).scalar_one()
+        if waiting:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the second writer never waited on the first")
 
 
 def _state(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    volatile = ("updated_at", "applied_at", "kafka_offset")
+    volatile = ("updated_at", "applied_at", "kafka_offset", "worker")
 
     def strip(table: Any, skip: Iterable[str] = volatile) -> list[Any]:
         keys = [c for c in table.columns if c.name not in skip]

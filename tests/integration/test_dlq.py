@@ -1,106 +1,230 @@
-"""The dead-letter queue on a real Redis: context kept, once per message, bounded, filtered."""
+"""The dead-letter queue: the SQL record, its Redis stream, restore, replay and purge.
+
+Real Redis (the machine's, keys of its own per test), real SQLite and PostgreSQL, a real
+Kafka for replays and for fetching lost bytes.
+"""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import redis
+from sqlalchemy import Engine, select
 
-from eventpipe.dlq import DeadLetter, DeadLetterQueue, DeadLetterQueueFull, Filter
+from eventpipe.apply import apply_batch
+from eventpipe.dlq import actions, projection, records
+from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, DeadLetter, message_key
+from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, Filter, StreamEntry
+from eventpipe.effects import Position
 from eventpipe.errors import TransientError
-
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+from eventpipe.kafka import MessageReader
+from eventpipe.tables import dead_letters
+from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
+from tests.support.factories import T0, dead_letter
 
 
 @pytest.fixture
-def queue(redis_client: redis.Redis) -> Iterator[DeadLetterQueue]:
-    stream = f"test:dlq:{uuid.uuid4().hex}"
-    yield DeadLetterQueue(redis_client, stream, max_entries=5)
-    redis_client.delete(stream, f"{stream}:index")
+def stream(redis_client: redis.Redis) -> Iterator[DeadLetterStream]:
+    name = f"test:dlq:{uuid.uuid4().hex}"
+    yield DeadLetterStream(redis_client, name, max_entries=5, max_bytes=10_000)
+    redis_client.delete(name, f"{name}:index", f"{name}:totals", f"{name}:intact")
 
 
-def letter(offset: int, event_type: str = "OrderPlaced", error: str = "InvalidEvent",
-           value: bytes = b'{"x": 1}') -> DeadLetter:
-    return DeadLetter(
-        value=value, key=b"k-1", topic="events", partition=3, offset=offset,
-        event_id=f"e-{offset}", event_type=event_type, error_class=error,
-        error_message="data.x: is required", traceback="Traceback …", attempts=1,
-        first_failure_at=T0, last_failure_at=T0 + timedelta(seconds=1), worker="host:1",
-    )
+def failure(offset: int, value: bytes, topic: str = "events") -> DeadLetter:
+    return DeadLetter(dlq_key=message_key(b"k", value), error_class=INVALID_EVENT,
+                      reason="value: malformed JSON", first_failure_at=T0, last_failure_at=T0,
+                      worker="host:1", position=Position(topic, 0, offset))
 
 
-def test_an_entry_keeps_all_its_context(queue: DeadLetterQueue) -> None:
-    entry_id, added = queue.add(letter(7, value=b"\xff raw"))
-    assert added
-    stored = queue.get(entry_id)
-    assert stored == letter(7, value=b"\xff raw") and stored.entry_id == entry_id
-    view = stored.as_json()
-    assert view["value"] == {"base64": "/yByYXc="} and view["key"] == {"text": "k-1"}
-    assert view["firstFailureAt"] == "2026-11-24T10:00:00Z"
-    assert queue.get("0-1") is None
+def record(engine: Engine, *letters: DeadLetter) -> list[DeadLetter]:
+    return apply_batch(engine, [], letters).dead_letters
 
 
-def test_the_same_kafka_message_is_dead_lettered_once(queue: DeadLetterQueue) -> None:
-    first, added = queue.add(letter(1))
-    again, added_again = queue.add(letter(1))
-    assert added and not added_again and again == first
-    assert queue.depth() == 1
+# -- the stream --------------------------------------------------------------------------------
 
 
-def test_the_bound_refuses_loudly_and_drops_nothing(
-    queue: DeadLetterQueue, caplog: pytest.LogCaptureFixture
+def test_an_entry_keeps_all_its_context(stream: DeadLetterStream) -> None:
+    entry_id = stream.put(dead_letter(7, value=b"\xff raw"))
+    stored = stream.get(entry_id)
+    assert stored == dead_letter(7, value=b"\xff raw") and stored.entry_id == entry_id
+    assert stream.get("0-1") is None and stream.get("not an id") is None
+
+
+def test_one_entry_per_dlq_key_the_latest_failure_replaces_it(stream: DeadLetterStream) -> None:
+    first = stream.put(dead_letter(1))
+    entry = dead_letter(1)
+    again = stream.put(replace(entry, letter=replace(entry.letter, attempts=2)))
+    assert again != first and stream.depth() == 1
+    moved = stream.get(again)
+    assert moved is not None and moved.letter.attempts == 2 and stream.get(first) is None
+
+
+def test_the_bounds_in_entries_and_bytes_refuse_loudly_and_drop_nothing(
+    stream: DeadLetterStream, caplog: pytest.LogCaptureFixture,
 ) -> None:
     for offset in range(5):
-        queue.add(letter(offset))
+        stream.put(dead_letter(offset))
     assert "near its bound" in caplog.text
     with pytest.raises(DeadLetterQueueFull) as caught:
-        queue.add(letter(99))
-    assert isinstance(caught.value, TransientError)  # the work waits and retries
-    assert queue.depth() == 5
+        stream.put(dead_letter(99))
+    assert isinstance(caught.value, TransientError)
+    assert stream.depth() == 5
+    stream.put(dead_letter(4))  # replacing an entry adds none
+    for offset in range(5):
+        stream.remove(dead_letter(offset).letter.dlq_key)
+    with pytest.raises(DeadLetterQueueFull):
+        stream.put(dead_letter(1, value=b"x" * 20_000))  # over the byte bound on its own
+    assert stream.depth() == 0 and stream.size_bytes() == 0
 
 
-def test_filters_pagination_and_purge(queue: DeadLetterQueue) -> None:
-    queue.add(letter(1, "OrderPlaced", "InvalidEvent"))
-    queue.add(letter(2, "UserCreated", "RejectedEvent"))
-    queue.add(letter(3, "OrderPlaced", "MissingParent"))
-    assert [e.offset for e in queue.page(Filter(event_type="OrderPlaced"))] == [1, 3]
-    assert [e.offset for e in queue.page(Filter(error_class="RejectedEvent"))] == [2]
-    first = queue.page(limit=2)
-    assert [e.offset for e in first] == [1, 2]
-    assert [e.offset for e in queue.page(after=first[-1].entry_id)] == [3]
-    assert queue.page(Filter(since=datetime.now(UTC) + timedelta(hours=1))) == []
-    assert queue.purge(Filter(event_type="OrderPlaced")) == 2
-    assert [e.offset for e in queue.scan()] == [2]
-    # A purged position may be dead-lettered again (e.g. after a replay that fails).
-    assert queue.add(letter(1))[1]
+def test_filters_and_pagination(stream: DeadLetterStream) -> None:
+    stream.put(dead_letter(1, "OrderPlaced", "InvalidEvent"))
+    stream.put(dead_letter(2, "UserCreated", "EmailTaken"))
+    stream.put(dead_letter(3, "OrderPlaced", "MissingParent"))
+    assert [e.letter.position.offset for e in stream.page(Filter(event_type="OrderPlaced"))] \
+        == [1, 3]
+    assert [e.letter.position.offset for e in stream.page(Filter(error_class="EmailTaken"))] \
+        == [2]
+    first = stream.page(limit=2)
+    rest = stream.page(after=first[-1].entry_id)
+    assert [e.letter.position.offset for e in first + rest] == [1, 2, 3]
 
 
-def test_replay_deletes_only_what_kafka_acknowledged(queue: DeadLetterQueue) -> None:
-    queue.add(letter(1))
-    queue.add(letter(2))
-    published: list[tuple[int | None, bytes]] = []
-    entries = list(queue.scan())
-    with pytest.raises(TransientError):
-        queue.replay(entries, lambda e, h: published.append((e.offset, h)), lambda: 1)
-    assert queue.depth() == 2  # nothing acknowledged, nothing deleted
-    assert queue.replay(entries, lambda e, h: published.append((e.offset, h)), lambda: 0) == 2
-    assert queue.depth() == 0
-    offset, header = published[-1]
-    assert offset == 2 and b'"error_class": "InvalidEvent"' in header and b"replayed_at" in header
+# -- the SQL record is the truth, the stream its projection -------------------------------------
 
 
-def test_another_message_at_a_known_position_is_a_new_dead_letter(
-    queue: DeadLetterQueue,
+def test_a_failure_is_recorded_in_sql_and_projected_with_its_bytes(
+    engine: Engine, stream: DeadLetterStream,
 ) -> None:
-    # A topic recreated from offset 0 puts other messages at positions seen before.
-    first, _ = queue.add(letter(1, value=b"first life"))
-    second, added = queue.add(letter(1, value=b"second life"))
-    assert added and second != first
-    assert queue.add(letter(1, value=b"second life")) == (second, False)
-    old = queue.get(first)
-    assert old is not None and queue.delete(old)  # leaves the newer entry's index alone
-    assert queue.add(letter(1, value=b"second life")) == (second, False)
-    assert queue.depth() == 1
+    [saved] = record(engine, failure(4, b"{oops"))
+    assert saved.state == OPEN and saved.revision == 1
+    done = projection.project(engine, stream, None, {saved.dlq_key: (b"k", b"{oops")})
+    assert done.put == 1
+    [entry] = list(stream.scan())
+    assert entry.value == b"{oops" and entry.letter.dlq_key == saved.dlq_key
+    with engine.connect() as conn:
+        assert records.unprojected(conn, 10) == []
+
+
+def test_the_same_message_failing_again_updates_its_dead_letter(engine: Engine) -> None:
+    record(engine, failure(4, b"{oops"))
+    [again] = record(engine, replace(failure(9, b"{oops"), last_failure_at=T0 + timedelta(1)))
+    assert again.attempts == 2 and again.position.offset == 9
+    assert again.first_failure_at == T0
+    with engine.connect() as conn:
+        assert len(conn.execute(select(dead_letters)).all()) == 1
+
+
+def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Redis lost its data (issue 9, item 2): the dead letters come back, bytes and all."""
+    topic = kafka_topic(partitions=1)
+    [at_zero, at_one] = produce(kafka_broker, topic, [(b"k", b"{first", []),
+                                                      (b"k", b"{second", [])])
+    saved = record(engine, failure(at_zero.offset or 0, b"{first", topic),
+                   failure(at_one.offset or 0, b"{second", topic))
+    projection.project(engine, stream, None, {letter.dlq_key: (b"k", v) for letter, v in
+                                              zip(saved, (b"{first", b"{second"), strict=True)})
+    stream.client.delete(stream.stream, stream.index, stream.totals)  # FLUSHALL, in effect
+    stream.put(dead_letter(77))  # a stray the SQL record does not know
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    try:
+        report = projection.restore(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert (report.put, report.removed, report.missing_bytes) == (2, 1, [])
+    assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
+
+
+def test_a_lost_stream_is_noticed_and_rebuilt_without_an_operator(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Redis restarted without persistence: the worker's reconciler rebuilds the stream by
+    itself (the marker went with the data); an intact stream is left alone."""
+    topic = kafka_topic(partitions=1)
+    [message] = produce(kafka_broker, topic, [(b"k", b"{lost", [])])
+    [saved] = record(engine, failure(message.offset or 0, b"{lost", topic))
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    try:
+        projection.project(engine, stream, None, {saved.dlq_key: (b"k", b"{lost")})
+        assert projection.repair_if_lost(engine, stream, reader.fetch) is not None  # first run
+        assert projection.repair_if_lost(engine, stream, reader.fetch) is None
+        stream.client.delete(stream.stream, stream.index, stream.totals, stream.marker)
+        report = projection.repair_if_lost(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert report is not None and report.put == 1
+    assert [e.value for e in stream.scan()] == [b"{lost"]
+    assert stream.intact()
+
+
+# -- replay and purge --------------------------------------------------------------------------
+
+
+def _open_entries(engine: Engine, stream: DeadLetterStream, topic: str,
+                  count: int) -> list[StreamEntry]:
+    saved = record(engine, *(failure(n, f"{{bad {n}".encode(), topic) for n in range(count)))
+    projection.project(engine, stream, None,
+                       {letter.dlq_key: (b"k", f"{{bad {n}".encode())
+                        for n, letter in enumerate(sorted(saved, key=lambda x: x.position.offset
+                                                          or 0))})
+    return list(stream.scan())
+
+
+def test_replay_publishes_each_entry_once_and_removes_what_kafka_took(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    topic = kafka_topic(partitions=1)
+    entries = _open_entries(engine, stream, topic, 3)
+    publisher = actions.Publisher(settings_for(kafka_broker, topic))
+    # Two replays at once (issue 9, item 11): every entry is published exactly once.
+    results: list[actions.Replayed] = []
+    threads = [threading.Thread(target=lambda: results.append(actions.replay(
+        engine, stream, entries, publisher))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sum(r.replayed for r in results) == 3 and sum(r.skipped for r in results) == 3
+    assert stream.depth() == 0
+    consumer = make_consumer(kafka_broker, f"check-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    values = sorted(m.value() or b"" for m in consume(consumer, 3))
+    consumer.close()
+    assert values == [b"{bad 0", b"{bad 1", b"{bad 2"]
+    with engine.connect() as conn:
+        assert {r.state for r in conn.execute(select(dead_letters))} == {REPLAYED}
+
+
+def test_an_entry_kafka_refuses_stays_and_its_neighbours_still_leave(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    topic = kafka_topic(partitions=1)
+    entries = _open_entries(engine, stream, topic, 3)
+    # The middle one names a topic Kafka refuses.
+    broken = replace(entries[1], letter=replace(entries[1].letter,
+                                                position=Position("bad topic!", 0, 1)))
+    result = actions.replay(engine, stream, [entries[0], broken, entries[2]],
+                            actions.Publisher(settings_for(kafka_broker, topic), timeout_s=5))
+    assert (result.replayed, result.refused) == (2, 1)
+    assert [e.letter.dlq_key for e in stream.scan()] == [entries[1].letter.dlq_key]
+    with engine.connect() as conn:
+        states = {r.dlq_key: r.state for r in conn.execute(select(dead_letters))}
+    assert states[entries[1].letter.dlq_key] == OPEN
+
+
+def test_purge_removes_the_entry_and_keeps_the_fate(
+    engine: Engine, stream: DeadLetterStream, kafka_topic: TopicFactory,
+) -> None:
+    [entry] = _open_entries(engine, stream, "events", 1)
+    assert actions.purge(engine, stream, [entry]) == 1
+    assert stream.depth() == 0
+    with engine.connect() as conn:
+        [row] = conn.execute(select(dead_letters)).all()
+    assert row.state == "purged"

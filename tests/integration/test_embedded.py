@@ -13,13 +13,13 @@ import pytest
 import redis
 from confluent_kafka import TopicPartition
 
-from eventpipe.embedded import (
+from launcher.embedded import (
     EmbeddedServiceError,
     free_port,
     start_kafka,
     start_redis,
 )
-from tests.broker import TopicFactory, consume, make_consumer, produce
+from tests.support.broker import TopicFactory, consume, make_consumer, produce
 
 HEADERS = [("eventId", b"e-1"), ("traceparent", b"00-abc-01")]
 

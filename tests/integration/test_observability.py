@@ -4,7 +4,6 @@ event's life can be followed through the JSON logs of the bridge and a worker by
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventpipe.samples import Document, Story, user_created
-from tests.integration.pipeline import Pipeline, wait_until
+from launcher.embedded import free_port
+from tests.support.pipeline import Pipeline, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> Samples:

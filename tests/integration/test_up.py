@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.integration.pipeline import BIN, wait_until
-from tests.integration.test_observability import free_port
-from tests.services import REDIS_URL
+from launcher.embedded import free_port
+from tests.support.pipeline import BIN, wait_until
+from tests.support.services import REDIS_URL
 
 
 def _processes_with(marker: str) -> list[int]:

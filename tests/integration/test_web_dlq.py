@@ -5,7 +5,6 @@ Each test has its own DLQ stream (`test:dlq:<uuid>`), deleted afterwards.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,18 +18,23 @@ import schemathesis
 from confluent_kafka import Consumer, TopicPartition
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import Engine, select
 from werkzeug.test import TestResponse
 
-from eventpipe import replay
-from eventpipe.dlq import HISTORY_HEADER, DeadLetter, DeadLetterQueue
+from eventpipe.apply import apply_batch
+from eventpipe.database import make_engine
+from eventpipe.dlq import actions, projection
+from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
+from eventpipe.effects import Position
 from eventpipe.settings import Settings
-from tests.broker import TopicFactory
-from tests.integration.test_web_reads import fuzz, serving
-from tests.services import REDIS_URL
+from eventpipe.tables import dead_letters
+from tests.support.broker import TopicFactory
+from tests.support.factories import dead_letter
+from tests.support.http import fuzz, serving
+from tests.support.services import REDIS_URL
 from web import create_app, services
 
 TOKEN = "s3cret-token"
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 # Nothing listens on port 1 of the loopback: connections are refused at once.
 NOWHERE = "127.0.0.1:1"
 
@@ -48,12 +52,45 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None]] = [
 def stream(redis_client: redis.Redis) -> Iterator[str]:
     name = f"test:dlq:{uuid.uuid4().hex}"
     yield name
-    redis_client.delete(name, f"{name}:index")
+    redis_client.delete(name, f"{name}:index", f"{name}:totals")
 
 
 @pytest.fixture
-def queue(redis_client: redis.Redis, stream: str) -> DeadLetterQueue:
-    return DeadLetterQueue(redis_client, stream, max_entries=100)
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = make_engine(Settings(database_url=sqlite_url))
+    with engine.begin() as conn:
+        conn.execute(dead_letters.delete())
+    yield engine
+    engine.dispose()
+
+
+class Queue:
+    """Dead letters as the pipeline makes them: recorded in SQL, projected to the stream."""
+
+    def __init__(self, engine: Engine, stream: DeadLetterStream) -> None:
+        self.engine = engine
+        self.stream = stream
+
+    def add(self, entry: StreamEntry) -> str:
+        [saved] = apply_batch(self.engine, [], [entry.letter]).dead_letters
+        projection.project(self.engine, self.stream, None,
+                           {saved.dlq_key: (entry.key, entry.value or b"")})
+        found = self.stream.get_key(saved.dlq_key)
+        assert found is not None and found.entry_id is not None
+        return found.entry_id
+
+    def offsets(self) -> list[int | None]:
+        return [entry.letter.position.offset for entry in self.stream.scan()]
+
+    def state(self, entry: StreamEntry) -> str:
+        with self.engine.connect() as conn:
+            return str(conn.execute(select(dead_letters.c.state).where(
+                dead_letters.c.dlq_key == entry.letter.dlq_key)).scalar_one())
+
+
+@pytest.fixture
+def queue(redis_client: redis.Redis, stream: str, sqlite_engine: Engine) -> Queue:
+    return Queue(sqlite_engine, DeadLetterStream(redis_client, stream, 100, 10**7))
 
 
 def settings_for(sqlite_url: str, stream: str, **overrides: Any) -> Settings:
@@ -81,17 +118,6 @@ def make_app(sqlite_url: str, stream: str) -> Iterator[Any]:
 def client(make_app: Any) -> FlaskClient:
     client: FlaskClient = make_app()
     return client
-
-
-def letter(offset: int, event_type: str = "OrderPlaced", error: str = "InvalidEvent",
-           topic: str = "events") -> DeadLetter:
-    return DeadLetter(
-        value=f'{{"n": {offset}}}'.encode(), key=f"k-{offset}".encode(), topic=topic,
-        partition=0, offset=offset, event_id=f"e-{offset}", event_type=event_type,
-        error_class=error, error_message="data.x: is required", traceback="Traceback …",
-        attempts=1, first_failure_at=T0, last_failure_at=T0 + timedelta(seconds=1),
-        worker="host:1",
-    )
 
 
 def call(client: FlaskClient, method: str, path: str, body: Any = None,
@@ -139,8 +165,8 @@ def test_the_right_token_is_accepted_even_when_not_ascii(make_app: Any) -> None:
         "depth"] == 0
 
 
-def test_listing_pages_with_a_cursor(client: FlaskClient, queue: DeadLetterQueue) -> None:
-    ids = [queue.add(letter(n))[0] for n in range(5)]
+def test_listing_pages_with_a_cursor(client: FlaskClient, queue: Queue) -> None:
+    ids = [queue.add(dead_letter(n)) for n in range(5)]
     seen: list[str] = []
     cursor: str | None = None
     pages = 0
@@ -157,18 +183,18 @@ def test_listing_pages_with_a_cursor(client: FlaskClient, queue: DeadLetterQueue
 
 
 def test_listing_filters_by_type_error_and_time(
-    client: FlaskClient, queue: DeadLetterQueue
+    client: FlaskClient, queue: Queue
 ) -> None:
-    queue.add(letter(1, "OrderPlaced", "InvalidEvent"))
-    queue.add(letter(2, "UserCreated", "RejectedEvent"))
-    queue.add(letter(3, "OrderPlaced", "MissingParent"))
+    queue.add(dead_letter(1, "OrderPlaced", "InvalidEvent"))
+    queue.add(dead_letter(2, "UserCreated", "EmailTaken"))
+    queue.add(dead_letter(3, "OrderPlaced", "MissingParent"))
 
     def offsets(**query: Any) -> list[int]:
         page = ok(call(client, "GET", "/dlq/entries", query_string=query))
         return [item["offset"] for item in page["items"]]
 
     assert offsets(eventType="OrderPlaced") == [1, 3]
-    assert offsets(errorClass="RejectedEvent") == [2]
+    assert offsets(errorClass="EmailTaken") == [2]
     assert offsets(eventType="OrderPlaced", errorClass="MissingParent") == [3]
     # Times are when entries were dead-lettered (now), not the failures' own times.
     now = datetime.now(UTC)
@@ -191,14 +217,16 @@ def test_invalid_list_parameters_are_422(client: FlaskClient, query: dict[str, A
     assert body["errors"]["query"]
 
 
-def test_an_entry_is_shown_in_full(client: FlaskClient, queue: DeadLetterQueue) -> None:
-    entry_id, _ = queue.add(letter(7))
-    stored = queue.get(entry_id)
-    assert stored is not None
+def test_an_entry_is_shown_in_full(client: FlaskClient, queue: Queue) -> None:
+    entry_id = queue.add(dead_letter(7))
     body = ok(call(client, "GET", f"/dlq/entries/{entry_id}"))
-    assert body == stored.as_json()
-    assert body["value"] == {"text": '{"n": 7}'} and body["key"] == {"text": "k-7"}
-    assert body["firstFailureAt"] == "2026-11-24T10:00:00Z"
+    assert body == {
+        "id": entry_id, "dlqKey": dead_letter(7).letter.dlq_key, "eventId": "e-7",
+        "eventType": "OrderPlaced", "topic": "events", "partition": 0, "offset": 7,
+        "key": {"text": "k-7"}, "value": {"text": '{"n": 7}'}, "errorClass": "InvalidEvent",
+        "errorMessage": "data.x: is required", "traceback": "Traceback …", "attempts": 1,
+        "firstFailureAt": "2026-11-24T10:00:00.000Z",
+        "lastFailureAt": "2026-11-24T10:00:01.000Z", "worker": "host:1", "history": []}
 
 
 @pytest.mark.parametrize(("entry_id", "status"), [
@@ -209,36 +237,39 @@ def test_unknown_and_invalid_entry_ids(client: FlaskClient, entry_id: str, statu
         assert body["code"] == status
 
 
-def test_delete_removes_one_entry(client: FlaskClient, queue: DeadLetterQueue) -> None:
-    keep, _ = queue.add(letter(1))
-    gone, _ = queue.add(letter(2))
+def test_delete_removes_one_entry(client: FlaskClient, queue: Queue) -> None:
+    keep = queue.add(dead_letter(1))
+    gone = queue.add(dead_letter(2))
     response = call(client, "DELETE", f"/dlq/entries/{gone}")
     assert response.status_code == 204 and response.data == b""
     assert ok(call(client, "DELETE", f"/dlq/entries/{gone}"), 404)["code"] == 404
-    assert queue.get(gone) is None and queue.get(keep) is not None
-    # The position is free again: the same Kafka message could be dead-lettered anew.
-    assert queue.add(letter(2))[1]
+    assert queue.stream.get(gone) is None and queue.stream.get(keep) is not None
+    assert queue.state(dead_letter(2)) == "purged"  # the fate stays recorded
+    # The same message failing again is a dead letter again, its purge kept in its history.
+    again = queue.stream.get(queue.add(dead_letter(2)))
+    assert again is not None and [e.ended for e in again.letter.history] == ["purged"]
 
 
-def test_purge_by_filter(client: FlaskClient, queue: DeadLetterQueue) -> None:
-    queue.add(letter(1, error="InvalidEvent"))
-    queue.add(letter(2, error="RejectedEvent"))
-    queue.add(letter(3, error="InvalidEvent"))
+def test_purge_by_filter(client: FlaskClient, queue: Queue) -> None:
+    queue.add(dead_letter(1, error="InvalidEvent"))
+    queue.add(dead_letter(2, error="EmailTaken"))
+    queue.add(dead_letter(3, error="InvalidEvent"))
     assert ok(call(client, "POST", "/dlq/purge", {"errorClass": "InvalidEvent"})) == {
         "deleted": 2}
-    assert [e.offset for e in queue.scan()] == [2]
+    assert queue.offsets() == [2]
     assert ok(call(client, "POST", "/dlq/purge", {"all": True})) == {"deleted": 1}
-    assert queue.depth() == 0
+    assert queue.stream.depth() == 0
 
 
-@pytest.mark.parametrize("body", [{}, {"all": False}, {"eventType": ""}, {"bogus": 1}])
+@pytest.mark.parametrize("body", [{}, {"all": False}, {"eventType": ""}, {"bogus": 1},
+                                  {"all": 1}, {"all": "true"}, {"all": 0}])
 def test_an_empty_or_invalid_selection_is_422(
-    client: FlaskClient, queue: DeadLetterQueue, body: dict[str, Any]
+    client: FlaskClient, queue: Queue, body: dict[str, Any]
 ) -> None:
-    queue.add(letter(1))
+    queue.add(dead_letter(1))
     for path in ("/dlq/purge", "/dlq/replay"):
         assert ok(call(client, "POST", path, body), 422)["errors"]["json"]
-    assert queue.depth() == 1
+    assert queue.stream.depth() == 1
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
@@ -259,67 +290,82 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20.0) 
     return messages
 
 
-def test_replay_one_publishes_it_with_its_history_and_deletes_it(
-    make_app: Any, queue: DeadLetterQueue, kafka_broker: str, kafka_topic: TopicFactory
+def test_replay_one_publishes_it_and_it_leaves_the_dlq(
+    make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory
 ) -> None:
     topic = kafka_topic(partitions=1)
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
-    entry_id, _ = queue.add(letter(4, topic=topic))
-    other, _ = queue.add(letter(5, topic=topic))
+    entry_id = queue.add(dead_letter(4, topic=topic))
+    other = queue.add(dead_letter(5, topic=topic))
 
-    assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay")) == {"replayed": 1}
+    assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay")) == {
+        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0}
 
     [message] = read_topic(kafka_broker, topic, 1)
     assert (message.key(), message.value()) == (b"k-4", b'{"n": 4}')
-    headers = dict(message.headers())
-    [failure] = json.loads(headers[HISTORY_HEADER])
-    assert failure["error_class"] == "InvalidEvent" and failure["replayed_at"]
-    assert queue.get(entry_id) is None and queue.get(other) is not None
+    # No header carries the history (nothing a producer could forge): the SQL record does.
+    assert not message.headers()
+    assert queue.state(dead_letter(4)) == "replayed"
+    assert queue.stream.get(entry_id) is None and queue.stream.get(other) is not None
     assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay"), 404)["code"] == 404
 
 
-def test_replay_by_filter_publishes_only_what_matches(
-    make_app: Any, queue: DeadLetterQueue, kafka_broker: str, kafka_topic: TopicFactory,
+def test_replay_by_filter_publishes_only_what_matches_and_was_there(
+    make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replay, "CHUNK", 2)  # several chunks
+    monkeypatch.setattr(actions, "CHUNK", 2)  # several chunks
     chunks: list[int] = []
-    real_replay = DeadLetterQueue.replay
+    real_chunk = actions._replay_chunk
 
-    def counting_replay(self: DeadLetterQueue, entries: list[DeadLetter], *args: Any) -> int:
-        chunks.append(len(entries))
-        replayed = real_replay(self, entries, *args)
+    def counting_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
+                       *args: Any) -> None:
+        chunks.append(len(chunk))
+        real_chunk(engine, stream, chunk, *args)
         # As if a replayed message failed again at once: it is back, and must wait for the
         # next replay rather than be replayed again and again by this one.
-        self.add(letter(100 + len(chunks), "OrderPlaced", topic=topic))
-        return replayed
+        queue.add(dead_letter(100 + len(chunks), "OrderPlaced", topic=topic))
 
-    monkeypatch.setattr(DeadLetterQueue, "replay", counting_replay)
+    monkeypatch.setattr(actions, "_replay_chunk", counting_chunk)
     topic = kafka_topic(partitions=1)
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
     for n in range(6):
-        queue.add(letter(n, "OrderPlaced" if n % 3 else "UserCreated", topic=topic))
+        queue.add(dead_letter(n, "OrderPlaced" if n % 3 else "UserCreated", topic=topic))
 
-    assert ok(call(client, "POST", "/dlq/replay", {"eventType": "OrderPlaced"})) == {
-        "replayed": 4}
+    assert ok(call(client, "POST", "/dlq/replay", {"eventType": "OrderPlaced"}))[
+        "replayed"] == 4
 
     assert sorted(m.value() for m in read_topic(kafka_broker, topic, 4)) == [
         b'{"n": 1}', b'{"n": 2}', b'{"n": 4}', b'{"n": 5}']
-    assert [e.offset for e in queue.scan()] == [0, 3, 101, 102]
+    assert queue.offsets() == [0, 3, 101, 102]
     assert chunks == [2, 2]
 
 
 def test_replay_that_kafka_does_not_take_keeps_the_entries(
-    client: FlaskClient, queue: DeadLetterQueue, monkeypatch: pytest.MonkeyPatch
+    client: FlaskClient, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replay, "FLUSH_TIMEOUT_S", 1.0)
-    entry_id, _ = queue.add(letter(1))
+    monkeypatch.setattr(actions, "FLUSH_TIMEOUT_S", 1.0)
+    entry_id = queue.add(dead_letter(1))
     for method_path, body in ((f"/dlq/entries/{entry_id}/replay", None),
                               ("/dlq/replay", {"all": True})):
         response = call(client, "POST", method_path, body)
         assert response.status_code == 503
-        assert "not acknowledged by Kafka" in response.get_json()["message"]
-    assert queue.get(entry_id) is not None
+        assert "Kafka did not acknowledge" in response.get_json()["message"]
+    assert queue.stream.get(entry_id) is not None and queue.state(dead_letter(1)) == "open"
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(client: FlaskClient) -> None:
+    """Issue 9, item 12: an authenticated client sending nested JSON gets a clear error."""
+    nested = b"[" * 100_000
+    for path in ("/dlq/replay", "/dlq/purge"):
+        response = client.post(path, data=nested, content_type="application/json",
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code in (400, 413), response.get_data(as_text=True)
+    shallow_but_deep = b"[" * 5000 + b"]" * 5000
+    response = client.post("/dlq/replay", data=shallow_but_deep,
+                           content_type="application/json",
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code in (400, 422) and response.get_json()["code"] in (400, 422)
 
 
 def metric(client: FlaskClient, name: str) -> list[str]:
@@ -328,10 +374,10 @@ def metric(client: FlaskClient, name: str) -> list[str]:
 
 
 def test_metrics_report_requests_and_the_dlq_depth_at_each_scrape(
-    client: FlaskClient, queue: DeadLetterQueue
+    client: FlaskClient, queue: Queue
 ) -> None:
     for n in range(3):
-        queue.add(letter(n))
+        queue.add(dead_letter(n))
     assert client.get("/health").status_code == 200
     response = client.get("/metrics")
     assert response.status_code == 200
@@ -339,7 +385,7 @@ def test_metrics_report_requests_and_the_dlq_depth_at_each_scrape(
     assert metric(client, "dlq_depth ") == ["dlq_depth 3.0"]
     assert any('url_rule="/health"' in line
                for line in metric(client, "flask_http_request_duration_seconds_count"))
-    queue.purge()
+    actions.purge(queue.engine, queue.stream, queue.stream.scan())
     assert metric(client, "dlq_depth ") == ["dlq_depth 0.0"]
 
 
@@ -373,14 +419,14 @@ def test_not_ready_names_what_failed(make_app: Any) -> None:
 
 
 def test_the_dlq_reads_honour_their_openapi_document(
-    sqlite_url: str, stream: str, queue: DeadLetterQueue
+    sqlite_url: str, stream: str, queue: Queue
 ) -> None:
-    ids = [queue.add(letter(n, error=("InvalidEvent", "MissingParent")[n % 2]))[0]
+    ids = [queue.add(dead_letter(n, error=("InvalidEvent", "MissingParent")[n % 2]))
            for n in range(3)]
     # A message that was not even an event: raw bytes, no key, nothing could be read.
-    ids.append(queue.add(replace(letter(9), value=b"\xff not utf-8", key=None, topic=None,
-                                 partition=None, offset=None, event_id=None,
-                                 event_type=None))[0])
+    raw = dead_letter(9, value=b"\xff not utf-8")
+    ids.append(queue.add(replace(raw, key=None, letter=replace(
+        raw.letter, position=Position(), event_id=None, event_type=None, traceback=None))))
     app = create_app(settings_for(sqlite_url, stream))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:

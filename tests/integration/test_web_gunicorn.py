@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,21 +20,15 @@ import pytest
 import redis
 import requests
 
-from eventpipe.dlq import DeadLetter, DeadLetterQueue
-from tests.integration.test_web_dlq import letter
-from tests.services import REDIS_URL
+from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
+from launcher.embedded import free_port
+from tests.support.factories import dead_letter
+from tests.support.services import REDIS_URL
 from web.resources.health.checks import TIMEOUT_S as READY_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 WORKERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_for(url: str, server: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -55,7 +48,7 @@ def dlq_stream() -> Iterator[str]:
     stream = f"test:dlq:{uuid.uuid4().hex}"
     yield stream
     client = redis.Redis.from_url(REDIS_URL)
-    client.delete(stream, f"{stream}:index")
+    client.delete(stream, f"{stream}:index", f"{stream}:totals")
     client.close()
 
 
@@ -95,10 +88,10 @@ def samples(text: str, name: str, **labels: str) -> float:
 
 def test_every_scrape_reports_all_workers(server: str, dlq_stream: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
-    queue = DeadLetterQueue(client, dlq_stream, max_entries=100)
-    entries: list[DeadLetter] = [letter(n) for n in range(4)]
+    stream = DeadLetterStream(client, dlq_stream, max_entries=100, max_bytes=10**6)
+    entries: list[StreamEntry] = [dead_letter(n) for n in range(4)]
     for entry in entries:
-        queue.add(entry)
+        stream.put(entry)
     client.close()
     # /ready takes its whole 2 s timeout (Kafka is unreachable) and a sync worker serves one
     # request at a time: requests sent together are served by as many different workers.

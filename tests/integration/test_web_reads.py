@@ -7,9 +7,7 @@ served over real HTTP.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,11 @@ import pytest
 import schemathesis
 from flask import Flask
 from flask.testing import FlaskClient
-from hypothesis import HealthCheck, given, settings
 from sqlalchemy import Engine, event, select, text
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from eventpipe.apply import apply_batch
-from eventpipe.effects import Status
+from eventpipe.effects import Fate
+from eventpipe.readmodel import recent_orders_query
 from eventpipe.samples import (
     Document,
     inventory_adjusted,
@@ -33,16 +30,15 @@ from eventpipe.samples import (
 )
 from eventpipe.settings import Settings
 from eventpipe.tables import users
-from tests.factories import at, deliveries
-from tests.services import REDIS_URL
+from tests.support.factories import at, received
+from tests.support.http import fuzz, serving
+from tests.support.services import REDIS_URL
 from web import create_app, services
-from web.resources.orders.queries import latest_orders_query
 
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> None:
-    statuses = [outcome.status
-                for outcome in apply_batch(engine, deliveries(*messages, partition=0))]
-    assert statuses == [Status.APPLIED] * len(messages)
+    fates = apply_batch(engine, received(*messages, partition=0)).fates
+    assert fates == [Fate.APPLIED] * len(messages)
 
 
 @pytest.fixture
@@ -186,7 +182,7 @@ def test_get_user_takes_at_most_two_statements(
 
 
 def test_latest_orders_use_the_user_and_time_index(engine: Engine) -> None:
-    query = latest_orders_query("u1")
+    query = recent_orders_query("u1", 5)
     compiled = query.compile(engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
@@ -217,48 +213,10 @@ def test_a_database_that_is_down_is_a_503(database_url: str, tmp_path: Path) -> 
         "message": "the database is unavailable; retry later", "errors": {}}
 
 
-class QuietHandler(WSGIRequestHandler):
-    """No access log line per generated request."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-@contextmanager
-def serving(app: Flask) -> Iterator[str]:
-    """`app` on a real HTTP server on a free port, in a thread; yields its base URL."""
-    server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True,
-                                         request_handler=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="live-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-
-
 @pytest.fixture
 def live_server(app: Flask) -> Iterator[str]:
     with serving(app) as base_url:
         yield base_url
-
-
-def fuzz(schema: schemathesis.BaseSchema, base_url: str,
-         headers: dict[str, str] | None = None) -> None:
-    """Generated requests, valid then invalid: no server error, nothing undocumented.
-
-    `headers` are fixed in every case (so a token is not mutated into a negative case).
-    """
-    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-        @given(case=schema.as_strategy(generation_mode=mode, headers=headers))
-        # Derandomized: the same cases on every run, so CI is red only for a real change.
-        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        def run(case: schemathesis.Case[Any]) -> None:
-            case.call_and_validate(base_url=base_url)
-
-        run()
 
 
 def test_the_read_endpoints_honour_their_openapi_document(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bridge.batching import Batcher
 from bridge.offsets import PartitionProgress, needs_redelivery
-from eventpipe.queues import Message
+from eventpipe.queues import TaskMessage
 
 TIMEOUT = 60.0
 
@@ -72,20 +72,39 @@ def test_progress_elsewhere_in_the_partition_postpones_the_timeout() -> None:
                             overtaken_since=None, timeout_s=TIMEOUT)
 
 
-def _message(offset: int) -> Message:
-    return Message(offset, b"k", b"{}")
+def _message(offset: int, size: int = 2) -> TaskMessage:
+    return TaskMessage(offset, None, b"x" * size)
 
 
 def test_batches_close_on_count_and_on_time() -> None:
-    batcher = Batcher(max_events=3, max_wait_s=0.05)
-    assert batcher.add(0, _message(1), now=0) is None
-    assert batcher.add(1, _message(1), now=0.01) is None
-    assert batcher.add(0, _message(2), now=0.02) is None
-    full = batcher.add(0, _message(3), now=0.03)
-    assert full is not None and [m.offset for m in full] == [1, 2, 3]
+    batcher = Batcher(max_events=3, max_bytes=1000, max_wait_s=0.05)
+    assert batcher.add(0, _message(1), now=0) == []
+    assert batcher.add(1, _message(1), now=0.01) == []
+    assert batcher.add(0, _message(2), now=0.02) == []
+    [full] = batcher.add(0, _message(3), now=0.03)
+    assert [m.offset for m in full] == [1, 2, 3]
     assert batcher.due(now=0.05) == []
     due = batcher.due(now=0.07)
     assert [(p, [m.offset for m in ms]) for p, ms in due] == [(1, [1])]
     batcher.add(2, _message(9), now=1)
     batcher.drop(2)
     assert batcher.due(now=5) == []
+
+
+def test_batches_are_bounded_in_bytes_and_a_large_message_travels_alone() -> None:
+    batcher = Batcher(max_events=500, max_bytes=100, max_wait_s=1)
+    assert batcher.add(0, _message(1, 40), now=0) == []
+    assert batcher.add(0, _message(2, 40), now=0) == []
+    [closed] = batcher.add(0, _message(3, 40), now=0)  # 120 bytes would not fit
+    assert [m.offset for m in closed] == [1, 2]
+    before, alone = batcher.add(0, _message(4, 5000), now=0)
+    assert [m.offset for m in before] == [3] and [m.offset for m in alone] == [4]
+    assert batcher.due(now=10) == []
+
+
+def test_no_redelivery_while_tasks_of_the_partition_wait_in_its_queue() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([1, 2], now=0)
+    # A worker stalled for many redelivery periods: its queue holds the partition's tasks.
+    assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=3) is None
+    assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=0) == 1

@@ -24,7 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from eventpipe import metrics
 from eventpipe.settings import env_vars
-from tasks.workers import parse_partitions
+from launcher.workers import parse_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -133,11 +133,8 @@ def test_bind_mounted_files_exist() -> None:
 
 
 def _env_file_names(path: Path) -> set[str]:
-    return {
-        line.split("=", 1)[0].strip()
-        for line in path.read_text().splitlines()
-        if "=" in line and not line.lstrip().startswith("#")
-    }
+    """Variables an env file sets or documents (`.env.example` lists them commented out)."""
+    return set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", path.read_text(), flags=re.MULTILINE))
 
 
 # --- health checks and start order ----------------------------------------------------------

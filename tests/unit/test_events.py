@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventpipe.errors import InvalidEvent, PermanentError
 from eventpipe.events import (
+    MAX_MESSAGE_BYTES,
     EventType,
     InventoryAdjusted,
     OrderPlaced,
@@ -64,10 +68,11 @@ def _mutated(path: str, value: Any) -> bytes:
     *parents, last = path.split(".")
     for part in parents:
         target = target[int(part)] if isinstance(target, list) else target[part]
+    index: Any = int(last) if isinstance(target, list) else last
     if value is _DELETE:
-        del target[last]
+        del target[index]
     else:
-        target[last] = value
+        target[index] = value
     return encode(doc)
 
 
@@ -159,3 +164,97 @@ def test_peek_identity_reads_what_it_can_and_never_raises() -> None:
     assert peek_identity(b'{"eventId": 3, "eventType": "X"}') == (None, "X")
     assert peek_identity(b"\xff garbage") == (None, None)
     assert peek_identity(b"[]") == (None, None)
+
+
+# Issue 9, item 1: whatever the bytes, parsing ends in `InvalidEvent`, never another exception
+# (which would fail the task without a fate and wedge the partition).
+@pytest.mark.parametrize(
+    ("value", "field", "reason"),
+    [
+        (b"[" * 200_000, "value", "nested too deeply"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "value", "nested too deeply"),
+        (b" " * (MAX_MESSAGE_BYTES + 1), "value", "larger than"),
+    ],
+)
+def test_hostile_bytes_are_invalid_events(value: bytes, field: str, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(value)
+    assert caught.value.field == field and reason in caught.value.reason
+    assert peek_identity(value) == (None, None)
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-01:00"])
+def test_times_that_leave_the_calendar_in_utc_are_invalid(when: str) -> None:
+    for path in ("occurredAt", "data.placedAt"):
+        with pytest.raises(InvalidEvent) as caught:
+            parse_event(_mutated(path, when))
+        assert caught.value.field == path and "out of range" in caught.value.reason
+
+
+# Issue 9, item 8: what the contract accepts, every supported database stores unchanged.
+@pytest.mark.parametrize(
+    ("path", "value", "field", "reason"),
+    [
+        ("data.userId", "u\x00", "data.userId", "NUL"),
+        ("data.items.0.sku", "sku-\ud800", "data.items[0].sku", "surrogate"),
+        # 64 characters but 128 UTF-16 code units: NVARCHAR(64) on SQL Server refuses it.
+        ("data.orderId", "\U0001f600" * 64, "data.orderId", "at most 64 characters"),
+        ("data.items.0.quantity", 2**31, "data.items[0].quantity", "at most 2147483647"),
+    ],
+)
+def test_values_the_columns_would_refuse_are_invalid(
+    path: str, value: Any, field: str, reason: str
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(_mutated(path, value))
+    assert caught.value.field == field and reason in caught.value.reason
+
+
+def test_an_email_is_bounded_after_it_is_lowercased() -> None:
+    # "İ" (U+0130) lowercases to two characters: 240 of them make 480.
+    _, doc = user_created("u", email="\u0130" * 240 + "@example.com")
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(doc))
+    assert caught.value.field == "data.email" and "at most 254" in caught.value.reason
+
+
+# Issue 9, item 6: an event from the far future would make every later update of its entity
+# stale; it is judged against the message's Kafka timestamp.
+def test_an_event_far_in_the_future_of_its_kafka_timestamp_is_invalid() -> None:
+    received = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    soon = user_created("u", occurred_at=received + timedelta(minutes=4))[1]
+    later = user_created("u", occurred_at=received + timedelta(minutes=6))[1]
+    skew = timedelta(minutes=5)
+    assert parse_event(encode(soon), received_at=received, max_future=skew)
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(encode(later), received_at=received, max_future=skew)
+    assert caught.value.field == "occurredAt" and "future" in caught.value.reason
+
+
+@given(st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
+@settings(max_examples=500, deadline=None)
+def test_no_bytes_make_the_parser_raise_anything_but_invalid_event(value: bytes) -> None:
+    with contextlib.suppress(InvalidEvent):
+        parse_event(value, b"k", received_at=WHEN, max_future=timedelta(minutes=5))
+    peek_identity(value)
+
+
+def _json_values(depth: int = 3) -> st.SearchStrategy[Any]:
+    scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+               | st.text(max_size=80))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                        max_leaves=12)
+
+
+@given(st.sampled_from(["eventId", "eventType", "schemaVersion", "occurredAt", "data",
+                        "data.userId", "data.items", "data.items.0", "data.items.0.quantity",
+                        "data.items.0.unitPrice", "data.totalAmount", "data.currency",
+                        "data.placedAt", "data.orderId"]),
+       _json_values())
+@settings(max_examples=500, deadline=None)
+def test_any_field_replaced_by_any_json_gives_an_event_or_invalid_event(
+    path: str, value: Any
+) -> None:
+    with contextlib.suppress(InvalidEvent):
+        parse_event(_mutated(path, value))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from eventpipe.errors import InvalidEvent
 from eventpipe.events import parse_event
 from producer.menu import Menu
-from producer.stream import plan_stream
+from producer.stream import POISON_KINDS, plan_stream
 
 
 def test_a_clean_stream_is_all_valid_events_with_their_keys() -> None:
@@ -24,14 +25,23 @@ def test_a_clean_stream_is_all_valid_events_with_their_keys() -> None:
                                 "InventoryAdjusted"}
 
 
+_CROSS_KEY = {"poison:orphan-order", "poison:email-clash", "poison:reused-id"}
+
+
 def test_duplicates_poison_and_disorder_in_the_asked_proportions() -> None:
     plan = plan_stream(4000, duplicates=0.1, out_of_order=0.1, poison=0.05, seed=9)
     assert len(plan.messages) == 4000
     poison = [m for m in plan.messages if m.kind.startswith("poison:")]
     assert 120 < len(poison) < 280
+    assert {m.kind.removeprefix("poison:") for m in poison} == set(POISON_KINDS)
+    now = datetime.now(UTC)
     for message in poison:
-        with pytest.raises(InvalidEvent):
+        if message.kind in _CROSS_KEY:  # valid events the rules between keys reject
             parse_event(message.value, message.key)
+            continue
+        with pytest.raises(InvalidEvent):
+            parse_event(message.value, message.key, received_at=now,
+                        max_future=timedelta(minutes=5))
     values = [m.value for m in plan.messages if not m.kind.startswith("poison:")]
     assert 280 < len(values) - len(set(values)) < 520  # resent byte for byte
     occurred = [parse_event(v).occurred_at for v in dict.fromkeys(values)]
@@ -89,3 +99,12 @@ def test_the_menu_prompts_with_defaults_and_sends_valid_events() -> None:
     assert events[0].key == "u-menu" and events[1].data.user_id == "u-menu"  # type: ignore[union-attr]
     assert events[1].data.items[0].quantity == 3  # type: ignore[union-attr]
     assert "sent: UserCreated" in out.getvalue()
+
+
+def test_the_same_seed_and_clock_give_the_same_stream() -> None:
+    now = datetime.now(UTC)
+    first = plan_stream(2000, duplicates=0.1, out_of_order=0.1, poison=0.1, seed=5, now=now)
+    again = plan_stream(2000, duplicates=0.1, out_of_order=0.1, poison=0.1, seed=5, now=now)
+    assert first.messages == again.messages
+    other = plan_stream(2000, duplicates=0.1, out_of_order=0.1, poison=0.1, seed=6, now=now)
+    assert first.messages != other.messages

@@ -11,10 +11,19 @@ import sqlglot
 from alembic import command
 from sqlalchemy import Table
 from sqlalchemy.dialects.mssql import pyodbc
+from sqlalchemy.schema import CreateTable
 
 from eventpipe import upserts
-from eventpipe.tables import orders, payments, users
-from tests.services import alembic_config
+from eventpipe.migrations import alembic_config
+from eventpipe.tables import (
+    applied_events,
+    dead_letters,
+    inventory,
+    order_items,
+    orders,
+    payments,
+    users,
+)
 
 DIALECT = pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
 MSSQL_URL = "mssql+pyodbc://sa:secret@sqlserver:1433/eventpipe?driver=ODBC+Driver+18+for+SQL+Server"
@@ -30,39 +39,87 @@ def parses_as_tsql(sql: str) -> None:
 
 
 @pytest.mark.parametrize("table", [users, orders, payments], ids=lambda t: t.name)
-def test_entity_upserts_are_version_guarded_merges(table: Table) -> None:
-    sql = tsql(upserts.entity_upsert("mssql", table))
+def test_entity_writes_are_version_guarded_merges_that_return_the_keys_written(
+    table: Table,
+) -> None:
+    sql = upserts.entity_merge(table)
     parses_as_tsql(sql)
-    assert sql.startswith(f"MERGE INTO {table.name} WITH (HOLDLOCK) AS target")
+    key = next(iter(table.primary_key.columns)).name
+    assert sql.startswith(f"MERGE INTO {table.name} WITH (HOLDLOCK) AS target "
+                          f"USING #staging_{table.name} AS source")
     assert "WHEN MATCHED AND (target.version_at < source.version_at OR" in sql
-    assert "?" in sql and ":" not in sql.replace("::", "")
+    assert sql.endswith(f"OUTPUT inserted.{key};")
+
+
+def test_the_claim_inserts_only_new_ids_and_returns_them() -> None:
+    sql = upserts.claim_merge()
+    parses_as_tsql(sql)
+    assert "WHEN MATCHED" not in sql and sql.endswith("OUTPUT inserted.event_id;")
 
 
 def test_inventory_merge_adds_the_delta() -> None:
-    sql = tsql(upserts.inventory_upsert("mssql"))
+    sql = upserts.inventory_merge()
     parses_as_tsql(sql)
-    assert "quantity = target.quantity + source.quantity" in sql
+    assert "quantity = target.quantity + source.quantity" in sql and "OUTPUT" not in sql
 
 
-def test_item_replacement_and_ledger_parse() -> None:
-    delete_items, insert_items = upserts.replace_items()
-    for statement in (delete_items, insert_items, upserts.record_applied()):
-        parses_as_tsql(tsql(statement))
+@pytest.mark.parametrize("table", [users, orders, payments, applied_events, inventory],
+                         ids=lambda t: t.name)
+def test_staging_tables_are_session_temporary_tables(table: Table) -> None:
+    sql = tsql(CreateTable(upserts.staging_table(table)))
+    parses_as_tsql(sql)
+    assert sql.strip().startswith(f"CREATE TABLE [#staging_{table.name}]")
 
 
-def test_alembic_emits_tsql_for_the_whole_schema() -> None:
+def test_item_replacement_parses() -> None:
+    sql = str(upserts.delete_items().compile(dialect=DIALECT))
+    # An expanding IN list is rendered at execution, by its size: give it two values.
+    sql = sql.replace("(__[POSTCOMPILE_order_ids])", "(?, ?)")
+    parses_as_tsql(sql)
+    assert sql.endswith("order_items.order_id IN (?, ?)")
+
+
+def offline_tsql(revisions: str) -> str:
+    """What `alembic upgrade <revisions> --sql` prints for SQL Server, each batch parsed."""
     buffer = io.StringIO()
     config = alembic_config(MSSQL_URL)
     config.output_buffer = buffer
-    command.upgrade(config, "head", sql=True)
+    command.upgrade(config, revisions, sql=True)
     script = buffer.getvalue()
     batches = [b.strip() for b in re.split(r"^GO\s*$", script, flags=re.M) if b.strip()]
     assert len(batches) > 5
     for batch in batches:
         parses_as_tsql(batch)
+    return script
+
+
+def test_alembic_emits_tsql_for_the_whole_schema() -> None:
+    script = offline_tsql("head")
     for table in ("users", "orders", "order_items", "payments", "inventory", "applied_events"):
         assert f"CREATE TABLE {table}" in script
     assert "DATETIME2(6)" in script and "NUMERIC(18, 4)" in script
     assert "COLLATE Latin1_General_BIN2" in script
     assert "NVARCHAR(200)" in script  # names are Unicode
     assert "ON DELETE CASCADE" in script
+
+
+def test_every_key_column_compares_by_code_point() -> None:
+    """Issue 9, item 9: on SQL Server's default collation `SKU-1` and `sku-1` share a row."""
+    for table in (users, orders, payments, inventory, applied_events, order_items, dead_letters):
+        ddl = tsql(CreateTable(table))
+        for column in ("user_id", "order_id", "payment_id", "sku", "event_id", "email",
+                       "entity_key", "parent_key", "version_event_id"):
+            if column in table.c:
+                assert re.search(rf"{column} NVARCHAR\(\d+\) COLLATE Latin1_General_BIN2",
+                                 ddl), (table.name, column, ddl)
+
+
+def test_the_collation_revision_rebuilds_keys_around_the_change() -> None:
+    script = offline_tsql("0003:0004")
+    assert "ALTER TABLE inventory DROP CONSTRAINT pk_inventory" in script
+    assert "ALTER TABLE inventory ALTER COLUMN sku NVARCHAR(64) COLLATE Latin1_General_BIN2 " \
+           "NOT NULL" in script
+    assert script.index("DROP CONSTRAINT pk_inventory") < script.index(
+        "ALTER COLUMN sku NVARCHAR(64) COLLATE") < script.index(
+        "ADD CONSTRAINT pk_inventory PRIMARY KEY (sku)")
+    assert "ADD CONSTRAINT fk_order_items_order_id_orders FOREIGN KEY" in script

@@ -1,22 +1,11 @@
-"""Pure pieces of the workers: backoff, partition specs, the wire format of a message."""
+"""Pure pieces of the workers: partition specs, the wire format of a message."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from eventpipe.queues import Message, partition_of, queue_name
-from tasks.retry import backoff_delay
-from tasks.workers import parse_partitions, share
-
-
-def test_backoff_doubles_with_jitter_and_is_capped() -> None:
-    rng = random.Random(1)
-    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (30, 60.0)]:
-        delays = [backoff_delay(attempt, 1.0, 60.0, rng) for _ in range(200)]
-        assert min(delays) >= ceiling / 2 and max(delays) <= ceiling
-        assert max(delays) - min(delays) > ceiling / 10  # jittered, not constant
+from eventpipe.queues import TaskMessage, queue_name, task_summary
+from launcher.workers import parse_partitions, share
 
 
 def test_partition_specs() -> None:
@@ -34,11 +23,19 @@ def test_partitions_are_dealt_over_processes_without_overlap() -> None:
     assert share([3], 4) == [[3]]
 
 
-def test_queue_names_round_trip() -> None:
-    assert queue_name(7) == "events.p7" and partition_of("events.p7") == 7
-    assert partition_of("celery") is None
+def test_one_queue_per_partition() -> None:
+    assert queue_name(7) == "events.p7"
 
 
-def test_messages_carry_any_bytes_through_json() -> None:
-    message = Message(42, None, b"\xff\x00not utf-8", b"[]", 3, "2026-01-01T00:00:00+00:00")
-    assert Message.from_wire(message.to_wire()) == message
+def test_messages_carry_any_bytes_and_the_kafka_timestamp() -> None:
+    message = TaskMessage(42, None, b"\xff\x00not utf-8", 1_764_000_000_000, 3)
+    assert TaskMessage.from_wire(message.to_wire()) == message
+    assert message.size == len(b"\xff\x00not utf-8")
+
+
+def test_flower_sees_where_the_messages_are_not_what_they_say() -> None:
+    messages = [TaskMessage(o, b"k", b'{"email": "ada@example.com"}') for o in (100, 101, 599)]
+    summary = task_summary("events", 3, messages)
+    assert summary == "events p3 offsets 100–599, 3 events"
+    assert "ada" not in summary
+    assert task_summary("events", 0, messages[:1]) == "events p0 offset 100, 1 events"

@@ -21,13 +21,14 @@ from marshmallow import ValidationError
 from openapi_spec_validator import validate
 from sqlalchemy.dialects.mssql import pyodbc
 
+from eventpipe.readmodel import recent_orders_query, settled_payment_query
 from eventpipe.settings import Settings
+from eventpipe.times import utc_iso
 from web import create_app, services
 from web.resources.dlq.schemas import EntryPathSchema, ListArgsSchema, SelectionSchema
 from web.resources.health.checks import run_checks
-from web.resources.orders.queries import latest_orders_query, order_query
 from web.resources.users.schemas import UserPathSchema
-from web.schemas import ID_PATTERN, camel_case, money, utc_iso
+from web.schemas import ID_PATTERN, camel_case, money
 
 
 @pytest.fixture
@@ -233,7 +234,8 @@ def test_readiness_runs_checks_side_by_side_within_the_timeout() -> None:
 MSSQL = pyodbc.dialect(paramstyle="qmark")  # type: ignore[no-untyped-call]
 
 
-@pytest.mark.parametrize("query", [order_query("o1"), latest_orders_query("u1")])
+@pytest.mark.parametrize("query", [settled_payment_query("o1", "EUR"),
+                                   recent_orders_query("u1", 5)])
 def test_the_read_queries_are_valid_t_sql(query: Any) -> None:
     sql = str(query.compile(dialect=MSSQL, compile_kwargs={"literal_binds": True}))
     [parsed] = sqlglot.parse(sql, read="tsql", error_level=sqlglot.ErrorLevel.RAISE)

@@ -5,15 +5,17 @@ Every endpoint requires the bearer token (`DLQ_API_TOKEN`), checked before anyth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import marshmallow as ma
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from eventpipe.dlq import DeadLetter, DeadLetterQueue
-from eventpipe.replay import Publisher, replay_matching, replay_one
+from eventpipe.dlq import actions
+from eventpipe.dlq.actions import Replayed
+from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
+from eventpipe.errors import TransientError
 from web import services
 from web.errors import not_found
 from web.resources.dlq.auth import require_token
@@ -45,15 +47,24 @@ def guarded(view: View) -> View:
     return documented
 
 
-def _queue() -> DeadLetterQueue:
+def _stream() -> DeadLetterStream:
     return services.current().dead_letters()
 
 
-def _entry(entry_id: str) -> DeadLetter:
-    entry = _queue().get(entry_id)
+def _entry(entry_id: str) -> StreamEntry:
+    entry = _stream().get(entry_id)
     if entry is None:
         not_found(f"no dead letter {entry_id!r}")
     return entry
+
+
+def _replay(entries: Iterable[StreamEntry]) -> Replayed:
+    deps = services.current()
+    result = actions.replay(deps.engine, _stream(), entries, actions.Publisher(deps.settings))
+    if result.refused and not result.replayed:
+        raise TransientError(f"Kafka did not acknowledge {result.refused} replayed "
+                             "message(s); they stay in the dead-letter queue")
+    return result
 
 
 @blp.route("/entries")
@@ -63,15 +74,15 @@ class Entries(MethodView):
     @blp.arguments(ListArgsSchema, location="query", unknown=ma.RAISE)
     @blp.response(200, PageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Entries oldest first, a page at a time, optionally filtered"""
-        queue = _queue()
+        """Entries, oldest failure first, a page at a time, optionally filtered"""
+        stream = _stream()
         limit: int = args["limit"]
         # One more than asked tells whether another page follows.
-        found = queue.page(to_filter(args), args.get("after"), limit + 1)
+        found = stream.page(to_filter(args), args.get("after"), limit + 1)
         page = found[:limit]
         more = len(found) > limit
-        return {"items": [entry.as_json() for entry in page],
-                "next_cursor": page[-1].entry_id if more else None, "depth": queue.depth()}
+        return {"items": page, "next_cursor": page[-1].entry_id if more else None,
+                "depth": stream.depth()}
 
 
 @blp.route("/entries/<id:entryId>")
@@ -80,17 +91,17 @@ class Entry(MethodView):
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(200, DeadLetterSchema)
     @blp.alt_response(404, response="NOT_FOUND")
-    def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
+    def get(self, path: dict[str, str], **_: str) -> StreamEntry:
         """One entry in full: message bytes, Kafka position, error, traceback, history"""
-        return _entry(path["entry_id"]).as_json()
+        return _entry(path["entry_id"])
 
     @guarded
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(204)
     @blp.alt_response(404, response="NOT_FOUND")
     def delete(self, path: dict[str, str], **_: str) -> None:
-        """Delete one entry for good"""
-        _queue().delete(_entry(path["entry_id"]))
+        """Delete one entry for good (its event's fate stays recorded as purged)"""
+        actions.purge(services.current().engine, _stream(), [_entry(path["entry_id"])])
 
 
 @blp.route("/entries/<id:entryId>/replay")
@@ -100,10 +111,9 @@ class ReplayEntry(MethodView):
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
-    def post(self, path: dict[str, str], **_: str) -> dict[str, int]:
-        """Publish one entry back to Kafka; deleted once Kafka acknowledged it"""
-        entry = _entry(path["entry_id"])
-        return {"replayed": replay_one(_queue(), entry, Publisher(services.current().settings))}
+    def post(self, path: dict[str, str], **_: str) -> Replayed:
+        """Publish one entry back to Kafka; it leaves the DLQ once Kafka acknowledged it"""
+        return _replay([_entry(path["entry_id"])])
 
 
 @blp.route("/replay")
@@ -112,10 +122,9 @@ class Replay(MethodView):
     @blp.arguments(SelectionSchema)
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
-    def post(self, selection: dict[str, Any]) -> dict[str, int]:
-        """Publish every entry that matches back to Kafka (a filter, or all)"""
-        publisher = Publisher(services.current().settings)
-        return {"replayed": replay_matching(_queue(), to_filter(selection), publisher)}
+    def post(self, selection: dict[str, Any]) -> Replayed:
+        """Publish every entry that matches back to Kafka (a filter, or all), in chunks"""
+        return _replay(actions.until_now(_stream(), to_filter(selection)))
 
 
 @blp.route("/purge")
@@ -125,4 +134,6 @@ class Purge(MethodView):
     @blp.response(200, DeletedSchema)
     def post(self, selection: dict[str, Any]) -> dict[str, int]:
         """Delete every entry that matches (a filter, or all)"""
-        return {"deleted": _queue().purge(to_filter(selection))}
+        stream = _stream()
+        return {"deleted": actions.purge(services.current().engine, stream,
+                                         stream.scan(to_filter(selection)))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from eventpipe.dlq import Filter
-from web.schemas import CamelSchema, UtcDateTime
+from eventpipe.dlq.stream import Filter
+from web.schemas import CamelSchema, StrictBoolean, UtcDateTime
 
 # A Redis Stream entry id, "<milliseconds>-<sequence>". Redis allows each part up to 2**64-1
 # (20 digits); 19 digits always fit, cover every real id (13-digit milliseconds), and let the
@@ -69,7 +70,7 @@ class ListArgsSchema(FilterSchema):
 class SelectionSchema(FilterSchema):
     """Entries to replay or purge: a filter, or `all`; an empty selection is refused."""
 
-    all = fields.Boolean(load_default=False, metadata={"description": "Every entry"})
+    all = StrictBoolean(load_default=False, metadata={"description": "Every entry"})
 
     @validates_schema
     def _not_empty(self, data: dict[str, Any], **_: Any) -> None:
@@ -87,34 +88,61 @@ class BytesSchema(ma.Schema):
     base64 = fields.String()
 
 
-class FailureSchema(ma.Schema):
-    errorClass = fields.String(required=True)
-    errorMessage = fields.String(required=True)
-    attempts = fields.Integer(required=True)
-    firstFailureAt = fields.String(required=True, metadata={"format": "date-time"})
-    lastFailureAt = fields.String(required=True, metadata={"format": "date-time"})
-    worker = fields.String(required=True)
-    replayedAt = fields.String(required=True, allow_none=True, metadata={"format": "date-time"})
+def _bytes(raw: bytes | None) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    try:
+        return {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode()}
 
 
-class DeadLetterSchema(ma.Schema):
-    id = fields.String(required=True, metadata={"pattern": ENTRY_ID_PATTERN})
-    eventId = fields.String(required=True, allow_none=True)
-    eventType = fields.String(required=True, allow_none=True)
-    topic = fields.String(required=True, allow_none=True)
-    partition = fields.Integer(required=True, allow_none=True)
-    offset = fields.Integer(required=True, allow_none=True)
-    key = fields.Nested(BytesSchema, required=True, allow_none=True)
-    value = fields.Nested(BytesSchema, required=True)
-    errorClass = fields.String(required=True)
-    errorMessage = fields.String(required=True)
-    traceback = fields.String(required=True)
+class EpisodeSchema(CamelSchema):
+    """An earlier life of the dead letter: how it failed, and how it left the DLQ."""
+
+    error_class = fields.String(required=True)
+    reason = fields.String(required=True)
     attempts = fields.Integer(required=True)
-    firstFailureAt = fields.String(required=True, metadata={"format": "date-time"})
-    lastFailureAt = fields.String(required=True, metadata={"format": "date-time"})
+    first_failure_at = fields.String(required=True, metadata={"format": "date-time"})
+    last_failure_at = fields.String(required=True, metadata={"format": "date-time"})
     worker = fields.String(required=True)
-    history = fields.List(fields.Nested(FailureSchema), required=True,
-                          metadata={"description": "Earlier failures, when replayed before"})
+    ended = fields.String(required=True, validate=validate.OneOf(["replayed", "purged",
+                                                                  "resolved"]))
+    ended_at = fields.String(required=True, metadata={"format": "date-time"})
+
+
+class DeadLetterSchema(CamelSchema):
+    """One dead letter as the DLQ holds it (a `StreamEntry`)."""
+
+    id = fields.String(required=True, attribute="entry_id",
+                       metadata={"pattern": ENTRY_ID_PATTERN})
+    dlq_key = fields.String(required=True, attribute="letter.dlq_key",
+                            metadata={"description": "The dead letter's name: e:<fingerprint> "
+                                      "for an event, m:<fingerprint> for other bytes"})
+    event_id = fields.String(required=True, allow_none=True, attribute="letter.event_id")
+    event_type = fields.String(required=True, allow_none=True, attribute="letter.event_type")
+    topic = fields.String(required=True, allow_none=True, attribute="letter.position.topic")
+    partition = fields.Integer(required=True, allow_none=True,
+                               attribute="letter.position.partition")
+    offset = fields.Integer(required=True, allow_none=True, attribute="letter.position.offset")
+    key = fields.Function(lambda entry: _bytes(entry.key), required=True, allow_none=True,
+                          metadata={"type": "object", "nullable": True,
+                                    "description": "{text} or {base64}"})
+    value = fields.Function(
+        lambda entry: _bytes(entry.value), required=True, allow_none=True,
+        metadata={"type": "object", "nullable": True,
+                  "description": "{text} or {base64}; null if the stream lost the bytes "
+                                 "(`eventpipe dlq restore` fetches them from Kafka)"})
+    error_class = fields.String(required=True, attribute="letter.error_class")
+    error_message = fields.String(required=True, attribute="letter.reason")
+    traceback = fields.String(required=True, allow_none=True, attribute="letter.traceback")
+    attempts = fields.Integer(required=True, attribute="letter.attempts")
+    first_failure_at = UtcDateTime(required=True, attribute="letter.first_failure_at")
+    last_failure_at = UtcDateTime(required=True, attribute="letter.last_failure_at")
+    worker = fields.String(required=True, attribute="letter.worker")
+    history = fields.List(fields.Nested(EpisodeSchema), required=True,
+                          attribute="letter.history",
+                          metadata={"description": "Earlier lives, oldest first"})
 
 
 class PageSchema(CamelSchema):
@@ -127,7 +155,15 @@ class PageSchema(CamelSchema):
 
 
 class ReplayedSchema(CamelSchema):
-    replayed = fields.Integer(required=True)
+    replayed = fields.Integer(required=True, metadata={
+        "description": "Published and acknowledged by Kafka: out of the DLQ"})
+    refused = fields.Integer(required=True, metadata={
+        "description": "Kafka did not acknowledge them: still in the DLQ"})
+    skipped = fields.Integer(required=True, metadata={
+        "description": "No longer open (another replay has them, or they are gone)"})
+    no_bytes = fields.Integer(required=True, metadata={
+        "description": "Their message bytes are lost from the stream: run "
+                       "`eventpipe dlq restore`"})
 
 
 class DeletedSchema(CamelSchema):

@@ -1,17 +1,14 @@
-"""Reading orders: one order with its items and latest payment, or a user's latest orders.
-
-Each function is one or two SELECTs that compile the same on PostgreSQL, SQLite and SQL
-Server; payment status is derived from the payments table (an order with a payment is
-settled), never stored.
-"""
+"""Reading orders from the read model (`eventpipe.readmodel`): one visible order with its items
+and payment, or a user's latest orders. An order is settled once it has a visible payment (one
+in the order's currency); the status is derived, never stored."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Select, case, exists, select
+from sqlalchemy import Connection
 
-from eventpipe.tables import order_items, orders, payments
+from eventpipe import readmodel
 
 PENDING = "pending"
 SETTLED = "settled"
@@ -19,69 +16,26 @@ LATEST_ORDERS = 5
 
 
 def find_order(conn: Connection, order_id: str) -> dict[str, Any] | None:
-    """The order, its items in line order, and its latest payment; two statements."""
-    row = conn.execute(order_query(order_id)).mappings().first()
-    if row is None:
+    order = readmodel.visible_order(conn, order_id)
+    if order is None:
         return None
-    items = conn.execute(
-        select(order_items.c.sku, order_items.c.quantity, order_items.c.unit_price)
-        .where(order_items.c.order_id == order_id)
-        .order_by(order_items.c.line_no)
-    ).mappings()
-    payment = None if row["payment_id"] is None else {
-        "payment_id": row["payment_id"], "amount": row["amount"],
-        "currency": row["payment_currency"], "settled_at": row["settled_at"],
-    }
+    payment = readmodel.settled_payment(conn, order)
     return {
-        "order_id": row["order_id"], "user_id": row["user_id"],
-        "items": [dict(item) for item in items],
-        "total_amount": row["total_amount"], "currency": row["currency"],
-        "placed_at": row["placed_at"],
+        "order_id": order.order_id, "user_id": order.user_id,
+        "items": [{"sku": item.sku, "quantity": item.quantity, "unit_price": item.unit_price}
+                  for item in readmodel.order_items_of(conn, order_id)],
+        "total_amount": order.total_amount, "currency": order.currency,
+        "placed_at": order.placed_at,
         "payment_status": PENDING if payment is None else SETTLED,
-        "payment": payment,
+        "payment": None if payment is None else {
+            "payment_id": payment.payment_id, "amount": payment.amount,
+            "currency": payment.currency, "settled_at": payment.settled_at},
     }
-
-
-def order_query(order_id: str) -> Select[Any]:
-    # An order may have several payments: join only the latest settled one.
-    candidate = payments.alias("candidate")
-    latest_payment = (
-        select(candidate.c.payment_id)
-        .where(candidate.c.order_id == orders.c.order_id)
-        .order_by(candidate.c.settled_at.desc(), candidate.c.payment_id.desc())
-        .limit(1)
-        .correlate(orders)
-        .scalar_subquery()
-    )
-    return (
-        select(
-            orders.c.order_id, orders.c.user_id, orders.c.total_amount, orders.c.currency,
-            orders.c.placed_at, payments.c.payment_id, payments.c.amount,
-            payments.c.currency.label("payment_currency"), payments.c.settled_at,
-        )
-        .select_from(orders.outerjoin(payments, payments.c.payment_id == latest_payment))
-        .where(orders.c.order_id == order_id)
-    )
-
-
-def latest_orders_query(user_id: str, limit: int = LATEST_ORDERS) -> Select[Any]:
-    """A user's newest orders; an index range scan on `ix_orders_user_id_placed_at`."""
-    # CASE WHEN EXISTS because T-SQL has no boolean expressions in a select list.
-    settled = case((exists().where(payments.c.order_id == orders.c.order_id), 1), else_=0)
-    return (
-        select(orders.c.order_id, orders.c.total_amount, orders.c.currency,
-               orders.c.placed_at, settled.label("settled"))
-        .where(orders.c.user_id == user_id)
-        # order_id breaks ties so that equal placedAt times still list in a stable order.
-        .order_by(orders.c.placed_at.desc(), orders.c.order_id.desc())
-        .limit(limit)
-    )
 
 
 def latest_orders(conn: Connection, user_id: str) -> list[dict[str, Any]]:
-    return [
-        {"order_id": row["order_id"], "total_amount": row["total_amount"],
-         "currency": row["currency"], "placed_at": row["placed_at"],
-         "payment_status": SETTLED if row["settled"] else PENDING}
-        for row in conn.execute(latest_orders_query(user_id)).mappings()
-    ]
+    """A visible user's newest orders (all of its orders are visible)."""
+    return [{"order_id": order.order_id, "total_amount": order.total_amount,
+             "currency": order.currency, "placed_at": order.placed_at,
+             "payment_status": SETTLED if settled else PENDING}
+            for order, settled in readmodel.recent_orders(conn, user_id, LATEST_ORDERS)]

@@ -23,9 +23,9 @@ from typing import IO
 
 import redis
 
-from eventpipe.children import die_with_parent, terminate
 from eventpipe.kafka import broker_reachable
 from eventpipe.settings import Settings
+from launcher.children import die_with_parent, terminate
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
@@ -270,6 +270,9 @@ def _wait_ready(service: EmbeddedProcess, ready: Readiness) -> None:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers bind: connections of a server that just stopped (TIME_WAIT) do not hold
+        # the port, a server listening there does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

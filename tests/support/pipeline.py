@@ -21,41 +21,23 @@ from typing import Any
 
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine, func, select
 
-from eventpipe.children import terminate
-from eventpipe.dlq import DeadLetter, DeadLetterQueue
-from eventpipe.embedded import start_redis
+from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.kafka import ensure_topic
 from eventpipe.migrations import upgrade
 from eventpipe.queues import queue_name
 from eventpipe.samples import Document, encode
 from eventpipe.settings import Settings
-from eventpipe.tables import applied_events
-from tests.services import require_postgres
-from tests.tcp_proxy import TcpProxy
+from eventpipe.tables import applied_events, dead_letters, reconcile_queue
+from eventpipe.verify import Report, verify
+from launcher.children import terminate
+from launcher.embedded import start_redis
+from tests.support.databases import drop_database, new_database
+from tests.support.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def new_database() -> str:
-    """A fresh, empty PostgreSQL database; its URL."""
-    admin_url = require_postgres()
-    name = f"eventpipe_e2e_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str) -> None:
-    admin = create_engine(require_postgres(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
@@ -76,7 +58,7 @@ class Pipeline:
         self.log_dir = log_dir
         self.partitions = partitions
         self.own_database = database_url is None
-        self.database_url = database_url or new_database()
+        self.database_url = database_url or new_database("eventpipe_e2e")
         self.redis_server = start_redis()
         # The processes may reach Redis through a proxy the test can cut; the test itself
         # always talks to the server directly.
@@ -110,7 +92,7 @@ class Pipeline:
         self.settings = Settings.from_env(self.env)
         self.redis = redis.Redis.from_url(f"{self.redis_server.url}/0")
         self.broker = redis.Redis.from_url(f"{self.redis_server.url}/1")
-        self.dlq = DeadLetterQueue(self.redis, self.settings.dlq_stream, 10_000)
+        self.dlq = DeadLetterStream(self.redis, self.settings.dlq_stream, 10_000, 10**8)
         self.engine: Engine = create_engine(self.database_url, pool_pre_ping=True)
         self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
                                   "linger.ms": 5})
@@ -153,6 +135,13 @@ class Pipeline:
             process.send_signal(sig)
         return process.wait(timeout=timeout_s)
 
+    def restart_redis(self) -> None:
+        """Redis crashes and comes back empty on the same port, as one without persistence
+        does: the Celery broker, the offset ledger and the DLQ stream are all gone."""
+        port = self.redis_server.port
+        self.redis_server.stop()
+        self.redis_server = start_redis(port)
+
     def close(self) -> None:
         for process in self.processes:
             terminate(process, timeout_s=15)
@@ -184,8 +173,22 @@ class Pipeline:
             return int(conn.execute(select(func.count()).select_from(applied_events))
                        .scalar_one())
 
-    def dead_letters(self) -> list[DeadLetter]:
+    def dead_letters(self) -> list[StreamEntry]:
         return list(self.dlq.scan())
+
+    def reconciled(self) -> bool:
+        """The reconciler has caught up: nothing queued, every dead letter in the stream, and
+        a stream Redis lost rebuilt."""
+        with self.engine.connect() as conn:
+            queued = conn.execute(select(func.count()).select_from(reconcile_queue)).scalar_one()
+            unprojected = conn.execute(select(func.count()).select_from(dead_letters).where(
+                dead_letters.c.in_stream.is_(False))).scalar_one()
+        return queued == 0 and unprojected == 0 and self.dlq.intact()
+
+    def verify(self) -> Report:
+        """`eventpipe verify`, in this process, once the reconciler has caught up."""
+        wait_until(self.reconciled, 60, "the reconciler to catch up")
+        return verify(self.settings, self.engine, self.dlq)
 
     def end_offsets(self) -> dict[int, int]:
         """Per partition, the offset after the last message (read, since the broker's
@@ -218,6 +221,7 @@ class Pipeline:
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
 
-def describe(entries: list[DeadLetter]) -> list[tuple[Any, ...]]:
-    return sorted((e.error_class, e.event_id or e.value.decode("utf-8", "replace"))
+def describe(entries: list[StreamEntry]) -> list[tuple[Any, ...]]:
+    return sorted((e.letter.error_class,
+                   e.letter.event_id or (e.value or b"").decode("utf-8", "replace"))
                   for e in entries)

@@ -7,12 +7,10 @@ to the package that owns the role; nothing here holds pipeline logic.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import Any
 
+from cli import dlq, verify
 from eventpipe import logs
 from eventpipe.settings import Settings, get_settings
 
@@ -74,38 +72,14 @@ def _parser() -> argparse.ArgumentParser:
                               "production: gunicorn -c web/gunicorn_conf.py web.wsgi:app)")
     web.set_defaults(handler=_web)
 
-    dlq = commands.add_parser("dlq", help="inspect, replay and purge dead letters")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    listing = dlq_commands.add_parser("list", help="list entries, oldest first")
-    _filters(listing)
-    listing.add_argument("--after", help="entry id to continue after (pagination)")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.set_defaults(handler=_dlq_list)
-    show = dlq_commands.add_parser("show", help="show one entry in full")
-    show.add_argument("entry_id")
-    show.set_defaults(handler=_dlq_show)
-    for name, handler, verb in (("replay", _dlq_replay, "publish back to Kafka"),
-                                ("purge", _dlq_purge, "delete")):
-        action = dlq_commands.add_parser(name, help=f"{verb} entries: ids, a filter, or --all")
-        action.add_argument("entry_ids", nargs="*", help="entry ids")
-        _filters(action)
-        action.add_argument("--all", action="store_true", help="every entry")
-        action.add_argument("--dry-run", action="store_true", help="only list what it would do")
-        action.set_defaults(handler=handler)
+    dlq.add_commands(commands)
+    verify.add_command(commands)
     return parser
-
-
-def _filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--event-type")
-    parser.add_argument("--error-class")
-    parser.add_argument("--since", type=datetime.fromisoformat, help="ISO-8601 time")
-    parser.add_argument("--until", type=datetime.fromisoformat, help="ISO-8601 time")
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.settings import provided
-    from eventpipe.stack import run
+    from launcher.stack import run
 
     return run(settings, provided(), args.demo)
 
@@ -121,7 +95,7 @@ def _bridge(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from tasks.workers import Supervisor, parse_partitions
+    from launcher.workers import Supervisor, parse_partitions
 
     spec = args.partitions or f"0-{settings.kafka_partitions - 1}"
     try:
@@ -186,104 +160,20 @@ def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _trace(args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.database import make_engine
-    from eventpipe.kafka import fetch_message
+    from eventpipe.kafka import MessageReader
     from eventpipe.trace import gather, render
 
     engine = make_engine(settings, writer=False)
-    fetch = None if args.no_kafka else (
-        lambda topic, partition, offset: fetch_message(settings, topic, partition, offset))
-    trace = gather(args.event_id, engine, _queue(settings), fetch)
-    engine.dispose()
+    reader = None if args.no_kafka else MessageReader(settings)
+    try:
+        trace = gather(args.event_id, engine, dlq._stream(settings),
+                       reader.fetch if reader else None)
+    finally:
+        engine.dispose()
+        if reader is not None:
+            reader.close()
     print(render(trace))
     return 0 if trace.found else 1
-
-
-def _queue(settings: Settings) -> Any:
-    import redis
-
-    from eventpipe.dlq import DeadLetterQueue
-
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-    return DeadLetterQueue(client, settings.dlq_stream, settings.dlq_max_entries)
-
-
-def _where(args: argparse.Namespace) -> Any:
-    from eventpipe.dlq import Filter
-
-    return Filter(args.event_type, args.error_class, args.since, args.until)
-
-
-def _summary(entry: Any) -> str:
-    return (f"{entry.entry_id}  {entry.last_failure_at:%Y-%m-%d %H:%M:%S}  "
-            f"{entry.event_type or '-':18s} {entry.error_class:16s} "
-            f"p{entry.partition}@{entry.offset}  {entry.event_id or '-'}  "
-            f"{entry.error_message[:80]}")
-
-
-def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
-    queue = _queue(settings)
-    entries = queue.page(_where(args), args.after, args.limit)
-    for entry in entries:
-        print(json.dumps(entry.as_json()) if args.json else _summary(entry))
-    if not args.json:
-        print(f"-- {len(entries)} shown, {queue.depth()} in the queue", file=sys.stderr)
-    return 0
-
-
-def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    entry = _queue(settings).get(args.entry_id)
-    if entry is None:
-        print(f"no dead letter {args.entry_id}", file=sys.stderr)
-        return 1
-    print(json.dumps(entry.as_json(), indent=2))
-    return 0
-
-
-def _selected(args: argparse.Namespace, queue: Any) -> list[Any] | None:
-    filtered = any((args.event_type, args.error_class, args.since, args.until))
-    if args.entry_ids:
-        found = [queue.get(entry_id) for entry_id in args.entry_ids]
-        missing = [i for i, e in zip(args.entry_ids, found, strict=True) if e is None]
-        if missing:
-            print(f"no dead letter {', '.join(missing)}", file=sys.stderr)
-            return None
-        return found
-    if not (args.all or filtered):
-        print("name entry ids, a filter (--event-type, --error-class, --since, --until) "
-              "or --all", file=sys.stderr)
-        return None
-    return list(queue.scan(_where(args)))
-
-
-def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from eventpipe.replay import Publisher
-
-    queue = _queue(settings)
-    entries = _selected(args, queue)
-    if entries is None:
-        return 2
-    for entry in entries:
-        print(("would replay " if args.dry_run else "replaying ") + _summary(entry))
-    if args.dry_run or not entries:
-        return 0
-    publisher = Publisher(settings, timeout_s=30)
-    replayed = queue.replay(entries, publisher.publish, publisher.flush)
-    print(f"replayed {replayed} entries", file=sys.stderr)
-    return 0
-
-
-def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
-    queue = _queue(settings)
-    entries = _selected(args, queue)
-    if entries is None:
-        return 2
-    if args.dry_run:
-        for entry in entries:
-            print("would delete " + _summary(entry))
-        return 0
-    deleted = sum(queue.delete(entry) for entry in entries)
-    print(f"deleted {deleted} entries", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

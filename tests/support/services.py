@@ -1,16 +1,18 @@
-"""Reaching the real services the integration tests need, and failing loudly when one is missing."""
+"""Reaching the real services the integration tests need, and failing loudly when one is missing.
+
+A missing service fails the test that needs it (never a skip), naming the service, where it
+was looked for and the `TEST_*` variable that points elsewhere.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import create_engine, text
 
-ROOT = Path(__file__).resolve().parent.parent
+from eventpipe.migrations import upgrade
+
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -36,14 +38,5 @@ def require_postgres() -> str:
     return POSTGRES_ADMIN_URL
 
 
-def alembic_config(url: str | None = None) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.attributes["configure_logger"] = False
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
-
-
-def migrate(url: str, revision: str) -> None:
-    command.upgrade(alembic_config(url), revision)
+def migrate(url: str, revision: str = "head") -> None:
+    upgrade(url, revision)

@@ -22,11 +22,11 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-from eventpipe.children import die_with_parent
 from eventpipe.queues import queue_name
 from eventpipe.settings import Settings, child_environment
+from launcher.children import die_with_parent
 
-log = logging.getLogger("eventpipe.workers")
+log = logging.getLogger(__name__)
 
 
 def parse_partitions(spec: str) -> list[int]:

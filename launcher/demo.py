@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from eventpipe.dlq import DeadLetterQueue
+from eventpipe import redis_clients
+from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
 from producer.publish import publish
@@ -37,8 +37,9 @@ def run_demo(settings: Settings, check: Callable[[], None]) -> None:
     for path in (f"/users/{user_id}", f"/orders/{order_id}", f"/inventory/{sku}"):
         print(f"\nGET {base}{path}")
         print(json.dumps(_get(base + path), indent=2))
-    client = redis.Redis.from_url(settings.redis_url)
-    depth = DeadLetterQueue(client, settings.dlq_stream, settings.dlq_max_entries).depth()
+    client = redis_clients.operator(settings.redis_url)
+    depth = DeadLetterStream(client, settings.dlq_stream, settings.dlq_max_entries,
+                             settings.dlq_max_bytes).depth()
     client.close()
     print(f"\ndemo: {depth} poison message(s) in the dead-letter queue: `eventpipe dlq list`")
     print(f"demo: a user to look at: {base}/users/{user_id}\n")

@@ -19,9 +19,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message
 
 from eventpipe.effects import Position
-from eventpipe.embedded import EmbeddedServiceError, start_kafka
 from eventpipe.kafka import consumer_config, ensure_topic, make_producer
 from eventpipe.settings import Settings
+from launcher.embedded import EmbeddedServiceError, start_kafka
 
 Headers = Sequence[tuple[str, bytes | None]]
 Record = tuple[bytes | None, bytes | None, Headers]

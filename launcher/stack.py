@@ -25,22 +25,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import redis
-
-from eventpipe.children import die_with_parent, terminate
-from eventpipe.embedded import (
+from eventpipe import redis_clients
+from eventpipe.kafka import broker_reachable, ensure_topic
+from eventpipe.migrations import create_database_if_missing, upgrade
+from eventpipe.queues import queue_name
+from eventpipe.settings import Settings, child_environment
+from launcher.children import die_with_parent, terminate
+from launcher.embedded import (
     EmbeddedProcess,
     EmbeddedServiceError,
     redis_answers,
     start_kafka,
     start_redis,
 )
-from eventpipe.kafka import broker_reachable, ensure_topic
-from eventpipe.migrations import create_database_if_missing, upgrade
-from eventpipe.queues import queue_name
-from eventpipe.settings import Settings, child_environment
 
-log = logging.getLogger("eventpipe.up")
+log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
@@ -98,7 +97,7 @@ class Stack:
         """The embedded Kafka starts empty, so tasks still queued from an earlier run carry
         messages of a topic that is gone: drop them before any worker applies them."""
         queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
-        client = redis.Redis.from_url(self.settings.celery_broker_url, socket_timeout=5)
+        client = redis_clients.operator(self.settings.celery_broker_url)
         try:
             dropped = sum(int(client.llen(q)) for q in queues)
             if dropped:
@@ -214,7 +213,7 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         for name, url in stack.urls().items():
             print(f"  {name:15s} {url}")
         if demo:
-            from eventpipe.demo import run_demo
+            from launcher.demo import run_demo
 
             run_demo(stack.settings, stack.check_children)
         print("running; Ctrl-C stops everything")

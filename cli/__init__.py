@@ -1,0 +1,1 @@
+"""The `eventpipe` command: the one composition root, allowed to import every role."""

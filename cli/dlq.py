@@ -1,0 +1,167 @@
+"""`eventpipe dlq …`: list, show, replay, purge and restore the dead-letter queue.
+
+Replay and purge go through `eventpipe.dlq.actions`, the same path as the API's; JSON output
+is the API's own schema, so a script sees the same document either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from eventpipe import redis_clients
+from eventpipe.database import make_engine
+from eventpipe.dlq import actions, projection
+from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
+from eventpipe.kafka import MessageReader
+from eventpipe.settings import Settings
+from web.resources.dlq.schemas import DeadLetterSchema
+
+_SCHEMA = DeadLetterSchema()
+
+
+def add_commands(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="inspect, replay, purge and restore dead letters")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = dlq_commands.add_parser("list", help="list entries, oldest failure first")
+    _filters(listing)
+    listing.add_argument("--after", help="entry id to continue after (pagination)")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=_list)
+    show = dlq_commands.add_parser("show", help="show one entry in full")
+    show.add_argument("entry_id")
+    show.set_defaults(handler=_show)
+    for name, handler, verb in (("replay", _replay, "publish back to Kafka"),
+                                ("purge", _purge, "delete")):
+        action = dlq_commands.add_parser(name, help=f"{verb} entries: ids, a filter, or --all")
+        action.add_argument("entry_ids", nargs="*", help="entry ids")
+        _filters(action)
+        action.add_argument("--all", action="store_true", help="every entry")
+        action.add_argument("--dry-run", action="store_true", help="only list what it would do")
+        action.set_defaults(handler=handler)
+    restore = dlq_commands.add_parser(
+        "restore", help="rebuild the Redis stream from the SQL record (after Redis lost it), "
+        "fetching each message's bytes from Kafka")
+    restore.set_defaults(handler=_restore)
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event-type")
+    parser.add_argument("--error-class")
+    parser.add_argument("--since", type=datetime.fromisoformat, help="ISO-8601 time")
+    parser.add_argument("--until", type=datetime.fromisoformat, help="ISO-8601 time")
+
+
+def _stream(settings: Settings) -> DeadLetterStream:
+    return DeadLetterStream(redis_clients.operator(settings.redis_url), settings.dlq_stream,
+                            settings.dlq_max_entries, settings.dlq_max_bytes)
+
+
+def _where(args: argparse.Namespace) -> Filter:
+    return Filter(args.event_type, args.error_class, args.since, args.until)
+
+
+def _summary(entry: StreamEntry) -> str:
+    letter = entry.letter
+    return (f"{entry.entry_id}  {letter.last_failure_at:%Y-%m-%d %H:%M:%S}  "
+            f"{letter.event_type or '-':18s} {letter.error_class:16s} "
+            f"p{letter.position.partition}@{letter.position.offset}  {letter.event_id or '-'}  "
+            f"{letter.reason[:80]}")
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    stream = _stream(settings)
+    entries = stream.page(_where(args), args.after, args.limit)
+    for entry in entries:
+        print(json.dumps(_SCHEMA.dump(entry)) if args.json else _summary(entry))
+    if not args.json:
+        print(f"-- {len(entries)} shown, {stream.depth()} in the queue", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    entry = _stream(settings).get(args.entry_id)
+    if entry is None:
+        print(f"no dead letter {args.entry_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(_SCHEMA.dump(entry), indent=2))
+    return 0
+
+
+def _selected(args: argparse.Namespace, stream: DeadLetterStream) -> Iterable[StreamEntry] | None:
+    filtered = any((args.event_type, args.error_class, args.since, args.until))
+    if args.entry_ids:
+        found = [stream.get(entry_id) for entry_id in args.entry_ids]
+        missing = [i for i, e in zip(args.entry_ids, found, strict=True) if e is None]
+        if missing:
+            print(f"no dead letter {', '.join(missing)}", file=sys.stderr)
+            return None
+        return [entry for entry in found if entry is not None]
+    if not (args.all or filtered):
+        print("name entry ids, a filter (--event-type, --error-class, --since, --until) "
+              "or --all", file=sys.stderr)
+        return None
+    return actions.until_now(stream, _where(args))
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry]) -> int:
+        result = actions.replay(engine, stream, entries, actions.Publisher(settings, 30.0))
+        print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
+              f"{result.skipped}; without bytes {result.no_bytes}", file=sys.stderr)
+        return 0 if result.refused == 0 and result.no_bytes == 0 else 1
+
+    return _act(args, settings, "replay", replay)
+
+
+def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry]) -> int:
+        deleted = actions.purge(engine, stream, entries)
+        print(f"deleted {deleted} entries", file=sys.stderr)
+        return 0
+
+    return _act(args, settings, "delete", purge)
+
+
+def _act(args: argparse.Namespace, settings: Settings, verb: str,
+         act: Callable[[Engine, DeadLetterStream, Iterable[StreamEntry]], int]) -> int:
+    """The entries the arguments select: listed under --dry-run, else acted on."""
+    stream = _stream(settings)
+    entries = _selected(args, stream)
+    if entries is None:
+        return 2
+    if args.dry_run:
+        for entry in entries:
+            print(f"would {verb} " + _summary(entry))
+        return 0
+    engine = make_engine(settings)
+    try:
+        return act(engine, stream, entries)
+    finally:
+        engine.dispose()
+
+
+def _restore(_args: argparse.Namespace, settings: Settings) -> int:
+    engine = make_engine(settings)
+    reader = MessageReader(settings)
+    try:
+        report = projection.restore(engine, _stream(settings), reader.fetch)
+    finally:
+        reader.close()
+        engine.dispose()
+    print(f"restored: {report.put} entries put back, {report.removed} strays removed")
+    if report.missing_bytes:
+        print(f"{len(report.missing_bytes)} entries are back without their message: Kafka no "
+              f"longer has it (retention): {', '.join(report.missing_bytes[:20])}")
+    if report.full:
+        print("the stream is full: replay or purge entries, then run restore again",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""The dead-letter queue: what could never apply, kept with everything needed to replay it."""

@@ -1,0 +1,158 @@
+"""What operators do to dead letters — replay and purge — one path for the CLI and the API.
+
+Replay publishes an entry's original key and value back to its topic; the pipeline then
+decides the message afresh (a dead letter that fails again reopens with its earlier life kept
+as an episode: the SQL record holds the history, no message header carries it). It works in
+chunks: each entry is claimed in SQL first (`open` → `replaying`), so two replays running at
+once never publish the same entry twice; each entry leaves the stream, and becomes `replayed`,
+once Kafka acknowledged its own message; one that Kafka refused goes back to `open`, and the
+others of its chunk are not held back. A replayer that dies leaves its claims to lapse
+(`REPLAY_CLAIM_S`): the reconciler returns them to the DLQ.
+
+Purge deletes entries for good (`purged` in SQL, kept there as the event's fate).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from confluent_kafka import KafkaError, KafkaException, Message
+from sqlalchemy import Engine
+
+from eventpipe import metrics
+from eventpipe.dlq import records
+from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry, entry_order
+from eventpipe.kafka import make_producer
+from eventpipe.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+FLUSH_TIMEOUT_S = 10.0
+REPLAY_CLAIM_S = 300.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Replayed:
+    replayed: int = 0
+    refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
+    skipped: int = 0  # not open any more (another replay has them, or they are gone)
+    no_bytes: int = 0  # the stream lost the message's bytes: run `eventpipe dlq restore`
+
+
+class Publisher:
+    """A producer for one replay that reports each message's own delivery."""
+
+    def __init__(self, settings: Settings, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
+
+    def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+        sent_at = time.monotonic()
+
+        def report(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                metrics.KAFKA_PRODUCE.observe(time.monotonic() - sent_at)
+            done(error is None)
+
+        try:
+            self.producer.produce(entry.letter.position.topic or self.settings.kafka_topic,
+                                  value=entry.value, key=entry.key, on_delivery=report)
+        except (KafkaException, BufferError) as exc:  # refused before it left: not sent
+            log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)
+            done(False)
+        self.producer.poll(0)
+
+    def flush(self) -> None:
+        """Wait for Kafka; what it did not take in time is dropped (and reported refused)
+        rather than sent later behind the caller's back."""
+        if self.producer.flush(self.timeout_s):
+            self.producer.purge()
+            self.producer.flush(0)  # serve the purged messages' reports
+
+
+def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
+           publisher: Publisher, *, now: Callable[[], datetime] = _utc_now,
+           progress: Callable[[int], None] | None = None) -> Replayed:
+    result = Replayed()
+    chunk: list[StreamEntry] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) >= CHUNK:
+            _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+            chunk = []
+    if chunk:
+        _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+    return result
+
+
+def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
+                  publisher: Publisher, now: Callable[[], datetime], result: Replayed,
+                  progress: Callable[[int], None] | None) -> None:
+    acknowledged: dict[str, bool] = {}
+    for entry in chunk:
+        key = entry.letter.dlq_key
+        with engine.begin() as conn:
+            claimed = records.claim_for_replay(conn, key, now(),
+                                               now() + timedelta(seconds=REPLAY_CLAIM_S))
+        if claimed is None:
+            result.skipped += 1
+            continue
+        if entry.value is None:
+            result.no_bytes += 1
+            with engine.begin() as conn:
+                records.finish_replay(conn, key, now(), published=False)
+            continue
+        publisher.publish(entry, _recorder(acknowledged, key))
+    publisher.flush()
+    for key, ok in acknowledged.items():
+        with engine.begin() as conn:
+            records.finish_replay(conn, key, now(), published=ok)
+        if ok:
+            stream.remove(key)
+            result.replayed += 1
+        else:
+            result.refused += 1
+    if progress is not None:
+        progress(len(chunk))
+
+
+def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]:
+    def record(ok: bool) -> None:
+        acknowledged[key] = ok
+
+    return record
+
+
+def until_now(stream: DeadLetterStream, where: Filter) -> Iterable[StreamEntry]:
+    """The entries matching `where` that were in the DLQ when this began: an entry that fails
+    again comes back at the stream's end, and must not be replayed again by the same call."""
+    newest = stream.newest_id()
+    if newest is None:
+        return
+    bound = entry_order(newest)
+    for entry in stream.scan(where):
+        assert entry.entry_id is not None
+        if entry_order(entry.entry_id) > bound:
+            return
+        yield entry
+
+
+def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
+          now: Callable[[], datetime] = _utc_now) -> int:
+    deleted = 0
+    for entry in list(entries):
+        with engine.begin() as conn:
+            purged = records.purge(conn, entry.letter.dlq_key, now())
+        # An entry SQL does not hold as open is a stray of the projection: remove it too.
+        deleted += stream.remove(entry.letter.dlq_key) or purged
+    return deleted

@@ -1,0 +1,119 @@
+"""Keeping the operators' Redis stream in step with the dead letters recorded in SQL.
+
+Rows whose latest revision is not in the stream (`in_stream` false) are projected: an open
+dead letter is put (added or replaced) with its message's bytes; any other state removes its
+entry. The bytes come from the caller when it has them (the batch that just dead-lettered
+the message), else from Kafka at the recorded position. Then the revision written is marked,
+so a row changed meanwhile is projected again next time.
+
+Redis may lose the stream (a crash without persistence, FLUSHALL): `restore` rebuilds it
+from SQL — every open dead letter put back with bytes fetched from Kafka, entries SQL does
+not know removed — and reports what Kafka no longer has. The reconciler notices the loss by
+itself (`repair_if_lost`, a marker key lost with the data) and rebuilds within a second;
+`eventpipe dlq restore` does the same on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, update
+
+from eventpipe import metrics
+from eventpipe.dlq import records
+from eventpipe.dlq.letter import OPEN, DeadLetter
+from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
+from eventpipe.effects import Position
+from eventpipe.tables import dead_letters
+
+log = logging.getLogger(__name__)
+
+# The message at a position, (key, value); None when Kafka no longer has it.
+Fetch = Callable[[Position], tuple[bytes | None, bytes] | None]
+Payloads = Mapping[str, tuple[bytes | None, bytes]]
+
+
+@dataclass(slots=True)
+class Projected:
+    put: int = 0
+    removed: int = 0
+    missing_bytes: list[str] = field(default_factory=list)  # dlq keys shown without value
+    full: bool = False
+
+
+def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
+            payloads: Payloads | None = None, *, limit: int = 500) -> Projected:
+    """Bring up to `limit` unprojected dead letters into the stream. Without `fetch`, only
+    those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka)."""
+    report = Projected()
+    with engine.begin() as conn:
+        pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
+    written: list[DeadLetter] = []
+    try:
+        for letter in pending:
+            if letter.state == OPEN:
+                message = (payloads or {}).get(letter.dlq_key)
+                if message is None and fetch is not None:
+                    message = fetch(letter.position)
+                elif message is None:
+                    continue
+                if message is None:
+                    report.missing_bytes.append(letter.dlq_key)
+                key, value = message if message is not None else (None, None)
+                stream.put(StreamEntry(letter, value, key))
+                report.put += 1
+            elif stream.remove(letter.dlq_key):
+                report.removed += 1
+            written.append(letter)
+    except DeadLetterQueueFull as exc:
+        report.full = True
+        log.error("%s; %d dead letter(s) wait in SQL", exc, len(pending) - len(written))
+    finally:
+        if written:
+            if report.put:
+                stream.sync_to_disk()
+            with engine.begin() as conn:
+                records.mark_projected(conn, written)
+    metrics.DLQ_DEPTH.set(stream.depth())
+    return report
+
+
+def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected:
+    """Rebuild the stream from SQL: every open dead letter put back, strays removed."""
+    with engine.begin() as conn:
+        conn.execute(update(dead_letters).values(in_stream=False))
+        open_keys = {row.dlq_key for row in conn.execute(
+            dead_letters.select().where(dead_letters.c.state == OPEN))}
+    report = Projected()
+    for stray in stream.keys() - open_keys:
+        report.removed += stream.remove(stray)
+    while _pending(engine):
+        step = project(engine, stream, fetch, limit=500)
+        report.put += step.put
+        report.removed += step.removed
+        report.missing_bytes += step.missing_bytes
+        if step.full:
+            report.full = True
+            break
+    if not report.full:
+        stream.mark_intact()
+    return report
+
+
+def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected | None:
+    """Rebuild the stream if Redis lost it (see `DeadLetterStream.intact`); None if intact."""
+    if stream.intact():
+        return None
+    report = restore(engine, stream, fetch)
+    if report.put or report.missing_bytes:
+        log.error("the DLQ stream had lost its entries (Redis restarted without persistence, "
+                  "or was flushed): %d rebuilt from SQL, %d without their bytes (no longer in "
+                  "Kafka)", report.put, len(report.missing_bytes))
+    return report
+
+
+def _pending(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(records.unprojected(conn, 1))

@@ -1,0 +1,258 @@
+"""Dead letters in SQL: the durable record of every failed or held event, and its state.
+
+Written in the same transaction as the batch (or the reconciler round) that decided the fate,
+so a dead letter is as durable as the commit the bridge relies on. Every change bumps the
+row's `revision` and clears `in_stream`; the projection (`eventpipe.dlq.projection`) then
+brings the Redis stream in line and marks the revision it wrote.
+
+Rows are changed one at a time: dead letters are rare, and each change reads the row first
+(to keep its history), under a row lock, so two writers cannot lose each other's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, select, update
+
+from eventpipe.dlq.letter import (
+    CLOSED,
+    OPEN,
+    PURGED,
+    REPLAYED,
+    REPLAYING,
+    RESOLVED,
+    WAITING,
+    DeadLetter,
+    Episode,
+    history_from_json,
+    history_json,
+)
+from eventpipe.effects import Position
+from eventpipe.keysets import in_keys
+from eventpipe.tables import dead_letters
+from eventpipe.times import utc_iso
+
+MAX_REASON = 1000
+MAX_HISTORY = 20
+
+
+def _row(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "dlq_key": letter.dlq_key, "event_id": letter.event_id,
+        "event_type": letter.event_type[:64] if letter.event_type else None,
+        "entity_kind": letter.entity_kind, "entity_key": letter.entity_key,
+        "parent_kind": letter.parent_kind, "parent_key": letter.parent_key,
+        "state": letter.state, "error_class": letter.error_class[:64],
+        "reason": letter.reason[:MAX_REASON], "traceback": letter.traceback,
+        "kafka_topic": letter.position.topic, "kafka_partition": letter.position.partition,
+        "kafka_offset": letter.position.offset, "attempts": letter.attempts,
+        "first_failure_at": letter.first_failure_at, "last_failure_at": letter.last_failure_at,
+        "deadline": letter.deadline, "worker": letter.worker[:255],
+        "history": history_json(letter.history[-MAX_HISTORY:]),
+        "revision": letter.revision, "in_stream": False,
+    }
+
+
+def letter_of(row: Any) -> DeadLetter:
+    return DeadLetter(
+        dlq_key=row.dlq_key, error_class=row.error_class, reason=row.reason,
+        first_failure_at=row.first_failure_at, last_failure_at=row.last_failure_at,
+        worker=row.worker, event_id=row.event_id, event_type=row.event_type,
+        position=Position(row.kafka_topic, row.kafka_partition, row.kafka_offset),
+        traceback=row.traceback, attempts=row.attempts, state=row.state,
+        entity_kind=row.entity_kind, entity_key=row.entity_key, parent_kind=row.parent_kind,
+        parent_key=row.parent_key, deadline=row.deadline,
+        history=history_from_json(row.history), revision=row.revision,
+    )
+
+
+def _locked(conn: Connection, query: Select[Any]) -> Select[Any]:
+    """Lock the rows read, always in key order, so two writers cannot deadlock on them.
+    SQLite's writer already holds the database lock."""
+    query = query.order_by(dead_letters.c.dlq_key)
+    return query if conn.dialect.name == "sqlite" else query.with_for_update()
+
+
+def load(conn: Connection, keys: Collection[str], *, lock: bool = False) -> dict[str, DeadLetter]:
+    found: dict[str, DeadLetter] = {}
+    for where in in_keys(conn, dead_letters.c.dlq_key, keys):
+        query = select(dead_letters).where(where)
+        if lock:
+            query = _locked(conn, query)
+        found.update((row.dlq_key, letter_of(row)) for row in conn.execute(query))
+    return found
+
+
+def episode(letter: DeadLetter, ended: str, ended_at: datetime) -> Episode:
+    return Episode(letter.error_class, letter.reason, letter.attempts,
+                   utc_iso(letter.first_failure_at), utc_iso(letter.last_failure_at),
+                   letter.worker, ended, utc_iso(ended_at))
+
+
+def save(conn: Connection, before: DeadLetter | None, after: DeadLetter) -> DeadLetter:
+    """Insert `after`, or update `before` into it; bumps the revision, marks it unprojected."""
+    if before is None:
+        conn.execute(dead_letters.insert(), _row(replace(after, revision=1)))
+        return replace(after, revision=1)
+    after = replace(after, revision=before.revision + 1)
+    values = _row(after)
+    del values["dlq_key"]
+    conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == after.dlq_key)
+                 .values(**values))
+    return after
+
+
+def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[DeadLetter]:
+    """Add each failure, or fold it into the dead letter of the same key: one more attempt at
+    its latest position; a dead letter that had left the DLQ reopens (its past is an episode
+    of its history). Returns the rows as saved."""
+    chosen = {failure.dlq_key: failure for failure in failures}
+    existing = load(conn, chosen, lock=True)
+    saved = []
+    for key in sorted(chosen):
+        failure, before = chosen[key], existing.get(key)
+        if before is None:
+            saved.append(save(conn, None, failure))
+            continue
+        # A dead letter that had left the DLQ starts a new life; the old one is an episode
+        # already (written when it left).
+        first = before.first_failure_at if before.state not in CLOSED else failure.first_failure_at
+        attempts = before.attempts + failure.attempts if before.state not in CLOSED \
+            else failure.attempts
+        saved.append(save(conn, before, replace(
+            failure, first_failure_at=first, attempts=attempts, history=before.history,
+            state=OPEN if failure.state == OPEN or before.state == OPEN else failure.state)))
+    return saved
+
+
+def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position],
+           now: datetime) -> list[DeadLetter]:
+    """Another copy of held or dead-lettered events arrived (a duplicate, a redelivery): one
+    more attempt each, at that position."""
+    saved = []
+    existing = load(conn, keys, lock=True)
+    for key in sorted(existing):
+        before = existing[key]
+        if before.state not in (OPEN, WAITING):
+            continue
+        saved.append(save(conn, before, replace(
+            before, attempts=before.attempts + 1, last_failure_at=now,
+            position=position.get(key, before.position))))
+    return saved
+
+
+def transition(conn: Connection, letter: DeadLetter, state: str, now: datetime,
+               **changes: Any) -> DeadLetter:
+    """Move a dead letter to `state`; leaving the DLQ for good closes an episode."""
+    history = letter.history
+    if state in CLOSED and letter.state not in CLOSED:
+        history = (*history, episode(letter, state, now))
+    return save(conn, letter, replace(letter, state=state, history=history, **changes))
+
+
+def by_entity(conn: Connection, kind: str, keys: Collection[str]) -> dict[str, list[DeadLetter]]:
+    """Live (waiting or open) dead letters of these entities, by entity key, locked: the
+    caller decides their next state from what it read, and a redelivery bumping one of them
+    meanwhile (`repeat`) must wait rather than make that decision miss its row."""
+    found: dict[str, list[DeadLetter]] = {}
+    for where in in_keys(conn, dead_letters.c.entity_key, keys):
+        query = _locked(conn, select(dead_letters).where(
+            dead_letters.c.entity_kind == kind, where, dead_letters.c.state.in_((WAITING, OPEN))))
+        for row in conn.execute(query):
+            found.setdefault(row.entity_key, []).append(letter_of(row))
+    return found
+
+
+def waiting_on(conn: Connection, parent_kind: str,
+               keys: Collection[str]) -> set[tuple[str, str]]:
+    """(kind, key) of the entities whose live dead letters are held because of these
+    parents."""
+    found: set[tuple[str, str]] = set()
+    columns = (dead_letters.c.entity_kind, dead_letters.c.entity_key)
+    for where in in_keys(conn, dead_letters.c.parent_key, keys):
+        query = select(*columns).where(
+            dead_letters.c.parent_kind == parent_kind, where,
+            dead_letters.c.state.in_((WAITING, OPEN)), dead_letters.c.entity_key.is_not(None))
+        found.update((row.entity_kind, row.entity_key) for row in conn.execute(query))
+    return found
+
+
+def create_or_reopen(conn: Connection, letter: DeadLetter) -> DeadLetter:
+    """Add a held event's dead letter; one that had left the DLQ comes back with its earlier
+    lives (episodes written when it left)."""
+    before = load(conn, [letter.dlq_key], lock=True).get(letter.dlq_key)
+    if before is None:
+        return save(conn, None, letter)
+    return save(conn, before, replace(letter, history=before.history))
+
+
+def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
+    """Waiting dead letters whose parking time is over, and replays whose claim lapsed."""
+    query = (select(dead_letters)
+             .where(dead_letters.c.state.in_((WAITING, REPLAYING)),
+                    dead_letters.c.deadline <= now)
+             .order_by(dead_letters.c.deadline).limit(limit))
+    return [letter_of(row) for row in conn.execute(query)]
+
+
+def unprojected(conn: Connection, limit: int,
+                keys: Collection[str] | None = None) -> list[DeadLetter]:
+    """Dead letters whose latest revision the stream does not show (of `keys`, if given)."""
+    query = select(dead_letters).where(dead_letters.c.in_stream.is_(False))
+    if keys is not None:
+        if not keys:
+            return []
+        query = query.where(dead_letters.c.dlq_key.in_(sorted(keys)[:limit]))
+    query = query.order_by(dead_letters.c.last_failure_at).limit(limit)
+    return [letter_of(row) for row in conn.execute(query)]
+
+
+def mark_projected(conn: Connection, letters: Iterable[DeadLetter]) -> None:
+    """The stream shows these revisions: a row changed since stays to be projected."""
+    for letter in letters:
+        conn.execute(update(dead_letters)
+                     .where(dead_letters.c.dlq_key == letter.dlq_key,
+                            dead_letters.c.revision == letter.revision)
+                     .values(in_stream=True))
+
+
+def claim_for_replay(conn: Connection, key: str, now: datetime,
+                     lease_until: datetime) -> DeadLetter | None:
+    """Claim an open dead letter for one replay; None when it is not open (another replay
+    has it, or it is gone). The claim lapses at `lease_until` if the replayer dies."""
+    existing = load(conn, [key], lock=True).get(key)
+    if existing is None or existing.state != OPEN:
+        return None
+    return save(conn, existing, replace(existing, state=REPLAYING, deadline=lease_until))
+
+
+def finish_replay(conn: Connection, key: str, now: datetime, *, published: bool) -> None:
+    letter = load(conn, [key], lock=True).get(key)
+    if letter is None or letter.state != REPLAYING:
+        return
+    if published:
+        transition(conn, letter, REPLAYED, now, deadline=None)
+    else:
+        transition(conn, letter, OPEN, now, deadline=None)
+
+
+def purge(conn: Connection, key: str, now: datetime) -> bool:
+    letter = load(conn, [key], lock=True).get(key)
+    if letter is None or letter.state != OPEN:
+        return False
+    transition(conn, letter, PURGED, now)
+    return True
+
+
+def resolve(conn: Connection, letter: DeadLetter, now: datetime) -> DeadLetter | None:
+    """Close a live dead letter whose condition cleared. One that never reached the DLQ
+    (waiting) leaves no trace: it was never a failure anyone saw."""
+    if letter.state == WAITING:
+        conn.execute(dead_letters.delete().where(dead_letters.c.dlq_key == letter.dlq_key,
+                                                 dead_letters.c.revision == letter.revision))
+        return None
+    return transition(conn, letter, RESOLVED, now)

@@ -1,0 +1,277 @@
+"""The dead-letter queue operators read: a Redis Stream, one entry per open dead letter.
+
+Readable with plain `redis-cli XRANGE <stream> - +`: each entry holds the original value and
+key bytes, the Kafka position, the event id and type when they could be read, the error
+(class, message, traceback), attempts, first and last failure times, the worker, the earlier
+episodes and the DLQ key. It is a projection of the `dead_letters` table
+(`eventpipe.dlq.projection` keeps it in step): Redis may lose it, the SQL record may not.
+
+- One entry per DLQ key: putting a key that is there replaces its entry (atomically, in one
+  Lua script, with the index `<stream>:index` from key to entry id and size), so the entry of
+  a dead letter that failed again moves to the end with its new attempts and time.
+- Bounded in entries and in bytes (`DLQ_MAX_ENTRIES`, `DLQ_MAX_BYTES`): adding to a full
+  stream raises `DeadLetterQueueFull`, a transient error — the dead letter stays recorded in
+  SQL and is projected once operators make room; nothing is dropped. From 80 % of either bound
+  every add logs a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
+from eventpipe.effects import Position
+from eventpipe.errors import TransientError
+from eventpipe.times import utc_iso
+
+log = logging.getLogger(__name__)
+
+ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
+WARN_RATIO = 0.8
+
+# KEYS: stream, index, totals. ARGV: dlq key, max entries, max bytes, size, field/value pairs.
+# Replaces the key's entry if there is one; refuses a new entry beyond the bounds.
+_PUT = """
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+local old_id, old_size = nil, 0
+if old then
+  old_id, old_size = string.match(old, '^(%S+) (%d+)$')
+  old_size = tonumber(old_size)
+end
+local size = tonumber(ARGV[4])
+local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0') - old_size + size
+local entries = redis.call('XLEN', KEYS[1])
+if not old then entries = entries + 1 end
+if entries > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3]) then
+  return {false, entries, bytes}
+end
+if old_id then redis.call('XDEL', KEYS[1], old_id) end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], ARGV[1], id .. ' ' .. size)
+redis.call('HSET', KEYS[3], 'bytes', bytes)
+return {id, entries, bytes}
+"""
+
+# KEYS: stream, index, totals. ARGV: dlq key. Removes the key's entry, if any.
+_REMOVE = """
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if not old then return 0 end
+local old_id, size = string.match(old, '^(%S+) (%d+)$')
+redis.call('XDEL', KEYS[1], old_id)
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+return 1
+"""
+
+
+class DeadLetterQueueFull(TransientError):
+    """The DLQ is at its bound: projecting waits until operators make room."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """A dead letter as the DLQ shows it, with the message's bytes."""
+
+    letter: DeadLetter
+    value: bytes | None
+    key: bytes | None
+    entry_id: str | None = field(default=None, compare=False)
+
+    def fields(self) -> dict[str, bytes | str]:
+        letter = self.letter
+        fields: dict[str, bytes | str] = {
+            "dlq_key": letter.dlq_key,
+            "value": self.value if self.value is not None else b"",
+            "value_missing": "1" if self.value is None else "",
+            "topic": letter.position.topic or "",
+            "partition": _text_of(letter.position.partition),
+            "offset": _text_of(letter.position.offset),
+            "event_id": letter.event_id or "",
+            "event_type": letter.event_type or "",
+            "error_class": letter.error_class,
+            "error_message": letter.reason,
+            "traceback": letter.traceback or "",
+            "attempts": str(letter.attempts),
+            "first_failure_at": utc_iso(letter.first_failure_at),
+            "last_failure_at": utc_iso(letter.last_failure_at),
+            "worker": letter.worker,
+            "history": history_json(letter.history),
+        }
+        if self.key is not None:
+            fields["key"] = self.key
+        return fields
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: dict[bytes, bytes]) -> StreamEntry:
+        def text(name: str) -> str:
+            return fields.get(name.encode(), b"").decode("utf-8", "replace")
+
+        def number(name: str) -> int | None:
+            raw = text(name)
+            return int(raw) if raw.isdigit() else None
+
+        def moment(name: str) -> datetime:
+            return datetime.fromisoformat(text(name).replace("Z", "+00:00"))
+
+        letter = DeadLetter(
+            dlq_key=text("dlq_key"), error_class=text("error_class"),
+            reason=text("error_message"), first_failure_at=moment("first_failure_at"),
+            last_failure_at=moment("last_failure_at"), worker=text("worker"),
+            event_id=text("event_id") or None, event_type=text("event_type") or None,
+            position=Position(text("topic") or None, number("partition"), number("offset")),
+            traceback=text("traceback") or None, attempts=number("attempts") or 0,
+            history=history_from_json(text("history")),
+        )
+        value = None if text("value_missing") else fields.get(b"value", b"")
+        return cls(letter, value, fields.get(b"key"), entry_id)
+
+
+def _text_of(number: int | None) -> str:
+    return "" if number is None else str(number)
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which entries an operation applies to; empty fields match everything."""
+
+    event_type: str | None = None
+    error_class: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def matches(self, entry: StreamEntry) -> bool:
+        return ((self.event_type is None or entry.letter.event_type == self.event_type)
+                and (self.error_class is None or entry.letter.error_class == self.error_class))
+
+
+class DeadLetterStream:
+    def __init__(self, client: redis.Redis, stream: str, max_entries: int,
+                 max_bytes: int) -> None:
+        self.client = client
+        self.stream = stream
+        self.index = f"{stream}:index"
+        self.totals = f"{stream}:totals"
+        # Set once the stream is known to match SQL; Redis losing its data loses this too.
+        self.marker = f"{stream}:intact"
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._put = client.register_script(_PUT)
+        self._remove = client.register_script(_REMOVE)
+        self._waitaof: bool | None = None  # unknown until tried
+
+    def sync_to_disk(self, timeout_ms: int = 1000) -> bool:
+        """Wait until what this client wrote is in Redis's append-only file, where Redis can
+        say so (7.2+, appendonly on); False where it cannot. The SQL record is the durable
+        one either way: this only narrows the window in which the stream lags it."""
+        if self._waitaof is False:
+            return False
+        try:
+            self.client.execute_command("WAITAOF", 1, 0, timeout_ms)  # type: ignore[no-untyped-call]
+        except redis.ResponseError:  # an older Redis, or one without an append-only file
+            self._waitaof = False
+            return False
+        self._waitaof = True
+        return True
+
+    def intact(self) -> bool:
+        """False when Redis lost the stream (restarted without persistence, flushed) since
+        it was last rebuilt: the stream may lack dead letters that SQL records as open."""
+        return bool(self.client.exists(self.marker))
+
+    def mark_intact(self) -> None:
+        self.client.set(self.marker, "1")
+
+    def put(self, entry: StreamEntry) -> str:
+        """Add or replace the entry of `entry.letter.dlq_key`; its entry id."""
+        flat: list[bytes | str] = []
+        size = 0
+        for name, value in entry.fields().items():
+            flat.extend((name, value))
+            size += len(name) + len(value)
+        entry_id, entries, total = self._put(
+            keys=[self.stream, self.index, self.totals],
+            args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size, *flat])
+        if not entry_id:
+            raise DeadLetterQueueFull(
+                f"dead-letter queue {self.stream} is full ({entries} entries, {total} bytes; "
+                f"bounds {self.max_entries} entries, {self.max_bytes} bytes): replay or purge "
+                "entries, or raise DLQ_MAX_ENTRIES / DLQ_MAX_BYTES")
+        if entries >= self.max_entries * WARN_RATIO or total >= self.max_bytes * WARN_RATIO:
+            log.warning("dead-letter queue near its bound", extra={
+                "dlqDepth": entries, "dlqBytes": total, "dlqMaxEntries": self.max_entries,
+                "dlqMaxBytes": self.max_bytes})
+        return _decoded(entry_id)
+
+    def remove(self, dlq_key: str) -> bool:
+        return bool(self._remove(keys=[self.stream, self.index, self.totals], args=[dlq_key]))
+
+    def depth(self) -> int:
+        return int(self.client.xlen(self.stream))
+
+    def size_bytes(self) -> int:
+        return int(self.client.hget(self.totals, "bytes") or 0)
+
+    def keys(self) -> set[str]:
+        """The DLQ keys the stream holds."""
+        return {_decoded(key) for key in self.client.hkeys(self.index)}
+
+    def get(self, entry_id: str) -> StreamEntry | None:
+        if ENTRY_ID.fullmatch(entry_id) is None:
+            return None  # not a stream id: no such entry, rather than a Redis error
+        found: Any = self.client.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        return StreamEntry.from_fields(_decoded(found[0][0]), found[0][1]) if found else None
+
+    def get_key(self, dlq_key: str) -> StreamEntry | None:
+        indexed = self.client.hget(self.index, dlq_key)
+        return self.get(_decoded(indexed).split(" ")[0]) if indexed else None
+
+    def find_event(self, event_id: str) -> list[StreamEntry]:
+        return [entry for entry in self.scan() if entry.letter.event_id == event_id]
+
+    def scan(self, where: Filter = Filter(), after: str | None = None) -> Iterator[StreamEntry]:
+        """Entries oldest first (by last failure), matching `where`, after entry id `after`."""
+        low = f"({after}" if after else _stream_time(where.since, "-")
+        high = _stream_time(where.until, "+")
+        while True:
+            chunk: Any = self.client.xrange(self.stream, min=low, max=high, count=500)
+            if not chunk:
+                return
+            for raw_id, fields in chunk:
+                entry = StreamEntry.from_fields(_decoded(raw_id), fields)
+                if where.matches(entry):
+                    yield entry
+            low = f"({_decoded(chunk[-1][0])}"
+
+    def page(self, where: Filter = Filter(), after: str | None = None,
+             limit: int = 50) -> list[StreamEntry]:
+        page: list[StreamEntry] = []
+        for entry in self.scan(where, after):
+            page.append(entry)
+            if len(page) >= limit:
+                break
+        return page
+
+    def newest_id(self) -> str | None:
+        found: Any = self.client.xrevrange(self.stream, count=1)
+        return _decoded(found[0][0]) if found else None
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+def _stream_time(moment: datetime | None, default: str) -> str:
+    # Stream ids count milliseconds since 1970 and cannot be negative.
+    return str(max(0, int(moment.timestamp() * 1000))) if moment else default
+
+
+def _decoded(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw

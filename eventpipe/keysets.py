@@ -1,0 +1,33 @@
+"""`column IN (keys)` for sets of any size, written the way each database takes it best.
+
+PostgreSQL gets one `column = ANY(:keys)` with the keys as one array parameter: the statement's
+text is the same whatever the set's size, so it is parsed and planned once. The others get
+`IN (…)` lists in chunks, under SQL Server's 2,100 parameters per statement (and SQLite's 999
+on old builds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, any_, bindparam
+from sqlalchemy.dialects.postgresql import ARRAY
+
+CHUNK = 500
+
+
+def chunked(values: Collection[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    ordered = sorted(values)
+    for start in range(0, len(ordered), size):
+        yield ordered[start:start + size]
+
+
+def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[ColumnElement[bool]]:
+    """Conditions that together select `column IN keys`: run one statement per condition."""
+    if not keys:
+        return []
+    if conn.dialect.name == "postgresql":
+        array = bindparam(None, sorted(keys), type_=ARRAY(column.type))
+        return [column == any_(array)]
+    return [column.in_(part) for part in chunked(keys)]

@@ -1,0 +1,203 @@
+"""The offset ledger in Redis: which Kafka offsets are done, and which are spoken for.
+
+Workers write it, the bridge reads it. An offset is *done* once its event's fate (applied,
+stale, duplicate, held, dead-lettered) is committed in SQL; only then may the bridge commit
+past it. An offset is *leased* while a worker holds it (a batch in progress, a batch waiting
+to retry after a failure of the world): the bridge does not re-read a leased offset while its
+lease lives. Offsets that are neither, for too long, were lost on the way (a worker killed,
+the Celery broker's queue flushed) and the bridge reads them again from Kafka.
+
+Leases are written and judged by one clock, the Redis server's (`TIME` inside the scripts),
+so a worker whose clock is off cannot make a lease last an hour or expire on arrival.
+
+Losing the ledger costs nothing but work: the bridge re-reads from its last commit and the
+events come back as duplicates.
+
+It also remembers, per partition, which range of offsets a worker is applying right now. A
+worker that finds an unfinished range overlapping its own knows the process applying it died
+(`begin` counts how many times in a row), which is how a message that kills its worker is
+isolated and, in the end, dead-lettered (`eventpipe.failures.after_crashes`).
+
+Keys, per consumer group, topic and partition: `{prefix}:{group}:done:{topic}:{p}` and
+`…:lease:…` (sorted sets of offsets, scored by offset and by lease deadline in Redis time),
+`…:running:…` (`"<first> <last> <unfinished attempts>"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+_NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+
+# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] offsets.
+_LEASE = _NOW + """
+local score = now + tonumber(ARGV[1])
+for i = 2, #ARGV, 1000 do
+  local args = {}
+  for j = i, math.min(i + 999, #ARGV) do
+    args[#args + 1] = score
+    args[#args + 1] = ARGV[j]
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+return now
+"""
+
+# KEYS: done zset, lease zset. ARGV[1] = number of done offsets, then the done offsets, then
+# pairs (offset, seconds to live) of leases to renew.
+_SETTLE = _NOW + """
+local count = tonumber(ARGV[1])
+for i = 2, count + 1, 500 do
+  local members, scores = {}, {}
+  for j = i, math.min(i + 499, count + 1) do
+    scores[#scores + 1] = ARGV[j]
+    scores[#scores + 1] = ARGV[j]
+    members[#members + 1] = ARGV[j]
+  end
+  redis.call('ZADD', KEYS[1], unpack(scores))
+  redis.call('ZREM', KEYS[2], unpack(members))
+end
+for i = count + 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i])
+end
+return now
+"""
+
+# KEYS: pairs (done zset, lease zset) per partition. ARGV: the low mark of each partition.
+# Returns, per partition, {done offsets >= low, offsets with a live lease}.
+_READ = _NOW + """
+local result = {}
+for i = 1, #ARGV do
+  local done = redis.call('ZRANGEBYSCORE', KEYS[2 * i - 1], ARGV[i], '+inf')
+  local leased = redis.call('ZRANGEBYSCORE', KEYS[2 * i], now, '+inf')
+  result[i] = {done, leased}
+end
+return result
+"""
+
+# KEYS: pairs (done zset, lease zset). ARGV: the committed offset of each partition.
+_TRIM = _NOW + """
+for i = 1, #ARGV do
+  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i - 1], '-inf', '(' .. ARGV[i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', '(' .. now)
+end
+return now
+"""
+
+# KEYS[1] running key. ARGV: first, last, seconds to live. An unfinished range overlapping
+# ours means the process applying it died: returns that range and how many times it died.
+_BEGIN = """
+local previous = redis.call('GET', KEYS[1])
+local result = {}
+local count = 0
+if previous then
+  local first, last, deaths = string.match(previous, '^(%d+) (%d+) (%d+)$')
+  if first and tonumber(ARGV[1]) <= tonumber(last) and tonumber(ARGV[2]) >= tonumber(first) then
+    count = tonumber(deaths) + 1
+    result = {tonumber(first), tonumber(last), count}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. count, 'EX', ARGV[3])
+return result
+"""
+
+# KEYS[1] running key. ARGV: first, last. Clears the record if it is still ours.
+_FINISH = """
+local previous = redis.call('GET', KEYS[1])
+if previous and string.match(previous, '^(%d+ %d+) ') == ARGV[1] .. ' ' .. ARGV[2] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+RUNNING_TTL_S = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """A range of offsets whose processes died applying it, `deaths` times in a row."""
+
+    first: int
+    last: int
+    deaths: int
+
+    def deaths_of(self, offset: int) -> int:
+        return self.deaths if self.first <= offset <= self.last else 0
+
+
+class OffsetLedger:
+    def __init__(self, client: redis.Redis, group: str, prefix: str = "eventpipe") -> None:
+        self.client = client
+        self.base = f"{prefix}:{group}"
+        self._lease = client.register_script(_LEASE)
+        self._settle = client.register_script(_SETTLE)
+        self._read = client.register_script(_READ)
+        self._trim = client.register_script(_TRIM)
+        self._begin = client.register_script(_BEGIN)
+        self._finish = client.register_script(_FINISH)
+
+    def _key(self, kind: str, topic: str, partition: int) -> str:
+        return f"{self.base}:{kind}:{topic}:{partition}"
+
+    def lease(self, topic: str, partition: int, offsets: Iterable[int], ttl_s: float) -> None:
+        """Hold `offsets` for `ttl_s` seconds of Redis time."""
+        members = [str(offset) for offset in offsets]
+        if members:
+            self._lease(keys=[self._key("lease", topic, partition)], args=[ttl_s, *members])
+
+    def settle(self, topic: str, partition: int, done: Iterable[int],
+               leases: Mapping[int, float] | None = None) -> None:
+        """Mark `done` offsets and renew `leases` (offset → seconds to live), atomically."""
+        done_members = [str(offset) for offset in done]
+        renewals: list[Any] = [value for offset, ttl in (leases or {}).items()
+                               for value in (str(offset), ttl)]
+        if done_members or renewals:
+            self._settle(keys=[self._key("done", topic, partition),
+                               self._key("lease", topic, partition)],
+                         args=[len(done_members), *done_members, *renewals])
+
+    def read(self, topic: str, lows: Mapping[int, int]) -> dict[int, tuple[set[int], set[int]]]:
+        """For each partition → (done offsets ≥ its low mark, offsets with a live lease)."""
+        if not lows:
+            return {}
+        keys = [key for p in lows for key in (self._key("done", topic, p),
+                                               self._key("lease", topic, p))]
+        replies: Any = self._read(keys=keys, args=list(lows.values()))
+        return {partition: ({int(o) for o in done}, {int(o) for o in leased})
+                for partition, (done, leased) in zip(lows, replies, strict=True)}
+
+    def forget(self, topic: str, partitions: Iterable[int]) -> None:
+        """Drop everything known of these partitions: done marks, leases, running ranges."""
+        keys = [self._key(kind, topic, p) for p in partitions
+                for kind in ("done", "lease", "running")]
+        if keys:
+            self.client.delete(*keys)
+
+    def trim(self, topic: str, committed: Mapping[int, int]) -> None:
+        """Forget done offsets below each committed offset (Kafka remembers those for us)
+        and leases that have expired."""
+        if committed:
+            keys = [key for p in committed for key in (self._key("done", topic, p),
+                                                        self._key("lease", topic, p))]
+            self._trim(keys=keys, args=list(committed.values()))
+
+    def begin(self, topic: str, partition: int, first: int, last: int) -> Crashed | None:
+        """Record that offsets first..last are being applied. When an earlier attempt at an
+        overlapping range never finished, the process applying it died: that range, and how
+        many times in a row."""
+        found: Any = self._begin(keys=[self._key("running", topic, partition)],
+                                 args=[first, last, RUNNING_TTL_S])
+        return Crashed(int(found[0]), int(found[1]), int(found[2])) if found else None
+
+    def narrow(self, topic: str, partition: int, first: int, last: int, deaths: int) -> None:
+        """Record a sub-range being applied on its own, and how many times the process died
+        applying it already: if it dies now, the next attempt knows where."""
+        self.client.set(self._key("running", topic, partition), f"{first} {last} {deaths}",
+                        ex=RUNNING_TTL_S)
+
+    def finish(self, topic: str, partition: int, first: int, last: int) -> None:
+        self._finish(keys=[self._key("running", topic, partition)], args=[first, last])

@@ -1,0 +1,254 @@
+"""The reconciler: keeps the dead letters of held events in step with the rules that span keys.
+
+Batches write each entity on its own key and queue the keys they wrote (`reconcile_queue`),
+in the same transaction. A reconciler round takes queued keys and, on committed data:
+
+1. evaluates (`eventpipe.readmodel`, `eventpipe.visibility`) every entity the keys can affect:
+   the users written and the other claimants of their emails; the orders written, the orders
+   of users that just left the read model and those held because of an evaluated user; the
+   payments written, those of the orders evaluated and those held because of them;
+2. makes each entity's dead letters say the same: a held entity has one live dead letter for
+   its current event (`waiting` for a parent, or `open` for a rejection); a visible one has
+   none; one for an older event of the entity is resolved (its event is stale now);
+3. opens the waiting dead letters whose parking time is over (after evaluating them again, so
+   one whose parent arrived in the meantime resolves instead), and returns to the DLQ the
+   replays whose claim lapsed;
+4. deletes the queue rows it took, in the same transaction.
+
+Every change is evaluated after the batch that caused it committed, on data that includes it,
+so the dead letters converge to what the rules say whatever the order of arrival. Rounds must
+not overlap (two of them reading different snapshots could write an older answer last): one
+runs at a time, under a database lock (`try_lock`) that other callers skip rather than wait on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, select, text
+
+from eventpipe import readmodel
+from eventpipe.dlq import records
+from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
+from eventpipe.effects import Position
+from eventpipe.keysets import in_keys
+from eventpipe.tables import applied_events, reconcile_queue
+from eventpipe.visibility import Held, Standing
+
+log = logging.getLogger(__name__)
+
+# A round takes queue rows until it holds about this many keys.
+ROUND_KEYS = 5000
+_LOCK_ID = 0x65766E74  # "evnt": the PostgreSQL advisory lock of the reconciler
+
+
+@dataclass(slots=True)
+class Keys:
+    users: set[str] = field(default_factory=set)
+    orders: set[str] = field(default_factory=set)
+    payments: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, key: str) -> None:
+        {"user": self.users, "order": self.orders, "payment": self.payments}[kind].add(key)
+
+    def __len__(self) -> int:
+        return len(self.users) + len(self.orders) + len(self.payments)
+
+
+@dataclass(slots=True)
+class Round:
+    queue_rows: int = 0
+    evaluated: int = 0
+    changed: list[DeadLetter] = field(default_factory=list)
+
+
+def try_lock(conn: Connection) -> bool:
+    """Take the reconciler's lock for this transaction; False when another round holds it."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"),
+                                 {"id": _LOCK_ID}).scalar_one())
+    if dialect == "mssql":
+        status = conn.execute(text(
+            "DECLARE @status int; EXEC @status = sp_getapplock @Resource = 'eventpipe.reconcile', "
+            "@LockMode = 'Exclusive', @LockOwner = 'Transaction', @LockTimeout = 0; "
+            "SELECT @status")).scalar_one()
+        return int(status) >= 0
+    return True  # SQLite: the write transaction itself serialises rounds
+
+
+def run_round(conn: Connection, now: datetime, park_timeout: timedelta, *,
+              worker: str = "reconciler", round_keys: int = ROUND_KEYS) -> Round:
+    """One round, in the caller's transaction (which holds the lock)."""
+    done = Round()
+    ids, keys = _take_queue(conn, round_keys)
+    done.queue_rows = len(ids)
+    due = records.due(conn, now, limit=round_keys)
+    for letter in due:
+        if letter.state == REPLAYING:  # the replayer died between claim and publish
+            done.changed.append(records.transition(conn, letter, OPEN, now, deadline=None))
+        elif letter.entity_kind and letter.entity_key:
+            keys.add(letter.entity_kind, letter.entity_key)
+    if len(keys):
+        done.evaluated = len(keys)
+        done.changed += _evaluate(conn, keys, now, park_timeout, worker)
+    for where in in_keys(conn, reconcile_queue.c.id, ids):
+        conn.execute(reconcile_queue.delete().where(where))
+    return done
+
+
+def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys]:
+    keys = Keys()
+    ids: list[int] = []
+    query = select(reconcile_queue.c.id, reconcile_queue.c["keys"]).order_by(
+        reconcile_queue.c.id).limit(200)
+    for row in conn.execute(query):
+        ids.append(row.id)
+        written = json.loads(row.keys)
+        keys.users.update(written.get("users", ()))
+        keys.orders.update(written.get("orders", ()))
+        keys.payments.update(written.get("payments", ()))
+        if len(keys) >= round_keys:
+            break
+    return ids, keys
+
+
+def _evaluate(conn: Connection, keys: Keys, now: datetime, park_timeout: timedelta,
+              worker: str) -> list[DeadLetter]:
+    changed: list[DeadLetter] = []
+    sync = _Sync(conn, now, park_timeout, worker, changed)
+
+    written_users = readmodel.load_users(conn, keys.users)
+    user_ids = set(keys.users) | readmodel.users_claiming(
+        conn, sorted({row.email for row in written_users.values()}))
+    user_ids |= _held_because_of(conn, "user", keys.users).users
+    users = readmodel.load_users(conn, user_ids)
+    went_down = sync.entities("user", users, readmodel.user_standings(users))
+
+    held_by_users = _held_because_of(conn, "user", users)
+    order_ids = keys.orders | held_by_users.orders | readmodel.orders_of_users(conn, went_down)
+    orders = readmodel.load_orders(conn, order_ids)
+    orders_down = sync.entities("order", orders, readmodel.order_standings(conn, orders))
+
+    held_by_orders = _held_because_of(conn, "order", orders)
+    payment_ids = (keys.payments | held_by_orders.payments
+                   | readmodel.payments_of_orders(conn, keys.orders | orders_down))
+    payments = readmodel.load_payments(conn, payment_ids)
+    sync.entities("payment", payments, readmodel.payment_standings(conn, payments))
+    return changed
+
+
+def _held_because_of(conn: Connection, parent_kind: str, parents: Collection[str]) -> Keys:
+    found = Keys()
+    for kind, key in records.waiting_on(conn, parent_kind, parents):
+        found.add(kind, key)
+    return found
+
+
+@dataclass(slots=True)
+class _Sync:
+    """Makes the live dead letters of evaluated entities match their standing."""
+
+    conn: Connection
+    now: datetime
+    park_timeout: timedelta
+    worker: str
+    changed: list[DeadLetter]
+
+    def entities(self, kind: str, rows: dict[str, Any],
+                 standings: dict[str, Standing]) -> set[str]:
+        """Sync each entity; the keys of those that left the read model just now."""
+        live = records.by_entity(self.conn, kind, rows)
+        current = _current_events(self.conn, {row.version[1] for row in rows.values()})
+        went_down = set()
+        for key, row in rows.items():
+            standing = standings[key]
+            letters = live.get(key, [])
+            if standing is not None and not letters:
+                went_down.add(key)
+            self._entity(kind, key, current.get(row.version[1]), standing, letters)
+        return went_down
+
+    def _entity(self, kind: str, key: str, event: _Current | None, standing: Standing,
+                letters: list[DeadLetter]) -> None:
+        wanted = event_key(event.fingerprint) if standing is not None and event else None
+        for letter in letters:
+            if letter.dlq_key != wanted:
+                # Visible now, or its event superseded by a newer version of the entity.
+                self._changed(records.resolve(self.conn, letter, self.now))
+        if wanted is None or event is None or standing is None:
+            return
+        mine = next((letter for letter in letters if letter.dlq_key == wanted), None)
+        self._changed(self._hold(kind, key, event, standing, mine))
+
+    def _hold(self, kind: str, key: str, event: _Current, held: Held,
+              letter: DeadLetter | None) -> DeadLetter | None:
+        if letter is None:
+            state = WAITING if held.waits else OPEN
+            letter = DeadLetter(
+                dlq_key=event_key(event.fingerprint), error_class=held.error_class,
+                reason=held.reason, first_failure_at=self.now, last_failure_at=self.now,
+                worker=event.worker or self.worker, event_id=event.event_id,
+                event_type=event.event_type, position=event.position, state=state,
+                entity_kind=kind, entity_key=key, parent_kind=held.parent_kind,
+                parent_key=held.parent_key,
+                deadline=self.now + self.park_timeout if held.waits else None)
+            return records.create_or_reopen(self.conn, letter)
+        state = letter.state
+        if state == WAITING and (not held.waits or (letter.deadline or self.now) <= self.now):
+            state = OPEN
+        if (state, held.error_class, held.reason, held.parent_key) == (
+                letter.state, letter.error_class, letter.reason, letter.parent_key):
+            return None
+        return records.save(self.conn, letter, replace(
+            letter, state=state, error_class=held.error_class, reason=held.reason,
+            parent_kind=held.parent_kind, parent_key=held.parent_key,
+            last_failure_at=self.now if state != letter.state else letter.last_failure_at))
+
+    def _changed(self, letter: DeadLetter | None) -> None:
+        if letter is not None:
+            self.changed.append(letter)
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    """What `applied_events` says of an entity's current event."""
+
+    event_id: str
+    event_type: str
+    fingerprint: str
+    position: Position
+    worker: str | None
+
+
+def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _Current]:
+    found = {}
+    for where in in_keys(conn, applied_events.c.event_id, event_ids):
+        for row in conn.execute(select(applied_events).where(where)):
+            found[row.event_id] = _Current(
+                row.event_id, row.event_type, row.fingerprint or "",
+                Position(row.kafka_topic, row.kafka_partition, row.kafka_offset), row.worker)
+    return found
+
+
+def reconcile(begin: Callable[[], Any], now: Callable[[], datetime], park_timeout: timedelta,
+              *, max_rounds: int = 20) -> list[DeadLetter]:
+    """Run rounds until the queue is empty (or `max_rounds`), each in its own transaction;
+    skips at once when another reconciler holds the lock. The dead letters changed."""
+    changed: list[DeadLetter] = []
+    for _ in range(max_rounds):
+        with begin() as conn:
+            if not try_lock(conn):
+                return changed
+            done = run_round(conn, now(), park_timeout)
+        changed += done.changed
+        if done.queue_rows == 0:
+            break
+    if changed:
+        log.info("reconciled", extra={"deadLettersChanged": len(changed)})
+    return changed

@@ -1,0 +1,29 @@
+"""Redis clients, one factory per purpose, each with the timeouts that purpose can afford.
+
+- `pipeline`: the bridge and the workers (offset ledger, DLQ, Celery queue depths). A call
+  that hangs holds up a partition, so it fails within seconds and the caller retries.
+- `request`: the web API. A request must answer fast or fail with 503.
+- `operator`: command-line tools, which may scan a whole DLQ.
+Responses stay bytes (`decode_responses` off): dead letters hold the original message bytes.
+"""
+
+from __future__ import annotations
+
+import redis
+
+_CONNECT_TIMEOUT_S = 2.0
+
+
+def pipeline(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                                socket_timeout=5.0, health_check_interval=30)
+
+
+def request(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                                socket_timeout=5.0)
+
+
+def operator(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                                socket_timeout=30.0)

@@ -1,0 +1,27 @@
+"""Times as text: ISO-8601 in UTC with a 'Z', one spelling for logs, the DLQ, the API and events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def utc_iso(moment: datetime, timespec: str = "auto") -> str:
+    """`moment` in UTC, e.g. 2026-11-24T10:15:00.123Z.
+
+    "auto": milliseconds, or microseconds when the time has them (nothing is rounded away);
+    any other `timespec` is passed to `datetime.isoformat`.
+    """
+    if timespec == "auto":
+        timespec = "milliseconds" if moment.microsecond % 1000 == 0 else "microseconds"
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def from_kafka_millis(millis: int | None) -> datetime | None:
+    """A Kafka message timestamp as a UTC time; None when absent or out of the calendar (any
+    producer can set one, and a bad one must not fail the work on its message)."""
+    if millis is None or millis <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None

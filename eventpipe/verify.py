@@ -1,0 +1,279 @@
+"""`eventpipe verify`: prove, at any time, that nothing was lost and nothing applied twice.
+
+1. Read the topic from its first offset up to the consumer group's committed offsets: the
+   messages the pipeline has declared done.
+2. Fold them with the contract's rules (`eventpipe.canonical`, written independently of the
+   apply path) into the read model and the dead letters they must give.
+3. Compare with what the database holds:
+   - the read model (`eventpipe.readmodel.whole`): every user, order (with its items),
+     payment and stock level, field by field;
+   - fates: every event below the commit is recorded (`applied_events`, or a dead letter of
+     it), and so is every message that is not an event;
+   - the dead letters: the live ones are exactly those the rules predict (plus what only the
+     pipeline can know: values the database refused, messages that killed a worker), and the
+     operators' Redis stream shows every open one.
+Each difference names the positions of the messages concerned. Exit status 1 on any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaException,
+    TopicPartition,
+)
+from sqlalchemy import Engine, select
+
+from eventpipe import readmodel
+from eventpipe.canonical import (
+    ErrorClass,
+    Expected,
+    PartitionOffset,
+    TopicMessage,
+    fold,
+)
+from eventpipe.dlq.letter import OPEN, RESOLVED
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.keysets import in_keys
+from eventpipe.settings import Settings
+from eventpipe.tables import applied_events, dead_letters
+from eventpipe.times import from_kafka_millis
+
+Progress = Callable[[int], None]
+_PREDICTABLE = frozenset(error.value for error in ErrorClass)
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    what: str  # e.g. "user u-1", "dead letter e:…", "fate of event e-7"
+    expected: str
+    found: str
+    positions: tuple[PartitionOffset, ...] = ()
+
+
+@dataclass(slots=True)
+class Report:
+    committed: dict[int, int] = field(default_factory=dict)
+    first_offsets: dict[int, int] = field(default_factory=dict)  # >0: retention removed some
+    messages: int = 0
+    events: int = 0
+    dead_lettered: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    # Dead letters the rules cannot predict (the database refused a value, a worker died).
+    pipeline_only: list[str] = field(default_factory=list)
+    # Ids reused across partitions: which copy wins is arrival order; the comparison takes
+    # the one the pipeline applied, if it is one that could have arrived first.
+    ambiguous: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.differences
+
+    @property
+    def truncated(self) -> bool:
+        return any(offset > 0 for offset in self.first_offsets.values())
+
+
+def committed_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, int]:
+    """The group's committed offset of every partition of the topic that has one."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": settings.kafka_group_id, "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(settings.kafka_topic, timeout=timeout_s)
+        topic = metadata.topics.get(settings.kafka_topic)
+        if topic is None or topic.error is not None:
+            raise KafkaException(f"topic {settings.kafka_topic!r} not found")
+        asked = [TopicPartition(settings.kafka_topic, p) for p in sorted(topic.partitions)]
+        found = consumer.committed(asked, timeout=timeout_s)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+
+def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
+               progress: Progress | None = None, poll_s: float = 10.0) -> Iterator[TopicMessage]:
+    """Every message below the committed offsets, partition by partition, without joining
+    the group (nothing of the group's is touched)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": f"{settings.kafka_group_id}.verify",
+                         "enable.auto.commit": False, "enable.auto.offset.store": False,
+                         "auto.offset.reset": "earliest"})
+    try:
+        for partition, end in sorted(committed.items()):
+            if end <= 0:
+                continue
+            consumer.assign([TopicPartition(settings.kafka_topic, partition,
+                                            OFFSET_BEGINNING)])
+            while True:
+                record = consumer.poll(poll_s)
+                if record is None:
+                    raise KafkaException(f"partition {partition}: nothing read for {poll_s}s "
+                                         f"before the committed offset {end}")
+                if record.error() is not None:
+                    continue
+                offset = record.offset() or 0
+                report.first_offsets.setdefault(partition, offset)
+                if offset >= end:
+                    break
+                kind, millis = record.timestamp()
+                yield TopicMessage(
+                    partition, offset, record.key(), record.value() or b"",
+                    None if kind == TIMESTAMP_NOT_AVAILABLE else from_kafka_millis(millis))
+                if progress is not None:
+                    progress(1)
+                if offset == end - 1:
+                    break
+    finally:
+        consumer.close()
+
+
+def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
+           progress: Progress | None = None) -> Report:
+    report = Report(committed=committed_offsets(settings))
+    expected = fold(read_topic(settings, report.committed, report, progress),
+                    max_future=timedelta(seconds=settings.max_future_skew_s),
+                    arrived_first=lambda ids: _recorded_fingerprints(engine, ids))
+    report.messages = expected.counts.messages
+    report.events = expected.counts.events
+    report.dead_lettered = len(expected.dead_letters)
+    report.ambiguous = [ambiguous.event_id for ambiguous in expected.ambiguous]
+    with engine.connect() as conn:
+        model = readmodel.whole(conn)
+        recorded = {row.event_id for row in conn.execute(select(applied_events.c.event_id))}
+        letters = {row.dlq_key: row for row in conn.execute(select(
+            dead_letters.c.dlq_key, dead_letters.c.state, dead_letters.c.error_class,
+            dead_letters.c.event_id))}
+    _compare_read_model(expected, model, report)
+    _compare_fates(expected, recorded, letters, report)
+    _compare_stream(letters, stream.keys(), report)
+    return report
+
+
+def _recorded_fingerprints(engine: Engine, event_ids: Collection[str]) -> dict[str, str]:
+    """Which payload of each reused eventId the pipeline took as the event."""
+    found: dict[str, str] = {}
+    with engine.connect() as conn:
+        for where in in_keys(conn, applied_events.c.event_id, event_ids):
+            found.update((row.event_id, row.fingerprint) for row in conn.execute(
+                select(applied_events.c.event_id, applied_events.c.fingerprint).where(where))
+                if row.fingerprint)
+    return found
+
+
+def _differ(report: Report, what: str, expected: Any, found: Any,
+            positions: tuple[PartitionOffset, ...] = ()) -> None:
+    report.differences.append(Difference(what, str(expected), str(found), positions))
+
+
+def _compare_read_model(expected: Expected, model: readmodel.ReadModel, report: Report) -> None:
+    where = _positions_by_entity(expected)
+    for user_id in sorted(set(expected.users) | set(model.users)):
+        want = expected.users.get(user_id)
+        row = model.users.get(user_id)
+        wanted_u = None if want is None else (want.email, want.name, want.created_at)
+        got = None if row is None else (row.email, row.name, row.created_at)
+        if wanted_u != got:
+            _differ(report, f"user {user_id}", wanted_u, got, where.get(("user", user_id), ()))
+    for order_id in sorted(set(expected.orders) | set(model.orders)):
+        want_order = expected.orders.get(order_id)
+        order = model.orders.get(order_id)
+        wanted = None if want_order is None else (
+            want_order.user_id, want_order.total_amount, want_order.currency,
+            want_order.placed_at, tuple(tuple(item) for item in want_order.items))
+        got_order = None if order is None else (
+            order.user_id, order.total_amount, order.currency, order.placed_at,
+            tuple(model.items.get(order_id, ())))
+        if wanted != got_order:
+            _differ(report, f"order {order_id}", wanted, got_order,
+                    where.get(("order", order_id), ()))
+    for payment_id in sorted(set(expected.payments) | set(model.payments)):
+        want_payment = expected.payments.get(payment_id)
+        payment = model.payments.get(payment_id)
+        wanted_p = None if want_payment is None else (
+            want_payment.order_id, want_payment.amount, want_payment.currency,
+            want_payment.settled_at)
+        got_p = None if payment is None else (
+            payment.order_id, payment.amount, payment.currency, payment.settled_at)
+        if wanted_p != got_p:
+            _differ(report, f"payment {payment_id}", wanted_p, got_p,
+                    where.get(("payment", payment_id), ()))
+    for sku in sorted(set(expected.inventory) | set(model.inventory)):
+        want_stock = expected.inventory.get(sku)
+        wanted_s = None if want_stock is None else (want_stock.quantity, want_stock.updated_at)
+        if wanted_s != model.inventory.get(sku):
+            _differ(report, f"inventory {sku}", wanted_s, model.inventory.get(sku))
+
+
+def _positions_by_entity(expected: Expected) -> dict[tuple[str, str], tuple[PartitionOffset,
+                                                                            ...]]:
+    return {(entity.kind.value, entity.id): expected.positions.get(event_id, ())
+            for entity, event_id in expected.current.items()}
+
+
+def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str, Any],
+                   report: Report) -> None:
+    live = {key for key, row in letters.items() if row.state != RESOLVED}
+    held = {key for key, letter in expected.dead_letters.items()
+            if letter.error_class not in (ErrorClass.INVALID_EVENT, ErrorClass.ID_REUSED)}
+    by_event_key = {letter.event_id: key for key, letter in expected.dead_letters.items()
+                    if key in held}
+    for event_id in sorted(expected.fates):
+        if event_id not in recorded and by_event_key.get(event_id) not in letters:
+            _differ(report, f"fate of event {event_id}", "recorded", "no record",
+                    expected.positions.get(event_id, ()))
+    for key, letter in sorted(expected.dead_letters.items()):
+        if key not in live:
+            _differ(report, f"dead letter {key}",
+                    f"{letter.error_class.value}: {letter.reason}",
+                    "resolved" if key in letters else "not dead-lettered", letter.positions)
+    for key in sorted(live - set(expected.dead_letters)):
+        row = letters[key]
+        if row.error_class in _PREDICTABLE:
+            _differ(report, f"dead letter {key}", "not dead-lettered",
+                    f"{row.state} {row.error_class} (event {row.event_id})")
+        else:
+            report.pipeline_only.append(f"{key} {row.error_class} (event {row.event_id})")
+
+
+def _compare_stream(letters: Mapping[str, Any], shown: set[str], report: Report) -> None:
+    open_keys = {key for key, row in letters.items() if row.state == OPEN}
+    for key in sorted(open_keys - shown):
+        _differ(report, f"DLQ stream entry {key}", "shown (it is open in SQL)",
+                "missing: run `eventpipe dlq restore`")
+    for key in sorted(shown - open_keys):
+        _differ(report, f"DLQ stream entry {key}", "absent (not open in SQL)", "shown")
+
+
+def render(report: Report, limit: int = 50) -> str:
+    partitions = ", ".join(f"p{p}<{o}" for p, o in sorted(report.committed.items()))
+    lines = [f"verified {report.messages} messages below the committed offsets ({partitions}): "
+             f"{report.events} events, {report.dead_lettered} dead letters expected"]
+    if report.truncated:
+        cut = {p: o for p, o in report.first_offsets.items() if o > 0}
+        lines.append(f"  history before these offsets is gone (retention): {cut}; the "
+                     "comparison covers what remains")
+    if report.pipeline_only:
+        lines.append(f"  {len(report.pipeline_only)} dead letter(s) only the pipeline could "
+                     "know (refused by the database, or crashed a worker):")
+        lines.extend(f"    {line}" for line in report.pipeline_only[:limit])
+    if report.ambiguous:
+        lines.append(f"  eventIds reused with different payloads across partitions "
+                     f"(which copy wins is arrival order): {', '.join(report.ambiguous[:limit])}")
+    if report.clean:
+        lines.append("clean: the database holds exactly what the topic says")
+        return "\n".join(lines)
+    lines.append(f"{len(report.differences)} difference(s):")
+    for difference in report.differences[:limit]:
+        where = ", ".join(f"p{p.partition}@{p.offset}" for p in difference.positions[:5])
+        lines.append(f"  {difference.what}: expected {difference.expected}; found "
+                     f"{difference.found}" + (f"  [{where}]" if where else ""))
+    if len(report.differences) > limit:
+        lines.append(f"  … and {len(report.differences) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""The worker's background loop: reconcile the rules that span keys, keep the DLQ stream in step.
+
+One daemon thread per worker process runs `eventpipe.reconcile.reconcile`, rebuilds the DLQ
+stream if Redis lost it, and runs the DLQ projection, after every batch (`poke`) and at least
+every second, so parking deadlines pass and a projection that failed is retried while no
+traffic comes. Every worker process runs one; the reconciler's database lock lets one round
+run at a time, and the others skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from eventpipe.dlq.projection import Fetch, project, repair_if_lost
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.reconcile import reconcile
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 1.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reconciler:
+    def __init__(self, engine: Engine, stream: DeadLetterStream, fetch: Callable[[], Fetch],
+                 park_timeout: timedelta, interval_s: float = INTERVAL_S) -> None:
+        self.engine = engine
+        self.stream = stream
+        self.fetch = fetch
+        self.park_timeout = park_timeout
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def run_once(self) -> None:
+        reconcile(self.engine.begin, _utc_now, self.park_timeout)
+        fetch = self.fetch()
+        repair_if_lost(self.engine, self.stream, fetch)
+        project(self.engine, self.stream, fetch)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            try:
+                self.run_once()
+            except Exception as exc:  # the database or Redis is away: next time
+                log.warning("reconciler round failed: %s", exc)

@@ -1,0 +1,56 @@
+"""Engines as the pipeline configures them: waits and statements are bounded, and what the
+bound raises is a failure the worker retries (issue 9: no statement or lock time limits)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, text
+
+from eventpipe.database import make_engine
+from eventpipe.errors import FailureKind, classify
+from eventpipe.settings import Settings
+
+
+@pytest.fixture
+def bounded(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(Settings(database_url=database_url, database_lock_timeout_s=0.3,
+                                  database_statement_timeout_s=1.0))
+    yield engine
+    engine.dispose()
+
+
+def test_a_lock_held_too_long_is_a_transient_failure(bounded: Engine) -> None:
+    with bounded.begin() as conn:
+        conn.execute(text("DELETE FROM inventory WHERE sku = 'lock-probe'"))
+        conn.execute(text("INSERT INTO inventory (sku, quantity, updated_at) "
+                          "VALUES ('lock-probe', 1, CURRENT_TIMESTAMP)"))
+    holder = bounded.connect()
+    try:
+        with holder.begin():
+            holder.execute(text("UPDATE inventory SET quantity = 2 WHERE sku = 'lock-probe'"))
+            with pytest.raises(Exception) as caught, bounded.begin() as waiter:
+                waiter.execute(text("UPDATE inventory SET quantity = 3 WHERE sku = 'lock-probe'"))
+            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+    finally:
+        holder.close()
+
+
+def test_a_statement_running_too_long_is_a_transient_failure(postgresql_url: str) -> None:
+    engine = make_engine(Settings(database_url=postgresql_url, database_statement_timeout_s=0.2))
+    try:
+        with pytest.raises(Exception) as caught, engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(5)"))
+        assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
+    engine = make_engine(Settings(database_url=sqlite_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+    finally:
+        engine.dispose()

@@ -1,0 +1,190 @@
+"""A worker's failure path with real parts: the database, Redis, and a process that dies.
+
+Whatever goes wrong with one message, its neighbours apply, and it ends dead-lettered with
+the reason — never stuck (issue 9, item 1), and a value the database refuses is dead-lettered
+at once, not after minutes of retries (item 8).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, select, text
+
+import tasks.processing
+from eventpipe.apply import BatchResult, apply_batch
+from eventpipe.database import make_engine
+from eventpipe.dlq.letter import DeadLetter
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.effects import Received
+from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.queues import TaskMessage
+from eventpipe.samples import encode, inventory_adjusted
+from eventpipe.settings import Settings
+from eventpipe.tables import applied_events, dead_letters
+from tasks.processing import Processor
+from tests.support.factories import at
+from tests.support.services import REDIS_URL
+
+TOPIC = "events"
+POISON = "poison-event"
+
+
+def messages(count: int, poison_at: int | None = None) -> list[TaskMessage]:
+    made = []
+    for offset in range(count):
+        event_id = POISON if offset == poison_at else f"ev-{offset}"
+        key, doc = inventory_adjusted("SKU-1", 1, occurred_at=at(offset), event_id=event_id)
+        made.append(TaskMessage(offset, key.encode(), encode(doc)))
+    return made
+
+
+@pytest.fixture
+def parts(engine: Engine, redis_client: redis.Redis) -> Iterator[tuple[Processor, OffsetLedger]]:
+    group = f"test-{uuid.uuid4().hex}"
+    ledger = OffsetLedger(redis_client, group)
+    stream = DeadLetterStream(redis_client, f"{group}:dlq", 1000, 10**7)
+    settings = Settings(database_url=str(engine.url), retry_max_attempts=3,
+                        crash_max_attempts=2, redelivery_timeout_s=30)
+    yield Processor(settings, engine, stream, ledger, worker="test:1"), ledger
+    keys = list(redis_client.scan_iter(f"*{group}*"))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def applied_ids(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {row[0] for row in conn.execute(select(applied_events.c.event_id))}
+
+
+def letters(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(dead_letters)))
+
+
+def failing_on_poison(error: Exception) -> Any:
+    real = apply_batch
+
+    def apply(engine: Engine, batch: Sequence[Received], failures: Sequence[DeadLetter] = (),
+              **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch):
+            raise error
+        return real(engine, batch, failures, **kwargs)
+
+    return apply
+
+
+def test_an_unforeseen_error_is_isolated_then_dead_lettered_and_its_neighbours_apply(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    processor, ledger = parts
+    monkeypatch.setattr(tasks.processing, "apply_batch",
+                        failing_on_poison(ValueError("a bug nobody foresaw")))
+    report = processor.run(TOPIC, 0, messages(40, poison_at=17))
+    assert applied_ids(engine) == {f"ev-{n}" for n in range(40) if n != 17}
+    [later] = report.later  # the poison alone, to be tried again later
+    assert [m.offset for m in later.messages] == [17] and not later.transient
+    done, leased = ledger.read(TOPIC, {0: 0})[0]
+    assert done == set(range(40)) - {17} and leased == {17}
+    # Its attempts run out: dead-lettered with the error and its traceback, offset done.
+    for _ in range(2):
+        report = processor.run(TOPIC, 0, report.later[0].messages)
+    assert report.later == []
+    [row] = letters(engine)
+    assert (row.error_class, row.attempts, row.kafka_offset) == ("ValueError", 3, 17)
+    assert "a bug nobody foresaw" in row.reason and "Traceback" in row.traceback
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(40))
+
+
+def test_a_value_the_database_refuses_is_dead_lettered_at_once(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    processor, _ = parts
+    refusing = {"postgresql": "SELECT 1 / 0",  # SQLSTATE 22012
+                "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]  # TOOBIG
+    with engine.connect() as conn:  # a real DataError of this database
+        try:
+            conn.execute(text(refusing))
+        except Exception as exc:
+            refused = exc
+        else:
+            pytest.fail("the database accepted it")
+    monkeypatch.setattr(tasks.processing, "apply_batch", failing_on_poison(refused))
+    report = processor.run(TOPIC, 0, messages(10, poison_at=3))
+    assert report.later == []
+    [row] = letters(engine)
+    assert row.kafka_offset == 3 and row.attempts == 1
+    assert "the database refused the event" in row.reason
+    assert len(applied_ids(engine)) == 9
+
+
+def _die_on_poison(database_url: str, group: str, batch: list[list[Any]]) -> None:
+    """A worker process that dies (like a segfault or the OOM killer) on the poison."""
+    settings = Settings(database_url=database_url, crash_max_attempts=2)
+    client = redis.Redis.from_url(REDIS_URL)
+    processor = Processor(settings, make_engine(settings),
+                          DeadLetterStream(client, f"{group}:dlq", 1000, 10**7),
+                          OffsetLedger(client, group), worker=f"test:{os.getpid()}")
+    real = apply_batch
+
+    def apply(engine: Engine, batch: Sequence[Received], *args: Any, **kwargs: Any) -> Any:
+        if any(item.event.event_id == POISON for item in batch):
+            os._exit(9)
+        return real(engine, batch, *args, **kwargs)
+
+    tasks.processing.__dict__["apply_batch"] = apply  # in this child process only
+    processor.run(TOPIC, 0, [TaskMessage.from_wire(m) for m in batch])
+
+
+def test_a_message_that_kills_its_worker_is_isolated_then_dead_lettered(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], database_url: str,
+) -> None:
+    _, ledger = parts
+    group = ledger.base.split(":", 1)[1]
+    batch = [m.to_wire() for m in messages(12, poison_at=5)]
+    context = multiprocessing.get_context("spawn")
+    exits = []
+    for _ in range(4):  # each delivery of the batch, as the bridge re-reads it
+        worker = context.Process(target=_die_on_poison, args=(database_url, group, batch))
+        worker.start()
+        worker.join(60)
+        exits.append(worker.exitcode)
+        if worker.exitcode == 0:
+            break
+    # Died on the whole batch, then on the poison alone; then gave up on it and finished.
+    assert exits == [9, 9, 0]
+    assert applied_ids(engine) == {f"ev-{n}" for n in range(12) if n != 5}
+    [row] = letters(engine)
+    assert row.error_class == "WorkerCrashed" and row.kafka_offset == 5
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(12))
+
+
+def test_leases_are_judged_by_the_redis_clock(parts: tuple[Processor, OffsetLedger]) -> None:
+    """Issue 9, item 5: no worker clock is involved, so none can be wrong."""
+    _, ledger = parts
+    ledger.lease(TOPIC, 1, [7, 8], ttl_s=60)
+    ledger.lease(TOPIC, 1, [9], ttl_s=0.2)
+    assert ledger.read(TOPIC, {1: 0})[1] == (set(), {7, 8, 9})
+    ledger.settle(TOPIC, 1, [7], {})
+    deadline = time.monotonic() + 5
+    while ledger.read(TOPIC, {1: 0})[1][1] != {8} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ledger.read(TOPIC, {1: 0})[1] == ({7}, {8})
+
+
+def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) -> None:
+    """Issue 9, item 12: two pipelines on one Redis and one topic do not share marks."""
+    mine = OffsetLedger(redis_client, f"group-a-{uuid.uuid4().hex}")
+    theirs = OffsetLedger(redis_client, f"group-b-{uuid.uuid4().hex}")
+    mine.settle(TOPIC, 0, [1, 2, 3], {})
+    assert theirs.read(TOPIC, {0: 0})[0] == (set(), set())
+    assert mine.read(TOPIC, {0: 0})[0] == ({1, 2, 3}, set())
+    mine.forget(TOPIC, [0])
+    theirs.forget(TOPIC, [0])

@@ -1,0 +1,236 @@
+"""The rules that span keys, kept in step by the reconciler, on every database.
+
+The read model never depends on the order events arrive in (issue 10): these tests apply
+the same events in different orders and batch cuts through the real apply path, reconcile,
+and compare what the read model shows and which events are dead-lettered.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from threading import Thread
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select, text
+
+from eventpipe import readmodel
+from eventpipe.apply import apply_batch
+from eventpipe.database import make_engine
+from eventpipe.dlq import records
+from eventpipe.dlq.letter import OPEN, WAITING
+from eventpipe.effects import Position, Received
+from eventpipe.reconcile import reconcile
+from eventpipe.samples import Document, order_placed, payment_settled, user_created
+from eventpipe.settings import Settings
+from eventpipe.tables import dead_letters, metadata
+from tests.support.factories import at, received
+from tests.support.pipeline import wait_until
+
+PARK = timedelta(minutes=30)
+
+
+def settle(engine: Engine, now: datetime | None = None) -> None:
+    reconcile(engine.begin, lambda: now or datetime.now(UTC), PARK)
+
+
+def apply(engine: Engine, *messages: tuple[str, Document]) -> None:
+    apply_batch(engine, received(*messages))
+    settle(engine)
+
+
+def live(engine: Engine) -> dict[tuple[str | None, str | None], tuple[str, str, str | None]]:
+    """(entity kind, key) → (state, error class, parent key) of the live dead letters."""
+    with engine.connect() as conn:
+        return {(r.entity_kind, r.entity_key): (r.state, r.error_class, r.parent_key)
+                for r in conn.execute(select(dead_letters)
+                                      .where(dead_letters.c.state.in_((WAITING, OPEN))))}
+
+
+def shown(engine: Engine) -> dict[str, Any]:
+    """What the read model shows: visible users, orders, payments, with their fields."""
+    with engine.connect() as conn:
+        model = readmodel.whole(conn)
+    return {"users": sorted((k, r.email, r.name) for k, r in model.users.items()),
+            "orders": sorted((k, r.user_id, r.currency) for k, r in model.orders.items()),
+            "payments": sorted((k, r.order_id) for k, r in model.payments.items())}
+
+
+def test_an_order_waits_for_its_user_then_appears_and_its_wait_leaves_no_trace(
+    engine: Engine,
+) -> None:
+    apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+    assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
+    apply(engine, user_created("u1", occurred_at=at(0)))
+    assert live(engine) == {}
+    assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+    with engine.connect() as conn:
+        assert conn.execute(select(dead_letters)).all() == []
+
+
+def test_a_wait_past_the_parking_time_enters_the_dlq_and_closes_when_the_parent_comes(
+    engine: Engine,
+) -> None:
+    apply(engine, payment_settled("p1", "o1", "5.00", occurred_at=at(1)))
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    assert live(engine) == {("payment", "p1"): (OPEN, "MissingParent", "o1")}
+    apply(engine, user_created("u1", occurred_at=at(0)),
+          order_placed("o1", "u1", occurred_at=at(0)))
+    assert live(engine) == {}
+    with engine.connect() as conn:
+        [row] = conn.execute(select(dead_letters)).all()
+    assert row.state == "resolved" and row.error_class == "MissingParent"
+
+
+def test_an_earlier_claimant_displaces_the_owner_of_an_email_and_its_orders(
+    engine: Engine,
+) -> None:
+    apply(engine, user_created("late", email="a@x.io", occurred_at=at(5)),
+          order_placed("o-late", "late", occurred_at=at(6)))
+    assert live(engine) == {}
+    apply(engine, user_created("early", email="a@x.io", occurred_at=at(1)))
+    assert live(engine) == {("user", "late"): (OPEN, "EmailTaken", "early"),
+                            ("order", "o-late"): (WAITING, "MissingParent", "late")}
+    assert [u[0] for u in shown(engine)["users"]] == ["early"]
+    # The winner moves on: the email is free, and the displaced user comes back with its order.
+    apply(engine, user_created("early", email="b@x.io", occurred_at=at(9)))
+    assert live(engine) == {}
+    assert shown(engine)["orders"] == [("o-late", "late", "EUR")]
+
+
+def test_a_payment_in_another_currency_is_dead_lettered_until_the_order_matches(
+    engine: Engine,
+) -> None:
+    apply(engine, user_created("u1", occurred_at=at(0)),
+          order_placed("o1", "u1", currency="EUR", occurred_at=at(1)),
+          payment_settled("p1", "o1", "10.00", currency="USD", occurred_at=at(2)))
+    assert live(engine) == {("payment", "p1"): (OPEN, "CurrencyMismatch", "o1")}
+    apply(engine, order_placed("o1", "u1", currency="USD", occurred_at=at(3)))
+    assert live(engine) == {}
+    assert shown(engine)["payments"] == [("p1", "o1")]
+
+
+# -- the same events give the same result, whatever the order -------------------------------
+
+
+def _stream(rng: random.Random) -> list[tuple[str, Document]]:
+    """Users (some sharing emails, some moving), orders before and after their users, payments
+    in matching and other currencies, duplicates, stale versions."""
+    base = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+    emails = [f"e{n}@x.io" for n in range(3)]
+    messages: list[tuple[str, Document]] = []
+    serial = 0
+
+    def event_id() -> str:
+        nonlocal serial
+        serial += 1
+        return f"ev-{serial:04d}"
+
+    for user in range(5):
+        for version in range(rng.randint(1, 2)):
+            messages.append(user_created(
+                f"u{user}", email=rng.choice(emails), name=f"v{version}",
+                occurred_at=base + timedelta(seconds=rng.randint(0, 50)), event_id=event_id()))
+    for order in range(6):
+        for _version in range(rng.randint(1, 2)):
+            messages.append(order_placed(
+                f"o{order}", f"u{rng.randint(0, 6)}", currency=rng.choice(("EUR", "USD")),
+                occurred_at=base + timedelta(seconds=rng.randint(0, 50)), event_id=event_id()))
+    for payment in range(5):
+        messages.append(payment_settled(
+            f"p{payment}", f"o{rng.randint(0, 7)}", "9.99", currency=rng.choice(("EUR", "USD")),
+            occurred_at=base + timedelta(seconds=rng.randint(0, 50)), event_id=event_id()))
+    messages += rng.sample(messages, 4)  # duplicates
+    return messages
+
+
+def _outcome(engine: Engine, batch: list[Received], cuts: list[int]) -> tuple[Any, Any]:
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    start = 0
+    for cut in [*cuts, len(batch)]:
+        apply_batch(engine, batch[start:cut])
+        start = cut
+        settle(engine)
+    with engine.connect() as conn:
+        failed = sorted((r.dlq_key, r.error_class) for r in conn.execute(
+            select(dead_letters).where(dead_letters.c.state.in_((WAITING, OPEN)))))
+    return shown(engine), failed
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), order_seed=st.integers(0, 10_000),
+       cuts=st.lists(st.integers(1, 40), max_size=4))
+def test_any_order_and_batching_of_the_same_events_gives_the_same_result(
+    engine: Engine, seed: int, order_seed: int, cuts: list[int],
+) -> None:
+    events = received(*_stream(random.Random(seed)))
+    expected = _outcome(engine, events, [])
+    shuffled = list(events)
+    random.Random(order_seed).shuffle(shuffled)
+    assert _outcome(engine, shuffled, sorted(c for c in cuts if c < len(events))) == expected
+
+
+@pytest.mark.parametrize("order", ["users first", "children first"])
+def test_the_issue_10_scenario_ends_the_same_way(engine: Engine, order: str) -> None:
+    """A user with orders and payments, and a later-dated user claiming the same email, with
+    the user's partition late in one of the runs."""
+    early = [user_created("U", email="u@x.io", occurred_at=at(1), event_id="u-1"),
+             *(order_placed(f"o{n}", "U", occurred_at=at(10 + n), event_id=f"o-{n}")
+               for n in range(3)),
+             *(payment_settled(f"p{n}", f"o{n}", "10.00", occurred_at=at(20 + n),
+                               event_id=f"p-{n}") for n in range(3))]
+    rival = [user_created("V", email="u@x.io", occurred_at=at(4200), event_id="v-1")]
+    if order == "users first":
+        apply(engine, *early)
+        apply(engine, *rival)
+    else:
+        apply(engine, *rival)
+        apply(engine, *early[1:])
+        apply(engine, early[0])
+    assert [u[0] for u in shown(engine)["users"]] == ["U"]
+    assert [o[0] for o in shown(engine)["orders"]] == ["o0", "o1", "o2"]
+    assert [p[0] for p in shown(engine)["payments"]] == ["p0", "p1", "p2"]
+    assert live(engine) == {("user", "V"): (OPEN, "EmailTaken", "U")}
+
+
+
+def test_a_wait_resolves_even_when_a_redelivered_copy_touches_it_at_the_same_time(
+    postgresql_url: str,
+) -> None:
+    """A redelivery bumps a waiting dead letter (one more attempt) while a reconciler round
+    finds its parent arrived: the round must still resolve it, not lose its decision to the
+    concurrent update and leave the event waiting out its parking time."""
+    engine = make_engine(Settings(database_url=postgresql_url))
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+        assert list(live(engine)) == [("order", "o1")]
+        apply_batch(engine, received(user_created("u1", occurred_at=at(0))))
+        with engine.connect() as conn:
+            [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+
+        with engine.connect() as redelivery, redelivery.begin():
+            records.repeat(redelivery, [key], {key: Position("t", 0, 99)}, datetime.now(UTC))
+            round_ = Thread(target=settle, args=(engine,))
+            round_.start()
+            wait_until(lambda: _lock_waits(engine) > 0, 30, "the round to reach the letter")
+        round_.join(30)
+        assert not round_.is_alive()
+        assert live(engine) == {}
+        assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+    finally:
+        engine.dispose()
+
+
+def _lock_waits(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+                   .scalar_one())

@@ -1,0 +1,120 @@
+"""`eventpipe verify` against a real topic and database: clean when they agree, and every kind
+of disagreement named with the positions of its messages."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from confluent_kafka import Consumer, TopicPartition
+from sqlalchemy import Engine, delete, update
+
+from eventpipe.apply import apply_batch
+from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, message_key
+from eventpipe.dlq.projection import project
+from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.effects import Received
+from eventpipe.events import parse_event
+from eventpipe.kafka import MessageReader
+from eventpipe.reconcile import reconcile
+from eventpipe.samples import encode, inventory_adjusted, order_placed, user_created
+from eventpipe.settings import Settings
+from eventpipe.tables import applied_events, dead_letters, users
+from eventpipe.times import utc_iso
+from eventpipe.verify import render, verify
+from tests.support.broker import TopicFactory, produce
+from tests.support.factories import T0, at
+
+
+@pytest.fixture
+def world(engine: Engine, kafka_broker: str, kafka_topic: TopicFactory,
+          redis_client: redis.Redis) -> Iterator[tuple[Settings, DeadLetterStream]]:
+    topic = kafka_topic(partitions=2)
+    settings = Settings(database_url=str(engine.url), kafka_bootstrap_servers=kafka_broker,
+                        kafka_topic=topic, kafka_group_id=f"verify-{uuid.uuid4().hex}")
+    stream = DeadLetterStream(redis_client, f"{topic}:dlq", 100, 10**7)
+    yield settings, stream
+    redis_client.delete(stream.stream, stream.index, stream.totals)
+
+
+def run_pipeline_by_hand(engine: Engine, settings: Settings, stream: DeadLetterStream,
+                         records: list[tuple[bytes, bytes]]) -> None:
+    """What the bridge and a worker do, in this process: apply, dead-letter, commit."""
+    positions = produce(settings.kafka_bootstrap_servers, settings.kafka_topic,
+                        [(key, value, []) for key, value in records])
+    received, failures, ends = [], [], {}  # type: ignore[var-annotated]
+    for (key, value), position in zip(records, positions, strict=True):
+        partition, offset = position.partition or 0, position.offset or 0
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+        try:
+            received.append(Received.of(parse_event(value, key), position))
+        except Exception as exc:
+            failures.append(DeadLetter(dlq_key=message_key(key, value), error_class=INVALID_EVENT,
+                                       reason=str(exc), first_failure_at=T0, last_failure_at=T0,
+                                       worker="test", position=position))
+    apply_batch(engine, received, failures)
+    reconcile(engine.begin, lambda: datetime.now(UTC), timedelta(hours=1))
+    reader = MessageReader(settings)
+    try:
+        project(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "group.id": settings.kafka_group_id, "enable.auto.commit": False})
+    consumer.commit(offsets=[TopicPartition(settings.kafka_topic, p, o)
+                             for p, o in ends.items()], asynchronous=False)
+    consumer.close()
+
+
+def stream_of_events() -> list[tuple[bytes, bytes]]:
+    messages = [user_created("u1", occurred_at=at(0), event_id="e-u1"),
+                order_placed("o1", "u1", occurred_at=at(1), event_id="e-o1"),
+                user_created("u2", email="u1@example.com", occurred_at=at(2), event_id="e-u2"),
+                inventory_adjusted("SKU-1", 4, occurred_at=at(3), event_id="e-s1")]
+    return [(key.encode(), encode(doc)) for key, doc in messages] + [(b"junk", b"{not json")]
+
+
+def test_verify_is_clean_when_the_database_holds_what_the_topic_says(
+    engine: Engine, world: tuple[Settings, DeadLetterStream],
+) -> None:
+    settings, stream = world
+    run_pipeline_by_hand(engine, settings, stream, stream_of_events())
+    report = verify(settings, engine, stream)
+    assert report.clean, render(report)
+    assert (report.messages, report.events, report.dead_lettered) == (5, 4, 2)
+    assert "clean" in render(report)
+
+
+def test_verify_names_every_difference_with_its_positions(
+    engine: Engine, world: tuple[Settings, DeadLetterStream],
+) -> None:
+    settings, stream = world
+    run_pipeline_by_hand(engine, settings, stream, stream_of_events())
+    with engine.begin() as conn:
+        conn.execute(update(users).where(users.c.user_id == "u1").values(name="Mallory"))
+        conn.execute(delete(applied_events).where(applied_events.c.event_id == "e-s1"))
+        conn.execute(delete(dead_letters).where(dead_letters.c.error_class == "EmailTaken"))
+    stream.remove(message_key(b"junk", b"{not json"))
+    report = verify(settings, engine, stream)
+    key, value = stream_of_events()[2]
+    taken = event_key(parse_event(value, key).fingerprint)  # u2's email belongs to u1
+    junk = message_key(b"junk", b"{not json")
+    assert {d.what: (d.expected, d.found) for d in report.differences} == {
+        "user u1": ("('u1@example.com', 'Ada Lovelace', " + repr(at(0)) + ")",
+                    "('u1@example.com', 'Mallory', " + repr(at(0)) + ")"),
+        "fate of event e-s1": ("recorded", "no record"),
+        f"dead letter {taken}": (
+            "EmailTaken: email 'u1@example.com' belongs to user 'u1', whose claim "
+            f"({utc_iso(at(0))}, e-u1) is earlier than this one ({utc_iso(at(2))}, e-u2)",
+            "not dead-lettered"),
+        f"DLQ stream entry {taken}": ("absent (not open in SQL)", "shown"),
+        f"DLQ stream entry {junk}": ("shown (it is open in SQL)",
+                                     "missing: run `eventpipe dlq restore`"),
+    }
+    positions = {d.what: d.positions for d in report.differences}
+    assert positions["user u1"] and positions["fate of event e-s1"]
+    assert positions[f"dead letter {taken}"]
+    assert not report.clean and "5 difference(s)" in render(report)

@@ -1,0 +1,1 @@
+"""Helpers the tests share: real services, brokers, pipelines of real processes, event factories."""

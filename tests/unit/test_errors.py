@@ -1,0 +1,101 @@
+"""Which failures are the world's and which are the event's: by SQLSTATE and native error
+number on every supported driver, not by the driver's exception class alone (issue 9)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import psycopg
+import pytest
+import sqlalchemy.exc
+
+from eventpipe.errors import FailureKind, classify, is_transient, sqlstate
+
+
+class PyodbcError(Exception):
+    """What pyodbc raises: args are (SQLSTATE, message); the message ends with the native
+    error number and the ODBC function."""
+
+
+def wrapped(kind: type[sqlalchemy.exc.DBAPIError], orig: BaseException) -> BaseException:
+    return kind("MERGE …", {}, orig)
+
+
+def mssql(state: str, text: str, number: int) -> PyodbcError:
+    return PyodbcError(state, f"[{state}] [Microsoft][ODBC Driver 18 for SQL Server][SQL Server]"
+                       f"{text} ({number}) (SQLExecDirectW)")
+
+
+def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error:
+    return error(message)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        # SQL Server through pyodbc: all of these are a plain DBAPIError in SQLAlchemy.
+        (wrapped(sqlalchemy.exc.DBAPIError, mssql(
+            "40001", "Transaction (Process ID 52) was deadlocked on lock resources", 1205)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.DBAPIError, mssql(
+            "HY000", "Lock request time out period exceeded.", 1222)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.DBAPIError, mssql("HYT00", "Query timeout expired", 0)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.DBAPIError, mssql(
+            "08S01", "Communication link failure", 10054)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.DBAPIError, mssql(
+            "22001", "String or binary data would be truncated in column 'nvarchar(64)'.",
+            2628)), FailureKind.DATA),
+        (wrapped(sqlalchemy.exc.IntegrityError, mssql(
+            "23000", "Violation of PRIMARY KEY constraint", 2627)), FailureKind.CONSTRAINT),
+        # PostgreSQL through psycopg.
+        (wrapped(sqlalchemy.exc.OperationalError, postgres(psycopg.errors.DeadlockDetected)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError,
+                 postgres(psycopg.errors.SerializationFailure)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError, postgres(psycopg.errors.QueryCanceled)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError, postgres(psycopg.errors.LockNotAvailable)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError, postgres(psycopg.errors.AdminShutdown)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.DataError,
+                 postgres(psycopg.errors.NumericValueOutOfRange)), FailureKind.DATA),
+        (wrapped(sqlalchemy.exc.DataError,
+                 postgres(psycopg.errors.CharacterNotInRepertoire)), FailureKind.DATA),
+        (wrapped(sqlalchemy.exc.IntegrityError, postgres(psycopg.errors.UniqueViolation)),
+         FailureKind.CONSTRAINT),
+        # SQLite.
+        (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
+            "database is locked")), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.IntegrityError, sqlite3.IntegrityError("UNIQUE failed")),
+         FailureKind.CONSTRAINT),
+        # Not the database.
+        (ConnectionResetError(), FailureKind.TRANSIENT),
+        (KeyError("x"), FailureKind.UNKNOWN),
+    ],
+    ids=lambda value: value.name if isinstance(value, FailureKind) else type(value).__name__,
+)
+def test_each_failure_is_classified(exc: BaseException, kind: FailureKind) -> None:
+    assert classify(exc) is kind
+    assert is_transient(exc) is (kind is FailureKind.TRANSIENT)
+
+
+def test_a_number_in_the_text_of_a_message_is_not_a_native_error() -> None:
+    # "(64)" of a column type, or a value echoed back, must not read as error 64 (broken pipe).
+    orig = PyodbcError("22001", "[22001] [SQL Server]String would be truncated in nvarchar(64) "
+                       "value '(1205)' (2628) (SQLExecDirectW)")
+    assert classify(wrapped(sqlalchemy.exc.DBAPIError, orig)) is FailureKind.DATA
+
+
+def test_an_invalidated_connection_is_transient_whatever_the_code() -> None:
+    exc = wrapped(sqlalchemy.exc.DBAPIError, PyodbcError("42000", "syntax"))
+    assert isinstance(exc, sqlalchemy.exc.DBAPIError)
+    exc.connection_invalidated = True
+    assert classify(exc) is FailureKind.TRANSIENT
+
+
+def test_sqlstate_of_each_driver() -> None:
+    assert sqlstate(postgres(psycopg.errors.DeadlockDetected)) == "40P01"
+    assert sqlstate(mssql("40001", "deadlocked", 1205)) == "40001"
+    assert sqlstate(sqlite3.OperationalError("database is locked")) is None

@@ -46,6 +46,9 @@ def add_commands(commands: Any) -> None:
         action.add_argument("--all", action="store_true", help="every entry")
         action.add_argument("--dry-run", action="store_true", help="only list what it would do")
         action.set_defaults(handler=handler)
+        if name == "purge":
+            action.add_argument("--yes", action="store_true",
+                                help="do not ask before deleting everything (with --all)")
     restore = dlq_commands.add_parser(
         "restore", help="rebuild the Redis stream from the SQL record (after Redis lost it), "
         "fetching each message's bytes from Kafka")
@@ -127,7 +130,21 @@ def _purge(args: argparse.Namespace, settings: Settings) -> int:
         print(f"deleted {deleted} entries", file=sys.stderr)
         return 0
 
+    if args.all and not (args.yes or args.dry_run) and not _confirmed(
+            f"delete every entry of the dead-letter queue {settings.dlq_stream}?"):
+        print("nothing deleted (--yes deletes without asking)", file=sys.stderr)
+        return 1
     return _act(args, settings, "delete", purge)
+
+
+def _confirmed(question: str, ask: Callable[[str], str] = input) -> bool:
+    """A yes from the terminal; never from a pipe or a file (scripts say --yes)."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return ask(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def _act(args: argparse.Namespace, settings: Settings, verb: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 
 from cli import dlq, verify
 from eventpipe import logs
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eventpipe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"eventpipe {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole pipeline here, in the foreground")
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("eventpipe")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.settings import provided
     from launcher.stack import run
@@ -99,7 +108,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     spec = args.partitions or f"0-{settings.kafka_partitions - 1}"
     try:
-        partitions = parse_partitions(spec)
+        partitions = parse_partitions(spec, settings.kafka_partitions)
     except ValueError as exc:
         print(f"eventpipe worker: {exc}", file=sys.stderr)
         return 2

@@ -63,9 +63,8 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
     claimed = upserts.claim_events(conn, [
         _applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
         for i in to_claim])
-    for index in to_claim:
-        if batch[index].event.event_id not in claimed:
-            plan.fates[index] = Fate.DUPLICATE  # a concurrent writer recorded it first
+    _lost_claims(conn, batch, plan, [i for i in to_claim
+                                     if batch[i].event.event_id not in claimed])
     written, wrote_nothing = _write_entities(conn, batch, plan, applied_at)
     deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]
     upserts.add_deltas(conn, [{"sku": sku, "quantity": change.delta,
@@ -84,6 +83,20 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
             "keys": json.dumps({kind: sorted(keys) for kind, keys in written.items()}),
             "created_at": applied_at})
     return BatchResult([fate or Fate.APPLIED for fate in plan.fates], letters, applied_at)
+
+
+def _lost_claims(conn: Connection, batch: Sequence[Received], plan: Plan,
+                 lost: list[int]) -> None:
+    """A concurrent writer recorded these ids between the plan and the claim: the same
+    payload is a duplicate, another one an id reused (never silently a duplicate)."""
+    recorded = _recorded_fingerprints(conn, [batch[i] for i in lost])
+    for index in lost:
+        first = recorded.get(batch[index].event.event_id)
+        if first is None or first == batch[index].fingerprint:
+            plan.fates[index] = Fate.DUPLICATE
+        else:
+            plan.fates[index] = Fate.ID_REUSED
+            plan.reused_from[index] = first
 
 
 def _recorded_fingerprints(conn: Connection, batch: Sequence[Received]) -> dict[str, str | None]:

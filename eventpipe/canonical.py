@@ -15,10 +15,11 @@ The rules it implements (DESIGN.md, "The contract rules"):
    event (the rest are duplicates). The first copy is the one at the lowest offset of its
    partition; every copy whose fingerprint differs from the first's is dead-lettered `IdReused`
    under `e:<its fingerprint>`. Across partitions "first" is arrival order: when the first
-   copies of several partitions disagree, the id is reported in `ambiguous` and the fold takes
-   the copy `arrived_first` names (verify asks the database which one the pipeline applied),
-   if it is one of those first copies; otherwise the lowest-numbered partition's, so the fold
-   itself stays a function of the set of messages.
+   copies of several partitions disagree, and under faults (a partition's batches applied out
+   of order after a redelivery) whatever copy was applied first, the fold takes the copy
+   `arrived_first` names (verify asks the database which one the pipeline applied), if it is
+   one of the copies; otherwise the lowest-numbered partition's first copy, so the fold itself
+   stays a function of the set of messages. Such ids are reported in `ambiguous`.
 3. Inventory. Per sku, `quantity` is the sum of `delta` over its distinct InventoryAdjusted
    events and `updated_at` the latest `adjustedAt` among them.
 4. Entities (user by userId, order by orderId, payment by paymentId). The current event is the
@@ -374,13 +375,15 @@ def _identify(
                 known = firsts.get(position.partition)
                 if known is None or position.offset < known.offset:
                     firsts[position.partition] = position
-        # Which partition's first copy arrives first is timing: the one that did, if known,
-        # else the lowest partition's, so that the fold itself is a function of the messages.
+        # Which copy is applied first is timing: the first copy of one partition or another,
+        # or, under faults (a partition's batches applied out of order after a redelivery),
+        # any copy. The one that was, if known; else the lowest partition's first copy, so
+        # that the fold itself is a function of the messages.
         candidates = sorted({owner[position] for position in firsts.values()})
-        arrived_at = [p for p in sorted(firsts) if owner[firsts[p]] == arrived.get(event_id)]
-        first = firsts[arrived_at[0] if arrived_at else min(firsts)]
-        chosen = owner[first]
-        if len(candidates) > 1:
+        recorded = arrived.get(event_id)
+        chosen = recorded if recorded in fingerprints else owner[firsts[min(firsts)]]
+        first = min(fingerprints[chosen].positions)
+        if len(candidates) > 1 or chosen not in candidates:
             ambiguous.append(AmbiguousId(event_id, chosen, tuple(candidates),
                                          tuple(sorted(owner))))
         for fingerprint, copies in fingerprints.items():

@@ -141,7 +141,7 @@ class Event:
 def _plain(value: Any) -> Any:
     """The fingerprint's view of a parsed value: JSON types only, one spelling per value."""
     if isinstance(value, datetime):
-        return value.isoformat()
+        return utc_iso(value)
     if isinstance(value, Decimal):
         return str(value.quantize(_MONEY_QUANTUM))
     if isinstance(value, tuple):

@@ -29,8 +29,9 @@ from launcher.children import die_with_parent
 log = logging.getLogger(__name__)
 
 
-def parse_partitions(spec: str) -> list[int]:
-    """'0-5', '0,2,4' or '0-2,7' → sorted partition numbers."""
+def parse_partitions(spec: str, count: int | None = None) -> list[int]:
+    """'0-5', '0,2,4' or '0-2,7' → sorted partition numbers; each below `count` (the topic's
+    partitions, KAFKA_PARTITIONS) when given."""
     chosen: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
@@ -46,6 +47,9 @@ def parse_partitions(spec: str) -> list[int]:
         chosen.update(range(first, last + 1))
     if not chosen:
         raise ValueError("no partitions given")
+    if count is not None and max(chosen) >= count:
+        raise ValueError(f"partition {max(chosen)} does not exist: the topic has {count} "
+                         f"(0-{count - 1}; KAFKA_PARTITIONS)")
     return sorted(chosen)
 
 

@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         "bearerAuth", {"type": "http", "scheme": "bearer",
                        "description": "The DLQ_API_TOKEN of the deployment"})
     register(api)
+    # flask-smorest registers it for pagination, which this API does with a cursor instead.
+    api.spec.components.schemas.pop("PaginationMetadata", None)
     metrics.install(app, lambda: deps.dead_letters().depth())
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)
@@ -90,6 +92,7 @@ def _document_metrics(app: Flask, api: Any) -> None:
     # The exporter's route is plain Flask; list it in the document so clients see it too.
     rule = next(r for r in app.url_map.iter_rules() if r.rule == metrics.PATH)
     api.spec.path(rule=rule, operations={"get": {
+        "operationId": "getMetrics",
         "tags": ["health"],
         "summary": "Prometheus metrics (text exposition format)",
         "responses": {"200": {"description": "Metrics",

@@ -198,6 +198,30 @@ def test_an_order_written_by_nobody_keeps_its_items(engine: Engine) -> None:
     assert rows(engine, orders)[0]["version_at"] == at(2)
 
 
+def test_an_id_reused_by_a_concurrent_writer_is_dead_lettered_not_a_duplicate(
+    engine: Engine,
+) -> None:
+    """Two writers hold two payloads of one eventId (a partition applied out of order after a
+    redelivery): the one that loses the claim must be dead-lettered IdReused, never counted
+    as a duplicate of an event it is not."""
+    first = inventory_adjusted("SKU-1", 5, occurred_at=at(1), event_id="e1")
+    other = inventory_adjusted("SKU-1", 7, occurred_at=at(1), event_id="e1")
+    with engine.connect() as holder:
+        transaction = holder.begin()
+        assert apply_in(holder, received(first), [], worker="w1",
+                        applied_at=at(10)).fates == [Fate.APPLIED]
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(apply_batch, engine, received(other))
+            if engine.dialect.name == "postgresql":
+                wait_for_lock_waiter(engine)
+            transaction.commit()
+            result = waiting.result(timeout=30)
+    assert result.fates == [Fate.ID_REUSED]
+    assert [(letter.error_class, letter.event_id) for letter in result.dead_letters] == [
+        ("IdReused", "e1")]
+    assert [r["quantity"] for r in rows(engine, inventory)] == [5]
+
+
 def test_money_is_exact(engine: Engine) -> None:
     amounts = ["99999999999999.9999", "0.1", "0.0001", "12345.6789"]
     apply(engine, user_created("u1", occurred_at=at(0)),

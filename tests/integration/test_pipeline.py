@@ -273,7 +273,12 @@ def test_a_child_waits_for_its_parent_and_a_replay_that_fails_again_keeps_its_hi
         ("InvalidEvent", "replayed")]
     shown = eventpipe(pipeline, "dlq", "show", back.entry_id or "")
     assert '"ended": "replayed"' in shown
-    eventpipe(pipeline, "dlq", "purge", "--all")
+    # Everything, from a script: refused without --yes (there is no terminal to ask).
+    refused = subprocess.run([str(BIN / "eventpipe"), "dlq", "purge", "--all"], env=pipeline.env,
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert len(pipeline.dead_letters()) == 1
+    eventpipe(pipeline, "dlq", "purge", "--all", "--yes")
     assert pipeline.dead_letters() == []
 
 

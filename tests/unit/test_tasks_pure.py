@@ -15,6 +15,9 @@ def test_partition_specs() -> None:
     for bad in ("", "a-b", "5-2", "-1"):
         with pytest.raises(ValueError):
             parse_partitions(bad)
+    assert parse_partitions("0-11", 12) == list(range(12))
+    with pytest.raises(ValueError, match="partition 99 does not exist: the topic has 12"):
+        parse_partitions("0-99", 12)
 
 
 def test_partitions_are_dealt_over_processes_without_overlap() -> None:

@@ -4,6 +4,7 @@ the readiness runner and the T-SQL of the read queries. Nothing here opens a con
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ from openapi_spec_validator import validate
 from sqlalchemy.dialects.mssql import pyodbc
 
 from eventpipe.readmodel import recent_orders_query, settled_payment_query
+from eventpipe.schemas import schemas
 from eventpipe.settings import Settings
 from eventpipe.times import utc_iso
 from web import create_app, services
@@ -134,6 +136,7 @@ def test_the_openapi_document_is_valid_and_complete(document: dict[str, Any]) ->
         "/dlq/entries/{entryId}": ["delete", "get", "parameters"],
         "/dlq/entries/{entryId}/replay": ["parameters", "post"],
         "/dlq/replay": ["post"], "/dlq/purge": ["post"],
+        "/contract": ["get"], "/contract/{name}": ["get", "parameters"],
     }
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
@@ -143,6 +146,25 @@ def test_the_openapi_document_is_valid_and_complete(document: dict[str, Any]) ->
             assert secured is path.startswith("/dlq"), (path, method)
             if secured:
                 assert {"401", "403"} <= set(operation["responses"]), (path, method)
+
+
+def test_every_operation_has_an_id_and_every_schema_a_use(document: dict[str, Any]) -> None:
+    """Generated clients get names like `getUser`, not `usersUserIdGet`."""
+    ids = [operation.get("operationId") for operations in document["paths"].values()
+           for method, operation in operations.items() if method != "parameters"]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    referenced = json.dumps([document["paths"], document["components"]])
+    used = set(re.findall(r"#/components/schemas/(\w+)", referenced))
+    assert set(document["components"]["schemas"]) <= used
+
+
+def test_the_contract_is_served_as_json_schema(client: FlaskClient) -> None:
+    index = client.get("/contract").get_json()["schemas"]
+    assert set(index) == set(schemas())
+    for name, path in index.items():
+        assert client.get(path).get_json() == schemas()[name]
+    missing = client.get("/contract/OrderShipped")
+    assert missing.status_code == 404 and "UserCreated" in missing.get_json()["message"]
 
 
 def test_every_json_property_is_camel_case(document: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from web.errors import Api
+from web.resources.contract.routes import blp as contract
 from web.resources.dlq.routes import blp as dlq
 from web.resources.health.routes import blp as health
 from web.resources.inventory.routes import blp as inventory
@@ -11,5 +12,5 @@ from web.resources.users.routes import blp as users
 
 
 def register(api: Api) -> None:
-    for blueprint in (users, orders, inventory, health, dlq):
+    for blueprint in (users, orders, inventory, health, dlq, contract):
         api.register_blueprint(blueprint)

@@ -73,6 +73,7 @@ class Entries(MethodView):
     # A misspelt filter (?evenType=…) must be an error, not a silent listing of everything.
     @blp.arguments(ListArgsSchema, location="query", unknown=ma.RAISE)
     @blp.response(200, PageSchema)
+    @blp.doc(operationId="listDeadLetters")
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Entries, oldest failure first, a page at a time, optionally filtered"""
         stream = _stream()
@@ -91,6 +92,7 @@ class Entry(MethodView):
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(200, DeadLetterSchema)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.doc(operationId="getDeadLetter")
     def get(self, path: dict[str, str], **_: str) -> StreamEntry:
         """One entry in full: message bytes, Kafka position, error, traceback, history"""
         return _entry(path["entry_id"])
@@ -99,6 +101,7 @@ class Entry(MethodView):
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(204)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.doc(operationId="deleteDeadLetter")
     def delete(self, path: dict[str, str], **_: str) -> None:
         """Delete one entry for good (its event's fate stays recorded as purged)"""
         actions.purge(services.current().engine, _stream(), [_entry(path["entry_id"])])
@@ -111,6 +114,7 @@ class ReplayEntry(MethodView):
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+    @blp.doc(operationId="replayDeadLetter")
     def post(self, path: dict[str, str], **_: str) -> Replayed:
         """Publish one entry back to Kafka; it leaves the DLQ once Kafka acknowledged it"""
         return _replay([_entry(path["entry_id"])])
@@ -122,6 +126,7 @@ class Replay(MethodView):
     @blp.arguments(SelectionSchema)
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+    @blp.doc(operationId="replayDeadLetters")
     def post(self, selection: dict[str, Any]) -> Replayed:
         """Publish every entry that matches back to Kafka (a filter, or all), in chunks"""
         return _replay(actions.until_now(_stream(), to_filter(selection)))
@@ -132,6 +137,7 @@ class Purge(MethodView):
     @guarded
     @blp.arguments(SelectionSchema)
     @blp.response(200, DeletedSchema)
+    @blp.doc(operationId="purgeDeadLetters")
     def post(self, selection: dict[str, Any]) -> dict[str, int]:
         """Delete every entry that matches (a filter, or all)"""
         stream = _stream()

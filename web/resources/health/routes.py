@@ -17,6 +17,7 @@ blp = Blueprint("health", __name__, description="Liveness and readiness")
 @blp.route("/health")
 class Health(MethodView):
     @blp.response(200, HealthSchema)
+    @blp.doc(operationId="getHealth")
     def get(self) -> dict[str, str]:
         """Liveness: the process serves requests (no dependency is called)"""
         return {"status": "ok"}
@@ -26,6 +27,7 @@ class Health(MethodView):
 class Ready(MethodView):
     @blp.response(200, ReadySchema)
     @blp.alt_response(503, schema=ReadySchema, description="A dependency is unreachable")
+    @blp.doc(operationId="getReadiness")
     def get(self) -> tuple[dict[str, Any], int]:
         """Readiness: the database, Redis and the Kafka broker each answer, in a short time"""
         results = run_checks(dependency_checks(services.current()))

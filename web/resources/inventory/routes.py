@@ -21,6 +21,7 @@ class Stock(MethodView):
     @blp.arguments(SkuPathSchema, location="path")
     @blp.response(200, InventorySchema)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.doc(operationId="getStock")
     def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
         """The quantity in stock of one SKU and when it last changed"""
         row = services.connection().execute(

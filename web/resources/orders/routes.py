@@ -20,6 +20,7 @@ class Order(MethodView):
     @blp.arguments(OrderPathSchema, location="path")
     @blp.response(200, OrderSchema)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.doc(operationId="getOrder")
     def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
         """An order, its items, its payment status and its latest payment"""
         order = find_order(services.connection(), path["order_id"])

@@ -20,6 +20,7 @@ class User(MethodView):
     @blp.arguments(UserPathSchema, location="path")
     @blp.response(200, UserSchema)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.doc(operationId="getUser")
     def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
         """A user and their latest orders, newest first"""
         user = find_user(services.connection(), path["user_id"])

@@ -1,0 +1,113 @@
+"""The published JSON Schemas say what `parse_event` says: the same corpus is accepted and
+rejected by both, and the files in docs/contract/ are the ones the code generates."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import parse_event
+from eventpipe.samples import (
+    Document,
+    encode,
+    inventory_adjusted,
+    order_placed,
+    payment_settled,
+    user_created,
+)
+from eventpipe.schemas import render, schemas
+from tests.support.factories import DELETE, mutated
+
+ROOT = Path(__file__).resolve().parents[2]
+WHEN = datetime(2026, 11, 24, 10, 15, 0, 123000, tzinfo=UTC)
+SAMPLES: dict[str, Document] = {
+    "UserCreated": user_created("u-1", email="Ada@Example.com", occurred_at=WHEN)[1],
+    "OrderPlaced": order_placed("o-1", "u-1", items=[("SKU-1", 2, "19.99")],
+                                occurred_at=WHEN)[1],
+    "PaymentSettled": payment_settled("p-1", "o-1", "39.98", occurred_at=WHEN)[1],
+    "InventoryAdjusted": inventory_adjusted("SKU-1", -3, occurred_at=WHEN)[1],
+}
+# (event type, path, value): each breaks one rule JSON Schema can express.
+BROKEN: list[tuple[str, str, Any]] = [
+    ("UserCreated", "eventId", DELETE),
+    ("UserCreated", "eventId", ""),
+    ("UserCreated", "eventId", "   "),
+    ("UserCreated", "eventId", "x" * 65),
+    ("UserCreated", "eventId", 7),
+    ("UserCreated", "eventType", "UserDeleted"),
+    ("UserCreated", "schemaVersion", 2),
+    ("UserCreated", "schemaVersion", True),
+    ("UserCreated", "occurredAt", "yesterday"),
+    ("UserCreated", "occurredAt", "2026-11-24T10:00:00"),
+    ("UserCreated", "data", []),
+    ("UserCreated", "data.email", "not-an-email"),
+    ("UserCreated", "data.name", "x" * 201),
+    ("UserCreated", "data.createdAt", DELETE),
+    ("OrderPlaced", "data.items", []),
+    ("OrderPlaced", "data.items.0.quantity", 0),
+    ("OrderPlaced", "data.items.0.quantity", 2**31),
+    ("OrderPlaced", "data.items.0.quantity", 1.5),
+    ("OrderPlaced", "data.items.0.quantity", True),
+    ("OrderPlaced", "data.items.0.unitPrice", 10.0),
+    ("OrderPlaced", "data.items.0.unitPrice", "-1.00"),
+    ("OrderPlaced", "data.items.0.unitPrice", "1.23456"),
+    ("OrderPlaced", "data.items.0.unitPrice", "1e3"),
+    ("OrderPlaced", "data.totalAmount", "NaN"),
+    ("OrderPlaced", "data.currency", "eur"),
+    ("OrderPlaced", "data.userId", 42),
+    ("PaymentSettled", "data.amount", "0.00"),
+    ("PaymentSettled", "data.amount", "0"),
+    ("InventoryAdjusted", "data.delta", 0),
+    ("InventoryAdjusted", "data.delta", 10**12 + 1),
+    ("InventoryAdjusted", "data.delta", "5"),
+    ("InventoryAdjusted", "data.reason", ""),
+]
+
+
+def validator(event_type: str) -> Draft202012Validator:
+    return Draft202012Validator(schemas()[event_type])
+
+
+def test_the_published_files_are_the_generated_ones() -> None:
+    published = {path.name: path.read_text() for path in (ROOT / "docs" / "contract").iterdir()}
+    assert published == {f"{name}.schema.json": render(schema)
+                         for name, schema in schemas().items()}, (
+        "run: python -m eventpipe.schemas docs/contract")
+
+
+def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
+    for schema in schemas().values():
+        Draft202012Validator.check_schema(schema)
+
+
+@pytest.mark.parametrize("event_type", sorted(SAMPLES))
+def test_valid_events_are_accepted_by_both(event_type: str) -> None:
+    document = SAMPLES[event_type]
+    parse_event(encode(document))
+    assert not list(validator(event_type).iter_errors(document))
+    assert not list(validator("envelope").iter_errors(document))
+    document = mutated(document, "unknownField", {"any": ["thing"]})
+    parse_event(encode(document))
+    assert not list(validator(event_type).iter_errors(document))
+
+
+@pytest.mark.parametrize(("event_type", "path", "value"), BROKEN,
+                         ids=[f"{t}-{p}-{v!r:.20}" for t, p, v in BROKEN])
+def test_broken_events_are_rejected_by_both(event_type: str, path: str, value: Any) -> None:
+    document = mutated(SAMPLES[event_type], path, value)
+    with pytest.raises(InvalidEvent):
+        parse_event(json.dumps(document).encode())
+    # The type's schema, or (for a wrong eventType) the envelope's.
+    assert list(validator(event_type).iter_errors(document))
+    if path == "eventType":
+        assert list(validator("envelope").iter_errors(document))
+
+
+def test_a_type_schema_rejects_another_types_event() -> None:
+    assert list(validator("UserCreated").iter_errors(SAMPLES["OrderPlaced"]))

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from cli import dlq, verify
+from cli import dlq, errors, verify
 from eventpipe import logs
-from eventpipe.settings import Settings, get_settings
+from eventpipe.settings import Settings, SettingsError, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -21,13 +21,26 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        return _fail(f"bad setting: {exc}", errors.BAD_SETTING)
     logs.configure(args.command, settings.log_level)
     handler: Handler = args.handler
     try:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        line = errors.explain(exc, settings)
+        if line is None:
+            raise
+        return _fail(line, errors.SERVICE)
+
+
+def _fail(line: str, status: int) -> int:
+    print(f"eventpipe: {line}", file=sys.stderr)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class SettingsError(ValueError):
@@ -139,6 +143,22 @@ class Settings:
     flower_port: int = _field("FLOWER_PORT", 5555, "Flower's port under `eventpipe up`")
     bridge_metrics_port: int = _field("BRIDGE_METRICS_PORT", 9101, "Bridge /metrics port")
     worker_metrics_port: int = _field("WORKER_METRICS_PORT", 9102, "Worker host /metrics port")
+
+    def __post_init__(self) -> None:
+        """Refuse values no process could run with, naming the variable."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"LOG_LEVEL={self.log_level!r}: use one of "
+                                f"{', '.join(LOG_LEVELS)}")
+        try:
+            make_url(self.database_url)
+        except ArgumentError:
+            raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
+                                "(e.g. postgresql+psycopg://user@host/db)") from None
+        for env, value in (("KAFKA_PARTITIONS", self.kafka_partitions),
+                           ("BATCH_MAX_EVENTS", self.batch_max_events),
+                           ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):
+            if value < 1:
+                raise SettingsError(f"{env}={value!r}: must be at least 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str | None]) -> Settings:

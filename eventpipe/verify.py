@@ -68,8 +68,9 @@ class Report:
     differences: list[Difference] = field(default_factory=list)
     # Dead letters the rules cannot predict (the database refused a value, a worker died).
     pipeline_only: list[str] = field(default_factory=list)
-    # Ids reused across partitions: which copy wins is arrival order; the comparison takes
-    # the one the pipeline applied, if it is one that could have arrived first.
+    # Ids reused with another payload where which copy was applied first was timing (across
+    # partitions, or a partition applied out of order after a redelivery): the comparison
+    # takes the copy the pipeline applied.
     ambiguous: list[str] = field(default_factory=list)
 
     @property
@@ -264,8 +265,9 @@ def render(report: Report, limit: int = 50) -> str:
                      "know (refused by the database, or crashed a worker):")
         lines.extend(f"    {line}" for line in report.pipeline_only[:limit])
     if report.ambiguous:
-        lines.append(f"  eventIds reused with different payloads across partitions "
-                     f"(which copy wins is arrival order): {', '.join(report.ambiguous[:limit])}")
+        lines.append(f"  eventIds reused with different payloads, where which copy was applied "
+                     f"first was a matter of timing (the pipeline's choice is taken): "
+                     f"{', '.join(report.ambiguous[:limit])}")
     if report.clean:
         lines.append("clean: the database holds exactly what the topic says")
         return "\n".join(lines)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from celery import Task
-from celery.signals import setup_logging, worker_ready
+from celery.signals import celeryd_init, setup_logging, worker_ready
 from prometheus_client import start_http_server
 
 from eventpipe import logs, redis_clients
@@ -30,7 +31,14 @@ from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
-from eventpipe.queues import APPLY_TASK, TaskMessage, make_celery, send_batch, task_summary
+from eventpipe.queues import (
+    APPLY_TASK,
+    TaskMessage,
+    make_celery,
+    queue_name,
+    send_batch,
+    task_summary,
+)
 from eventpipe.settings import get_settings
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
@@ -42,10 +50,31 @@ settings = get_settings()
 # logging (e.g. the warning about running as root) is a JSON record too.
 logs.configure("worker", settings.log_level)
 app = make_celery(settings, main="tasks")
+# `celery -A tasks worker`, as Celery users type it, serves every partition's queue with the
+# solo pool: one batch at a time, so a partition's batches never interleave. `-Q` picks some
+# queues (as `eventpipe worker` does for each of its processes).
+app.conf.task_queues = {queue_name(p): {"exchange": queue_name(p), "routing_key": queue_name(p)}
+                        for p in range(settings.kafka_partitions)}
+app.conf.worker_pool = "solo"
 
 
 class TaskTimeLimitExceeded(Exception):
     """A batch ran past TASK_TIME_LIMIT_S; treated as an unforeseen error of its messages."""
+
+
+@celeryd_init.connect
+def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
+    """Refuse a pool that would apply one partition's batches side by side."""
+    pool = options.get("pool") or options.get("pool_cls")
+    name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
+    concurrency = options.get("concurrency")
+    if name == "solo" or concurrency == 1:
+        return
+    print(f"celery -A tasks worker: the {name} pool with concurrency {concurrency or 'auto'} "
+          "would apply a partition's batches in parallel and out of order; use the solo pool "
+          "(the default here) and more processes: eventpipe worker --processes N",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 
 @setup_logging.connect

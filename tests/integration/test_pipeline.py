@@ -177,6 +177,23 @@ def test_worker_killed_mid_batch_loses_nothing(make_pipeline: Any) -> None:
     assert pipeline.dead_letters() == []
 
 
+def test_a_bare_celery_worker_serves_every_partition_in_order(make_pipeline: Any) -> None:
+    """`celery -A tasks worker`, nothing more: every partition's queue, the solo pool. A pool
+    that would run a partition's batches side by side is refused in one line."""
+    pipeline: Pipeline = make_pipeline()
+    refused = pipeline.start_celery_worker("--pool", "threads", "--concurrency", "4",
+                                           name="threads")
+    assert refused.wait(timeout=60) == 2
+    said = (pipeline.log_dir / f"{pipeline.name}-threads.log").read_text().strip().splitlines()
+    assert said[-1].startswith("celery -A tasks worker: the thread pool with concurrency 4")
+    messages = stream(1500, seed=33)
+    sent = pipeline.send(messages)
+    pipeline.start_celery_worker()
+    pipeline.start_bridge()
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+
+
 def test_bridge_stopped_and_killed_loses_nothing(make_pipeline: Any) -> None:
     pipeline: Pipeline = make_pipeline()
     messages = stream(3000, seed=41)

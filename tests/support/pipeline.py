@@ -123,6 +123,11 @@ class Pipeline:
             "--without-mingle", "--without-gossip", "--loglevel", "INFO",
         ])
 
+    def start_celery_worker(self, *options: str, name: str = "celery") -> subprocess.Popen[bytes]:
+        """`celery -A tasks worker` as Celery users type it, with `options` of their own."""
+        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker",
+                                  "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h", *options])
+
     def start_worker_host(self, partitions: str, processes: int,
                           name: str = "worker-host") -> subprocess.Popen[bytes]:
         """`eventpipe worker`: supervised processes sharing partitions, metrics aggregated."""

@@ -1,0 +1,49 @@
+"""One line for a failure an operator can fix: which setting or command, never a traceback.
+
+A command that meets a service it cannot reach, a database that was never migrated or a
+bad setting says so in one line on stderr and exits with a distinct status: 2 for a bad
+setting or argument, 3 for a service. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import redis.exceptions
+import sqlalchemy.exc
+from confluent_kafka import KafkaException
+from sqlalchemy.engine import make_url
+
+from eventpipe.errors import sqlstate
+from eventpipe.settings import Settings
+
+BAD_SETTING = 2
+SERVICE = 3
+
+# "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).
+_MISSING_TABLE = frozenset({"42P01", "42S02"})
+
+
+def explain(exc: BaseException, settings: Settings) -> str | None:
+    """The line to print for `exc`, or None when it is not an operator's to fix."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"Redis does not answer at REDIS_URL={settings.redis_url}: {_first_line(exc)}"
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        where = f"DATABASE_URL={_safe(settings.database_url)}"
+        orig = exc.orig
+        if orig is not None and (sqlstate(orig) in _MISSING_TABLE
+                                 or "no such table" in str(orig)):
+            return f"the database at {where} has no schema yet: run `eventpipe migrate`"
+        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            return f"the database at {where} cannot be used: {_first_line(orig or exc)}"
+    if isinstance(exc, KafkaException):
+        return (f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: "
+                f"{_first_line(exc)}")
+    return None
+
+
+def _safe(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

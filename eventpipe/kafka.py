@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -10,10 +11,20 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from eventpipe.effects import Position
 from eventpipe.settings import Settings
 
+# librdkafka's own messages go through logging, as JSON lines like every other record,
+# instead of raw lines on stderr (hundreds of them while a broker is down).
+_LIBRDKAFKA = logging.getLogger("librdkafka")
+
+
+def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """What every client of ours shares: the brokers, and where librdkafka logs."""
+    return {"bootstrap.servers": settings.kafka_bootstrap_servers, "logger": _LIBRDKAFKA,
+            **overrides}
+
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings),
         # A message counts as sent only once every in-sync replica has it.
         "acks": "all",
         "linger.ms": 5,
@@ -24,7 +35,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **client_config(settings),
         "group.id": settings.kafka_group_id,
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": max(500, settings.kafka_session_timeout_ms // 3),
@@ -46,7 +57,7 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
 
 def ensure_topic(settings: Settings, timeout_s: float = 15.0) -> None:
     """Create the events topic with the configured partitions if it does not exist yet."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(client_config(settings))
     existing = admin.list_topics(timeout=timeout_s).topics
     if settings.kafka_topic in existing:
         return
@@ -65,8 +76,8 @@ def ensure_topic(settings: Settings, timeout_s: float = 15.0) -> None:
 
 def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     """True when a broker answers a metadata request within `timeout_s`."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+    admin = AdminClient(client_config(
+        settings, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)}))
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:
@@ -80,14 +91,14 @@ class MessageReader:
 
     def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
-        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                                  "group.id": f"{settings.kafka_group_id}.reader",
-                                  "enable.auto.commit": False,
-                                  "enable.auto.offset.store": False,
-                                  # One message is wanted at a time: answer at once rather
-                                  # than wait for more (0.5 s per read otherwise, on some
-                                  # brokers, which makes rebuilding a large DLQ crawl).
-                                  "fetch.wait.max.ms": 10})
+        self.consumer = Consumer(client_config(settings, **{
+            "group.id": f"{settings.kafka_group_id}.reader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # One message is wanted at a time: answer at once rather than wait for more
+            # (0.5 s per read otherwise, on some brokers, which makes rebuilding a large DLQ
+            # crawl).
+            "fetch.wait.max.ms": 10}))
 
     def fetch(self, position: Position) -> tuple[bytes | None, bytes] | None:
         """(key, value) of the message at `position`; None when Kafka no longer has it."""

@@ -41,6 +41,7 @@ from eventpipe.canonical import (
 )
 from eventpipe.dlq.letter import OPEN, RESOLVED
 from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.kafka import client_config
 from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
@@ -84,8 +85,8 @@ class Report:
 
 def committed_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, int]:
     """The group's committed offset of every partition of the topic that has one."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "group.id": settings.kafka_group_id, "enable.auto.commit": False})
+    consumer = Consumer(client_config(settings, **{
+        "group.id": settings.kafka_group_id, "enable.auto.commit": False}))
     try:
         metadata = consumer.list_topics(settings.kafka_topic, timeout=timeout_s)
         topic = metadata.topics.get(settings.kafka_topic)
@@ -102,10 +103,9 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                progress: Progress | None = None, poll_s: float = 10.0) -> Iterator[TopicMessage]:
     """Every message below the committed offsets, partition by partition, without joining
     the group (nothing of the group's is touched)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "group.id": f"{settings.kafka_group_id}.verify",
-                         "enable.auto.commit": False, "enable.auto.offset.store": False,
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(client_config(settings, **{
+        "group.id": f"{settings.kafka_group_id}.verify", "enable.auto.commit": False,
+        "enable.auto.offset.store": False, "auto.offset.reset": "earliest"}))
     try:
         for partition, end in sorted(committed.items()):
             if end <= 0:

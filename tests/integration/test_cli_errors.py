@@ -42,6 +42,11 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),
         (["worker", "--partitions", "0-99"], {"KAFKA_PARTITIONS": "12"}, 2,
          "partition 99 does not exist: the topic has 12"),
+        # librdkafka's own complaints go through logging (here: nothing at WARNING), not as
+        # hundreds of raw lines.
+        (["produce", "generate", "--count", "1"],
+         {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:{port}", "LOG_LEVEL": "ERROR"}, 3,
+         "eventpipe: Kafka at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}: "),
     ],
 )
 def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[str, str],

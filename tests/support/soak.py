@@ -155,7 +155,7 @@ def run(soak: Soak, bootstrap: str, log_dir: Path,
         PARK_TIMEOUT_S="5", CRASH_MAX_ATTEMPTS="6")
     started = time.monotonic()
     try:
-        workers = [pipeline.start_worker(name=f"worker-{n}") for n in range(soak.workers)]
+        workers = [_start_worker(pipeline, n, soak.workers) for n in range(soak.workers)]
         bridges = [pipeline.start_bridge(name="bridge-0")]
         sender = _Sender(pipeline, [(m.key, m.value) for m in plan.messages], soak.rate)
         sender.start()
@@ -236,7 +236,7 @@ class _Faults:
     def _kill_worker(self) -> None:
         index = self.rng.randrange(len(self.workers))
         self.pipeline.stop(self.workers[index], signal.SIGKILL)
-        self.workers[index] = self.pipeline.start_worker(name=f"worker-{index}")
+        self.workers[index] = _start_worker(self.pipeline, index, len(self.workers))
 
     def _kill_bridge(self) -> None:
         self.pipeline.stop(self.bridges[-1], signal.SIGKILL)
@@ -262,6 +262,12 @@ class _Faults:
             time.sleep(self._outage())
         finally:
             self.proxy.restore()
+
+
+def _start_worker(pipeline: Pipeline, index: int, of: int) -> subprocess.Popen[bytes]:
+    """Worker `index` of `of`, each serving its own share of the partitions (as `eventpipe
+    worker --processes` deals them), so a partition is applied in order while nothing fails."""
+    return pipeline.start_worker(range(index, pipeline.partitions, of), name=f"worker-{index}")
 
 
 def _drain(pipeline: Pipeline, sent: int, timeout_s: float) -> dict[int, tuple[int, int]]:

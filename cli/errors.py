@@ -10,8 +10,8 @@ from __future__ import annotations
 import redis.exceptions
 import sqlalchemy.exc
 from confluent_kafka import KafkaException
-from sqlalchemy.engine import make_url
 
+from eventpipe.database import redacted
 from eventpipe.errors import sqlstate
 from eventpipe.settings import Settings
 
@@ -27,7 +27,7 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"Redis does not answer at REDIS_URL={settings.redis_url}: {_first_line(exc)}"
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        where = f"DATABASE_URL={_safe(settings.database_url)}"
+        where = f"DATABASE_URL={redacted(settings.database_url)}"
         orig = exc.orig
         if orig is not None and (sqlstate(orig) in _MISSING_TABLE
                                  or "no such table" in str(orig)):
@@ -38,10 +38,6 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         return (f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: "
                 f"{_first_line(exc)}")
     return None
-
-
-def _safe(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,13 +23,13 @@ def add_command(commands: Any) -> None:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    committed = committed_offsets(settings)
     engine = make_engine(settings, writer=False)
     stream = DeadLetterStream(redis_clients.operator(settings.redis_url), settings.dlq_stream,
                               settings.dlq_max_entries, settings.dlq_max_bytes)
-    bar = _ProgressBar(sum(committed_offsets(settings).values())) if sys.stderr.isatty() \
-        else None
+    bar = _ProgressBar(sum(committed.values())) if sys.stderr.isatty() else None
     try:
-        report = verify(settings, engine, stream, bar)
+        report = verify(settings, engine, stream, bar, committed)
     finally:
         engine.dispose()
         if bar is not None:

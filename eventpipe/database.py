@@ -75,3 +75,8 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+
+def redacted(url: str) -> str:
+    """A database URL fit for logs and messages: the password masked."""
+    return make_url(url).render_as_string(hide_password=True)

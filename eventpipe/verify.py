@@ -136,8 +136,11 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
 
 
 def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
-           progress: Progress | None = None) -> Report:
-    report = Report(committed=committed_offsets(settings))
+           progress: Progress | None = None,
+           committed: Mapping[int, int] | None = None) -> Report:
+    """`committed`: the group's committed offsets, when the caller read them already."""
+    report = Report(committed=dict(committed) if committed is not None
+                    else committed_offsets(settings))
     expected = fold(read_topic(settings, report.committed, report, progress),
                     max_future=timedelta(seconds=settings.max_future_skew_s),
                     arrived_first=lambda ids: _recorded_fingerprints(engine, ids))

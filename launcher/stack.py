@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from eventpipe import redis_clients
+from eventpipe.database import redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.queues import queue_name
@@ -109,7 +110,7 @@ class Stack:
     def prepare_database(self) -> None:
         create_database_if_missing(self.settings.database_url)
         upgrade(self.settings.database_url)
-        self.say(f"  database  {_redact(self.settings.database_url)} (migrated)")
+        self.say(f"  database  {redacted(self.settings.database_url)} (migrated)")
         ensure_topic(self.settings)
 
     def start_children(self) -> None:
@@ -253,8 +254,4 @@ def _eventpipe() -> str:
     return str(Path(sys.executable).with_name("eventpipe"))
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 

@@ -103,8 +103,9 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected
 
 
 def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected | None:
-    """Rebuild the stream if Redis lost it (see `DeadLetterStream.intact`); None if intact."""
-    if stream.intact():
+    """Rebuild the stream if Redis lost it (see `DeadLetterStream.intact`); None if it is
+    intact or another worker is rebuilding it."""
+    if not stream.claim_rebuild():
         return None
     report = restore(engine, stream, fetch)
     if report.put or report.missing_bytes:

@@ -182,8 +182,14 @@ class DeadLetterStream:
 
     def intact(self) -> bool:
         """False when Redis lost the stream (restarted without persistence, flushed) since
-        it was last rebuilt: the stream may lack dead letters that SQL records as open."""
-        return bool(self.client.exists(self.marker))
+        it was last rebuilt (or while it is being rebuilt): the stream may lack dead letters
+        that SQL records as open."""
+        return self.client.get(self.marker) in (b"1", "1")
+
+    def claim_rebuild(self, lease_s: int = 600) -> bool:
+        """True for the one caller that should rebuild a lost stream: the marker is taken
+        while it works (so other workers leave it alone), and lapses if it dies."""
+        return bool(self.client.set(self.marker, "rebuilding", nx=True, ex=lease_s))
 
     def mark_intact(self) -> None:
         self.client.set(self.marker, "1")

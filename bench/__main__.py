@@ -1,9 +1,11 @@
-"""Benchmarks that print figures: `python -m bench [validate|apply]` (default: all).
+"""Benchmarks that print figures: `python -m bench [validate|apply|logging|pipeline]` (default:
+all). What they measure and the figures of a 2-core machine: docs/performance.md.
 
 - validate: events parsed and validated per second, one core.
 - apply:    events applied per second by `apply_batch` on SQLite and PostgreSQL, by batch size.
 - logging:  the worker's rate at each log level (what per-event records cost).
-- pipeline: events per second through Kafka, the bridge, Celery workers and PostgreSQL.
+- pipeline: end to end on PostgreSQL and SQLite: the pipeline as shipped, one event per task,
+            the database's ceiling; latency at 1,000 events/s; peak RSS per process.
 """
 
 from __future__ import annotations

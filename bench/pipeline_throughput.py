@@ -1,45 +1,190 @@
-"""Events per second through the whole pipeline: Kafka (Tansu) → bridge → Celery workers
-(`eventpipe worker`, 2 processes) → PostgreSQL, with the ledger and DLQ in Redis.
+"""The whole pipeline on one stream, against its peers: Kafka (Tansu) → bridge → Celery workers
+(`eventpipe worker`, 2 processes) → the database, with the ledger and DLQ in Redis.
 
-The stream is produced first; the clock runs from the first applied event until every
-offset is committed, so the consumer-group join is not counted.
+- shipped: the settings as they ship (batches of up to 500, no batch wait);
+- naive:   one event per task (`BATCH_MAX_EVENTS=1`), the design batching replaced;
+- ceiling: the rows the stream leaves, written with no pipeline around them (`bench.ceiling`).
+
+The stream: a story of users, orders, payments and stock moves with 10 % duplicates and 5 %
+of events held back 2–50 messages (so children arrive before their parents), 12 partitions.
+It is produced before the pipeline starts; the clock runs from the first applied event until
+every offset is committed, so the consumer-group join is not counted. The commit interval is
+0.2 s (shipped: 1 s) so the clock stops soon after the work does.
+
+Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
+applied (`applied_events.applied_at`), after a warm-up. Peak RSS: each process's high-water
+mark (`VmHWM`) at the end of the shipped run.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from eventpipe.samples import Story
+from sqlalchemy import select
+
+from bench import ceiling
+from eventpipe.database import make_engine
+from eventpipe.migrations import upgrade
+from eventpipe.samples import Story, encode, iso
+from eventpipe.settings import Settings
+from eventpipe.tables import applied_events
+from producer.stream import plan_stream
 from tests.support.broker import running_kafka
+from tests.support.databases import drop_database, new_database
 from tests.support.pipeline import Pipeline, wait_until
 
+PARTITIONS = 12
+PROCESSES = 2
+# The shipped settings the test pipeline shortens, back to their defaults.
+SHIPPED: dict[str, Any] = {name: str(value) for name, value in (
+    ("BATCH_MAX_EVENTS", 500), ("BATCH_MAX_WAIT_MS", 0),
+    ("REDELIVERY_TIMEOUT_S", 60), ("RETRY_BACKOFF_BASE_S", 0.5), ("LOG_LEVEL", "WARNING"),
+    ("COMMIT_INTERVAL_S", 0.2))}
 
-def _measure(bootstrap: str, count: int, batch: int) -> float:
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    rate: float
+    seconds: float
+    rss: dict[str, int]  # process → peak RSS in bytes
+
+
+def _stream(count: int) -> list[tuple[bytes | None, bytes]]:
+    plan = plan_stream(count, duplicates=0.10, out_of_order=0.05, seed=1)
+    return [(message.key, message.value) for message in plan.messages]
+
+
+def _throughput(bootstrap: str, database_url: str | None, messages: list[tuple[bytes | None,
+                bytes]], **settings: Any) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = Pipeline(bootstrap, Path(tmp), partitions=12,
-                            BATCH_MAX_EVENTS=str(batch), MAX_IN_FLIGHT_PER_PARTITION="5000",
-                            REDELIVERY_TIMEOUT_S="60", LOG_LEVEL="WARNING")
+        pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
+                            database_url=database_url, **{**SHIPPED, **settings})
         try:
-            story = Story(seed=batch)
-            pipeline.send(story.next() for _ in range(count))
+            pipeline.send(messages)
             ends = pipeline.end_offsets()
-            pipeline.start_worker_host("0-11", processes=2)
-            pipeline.start_bridge()
-            wait_until(lambda: pipeline.applied_count() > 0, 60, "the first event applied",
-                       interval_s=0.05)
+            host = pipeline.start_worker_host(f"0-{PARTITIONS - 1}", processes=PROCESSES)
+            bridge = pipeline.start_bridge()
+            wait_until(lambda: pipeline.applied_count() > 0, 120, "the first event applied",
+                       interval_s=0.02)
             started = time.monotonic()
-            wait_until(lambda: pipeline.committed_offsets() == ends, 600, "the stream drained",
+            wait_until(lambda: pipeline.committed_offsets() == ends, 1800, "the stream drained",
                        interval_s=0.1)
-            return count / (time.monotonic() - started)
+            seconds = time.monotonic() - started
+            rss = {"bridge": _peak_rss(bridge.pid)}
+            for number, pid in enumerate(_children(host.pid), start=1):
+                rss[f"worker {number}"] = _peak_rss(pid)
+            rss["worker host"] = _peak_rss(host.pid)
+            return Run(len(messages) / seconds, seconds, rss)
         finally:
             pipeline.close()
 
 
-def run() -> None:
-    with running_kafka() as bootstrap:
-        for count, batch in ((3_000, 1), (20_000, 100), (20_000, 500)):
-            rate = _measure(bootstrap, count, batch)
-            print(f"pipeline: batch {batch:4d}: {rate:8,.0f} events/s end to end "
-                  f"({count:,} events, 12 partitions, 2 worker processes, PostgreSQL)")
+def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
+             seconds: float = 20, warm_up_s: float = 5) -> list[float]:
+    """`occurredAt` → applied, in seconds, of the events produced after the warm-up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
+                            database_url=database_url, **SHIPPED)
+        try:
+            pipeline.start_worker_host(f"0-{PARTITIONS - 1}", processes=PROCESSES)
+            pipeline.start_bridge()
+            story = Story(seed=3)
+            # Wait for the group to form: one event through.
+            pipeline.send([story.next()])
+            wait_until(lambda: pipeline.applied_count() > 0, 120, "the first event applied")
+            started, measured_from = time.monotonic(), datetime.now(UTC) + timedelta(
+                seconds=warm_up_s)
+            sent = 0
+            while (elapsed := time.monotonic() - started) < seconds:
+                while sent < elapsed * rate:
+                    key, document = story.next()
+                    document["occurredAt"] = iso(datetime.now(UTC))
+                    pipeline.producer.produce(pipeline.name, key=key, value=encode(document))
+                    sent += 1
+                pipeline.producer.poll(0)
+                time.sleep(0.001)
+            pipeline.producer.flush(30)
+            wait_until(lambda: pipeline.applied_count() >= sent + 1, 120, "every event applied")
+            with pipeline.engine.connect() as conn:
+                rows = conn.execute(select(applied_events.c.occurred_at,
+                                           applied_events.c.applied_at)
+                                    .where(applied_events.c.occurred_at >= measured_from)).all()
+            return [(applied - occurred).total_seconds() for occurred, applied in rows]
+        finally:
+            pipeline.close()
+
+
+def _ceiling(database_url: str, messages: list[tuple[bytes | None, bytes]]) -> float:
+    upgrade(database_url)
+    engine = make_engine(Settings(database_url=database_url))
+    try:
+        return len(messages) / ceiling.write(engine, ceiling.final_rows(messages))
+    finally:
+        engine.dispose()
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _database(kind: str, tmp: str, name: str) -> str:
+    return new_database("eventpipe_bench") if kind == "postgresql" else \
+        f"sqlite:///{tmp}/{name}.db"
+
+
+def run(count: int = 48_000, naive_count: int = 3_000) -> None:
+    messages = _stream(count)
+    with running_kafka() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        for kind in ("postgresql", "sqlite"):
+            urls = {name: _database(kind, tmp, name)
+                    for name in ("shipped", "naive", "ceiling", "latency")}
+            try:
+                shipped = _throughput(bootstrap, urls["shipped"], messages)
+                naive = _throughput(bootstrap, urls["naive"], messages[:naive_count],
+                                    BATCH_MAX_EVENTS="1")
+                top = _ceiling(urls["ceiling"], messages)
+                latencies = _latency(bootstrap, urls["latency"])
+            finally:
+                if kind == "postgresql":
+                    for url in urls.values():
+                        drop_database(url)
+            _report(kind, count, naive_count, shipped, naive, top, latencies)
+
+
+def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, top: float,
+            latencies: list[float]) -> None:
+    ms = [value * 1000 for value in latencies]
+    print(f"pipeline on {kind} ({PARTITIONS} partitions, {PROCESSES} worker processes):")
+    print(f"  shipped  {shipped.rate:9,.0f} events/s  ({count:,} messages in "
+          f"{shipped.seconds:.1f} s)")
+    print(f"  naive    {naive.rate:9,.0f} events/s  (one event per task, {naive_count:,} "
+          f"messages)")
+    print(f"  ceiling  {top:9,.0f} events/s  (the same rows, no pipeline)")
+    print(f"  shipped/naive {shipped.rate / naive.rate:5.1f}×   "
+          f"shipped/ceiling {shipped.rate / top:6.1%}")
+    print(f"  latency at 1,000 events/s, occurredAt → applied ({len(ms):,} events): "
+          f"p50 {statistics.median(ms):.0f} ms, p99 {_percentile(ms, 0.99):.0f} ms, "
+          f"max {max(ms):.0f} ms")
+    print("  peak RSS: " + ", ".join(f"{name} {size / 2**20:.0f} MiB"
+                                     for name, size in shipped.rss.items()))

@@ -1,12 +1,17 @@
 """Grouping consecutive messages of one partition into one task, bounded by count, bytes, time.
 
 A batch is sent when it holds `max_events` messages or `max_bytes` of message bytes, or has
-waited `max_wait_s`. A message larger than `max_bytes` on its own travels alone: the task
-stays bounded whatever the producers send.
+waited `max_wait_s` and its partition is not *held*. The bridge holds a partition while the
+task it sent last still waits in the partition's queue: no worker is free for it, so sending
+another small task would only add per-task work; the messages join the next batch instead.
+Light traffic thus goes out at once, and a backlog in batches as large as the bounds allow.
+A message larger than `max_bytes` on its own travels alone: the task stays bounded whatever
+the producers send.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from eventpipe.queues import TaskMessage
@@ -41,11 +46,16 @@ class Batcher:
             ready.append(self._pending.pop(partition).messages)
         return ready
 
-    def due(self, now: float) -> list[tuple[int, list[TaskMessage]]]:
-        """Batches that have waited `max_wait_s`, removed from the batcher."""
+    def due(self, now: float, held: Collection[int] = ()) -> list[tuple[int, list[TaskMessage]]]:
+        """Batches that have waited `max_wait_s`, of partitions not `held`, removed from the
+        batcher."""
         ready = [p for p, pending in self._pending.items()
-                 if now - pending.started >= self.max_wait_s]
+                 if now - pending.started >= self.max_wait_s and p not in held]
         return [(p, self._pending.pop(p).messages) for p in ready]
+
+    def partitions(self) -> set[int]:
+        """Partitions with messages waiting for their batch to be sent."""
+        return set(self._pending)
 
     def drop(self, partition: int) -> None:
         self._pending.pop(partition, None)

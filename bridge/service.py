@@ -3,7 +3,8 @@ partition's Celery queue and commits offsets only past events that are done.
 
 Loop, in order:
 1. consume messages; add each to its partition's pending batch;
-2. send batches that are full or have waited long enough, as one task each, to `events.pN`;
+2. send batches that are full, or have waited long enough while no earlier task of their
+   partition waits in its queue (`bridge.batching`), as one task each, to `events.pN`;
 3. every `commit_interval_s`, read the offset ledger, commit each partition's offset up to
    its oldest unfinished event, pause partitions with too much in flight (resume below half),
    and re-read from Kafka any partition whose oldest unfinished event was lost.
@@ -43,6 +44,9 @@ from eventpipe.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How often the queues of held partitions are looked at (one round trip for all of them).
+QUEUE_CHECK_S = 0.005
+
 
 class Bridge:
     def __init__(
@@ -62,6 +66,10 @@ class Bridge:
         self.partitions: dict[int, PartitionProgress] = {}
         self.unsent: dict[int, list[TaskMessage]] = {}
         self.queued: dict[int, int] = {}  # tasks waiting in each partition's queue, last seen
+        # Partitions whose last task may still wait in their queue (`bridge.batching`): only
+        # known with a Redis broker, whose queue lengths are one round trip away.
+        self.held: set[int] = set()
+        self._next_queue_check = 0.0
         self.stopping = False
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -86,7 +94,8 @@ class Bridge:
             while not self.stopping:
                 self._consume_once()
                 now = self.clock()
-                for partition, messages in self.batcher.due(now):
+                self._release_held(now)
+                for partition, messages in self.batcher.due(now, self.held):
                     self._dispatch(partition, messages)
                 if now >= next_sync:
                     self._sync(now)
@@ -124,8 +133,11 @@ class Bridge:
 
     def _consume_once(self) -> None:
         started = time.perf_counter()
+        # Short polls while batches wait on their queues, so they leave soon after a worker
+        # takes the task ahead of them.
+        waiting = self.held & self.batcher.partitions()
         messages = self.consumer.consume(num_messages=self.settings.batch_max_events,
-                                         timeout=0.05)
+                                         timeout=QUEUE_CHECK_S if waiting else 0.05)
         if messages:
             metrics.KAFKA_CONSUME.observe(time.perf_counter() - started)
         now = self.clock()
@@ -170,6 +182,8 @@ class Bridge:
             self._pause(progress)
             return
         progress.dispatched([m.offset for m in messages], self.clock())
+        if self.broker_redis is not None:
+            self.held.add(partition)
         metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
         log.info("batch sent", extra={"partition": partition, "events": len(messages),
                                       "offsetFirst": messages[0].offset,
@@ -177,6 +191,25 @@ class Bridge:
                                       "queue": queue_name(partition)})
         if progress.in_flight >= self.settings.max_in_flight_per_partition:
             self._pause(progress)
+
+    def _release_held(self, now: float) -> None:
+        """Release the held partitions with messages waiting whose queue is empty now."""
+        waiting = sorted(self.held & self.batcher.partitions())
+        if not waiting or now < self._next_queue_check or self.broker_redis is None:
+            return
+        self._next_queue_check = now + QUEUE_CHECK_S
+        try:
+            with self.broker_redis.pipeline(transaction=False) as pipe:
+                for partition in waiting:
+                    pipe.llen(queue_name(partition))
+                depths = pipe.execute()
+        except redis.RedisError:
+            self.held.clear()  # unknown: send as if no task were waiting
+            return
+        for partition, depth in zip(waiting, depths, strict=True):
+            self.queued[partition] = int(depth)
+            if depth == 0:
+                self.held.discard(partition)
 
     def _pause(self, progress: PartitionProgress) -> None:
         if not progress.paused:
@@ -259,6 +292,7 @@ class Bridge:
         metrics.REDELIVERIES.labels(str(progress.partition)).inc()
         self.batcher.drop(progress.partition)
         self.unsent.pop(progress.partition, None)
+        self.held.discard(progress.partition)
         progress.reset()
         self._resume(progress)
 
@@ -347,6 +381,7 @@ class Bridge:
         """Drop a partition that is no longer ours, and the series this bridge exported for
         it: its new owner reports them now."""
         self.queued.pop(partition, None)
+        self.held.discard(partition)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()

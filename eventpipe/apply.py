@@ -7,11 +7,11 @@ In order, in one transaction:
 2. claim the remaining events in `applied_events` (insert unless recorded; the claim is what
    makes a delta apply once even when two writers hold the same event);
 3. write the claimed entities with the version guard, returning the keys written; replace the
-   items of the orders written; add the claimed deltas; mark the entity events that wrote
-   nothing as stale;
+   items of the orders written; mark the entity events that wrote nothing as stale;
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
-5. queue the keys written for the reconciler, which re-checks the rules that span keys.
+5. queue the keys written for the reconciler, which re-checks the rules that span keys;
+6. add the claimed inventory deltas.
 Failures of the database propagate: the caller classifies and retries them.
 """
 
@@ -61,15 +61,11 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
     # Stale within the batch is a fate too: recorded, so its redelivery is a duplicate.
     to_claim = [i for i, fate in enumerate(plan.fates) if fate in (None, Fate.STALE)]
     claimed = upserts.claim_events(conn, [
-        _applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
+        applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
         for i in to_claim])
     _lost_claims(conn, batch, plan, [i for i in to_claim
                                      if batch[i].event.event_id not in claimed])
     written, wrote_nothing = _write_entities(conn, batch, plan, applied_at)
-    deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]
-    upserts.add_deltas(conn, [{"sku": sku, "quantity": change.delta,
-                               "updated_at": change.adjusted_at}
-                              for sku, change in sum_deltas(deltas).items()])
     for where in in_keys(conn, applied_events.c.event_id, wrote_nothing):
         conn.execute(update(applied_events).where(where).values(outcome=Fate.STALE.value))
     letters = records.record_failures(conn, [
@@ -82,6 +78,12 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
         conn.execute(reconcile_queue.insert(), {
             "keys": json.dumps({kind: sorted(keys) for kind, keys in written.items()}),
             "created_at": applied_at})
+    # Last: every batch touches some of the few stock rows, and their locks are held until
+    # the commit; taken here, concurrent batches wait on each other the least.
+    deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]
+    upserts.add_deltas(conn, [{"sku": sku, "quantity": change.delta,
+                               "updated_at": change.adjusted_at}
+                              for sku, change in sum_deltas(deltas).items()])
     return BatchResult([fate or Fate.APPLIED for fate in plan.fates], letters, applied_at)
 
 
@@ -107,7 +109,7 @@ def _recorded_fingerprints(conn: Connection, batch: Sequence[Received]) -> dict[
             for row in conn.execute(select(*columns).where(where))}
 
 
-def _applied_row(received: Received, fate: Fate, applied_at: datetime,
+def applied_row(received: Received, fate: Fate, applied_at: datetime,
                  worker: str) -> dict[str, Any]:
     event, position = received.event, received.position
     return {"event_id": event.event_id, "event_type": event.event_type.value,
@@ -128,14 +130,14 @@ def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
     payment_events = claimed(plan.payments)
     written = {
         "users": upserts.upsert_entities(conn, users, [
-            _user_row(e, applied_at) for e in user_events.values()]),
+            user_row(e, applied_at) for e in user_events.values()]),
         "orders": upserts.upsert_entities(conn, orders, [
-            _order_row(e, applied_at) for e in order_events.values()]),
+            order_row(e, applied_at) for e in order_events.values()]),
         "payments": upserts.upsert_entities(conn, payments, [
-            _payment_row(e, applied_at) for e in payment_events.values()]),
+            payment_row(e, applied_at) for e in payment_events.values()]),
     }
     upserts.replace_items(conn, written["orders"], [
-        item for e in order_events.values() for item in _item_rows(e)])
+        item for e in order_events.values() for item in item_rows(e)])
     wrote_nothing = []
     for chosen, kind in ((plan.users, "users"), (plan.orders, "orders"),
                          (plan.payments, "payments")):
@@ -151,21 +153,21 @@ def _versioned(event: Event, applied_at: datetime) -> dict[str, Any]:
             "updated_at": applied_at}
 
 
-def _user_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+def user_row(event: Event, applied_at: datetime) -> dict[str, Any]:
     u = event.data
     assert isinstance(u, UserCreated)
     return {"user_id": u.user_id, "email": u.email, "name": u.name, "created_at": u.created_at,
             **_versioned(event, applied_at)}
 
 
-def _order_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+def order_row(event: Event, applied_at: datetime) -> dict[str, Any]:
     o = event.data
     assert isinstance(o, OrderPlaced)
     return {"order_id": o.order_id, "user_id": o.user_id, "total_amount": o.total_amount,
             "currency": o.currency, "placed_at": o.placed_at, **_versioned(event, applied_at)}
 
 
-def _item_rows(event: Event) -> list[dict[str, Any]]:
+def item_rows(event: Event) -> list[dict[str, Any]]:
     o = event.data
     assert isinstance(o, OrderPlaced)
     return [{"order_id": o.order_id, "line_no": line_no, "sku": item.sku,
@@ -173,7 +175,7 @@ def _item_rows(event: Event) -> list[dict[str, Any]]:
             for line_no, item in enumerate(o.items, start=1)]
 
 
-def _payment_row(event: Event, applied_at: datetime) -> dict[str, Any]:
+def payment_row(event: Event, applied_at: datetime) -> dict[str, Any]:
     p = event.data
     assert isinstance(p, PaymentSettled)
     return {"payment_id": p.payment_id, "order_id": p.order_id, "amount": p.amount,

@@ -36,7 +36,11 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     if backend == "postgresql":
         # Timeouts end as SQLSTATE 57014 / 55P03, which `eventpipe.errors` calls transient.
         options["connect_args"] = {"options": f"-c statement_timeout={statement_ms} "
-                                              f"-c lock_timeout={lock_ms}"}
+                                              f"-c lock_timeout={lock_ms}",
+                                   # Planned for the tables as they are at each execution:
+                                   # a prepared statement's generic plan, made while a table
+                                   # was small, kept scanning it whole as it grew.
+                                   "prepare_threshold": None}
     if backend == "mssql":
         # One round trip for a whole executemany instead of one per row.
         options["fast_executemany"] = True

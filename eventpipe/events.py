@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import cache
 from typing import Any, Final, NamedTuple
 
 from eventpipe.errors import InvalidEvent
@@ -140,6 +141,9 @@ class Event:
 
 def _plain(value: Any) -> Any:
     """The fingerprint's view of a parsed value: JSON types only, one spelling per value."""
+    kind: type = type(value)
+    if kind is str or kind is int or value is None:
+        return value
     if isinstance(value, datetime):
         return utc_iso(value)
     if isinstance(value, Decimal):
@@ -147,8 +151,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+        return {name: _plain(getattr(value, name)) for name in _field_names(kind)}
     return value
+
+
+@cache
+def _field_names(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(kind))
 
 
 def message_fingerprint(key: bytes | None, value: bytes) -> str:

@@ -1,7 +1,8 @@
 """`column IN (keys)` for sets of any size, written the way each database takes it best.
 
-PostgreSQL gets one `column = ANY(:keys)` with the keys as one array parameter: the statement's
-text is the same whatever the set's size, so it is parsed and planned once. The others get
+PostgreSQL gets one `column = ANY(:keys)` with the keys as one array parameter: one statement
+and one parameter whatever the set's size, planned at each execution for the set it is given
+(`eventpipe.database` keeps no prepared statements). The others get
 `IN (…)` lists in chunks, under SQL Server's 2,100 parameters per statement (and SQLite's 999
 on old builds).
 """

@@ -108,23 +108,51 @@ def user_standings(rows: dict[str, UserRow]) -> dict[str, Standing]:
 
 
 def order_standings(conn: Connection, rows: dict[str, OrderRow]) -> dict[str, Standing]:
-    parents = load_users(conn, {row.user_id for row in rows.values()})
-    parent_standings = user_standings(parents)
-    return {order_id: order_standing(row.user_id, parent_standings.get(row.user_id),
-                                     row.user_id in parents)
-            for order_id, row in rows.items()}
+    return Lookup(conn).order_standings(rows)
 
 
 def payment_standings(conn: Connection, rows: dict[str, PaymentRow]) -> dict[str, Standing]:
-    parents = load_orders(conn, {row.order_id for row in rows.values()})
-    parent_standings = order_standings(conn, parents)
-    result: dict[str, Standing] = {}
-    for payment_id, row in rows.items():
-        order = parents.get(row.order_id)
-        result[payment_id] = payment_standing(
-            row.order_id, row.currency, order.currency if order else None,
-            parent_standings.get(row.order_id))
-    return result
+    return Lookup(conn).payment_standings(rows)
+
+
+class Lookup:
+    """Users and orders read by key, each at most once per `Lookup`: a reconciler round asks
+    for the same ones several times (as written, as claimants of an email, as parents)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._users: dict[str, UserRow | None] = {}
+        self._orders: dict[str, OrderRow | None] = {}
+
+    def users(self, ids: Collection[str]) -> dict[str, UserRow]:
+        missing = [key for key in ids if key not in self._users]
+        found = load_users(self.conn, missing)
+        self._users.update((key, found.get(key)) for key in missing)
+        return {key: row for key in ids if (row := self._users[key]) is not None}
+
+    def orders(self, ids: Collection[str]) -> dict[str, OrderRow]:
+        missing = [key for key in ids if key not in self._orders]
+        found = load_orders(self.conn, missing)
+        self._orders.update((key, found.get(key)) for key in missing)
+        return {key: row for key in ids if (row := self._orders[key]) is not None}
+
+    def order_standings(self, rows: dict[str, OrderRow]) -> dict[str, Standing]:
+        parents = self.users({row.user_id for row in rows.values()})
+        parent_standings = user_standings(parents)
+        return {order_id: order_standing(row.user_id, parent_standings.get(row.user_id),
+                                         row.user_id in parents)
+                for order_id, row in rows.items()}
+
+    def payment_standings(self, rows: dict[str, PaymentRow]) -> dict[str, Standing]:
+        parents = self.orders({row.order_id for row in rows.values()})
+        parent_standings = self.order_standings(parents)
+        result: dict[str, Standing] = {}
+        for payment_id, row in rows.items():
+            order = parents.get(row.order_id)
+            result[payment_id] = payment_standing(
+                row.order_id, row.currency, order.currency if order else None,
+                parent_standings.get(row.order_id))
+        return result
 
 
 def visible_user(conn: Connection, user_id: str) -> UserRow | None:

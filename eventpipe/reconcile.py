@@ -42,8 +42,9 @@ from eventpipe.visibility import Held, Standing
 
 log = logging.getLogger(__name__)
 
-# A round takes queue rows until it holds about this many keys.
+# A round takes up to QUEUE_ROWS queue rows, until it holds about ROUND_KEYS keys.
 ROUND_KEYS = 5000
+QUEUE_ROWS = 200
 _LOCK_ID = 0x65766E74  # "evnt": the PostgreSQL advisory lock of the reconciler
 
 
@@ -63,6 +64,7 @@ class Keys:
 @dataclass(slots=True)
 class Round:
     queue_rows: int = 0
+    more: bool = False  # the queue held more rows than the round took
     evaluated: int = 0
     changed: list[DeadLetter] = field(default_factory=list)
 
@@ -86,7 +88,7 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, *,
               worker: str = "reconciler", round_keys: int = ROUND_KEYS) -> Round:
     """One round, in the caller's transaction (which holds the lock)."""
     done = Round()
-    ids, keys = _take_queue(conn, round_keys)
+    ids, keys, done.more = _take_queue(conn, round_keys)
     done.queue_rows = len(ids)
     due = records.due(conn, now, limit=round_keys)
     for letter in due:
@@ -102,12 +104,14 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, *,
     return done
 
 
-def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys]:
+def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys, bool]:
+    """The oldest queue rows, up to about `round_keys` keys; and whether rows were left."""
     keys = Keys()
     ids: list[int] = []
     query = select(reconcile_queue.c.id, reconcile_queue.c["keys"]).order_by(
-        reconcile_queue.c.id).limit(200)
-    for row in conn.execute(query):
+        reconcile_queue.c.id).limit(QUEUE_ROWS)
+    rows = conn.execute(query).all()
+    for row in rows:
         ids.append(row.id)
         written = json.loads(row.keys)
         keys.users.update(written.get("users", ()))
@@ -115,31 +119,32 @@ def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys]:
         keys.payments.update(written.get("payments", ()))
         if len(keys) >= round_keys:
             break
-    return ids, keys
+    return ids, keys, len(ids) < len(rows) or len(rows) == QUEUE_ROWS
 
 
 def _evaluate(conn: Connection, keys: Keys, now: datetime, park_timeout: timedelta,
               worker: str) -> list[DeadLetter]:
     changed: list[DeadLetter] = []
     sync = _Sync(conn, now, park_timeout, worker, changed)
+    lookup = readmodel.Lookup(conn)
 
-    written_users = readmodel.load_users(conn, keys.users)
+    written_users = lookup.users(keys.users)
     user_ids = set(keys.users) | readmodel.users_claiming(
         conn, sorted({row.email for row in written_users.values()}))
     user_ids |= _held_because_of(conn, "user", keys.users).users
-    users = readmodel.load_users(conn, user_ids)
+    users = lookup.users(user_ids)
     went_down = sync.entities("user", users, readmodel.user_standings(users))
 
     held_by_users = _held_because_of(conn, "user", users)
     order_ids = keys.orders | held_by_users.orders | readmodel.orders_of_users(conn, went_down)
-    orders = readmodel.load_orders(conn, order_ids)
-    orders_down = sync.entities("order", orders, readmodel.order_standings(conn, orders))
+    orders = lookup.orders(order_ids)
+    orders_down = sync.entities("order", orders, lookup.order_standings(orders))
 
     held_by_orders = _held_because_of(conn, "order", orders)
     payment_ids = (keys.payments | held_by_orders.payments
                    | readmodel.payments_of_orders(conn, keys.orders | orders_down))
     payments = readmodel.load_payments(conn, payment_ids)
-    sync.entities("payment", payments, readmodel.payment_standings(conn, payments))
+    sync.entities("payment", payments, lookup.payment_standings(payments))
     return changed
 
 
@@ -152,7 +157,8 @@ def _held_because_of(conn: Connection, parent_kind: str, parents: Collection[str
 
 @dataclass(slots=True)
 class _Sync:
-    """Makes the live dead letters of evaluated entities match their standing."""
+    """Makes the live dead letters of evaluated entities match their standing: decides each
+    entity's changes, then writes those of a kind together."""
 
     conn: Connection
     now: datetime
@@ -164,55 +170,56 @@ class _Sync:
                  standings: dict[str, Standing]) -> set[str]:
         """Sync each entity; the keys of those that left the read model just now."""
         live = records.by_entity(self.conn, kind, rows)
-        current = _current_events(self.conn, {row.version[1] for row in rows.values()})
+        # Only a held entity's current event is needed (its dead letter is about it).
+        current = _current_events(self.conn, {row.version[1] for key, row in rows.items()
+                                              if standings[key] is not None})
         went_down = set()
+        resolved: list[DeadLetter] = []
+        created: list[DeadLetter] = []
+        updated: list[tuple[DeadLetter, DeadLetter]] = []
         for key, row in rows.items():
             standing = standings[key]
             letters = live.get(key, [])
             if standing is not None and not letters:
                 went_down.add(key)
-            self._entity(kind, key, current.get(row.version[1]), standing, letters)
+            event = current.get(row.version[1])
+            wanted = event_key(event.fingerprint) if standing is not None and event else None
+            # Visible now, or its event superseded by a newer version of the entity.
+            resolved += [letter for letter in letters if letter.dlq_key != wanted]
+            if wanted is None or event is None or standing is None:
+                continue
+            mine = next((letter for letter in letters if letter.dlq_key == wanted), None)
+            if mine is None:
+                created.append(self._new(kind, key, event, standing))
+            elif (change := self._held(mine, standing)) is not None:
+                updated.append((mine, change))
+        self.changed += records.resolve(self.conn, resolved, self.now)
+        self.changed += records.create_or_reopen(self.conn, created)
+        self.changed += records.save_all(self.conn, updated)
         return went_down
 
-    def _entity(self, kind: str, key: str, event: _Current | None, standing: Standing,
-                letters: list[DeadLetter]) -> None:
-        wanted = event_key(event.fingerprint) if standing is not None and event else None
-        for letter in letters:
-            if letter.dlq_key != wanted:
-                # Visible now, or its event superseded by a newer version of the entity.
-                self._changed(records.resolve(self.conn, letter, self.now))
-        if wanted is None or event is None or standing is None:
-            return
-        mine = next((letter for letter in letters if letter.dlq_key == wanted), None)
-        self._changed(self._hold(kind, key, event, standing, mine))
+    def _new(self, kind: str, key: str, event: _Current, held: Held) -> DeadLetter:
+        return DeadLetter(
+            dlq_key=event_key(event.fingerprint), error_class=held.error_class,
+            reason=held.reason, first_failure_at=self.now, last_failure_at=self.now,
+            worker=event.worker or self.worker, event_id=event.event_id,
+            event_type=event.event_type, position=event.position,
+            state=WAITING if held.waits else OPEN, entity_kind=kind, entity_key=key,
+            parent_kind=held.parent_kind, parent_key=held.parent_key,
+            deadline=self.now + self.park_timeout if held.waits else None)
 
-    def _hold(self, kind: str, key: str, event: _Current, held: Held,
-              letter: DeadLetter | None) -> DeadLetter | None:
-        if letter is None:
-            state = WAITING if held.waits else OPEN
-            letter = DeadLetter(
-                dlq_key=event_key(event.fingerprint), error_class=held.error_class,
-                reason=held.reason, first_failure_at=self.now, last_failure_at=self.now,
-                worker=event.worker or self.worker, event_id=event.event_id,
-                event_type=event.event_type, position=event.position, state=state,
-                entity_kind=kind, entity_key=key, parent_kind=held.parent_kind,
-                parent_key=held.parent_key,
-                deadline=self.now + self.park_timeout if held.waits else None)
-            return records.create_or_reopen(self.conn, letter)
+    def _held(self, letter: DeadLetter, held: Held) -> DeadLetter | None:
+        """The letter still held, as it should now read; None when it reads so already."""
         state = letter.state
         if state == WAITING and (not held.waits or (letter.deadline or self.now) <= self.now):
             state = OPEN
         if (state, held.error_class, held.reason, held.parent_key) == (
                 letter.state, letter.error_class, letter.reason, letter.parent_key):
             return None
-        return records.save(self.conn, letter, replace(
+        return replace(
             letter, state=state, error_class=held.error_class, reason=held.reason,
             parent_kind=held.parent_kind, parent_key=held.parent_key,
-            last_failure_at=self.now if state != letter.state else letter.last_failure_at))
-
-    def _changed(self, letter: DeadLetter | None) -> None:
-        if letter is not None:
-            self.changed.append(letter)
+            last_failure_at=self.now if state != letter.state else letter.last_failure_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +254,7 @@ def reconcile(begin: Callable[[], Any], now: Callable[[], datetime], park_timeou
                 return changed
             done = run_round(conn, now(), park_timeout)
         changed += done.changed
-        if done.queue_rows == 0:
+        if not done.more:
             break
     if changed:
         log.info("reconciled", extra={"deadLettersChanged": len(changed)})

@@ -8,9 +8,9 @@
   transaction claimed; only their inventory deltas are added, so a delta applies once even
   when two writers hold the same event.
 - PostgreSQL: `INSERT … SELECT * FROM unnest(<one array per column>) ON CONFLICT … DO UPDATE
-  … WHERE <newer> RETURNING key`: one statement whose text never changes, whatever the batch
-  size, so the driver and the server parse and plan it once (multi-row VALUES would be new
-  SQL for every batch size, parsed again each time).
+  … WHERE <newer> RETURNING key`: one statement, with one parameter per column whatever the
+  batch size (multi-row VALUES would be new SQL text, and thousands of parameters, for every
+  batch size).
 - SQLite: the same `INSERT … ON CONFLICT`, executed with the batch's rows.
 - SQL Server: the rows go to a `#staging` table (fast_executemany), then one
   `MERGE … WITH (HOLDLOCK) … OUTPUT inserted.key` — HOLDLOCK makes MERGE safe against a

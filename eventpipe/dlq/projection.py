@@ -52,20 +52,23 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
     written: list[DeadLetter] = []
     try:
+        # Out of the DLQ first (one round trip; it also makes room), then into it.
+        gone = [letter for letter in pending if letter.state != OPEN]
+        report.removed = stream.remove(*(letter.dlq_key for letter in gone))
+        written += gone
         for letter in pending:
-            if letter.state == OPEN:
-                message = (payloads or {}).get(letter.dlq_key)
-                if message is None and fetch is not None:
-                    message = fetch(letter.position)
-                elif message is None:
-                    continue
-                if message is None:
-                    report.missing_bytes.append(letter.dlq_key)
-                key, value = message if message is not None else (None, None)
-                stream.put(StreamEntry(letter, value, key))
-                report.put += 1
-            elif stream.remove(letter.dlq_key):
-                report.removed += 1
+            if letter.state != OPEN:
+                continue
+            message = (payloads or {}).get(letter.dlq_key)
+            if message is None and fetch is not None:
+                message = fetch(letter.position)
+            elif message is None:
+                continue
+            if message is None:
+                report.missing_bytes.append(letter.dlq_key)
+            key, value = message if message is not None else (None, None)
+            stream.put(StreamEntry(letter, value, key))
+            report.put += 1
             written.append(letter)
     except DeadLetterQueueFull as exc:
         report.full = True

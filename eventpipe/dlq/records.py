@@ -5,18 +5,20 @@ so a dead letter is as durable as the commit the bridge relies on. Every change 
 row's `revision` and clears `in_stream`; the projection (`eventpipe.dlq.projection`) then
 brings the Redis stream in line and marks the revision it wrote.
 
-Rows are changed one at a time: dead letters are rare, and each change reads the row first
-(to keep its history), under a row lock, so two writers cannot lose each other's update.
+Each change reads the rows first (to keep their history), under row locks taken in key order,
+so two writers can neither lose each other's update nor deadlock; the rows of a batch or a
+reconciler round are then written together (held children can be thousands a round).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Select, select, update
+from sqlalchemy import Connection, Select, Update, bindparam, select, update
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -95,15 +97,33 @@ def episode(letter: DeadLetter, ended: str, ended_at: datetime) -> Episode:
 
 def save(conn: Connection, before: DeadLetter | None, after: DeadLetter) -> DeadLetter:
     """Insert `after`, or update `before` into it; bumps the revision, marks it unprojected."""
-    if before is None:
-        conn.execute(dead_letters.insert(), _row(replace(after, revision=1)))
-        return replace(after, revision=1)
-    after = replace(after, revision=before.revision + 1)
-    values = _row(after)
-    del values["dlq_key"]
-    conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == after.dlq_key)
-                 .values(**values))
-    return after
+    return save_all(conn, [(before, after)])[0]
+
+
+def save_all(conn: Connection,
+             changes: Sequence[tuple[DeadLetter | None, DeadLetter]]) -> list[DeadLetter]:
+    """`save` for many letters: one INSERT for the new ones, one UPDATE statement (executed
+    for each row) for the others, in key order. The letters as saved, in the order given."""
+    saved = [replace(after, revision=1 if before is None else before.revision + 1)
+             for before, after in changes]
+    new = sorted((_row(after) for (before, _), after in zip(changes, saved, strict=True)
+                  if before is None), key=lambda row: row["dlq_key"])
+    updated = sorted(({**_row(after), "key": after.dlq_key}
+                      for (before, _), after in zip(changes, saved, strict=True)
+                      if before is not None), key=lambda row: row["key"])
+    for row in updated:
+        del row["dlq_key"]
+    if new:
+        conn.execute(dead_letters.insert(), new)
+    if updated:
+        conn.execute(_update_by_key(), updated)
+    return saved
+
+
+@cache
+def _update_by_key() -> Update:
+    """Sets the columns each row names (all but the key)."""
+    return update(dead_letters).where(dead_letters.c.dlq_key == bindparam("key"))
 
 
 def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[DeadLetter]:
@@ -148,10 +168,14 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
 def transition(conn: Connection, letter: DeadLetter, state: str, now: datetime,
                **changes: Any) -> DeadLetter:
     """Move a dead letter to `state`; leaving the DLQ for good closes an episode."""
+    return save(conn, letter, _transitioned(letter, state, now, **changes))
+
+
+def _transitioned(letter: DeadLetter, state: str, now: datetime, **changes: Any) -> DeadLetter:
     history = letter.history
     if state in CLOSED and letter.state not in CLOSED:
         history = (*history, episode(letter, state, now))
-    return save(conn, letter, replace(letter, state=state, history=history, **changes))
+    return replace(letter, state=state, history=history, **changes)
 
 
 def by_entity(conn: Connection, kind: str, keys: Collection[str]) -> dict[str, list[DeadLetter]]:
@@ -181,13 +205,15 @@ def waiting_on(conn: Connection, parent_kind: str,
     return found
 
 
-def create_or_reopen(conn: Connection, letter: DeadLetter) -> DeadLetter:
-    """Add a held event's dead letter; one that had left the DLQ comes back with its earlier
+def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    """Add held events' dead letters; one that had left the DLQ comes back with its earlier
     lives (episodes written when it left)."""
-    before = load(conn, [letter.dlq_key], lock=True).get(letter.dlq_key)
-    if before is None:
-        return save(conn, None, letter)
-    return save(conn, before, replace(letter, history=before.history))
+    chosen = {letter.dlq_key: letter for letter in letters}
+    before = load(conn, chosen, lock=True)
+    return save_all(conn, [
+        (before.get(key), replace(letter, history=before[key].history)
+         if key in before else letter)
+        for key, letter in chosen.items()])
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
@@ -213,11 +239,13 @@ def unprojected(conn: Connection, limit: int,
 
 def mark_projected(conn: Connection, letters: Iterable[DeadLetter]) -> None:
     """The stream shows these revisions: a row changed since stays to be projected."""
-    for letter in letters:
+    shown: list[dict[str, Any]] = [{"key": letter.dlq_key, "at_revision": letter.revision}
+                                   for letter in sorted(letters, key=lambda x: x.dlq_key)]
+    if shown:
         conn.execute(update(dead_letters)
-                     .where(dead_letters.c.dlq_key == letter.dlq_key,
-                            dead_letters.c.revision == letter.revision)
-                     .values(in_stream=True))
+                     .where(dead_letters.c.dlq_key == bindparam("key"),
+                            dead_letters.c.revision == bindparam("at_revision"))
+                     .values(in_stream=True), shown)
 
 
 def claim_for_replay(conn: Connection, key: str, now: datetime,
@@ -248,11 +276,15 @@ def purge(conn: Connection, key: str, now: datetime) -> bool:
     return True
 
 
-def resolve(conn: Connection, letter: DeadLetter, now: datetime) -> DeadLetter | None:
-    """Close a live dead letter whose condition cleared. One that never reached the DLQ
-    (waiting) leaves no trace: it was never a failure anyone saw."""
-    if letter.state == WAITING:
-        conn.execute(dead_letters.delete().where(dead_letters.c.dlq_key == letter.dlq_key,
-                                                 dead_letters.c.revision == letter.revision))
-        return None
-    return transition(conn, letter, RESOLVED, now)
+def resolve(conn: Connection, letters: Sequence[DeadLetter], now: datetime) -> list[DeadLetter]:
+    """Close live dead letters whose condition cleared; the ones closed. One that never reached
+    the DLQ (waiting) leaves no trace: it was never a failure anyone saw."""
+    waiting = sorted((letter for letter in letters if letter.state == WAITING),
+                     key=lambda letter: letter.dlq_key)
+    if waiting:
+        conn.execute(dead_letters.delete().where(
+            dead_letters.c.dlq_key == bindparam("key"),
+            dead_letters.c.revision == bindparam("at_revision")),
+            [{"key": letter.dlq_key, "at_revision": letter.revision} for letter in waiting])
+    return save_all(conn, [(letter, _transitioned(letter, RESOLVED, now))
+                           for letter in letters if letter.state != WAITING])

@@ -59,15 +59,20 @@ redis.call('HSET', KEYS[3], 'bytes', bytes)
 return {id, entries, bytes}
 """
 
-# KEYS: stream, index, totals. ARGV: dlq key. Removes the key's entry, if any.
+# KEYS: stream, index, totals. ARGV: dlq keys. Removes their entries; how many there were.
 _REMOVE = """
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-if not old then return 0 end
-local old_id, size = string.match(old, '^(%S+) (%d+)$')
-redis.call('XDEL', KEYS[1], old_id)
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
-return 1
+local removed = 0
+for i = 1, #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if old then
+    local old_id, size = string.match(old, '^(%S+) (%d+)$')
+    redis.call('XDEL', KEYS[1], old_id)
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+    removed = removed + 1
+  end
+end
+return removed
 """
 
 
@@ -215,8 +220,12 @@ class DeadLetterStream:
                 "dlqMaxBytes": self.max_bytes})
         return _decoded(entry_id)
 
-    def remove(self, dlq_key: str) -> bool:
-        return bool(self._remove(keys=[self.stream, self.index, self.totals], args=[dlq_key]))
+    def remove(self, *dlq_keys: str) -> int:
+        """Remove the entries of these keys (one round trip); how many were there."""
+        if not dlq_keys:
+            return 0
+        return int(self._remove(keys=[self.stream, self.index, self.totals],
+                                args=list(dlq_keys)))
 
     def depth(self) -> int:
         return int(self.client.xlen(self.stream))

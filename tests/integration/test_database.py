@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from eventpipe.database import make_engine
 from eventpipe.errors import FailureKind, classify
+from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
+from eventpipe.tables import applied_events
 
 
 @pytest.fixture
@@ -52,5 +54,21 @@ def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url: str) -> None:
+    """psycopg prepares a statement run five times, and PostgreSQL may then keep a generic
+    plan made while a table was small: key lookups of a fast-growing table (`= ANY(keys)`)
+    stayed sequential scans, each slower than the last. No statement is kept prepared."""
+    engine = make_engine(Settings(database_url=postgresql_url))
+    try:
+        with engine.connect() as conn:
+            for _ in range(10):
+                conn.execute(select(applied_events.c.event_id).where(
+                    *in_keys(conn, applied_events.c.event_id, ["a", "b"]))).all()
+            prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements"))
+            assert prepared.scalar_one() == 0
     finally:
         engine.dispose()

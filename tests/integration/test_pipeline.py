@@ -12,7 +12,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from eventpipe.samples import (
     Document,
     Story,
     encode,
+    inventory_adjusted,
     order_placed,
     payment_settled,
     user_created,
@@ -328,6 +329,36 @@ def test_backpressure_pauses_partitions_and_bounds_queued_work(make_pipeline: An
     assert_state(pipeline, [doc for _, doc in messages])
 
 
+def test_a_partition_waiting_for_a_worker_gets_one_batch_not_a_task_per_poll(
+        make_pipeline: Any) -> None:
+    """While a partition's last task waits in its queue, what the next polls bring joins one
+    batch: many small tasks would cost per-task work the workers do not have time for."""
+    pipeline: Pipeline = make_pipeline(LOG_LEVEL="DEBUG")
+    bridge_log = pipeline.log_dir / f"{pipeline.name}-bridge.log"
+
+    def logged(message: str) -> list[dict[str, Any]]:
+        lines = bridge_log.read_text().splitlines() if bridge_log.exists() else []
+        return [record for line in lines if line.startswith("{")
+                and (record := json.loads(line))["msg"] == message]
+
+    def read(count: int) -> Callable[[], bool]:
+        return lambda: len(logged("event received")) == count
+
+    # One key: every message goes to one partition.
+    groups = [[inventory_adjusted("SKU-0001", 1) for _ in range(n)] for n in (1, 10, 10, 10)]
+    pipeline.start_bridge()
+    received = 0
+    for group in groups:
+        received += pipeline.send(group)
+        # Each group arrives in polls of its own.
+        wait_until(read(received), 60, f"the bridge to read {received} messages")
+    sent = logged("batch sent")
+    assert [record["events"] for record in sent] == [1]  # the rest waits behind it
+    pipeline.start_worker()
+    wait_until(lambda: pipeline.applied_count() == received, 60, "every message applied")
+    assert [record["events"] for record in logged("batch sent")] == [1, 30]
+
+
 def test_a_stalled_worker_does_not_make_the_bridge_pile_up_copies(make_pipeline: Any) -> None:
     """Issue 9, item 4: a worker stopped for several redelivery periods; what waits in the
     Celery queues stays within the in-flight bound (plus one batch per partition)."""
@@ -426,8 +457,12 @@ def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) 
     for partition in range(pipeline.partitions):
         ledger.settle(pipeline.name, partition, range(1000), {})
     pipeline.start_bridge()
-    wait_until(lambda: sum(_events_queued(pipeline, p) for p in range(4)) == len(messages), 60,
-               "every message handed to Celery")
+    # With no worker taking the first task of a partition, the bridge keeps what follows in
+    # its next batch until that batch is full: all but less than a batch per partition waits
+    # in Celery.
+    held = pipeline.partitions * (pipeline.settings.batch_max_events - 1)
+    wait_until(lambda: sum(_events_queued(pipeline, p) for p in range(4)) >= len(messages) - held,
+               60, "the messages handed to Celery")
     # Lose every task: only a bridge that did not take the old marks for these messages
     # still knows they are not done, and sends them again.
     pipeline.broker.flushdb()

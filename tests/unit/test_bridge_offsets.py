@@ -91,6 +91,21 @@ def test_batches_close_on_count_and_on_time() -> None:
     assert batcher.due(now=5) == []
 
 
+def test_a_held_partition_keeps_its_batch_until_released_or_full() -> None:
+    batcher = Batcher(max_events=3, max_bytes=1000, max_wait_s=0)
+    batcher.add(0, _message(1), now=0)
+    batcher.add(1, _message(1), now=0)
+    # Partition 0's last task still waits in its queue: its messages wait for the next batch.
+    assert [p for p, _ in batcher.due(now=1, held={0})] == [1]
+    assert batcher.partitions() == {0}
+    batcher.add(0, _message(2), now=1)
+    [full] = batcher.add(0, _message(3), now=1)  # a full batch leaves, held or not
+    assert [m.offset for m in full] == [1, 2, 3]
+    batcher.add(0, _message(4), now=2)
+    assert batcher.due(now=2, held={0}) == []
+    assert [(p, [m.offset for m in ms]) for p, ms in batcher.due(now=2)] == [(0, [4])]
+
+
 def test_batches_are_bounded_in_bytes_and_a_large_message_travels_alone() -> None:
     batcher = Batcher(max_events=500, max_bytes=100, max_wait_s=1)
     assert batcher.add(0, _message(1, 40), now=0) == []

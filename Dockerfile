@@ -50,7 +50,7 @@ RUN groupadd --system --gid 10001 eventpipe \
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# `eventpipe migrate` looks for alembic.ini in the working directory.
+# For `alembic upgrade head` from /app (`eventpipe migrate` carries its own copy).
 COPY --chown=root:root alembic.ini ./
 COPY --chown=root:root alembic ./alembic
 

@@ -3,13 +3,15 @@
 
 - shipped: the settings as they ship (batches of up to 500, no batch wait);
 - naive:   one event per task (`BATCH_MAX_EVENTS=1`), the design batching replaced;
-- ceiling: the rows the stream leaves, written with no pipeline around them (`bench.ceiling`).
+- ceiling: the rows the stream leaves, written with no pipeline around them (`bench.ceiling`);
+- no database: workers that only mark messages done (`bench.noop_worker`): what the bridge,
+  Celery and Redis carry on their own.
 
 The stream: a story of users, orders, payments and stock moves with 10 % duplicates and 5 %
 of events held back 2–50 messages (so children arrive before their parents), 12 partitions.
-It is produced before the pipeline starts; the clock runs from the first applied event until
-every offset is committed, so the consumer-group join is not counted. The commit interval is
-0.2 s (shipped: 1 s) so the clock stops soon after the work does.
+It is produced before the pipeline starts; the clock runs from the first offset committed
+until every offset is, so the consumer-group join is not counted. The commit interval is
+0.2 s (shipped: 1 s) so the clock follows the work closely.
 
 Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
 applied (`applied_events.applied_at`), after a warm-up. Peak RSS: each process's high-water
@@ -19,6 +21,8 @@ mark (`VmHWM`) at the end of the shipped run.
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from sqlalchemy import select
 from bench import ceiling
 from eventpipe.database import make_engine
 from eventpipe.migrations import upgrade
+from eventpipe.queues import queue_name
 from eventpipe.samples import Story, encode, iso
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events
@@ -61,17 +66,19 @@ def _stream(count: int) -> list[tuple[bytes | None, bytes]]:
 
 
 def _throughput(bootstrap: str, database_url: str | None, messages: list[tuple[bytes | None,
-                bytes]], **settings: Any) -> Run:
+                bytes]], *, noop: bool = False, **settings: Any) -> Run:
+    """`noop`: workers that only mark messages done (`bench.noop_worker`), no database."""
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
                             database_url=database_url, **{**SHIPPED, **settings})
         try:
             pipeline.send(messages)
             ends = pipeline.end_offsets()
-            host = pipeline.start_worker_host(f"0-{PARTITIONS - 1}", processes=PROCESSES)
+            host = _noop_workers(pipeline) if noop else pipeline.start_worker_host(
+                f"0-{PARTITIONS - 1}", processes=PROCESSES)
             bridge = pipeline.start_bridge()
-            wait_until(lambda: pipeline.applied_count() > 0, 120, "the first event applied",
-                       interval_s=0.02)
+            wait_until(lambda: any(pipeline.committed_offsets().values()), 120,
+                       "the first offset committed", interval_s=0.02)
             started = time.monotonic()
             wait_until(lambda: pipeline.committed_offsets() == ends, 1800, "the stream drained",
                        interval_s=0.1)
@@ -83,6 +90,19 @@ def _throughput(bootstrap: str, database_url: str | None, messages: list[tuple[b
             return Run(len(messages) / seconds, seconds, rss)
         finally:
             pipeline.close()
+
+
+def _noop_workers(pipeline: Pipeline) -> subprocess.Popen[bytes]:
+    """PROCESSES no-op workers, each serving every other partition; the first is returned."""
+    first = None
+    for number in range(PROCESSES):
+        queues = ",".join(queue_name(p) for p in range(number, PARTITIONS, PROCESSES))
+        process = pipeline.spawn(f"noop-{number}", [
+            sys.executable, "-m", "celery", "-A", "bench.noop_worker", "worker", "--pool", "solo",
+            "--queues", queues, "--without-mingle", "--without-gossip", "--loglevel", "WARNING"])
+        first = first or process
+    assert first is not None
+    return first
 
 
 def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
@@ -161,6 +181,8 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
                     for name in ("shipped", "naive", "ceiling", "latency")}
             try:
                 shipped = _throughput(bootstrap, urls["shipped"], messages)
+                bare = _throughput(bootstrap, urls["naive"], messages, noop=True) \
+                    if kind == "postgresql" else None
                 naive = _throughput(bootstrap, urls["naive"], messages[:naive_count],
                                     BATCH_MAX_EVENTS="1")
                 top = _ceiling(urls["ceiling"], messages)
@@ -169,11 +191,11 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
                 if kind == "postgresql":
                     for url in urls.values():
                         drop_database(url)
-            _report(kind, count, naive_count, shipped, naive, top, latencies)
+            _report(kind, count, naive_count, shipped, naive, top, latencies, bare)
 
 
 def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, top: float,
-            latencies: list[float]) -> None:
+            latencies: list[float], bare: Run | None) -> None:
     ms = [value * 1000 for value in latencies]
     print(f"pipeline on {kind} ({PARTITIONS} partitions, {PROCESSES} worker processes):")
     print(f"  shipped  {shipped.rate:9,.0f} events/s  ({count:,} messages in "
@@ -181,6 +203,9 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
     print(f"  naive    {naive.rate:9,.0f} events/s  (one event per task, {naive_count:,} "
           f"messages)")
     print(f"  ceiling  {top:9,.0f} events/s  (the same rows, no pipeline)")
+    if bare is not None:
+        print(f"  no database {bare.rate:6,.0f} events/s  (workers that only mark messages "
+              "done: the bridge, Celery and Redis)")
     print(f"  shipped/naive {shipped.rate / naive.rate:5.1f}×   "
           f"shipped/ceiling {shipped.rate / top:6.1%}")
     print(f"  latency at 1,000 events/s, occurredAt → applied ({len(ms):,} events): "

@@ -270,6 +270,7 @@ class Bridge:
             return
         for partition, offset in offsets.items():
             chosen[partition].committed = offset
+            metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
             self.ledger.trim(self.topic, offsets)
         log.debug("committed", extra={"offsets": offsets})
@@ -386,6 +387,7 @@ class Bridge:
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()
         for gauge, labels in ((metrics.CONSUMER_LAG, (self.topic, str(partition))),
+                              (metrics.COMMITTED_OFFSET, (self.topic, str(partition))),
                               (metrics.QUEUE_DEPTH, (queue_name(partition),)),
                               (metrics.IN_FLIGHT, (str(partition),))):
             with contextlib.suppress(KeyError):

@@ -53,6 +53,10 @@ CONSUMER_LAG = Gauge(
     "kafka_consumer_lag", "High watermark minus the committed offset, per partition",
     ["topic", "partition"], multiprocess_mode="max",
 )
+COMMITTED_OFFSET = Gauge(
+    "bridge_committed_offset", "The offset the bridge last committed, per partition (an alert "
+    "watches it move)", ["topic", "partition"], multiprocess_mode="max",
+)
 QUEUE_DEPTH = Gauge(
     "celery_queue_depth", "Messages waiting in each partition's Celery queue", ["queue"],
     multiprocess_mode="max",

@@ -10,12 +10,18 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 
+def scripts() -> Path:
+    """The migration scripts: a checkout's top-level alembic/ (where `alembic upgrade head`
+    finds them), else the copy an installed wheel carries as eventpipe/alembic."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "alembic"
+    return checkout if (checkout / "env.py").is_file() else here / "alembic"
+
+
 def alembic_config(url: str) -> Config:
-    """The project's Alembic configuration, aimed at `url`."""
-    local = Path.cwd() / "alembic.ini"
-    ini = local if local.is_file() else Path(__file__).resolve().parent.parent / "alembic.ini"
-    config = Config(str(ini))
-    config.set_main_option("script_location", str(ini.parent / "alembic"))
+    """The project's Alembic configuration, aimed at `url` (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(scripts()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
     return config

@@ -1,7 +1,12 @@
-"""Alembic owns the schema: head matches the tables, and base..head..base round-trips."""
+"""Alembic owns the schema: head matches the tables, base..head..base round-trips, and the
+scripts travel in the wheel."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,11 +14,13 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, text
 
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import metadata
 from tests.support.databases import postgres_database
+from tests.unit.test_packaging import ROOT, TOP_LEVEL
 
 TABLES = {"users", "orders", "order_items", "payments", "inventory", "applied_events"}
 
@@ -42,5 +49,39 @@ def test_upgrade_matches_the_tables_and_downgrade_removes_them(empty_database: s
         command.upgrade(config, "head")
         with engine.connect() as conn:
             assert set(inspect(conn).get_table_names()) >= TABLES
+    finally:
+        engine.dispose()
+
+
+def test_eventpipe_migrate_works_from_an_installed_wheel(tmp_path: Path) -> None:
+    """Built and installed apart from the checkout, the package migrates a database with the
+    scripts it carries."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "alembic", *TOP_LEVEL):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", "."],
+                   cwd=source, check=True)
+    [wheel] = (source / "dist").glob("eventpipe-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    database = tmp_path / "installed.db"
+    env = {**os.environ, "PYTHONPATH": str(site), "DATABASE_URL": f"sqlite:///{database}",
+           "EVENTPIPE_ENV_FILE": "/nonexistent", "LOG_LEVEL": "WARNING"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, cli.main, eventpipe.migrations as m; "
+         "print(m.scripts()); sys.exit(cli.main.main(['migrate']))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(site / "eventpipe" / "alembic")
+    engine = create_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as conn:
+            revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            assert revision == ScriptDirectory.from_config(alembic_config("sqlite://")) \
+                .get_current_head()
+            assert conn.execute(text("SELECT count(*) FROM applied_events")).scalar() == 0
     finally:
         engine.dispose()

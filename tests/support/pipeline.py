@@ -102,7 +102,7 @@ class Pipeline:
 
     # -- processes -------------------------------------------------------------------------
 
-    def _spawn(self, name: str, command: list[str], **env: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, command: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{self.name}-{name}.log").open("ab")
         process = subprocess.Popen(command, env={**self.env, **env}, cwd=ROOT,
                                    stdout=log, stderr=subprocess.STDOUT)
@@ -110,14 +110,14 @@ class Pipeline:
         return process
 
     def start_bridge(self, name: str = "bridge") -> subprocess.Popen[bytes]:
-        return self._spawn(name, [str(BIN / "eventpipe"), "bridge"])
+        return self.spawn(name, [str(BIN / "eventpipe"), "bridge"])
 
     def start_worker(self, partitions: Iterable[int] | None = None,
                      name: str = "worker") -> subprocess.Popen[bytes]:
         """One Celery worker process, as `celery -A tasks worker` is run by hand."""
         chosen = range(self.partitions) if partitions is None else partitions
         queues = ",".join(queue_name(p) for p in chosen)
-        return self._spawn(name, [
+        return self.spawn(name, [
             sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo",
             "--queues", queues, "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "--without-mingle", "--without-gossip", "--loglevel", "INFO",
@@ -125,13 +125,13 @@ class Pipeline:
 
     def start_celery_worker(self, *options: str, name: str = "celery") -> subprocess.Popen[bytes]:
         """`celery -A tasks worker` as Celery users type it, with `options` of their own."""
-        return self._spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        return self.spawn(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker",
                                   "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h", *options])
 
     def start_worker_host(self, partitions: str, processes: int,
                           name: str = "worker-host") -> subprocess.Popen[bytes]:
         """`eventpipe worker`: supervised processes sharing partitions, metrics aggregated."""
-        return self._spawn(name, [str(BIN / "eventpipe"), "worker", "--partitions", partitions,
+        return self.spawn(name, [str(BIN / "eventpipe"), "worker", "--partitions", partitions,
                                   "--processes", str(processes)])
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,

@@ -81,7 +81,8 @@ class Settings:
     )
     batch_max_wait_ms: int = _field(
         "BATCH_MAX_WAIT_MS", 0,
-        "Longest wait to fill a batch; 0 sends what each poll of Kafka returned at once",
+        "How long a batch waits for more messages; 0 sends what each poll of Kafka returned "
+        "at once. While the partition's last task still waits in its queue, it waits for that",
     )
     max_in_flight_per_partition: int = _field(
         "MAX_IN_FLIGHT_PER_PARTITION", 5000,

@@ -20,6 +20,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import MessageReader
+from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
 from web.resources.dlq.schemas import DeadLetterSchema
 
@@ -116,7 +117,14 @@ def _selected(args: argparse.Namespace, stream: DeadLetterStream) -> Iterable[St
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry]) -> int:
-        result = actions.replay(engine, stream, entries, actions.Publisher(settings, 30.0))
+        # The selection is read lazily: the stream's depth bounds it until the end.
+        total = len(entries) if isinstance(entries, list) else stream.depth()
+        bar = ProgressBar("replaying", total, "entries")
+        try:
+            result = actions.replay(engine, stream, entries, actions.Publisher(settings, 30.0),
+                                    progress=bar)
+        finally:
+            bar.finish()
         print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
               f"{result.skipped}; without bytes {result.no_bytes}", file=sys.stderr)
         return 0 if result.refused == 0 and result.no_bytes == 0 else 1
@@ -168,9 +176,11 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
 def _restore(_args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings)
     reader = MessageReader(settings)
+    bar = ProgressBar("restoring", projection.open_count(engine), "entries")
     try:
-        report = projection.restore(engine, _stream(settings), reader.fetch)
+        report = projection.restore(engine, _stream(settings), reader.fetch, progress=bar)
     finally:
+        bar.finish()
         reader.close()
         engine.dispose()
     print(f"restored: {report.put} entries put back, {report.removed} strays removed")

@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from eventpipe import redis_clients
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.kafka import client_config, make_producer
+from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
 from producer.publish import publish
 from producer.stream import plan_stream
@@ -49,12 +50,14 @@ def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], 
     consumer = Consumer(client_config(settings, **{
         "group.id": settings.kafka_group_id, "enable.auto.commit": False}))
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    bar = ProgressBar("demo: done", sum(ends.values()), "events")
     try:
         while True:
             check()
             found = consumer.committed([TopicPartition(settings.kafka_topic, p) for p in ends],
                                        timeout=5)
             behind = sum(max(0, ends[tp.partition] - max(tp.offset, 0)) for tp in found)
+            bar.update(bar.total - behind)
             if behind == 0:
                 return
             if time.monotonic() > deadline:
@@ -63,6 +66,7 @@ def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], 
                 return
             time.sleep(0.5)
     finally:
+        bar.close()
         consumer.close()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from eventpipe import metrics
+from eventpipe.progress import ProgressBar
 from producer.stream import Planned
 
 
@@ -36,6 +36,7 @@ def publish(
     """Send every message; `rate` in messages per second (None: as fast as possible)."""
     result = Delivery()
     started = time.monotonic()
+    bar = ProgressBar("sending", total, "messages") if progress else None
 
     def acknowledged(sent_at: float) -> Any:
         def callback(error: KafkaError | None, message: Message) -> None:
@@ -65,18 +66,9 @@ def publish(
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain
         producer.poll(0)
-        if progress and (index % 200 == 0 or index == total):
-            _bar(index, total, time.monotonic() - started)
+        if bar is not None:
+            bar.update(index)
     producer.flush(60)
-    if progress:
-        sys.stderr.write("\n")
+    if bar is not None:
+        bar.close()
     return result
-
-
-def _bar(done: int, total: int, elapsed: float) -> None:
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = done / elapsed if elapsed > 0 else 0.0
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"{rate:,.0f} msg/s")
-    sys.stderr.flush()

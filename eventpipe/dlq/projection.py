@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, select, update
 
 from eventpipe import metrics
 from eventpipe.dlq import records
@@ -83,8 +83,17 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     return report
 
 
-def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected:
-    """Rebuild the stream from SQL: every open dead letter put back, strays removed."""
+def open_count(engine: Engine) -> int:
+    """Dead letters in the DLQ, as SQL records them."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(dead_letters)
+                                .where(dead_letters.c.state == OPEN)).scalar_one())
+
+
+def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
+            progress: Callable[[int], None] | None = None) -> Projected:
+    """Rebuild the stream from SQL: every open dead letter put back, strays removed;
+    `progress` is told how many were put back at each step."""
     with engine.begin() as conn:
         conn.execute(update(dead_letters).values(in_stream=False))
         open_keys = {row.dlq_key for row in conn.execute(
@@ -94,6 +103,8 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected
         report.removed += stream.remove(stray)
     while _pending(engine):
         step = project(engine, stream, fetch, limit=500)
+        if progress is not None:
+            progress(step.put)
         report.put += step.put
         report.removed += step.removed
         report.missing_bytes += step.missing_bytes

@@ -47,11 +47,12 @@ class ProgressBar:
         self.close()
 
     def close(self) -> None:
-        """The last frame, then a newline: what follows starts on a line of its own."""
+        """The last frame, then a newline: what follows starts on a line of its own. Once."""
         if self.shown and self._drawn_at is not None:
             self._draw(self.clock())
             self.stream.write("\n")
             self.stream.flush()
+            self.shown = False
 
     def frame(self, now: float) -> str:
         filled = WIDTH * min(self.done, self.total) // self.total if self.total else WIDTH

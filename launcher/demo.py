@@ -61,6 +61,7 @@ def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], 
             if behind == 0:
                 return
             if time.monotonic() > deadline:
+                bar.close()
                 print(f"demo: still {behind} events to go after {DRAIN_TIMEOUT_S:.0f}s; "
                       "carrying on")
                 return

@@ -22,6 +22,7 @@ def test_a_terminal_gets_frames_redrawn_in_place_and_a_last_newline() -> None:
     now[0] = 1.0
     bar.advance(2)
     bar.close()
+    bar.close()  # once is enough: a second close draws nothing
     frames = screen.getvalue()
     assert frames.count("\r") == 3  # the first, the last (complete), and close's
     assert "replaying [" + "#" * 30 + "] 4/4 entries  4/s" in frames

@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import Engine, Table, insert
 
 from eventpipe.apply import applied_row, item_rows, order_row, payment_row, user_row
-from eventpipe.effects import Fate, Position, Received
+from eventpipe.effects import Fate, Position, Received, entity_of, sum_deltas
 from eventpipe.errors import InvalidEvent
-from eventpipe.events import Event, EventType, InventoryAdjusted, parse_event
+from eventpipe.events import Event, EventType, parse_event
 from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
 
 CHUNK = 5_000
@@ -37,18 +37,14 @@ def final_rows(messages: Iterable[tuple[bytes | None, bytes]]) -> Rows:
         except InvalidEvent:
             continue
         seen.setdefault(event.event_id, Received.of(event, Position("bench", 0, offset)))
-    newest: dict[tuple[EventType, str], Event] = {}
-    stock: dict[str, dict[str, Any]] = {}
+    newest: dict[tuple[str, str], Event] = {}
+    deltas: list[Event] = []
     for received in seen.values():
         event = received.event
-        if isinstance(event.data, InventoryAdjusted):
-            row = stock.setdefault(event.data.sku, {"sku": event.data.sku, "quantity": 0,
-                                                    "updated_at": event.data.adjusted_at})
-            row["quantity"] += event.data.delta
-            row["updated_at"] = max(row["updated_at"], event.data.adjusted_at)
-            continue
-        entity = (event.event_type, _entity_key(event))
-        if entity not in newest or newest[entity].version < event.version:
+        entity = entity_of(event)
+        if entity is None:
+            deltas.append(event)
+        elif entity not in newest or newest[entity].version < event.version:
             newest[entity] = event
     chosen = list(newest.values())
     return {
@@ -59,13 +55,9 @@ def final_rows(messages: Iterable[tuple[bytes | None, bytes]]) -> Rows:
                       for item in item_rows(e)],
         payments: [payment_row(e, now) for e in chosen
                    if e.event_type is EventType.PAYMENT_SETTLED],
-        inventory: list(stock.values()),
+        inventory: [{"sku": sku, "quantity": change.delta, "updated_at": change.adjusted_at}
+                    for sku, change in sum_deltas(deltas).items()],
     }
-
-
-def _entity_key(event: Event) -> str:
-    data: Any = event.data
-    return str(data.payment_id if event.event_type is EventType.PAYMENT_SETTLED else data.key)
 
 
 def write(engine: Engine, rows: Rows) -> float:

@@ -198,18 +198,11 @@ class Bridge:
         if not waiting or now < self._next_queue_check or self.broker_redis is None:
             return
         self._next_queue_check = now + QUEUE_CHECK_S
-        try:
-            with self.broker_redis.pipeline(transaction=False) as pipe:
-                for partition in waiting:
-                    pipe.llen(queue_name(partition))
-                depths = pipe.execute()
-        except redis.RedisError:
+        depths = self._measure_queues(waiting)
+        if depths is None:
             self.held.clear()  # unknown: send as if no task were waiting
             return
-        for partition, depth in zip(waiting, depths, strict=True):
-            self.queued[partition] = int(depth)
-            if depth == 0:
-                self.held.discard(partition)
+        self.held -= {partition for partition, depth in depths.items() if depth == 0}
 
     def _pause(self, progress: PartitionProgress) -> None:
         if not progress.paused:
@@ -300,17 +293,27 @@ class Bridge:
     def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
         if self.broker_redis is None or not chosen:
             return
-        try:
-            with self.broker_redis.pipeline(transaction=False) as pipe:
-                for partition in chosen:
-                    pipe.llen(queue_name(partition))
-                depths = pipe.execute()
-        except redis.RedisError:
+        depths = self._measure_queues(list(chosen))
+        if depths is None:
             self.queued.clear()  # unknown: redelivery falls back to its other evidence
             return
-        for partition, depth in zip(chosen, depths, strict=True):
-            self.queued[partition] = int(depth)
+        for partition, depth in depths.items():
             metrics.QUEUE_DEPTH.labels(queue_name(partition)).set(depth)
+
+    def _measure_queues(self, partitions: list[int]) -> dict[int, int] | None:
+        """Tasks waiting in these partitions' queues (one round trip), remembered in
+        `queued`; None when the Celery broker cannot be asked."""
+        assert self.broker_redis is not None
+        try:
+            with self.broker_redis.pipeline(transaction=False) as pipe:
+                for partition in partitions:
+                    pipe.llen(queue_name(partition))
+                replies = pipe.execute()
+        except redis.RedisError:
+            return None
+        depths = {p: int(depth) for p, depth in zip(partitions, replies, strict=True)}
+        self.queued.update(depths)
+        return depths
 
     def _on_stats(self, raw: str) -> None:
         # Lag from librdkafka's own view: its high watermark comes from fetch responses,

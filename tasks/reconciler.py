@@ -1,12 +1,12 @@
 """The worker's background loop: reconcile the rules that span keys, keep the DLQ stream in step.
 
 One daemon thread per worker process runs `eventpipe.reconcile.reconcile`, rebuilds the DLQ
-stream if Redis lost it, and runs the DLQ projection, after batches (`poke`) and at least
-every second, so parking deadlines pass and a projection that failed is retried while no
-traffic comes. Rounds are at least `MIN_GAP_S` apart: one round takes the keys of all the
-batches of that time together, and a round's fixed cost (some twenty statements) is not paid
-again for every small batch. Every worker process runs one; the reconciler's database lock
-lets one round run at a time, and the others skip.
+stream if Redis lost it, puts back entries it lost otherwise, and runs the DLQ projection,
+after batches (`poke`) and at least every second, so parking deadlines pass and a projection
+that failed is retried while no traffic comes. Rounds are at least `MIN_GAP_S` apart: one
+round takes the keys of all the batches of that time together, and a round's fixed cost (some
+twenty statements) is not paid again for every small batch. Every worker process runs one;
+the reconciler's database lock lets one round run at a time, and the others skip.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from eventpipe.dlq.projection import Fetch, project, repair_if_lost
+from eventpipe.dlq.projection import Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.reconcile import reconcile
 
@@ -57,6 +57,7 @@ class Reconciler:
         reconcile(self.engine.begin, _utc_now, self.park_timeout)
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)
+        heal(self.engine, self.stream)
         project(self.engine, self.stream, fetch)
 
     def _run(self) -> None:

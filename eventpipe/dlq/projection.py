@@ -10,7 +10,9 @@ Redis may lose the stream (a crash without persistence, FLUSHALL): `restore` reb
 from SQL — every open dead letter put back with bytes fetched from Kafka, entries SQL does
 not know removed — and reports what Kafka no longer has. The reconciler notices the loss by
 itself (`repair_if_lost`, a marker key lost with the data) and rebuilds within a second;
-`eventpipe dlq restore` does the same on demand.
+`eventpipe dlq restore` does the same on demand. Losses the marker survives (a replica that
+missed the last writes, an entry deleted by hand) are found by comparing counts each round
+(`heal`): the dead letters the stream lacks are projected again.
 """
 
 from __future__ import annotations
@@ -91,16 +93,18 @@ def open_count(engine: Engine) -> int:
 
 
 def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
-            progress: Callable[[int], None] | None = None) -> Projected:
+            progress: Callable[[int], None] | None = None,
+            claim: str | None = None) -> Projected:
     """Rebuild the stream from SQL: every open dead letter put back, strays removed;
-    `progress` is told how many were put back at each step."""
+    `progress` is told how many were put back at each step. The stream is marked intact at
+    the end only if the marker still holds this rebuild's `claim` (see `mark_intact`)."""
+    claim = claim or stream.begin_rebuild()
     with engine.begin() as conn:
         conn.execute(update(dead_letters).values(in_stream=False))
         open_keys = {row.dlq_key for row in conn.execute(
-            dead_letters.select().where(dead_letters.c.state == OPEN))}
+            select(dead_letters.c.dlq_key).where(dead_letters.c.state == OPEN))}
     report = Projected()
-    for stray in stream.keys() - open_keys:
-        report.removed += stream.remove(stray)
+    report.removed = stream.remove(*(stream.keys() - open_keys))
     while _pending(engine):
         step = project(engine, stream, fetch, limit=500)
         if progress is not None:
@@ -111,22 +115,50 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
         if step.full:
             report.full = True
             break
-    if not report.full:
-        stream.mark_intact()
+    if not report.full and not stream.mark_intact(claim):
+        log.warning("Redis lost the DLQ stream again while it was being rebuilt, or another "
+                    "rebuild began: it is rebuilt once more")
     return report
 
 
 def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected | None:
     """Rebuild the stream if Redis lost it (see `DeadLetterStream.intact`); None if it is
     intact or another worker is rebuilding it."""
-    if not stream.claim_rebuild():
+    claim = stream.claim_rebuild()
+    if claim is None:
         return None
-    report = restore(engine, stream, fetch)
+    report = restore(engine, stream, fetch, claim=claim)
     if report.put or report.missing_bytes:
         log.error("the DLQ stream had lost its entries (Redis restarted without persistence, "
                   "or was flushed): %d rebuilt from SQL, %d without their bytes (no longer in "
                   "Kafka)", report.put, len(report.missing_bytes))
     return report
+
+
+def heal(engine: Engine, stream: DeadLetterStream) -> int:
+    """Find the open dead letters SQL records as shown that the stream lacks, and mark them
+    to be projected again; how many. The marker cannot see every loss: a promoted replica
+    that missed the last writes keeps it, an operator may XDEL an entry, and a projection may
+    mark what it wrote (to a Redis that then died) just after a rebuild cleared the marks.
+
+    SQL is read before Redis each time: an entry is put before its row is marked shown and
+    its row leaves `open` before the entry is removed, so only a changed revision, which the
+    conditional mark skips, can make a present entry look missing."""
+    with engine.connect() as conn:
+        expected = records.count_shown(conn)
+    entries, indexed = stream.sizes()
+    if expected <= min(entries, indexed):
+        return 0  # the usual case: two counts, no keys read
+    with engine.connect() as conn:
+        shown = records.shown(conn)
+    present = stream.keys() if entries == indexed else stream.keys_of_entries()
+    lost = {key: revision for key, revision in shown.items() if key not in present}
+    if lost:
+        with engine.begin() as conn:
+            records.mark_unprojected(conn, lost)
+        log.error("the DLQ stream lacked %d open dead letter(s) it had been given (Redis lost "
+                  "writes, or an entry was deleted by hand): they are put back", len(lost))
+    return len(lost)
 
 
 def _pending(engine: Engine) -> bool:

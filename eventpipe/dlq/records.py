@@ -12,13 +12,13 @@ reconciler round are then written together (held children can be thousands a rou
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Select, Update, bindparam, select, update
+from sqlalchemy import Connection, Select, Update, bindparam, func, select, update
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -239,13 +239,33 @@ def unprojected(conn: Connection, limit: int,
 
 def mark_projected(conn: Connection, letters: Iterable[DeadLetter]) -> None:
     """The stream shows these revisions: a row changed since stays to be projected."""
-    shown: list[dict[str, Any]] = [{"key": letter.dlq_key, "at_revision": letter.revision}
-                                   for letter in sorted(letters, key=lambda x: x.dlq_key)]
-    if shown:
+    _mark(conn, {letter.dlq_key: letter.revision for letter in letters}, in_stream=True)
+
+
+def shown(conn: Connection) -> dict[str, int]:
+    """Open dead letters the stream shows, as SQL records it: DLQ key → revision shown."""
+    return {row.dlq_key: row.revision for row in conn.execute(
+        select(dead_letters.c.dlq_key, dead_letters.c.revision)
+        .where(dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True)))}
+
+
+def count_shown(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
+        dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True))).scalar_one())
+
+
+def mark_unprojected(conn: Connection, revisions: Mapping[str, int]) -> None:
+    """The stream lost these revisions: project them again (a row changed since already is)."""
+    _mark(conn, revisions, in_stream=False)
+
+
+def _mark(conn: Connection, revisions: Mapping[str, int], *, in_stream: bool) -> None:
+    if revisions:
         conn.execute(update(dead_letters)
                      .where(dead_letters.c.dlq_key == bindparam("key"),
                             dead_letters.c.revision == bindparam("at_revision"))
-                     .values(in_stream=True), shown)
+                     .values(in_stream=in_stream),
+                     [{"key": key, "at_revision": revisions[key]} for key in sorted(revisions)])
 
 
 def claim_for_replay(conn: Connection, key: str, now: datetime,

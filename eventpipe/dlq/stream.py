@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -73,6 +74,14 @@ for i = 1, #ARGV do
   end
 end
 return removed
+"""
+
+
+# KEYS: marker. ARGV: the rebuild's claim. Marks the stream intact if the claim still holds.
+_MARK_INTACT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], '1')
+return 1
 """
 
 
@@ -169,6 +178,7 @@ class DeadLetterStream:
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
         self._remove = client.register_script(_REMOVE)
+        self._mark_intact = client.register_script(_MARK_INTACT)
         self._waitaof: bool | None = None  # unknown until tried
 
     def sync_to_disk(self, timeout_ms: int = 1000) -> bool:
@@ -191,13 +201,23 @@ class DeadLetterStream:
         that SQL records as open."""
         return self.client.get(self.marker) in (b"1", "1")
 
-    def claim_rebuild(self, lease_s: int = 600) -> bool:
-        """True for the one caller that should rebuild a lost stream: the marker is taken
-        while it works (so other workers leave it alone), and lapses if it dies."""
-        return bool(self.client.set(self.marker, "rebuilding", nx=True, ex=lease_s))
+    def claim_rebuild(self, lease_s: int = 600) -> str | None:
+        """The claim of the one caller that should rebuild a lost stream, None for the others:
+        the marker holds it while that caller works, and lapses if it dies."""
+        claim = f"rebuilding {uuid.uuid4().hex}"
+        return claim if self.client.set(self.marker, claim, nx=True, ex=lease_s) else None
 
-    def mark_intact(self) -> None:
-        self.client.set(self.marker, "1")
+    def begin_rebuild(self, lease_s: int = 600) -> str:
+        """Claim a rebuild whatever the marker says (an operator asked for one)."""
+        claim = f"rebuilding {uuid.uuid4().hex}"
+        self.client.set(self.marker, claim, ex=lease_s)
+        return claim
+
+    def mark_intact(self, claim: str) -> bool:
+        """Mark the stream rebuilt, if the marker still holds `claim`. Redis restarting during
+        the rebuild took the claim with the entries already put back (the client reconnects by
+        itself), and a newer rebuild replaces it: either way this one proves nothing."""
+        return bool(self._mark_intact(keys=[self.marker], args=[claim]))
 
     def put(self, entry: StreamEntry) -> str:
         """Add or replace the entry of `entry.letter.dlq_key`; its entry id."""
@@ -236,6 +256,25 @@ class DeadLetterStream:
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""
         return {_decoded(key) for key in self.client.hkeys(self.index)}
+
+    def sizes(self) -> tuple[int, int]:
+        """Entries in the stream, keys in its index: equal unless someone edited one of them
+        by hand (an XDEL from redis-cli)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.stream)
+            pipe.hlen(self.index)
+            entries, indexed = pipe.execute()
+        return int(entries), int(indexed)
+
+    def keys_of_entries(self) -> set[str]:
+        """The DLQ keys of the entries themselves, read from the stream rather than the index:
+        the truth where the two disagree."""
+        found: set[str] = set()
+        low = "-"
+        while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=1000)):
+            found.update(_decoded(fields.get(b"dlq_key", b"")) for _, fields in chunk)
+            low = f"({_decoded(chunk[-1][0])}"
+        return found
 
     def get(self, entry_id: str) -> StreamEntry | None:
         if ENTRY_ID.fullmatch(entry_id) is None:

@@ -24,6 +24,7 @@ from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader
 from eventpipe.tables import dead_letters
+from tasks.reconciler import Reconciler
 from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
 from tests.support.factories import T0, dead_letter
 
@@ -162,6 +163,65 @@ def test_a_lost_stream_is_noticed_and_rebuilt_without_an_operator(
     assert report is not None and report.put == 1
     assert [e.value for e in stream.scan()] == [b"{lost"]
     assert stream.intact()
+
+
+def test_a_rebuild_redis_loses_midway_is_not_taken_for_intact(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Redis restarted again while the stream was being rebuilt, and the client reconnected
+    by itself: what was put before the restart is gone, so the rebuild must not mark the new,
+    empty Redis intact; the next round rebuilds it whole."""
+    topic = kafka_topic(partitions=1)
+    values = (b"{first", b"{second")
+    produced = produce(kafka_broker, topic, [(b"k", value, []) for value in values])
+    record(engine, *(failure(message.offset or 0, value, topic)
+                     for message, value in zip(produced, values, strict=True)))
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    fetched: list[Position] = []
+
+    def fetch_losing_redis_after_the_first(position: Position) -> tuple[bytes | None, bytes] | None:
+        fetched.append(position)
+        if len(fetched) == 2:
+            stream.client.delete(stream.stream, stream.index, stream.totals, stream.marker)
+        return reader.fetch(position)
+
+    try:
+        projection.repair_if_lost(engine, stream, fetch_losing_redis_after_the_first)
+        assert not stream.intact()
+        projection.repair_if_lost(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert stream.intact()
+    assert sorted(entry.value or b"" for entry in stream.scan()) == sorted(values)
+
+
+def test_entries_lost_behind_the_markers_back_are_found_and_put_back(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """The marker survived but entries did not: a replica promoted before it had the last
+    writes, an operator's XDEL, a projection that marked its write just after a rebuild had
+    cleared the marks. The worker's reconciler finds the open dead letters SQL says the stream
+    shows and it lacks, and puts them back."""
+    topic = kafka_topic(partitions=1)
+    values = (b"{first", b"{second", b"{third")
+    produced = produce(kafka_broker, topic, [(b"k", value, []) for value in values])
+    saved = record(engine, *(failure(message.offset or 0, value, topic)
+                             for message, value in zip(produced, values, strict=True)))
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    reconciler = Reconciler(engine, stream, lambda: reader.fetch, timedelta(hours=1))
+    try:
+        reconciler.run_once()
+        assert stream.intact() and stream.depth() == 3
+        by_value = {entry.value: entry for entry in stream.scan()}
+        stream.remove(by_value[b"{first"].letter.dlq_key)  # the index lost it too
+        reconciler.run_once()
+        assert sorted(entry.value or b"" for entry in stream.scan()) == sorted(values)
+        stream.client.xdel(stream.stream, by_value[b"{second"].entry_id or "")  # by hand
+        reconciler.run_once()
+    finally:
+        reader.close()
+    assert sorted(entry.value or b"" for entry in stream.scan()) == sorted(values)
+    assert stream.keys() == {letter.dlq_key for letter in saved} and stream.intact()
 
 
 # -- replay and purge --------------------------------------------------------------------------

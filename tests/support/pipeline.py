@@ -23,6 +23,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import Engine, create_engine, func, select
 
+from eventpipe.dlq import records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.kafka import ensure_topic
 from eventpipe.migrations import upgrade
@@ -182,13 +183,15 @@ class Pipeline:
         return list(self.dlq.scan())
 
     def reconciled(self) -> bool:
-        """The reconciler has caught up: nothing queued, every dead letter in the stream, and
-        a stream Redis lost rebuilt."""
+        """The reconciler has caught up: nothing queued, every dead letter in the stream, a
+        stream Redis lost rebuilt, and none it lost otherwise still missing."""
         with self.engine.connect() as conn:
             queued = conn.execute(select(func.count()).select_from(reconcile_queue)).scalar_one()
             unprojected = conn.execute(select(func.count()).select_from(dead_letters).where(
                 dead_letters.c.in_stream.is_(False))).scalar_one()
-        return queued == 0 and unprojected == 0 and self.dlq.intact()
+            shown = records.count_shown(conn)
+        return (queued == 0 and unprojected == 0 and self.dlq.intact()
+                and shown <= min(self.dlq.sizes()))
 
     def verify(self) -> Report:
         """`eventpipe verify`, in this process, once the reconciler has caught up."""

@@ -41,6 +41,7 @@ from eventpipe.kafka import consumer_config
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings
+from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class Bridge:
         # known with a Redis broker, whose queue lengths are one round trip away.
         self.held: set[int] = set()
         self._next_queue_check = 0.0
+        self.high_watermarks: dict[int, int] = {}  # from librdkafka's statistics
+        self.board = Board(self.ledger.client, settings.kafka_group_id)
+        self.name = process_name()
+        self._next_publish = 0.0
         self.stopping = False
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -121,6 +126,8 @@ class Bridge:
             left = sum(p.in_flight for p in self.partitions.values())
             log.info("bridge stopped", extra={"inFlightLeft": left})
         finally:
+            with contextlib.suppress(redis.RedisError):
+                self.board.leave(BRIDGE, self.name)
             # Leaving the group at once hands the partitions over without a session timeout.
             self.consumer.close()
 
@@ -249,6 +256,20 @@ class Bridge:
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
+        if now >= self._next_publish and not self.stopping:
+            self._publish_status()
+            self._next_publish = now + PUBLISH_EVERY_S
+
+    def _publish_status(self) -> None:
+        """Say on the status board what this bridge holds (`eventpipe.status`)."""
+        said = {"partitions": {str(p): {
+            "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
+            "inFlight": progress.in_flight, "paused": progress.paused,
+            "queued": self.queued.get(p)} for p, progress in self.partitions.items()}}
+        try:
+            self.board.publish(BRIDGE, self.name, said)
+        except redis.RedisError as exc:
+            log.debug("status not published: %s", exc)
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float) -> None:
         offsets = {p: c for p, progress in chosen.items()
@@ -325,6 +346,8 @@ class Bridge:
             if partition < 0 or partition not in self.partitions:
                 continue
             high = values.get("hi_offset", -1)
+            if high >= 0:
+                self.high_watermarks[partition] = high
             committed = self.partitions[partition].committed
             if high >= 0 and committed is not None:
                 metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
@@ -385,6 +408,7 @@ class Bridge:
         """Drop a partition that is no longer ours, and the series this bridge exported for
         it: its new owner reports them now."""
         self.queued.pop(partition, None)
+        self.high_watermarks.pop(partition, None)
         self.held.discard(partition)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from cli import dlq, errors, verify
+from cli import dlq, errors, status, verify
 from eventpipe import logs
 from eventpipe.settings import Settings, SettingsError, get_settings
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = get_settings()
     except SettingsError as exc:
         return _fail(f"bad setting: {exc}", errors.BAD_SETTING)
-    logs.configure(args.command, settings.log_level)
+    logs.configure(args.command, settings.log_level, settings.log_format)
     handler: Handler = args.handler
     try:
         return handler(args, settings)
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     web.set_defaults(handler=_web)
 
     dlq.add_commands(commands)
+    status.add_command(commands)
     verify.add_command(commands)
     return parser
 

@@ -1,8 +1,10 @@
-"""JSON-lines logging for every process, with the event's context on each record.
+"""Logging for every process, with the event's context on each record.
 
 Pass context with `extra={...}` (e.g. `eventId`, `eventType`, `partition`, `offset`, `taskId`,
 `attempt`); each key becomes a field of the line, so one event's life is found by its
-`eventId` across the bridge's, the workers' and the API's logs.
+`eventId` across the bridge's, the workers' and the API's logs. Files, pipes and log
+collectors get JSON lines; a person at a terminal gets one readable line per record, the
+context as `key=value` after the message (`LOG_FORMAT` chooses otherwise).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from eventpipe.times import utc_iso
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in record.__dict__.items()
+            if key not in _STANDARD and not key.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, process_role: str) -> None:
         super().__init__()
@@ -37,18 +44,33 @@ class JsonFormatter(logging.Formatter):
             "host": self.host,
             "pid": record.process or os.getpid(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                line[key] = value
+        line.update(_context(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, separators=(",", ":"))
 
 
-def configure(role: str, level: str = "INFO") -> None:
-    """Send every logger's records to stderr as JSON lines tagged with `role`."""
+class TextFormatter(logging.Formatter):
+    """`12:00:01.250 WARNING bridge.service: partition paused  partition=3 inFlight=5000`, in
+    the terminal's local time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        line = f"{moment} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        context = " ".join(f"{key}={value}" for key, value in _context(record).items())
+        if context:
+            line = f"{line}  {context}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+def configure(role: str, level: str = "INFO", style: str = "auto") -> None:
+    """Send every logger's records to stderr: JSON lines tagged with `role`, or text lines
+    (`style` "text", or "auto" when stderr is a terminal)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role))
+    text = style == "text" or (style == "auto" and sys.stderr.isatty())
+    handler.setFormatter(TextFormatter() if text else JsonFormatter(role))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -22,6 +22,12 @@ def queue_name(partition: int) -> str:
     return f"{QUEUE_PREFIX}{partition}"
 
 
+def partition_of(queue: str) -> int | None:
+    """The partition a queue serves; None for a queue that is not a partition's."""
+    number = queue.removeprefix(QUEUE_PREFIX)
+    return int(number) if number != queue and number.isdigit() else None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskMessage:
     """One Kafka message as a task carries it: raw bytes (msgpack keeps them binary), the

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("auto", "json", "text")
 
 
 class SettingsError(ValueError):
@@ -136,6 +137,10 @@ class Settings:
     )
     # Processes
     log_level: str = _field("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _field(
+        "LOG_FORMAT", "auto", "json (one JSON object per line), text (for people), or auto: "
+        "text on a terminal, JSON lines into files, pipes and log collectors"
+    )
     web_host: str = _field("WEB_HOST", "127.0.0.1", "Address the API listens on")
     web_port: int = _field("WEB_PORT", 8000, "Port the API listens on")
     web_workers: int = _field(
@@ -150,6 +155,9 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"LOG_LEVEL={self.log_level!r}: use one of "
                                 f"{', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"LOG_FORMAT={self.log_format!r}: use one of "
+                                f"{', '.join(LOG_FORMATS)}")
         try:
             make_url(self.database_url)
         except ArgumentError:

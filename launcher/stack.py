@@ -3,9 +3,11 @@
 Embedded defaults where nothing is configured — Tansu for Kafka unless
 KAFKA_BOOTSTRAP_SERVERS is set, a SQLite file unless DATABASE_URL is set, the configured Redis
 if it answers, else an embedded redis-server — then the bridge, the workers for every
-partition, the web API and Flower as child processes. It waits until everything is ready,
-prints where to look, and on Ctrl-C or SIGTERM stops the children in order (the bridge first,
-so it commits what is done; the brokers last) so that no process is left behind.
+partition, the web API (with the console) and Flower as child processes. Without a
+DLQ_API_TOKEN, one is made for the run and printed, so the console's DLQ view works. It waits
+until everything is ready, prints where to look, and on Ctrl-C or SIGTERM stops the children
+in order (the bridge first, so it commits what is done; the brokers last) so that no process
+is left behind.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -90,6 +93,9 @@ class Stack:
             overrides.update(redis_url=f"{server.url}/0", celery_broker_url=f"{server.url}/1")
             self.say(f"  redis     embedded redis-server on {server.address} "
                      f"(nothing answered at {self.settings.redis_url})")
+        if "DLQ_API_TOKEN" not in self.provided:
+            # The console's dead-letter view needs a token: one for this run, printed below.
+            overrides["dlq_api_token"] = secrets.token_urlsafe(18)
         self.settings = replace(self.settings, **overrides)
         if "kafka_bootstrap_servers" in overrides:
             self._drop_stale_tasks()
@@ -167,7 +173,10 @@ class Stack:
     def urls(self) -> dict[str, str]:
         s = self.settings
         api = f"http://{s.web_host}:{s.web_port}"
+        token = ("" if "DLQ_API_TOKEN" in self.provided
+                 else f" (DLQ token for this run: {s.dlq_api_token})")
         return {
+            "console": f"{api}/console{token}",
             "API": api,
             "API docs": f"{api}/docs",
             "OpenAPI": f"{api}/openapi.json",

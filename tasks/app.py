@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +21,10 @@ from types import FrameType
 from typing import Any
 
 from celery import Task
-from celery.signals import celeryd_init, setup_logging, worker_ready
+from celery.signals import celeryd_init, setup_logging, worker_ready, worker_shutdown
 from prometheus_client import start_http_server
 
-from eventpipe import logs, redis_clients
+from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
@@ -40,6 +39,8 @@ from eventpipe.queues import (
     task_summary,
 )
 from eventpipe.settings import get_settings
+from eventpipe.status import Board, process_name
+from tasks.heartbeat import Heartbeat
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
 
@@ -47,8 +48,8 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
-# logging (e.g. the warning about running as root) is a JSON record too.
-logs.configure("worker", settings.log_level)
+# logging (e.g. the warning about running as root) is formatted as every other record.
+logs.configure("worker", settings.log_level, settings.log_format)
 app = make_celery(settings, main="tasks")
 # `celery -A tasks worker`, as Celery users type it, serves every partition's queue with the
 # solo pool: one batch at a time, so a partition's batches never interleave. `-Q` picks some
@@ -78,13 +79,15 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
 
 
 @setup_logging.connect
-def _json_logs(**_: Any) -> None:
-    logs.configure("worker", settings.log_level)
+def _configure_logs(**_: Any) -> None:
+    logs.configure("worker", settings.log_level, settings.log_format)
 
 
 @worker_ready.connect
-def _on_ready(**_: Any) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
     reconciler().start()
+    _consumer.append(sender)
+    heartbeat().start()
     # Under `eventpipe worker` the parent serves every process's metrics, aggregated
     # (PROMETHEUS_MULTIPROC_DIR is set). A worker started directly serves its own.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -95,8 +98,20 @@ def _on_ready(**_: Any) -> None:
         log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    heartbeat().stop()
+
+
+# Celery's consumer of this process, once it is ready: it knows the queues consumed now.
+_consumer: list[Any] = []
+
+
+def _queues_consumed() -> list[str]:
+    task_consumer = getattr(_consumer[-1] if _consumer else None, "task_consumer", None)
+    if task_consumer is not None:
+        return [queue.name for queue in list(task_consumer.queues)]
+    return list(app.amqp.queues.consume_from or app.amqp.queues)
 
 
 @cache
@@ -111,7 +126,13 @@ def processor() -> Processor:
     return Processor(settings, _engine(), _stream(),
                      OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                   settings.kafka_group_id),
-                     worker=worker_name())
+                     worker=process_name())
+
+
+@cache
+def heartbeat() -> Heartbeat:
+    return Heartbeat(Board(redis_clients.pipeline(settings.redis_url), settings.kafka_group_id),
+                     process_name(), _queues_consumed, metrics.RATE.rates)
 
 
 @cache
@@ -154,6 +175,7 @@ def apply_events(self: Task, topic: str, partition: int,
     with time_limit(settings.task_time_limit_s):
         report = processor().run(topic, partition, decoded, retries=self.request.retries)
     reconciler().poke()
+    heartbeat().served(partition)
     transient = None
     for later in report.later:
         if later.transient:

@@ -1,13 +1,15 @@
 """The read API: Flask-Smorest service over the read model.
 
 `create_app(settings)` builds the whole service: the users, orders and inventory reads,
-health and readiness, Prometheus metrics, the token-guarded dead-letter queue endpoints, the
-OpenAPI 3 document at `/openapi.json` and interactive docs (Swagger UI) at `/docs`.
+health, readiness and the pipeline's status, Prometheus metrics, the token-guarded dead-letter
+queue endpoints, the OpenAPI 3 document at `/openapi.json`, interactive docs (Swagger UI) at
+`/docs`, and the operators' console at `/console` (status and dead letters, in the browser).
 `web.wsgi:app` is the same app for gunicorn (`gunicorn -c web/gunicorn_conf.py web.wsgi:app`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import swagger_ui_bundle  # type: ignore[import-untyped]
@@ -25,6 +27,11 @@ OPENAPI_VERSION = "3.0.3"
 # Swagger UI's assets are served by the app itself (from the swagger-ui-bundle wheel), so
 # the interactive docs work where browsers cannot reach a CDN.
 SWAGGER_UI_ASSETS = "/docs/assets/"
+CONSOLE = Path(__file__).with_name("console")
+# The console loads nothing but its own files and talks to nothing but this API.
+CONSOLE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                  "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                  "form-action 'none'")
 
 
 class IdConverter(BaseConverter):
@@ -80,12 +87,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics.install(app, lambda: deps.dead_letters().depth())
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)
+    app.add_url_rule("/console", "console", _console_page)
+    app.add_url_rule("/console/assets/<path:filename>", "console_assets", _console_asset)
     _document_metrics(app, api)
     return app
 
 
 def _swagger_ui_asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename, max_age=86400)
+
+
+def _console_page() -> Response:
+    return _console_file("index.html", max_age=0)
+
+
+def _console_asset(filename: str) -> Response:
+    return _console_file(filename, max_age=300)
+
+
+def _console_file(filename: str, max_age: int) -> Response:
+    response = send_from_directory(CONSOLE, filename, max_age=max_age)
+    response.headers["Content-Security-Policy"] = CONSOLE_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def _document_metrics(app: Flask, api: Any) -> None:

@@ -1,16 +1,17 @@
 """What the API talks to, built once per app (so once per gunicorn worker process).
 
 One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings), one
-Redis client for the dead-letter queue. A request borrows one database connection, opened on
-first use and handed back to the pool when the app context ends.
+Redis client for the dead-letter queue and the status board, one for the Celery broker when it
+is Redis (the status reads queue depths there). A request borrows one database connection,
+opened on first use and handed back to the pool when the app context ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
 from flask import Flask, current_app, g
+from redis import Redis
 from sqlalchemy import Connection, Engine
 
 from eventpipe import redis_clients
@@ -25,12 +26,15 @@ EXTENSION = "eventpipe"
 class Services:
     settings: Settings
     engine: Engine
-    redis: redis.Redis
+    redis: Redis
+    broker: Redis | None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         client = redis_clients.request(settings.redis_url)
-        return cls(settings, make_engine(settings, writer=False), client)
+        broker = (redis_clients.request(settings.celery_broker_url)
+                  if settings.celery_broker_url.startswith("redis") else None)
+        return cls(settings, make_engine(settings, writer=False), client, broker)
 
     def dead_letters(self) -> DeadLetterStream:
         return DeadLetterStream(self.redis, self.settings.dlq_stream,
@@ -40,6 +44,8 @@ class Services:
         """Close the pools: for tests and embedders that create apps and throw them away."""
         self.engine.dispose()
         self.redis.close()
+        if self.broker is not None:
+            self.broker.close()
 
 
 def install(app: Flask, services: Services) -> None:

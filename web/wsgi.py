@@ -11,5 +11,5 @@ from eventpipe.settings import get_settings
 from web import create_app
 
 settings = get_settings()
-logs.configure("web", settings.log_level)
+logs.configure("web", settings.log_level, settings.log_format)
 app = create_app(settings)

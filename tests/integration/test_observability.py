@@ -1,19 +1,27 @@
-"""After a run with real components: each process's metrics moved as they should, and one
-event's life can be followed through the JSON logs of the bridge and a worker by its id."""
+"""After a run with real components: each process's metrics moved as they should, one event's
+life can be followed through the JSON logs of the bridge and a worker by its id, and the status
+(`GET /status`, `eventpipe status`) shows every partition, process and dead letter."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventpipe.samples import Document, Story, user_created
+from eventpipe.status import FORGET_S, STALE_S, WORKER, Board
 from launcher.embedded import free_port
-from tests.support.pipeline import Pipeline, wait_until
+from tests.support.http import serving
+from tests.support.pipeline import BIN, Pipeline, wait_until
+from web import create_app
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -115,3 +123,79 @@ def test_logs_are_json_and_follow_an_event_by_its_id(
     assert {"eventType", "partition", "offset"} <= worker_record.keys()
     dead = [r for r in lines["worker-host"] if str(r.get("msg", "")).startswith("dead-lettered")]
     assert len(dead) == 2 and all(r["level"] == "WARNING" for r in dead)
+
+
+def _status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/status", timeout=10) as response:
+        found: dict[str, Any] = json.load(response)
+        return found
+
+
+def test_the_status_shows_every_partition_process_and_dead_letter(
+    observed: tuple[Pipeline, int, int, int],
+) -> None:
+    pipeline = observed[0]
+    ends = pipeline.end_offsets()
+    app = create_app(pipeline.settings)
+    with serving(app) as url:
+        # librdkafka reports high watermarks every few seconds; processes report every second.
+        wait_until(lambda: all(p["lag"] == 0 and p["lastBatchBy"]
+                               for p in _status(url)["partitions"]), 30, "a settled status")
+        status = _status(url)
+        assert status["problems"] == []
+        assert [(p["partition"], p["committed"], p["highWatermark"], p["inFlight"], p["queued"],
+                 p["paused"]) for p in status["partitions"]] == [
+            (p, ends[p], ends[p], 0, 0, False) for p in range(4)]
+        [bridge] = status["bridges"]
+        assert bridge["partitions"] == [0, 1, 2, 3]
+        assert all(p["bridge"] == bridge["name"] for p in status["partitions"])
+        # Two worker processes share the four partitions: each queue has exactly one.
+        workers = {w["name"]: w["partitions"] for w in status["workers"]}
+        assert len(workers) == 2
+        assert sorted(p for queues in workers.values() for p in queues) == [0, 1, 2, 3]
+        assert all(p["workers"] == [name] for p in status["partitions"]
+                   for name, queues in workers.items() if p["partition"] in queues)
+        assert status["dlq"] == {"open": 2, "inStream": 2,
+                                 "byErrorClass": {"InvalidEvent": 2},
+                                 "byEventType": {"UserCreated": 1, "unknown": 1}}
+
+        command = subprocess.run([str(BIN / "eventpipe"), "status"], env=pipeline.env,
+                                 capture_output=True, text=True, timeout=60)
+        assert command.returncode == 0, command.stderr
+        printed = json.loads(command.stdout)  # not a terminal: the JSON of GET /status
+        assert printed.keys() == status.keys()
+        assert printed["partitions"] == [{**p, "lastBatchAgoS": q["lastBatchAgoS"]}
+                                         for p, q in zip(status["partitions"],
+                                                         printed["partitions"], strict=True)]
+
+        # A worker host stopped for good leaves the board at once: the problem is named.
+        for process in pipeline.processes:
+            if "worker" in str(process.args):
+                pipeline.stop(process)
+        wait_until(lambda: not _status(url)["workers"], 10, "the workers gone from the status")
+        assert "no worker is running: no event is applied" in _status(url)["problems"]
+        stopped = subprocess.run([str(BIN / "eventpipe"), "status"], env=pipeline.env,
+                                 capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 1
+    app.extensions["eventpipe"].close()
+
+
+def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
+    redis_client: redis.Redis,
+) -> None:
+    board = Board(redis_client, f"test-{uuid.uuid4().hex}")
+    try:
+        board.publish(WORKER, "live:1", {"queues": [0]})
+        seconds, _ = redis_client.time()
+        # Entries as processes that went silent long ago would have left them.
+        redis_client.hset(board.key, mapping={
+            "worker silent:2": f"{seconds - STALE_S - 1} {{}}",
+            "worker gone:3": f"{seconds - FORGET_S - 1} {{}}"})
+        [member] = board.members()
+        assert (member.role, member.name, member.said) == (WORKER, "live:1", {"queues": [0]})
+        assert 0 <= member.age_s < 1
+        assert set(redis_client.hkeys(board.key)) == {b"worker live:1", b"worker silent:2"}
+        board.leave(WORKER, "live:1")
+        assert board.members() == []
+    finally:
+        redis_client.delete(board.key)

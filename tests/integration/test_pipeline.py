@@ -350,8 +350,9 @@ def test_a_partition_waiting_for_a_worker_gets_one_batch_not_a_task_per_poll(
     received = 0
     for group in groups:
         received += pipeline.send(group)
-        # Each group arrives in polls of its own.
+        # Each group arrives in polls of its own, the first leaves on its own.
         wait_until(read(received), 60, f"the bridge to read {received} messages")
+        wait_until(lambda: len(logged("batch sent")) == 1, 60, "the first batch sent")
     sent = logged("batch sent")
     assert [record["events"] for record in sent] == [1]  # the rest waits behind it
     pipeline.start_worker()

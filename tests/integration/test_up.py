@@ -76,6 +76,20 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         with urllib.request.urlopen(ready, timeout=5) as response:
             assert response.status == 200
         assert "poison message(s) in the dead-letter queue" in shown
+        # The console, and a token made for the run that opens its dead-letter view.
+        console = re.search(r"console\s+(\S+/console) \(DLQ token for this run: (\S+)\)",
+                            shown)
+        assert console is not None, shown
+        with urllib.request.urlopen(console.group(1), timeout=5) as response:
+            assert b"eventpipe console" in response.read()
+        base = console.group(1).removesuffix("/console")
+        entries = urllib.request.Request(f"{base}/dlq/entries", headers={
+            "Authorization": f"Bearer {console.group(2)}"})
+        with urllib.request.urlopen(entries, timeout=5) as response:
+            assert json.loads(response.read())["depth"] > 0
+        with urllib.request.urlopen(f"{base}/status", timeout=5) as response:
+            status = json.loads(response.read())
+        assert status["bridges"] and status["workers"] and status["problems"] == []
         assert len(_processes_with(marker)) >= 6  # brokers, bridge, workers, web, flower
 
         up.send_signal(signal.SIGINT)

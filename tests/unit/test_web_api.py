@@ -131,7 +131,7 @@ def test_the_openapi_document_is_valid_and_complete(document: dict[str, Any]) ->
         "/users/{userId}": ["get", "parameters"],
         "/orders/{orderId}": ["get", "parameters"],
         "/inventory/{sku}": ["get", "parameters"],
-        "/health": ["get"], "/ready": ["get"], "/metrics": ["get"],
+        "/health": ["get"], "/ready": ["get"], "/status": ["get"], "/metrics": ["get"],
         "/dlq/entries": ["get"],
         "/dlq/entries/{entryId}": ["delete", "get", "parameters"],
         "/dlq/entries/{entryId}/replay": ["parameters", "post"],

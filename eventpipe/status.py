@@ -1,0 +1,320 @@
+"""The pipeline's state as operators see it: `GET /status`, `eventpipe status`, the console.
+
+Every process that moves events says what it is doing, about once a second, in one Redis hash
+per consumer group (`{group}:status`, a field per process): the bridge its partitions
+(committed offset, high watermark, events in flight, paused), each worker process the
+partition queues it consumes, how long ago it applied a batch of each, and its events per
+second by type. Each entry is stamped with the Redis server's clock (as the offset ledger's
+leases are) and ages are relative, so hosts whose clocks disagree look neither dead nor alive
+for it. A process not heard from for `STALE_S` is out of the view, and out of the hash after
+`FORGET_S`. `collect` adds what only Redis and SQL know at the moment of asking: each queue's
+depth and the dead letters open, by error class and by event type.
+
+`assemble` is pure: the view, and the problems an operator must act on (no bridge, partitions
+no worker consumes, a partition consumed by two workers), from what was read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, func, select
+
+from eventpipe.dlq.letter import OPEN
+from eventpipe.queues import queue_name
+from eventpipe.settings import Settings
+from eventpipe.tables import dead_letters
+from eventpipe.times import utc_iso
+
+BRIDGE = "bridge"
+WORKER = "worker"
+PUBLISH_EVERY_S = 1.0
+STALE_S = 10.0
+FORGET_S = 300.0
+
+# KEYS: the hash. ARGV: field, JSON. Stamps the entry with the server's clock.
+_PUBLISH = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], t[1] .. '.' .. string.format('%06d', t[2]) .. ' ' .. ARGV[2])
+return 1
+"""
+
+
+def process_name() -> str:
+    """How a process is named on the board, in logs and in the fate record: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One process's last word: its role, its name (host:pid), how long ago, what it said."""
+
+    role: str
+    name: str
+    age_s: float
+    said: Mapping[str, Any]
+
+
+class Board:
+    """The hash every process publishes to, and reads the others from."""
+
+    def __init__(self, client: redis.Redis, group: str) -> None:
+        self.client = client
+        self.key = f"{group}:status"
+        self._publish = client.register_script(_PUBLISH)
+
+    def publish(self, role: str, name: str, said: Mapping[str, Any]) -> None:
+        self._publish(keys=[self.key], args=[f"{role} {name}", json.dumps(said)])
+
+    def leave(self, role: str, name: str) -> None:
+        self.client.hdel(self.key, f"{role} {name}")
+
+    def members(self) -> list[Member]:
+        """The processes heard from within `STALE_S`; older entries past `FORGET_S` go."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.hgetall(self.key)
+            (seconds, micros), entries = pipe.execute()
+        now = seconds + micros / 1e6
+        alive, forgotten = [], []
+        for raw_field, raw_value in entries.items():
+            entry = _text(raw_field)
+            stamp, _, said = _text(raw_value).partition(" ")
+            role, _, name = entry.partition(" ")
+            age = max(0.0, now - float(stamp))
+            if age > FORGET_S:
+                forgotten.append(entry)
+            elif age <= STALE_S:
+                alive.append(Member(role, name, round(age, 3), json.loads(said)))
+        if forgotten:
+            self.client.hdel(self.key, *forgotten)
+        return sorted(alive, key=lambda m: (m.role, m.name))
+
+
+# -- the view --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStatus:
+    partition: int
+    committed: int | None  # the bridge's last commit: every event below it is done
+    high_watermark: int | None  # the offset after the last message Kafka holds
+    lag: int | None
+    in_flight: int | None  # handed to Celery, not yet done
+    queued: int | None  # tasks waiting in the partition's queue
+    paused: bool | None  # the bridge stopped reading it: too much in flight
+    bridge: str | None
+    workers: list[str]  # the worker processes consuming its queue
+    last_batch_ago_s: float | None
+    last_batch_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    name: str
+    seen_ago_s: float
+    partitions: list[int]
+    events_per_second: float
+
+
+@dataclass(frozen=True, slots=True)
+class DlqStatus:
+    open: int  # as SQL records them
+    in_stream: int  # entries the operators' stream holds
+    by_error_class: dict[str, int]
+    by_event_type: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    at: datetime
+    topic: str
+    group: str
+    partitions: list[PartitionStatus]
+    bridges: list[ProcessStatus]
+    workers: list[ProcessStatus]
+    events_per_second: dict[str, float]
+    dlq: DlqStatus
+    problems: list[str] = field(default_factory=list)
+
+
+def assemble(at: datetime, topic: str, group: str, partition_count: int,
+             members: Sequence[Member], queued: Mapping[int, int], dlq: DlqStatus) -> Status:
+    """The view from what was read; `queued` holds the queue depths that could be measured."""
+    bridges = [m for m in members if m.role == BRIDGE]
+    workers = [m for m in members if m.role == WORKER]
+    reported: dict[int, tuple[Member, Mapping[str, Any]]] = {}
+    for bridge in sorted(bridges, key=lambda m: -m.age_s):  # the freshest word wins
+        for key, said in bridge.said.get("partitions", {}).items():
+            reported[int(key)] = (bridge, said)
+    partitions = [_partition(p, reported.get(p), workers, queued) for p in range(partition_count)]
+    rates: dict[str, float] = {}
+    for worker in workers:
+        for kind, rate in worker.said.get("rates", {}).items():
+            rates[kind] = round(rates.get(kind, 0.0) + rate, 3)
+    return Status(
+        at=at, topic=topic, group=group, partitions=partitions,
+        bridges=[_process(m, sorted(int(p) for p in m.said.get("partitions", {})), 0.0)
+                 for m in bridges],
+        workers=[_process(m, sorted(m.said.get("queues", [])),
+                          sum(m.said.get("rates", {}).values())) for m in workers],
+        events_per_second=dict(sorted(rates.items())), dlq=dlq,
+        problems=problems(partitions, bridges, workers))
+
+
+def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
+             workers: Sequence[Member]) -> list[str]:
+    """What an operator must act on, one line each."""
+    found = []
+    if not bridges:
+        found.append("no bridge is running: nothing is read from Kafka")
+    elif unread := [p.partition for p in partitions if p.bridge is None]:
+        found.append(f"{_these(unread)} read by no bridge")
+    if not workers:
+        found.append("no worker is running: no event is applied")
+    elif idle := [p.partition for p in partitions if not p.workers]:
+        found.append(f"{_these(idle)} consumed by no worker: their events wait in the queue")
+    for p in partitions:
+        if len(p.workers) > 1:
+            found.append(f"partition {p.partition} is consumed by {len(p.workers)} workers "
+                         f"({', '.join(p.workers)}): its batches may be applied out of order")
+    return found
+
+
+def _these(partitions: Sequence[int]) -> str:
+    return (f"partition {partitions[0]} is" if len(partitions) == 1
+            else f"partitions {spans(partitions)} are")
+
+
+def spans(numbers: Iterable[int]) -> str:
+    """`0-3,7` for 0, 1, 2, 3, 7: how `--partitions` spells a set of partitions."""
+    ordered = sorted(set(numbers))
+    runs: list[list[int]] = []
+    for n in ordered:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None,
+               workers: Sequence[Member], queued: Mapping[int, int]) -> PartitionStatus:
+    bridge, said = reported if reported is not None else (None, {})
+    committed, high = said.get("committed"), said.get("highWatermark")
+    last: tuple[float, str] | None = None
+    for worker in workers:
+        ago = worker.said.get("served", {}).get(str(partition))
+        if ago is not None and (last is None or worker.age_s + ago < last[0]):
+            last = (round(worker.age_s + ago, 3), worker.name)
+    return PartitionStatus(
+        partition=partition, committed=committed, high_watermark=high,
+        lag=max(0, high - committed) if committed is not None and high is not None else None,
+        in_flight=said.get("inFlight"),
+        queued=queued.get(partition, said.get("queued")),
+        paused=said.get("paused"), bridge=bridge.name if bridge else None,
+        workers=[w.name for w in workers if partition in w.said.get("queues", [])],
+        last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
+
+
+def _process(member: Member, partitions: list[int], rate: float) -> ProcessStatus:
+    return ProcessStatus(member.name, member.age_s, partitions, round(rate, 3))
+
+
+# -- reading it --------------------------------------------------------------------------------
+
+
+def collect(settings: Settings, engine: Engine, client: redis.Redis,
+            broker: redis.Redis | None) -> Status:
+    """The status now. `broker` is the Celery broker when it is Redis (queue depths are read
+    there), else None (the bridge's last measure is shown)."""
+    members = Board(client, settings.kafka_group_id).members()
+    queued = queue_depths(broker, settings.kafka_partitions) if broker is not None else {}
+    return assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
+                    settings.kafka_partitions, members, queued,
+                    dlq_status(engine, client, settings.dlq_stream))
+
+
+def queue_depths(broker: redis.Redis, partition_count: int) -> dict[int, int]:
+    with broker.pipeline(transaction=False) as pipe:
+        for partition in range(partition_count):
+            pipe.llen(queue_name(partition))
+        return {p: int(n) for p, n in enumerate(pipe.execute())}
+
+
+def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(dead_letters.c.error_class, dead_letters.c.event_type, func.count())
+            .where(dead_letters.c.state == OPEN)
+            .group_by(dead_letters.c.error_class, dead_letters.c.event_type)).all()
+    by_class: dict[str, int] = {}
+    by_type: dict[str, int] = {}
+    for error_class, event_type, count in rows:
+        by_class[error_class] = by_class.get(error_class, 0) + count
+        kind = event_type or "unknown"
+        by_type[kind] = by_type.get(kind, 0) + count
+    return DlqStatus(open=sum(by_class.values()), in_stream=int(client.xlen(stream)),
+                     by_error_class=dict(sorted(by_class.items())),
+                     by_event_type=dict(sorted(by_type.items())))
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+# -- for a terminal ----------------------------------------------------------------------------
+
+
+def render(status: Status) -> str:
+    """The status as `eventpipe status` prints it to a terminal."""
+    lines = [f"topic {status.topic}, group {status.group}, at {utc_iso(status.at, 'seconds')}"]
+    lines += [f"problem: {problem}" for problem in status.problems] or ["no problems"]
+    lines.append("")
+    header = ("partition", "committed", "high", "lag", "in flight", "queued", "paused",
+              "bridge", "worker", "last batch")
+    rows = [(str(p.partition), _number(p.committed), _number(p.high_watermark),
+             _number(p.lag), _number(p.in_flight), _number(p.queued),
+             "paused" if p.paused else "", p.bridge or "-", ", ".join(p.workers) or "-",
+             f"{_ago(p.last_batch_ago_s)} by {p.last_batch_by}" if p.last_batch_by else "-")
+            for p in status.partitions]
+    lines += _table(header, rows, right=range(1, 6))
+    lines.append("")
+    for role, processes in (("bridge", status.bridges), ("worker", status.workers)):
+        lines += [f"{role:6}  {p.name}  seen {_ago(p.seen_ago_s)}, partitions "
+                  f"{spans(p.partitions) or '-'}"
+                  + (f", {p.events_per_second:g} events/s" if role == "worker" else "")
+                  for p in processes]
+    rates = ", ".join(f"{kind} {rate:g}" for kind, rate in status.events_per_second.items())
+    lines.append(f"events/s: {rates or 'none'}")
+    dlq = status.dlq
+    lines.append(f"dead letters: {dlq.open} open ({dlq.in_stream} in the stream)"
+                 + (": " + ", ".join(f"{k} {n}" for k, n in dlq.by_error_class.items())
+                    if dlq.open else ""))
+    return "\n".join(lines)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
+           right: Iterable[int] = ()) -> list[str]:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    aligned = set(right)
+    return ["  ".join(cell.rjust(width) if i in aligned else cell.ljust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in (header, *rows)]
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return "now" if seconds < 1 else f"{seconds:.0f} s ago"

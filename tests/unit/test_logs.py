@@ -1,0 +1,51 @@
+"""Log lines: JSON into files and pipes, one readable line on a terminal (a real pty here),
+the event's context on both."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+SNIPPET = """
+import logging
+from eventpipe import logs
+logs.configure("bridge", "INFO", {style!r})
+logging.getLogger("bridge.service").warning("partition paused",
+                                            extra={{"partition": 3, "eventId": "e-1"}})
+"""
+
+
+def _stderr_of(style: str, terminal: bool) -> str:
+    command = [sys.executable, "-c", SNIPPET.format(style=style)]
+    if not terminal:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30,
+                              check=True).stderr
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run(command, stderr=follower, stdout=subprocess.DEVNULL, timeout=30,
+                       check=True)
+        return os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+@pytest.mark.parametrize(("style", "terminal"), [("auto", False), ("json", True)])
+def test_files_and_pipes_get_json_lines(style: str, terminal: bool) -> None:
+    [line] = _stderr_of(style, terminal).splitlines()
+    record = json.loads(line)
+    assert (record["msg"], record["level"], record["role"]) == ("partition paused", "WARNING",
+                                                                "bridge")
+    assert (record["partition"], record["eventId"]) == (3, "e-1")
+
+
+@pytest.mark.parametrize(("style", "terminal"), [("auto", True), ("text", False)])
+def test_a_terminal_gets_one_readable_line_with_the_context(style: str, terminal: bool) -> None:
+    [line] = _stderr_of(style, terminal).splitlines()
+    assert not line.startswith("{")
+    assert "WARNING bridge.service: partition paused  partition=3 eventId=e-1" in line

@@ -1,0 +1,101 @@
+"""The status view from what the processes said (`eventpipe.status.assemble`), the problems it
+names, its terminal rendering, and what a worker says (`tasks.heartbeat`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from eventpipe.status import BRIDGE, WORKER, DlqStatus, Member, assemble, render, spans
+from tasks.heartbeat import Heartbeat
+
+AT = datetime(2026, 12, 4, 1, 0, tzinfo=UTC)
+NO_DLQ = DlqStatus(open=0, in_stream=0, by_error_class={}, by_event_type={})
+
+
+def bridge(name: str, age_s: float, **partitions: dict[str, Any]) -> Member:
+    return Member(BRIDGE, name, age_s, {"partitions": {k.removeprefix("p"): v
+                                                       for k, v in partitions.items()}})
+
+
+def worker(name: str, queues: list[int], served: dict[str, float] | None = None,
+           rates: dict[str, float] | None = None, age_s: float = 0.5) -> Member:
+    return Member(WORKER, name, age_s, {"queues": queues, "served": served or {},
+                                        "rates": rates or {}})
+
+
+def test_each_partition_joins_the_bridges_word_the_workers_and_the_queue_measured() -> None:
+    members = [
+        bridge("b:1", 0.2, p0={"committed": 90, "highWatermark": 100, "inFlight": 10,
+                               "paused": False, "queued": 3},
+               p1={"committed": 5, "highWatermark": 5, "inFlight": 0, "paused": True,
+                   "queued": 0}),
+        worker("w:1", [0], served={"0": 1.5}, rates={"OrderPlaced": 10.0}),
+        worker("w:2", [1], served={"0": 0.1, "1": 4.0},
+               rates={"OrderPlaced": 2.5, "UserCreated": 1.0}, age_s=2.0),
+    ]
+    status = assemble(AT, "events", "g", 2, members, {0: 7}, NO_DLQ)
+    first, second = status.partitions
+    assert (first.committed, first.high_watermark, first.lag, first.in_flight) == (90, 100, 10, 10)
+    assert first.queued == 7  # measured now, rather than the bridge's last look (3)
+    assert second.queued == 0 and second.paused is True and second.lag == 0
+    assert first.workers == ["w:1"] and second.workers == ["w:2"]
+    # The latest batch wins, ages counted from now: w:1 1.5+0.5 s ago, w:2 0.1+2.0 s ago.
+    assert (first.last_batch_by, first.last_batch_ago_s) == ("w:1", 2.0)
+    assert (second.last_batch_by, second.last_batch_ago_s) == ("w:2", 6.0)
+    assert status.events_per_second == {"OrderPlaced": 12.5, "UserCreated": 1.0}
+    assert [(w.name, w.events_per_second) for w in status.workers] == [("w:1", 10.0),
+                                                                       ("w:2", 3.5)]
+    assert status.bridges[0].partitions == [0, 1] and status.problems == []
+
+
+def test_the_freshest_bridge_speaks_for_a_partition_two_bridges_report() -> None:
+    members = [bridge("old:1", 8.0, p0={"committed": 1}),
+               bridge("new:2", 0.5, p0={"committed": 2})]
+    status = assemble(AT, "events", "g", 1, [*members, worker("w:1", [0])], {}, NO_DLQ)
+    assert (status.partitions[0].bridge, status.partitions[0].committed) == ("new:2", 2)
+
+
+def test_the_problems_an_operator_must_act_on_are_named() -> None:
+    assert assemble(AT, "t", "g", 3, [], {}, NO_DLQ).problems == [
+        "no bridge is running: nothing is read from Kafka",
+        "no worker is running: no event is applied"]
+    members = [bridge("b:1", 0.1, p0={}, p1={}),
+               worker("w:1", [0, 1]), worker("w:2", [1])]
+    assert assemble(AT, "t", "g", 4, members, {}, NO_DLQ).problems == [
+        "partitions 2-3 are read by no bridge",
+        "partitions 2-3 are consumed by no worker: their events wait in the queue",
+        "partition 1 is consumed by 2 workers (w:1, w:2): its batches may be applied out of "
+        "order"]
+
+
+def test_spans_spell_partitions_as_the_partitions_option_reads_them() -> None:
+    assert spans([7, 0, 1, 2, 2, 4, 5]) == "0-2,4-5,7"
+    assert spans([]) == "" and spans([3]) == "3"
+
+
+def test_the_terminal_view_shows_every_partition_and_the_problems() -> None:
+    dlq = DlqStatus(open=2, in_stream=2, by_error_class={"InvalidEvent": 2},
+                    by_event_type={"unknown": 2})
+    status = assemble(AT, "events", "g", 2, [bridge("b:1", 0.2, p0={"committed": 1200})],
+                      {}, dlq)
+    text = render(status)
+    assert "problem: no worker is running: no event is applied" in text
+    assert "problem: partition 1 is read by no bridge" in text
+    assert "1,200" in text and "dead letters: 2 open (2 in the stream): InvalidEvent 2" in text
+    rows = [line for line in text.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [row.split()[0] for row in rows] == ["0", "1"]
+
+
+def test_a_worker_says_what_it_consumes_and_how_long_ago_it_served_each_partition() -> None:
+    now = [100.0]
+    heartbeat = Heartbeat(board=None, name="w:1",  # type: ignore[arg-type]  # not published
+                          queues=lambda: ["events.p3", "celery", "events.p1"],
+                          rates=lambda: {"OrderPlaced": 4.0, "UserCreated": 0.0},
+                          clock=lambda: now[0])
+    heartbeat.served(3)
+    now[0] = 102.5
+    heartbeat.served(1)
+    now[0] = 103.0
+    assert heartbeat.said() == {"queues": [1, 3], "served": {"1": 0.5, "3": 3.0},
+                                "rates": {"OrderPlaced": 4.0}}

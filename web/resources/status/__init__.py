@@ -1,0 +1,1 @@
+"""The pipeline's state: partitions, processes, throughput, dead letters."""

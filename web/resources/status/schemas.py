@@ -1,0 +1,67 @@
+"""The JSON of `GET /status` (an `eventpipe.status.Status`); `eventpipe status --json` prints
+the same document."""
+
+from __future__ import annotations
+
+from marshmallow import fields
+
+from web.schemas import CamelSchema, UtcDateTime
+
+
+class PartitionStatusSchema(CamelSchema):
+    partition = fields.Integer(required=True)
+    committed = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "The bridge's last commit: every event below it is done"})
+    high_watermark = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "The offset after the last message Kafka holds, as the bridge last "
+                       "fetched it"})
+    lag = fields.Integer(required=True, allow_none=True,
+                         metadata={"description": "highWatermark - committed"})
+    in_flight = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "Events handed to Celery and not yet done"})
+    queued = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "Tasks waiting in the partition's Celery queue"})
+    paused = fields.Boolean(required=True, allow_none=True, metadata={
+        "description": "The bridge stopped reading it until the work in flight halves"})
+    bridge = fields.String(required=True, allow_none=True,
+                           metadata={"description": "The bridge reading it (host:pid)"})
+    workers = fields.List(fields.String(), required=True, metadata={
+        "description": "The worker processes consuming its queue (host:pid): one, normally"})
+    last_batch_ago_s = fields.Float(required=True, allow_none=True)
+    last_batch_by = fields.String(required=True, allow_none=True)
+
+
+class ProcessStatusSchema(CamelSchema):
+    name = fields.String(required=True, metadata={"description": "host:pid"})
+    seen_ago_s = fields.Float(required=True, metadata={
+        "description": "Seconds since it last reported (it reports every second)"})
+    partitions = fields.List(fields.Integer(), required=True, metadata={
+        "description": "A bridge: the partitions it reads; a worker: the queues it consumes"})
+    events_per_second = fields.Float(required=True, metadata={
+        "description": "Events processed per second over the last 10 s (workers)"})
+
+
+class DlqStatusSchema(CamelSchema):
+    open = fields.Integer(required=True,
+                          metadata={"description": "Dead letters open, as SQL records them"})
+    in_stream = fields.Integer(required=True, metadata={
+        "description": "Entries in the operators' Redis stream (the same, once projected)"})
+    by_error_class = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    by_event_type = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+
+
+class StatusSchema(CamelSchema):
+    at = UtcDateTime(required=True)
+    topic = fields.String(required=True)
+    group = fields.String(required=True)
+    partitions = fields.List(fields.Nested(PartitionStatusSchema), required=True)
+    bridges = fields.List(fields.Nested(ProcessStatusSchema), required=True,
+                          metadata={"description": "Bridges heard from in the last 10 s"})
+    workers = fields.List(fields.Nested(ProcessStatusSchema), required=True,
+                          metadata={"description": "Worker processes heard from in the last "
+                                                   "10 s"})
+    events_per_second = fields.Dict(keys=fields.String(), values=fields.Float(), required=True,
+                                    metadata={"description": "By event type, all workers"})
+    dlq = fields.Nested(DlqStatusSchema, required=True)
+    problems = fields.List(fields.String(), required=True, metadata={
+        "description": "What an operator must act on, one line each; empty when all is well"})

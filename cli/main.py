@@ -58,9 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="apply events from partition queues")
     worker.add_argument("--partitions", default=None,
-                        help="e.g. 0-5 or 0,2,4 (default: all KAFKA_PARTITIONS)")
+                        help="fixed partitions, e.g. 0-5 or 0,2,4 (default: none fixed; the "
+                        "processes join the worker pool, which shares every partition among "
+                        "the live workers of all hosts)")
     worker.add_argument("--processes", type=int, default=1,
-                        help="worker processes sharing these partitions (default 1)")
+                        help="worker processes on this host (default 1)")
     worker.set_defaults(handler=_worker)
 
     migrate = commands.add_parser("migrate", help="create the database if missing, upgrade")
@@ -120,12 +122,13 @@ def _bridge(_args: argparse.Namespace, settings: Settings) -> int:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from launcher.workers import Supervisor, parse_partitions
 
-    spec = args.partitions or f"0-{settings.kafka_partitions - 1}"
-    try:
-        partitions = parse_partitions(spec, settings.kafka_partitions)
-    except ValueError as exc:
-        print(f"eventpipe worker: {exc}", file=sys.stderr)
-        return 2
+    partitions = None
+    if args.partitions is not None:
+        try:
+            partitions = parse_partitions(args.partitions, settings.kafka_partitions)
+        except ValueError as exc:
+            print(f"eventpipe worker: {exc}", file=sys.stderr)
+            return 2
     return Supervisor(settings, partitions, args.processes).run()
 
 

@@ -6,7 +6,11 @@ import logging
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    NewPartitions,
+    NewTopic,
+)
 
 from eventpipe.effects import Position
 from eventpipe.settings import Settings
@@ -55,15 +59,23 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(producer_config(settings, **overrides))
 
 
-def ensure_topic(settings: Settings, timeout_s: float = 15.0) -> None:
-    """Create the events topic with the configured partitions if it does not exist yet."""
+def ensure_topic(settings: Settings, name: str | None = None, timeout_s: float = 15.0,
+                 *, grow: bool = False) -> None:
+    """Create the events topic (or `name`) with the configured partitions if it does not
+    exist yet; with `grow`, add partitions to one that has fewer."""
+    topic = name or settings.kafka_topic
     admin = AdminClient(client_config(settings))
     existing = admin.list_topics(timeout=timeout_s).topics
-    if settings.kafka_topic in existing:
+    if topic in existing:
+        have = len(existing[topic].partitions)
+        if grow and have < settings.kafka_partitions:
+            futures = admin.create_partitions([NewPartitions(topic, settings.kafka_partitions)],
+                                              request_timeout=timeout_s)
+            for future in futures.values():
+                future.result(timeout=timeout_s)
         return
     futures = admin.create_topics(
-        [NewTopic(settings.kafka_topic, num_partitions=settings.kafka_partitions,
-                  replication_factor=-1)],
+        [NewTopic(topic, num_partitions=settings.kafka_partitions, replication_factor=-1)],
         request_timeout=timeout_s,
     )
     for future in futures.values():

@@ -80,6 +80,14 @@ OWNER_CHANGES = Counter(
     "partition_owner_changes", "Times a worker found a partition last served by another "
     "(a restart, or two workers on one partition)", ["partition"],
 )
+POOL_PARTITIONS = Gauge(
+    "worker_pool_partitions", "Partition queues the worker pool gave this worker host's "
+    "processes", multiprocess_mode="livesum",
+)
+POOL_REBALANCES = Counter(
+    "worker_pool_rebalances", "Partitions a worker process was given (assigned) or gave up "
+    "(revoked; lost: the group had already moved them; left: the process stopped)", ["kind"],
+)
 END_TO_END = Histogram(
     "event_end_to_end_latency_seconds", "From the event's occurredAt to its effect committed",
     ["event_type"], buckets=_E2E_BUCKETS,

@@ -62,7 +62,8 @@ class Settings:
     )
     kafka_group_id: str = _field("KAFKA_GROUP_ID", "eventpipe-bridge", "Bridge consumer group")
     kafka_session_timeout_ms: int = _field(
-        "KAFKA_SESSION_TIMEOUT_MS", 6000, "Consumer group session timeout"
+        "KAFKA_SESSION_TIMEOUT_MS", 6000, "Consumer group session timeout, of the bridges' "
+        "group and of the worker pool's: how long a silent member keeps its partitions"
     )
     max_future_skew_s: float = _field(
         "MAX_FUTURE_SKEW_S", 300.0,

@@ -121,12 +121,11 @@ class Stack:
 
     def start_children(self) -> None:
         env = child_environment(_environment_of(self.settings))
-        last = self.settings.kafka_partitions - 1
         processes = str(max(1, min(2, os.cpu_count() or 1)))
         commands = {
             "bridge": [_eventpipe(), "bridge"],
-            "worker": [_eventpipe(), "worker", "--partitions", f"0-{last}",
-                       "--processes", processes],
+            # Processes of the worker pool: more hosts started by hand join it.
+            "worker": [_eventpipe(), "worker", "--processes", processes],
             "web": [_eventpipe(), "web"],
             "flower": [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower",
                        f"--port={self.settings.flower_port}", "--address=127.0.0.1"],

@@ -1,10 +1,11 @@
-"""`eventpipe worker`: run Celery worker processes that serve a set of partition queues.
+"""`eventpipe worker`: run Celery worker processes that apply the partition queues.
 
 Each process is a `--pool solo` Celery worker, so it applies one batch at a time, and each
-partition queue is served by exactly one process: a partition's events are applied in order
-by one process at any moment. Several processes (`--processes`) share the partitions of a
-host between them; the parent restarts a process that dies, forwards SIGTERM/SIGINT for a
-warm shutdown, and serves the metrics of all its processes, aggregated, on one port.
+partition queue is served by one process at any moment. Without `--partitions` every process
+joins the worker pool (`tasks.pool`), whose live members, on every host, share the partitions
+by themselves; with it, the host's processes (`--processes`) split those partitions between
+them, fixed. The parent restarts a process that dies, forwards SIGTERM/SIGINT for a warm
+shutdown, and serves the metrics of all its processes, aggregated, on one port.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
     return [list(partitions[i::count]) for i in range(count)]
 
 
-def celery_command(partitions: Sequence[int], index: int, log_level: str) -> list[str]:
+def celery_command(partitions: Sequence[int] | None, index: int, log_level: str) -> list[str]:
+    """One worker process: of the pool (`partitions` None), or serving these partitions."""
+    queues = [] if partitions is None else ["--queues", ",".join(queue_name(p)
+                                                                  for p in partitions)]
     return [
-        # --quiet: no banner on stdout, so every line of output is a JSON log record.
+        # --quiet: no banner on stdout, so every line of output is a log record.
         sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "worker",
-        "--pool", "solo",
-        "--queues", ",".join(queue_name(p) for p in partitions),
+        "--pool", "solo", *queues,
         "--hostname", f"eventpipe-{index}-{uuid.uuid4().hex[:6]}@%h",
         "--without-mingle", "--without-gossip",
         "--loglevel", log_level,
@@ -72,9 +75,12 @@ def celery_command(partitions: Sequence[int], index: int, log_level: str) -> lis
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, partitions: Sequence[int], processes: int) -> None:
+    def __init__(self, settings: Settings, partitions: Sequence[int] | None,
+                 processes: int) -> None:
         self.settings = settings
-        self.groups = share(partitions, processes)
+        self.groups: list[list[int] | None] = (
+            [None] * max(1, processes) if partitions is None
+            else list(share(partitions, processes)))
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.started_at: dict[int, float] = {}
         self.restart_delay: dict[int, float] = {}
@@ -88,9 +94,10 @@ class Supervisor:
         self.children[index] = subprocess.Popen(command, env=env,
                                                 preexec_fn=die_with_parent(signal.SIGTERM))
         self.started_at[index] = time.monotonic()
+        group = self.groups[index]
         log.info("worker process started", extra={
             "pid": self.children[index].pid,
-            "queues": [queue_name(p) for p in self.groups[index]]})
+            "queues": "from the pool" if group is None else [queue_name(p) for p in group]})
 
     def _restart(self, index: int, child: subprocess.Popen[bytes], code: int) -> None:
         multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]

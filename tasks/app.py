@@ -41,6 +41,7 @@ from eventpipe.queues import (
 from eventpipe.settings import get_settings
 from eventpipe.status import Board, process_name
 from tasks.heartbeat import Heartbeat
+from tasks.pool import CeleryQueues, PoolMember
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
 
@@ -51,12 +52,17 @@ settings = get_settings()
 # logging (e.g. the warning about running as root) is formatted as every other record.
 logs.configure("worker", settings.log_level, settings.log_format)
 app = make_celery(settings, main="tasks")
-# `celery -A tasks worker`, as Celery users type it, serves every partition's queue with the
-# solo pool: one batch at a time, so a partition's batches never interleave. `-Q` picks some
-# queues (as `eventpipe worker` does for each of its processes).
+# `celery -A tasks worker`, as Celery users type it, joins the worker pool (`tasks.pool`): the
+# live workers share the partition queues, each consumed by one of them, and run the solo
+# pool: one batch at a time, so a partition's batches never interleave. `-Q` names fixed
+# queues instead (as `eventpipe worker --partitions` does for each of its processes).
 app.conf.task_queues = {queue_name(p): {"exchange": queue_name(p), "routing_key": queue_name(p)}
                         for p in range(settings.kafka_partitions)}
 app.conf.worker_pool = "solo"
+
+
+# Set when the worker was started without queues: it takes what the pool gives it.
+_elastic: list[bool] = []
 
 
 class TaskTimeLimitExceeded(Exception):
@@ -78,6 +84,15 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
     raise SystemExit(2)
 
 
+@celeryd_init.connect
+def _join_the_pool_without_queues(options: dict[str, Any], **_: Any) -> None:
+    """No `-Q`: consume nothing until the pool assigns partitions."""
+    if options.get("queues"):
+        return
+    _elastic.append(True)
+    app.amqp.queues.deselect(list(app.amqp.queues))
+
+
 @setup_logging.connect
 def _configure_logs(**_: Any) -> None:
     logs.configure("worker", settings.log_level, settings.log_format)
@@ -88,6 +103,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     reconciler().start()
     _consumer.append(sender)
     heartbeat().start()
+    if _elastic:
+        _member.append(PoolMember(settings, CeleryQueues(sender, settings.task_time_limit_s + 30),
+                                  process_name()))
+        _member[-1].start()
     # Under `eventpipe worker` the parent serves every process's metrics, aggregated
     # (PROMETHEUS_MULTIPROC_DIR is set). A worker started directly serves its own.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -100,18 +119,21 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
+    for member in _member:
+        member.stop()
     heartbeat().stop()
 
 
 # Celery's consumer of this process, once it is ready: it knows the queues consumed now.
 _consumer: list[Any] = []
+_member: list[PoolMember] = []
 
 
 def _queues_consumed() -> list[str]:
     task_consumer = getattr(_consumer[-1] if _consumer else None, "task_consumer", None)
     if task_consumer is not None:
         return [queue.name for queue in list(task_consumer.queues)]
-    return list(app.amqp.queues.consume_from or app.amqp.queues)
+    return list(app.amqp.queues.consume_from)
 
 
 @cache

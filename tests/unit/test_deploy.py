@@ -27,7 +27,6 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from eventpipe import metrics
 from eventpipe.settings import env_vars
-from launcher.workers import parse_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -183,15 +182,13 @@ def test_app_services_use_the_settings_names_and_in_network_addresses(
         assert environment["CELERY_BROKER_URL"] == "redis://redis:6379/1"
 
 
-def test_workers_serve_every_partition_once(services: dict[str, Service]) -> None:
-    served: list[int] = []
-    partitions = 0
-    for service in services.values():
-        command = command_of(service)
-        if command[:2] == ["eventpipe", "worker"]:
-            served += parse_partitions(command[command.index("--partitions") + 1])
-            partitions = int(service["environment"]["KAFKA_PARTITIONS"])
-    assert sorted(served) == list(range(partitions)), "partition queues without a worker"
+def test_the_workers_are_one_replicated_pool(services: dict[str, Service]) -> None:
+    """No fixed ranges to keep in step with the partition count: the pool shares them."""
+    workers = [s for s in services.values() if role_of(s) == "worker"]
+    assert len(workers) == 1
+    [worker] = workers
+    assert "--partitions" not in command_of(worker)
+    assert worker["deploy"]["replicas"] >= 2
 
 
 # --- Prometheus -----------------------------------------------------------------------------
@@ -232,13 +229,16 @@ def scrape_targets() -> set[str]:
         path = job.get("metrics_path", "/metrics")
         for static in job.get("static_configs", []):
             targets |= {f"{target}{path}" for target in static["targets"]}
+        # Every address a name resolves to, on one port: all the replicas of a service.
+        for found in job.get("dns_sd_configs", []):
+            targets |= {f"{name}:{found['port']}{path}" for name in found["names"]}
     return targets
 
 
 def test_prometheus_scrapes_every_process(services: dict[str, Service]) -> None:
     endpoints = metrics_endpoints(services)
     roles = sorted(str(role_of(services[name])) for name in endpoints)
-    assert roles == ["bridge", "flower", "web", "worker", "worker"], endpoints
+    assert roles == ["bridge", "flower", "web", "worker"], endpoints
     missing = sorted(set(endpoints.values()) - scrape_targets())
     assert missing == [], f"prometheus.yml does not scrape {missing}"
 

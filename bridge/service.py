@@ -105,6 +105,11 @@ class Bridge:
                 if now >= next_sync:
                     self._sync(now)
                     next_sync = now + self.settings.commit_interval_s
+                if now >= self._next_publish:
+                    # On its own clock: a long commit interval or an unreachable ledger must
+                    # not make the bridge look gone.
+                    self._publish_status()
+                    self._next_publish = now + PUBLISH_EVERY_S
         finally:
             self._shutdown()
 
@@ -256,9 +261,6 @@ class Bridge:
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
-        if now >= self._next_publish and not self.stopping:
-            self._publish_status()
-            self._next_publish = now + PUBLISH_EVERY_S
 
     def _publish_status(self) -> None:
         """Say on the status board what this bridge holds (`eventpipe.status`)."""

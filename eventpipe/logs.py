@@ -50,14 +50,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, separators=(",", ":"))
 
 
+# Control characters as escapes: a message may quote bytes a producer sent, and a terminal
+# must not take them as commands (colours, clearing the screen) or as a forged next line.
+_VISIBLE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)}
+
+
 class TextFormatter(logging.Formatter):
     """`12:00:01.250 WARNING bridge.service: partition paused  partition=3 inFlight=5000`, in
     the terminal's local time."""
 
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        line = f"{moment} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        context = " ".join(f"{key}={value}" for key, value in _context(record).items())
+        message = record.getMessage().translate(_VISIBLE)
+        line = f"{moment} {record.levelname:<7} {record.name}: {message}"
+        context = " ".join(f"{key}={str(value).translate(_VISIBLE)}"
+                           for key, value in _context(record).items())
         if context:
             line = f"{line}  {context}"
         if record.exc_info:

@@ -28,6 +28,7 @@ import redis
 from sqlalchemy import Engine, func, select
 
 from eventpipe.dlq.letter import OPEN
+from eventpipe.metrics import event_type_label
 from eventpipe.queues import queue_name
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
@@ -38,6 +39,7 @@ WORKER = "worker"
 PUBLISH_EVERY_S = 1.0
 STALE_S = 10.0
 FORGET_S = 300.0
+STUCK_S = 120.0  # tasks waiting and no batch for this long: the worker is stuck
 
 # KEYS: the hash. ARGV: field, JSON. Stamps the entry with the server's clock.
 _PUBLISH = """
@@ -77,7 +79,8 @@ class Board:
         self.client.hdel(self.key, f"{role} {name}")
 
     def members(self) -> list[Member]:
-        """The processes heard from within `STALE_S`; older entries past `FORGET_S` go."""
+        """The processes heard from within `STALE_S`; older entries past `FORGET_S`, and
+        entries no version of this code wrote, go."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.hgetall(self.key)
@@ -86,16 +89,64 @@ class Board:
         alive, forgotten = [], []
         for raw_field, raw_value in entries.items():
             entry = _text(raw_field)
-            stamp, _, said = _text(raw_value).partition(" ")
-            role, _, name = entry.partition(" ")
-            age = max(0.0, now - float(stamp))
-            if age > FORGET_S:
+            member = _member(entry, _text(raw_value), now)
+            if member is None or member.age_s > FORGET_S:
                 forgotten.append(entry)
-            elif age <= STALE_S:
-                alive.append(Member(role, name, round(age, 3), json.loads(said)))
+            elif member.age_s <= STALE_S:
+                alive.append(member)
         if forgotten:
             self.client.hdel(self.key, *forgotten)
         return sorted(alive, key=lambda m: (m.role, m.name))
+
+
+def _member(entry: str, value: str, now: float) -> Member | None:
+    """An entry read back, its word checked field by field: None if it is not one."""
+    role, _, name = entry.partition(" ")
+    stamp, _, raw = value.partition(" ")
+    try:
+        age = max(0.0, now - float(stamp))
+        said = json.loads(raw)
+    except ValueError:
+        return None
+    if role not in (BRIDGE, WORKER) or not isinstance(said, dict):
+        return None
+    checked: dict[str, Any] = {}
+    if role == BRIDGE:
+        partitions = said.get("partitions")
+        checked["partitions"] = {
+            str(p): {k: v for k, v in fields.items() if _fits(k, v)}
+            for p, fields in (partitions.items() if isinstance(partitions, dict) else ())
+            if str(p).isdigit() and isinstance(fields, dict)}
+    else:
+        queues, served, rates = said.get("queues"), said.get("served"), said.get("rates")
+        checked["queues"] = [p for p in queues if _count(p)] if isinstance(queues, list) else []
+        checked["served"] = {str(p): ago for p, ago in served.items()
+                             if str(p).isdigit() and _amount(ago)} if isinstance(
+                                 served, dict) else {}
+        checked["rates"] = {str(kind): rate for kind, rate in rates.items()
+                            if _amount(rate)} if isinstance(rates, dict) else {}
+    return Member(role, name, round(age, 3), checked)
+
+
+_BRIDGE_FIELDS = {"committed": int, "highWatermark": int, "inFlight": int, "queued": int,
+                  "paused": bool}
+
+
+def _fits(name: str, value: Any) -> bool:
+    kind = _BRIDGE_FIELDS.get(name)
+    if kind is None:
+        return False
+    if kind is int:
+        return value is None or _count(value)
+    return value is None or isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _amount(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
 # -- the view --------------------------------------------------------------------------------
@@ -182,6 +233,9 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
     elif idle := [p.partition for p in partitions if not p.workers]:
         found.append(f"{_these(idle)} consumed by no worker: their events wait in the queue")
     for p in partitions:
+        if p.workers and p.queued and (p.last_batch_ago_s or 0) > STUCK_S:
+            found.append(f"partition {p.partition} has {p.queued} task(s) queued and no batch "
+                         f"for {p.last_batch_ago_s:.0f} s: is {', '.join(p.workers)} stuck?")
         if len(p.workers) > 1:
             found.append(f"partition {p.partition} is consumed by {len(p.workers)} workers "
                          f"({', '.join(p.workers)}): its batches may be applied out of order")
@@ -234,12 +288,22 @@ def _process(member: Member, partitions: list[int], rate: float) -> ProcessStatu
 def collect(settings: Settings, engine: Engine, client: redis.Redis,
             broker: redis.Redis | None) -> Status:
     """The status now. `broker` is the Celery broker when it is Redis (queue depths are read
-    there), else None (the bridge's last measure is shown)."""
+    there), else None (the bridge's last measure is shown, as when the broker does not
+    answer; then a problem says so)."""
     members = Board(client, settings.kafka_group_id).members()
-    queued = queue_depths(broker, settings.kafka_partitions) if broker is not None else {}
-    return assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
-                    settings.kafka_partitions, members, queued,
-                    dlq_status(engine, client, settings.dlq_stream))
+    queued: dict[int, int] = {}
+    unanswered = []
+    if broker is not None:
+        try:
+            queued = queue_depths(broker, settings.kafka_partitions)
+        except redis.RedisError as exc:
+            unanswered.append(f"the Celery broker does not answer ({type(exc).__name__}): "
+                              "queue depths are the bridge's last measure")
+    status = assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
+                      settings.kafka_partitions, members, queued,
+                      dlq_status(engine, client, settings.dlq_stream))
+    status.problems[:0] = unanswered
+    return status
 
 
 def queue_depths(broker: redis.Redis, partition_count: int) -> dict[int, int]:
@@ -259,7 +323,8 @@ def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:
     by_type: dict[str, int] = {}
     for error_class, event_type, count in rows:
         by_class[error_class] = by_class.get(error_class, 0) + count
-        kind = event_type or "unknown"
+        # A poison message's type is whatever its bytes said: the contract's types only.
+        kind = event_type_label(event_type)
         by_type[kind] = by_type.get(kind, 0) + count
     return DlqStatus(open=sum(by_class.values()), in_stream=int(client.xlen(stream)),
                      by_error_class=dict(sorted(by_class.items())),

@@ -52,6 +52,8 @@ class Heartbeat:
     def stop(self) -> None:
         """Leave the board at once: a stopped worker should not look alive for seconds."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)  # a publish under way would put the entry back
         try:
             self.board.leave(WORKER, self.name)
         except redis.RedisError as exc:
@@ -63,4 +65,6 @@ class Heartbeat:
                 self.board.publish(WORKER, self.name, self.said())
             except redis.RedisError as exc:
                 log.debug("status not published: %s", exc)
+            except Exception:  # a bug here must not take the worker off the board for good
+                log.exception("status not published")
             self._stop.wait(self.every_s)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from eventpipe.dlq.projection import Fetch, heal, project, repair_if_lost
+from eventpipe.dlq.projection import HEAL_EVERY_S, Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.reconcile import reconcile
 
@@ -36,13 +36,14 @@ def _utc_now() -> datetime:
 class Reconciler:
     def __init__(self, engine: Engine, stream: DeadLetterStream, fetch: Callable[[], Fetch],
                  park_timeout: timedelta, interval_s: float = INTERVAL_S,
-                 min_gap_s: float = MIN_GAP_S) -> None:
+                 min_gap_s: float = MIN_GAP_S, heal_every_s: float = HEAL_EVERY_S) -> None:
         self.engine = engine
         self.stream = stream
         self.fetch = fetch
         self.park_timeout = park_timeout
         self.interval_s = interval_s
         self.min_gap_s = min_gap_s
+        self.heal_every_s = heal_every_s
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
 
@@ -57,7 +58,10 @@ class Reconciler:
         reconcile(self.engine.begin, _utc_now, self.park_timeout)
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)
-        heal(self.engine, self.stream)
+        try:
+            heal(self.engine, self.stream, self.heal_every_s)
+        except Exception as exc:  # the projection below still runs
+            log.warning("DLQ stream check failed: %s", exc)
         project(self.engine, self.stream, fetch)
 
     def _run(self) -> None:

@@ -116,9 +116,10 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     publisher.flush()
     for key, ok in acknowledged.items():
         with engine.begin() as conn:
-            records.finish_replay(conn, key, now(), published=ok)
+            finished = records.finish_replay(conn, key, now(), published=ok)
         if ok:
-            stream.remove(key)
+            if finished:  # else the claim lapsed, and the entry may be a live one again
+                stream.remove(key)
             result.replayed += 1
         else:
             result.refused += 1

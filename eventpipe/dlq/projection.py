@@ -10,9 +10,9 @@ Redis may lose the stream (a crash without persistence, FLUSHALL): `restore` reb
 from SQL — every open dead letter put back with bytes fetched from Kafka, entries SQL does
 not know removed — and reports what Kafka no longer has. The reconciler notices the loss by
 itself (`repair_if_lost`, a marker key lost with the data) and rebuilds within a second;
-`eventpipe dlq restore` does the same on demand. Losses the marker survives (a replica that
-missed the last writes, an entry deleted by hand) are found by comparing counts each round
-(`heal`): the dead letters the stream lacks are projected again.
+`eventpipe dlq restore` does the same on demand. Differences the marker survives (a replica
+that missed the last writes, an entry deleted by hand, a projection racing another) are found
+by `heal` and projected again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from eventpipe.effects import Position
 from eventpipe.tables import dead_letters
 
 log = logging.getLogger(__name__)
+
+HEAL_EVERY_S = 2.0
+SWEEP_EVERY_S = 60.0
 
 # The message at a position, (key, value); None when Kafka no longer has it.
 Fetch = Callable[[Position], tuple[bytes | None, bytes] | None]
@@ -96,16 +99,25 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             progress: Callable[[int], None] | None = None,
             claim: str | None = None) -> Projected:
     """Rebuild the stream from SQL: every open dead letter put back, strays removed;
-    `progress` is told how many were put back at each step. The stream is marked intact at
-    the end only if the marker still holds this rebuild's `claim` (see `mark_intact`)."""
+    `progress` is told how many were put back at each step. The rebuild holds `claim` in the
+    marker (extended at each step, so a long rebuild keeps it) and stops if it loses it; the
+    stream is marked intact at the end only if the claim held (see `mark_intact`)."""
     claim = claim or stream.begin_rebuild()
+    entries, indexed = stream.sizes()
+    if entries != indexed:
+        stream.clear()  # edited by hand: the index no longer says what the stream holds
+    shown = stream.keys()  # before SQL: a key put after this is no stray
     with engine.begin() as conn:
         conn.execute(update(dead_letters).values(in_stream=False))
         open_keys = {row.dlq_key for row in conn.execute(
             select(dead_letters.c.dlq_key).where(dead_letters.c.state == OPEN))}
     report = Projected()
-    report.removed = stream.remove(*(stream.keys() - open_keys))
+    report.removed = stream.remove(*(shown - open_keys))
     while _pending(engine):
+        if not stream.hold_rebuild(claim):
+            log.warning("the DLQ rebuild stopped: Redis restarted again, or another rebuild "
+                        "began")
+            return report
         step = project(engine, stream, fetch, limit=500)
         if progress is not None:
             progress(step.put)
@@ -113,11 +125,11 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
         report.removed += step.removed
         report.missing_bytes += step.missing_bytes
         if step.full:
-            report.full = True
+            report.full = True  # the rest waits in SQL, projected once there is room
             break
-    if not report.full and not stream.mark_intact(claim):
-        log.warning("Redis lost the DLQ stream again while it was being rebuilt, or another "
-                    "rebuild began: it is rebuilt once more")
+    if not stream.mark_intact(claim):
+        log.warning("the DLQ rebuild was overtaken: Redis restarted again, or another rebuild "
+                    "began; it is rebuilt once more")
     return report
 
 
@@ -135,30 +147,50 @@ def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Pr
     return report
 
 
-def heal(engine: Engine, stream: DeadLetterStream) -> int:
-    """Find the open dead letters SQL records as shown that the stream lacks, and mark them
-    to be projected again; how many. The marker cannot see every loss: a promoted replica
-    that missed the last writes keeps it, an operator may XDEL an entry, and a projection may
-    mark what it wrote (to a Redis that then died) just after a rebuild cleared the marks.
+def heal(engine: Engine, stream: DeadLetterStream, every_s: float = HEAL_EVERY_S) -> int:
+    """Bring back in step a stream that differs from SQL although its marker survived: a
+    promoted replica that missed the last writes, an entry deleted by hand, a projection that
+    put an older revision after a newer one was removed. How many entries were out of step.
 
-    SQL is read before Redis each time: an entry is put before its row is marked shown and
-    its row leaves `open` before the entry is removed, so only a changed revision, which the
-    conditional mark skips, can make a present entry look missing."""
+    One process at a time, every `HEAL_EVERY_S`, compares counts (the open dead letters SQL
+    says are shown, the stream's entries and index); when they differ, and every
+    `SWEEP_EVERY_S` anyway (equal counts can hide a lost entry behind a stale one), it
+    compares keys and revisions, and marks what differs to be projected again: a missing or
+    outdated entry is put, one SQL closed is removed. Marks are conditional on the revision
+    read, so a row that changed meanwhile is left to its own projection.
+
+    SQL is read before Redis: an entry is put before its row is marked shown and its row
+    leaves `open` before the entry is removed, so a concurrent projection can make an entry
+    look extra (projected again: harmless), never make a shown one look missing.
+    `every_s` 0: compare everything now (tests, an operator's check)."""
+    if every_s > 0 and not stream.take_turn("heal", every_s):
+        return 0
     with engine.connect() as conn:
         expected = records.count_shown(conn)
     entries, indexed = stream.sizes()
-    if expected <= min(entries, indexed):
-        return 0  # the usual case: two counts, no keys read
+    if entries != indexed:
+        log.warning("the DLQ stream and its index disagree (edited by hand?): it is rebuilt")
+        stream.forget_intact()
+        return abs(entries - indexed)
+    if expected == entries and every_s > 0 and not stream.take_turn("sweep", SWEEP_EVERY_S):
+        return 0
     with engine.connect() as conn:
         shown = records.shown(conn)
-    present = stream.keys() if entries == indexed else stream.keys_of_entries()
-    lost = {key: revision for key, revision in shown.items() if key not in present}
-    if lost:
-        with engine.begin() as conn:
-            records.mark_unprojected(conn, lost)
-        log.error("the DLQ stream lacked %d open dead letter(s) it had been given (Redis lost "
-                  "writes, or an entry was deleted by hand): they are put back", len(lost))
-    return len(lost)
+    present = stream.revisions()
+    stale = {key: revision for key, revision in shown.items()
+             if key not in present or present[key] not in (revision, None)}
+    extra = [key for key in present if key not in shown]
+    with engine.begin() as conn:
+        rows = records.load(conn, extra)
+        stale.update({key: letter.revision for key, letter in rows.items()})
+        records.mark_unprojected(conn, stale)
+    strays = [key for key in extra if key not in rows]
+    stream.remove(*strays)
+    if stale or strays:
+        log.warning("the DLQ stream was out of step with SQL (Redis lost writes, or a write "
+                    "raced another): %d entries are projected again, %d unknown to SQL "
+                    "removed", len(stale), len(strays))
+    return len(stale) + len(strays)
 
 
 def _pending(engine: Engine) -> bool:

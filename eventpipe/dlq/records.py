@@ -278,14 +278,14 @@ def claim_for_replay(conn: Connection, key: str, now: datetime,
     return save(conn, existing, replace(existing, state=REPLAYING, deadline=lease_until))
 
 
-def finish_replay(conn: Connection, key: str, now: datetime, *, published: bool) -> None:
+def finish_replay(conn: Connection, key: str, now: datetime, *, published: bool) -> bool:
+    """End this replay's claim; False when it had lapsed and the letter moved on meanwhile
+    (then its entry is the projection's business, not the replayer's)."""
     letter = load(conn, [key], lock=True).get(key)
     if letter is None or letter.state != REPLAYING:
-        return
-    if published:
-        transition(conn, letter, REPLAYED, now, deadline=None)
-    else:
-        transition(conn, letter, OPEN, now, deadline=None)
+        return False
+    transition(conn, letter, REPLAYED if published else OPEN, now, deadline=None)
+    return True
 
 
 def purge(conn: Connection, key: str, now: datetime) -> bool:

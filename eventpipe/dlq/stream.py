@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
 
-# KEYS: stream, index, totals. ARGV: dlq key, max entries, max bytes, size, field/value pairs.
-# Replaces the key's entry if there is one; refuses a new entry beyond the bounds.
+# KEYS: stream, index, totals. ARGV: dlq key, max entries, max bytes, size, revision,
+# field/value pairs. Replaces the key's entry if there is one; refuses a new entry beyond the
+# bounds. The index holds "<entry id> <size> <revision>" per key.
 _PUT = """
 local old = redis.call('HGET', KEYS[2], ARGV[1])
 local old_id, old_size = nil, 0
 if old then
-  old_id, old_size = string.match(old, '^(%S+) (%d+)$')
+  old_id, old_size = string.match(old, '^(%S+) (%d+)')
   old_size = tonumber(old_size)
 end
 local size = tonumber(ARGV[4])
@@ -54,8 +55,8 @@ if entries > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3]) then
   return {false, entries, bytes}
 end
 if old_id then redis.call('XDEL', KEYS[1], old_id) end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
-redis.call('HSET', KEYS[2], ARGV[1], id .. ' ' .. size)
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], ARGV[1], id .. ' ' .. size .. ' ' .. ARGV[5])
 redis.call('HSET', KEYS[3], 'bytes', bytes)
 return {id, entries, bytes}
 """
@@ -66,7 +67,7 @@ local removed = 0
 for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
-    local old_id, size = string.match(old, '^(%S+) (%d+)$')
+    local old_id, size = string.match(old, '^(%S+) (%d+)')
     redis.call('XDEL', KEYS[1], old_id)
     redis.call('HDEL', KEYS[2], ARGV[i])
     redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
@@ -77,10 +78,15 @@ return removed
 """
 
 
-# KEYS: marker. ARGV: the rebuild's claim. Marks the stream intact if the claim still holds.
-_MARK_INTACT = """
+# KEYS: marker. ARGV: the rebuild's claim, then '1' to mark the stream intact, or the
+# seconds to extend the claim by. Only while the marker still holds the claim.
+_CLAIMED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], '1')
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[1], '1')
+else
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
 return 1
 """
 
@@ -178,7 +184,7 @@ class DeadLetterStream:
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
         self._remove = client.register_script(_REMOVE)
-        self._mark_intact = client.register_script(_MARK_INTACT)
+        self._claimed = client.register_script(_CLAIMED)
         self._waitaof: bool | None = None  # unknown until tried
 
     def sync_to_disk(self, timeout_ms: int = 1000) -> bool:
@@ -217,7 +223,24 @@ class DeadLetterStream:
         """Mark the stream rebuilt, if the marker still holds `claim`. Redis restarting during
         the rebuild took the claim with the entries already put back (the client reconnects by
         itself), and a newer rebuild replaces it: either way this one proves nothing."""
-        return bool(self._mark_intact(keys=[self.marker], args=[claim]))
+        return bool(self._claimed(keys=[self.marker], args=[claim, "1"]))
+
+    def hold_rebuild(self, claim: str, lease_s: int = 600) -> bool:
+        """Extend the rebuild's lease while it works; False once it lost the claim (Redis
+        restarted, or another rebuild began), when it must stop."""
+        return bool(self._claimed(keys=[self.marker], args=[claim, str(lease_s)]))
+
+    def forget_intact(self) -> None:
+        """Have the stream rebuilt whole, by the next worker that looks."""
+        self.client.delete(self.marker)
+
+    def clear(self) -> None:
+        self.client.delete(self.stream, self.index, self.totals)
+
+    def take_turn(self, task: str, every_s: float) -> bool:
+        """True for one caller per `every_s` across every process: who does `task` now."""
+        return bool(self.client.set(f"{self.stream}:turn:{task}", "1", nx=True,
+                                    px=int(every_s * 1000)))
 
     def put(self, entry: StreamEntry) -> str:
         """Add or replace the entry of `entry.letter.dlq_key`; its entry id."""
@@ -228,7 +251,8 @@ class DeadLetterStream:
             size += len(name) + len(value)
         entry_id, entries, total = self._put(
             keys=[self.stream, self.index, self.totals],
-            args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size, *flat])
+            args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size,
+                  entry.letter.revision, *flat])
         if not entry_id:
             raise DeadLetterQueueFull(
                 f"dead-letter queue {self.stream} is full ({entries} entries, {total} bytes; "
@@ -266,14 +290,13 @@ class DeadLetterStream:
             entries, indexed = pipe.execute()
         return int(entries), int(indexed)
 
-    def keys_of_entries(self) -> set[str]:
-        """The DLQ keys of the entries themselves, read from the stream rather than the index:
-        the truth where the two disagree."""
-        found: set[str] = set()
-        low = "-"
-        while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=1000)):
-            found.update(_decoded(fields.get(b"dlq_key", b"")) for _, fields in chunk)
-            low = f"({_decoded(chunk[-1][0])}"
+    def revisions(self) -> dict[str, int | None]:
+        """The revision of each key's entry, from the index (None for an entry put before
+        the index held revisions)."""
+        found: dict[str, int | None] = {}
+        for key, value in self.client.hgetall(self.index).items():
+            parts = _decoded(value).split(" ")
+            found[_decoded(key)] = int(parts[2]) if len(parts) > 2 else None
         return found
 
     def get(self, entry_id: str) -> StreamEntry | None:

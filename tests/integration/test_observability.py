@@ -192,7 +192,8 @@ def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
             "worker silent:2": f"{seconds - STALE_S - 1} {{}}",
             "worker gone:3": f"{seconds - FORGET_S - 1} {{}}"})
         [member] = board.members()
-        assert (member.role, member.name, member.said) == (WORKER, "live:1", {"queues": [0]})
+        assert (member.role, member.name, member.said) == (
+            WORKER, "live:1", {"queues": [0], "served": {}, "rates": {}})
         assert 0 <= member.age_s < 1
         assert set(redis_client.hkeys(board.key)) == {b"worker live:1", b"worker silent:2"}
         board.leave(WORKER, "live:1")

@@ -190,8 +190,9 @@ class Pipeline:
             unprojected = conn.execute(select(func.count()).select_from(dead_letters).where(
                 dead_letters.c.in_stream.is_(False))).scalar_one()
             shown = records.count_shown(conn)
+        entries, indexed = self.dlq.sizes()
         return (queued == 0 and unprojected == 0 and self.dlq.intact()
-                and shown <= min(self.dlq.sizes()))
+                and shown == entries == indexed)
 
     def verify(self) -> Report:
         """`eventpipe verify`, in this process, once the reconciler has caught up."""

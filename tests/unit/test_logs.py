@@ -49,3 +49,17 @@ def test_a_terminal_gets_one_readable_line_with_the_context(style: str, terminal
     [line] = _stderr_of(style, terminal).splitlines()
     assert not line.startswith("{")
     assert "WARNING bridge.service: partition paused  partition=3 eventId=e-1" in line
+
+
+def test_control_characters_from_message_bytes_reach_a_terminal_as_escapes() -> None:
+    snippet = (
+        "import logging\n"
+        "from eventpipe import logs\n"
+        "logs.configure('worker', 'INFO', 'text')\n"
+        "logging.getLogger('w').warning('bad \\x1b[2J\\nINFO forged', "
+        "extra={'eventType': 'x\\x1b[31m'})\n")
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                          timeout=30, check=True)
+    [line] = done.stderr.splitlines()
+    assert "\x1b" not in line
+    assert "bad \\x1b[2J\\x0aINFO forged  eventType=x\\x1b[31m" in line

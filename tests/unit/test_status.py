@@ -99,3 +99,28 @@ def test_a_worker_says_what_it_consumes_and_how_long_ago_it_served_each_partitio
     now[0] = 103.0
     assert heartbeat.said() == {"queues": [1, 3], "served": {"1": 0.5, "3": 3.0},
                                 "rates": {"OrderPlaced": 4.0}}
+
+
+def test_a_worker_with_tasks_waiting_and_no_batch_for_minutes_is_named() -> None:
+    members = [bridge("b:1", 0.1, p0={"committed": 5, "queued": 3}),
+               worker("w:1", [0], served={"0": 300.0})]
+    [problem] = assemble(AT, "t", "g", 1, members, {}, NO_DLQ).problems
+    assert problem == "partition 0 has 3 task(s) queued and no batch for 300 s: is w:1 stuck?"
+
+
+def test_entries_no_version_of_the_code_wrote_are_dropped_field_by_field() -> None:
+    from eventpipe.status import _member
+
+    now = 1000.0
+    assert _member("worker w:1", "not-a-time {}", now) is None
+    assert _member("worker w:1", "999 [1, 2]", now) is None
+    assert _member("gardener g:1", "999 {}", now) is None
+    odd = _member("worker w:1", '999.5 {"queues": null, "served": {"0": "x", "1": 2.5}, '
+                  '"rates": {"OrderPlaced": -1, "UserCreated": 3}}', now)
+    assert odd == Member(WORKER, "w:1", 0.5, {"queues": [], "served": {"1": 2.5},
+                                              "rates": {"UserCreated": 3}})
+    skewed = _member("bridge b:1", '999 {"partitions": {"0": {"committed": "5", '
+                     '"highWatermark": 9, "paused": "no", "extra": 1}, "x": {}}}', now)
+    assert skewed is not None and skewed.said == {"partitions": {"0": {"highWatermark": 9}}}
+    # What is left is enough for the view, never a crash.
+    assemble(AT, "t", "g", 2, [odd, skewed], {}, NO_DLQ)

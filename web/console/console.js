@@ -35,6 +35,11 @@ function sum(values) {
   return values.reduce((total, v) => total + (v || 0), 0);
 }
 
+// "–" when nothing is known (no bridge reports), rather than a reassuring 0.
+function total(values) {
+  return values.some((v) => v !== null && v !== undefined) ? sum(values) : "–";
+}
+
 async function call(path, options = {}) {
   const headers = { Accept: "application/json", ...(options.headers || {}) };
   const response = await fetch(path, { ...options, headers });
@@ -69,8 +74,8 @@ function showStatus(s) {
     return li;
   }));
   $("rate").textContent = sum(Object.values(s.eventsPerSecond)).toFixed(1);
-  $("lag").textContent = sum(s.partitions.map((p) => p.lag));
-  $("inflight").textContent = sum(s.partitions.map((p) => p.inFlight));
+  $("lag").textContent = total(s.partitions.map((p) => p.lag));
+  $("inflight").textContent = total(s.partitions.map((p) => p.inFlight));
   $("dlq-open").textContent = s.dlq.open;
   fill($("partitions").tBodies[0], s.partitions.map((p) => [
     p.partition, p.committed, p.highWatermark, p.lag, p.inFlight, p.queued,
@@ -164,7 +169,7 @@ async function showEntry(id) {
       ["Attempts", entry.attempts], ["First failure", entry.firstFailureAt],
       ["Last failure", entry.lastFailureAt], ["Worker", entry.worker],
       ["Position", `${entry.topic} p${entry.partition} offset ${entry.offset}`],
-      ["Key", bytes(entry.key)],
+      ["Key", entry.key === null ? "(none)" : bytes(entry.key)],
     ];
     $("entry-fields").replaceChildren(...fields.flatMap(([name, value]) => {
       const dt = document.createElement("dt");

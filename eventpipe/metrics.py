@@ -85,8 +85,8 @@ POOL_PARTITIONS = Gauge(
     "processes", multiprocess_mode="livesum",
 )
 POOL_REBALANCES = Counter(
-    "worker_pool_rebalances", "Partitions a worker process was given (assigned) or gave up "
-    "(revoked; lost: the group had already moved them; left: the process stopped)", ["kind"],
+    "worker_pool_rebalances", "Partitions the worker pool gave a process (assigned) or took "
+    "back (revoked; lost: the group had already moved them)", ["kind"],
 )
 END_TO_END = Histogram(
     "event_end_to_end_latency_seconds", "From the event's occurredAt to its effect committed",

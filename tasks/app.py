@@ -86,8 +86,8 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
 
 @celeryd_init.connect
 def _join_the_pool_without_queues(options: dict[str, Any], **_: Any) -> None:
-    """No `-Q`: consume nothing until the pool assigns partitions."""
-    if options.get("queues"):
+    """No `-Q` (nor `-X`): consume nothing until the pool assigns partitions."""
+    if options.get("queues") or options.get("exclude_queues"):
         return
     _elastic.append(True)
     app.amqp.queues.deselect(list(app.amqp.queues))

@@ -13,21 +13,29 @@ solo pool that thread runs the batches, so a change waits for the current batch 
 Failure modes, and why they are safe:
 - A member killed or frozen (SIGKILL, SIGSTOP, a host lost): after the session timeout
   (`KAFKA_SESSION_TIMEOUT_MS`) the group gives its partitions to the others. Its unfinished
-  batch is read again from Kafka by the bridge (the offsets were neither done nor leased).
+  batch is read again from Kafka by the bridge once its lease lapses
+  (`REDELIVERY_TIMEOUT_S`), after the new owner applied later batches of the partition.
 - A frozen member that wakes up still consumes its old queues until its consumer hears it
-  was dropped (its next poll, within a second): for that moment a partition may have two
-  consumers. Effects stay exactly-once through the guards every batch passes anyway (the
-  fate record, version guards, the offset ledger's running ranges), and the fate record
-  (`applied_events.worker`) names the process that applied each event.
-- A retry scheduled with a countdown stays with the process that scheduled it (Celery keeps
-  it in memory until due) and runs there even after a hand-over, out of its partition's
-  order: the same guards make that safe, as for any retry.
+  was dropped (its next poll), plus the batch it may start on waking: for that moment a
+  partition may have two consumers.
+- A retry scheduled with a countdown stays with the process that took it (Celery keeps it in
+  memory until due) and runs there even after a hand-over; a message popped from a queue at
+  the instant it is cancelled goes back to the far end of that queue.
+- A process whose Celery thread stops answering (a batch past `TASK_TIME_LIMIT_S` plus a
+  margin), that cannot change its queues, or whose member thread fails, exits, so that its
+  supervisor restarts it and the group moves its partitions: it never holds partitions it
+  does not serve, nor serves partitions it does not hold.
+In every case effects stay exactly-once through the guards every batch passes anyway (the
+fate record, version guards, the offset ledger), only the order of a hand-over's batches
+may differ, and `applied_events.worker` names the process that applied each event.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,12 +43,14 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from eventpipe import metrics
 from eventpipe.kafka import consumer_config, ensure_topic
-from eventpipe.queues import queue_name
+from eventpipe.queues import partition_of, queue_name
 from eventpipe.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+WATCH_EVERY_S = 5.0  # how often Celery's thread is asked to answer
+STUCK_MARGIN_S = 30.0  # beyond TASK_TIME_LIMIT_S: no batch may hold Celery's thread longer
 
 
 def pool_topic(settings: Settings) -> str:
@@ -52,41 +62,64 @@ def pool_group(settings: Settings) -> str:
 
 
 class CeleryQueues:
-    """Changes the queues a Celery worker process consumes, on the consumer's own thread."""
+    """Keeps the partition queues a Celery worker process consumes equal to the ones it
+    should, changed on the consumer's own thread. Each change makes Celery match the latest
+    wish (not a delta), so changes that run late, or in any order, still end right."""
 
     def __init__(self, consumer: Any, timeout_s: float) -> None:
         self.consumer = consumer
         self.timeout_s = timeout_s
+        self._wanted: set[str] = set()
+        self._lock = threading.Lock()
 
-    def add(self, queues: Iterable[str]) -> bool:
-        chosen = list(queues)
-        return self._on_celery_thread(lambda: [self.consumer.add_task_queue(q) for q in chosen])
-
-    def cancel(self, queues: Iterable[str]) -> bool:
-        """Stop consuming `queues`; True once done, which under the solo pool is after the
-        batch in progress ended."""
-        chosen = list(queues)
-        return self._on_celery_thread(
-            lambda: [self.consumer.cancel_task_queue(q) for q in chosen])
-
-    def _on_celery_thread(self, change: Callable[[], object]) -> bool:
+    def want(self, queues: Iterable[str]) -> bool:
+        """Consume exactly `queues`; True once Celery does, which under the solo pool is after
+        the batch in progress; False if Celery did not within `timeout_s`."""
+        with self._lock:
+            self._wanted = set(queues)
         done = threading.Event()
 
-        def run() -> None:
+        def sync() -> None:
+            with self._lock:
+                wanted = set(self._wanted)
             try:
-                change()
-            finally:
-                done.set()
+                consuming = {queue.name for queue in self.consumer.task_consumer.queues
+                             if partition_of(queue.name) is not None}
+                for name in sorted(consuming - wanted):
+                    self.consumer.cancel_task_queue(name)
+                for name in sorted(wanted - consuming):
+                    self.consumer.add_task_queue(name)
+            except Exception:  # the broker is away: the caller sees no answer
+                log.exception("the worker's queues could not be changed")
+                return
+            done.set()
 
-        self.consumer.call_soon(run)
+        self.consumer.call_soon(sync)
         return done.wait(self.timeout_s)
+
+    def answers(self) -> threading.Event:
+        """Set once Celery's thread runs again: a batch may hold it, nothing else should."""
+        answered = threading.Event()
+        self.consumer.call_soon(answered.set)
+        return answered
+
+
+def _exit(reason: str) -> None:
+    log.critical("%s: this worker process stops, so that its supervisor starts it again and "
+                 "the pool gives its partitions to the others", reason)
+    os._exit(70)
 
 
 class PoolMember:
-    def __init__(self, settings: Settings, queues: CeleryQueues, name: str) -> None:
+    def __init__(self, settings: Settings, queues: CeleryQueues, name: str,
+                 on_stuck: Callable[[str], None] = _exit) -> None:
         self.settings = settings
         self.queues = queues
         self.name = name
+        # A process that cannot follow its assignment must not stay in the group holding
+        # partitions it does not serve, or serving partitions it does not hold.
+        self.on_stuck = on_stuck
+        self.stuck_after_s = settings.task_time_limit_s + STUCK_MARGIN_S
         self.owned: set[int] = set()
         self._stop = threading.Event()
         self._leaving = False
@@ -112,36 +145,57 @@ class PoolMember:
             except Exception as exc:  # Kafka is away: join once it answers
                 log.warning("worker pool: no coordination topic yet: %s", exc)
                 self._stop.wait(2.0)
-        consumer = Consumer(consumer_config(self.settings, **{
-            "group.id": pool_group(self.settings), "client.id": self.name,
-            # Partitions dealt one by one over the members: 12 over 3 is 4, 4 and 4.
-            "partition.assignment.strategy": "roundrobin",
-            "statistics.interval.ms": 0}))
-        consumer.subscribe([pool_topic(self.settings)], on_assign=self._on_assign,
-                           on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info("joined the worker pool", extra={"group": pool_group(self.settings)})
+        if self._stop.is_set():
+            return
+        consumer: Consumer | None = None
+        failure = "no reason given"
         try:
-            while not self._stop.is_set():
-                record = consumer.poll(POLL_S)
-                error = record.error() if record is not None else None
-                if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("worker pool: %s", error)
-        except Exception:
-            log.exception("worker pool member stopped")
+            consumer = Consumer(consumer_config(self.settings, **{
+                "group.id": pool_group(self.settings), "client.id": self.name,
+                # Only the partitions that move are revoked when a member joins or leaves;
+                # the others keep being applied.
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A revocation waits for the batch in progress: the group must wait as long.
+                "max.poll.interval.ms": int((self.stuck_after_s + STUCK_MARGIN_S) * 1000),
+                "statistics.interval.ms": 0}))
+            consumer.subscribe([pool_topic(self.settings)], on_assign=self._on_assign,
+                               on_revoke=self._on_revoke, on_lost=self._on_lost)
+            log.info("joined the worker pool", extra={"group": pool_group(self.settings)})
+            self._serve(consumer)
+        except Exception as exc:
+            log.exception("worker pool member failed")
+            failure = str(exc)
         finally:
-            # Never consume a queue the group does not know is ours.
-            self._let_go(list(self.owned), "left")
-            consumer.close()
+            if consumer is not None:
+                self._leaving = True  # leave the group at once; the process goes next
+                consumer.close()
+        if not self._stop.is_set():
+            self.on_stuck(f"the worker pool member stopped: {failure}")
+
+    def _serve(self, consumer: Consumer) -> None:
+        """Poll (the rebalance callbacks run here) and watch that Celery's thread answers."""
+        ping: threading.Event | None = None
+        pinged_at = 0.0
+        while not self._stop.is_set():
+            record = consumer.poll(POLL_S)
+            error = record.error() if record is not None else None
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                log.warning("worker pool: %s", error)
+            now = time.monotonic()
+            if ping is None or ping.is_set():
+                if now - pinged_at >= WATCH_EVERY_S:
+                    ping, pinged_at = self.queues.answers(), now
+            elif now - pinged_at > self.stuck_after_s:
+                self.on_stuck(f"Celery's thread has not answered for {now - pinged_at:.0f} s")
+                ping, pinged_at = None, now
 
     def _on_assign(self, _consumer: Consumer, assigned: list[TopicPartition]) -> None:
         partitions = sorted(tp.partition for tp in assigned)
         if not partitions:
             return
-        metrics.POOL_REBALANCES.labels("assigned").inc()
-        if not self.queues.add(queue_name(p) for p in partitions):
-            log.error("Celery did not take the queues of partitions %s in time", partitions)
+        metrics.POOL_REBALANCES.labels("assigned").inc(len(partitions))
         self.owned.update(partitions)
-        metrics.POOL_PARTITIONS.set(len(self.owned))
+        self._follow(f"take partitions {partitions}")
         log.info("partitions assigned to this worker", extra={"partitions": partitions})
 
     def _on_revoke(self, _consumer: Consumer, revoked: list[TopicPartition]) -> None:
@@ -156,11 +210,16 @@ class PoolMember:
         partitions = sorted(set(partitions) & self.owned)
         if not partitions:
             return
-        metrics.POOL_REBALANCES.labels(how).inc()
+        metrics.POOL_REBALANCES.labels(how).inc(len(partitions))
+        self.owned.difference_update(partitions)
         # While leaving, Celery has stopped consuming already; otherwise the group waits in
         # this callback until the batch in progress ended and the queues are cancelled.
-        if not self._leaving and not self.queues.cancel(queue_name(p) for p in partitions):
-            log.error("Celery did not let go of partitions %s in time", partitions)
-        self.owned.difference_update(partitions)
+        if not self._leaving:
+            self._follow(f"let go of partitions {partitions}")
         metrics.POOL_PARTITIONS.set(len(self.owned))
         log.info("partitions %s by this worker", how, extra={"partitions": partitions})
+
+    def _follow(self, what: str) -> None:
+        metrics.POOL_PARTITIONS.set(len(self.owned))
+        if not self.queues.want(queue_name(p) for p in sorted(self.owned)):
+            self.on_stuck(f"Celery did not {what} within {self.queues.timeout_s:.0f} s")

@@ -17,10 +17,12 @@ by `heal` and projected again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import redis
 from sqlalchemy import Engine, func, select, update
 
 from eventpipe import metrics
@@ -33,6 +35,9 @@ from eventpipe.tables import dead_letters
 log = logging.getLogger(__name__)
 
 HEAL_EVERY_S = 2.0
+# Dead letters put back per step of a rebuild, each fetched from Kafka: a step stays well
+# within the rebuild's lease (`REBUILD_LEASE_S`), extended between steps.
+REBUILD_STEP = 100
 SWEEP_EVERY_S = 60.0
 
 # The message at a position, (key, value); None when Kafka no longer has it.
@@ -118,7 +123,7 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             log.warning("the DLQ rebuild stopped: Redis restarted again, or another rebuild "
                         "began")
             return report
-        step = project(engine, stream, fetch, limit=500)
+        step = project(engine, stream, fetch, limit=REBUILD_STEP)
         if progress is not None:
             progress(step.put)
         report.put += step.put
@@ -139,7 +144,12 @@ def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Pr
     claim = stream.claim_rebuild()
     if claim is None:
         return None
-    report = restore(engine, stream, fetch, claim=claim)
+    try:
+        report = restore(engine, stream, fetch, claim=claim)
+    except Exception:  # the database or Kafka went away: the next round starts again
+        with contextlib.suppress(redis.RedisError):
+            stream.release_rebuild(claim)
+        raise
     if report.put or report.missing_bytes:
         log.error("the DLQ stream had lost its entries (Redis restarted without persistence, "
                   "or was flushed): %d rebuilt from SQL, %d without their bytes (no longer in "

@@ -78,17 +78,22 @@ return removed
 """
 
 
-# KEYS: marker. ARGV: the rebuild's claim, then '1' to mark the stream intact, or the
-# seconds to extend the claim by. Only while the marker still holds the claim.
+# KEYS: marker. ARGV: the rebuild's claim, then 'intact' to mark the stream intact,
+# 'release' to give the claim up, or the seconds to extend it by. Only while the marker
+# still holds the claim.
 _CLAIMED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '1' then
+if ARGV[2] == 'intact' then
   redis.call('SET', KEYS[1], '1')
+elseif ARGV[2] == 'release' then
+  redis.call('DEL', KEYS[1])
 else
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 end
 return 1
 """
+# A rebuild extends its claim at every step; one whose worker died is taken over this soon.
+REBUILD_LEASE_S = 30
 
 
 class DeadLetterQueueFull(TransientError):
@@ -207,13 +212,13 @@ class DeadLetterStream:
         that SQL records as open."""
         return self.client.get(self.marker) in (b"1", "1")
 
-    def claim_rebuild(self, lease_s: int = 600) -> str | None:
+    def claim_rebuild(self, lease_s: int = REBUILD_LEASE_S) -> str | None:
         """The claim of the one caller that should rebuild a lost stream, None for the others:
         the marker holds it while that caller works, and lapses if it dies."""
         claim = f"rebuilding {uuid.uuid4().hex}"
         return claim if self.client.set(self.marker, claim, nx=True, ex=lease_s) else None
 
-    def begin_rebuild(self, lease_s: int = 600) -> str:
+    def begin_rebuild(self, lease_s: int = REBUILD_LEASE_S) -> str:
         """Claim a rebuild whatever the marker says (an operator asked for one)."""
         claim = f"rebuilding {uuid.uuid4().hex}"
         self.client.set(self.marker, claim, ex=lease_s)
@@ -223,12 +228,17 @@ class DeadLetterStream:
         """Mark the stream rebuilt, if the marker still holds `claim`. Redis restarting during
         the rebuild took the claim with the entries already put back (the client reconnects by
         itself), and a newer rebuild replaces it: either way this one proves nothing."""
-        return bool(self._claimed(keys=[self.marker], args=[claim, "1"]))
+        return bool(self._claimed(keys=[self.marker], args=[claim, "intact"]))
 
-    def hold_rebuild(self, claim: str, lease_s: int = 600) -> bool:
+    def hold_rebuild(self, claim: str, lease_s: int = REBUILD_LEASE_S) -> bool:
         """Extend the rebuild's lease while it works; False once it lost the claim (Redis
         restarted, or another rebuild began), when it must stop."""
         return bool(self._claimed(keys=[self.marker], args=[claim, str(lease_s)]))
+
+    def release_rebuild(self, claim: str) -> None:
+        """Give up a rebuild that failed, so that the next worker to look starts another
+        at once rather than when the lease ends."""
+        self._claimed(keys=[self.marker], args=[claim, "release"])
 
     def forget_intact(self) -> None:
         """Have the stream rebuilt whole, by the next worker that looks."""

@@ -195,6 +195,28 @@ def test_a_rebuild_redis_loses_midway_is_not_taken_for_intact(
     assert sorted(entry.value or b"" for entry in stream.scan()) == sorted(values)
 
 
+def test_a_rebuild_that_fails_midway_is_taken_up_again_at_once(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """The database or Kafka went away during a rebuild: the next round starts another, and
+    does not wait for the failed one's lease to end."""
+    topic = kafka_topic(partitions=1)
+    [message] = produce(kafka_broker, topic, [(b"k", b"{lost", [])])
+    record(engine, failure(message.offset or 0, b"{lost", topic))
+
+    def kafka_gone(_position: Position) -> tuple[bytes | None, bytes] | None:
+        raise TransientError("Kafka does not answer")
+
+    with pytest.raises(TransientError):
+        projection.repair_if_lost(engine, stream, kafka_gone)
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    try:
+        report = projection.repair_if_lost(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert report is not None and report.put == 1 and stream.intact()
+
+
 def test_entries_lost_behind_the_markers_back_are_found_and_put_back(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

@@ -185,18 +185,28 @@ class Pipeline:
     def reconciled(self) -> bool:
         """The reconciler has caught up: nothing queued, every dead letter in the stream, a
         stream Redis lost rebuilt, and none it lost otherwise still missing."""
+        return not self.behind()
+
+    def behind(self) -> str:
+        """What the reconciler has still to do, in words; empty once it caught up."""
         with self.engine.connect() as conn:
             queued = conn.execute(select(func.count()).select_from(reconcile_queue)).scalar_one()
             unprojected = conn.execute(select(func.count()).select_from(dead_letters).where(
                 dead_letters.c.in_stream.is_(False))).scalar_one()
             shown = records.count_shown(conn)
         entries, indexed = self.dlq.sizes()
-        return (queued == 0 and unprojected == 0 and self.dlq.intact()
-                and shown == entries == indexed)
+        if queued or unprojected or not self.dlq.intact() or not shown == entries == indexed:
+            return (f"{queued} key sets queued, {unprojected} dead letters unprojected, "
+                    f"stream intact: {self.dlq.intact()}, {shown} shown in SQL, {entries} "
+                    f"entries, {indexed} indexed")
+        return ""
 
     def verify(self) -> Report:
         """`eventpipe verify`, in this process, once the reconciler has caught up."""
-        wait_until(self.reconciled, 60, "the reconciler to catch up")
+        try:
+            wait_until(self.reconciled, 60, "the reconciler to catch up")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.behind()}") from None
         return verify(self.settings, self.engine, self.dlq)
 
     def end_offsets(self) -> dict[int, int]:

@@ -1,7 +1,8 @@
-"""The worker pool's bookkeeping (`tasks.pool`): assignments become Celery queues on Celery's
-own thread, a revocation returns only once Celery let go, and a leaving member cancels nothing
-(Celery has stopped already). Kafka and Celery are stood in for; the real thing runs in
-tests/integration/test_pool.py."""
+"""The worker pool's bookkeeping (`tasks.pool`): the assignment becomes Celery's queues on
+Celery's own thread, whatever order late changes run in; a revocation returns only once
+Celery let go; a process that cannot follow its assignment stops; a leaving member cancels
+nothing (Celery has stopped already). Kafka and Celery are stood in for; the real thing runs
+in tests/integration/test_pool.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from confluent_kafka import TopicPartition
 
@@ -22,21 +24,25 @@ class CeleryThread:
 
     def __init__(self, busy_s: float = 0.0) -> None:
         self.busy_s = busy_s
-        self.consumed: list[str] = []
+        self.task_consumer = SimpleNamespace(queues=[])
         self.changed_on: set[str] = set()
         self._todo: queue.Queue[Callable[[], None]] = queue.Queue()
         threading.Thread(target=self._run, daemon=True).start()
+
+    @property
+    def consumed(self) -> list[str]:
+        return sorted(q.name for q in self.task_consumer.queues)
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         self._todo.put(callback)
 
     def add_task_queue(self, name: str) -> None:
         self.changed_on.add(threading.current_thread().name)
-        self.consumed.append(name)
+        self.task_consumer.queues.append(SimpleNamespace(name=name))
 
     def cancel_task_queue(self, name: str) -> None:
         self.changed_on.add(threading.current_thread().name)
-        self.consumed.remove(name)
+        self.task_consumer.queues[:] = [q for q in self.task_consumer.queues if q.name != name]
 
     def _run(self) -> None:
         threading.current_thread().name = "celery"
@@ -44,6 +50,13 @@ class CeleryThread:
             callback = self._todo.get()
             time.sleep(self.busy_s)
             callback()
+
+
+class Stuck:
+    """A Celery thread held by a batch that never ends."""
+
+    def call_soon(self, _callback: Callable[[], None]) -> None:
+        pass
 
 
 def tps(*partitions: int) -> list[TopicPartition]:
@@ -54,29 +67,44 @@ def test_queues_change_on_celerys_thread_after_the_batch_in_progress() -> None:
     celery = CeleryThread(busy_s=0.3)
     queues = CeleryQueues(celery, timeout_s=5)
     started = time.monotonic()
-    assert queues.add(["events.p1", "events.p4"])
-    assert queues.cancel(["events.p1"])
+    assert queues.want(["events.p1", "events.p4"])
+    assert queues.want(["events.p4"])
     assert time.monotonic() - started >= 0.6  # each waited for the batch ahead of it
     assert celery.consumed == ["events.p4"] and celery.changed_on == {"celery"}
 
 
-def test_a_change_celery_never_makes_is_reported() -> None:
-    class Stuck:
-        def call_soon(self, _callback: Callable[[], None]) -> None:
-            pass  # a batch that never ends
-
-    assert CeleryQueues(Stuck(), timeout_s=0.2).cancel(["events.p0"]) is False
+def test_late_changes_end_on_the_latest_wish_whatever_their_order() -> None:
+    celery = CeleryThread()
+    queues = CeleryQueues(celery, timeout_s=5)
+    pending: list[Callable[[], None]] = []
+    celery.call_soon = pending.append  # type: ignore[method-assign,assignment]  # held up
+    for wish in (["events.p3"], [], ["events.p7"]):
+        threading.Thread(target=queues.want, args=(wish,), daemon=True).start()
+    while len(pending) < 3:
+        time.sleep(0.01)
+    for callback in reversed(pending):  # the hub runs them in any order
+        callback()
+    assert celery.consumed == ["events.p7"]
 
 
 def test_a_member_follows_its_assignment_and_lets_go_only_of_its_own() -> None:
     celery = CeleryThread()
     member = PoolMember(Settings(), CeleryQueues(celery, timeout_s=5), "w:1")
     member._on_assign(None, tps(0, 3, 6))  # type: ignore[arg-type]
-    assert sorted(celery.consumed) == ["events.p0", "events.p3", "events.p6"]
+    assert celery.consumed == ["events.p0", "events.p3", "events.p6"]
     member._on_revoke(None, tps(3, 9))  # type: ignore[arg-type]  # 9 was never ours
-    assert member.owned == {0, 6} and sorted(celery.consumed) == ["events.p0", "events.p6"]
+    assert member.owned == {0, 6} and celery.consumed == ["events.p0", "events.p6"]
     member._on_lost(None, tps(0))  # type: ignore[arg-type]
     assert member.owned == {6} and celery.consumed == ["events.p6"]
+
+
+def test_a_process_that_cannot_let_go_stops_rather_than_keep_consuming() -> None:
+    stopped: list[str] = []
+    member = PoolMember(Settings(), CeleryQueues(Stuck(), timeout_s=0.2), "w:1",
+                        on_stuck=stopped.append)
+    member.owned = {2}
+    member._on_revoke(None, tps(2))  # type: ignore[arg-type]
+    assert stopped == ["Celery did not let go of partitions [2] within 0 s"]
 
 
 def test_a_leaving_member_cancels_nothing_celery_already_stopped() -> None:
@@ -87,4 +115,4 @@ def test_a_leaving_member_cancels_nothing_celery_already_stopped() -> None:
     started = time.monotonic()
     member._on_revoke(None, tps(1, 2))  # type: ignore[arg-type]
     assert member.owned == set() and time.monotonic() - started < 0.2
-    assert sorted(celery.consumed) == ["events.p1", "events.p2"]  # untouched
+    assert celery.consumed == ["events.p1", "events.p2"]  # untouched

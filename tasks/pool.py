@@ -18,9 +18,9 @@ Failure modes, and why they are safe:
 - A frozen member that wakes up still consumes its old queues until its consumer hears it
   was dropped (its next poll), plus the batch it may start on waking: for that moment a
   partition may have two consumers.
-- A retry scheduled with a countdown stays with the process that took it (Celery keeps it in
-  memory until due) and runs there even after a hand-over; a message popped from a queue at
-  the instant it is cancelled goes back to the far end of that queue.
+- A retry scheduled with a countdown, which Celery holds in memory until due, is handed back
+  to its queue when the queue is cancelled (`hand_back`), for the new consumer. A message
+  popped from a queue at the instant it is cancelled goes back to the far end of that queue.
 - A process whose Celery thread stops answering (a batch past `TASK_TIME_LIMIT_S` plus a
   margin), that cannot change its queues, or whose member thread fails, exits, so that its
   supervisor restarts it and the group moves its partitions: it never holds partitions it
@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from celery.worker import state as worker_state
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from eventpipe import metrics
@@ -87,6 +88,7 @@ class CeleryQueues:
                              if partition_of(queue.name) is not None}
                 for name in sorted(consuming - wanted):
                     self.consumer.cancel_task_queue(name)
+                hand_back(self.consumer, consuming - wanted)
                 for name in sorted(wanted - consuming):
                     self.consumer.add_task_queue(name)
             except Exception:  # the broker is away: the caller sees no answer
@@ -102,6 +104,26 @@ class CeleryQueues:
         answered = threading.Event()
         self.consumer.call_soon(answered.set)
         return answered
+
+
+def hand_back(consumer: Any, queues: set[str]) -> int:
+    """Requeue the retries this process holds for `queues`, so that they go to the queues'
+    new consumer rather than run here after the hand-over: Celery keeps a task with a
+    countdown unacknowledged in memory until it is due. How many. On Celery's thread."""
+    handed = 0
+    for request in list(worker_state.scheduled_requests):
+        if request.delivery_info.get("routing_key") not in queues:
+            continue
+        if request._eta_timer_entry is not None:
+            consumer.timer.cancel(request._eta_timer_entry)
+        request.reject(requeue=True)
+        consumer.qos.decrement_eventually()
+        worker_state.scheduled_requests.discard(request)
+        worker_state.requests.pop(request.id, None)
+        handed += 1
+    if handed:
+        log.info("retries handed back with their partitions", extra={"tasks": handed})
+    return handed
 
 
 def _exit(reason: str) -> None:

@@ -116,3 +116,35 @@ def test_a_leaving_member_cancels_nothing_celery_already_stopped() -> None:
     member._on_revoke(None, tps(1, 2))  # type: ignore[arg-type]
     assert member.owned == set() and time.monotonic() - started < 0.2
     assert celery.consumed == ["events.p1", "events.p2"]  # untouched
+
+
+def test_retries_held_for_a_cancelled_queue_go_back_to_it() -> None:
+    """Celery holds a countdown's task in memory until due; after a hand-over it must run at
+    the queue's new consumer, not here."""
+    from celery.worker import state as worker_state
+
+    from tasks.pool import hand_back
+
+    class Held:
+        def __init__(self, queue_name: str) -> None:
+            self.id = f"task-{queue_name}"
+            self.delivery_info = {"routing_key": queue_name}
+            self._eta_timer_entry = object()
+            self.rejected: list[bool] = []
+
+        def reject(self, requeue: bool = False) -> None:
+            self.rejected.append(requeue)
+
+    cancelled: list[object] = []
+    consumer = SimpleNamespace(timer=SimpleNamespace(cancel=cancelled.append),
+                               qos=SimpleNamespace(decrement_eventually=lambda: None))
+    moved, kept = Held("events.p3"), Held("events.p4")
+    for request in (moved, kept):
+        worker_state.scheduled_requests.add(request)
+    try:
+        assert hand_back(consumer, {"events.p3"}) == 1
+        assert moved.rejected == [True] and cancelled == [moved._eta_timer_entry]
+        assert kept.rejected == [] and kept in worker_state.scheduled_requests
+        assert moved not in worker_state.scheduled_requests
+    finally:
+        worker_state.scheduled_requests.discard(kept)

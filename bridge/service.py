@@ -39,7 +39,7 @@ from eventpipe import metrics, redis_clients
 from eventpipe.events import peek_identity
 from eventpipe.kafka import consumer_config
 from eventpipe.offset_ledger import OffsetLedger
-from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
+from eventpipe.queues import TaskMessage, make_celery, queue_depths, queue_name, send_batch
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
@@ -59,8 +59,8 @@ class Bridge:
         self.celery = celery or make_celery(settings, main="bridge")
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
-        self.broker_redis = (redis_clients.pipeline(settings.celery_broker_url)
-                             if settings.celery_broker_url.startswith("redis") else None)
+        self.broker_redis = redis_clients.celery_broker(settings.celery_broker_url,
+                                                        redis_clients.pipeline)
         self.clock = clock
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes,
                                settings.batch_max_wait_ms / 1000)
@@ -328,13 +328,9 @@ class Bridge:
         `queued`; None when the Celery broker cannot be asked."""
         assert self.broker_redis is not None
         try:
-            with self.broker_redis.pipeline(transaction=False) as pipe:
-                for partition in partitions:
-                    pipe.llen(queue_name(partition))
-                replies = pipe.execute()
+            depths = queue_depths(self.broker_redis, partitions)
         except redis.RedisError:
             return None
-        depths = {p: int(depth) for p, depth in zip(partitions, replies, strict=True)}
         self.queued.update(depths)
         return depths
 

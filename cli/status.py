@@ -26,8 +26,7 @@ def add_command(commands: Any) -> None:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings, writer=False)
     client = redis_clients.operator(settings.redis_url)
-    broker = (redis_clients.operator(settings.celery_broker_url)
-              if settings.celery_broker_url.startswith("redis") else None)
+    broker = redis_clients.celery_broker(settings.celery_broker_url, redis_clients.operator)
     try:
         status = collect(settings, engine, client, broker)
     finally:

@@ -6,9 +6,11 @@ here so the two can never disagree on broker, serializer or routing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
 from eventpipe.settings import Settings
@@ -20,6 +22,16 @@ QUEUE_PREFIX = "events.p"
 def queue_name(partition: int) -> str:
     """One Celery queue per Kafka partition keeps a partition's events in order."""
     return f"{QUEUE_PREFIX}{partition}"
+
+
+def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, int]:
+    """Tasks waiting in these partitions' queues of a Redis Celery broker: one round trip."""
+    chosen = list(partitions)
+    with broker.pipeline(transaction=False) as pipe:
+        for partition in chosen:
+            pipe.llen(queue_name(partition))
+        replies = pipe.execute()
+    return {p: int(depth) for p, depth in zip(chosen, replies, strict=True)}
 
 
 def partition_of(queue: str) -> int | None:

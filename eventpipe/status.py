@@ -29,7 +29,7 @@ from sqlalchemy import Engine, func, select
 
 from eventpipe.dlq.letter import OPEN
 from eventpipe.metrics import event_type_label
-from eventpipe.queues import queue_name
+from eventpipe.queues import queue_depths
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from eventpipe.times import utc_iso
@@ -295,7 +295,7 @@ def collect(settings: Settings, engine: Engine, client: redis.Redis,
     unanswered = []
     if broker is not None:
         try:
-            queued = queue_depths(broker, settings.kafka_partitions)
+            queued = queue_depths(broker, range(settings.kafka_partitions))
         except redis.RedisError as exc:
             unanswered.append(f"the Celery broker does not answer ({type(exc).__name__}): "
                               "queue depths are the bridge's last measure")
@@ -304,13 +304,6 @@ def collect(settings: Settings, engine: Engine, client: redis.Redis,
                       dlq_status(engine, client, settings.dlq_stream))
     status.problems[:0] = unanswered
     return status
-
-
-def queue_depths(broker: redis.Redis, partition_count: int) -> dict[int, int]:
-    with broker.pipeline(transaction=False) as pipe:
-        for partition in range(partition_count):
-            pipe.llen(queue_name(partition))
-        return {p: int(n) for p, n in enumerate(pipe.execute())}
 
 
 def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:

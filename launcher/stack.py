@@ -32,7 +32,7 @@ from eventpipe import redis_clients
 from eventpipe.database import redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
-from eventpipe.queues import queue_name
+from eventpipe.queues import queue_depths, queue_name
 from eventpipe.settings import Settings, child_environment
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
@@ -106,7 +106,7 @@ class Stack:
         queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
         client = redis_clients.operator(self.settings.celery_broker_url)
         try:
-            dropped = sum(int(client.llen(q)) for q in queues)
+            dropped = sum(queue_depths(client, range(self.settings.kafka_partitions)).values())
             if dropped:
                 client.delete(*queues)
                 self.say(f"            dropped {dropped} task(s) queued by an earlier run")

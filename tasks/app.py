@@ -41,7 +41,7 @@ from eventpipe.queues import (
 from eventpipe.settings import get_settings
 from eventpipe.status import Board, process_name
 from tasks.heartbeat import Heartbeat
-from tasks.pool import CeleryQueues, PoolMember
+from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
 
@@ -104,8 +104,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     _consumer.append(sender)
     heartbeat().start()
     if _elastic:
-        _member.append(PoolMember(settings, CeleryQueues(sender, settings.task_time_limit_s + 30),
-                                  process_name()))
+        queues = CeleryQueues(sender, settings.task_time_limit_s + STUCK_MARGIN_S)
+        _member.append(PoolMember(settings, queues, process_name()))
         _member[-1].start()
     # Under `eventpipe worker` the parent serves every process's metrics, aggregated
     # (PROMETHEUS_MULTIPROC_DIR is set). A worker started directly serves its own.

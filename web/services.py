@@ -32,8 +32,7 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         client = redis_clients.request(settings.redis_url)
-        broker = (redis_clients.request(settings.celery_broker_url)
-                  if settings.celery_broker_url.startswith("redis") else None)
+        broker = redis_clients.celery_broker(settings.celery_broker_url, redis_clients.request)
         return cls(settings, make_engine(settings, writer=False), client, broker)
 
     def dead_letters(self) -> DeadLetterStream:

@@ -20,20 +20,26 @@ mark (`VmHWM`) at the end of the shipped run.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Consumer, Producer
 from sqlalchemy import select
 
-from bench import ceiling
+from bench import ceiling, cpu
 from eventpipe.database import make_engine
+from eventpipe.kafka import consumer_config, ensure_topic
 from eventpipe.migrations import upgrade
 from eventpipe.queues import queue_name
 from eventpipe.samples import Story, encode, iso
@@ -58,6 +64,7 @@ class Run:
     rate: float
     seconds: float
     rss: dict[str, int]  # process → peak RSS in bytes
+    cpu: dict[str, float]  # role → microseconds of CPU per event (`bench.cpu`)
 
 
 def _stream(count: int) -> list[tuple[bytes | None, bytes]]:
@@ -79,15 +86,17 @@ def _throughput(bootstrap: str, database_url: str | None, messages: list[tuple[b
             bridge = pipeline.start_bridge()
             wait_until(lambda: any(pipeline.committed_offsets().values()), 120,
                        "the first offset committed", interval_s=0.02)
-            started = time.monotonic()
+            marks = cpu.roles(pipeline.redis_server.port)
+            started, before = time.monotonic(), cpu.reading(marks)
             wait_until(lambda: pipeline.committed_offsets() == ends, 1800, "the stream drained",
                        interval_s=0.1)
             seconds = time.monotonic() - started
+            used = cpu.per_event(before, cpu.reading(marks), len(messages))
             rss = {"bridge": _peak_rss(bridge.pid)}
             for number, pid in enumerate(_children(host.pid), start=1):
                 rss[f"worker {number}"] = _peak_rss(pid)
             rss["worker host"] = _peak_rss(host.pid)
-            return Run(len(messages) / seconds, seconds, rss)
+            return Run(len(messages) / seconds, seconds, rss, used)
         finally:
             pipeline.close()
 
@@ -118,18 +127,14 @@ def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
             # Wait for the group to form: one event through.
             pipeline.send([story.next()])
             wait_until(lambda: pipeline.applied_count() > 0, 120, "the first event applied")
-            started, measured_from = time.monotonic(), datetime.now(UTC) + timedelta(
-                seconds=warm_up_s)
-            sent = 0
-            while (elapsed := time.monotonic() - started) < seconds:
-                while sent < elapsed * rate:
-                    key, document = story.next()
-                    document["occurredAt"] = iso(datetime.now(UTC))
-                    pipeline.producer.produce(pipeline.name, key=key, value=encode(document))
-                    sent += 1
-                pipeline.producer.poll(0)
-                time.sleep(0.001)
-            pipeline.producer.flush(30)
+            measured_from = datetime.now(UTC) + timedelta(seconds=warm_up_s)
+
+            def stamped() -> tuple[str, bytes]:
+                key, document = story.next()
+                document["occurredAt"] = iso(datetime.now(UTC))
+                return key, encode(document)
+
+            sent = _send_steadily(pipeline.producer, pipeline.name, rate, seconds, stamped)
             wait_until(lambda: pipeline.applied_count() >= sent + 1, 120, "every event applied")
             with pipeline.engine.connect() as conn:
                 rows = conn.execute(select(applied_events.c.occurred_at,
@@ -138,6 +143,61 @@ def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
             return [(applied - occurred).total_seconds() for occurred, applied in rows]
         finally:
             pipeline.close()
+
+
+def _send_steadily(producer: Producer, topic: str, rate: int, seconds: float,
+                   make: Callable[[], tuple[str | None, bytes]]) -> int:
+    """`rate` messages a second for `seconds`, each made as it is sent; how many were sent."""
+    started, sent = time.monotonic(), 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        while sent < elapsed * rate:
+            key, value = make()
+            producer.produce(topic, key=key, value=value)
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.001)
+    producer.flush(30)
+    return sent
+
+
+def _broker_latency(bootstrap: str, rate: int = 1000, seconds: float = 10,
+                    warm_up_s: float = 3) -> list[float]:
+    """Produced → consumed, in seconds, by a consumer configured as the bridge's: the floor
+    the broker sets under the pipeline's latency."""
+    topic = f"floor-{uuid.uuid4().hex[:8]}"
+    settings = Settings(kafka_bootstrap_servers=bootstrap, kafka_topic=topic,
+                        kafka_partitions=PARTITIONS, kafka_group_id=topic,
+                        kafka_session_timeout_ms=6000)
+    ensure_topic(settings)
+    consumer = Consumer(consumer_config(settings))
+    consumer.subscribe([topic])
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+    seen: list[tuple[float, float]] = []  # (sent at, latency)
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            for message in consumer.consume(num_messages=500, timeout=0.05):
+                if message.error() is None:
+                    sent_at = float(message.value() or b"0")
+                    seen.append((sent_at, time.time() - sent_at))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        # The group forms on the first message through.
+        producer.produce(topic, value=repr(time.time()).encode())
+        producer.flush(30)
+        wait_until(lambda: bool(seen), 120, "the first message consumed")
+        measured_from = time.time() + warm_up_s
+        sent = _send_steadily(producer, topic, rate, seconds,
+                              lambda: (None, repr(time.time()).encode()))
+        wait_until(lambda: len(seen) >= sent + 1, 60, "every message consumed")
+    finally:
+        stop.set()
+        reader.join()
+        consumer.close()
+    return [latency for sent_at, latency in seen if sent_at >= measured_from]
 
 
 def _ceiling(database_url: str, messages: list[tuple[bytes | None, bytes]]) -> float:
@@ -176,6 +236,9 @@ def _database(kind: str, tmp: str, name: str) -> str:
 def run(count: int = 48_000, naive_count: int = 3_000) -> None:
     messages = _stream(count)
     with running_kafka() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        floor = [value * 1000 for value in _broker_latency(bootstrap)]
+        print(f"the broker alone at 1,000 messages/s, produced → consumed as the bridge "
+              f"consumes ({len(floor):,} messages): {_spread(floor)}")
         for kind in ("postgresql", "sqlite"):
             urls = {name: _database(kind, tmp, name)
                     for name in ("shipped", "naive", "ceiling", "latency")}
@@ -209,7 +272,17 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
     print(f"  shipped/naive {shipped.rate / naive.rate:5.1f}×   "
           f"shipped/ceiling {shipped.rate / top:6.1%}")
     print(f"  latency at 1,000 events/s, occurredAt → applied ({len(ms):,} events): "
-          f"p50 {statistics.median(ms):.0f} ms, p99 {_percentile(ms, 0.99):.0f} ms, "
-          f"max {max(ms):.0f} ms")
+          f"{_spread(ms)}")
     print("  peak RSS: " + ", ".join(f"{name} {size / 2**20:.0f} MiB"
                                      for name, size in shipped.rss.items()))
+    total, cores = sum(shipped.cpu.values()), os.cpu_count() or 1
+    if total:
+        roles = ", ".join(f"{role} {micros:.0f} µs" for role, micros in shipped.cpu.items()
+                          if micros >= 0.5)
+        print(f"  CPU per message, shipped: {roles}; {total:.0f} µs in all: {cores} cores "
+              f"carry at most {cores * 1e6 / total:,.0f} messages/s at this cost")
+
+
+def _spread(ms: list[float]) -> str:
+    return (f"p50 {statistics.median(ms):.0f} ms, p99 {_percentile(ms, 0.99):.0f} ms, "
+            f"max {max(ms):.0f} ms")

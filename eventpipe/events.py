@@ -133,10 +133,13 @@ class Event:
         """A digest of the event as parsed: two copies of one `eventId` are the same event
         when their fingerprints agree, whatever the spelling of their JSON (key order,
         spacing, unknown fields, time zone of the times)."""
-        canonical = json.dumps([self.event_id, self.event_type.value, self.schema_version,
-                                _plain(self.occurred_at), _plain(self.data)],
-                               separators=(",", ":"), ensure_ascii=False)
+        canonical = _canonical_json([self.event_id, self.event_type.value, self.schema_version,
+                                     _plain(self.occurred_at), _plain(self.data)])
         return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+# One encoder for every fingerprint: `json.dumps` with options builds a new one per call.
+_canonical_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _plain(value: Any) -> Any:

@@ -25,7 +25,7 @@ Keys, per consumer group, topic and partition: `{prefix}:{group}:done:{topic}:{p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,34 +33,44 @@ import redis
 
 _NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
-# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] offsets.
-_LEASE = _NOW + """
-local score = now + tonumber(ARGV[1])
-for i = 2, #ARGV, 1000 do
-  local args = {}
-  for j = i, math.min(i + 999, #ARGV) do
-    args[#args + 1] = score
-    args[#args + 1] = ARGV[j]
+# What the scripts share. ARGV[from..to] are offsets throughout.
+_STEPS = _NOW + """
+local function hold(lease, until_time, from)
+  for i = from, #ARGV, 1000 do
+    local args = {}
+    for j = i, math.min(i + 999, #ARGV) do
+      args[#args + 1] = until_time
+      args[#args + 1] = ARGV[j]
+    end
+    redis.call('ZADD', lease, unpack(args))
   end
-  redis.call('ZADD', KEYS[1], unpack(args))
 end
+
+local function mark_done(done, lease, from, to)
+  for i = from, to, 500 do
+    local members, scores = {}, {}
+    for j = i, math.min(i + 499, to) do
+      scores[#scores + 1] = ARGV[j]
+      scores[#scores + 1] = ARGV[j]
+      members[#members + 1] = ARGV[j]
+    end
+    redis.call('ZADD', done, unpack(scores))
+    redis.call('ZREM', lease, unpack(members))
+  end
+end
+"""
+
+# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] offsets.
+_LEASE = _STEPS + """
+hold(KEYS[1], now + tonumber(ARGV[1]), 2)
 return now
 """
 
 # KEYS: done zset, lease zset. ARGV[1] = number of done offsets, then the done offsets, then
 # pairs (offset, seconds to live) of leases to renew.
-_SETTLE = _NOW + """
+_SETTLE = _STEPS + """
 local count = tonumber(ARGV[1])
-for i = 2, count + 1, 500 do
-  local members, scores = {}, {}
-  for j = i, math.min(i + 499, count + 1) do
-    scores[#scores + 1] = ARGV[j]
-    scores[#scores + 1] = ARGV[j]
-    members[#members + 1] = ARGV[j]
-  end
-  redis.call('ZADD', KEYS[1], unpack(scores))
-  redis.call('ZREM', KEYS[2], unpack(members))
-end
+mark_done(KEYS[1], KEYS[2], 2, count + 1)
 for i = count + 2, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i])
 end
@@ -88,9 +98,11 @@ end
 return now
 """
 
-# KEYS[1] running key. ARGV: first, last, seconds to live. An unfinished range overlapping
-# ours means the process applying it died: returns that range and how many times it died.
-_BEGIN = """
+# KEYS: running key, lease zset. ARGV: first, last, seconds the record lives, seconds the
+# leases live, then the offsets to lease. An unfinished range overlapping ours means the
+# process applying it died: returns that range and how many times it died.
+_BEGIN = _STEPS + """
+hold(KEYS[2], now + tonumber(ARGV[4]), 5)
 local previous = redis.call('GET', KEYS[1])
 local result = {}
 local count = 0
@@ -105,8 +117,10 @@ redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. count, 'EX', ARGV
 return result
 """
 
-# KEYS[1] running key. ARGV: first, last. Clears the record if it is still ours.
-_FINISH = """
+# KEYS: running key, done zset, lease zset. ARGV: first, last, then the offsets done. Marks
+# them done and clears the record if it is still ours.
+_FINISH = _STEPS + """
+mark_done(KEYS[2], KEYS[3], 3, #ARGV)
 local previous = redis.call('GET', KEYS[1])
 if previous and string.match(previous, '^(%d+ %d+) ') == ARGV[1] .. ' ' .. ARGV[2] then
   redis.call('DEL', KEYS[1])
@@ -185,12 +199,14 @@ class OffsetLedger:
                                                         self._key("lease", topic, p))]
             self._trim(keys=keys, args=list(committed.values()))
 
-    def begin(self, topic: str, partition: int, first: int, last: int) -> Crashed | None:
-        """Record that offsets first..last are being applied. When an earlier attempt at an
-        overlapping range never finished, the process applying it died: that range, and how
-        many times in a row."""
-        found: Any = self._begin(keys=[self._key("running", topic, partition)],
-                                 args=[first, last, RUNNING_TTL_S])
+    def begin(self, topic: str, partition: int, offsets: Sequence[int],
+              ttl_s: float) -> Crashed | None:
+        """Lease `offsets` for `ttl_s` seconds and record that they are being applied, in one
+        round trip. When an earlier attempt at an overlapping range never finished, the process
+        applying it died: that range, and how many times in a row."""
+        found: Any = self._begin(
+            keys=[self._key("running", topic, partition), self._key("lease", topic, partition)],
+            args=[offsets[0], offsets[-1], RUNNING_TTL_S, ttl_s, *map(str, offsets)])
         return Crashed(int(found[0]), int(found[1]), int(found[2])) if found else None
 
     def narrow(self, topic: str, partition: int, first: int, last: int, deaths: int) -> None:
@@ -199,5 +215,11 @@ class OffsetLedger:
         self.client.set(self._key("running", topic, partition), f"{first} {last} {deaths}",
                         ex=RUNNING_TTL_S)
 
-    def finish(self, topic: str, partition: int, first: int, last: int) -> None:
-        self._finish(keys=[self._key("running", topic, partition)], args=[first, last])
+    def finish(self, topic: str, partition: int, first: int, last: int,
+               done: Iterable[int] = ()) -> None:
+        """Mark `done` offsets done and clear the record of first..last (`begin`), in one
+        round trip."""
+        self._finish(keys=[self._key("running", topic, partition),
+                           self._key("done", topic, partition),
+                           self._key("lease", topic, partition)],
+                     args=[first, last, *map(str, done)])

@@ -6,11 +6,11 @@ the read model is. Lookups are by sets of keys, a few statements whatever the se
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Select, case, exists, select
 
@@ -102,7 +102,7 @@ def load_payments(conn: Connection, ids: Collection[str]) -> dict[str, PaymentRo
             for row in conn.execute(select(payments).where(where))}
 
 
-def user_standings(rows: dict[str, UserRow]) -> dict[str, Standing]:
+def user_standings(rows: Mapping[str, UserRow | UserFacts]) -> dict[str, Standing]:
     return {user_id: user_standing(user_id, row.email, row.email_owner)
             for user_id, row in rows.items()}
 
@@ -111,39 +111,70 @@ def order_standings(conn: Connection, rows: dict[str, OrderRow]) -> dict[str, St
     return Lookup(conn).order_standings(rows)
 
 
-def payment_standings(conn: Connection, rows: dict[str, PaymentRow]) -> dict[str, Standing]:
-    return Lookup(conn).payment_standings(rows)
+class UserFacts(NamedTuple):
+    """What the rules read of a stored user, and its current event."""
+
+    email: str
+    email_owner: str
+    event_id: str
+
+
+class OrderFacts(NamedTuple):
+    """What the rules read of a stored order, and its current event."""
+
+    user_id: str
+    currency: str
+    event_id: str
+
+
+class PaymentFacts(NamedTuple):
+    """What the rules read of a stored payment, and its current event."""
+
+    order_id: str
+    currency: str
+    event_id: str
 
 
 class Lookup:
-    """Users and orders read by key, each at most once per `Lookup`: a reconciler round asks
-    for the same ones several times (as written, as claimants of an email, as parents)."""
+    """What the rules read of entities, by key, each read at most once per `Lookup`: a
+    reconciler round asks for the same users and orders several times (as written, as
+    claimants of an email, as parents). Only the columns the rules read are fetched."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self._users: dict[str, UserRow | None] = {}
-        self._orders: dict[str, OrderRow | None] = {}
+        self._users: dict[str, UserFacts | None] = {}
+        self._orders: dict[str, OrderFacts | None] = {}
 
-    def users(self, ids: Collection[str]) -> dict[str, UserRow]:
+    def users(self, ids: Collection[str]) -> dict[str, UserFacts]:
         missing = [key for key in ids if key not in self._users]
-        found = load_users(self.conn, missing)
+        query = select(users.c.user_id, users.c.email, _email_owner().label("email_owner"),
+                       users.c.version_event_id)
+        found = _facts(self.conn, query, users.c.user_id, missing, UserFacts)
         self._users.update((key, found.get(key)) for key in missing)
         return {key: row for key in ids if (row := self._users[key]) is not None}
 
-    def orders(self, ids: Collection[str]) -> dict[str, OrderRow]:
+    def orders(self, ids: Collection[str]) -> dict[str, OrderFacts]:
         missing = [key for key in ids if key not in self._orders]
-        found = load_orders(self.conn, missing)
+        query = select(orders.c.order_id, orders.c.user_id, orders.c.currency,
+                       orders.c.version_event_id)
+        found = _facts(self.conn, query, orders.c.order_id, missing, OrderFacts)
         self._orders.update((key, found.get(key)) for key in missing)
         return {key: row for key in ids if (row := self._orders[key]) is not None}
 
-    def order_standings(self, rows: dict[str, OrderRow]) -> dict[str, Standing]:
+    def payments(self, ids: Collection[str]) -> dict[str, PaymentFacts]:
+        query = select(payments.c.payment_id, payments.c.order_id, payments.c.currency,
+                       payments.c.version_event_id)
+        return _facts(self.conn, query, payments.c.payment_id, ids, PaymentFacts)
+
+    def order_standings(self, rows: Mapping[str, OrderRow | OrderFacts]) -> dict[str, Standing]:
         parents = self.users({row.user_id for row in rows.values()})
         parent_standings = user_standings(parents)
         return {order_id: order_standing(row.user_id, parent_standings.get(row.user_id),
                                          row.user_id in parents)
                 for order_id, row in rows.items()}
 
-    def payment_standings(self, rows: dict[str, PaymentRow]) -> dict[str, Standing]:
+    def payment_standings(self, rows: Mapping[str, PaymentRow | PaymentFacts],
+                          ) -> dict[str, Standing]:
         parents = self.orders({row.order_id for row in rows.values()})
         parent_standings = self.order_standings(parents)
         result: dict[str, Standing] = {}
@@ -153,6 +184,17 @@ class Lookup:
                 row.order_id, row.currency, order.currency if order else None,
                 parent_standings.get(row.order_id))
         return result
+
+
+Facts = UserFacts | OrderFacts | PaymentFacts
+_Facts = TypeVar("_Facts", UserFacts, OrderFacts, PaymentFacts)
+
+
+def _facts(conn: Connection, query: Select[Any], key: Any, ids: Collection[str],
+           kind: type[_Facts]) -> dict[str, _Facts]:
+    """`query`'s rows of these keys: the key first, then `kind`'s fields."""
+    return {row[0]: kind._make(row[1:]) for where in in_keys(conn, key, ids)
+            for row in conn.execute(query.where(where))}
 
 
 def visible_user(conn: Connection, user_id: str) -> UserRow | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -143,7 +143,7 @@ def _evaluate(conn: Connection, keys: Keys, now: datetime, park_timeout: timedel
     held_by_orders = _held_because_of(conn, "order", orders)
     payment_ids = (keys.payments | held_by_orders.payments
                    | readmodel.payments_of_orders(conn, keys.orders | orders_down))
-    payments = readmodel.load_payments(conn, payment_ids)
+    payments = lookup.payments(payment_ids)
     sync.entities("payment", payments, lookup.payment_standings(payments))
     return changed
 
@@ -166,12 +166,12 @@ class _Sync:
     worker: str
     changed: list[DeadLetter]
 
-    def entities(self, kind: str, rows: dict[str, Any],
+    def entities(self, kind: str, rows: Mapping[str, readmodel.Facts],
                  standings: dict[str, Standing]) -> set[str]:
         """Sync each entity; the keys of those that left the read model just now."""
         live = records.by_entity(self.conn, kind, rows)
         # Only a held entity's current event is needed (its dead letter is about it).
-        current = _current_events(self.conn, {row.version[1] for key, row in rows.items()
+        current = _current_events(self.conn, {row.event_id for key, row in rows.items()
                                               if standings[key] is not None})
         went_down = set()
         resolved: list[DeadLetter] = []
@@ -182,7 +182,7 @@ class _Sync:
             letters = live.get(key, [])
             if standing is not None and not letters:
                 went_down.add(key)
-            event = current.get(row.version[1])
+            event = current.get(row.event_id)
             wanted = event_key(event.fingerprint) if standing is not None and event else None
             # Visible now, or its event superseded by a newer version of the entity.
             resolved += [letter for letter in letters if letter.dlq_key != wanted]

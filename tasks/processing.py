@@ -2,17 +2,20 @@
 
 `Processor.run`, which the Celery task (`tasks.app`) wraps:
 1. leases the offsets (the bridge then knows the work is in hand) and records the range as
-   running; if an earlier attempt at an overlapping range never finished — the process died —
-   the messages are applied one at a time, and one that has killed its worker
-   `CRASH_MAX_ATTEMPTS` times is dead-lettered (`eventpipe.failures.after_crashes`);
+   running, in one Redis round trip; if an earlier attempt at an overlapping range never
+   finished — the process died — the messages are applied one at a time, and one that has
+   killed its worker `CRASH_MAX_ATTEMPTS` times is dead-lettered
+   (`eventpipe.failures.after_crashes`);
 2. parses each message: bytes that are not a valid event become a dead letter at once;
 3. applies the events and records the failures in one transaction (`eventpipe.apply`);
 4. on a failure, carries out `eventpipe.failures.decide`: retry the rest later (the world
    failed), split the part in two (something in it is bad), dead-letter a single message, or
    retry it alone later;
-5. marks the offsets of every committed part done in the offset ledger, and puts new dead
-   letters in the operators' stream (the SQL record is already durable; the reconciler
-   repairs the stream if this step is lost).
+5. puts new dead letters in the operators' stream (the SQL record is already durable; the
+   reconciler repairs the stream if this step is lost), and at the end marks the offsets of
+   every committed part done in the offset ledger as it clears the running range, in one
+   round trip (a process that dies before it only makes those events come back as
+   duplicates).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class Later:
 class Report:
     later: list[Later] = field(default_factory=list)
     fates: Counter[str] = field(default_factory=Counter)
+    done: list[int] = field(default_factory=list)  # offsets whose fate is committed
 
 
 class Processor:
@@ -96,8 +100,8 @@ class Processor:
         report = Report()
         self.retries = retries
         first, last = messages[0].offset, messages[-1].offset
-        self.ledger.lease(topic, partition, [m.offset for m in messages], self.lease_s)
-        crashed = self.ledger.begin(topic, partition, first, last)
+        crashed = self.ledger.begin(topic, partition, [m.offset for m in messages],
+                                    self.lease_s)
         if crashed is None:
             self._work(topic, partition, [messages], report)
         else:
@@ -106,7 +110,7 @@ class Processor:
                         extra={"topic": topic, "partition": partition, "offsetFirst": first,
                                "offsetLast": last})
             self._work(topic, partition, [[m] for m in messages], report, crashed)
-        self.ledger.finish(topic, partition, first, last)
+        self.ledger.finish(topic, partition, first, last, report.done)
         return report
 
     # -- the failure path ---------------------------------------------------------------------
@@ -214,6 +218,7 @@ class Processor:
         applied_at = result.applied_at.timestamp()
         counted: Counter[tuple[str, str]] = Counter()
         debug = log.isEnabledFor(logging.DEBUG)
+        end_to_end: dict[str, Callable[[float], None]] = {}  # a label lookup per type, not event
         for item, fate in zip(received, result.fates, strict=True):
             event_type = item.event.event_type.value
             counted[(event_type, fate.value)] += 1
@@ -222,8 +227,11 @@ class Processor:
                     "eventId": item.event.event_id, "eventType": event_type, "topic": topic,
                     "partition": partition, "offset": item.position.offset})
             if fate is Fate.APPLIED:
-                metrics.END_TO_END.labels(event_type).observe(
-                    max(0.0, applied_at - item.event.occurred_at.timestamp()))
+                observe = end_to_end.get(event_type)
+                if observe is None:
+                    observe = end_to_end[event_type] = metrics.END_TO_END.labels(
+                        event_type).observe
+                observe(max(0.0, applied_at - item.event.occurred_at.timestamp()))
         for failure in failures:
             counted[(metrics.event_type_label(failure.event_type), "dead_lettered")] += 1
         for (event_type, fate_name), number in counted.items():
@@ -251,7 +259,7 @@ class Processor:
                     "offset": letter.position.offset, "dlqKey": letter.dlq_key,
                     "errorClass": letter.error_class, "attempt": letter.attempts})
                 metrics.DLQ_ENTRIES.labels(metrics.event_type_label(letter.event_type)).inc()
-        self.ledger.settle(topic, partition, [m.offset for m in messages])
+        report.done += (m.offset for m in messages)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -247,3 +248,21 @@ def test_any_field_replaced_by_any_json_gives_an_event_or_invalid_event(
 ) -> None:
     with contextlib.suppress(InvalidEvent):
         parse_event(_mutated(path, value))
+
+
+def test_the_fingerprint_keeps_its_spelling() -> None:
+    """Fingerprints are stored (`applied_events`) and compared with those of later copies:
+    a change to how they are computed would make every redelivered event of a running
+    pipeline an id reused for another payload. This spells the canonical form out."""
+    key, doc = order_placed("o-1", "u-1", items=[("SKU-1", 2, "19.9"), ("SKU-2", 1, "0.01")],
+                            occurred_at=WHEN, currency="EUR")
+    event = parse_event(encode(doc), key)
+    canonical = json.dumps([
+        doc["eventId"], "OrderPlaced", 1, "2026-11-24T10:15:00.123Z",
+        {"order_id": "o-1", "user_id": "u-1",
+         "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "19.9000"},
+                   {"sku": "SKU-2", "quantity": 1, "unit_price": "0.0100"}],
+         "total_amount": "39.8100", "currency": "EUR",
+         "placed_at": "2026-11-24T10:15:00.123Z"}],
+        separators=(",", ":"), ensure_ascii=False)
+    assert event.fingerprint == hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()

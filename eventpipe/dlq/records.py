@@ -132,37 +132,33 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
     of its history). Returns the rows as saved."""
     chosen = {failure.dlq_key: failure for failure in failures}
     existing = load(conn, chosen, lock=True)
-    saved = []
+    changes: list[tuple[DeadLetter | None, DeadLetter]] = []
     for key in sorted(chosen):
         failure, before = chosen[key], existing.get(key)
         if before is None:
-            saved.append(save(conn, None, failure))
+            changes.append((None, failure))
             continue
         # A dead letter that had left the DLQ starts a new life; the old one is an episode
         # already (written when it left).
         first = before.first_failure_at if before.state not in CLOSED else failure.first_failure_at
         attempts = before.attempts + failure.attempts if before.state not in CLOSED \
             else failure.attempts
-        saved.append(save(conn, before, replace(
+        changes.append((before, replace(
             failure, first_failure_at=first, attempts=attempts, history=before.history,
             state=OPEN if failure.state == OPEN or before.state == OPEN else failure.state)))
-    return saved
+    # Together: a flood of poison is written a batch at a time, not a statement per message.
+    return save_all(conn, changes)
 
 
 def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position],
            now: datetime) -> list[DeadLetter]:
     """Another copy of held or dead-lettered events arrived (a duplicate, a redelivery): one
     more attempt each, at that position."""
-    saved = []
     existing = load(conn, keys, lock=True)
-    for key in sorted(existing):
-        before = existing[key]
-        if before.state not in (OPEN, WAITING):
-            continue
-        saved.append(save(conn, before, replace(
-            before, attempts=before.attempts + 1, last_failure_at=now,
-            position=position.get(key, before.position))))
-    return saved
+    return save_all(conn, [
+        (before, replace(before, attempts=before.attempts + 1, last_failure_at=now,
+                         position=position.get(key, before.position)))
+        for key, before in sorted(existing.items()) if before.state in (OPEN, WAITING)])
 
 
 def transition(conn: Connection, letter: DeadLetter, state: str, now: datetime,

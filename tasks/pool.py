@@ -19,15 +19,19 @@ Failure modes, and why they are safe:
   was dropped (its next poll), plus the batch it may start on waking: for that moment a
   partition may have two consumers.
 - A retry scheduled with a countdown, which Celery holds in memory until due, is handed back
-  to its queue when the queue is cancelled (`hand_back`), for the new consumer. A message
-  popped from a queue at the instant it is cancelled goes back to the far end of that queue.
+  to its queue when the queue is cancelled (`hand_back`), for the new consumer; so is a
+  message that a BRPOP sent before the cancel still takes from the queue
+  (`requeue_late_pops`). Both go back in front, where they came from (kombu's reject would
+  push them behind the batches queued since), and the revocation returns once they are back:
+  an orderly hand-over keeps the partition's order.
 - A process whose Celery thread stops answering (a batch past `TASK_TIME_LIMIT_S` plus a
   margin), that cannot change its queues, or whose member thread fails, exits, so that its
   supervisor restarts it and the group moves its partitions: it never holds partitions it
   does not serve, nor serves partitions it does not hold.
 In every case effects stay exactly-once through the guards every batch passes anyway (the
-fate record, version guards, the offset ledger), only the order of a hand-over's batches
-may differ, and `applied_events.worker` names the process that applied each event.
+fate record, version guards, the offset ledger); only around a killed or frozen member may
+a partition's batches be applied out of order, and `applied_events.worker` names the
+process that applied each event.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from celery.worker import state as worker_state
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from kombu.transport import virtual
+from kombu.transport.redis import Channel as RedisChannel
 
 from eventpipe import metrics
 from eventpipe.kafka import consumer_config, ensure_topic
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 WATCH_EVERY_S = 5.0  # how often Celery's thread is asked to answer
 STUCK_MARGIN_S = 30.0  # beyond TASK_TIME_LIMIT_S: no batch may hold Celery's thread longer
+BRPOP_MARGIN_S = 2.0  # beyond a BRPOP's timeout: Redis has answered it
 
 
 def pool_topic(settings: Settings) -> str:
@@ -75,26 +82,22 @@ class CeleryQueues:
 
     def want(self, queues: Iterable[str]) -> bool:
         """Consume exactly `queues`; True once Celery does, which under the solo pool is after
-        the batch in progress; False if Celery did not within `timeout_s`."""
+        the batch in progress, with every message taken from the queues let go back in them,
+        in front; False if Celery did not within `timeout_s`."""
         with self._lock:
             self._wanted = set(queues)
         done = threading.Event()
 
         def sync() -> None:
-            with self._lock:
-                wanted = set(self._wanted)
             try:
-                consuming = {queue.name for queue in self.consumer.task_consumer.queues
-                             if partition_of(queue.name) is not None}
-                for name in sorted(consuming - wanted):
-                    self.consumer.cancel_task_queue(name)
-                hand_back(self.consumer, consuming - wanted)
-                for name in sorted(wanted - consuming):
-                    self.consumer.add_task_queue(name)
+                cancelled = self._cancel_unwanted()
             except Exception:  # the broker is away: the caller sees no answer
                 log.exception("the worker's queues could not be changed")
                 return
-            done.set()
+            if cancelled:
+                self._after_earlier_brpop(lambda: self._take_wanted(done))
+            else:
+                self._take_wanted(done)
 
         self.consumer.call_soon(sync)
         return done.wait(self.timeout_s)
@@ -105,25 +108,120 @@ class CeleryQueues:
         self.consumer.call_soon(answered.set)
         return answered
 
+    def _wanted_now(self) -> set[str]:
+        with self._lock:
+            return set(self._wanted)
 
-def hand_back(consumer: Any, queues: set[str]) -> int:
-    """Requeue the retries this process holds for `queues`, so that they go to the queues'
-    new consumer rather than run here after the hand-over: Celery keeps a task with a
-    countdown unacknowledged in memory until it is due. How many. On Celery's thread."""
-    handed = 0
-    for request in list(worker_state.scheduled_requests):
-        if request.delivery_info.get("routing_key") not in queues:
-            continue
+    def _consuming(self) -> set[str]:
+        return {queue.name for queue in self.consumer.task_consumer.queues
+                if partition_of(queue.name) is not None}
+
+    def _cancel_unwanted(self) -> list[str]:
+        channel = getattr(self.consumer.task_consumer, "channel", None)
+        cancelled = sorted(self._consuming() - self._wanted_now())
+        for name in cancelled:
+            self.consumer.cancel_task_queue(name)
+            if isinstance(channel, RedisChannel):
+                requeue_late_pops(channel, name)
+        return cancelled
+
+    def _after_earlier_brpop(self, then: Callable[[], None], until: float | None = None) -> None:
+        """Run `then` on Celery's thread once the BRPOP that was waiting when queues were
+        cancelled is answered: it may still take a message from one of them (which goes back
+        in front, `requeue_late_pops`), and held retries must go back in front of that one.
+        Celery's loop runs these callbacks before it sends a new BRPOP, so one pending here is
+        the earlier one; a callback queued from the loop waits for its next turn. Redis answers
+        within the BRPOP's timeout; past it and a margin, go on (a paused BRPOP is read only
+        when the worker may take a message again)."""
+        channel = getattr(self.consumer.task_consumer, "channel", None)
+        if not isinstance(channel, RedisChannel) or channel._in_poll is None:
+            then()
+            return
+        now = time.monotonic()
+        if until is None:
+            until = now + channel.brpop_timeout + BRPOP_MARGIN_S
+        elif now > until:
+            log.warning("a BRPOP sent before the queues changed is still unanswered")
+            then()
+            return
+        deadline = until
+        self.consumer.call_soon(lambda: self._after_earlier_brpop(then, deadline))
+
+    def _take_wanted(self, done: threading.Event) -> None:
+        try:
+            consuming = self._consuming()
+            hand_back(self.consumer, consuming)
+            for name in sorted(self._wanted_now() - consuming):
+                self.consumer.add_task_queue(name)
+        except Exception:  # the broker is away: the caller sees no answer
+            log.exception("the worker's queues could not be changed")
+            return
+        done.set()
+
+
+def requeue_next(message: Any) -> None:
+    """Put an unacknowledged task message back where its queue's next consumer takes it first:
+    where it came from, since a partition's queue is taken oldest first.
+
+    On Redis that is the list's right end (kombu LPUSHes and BRPOPs from the right), where
+    kombu's own visibility restore puts it. kombu's reject with requeue pushes it at the left
+    end instead (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch
+    of the partition queued since, which would then be applied before it. Other brokers put
+    a requeued message back in its place themselves."""
+    channel = message.channel
+    if not isinstance(channel, RedisChannel):
+        message.reject(requeue=True)
+        return
+    # One transaction: out of kombu's unacked hash and index, RPUSHed.
+    channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
+    # record of it any more, and its next consumer may hold one under the same tag already.
+    virtual.QoS.ack(channel.qos, message.delivery_tag)  # type: ignore[no-untyped-call]
+
+
+def requeue_late_pops(channel: Any, queue: str) -> None:
+    """Messages that a BRPOP sent before `queue` was cancelled still takes from it go back in
+    front. Without a consumer kombu would push them behind the queue
+    (`Transport._deliver` → `_reject_inbound_message` → `QoS.reject`); this is the
+    transport's per-queue delivery callback, which consuming the queue again replaces."""
+
+    def deliver(raw: dict[str, Any]) -> None:
+        message = channel.Message(raw, channel=channel)
+        # Recorded as kombu records a delivery: the requeue takes it from that record.
+        channel.qos.append(message, message.delivery_tag)
+        requeue_next(message)
+        log.info("a task taken as its queue was let go is back in front of it",
+                 extra={"queue": queue})
+
+    channel.connection._callbacks[queue] = deliver
+
+
+def hand_back(consumer: Any, consumed: Collection[str],
+              requeue: Callable[[Any], None] = requeue_next) -> int:
+    """Requeue the retries this process holds for partition queues it no longer consumes,
+    so that they go to the queues' new consumer rather than run here after the hand-over:
+    Celery keeps a task with a countdown unacknowledged in memory until it is due. They go
+    back in front, the one due last first, so that the next consumer takes them in the order
+    they fall due and before the batches queued behind them, as this process would have.
+    How many. On Celery's thread."""
+    held = [request for request in list(worker_state.scheduled_requests)
+            if _moved(request.delivery_info.get("routing_key"), consumed)]
+    for request in sorted(held, key=lambda request: request.eta, reverse=True):
         if request._eta_timer_entry is not None:
             consumer.timer.cancel(request._eta_timer_entry)
-        request.reject(requeue=True)
+        requeue(request.message)
+        request.acknowledged = True  # no longer this process's to acknowledge
         consumer.qos.decrement_eventually()
         worker_state.scheduled_requests.discard(request)
         worker_state.requests.pop(request.id, None)
-        handed += 1
-    if handed:
-        log.info("retries handed back with their partitions", extra={"tasks": handed})
-    return handed
+    if held:
+        log.info("retries handed back with their partitions", extra={"tasks": len(held)})
+    return len(held)
+
+
+def _moved(routing_key: str | None, consumed: Collection[str]) -> bool:
+    return (routing_key is not None and partition_of(routing_key) is not None
+            and routing_key not in consumed)
 
 
 def _exit(reason: str) -> None:

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 from confluent_kafka import TopicPartition
@@ -118,33 +119,35 @@ def test_a_leaving_member_cancels_nothing_celery_already_stopped() -> None:
     assert celery.consumed == ["events.p1", "events.p2"]  # untouched
 
 
-def test_retries_held_for_a_cancelled_queue_go_back_to_it() -> None:
+def test_retries_held_for_queues_let_go_go_back_due_last_first() -> None:
     """Celery holds a countdown's task in memory until due; after a hand-over it must run at
-    the queue's new consumer, not here."""
+    the queue's new consumer, not here. Each goes back in front of the queue, so the last one
+    back, the one due first, is taken first. Real Redis: tests/integration/test_pool_handover.py."""
     from celery.worker import state as worker_state
 
     from tasks.pool import hand_back
 
     class Held:
-        def __init__(self, queue_name: str) -> None:
-            self.id = f"task-{queue_name}"
+        def __init__(self, queue_name: str, due_in_s: int) -> None:
+            self.id = f"task-{queue_name}-{due_in_s}"
             self.delivery_info = {"routing_key": queue_name}
+            self.eta = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=due_in_s)
             self._eta_timer_entry = object()
-            self.rejected: list[bool] = []
-
-        def reject(self, requeue: bool = False) -> None:
-            self.rejected.append(requeue)
+            self.message = self
+            self.acknowledged = False
 
     cancelled: list[object] = []
+    requeued: list[Held] = []
     consumer = SimpleNamespace(timer=SimpleNamespace(cancel=cancelled.append),
                                qos=SimpleNamespace(decrement_eventually=lambda: None))
-    moved, kept = Held("events.p3"), Held("events.p4")
-    for request in (moved, kept):
+    soon, late, kept = Held("events.p3", 5), Held("events.p3", 9), Held("events.p4", 1)
+    for request in (soon, late, kept):
         worker_state.scheduled_requests.add(request)
     try:
-        assert hand_back(consumer, {"events.p3"}) == 1
-        assert moved.rejected == [True] and cancelled == [moved._eta_timer_entry]
-        assert kept.rejected == [] and kept in worker_state.scheduled_requests
-        assert moved not in worker_state.scheduled_requests
+        assert hand_back(consumer, {"events.p4"}, requeue=requeued.append) == 2
+        assert requeued == [late, soon]
+        assert cancelled == [late._eta_timer_entry, soon._eta_timer_entry]
+        assert soon.acknowledged and late.acknowledged and not kept.acknowledged
+        assert list(worker_state.scheduled_requests) == [kept]
     finally:
         worker_state.scheduled_requests.discard(kept)

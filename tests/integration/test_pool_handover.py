@@ -1,0 +1,135 @@
+"""A partition's queue handed over by a worker (`tasks.pool.CeleryQueues`) keeps its order.
+
+A real Celery worker (the project's settings, solo pool, kombu's Redis transport) on a Redis
+server of its own, run on a thread so that the test can stand where the order was lost: between
+Redis answering a BRPOP sent before the queue was cancelled and the worker reading the answer.
+Holding the worker's loop there (`ThreadWorker.held`) is what a batch in progress, or a slow
+network, does; it makes the moment certain instead of rare. The queue's content is read back
+in the order the next consumer will take it: kombu LPUSHes new messages and BRPOPs from the
+right, so the right end is next.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+
+import pytest
+import redis
+from celery.worker import state as worker_state
+
+from eventpipe.queues import queue_name
+from launcher.embedded import start_redis
+from tasks.pool import CeleryQueues
+from tests.support.pipeline import wait_until
+from tests.support.thread_worker import ThreadWorker
+
+QUEUE = queue_name(3)
+# kombu's BRPOP waits 1 s by default; longer here, so that the one in flight when the queue
+# is cancelled is still waiting when the test sends (nothing else changes with it).
+BRPOP_TIMEOUT_S = 60
+
+
+@dataclass
+class Rig:
+    worker: ThreadWorker
+    broker: redis.Redis
+    queues: CeleryQueues
+    ran: list[int]
+
+    def send(self, number: int, countdown: float | None = None) -> str:
+        result = self.worker.app.send_task("record", args=[number], queue=QUEUE,
+                                           countdown=countdown)
+        return str(result.id)
+
+    def next_ids(self) -> list[str]:
+        """The queue's task ids, in the order a consumer takes them."""
+        return [json.loads(raw)["headers"]["id"]
+                for raw in reversed(self.broker.lrange(QUEUE, 0, -1))]
+
+    def etas(self) -> dict[str, datetime]:
+        return {json.loads(raw)["headers"]["id"]: datetime.fromisoformat(
+                    json.loads(raw)["headers"]["eta"])
+                for raw in self.broker.lrange(QUEUE, 0, -1)
+                if json.loads(raw)["headers"].get("eta")}
+
+    def brpop_waiting(self) -> bool:
+        """The worker has a BRPOP blocked at the server (it covers QUEUE while consumed)."""
+        return any(client["cmd"] == "brpop" and "b" in client["flags"]
+                   for client in self.broker.client_list())
+
+    def unacked(self) -> tuple[int, int]:
+        """kombu's record of messages delivered and not acknowledged: hash and index."""
+        return int(self.broker.hlen("unacked")), int(self.broker.zcard("unacked_index"))
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    server = start_redis()
+    worker = ThreadWorker(f"{server.url}/1", [QUEUE], brpop_timeout_s=BRPOP_TIMEOUT_S)
+    broker = redis.Redis.from_url(f"{server.url}/1")
+    ran: list[int] = []
+
+    @worker.app.task(name="record", shared=False)  # this app's only, not every later one's
+    def record(number: int) -> None:
+        ran.append(number)
+
+    try:
+        worker.start()
+        yield Rig(worker, broker, CeleryQueues(worker.consumer, timeout_s=30), ran)
+    finally:
+        worker.stop()
+        broker.close()
+        server.stop()
+
+
+def test_a_batch_popped_as_its_queue_is_cancelled_goes_back_to_be_taken_next(rig: Rig) -> None:
+    wait_until(rig.brpop_waiting, 10, "the worker's BRPOP waiting")
+    with ThreadPoolExecutor(1) as pool:
+        let_go = pool.submit(rig.queues.want, [])
+        wait_until(lambda: not rig.worker.consumer.task_consumer.consuming_from(QUEUE), 10,
+                   "the queue cancelled")
+        with rig.worker.held():
+            first = rig.send(1)
+            # Taken at once by the BRPOP sent before the cancel: the worker has not read it.
+            assert rig.broker.llen(QUEUE) == 0
+            second = rig.send(2)
+        assert let_go.result(30)
+    # The hand-over ends once the message is back, in front of the one sent after it.
+    assert rig.next_ids() == [first, second]
+    assert rig.unacked() == (0, 0)
+
+    assert rig.queues.want([QUEUE])
+    wait_until(lambda: len(rig.ran) == 2, 10, "both tasks run")
+    assert rig.ran == [1, 2]
+    wait_until(lambda: rig.unacked() == (0, 0), 10, "both acknowledged")
+
+
+def test_retries_held_for_a_moving_queue_go_back_first_in_the_order_they_fall_due(
+        rig: Rig) -> None:
+    """The worker holds two retries with a countdown (Celery keeps them unacknowledged in
+    memory), and a BRPOP in flight takes a batch as the queue moves; a later batch waits in
+    the queue. The next consumer must get the retries first, as they fall due, then the
+    batches in their order: what this worker would have done, in the same order."""
+    later = rig.send(1, countdown=BRPOP_TIMEOUT_S)
+    sooner = rig.send(2, countdown=BRPOP_TIMEOUT_S / 2)
+    wait_until(lambda: len(worker_state.scheduled_requests) == 2, 10, "both retries held")
+    wait_until(rig.brpop_waiting, 10, "the worker's BRPOP waiting")
+    with ThreadPoolExecutor(1) as pool:
+        let_go = pool.submit(rig.queues.want, [])
+        wait_until(lambda: not rig.worker.consumer.task_consumer.consuming_from(QUEUE), 10,
+                   "the queue cancelled")
+        with rig.worker.held():
+            in_flight = rig.send(3)
+            assert rig.broker.llen(QUEUE) == 0  # taken by the BRPOP, not read yet
+            queued = rig.send(4)
+        assert let_go.result(30)
+    assert rig.next_ids() == [sooner, later, in_flight, queued]
+    etas = rig.etas()  # still retries with a countdown, due when they were
+    assert etas.keys() == {sooner, later} and etas[sooner] < etas[later]
+    assert rig.unacked() == (0, 0)
+    assert not worker_state.scheduled_requests and rig.ran == []
+    assert rig.worker.consumer.qos.value == 1  # the prefetch the retries raised is given back

@@ -90,14 +90,13 @@ class CeleryQueues:
 
         def sync() -> None:
             try:
-                cancelled = self._cancel_unwanted()
+                self._cancel_unwanted()
             except Exception:  # the broker is away: the caller sees no answer
                 log.exception("the worker's queues could not be changed")
                 return
-            if cancelled:
-                self._after_earlier_brpop(lambda: self._take_wanted(done))
-            else:
-                self._take_wanted(done)
+            # Costs nothing when only adding: kombu sends no BRPOP for an added queue while
+            # one is pending either.
+            self._after_earlier_brpop(lambda: self._take_wanted(done))
 
         self.consumer.call_soon(sync)
         return done.wait(self.timeout_s)
@@ -116,14 +115,12 @@ class CeleryQueues:
         return {queue.name for queue in self.consumer.task_consumer.queues
                 if partition_of(queue.name) is not None}
 
-    def _cancel_unwanted(self) -> list[str]:
+    def _cancel_unwanted(self) -> None:
         channel = getattr(self.consumer.task_consumer, "channel", None)
-        cancelled = sorted(self._consuming() - self._wanted_now())
-        for name in cancelled:
+        for name in sorted(self._consuming() - self._wanted_now()):
             self.consumer.cancel_task_queue(name)
             if isinstance(channel, RedisChannel):
                 requeue_late_pops(channel, name)
-        return cancelled
 
     def _after_earlier_brpop(self, then: Callable[[], None], until: float | None = None) -> None:
         """Run `then` on Celery's thread once the BRPOP that was waiting when queues were
@@ -134,7 +131,7 @@ class CeleryQueues:
         within the BRPOP's timeout; past it and a margin, go on (a paused BRPOP is read only
         when the worker may take a message again)."""
         channel = getattr(self.consumer.task_consumer, "channel", None)
-        if not isinstance(channel, RedisChannel) or channel._in_poll is None:
+        if not isinstance(channel, RedisChannel) or not channel._in_poll:
             then()
             return
         now = time.monotonic()

@@ -211,7 +211,9 @@ def apply_events(self: Task, topic: str, partition: int,
     if transient is not None:
         log.warning("batch retried in %.1fs: %s", transient.delay_s, transient.reason, extra={
             "topic": topic, "partition": partition, "taskId": self.request.id,
-            "attempt": self.request.retries + 1, "events": len(transient.messages)})
+            "attempt": self.request.retries + 1, "events": len(transient.messages),
+            "offsetFirst": transient.messages[0].offset,
+            "offsetLast": transient.messages[-1].offset})
         raise self.retry(args=[topic, partition, [m.to_wire() for m in transient.messages]],
                          countdown=transient.delay_s,
                          argsrepr=task_summary(topic, partition, transient.messages))

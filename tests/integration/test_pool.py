@@ -6,21 +6,35 @@ workers split the partitions 4/4/4; one is SIGKILLed and its partitions move; a 
 and takes a share; one is SIGSTOPped past the session timeout and resumed. A sampler reads the
 status board every quarter second (what each worker process says it consumes, once a second);
 it counts a process as consuming only while its word is fresh, since a frozen one says nothing.
+
+Order: within a partition, every batch (the events one worker applied in one transaction,
+`applied_events` by worker and `applied_at`) is applied after those of lower offsets, except
+a batch that waited for a retry (the workers log its offsets) and, on the partitions of a
+killed or frozen worker, from the signal until everything sent before it is done: its batch
+in progress is re-read after later ones, or finished on waking. Orderly hand-overs (workers
+joining, the woken one taking a share again) keep the order.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine, func, select, text
 
 from eventpipe.samples import Story
 from eventpipe.status import WORKER, Board
+from eventpipe.tables import applied_events
 from eventpipe.verify import render
 from tests.support.pipeline import Pipeline, wait_until
 
@@ -92,6 +106,78 @@ class Sampler:
         return worst
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The events of one partition one worker applied in one transaction."""
+
+    partition: int
+    applied_at: datetime
+    worker: str
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Where a partition's batches may be applied out of order, and why."""
+
+    partitions: frozenset[int]
+    start: datetime
+    end: datetime
+    why: str
+
+    def covers(self, batch: Batch) -> bool:
+        return batch.partition in self.partitions and self.start <= batch.applied_at <= self.end
+
+
+def applied_batches(engine: Engine) -> list[Batch]:
+    """Every transaction's share of each partition, in the order they were applied."""
+    t = applied_events.c
+    query = (select(t.kafka_partition, t.applied_at, t.worker, func.min(t.kafka_offset),
+                    func.max(t.kafka_offset))
+             .group_by(t.kafka_partition, t.applied_at, t.worker).order_by(t.applied_at))
+    with engine.connect() as conn:
+        return [Batch(*row) for row in conn.execute(query)]
+
+
+def out_of_order(batches: Iterable[Batch]) -> list[Batch]:
+    """Batches applied after a batch of a later offset of their partition."""
+    highest: dict[int, int] = {}
+    late = []
+    for batch in batches:
+        if batch.first < highest.get(batch.partition, -1):
+            late.append(batch)
+        highest[batch.partition] = max(highest.get(batch.partition, -1), batch.last)
+    return late
+
+
+def logged(path: Path, start: str) -> list[dict[str, Any]]:
+    """The records a process logged (JSON lines) whose message starts with `start`."""
+    records = (json.loads(line) for line in path.read_text(errors="replace").splitlines()
+               if line.startswith("{"))
+    return [record for record in records if str(record.get("msg", "")).startswith(start)]
+
+
+def retried(logs: Iterable[Path]) -> dict[int, list[tuple[int, int]]]:
+    """Per partition, the offset ranges the workers logged as waiting for a retry."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for path in logs:
+        for record in logged(path, "batch retried"):
+            ranges.setdefault(record["partition"], []).append(
+                (record["offsetFirst"], record["offsetLast"]))
+        for record in logged(path, "event failed, retrying it alone"):
+            ranges.setdefault(record["partition"], []).append((record["offset"],) * 2)
+    return ranges
+
+
+def unexplained(late: list[Batch], windows: list[Window],
+                retries: dict[int, list[tuple[int, int]]]) -> list[Batch]:
+    return [batch for batch in late
+            if not any(window.covers(batch) for window in windows)
+            and not any(first <= batch.last and batch.first <= last
+                        for first, last in retries.get(batch.partition, []))]
+
+
 @pytest.fixture
 def pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
     made = Pipeline(kafka_broker, tmp_path, partitions=PARTITIONS,
@@ -125,8 +211,14 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
         sent += pipeline.send(parts[1])
         wait_until(lambda: pipeline.applied_count() > 6000, 120, "the second part flowing")
         killed = workers[0]
+        windows = [started(sampler, killed, "killed")]
         killed.send_signal(signal.SIGKILL)
         wait_until(lambda: sampler.shares() == [6, 6], 60, "the two others with 6 each")
+        # Its batch in progress is re-read once its lease lapses; the window closes when all
+        # sent so far is done, so that the next hand-over is judged on its own.
+        ends = pipeline.end_offsets()
+        wait_until(lambda: pipeline.committed_offsets() == ends, 120, "the first half done")
+        windows[-1] = closed(windows[-1])
 
         # A fourth joins and takes a share.
         sent += pipeline.send(parts[2])
@@ -137,6 +229,7 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
         # it rejoins with a share of its own.
         sent += pipeline.send(parts[3])
         frozen = workers[1]
+        windows.append(started(sampler, frozen, "frozen"))
         frozen.send_signal(signal.SIGSTOP)
         wait_until(lambda: sampler.shares() == [6, 6], 60, "the others covering for it")
         time.sleep(1.0)  # a second more past the hand-over, frozen all along
@@ -146,12 +239,104 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
         ends = pipeline.end_offsets()
         assert sum(ends.values()) == sent
         wait_until(lambda: pipeline.committed_offsets() == ends, 180, "every event done")
+        windows[-1] = closed(windows[-1])
 
     report = pipeline.verify()
     assert report.clean, render(report)
     uncovered = sampler.longest("none")
     doubled = sampler.longest("several")
+    late = out_of_order(applied_batches(pipeline.engine))
     print(f"longest without a worker: {max(uncovered.values()):.1f} s; "
-          f"longest with two: {max(doubled.values()):.1f} s")
+          f"longest with two: {max(doubled.values()):.1f} s; "
+          f"batches applied after a later one: {len(late)}")
     assert max(uncovered.values()) <= FAILOVER_BOUND_S, uncovered
     assert max(doubled.values()) <= HANDOVER_WINDOW_S, doubled
+    logs = sorted(pipeline.log_dir.glob(f"{pipeline.name}-w*.log"))
+    assert unexplained(late, windows, retried(logs)) == [], windows
+
+
+def started(sampler: Sampler, worker: subprocess.Popen[bytes], why: str) -> Window:
+    """A window opening now on the partitions `worker` consumes; closed by `closed`."""
+    name = f":{worker.pid}"
+    mine = frozenset(p for p, names in sampler.now().items()
+                     if any(n.endswith(name) for n in names))
+    assert mine, f"the {why} worker consumed nothing"
+    now = datetime.now(UTC)
+    return Window(mine, now, now, why)
+
+
+def closed(window: Window) -> Window:
+    return Window(window.partitions, window.start, datetime.now(UTC), window.why)
+
+
+# A retry waits 15–30 s (the upper half of the backoff): longer than a worker takes to join and
+# the group to hand a partition over, so the retry is still held when its queue moves.
+RETRY_S = 30.0
+
+
+@pytest.fixture
+def two_partitions(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
+    made = Pipeline(kafka_broker, tmp_path, partitions=2,
+                    KAFKA_SESSION_TIMEOUT_MS=str(int(SESSION_TIMEOUT_S * 1000)),
+                    DATABASE_LOCK_TIMEOUT_S="0.5",
+                    RETRY_BACKOFF_BASE_S=str(RETRY_S), RETRY_BACKOFF_MAX_S=str(RETRY_S),
+                    # A part sent at once leaves as one batch per partition.
+                    BATCH_MAX_WAIT_MS="1000")
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
+        two_partitions: Pipeline) -> None:
+    """One worker holds both partitions; their first batches cannot claim their events (the
+    test locks the table) and wait for a retry, which Celery holds in the worker's memory.
+    A second worker joins and takes one partition: that retry goes back to its queue and the
+    new owner applies it when due, the other retry stays; each partition's batches keep
+    their order."""
+    pipeline = two_partitions
+    story = Story(seed=15)
+    board = Board(pipeline.redis, pipeline.settings.kafka_group_id)
+
+    def pool_worker(name: str) -> tuple[str, Path]:
+        process = pipeline.start_celery_worker("--without-mingle", "--without-gossip",
+                                               "--loglevel", "INFO", name=name)
+        return f"{socket.gethostname()}:{process.pid}", pipeline.log_dir / (
+            f"{pipeline.name}-{name}.log")
+
+    def consumed() -> dict[str, list[int]]:
+        return {member.name: sorted(member.said.get("queues", []))
+                for member in board.members() if member.role == WORKER and member.age_s < 2.5}
+
+    first, first_log = pool_worker("w1")
+    pipeline.start_bridge()
+    wait_until(lambda: consumed() == {first: [0, 1]}, 60, "one worker with both partitions")
+    with pipeline.engine.connect() as lock:
+        lock.execute(text("LOCK TABLE applied_events IN EXCLUSIVE MODE"))
+        sent = pipeline.send([story.next() for _ in range(40)])
+        wait_until(lambda: {r["partition"] for r in logged(first_log, "batch retried")}
+                   == {0, 1}, 30, "a retry held for each partition")
+        lock.rollback()
+    second, _ = pool_worker("w2")
+    wait_until(lambda: sorted(map(len, consumed().values())) == [1, 1], 60, "one each")
+    (moved,) = consumed()[second]
+    wait_until(lambda: bool(logged(first_log, "retries handed back")), 30,
+               "the retry handed back")
+    first_part = pipeline.end_offsets()
+    wait_until(lambda: pipeline.committed_offsets() == first_part, RETRY_S + 30,
+               "both retries done")
+    sent += pipeline.send([story.next() for _ in range(40)])
+    ends = pipeline.end_offsets()
+    assert sum(ends.values()) == sent
+    wait_until(lambda: pipeline.committed_offsets() == ends, 60, "every event done")
+
+    report = pipeline.verify()
+    assert report.clean, render(report)
+    # One retry per partition, of its whole first part; the moved one's handed back.
+    assert retried([first_log]) == {p: [(0, end - 1)] for p, end in first_part.items()}
+    assert [r["tasks"] for r in logged(first_log, "retries handed back")] == [1]
+    batches = applied_batches(pipeline.engine)
+    assert {b.worker for b in batches if b.partition == moved} == {second}
+    assert {b.worker for b in batches if b.partition != moved} == {first}
+    assert out_of_order(batches) == []

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import pytest
 import redis
@@ -45,16 +46,35 @@ class Rig:
                                            countdown=countdown)
         return str(result.id)
 
+    def waiting(self) -> list[dict[str, Any]]:
+        """The headers of the queue's tasks, in the order a consumer takes them."""
+        return [json.loads(raw)["headers"] for raw in reversed(self.broker.lrange(QUEUE, 0, -1))]
+
     def next_ids(self) -> list[str]:
-        """The queue's task ids, in the order a consumer takes them."""
-        return [json.loads(raw)["headers"]["id"]
-                for raw in reversed(self.broker.lrange(QUEUE, 0, -1))]
+        return [headers["id"] for headers in self.waiting()]
 
     def etas(self) -> dict[str, datetime]:
-        return {json.loads(raw)["headers"]["id"]: datetime.fromisoformat(
-                    json.loads(raw)["headers"]["eta"])
-                for raw in self.broker.lrange(QUEUE, 0, -1)
-                if json.loads(raw)["headers"].get("eta")}
+        return {headers["id"]: datetime.fromisoformat(headers["eta"])
+                for headers in self.waiting() if headers.get("eta")}
+
+    def let_go_as_a_brpop_takes(self, number: int, then: int) -> tuple[str, str]:
+        """Let the queue go while the worker's BRPOP waits on it; send a task, which that
+        BRPOP takes while the worker's loop is held (it is not read yet), then another, which
+        waits in the queue. Their ids, once the hand-over ended."""
+        wait_until(self.brpop_waiting, 10, "the worker's BRPOP waiting")
+        with ThreadPoolExecutor(1) as pool:
+            let_go = pool.submit(self.queues.want, [])
+            wait_until(lambda: not self.worker.consumer.task_consumer.consuming_from(QUEUE),
+                       10, "the queue cancelled")
+            with self.worker.held():
+                waiting = self.broker.llen(QUEUE)
+                taken = self.send(number)
+                # Not so if something given back before the BRPOP was answered (a retry)
+                # fed it instead.
+                assert self.broker.llen(QUEUE) == waiting, "the BRPOP pending did not take it"
+                queued = self.send(then)
+            assert let_go.result(30)
+        return taken, queued
 
     def brpop_waiting(self) -> bool:
         """The worker has a BRPOP blocked at the server (it covers QUEUE while consumed)."""
@@ -87,19 +107,9 @@ def rig() -> Iterator[Rig]:
 
 
 def test_a_batch_popped_as_its_queue_is_cancelled_goes_back_to_be_taken_next(rig: Rig) -> None:
-    wait_until(rig.brpop_waiting, 10, "the worker's BRPOP waiting")
-    with ThreadPoolExecutor(1) as pool:
-        let_go = pool.submit(rig.queues.want, [])
-        wait_until(lambda: not rig.worker.consumer.task_consumer.consuming_from(QUEUE), 10,
-                   "the queue cancelled")
-        with rig.worker.held():
-            first = rig.send(1)
-            # Taken at once by the BRPOP sent before the cancel: the worker has not read it.
-            assert rig.broker.llen(QUEUE) == 0
-            second = rig.send(2)
-        assert let_go.result(30)
-    # The hand-over ends once the message is back, in front of the one sent after it.
-    assert rig.next_ids() == [first, second]
+    taken, queued = rig.let_go_as_a_brpop_takes(1, then=2)
+    # The hand-over ends once the task is back, in front of the one sent after it.
+    assert rig.next_ids() == [taken, queued]
     assert rig.unacked() == (0, 0)
 
     assert rig.queues.want([QUEUE])
@@ -117,17 +127,8 @@ def test_retries_held_for_a_moving_queue_go_back_first_in_the_order_they_fall_du
     later = rig.send(1, countdown=BRPOP_TIMEOUT_S)
     sooner = rig.send(2, countdown=BRPOP_TIMEOUT_S / 2)
     wait_until(lambda: len(worker_state.scheduled_requests) == 2, 10, "both retries held")
-    wait_until(rig.brpop_waiting, 10, "the worker's BRPOP waiting")
-    with ThreadPoolExecutor(1) as pool:
-        let_go = pool.submit(rig.queues.want, [])
-        wait_until(lambda: not rig.worker.consumer.task_consumer.consuming_from(QUEUE), 10,
-                   "the queue cancelled")
-        with rig.worker.held():
-            in_flight = rig.send(3)
-            assert rig.broker.llen(QUEUE) == 0  # taken by the BRPOP, not read yet
-            queued = rig.send(4)
-        assert let_go.result(30)
-    assert rig.next_ids() == [sooner, later, in_flight, queued]
+    taken, queued = rig.let_go_as_a_brpop_takes(3, then=4)
+    assert rig.next_ids() == [sooner, later, taken, queued]
     etas = rig.etas()  # still retries with a countdown, due when they were
     assert etas.keys() == {sooner, later} and etas[sooner] < etas[later]
     assert rig.unacked() == (0, 0)

@@ -14,8 +14,10 @@ until every offset is, so the consumer-group join is not counted. The commit int
 0.2 s (shipped: 1 s) so the clock follows the work closely.
 
 Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
-applied (`applied_events.applied_at`), after a warm-up. Peak RSS: each process's high-water
-mark (`VmHWM`) at the end of the shipped run.
+applied (`applied_events.applied_at`), after a warm-up; and first the broker's own: produced
+→ consumed by a consumer configured as the bridge's. Peak RSS: each process's high-water mark
+(`VmHWM`) at the end of the shipped run. CPU: each kind of process's CPU time over the shipped
+run, per message (`bench.cpu`).
 """
 
 from __future__ import annotations

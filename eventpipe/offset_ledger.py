@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 _NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
@@ -118,17 +120,22 @@ return result
 """
 
 # KEYS: running key, done zset, lease zset. ARGV: first, last, then the offsets done. Marks
-# them done and clears the record if it is still ours.
+# them done and clears the record if it is still ours: our range, or a part of it we narrowed
+# to (left behind, it would count a death that never happened when the rest is retried).
 _FINISH = _STEPS + """
 mark_done(KEYS[2], KEYS[3], 3, #ARGV)
 local previous = redis.call('GET', KEYS[1])
-if previous and string.match(previous, '^(%d+ %d+) ') == ARGV[1] .. ' ' .. ARGV[2] then
-  redis.call('DEL', KEYS[1])
+if previous then
+  local first, last = string.match(previous, '^(%d+) (%d+) ')
+  if first and tonumber(first) >= tonumber(ARGV[1]) and tonumber(last) <= tonumber(ARGV[2]) then
+    redis.call('DEL', KEYS[1])
+  end
 end
 return 0
 """
 
 RUNNING_TTL_S = 86_400
+_FINISH_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +225,9 @@ class OffsetLedger:
     def finish(self, topic: str, partition: int, first: int, last: int,
                done: Iterable[int] = ()) -> None:
         """Mark `done` offsets done and clear the record of first..last (`begin`), in one
-        round trip."""
-        self._finish(keys=[self._key("running", topic, partition),
-                           self._key("done", topic, partition),
-                           self._key("lease", topic, partition)],
-                     args=[first, last, *map(str, done)])
+        round trip. Being idempotent, it is tried again over a blip of the connection: lost,
+        the marks would cost the whole batch again as duplicates."""
+        keys = [self._key(kind, topic, partition) for kind in ("running", "done", "lease")]
+        args: list[int | str] = [first, last, *map(str, done)]
+        _FINISH_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),
+                                      lambda _error: None)

@@ -97,11 +97,6 @@ def load_orders(conn: Connection, ids: Collection[str]) -> dict[str, OrderRow]:
             for row in conn.execute(select(orders).where(where))}
 
 
-def load_payments(conn: Connection, ids: Collection[str]) -> dict[str, PaymentRow]:
-    return {row.payment_id: _payment(row) for where in in_keys(conn, payments.c.payment_id, ids)
-            for row in conn.execute(select(payments).where(where))}
-
-
 def user_standings(rows: Mapping[str, UserRow | UserFacts]) -> dict[str, Standing]:
     return {user_id: user_standing(user_id, row.email, row.email_owner)
             for user_id, row in rows.items()}
@@ -173,8 +168,7 @@ class Lookup:
                                          row.user_id in parents)
                 for order_id, row in rows.items()}
 
-    def payment_standings(self, rows: Mapping[str, PaymentRow | PaymentFacts],
-                          ) -> dict[str, Standing]:
+    def payment_standings(self, rows: Mapping[str, PaymentFacts]) -> dict[str, Standing]:
         parents = self.orders({row.order_id for row in rows.values()})
         parent_standings = self.order_standings(parents)
         result: dict[str, Standing] = {}

@@ -157,23 +157,34 @@ class CeleryQueues:
 
 
 def requeue_next(message: Any) -> None:
-    """Put an unacknowledged task message back where its queue's next consumer takes it first:
-    where it came from, since a partition's queue is taken oldest first.
+    """Put an unacknowledged task message of kombu's Redis transport back where its queue's
+    next consumer takes it first: where it came from, since a partition's queue is taken
+    oldest first.
 
-    On Redis that is the list's right end (kombu LPUSHes and BRPOPs from the right), where
-    kombu's own visibility restore puts it. kombu's reject with requeue pushes it at the left
-    end instead (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch
-    of the partition queued since, which would then be applied before it. Other brokers put
-    a requeued message back in its place themselves."""
+    That is the list's right end (kombu LPUSHes and BRPOPs from the right), where kombu's own
+    visibility restore puts it. kombu's reject with requeue pushes it at the left end instead
+    (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch of the
+    partition queued since, which would then be applied before it."""
     channel = message.channel
-    if not isinstance(channel, RedisChannel):
-        message.reject(requeue=True)
-        return
     # One transaction: out of kombu's unacked hash and index, RPUSHed.
     channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
     # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
     # record of it any more, and its next consumer may hold one under the same tag already.
     virtual.QoS.ack(channel.qos, message.delivery_tag)  # type: ignore[no-untyped-call]
+    message._state = "REQUEUED"  # as kombu's own reject(requeue=True) leaves it
+
+
+def requeue_request(request: Any) -> None:
+    """Give a task Celery holds back to its queue, in front, as Celery's own reject with
+    requeue would (the message's state, Flower's `task-rejected`) but for the place. Other
+    brokers put a requeued message back in its place themselves; Celery's reject logs a
+    connection error rather than raise it (the closing channel requeues the message then)."""
+    if not isinstance(request.message.channel, RedisChannel):
+        request.reject(requeue=True)
+        return
+    requeue_next(request.message)
+    request.acknowledged = True  # no longer this process's to acknowledge
+    request.send_event("task-rejected", requeue=True)
 
 
 def requeue_late_pops(channel: Any, queue: str) -> None:
@@ -194,7 +205,7 @@ def requeue_late_pops(channel: Any, queue: str) -> None:
 
 
 def hand_back(consumer: Any, consumed: Collection[str],
-              requeue: Callable[[Any], None] = requeue_next) -> int:
+              requeue: Callable[[Any], None] = requeue_request) -> int:
     """Requeue the retries this process holds for partition queues it no longer consumes,
     so that they go to the queues' new consumer rather than run here after the hand-over:
     Celery keeps a task with a countdown unacknowledged in memory until it is due. They go
@@ -206,8 +217,7 @@ def hand_back(consumer: Any, consumed: Collection[str],
     for request in sorted(held, key=lambda request: request.eta, reverse=True):
         if request._eta_timer_entry is not None:
             consumer.timer.cancel(request._eta_timer_entry)
-        requeue(request.message)
-        request.acknowledged = True  # no longer this process's to acknowledge
+        requeue(request)
         consumer.qos.decrement_eventually()
         worker_state.scheduled_requests.discard(request)
         worker_state.requests.pop(request.id, None)

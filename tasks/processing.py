@@ -12,10 +12,11 @@
    failed), split the part in two (something in it is bad), dead-letter a single message, or
    retry it alone later;
 5. puts new dead letters in the operators' stream (the SQL record is already durable; the
-   reconciler repairs the stream if this step is lost), and at the end marks the offsets of
-   every committed part done in the offset ledger as it clears the running range, in one
-   round trip (a process that dies before it only makes those events come back as
-   duplicates).
+   reconciler repairs the stream if this step is lost), and marks the offsets done in the
+   offset ledger as it clears the running range, in one round trip at the end (a process
+   that dies before it only makes those events come back as duplicates). A run that splits
+   or isolates marks each part done as it commits and renews the leases of the rest, so the
+   bridge sees it progress however long it takes.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Later:
 class Report:
     later: list[Later] = field(default_factory=list)
     fates: Counter[str] = field(default_factory=Counter)
-    done: list[int] = field(default_factory=list)  # offsets whose fate is committed
+    done: list[int] = field(default_factory=list)  # committed, not marked done yet
 
 
 class Processor:
@@ -92,6 +93,7 @@ class Processor:
         # As long as the bridge waits for a sign of life; extended for work that waits to
         # retry. A worker killed mid-batch lets its lease lapse soon, and the batch is re-read.
         self.lease_s = settings.redelivery_timeout_s
+        self._leased_at = 0.0  # when this run's leases were last written (monotonic)
         self.retries = 0
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
@@ -102,15 +104,18 @@ class Processor:
         first, last = messages[0].offset, messages[-1].offset
         crashed = self.ledger.begin(topic, partition, [m.offset for m in messages],
                                     self.lease_s)
-        if crashed is None:
-            self._work(topic, partition, [messages], report)
-        else:
-            log.warning("a worker died applying offsets %d–%d (%d time(s)): isolating them",
-                        crashed.first, crashed.last, crashed.deaths,
-                        extra={"topic": topic, "partition": partition, "offsetFirst": first,
-                               "offsetLast": last})
-            self._work(topic, partition, [[m] for m in messages], report, crashed)
-        self.ledger.finish(topic, partition, first, last, report.done)
+        self._leased_at = time.monotonic()
+        try:
+            if crashed is None:
+                self._work(topic, partition, [messages], report)
+            else:
+                log.warning("a worker died applying offsets %d–%d (%d time(s)): isolating "
+                            "them", crashed.first, crashed.last, crashed.deaths,
+                            extra={"topic": topic, "partition": partition,
+                                   "offsetFirst": first, "offsetLast": last})
+                self._work(topic, partition, [[m] for m in messages], report, crashed)
+        finally:  # an error is not a death: what committed is done, and the record goes
+            self.ledger.finish(topic, partition, first, last, report.done)
         return report
 
     # -- the failure path ---------------------------------------------------------------------
@@ -128,9 +133,11 @@ class Processor:
                 verdict = after_crashes(deaths, size=len(part), policy=self.policy)
                 if isinstance(verdict, GiveUp):
                     self._give_up(topic, partition, part[0], verdict, report)
+                    self._progress(topic, partition, parts, report)
                     continue
             try:
                 self._apply(topic, partition, part, report)
+                self._progress(topic, partition, parts, report)
                 continue
             except Exception as exc:
                 decision = decide(exc, size=len(part), attempts=max(m.attempts for m in part),
@@ -156,6 +163,23 @@ class Processor:
                                                     decision.reason, transient=False), report)
             else:
                 self._give_up(topic, partition, part[0], decision, report, failure)
+            self._progress(topic, partition, parts, report)
+
+    def _progress(self, topic: str, partition: int, parts: list[list[TaskMessage]],
+                  report: Report) -> None:
+        """Between the parts of a run that split or isolates: mark what committed done now
+        and keep the rest leased, so the bridge sees progress and does not read the run's
+        messages again while it lasts, however many parts it takes. (A run in one part
+        settles at the end, in the round trip that clears its record.)"""
+        if not parts:
+            return
+        renewals: dict[int, float] = {}
+        if time.monotonic() - self._leased_at >= self.lease_s / 3:
+            renewals = {m.offset: self.lease_s for part in parts for m in part}
+            self._leased_at = time.monotonic()
+        if report.done or renewals:
+            self.ledger.settle(topic, partition, report.done, renewals)
+            report.done.clear()
 
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
         # The offsets stay leased while they wait, so the bridge does not read them again.

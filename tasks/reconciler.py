@@ -9,7 +9,8 @@ round takes the keys of all the batches of that time together, so its fixed cost
 statements) is paid once for them rather than for every small batch, and the work per key
 shrinks as load grows. The reconciler's database lock still lets one round run at a time
 (without Redis every process may try, and the others skip). Dead letters of held events thus
-follow their batch by at most about a second.
+follow their batch by about a second and a half at most (a round skipped for the gap waits for
+the next batch or the interval).
 """
 
 from __future__ import annotations

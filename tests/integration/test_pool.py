@@ -293,8 +293,10 @@ def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
     """One worker holds both partitions; their first batches cannot claim their events (the
     test locks the table) and wait for a retry, which Celery holds in the worker's memory.
     A second worker joins and takes one partition: that retry goes back to its queue and the
-    new owner applies it when due, the other retry stays; each partition's batches keep
-    their order."""
+    new owner applies it when due, the other retry stays; the events sent next are applied
+    by each partition's owner, in order. (Celery does not hold a queue back behind a task
+    waiting for its countdown, so while a retry waits, later batches of its partition may
+    pass it, hand-over or not: the guards make that harmless.)"""
     pipeline = two_partitions
     story = Story(seed=15)
     board = Board(pipeline.redis, pipeline.settings.kafka_group_id)

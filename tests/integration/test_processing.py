@@ -24,6 +24,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Received
+from eventpipe.errors import TransientError
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import TaskMessage
 from eventpipe.samples import encode, inventory_adjusted
@@ -188,3 +189,73 @@ def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) ->
     assert mine.read(TOPIC, {0: 0})[0] == ({1, 2, 3}, set())
     mine.forget(TOPIC, [0])
     theirs.forget(TOPIC, [0])
+
+
+def test_a_long_isolation_keeps_the_bridge_informed(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A split cascade that outlives the redelivery timeout: each part that commits is marked
+    done at once, and the rest stays leased, so the bridge never reads the batch again while
+    it is still being applied (nor restarts it before the poison and takes that for a crash)."""
+    processor, ledger = parts
+    processor.lease_s = 1.0
+    seen: list[tuple[set[int], set[int]]] = []
+    real = apply_batch
+
+    def slow_on_poison(engine: Engine, batch: Sequence[Received],
+                       failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch):
+            seen.append(ledger.read(TOPIC, {0: 0})[0])
+            time.sleep(0.4)  # the database takes its time to fail
+            raise ValueError("a bug nobody foresaw")
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", slow_on_poison)
+    processor.run(TOPIC, 0, messages(40, poison_at=17))
+    done, leased = seen[-1]  # as the poison is tried alone, well past the first lease
+    assert len(seen) == 6
+    assert done == set(range(17))
+    assert leased == set(range(17, 40))
+
+
+def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    processor, ledger = parts
+    batch = messages(12)
+    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30)  # then its worker died
+    real = apply_batch
+    outages = [TransientError("the database is unreachable")]
+
+    def down_once_at_3(engine: Engine, batch: Sequence[Received],
+                       failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if outages and any(item.position.offset == 3 for item in batch):
+            raise outages.pop()
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", down_once_at_3)
+    [later] = processor.run(TOPIC, 0, batch).later
+    assert later.transient and [m.offset for m in later.messages] == list(range(3, 12))
+    # The world is back: the rest applies, and nothing is dead-lettered as a crash.
+    report = processor.run(TOPIC, 0, later.messages, retries=1)
+    assert report.later == [] and letters(engine) == []
+    assert applied_ids(engine) == {f"ev-{n}" for n in range(12)}
+    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(12)), set())
+
+
+def test_done_marks_survive_a_redis_hiccup_at_the_end(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    processor, ledger = parts
+    script = ledger._finish
+    hiccups = [redis.ConnectionError("Connection reset by peer")]
+
+    def finish(*args: Any, **kwargs: Any) -> Any:
+        if hiccups:
+            raise hiccups.pop()
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "_finish", finish)
+    processor.run(TOPIC, 0, messages(5))
+    assert hiccups == []
+    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(5)), set())

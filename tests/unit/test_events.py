@@ -266,3 +266,12 @@ def test_the_fingerprint_keeps_its_spelling() -> None:
          "placed_at": "2026-11-24T10:15:00.123Z"}],
         separators=(",", ":"), ensure_ascii=False)
     assert event.fingerprint == hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+    # Text outside ASCII is hashed as its UTF-8, not as \u escapes.
+    key, doc = user_created("u-1", email="zoe@example.com", name="Zoë Ångström",
+                            occurred_at=WHEN)
+    canonical = json.dumps([
+        doc["eventId"], "UserCreated", 1, "2026-11-24T10:15:00.123Z",
+        {"user_id": "u-1", "email": "zoe@example.com", "name": "Zoë Ångström",
+         "created_at": "2026-11-24T10:15:00.123Z"}], separators=(",", ":"), ensure_ascii=False)
+    assert parse_event(encode(doc), key).fingerprint == hashlib.blake2b(
+        canonical.encode(), digest_size=16).hexdigest()

@@ -36,16 +36,17 @@ from confluent_kafka import (
 from bridge.batching import Batcher
 from bridge.offsets import PartitionProgress
 from eventpipe import metrics, redis_clients
+from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.events import peek_identity
 from eventpipe.kafka import consumer_config
 from eventpipe.offset_ledger import OffsetLedger
-from eventpipe.queues import TaskMessage, make_celery, queue_depths, queue_name, send_batch
+from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
 log = logging.getLogger(__name__)
 
-# How often the queues of held partitions are looked at (one round trip for all of them).
+# How often the queues of held partitions are looked at.
 QUEUE_CHECK_S = 0.005
 
 
@@ -59,8 +60,7 @@ class Bridge:
         self.celery = celery or make_celery(settings, main="bridge")
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
-        self.broker_redis = redis_clients.celery_broker(settings.celery_broker_url,
-                                                        redis_clients.pipeline)
+        self.broker_queues = depth_reader(settings.celery_broker_url, redis_clients.pipeline)
         self.clock = clock
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes,
                                settings.batch_max_wait_ms / 1000)
@@ -68,7 +68,7 @@ class Bridge:
         self.unsent: dict[int, list[TaskMessage]] = {}
         self.queued: dict[int, int] = {}  # tasks waiting in each partition's queue, last seen
         # Partitions whose last task may still wait in their queue (`bridge.batching`): only
-        # known with a Redis broker, whose queue lengths are one round trip away.
+        # known of a broker that can be asked its queue lengths.
         self.held: set[int] = set()
         self._next_queue_check = 0.0
         self.high_watermarks: dict[int, int] = {}  # from librdkafka's statistics
@@ -194,7 +194,7 @@ class Bridge:
             self._pause(progress)
             return
         progress.dispatched([m.offset for m in messages], self.clock())
-        if self.broker_redis is not None:
+        if self.broker_queues is not None:
             self.held.add(partition)
         metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
         log.info("batch sent", extra={"partition": partition, "events": len(messages),
@@ -207,7 +207,7 @@ class Bridge:
     def _release_held(self, now: float) -> None:
         """Release the held partitions with messages waiting whose queue is empty now."""
         waiting = sorted(self.held & self.batcher.partitions())
-        if not waiting or now < self._next_queue_check or self.broker_redis is None:
+        if not waiting or now < self._next_queue_check or self.broker_queues is None:
             return
         self._next_queue_check = now + QUEUE_CHECK_S
         depths = self._measure_queues(waiting)
@@ -314,7 +314,7 @@ class Bridge:
         self._resume(progress)
 
     def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
-        if self.broker_redis is None or not chosen:
+        if self.broker_queues is None or not chosen:
             return
         depths = self._measure_queues(list(chosen))
         if depths is None:
@@ -324,12 +324,12 @@ class Bridge:
             metrics.QUEUE_DEPTH.labels(queue_name(partition)).set(depth)
 
     def _measure_queues(self, partitions: list[int]) -> dict[int, int] | None:
-        """Tasks waiting in these partitions' queues (one round trip), remembered in
+        """Tasks waiting in these partitions' queues, remembered in
         `queued`; None when the Celery broker cannot be asked."""
-        assert self.broker_redis is not None
+        assert self.broker_queues is not None
         try:
-            depths = queue_depths(self.broker_redis, partitions)
-        except redis.RedisError:
+            depths = self.broker_queues.read(partitions)
+        except Unanswered:
             return None
         self.queued.update(depths)
         return depths

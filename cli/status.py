@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from eventpipe import redis_clients
+from eventpipe.broker_queues import depth_reader
 from eventpipe.database import make_engine
 from eventpipe.settings import Settings
 from eventpipe.status import collect, render
@@ -26,11 +27,13 @@ def add_command(commands: Any) -> None:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings, writer=False)
     client = redis_clients.operator(settings.redis_url)
-    broker = redis_clients.celery_broker(settings.celery_broker_url, redis_clients.operator)
+    broker = depth_reader(settings.celery_broker_url, redis_clients.operator)
     try:
         status = collect(settings, engine, client, broker)
     finally:
         engine.dispose()
+        if broker is not None:
+            broker.close()
     if args.json or not sys.stdout.isatty():
         print(json.dumps(StatusSchema().dump(status), indent=2))
     else:

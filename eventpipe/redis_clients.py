@@ -9,8 +9,6 @@ Responses stay bytes (`decode_responses` off): dead letters hold the original me
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import redis
 
 _CONNECT_TIMEOUT_S = 2.0
@@ -30,8 +28,3 @@ def operator(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
                                 socket_timeout=30.0)
 
-
-def celery_broker(url: str, make: Callable[[str], redis.Redis]) -> redis.Redis | None:
-    """A client of the Celery broker at `url` (made by one of the factories above) when it is
-    Redis, whose queue lengths are one round trip away; None for another broker."""
-    return make(url) if url.startswith("redis") else None

@@ -27,9 +27,9 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, func, select
 
+from eventpipe.broker_queues import QueueDepths, Unanswered
 from eventpipe.dlq.letter import OPEN
 from eventpipe.metrics import event_type_label
-from eventpipe.queues import queue_depths
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from eventpipe.times import utc_iso
@@ -286,18 +286,18 @@ def _process(member: Member, partitions: list[int], rate: float) -> ProcessStatu
 
 
 def collect(settings: Settings, engine: Engine, client: redis.Redis,
-            broker: redis.Redis | None) -> Status:
-    """The status now. `broker` is the Celery broker when it is Redis (queue depths are read
-    there), else None (the bridge's last measure is shown, as when the broker does not
-    answer; then a problem says so)."""
+            broker: QueueDepths | None) -> Status:
+    """The status now. `broker` reads the Celery broker's queue depths (None: a broker that
+    cannot be asked; the bridge's last measure is shown then, as when the broker does not
+    answer, and a problem says so)."""
     members = Board(client, settings.kafka_group_id).members()
     queued: dict[int, int] = {}
     unanswered = []
     if broker is not None:
         try:
-            queued = queue_depths(broker, range(settings.kafka_partitions))
-        except redis.RedisError as exc:
-            unanswered.append(f"the Celery broker does not answer ({type(exc).__name__}): "
+            queued = broker.read(range(settings.kafka_partitions))
+        except Unanswered as exc:
+            unanswered.append(f"the Celery broker does not answer ({exc}): "
                               "queue depths are the bridge's last measure")
     status = assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
                       settings.kafka_partitions, members, queued,

@@ -15,6 +15,7 @@ from redis import Redis
 from sqlalchemy import Connection, Engine
 
 from eventpipe import redis_clients
+from eventpipe.broker_queues import QueueDepths, depth_reader
 from eventpipe.database import make_engine
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.settings import Settings
@@ -27,12 +28,12 @@ class Services:
     settings: Settings
     engine: Engine
     redis: Redis
-    broker: Redis | None
+    broker: QueueDepths | None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         client = redis_clients.request(settings.redis_url)
-        broker = redis_clients.celery_broker(settings.celery_broker_url, redis_clients.request)
+        broker = depth_reader(settings.celery_broker_url, redis_clients.request)
         return cls(settings, make_engine(settings, writer=False), client, broker)
 
     def dead_letters(self) -> DeadLetterStream:

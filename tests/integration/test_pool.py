@@ -24,6 +24,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,7 @@ from eventpipe.status import WORKER, Board
 from eventpipe.tables import applied_events
 from eventpipe.verify import render
 from tests.support.pipeline import Pipeline, wait_until
+from tests.support.rabbitmq import rabbitmq_vhost
 
 PARTITIONS = 12
 SESSION_TIMEOUT_S = 6.0
@@ -178,9 +181,35 @@ def unexplained(late: list[Batch], windows: list[Window],
                         for first, last in retries.get(batch.partition, []))]
 
 
-@pytest.fixture
-def pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
+def check_the_run(pipeline: Pipeline, sampler: Sampler, windows: list[Window]) -> None:
+    """The read model is right; no partition went without a worker past the failover bound
+    nor had two past the hand-over window; every batch applied after a later one of its
+    partition waited for a retry or was in a window."""
+    report = pipeline.verify()
+    assert report.clean, render(report)
+    uncovered = sampler.longest("none")
+    doubled = sampler.longest("several")
+    late = out_of_order(applied_batches(pipeline.engine))
+    print(f"longest without a worker: {max(uncovered.values()):.1f} s; "
+          f"longest with two: {max(doubled.values()):.1f} s; "
+          f"batches applied after a later one: {len(late)}")
+    assert max(uncovered.values()) <= FAILOVER_BOUND_S, uncovered
+    assert max(doubled.values()) <= HANDOVER_WINDOW_S, doubled
+    logs = sorted(pipeline.log_dir.glob(f"{pipeline.name}-w*.log"))
+    assert unexplained(late, windows, retried(logs)) == [], windows
+
+
+def pool_worker(pipeline: Pipeline, name: str) -> subprocess.Popen[bytes]:
+    """A worker as Celery users start one: no queue list, so it joins the pool."""
+    return pipeline.start_celery_worker("--without-mingle", "--without-gossip",
+                                        "--loglevel", "INFO", name=name)
+
+
+@contextmanager
+def twelve_partitions(kafka_broker: str, tmp_path: Path,
+                      celery_broker_url: str | None = None) -> Iterator[Pipeline]:
     made = Pipeline(kafka_broker, tmp_path, partitions=PARTITIONS,
+                    celery_broker_url=celery_broker_url,
                     KAFKA_SESSION_TIMEOUT_MS=str(int(SESSION_TIMEOUT_S * 1000)),
                     BATCH_MAX_EVENTS="200")
     try:
@@ -189,18 +218,20 @@ def pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
         made.close()
 
 
+@pytest.fixture
+def pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
+    with twelve_partitions(kafka_broker, tmp_path) as made:
+        yield made
+
+
 def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipeline) -> None:
     story = Story(seed=14)
     parts = [[story.next() for _ in range(5000)] for _ in range(4)]
     board = Board(pipeline.redis, pipeline.settings.kafka_group_id)
 
-    def pool_worker(name: str) -> subprocess.Popen[bytes]:
-        return pipeline.start_celery_worker("--without-mingle", "--without-gossip",
-                                            "--loglevel", "INFO", name=name)
-
     with Sampler(board) as sampler:
         sent = pipeline.send(parts[0])
-        workers = [pool_worker(f"w{n}") for n in range(3)]
+        workers = [pool_worker(pipeline, f"w{n}") for n in range(3)]
         pipeline.start_bridge()
         wait_until(lambda: sampler.shares() == [4, 4, 4], 60, "three workers with 4 each")
         covered_by = {p: names[0] for p, names in sampler.now().items()}
@@ -210,10 +241,7 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
         # SIGKILL mid-stream: the group drops the member after the session timeout.
         sent += pipeline.send(parts[1])
         wait_until(lambda: pipeline.applied_count() > 6000, 120, "the second part flowing")
-        killed = workers[0]
-        windows = [started(sampler, killed, "killed")]
-        killed.send_signal(signal.SIGKILL)
-        wait_until(lambda: sampler.shares() == [6, 6], 60, "the two others with 6 each")
+        windows = [killed(sampler, workers[0], then=[6, 6])]
         # Its batch in progress is re-read once its lease lapses; the window closes when all
         # sent so far is done, so that the next hand-over is judged on its own.
         ends = pipeline.end_offsets()
@@ -222,7 +250,7 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
 
         # A fourth joins and takes a share.
         sent += pipeline.send(parts[2])
-        workers.append(pool_worker("w3"))
+        workers.append(pool_worker(pipeline, "w3"))
         wait_until(lambda: sampler.shares() == [4, 4, 4], 60, "three workers with 4 each again")
 
         # SIGSTOP past the session timeout, then SIGCONT: the others took its partitions, and
@@ -241,18 +269,7 @@ def test_workers_share_the_partitions_and_fail_over_by_themselves(pipeline: Pipe
         wait_until(lambda: pipeline.committed_offsets() == ends, 180, "every event done")
         windows[-1] = closed(windows[-1])
 
-    report = pipeline.verify()
-    assert report.clean, render(report)
-    uncovered = sampler.longest("none")
-    doubled = sampler.longest("several")
-    late = out_of_order(applied_batches(pipeline.engine))
-    print(f"longest without a worker: {max(uncovered.values()):.1f} s; "
-          f"longest with two: {max(doubled.values()):.1f} s; "
-          f"batches applied after a later one: {len(late)}")
-    assert max(uncovered.values()) <= FAILOVER_BOUND_S, uncovered
-    assert max(doubled.values()) <= HANDOVER_WINDOW_S, doubled
-    logs = sorted(pipeline.log_dir.glob(f"{pipeline.name}-w*.log"))
-    assert unexplained(late, windows, retried(logs)) == [], windows
+    check_the_run(pipeline, sampler, windows)
 
 
 def started(sampler: Sampler, worker: subprocess.Popen[bytes], why: str) -> Window:
@@ -263,6 +280,15 @@ def started(sampler: Sampler, worker: subprocess.Popen[bytes], why: str) -> Wind
     assert mine, f"the {why} worker consumed nothing"
     now = datetime.now(UTC)
     return Window(mine, now, now, why)
+
+
+def killed(sampler: Sampler, worker: subprocess.Popen[bytes], then: list[int]) -> Window:
+    """SIGKILL `worker` and wait until the group dropped it (after the session timeout) and
+    the others hold shares `then`. A window on its partitions, opened as it was killed."""
+    window = started(sampler, worker, "killed")
+    worker.send_signal(signal.SIGKILL)
+    wait_until(lambda: sampler.shares() == then, 60, f"the others with {then}")
+    return window
 
 
 def closed(window: Window) -> Window:
@@ -301,9 +327,8 @@ def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
     story = Story(seed=15)
     board = Board(pipeline.redis, pipeline.settings.kafka_group_id)
 
-    def pool_worker(name: str) -> tuple[str, Path]:
-        process = pipeline.start_celery_worker("--without-mingle", "--without-gossip",
-                                               "--loglevel", "INFO", name=name)
+    def member(name: str) -> tuple[str, Path]:
+        process = pool_worker(pipeline, name)
         return f"{socket.gethostname()}:{process.pid}", pipeline.log_dir / (
             f"{pipeline.name}-{name}.log")
 
@@ -311,7 +336,7 @@ def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
         return {member.name: sorted(member.said.get("queues", []))
                 for member in board.members() if member.role == WORKER and member.age_s < 2.5}
 
-    first, first_log = pool_worker("w1")
+    first, first_log = member("w1")
     pipeline.start_bridge()
     wait_until(lambda: consumed() == {first: [0, 1]}, 60, "one worker with both partitions")
     with pipeline.engine.connect() as lock:
@@ -320,7 +345,7 @@ def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
         wait_until(lambda: {r["partition"] for r in logged(first_log, "batch retried")}
                    == {0, 1}, 30, "a retry held for each partition")
         lock.rollback()
-    second, _ = pool_worker("w2")
+    second, _ = member("w2")
     wait_until(lambda: sorted(map(len, consumed().values())) == [1, 1], 60, "one each")
     (moved,) = consumed()[second]
     wait_until(lambda: bool(logged(first_log, "retries handed back")), 30,
@@ -342,3 +367,66 @@ def test_a_retry_held_when_its_queue_moves_is_applied_by_the_new_owner_in_order(
     assert {b.worker for b in batches if b.partition == moved} == {second}
     assert {b.worker for b in batches if b.partition != moved} == {first}
     assert out_of_order(batches) == []
+
+
+@pytest.fixture
+def on_rabbitmq(kafka_broker: str, tmp_path: Path) -> Iterator[Pipeline]:
+    with rabbitmq_vhost() as broker_url, twelve_partitions(
+            kafka_broker, tmp_path, celery_broker_url=broker_url) as made:
+        yield made
+
+
+def test_the_pool_shares_and_hands_over_the_same_with_rabbitmq_as_the_celery_broker(
+        on_rabbitmq: Pipeline) -> None:
+    """The same pool when Celery's broker is RabbitMQ: what a member holds of a queue it lets
+    go goes back through Celery's reject, which RabbitMQ puts back in its place. While events
+    arrive steadily, two workers share the partitions, a third joins (an orderly hand-over
+    under traffic: order holds), one is SIGKILLed (the others take its partitions), and one
+    is stopped with SIGTERM (it finishes its batch and leaves: the last takes every
+    partition, order holding)."""
+    pipeline = on_rabbitmq
+    story = Story(seed=16)
+    board = Board(pipeline.redis, pipeline.settings.kafka_group_id)
+
+    with Sampler(board) as sampler:
+        workers = [pool_worker(pipeline, f"w{n}") for n in range(2)]
+        pipeline.start_bridge()
+        wait_until(lambda: sampler.shares() == [6, 6], 60, "two workers with 6 each")
+        sampler.samples.clear()
+
+        with ThreadPoolExecutor(1) as sending:  # 1,000 events/s for 40 s
+            sent = sending.submit(send_steadily, pipeline, story, 40_000, per_s=1000)
+            wait_until(lambda: pipeline.applied_count() > 2000, 60, "events flowing")
+            workers.append(pool_worker(pipeline, "w2"))
+            wait_until(lambda: sampler.shares() == [4, 4, 4], 60, "three workers with 4 each")
+            windows = [killed(sampler, workers[0], then=[6, 6])]
+            workers[1].send_signal(signal.SIGTERM)
+            assert workers[1].wait(60) == 0
+            wait_until(lambda: sampler.shares() == [12], 60, "the last worker with every one")
+            left_at = pipeline.applied_count()
+            total = sent.result(120)
+        assert left_at < total - 2000, "the hand-overs came after the traffic"
+
+        ends = pipeline.end_offsets()
+        assert sum(ends.values()) == total
+        wait_until(lambda: pipeline.committed_offsets() == ends, 180, "every event done")
+        windows[-1] = closed(windows[-1])
+
+    check_the_run(pipeline, sampler, windows)
+    logs = pipeline.log_dir.glob(f"{pipeline.name}-w*.log")
+    assert all(logged(path, "Connected to amqp://") for path in logs)  # RabbitMQ indeed
+    # The bridge reads RabbitMQ's queue depths: tasks waiting for a hand-over, or behind a
+    # backlog, are not taken for lost; only the killed worker's batch in progress is.
+    bridge_log = pipeline.log_dir / f"{pipeline.name}-bridge.log"
+    reread = {r["partition"] for r in logged(bridge_log, "events lost on the way")}
+    assert reread <= windows[0].partitions
+
+
+def send_steadily(pipeline: Pipeline, story: Story, events: int, per_s: int) -> int:
+    """Produce `events` at about `per_s` a second, a tenth of a second's worth at a time."""
+    sent = 0
+    started = time.monotonic()
+    while sent < events:
+        sent += pipeline.send([story.next() for _ in range(min(per_s // 10, events - sent))])
+        time.sleep(max(0.0, started + sent / per_s - time.monotonic()))
+    return sent

@@ -54,7 +54,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
 class Pipeline:
     def __init__(self, bootstrap: str, log_dir: Path, partitions: int = 4,
                  database_url: str | None = None, redis_proxy: bool = False,
-                 **overrides: str) -> None:
+                 celery_broker_url: str | None = None, **overrides: str) -> None:
         self.name = f"t{uuid.uuid4().hex[:8]}"
         self.log_dir = log_dir
         self.partitions = partitions
@@ -75,7 +75,7 @@ class Pipeline:
             "KAFKA_PARTITIONS": str(partitions),
             "KAFKA_GROUP_ID": f"{self.name}-bridge",
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/1",
+            "CELERY_BROKER_URL": celery_broker_url or f"redis://127.0.0.1:{redis_port}/1",
             "DLQ_STREAM": f"{self.name}:dlq",
             "BATCH_MAX_EVENTS": "100",
             "BATCH_MAX_WAIT_MS": "20",

@@ -46,8 +46,11 @@ from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
 log = logging.getLogger(__name__)
 
-# How often the queues of held partitions are looked at.
+# How often the queues of held partitions are looked at: at most every QUEUE_CHECK_S, and
+# never for more than a fifth of the loop's time (a broker asked one queue at a time, far
+# away, answers slower than Redis next door).
 QUEUE_CHECK_S = 0.005
+QUEUE_CHECK_SHARE = 0.2
 
 
 class Bridge:
@@ -60,7 +63,7 @@ class Bridge:
         self.celery = celery or make_celery(settings, main="bridge")
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
-        self.broker_queues = depth_reader(settings.celery_broker_url, redis_clients.pipeline)
+        self.broker_queues = depth_reader(settings, redis_clients.pipeline)
         self.clock = clock
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes,
                                settings.batch_max_wait_ms / 1000)
@@ -209,8 +212,10 @@ class Bridge:
         waiting = sorted(self.held & self.batcher.partitions())
         if not waiting or now < self._next_queue_check or self.broker_queues is None:
             return
-        self._next_queue_check = now + QUEUE_CHECK_S
+        started = time.monotonic()
         depths = self._measure_queues(waiting)
+        spent = time.monotonic() - started
+        self._next_queue_check = now + max(QUEUE_CHECK_S, spent / QUEUE_CHECK_SHARE)
         if depths is None:
             self.held.clear()  # unknown: send as if no task were waiting
             return

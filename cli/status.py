@@ -27,7 +27,7 @@ def add_command(commands: Any) -> None:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings, writer=False)
     client = redis_clients.operator(settings.redis_url)
-    broker = depth_reader(settings.celery_broker_url, redis_clients.operator)
+    broker = depth_reader(settings, redis_clients.operator)
     try:
         status = collect(settings, engine, client, broker)
     finally:

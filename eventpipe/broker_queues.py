@@ -4,21 +4,26 @@ The bridge needs it (a partition whose tasks still wait is not read again howeve
 wait, and a light partition's next batch waits for its queue to empty), and so do
 `eventpipe status` and `GET /status`. Redis answers for every queue in one round trip
 (`LLEN`); an AMQP broker (RabbitMQ) answers a passive declare per queue with its ready
-messages. Neither counts the task a worker holds (delivered, not acknowledged): the offset
-ledger has its offsets leased. Of another broker nothing is known (`depth_reader` gives
-None), and the callers fall back on their other evidence.
+messages. Neither counts a task a worker took (delivered, not acknowledged): the one it
+applies has its offsets leased in the offset ledger, but one it took ahead while it holds a
+retry (Celery widens a worker's prefetch by one per retry held) is counted nowhere until it
+starts, so its partition may be read again after `REDELIVERY_TIMEOUT_S` (duplicates, nothing
+lost). Of another broker nothing is known (`depth_reader` gives None), and the callers fall
+back on their other evidence.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis
-from kombu.connection import Connection
+from celery import Celery
 from kombu.exceptions import OperationalError
 
-from eventpipe.queues import queue_depths, queue_name
+from eventpipe.queues import make_celery, queue_depths, queue_name
+from eventpipe.settings import Settings
 
 _AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 _NOT_FOUND = 404  # AMQP reply code: no such queue (no task was ever sent to it)
@@ -51,51 +56,54 @@ class RedisDepths:
 
 
 class AmqpDepths:
-    """One connection, opened on first use and again after a failure; every call bounded by
-    `timeout_s`, so a broker that hangs costs the caller that long, not its loop."""
+    """One connection and one channel, opened on first use and again after a failure, every
+    call bounded by `timeout_s`; made as Celery makes its own (the same URL, TLS and
+    transport settings). Callers on several threads (the web API's) take turns."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self.connection: Any = Connection(  # type: ignore[no-untyped-call]
-            url, connect_timeout=timeout_s,
+    def __init__(self, celery: Celery, timeout_s: float) -> None:
+        self.connection: Any = celery.connection_for_read(
+            connect_timeout=timeout_s,
             transport_options={"read_timeout": timeout_s, "write_timeout": timeout_s})
         self.errors = (OperationalError, *self.connection.connection_errors,
                        *self.connection.channel_errors)
+        self._channel: Any = None
+        self._lock = threading.Lock()
 
     def read(self, partitions: Iterable[int]) -> dict[int, int]:
-        try:
-            self.connection.ensure_connection(max_retries=0)
-            channel = self.connection.channel()
-            depths = {}
+        with self._lock:
             try:
-                for partition in partitions:
-                    depths[partition], channel = self._depth(channel, queue_name(partition))
-            finally:
-                channel.close()
-            return depths
-        except self.errors as exc:
-            self.connection.collect()  # the next call connects afresh
-            raise Unanswered(f"{type(exc).__name__}: {exc}") from exc
+                if self._channel is None or not self._channel.is_open:
+                    self.connection.ensure_connection(max_retries=0)
+                    self._channel = self.connection.channel()
+                return {p: self._depth(queue_name(p)) for p in partitions}
+            except self.errors as exc:
+                self._channel = None
+                self.connection.collect()  # the next call connects afresh
+                raise Unanswered(f"{type(exc).__name__}: {exc}") from exc
 
-    def _depth(self, channel: Any, queue: str) -> tuple[int, Any]:
+    def _depth(self, queue: str) -> int:
         try:
-            return int(channel.queue_declare(queue=queue, passive=True).message_count), channel
+            return int(self._channel.queue_declare(queue=queue, passive=True).message_count)
         except self.connection.channel_errors as exc:
             if getattr(exc, "code", None) != _NOT_FOUND:
                 raise
-            return 0, self.connection.channel()  # the broker closed the channel that asked
+            return 0  # the client has reopened the channel the broker closed for asking
 
     def close(self) -> None:
-        self.connection.release()
+        with self._lock:
+            self._channel = None
+            self.connection.release()
 
 
-def depth_reader(url: str, redis_client: Callable[[str], redis.Redis],
+def depth_reader(settings: Settings, redis_client: Callable[[str], redis.Redis],
                  timeout_s: float = 5.0) -> QueueDepths | None:
-    """A reader of the queues of the Celery broker at `url` (a Redis one made by
-    `redis_client`, one of `eventpipe.redis_clients`' factories); None for a broker it
-    cannot ask."""
+    """A reader of the queues of the Celery broker the settings name (a Redis one through a
+    client `redis_client` makes, one of `eventpipe.redis_clients`' factories); None for a
+    broker it cannot ask."""
+    url = settings.celery_broker_url
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
     if scheme in ("redis", "rediss"):
         return RedisDepths(redis_client(url))
     if scheme in _AMQP_SCHEMES:
-        return AmqpDepths(url, timeout_s)
+        return AmqpDepths(make_celery(settings, main="queue-depths"), timeout_s)
     return None

@@ -119,16 +119,18 @@ redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. count, 'EX', ARGV
 return result
 """
 
-# KEYS: running key, done zset, lease zset. ARGV: first, last, then the offsets done. Marks
-# them done and clears the record if it is still ours: our range, or a part of it we narrowed
-# to (left behind, it would count a death that never happened when the rest is retried).
+# KEYS: running key, done zset, lease zset. ARGV: the first and last offsets of the record
+# as the run last wrote it, what to put in its place ('' to remove it), seconds that lives,
+# then the offsets done. Marks them done and replaces the record if it is still the run's:
+# one written since by another process is not this run's to touch.
 _FINISH = _STEPS + """
-mark_done(KEYS[2], KEYS[3], 3, #ARGV)
+mark_done(KEYS[2], KEYS[3], 5, #ARGV)
 local previous = redis.call('GET', KEYS[1])
-if previous then
-  local first, last = string.match(previous, '^(%d+) (%d+) ')
-  if first and tonumber(first) >= tonumber(ARGV[1]) and tonumber(last) <= tonumber(ARGV[2]) then
+if previous and string.match(previous, '^(%d+ %d+) ') == ARGV[1] .. ' ' .. ARGV[2] then
+  if ARGV[3] == '' then
     redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
   end
 end
 return 0
@@ -222,12 +224,15 @@ class OffsetLedger:
         self.client.set(self._key("running", topic, partition), f"{first} {last} {deaths}",
                         ex=RUNNING_TTL_S)
 
-    def finish(self, topic: str, partition: int, first: int, last: int,
-               done: Iterable[int] = ()) -> None:
-        """Mark `done` offsets done and clear the record of first..last (`begin`), in one
-        round trip. Being idempotent, it is tried again over a blip of the connection: lost,
-        the marks would cost the whole batch again as duplicates."""
+    def finish(self, topic: str, partition: int, running: tuple[int, int],
+               done: Iterable[int] = (), owed: Crashed | None = None) -> None:
+        """Mark `done` offsets done and remove the record of the range the run last wrote as
+        `running` (`begin`, `narrow`), in one round trip; with `owed`, put back instead the
+        deaths `begin` found, as they were before it counted this run, for the attempt that
+        takes up the messages left. Being idempotent, it is tried again over a blip of the
+        connection: lost, the marks would cost the whole batch again as duplicates."""
         keys = [self._key(kind, topic, partition) for kind in ("running", "done", "lease")]
-        args: list[int | str] = [first, last, *map(str, done)]
+        found = f"{owed.first} {owed.last} {owed.deaths - 1}" if owed is not None else ""
+        args: list[int | str] = [*running, found, RUNNING_TTL_S, *map(str, done)]
         _FINISH_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),
                                       lambda _error: None)

@@ -171,7 +171,7 @@ def requeue_next(message: Any) -> None:
     # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
     # record of it any more, and its next consumer may hold one under the same tag already.
     virtual.QoS.ack(channel.qos, message.delivery_tag)  # type: ignore[no-untyped-call]
-    message._state = "REQUEUED"  # as kombu's own reject(requeue=True) leaves it
+    message._state = "REQUEUED"  # as kombu's own Message.requeue() leaves it
 
 
 def requeue_request(request: Any) -> None:

@@ -16,7 +16,8 @@
    offset ledger as it clears the running range, in one round trip at the end (a process
    that dies before it only makes those events come back as duplicates). A run that splits
    or isolates marks each part done as it commits and renews the leases of the rest, so the
-   bridge sees it progress however long it takes.
+   bridge sees it progress however many parts it takes. Whatever ends a run, its running
+   record goes; deaths it found and did not get past are put back for the next attempt.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+import redis
 from sqlalchemy import Engine
 
 from eventpipe import metrics
@@ -94,6 +96,7 @@ class Processor:
         # retry. A worker killed mid-batch lets its lease lapse soon, and the batch is re-read.
         self.lease_s = settings.redelivery_timeout_s
         self._leased_at = 0.0  # when this run's leases were last written (monotonic)
+        self._running = (0, 0)  # the range this run last recorded as running
         self.retries = 0
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
@@ -105,31 +108,39 @@ class Processor:
         crashed = self.ledger.begin(topic, partition, [m.offset for m in messages],
                                     self.lease_s)
         self._leased_at = time.monotonic()
+        self._running = (first, last)
+        ended = False
         try:
             if crashed is None:
-                self._work(topic, partition, [messages], report)
+                ended = self._work(topic, partition, [messages], report)
             else:
                 log.warning("a worker died applying offsets %d–%d (%d time(s)): isolating "
                             "them", crashed.first, crashed.last, crashed.deaths,
                             extra={"topic": topic, "partition": partition,
                                    "offsetFirst": first, "offsetLast": last})
-                self._work(topic, partition, [[m] for m in messages], report, crashed)
-        finally:  # an error is not a death: what committed is done, and the record goes
-            self.ledger.finish(topic, partition, first, last, report.done)
+                ended = self._work(topic, partition, [[m] for m in messages], report, crashed)
+        finally:
+            # Neither an error nor a wait for the world is a death: the record of this run
+            # goes. The deaths it found are still owed to the messages it has not tried: put
+            # back as found, so that their next attempt counts them again, no more.
+            owed = crashed if crashed is not None and not ended else None
+            self.ledger.finish(topic, partition, self._running, report.done, owed)
         return report
 
     # -- the failure path ---------------------------------------------------------------------
 
     def _work(self, topic: str, partition: int, parts: list[list[TaskMessage]],
-              report: Report, crashed: Crashed | None = None) -> None:
-        """Apply the parts in order, splitting those that fail. When isolating after a worker
-        died (`crashed`), each message is recorded as the running one before it is applied,
-        so a death points at it, and one that died too often is given up."""
+              report: Report, crashed: Crashed | None = None) -> bool:
+        """Apply the parts in order, splitting those that fail; False if the rest waits for
+        the world instead. When isolating after a worker died (`crashed`), each message is
+        recorded as the running one before it is applied, so a death points at it, and one
+        that died too often is given up."""
         while parts:
             part = parts.pop(0)
             if crashed is not None:
                 deaths = crashed.deaths_of(part[0].offset)
                 self.ledger.narrow(topic, partition, part[0].offset, part[-1].offset, deaths)
+                self._running = (part[0].offset, part[-1].offset)
                 verdict = after_crashes(deaths, size=len(part), policy=self.policy)
                 if isinstance(verdict, GiveUp):
                     self._give_up(topic, partition, part[0], verdict, report)
@@ -137,17 +148,18 @@ class Processor:
                     continue
             try:
                 self._apply(topic, partition, part, report)
-                self._progress(topic, partition, parts, report)
-                continue
             except Exception as exc:
                 decision = decide(exc, size=len(part), attempts=max(m.attempts for m in part),
                                   retries=self.retries, policy=self.policy, rng=self.rng)
                 failure = exc
+            else:  # committed: nothing from here on is a failure of the part
+                self._progress(topic, partition, parts, report)
+                continue
             if isinstance(decision, RetryLater):
                 rest = [m for p in (part, *parts) for m in p]
                 self._later(topic, partition, Later(rest, decision.delay_s, decision.reason,
                                                     transient=True), report)
-                return
+                return False
             if isinstance(decision, Split):
                 middle = len(part) // 2
                 log.warning("part failed, splitting it: %s", decision.reason, extra={
@@ -164,22 +176,33 @@ class Processor:
             else:
                 self._give_up(topic, partition, part[0], decision, report, failure)
             self._progress(topic, partition, parts, report)
+        return True
 
     def _progress(self, topic: str, partition: int, parts: list[list[TaskMessage]],
                   report: Report) -> None:
         """Between the parts of a run that split or isolates: mark what committed done now
-        and keep the rest leased, so the bridge sees progress and does not read the run's
-        messages again while it lasts, however many parts it takes. (A run in one part
-        settles at the end, in the round trip that clears its record.)"""
+        and keep the rest leased (the parts to come, the messages set aside to retry), so the
+        bridge sees progress and reads none of them again while the run lasts, however many
+        parts it takes. A run in one part settles at the end, in the round trip that clears
+        its record; so do marks that could not be made here."""
         if not parts:
             return
         renewals: dict[int, float] = {}
         if time.monotonic() - self._leased_at >= self.lease_s / 3:
             renewals = {m.offset: self.lease_s for part in parts for m in part}
-            self._leased_at = time.monotonic()
-        if report.done or renewals:
+            renewals.update((m.offset, later.delay_s + self.lease_s)
+                            for later in report.later for m in later.messages)
+        if not report.done and not renewals:
+            return
+        try:
             self.ledger.settle(topic, partition, report.done, renewals)
-            report.done.clear()
+        except redis.RedisError as exc:
+            log.warning("progress not marked yet: %s", exc, extra={
+                "topic": topic, "partition": partition})
+            return
+        report.done.clear()
+        if renewals:
+            self._leased_at = time.monotonic()
 
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
         # The offsets stay leased while they wait, so the bridge does not read them again.

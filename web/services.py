@@ -1,9 +1,9 @@
 """What the API talks to, built once per app (so once per gunicorn worker process).
 
 One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings), one
-Redis client for the dead-letter queue and the status board, one for the Celery broker when it
-is Redis (the status reads queue depths there). A request borrows one database connection,
-opened on first use and handed back to the pool when the app context ends.
+Redis client for the dead-letter queue and the status board, one reader of the Celery broker's
+queue depths (`eventpipe.broker_queues`, for the status). A request borrows one database
+connection, opened on first use and handed back to the pool when the app context ends.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Services:
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         client = redis_clients.request(settings.redis_url)
-        broker = depth_reader(settings.celery_broker_url, redis_clients.request)
+        broker = depth_reader(settings, redis_clients.request)
         return cls(settings, make_engine(settings, writer=False), client, broker)
 
     def dead_letters(self) -> DeadLetterStream:

@@ -394,23 +394,30 @@ def test_the_pool_shares_and_hands_over_the_same_with_rabbitmq_as_the_celery_bro
         wait_until(lambda: sampler.shares() == [6, 6], 60, "two workers with 6 each")
         sampler.samples.clear()
 
-        with ThreadPoolExecutor(1) as sending:  # 1,000 events/s for 40 s
-            sent = sending.submit(send_steadily, pipeline, story, 40_000, per_s=1000)
-            wait_until(lambda: pipeline.applied_count() > 2000, 60, "events flowing")
-            workers.append(pool_worker(pipeline, "w2"))
-            wait_until(lambda: sampler.shares() == [4, 4, 4], 60, "three workers with 4 each")
-            windows = [killed(sampler, workers[0], then=[6, 6])]
-            workers[1].send_signal(signal.SIGTERM)
-            assert workers[1].wait(60) == 0
-            wait_until(lambda: sampler.shares() == [12], 60, "the last worker with every one")
-            left_at = pipeline.applied_count()
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as sending:  # 1,000 events/s until the hand-overs are done
+            sent = sending.submit(send_steadily, pipeline, story, 1000, stop, tail=2000)
+            try:
+                wait_until(lambda: pipeline.applied_count() > 2000, 60, "events flowing")
+                workers.append(pool_worker(pipeline, "w2"))
+                wait_until(lambda: sampler.shares() == [4, 4, 4], 60, "three with 4 each")
+                before_the_kill = pipeline.end_offsets()
+                windows = [killed(sampler, workers[0], then=[6, 6])]
+                # Closed once all sent before the kill is done (its batch in progress re-read
+                # when its lease lapses), so that the SIGTERM is judged on its own.
+                wait_until(lambda: caught_up(pipeline, before_the_kill), 120,
+                           "what was sent before the kill done")
+                windows[-1] = closed(windows[-1])
+                workers[1].send_signal(signal.SIGTERM)
+                assert workers[1].wait(60) == 0
+                wait_until(lambda: sampler.shares() == [12], 60, "the last one with all 12")
+            finally:
+                stop.set()
             total = sent.result(120)
-        assert left_at < total - 2000, "the hand-overs came after the traffic"
 
         ends = pipeline.end_offsets()
         assert sum(ends.values()) == total
         wait_until(lambda: pipeline.committed_offsets() == ends, 180, "every event done")
-        windows[-1] = closed(windows[-1])
 
     check_the_run(pipeline, sampler, windows)
     logs = pipeline.log_dir.glob(f"{pipeline.name}-w*.log")
@@ -422,11 +429,24 @@ def test_the_pool_shares_and_hands_over_the_same_with_rabbitmq_as_the_celery_bro
     assert reread <= windows[0].partitions
 
 
-def send_steadily(pipeline: Pipeline, story: Story, events: int, per_s: int) -> int:
-    """Produce `events` at about `per_s` a second, a tenth of a second's worth at a time."""
+def send_steadily(pipeline: Pipeline, story: Story, per_s: int, stop: threading.Event,
+                  tail: int) -> int:
+    """Produce about `per_s` events a second, a tenth of a second's worth at a time, until
+    `stop` is set and `tail` more are sent. How many in all."""
     sent = 0
+    left: int | None = None  # of the tail, once stopped
     started = time.monotonic()
-    while sent < events:
-        sent += pipeline.send([story.next() for _ in range(min(per_s // 10, events - sent))])
+    while left is None or left > 0:
+        if left is None and stop.is_set():
+            left = tail
+        chunk = per_s // 10 if left is None else min(per_s // 10, left)
+        sent += pipeline.send([story.next() for _ in range(chunk)])
+        if left is not None:
+            left -= chunk
         time.sleep(max(0.0, started + sent / per_s - time.monotonic()))
     return sent
+
+
+def caught_up(pipeline: Pipeline, ends: dict[int, int]) -> bool:
+    committed = pipeline.committed_offsets()
+    return all(committed.get(partition, 0) >= end for partition, end in ends.items())

@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Received
 from eventpipe.errors import TransientError
-from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
 from eventpipe.samples import encode, inventory_adjusted
 from eventpipe.settings import Settings
@@ -259,3 +260,77 @@ def test_done_marks_survive_a_redis_hiccup_at_the_end(
     processor.run(TOPIC, 0, messages(5))
     assert hiccups == []
     assert ledger.read(TOPIC, {0: 0})[0] == (set(range(5)), set())
+
+
+def test_a_message_waiting_to_retry_stays_leased_while_its_run_goes_on(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parts after it are marked done as they commit; were its lease to lapse meanwhile, the
+    bridge would see it overtaken and read the partition again from it."""
+    processor, ledger = parts
+    processor.lease_s = 1.0
+    processor.policy = replace(processor.policy, backoff_base_s=0.2, backoff_max_s=0.2)
+    seen: list[set[int]] = []
+    real = apply_batch
+
+    def slow_after_the_poison(engine: Engine, batch: Sequence[Received],
+                              failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch):
+            raise ValueError("a bug nobody foresaw")
+        if batch[0].event.event_id != "ev-0":  # a part after the poison
+            seen.append(ledger.read(TOPIC, {0: 0})[0][1])
+            time.sleep(0.5)  # the rest of the run takes longer than the retry's lease
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", slow_after_the_poison)
+    [later] = processor.run(TOPIC, 0, messages(40, poison_at=1)).later
+    assert [m.offset for m in later.messages] == [1]
+    assert len(seen) == 4 and all(1 in leased for leased in seen)
+    assert 1 in ledger.read(TOPIC, {0: 0})[0][1]
+
+
+def test_a_failed_progress_mark_is_not_taken_for_a_failure_of_the_part(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Marking a committed part done mid-run may fail (Redis failing over): the part stays
+    committed, its marks are made at the end, and nothing is applied or dead-lettered again."""
+    processor, ledger = parts
+    monkeypatch.setattr(tasks.processing, "apply_batch",
+                        failing_on_poison(ValueError("a bug nobody foresaw")))
+    settle = ledger.settle
+    failovers = [redis.ReadOnlyError("You can't write against a read only replica.")]
+
+    def flaky_settle(*args: Any, **kwargs: Any) -> None:
+        if failovers:
+            raise failovers.pop()
+        settle(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "settle", flaky_settle)
+    report = processor.run(TOPIC, 0, messages(20, poison_at=7))
+    assert failovers == []
+    assert [m.offset for later in report.later for m in later.messages] == [7]
+    assert letters(engine) == [] and report.fates["duplicate"] == 0
+    assert applied_ids(engine) == {f"ev-{n}" for n in range(20) if n != 7}
+    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(20)) - {7}, {7})
+
+
+def test_deaths_found_at_the_start_are_kept_when_an_error_ends_the_run(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error is not a death, but the deaths this run found are still owed: the next
+    attempt at the messages not yet tried counts them again, no more and no fewer."""
+    processor, ledger = parts
+    batch = messages(12)
+    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30)  # then its worker died
+    narrow = ledger.narrow
+
+    def redis_gone_at_5(topic: str, partition: int, first: int, *args: Any) -> None:
+        if first == 5:
+            raise redis.ConnectionError("Connection reset by peer")
+        narrow(topic, partition, first, *args)
+
+    monkeypatch.setattr(ledger, "narrow", redis_gone_at_5)
+    with pytest.raises(redis.ConnectionError):
+        processor.run(TOPIC, 0, batch)
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(5))
+    assert ledger.begin(TOPIC, 0, list(range(5, 12)), ttl_s=30) == Crashed(0, 11, 1)

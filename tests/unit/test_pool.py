@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import pytest
 from confluent_kafka import TopicPartition
 
 from eventpipe.settings import Settings
@@ -148,3 +149,42 @@ def test_retries_held_for_queues_let_go_go_back_due_last_first() -> None:
         assert list(worker_state.scheduled_requests) == [kept]
     finally:
         worker_state.scheduled_requests.discard(kept)
+
+
+class _Request:
+    """A task Celery holds, as `requeue_request` sees it."""
+
+    def __init__(self, channel: object) -> None:
+        self.message = SimpleNamespace(channel=channel)
+        self.acknowledged = False
+        self.calls: list[tuple[str, object]] = []
+
+    def reject(self, requeue: bool = False) -> None:
+        self.calls.append(("reject", requeue))
+        self.acknowledged = True
+
+    def send_event(self, kind: str, **fields: object) -> None:
+        self.calls.append((kind, fields))
+
+
+def test_a_held_task_goes_back_through_celerys_reject_on_other_brokers() -> None:
+    from tasks.pool import requeue_request
+
+    request = _Request(channel=object())  # e.g. py-amqp's: RabbitMQ requeues in place
+    requeue_request(request)
+    assert request.calls == [("reject", True)]
+
+
+def test_a_held_task_goes_back_in_front_on_redis_and_says_so_as_a_reject_would(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu.transport.redis import Channel as RedisChannel
+
+    import tasks.pool
+
+    requeued: list[object] = []
+    monkeypatch.setattr(tasks.pool, "requeue_next", requeued.append)
+    request = _Request(channel=object.__new__(RedisChannel))
+    tasks.pool.requeue_request(request)
+    assert requeued == [request.message]
+    assert request.acknowledged  # Celery must not acknowledge it any more
+    assert request.calls == [("task-rejected", {"requeue": True})]  # Flower sees it go back

@@ -13,14 +13,16 @@ so a worker whose clock is off cannot make a lease last an hour or expire on arr
 Losing the ledger costs nothing but work: the bridge re-reads from its last commit and the
 events come back as duplicates.
 
-It also remembers, per partition, which range of offsets a worker is applying right now. A
-worker that finds an unfinished range overlapping its own knows the process applying it died
-(`begin` counts how many times in a row), which is how a message that kills its worker is
-isolated and, in the end, dead-lettered (`eventpipe.failures.after_crashes`).
+It also remembers, per partition, which range of offsets each run of a worker is applying
+right now, until the run ends. A run that finds an unfinished range overlapping its own knows
+the process applying it died (`begin` counts how many times in a row), which is how a message
+that kills its worker is isolated and, in the end, dead-lettered
+(`eventpipe.failures.after_crashes`). A dead run's record stays while other batches of the
+partition are applied, until a run takes its messages up again.
 
 Keys, per consumer group, topic and partition: `{prefix}:{group}:done:{topic}:{p}` and
 `…:lease:…` (sorted sets of offsets, scored by offset and by lease deadline in Redis time),
-`…:running:…` (`"<first> <last> <unfinished attempts>"`).
+`…:runs:…` (a hash: `"<first> <last> <run>"` → deaths before that run).
 """
 
 from __future__ import annotations
@@ -100,38 +102,63 @@ end
 return now
 """
 
-# KEYS: running key, lease zset. ARGV: first, last, seconds the record lives, seconds the
-# leases live, then the offsets to lease. An unfinished range overlapping ours means the
-# process applying it died: returns that range and how many times it died.
-_BEGIN = _STEPS + """
-hold(KEYS[2], now + tonumber(ARGV[4]), 5)
-local previous = redis.call('GET', KEYS[1])
-local result = {}
-local count = 0
-if previous then
-  local first, last, deaths = string.match(previous, '^(%d+) (%d+) (%d+)$')
-  if first and tonumber(ARGV[1]) <= tonumber(last) and tonumber(ARGV[2]) >= tonumber(first) then
-    count = tonumber(deaths) + 1
-    result = {tonumber(first), tonumber(last), count}
+# The records of runs, in a hash per partition: "<first> <last> <run>" → deaths before it.
+_RUNS = """
+local function drop_run(runs, run)
+  local suffix = ' ' .. run
+  for _, name in ipairs(redis.call('HKEYS', runs)) do
+    if string.sub(name, -#suffix) == suffix then
+      redis.call('HDEL', runs, name)
+    end
   end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. count, 'EX', ARGV[3])
+
+local function record(runs, name, deaths, ttl)
+  redis.call('HSET', runs, name, deaths)
+  redis.call('EXPIRE', runs, ttl)
+end
+"""
+
+# KEYS: runs hash, lease zset. ARGV: first, last, this run's record name, seconds records
+# live, seconds leases live, then the offsets to lease. Records overlapping ours are of runs
+# whose process died: returns the range of the one that died most and how many times, and
+# takes them up into ours.
+_BEGIN = _STEPS + _RUNS + """
+hold(KEYS[2], now + tonumber(ARGV[5]), 6)
+local first, last = tonumber(ARGV[1]), tonumber(ARGV[2])
+local result = {}
+local count = 0
+local names = redis.call('HGETALL', KEYS[1])
+for i = 1, #names, 2 do
+  local f, l = string.match(names[i], '^(%d+) (%d+) ')
+  if f and first <= tonumber(l) and last >= tonumber(f) then
+    local deaths = tonumber(names[i + 1]) + 1
+    if deaths > count then
+      count = deaths
+      result = {tonumber(f), tonumber(l), deaths}
+    end
+    redis.call('HDEL', KEYS[1], names[i])
+  end
+end
+record(KEYS[1], ARGV[3], count, ARGV[4])
 return result
 """
 
-# KEYS: running key, done zset, lease zset. ARGV: the first and last offsets of the record
-# as the run last wrote it, what to put in its place ('' to remove it), seconds that lives,
-# then the offsets done. Marks them done and replaces the record if it is still the run's:
-# one written since by another process is not this run's to touch.
-_FINISH = _STEPS + """
+# KEYS: runs hash. ARGV: the run, its new record name, deaths before it, seconds it lives.
+_NARROW = _RUNS + """
+drop_run(KEYS[1], ARGV[1])
+record(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+return 0
+"""
+
+# KEYS: runs hash, done zset, lease zset. ARGV: the run, a record to leave in its place ('' for
+# none), its deaths, seconds it lives, then the offsets done. Marks them done and removes the
+# run's record: only the run's own, not one another process wrote since.
+_FINISH = _STEPS + _RUNS + """
 mark_done(KEYS[2], KEYS[3], 5, #ARGV)
-local previous = redis.call('GET', KEYS[1])
-if previous and string.match(previous, '^(%d+ %d+) ') == ARGV[1] .. ' ' .. ARGV[2] then
-  if ARGV[3] == '' then
-    redis.call('DEL', KEYS[1])
-  else
-    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-  end
+drop_run(KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  record(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 end
 return 0
 """
@@ -161,6 +188,7 @@ class OffsetLedger:
         self._read = client.register_script(_READ)
         self._trim = client.register_script(_TRIM)
         self._begin = client.register_script(_BEGIN)
+        self._narrow = client.register_script(_NARROW)
         self._finish = client.register_script(_FINISH)
 
     def _key(self, kind: str, topic: str, partition: int) -> str:
@@ -196,7 +224,7 @@ class OffsetLedger:
     def forget(self, topic: str, partitions: Iterable[int]) -> None:
         """Drop everything known of these partitions: done marks, leases, running ranges."""
         keys = [self._key(kind, topic, p) for p in partitions
-                for kind in ("done", "lease", "running")]
+                for kind in ("done", "lease", "runs")]
         if keys:
             self.client.delete(*keys)
 
@@ -208,31 +236,34 @@ class OffsetLedger:
                                                         self._key("lease", topic, p))]
             self._trim(keys=keys, args=list(committed.values()))
 
-    def begin(self, topic: str, partition: int, offsets: Sequence[int],
-              ttl_s: float) -> Crashed | None:
-        """Lease `offsets` for `ttl_s` seconds and record that they are being applied, in one
-        round trip. When an earlier attempt at an overlapping range never finished, the process
-        applying it died: that range, and how many times in a row."""
+    def begin(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float, *,
+              run: str) -> Crashed | None:
+        """Lease `offsets` for `ttl_s` seconds and record that `run` (a name no other run
+        has) is applying them, in one round trip. When earlier runs at overlapping ranges never
+        finished, their processes died: the range of the one that died most, and how many times
+        in a row."""
         found: Any = self._begin(
-            keys=[self._key("running", topic, partition), self._key("lease", topic, partition)],
-            args=[offsets[0], offsets[-1], RUNNING_TTL_S, ttl_s, *map(str, offsets)])
+            keys=[self._key("runs", topic, partition), self._key("lease", topic, partition)],
+            args=[offsets[0], offsets[-1], f"{offsets[0]} {offsets[-1]} {run}", RUNNING_TTL_S,
+                  ttl_s, *map(str, offsets)])
         return Crashed(int(found[0]), int(found[1]), int(found[2])) if found else None
 
-    def narrow(self, topic: str, partition: int, first: int, last: int, deaths: int) -> None:
-        """Record a sub-range being applied on its own, and how many times the process died
-        applying it already: if it dies now, the next attempt knows where."""
-        self.client.set(self._key("running", topic, partition), f"{first} {last} {deaths}",
-                        ex=RUNNING_TTL_S)
+    def narrow(self, topic: str, partition: int, first: int, last: int, deaths: int, *,
+               run: str) -> None:
+        """Record that `run` now applies first..last on its own, and how many times processes
+        died applying it already: if it dies now, the next attempt knows where."""
+        self._narrow(keys=[self._key("runs", topic, partition)],
+                     args=[run, f"{first} {last} {run}", deaths, RUNNING_TTL_S])
 
-    def finish(self, topic: str, partition: int, running: tuple[int, int],
-               done: Iterable[int] = (), owed: Crashed | None = None) -> None:
-        """Mark `done` offsets done and remove the record of the range the run last wrote as
-        `running` (`begin`, `narrow`), in one round trip; with `owed`, put back instead the
-        deaths `begin` found, as they were before it counted this run, for the attempt that
-        takes up the messages left. Being idempotent, it is tried again over a blip of the
-        connection: lost, the marks would cost the whole batch again as duplicates."""
-        keys = [self._key(kind, topic, partition) for kind in ("running", "done", "lease")]
-        found = f"{owed.first} {owed.last} {owed.deaths - 1}" if owed is not None else ""
-        args: list[int | str] = [*running, found, RUNNING_TTL_S, *map(str, done)]
+    def finish(self, topic: str, partition: int, done: Iterable[int] = (), *, run: str,
+               owed: Crashed | None = None) -> None:
+        """Mark `done` offsets done and remove `run`'s record, in one round trip; with `owed`,
+        leave instead the deaths `begin` found, as they were before it counted this run, for
+        the attempt that takes up the messages left. Being idempotent, it is tried again over
+        a blip of the connection: lost, the marks would cost the whole batch again as
+        duplicates."""
+        keys = [self._key(kind, topic, partition) for kind in ("runs", "done", "lease")]
+        left = (f"{owed.first} {owed.last} owed", owed.deaths - 1) if owed else ("", 0)
+        args: list[int | str] = [run, *left, RUNNING_TTL_S, *map(str, done)]
         _FINISH_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),
                                       lambda _error: None)

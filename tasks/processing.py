@@ -26,6 +26,7 @@ import logging
 import random
 import time
 import traceback as tb
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -96,7 +97,8 @@ class Processor:
         # retry. A worker killed mid-batch lets its lease lapse soon, and the batch is re-read.
         self.lease_s = settings.redelivery_timeout_s
         self._leased_at = 0.0  # when this run's leases were last written (monotonic)
-        self._running = (0, 0)  # the range this run last recorded as running
+        self._run = ""  # the run in progress, as the offset ledger names it
+        self._next = 0  # the first offset it has not given a fate yet
         self.retries = 0
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
@@ -105,10 +107,11 @@ class Processor:
         report = Report()
         self.retries = retries
         first, last = messages[0].offset, messages[-1].offset
+        self._run = uuid.uuid4().hex  # names this run's record in the ledger
         crashed = self.ledger.begin(topic, partition, [m.offset for m in messages],
-                                    self.lease_s)
+                                    self.lease_s, run=self._run)
         self._leased_at = time.monotonic()
-        self._running = (first, last)
+        self._next = first
         ended = False
         try:
             if crashed is None:
@@ -121,10 +124,11 @@ class Processor:
                 ended = self._work(topic, partition, [[m] for m in messages], report, crashed)
         finally:
             # Neither an error nor a wait for the world is a death: the record of this run
-            # goes. The deaths it found are still owed to the messages it has not tried: put
-            # back as found, so that their next attempt counts them again, no more.
-            owed = crashed if crashed is not None and not ended else None
-            self.ledger.finish(topic, partition, self._running, report.done, owed)
+            # goes. The deaths it found are still owed to the messages it did not get to:
+            # left as found, so that their next attempt counts them again, no more.
+            owed = crashed if crashed is not None and not ended \
+                and self._next <= crashed.last else None
+            self.ledger.finish(topic, partition, report.done, run=self._run, owed=owed)
         return report
 
     # -- the failure path ---------------------------------------------------------------------
@@ -137,10 +141,11 @@ class Processor:
         that died too often is given up."""
         while parts:
             part = parts.pop(0)
+            self._next = part[0].offset
             if crashed is not None:
                 deaths = crashed.deaths_of(part[0].offset)
-                self.ledger.narrow(topic, partition, part[0].offset, part[-1].offset, deaths)
-                self._running = (part[0].offset, part[-1].offset)
+                self.ledger.narrow(topic, partition, part[0].offset, part[-1].offset, deaths,
+                                   run=self._run)
                 verdict = after_crashes(deaths, size=len(part), policy=self.policy)
                 if isinstance(verdict, GiveUp):
                     self._give_up(topic, partition, part[0], verdict, report)

@@ -224,7 +224,7 @@ def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(
 ) -> None:
     processor, ledger = parts
     batch = messages(12)
-    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30)  # then its worker died
+    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30, run="dead")  # then it died
     real = apply_batch
     outages = [TransientError("the database is unreachable")]
 
@@ -321,16 +321,34 @@ def test_deaths_found_at_the_start_are_kept_when_an_error_ends_the_run(
     attempt at the messages not yet tried counts them again, no more and no fewer."""
     processor, ledger = parts
     batch = messages(12)
-    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30)  # then its worker died
+    ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30, run="dead")  # then it died
     narrow = ledger.narrow
 
-    def redis_gone_at_5(topic: str, partition: int, first: int, *args: Any) -> None:
+    def redis_gone_at_5(topic: str, partition: int, first: int, *args: Any,
+                        **kwargs: Any) -> None:
         if first == 5:
             raise redis.ConnectionError("Connection reset by peer")
-        narrow(topic, partition, first, *args)
+        narrow(topic, partition, first, *args, **kwargs)
 
     monkeypatch.setattr(ledger, "narrow", redis_gone_at_5)
     with pytest.raises(redis.ConnectionError):
         processor.run(TOPIC, 0, batch)
     assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(5))
-    assert ledger.begin(TOPIC, 0, list(range(5, 12)), ttl_s=30) == Crashed(0, 11, 1)
+    monkeypatch.undo()
+    processor.run(TOPIC, 0, messages(20)[12:])  # the partition goes on meanwhile
+    assert ledger.begin(TOPIC, 0, list(range(5, 12)), ttl_s=30, run="next") == Crashed(
+        0, 11, 1)
+
+
+def test_deaths_outlive_the_batches_applied_before_their_messages_come_back(
+    engine: Engine, parts: tuple[Processor, OffsetLedger],
+) -> None:
+    """A worker died on a batch; the batches queued behind it are applied (by the restarted
+    worker) before the bridge reads the dead one again: the death still counts then, or a
+    message that kills its worker would be tried forever on a partition with traffic."""
+    processor, ledger = parts
+    batch = messages(30)
+    ledger.begin(TOPIC, 0, [m.offset for m in batch[:12]], ttl_s=30, run="dead")  # it died
+    processor.run(TOPIC, 0, batch[12:20])
+    processor.run(TOPIC, 0, batch[20:])
+    assert ledger.begin(TOPIC, 0, list(range(12)), ttl_s=30, run="again") == Crashed(0, 11, 1)

@@ -25,7 +25,6 @@ def _rabbitmqctl(*args: str) -> None:
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         unavailable("rabbitmqctl", "PATH", FileNotFoundError("rabbitmqctl"))
-        return
     done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         unavailable("RabbitMQ", RABBITMQ_ADDRESS, RuntimeError(

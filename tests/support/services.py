@@ -7,6 +7,7 @@ was looked for and the `TEST_*` variable that points elsewhere.
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -19,7 +20,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
-def unavailable(service: str, target: str, exc: BaseException) -> None:
+def unavailable(service: str, target: str, exc: BaseException) -> NoReturn:
     pytest.fail(
         f"{service} is not reachable at {target} ({exc.__class__.__name__}: {exc}). "
         f"Integration tests need it: start it, or point the TEST_* variable at one.",

@@ -126,18 +126,12 @@ def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
     def claimed(chosen: dict[str, int]) -> dict[str, Event]:
         return {key: batch[i].event for key, i in chosen.items() if plan.fates[i] is None}
 
-    user_events, order_events = claimed(plan.users), claimed(plan.orders)
-    payment_events = claimed(plan.payments)
-    written = {
-        "users": upserts.upsert_entities(conn, users, [
-            user_row(e, applied_at) for e in user_events.values()]),
-        "orders": upserts.upsert_entities(conn, orders, [
-            order_row(e, applied_at) for e in order_events.values()]),
-        "payments": upserts.upsert_entities(conn, payments, [
-            payment_row(e, applied_at) for e in payment_events.values()]),
-    }
-    upserts.replace_items(conn, written["orders"], [
-        item for e in order_events.values() for item in item_rows(e)])
+    order_events = claimed(plan.orders)
+    written = upserts.write_entities(conn, {
+        users: [user_row(e, applied_at) for e in claimed(plan.users).values()],
+        orders: [order_row(e, applied_at) for e in order_events.values()],
+        payments: [payment_row(e, applied_at) for e in claimed(plan.payments).values()],
+    }, [item for e in order_events.values() for item in item_rows(e)])
     wrote_nothing = []
     for chosen, kind in ((plan.users, "users"), (plan.orders, "orders"),
                          (plan.payments, "payments")):

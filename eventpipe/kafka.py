@@ -49,8 +49,7 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "range",
         "statistics.interval.ms": 5000,
-        # Answer fetches within 100 ms when idle: the default 500 ms is felt as latency.
-        "fetch.wait.max.ms": 100,
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
         **overrides,
     }
 

@@ -65,6 +65,12 @@ class Settings:
         "KAFKA_SESSION_TIMEOUT_MS", 6000, "Consumer group session timeout, of the bridges' "
         "group and of the worker pool's: how long a silent member keeps its partitions"
     )
+    kafka_fetch_wait_max_ms: int = _field(
+        "KAFKA_FETCH_WAIT_MAX_MS", 100, "Longest a consumer's fetch waits at the broker for new "
+        "messages. Apache Kafka answers as soon as one arrives; a broker that holds every fetch "
+        "this long (Tansu) adds up to it to each event's latency, and a lower value costs it "
+        "more requests and CPU"
+    )
     max_future_skew_s: float = _field(
         "MAX_FUTURE_SKEW_S", 300.0,
         "An occurredAt later than its message's Kafka timestamp by more than this is invalid",
@@ -164,6 +170,10 @@ class Settings:
         except ArgumentError:
             raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
                                 "(e.g. postgresql+psycopg://user@host/db)") from None
+        # librdkafka wants it a second under its socket timeout (60 s), or requests time out.
+        if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
+            raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "
+                                "must be between 0 and 59000")
         for env, value in (("KAFKA_PARTITIONS", self.kafka_partitions),
                            ("BATCH_MAX_EVENTS", self.batch_max_events),
                            ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):

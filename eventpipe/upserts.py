@@ -8,9 +8,10 @@
   transaction claimed; only their inventory deltas are added, so a delta applies once even
   when two writers hold the same event.
 - PostgreSQL: `INSERT … SELECT * FROM unnest(<one array per column>) ON CONFLICT … DO UPDATE
-  … WHERE <newer> RETURNING key`: one statement, with one parameter per column whatever the
-  batch size (multi-row VALUES would be new SQL text, and thousands of parameters, for every
-  batch size).
+  … WHERE <newer> RETURNING key`, with one parameter per column whatever the batch size
+  (multi-row VALUES would be new SQL text, and thousands of parameters, for every batch
+  size). The entity tables are written by one statement, each a `WITH` part of it, and the
+  items of the orders written by one more: two round trips where there were five.
 - SQLite: the same `INSERT … ON CONFLICT`, executed with the batch's rows.
 - SQL Server: the rows go to a `#staging` table (fast_executemany), then one
   `MERGE … WITH (HOLDLOCK) … OUTPUT inserted.key` — HOLDLOCK makes MERGE safe against a
@@ -21,7 +22,8 @@ same order (fewer deadlocks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -44,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
-from eventpipe.tables import applied_events, inventory, order_items
+from eventpipe.tables import applied_events, inventory, order_items, orders
 
 Rows = Sequence[dict[str, Any]]
 
@@ -222,6 +224,33 @@ PG_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.q
                          "excluded.updated_at)")
 
 
+@cache
+def pg_write_entities(tables: tuple[Table, ...]) -> str:
+    """One statement writing the rows of these entity tables (one array per column, table by
+    table), each table a `WITH` part with the version guard; `(table, key)` of every row
+    written."""
+    parts = [f"w{number} AS ({pg_unnest_insert(table, pg_entity_conflict(table), True)})"
+             for number, table in enumerate(tables)]
+    written = [f"SELECT '{table.name}', {_key(table)} FROM w{number}"
+               for number, table in enumerate(tables)]
+    return f"WITH {', '.join(parts)} {' UNION ALL '.join(written)}"
+
+
+@cache
+def pg_replace_items() -> str:
+    """The items of the orders written, in one statement: `unnest(order ids, line counts)`,
+    then one array per item column. Lines beyond an order's new count are deleted, the others
+    upserted: the two parts never touch the same row, so neither needs to see the other."""
+    columns = [c.name for c in order_items.columns]
+    upsert = ", ".join(f"{name} = excluded.{name}" for name in columns
+                       if name not in ("order_id", "line_no"))
+    return ("WITH counts AS (SELECT * FROM unnest(%b::text[], %b::int[]) AS c(order_id, lines)),"
+            " gone AS (DELETE FROM order_items USING counts WHERE order_items.order_id = "
+            "counts.order_id AND order_items.line_no > counts.lines) "
+            + pg_unnest_insert(order_items, "ON CONFLICT (order_id, line_no) DO UPDATE SET "
+                                            f"{upsert}", returning=False))
+
+
 def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str,
               returning: bool) -> set[Any]:
     arrays = tuple([row[c.name] for row in rows] for c in table.columns)
@@ -232,16 +261,47 @@ def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str,
 # -- what a batch calls ----------------------------------------------------------------------
 
 
-def upsert_entities(conn: Connection, table: Table, rows: Rows) -> set[str]:
-    """Write the rows whose version is newer than the stored one; the keys written."""
-    if not rows:
-        return set()
-    ordered = _sorted(table, rows)
-    if conn.dialect.name == "mssql":
-        return _merge_staged(conn, table, ordered, entity_merge(table))
+def write_entities(conn: Connection, rows: Mapping[Table, Rows],
+                   items: Rows) -> dict[str, set[str]]:
+    """Write each entity table's rows whose version is newer than the stored one, and replace
+    the items of the orders written (an order event carries them all); the keys written, by
+    table name. One statement on PostgreSQL; one per table on the others."""
+    chosen = {table: _sorted(table, table_rows) for table, table_rows in rows.items()
+              if table_rows}
+    written: dict[str, set[str]] = {table.name: set() for table in rows}
+    if not chosen:
+        return written
     if conn.dialect.name == "postgresql":
-        return _pg_write(conn, table, ordered, pg_entity_conflict(table), returning=True)
-    return {row[0] for row in conn.execute(entity_upsert(conn.dialect.name, table), ordered)}
+        _pg_write_entities(conn, chosen, items, written)
+        return written
+    for table, ordered in chosen.items():
+        if conn.dialect.name == "mssql":
+            written[table.name] = _merge_staged(conn, table, ordered, entity_merge(table))
+        else:
+            written[table.name] = {row[0] for row in conn.execute(
+                entity_upsert(conn.dialect.name, table), ordered)}
+    _replace_items(conn, written.get(orders.name, set()), items)
+    return written
+
+
+def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, Any]]],
+                       items: Rows, written: dict[str, set[str]]) -> None:
+    arrays = tuple([row[c.name] for row in ordered]
+                   for table, ordered in chosen.items() for c in table.columns)
+    for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)), arrays):
+        written[table_name].add(key)
+    order_ids = sorted(written.get(orders.name, ()))
+    if not order_ids:
+        return
+    # A statement of its own, after the order rows are written and locked: it reads the lines
+    # a concurrent writer of the same orders committed while this one waited for their rows.
+    # (Within the statement above, it would see only those there when that one began.)
+    lines = Counter(item["order_id"] for item in items)
+    chosen_items = sorted((item for item in items if item["order_id"] in written[orders.name]),
+                          key=lambda item: (item["order_id"], item["line_no"]))
+    conn.exec_driver_sql(pg_replace_items(), (
+        order_ids, [lines[order_id] for order_id in order_ids],
+        *([item[c.name] for item in chosen_items] for c in order_items.columns)))
 
 
 def claim_events(conn: Connection, rows: Rows) -> set[str]:
@@ -269,19 +329,13 @@ def add_deltas(conn: Connection, rows: Rows) -> None:
     conn.execute(inventory_upsert(conn.dialect.name), ordered)
 
 
-def replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
-    """The items of the orders written: an order event carries them all."""
+def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
+    """SQLite and SQL Server: the items of the orders written, deleted then inserted."""
     if not order_ids:
         return
     ordered = sorted(order_ids)
     chosen = sorted((row for row in rows if row["order_id"] in order_ids),
                     key=lambda row: (row["order_id"], row["line_no"]))
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("DELETE FROM order_items WHERE order_id = ANY(%b::text[])",
-                             (ordered,))
-        if chosen:
-            _pg_write(conn, order_items, chosen, "", returning=False)
-        return
     for start in range(0, len(ordered), 500):
         conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
     if chosen:

@@ -120,6 +120,36 @@ def test_newer_order_replaces_its_items(engine: Engine) -> None:
     items = rows(engine, order_items)
     assert [(i["sku"], i["quantity"]) for i in items] == [("C", 3)]
     assert rows(engine, orders)[0]["total_amount"] == Decimal("15.00")
+    # More lines again, one order among others in the batch whose items are kept.
+    assert apply(engine, order_placed("o2", "u1", items=[("E", 1, "1.00")], occurred_at=at(2)),
+                 order_placed("o1", "u1", items=[("D", 1, "1.00"), ("C", 2, "5.00"),
+                                                 ("A", 4, "0.50")], occurred_at=at(3))) == [
+        Fate.APPLIED, Fate.APPLIED]
+    items = rows(engine, order_items, order_items.c.order_id, order_items.c.line_no)
+    assert [(i["order_id"], i["line_no"], i["sku"], i["quantity"]) for i in items] == [
+        ("o1", 1, "D", 1), ("o1", 2, "C", 2), ("o1", 3, "A", 4), ("o2", 1, "E", 1)]
+
+
+def test_a_newer_order_replaces_the_items_a_concurrent_writer_just_committed(
+        engine: Engine) -> None:
+    """Two writers of one order: the newer version waits on the order row while the older
+    one commits three lines; once through, it must still leave only its own line (its
+    items are replaced after its order row is written, reading what was committed since)."""
+    apply(engine, user_created("u1", occurred_at=at(0)))
+    older = order_placed("o1", "u1", items=[("B", 1, "1.00"), ("C", 2, "1.00"),
+                                            ("D", 3, "1.00")], occurred_at=at(1))
+    newer = order_placed("o1", "u1", items=[("Z", 9, "9.00")], occurred_at=at(2))
+    with engine.connect() as holder:
+        transaction = holder.begin()
+        apply_in(holder, received(older), [], worker="w1", applied_at=at(10))
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(apply, engine, newer)
+            if engine.dialect.name == "postgresql":
+                wait_for_lock_waiter(engine)
+            transaction.commit()
+            assert waiting.result(timeout=30) == [Fate.APPLIED]
+    assert [(i["line_no"], i["sku"]) for i in rows(engine, order_items)] == [(1, "Z")]
+    assert rows(engine, orders)[0]["version_at"] == at(2)
 
 
 def test_inventory_delta_applies_once_per_event_id(engine: Engine) -> None:

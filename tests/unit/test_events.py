@@ -275,3 +275,17 @@ def test_the_fingerprint_keeps_its_spelling() -> None:
          "created_at": "2026-11-24T10:15:00.123Z"}], separators=(",", ":"), ensure_ascii=False)
     assert parse_event(encode(doc), key).fingerprint == hashlib.blake2b(
         canonical.encode(), digest_size=16).hexdigest()
+    key, doc = payment_settled("p-1", "o-1", "12.5", currency="USD", occurred_at=WHEN)
+    canonical = json.dumps([
+        doc["eventId"], "PaymentSettled", 1, "2026-11-24T10:15:00.123Z",
+        {"payment_id": "p-1", "order_id": "o-1", "amount": "12.5000", "currency": "USD",
+         "settled_at": "2026-11-24T10:15:00.123Z"}], separators=(",", ":"), ensure_ascii=False)
+    assert parse_event(encode(doc), key).fingerprint == hashlib.blake2b(
+        canonical.encode(), digest_size=16).hexdigest()
+    key, doc = inventory_adjusted("SKU-1", -3, reason="damaged", occurred_at=WHEN)
+    canonical = json.dumps([
+        doc["eventId"], "InventoryAdjusted", 1, "2026-11-24T10:15:00.123Z",
+        {"sku": "SKU-1", "delta": -3, "reason": "damaged",
+         "adjusted_at": "2026-11-24T10:15:00.123Z"}], separators=(",", ":"), ensure_ascii=False)
+    assert parse_event(encode(doc), key).fingerprint == hashlib.blake2b(
+        canonical.encode(), digest_size=16).hexdigest()

@@ -33,6 +33,14 @@ def test_a_bad_value_names_its_variable() -> None:
         Settings.from_env({"KAFKA_PARTITIONS": "twelve"})
 
 
+def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
+    assert Settings.from_env({"KAFKA_FETCH_WAIT_MAX_MS": "59000"}).kafka_fetch_wait_max_ms \
+        == 59000
+    for value in ("59001", "-1"):
+        with pytest.raises(SettingsError, match=f"KAFKA_FETCH_WAIT_MAX_MS={value}"):
+            Settings.from_env({"KAFKA_FETCH_WAIT_MAX_MS": value})
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):

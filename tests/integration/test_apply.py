@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, text
 
 from eventpipe import readmodel
-from eventpipe.apply import apply_batch, apply_in
+from eventpipe.apply import BatchResult, apply_batch, apply_in
 from eventpipe.effects import Fate
 from eventpipe.samples import (
     Document,
@@ -139,15 +139,7 @@ def test_a_newer_order_replaces_the_items_a_concurrent_writer_just_committed(
     older = order_placed("o1", "u1", items=[("B", 1, "1.00"), ("C", 2, "1.00"),
                                             ("D", 3, "1.00")], occurred_at=at(1))
     newer = order_placed("o1", "u1", items=[("Z", 9, "9.00")], occurred_at=at(2))
-    with engine.connect() as holder:
-        transaction = holder.begin()
-        apply_in(holder, received(older), [], worker="w1", applied_at=at(10))
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(apply, engine, newer)
-            if engine.dialect.name == "postgresql":
-                wait_for_lock_waiter(engine)
-            transaction.commit()
-            assert waiting.result(timeout=30) == [Fate.APPLIED]
+    assert behind_a_writer(engine, older, newer).fates == [Fate.APPLIED]
     assert [(i["line_no"], i["sku"]) for i in rows(engine, order_items)] == [(1, "Z")]
     assert rows(engine, orders)[0]["version_at"] == at(2)
 
@@ -214,16 +206,7 @@ def test_an_order_written_by_nobody_keeps_its_items(engine: Engine) -> None:
     apply(engine, user_created("u1", occurred_at=at(0)))
     newer = order_placed("o1", "u1", items=[("NEW", 2, "2.00")], occurred_at=at(2))
     older = order_placed("o1", "u1", items=[("OLD", 1, "1.00")], occurred_at=at(1))
-    with engine.connect() as holder:
-        # The newer version is being written by another transaction, not committed yet.
-        transaction = holder.begin()
-        apply_in(holder, received(newer), [], worker="w1", applied_at=at(10))
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(apply, engine, older)
-            if engine.dialect.name == "postgresql":
-                wait_for_lock_waiter(engine)
-            transaction.commit()
-            assert waiting.result(timeout=30) == [Fate.STALE]
+    assert behind_a_writer(engine, newer, older).fates == [Fate.STALE]
     assert [(i["sku"], i["quantity"]) for i in rows(engine, order_items)] == [("NEW", 2)]
     assert rows(engine, orders)[0]["version_at"] == at(2)
 
@@ -236,16 +219,7 @@ def test_an_id_reused_by_a_concurrent_writer_is_dead_lettered_not_a_duplicate(
     as a duplicate of an event it is not."""
     first = inventory_adjusted("SKU-1", 5, occurred_at=at(1), event_id="e1")
     other = inventory_adjusted("SKU-1", 7, occurred_at=at(1), event_id="e1")
-    with engine.connect() as holder:
-        transaction = holder.begin()
-        assert apply_in(holder, received(first), [], worker="w1",
-                        applied_at=at(10)).fates == [Fate.APPLIED]
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(apply_batch, engine, received(other))
-            if engine.dialect.name == "postgresql":
-                wait_for_lock_waiter(engine)
-            transaction.commit()
-            result = waiting.result(timeout=30)
+    result = behind_a_writer(engine, first, other)
     assert result.fates == [Fate.ID_REUSED]
     assert [(letter.error_class, letter.event_id) for letter in result.dead_letters] == [
         ("IdReused", "e1")]
@@ -284,6 +258,21 @@ def test_mixed_batch_matches_one_by_one_application(engine: Engine) -> None:
     singly = [s for m in messages for s in apply(engine, m)]
     assert singly == batched
     assert _state(engine) == state and visible(engine) == shown
+
+
+def behind_a_writer(engine: Engine, first: tuple[str, Document],
+                    second: tuple[str, Document]) -> BatchResult:
+    """`second` applied while another transaction holds `first` written but not committed
+    yet: on PostgreSQL it waits on the rows until that one commits."""
+    with engine.connect() as holder:
+        transaction = holder.begin()
+        apply_in(holder, received(first), [], worker="w1", applied_at=at(10))
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(apply_batch, engine, received(second))
+            if engine.dialect.name == "postgresql":
+                wait_for_lock_waiter(engine)
+            transaction.commit()
+            return waiting.result(timeout=30)
 
 
 def wait_for_lock_waiter(engine: Engine) -> None:

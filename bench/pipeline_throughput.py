@@ -116,9 +116,18 @@ def _noop_workers(pipeline: Pipeline) -> subprocess.Popen[bytes]:
     return first
 
 
+@dataclass(frozen=True, slots=True)
+class Latency:
+    seconds: list[float]  # `occurredAt` → applied, per event produced after the warm-up
+    batches: int  # the batches that applied them (one `applied_at` per batch and worker)
+    span_s: float  # from the first of those batches to the last
+
+
 def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
-             seconds: float = 20, warm_up_s: float = 5) -> list[float]:
-    """`occurredAt` → applied, in seconds, of the events produced after the warm-up."""
+             seconds: float = 20, warm_up_s: float = 5) -> Latency:
+    """`occurredAt` → applied of the events produced after the warm-up, and the batches
+    that carried them: at light traffic, what a batch costs whatever its size is most of
+    the wait."""
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
                             database_url=database_url, **SHIPPED)
@@ -140,9 +149,12 @@ def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
             wait_until(lambda: pipeline.applied_count() >= sent + 1, 120, "every event applied")
             with pipeline.engine.connect() as conn:
                 rows = conn.execute(select(applied_events.c.occurred_at,
-                                           applied_events.c.applied_at)
+                                           applied_events.c.applied_at, applied_events.c.worker)
                                     .where(applied_events.c.occurred_at >= measured_from)).all()
-            return [(applied - occurred).total_seconds() for occurred, applied in rows]
+            applied = [row.applied_at for row in rows]
+            return Latency([(row.applied_at - row.occurred_at).total_seconds() for row in rows],
+                           len({(row.applied_at, row.worker) for row in rows}),
+                           (max(applied) - min(applied)).total_seconds())
         finally:
             pipeline.close()
 
@@ -251,17 +263,17 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
                 naive = _throughput(bootstrap, urls["naive"], messages[:naive_count],
                                     BATCH_MAX_EVENTS="1")
                 top = _ceiling(urls["ceiling"], messages)
-                latencies = _latency(bootstrap, urls["latency"])
+                latency = _latency(bootstrap, urls["latency"])
             finally:
                 if kind == "postgresql":
                     for url in urls.values():
                         drop_database(url)
-            _report(kind, count, naive_count, shipped, naive, top, latencies, bare)
+            _report(kind, count, naive_count, shipped, naive, top, latency, bare)
 
 
 def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, top: float,
-            latencies: list[float], bare: Run | None) -> None:
-    ms = [value * 1000 for value in latencies]
+            latency: Latency, bare: Run | None) -> None:
+    ms = [value * 1000 for value in latency.seconds]
     print(f"pipeline on {kind} ({PARTITIONS} partitions, {PROCESSES} worker processes):")
     print(f"  shipped  {shipped.rate:9,.0f} events/s  ({count:,} messages in "
           f"{shipped.seconds:.1f} s)")
@@ -274,7 +286,9 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
     print(f"  shipped/naive {shipped.rate / naive.rate:5.1f}×   "
           f"shipped/ceiling {shipped.rate / top:6.1%}")
     print(f"  latency at 1,000 events/s, occurredAt → applied ({len(ms):,} events): "
-          f"{_spread(ms)}")
+          f"{_spread(ms)}; in {latency.batches:,} batches, "
+          f"{latency.batches / max(latency.span_s, 1e-9):,.0f} a second of "
+          f"{len(ms) / max(latency.batches, 1):.1f} events on average")
     print("  peak RSS: " + ", ".join(f"{name} {size / 2**20:.0f} MiB"
                                      for name, size in shipped.rss.items()))
     total, cores = sum(shipped.cpu.values()), os.cpu_count() or 1

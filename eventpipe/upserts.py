@@ -265,7 +265,8 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows],
                    items: Rows) -> dict[str, set[str]]:
     """Write each entity table's rows whose version is newer than the stored one, and replace
     the items of the orders written (an order event carries them all); the keys written, by
-    table name. One statement on PostgreSQL; one per table on the others."""
+    table name. On PostgreSQL one statement for the entities and one for the items; one per
+    table on the others."""
     chosen = {table: _sorted(table, table_rows) for table, table_rows in rows.items()
               if table_rows}
     written: dict[str, set[str]] = {table.name: set() for table in rows}

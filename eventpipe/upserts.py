@@ -273,8 +273,7 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows],
     if not chosen:
         return written
     if conn.dialect.name == "postgresql":
-        _pg_write_entities(conn, chosen, items, written)
-        return written
+        return {**written, **_pg_write_entities(conn, chosen, items)}
     for table, ordered in chosen.items():
         if conn.dialect.name == "mssql":
             written[table.name] = _merge_staged(conn, table, ordered, entity_merge(table))
@@ -286,23 +285,30 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows],
 
 
 def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, Any]]],
-                       items: Rows, written: dict[str, set[str]]) -> None:
+                       items: Rows) -> dict[str, set[str]]:
+    written: dict[str, set[str]] = {table.name: set() for table in chosen}
     arrays = tuple([row[c.name] for row in ordered]
                    for table, ordered in chosen.items() for c in table.columns)
     for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)), arrays):
         written[table_name].add(key)
-    order_ids = sorted(written.get(orders.name, ()))
-    if not order_ids:
-        return
-    # A statement of its own, after the order rows are written and locked: it reads the lines
-    # a concurrent writer of the same orders committed while this one waited for their rows.
-    # (Within the statement above, it would see only those there when that one began.)
-    lines = Counter(item["order_id"] for item in items)
-    chosen_items = sorted((item for item in items if item["order_id"] in written[orders.name]),
-                          key=lambda item: (item["order_id"], item["line_no"]))
-    conn.exec_driver_sql(pg_replace_items(), (
-        order_ids, [lines[order_id] for order_id in order_ids],
-        *([item[c.name] for item in chosen_items] for c in order_items.columns)))
+    order_ids = written.get(orders.name, set())
+    if order_ids:
+        # A statement of its own, after the order rows are written and locked: it reads the
+        # lines a concurrent writer of the same orders committed while this one waited for
+        # their rows (within the statement above, only those there when it began).
+        ordered = sorted(order_ids)
+        lines = Counter(item["order_id"] for item in items)
+        conn.exec_driver_sql(pg_replace_items(), (
+            ordered, [lines[order_id] for order_id in ordered],
+            *([item[c.name] for item in _items_of(order_ids, items)]
+              for c in order_items.columns)))
+    return written
+
+
+def _items_of(order_ids: set[str], items: Rows) -> list[dict[str, Any]]:
+    """The items of these orders, in key order (the order their rows are locked in)."""
+    return sorted((item for item in items if item["order_id"] in order_ids),
+                  key=lambda item: (item["order_id"], item["line_no"]))
 
 
 def claim_events(conn: Connection, rows: Rows) -> set[str]:
@@ -335,8 +341,7 @@ def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
     if not order_ids:
         return
     ordered = sorted(order_ids)
-    chosen = sorted((row for row in rows if row["order_id"] in order_ids),
-                    key=lambda row: (row["order_id"], row["line_no"]))
+    chosen = _items_of(order_ids, rows)
     for start in range(0, len(ordered), 500):
         conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
     if chosen:

@@ -91,13 +91,15 @@ def test_late_changes_end_on_the_latest_wish_whatever_their_order() -> None:
 
 def test_a_member_follows_its_assignment_and_lets_go_only_of_its_own() -> None:
     celery = CeleryThread()
-    member = PoolMember(Settings(), CeleryQueues(celery, timeout_s=5), "w:1")
+    stopped: list[str] = []  # not the process's exit: a slow machine must fail the test only
+    member = PoolMember(Settings(), CeleryQueues(celery, timeout_s=5), "w:1",
+                        on_stuck=stopped.append)
     member._on_assign(None, tps(0, 3, 6))  # type: ignore[arg-type]
     assert celery.consumed == ["events.p0", "events.p3", "events.p6"]
     member._on_revoke(None, tps(3, 9))  # type: ignore[arg-type]  # 9 was never ours
     assert member.owned == {0, 6} and celery.consumed == ["events.p0", "events.p6"]
     member._on_lost(None, tps(0))  # type: ignore[arg-type]
-    assert member.owned == {6} and celery.consumed == ["events.p6"]
+    assert member.owned == {6} and celery.consumed == ["events.p6"] and stopped == []
 
 
 def test_a_process_that_cannot_let_go_stops_rather_than_keep_consuming() -> None:
@@ -111,13 +113,15 @@ def test_a_process_that_cannot_let_go_stops_rather_than_keep_consuming() -> None
 
 def test_a_leaving_member_cancels_nothing_celery_already_stopped() -> None:
     celery = CeleryThread()
-    member = PoolMember(Settings(), CeleryQueues(celery, timeout_s=0.2), "w:1")
+    stopped: list[str] = []
+    member = PoolMember(Settings(), CeleryQueues(celery, timeout_s=5), "w:1",
+                        on_stuck=stopped.append)
     member._on_assign(None, tps(1, 2))  # type: ignore[arg-type]
     member._leaving = True
     started = time.monotonic()
     member._on_revoke(None, tps(1, 2))  # type: ignore[arg-type]
     assert member.owned == set() and time.monotonic() - started < 0.2
-    assert celery.consumed == ["events.p1", "events.p2"]  # untouched
+    assert celery.consumed == ["events.p1", "events.p2"] and stopped == []  # untouched
 
 
 def test_retries_held_for_queues_let_go_go_back_due_last_first() -> None:

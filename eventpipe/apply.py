@@ -1,13 +1,14 @@
 """Apply a batch of events to the database in one transaction, and record every event's fate.
 
 In order, in one transaction:
-1. read the fingerprints already recorded for the batch's event ids and plan the batch
-   (`eventpipe.effects.plan_batch`): duplicates, ids reused for another payload, the newest
-   version of each entity;
-2. claim the remaining events in `applied_events` (insert unless recorded; the claim is what
-   makes a delta apply once even when two writers hold the same event);
+1. claim the batch's events in `applied_events`, each id once, with its fate in the batch
+   alone (insert unless recorded; the claim is what makes a delta apply once even when two
+   writers hold the same event), reading the fingerprints of the ids recorded before;
+2. plan the batch with them (`eventpipe.effects.plan_batch`): duplicates, ids reused for
+   another payload, the newest version of each entity among the events claimed;
 3. write the claimed entities with the version guard, returning the keys written; replace the
-   items of the orders written; mark the entity events that wrote nothing as stale;
+   items of the orders written; record the fate of each event where the plan or the write
+   changed it (an event that wrote nothing is stale);
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
 5. queue the keys written for the reconciler, which re-checks the rules that span keys;
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, update
 
 from eventpipe import upserts
 from eventpipe.dlq import records
@@ -57,17 +58,18 @@ def apply_batch(
 
 def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,
              worker: str, applied_at: datetime) -> BatchResult:
-    plan = plan_batch(batch, _recorded_fingerprints(conn, batch))
+    # The claim comes first, as the batch alone plans it: the statement that records the
+    # new ids also says which were recorded before, and the batch is planned again with that.
+    alone = plan_batch(batch, {})
     # Stale within the batch is a fate too: recorded, so its redelivery is a duplicate.
-    to_claim = [i for i, fate in enumerate(plan.fates) if fate in (None, Fate.STALE)]
-    claimed = upserts.claim_events(conn, [
-        applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
-        for i in to_claim])
-    _lost_claims(conn, batch, plan, [i for i in to_claim
-                                     if batch[i].event.event_id not in claimed])
-    written, wrote_nothing = _write_entities(conn, batch, plan, applied_at)
-    for where in in_keys(conn, applied_events.c.event_id, wrote_nothing):
-        conn.execute(update(applied_events).where(where).values(outcome=Fate.STALE.value))
+    first = [i for i, fate in enumerate(alone.fates) if fate in (None, Fate.STALE)]
+    claim = upserts.claim_events(conn, [
+        applied_row(batch[i], alone.fates[i] or Fate.APPLIED, applied_at, worker)
+        for i in first])
+    plan = plan_batch(batch, {**claim.recorded, **_lost_claims(conn, batch, first, claim)})
+    written = _write_entities(conn, batch, plan, applied_at)
+    _correct_outcomes(conn, [(batch[i].event.event_id, alone.fates[i], plan.fates[i])
+                             for i in first if batch[i].event.event_id in claim.claimed])
     letters = records.record_failures(conn, [
         *failures, *(_reused(batch[i], plan.reused_from[i], applied_at, worker)
                      for i in plan.reused_from)])
@@ -87,26 +89,31 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
     return BatchResult([fate or Fate.APPLIED for fate in plan.fates], letters, applied_at)
 
 
-def _lost_claims(conn: Connection, batch: Sequence[Received], plan: Plan,
-                 lost: list[int]) -> None:
-    """A concurrent writer recorded these ids between the plan and the claim: the same
-    payload is a duplicate, another one an id reused (never silently a duplicate)."""
-    recorded = _recorded_fingerprints(conn, [batch[i] for i in lost])
-    for index in lost:
-        first = recorded.get(batch[index].event.event_id)
-        if first is None or first == batch[index].fingerprint:
-            plan.fates[index] = Fate.DUPLICATE
-        else:
-            plan.fates[index] = Fate.ID_REUSED
-            plan.reused_from[index] = first
+def _lost_claims(conn: Connection, batch: Sequence[Received], first: list[int],
+                 claim: upserts.Claim) -> dict[str, str | None]:
+    """Ids a concurrent writer recorded while this claim ran (neither claimed nor read as
+    recorded): what that writer recorded, so that the same payload is a duplicate and
+    another one an id reused, never silently a duplicate."""
+    lost = {batch[i].event.event_id for i in first} - claim.claimed - claim.recorded.keys()
+    if not lost:
+        return {}
+    found = upserts.recorded(conn, lost)
+    # An id recorded with no fingerprint we can read counts as the same event.
+    return {event_id: found.get(event_id) for event_id in lost}
 
 
-def _recorded_fingerprints(conn: Connection, batch: Sequence[Received]) -> dict[str, str | None]:
-    ids = {received.event.event_id for received in batch}
-    columns = (applied_events.c.event_id, applied_events.c.fingerprint)
-    return {row.event_id: row.fingerprint
-            for where in in_keys(conn, applied_events.c.event_id, ids)
-            for row in conn.execute(select(*columns).where(where))}
+def _correct_outcomes(conn: Connection,
+                      claimed: list[tuple[str, Fate | None, Fate | None]]) -> None:
+    """The claim recorded each event with its fate in the batch alone; record the final one
+    where it differs: an event that wrote nothing is stale, and one that was stale behind a
+    recorded event of its entity may have been written."""
+    changed: dict[Fate, list[str]] = {}
+    for event_id, claimed_as, fate in claimed:
+        if (fate or Fate.APPLIED) is not (claimed_as or Fate.APPLIED):
+            changed.setdefault(fate or Fate.APPLIED, []).append(event_id)
+    for fate, event_ids in changed.items():
+        for where in in_keys(conn, applied_events.c.event_id, event_ids):
+            conn.execute(update(applied_events).where(where).values(outcome=fate.value))
 
 
 def applied_row(received: Received, fate: Fate, applied_at: datetime,
@@ -120,9 +127,9 @@ def applied_row(received: Received, fate: Fate, applied_at: datetime,
 
 
 def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
-                    applied_at: datetime) -> tuple[dict[str, set[str]], list[str]]:
-    """Write each claimed entity's newest version: the keys written, and the ids of the
-    events that wrote nothing (older than what their entity holds), now marked stale."""
+                    applied_at: datetime) -> dict[str, set[str]]:
+    """Write each claimed entity's newest version: the keys written. The events that wrote
+    nothing (older than what their entity holds) are stale."""
     def claimed(chosen: dict[str, int]) -> dict[str, Event]:
         return {key: batch[i].event for key, i in chosen.items() if plan.fates[i] is None}
 
@@ -132,14 +139,12 @@ def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
         orders: [order_row(e, applied_at) for e in order_events.values()],
         payments: [payment_row(e, applied_at) for e in claimed(plan.payments).values()],
     }, [item for e in order_events.values() for item in item_rows(e)])
-    wrote_nothing = []
     for chosen, kind in ((plan.users, "users"), (plan.orders, "orders"),
                          (plan.payments, "payments")):
         for key, index in chosen.items():
             if plan.fates[index] is None and key not in written[kind]:
                 plan.fates[index] = Fate.STALE
-                wrote_nothing.append(batch[index].event.event_id)
-    return written, wrote_nothing
+    return written
 
 
 def _versioned(event: Event, applied_at: datetime) -> dict[str, Any]:

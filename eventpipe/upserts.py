@@ -5,13 +5,15 @@
   it backwards — and return the keys actually written, which drive the order items (an
   order's items are replaced only when the order row itself was) and the applied/stale fate.
 - Applied events: the claim. Inserted unless the id is already there, returning the ids this
-  transaction claimed; only their inventory deltas are added, so a delta applies once even
-  when two writers hold the same event.
+  transaction claimed and the fingerprints of the ids recorded before (a duplicate, or an id
+  reused for another payload); only the claimed events' inventory deltas are added, so a
+  delta applies once even when two writers hold the same event.
 - PostgreSQL: `INSERT … SELECT * FROM unnest(<one array per column>) ON CONFLICT … DO UPDATE
   … WHERE <newer> RETURNING key`, with one parameter per column whatever the batch size
   (multi-row VALUES would be new SQL text, and thousands of parameters, for every batch
   size). The entity tables are written by one statement, each a `WITH` part of it, and the
-  items of the orders written by one more: two round trips where there were five.
+  items of the orders written by one more: two round trips where there were five. The claim
+  and the reading of the fingerprints recorded before are one statement too.
 - SQLite: the same `INSERT … ON CONFLICT`, executed with the batch's rows.
 - SQL Server: the rows go to a `#staging` table (fast_executemany), then one
   `MERGE … WITH (HOLDLOCK) … OUTPUT inserted.key` — HOLDLOCK makes MERGE safe against a
@@ -23,9 +25,9 @@ same order (fewer deadlocks).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
@@ -41,11 +43,13 @@ from sqlalchemy import (
     delete,
     insert,
     or_,
+    select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
+from eventpipe.keysets import in_keys
 from eventpipe.tables import applied_events, inventory, order_items, orders
 
 Rows = Sequence[dict[str, Any]]
@@ -237,6 +241,23 @@ def pg_write_entities(tables: tuple[Table, ...]) -> str:
 
 
 @cache
+def pg_claim() -> str:
+    """The claim (one array per `applied_events` column), returning `(event_id, NULL, true)`
+    for every id recorded now and `(event_id, fingerprint, false)` for those recorded before.
+    The `WITH` parts and the final `SELECT` share one snapshot: the `SELECT` sees the rows
+    recorded before, not those the `INSERT` adds."""
+    columns = list(applied_events.columns)
+    arrays = ", ".join(f"%b::{_pg_array_type(c)}[]" for c in columns)
+    names = ", ".join(c.name for c in columns)
+    return (f"WITH batch AS (SELECT * FROM unnest({arrays}) AS b({names})), "
+            f"claimed AS (INSERT INTO applied_events ({names}) SELECT * FROM batch "
+            f"{PG_CLAIM_CONFLICT} RETURNING event_id) "
+            "SELECT event_id, NULL, true FROM claimed UNION ALL "
+            "SELECT a.event_id, a.fingerprint, false FROM applied_events AS a "
+            "JOIN batch USING (event_id)")
+
+
+@cache
 def pg_replace_items() -> str:
     """The items of the orders written, in one statement: `unnest(order ids, line counts)`,
     then one array per item column. Lines beyond an order's new count are deleted, the others
@@ -311,16 +332,40 @@ def _items_of(order_ids: set[str], items: Rows) -> list[dict[str, Any]]:
                   key=lambda item: (item["order_id"], item["line_no"]))
 
 
-def claim_events(conn: Connection, rows: Rows) -> set[str]:
-    """Record the events whose id is not recorded yet; the ids this transaction recorded."""
+class Claim(NamedTuple):
+    claimed: set[str]  # the ids this transaction recorded
+    recorded: dict[str, str | None]  # ids recorded before it → their fingerprint (None: unknown)
+
+
+def claim_events(conn: Connection, rows: Rows) -> Claim:
+    """Record the events whose id is not recorded yet: the ids recorded now, and the
+    fingerprints of those recorded before. On PostgreSQL one statement, whose reading is of
+    the rows committed when it began: an id a concurrent writer recorded since is in neither."""
     if not rows:
-        return set()
+        return Claim(set(), {})
     ordered = _sorted(applied_events, rows)
-    if conn.dialect.name == "mssql":
-        return _merge_staged(conn, applied_events, ordered, claim_merge())
     if conn.dialect.name == "postgresql":
-        return _pg_write(conn, applied_events, ordered, PG_CLAIM_CONFLICT, returning=True)
-    return {row[0] for row in conn.execute(claim(conn.dialect.name), ordered)}
+        found = Claim(set(), {})
+        arrays = tuple([row[c.name] for row in ordered] for c in applied_events.columns)
+        for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(), arrays):
+            if claimed:
+                found.claimed.add(event_id)
+            else:
+                found.recorded[event_id] = fingerprint
+        return found
+    if conn.dialect.name == "mssql":
+        claimed = _merge_staged(conn, applied_events, ordered, claim_merge())
+    else:
+        claimed = {row[0] for row in conn.execute(claim(conn.dialect.name), ordered)}
+    return Claim(claimed, recorded(conn, {row["event_id"] for row in rows} - claimed))
+
+
+def recorded(conn: Connection, event_ids: Collection[str]) -> dict[str, str | None]:
+    """The fingerprints recorded for those of these ids that are recorded."""
+    columns = (applied_events.c.event_id, applied_events.c.fingerprint)
+    return {row.event_id: row.fingerprint
+            for where in in_keys(conn, applied_events.c.event_id, event_ids)
+            for row in conn.execute(select(*columns).where(where))}
 
 
 def add_deltas(conn: Connection, rows: Rows) -> None:

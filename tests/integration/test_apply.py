@@ -54,6 +54,12 @@ def user_names(engine: Engine) -> dict[str, str]:
     return {r["user_id"]: r["name"] for r in rows(engine, users, users.c.user_id)}
 
 
+def outcomes(engine: Engine) -> dict[str, str]:
+    """The ledger's outcome of every event id."""
+    return {r["event_id"]: r["outcome"]
+            for r in rows(engine, applied_events, applied_events.c.event_id)}
+
+
 def test_new_entities_of_every_type_apply(engine: Engine) -> None:
     statuses = apply(
         engine,
@@ -226,6 +232,30 @@ def test_an_id_reused_by_a_concurrent_writer_is_dead_lettered_not_a_duplicate(
     assert [r["quantity"] for r in rows(engine, inventory)] == [5]
 
 
+def test_an_event_behind_a_reused_id_in_its_batch_applies(engine: Engine) -> None:
+    """The batch's newest event of an entity reuses a recorded id, so it is dead-lettered:
+    the next newest is the one to write, and the ledger records it applied."""
+    assert apply(engine, user_created("u1", name="First", occurred_at=at(1),
+                                      event_id="e1")) == [Fate.APPLIED]
+    fates = apply(engine, user_created("u1", name="Reused", occurred_at=at(5), event_id="e1"),
+                  user_created("u1", name="Second", occurred_at=at(3), event_id="e2"))
+    assert fates == [Fate.ID_REUSED, Fate.APPLIED]
+    assert user_names(engine) == {"u1": "Second"}
+    assert outcomes(engine) == {"e1": "applied", "e2": "applied"}
+
+
+def test_an_event_behind_an_id_a_concurrent_writer_reused_applies(engine: Engine) -> None:
+    """As above, when the id is recorded by a writer that commits while this batch claims:
+    the batch is planned again with what the claim met, not left as planned without it."""
+    first = user_created("u1", name="First", occurred_at=at(1), event_id="e1")
+    result = behind_a_writer(engine, first, [
+        user_created("u1", name="Reused", occurred_at=at(5), event_id="e1"),
+        user_created("u1", name="Second", occurred_at=at(3), event_id="e2")])
+    assert result.fates == [Fate.ID_REUSED, Fate.APPLIED]
+    assert user_names(engine) == {"u1": "Second"}
+    assert outcomes(engine) == {"e1": "applied", "e2": "applied"}
+
+
 def test_money_is_exact(engine: Engine) -> None:
     amounts = ["99999999999999.9999", "0.1", "0.0001", "12345.6789"]
     apply(engine, user_created("u1", occurred_at=at(0)),
@@ -261,14 +291,16 @@ def test_mixed_batch_matches_one_by_one_application(engine: Engine) -> None:
 
 
 def behind_a_writer(engine: Engine, first: tuple[str, Document],
-                    second: tuple[str, Document]) -> BatchResult:
-    """`second` applied while another transaction holds `first` written but not committed
-    yet: on PostgreSQL it waits on the rows until that one commits."""
+                    second: tuple[str, Document] | list[tuple[str, Document]]) -> BatchResult:
+    """`second` (one message or a batch) applied while another transaction holds `first`
+    written but not committed yet: on PostgreSQL it waits on the rows until that one
+    commits."""
     with engine.connect() as holder:
         transaction = holder.begin()
         apply_in(holder, received(first), [], worker="w1", applied_at=at(10))
         with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(apply_batch, engine, received(second))
+            batch = received(*second) if isinstance(second, list) else received(second)
+            waiting = pool.submit(apply_batch, engine, batch)
             if engine.dialect.name == "postgresql":
                 wait_for_lock_waiter(engine)
             transaction.commit()

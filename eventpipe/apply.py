@@ -7,18 +7,17 @@ In order, in one transaction:
 2. plan the batch with them (`eventpipe.effects.plan_batch`): duplicates, ids reused for
    another payload, the newest version of each entity among the events claimed;
 3. write the claimed entities with the version guard, returning the keys written; replace the
-   items of the orders written; record the fate of each event where the plan or the write
+   items of the orders written; queue the keys written for the reconciler, which re-checks
+   the rules that span keys; record the fate of each event where the plan or the write
    changed it (an event that wrote nothing is stale);
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
-5. queue the keys written for the reconciler, which re-checks the rules that span keys;
-6. add the claimed inventory deltas.
+5. add the claimed inventory deltas.
 Failures of the database propagate: the caller classifies and retries them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from eventpipe.dlq.letter import ID_REUSED, DeadLetter, event_key
 from eventpipe.effects import Fate, Plan, Received, plan_batch, sum_deltas
 from eventpipe.events import Event, OrderPlaced, PaymentSettled, UserCreated
 from eventpipe.keysets import in_keys
-from eventpipe.tables import applied_events, orders, payments, reconcile_queue, users
+from eventpipe.tables import applied_events, orders, payments, users
 
 
 def _utc_now() -> datetime:
@@ -67,7 +66,7 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
         applied_row(batch[i], alone.fates[i] or Fate.APPLIED, applied_at, worker)
         for i in first])
     plan = plan_batch(batch, {**claim.recorded, **_lost_claims(conn, batch, first, claim)})
-    written = _write_entities(conn, batch, plan, applied_at)
+    _write_entities(conn, batch, plan, applied_at)
     _correct_outcomes(conn, [(batch[i].event.event_id, alone.fates[i], plan.fates[i])
                              for i in first if batch[i].event.event_id in claim.claimed])
     letters = records.record_failures(conn, [
@@ -76,10 +75,6 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
     duplicates = {event_key(batch[i].fingerprint): batch[i].position
                   for i, fate in enumerate(plan.fates) if fate is Fate.DUPLICATE}
     letters += records.repeat(conn, duplicates, duplicates, applied_at)
-    if any(written.values()):
-        conn.execute(reconcile_queue.insert(), {
-            "keys": json.dumps({kind: sorted(keys) for kind, keys in written.items()}),
-            "created_at": applied_at})
     # Last: every batch touches some of the few stock rows, and their locks are held until
     # the commit; taken here, concurrent batches wait on each other the least.
     deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]
@@ -127,9 +122,10 @@ def applied_row(received: Received, fate: Fate, applied_at: datetime,
 
 
 def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
-                    applied_at: datetime) -> dict[str, set[str]]:
-    """Write each claimed entity's newest version: the keys written. The events that wrote
-    nothing (older than what their entity holds) are stale."""
+                    applied_at: datetime) -> None:
+    """Write each claimed entity's newest version and queue the keys written for the
+    reconciler. The events that wrote nothing (older than what their entity holds) are
+    stale."""
     def claimed(chosen: dict[str, int]) -> dict[str, Event]:
         return {key: batch[i].event for key, i in chosen.items() if plan.fates[i] is None}
 
@@ -138,13 +134,12 @@ def _write_entities(conn: Connection, batch: Sequence[Received], plan: Plan,
         users: [user_row(e, applied_at) for e in claimed(plan.users).values()],
         orders: [order_row(e, applied_at) for e in order_events.values()],
         payments: [payment_row(e, applied_at) for e in claimed(plan.payments).values()],
-    }, [item for e in order_events.values() for item in item_rows(e)])
+    }, [item for e in order_events.values() for item in item_rows(e)], queued_at=applied_at)
     for chosen, kind in ((plan.users, "users"), (plan.orders, "orders"),
                          (plan.payments, "payments")):
         for key, index in chosen.items():
             if plan.fates[index] is None and key not in written[kind]:
                 plan.fates[index] = Fate.STALE
-    return written
 
 
 def _versioned(event: Event, applied_at: datetime) -> dict[str, Any]:

@@ -24,8 +24,10 @@ same order (fewer deadlocks).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -50,7 +52,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
 from eventpipe.keysets import in_keys
-from eventpipe.tables import applied_events, inventory, order_items, orders
+from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
 
 Rows = Sequence[dict[str, Any]]
 
@@ -231,13 +233,20 @@ PG_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.q
 @cache
 def pg_write_entities(tables: tuple[Table, ...]) -> str:
     """One statement writing the rows of these entity tables (one array per column, table by
-    table), each table a `WITH` part with the version guard; `(table, key)` of every row
-    written."""
+    table), each table a `WITH` part with the version guard, and queueing the keys written
+    for the reconciler (the last parameter is the queue row's time); `(table, key)` of every
+    row written."""
     parts = [f"w{number} AS ({pg_unnest_insert(table, pg_entity_conflict(table), True)})"
              for number, table in enumerate(tables)]
+    keys = ", ".join(f"'{table.name}', (SELECT coalesce(json_agg({_key(table)} ORDER BY "
+                     f"{_key(table)}), '[]') FROM w{number})"
+                     for number, table in enumerate(tables))
+    any_written = " OR ".join(f"EXISTS (SELECT FROM w{number})" for number in range(len(tables)))
+    queued = (f"queued AS (INSERT INTO reconcile_queue (keys, created_at) "
+              f"SELECT json_build_object({keys})::text, %b::timestamptz WHERE {any_written})")
     written = [f"SELECT '{table.name}', {_key(table)} FROM w{number}"
                for number, table in enumerate(tables)]
-    return f"WITH {', '.join(parts)} {' UNION ALL '.join(written)}"
+    return f"WITH {', '.join([*parts, queued])} {' UNION ALL '.join(written)}"
 
 
 @cache
@@ -272,29 +281,32 @@ def pg_replace_items() -> str:
                                             f"{upsert}", returning=False))
 
 
-def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str,
-              returning: bool) -> set[Any]:
-    arrays = tuple([row[c.name] for row in rows] for c in table.columns)
-    result = conn.exec_driver_sql(pg_unnest_insert(table, conflict, returning), arrays)
-    return {row[0] for row in result} if returning else set()
+def _pg_arrays(table: Table, rows: Rows) -> list[list[Any]]:
+    """The rows as one array per column of `table`, the parameters of an `unnest` write."""
+    return [[row[c.name] for row in rows] for c in table.columns]
+
+
+def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str) -> None:
+    conn.exec_driver_sql(pg_unnest_insert(table, conflict, returning=False),
+                         tuple(_pg_arrays(table, rows)))
 
 
 # -- what a batch calls ----------------------------------------------------------------------
 
 
-def write_entities(conn: Connection, rows: Mapping[Table, Rows],
-                   items: Rows) -> dict[str, set[str]]:
-    """Write each entity table's rows whose version is newer than the stored one, and replace
-    the items of the orders written (an order event carries them all); the keys written, by
-    table name. On PostgreSQL one statement for the entities and one for the items; one per
-    table on the others."""
+def write_entities(conn: Connection, rows: Mapping[Table, Rows], items: Rows,
+                   queued_at: datetime) -> dict[str, set[str]]:
+    """Write each entity table's rows whose version is newer than the stored one, replace
+    the items of the orders written (an order event carries them all), and queue the keys
+    written for the reconciler; the keys written, by table name. On PostgreSQL one statement
+    for the entities and the queue, and one for the items; one per table on the others."""
     chosen = {table: _sorted(table, table_rows) for table, table_rows in rows.items()
               if table_rows}
     written: dict[str, set[str]] = {table.name: set() for table in rows}
     if not chosen:
         return written
     if conn.dialect.name == "postgresql":
-        return {**written, **_pg_write_entities(conn, chosen, items)}
+        return {**written, **_pg_write_entities(conn, chosen, items, queued_at)}
     for table, ordered in chosen.items():
         if conn.dialect.name == "mssql":
             written[table.name] = _merge_staged(conn, table, ordered, entity_merge(table))
@@ -302,15 +314,19 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows],
             written[table.name] = {row[0] for row in conn.execute(
                 entity_upsert(conn.dialect.name, table), ordered)}
     _replace_items(conn, written.get(orders.name, set()), items)
+    if any(written.values()):
+        conn.execute(reconcile_queue.insert(), {
+            "keys": json.dumps({name: sorted(keys) for name, keys in written.items()}),
+            "created_at": queued_at})
     return written
 
 
 def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, Any]]],
-                       items: Rows) -> dict[str, set[str]]:
+                       items: Rows, queued_at: datetime) -> dict[str, set[str]]:
     written: dict[str, set[str]] = {table.name: set() for table in chosen}
-    arrays = tuple([row[c.name] for row in ordered]
-                   for table, ordered in chosen.items() for c in table.columns)
-    for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)), arrays):
+    arrays = [array for table, ordered in chosen.items() for array in _pg_arrays(table, ordered)]
+    for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)),
+                                                (*arrays, queued_at)):
         written[table_name].add(key)
     order_ids = written.get(orders.name, set())
     if order_ids:
@@ -321,8 +337,7 @@ def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, A
         lines = Counter(item["order_id"] for item in items)
         conn.exec_driver_sql(pg_replace_items(), (
             ordered, [lines[order_id] for order_id in ordered],
-            *([item[c.name] for item in _items_of(order_ids, items)]
-              for c in order_items.columns)))
+            *_pg_arrays(order_items, _items_of(order_ids, items))))
     return written
 
 
@@ -346,7 +361,7 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
     ordered = _sorted(applied_events, rows)
     if conn.dialect.name == "postgresql":
         found = Claim(set(), {})
-        arrays = tuple([row[c.name] for row in ordered] for c in applied_events.columns)
+        arrays = tuple(_pg_arrays(applied_events, ordered))
         for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(), arrays):
             if claimed:
                 found.claimed.add(event_id)
@@ -376,7 +391,7 @@ def add_deltas(conn: Connection, rows: Rows) -> None:
         _merge_staged(conn, inventory, ordered, inventory_merge(), returning=False)
         return
     if conn.dialect.name == "postgresql":
-        _pg_write(conn, inventory, ordered, PG_INVENTORY_CONFLICT, returning=False)
+        _pg_write(conn, inventory, ordered, PG_INVENTORY_CONFLICT)
         return
     conn.execute(inventory_upsert(conn.dialect.name), ordered)
 

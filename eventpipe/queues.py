@@ -103,7 +103,10 @@ def make_celery(settings: Settings, main: str = "eventpipe") -> Celery:
             # Longer than any retry countdown, so a waiting retry is not handed out twice.
             "visibility_timeout": max(900, int(settings.retry_backoff_max_s * 4)),
         },
-        worker_send_task_events=True,
+        # Off until a monitor asks: three events a task are a third of Celery's own work per
+        # task. Flower turns them on by itself (every 5 s while it runs), as does
+        # `celery -A tasks control enable_events`; worker heartbeats are sent regardless.
+        worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         enable_utc=True,

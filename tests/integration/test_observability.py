@@ -1,11 +1,13 @@
 """After a run with real components: each process's metrics moved as they should, one event's
-life can be followed through the JSON logs of the bridge and a worker by its id, and the status
-(`GET /status`, `eventpipe status`) shows every partition, process and dead letter."""
+life can be followed through the JSON logs of the bridge and a worker by its id, the status
+(`GET /status`, `eventpipe status`) shows every partition, process and dead letter, and Flower
+sees the tasks once it asks for their events."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventpipe.queues import make_celery
 from eventpipe.samples import Document, Story, user_created
 from eventpipe.status import FORGET_S, STALE_S, WORKER, Board
 from launcher.embedded import free_port
@@ -123,6 +126,45 @@ def test_logs_are_json_and_follow_an_event_by_its_id(
     assert {"eventType", "partition", "offset"} <= worker_record.keys()
     dead = [r for r in lines["worker-host"] if str(r.get("msg", "")).startswith("dead-lettered")]
     assert len(dead) == 2 and all(r["level"] == "WARNING" for r in dead)
+
+
+def test_flower_sees_the_tasks_once_it_asks_for_their_events(
+    observed: tuple[Pipeline, int, int, int],
+) -> None:
+    """Task events cost the workers a third of Celery's work per task, so they are sent only
+    once a monitor asks, as Flower does every few seconds while it runs."""
+    pipeline = observed[0]
+    app = make_celery(pipeline.settings)
+    seen: list[dict[str, Any]] = []
+    connection = app.connection_for_read()
+    receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+
+    def kinds() -> set[str]:
+        return {str(event["type"]) for event in list(seen)}
+
+    listener = threading.Thread(target=receiver.capture, kwargs={"limit": None}, daemon=True)
+    listener.start()
+    try:
+        # Worker heartbeats come every 2 s: once one is seen, the listener hears everything.
+        wait_until(lambda: "worker-heartbeat" in kinds(), 15, "a worker heartbeat")
+        story = Story(seed=9)
+        pipeline.send([story.next() for _ in range(20)])
+        ends = pipeline.end_offsets()
+        wait_until(lambda: pipeline.committed_offsets() == ends, 60, "the new events applied")
+        assert not {kind for kind in kinds() if kind.startswith("task-")}
+        app.control.enable_events()  # what Flower sends
+        pipeline.send([story.next() for _ in range(20)])
+        wait_until(lambda: "task-succeeded" in kinds(), 30, "a task-succeeded event")
+        # Where the messages are, never what they say (`eventpipe.queues.task_summary`).
+        received = [str(event["args"]) for event in list(seen)
+                    if event["type"] == "task-received"]
+        assert received and all(args.startswith(f"{pipeline.name} p") and "offset" in args
+                                for args in received)
+    finally:
+        app.control.disable_events()
+        receiver.should_stop = True  # seen within a second
+        listener.join(timeout=10)
+        connection.close()
 
 
 def _status(url: str) -> dict[str, Any]:

@@ -176,7 +176,7 @@ reconcile_queue = Table(
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
            autoincrement=True),
-    # JSON: {"users": [...], "orders": [...], "payments": [...]}
+    # JSON, the tables written and their keys: {"users": [...], "orders": [...], …}
     Column("keys", UnicodeText(), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
 )

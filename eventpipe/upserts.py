@@ -316,7 +316,7 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows], items: Rows,
     _replace_items(conn, written.get(orders.name, set()), items)
     if any(written.values()):
         conn.execute(reconcile_queue.insert(), {
-            "keys": json.dumps({name: sorted(keys) for name, keys in written.items()}),
+            "keys": json.dumps({name: sorted(keys) for name, keys in written.items() if keys}),
             "created_at": queued_at})
     return written
 

@@ -260,13 +260,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every message: `json.loads` with options builds a new one per call.
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def _load_object(value: bytes | str) -> dict[str, Any]:
     if len(value) > MAX_MESSAGE_BYTES:
         raise InvalidEvent("value", f"is {len(value)} bytes, larger than {MAX_MESSAGE_BYTES}")
     try:
         # Decoded here, not by json.loads, which would guess UTF-16/32 from the first bytes.
         text = value.decode("utf-8") if isinstance(value, bytes) else value
-        document = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as `json.loads` refuses it
+            raise ValueError("unexpected UTF-8 BOM")
+        document = _decode_json(text)
     except UnicodeDecodeError as exc:
         raise InvalidEvent("value", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
     except ValueError as exc:
@@ -290,7 +296,7 @@ def _text(obj: dict[str, Any], name: str, path: str, max_length: int) -> str:
     value = _required(obj, name, path)
     if not isinstance(value, str):
         raise InvalidEvent(path, f"must be a string, not {type(value).__name__}")
-    if not value.strip():
+    if not value or value.isspace():
         raise InvalidEvent(path, "must not be empty")
     _check_text(value, path, max_length)
     return value
@@ -301,16 +307,15 @@ def _check_text(value: str, path: str, max_length: int) -> None:
     surrogate (not encodable), at most `max_length` UTF-16 code units (NVARCHAR's count)."""
     if "\x00" in value:
         raise InvalidEvent(path, "must not contain NUL characters")
-    if _SURROGATE.search(value):
+    # Every check in C, not a loop over characters: this runs for every text field of every
+    # event. ASCII text holds no surrogate and counts one UTF-16 unit per character.
+    ascii_ = value.isascii()
+    if not ascii_ and _SURROGATE.search(value):
         raise InvalidEvent(path, "must not contain lone surrogates (not valid Unicode text)")
-    if len(value) > max_length or _utf16_units(value) > max_length:
+    if len(value) > max_length or (
+            not ascii_ and len(value.encode("utf-16-le", "surrogatepass")) // 2 > max_length):
         raise InvalidEvent(path, f"must be at most {max_length} characters "
                            "(UTF-16 code units)")
-
-
-def _utf16_units(value: str) -> int:
-    # In C, not a loop over characters: this runs for every text field of every event.
-    return len(value) if value.isascii() else len(value.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _id(obj: dict[str, Any], name: str, path: str) -> str:

@@ -74,6 +74,7 @@ def _mutated(path: str, value: Any) -> bytes:
     [
         ("eventId", DELETE, "eventId", "is required"),
         ("eventId", "", "eventId", "must not be empty"),
+        ("eventId", " \t\u3000", "eventId", "must not be empty"),
         ("eventId", "x" * 65, "eventId", "must be at most 64 characters"),
         ("eventType", "OrderShipped", "eventType", "unknown event type 'OrderShipped'"),
         ("schemaVersion", 2, "schemaVersion", "unsupported schema version 2"),
@@ -112,6 +113,7 @@ def test_invalid_fields_are_named_with_a_reason(
         (b"\xff\xfe", "not UTF-8"),
         (b"[1, 2]", "must be a JSON object, not list"),
         (b'{"eventId": NaN}', "malformed JSON"),
+        ("\ufeff{}".encode(), "malformed JSON: unexpected UTF-8 BOM"),
     ],
 )
 def test_bytes_that_are_not_an_event(value: bytes, reason: str) -> None:

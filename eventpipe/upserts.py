@@ -251,19 +251,16 @@ def pg_write_entities(tables: tuple[Table, ...]) -> str:
 
 @cache
 def pg_claim() -> str:
-    """The claim (one array per `applied_events` column), returning `(event_id, NULL, true)`
-    for every id recorded now and `(event_id, fingerprint, false)` for those recorded before.
-    The `WITH` parts and the final `SELECT` share one snapshot: the `SELECT` sees the rows
-    recorded before, not those the `INSERT` adds."""
-    columns = list(applied_events.columns)
-    arrays = ", ".join(f"%b::{_pg_array_type(c)}[]" for c in columns)
-    names = ", ".join(c.name for c in columns)
-    return (f"WITH batch AS (SELECT * FROM unnest({arrays}) AS b({names})), "
-            f"claimed AS (INSERT INTO applied_events ({names}) SELECT * FROM batch "
-            f"{PG_CLAIM_CONFLICT} RETURNING event_id) "
+    """The claim (one array per `applied_events` column, then the event ids again),
+    returning `(event_id, NULL, true)` for every id recorded now and `(event_id, fingerprint,
+    false)` for those recorded before. The `WITH` part and the final `SELECT` share one
+    snapshot: the `SELECT` sees the rows recorded before, not those the `INSERT` adds. It
+    reads them by `= ANY(<the ids>)`, which the planner sizes; joined to the inserted rows
+    instead, it was planned as a scan of the whole table."""
+    return (f"WITH claimed AS ({pg_unnest_insert(applied_events, PG_CLAIM_CONFLICT, True)}) "
             "SELECT event_id, NULL, true FROM claimed UNION ALL "
-            "SELECT a.event_id, a.fingerprint, false FROM applied_events AS a "
-            "JOIN batch USING (event_id)")
+            "SELECT event_id, fingerprint, false FROM applied_events "
+            "WHERE event_id = ANY(%b::text[])")
 
 
 @cache
@@ -361,8 +358,9 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
     ordered = _sorted(applied_events, rows)
     if conn.dialect.name == "postgresql":
         found = Claim(set(), {})
-        arrays = tuple(_pg_arrays(applied_events, ordered))
-        for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(), arrays):
+        arrays = _pg_arrays(applied_events, ordered)
+        ids = arrays[0]
+        for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(), (*arrays, ids)):
             if claimed:
                 found.claimed.add(event_id)
             else:

@@ -309,11 +309,11 @@ def _check_text(value: str, path: str, max_length: int) -> None:
         raise InvalidEvent(path, "must not contain NUL characters")
     # Every check in C, not a loop over characters: this runs for every text field of every
     # event. ASCII text holds no surrogate and counts one UTF-16 unit per character.
-    ascii_ = value.isascii()
-    if not ascii_ and _SURROGATE.search(value):
+    ascii_only = value.isascii()
+    if not ascii_only and _SURROGATE.search(value):
         raise InvalidEvent(path, "must not contain lone surrogates (not valid Unicode text)")
     if len(value) > max_length or (
-            not ascii_ and len(value.encode("utf-16-le", "surrogatepass")) // 2 > max_length):
+            not ascii_only and len(value.encode("utf-16-le", "surrogatepass")) // 2 > max_length):
         raise InvalidEvent(path, f"must be at most {max_length} characters "
                            "(UTF-16 code units)")
 

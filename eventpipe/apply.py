@@ -59,16 +59,19 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
              worker: str, applied_at: datetime) -> BatchResult:
     # The claim comes first, as the batch alone plans it: the statement that records the
     # new ids also says which were recorded before, and the batch is planned again with that.
-    alone = plan_batch(batch, {})
+    plan = plan_batch(batch, {})
     # Stale within the batch is a fate too: recorded, so its redelivery is a duplicate.
-    first = [i for i, fate in enumerate(alone.fates) if fate in (None, Fate.STALE)]
-    claim = upserts.claim_events(conn, [
-        applied_row(batch[i], alone.fates[i] or Fate.APPLIED, applied_at, worker)
-        for i in first])
-    plan = plan_batch(batch, {**claim.recorded, **_lost_claims(conn, batch, first, claim)})
+    first = [i for i, fate in enumerate(plan.fates) if fate in (None, Fate.STALE)]
+    rows = [applied_row(batch[i], plan.fates[i] or Fate.APPLIED, applied_at, worker)
+            for i in first]
+    claim = upserts.claim_events(conn, rows)
+    known = {**claim.recorded, **_lost_claims(conn, batch, first, claim)}
+    if known:  # most batches hold no id recorded before: their plan stands
+        plan = plan_batch(batch, known)
     _write_entities(conn, batch, plan, applied_at)
-    _correct_outcomes(conn, [(batch[i].event.event_id, alone.fates[i], plan.fates[i])
-                             for i in first if batch[i].event.event_id in claim.claimed])
+    _correct_outcomes(conn, [(row["event_id"], row["outcome"], plan.fates[i])
+                             for i, row in zip(first, rows, strict=True)
+                             if row["event_id"] in claim.claimed])
     letters = records.record_failures(conn, [
         *failures, *(_reused(batch[i], plan.reused_from[i], applied_at, worker)
                      for i in plan.reused_from)])
@@ -97,14 +100,13 @@ def _lost_claims(conn: Connection, batch: Sequence[Received], first: list[int],
     return {event_id: found.get(event_id) for event_id in lost}
 
 
-def _correct_outcomes(conn: Connection,
-                      claimed: list[tuple[str, Fate | None, Fate | None]]) -> None:
-    """The claim recorded each event with its fate in the batch alone; record the final one
-    where it differs: an event that wrote nothing is stale, and one that was stale behind a
-    recorded event of its entity may have been written."""
+def _correct_outcomes(conn: Connection, claimed: list[tuple[str, str, Fate | None]]) -> None:
+    """The claim recorded each event (id, outcome) with its fate in the batch alone; record
+    the final one where it differs: an event that wrote nothing is stale, and one that was
+    stale behind a recorded event of its entity may have been written."""
     changed: dict[Fate, list[str]] = {}
-    for event_id, claimed_as, fate in claimed:
-        if (fate or Fate.APPLIED) is not (claimed_as or Fate.APPLIED):
+    for event_id, outcome, fate in claimed:
+        if (fate or Fate.APPLIED).value != outcome:
             changed.setdefault(fate or Fate.APPLIED, []).append(event_id)
     for fate, event_ids in changed.items():
         for where in in_keys(conn, applied_events.c.event_id, event_ids):

@@ -31,7 +31,7 @@ from confluent_kafka import (
 )
 from sqlalchemy import Engine, select
 
-from eventpipe import readmodel
+from eventpipe import readmodel, upserts
 from eventpipe.canonical import (
     ErrorClass,
     Expected,
@@ -42,7 +42,6 @@ from eventpipe.canonical import (
 from eventpipe.dlq.letter import OPEN, RESOLVED
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.kafka import client_config
-from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import from_kafka_millis
@@ -162,13 +161,10 @@ def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
 
 def _recorded_fingerprints(engine: Engine, event_ids: Collection[str]) -> dict[str, str]:
     """Which payload of each reused eventId the pipeline took as the event."""
-    found: dict[str, str] = {}
     with engine.connect() as conn:
-        for where in in_keys(conn, applied_events.c.event_id, event_ids):
-            found.update((row.event_id, row.fingerprint) for row in conn.execute(
-                select(applied_events.c.event_id, applied_events.c.fingerprint).where(where))
-                if row.fingerprint)
-    return found
+        return {event_id: fingerprint
+                for event_id, fingerprint in upserts.recorded(conn, event_ids).items()
+                if fingerprint}
 
 
 def _differ(report: Report, what: str, expected: Any, found: Any,

@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, update
+from sqlalchemy import Connection, Engine
 
 from eventpipe import upserts
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import ID_REUSED, DeadLetter, event_key
 from eventpipe.effects import Fate, Plan, Received, plan_batch, sum_deltas
 from eventpipe.events import Event, OrderPlaced, PaymentSettled, UserCreated
-from eventpipe.keysets import in_keys
-from eventpipe.tables import applied_events, orders, payments, users
+from eventpipe.tables import orders, payments, users
 
 
 def _utc_now() -> datetime:
@@ -109,8 +108,7 @@ def _correct_outcomes(conn: Connection, claimed: list[tuple[str, str, Fate | Non
         if (fate or Fate.APPLIED).value != outcome:
             changed.setdefault(fate or Fate.APPLIED, []).append(event_id)
     for fate, event_ids in changed.items():
-        for where in in_keys(conn, applied_events.c.event_id, event_ids):
-            conn.execute(update(applied_events).where(where).values(outcome=fate.value))
+        upserts.set_outcome(conn, fate.value, event_ids)
 
 
 def applied_row(received: Received, fate: Fate, applied_at: datetime,

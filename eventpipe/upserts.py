@@ -47,6 +47,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
@@ -193,6 +194,15 @@ def _merge_staged(conn: Connection, table: Table, rows: Rows, merge: str,
 
 # -- PostgreSQL --------------------------------------------------------------------------------
 
+# A batch looks up the rows of its keys key by key, `unnest(keys) CROSS JOIN LATERAL (…
+# WHERE key = batch.key LIMIT 1)`, rather than with `key = ANY(keys)`. PostgreSQL's default
+# costs price an index probe as a read from disk: for a batch's few hundred keys they planned
+# `= ANY`, and a `DELETE … USING` the keys, as a scan of the whole table once it held tens of
+# thousands of rows (43,000 events, analysed or not), so each batch cost more than the one
+# before. The `LIMIT` (or `OFFSET 0`) keeps the lookup from being merged into a join, so it
+# stays one index probe per key whatever the table's statistics (below a thousand rows or so
+# the planner may read the table instead, which at that size costs about as much).
+
 _PG_ARRAY_TYPES = {"DateTime": "timestamptz", "Numeric": "numeric", "Integer": "int",
                    "BigInteger": "bigint", "Boolean": "boolean"}
 
@@ -251,31 +261,49 @@ def pg_write_entities(tables: tuple[Table, ...]) -> str:
 
 @cache
 def pg_claim() -> str:
-    """The claim (one array per `applied_events` column, then the event ids again),
-    returning `(event_id, NULL, true)` for every id recorded now and `(event_id, fingerprint,
-    false)` for those recorded before. The `WITH` part and the final `SELECT` share one
-    snapshot: the `SELECT` sees the rows recorded before, not those the `INSERT` adds. It
-    reads them by `= ANY(<the ids>)`, which the planner sizes; joined to the inserted rows
-    instead, it was planned as a scan of the whole table."""
+    """The claim (one array per `applied_events` column, then the event ids again, each
+    once), returning `(event_id, NULL, true)` for every id recorded now and `(event_id,
+    fingerprint, false)` for those recorded before. The `WITH` part and the final `SELECT`
+    share one snapshot: the `SELECT` sees the rows recorded before, not those the `INSERT`
+    adds. It looks the ids up one by one (see above)."""
     return (f"WITH claimed AS ({pg_unnest_insert(applied_events, PG_CLAIM_CONFLICT, True)}) "
             "SELECT event_id, NULL, true FROM claimed UNION ALL "
-            "SELECT event_id, fingerprint, false FROM applied_events "
-            "WHERE event_id = ANY(%b::text[])")
+            "SELECT recorded.event_id, recorded.fingerprint, false "
+            "FROM unnest(%b::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
+            "SELECT event_id, fingerprint FROM applied_events "
+            "WHERE applied_events.event_id = batch.event_id LIMIT 1) AS recorded")
 
 
 @cache
 def pg_replace_items() -> str:
     """The items of the orders written, in one statement: `unnest(order ids, line counts)`,
     then one array per item column. Lines beyond an order's new count are deleted, the others
-    upserted: the two parts never touch the same row, so neither needs to see the other."""
+    upserted: the two parts never touch the same row, so neither needs to see the other. The
+    lines to delete are looked up order by order (see above), then deleted by row address
+    (`ctid`). No other writer can move them meanwhile: every writer of an order's lines (this
+    statement, `_replace_items`) first writes the order's row, which this transaction holds;
+    a line moved by anyone else would be left, as its new version has another address."""
     columns = [c.name for c in order_items.columns]
     upsert = ", ".join(f"{name} = excluded.{name}" for name in columns
                        if name not in ("order_id", "line_no"))
     return ("WITH counts AS (SELECT * FROM unnest(%b::text[], %b::int[]) AS c(order_id, lines)),"
-            " gone AS (DELETE FROM order_items USING counts WHERE order_items.order_id = "
-            "counts.order_id AND order_items.line_no > counts.lines) "
+            " gone AS (DELETE FROM order_items WHERE ctid = ANY(ARRAY("
+            "SELECT line.ctid FROM counts CROSS JOIN LATERAL (SELECT ctid FROM order_items "
+            "WHERE order_items.order_id = counts.order_id AND order_items.line_no > counts.lines "
+            "OFFSET 0) AS line))) "
             + pg_unnest_insert(order_items, "ON CONFLICT (order_id, line_no) DO UPDATE SET "
                                             f"{upsert}", returning=False))
+
+
+@cache
+def pg_set_outcome() -> str:
+    """The outcome (first parameter) of the events of these ids (each once), found one by one
+    (see above) and updated by row address (`ctid`): rows this transaction's claim inserted,
+    which no other writer can see until it commits."""
+    return ("UPDATE applied_events SET outcome = %b WHERE ctid = ANY(ARRAY("
+            "SELECT found.ctid FROM unnest(%b::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
+            "SELECT ctid FROM applied_events WHERE applied_events.event_id = batch.event_id "
+            "LIMIT 1) AS found))")
 
 
 def _pg_arrays(table: Table, rows: Rows) -> list[list[Any]]:
@@ -371,6 +399,15 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
     else:
         claimed = {row[0] for row in conn.execute(claim(conn.dialect.name), ordered)}
     return Claim(claimed, recorded(conn, {row["event_id"] for row in rows} - claimed))
+
+
+def set_outcome(conn: Connection, outcome: str, event_ids: Collection[str]) -> None:
+    """Record `outcome` as the fate of the events of these ids, claimed by this transaction."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(pg_set_outcome(), (outcome, sorted(event_ids)))
+        return
+    for where in in_keys(conn, applied_events.c.event_id, event_ids):
+        conn.execute(update(applied_events).where(where).values(outcome=outcome))
 
 
 def recorded(conn: Connection, event_ids: Collection[str]) -> dict[str, str | None]:

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select, text
 
-from eventpipe import readmodel
-from eventpipe.apply import BatchResult, apply_batch, apply_in
+from eventpipe import readmodel, upserts
+from eventpipe.apply import BatchResult, applied_row, apply_batch, apply_in
 from eventpipe.effects import Fate
 from eventpipe.samples import (
     Document,
@@ -97,6 +97,17 @@ def test_duplicate_is_a_no_op_across_and_within_batches(engine: Engine) -> None:
     assert apply(engine, message) == [Fate.DUPLICATE]
     assert user_names(engine) == {"u1": "First"}
     assert ledger_count(engine) == 1
+
+
+def test_the_claim_records_new_ids_and_reads_those_recorded_before(engine: Engine) -> None:
+    earlier = received(user_created("u1", occurred_at=at(0)), user_created("u2", occurred_at=at(1)))
+    apply_batch(engine, earlier)
+    later = received(user_created("u3", occurred_at=at(2)))
+    with engine.begin() as conn:
+        claim = upserts.claim_events(conn, [applied_row(item, Fate.APPLIED, at(3), "w1")
+                                            for item in (*earlier, *later)])
+    assert claim.claimed == {later[0].event.event_id}
+    assert claim.recorded == {item.event.event_id: item.fingerprint for item in earlier}
 
 
 def test_older_version_changes_nothing(engine: Engine) -> None:

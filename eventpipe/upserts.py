@@ -14,7 +14,8 @@
   size). The entity tables are written by one statement, each a `WITH` part of it, and the
   items of the orders written by one more: two round trips where there were five. The claim
   and the reading of the fingerprints recorded before are one statement too.
-- SQLite: the same `INSERT … ON CONFLICT`, executed with the batch's rows.
+- SQLite: the same `INSERT … ON CONFLICT … RETURNING key`, the rows as one multi-row `VALUES`
+  per page of parameters, converted here rather than by SQLAlchemy (see the SQLite section).
 - SQL Server: the rows go to a `#staging` table (fast_executemany), then one
   `MERGE … WITH (HOLDLOCK) … OUTPUT inserted.key` — HOLDLOCK makes MERGE safe against a
   concurrent insert of the same key.
@@ -26,41 +27,34 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
-from functools import cache
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
-    ColumnElement,
     Connection,
     Delete,
     Executable,
     MetaData,
     Table,
-    and_,
     bindparam,
     case,
     delete,
     insert,
-    or_,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
 from eventpipe.keysets import in_keys
+from eventpipe.sqltypes import Money, UtcDateTime
 from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
 
 Rows = Sequence[dict[str, Any]]
-
-
-def _insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
-    """An INSERT that supports ON CONFLICT (PostgreSQL and SQLite share the syntax)."""
-    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
 def _key(table: Table) -> str:
@@ -73,46 +67,33 @@ def _sorted(table: Table, rows: Rows) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row[key])
 
 
-def _newer(stored: Table, new: Any) -> ColumnElement[bool]:
-    """`new`'s version (the row being written, e.g. `excluded`) is above the stored one."""
-    return or_(
-        stored.c.version_at < new.version_at,
-        and_(
-            stored.c.version_at == new.version_at,
-            stored.c.version_event_id < new.version_event_id,
-        ),
-    )
+# The conflict clauses PostgreSQL and SQLite share. The guard: the new version is above the
+# stored one (SQLite compares the times as text, stored fixed-width, so in order).
+_GUARD = ("{t}.version_at < excluded.version_at OR ({t}.version_at = excluded.version_at "
+          "AND {t}.version_event_id < excluded.version_event_id)")
 
 
+@cache
+def entity_conflict(table: Table) -> str:
+    """An entity's upsert: overwrite the stored row only with a newer version."""
+    key = _key(table)
+    values = ", ".join(f"{c.name} = excluded.{c.name}" for c in table.columns if c.name != key)
+    return (f"ON CONFLICT ({key}) DO UPDATE SET {values} "
+            f"WHERE {_GUARD.format(t=table.name)}")
+
+
+CLAIM_CONFLICT = "ON CONFLICT (event_id) DO NOTHING"
+
+# The same guard in SQL Server's MERGE.
 _GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = source.version_at "
                "AND target.version_event_id < source.version_event_id)")
 
 
 @cache
-def entity_upsert(dialect: str, table: Table) -> Executable:
-    """PostgreSQL/SQLite: the guarded upsert of one entity table, returning keys written."""
-    key = _key(table)
-    values = [c.name for c in table.columns if c.name != key]
-    stmt = _insert(dialect, table)
-    return stmt.on_conflict_do_update(
-        index_elements=[key],
-        set_={name: stmt.excluded[name] for name in values},
-        where=_newer(table, stmt.excluded),
-    ).returning(table.c[key])
-
-
-@cache
-def claim(dialect: str) -> Executable:
-    """PostgreSQL/SQLite: record events unless their id is recorded; the ids recorded now."""
-    return (_insert(dialect, applied_events).on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(applied_events.c.event_id))
-
-
-@cache
-def inventory_upsert(dialect: str) -> Executable:
-    """PostgreSQL/SQLite: add a delta to a SKU's quantity (creating it at the delta), keeping
-    the latest time."""
-    stmt = _insert(dialect, inventory)
+def inventory_upsert() -> Executable:
+    """SQLite: add a delta to a SKU's quantity (creating it at the delta), keeping the latest
+    time."""
+    stmt = sqlite.insert(inventory)
     return stmt.on_conflict_do_update(
         index_elements=["sku"],
         set_={
@@ -212,10 +193,6 @@ def _pg_array_type(column: Column[Any]) -> str:
     return _PG_ARRAY_TYPES.get(type(impl).__name__, "text")
 
 
-_PG_GUARD = ("{t}.version_at < excluded.version_at OR ({t}.version_at = excluded.version_at "
-             "AND {t}.version_event_id < excluded.version_event_id)")
-
-
 @cache
 def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
     """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]`."""
@@ -226,15 +203,6 @@ def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
     return sql + (f" RETURNING {_key(table)}" if returning else "")
 
 
-@cache
-def pg_entity_conflict(table: Table) -> str:
-    key = _key(table)
-    values = ", ".join(f"{c.name} = excluded.{c.name}" for c in table.columns if c.name != key)
-    return (f"ON CONFLICT ({key}) DO UPDATE SET {values} "
-            f"WHERE {_PG_GUARD.format(t=table.name)}")
-
-
-PG_CLAIM_CONFLICT = "ON CONFLICT (event_id) DO NOTHING"
 PG_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.quantity + "
                          "excluded.quantity, updated_at = GREATEST(inventory.updated_at, "
                          "excluded.updated_at)")
@@ -246,7 +214,7 @@ def pg_write_entities(tables: tuple[Table, ...]) -> str:
     table), each table a `WITH` part with the version guard, and queueing the keys written
     for the reconciler (the last parameter is the queue row's time); `(table, key)` of every
     row written."""
-    parts = [f"w{number} AS ({pg_unnest_insert(table, pg_entity_conflict(table), True)})"
+    parts = [f"w{number} AS ({pg_unnest_insert(table, entity_conflict(table), True)})"
              for number, table in enumerate(tables)]
     keys = ", ".join(f"'{table.name}', (SELECT coalesce(json_agg({_key(table)} ORDER BY "
                      f"{_key(table)}), '[]') FROM w{number})"
@@ -266,7 +234,7 @@ def pg_claim() -> str:
     fingerprint, false)` for those recorded before. The `WITH` part and the final `SELECT`
     share one snapshot: the `SELECT` sees the rows recorded before, not those the `INSERT`
     adds. It looks the ids up one by one (see above)."""
-    return (f"WITH claimed AS ({pg_unnest_insert(applied_events, PG_CLAIM_CONFLICT, True)}) "
+    return (f"WITH claimed AS ({pg_unnest_insert(applied_events, CLAIM_CONFLICT, True)}) "
             "SELECT event_id, NULL, true FROM claimed UNION ALL "
             "SELECT recorded.event_id, recorded.fingerprint, false "
             "FROM unnest(%b::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
@@ -316,6 +284,59 @@ def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str) -> None
                          tuple(_pg_arrays(table, rows)))
 
 
+# -- SQLite -----------------------------------------------------------------------------------
+
+# SQLite's statements are PostgreSQL's conflict clauses on a multi-row `VALUES`, a page of rows
+# each (as many as the build takes parameters), with the values converted here. Through
+# SQLAlchemy's executemany every value went through its type's bind processing (a time
+# through two conversions): that cost a batch more than SQLite's own work.
+
+
+def _sqlite_time(value: datetime) -> str:
+    """A time as `UtcDateTime` stores it on SQLite: UTC, no offset, to the microsecond."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: times must be aware")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+_SQLITE_CONVERT: dict[type, Callable[[Any], Any]] = {UtcDateTime: _sqlite_time, Money: str}
+
+
+@cache
+def _sqlite_columns(table: Table) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    return tuple((c.name, _SQLITE_CONVERT.get(type(c.type))) for c in table.columns)
+
+
+def sqlite_values(table: Table, rows: Rows) -> tuple[Any, ...]:
+    """The rows' values, row after row in column order, as SQLite stores them."""
+    columns = _sqlite_columns(table)
+    return tuple(value if convert is None or value is None else convert(value)
+                 for row in rows for name, convert in columns for value in (row[name],))
+
+
+@lru_cache(maxsize=256)
+def sqlite_insert(table: Table, conflict: str, returning: bool, rows: int) -> str:
+    """`INSERT … VALUES (?, …), … <conflict> [RETURNING key]` for `rows` rows."""
+    row = f"({', '.join('?' * len(table.columns))})"
+    sql = (f"INSERT INTO {table.name} ({', '.join(c.name for c in table.columns)}) "
+           f"VALUES {', '.join([row] * rows)} {conflict}")
+    return sql + (f" RETURNING {_key(table)}" if returning else "")
+
+
+def _sqlite_write(conn: Connection, table: Table, rows: Rows, conflict: str = "", *,
+                  returning: bool = False) -> set[Any]:
+    """Insert `rows` with `conflict`, a page at a time; the keys returned."""
+    page = max(1, conn.dialect.insertmanyvalues_max_parameters // len(table.columns))
+    written: set[Any] = set()
+    for start in range(0, len(rows), page):
+        part = rows[start:start + page]
+        result = conn.exec_driver_sql(sqlite_insert(table, conflict, returning, len(part)),
+                                      sqlite_values(table, part))
+        if returning:
+            written.update(row[0] for row in result)
+    return written
+
+
 # -- what a batch calls ----------------------------------------------------------------------
 
 
@@ -336,8 +357,8 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows], items: Rows,
         if conn.dialect.name == "mssql":
             written[table.name] = _merge_staged(conn, table, ordered, entity_merge(table))
         else:
-            written[table.name] = {row[0] for row in conn.execute(
-                entity_upsert(conn.dialect.name, table), ordered)}
+            written[table.name] = _sqlite_write(conn, table, ordered, entity_conflict(table),
+                                                returning=True)
     _replace_items(conn, written.get(orders.name, set()), items)
     if any(written.values()):
         conn.execute(reconcile_queue.insert(), {
@@ -397,7 +418,7 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
     if conn.dialect.name == "mssql":
         claimed = _merge_staged(conn, applied_events, ordered, claim_merge())
     else:
-        claimed = {row[0] for row in conn.execute(claim(conn.dialect.name), ordered)}
+        claimed = _sqlite_write(conn, applied_events, ordered, CLAIM_CONFLICT, returning=True)
     return Claim(claimed, recorded(conn, {row["event_id"] for row in rows} - claimed))
 
 
@@ -428,7 +449,7 @@ def add_deltas(conn: Connection, rows: Rows) -> None:
     if conn.dialect.name == "postgresql":
         _pg_write(conn, inventory, ordered, PG_INVENTORY_CONFLICT)
         return
-    conn.execute(inventory_upsert(conn.dialect.name), ordered)
+    conn.execute(inventory_upsert(), ordered)
 
 
 def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
@@ -439,5 +460,7 @@ def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
     chosen = _items_of(order_ids, rows)
     for start in range(0, len(ordered), 500):
         conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
-    if chosen:
+    if chosen and conn.dialect.name == "sqlite":
+        _sqlite_write(conn, order_items, chosen)
+    elif chosen:
         conn.execute(insert(order_items), chosen)

@@ -26,6 +26,7 @@ same order (fewer deadlocks).
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -308,7 +309,8 @@ def _sqlite_columns(table: Table) -> tuple[tuple[str, Callable[[Any], Any] | Non
 
 
 def sqlite_values(table: Table, rows: Rows) -> tuple[Any, ...]:
-    """The rows' values, row after row in column order, as SQLite stores them."""
+    """The rows' values (each row names every column), row after row in column order, as
+    SQLite stores them."""
     columns = _sqlite_columns(table)
     return tuple(value if convert is None or value is None else convert(value)
                  for row in rows for name, convert in columns for value in (row[name],))
@@ -325,8 +327,11 @@ def sqlite_insert(table: Table, conflict: str, returning: bool, rows: int) -> st
 
 def _sqlite_write(conn: Connection, table: Table, rows: Rows, conflict: str = "", *,
                   returning: bool = False) -> set[Any]:
-    """Insert `rows` with `conflict`, a page at a time; the keys returned."""
-    page = max(1, conn.dialect.insertmanyvalues_max_parameters // len(table.columns))
+    """Insert `rows` with `conflict`, a page at a time (as many rows as this SQLite takes
+    parameters in a statement, a thousand at most); the keys returned."""
+    driver: Any = conn.connection.driver_connection
+    limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    page = max(1, min(1000, limit // len(table.columns)))
     written: set[Any] = set()
     for start in range(0, len(rows), page):
         part = rows[start:start + page]

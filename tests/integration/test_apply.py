@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, text
 
 from eventpipe import readmodel, upserts
 from eventpipe.apply import BatchResult, applied_row, apply_batch, apply_in
+from eventpipe.database import make_engine
 from eventpipe.effects import Fate
 from eventpipe.samples import (
     Document,
+    Story,
     inventory_adjusted,
     order_placed,
     payment_settled,
     user_created,
 )
+from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
 from tests.support.factories import at, received
+from tests.support.services import migrate
 
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> list[Fate]:
@@ -299,6 +305,31 @@ def test_mixed_batch_matches_one_by_one_application(engine: Engine) -> None:
     singly = [s for m in messages for s in apply(engine, m)]
     assert singly == batched
     assert _state(engine) == state and visible(engine) == shown
+
+
+def test_sqlite_writes_a_batch_in_as_many_statements_as_its_parameters_need(
+        tmp_path: Path) -> None:
+    """SQLite refuses a statement with more parameters than its limit: a batch is written a
+    page of rows at a time, and what it writes does not depend on the page."""
+    story = Story(seed=2)
+    batch = received(*(story.next() for _ in range(600)))
+    states, fates = [], []
+    # 999: SQLite's limit before 3.32; 99 to 199 rows a statement, by table.
+    for limit in (None, 999):
+        url = f"sqlite:///{tmp_path / f'limit-{limit}.db'}"
+        migrate(url)
+        engine = make_engine(Settings(database_url=url))
+        try:
+            with engine.begin() as conn:
+                if limit is not None:
+                    driver: Any = conn.connection.driver_connection
+                    driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+                fates.append(apply_in(conn, batch, [], worker="w1", applied_at=at(100)).fates)
+            states.append(_state(engine))
+        finally:
+            engine.dispose()
+    assert fates[0] == fates[1] and fates[0].count(Fate.APPLIED) == len(batch)
+    assert states[0] == states[1] and len(states[0]["order_items"]) > 199
 
 
 def behind_a_writer(engine: Engine, first: tuple[str, Document],

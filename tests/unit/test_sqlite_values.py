@@ -1,6 +1,7 @@
 """SQLite's batch writes convert their values themselves (`eventpipe.upserts.sqlite_values`):
-what they store must be what SQLAlchemy's column types store, byte for byte, or the version
-guard (times compared as text) and every reader would see two spellings of one value."""
+what they hand the driver must be what SQLAlchemy's column types hand it, value and type, or
+the version guard (times compared as text) and every reader would see two spellings of one
+value. `tests/integration/test_apply.py` writes through them on a real database."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 
-from eventpipe.tables import applied_events, order_items, orders, users
-from eventpipe.upserts import sqlite_insert, sqlite_values
+from eventpipe.tables import applied_events, order_items, orders, payments, users
+from eventpipe.upserts import _SQLITE_CONVERT, sqlite_insert, sqlite_values
 
 DIALECT = sqlite.dialect()
 
@@ -35,6 +36,20 @@ def as_sqlalchemy_stores(table: Table, row: Mapping[str, object]) -> tuple[objec
     return tuple(values)
 
 
+def typed(values: tuple[object, ...]) -> list[tuple[type, object]]:
+    """`1`, `1.0` and `True` compare equal: the driver stores them differently."""
+    return [(type(value), value) for value in values]
+
+
+@pytest.mark.parametrize("table", [applied_events, users, orders, payments, order_items],
+                         ids=lambda table: table.name)
+def test_every_column_sqlalchemy_would_convert_is_converted(table: Table) -> None:
+    unconverted = [column.name for column in table.columns
+                   if column.type.dialect_impl(DIALECT).bind_processor(DIALECT) is not None
+                   and type(column.type) not in _SQLITE_CONVERT]
+    assert unconverted == []
+
+
 @given(times, times, st.text(min_size=1, max_size=20))
 def test_times_are_stored_as_sqlalchemy_stores_them(occurred: datetime, applied: datetime,
                                                      event_id: str) -> None:
@@ -42,7 +57,8 @@ def test_times_are_stored_as_sqlalchemy_stores_them(occurred: datetime, applied:
            "fingerprint": None, "kafka_topic": "events", "kafka_partition": 3,
            "kafka_offset": 2**40, "occurred_at": occurred, "applied_at": applied,
            "worker": None}
-    assert sqlite_values(applied_events, [row]) == as_sqlalchemy_stores(applied_events, row)
+    assert typed(sqlite_values(applied_events, [row])) == typed(
+        as_sqlalchemy_stores(applied_events, row))
 
 
 @given(money, times)
@@ -50,7 +66,7 @@ def test_money_is_stored_as_sqlalchemy_stores_it(total: Decimal, placed: datetim
     row = {"order_id": "o1", "user_id": "u1", "total_amount": total, "currency": "EUR",
            "placed_at": placed, "version_at": placed, "version_event_id": "e1",
            "updated_at": placed}
-    assert sqlite_values(orders, [row]) == as_sqlalchemy_stores(orders, row)
+    assert typed(sqlite_values(orders, [row])) == typed(as_sqlalchemy_stores(orders, row))
 
 
 def test_a_naive_time_is_refused_as_sqlalchemy_refuses_it() -> None:

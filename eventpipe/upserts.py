@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache, lru_cache
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -295,25 +296,37 @@ def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str) -> None
 
 def _sqlite_time(value: datetime) -> str:
     """A time as `UtcDateTime` stores it on SQLite: UTC, no offset, to the microsecond."""
-    if value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: times must be aware")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if value.tzinfo is not UTC:  # parsed times are in UTC already
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: times must be aware")
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds").removesuffix("+00:00")
 
 
 _SQLITE_CONVERT: dict[type, Callable[[Any], Any]] = {UtcDateTime: _sqlite_time, Money: str}
 
 
 @cache
-def _sqlite_columns(table: Table) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
-    return tuple((c.name, _SQLITE_CONVERT.get(type(c.type))) for c in table.columns)
+def _sqlite_columns(table: Table) -> tuple[Callable[[Mapping[str, Any]], tuple[Any, ...]],
+                                           tuple[tuple[int, Callable[[Any], Any]], ...]]:
+    """A row's values in column order, and the converter of each column that needs one."""
+    converters = tuple((index, convert) for index, column in enumerate(table.columns)
+                       if (convert := _SQLITE_CONVERT.get(type(column.type))) is not None)
+    return itemgetter(*(column.name for column in table.columns)), converters
 
 
 def sqlite_values(table: Table, rows: Rows) -> tuple[Any, ...]:
     """The rows' values (each row names every column), row after row in column order, as
     SQLite stores them."""
-    columns = _sqlite_columns(table)
-    return tuple(value if convert is None or value is None else convert(value)
-                 for row in rows for name, convert in columns for value in (row[name],))
+    values_of, converters = _sqlite_columns(table)
+    flat: list[Any] = []
+    for row in rows:
+        values = list(values_of(row))
+        for index, convert in converters:
+            if values[index] is not None:
+                values[index] = convert(values[index])
+        flat += values
+    return tuple(flat)
 
 
 @lru_cache(maxsize=256)

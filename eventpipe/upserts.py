@@ -38,18 +38,15 @@ from sqlalchemy import (
     Column,
     Connection,
     Delete,
-    Executable,
     MetaData,
     Table,
     bindparam,
-    case,
     delete,
     insert,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateTable
 
 from eventpipe.keysets import in_keys
@@ -85,27 +82,14 @@ def entity_conflict(table: Table) -> str:
 
 
 CLAIM_CONFLICT = "ON CONFLICT (event_id) DO NOTHING"
+# Stock: a delta added, the latest time kept (`GREATEST` on PostgreSQL, `max` on SQLite).
+_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.quantity + "
+                       "excluded.quantity, updated_at = {latest}(inventory.updated_at, "
+                       "excluded.updated_at)")
 
 # The same guard in SQL Server's MERGE.
 _GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = source.version_at "
                "AND target.version_event_id < source.version_event_id)")
-
-
-@cache
-def inventory_upsert() -> Executable:
-    """SQLite: add a delta to a SKU's quantity (creating it at the delta), keeping the latest
-    time."""
-    stmt = sqlite.insert(inventory)
-    return stmt.on_conflict_do_update(
-        index_elements=["sku"],
-        set_={
-            "quantity": inventory.c.quantity + stmt.excluded.quantity,
-            "updated_at": case(
-                (stmt.excluded.updated_at > inventory.c.updated_at, stmt.excluded.updated_at),
-                else_=inventory.c.updated_at,
-            ),
-        },
-    )
 
 
 @cache
@@ -205,9 +189,6 @@ def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
     return sql + (f" RETURNING {_key(table)}" if returning else "")
 
 
-PG_INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.quantity + "
-                         "excluded.quantity, updated_at = GREATEST(inventory.updated_at, "
-                         "excluded.updated_at)")
 
 
 @cache
@@ -465,9 +446,9 @@ def add_deltas(conn: Connection, rows: Rows) -> None:
         _merge_staged(conn, inventory, ordered, inventory_merge(), returning=False)
         return
     if conn.dialect.name == "postgresql":
-        _pg_write(conn, inventory, ordered, PG_INVENTORY_CONFLICT)
+        _pg_write(conn, inventory, ordered, _INVENTORY_CONFLICT.format(latest="GREATEST"))
         return
-    conn.execute(inventory_upsert(), ordered)
+    _sqlite_write(conn, inventory, ordered, _INVENTORY_CONFLICT.format(latest="max"))
 
 
 def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 
-from eventpipe.tables import applied_events, order_items, orders, payments, users
+from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
 from eventpipe.upserts import _SQLITE_CONVERT, sqlite_insert, sqlite_values
 
 DIALECT = sqlite.dialect()
@@ -41,7 +41,8 @@ def typed(values: tuple[object, ...]) -> list[tuple[type, object]]:
     return [(type(value), value) for value in values]
 
 
-@pytest.mark.parametrize("table", [applied_events, users, orders, payments, order_items],
+@pytest.mark.parametrize("table", [applied_events, users, orders, payments, order_items,
+                                   inventory],
                          ids=lambda table: table.name)
 def test_every_column_sqlalchemy_would_convert_is_converted(table: Table) -> None:
     unconverted = [column.name for column in table.columns

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from dataclasses import fields, is_dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -16,11 +17,14 @@ from hypothesis import strategies as st
 from eventpipe.errors import InvalidEvent, PermanentError
 from eventpipe.events import (
     MAX_MESSAGE_BYTES,
+    Event,
     EventType,
     InventoryAdjusted,
+    OrderItem,
     OrderPlaced,
     PaymentSettled,
     UserCreated,
+    canonical_text,
     parse_event,
     peek_identity,
 )
@@ -32,6 +36,7 @@ from eventpipe.samples import (
     payment_settled,
     user_created,
 )
+from eventpipe.times import utc_iso
 from tests.support.factories import DELETE, mutated
 
 WHEN = datetime(2026, 11, 24, 10, 15, 0, 123000, tzinfo=UTC)
@@ -291,3 +296,50 @@ def test_the_fingerprint_keeps_its_spelling() -> None:
          "adjusted_at": "2026-11-24T10:15:00.123Z"}], separators=(",", ":"), ensure_ascii=False)
     assert parse_event(encode(doc), key).fingerprint == hashlib.blake2b(
         canonical.encode(), digest_size=16).hexdigest()
+
+
+def _generic_canonical(event: Event) -> str:
+    """The fingerprint's text as first defined: every field of the event and its payload, in
+    declaration order, through a JSON encoder; times by `utc_iso`, amounts to four places."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, datetime):
+            return utc_iso(value)
+        if isinstance(value, Decimal):
+            return str(value.quantize(Decimal("0.0001")))
+        if isinstance(value, tuple):
+            return [plain(item) for item in value]
+        if is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        return value
+    return json.dumps([event.event_id, event.event_type.value, event.schema_version,
+                       plain(event.occurred_at), plain(event.data)],
+                      separators=(",", ":"), ensure_ascii=False)
+
+
+_texts = st.text(max_size=12)  # any character but lone surrogates: quotes, controls, astral
+_times = st.datetimes(timezones=st.sampled_from(
+    [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=14))]))
+_amounts = st.decimals(min_value=0, max_value=10**14 - 1, places=4) | st.decimals(
+    min_value=0, max_value=10**6, places=1)
+_payloads = st.one_of(
+    st.builds(UserCreated, _texts, _texts, _texts, _times),
+    st.builds(OrderPlaced, _texts, _texts, st.lists(st.builds(
+        OrderItem, _texts, st.integers(1, 2**31 - 1), _amounts), max_size=3).map(tuple),
+        _amounts, _texts, _times),
+    st.builds(PaymentSettled, _texts, _texts, _amounts, _texts, _times),
+    st.builds(InventoryAdjusted, _texts, st.integers(-10**12, 10**12), _texts, _times),
+)
+
+
+@given(_texts, _times, _payloads)
+@settings(max_examples=400, deadline=None)
+def test_the_fingerprint_text_is_the_generic_json_of_the_event(
+    event_id: str, occurred_at: datetime, payload: Any
+) -> None:
+    """`canonical_text` spells each payload type out by hand; it must give exactly what the
+    generic definition gives, for any text (escapes, non-ASCII), time zone and amount."""
+    kind = {UserCreated: EventType.USER_CREATED, OrderPlaced: EventType.ORDER_PLACED,
+            PaymentSettled: EventType.PAYMENT_SETTLED,
+            InventoryAdjusted: EventType.INVENTORY_ADJUSTED}[type(payload)]
+    event = Event(event_id, kind, 1, occurred_at, payload)
+    assert canonical_text(event) == _generic_canonical(event)

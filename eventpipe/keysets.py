@@ -1,10 +1,10 @@
 """`column IN (keys)` for sets of any size, written the way each database takes it best.
 
-PostgreSQL gets one `column = ANY(:keys)` with the keys as one array parameter: one statement
-and one parameter whatever the set's size, planned at each execution for the set it is given
-(`eventpipe.database` keeps no prepared statements). The others get
-`IN (…)` lists in chunks, under SQL Server's 2,100 parameters per statement (and SQLite's 999
-on old builds).
+PostgreSQL gets one `column = ANY(:keys)` with the keys as one parameter, an array in
+PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter whatever the
+set's size, planned at each execution for the set it is given (`eventpipe.database` keeps no
+prepared statements). The others get `IN (…)` lists in chunks, under SQL Server's 2,100 parameters
+per statement (and SQLite's 999 on old builds).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, any_, bindparam
+from sqlalchemy import ColumnElement, Connection, Dialect, TypeDecorator, any_, bindparam
 from sqlalchemy.dialects.postgresql import ARRAY
+
+from eventpipe.pg_arrays import pg_array_text
 
 CHUNK = 500
 
@@ -29,6 +31,18 @@ def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[Column
     if not keys:
         return []
     if conn.dialect.name == "postgresql":
-        array = bindparam(None, sorted(keys), type_=ARRAY(column.type))
+        array = bindparam(None, pg_array_text(sorted(keys)), type_=_ArrayText(column.type))
         return [column == any_(array)]
     return [column.in_(part) for part in chunked(keys)]
+
+
+class _ArrayText(TypeDecorator[str]):
+    """An array of the column's type, as a parameter already in PostgreSQL's text form: sent
+    as it is, with the statement's cast to the array type (`%(p)s::VARCHAR(64)[]`), so that
+    PostgreSQL reads it as it binds the parameter and plans for the keys it holds."""
+
+    impl = ARRAY
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None  # `ARRAY`'s own would take the text for a list of characters

@@ -50,6 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 
 from eventpipe.keysets import in_keys
+from eventpipe.pg_arrays import pg_array_text
 from eventpipe.sqltypes import Money, UtcDateTime
 from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
 
@@ -179,16 +180,29 @@ def _pg_array_type(column: Column[Any]) -> str:
     return _PG_ARRAY_TYPES.get(type(impl).__name__, "text")
 
 
+# Times go as psycopg dumps them, in binary (their text would cost more to spell than to
+# dump); every other column as an array in PostgreSQL's text form, built by `pg_array_text`.
+_PG_DUMPED = frozenset({"timestamptz"})
+
+
+@cache
+def _pg_columns(table: Table) -> tuple[tuple[str, bool], ...]:
+    """Each column's name, and whether its array goes as text (else as psycopg dumps it)."""
+    return tuple((c.name, _pg_array_type(c) not in _PG_DUMPED) for c in table.columns)
+
+
 @cache
 def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
     """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]`."""
     columns = list(table.columns)
-    arrays = ", ".join(f"%b::{_pg_array_type(c)}[]" for c in columns)
+    arrays = ", ".join(f"{_placeholder(c)}::{_pg_array_type(c)}[]" for c in columns)
     sql = (f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
            f"SELECT * FROM unnest({arrays}) {conflict}")
     return sql + (f" RETURNING {_key(table)}" if returning else "")
 
 
+def _placeholder(column: Column[Any]) -> str:
+    return "%b" if _pg_array_type(column) in _PG_DUMPED else "%s"
 
 
 @cache
@@ -220,7 +234,7 @@ def pg_claim() -> str:
     return (f"WITH claimed AS ({pg_unnest_insert(applied_events, CLAIM_CONFLICT, True)}) "
             "SELECT event_id, NULL, true FROM claimed UNION ALL "
             "SELECT recorded.event_id, recorded.fingerprint, false "
-            "FROM unnest(%b::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
+            "FROM unnest(%s::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
             "SELECT event_id, fingerprint FROM applied_events "
             "WHERE applied_events.event_id = batch.event_id LIMIT 1) AS recorded")
 
@@ -237,7 +251,7 @@ def pg_replace_items() -> str:
     columns = [c.name for c in order_items.columns]
     upsert = ", ".join(f"{name} = excluded.{name}" for name in columns
                        if name not in ("order_id", "line_no"))
-    return ("WITH counts AS (SELECT * FROM unnest(%b::text[], %b::int[]) AS c(order_id, lines)),"
+    return ("WITH counts AS (SELECT * FROM unnest(%s::text[], %s::int[]) AS c(order_id, lines)),"
             " gone AS (DELETE FROM order_items WHERE ctid = ANY(ARRAY("
             "SELECT line.ctid FROM counts CROSS JOIN LATERAL (SELECT ctid FROM order_items "
             "WHERE order_items.order_id = counts.order_id AND order_items.line_no > counts.lines "
@@ -251,15 +265,16 @@ def pg_set_outcome() -> str:
     """The outcome (first parameter) of the events of these ids (each once), found one by one
     (see above) and updated by row address (`ctid`): rows this transaction's claim inserted,
     which no other writer can see until it commits."""
-    return ("UPDATE applied_events SET outcome = %b WHERE ctid = ANY(ARRAY("
-            "SELECT found.ctid FROM unnest(%b::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
+    return ("UPDATE applied_events SET outcome = %s WHERE ctid = ANY(ARRAY("
+            "SELECT found.ctid FROM unnest(%s::text[]) AS batch(event_id) CROSS JOIN LATERAL ("
             "SELECT ctid FROM applied_events WHERE applied_events.event_id = batch.event_id "
             "LIMIT 1) AS found))")
 
 
-def _pg_arrays(table: Table, rows: Rows) -> list[list[Any]]:
+def _pg_arrays(table: Table, rows: Rows) -> list[Any]:
     """The rows as one array per column of `table`, the parameters of an `unnest` write."""
-    return [[row[c.name] for row in rows] for c in table.columns]
+    return [pg_array_text([row[name] for row in rows]) if as_text else [row[name] for row in rows]
+            for name, as_text in _pg_columns(table)]
 
 
 def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str) -> None:
@@ -381,7 +396,7 @@ def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, A
         ordered = sorted(order_ids)
         lines = Counter(item["order_id"] for item in items)
         conn.exec_driver_sql(pg_replace_items(), (
-            ordered, [lines[order_id] for order_id in ordered],
+            pg_array_text(ordered), pg_array_text([lines[order_id] for order_id in ordered]),
             *_pg_arrays(order_items, _items_of(order_ids, items))))
     return written
 
@@ -424,7 +439,7 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
 def set_outcome(conn: Connection, outcome: str, event_ids: Collection[str]) -> None:
     """Record `outcome` as the fate of the events of these ids, claimed by this transaction."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(pg_set_outcome(), (outcome, sorted(event_ids)))
+        conn.exec_driver_sql(pg_set_outcome(), (outcome, pg_array_text(sorted(event_ids))))
         return
     for where in in_keys(conn, applied_events.c.event_id, event_ids):
         conn.execute(update(applied_events).where(where).values(outcome=outcome))

@@ -4,15 +4,20 @@ bound raises is a failure the worker retries (issue 9: no statement or lock time
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 
 from eventpipe.database import make_engine
 from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
-from eventpipe.tables import applied_events
+from eventpipe.tables import applied_events, users
+
+WHEN = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -70,5 +75,27 @@ def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url:
                     *in_keys(conn, applied_events.c.event_id, ["a", "b"]))).all()
             prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements"))
             assert prepared.scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+@given(st.lists(st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]),
+                        max_size=20), min_size=1, max_size=12))
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_in_keys_selects_exactly_its_keys(postgresql_url: str, keys: list[str]) -> None:
+    """On PostgreSQL the keys go as one array in its text form (`eventpipe.pg_arrays`): the
+    rows of exactly those keys are selected, whatever characters the keys hold."""
+    engine = make_engine(Settings(database_url=postgresql_url))
+    try:
+        with engine.connect() as conn:  # rolled back when it closes
+            asked = [f"k{number}:{key}" for number, key in enumerate(sorted(set(keys)))]
+            conn.execute(users.insert(), [
+                {"user_id": user_id, "email": "e@example.com", "name": "n", "created_at": WHEN,
+                 "version_at": WHEN, "version_event_id": "e", "updated_at": WHEN}
+                for user_id in [*asked, "not-asked"]])
+            found = conn.execute(select(users.c.user_id).where(
+                *in_keys(conn, users.c.user_id, asked))).scalars().all()
+            assert sorted(found) == sorted(asked)
     finally:
         engine.dispose()

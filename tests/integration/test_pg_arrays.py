@@ -1,0 +1,62 @@
+"""Arrays in PostgreSQL's text form (`eventpipe.pg_arrays`), as a batch's statements and the
+reconciler's lookups pass them: PostgreSQL must read back exactly the values written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eventpipe.pg_arrays import pg_array_text
+
+# Any text PostgreSQL stores (no NUL, no lone surrogate); quotes, backslashes, braces, commas,
+# spaces, "NULL" and the empty string are what the text form must get right.
+_texts = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]),
+                 max_size=20) | st.sampled_from(["NULL", "", " ", '"', "\\", "{}", "a,b", "\\\""])
+_settings = settings(max_examples=200, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def cursor(postgresql_url: str) -> Iterator[psycopg.Cursor[Any]]:
+    with psycopg.connect(postgresql_url.replace("+psycopg", "")) as conn:
+        yield conn.cursor()
+
+
+def _read_back(cursor: psycopg.Cursor[Any], text: str, kind: str) -> Any:
+    cursor.execute(f"SELECT %s::{kind}[]", (text,))
+    row = cursor.fetchone()
+    assert row is not None
+    return row[0]
+
+
+@given(st.lists(_texts | st.none(), max_size=12))
+@_settings
+def test_strings_and_nulls_read_back_as_written(cursor: psycopg.Cursor[Any],
+                                                values: list[str | None]) -> None:
+    assert _read_back(cursor, pg_array_text(values), "text") == values
+
+
+@given(st.lists(st.integers(-2**63, 2**63 - 1), max_size=12))
+@_settings
+def test_integers_read_back_as_written(cursor: psycopg.Cursor[Any], values: list[int]) -> None:
+    assert _read_back(cursor, pg_array_text(values), "bigint") == values
+
+
+@given(st.lists(st.decimals(min_value=0, max_value=10**14 - 1, places=4) | st.decimals(
+    min_value=-10**6, max_value=10**6, places=1), max_size=12))
+@_settings
+def test_amounts_read_back_as_written(cursor: psycopg.Cursor[Any],
+                                      values: list[Decimal]) -> None:
+    assert _read_back(cursor, pg_array_text(values), "numeric") == values
+
+
+def test_a_string_postgresql_cannot_store_is_refused_not_split() -> None:
+    assert pg_array_text(["a", 'b"\\c', None]) == '{"a","b\\"\\\\c",NULL}'
+    with pytest.raises(ValueError, match="NUL"):
+        pg_array_text(["a\x00b"])

@@ -141,7 +141,9 @@ def canonical_text(event: Event) -> str:
     `[eventId, eventType, schemaVersion, occurredAt, {payload field: value, …}]`, the payload's
     fields named and ordered as its class declares them, times as `utc_iso` spells them,
     amounts with four decimals. Fingerprints are stored, so this spelling never changes
-    (`tests/unit/test_events.py` holds it to a generic JSON encoding of the same values)."""
+    (`tests/unit/test_events.py` holds it to a generic JSON encoding of the same values). It
+    is for events as `parse_event` makes them: exact `int`, `str` and finite `Decimal`
+    values, items as a tuple."""
     data = event.data
     return (f'[{_quoted(event.event_id)},{_quoted(event.event_type.value)},'
             f'{event.schema_version},"{utc_iso(event.occurred_at)}",'

@@ -9,11 +9,12 @@ per statement (and SQLite's 999 on old builds).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Dialect, TypeDecorator, any_, bindparam
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.types import TypeEngine
 
 from eventpipe.pg_arrays import pg_array_text
 
@@ -44,5 +45,13 @@ class _ArrayText(TypeDecorator[str]):
     impl = ARRAY
     cache_ok = True
 
+    def __init__(self, item_type: TypeEngine[Any]) -> None:
+        super().__init__(item_type)
+        self.item_type = item_type  # part of the cache key: the cast differs with it
+
     def bind_processor(self, dialect: Dialect) -> None:
         return None  # `ARRAY`'s own would take the text for a list of characters
+
+    def literal_processor(self, dialect: Dialect) -> Callable[[str], str]:
+        """The text as an SQL string literal, for statements compiled with their values."""
+        return lambda value: "'" + value.replace("'", "''") + "'"

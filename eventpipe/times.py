@@ -13,12 +13,15 @@ def utc_iso(moment: datetime, timespec: str = "auto") -> str:
     """
     if timespec != "auto":
         return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+    # The precision is the given time's, as it always was (spellings are stored in
+    # fingerprints): an offset with a fraction of a millisecond is not counted.
+    precise = moment.microsecond % 1000
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
     # Spelled from the fields: half the cost of `isoformat` and its offset replaced (every
     # event's fingerprint spells two times), and `%` formatting is twice as fast as an f-string.
     micro = moment.microsecond
-    if micro % 1000:
+    if precise:
         return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031
             moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
             micro)

@@ -193,7 +193,8 @@ def _pg_columns(table: Table) -> tuple[tuple[str, bool], ...]:
 
 @cache
 def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
-    """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]`."""
+    """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]` (`%b` for
+    the times, which psycopg dumps)."""
     columns = list(table.columns)
     arrays = ", ".join(f"{_placeholder(c)}::{_pg_array_type(c)}[]" for c in columns)
     sql = (f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "

@@ -56,7 +56,11 @@ def test_amounts_read_back_as_written(cursor: psycopg.Cursor[Any],
     assert _read_back(cursor, pg_array_text(values), "numeric") == values
 
 
-def test_a_string_postgresql_cannot_store_is_refused_not_split() -> None:
+def test_a_value_the_text_cannot_hold_is_refused_not_split() -> None:
     assert pg_array_text(["a", 'b"\\c', None]) == '{"a","b\\"\\\\c",NULL}'
+    assert pg_array_text([True, False, 2]) == "{1,0,2}"
     with pytest.raises(ValueError, match="NUL"):
         pg_array_text(["a\x00b"])
+    for mixed in ([1, "2,3"], [Decimal(1), "2,3"], ["a", 1], [1.5]):
+        with pytest.raises(TypeError):
+            pg_array_text(mixed)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from eventpipe.times import utc_iso
 
 _zones = st.just(UTC) | st.builds(timezone, st.timedeltas(
-    min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)))
+    min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59))
+    | st.timedeltas(min_value=-timedelta(seconds=1), max_value=timedelta(seconds=1)))
 
 
 @given(st.datetimes(timezones=_zones) | st.datetimes(timezones=_zones).map(
@@ -20,10 +21,10 @@ _zones = st.just(UTC) | st.builds(timezone, st.timedeltas(
 def test_utc_iso_is_isoformat_in_utc(moment: datetime) -> None:
     """`utc_iso` spells the time from its fields (it runs for every time of every event's
     fingerprint); it must say what `isoformat` says: milliseconds, or microseconds when the
-    time has them, any year, any zone."""
+    given time has them, any year, any zone (offsets with microseconds too)."""
     with contextlib.suppress(OverflowError):  # a time beyond year 1 or 9999 once in UTC
         in_utc = moment.astimezone(UTC)
-        timespec = "milliseconds" if in_utc.microsecond % 1000 == 0 else "microseconds"
+        timespec = "milliseconds" if moment.microsecond % 1000 == 0 else "microseconds"
         assert utc_iso(moment) == in_utc.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 

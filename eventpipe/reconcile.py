@@ -236,7 +236,7 @@ class _Current:
 def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _Current]:
     found = {}
     for where in in_keys(conn, applied_events.c.event_id, event_ids):
-        for row in conn.execute(select(applied_events).where(where)):
+        for row in conn.execute(select(applied_events).where(where)).all():
             found[row.event_id] = _Current(
                 row.event_id, row.event_type, row.fingerprint or "",
                 Position(row.kafka_topic, row.kafka_partition, row.kafka_offset), row.worker)

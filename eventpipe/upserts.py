@@ -348,7 +348,7 @@ def _sqlite_write(conn: Connection, table: Table, rows: Rows, conflict: str = ""
         result = conn.exec_driver_sql(sqlite_insert(table, conflict, returning, len(part)),
                                       sqlite_values(table, part))
         if returning:
-            written.update(row[0] for row in result)
+            written.update(result.scalars().all())
     return written
 
 
@@ -387,7 +387,7 @@ def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, A
     written: dict[str, set[str]] = {table.name: set() for table in chosen}
     arrays = [array for table, ordered in chosen.items() for array in _pg_arrays(table, ordered)]
     for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)),
-                                                (*arrays, queued_at)):
+                                                (*arrays, queued_at)).all():
         written[table_name].add(key)
     order_ids = written.get(orders.name, set())
     if order_ids:
@@ -424,7 +424,9 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
         found = Claim(set(), {})
         arrays = _pg_arrays(applied_events, ordered)
         ids = arrays[0]
-        for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(), (*arrays, ids)):
+        # `.all()`: one fetch of every row, where iterating the result fetches one at a time.
+        for event_id, fingerprint, claimed in conn.exec_driver_sql(pg_claim(),
+                                                                   (*arrays, ids)).all():
             if claimed:
                 found.claimed.add(event_id)
             else:
@@ -451,7 +453,7 @@ def recorded(conn: Connection, event_ids: Collection[str]) -> dict[str, str | No
     columns = (applied_events.c.event_id, applied_events.c.fingerprint)
     return {row.event_id: row.fingerprint
             for where in in_keys(conn, applied_events.c.event_id, event_ids)
-            for row in conn.execute(select(*columns).where(where))}
+            for row in conn.execute(select(*columns).where(where)).all()}
 
 
 def add_deltas(conn: Connection, rows: Rows) -> None:

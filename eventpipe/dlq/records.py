@@ -85,7 +85,7 @@ def load(conn: Connection, keys: Collection[str], *, lock: bool = False) -> dict
         query = select(dead_letters).where(where)
         if lock:
             query = _locked(conn, query)
-        found.update((row.dlq_key, letter_of(row)) for row in conn.execute(query))
+        found.update((row.dlq_key, letter_of(row)) for row in conn.execute(query).all())
     return found
 
 
@@ -182,7 +182,7 @@ def by_entity(conn: Connection, kind: str, keys: Collection[str]) -> dict[str, l
     for where in in_keys(conn, dead_letters.c.entity_key, keys):
         query = _locked(conn, select(dead_letters).where(
             dead_letters.c.entity_kind == kind, where, dead_letters.c.state.in_((WAITING, OPEN))))
-        for row in conn.execute(query):
+        for row in conn.execute(query).all():
             found.setdefault(row.entity_key, []).append(letter_of(row))
     return found
 
@@ -197,7 +197,7 @@ def waiting_on(conn: Connection, parent_kind: str,
         query = select(*columns).where(
             dead_letters.c.parent_kind == parent_kind, where,
             dead_letters.c.state.in_((WAITING, OPEN)), dead_letters.c.entity_key.is_not(None))
-        found.update((row.entity_kind, row.entity_key) for row in conn.execute(query))
+        found.update((row.entity_kind, row.entity_key) for row in conn.execute(query).all())
     return found
 
 

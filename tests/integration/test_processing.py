@@ -192,6 +192,31 @@ def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) ->
     theirs.forget(TOPIC, [0])
 
 
+def test_the_ledger_keeps_a_member_per_range_of_offsets_not_per_offset(
+    redis_client: redis.Redis,
+) -> None:
+    """A batch's marks cost Redis a member per range of its offsets: one for a whole batch
+    done. What the bridge reads is unchanged: offsets done, and offsets held and not done."""
+    group = f"ranges-{uuid.uuid4().hex}"
+    ledger = OffsetLedger(redis_client, group)
+    ledger.begin(TOPIC, 0, list(range(100, 600)), 30, run="r1")
+    ledger.finish(TOPIC, 0, [*range(100, 300), *range(301, 600)], run="r1")
+    ledger.lease(TOPIC, 0, [300], 30)  # waits to be tried again
+    ledger.begin(TOPIC, 0, list(range(600, 1100)), 30, run="r2")
+    ledger.finish(TOPIC, 0, range(600, 1100), run="r2")
+
+    def members(kind: str) -> int:
+        return int(redis_client.zcard(f"eventpipe:{group}:{kind}:{TOPIC}:0"))
+
+    assert (members("done-ranges"), members("lease-ranges")) == (3, 2)
+    done, leased = ledger.read(TOPIC, {0: 100})[0]
+    assert done == set(range(100, 1100)) - {300} and leased == {300}
+    ledger.trim(TOPIC, {0: 300})  # ranges wholly below the committed offset go
+    assert members("done-ranges") == 2
+    assert ledger.read(TOPIC, {0: 300})[0] == (set(range(301, 1100)), {300})
+    ledger.forget(TOPIC, [0])
+
+
 def test_a_long_isolation_keeps_the_bridge_informed(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,0 +1,26 @@
+"""The offset ledger's encoding: a batch's offsets go to Redis as the fewest ranges."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eventpipe.offset_ledger import offsets_of, ranges
+
+
+@given(st.sets(st.integers(0, 2000), max_size=60))
+def test_offsets_go_to_the_ledger_as_the_fewest_ranges(offsets: set[int]) -> None:
+    written = ranges(offsets)
+    assert offsets_of(written) == offsets
+    spans = [tuple(map(int, member.split("-"))) for member in written]
+    # In order, and no two could be one: every gap between them holds an offset left out.
+    assert all(last + 1 < first for (_, last), (first, _) in itertools.pairwise(spans))
+
+
+def test_a_batch_of_consecutive_offsets_is_one_range() -> None:
+    assert ranges(range(100, 600)) == ["100-599"]
+    assert ranges([7, 3, 4, 3]) == ["3-4", "7-7"]
+    assert offsets_of([b"0-2", "5-5"]) == {0, 1, 2, 5}
+    assert offsets_of(["0-2", "5-9"], low=2) == {2, 5, 6, 7, 8, 9}

@@ -270,7 +270,7 @@ class Processor:
         applied_at = result.applied_at.timestamp()
         counted: Counter[tuple[str, str]] = Counter()
         debug = log.isEnabledFor(logging.DEBUG)
-        end_to_end: dict[str, Callable[[float], None]] = {}  # a label lookup per type, not event
+        end_to_end: dict[str, list[float]] = {}  # by event type: observed once per batch
         for item, fate in zip(received, result.fates, strict=True):
             event_type = item.event.event_type.value
             counted[(event_type, fate.value)] += 1
@@ -279,11 +279,10 @@ class Processor:
                     "eventId": item.event.event_id, "eventType": event_type, "topic": topic,
                     "partition": partition, "offset": item.position.offset})
             if fate is Fate.APPLIED:
-                observe = end_to_end.get(event_type)
-                if observe is None:
-                    observe = end_to_end[event_type] = metrics.END_TO_END.labels(
-                        event_type).observe
-                observe(max(0.0, applied_at - item.event.occurred_at.timestamp()))
+                end_to_end.setdefault(event_type, []).append(
+                    max(0.0, applied_at - item.event.occurred_at.timestamp()))
+        for event_type, latencies in end_to_end.items():
+            metrics.observe_all(metrics.END_TO_END.labels(event_type), latencies)
         for failure in failures:
             counted[(metrics.event_type_label(failure.event_type), "dead_lettered")] += 1
         for (event_type, fate_name), number in counted.items():

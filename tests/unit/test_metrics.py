@@ -1,10 +1,14 @@
-"""The processing-rate meter: a sliding window that falls back to zero."""
+"""The processing-rate meter, and a batch's latencies observed at once."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Gauge, Histogram, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from eventpipe.metrics import RateMeter, event_type_label
+from eventpipe.metrics import RateMeter, event_type_label, observe_all
 
 
 def test_rate_is_events_over_the_last_full_window_and_decays() -> None:
@@ -26,3 +30,51 @@ def test_event_type_labels_are_bounded() -> None:
     assert event_type_label("OrderPlaced") == "OrderPlaced"
     assert event_type_label("OrderShipped") == "unknown"
     assert event_type_label(None) == "unknown"
+
+
+_BOUNDS = (0.01, 0.05, 0.1, 1.0)
+_latencies = st.lists(st.sampled_from(_BOUNDS) | st.floats(0, 5, allow_nan=False), max_size=40)
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+    return {(sample.name, str(sorted(sample.labels.items()))): sample.value
+            for metric in registry.collect() for sample in metric.samples
+            if not sample.name.endswith("_created")}
+
+
+@pytest.mark.parametrize("mode", ["in-process", "multiprocess"])
+@given(latencies=_latencies)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_latencies_observed_at_once_read_as_observed_one_by_one(
+    mode: str, latencies: list[float], tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`observe_all` writes a histogram's buckets itself: what it leaves must read exactly
+    as `observe`, value by value, leaves, in a worker host's shared files as in one process
+    (values on a bucket's bound included)."""
+    readers = []
+    for name in ("at_once", "one_by_one"):
+        registry = CollectorRegistry()
+        if mode == "multiprocess":
+            folder = tmp_path_factory.mktemp(name)
+            monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+            monkeypatch.setattr(values, "ValueClass",
+                                values.MultiProcessValue())  # type: ignore[no-untyped-call]
+            histogram = Histogram("latency", "test", ["event_type"], buckets=_BOUNDS,
+                                  registry=None)
+            collector = CollectorRegistry()
+            MultiProcessCollector(collector, path=str(folder))  # type: ignore[no-untyped-call]
+            readers.append(collector)
+        else:
+            histogram = Histogram("latency", "test", ["event_type"], buckets=_BOUNDS,
+                                  registry=registry)
+            readers.append(registry)
+        child = histogram.labels("OrderPlaced")
+        if name == "at_once":
+            observe_all(child, latencies)
+        else:
+            for latency in latencies:
+                child.observe(latency)
+    at_once, one_by_one = (_samples(reader) for reader in readers)
+    assert at_once == pytest.approx(one_by_one)

@@ -105,7 +105,7 @@ def _correct_outcomes(conn: Connection, claimed: list[tuple[str, str, Fate | Non
     stale behind a recorded event of its entity may have been written."""
     changed: dict[Fate, list[str]] = {}
     for event_id, outcome, fate in claimed:
-        if (fate or Fate.APPLIED).value != outcome:
+        if (fate or Fate.APPLIED) != outcome:  # a `Fate` is the string it records
             changed.setdefault(fate or Fate.APPLIED, []).append(event_id)
     for fate, event_ids in changed.items():
         upserts.set_outcome(conn, fate.value, event_ids)

@@ -173,6 +173,7 @@ return 0
 
 RUNNING_TTL_S = 86_400
 _DONE, _LEASE_RANGES = "done-ranges", "lease-ranges"
+_BEFORE_RANGES = ("done", "lease")  # the keys of a member per offset, of earlier versions
 
 
 def ranges(offsets: Iterable[int]) -> list[str]:
@@ -233,8 +234,11 @@ class OffsetLedger:
                leases: Mapping[int, float] | None = None) -> None:
         """Mark `done` offsets and renew `leases` (offset → seconds to live), atomically."""
         done_members = ranges(done)
-        renewals: list[Any] = [value for offset, ttl in (leases or {}).items()
-                               for value in (f"{offset}-{offset}", ttl)]
+        by_ttl: dict[float, list[int]] = {}
+        for offset, ttl in (leases or {}).items():
+            by_ttl.setdefault(ttl, []).append(offset)
+        renewals: list[Any] = [value for ttl, offsets in by_ttl.items()
+                               for member in ranges(offsets) for value in (member, ttl)]
         if done_members or renewals:
             self._settle(keys=[self._key(_DONE, topic, partition),
                                self._key(_LEASE_RANGES, topic, partition)],
@@ -258,15 +262,17 @@ class OffsetLedger:
         return found
 
     def forget(self, topic: str, partitions: Iterable[int]) -> None:
-        """Drop everything known of these partitions: done marks, leases, running ranges."""
+        """Drop everything known of these partitions: done marks, leases, running ranges,
+        and those of the ledger of one member per offset (`_BEFORE_RANGES`), whose marks
+        would otherwise outlive a topic recreated here, should this version be rolled back."""
         keys = [self._key(kind, topic, p) for p in partitions
-                for kind in (_DONE, _LEASE_RANGES, "runs")]
+                for kind in (_DONE, _LEASE_RANGES, "runs", *_BEFORE_RANGES)]
         if keys:
             self.client.delete(*keys)
 
     def trim(self, topic: str, committed: Mapping[int, int]) -> None:
-        """Forget done offsets below each committed offset (Kafka remembers those for us)
-        and leases that have expired."""
+        """Forget the done ranges that end below each committed offset (Kafka remembers
+        those offsets for us) and leases that have expired."""
         if committed:
             keys = [key for p in committed for key in (self._key(_DONE, topic, p),
                                                         self._key(_LEASE_RANGES, topic, p))]

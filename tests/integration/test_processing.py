@@ -214,7 +214,28 @@ def test_the_ledger_keeps_a_member_per_range_of_offsets_not_per_offset(
     ledger.trim(TOPIC, {0: 300})  # ranges wholly below the committed offset go
     assert members("done-ranges") == 2
     assert ledger.read(TOPIC, {0: 300})[0] == (set(range(301, 1100)), {300})
+    # Renewals too go as ranges, one per run of offsets with the same time to live.
+    ledger.settle(TOPIC, 0, [], {1100: 30, 1101: 30, 1102: 30, 1104: 60})
+    assert members("lease-ranges") == 4
+    assert ledger.read(TOPIC, {0: 1100})[0] == (set(), {1100, 1101, 1102, 1104})
     ledger.forget(TOPIC, [0])
+
+
+def test_forgetting_a_partition_drops_the_marks_of_earlier_ledgers_too(
+    redis_client: redis.Redis,
+) -> None:
+    """Done marks of the ledger of one member per offset, left by an earlier version, must
+    not outlive a partition forgotten here (a recreated topic): rolled back, that version
+    would read them as done in the new topic and commit past its events."""
+    group = f"legacy-{uuid.uuid4().hex}"
+    ledger = OffsetLedger(redis_client, group)
+    legacy = [f"eventpipe:{group}:{kind}:{TOPIC}:0" for kind in ("done", "lease")]
+    for key in legacy:
+        redis_client.zadd(key, {"100": 100})
+    ledger.settle(TOPIC, 0, [5])
+    ledger.forget(TOPIC, [0])
+    assert not redis_client.exists(*legacy)
+    assert ledger.read(TOPIC, {0: 0})[0] == (set(), set())
 
 
 def test_a_long_isolation_keeps_the_bridge_informed(

@@ -3,8 +3,8 @@
 PostgreSQL gets one `column = ANY(:keys)` with the keys as one parameter, an array in
 PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter whatever the
 set's size, planned at each execution for the set it is given (`eventpipe.database` keeps no
-prepared statements). The others get `IN (…)` lists in chunks, under SQL Server's 2,100 parameters
-per statement (and SQLite's 999 on old builds).
+prepared statements). The others get `IN (…)` lists in chunks, under SQL Server's 2,100
+parameters per statement (and SQLite's 999 on old builds).
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ return 0
 """
 
 RUNNING_TTL_S = 86_400
-_DONE, _LEASE_RANGES = "done-ranges", "lease-ranges"
+_FINISH_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
+_DONE_RANGES, _LEASE_RANGES = "done-ranges", "lease-ranges"
 _BEFORE_RANGES = ("done", "lease")  # the keys of a member per offset, of earlier versions
 
 
@@ -194,7 +195,6 @@ def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
         first, _, last = (member.decode() if isinstance(member, bytes) else member).partition("-")
         found.update(range(max(int(first), low), int(last) + 1))
     return found
-_FINISH_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +240,7 @@ class OffsetLedger:
         renewals: list[Any] = [value for ttl, offsets in by_ttl.items()
                                for member in ranges(offsets) for value in (member, ttl)]
         if done_members or renewals:
-            self._settle(keys=[self._key(_DONE, topic, partition),
+            self._settle(keys=[self._key(_DONE_RANGES, topic, partition),
                                self._key(_LEASE_RANGES, topic, partition)],
                          args=[len(done_members), *done_members, *renewals])
 
@@ -249,7 +249,7 @@ class OffsetLedger:
         lease and not done)."""
         if not lows:
             return {}
-        keys = [key for p in lows for key in (self._key(_DONE, topic, p),
+        keys = [key for p in lows for key in (self._key(_DONE_RANGES, topic, p),
                                                self._key(_LEASE_RANGES, topic, p))]
         replies: Any = self._read(keys=keys, args=list(lows.values()))
         found = {}
@@ -266,7 +266,7 @@ class OffsetLedger:
         and those of the ledger of one member per offset (`_BEFORE_RANGES`), whose marks
         would otherwise outlive a topic recreated here, should this version be rolled back."""
         keys = [self._key(kind, topic, p) for p in partitions
-                for kind in (_DONE, _LEASE_RANGES, "runs", *_BEFORE_RANGES)]
+                for kind in (_DONE_RANGES, _LEASE_RANGES, "runs", *_BEFORE_RANGES)]
         if keys:
             self.client.delete(*keys)
 
@@ -274,7 +274,7 @@ class OffsetLedger:
         """Forget the done ranges that end below each committed offset (Kafka remembers
         those offsets for us) and leases that have expired."""
         if committed:
-            keys = [key for p in committed for key in (self._key(_DONE, topic, p),
+            keys = [key for p in committed for key in (self._key(_DONE_RANGES, topic, p),
                                                         self._key(_LEASE_RANGES, topic, p))]
             self._trim(keys=keys, args=list(committed.values()))
 
@@ -304,7 +304,7 @@ class OffsetLedger:
         the attempt that takes up the messages left. Being idempotent, it is tried again over
         a blip of the connection: lost, the marks would cost the whole batch again as
         duplicates."""
-        keys = [self._key(kind, topic, partition) for kind in ("runs", _DONE, _LEASE_RANGES)]
+        keys = [self._key(kind, topic, partition) for kind in ("runs", _DONE_RANGES, _LEASE_RANGES)]
         left = (f"{owed.first} {owed.last} owed", owed.deaths - 1) if owed else ("", 0)
         args: list[int | str] = [run, *left, RUNNING_TTL_S, *ranges(done)]
         _FINISH_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),

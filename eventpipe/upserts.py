@@ -180,15 +180,17 @@ def _pg_array_type(column: Column[Any]) -> str:
     return _PG_ARRAY_TYPES.get(type(impl).__name__, "text")
 
 
-# Times go as psycopg dumps them, in binary (their text would cost more to spell than to
-# dump); every other column as an array in PostgreSQL's text form, built by `pg_array_text`.
-_PG_DUMPED = frozenset({"timestamptz"})
+def _as_text(column: Column[Any]) -> bool:
+    """Whether the column's array goes in PostgreSQL's text form, built by `pg_array_text`
+    (`%s`), or as psycopg dumps it (`%b`): times, whose text would cost more to spell than
+    their binary form to dump."""
+    return _pg_array_type(column) != "timestamptz"
 
 
 @cache
 def _pg_columns(table: Table) -> tuple[tuple[str, bool], ...]:
-    """Each column's name, and whether its array goes as text (else as psycopg dumps it)."""
-    return tuple((c.name, _pg_array_type(c) not in _PG_DUMPED) for c in table.columns)
+    """Each column's name, and whether its array goes as text."""
+    return tuple((c.name, _as_text(c)) for c in table.columns)
 
 
 @cache
@@ -196,14 +198,11 @@ def pg_unnest_insert(table: Table, conflict: str, returning: bool) -> str:
     """`INSERT … SELECT * FROM unnest(%s::type[], …) <conflict> [RETURNING key]` (`%b` for
     the times, which psycopg dumps)."""
     columns = list(table.columns)
-    arrays = ", ".join(f"{_placeholder(c)}::{_pg_array_type(c)}[]" for c in columns)
+    arrays = ", ".join(f"{'%s' if _as_text(c) else '%b'}::{_pg_array_type(c)}[]"
+                       for c in columns)
     sql = (f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
            f"SELECT * FROM unnest({arrays}) {conflict}")
     return sql + (f" RETURNING {_key(table)}" if returning else "")
-
-
-def _placeholder(column: Column[Any]) -> str:
-    return "%b" if _pg_array_type(column) in _PG_DUMPED else "%s"
 
 
 @cache

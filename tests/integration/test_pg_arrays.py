@@ -11,7 +11,10 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Integer, String, any_, bindparam, literal_column, select
+from sqlalchemy.dialects import postgresql
 
+from eventpipe.keysets import _ArrayText
 from eventpipe.pg_arrays import pg_array_text
 
 # Any text PostgreSQL stores (no NUL, no lone surrogate); quotes, backslashes, braces, commas,
@@ -64,3 +67,15 @@ def test_a_value_the_text_cannot_hold_is_refused_not_split() -> None:
     for mixed in ([1, "2,3"], [Decimal(1), "2,3"], ["a", 1], [1.5]):
         with pytest.raises(TypeError):
             pg_array_text(mixed)
+
+
+def test_the_keys_parameter_compiles_with_its_values_and_caches_by_its_type() -> None:
+    """`in_keys` sends the text as it is, with a cast to the column's array type; compiled
+    with its values (as offline migrations do) it is one SQL string literal, and statements
+    that differ only in the keys' type never share a cached compilation."""
+    dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
+    keys = bindparam(None, pg_array_text(["a'b", 'c"d']), type_=_ArrayText(String(64)))
+    bound = str(select(literal_column("1")).where(literal_column("k") == any_(keys)).compile(
+        dialect=dialect, compile_kwargs={"literal_binds": True}))
+    assert "ANY ('{\"a''b\",\"c\\\"d\"}')" in bound
+    assert _ArrayText(Integer())._static_cache_key != _ArrayText(String(64))._static_cache_key

@@ -36,7 +36,7 @@ from eventpipe import readmodel
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
 from eventpipe.effects import Position
-from eventpipe.keysets import in_keys
+from eventpipe.keysets import in_keys, rows_in
 from eventpipe.tables import applied_events, reconcile_queue
 from eventpipe.visibility import Held, Standing
 
@@ -234,13 +234,11 @@ class _Current:
 
 
 def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _Current]:
-    found = {}
-    for where in in_keys(conn, applied_events.c.event_id, event_ids):
-        for row in conn.execute(select(applied_events).where(where)).all():
-            found[row.event_id] = _Current(
+    return {row.event_id: _Current(
                 row.event_id, row.event_type, row.fingerprint or "",
                 Position(row.kafka_topic, row.kafka_partition, row.kafka_offset), row.worker)
-    return found
+            for row in rows_in(conn, select(applied_events), applied_events.c.event_id,
+                               event_ids)}
 
 
 def reconcile(begin: Callable[[], Any], now: Callable[[], datetime], park_timeout: timedelta,

@@ -49,7 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateTable
 
-from eventpipe.keysets import in_keys
+from eventpipe.keysets import in_keys, rows_in
 from eventpipe.pg_arrays import pg_array_text
 from eventpipe.sqltypes import Money, UtcDateTime
 from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
@@ -449,10 +449,9 @@ def set_outcome(conn: Connection, outcome: str, event_ids: Collection[str]) -> N
 
 def recorded(conn: Connection, event_ids: Collection[str]) -> dict[str, str | None]:
     """The fingerprints recorded for those of these ids that are recorded."""
-    columns = (applied_events.c.event_id, applied_events.c.fingerprint)
+    query = select(applied_events.c.event_id, applied_events.c.fingerprint)
     return {row.event_id: row.fingerprint
-            for where in in_keys(conn, applied_events.c.event_id, event_ids)
-            for row in conn.execute(select(*columns).where(where)).all()}
+            for row in rows_in(conn, query, applied_events.c.event_id, event_ids)}
 
 
 def add_deltas(conn: Connection, rows: Rows) -> None:

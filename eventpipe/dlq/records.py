@@ -34,7 +34,7 @@ from eventpipe.dlq.letter import (
     history_json,
 )
 from eventpipe.effects import Position
-from eventpipe.keysets import in_keys
+from eventpipe.keysets import rows_in
 from eventpipe.tables import dead_letters
 from eventpipe.times import utc_iso
 
@@ -80,13 +80,9 @@ def _locked(conn: Connection, query: Select[Any]) -> Select[Any]:
 
 
 def load(conn: Connection, keys: Collection[str], *, lock: bool = False) -> dict[str, DeadLetter]:
-    found: dict[str, DeadLetter] = {}
-    for where in in_keys(conn, dead_letters.c.dlq_key, keys):
-        query = select(dead_letters).where(where)
-        if lock:
-            query = _locked(conn, query)
-        found.update((row.dlq_key, letter_of(row)) for row in conn.execute(query).all())
-    return found
+    query = _locked(conn, select(dead_letters)) if lock else select(dead_letters)
+    return {row.dlq_key: letter_of(row)
+            for row in rows_in(conn, query, dead_letters.c.dlq_key, keys)}
 
 
 def episode(letter: DeadLetter, ended: str, ended_at: datetime) -> Episode:
@@ -179,11 +175,10 @@ def by_entity(conn: Connection, kind: str, keys: Collection[str]) -> dict[str, l
     caller decides their next state from what it read, and a redelivery bumping one of them
     meanwhile (`repeat`) must wait rather than make that decision miss its row."""
     found: dict[str, list[DeadLetter]] = {}
-    for where in in_keys(conn, dead_letters.c.entity_key, keys):
-        query = _locked(conn, select(dead_letters).where(
-            dead_letters.c.entity_kind == kind, where, dead_letters.c.state.in_((WAITING, OPEN))))
-        for row in conn.execute(query).all():
-            found.setdefault(row.entity_key, []).append(letter_of(row))
+    query = _locked(conn, select(dead_letters).where(
+        dead_letters.c.entity_kind == kind, dead_letters.c.state.in_((WAITING, OPEN))))
+    for row in rows_in(conn, query, dead_letters.c.entity_key, keys):
+        found.setdefault(row.entity_key, []).append(letter_of(row))
     return found
 
 
@@ -191,14 +186,11 @@ def waiting_on(conn: Connection, parent_kind: str,
                keys: Collection[str]) -> set[tuple[str, str]]:
     """(kind, key) of the entities whose live dead letters are held because of these
     parents."""
-    found: set[tuple[str, str]] = set()
-    columns = (dead_letters.c.entity_kind, dead_letters.c.entity_key)
-    for where in in_keys(conn, dead_letters.c.parent_key, keys):
-        query = select(*columns).where(
-            dead_letters.c.parent_kind == parent_kind, where,
-            dead_letters.c.state.in_((WAITING, OPEN)), dead_letters.c.entity_key.is_not(None))
-        found.update((row.entity_kind, row.entity_key) for row in conn.execute(query).all())
-    return found
+    query = select(dead_letters.c.entity_kind, dead_letters.c.entity_key).where(
+        dead_letters.c.parent_kind == parent_kind, dead_letters.c.state.in_((WAITING, OPEN)),
+        dead_letters.c.entity_key.is_not(None))
+    return {(row.entity_kind, row.entity_key)
+            for row in rows_in(conn, query, dead_letters.c.parent_key, keys)}
 
 
 def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[DeadLetter]:

@@ -9,6 +9,8 @@ processes that exit between two readings is lost; the benchmark reads while ever
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,3 +50,40 @@ def per_event(before: dict[str, float], after: dict[str, float],
     """Microseconds of CPU per event, by role, between two readings."""
     return {role: max(0.0, used - before.get(role, 0.0)) / events * 1e6
             for role, used in after.items()}
+
+
+class Sampler:
+    """`reading` every `every_s` in a thread while the block runs, so that what each role
+    used over any stretch of the run can be told, as a share of one core."""
+
+    def __init__(self, marks: dict[str, tuple[str, ...]], every_s: float = 1.0) -> None:
+        self.marks = marks
+        self.every_s = every_s
+        self.readings: list[tuple[float, dict[str, float]]] = []  # (monotonic time, reading)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.readings.append((time.monotonic(), reading(self.marks)))
+            if self._stop.wait(self.every_s):
+                self.readings.append((time.monotonic(), reading(self.marks)))
+                return
+
+    def shares(self, since: float, until: float) -> dict[str, float]:
+        """Each role's CPU between the readings closest inside [since, until] (monotonic
+        times), in cores: 0.5 is half of one."""
+        inside = [(at, used) for at, used in self.readings if since <= at <= until]
+        if len(inside) < 2:
+            return {}
+        (start, first), (end, last) = inside[0], inside[-1]
+        return {role: max(0.0, used - first.get(role, 0.0)) / (end - start)
+                for role, used in last.items()}

@@ -14,14 +14,16 @@ until every offset is, so the consumer-group join is not counted. The commit int
 0.2 s (shipped: 1 s) so the clock follows the work closely.
 
 Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
-applied (`applied_events.applied_at`), after a warm-up; and first the broker's own: produced
-→ consumed by a consumer configured as the bridge's. Peak RSS: each process's high-water mark
-(`VmHWM`) at the end of the shipped run. CPU: each kind of process's CPU time over the shipped
-run, per message (`bench.cpu`).
+applied (`applied_events.applied_at`), after a warm-up, and the cores each kind of process
+kept busy meanwhile; and first the broker's own: the same events produced → consumed by a
+consumer configured as the bridge's, and the broker's CPU early and late in that run. Peak
+RSS: each process's high-water mark (`VmHWM`) at the end of the shipped run. CPU: each kind of
+process's CPU time over the shipped run, per message (`bench.cpu`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -116,18 +118,40 @@ def _noop_workers(pipeline: Pipeline) -> subprocess.Popen[bytes]:
     return first
 
 
+RATE = 1000  # events a second, in the latency runs
+WARM_UP_S = 5.0  # sent before the measured stretch of a latency run
+MEASURED_S = 15.0  # as long as the runs of earlier rounds, to compare with them
+STRETCH_S = 5.0  # the broker's CPU is told over the first and the last stretch this long
+
+
 @dataclass(frozen=True, slots=True)
 class Latency:
     seconds: list[float]  # `occurredAt` → applied, per event produced after the warm-up
     batches: int  # the batches that applied them (one `applied_at` per batch and worker)
     span_s: float  # from the first of those batches to the last
+    cores: dict[str, float]  # role → cores it kept busy while the events were measured
 
 
-def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
-             seconds: float = 20, warm_up_s: float = 5) -> Latency:
-    """`occurredAt` → applied of the events produced after the warm-up, and the batches
-    that carried them: at light traffic, what a batch costs whatever its size is most of
-    the wait."""
+@dataclass(frozen=True, slots=True)
+class Floor:
+    seconds: list[float]  # produced → consumed, per message produced after the warm-up
+    broker_first: float  # cores the broker kept busy in the measured stretch's first seconds
+    broker_last: float  # and in its last
+
+
+def _stamped(story: Story) -> Callable[[], tuple[str, bytes]]:
+    """The latency runs' messages: the story's next event, `occurredAt` set as it is made."""
+    def make() -> tuple[str, bytes]:
+        key, document = story.next()
+        document["occurredAt"] = iso(datetime.now(UTC))
+        return key, encode(document)
+    return make
+
+
+def _latency(bootstrap: str, database_url: str | None) -> Latency:
+    """`occurredAt` → applied of the events produced after the warm-up, the batches that
+    carried them, and what kept the cores busy meanwhile: at light traffic, what a batch
+    costs whatever its size is most of the wait."""
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
                             database_url=database_url, **SHIPPED)
@@ -138,14 +162,14 @@ def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
             # Wait for the group to form: one event through.
             pipeline.send([story.next()])
             wait_until(lambda: pipeline.applied_count() > 0, 120, "the first event applied")
-            measured_from = datetime.now(UTC) + timedelta(seconds=warm_up_s)
-
-            def stamped() -> tuple[str, bytes]:
-                key, document = story.next()
-                document["occurredAt"] = iso(datetime.now(UTC))
-                return key, encode(document)
-
-            sent = _send_steadily(pipeline.producer, pipeline.name, rate, seconds, stamped)
+            measured_from = datetime.now(UTC) + timedelta(seconds=WARM_UP_S)
+            # The benchmark's own process produces the events: its share is counted apart.
+            marks = {**cpu.roles(pipeline.redis_server.port), "the producer": ("-m bench ",)}
+            with cpu.Sampler(marks) as sampler:
+                started = time.monotonic()
+                sent = _send_steadily(pipeline.producer, pipeline.name, RATE,
+                                      WARM_UP_S + MEASURED_S, _stamped(story))
+                cores = sampler.shares(started + WARM_UP_S, time.monotonic())
             wait_until(lambda: pipeline.applied_count() >= sent + 1, 120, "every event applied")
             with pipeline.engine.connect() as conn:
                 rows = conn.execute(select(applied_events.c.occurred_at,
@@ -154,7 +178,7 @@ def _latency(bootstrap: str, database_url: str | None, rate: int = 1000,
             applied = [row.applied_at for row in rows]
             return Latency([(row.applied_at - row.occurred_at).total_seconds() for row in rows],
                            len({(row.applied_at, row.worker) for row in rows}),
-                           (max(applied) - min(applied)).total_seconds())
+                           (max(applied) - min(applied)).total_seconds(), cores)
         finally:
             pipeline.close()
 
@@ -174,10 +198,11 @@ def _send_steadily(producer: Producer, topic: str, rate: int, seconds: float,
     return sent
 
 
-def _broker_latency(bootstrap: str, rate: int = 1000, seconds: float = 10,
-                    warm_up_s: float = 3) -> list[float]:
-    """Produced → consumed, in seconds, by a consumer configured as the bridge's: the floor
-    the broker sets under the pipeline's latency."""
+def _broker_latency(bootstrap: str) -> Floor:
+    """The latency run's messages, at its rate and for as long, produced → consumed by a
+    consumer configured as the bridge's: the floor the broker sets under the pipeline's
+    latency, and the broker's CPU early and late in the run (Tansu's fetches cost more as a
+    topic grows)."""
     topic = f"floor-{uuid.uuid4().hex[:8]}"
     settings = Settings(kafka_bootstrap_servers=bootstrap, kafka_topic=topic,
                         kafka_partitions=PARTITIONS, kafka_group_id=topic,
@@ -186,32 +211,39 @@ def _broker_latency(bootstrap: str, rate: int = 1000, seconds: float = 10,
     consumer = Consumer(consumer_config(settings))
     consumer.subscribe([topic])
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
-    seen: list[tuple[float, float]] = []  # (sent at, latency)
+    seen: list[tuple[datetime, float]] = []  # (occurredAt, latency in seconds)
     stop = threading.Event()
 
     def consume() -> None:
         while not stop.is_set():
             for message in consumer.consume(num_messages=500, timeout=0.05):
                 if message.error() is None:
-                    sent_at = float(message.value() or b"0")
-                    seen.append((sent_at, time.time() - sent_at))
+                    received = datetime.now(UTC)
+                    sent_at = datetime.fromisoformat(json.loads(message.value() or b"")
+                                                     ["occurredAt"])
+                    seen.append((sent_at, (received - sent_at).total_seconds()))
 
     reader = threading.Thread(target=consume, daemon=True)
     reader.start()
+    make = _stamped(Story(seed=3))
     try:
         # The group forms on the first message through.
-        producer.produce(topic, value=repr(time.time()).encode())
+        producer.produce(topic, value=make()[1])
         producer.flush(30)
         wait_until(lambda: bool(seen), 120, "the first message consumed")
-        measured_from = time.time() + warm_up_s
-        sent = _send_steadily(producer, topic, rate, seconds,
-                              lambda: (None, repr(time.time()).encode()))
+        measured_from = datetime.now(UTC) + timedelta(seconds=WARM_UP_S)
+        with cpu.Sampler({"Kafka": cpu.roles(0)["Kafka"]}) as sampler:
+            started = time.monotonic() + WARM_UP_S
+            sent = _send_steadily(producer, topic, RATE, WARM_UP_S + MEASURED_S, make)
+            ended = time.monotonic()
         wait_until(lambda: len(seen) >= sent + 1, 60, "every message consumed")
     finally:
         stop.set()
         reader.join()
         consumer.close()
-    return [latency for sent_at, latency in seen if sent_at >= measured_from]
+    return Floor([latency for sent_at, latency in seen if sent_at >= measured_from],
+                 sampler.shares(started, started + STRETCH_S).get("Kafka", 0.0),
+                 sampler.shares(ended - STRETCH_S, ended).get("Kafka", 0.0))
 
 
 def _ceiling(database_url: str, messages: list[tuple[bytes | None, bytes]]) -> float:
@@ -250,9 +282,12 @@ def _database(kind: str, tmp: str, name: str) -> str:
 def run(count: int = 48_000, naive_count: int = 3_000) -> None:
     messages = _stream(count)
     with running_kafka() as bootstrap, tempfile.TemporaryDirectory() as tmp:
-        floor = [value * 1000 for value in _broker_latency(bootstrap)]
-        print(f"the broker alone at 1,000 messages/s, produced → consumed as the bridge "
-              f"consumes ({len(floor):,} messages): {_spread(floor)}")
+        floor = _broker_latency(bootstrap)
+        print(f"the broker alone, the latency runs' events at {RATE:,}/s produced → consumed "
+              f"as the bridge consumes ({len(floor.seconds):,} messages after a "
+              f"{WARM_UP_S:.0f} s warm-up): {_spread([v * 1000 for v in floor.seconds])}; "
+              f"the broker kept {floor.broker_first:.0%} of a core busy in the first "
+              f"{STRETCH_S:.0f} s of them, {floor.broker_last:.0%} in the last")
         for kind in ("postgresql", "sqlite"):
             urls = {name: _database(kind, tmp, name)
                     for name in ("shipped", "naive", "ceiling", "latency")}
@@ -289,6 +324,10 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
           f"{_spread(ms)}; in {latency.batches:,} batches, "
           f"{latency.batches / max(latency.span_s, 1e-9):,.0f} a second of "
           f"{len(ms) / max(latency.batches, 1):.1f} events on average")
+    busy = ", ".join(f"{role} {share:.0%}" for role, share in
+                     sorted(latency.cores.items(), key=lambda item: -item[1]) if share >= 0.005)
+    print(f"  cores kept busy meanwhile (of {os.cpu_count() or 1}): {busy}; "
+          f"{sum(latency.cores.values()):.0%} of one in all")
     print("  peak RSS: " + ", ".join(f"{name} {size / 2**20:.0f} MiB"
                                      for name, size in shipped.rss.items()))
     total, cores = sum(shipped.cpu.values()), os.cpu_count() or 1

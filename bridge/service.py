@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 # How often the queues of held partitions are looked at: at most every QUEUE_CHECK_S, and
 # never for more than a fifth of the loop's time (a broker asked one queue at a time, far
-# away, answers slower than Redis next door).
-QUEUE_CHECK_S = 0.005
+# away, answers slower than Redis next door). At light traffic some partition is nearly
+# always held: every 5 ms, the asking cost more of the cores the workers share than the
+# later release cost in waiting (docs/performance.md).
+QUEUE_CHECK_S = 0.02
 QUEUE_CHECK_SHARE = 0.2
 
 

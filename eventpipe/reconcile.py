@@ -234,11 +234,11 @@ class _Current:
 
 
 def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _Current]:
-    return {row.event_id: _Current(
-                row.event_id, row.event_type, row.fingerprint or "",
-                Position(row.kafka_topic, row.kafka_partition, row.kafka_offset), row.worker)
-            for row in rows_in(conn, select(applied_events), applied_events.c.event_id,
-                               event_ids)}
+    rows = rows_in(conn, select(applied_events), applied_events.c.event_id, event_ids)
+    return {row.event_id: _Current(row.event_id, row.event_type, row.fingerprint or "",
+                                   Position(row.kafka_topic, row.kafka_partition,
+                                            row.kafka_offset), row.worker)
+            for row in rows}
 
 
 def reconcile(begin: Callable[[], Any], now: Callable[[], datetime], park_timeout: timedelta,

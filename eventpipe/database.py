@@ -9,13 +9,15 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from eventpipe.settings import Settings
+from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
 
 def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     """An engine for `settings.database_url`.
 
-    `writer` engines on SQLite take the write lock when a transaction begins, so the
-    read-then-write of a batch never fails halfway on a lock upgrade; readers don't.
+    `writer` engines on SQLite take their turn among the writers (`eventpipe.sqlite_turns`)
+    and the write lock when a transaction begins, so the read-then-write of a batch never
+    fails halfway on a lock upgrade; readers don't.
     """
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -23,10 +25,12 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     statement_ms = round(settings.database_statement_timeout_s * 1000)
     lock_ms = round(settings.database_lock_timeout_s * 1000)
     if backend == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        if _is_file(url.database):
+            Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
                                    "check_same_thread": False}
+        if writer and _is_file(url.database):
+            options["connect_args"]["factory"] = TakesTurns
     else:
         options.update(
             pool_size=settings.database_pool_size,
@@ -78,7 +82,15 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+        if writer:
+            begin_writing(conn)
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def _is_file(database: str | None) -> bool:
+    """A database in a file of its own name (not in memory, not a `file:` URI)."""
+    return database not in (None, "", ":memory:") and not str(database).startswith("file:")
 
 
 def redacted(url: str) -> str:

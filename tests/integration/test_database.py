@@ -3,6 +3,9 @@ bound raises is a failure the worker retries (issue 9: no statement or lock time
 
 from __future__ import annotations
 
+import fcntl
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -10,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
+from sqlalchemy.engine import make_url
 
 from eventpipe.database import make_engine
 from eventpipe.errors import FailureKind, classify
@@ -59,6 +63,64 @@ def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
+    finally:
+        engine.dispose()
+
+
+def _turn_is_free(sqlite_url: str) -> bool:
+    """Whether a writer could take its turn now (`eventpipe.sqlite_turns`), asked as one."""
+    with open(f"{make_url(sqlite_url).database}-writer", "ab") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_sqlite_writer_holds_its_turn_for_its_transaction_only(sqlite_url: str) -> None:
+    """Writers take turns at SQLite's write lock on a file lock, held from their BEGIN to
+    their COMMIT or ROLLBACK; readers never take it."""
+    writer = make_engine(Settings(database_url=sqlite_url))
+    reader = make_engine(Settings(database_url=sqlite_url), writer=False)
+    try:
+        with writer.begin() as conn:
+            conn.execute(text("DELETE FROM inventory WHERE sku = 'turn-probe'"))
+            assert not _turn_is_free(sqlite_url)
+        assert _turn_is_free(sqlite_url)
+        with pytest.raises(ZeroDivisionError), writer.begin():
+            assert not _turn_is_free(sqlite_url)
+            1 / 0  # noqa: B018 - rolled back
+        assert _turn_is_free(sqlite_url)
+        with reader.connect() as conn:
+            conn.execute(select(applied_events.c.event_id).limit(1)).all()
+            assert _turn_is_free(sqlite_url)
+    finally:
+        writer.dispose()
+        reader.dispose()
+
+
+def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str) -> None:
+    """The kernel drops a dead process's turn with its open files: the next writer begins."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from eventpipe.database import make_engine\n"
+        "from eventpipe.settings import Settings\n"
+        f"engine = make_engine(Settings(database_url={sqlite_url!r}))\n"
+        "conn = engine.connect()\n"
+        "conn.begin()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert not _turn_is_free(sqlite_url)
+    finally:
+        holder.kill()
+        holder.wait()
+    engine = make_engine(Settings(database_url=sqlite_url, database_lock_timeout_s=5))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM inventory WHERE sku = 'turn-probe'"))
     finally:
         engine.dispose()
 

@@ -316,11 +316,22 @@ def sqlite_values(table: Table, rows: Rows) -> tuple[Any, ...]:
     SQLite stores them."""
     values_of, converters = _sqlite_columns(table)
     flat: list[Any] = []
+    # Each column's last value and what it became: the time a batch is applied at is one
+    # object in all its rows, converted once (the same object, not an equal value: `1.50`
+    # equals `1.5` and must stay as written).
+    last: dict[int, tuple[Any, Any]] = {}
     for row in rows:
         values = list(values_of(row))
         for index, convert in converters:
-            if values[index] is not None:
-                values[index] = convert(values[index])
+            value = values[index]
+            if value is None:
+                continue
+            seen = last.get(index)
+            if seen is not None and seen[0] is value:
+                values[index] = seen[1]
+            else:
+                values[index] = stored = convert(value)
+                last[index] = (value, stored)
         flat += values
     return tuple(flat)
 

@@ -87,3 +87,18 @@ def test_the_rows_follow_each_other_in_column_order() -> None:
     sql = sqlite_insert(order_items, "", False, 2)
     assert sql.count("?") == 10 and sql.startswith(
         "INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price) VALUES (?, ")
+
+
+@given(st.lists(st.tuples(st.sampled_from([Decimal("1.5"), Decimal("1.50"), Decimal("1.500")]),
+                          st.sampled_from([0, 1])), min_size=1, max_size=12), times)
+def test_rows_sharing_values_are_each_stored_as_alone(picks: list[tuple[Decimal, int]],
+                                                      applied: datetime) -> None:
+    """A value converted once for the rows that hold the same object (the time a batch is
+    applied at); an equal value of another object is stored as written (`1.50`, not `1.5`)."""
+    shared = [applied, applied.astimezone(timezone(timedelta(hours=5)))]  # equal, two objects
+    rows = [{"order_id": f"o{n}", "user_id": "u1", "total_amount": Decimal(str(total)),
+             "currency": "EUR", "placed_at": shared[which], "version_at": applied,
+             "version_event_id": "e1", "updated_at": shared[1 - which]}
+            for n, (total, which) in enumerate(picks)]
+    alone = [value for row in rows for value in as_sqlalchemy_stores(orders, row)]
+    assert typed(sqlite_values(orders, rows)) == typed(tuple(alone))

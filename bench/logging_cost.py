@@ -23,10 +23,18 @@ from eventpipe.queues import TaskMessage
 from eventpipe.samples import Story, encode
 from eventpipe.settings import Settings
 from launcher.embedded import start_redis
-from tasks.processing import Processor
 
 
 def _measure(level: int, workdir: Path, server_url: str, count: int, batch: int) -> float:
+    # Imported here: the `tasks` package builds the Celery app, which sets up the process's
+    # logging as a worker's, and every benchmark's output would carry its JSON lines.
+    from tasks.processing import Processor
+
+    handler = logging.FileHandler(workdir / f"log-{level}.jsonl")
+    handler.setFormatter(JsonFormatter("worker"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
     url = f"sqlite:///{workdir / f'log-{level}.db'}"
     upgrade(url)
     settings = Settings(database_url=url)
@@ -34,11 +42,6 @@ def _measure(level: int, workdir: Path, server_url: str, count: int, batch: int)
     processor = Processor(settings, make_engine(settings),
                           DeadLetterStream(client, f"bench:dlq:{level}", 10**6, 10**9),
                           OffsetLedger(client, f"bench{level}"), worker="bench")
-    handler = logging.FileHandler(workdir / f"log-{level}.jsonl")
-    handler.setFormatter(JsonFormatter("worker"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
     story = Story(seed=level)
     messages = [TaskMessage(offset, key.encode(), encode(doc))
                 for offset, (key, doc) in enumerate(story.next() for _ in range(count))]

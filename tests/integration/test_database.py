@@ -103,7 +103,7 @@ def test_a_sqlite_writer_holds_its_turn_for_its_transaction_only(sqlite_url: str
 def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str) -> None:
     """The kernel drops a dead process's turn with its open files: the next writer begins."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
+        "import time\n"
         "from eventpipe.database import make_engine\n"
         "from eventpipe.settings import Settings\n"
         f"engine = make_engine(Settings(database_url={sqlite_url!r}))\n"

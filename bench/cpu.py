@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+BROKER = ("tansu",)  # the Kafka broker's mark: the only role whose marks need no port
 
 
 def roles(redis_port: int) -> dict[str, tuple[str, ...]]:
@@ -23,7 +24,7 @@ def roles(redis_port: int) -> dict[str, tuple[str, ...]]:
             "bridge": ("eventpipe bridge",),
             "PostgreSQL": ("postgres",),
             "Redis": (f"redis-server 127.0.0.1:{redis_port}", f"--port {redis_port} "),
-            "Kafka": ("tansu",)}
+            "Kafka": BROKER}
 
 
 def reading(marks: dict[str, tuple[str, ...]]) -> dict[str, float]:

@@ -232,7 +232,7 @@ def _broker_latency(bootstrap: str) -> Floor:
         producer.flush(30)
         wait_until(lambda: bool(seen), 120, "the first message consumed")
         measured_from = datetime.now(UTC) + timedelta(seconds=WARM_UP_S)
-        with cpu.Sampler({"Kafka": cpu.roles(0)["Kafka"]}) as sampler:
+        with cpu.Sampler({"Kafka": cpu.BROKER}) as sampler:
             started = time.monotonic() + WARM_UP_S
             sent = _send_steadily(producer, topic, RATE, WARM_UP_S + MEASURED_S, make)
             ended = time.monotonic()

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
-BROKER = ("tansu",)  # the Kafka broker's mark: the only role whose marks need no port
+BROKER = ("tansu",)  # the Kafka broker's mark, for a run that watches the broker alone
 
 
 def roles(redis_port: int) -> dict[str, tuple[str, ...]]:

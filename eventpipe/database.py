@@ -25,12 +25,12 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     statement_ms = round(settings.database_statement_timeout_s * 1000)
     lock_ms = round(settings.database_lock_timeout_s * 1000)
     if backend == "sqlite":
-        if _is_file(url.database):
-            Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
                                    "check_same_thread": False}
-        if writer and _is_file(url.database):
-            options["connect_args"]["factory"] = TakesTurns
+        if _is_file(url.database):
+            Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+            if writer:
+                options["connect_args"]["factory"] = TakesTurns
     else:
         options.update(
             pool_size=settings.database_pool_size,

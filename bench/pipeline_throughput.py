@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, Producer
 from sqlalchemy import select
 
 from bench import ceiling, cpu
+from bridge.service import READ_WAIT_S, read_ready
 from eventpipe.database import make_engine
 from eventpipe.kafka import consumer_config, ensure_topic
 from eventpipe.migrations import upgrade
@@ -200,9 +201,9 @@ def _send_steadily(producer: Producer, topic: str, rate: int, seconds: float,
 
 def _broker_latency(bootstrap: str) -> Floor:
     """The latency run's messages, at its rate and for as long, produced → consumed by a
-    consumer configured as the bridge's: the floor the broker sets under the pipeline's
-    latency, and the broker's CPU early and late in the run (Tansu's fetches cost more as a
-    topic grows)."""
+    consumer configured, and reading, as the bridge's: the floor the broker sets under the
+    pipeline's latency, and the broker's CPU early and late in the run (Tansu's fetches cost
+    more as a topic grows)."""
     topic = f"floor-{uuid.uuid4().hex[:8]}"
     settings = Settings(kafka_bootstrap_servers=bootstrap, kafka_topic=topic,
                         kafka_partitions=PARTITIONS, kafka_group_id=topic,
@@ -216,7 +217,7 @@ def _broker_latency(bootstrap: str) -> Floor:
 
     def consume() -> None:
         while not stop.is_set():
-            for message in consumer.consume(num_messages=500, timeout=0.05):
+            for message in read_ready(consumer, 500, READ_WAIT_S):
                 if message.error() is None:
                     received = datetime.now(UTC)
                     sent_at = datetime.fromisoformat(json.loads(message.value() or b"")

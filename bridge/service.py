@@ -30,6 +30,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     TopicPartition,
 )
 
@@ -53,6 +54,22 @@ log = logging.getLogger(__name__)
 # later release cost in waiting (docs/performance.md).
 QUEUE_CHECK_S = 0.02
 QUEUE_CHECK_SHARE = 0.2
+READ_WAIT_S = 0.05  # the longest a read waits for a first message while none is held
+
+
+def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
+    """Up to `limit` messages the Kafka client holds now; when it holds none, the first to
+    arrive within `wait_s` with those that came along. `consume(limit, wait_s)` would wait
+    out `wait_s` unless `limit` messages came: at light traffic every event waited for it, to
+    make batches that the held partitions make anyway while a task waits in its queue
+    (docs/performance.md)."""
+    messages = consumer.consume(num_messages=limit, timeout=0)
+    if messages:
+        return messages
+    first = consumer.poll(wait_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(num_messages=limit - 1, timeout=0)] if limit > 1 else [first]
 
 
 class Bridge:
@@ -153,8 +170,8 @@ class Bridge:
         # Short polls while batches wait on their queues, so they leave soon after a worker
         # takes the task ahead of them.
         waiting = self.held & self.batcher.partitions()
-        messages = self.consumer.consume(num_messages=self.settings.batch_max_events,
-                                         timeout=QUEUE_CHECK_S if waiting else 0.05)
+        messages = read_ready(self.consumer, self.settings.batch_max_events,
+                              QUEUE_CHECK_S if waiting else READ_WAIT_S)
         if messages:
             metrics.KAFKA_CONSUME.observe(time.perf_counter() - started)
         now = self.clock()

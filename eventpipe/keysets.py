@@ -3,12 +3,18 @@
 PostgreSQL gets one `column = ANY(:keys)` with the keys as one parameter, an array in
 PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter whatever the
 set's size, planned at each execution for the set it is given (`eventpipe.database` keeps no
-prepared statements). The others get `IN (…)` lists in chunks, under SQL Server's 2,100
-parameters per statement (and SQLite's 999 on old builds).
+prepared statements). SQLite gets one `column IN (SELECT value FROM json_each(:keys))`, the
+keys as one JSON array, which it looks up one by one in the column's index. SQL Server gets
+`IN (…)` lists in chunks, under its 2,100 parameters per statement.
+
+One parameter whatever the set's size also keeps the statement in SQLAlchemy's cache: an
+`IN (…)` list is rendered anew at each execution, a bound parameter per key, which cost a
+SQLite worker more than the lookups themselves (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
@@ -18,9 +24,12 @@ from sqlalchemy import (
     Dialect,
     Row,
     Select,
+    String,
     TypeDecorator,
     any_,
     bindparam,
+    func,
+    select,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import TypeEngine
@@ -40,9 +49,13 @@ def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[Column
     """Conditions that together select `column IN keys`: run one statement per condition."""
     if not keys:
         return []
-    if conn.dialect.name == "postgresql":
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
         array = bindparam(None, pg_array_text(sorted(keys)), type_=_ArrayText(column.type))
         return [column == any_(array)]
+    if dialect == "sqlite":
+        listed = func.json_each(bindparam(None, json.dumps(list(keys)), type_=String))
+        return [column.in_(select(listed.table_valued("value").c.value))]
     return [column.in_(part) for part in chunked(keys)]
 
 

@@ -69,7 +69,8 @@ def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
     first = consumer.poll(wait_s)
     if first is None:
         return []
-    return [first, *consumer.consume(num_messages=limit - 1, timeout=0)] if limit > 1 else [first]
+    came_along = consumer.consume(num_messages=limit - 1, timeout=0) if limit > 1 else []
+    return [first, *came_along]
 
 
 class Bridge:

@@ -73,15 +73,10 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN instead of pysqlite's implicit one.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        wal = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        # A commit is on disk before it returns: otherwise a power loss can roll back a
-        # commit whose offsets Kafka has already passed, and its events are lost. Writers
-        # that take turns sync their commits themselves, after their turn.
-        if wal and isinstance(dbapi_connection, TakesTurns):
-            dbapi_connection.sync_after_turn()
-        else:
-            cursor.execute("PRAGMA synchronous=FULL")
-        for pragma in ("foreign_keys=ON", f"busy_timeout={int(busy_ms)}"):
+        # synchronous=FULL: a commit is on disk before it returns. With NORMAL a power loss
+        # can roll back a commit whose offsets Kafka has already passed: events lost.
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
+                       f"busy_timeout={int(busy_ms)}"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 

@@ -11,22 +11,11 @@ about as soon as the last one commits.
 SQLite's own lock still guards the data: the file lock only orders the writers. A program
 that does not take it is waited for by SQLite as before, and the kernel drops a dead
 process's turn with its open files.
-
-What a commit needs no turn for is done after it (`sync_after_turn`, on a database in WAL
-mode): SQLite writes the commit to the WAL without syncing it (`synchronous=NORMAL`), and
-the writer then fsyncs the WAL itself, before `commit` returns, so the transaction is on
-disk before its caller goes on (before the offsets of its events are marked done), as with
-`synchronous=FULL`. Checkpoints, which SQLite would run inside a COMMIT once the WAL grows
-past 1,000 pages, run after the turn too, at most every `CHECKPOINT_EVERY_S` per writer.
-Both took a sixth of the time a batch held the lock (docs/performance.md), while the next
-writer waited.
 """
 
 from __future__ import annotations
 
 import fcntl
-import logging
-import os
 import sqlite3
 import time
 from typing import Any
@@ -34,11 +23,8 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
-log = logging.getLogger(__name__)
-
 _FIRST_PAUSE_S = 0.00005
 _LONGEST_PAUSE_S = 0.001  # how late a waiter may notice that the turn is free
-CHECKPOINT_EVERY_S = 0.5
 
 
 class TakesTurns(sqlite3.Connection):
@@ -48,18 +34,8 @@ class TakesTurns(sqlite3.Connection):
     def __init__(self, database: str, timeout: float = 5.0, *args: Any,
                  **kwargs: Any) -> None:
         super().__init__(database, timeout, *args, **kwargs)
-        self._database = database
         self._timeout = timeout
         self._turn = open(f"{database}-writer", "ab")  # noqa: SIM115 - closed with the connection
-        self._wal: str | None = None  # set by `sync_after_turn`
-        self._next_checkpoint = 0.0
-
-    def sync_after_turn(self) -> None:
-        """Sync each commit, and checkpoint the WAL, once the turn is given back (the
-        module's docstring); for a connection whose database is in WAL mode."""
-        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0"):
-            self.execute(f"PRAGMA {pragma}")
-        self._wal = f"{self._database}-wal"
 
     def take_turn(self) -> None:
         """Wait for the other writers' transactions to end; the error SQLite gives when its
@@ -87,30 +63,6 @@ class TakesTurns(sqlite3.Connection):
             super().commit()
         finally:
             self.end_turn()
-        if self._wal is not None:
-            self._sync(self._wal)
-            self._checkpoint_now_and_then()
-
-    def _sync(self, wal: str) -> None:
-        try:
-            descriptor = os.open(wal, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        except OSError as exc:  # what SQLite raises when its own sync fails
-            raise sqlite3.OperationalError(f"disk I/O error: syncing {wal}: {exc}") from exc
-
-    def _checkpoint_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now < self._next_checkpoint:
-            return
-        self._next_checkpoint = now + CHECKPOINT_EVERY_S
-        try:
-            # PASSIVE: copies what no reader still needs, waiting for no one.
-            self.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.OperationalError as exc:  # the commit stands; the next one tries again
-            log.warning("WAL checkpoint failed: %s", exc)
 
     def rollback(self) -> None:
         try:

@@ -4,7 +4,6 @@ bound raises is a failure the worker retries (issue 9: no statement or lock time
 from __future__ import annotations
 
 import fcntl
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 
-from eventpipe import sqlite_turns
 from eventpipe.database import make_engine
 from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
@@ -61,9 +59,7 @@ def test_a_statement_running_too_long_is_a_transient_failure(postgresql_url: str
 
 
 def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
-    """SQLite syncs each commit of a connection that does not sync its own, as writers
-    taking turns do (`test_a_sqlite_writer_syncs_and_checkpoints_once_its_turn_is_over`)."""
-    engine = make_engine(Settings(database_url=sqlite_url), writer=False)
+    engine = make_engine(Settings(database_url=sqlite_url))
     try:
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
@@ -127,37 +123,6 @@ def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str
             conn.execute(text("DELETE FROM inventory WHERE sku = 'turn-probe'"))
     finally:
         engine.dispose()
-
-
-def test_a_sqlite_writer_syncs_and_checkpoints_once_its_turn_is_over(
-        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer's commit is on disk before `commit` returns, as with `synchronous=FULL`, but
-    its fsync of the WAL, and the checkpoint SQLite would run inside COMMIT, come once its
-    turn is given back: the next writer does not wait for them."""
-    wal = f"{make_url(sqlite_url).database}-wal"
-    seen: list[tuple[str, bool]] = []  # (statement or file synced, the turn free meanwhile)
-    fsync = os.fsync
-
-    def recorded_fsync(descriptor: int) -> None:
-        seen.append((os.readlink(f"/proc/self/fd/{descriptor}"), _turn_is_free(sqlite_url)))
-        fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", recorded_fsync)
-    monkeypatch.setattr(sqlite_turns, "CHECKPOINT_EVERY_S", 0.0)
-    engine = make_engine(Settings(database_url=sqlite_url))
-    try:
-        with engine.begin() as conn:
-            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one() == 0
-            raw = conn.connection.dbapi_connection
-            assert raw is not None
-            raw.set_trace_callback(
-                lambda statement: seen.append((statement, _turn_is_free(sqlite_url))))
-            conn.execute(text("DELETE FROM inventory WHERE sku = 'turn-probe'"))
-        raw.set_trace_callback(None)
-    finally:
-        engine.dispose()
-    assert [entry for entry in seen if not entry[0].startswith("DELETE")] == [
-        ("COMMIT", False), (wal, True), ("PRAGMA wal_checkpoint(PASSIVE)", True)]
 
 
 def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url: str) -> None:

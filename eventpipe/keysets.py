@@ -5,7 +5,8 @@ PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter 
 set's size, planned at each execution for the set it is given (`eventpipe.database` keeps no
 prepared statements). SQLite gets one `column IN (SELECT value FROM json_each(:keys))`, the
 keys as one JSON array, which it looks up one by one in the column's index. SQL Server gets
-`IN (…)` lists in chunks, under its 2,100 parameters per statement.
+`IN (…)` lists in chunks, under its 2,100 parameters per statement, and so does SQLite for
+keys holding a NUL, which its JSON cuts short.
 
 One parameter whatever the set's size also keeps the statement in SQLAlchemy's cache: an
 `IN (…)` list is rendered anew at each execution, a bound parameter per key, which cost a
@@ -53,9 +54,11 @@ def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[Column
     if dialect == "postgresql":
         array = bindparam(None, pg_array_text(sorted(keys)), type_=_ArrayText(column.type))
         return [column == any_(array)]
-    if dialect == "sqlite":
+    if dialect == "sqlite" and not any(isinstance(key, str) and "\x00" in key for key in keys):
         listed = func.json_each(bindparam(None, json.dumps(list(keys)), type_=String))
         return [column.in_(select(listed.table_valued("value").c.value))]
+    # SQL Server; and SQLite for keys holding a NUL, where its JSON ends a string ("a\u0000b"
+    # reads as "a"; no valid event carries one).
     return [column.in_(part) for part in chunked(keys)]
 
 

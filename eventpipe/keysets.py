@@ -54,11 +54,13 @@ def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[Column
     if dialect == "postgresql":
         array = bindparam(None, pg_array_text(sorted(keys)), type_=_ArrayText(column.type))
         return [column == any_(array)]
-    if dialect == "sqlite" and not any(isinstance(key, str) and "\x00" in key for key in keys):
-        listed = func.json_each(bindparam(None, json.dumps(list(keys)), type_=String))
-        return [column.in_(select(listed.table_valued("value").c.value))]
-    # SQL Server; and SQLite for keys holding a NUL, where its JSON ends a string ("a\u0000b"
-    # reads as "a"; no valid event carries one).
+    if dialect == "sqlite":
+        listed = json.dumps(list(keys))
+        # SQLite's JSON ends a string at an escaped NUL ("a\u0000b" reads as "a"): keys
+        # holding one (no valid event carries one) go as lists, like SQL Server's.
+        if "\\u0000" not in listed:
+            each = func.json_each(bindparam(None, listed, type_=String))
+            return [column.in_(select(each.table_valued("value").c.value))]
     return [column.in_(part) for part in chunked(keys)]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -141,16 +141,19 @@ def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url:
         engine.dispose()
 
 
+def _users(user_ids: Iterable[str]) -> list[dict[str, object]]:
+    return [{"user_id": user_id, "email": "e@example.com", "name": "n", "created_at": WHEN,
+             "version_at": WHEN, "version_event_id": "e", "updated_at": WHEN}
+            for user_id in user_ids]
+
+
 def test_in_keys_on_sqlite_keeps_a_key_holding_a_nul_whole(sqlite_url: str) -> None:
     """SQLite's JSON ends a string at an escaped NUL: a key holding one must not select the
     row of the key it would be cut down to."""
     engine = make_engine(Settings(database_url=sqlite_url))
     try:
         with engine.connect() as conn:  # rolled back when it closes
-            conn.execute(users.insert(), [
-                {"user_id": user_id, "email": "e@example.com", "name": "n", "created_at": WHEN,
-                 "version_at": WHEN, "version_event_id": "e", "updated_at": WHEN}
-                for user_id in ("nul-a", "nul-a\x00b")])
+            conn.execute(users.insert(), _users(("nul-a", "nul-a\x00b")))
             found = conn.execute(select(users.c.user_id).where(
                 *in_keys(conn, users.c.user_id, ["nul-a\x00b", "nul-c"]))).scalars().all()
             assert found == ["nul-a\x00b"]
@@ -170,10 +173,7 @@ def test_in_keys_selects_exactly_its_keys(database_url: str, keys: list[str]) ->
     try:
         with engine.connect() as conn:  # rolled back when it closes
             asked = [f"k{number}:{key}" for number, key in enumerate(sorted(set(keys)))]
-            conn.execute(users.insert(), [
-                {"user_id": user_id, "email": "e@example.com", "name": "n", "created_at": WHEN,
-                 "version_at": WHEN, "version_event_id": "e", "updated_at": WHEN}
-                for user_id in [*asked, "not-asked"]])
+            conn.execute(users.insert(), _users([*asked, "not-asked"]))
             found = conn.execute(select(users.c.user_id).where(
                 *in_keys(conn, users.c.user_id, asked))).scalars().all()
             assert sorted(found) == sorted(asked)

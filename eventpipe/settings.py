@@ -66,10 +66,10 @@ class Settings:
         "group and of the worker pool's: how long a silent member keeps its partitions"
     )
     kafka_fetch_wait_max_ms: int = _field(
-        "KAFKA_FETCH_WAIT_MAX_MS", 100, "Longest a consumer's fetch waits at the broker for new "
-        "messages. Apache Kafka answers as soon as one arrives; a broker that holds every fetch "
-        "this long (Tansu) adds up to it to each event's latency, and a lower value costs it "
-        "more requests and CPU"
+        "KAFKA_FETCH_WAIT_MAX_MS", 25, "Longest the bridge's fetch waits at the broker for new "
+        "messages. Apache Kafka answers as soon as one arrives, so this only spaces the fetches "
+        "of an idle topic; a broker that holds every fetch this long (Tansu, the embedded one) "
+        "adds up to it to each event's latency, and a lower value costs it more requests and CPU"
     )
     max_future_skew_s: float = _field(
         "MAX_FUTURE_SKEW_S", 300.0,

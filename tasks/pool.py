@@ -56,6 +56,7 @@ from eventpipe.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+IDLE_FETCH_WAIT_MS = 500  # librdkafka's own default
 WATCH_EVERY_S = 5.0  # how often Celery's thread is asked to answer
 STUCK_MARGIN_S = 30.0  # beyond TASK_TIME_LIMIT_S: no batch may hold Celery's thread longer
 BRPOP_MARGIN_S = 2.0  # beyond a BRPOP's timeout: Redis has answered it
@@ -263,6 +264,21 @@ class PoolMember:
         self._stop.set()
         self._thread.join(timeout_s)
 
+    def consumer_config(self) -> dict[str, Any]:
+        """The member's Kafka consumer: in the pool's group, on the coordination topic."""
+        return consumer_config(self.settings, **{
+            "group.id": pool_group(self.settings), "client.id": self.name,
+            # Only the partitions that move are revoked when a member joins or leaves; the
+            # others keep being applied.
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A revocation waits for the batch in progress: the group must wait as long.
+            "max.poll.interval.ms": int((self.stuck_after_s + STUCK_MARGIN_S) * 1000),
+            # The topic never holds a message, so a fetch finds nothing however long it waits:
+            # the bridge's short wait would only cost the broker requests (two members kept a
+            # Tansu 5 % of a core busier at 25 ms).
+            "fetch.wait.max.ms": IDLE_FETCH_WAIT_MS,
+            "statistics.interval.ms": 0})
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -277,14 +293,7 @@ class PoolMember:
         consumer: Consumer | None = None
         failure = "no reason given"
         try:
-            consumer = Consumer(consumer_config(self.settings, **{
-                "group.id": pool_group(self.settings), "client.id": self.name,
-                # Only the partitions that move are revoked when a member joins or leaves;
-                # the others keep being applied.
-                "partition.assignment.strategy": "cooperative-sticky",
-                # A revocation waits for the batch in progress: the group must wait as long.
-                "max.poll.interval.ms": int((self.stuck_after_s + STUCK_MARGIN_S) * 1000),
-                "statistics.interval.ms": 0}))
+            consumer = Consumer(self.consumer_config())
             consumer.subscribe([pool_topic(self.settings)], on_assign=self._on_assign,
                                on_revoke=self._on_revoke, on_lost=self._on_lost)
             log.info("joined the worker pool", extra={"group": pool_group(self.settings)})

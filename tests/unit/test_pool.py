@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from eventpipe.settings import Settings
-from tasks.pool import CeleryQueues, PoolMember
+from tasks.pool import IDLE_FETCH_WAIT_MS, CeleryQueues, PoolMember, pool_group
 
 
 class CeleryThread:
@@ -87,6 +87,14 @@ def test_late_changes_end_on_the_latest_wish_whatever_their_order() -> None:
     for callback in reversed(pending):  # the hub runs them in any order
         callback()
     assert celery.consumed == ["events.p7"]
+
+
+def test_a_member_fetches_its_empty_topic_with_a_long_wait_whatever_the_bridges() -> None:
+    member = PoolMember(Settings(kafka_fetch_wait_max_ms=5), CeleryQueues(Stuck(), 1), "w:1",
+                        on_stuck=lambda _reason: None)
+    config = member.consumer_config()
+    assert config["fetch.wait.max.ms"] == IDLE_FETCH_WAIT_MS > 5
+    assert config["group.id"] == pool_group(Settings()) != Settings().kafka_group_id
 
 
 def test_a_member_follows_its_assignment_and_lets_go_only_of_its_own() -> None:

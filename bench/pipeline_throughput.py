@@ -23,6 +23,7 @@ process's CPU time over the shipped run, per message (`bench.cpu`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -205,9 +206,11 @@ def _broker_latency(bootstrap: str) -> Floor:
     pipeline's latency, and the broker's CPU early and late in the run (Tansu's fetches cost
     more as a topic grows)."""
     topic = f"floor-{uuid.uuid4().hex[:8]}"
-    settings = Settings(kafka_bootstrap_servers=bootstrap, kafka_topic=topic,
-                        kafka_partitions=PARTITIONS, kafka_group_id=topic,
-                        kafka_session_timeout_ms=6000)
+    # From the environment, as the pipeline's bridge reads its settings: a fetch wait set
+    # there (`KAFKA_FETCH_WAIT_MAX_MS`) is the one both are measured at.
+    settings = dataclasses.replace(Settings.from_env(os.environ), kafka_bootstrap_servers=bootstrap,
+                                   kafka_topic=topic, kafka_partitions=PARTITIONS,
+                                   kafka_group_id=topic, kafka_session_timeout_ms=6000)
     ensure_topic(settings)
     consumer = Consumer(consumer_config(settings))
     consumer.subscribe([topic])

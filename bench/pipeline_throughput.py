@@ -14,8 +14,9 @@ until every offset is, so the consumer-group join is not counted. The commit int
 0.2 s (shipped: 1 s) so the clock follows the work closely.
 
 Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
-applied (`applied_events.applied_at`), after a warm-up, and the cores each kind of process
-kept busy meanwhile; and first the broker's own: the same events produced → consumed by a
+applied (`applied_events.applied_at`), after a warm-up, where that time went (the bridge's
+and the workers' log line of each batch, at the shipped `LOG_LEVEL`), and the cores each kind
+of process kept busy meanwhile; and first the broker's own: the same events produced → consumed by a
 consumer configured as the bridge's, and the broker's CPU early and late in that run. Peak
 RSS: each process's high-water mark (`VmHWM`) at the end of the shipped run. CPU: each kind of
 process's CPU time over the shipped run, per message (`bench.cpu`).
@@ -61,8 +62,7 @@ PROCESSES = 2
 # The shipped settings the test pipeline shortens, back to their defaults.
 SHIPPED: dict[str, Any] = {name: str(value) for name, value in (
     ("BATCH_MAX_EVENTS", 500), ("BATCH_MAX_WAIT_MS", 0),
-    ("REDELIVERY_TIMEOUT_S", 60), ("RETRY_BACKOFF_BASE_S", 0.5), ("LOG_LEVEL", "WARNING"),
-    ("COMMIT_INTERVAL_S", 0.2))}
+    ("REDELIVERY_TIMEOUT_S", 60), ("RETRY_BACKOFF_BASE_S", 0.5), ("COMMIT_INTERVAL_S", 0.2))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,7 @@ STRETCH_S = 5.0  # the broker's CPU is told over the first and the last stretch 
 @dataclass(frozen=True, slots=True)
 class Latency:
     seconds: list[float]  # `occurredAt` → applied, per event produced after the warm-up
+    stages: dict[str, list[float]]  # where those seconds went (`_stages`), per event
     batches: int  # the batches that applied them (one `applied_at` per batch and worker)
     span_s: float  # from the first of those batches to the last
     cores: dict[str, float]  # role → cores it kept busy while the events were measured
@@ -175,14 +176,58 @@ def _latency(bootstrap: str, database_url: str | None) -> Latency:
             wait_until(lambda: pipeline.applied_count() >= sent + 1, 120, "every event applied")
             with pipeline.engine.connect() as conn:
                 rows = conn.execute(select(applied_events.c.occurred_at,
-                                           applied_events.c.applied_at, applied_events.c.worker)
+                                           applied_events.c.applied_at, applied_events.c.worker,
+                                           applied_events.c.kafka_partition,
+                                           applied_events.c.kafka_offset)
                                     .where(applied_events.c.occurred_at >= measured_from)).all()
             applied = [row.applied_at for row in rows]
             return Latency([(row.applied_at - row.occurred_at).total_seconds() for row in rows],
+                           _stages(rows, _logged(pipeline.log_of("bridge"), "batch sent"),
+                                   _logged(pipeline.log_of("worker-host"), "batch done")),
                            len({(row.applied_at, row.worker) for row in rows}),
                            (max(applied) - min(applied)).total_seconds(), cores)
         finally:
             pipeline.close()
+
+
+def _logged(path: Path, message: str) -> dict[tuple[int, int], float]:
+    """(partition, offset) → when the last JSON log line `message` naming that offset's batch
+    (`partition`, `offsetFirst`, `offsetLast`) was written: the bridge's `batch sent`, the
+    workers' `batch done`."""
+    when: dict[tuple[int, int], float] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if f'"{message}"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+            at = datetime.fromisoformat(record["ts"]).timestamp()
+            offsets = range(record["offsetFirst"], record["offsetLast"] + 1)
+            partition = record["partition"]
+        except (ValueError, KeyError, TypeError):
+            continue  # another process's output cut into the line
+        when.update(((partition, offset), at) for offset in offsets)
+    return when
+
+
+def _stages(rows: Any, sent: dict[tuple[int, int], float],
+            done: dict[tuple[int, int], float]) -> dict[str, list[float]]:
+    """Where each event's latency went, from its `applied_events` row and the log lines of
+    its batch: until the bridge sent the batch (the broker, and the bridge holding it while the
+    partition's last task waited in its queue), until its transaction began (the queue, Celery,
+    parsing), until the worker said it done (the transaction, its commit, the offset ledger).
+    The log's clock counts milliseconds, and the bridge writes its line once the task is
+    queued, so a worker that takes it at once may begin a little before."""
+    stages: dict[str, list[float]] = {"to the bridge's send": [], "in the queue": [],
+                                      "in the transaction": []}
+    for row in rows:
+        position = (row.kafka_partition, row.kafka_offset)
+        if position not in sent or position not in done:
+            continue
+        occurred, began = row.occurred_at.timestamp(), row.applied_at.timestamp()
+        stages["to the bridge's send"].append(sent[position] - occurred)
+        stages["in the queue"].append(began - sent[position])
+        stages["in the transaction"].append(done[position] - began)
+    return stages
 
 
 def _send_steadily(producer: Producer, topic: str, rate: int, seconds: float,
@@ -328,6 +373,11 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
           f"{_spread(ms)}; in {latency.batches:,} batches, "
           f"{latency.batches / max(latency.span_s, 1e-9):,.0f} a second of "
           f"{len(ms) / max(latency.batches, 1):.1f} events on average")
+    parts = "; ".join(f"{stage} p50 {statistics.median(seconds) * 1000:.0f}, p99 "
+                      f"{_percentile(seconds, 0.99) * 1000:.0f}"
+                      for stage, seconds in latency.stages.items() if seconds)
+    if parts:
+        print(f"  where it went, ms: {parts}")
     busy = ", ".join(f"{role} {share:.0%}" for role, share in
                      sorted(latency.cores.items(), key=lambda item: -item[1]) if share >= 0.005)
     print(f"  cores kept busy meanwhile (of {os.cpu_count() or 1}): {busy}; "

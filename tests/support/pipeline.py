@@ -104,7 +104,7 @@ class Pipeline:
     # -- processes -------------------------------------------------------------------------
 
     def spawn(self, name: str, command: list[str], **env: str) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{self.name}-{name}.log").open("ab")
+        log = self.log_of(name).open("ab")
         process = subprocess.Popen(command, env={**self.env, **env}, cwd=ROOT,
                                    stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
@@ -112,6 +112,10 @@ class Pipeline:
 
     def start_bridge(self, name: str = "bridge") -> subprocess.Popen[bytes]:
         return self.spawn(name, [str(BIN / "eventpipe"), "bridge"])
+
+    def log_of(self, name: str) -> Path:
+        """Where the process spawned as `name` writes its output."""
+        return self.log_dir / f"{self.name}-{name}.log"
 
     def start_worker(self, partitions: Iterable[int] | None = None,
                      name: str = "worker") -> subprocess.Popen[bytes]:

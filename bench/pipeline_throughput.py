@@ -15,11 +15,11 @@ until every offset is, so the consumer-group join is not counted. The commit int
 
 Latency: a steady 1,000 events/s with `occurredAt` set as each is produced, `occurredAt` →
 applied (`applied_events.applied_at`), after a warm-up, where that time went (the bridge's
-and the workers' log line of each batch, at the shipped `LOG_LEVEL`), and the cores each kind
-of process kept busy meanwhile; and first the broker's own: the same events produced → consumed by a
-consumer configured as the bridge's, and the broker's CPU early and late in that run. Peak
-RSS: each process's high-water mark (`VmHWM`) at the end of the shipped run. CPU: each kind of
-process's CPU time over the shipped run, per message (`bench.cpu`).
+and the workers' log line of each batch, at the shipped `LOG_LEVEL`), and the cores each
+kind of process kept busy meanwhile; and first the broker's own: the same events produced →
+consumed by a consumer configured as the bridge's, and the broker's CPU early and late in
+that run. Peak RSS: each process's high-water mark (`VmHWM`) at the end of the shipped run.
+CPU: each kind of process's CPU time over the shipped run, per message (`bench.cpu`).
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ def _work(url: str, count: int, setup_only: bool) -> None:
         for number, start in enumerate(range(0, count, _BATCH)):
             processor.run("events", 0, messages[start:start + _BATCH])
             if number % 2:
-                reconcile(engine.begin, lambda: datetime.now(UTC), timedelta(seconds=30))
-        reconcile(engine.begin, lambda: datetime.now(UTC), timedelta(seconds=30))
+                reconcile(engine, lambda: datetime.now(UTC), timedelta(seconds=30))
+        reconcile(engine, lambda: datetime.now(UTC), timedelta(seconds=30))
     for key in client.scan_iter(f"*{group}*"):
         client.delete(key)
     engine.dispose()

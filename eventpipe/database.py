@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from eventpipe.settings import Settings
@@ -82,10 +84,25 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if writer:
+        if writer and not conn.get_execution_options().get(_READ_ONLY):
             begin_writing(conn)
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+# A connection option: its transactions only read (`reading`).
+_READ_ONLY = "eventpipe_read_only"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A transaction that only reads. A writer's engine on SQLite then takes neither its turn
+    among the writers nor the write lock (the writers go on meanwhile, as WAL lets them), and
+    the transaction reads one snapshot."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        with conn.begin():
+            yield conn
 
 
 def _is_file(database: str | None) -> bool:

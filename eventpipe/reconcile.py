@@ -1,7 +1,11 @@
 """The reconciler: keeps the dead letters of held events in step with the rules that span keys.
 
 Batches write each entity on its own key and queue the keys they wrote (`reconcile_queue`),
-in the same transaction. A reconciler round takes queued keys and, on committed data:
+in the same transaction. A reconciler round first surveys, in a transaction that only reads
+(on SQLite one that takes neither a writer's turn nor the write lock, so batches go on
+writing meanwhile): it takes queued keys and evaluates, as below, every entity they reach, to
+find those that need a look, held or with a live dead letter. Most need nothing: visible,
+with no dead letter, they are left out. Then, under its lock, on committed data, the round:
 
 1. evaluates (`eventpipe.readmodel`, `eventpipe.visibility`) every entity the keys can affect:
    the users written and the other claimants of their emails; the orders written, the orders
@@ -13,12 +17,17 @@ in the same transaction. A reconciler round takes queued keys and, on committed 
 3. opens the waiting dead letters whose parking time is over (after evaluating them again, so
    one whose parent arrived in the meantime resolves instead), and returns to the DLQ the
    replays whose claim lapsed;
-4. deletes the queue rows it took, in the same transaction.
+4. deletes the queue rows the survey took, in the same transaction.
 
-Every change is evaluated after the batch that caused it committed, on data that includes it,
-so the dead letters converge to what the rules say whatever the order of arrival. Rounds must
-not overlap (two of them reading different snapshots could write an older answer last): one
-runs at a time, under a database lock (`try_lock`) that other callers skip rather than wait on.
+Step 1 starts from the entities the survey found rather than the keys queued: an entity that
+was visible with no dead letter when the survey read it needs nothing from this round, and
+whatever changed it since (its own new version, or a parent's) is a batch that queued its
+keys after the survey read the queue, for a later round. Every change is evaluated after the
+batch that caused it committed, on data that includes it, so the dead letters converge to
+what the rules say whatever the order of arrival. Rounds must not overlap (two of them
+reading different snapshots could write an older answer last): one runs at a time, under a
+database lock (`try_lock`) that other callers skip rather than wait on. Only what a round
+reads under it decides what it writes; the survey only chooses what it reads.
 """
 
 from __future__ import annotations
@@ -28,11 +37,12 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Protocol
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, Engine, select, text
 
 from eventpipe import readmodel
+from eventpipe.database import reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
 from eventpipe.effects import Position
@@ -61,6 +71,16 @@ class Keys:
         return len(self.users) + len(self.orders) + len(self.payments)
 
 
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What a round takes, read before its lock: the queue rows (`ids`), the entities their
+    keys reach that need a look (`needed`), and whether the queue held more rows."""
+
+    ids: list[int]
+    needed: Keys
+    more: bool
+
+
 @dataclass(slots=True)
 class Round:
     queue_rows: int = 0
@@ -84,13 +104,25 @@ def try_lock(conn: Connection) -> bool:
     return True  # SQLite: the write transaction itself serialises rounds
 
 
-def run_round(conn: Connection, now: datetime, park_timeout: timedelta, *,
-              worker: str = "reconciler", round_keys: int = ROUND_KEYS) -> Round:
-    """One round, in the caller's transaction (which holds the lock)."""
-    done = Round()
-    ids, keys, done.more = _take_queue(conn, round_keys)
-    done.queue_rows = len(ids)
-    due = records.due(conn, now, limit=round_keys)
+def survey(conn: Connection, round_keys: int = ROUND_KEYS) -> Survey:
+    """The oldest queue rows, up to about `round_keys` keys, and the entities they reach that
+    are held or have a live dead letter, read in the caller's transaction (which needs no
+    lock: nothing is written from what it reads)."""
+    ids, keys, more = _take_queue(conn, round_keys)
+    needed = Keys()
+    if len(keys):
+        _evaluate(conn, keys, _Look(conn, needed))
+    return Survey(ids, needed, more)
+
+
+def run_round(conn: Connection, now: datetime, park_timeout: timedelta, surveyed: Survey, *,
+              worker: str = "reconciler") -> Round:
+    """One round, in the caller's transaction (which holds the lock), of what `surveyed`
+    found."""
+    done = Round(queue_rows=len(surveyed.ids), more=surveyed.more)
+    keys = Keys(set(surveyed.needed.users), set(surveyed.needed.orders),
+                set(surveyed.needed.payments))
+    due = records.due(conn, now, limit=ROUND_KEYS)
     for letter in due:
         if letter.state == REPLAYING:  # the replayer died between claim and publish
             done.changed.append(records.transition(conn, letter, OPEN, now, deadline=None))
@@ -98,8 +130,8 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, *,
             keys.add(letter.entity_kind, letter.entity_key)
     if len(keys):
         done.evaluated = len(keys)
-        done.changed += _evaluate(conn, keys, now, park_timeout, worker)
-    for where in in_keys(conn, reconcile_queue.c.id, ids):
+        _evaluate(conn, keys, _Sync(conn, now, park_timeout, worker, done.changed))
+    for where in in_keys(conn, reconcile_queue.c.id, surveyed.ids):
         conn.execute(reconcile_queue.delete().where(where))
     return done
 
@@ -122,10 +154,16 @@ def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys, boo
     return ids, keys, len(ids) < len(rows) or len(rows) == QUEUE_ROWS
 
 
-def _evaluate(conn: Connection, keys: Keys, now: datetime, park_timeout: timedelta,
-              worker: str) -> list[DeadLetter]:
-    changed: list[DeadLetter] = []
-    sync = _Sync(conn, now, park_timeout, worker, changed)
+class _Visit(Protocol):
+    def entities(self, kind: str, rows: Mapping[str, readmodel.Facts],
+                 standings: dict[str, Standing]) -> set[str]:
+        """Visit the entities evaluated; the keys of those that left the read model just now
+        (held, with no live dead letter yet)."""
+
+
+def _evaluate(conn: Connection, keys: Keys, sync: _Visit) -> None:
+    """Evaluate every entity `keys` can affect, a kind at a time, and visit them with
+    `sync`."""
     lookup = readmodel.Lookup(conn)
 
     written_users = lookup.users(keys.users)
@@ -145,7 +183,6 @@ def _evaluate(conn: Connection, keys: Keys, now: datetime, park_timeout: timedel
                    | readmodel.payments_of_orders(conn, keys.orders | orders_down))
     payments = lookup.payments(payment_ids)
     sync.entities("payment", payments, lookup.payment_standings(payments))
-    return changed
 
 
 def _held_because_of(conn: Connection, parent_kind: str, parents: Collection[str]) -> Keys:
@@ -153,6 +190,23 @@ def _held_because_of(conn: Connection, parent_kind: str, parents: Collection[str
     for kind, key in records.waiting_on(conn, parent_kind, parents):
         found.add(kind, key)
     return found
+
+
+@dataclass(slots=True)
+class _Look:
+    """The survey's visit: notes the entities that need a look (held, or with a live dead
+    letter), writes nothing."""
+
+    conn: Connection
+    needed: Keys
+
+    def entities(self, kind: str, rows: Mapping[str, readmodel.Facts],
+                 standings: dict[str, Standing]) -> set[str]:
+        live = records.by_entity(self.conn, kind, rows, lock=False)
+        for key in rows:
+            if standings[key] is not None or key in live:
+                self.needed.add(kind, key)
+        return {key for key in rows if standings[key] is not None and key not in live}
 
 
 @dataclass(slots=True)
@@ -241,16 +295,19 @@ def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _
             for row in rows}
 
 
-def reconcile(begin: Callable[[], Any], now: Callable[[], datetime], park_timeout: timedelta,
+def reconcile(engine: Engine, now: Callable[[], datetime], park_timeout: timedelta,
               *, max_rounds: int = 20) -> list[DeadLetter]:
-    """Run rounds until the queue is empty (or `max_rounds`), each in its own transaction;
-    skips at once when another reconciler holds the lock. The dead letters changed."""
+    """Run rounds until the queue is empty (or `max_rounds`), each surveyed in a transaction
+    that only reads, then run in its own; skips at once when another reconciler holds the
+    lock. The dead letters changed."""
     changed: list[DeadLetter] = []
     for _ in range(max_rounds):
-        with begin() as conn:
+        with reading(engine) as conn:
+            found = survey(conn)
+        with engine.begin() as conn:
             if not try_lock(conn):
                 return changed
-            done = run_round(conn, now(), park_timeout)
+            done = run_round(conn, now(), park_timeout, found)
         changed += done.changed
         if not done.more:
             break

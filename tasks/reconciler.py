@@ -61,7 +61,7 @@ class Reconciler:
 
     def run_once(self) -> None:
         if self._my_turn():
-            reconcile(self.engine.begin, _utc_now, self.park_timeout)
+            reconcile(self.engine, _utc_now, self.park_timeout)
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)
         try:

@@ -26,6 +26,7 @@ import redis
 from sqlalchemy import Engine, func, select, update
 
 from eventpipe import metrics
+from eventpipe.database import reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, DeadLetter
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
@@ -58,7 +59,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     """Bring up to `limit` unprojected dead letters into the stream. Without `fetch`, only
     those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka)."""
     report = Projected()
-    with engine.begin() as conn:
+    with reading(engine) as conn:  # marked below only where the revision read still holds
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
     written: list[DeadLetter] = []
     try:
@@ -95,7 +96,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
 
 def open_count(engine: Engine) -> int:
     """Dead letters in the DLQ, as SQL records them."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return int(conn.execute(select(func.count()).select_from(dead_letters)
                                 .where(dead_letters.c.state == OPEN)).scalar_one())
 
@@ -175,7 +176,7 @@ def heal(engine: Engine, stream: DeadLetterStream, every_s: float = HEAL_EVERY_S
     `every_s` 0: compare everything now (tests, an operator's check)."""
     if every_s > 0 and not stream.take_turn("heal", every_s):
         return 0
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         expected = records.count_shown(conn)
     entries, indexed = stream.sizes()
     if entries != indexed:
@@ -184,7 +185,7 @@ def heal(engine: Engine, stream: DeadLetterStream, every_s: float = HEAL_EVERY_S
         return abs(entries - indexed)
     if expected == entries and every_s > 0 and not stream.take_turn("sweep", SWEEP_EVERY_S):
         return 0
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         shown = records.shown(conn)
     present = stream.revisions()
     stale = {key: revision for key, revision in shown.items()
@@ -204,5 +205,5 @@ def heal(engine: Engine, stream: DeadLetterStream, every_s: float = HEAL_EVERY_S
 
 
 def _pending(engine: Engine) -> bool:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return bool(records.unprojected(conn, 1))

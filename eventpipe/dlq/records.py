@@ -170,13 +170,16 @@ def _transitioned(letter: DeadLetter, state: str, now: datetime, **changes: Any)
     return replace(letter, state=state, history=history, **changes)
 
 
-def by_entity(conn: Connection, kind: str, keys: Collection[str]) -> dict[str, list[DeadLetter]]:
-    """Live (waiting or open) dead letters of these entities, by entity key, locked: the
-    caller decides their next state from what it read, and a redelivery bumping one of them
-    meanwhile (`repeat`) must wait rather than make that decision miss its row."""
+def by_entity(conn: Connection, kind: str, keys: Collection[str], *,
+              lock: bool = True) -> dict[str, list[DeadLetter]]:
+    """Live (waiting or open) dead letters of these entities, by entity key, locked unless
+    the caller only reads: a caller that decides their next state from what it read must
+    have a redelivery bumping one of them meanwhile (`repeat`) wait rather than make that
+    decision miss its row."""
     found: dict[str, list[DeadLetter]] = {}
-    query = _locked(conn, select(dead_letters).where(
-        dead_letters.c.entity_kind == kind, dead_letters.c.state.in_((WAITING, OPEN))))
+    query = select(dead_letters).where(
+        dead_letters.c.entity_kind == kind, dead_letters.c.state.in_((WAITING, OPEN)))
+    query = _locked(conn, query) if lock else query
     for row in rows_in(conn, query, dead_letters.c.entity_key, keys):
         found.setdefault(row.entity_key, []).append(letter_of(row))
     return found

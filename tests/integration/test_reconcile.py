@@ -7,6 +7,7 @@ and compare what the read model shows and which events are dead-lettered.
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from threading import Thread
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 
 from eventpipe import readmodel
+from eventpipe import reconcile as reconciling
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
 from eventpipe.dlq import records
@@ -26,7 +28,7 @@ from eventpipe.effects import Position, Received
 from eventpipe.reconcile import reconcile
 from eventpipe.samples import Document, order_placed, payment_settled, user_created
 from eventpipe.settings import Settings
-from eventpipe.tables import dead_letters, metadata
+from eventpipe.tables import dead_letters, metadata, reconcile_queue
 from tests.support.factories import at, received
 from tests.support.pipeline import wait_until
 
@@ -34,7 +36,7 @@ PARK = timedelta(minutes=30)
 
 
 def settle(engine: Engine, now: datetime | None = None) -> None:
-    reconcile(engine.begin, lambda: now or datetime.now(UTC), PARK)
+    reconcile(engine, lambda: now or datetime.now(UTC), PARK)
 
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> None:
@@ -234,3 +236,72 @@ def _lock_waits(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
                    .scalar_one())
+
+
+# -- a round reads first, without its lock ----------------------------------------------------
+
+
+def _during_the_survey(monkeypatch: pytest.MonkeyPatch, action: Any) -> list[bool]:
+    """Run `action` once, while the next round reads the users it evaluates; whether it ran."""
+    done: list[bool] = []
+    users = readmodel.Lookup.users
+
+    def looking(lookup: readmodel.Lookup, ids: Any) -> Any:
+        if not done:
+            done.append(True)
+            action()
+        return users(lookup, ids)
+
+    monkeypatch.setattr(readmodel.Lookup, "users", looking)
+    return done
+
+
+def test_batches_write_while_a_round_evaluates_on_sqlite(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The survey, a round's long part, holds neither the writers' turn nor SQLite's write
+    lock: a batch with a short lock timeout commits in the middle of it, and the round then
+    decides on data that includes that batch."""
+    engine = make_engine(Settings(database_url=sqlite_url))
+    batches = make_engine(Settings(database_url=sqlite_url, database_lock_timeout_s=0.2))
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+        assert list(live(engine)) == [("order", "o1")]
+        apply_batch(engine, received(order_placed("o2", "u1", occurred_at=at(2))))
+        ran = _during_the_survey(monkeypatch, lambda: apply_batch(
+            batches, received(user_created("u1", occurred_at=at(0)))))
+        reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+        assert ran
+        # The survey read o2 held (no user yet) and the round, reading again under its lock,
+        # found the user there: no dead letter for o2. The user's own queue row came after
+        # the survey read the queue; the next round takes it and lets o1 go.
+        assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
+        settle(engine)
+        assert live(engine) == {}
+        assert [o[0] for o in shown(engine)["orders"]] == ["o1", "o2"]
+    finally:
+        batches.dispose()
+        engine.dispose()
+
+
+def test_what_a_batch_changes_after_the_survey_is_left_to_the_next_round(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An order the survey read as visible, with no dead letter, is held by a newer version
+    (a user that does not exist) committed during the survey: the round leaves it out, and
+    keeps the queue row that batch wrote, so the next round dead-letters it."""
+    apply(engine, user_created("u1", occurred_at=at(0)), order_placed("o1", "u1",
+                                                                      occurred_at=at(1)))
+    apply_batch(engine, received(user_created("u1", name="renamed", occurred_at=at(2))))
+    _during_the_survey(monkeypatch, lambda: apply_batch(
+        engine, received(order_placed("o1", "u2", occurred_at=at(3)))))
+    reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+    with engine.connect() as conn:
+        queued = conn.execute(select(reconcile_queue.c["keys"])).scalars().all()
+    assert [json.loads(keys) for keys in queued] == [{"orders": ["o1"]}]
+    assert live(engine) == {}
+    settle(engine)
+    assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u2")}

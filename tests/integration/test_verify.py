@@ -56,7 +56,7 @@ def run_pipeline_by_hand(engine: Engine, settings: Settings, stream: DeadLetterS
                                        reason=str(exc), first_failure_at=T0, last_failure_at=T0,
                                        worker="test", position=position))
     apply_batch(engine, received, failures)
-    reconcile(engine.begin, lambda: datetime.now(UTC), timedelta(hours=1))
+    reconcile(engine, lambda: datetime.now(UTC), timedelta(hours=1))
     reader = MessageReader(settings)
     try:
         project(engine, stream, reader.fetch)

@@ -1,11 +1,12 @@
 """The reconciler: keeps the dead letters of held events in step with the rules that span keys.
 
 Batches write each entity on its own key and queue the keys they wrote (`reconcile_queue`),
-in the same transaction. A reconciler round first surveys, in a transaction that only reads
-(on SQLite one that takes neither a writer's turn nor the write lock, so batches go on
-writing meanwhile): it takes queued keys and evaluates, as below, every entity they reach, to
-find those that need a look, held or with a live dead letter. Most need nothing: visible,
-with no dead letter, they are left out. Then, under its lock, on committed data, the round:
+in the same transaction. A reconciler round first surveys: it takes queued keys and
+evaluates, as below, every entity they reach, to find those that need a look, held or with a
+live dead letter. Most need nothing: visible, with no dead letter, they are left out. On
+SQLite the survey runs before the round takes its lock (there the write lock every batch
+waits for), in a transaction that only reads, so batches go on writing meanwhile. Then, under
+its lock, on committed data, the round:
 
 1. evaluates (`eventpipe.readmodel`, `eventpipe.visibility`) every entity the keys can affect:
    the users written and the other claimants of their emails; the orders written, the orders
@@ -19,15 +20,18 @@ with no dead letter, they are left out. Then, under its lock, on committed data,
    replays whose claim lapsed;
 4. deletes the queue rows the survey took, in the same transaction.
 
-Step 1 starts from the entities the survey found rather than the keys queued: an entity that
-was visible with no dead letter when the survey read it needs nothing from this round, and
-whatever changed it since (its own new version, or a parent's) is a batch that queued its
-keys after the survey read the queue, for a later round. Every change is evaluated after the
-batch that caused it committed, on data that includes it, so the dead letters converge to
-what the rules say whatever the order of arrival. Rounds must not overlap (two of them
-reading different snapshots could write an older answer last): one runs at a time, under a
-database lock (`try_lock`) that other callers skip rather than wait on. Only what a round
-reads under it decides what it writes; the survey only chooses what it reads.
+Step 1 starts from the entities the survey found rather than from the keys queued. An entity
+that was visible with no dead letter when the survey read it needs nothing from this round:
+whatever changed it since is a batch that queued its keys after the survey read the queue,
+for a later round. Only rounds write an entity's dead letters, and never from data older than
+a survey they follow: elsewhere the survey reads under the round's lock, and on SQLite a round
+reads and writes under the write lock, so what it read is as new as the last commit. Every
+change is evaluated after the batch that caused it committed, on data that includes it, so
+the dead letters converge to what the rules say whatever the order of arrival. Rounds must
+not overlap (two of them reading different snapshots could write an older answer last): one
+runs at a time, under a database lock (`try_lock`) that other callers skip rather than wait
+on. Only what a round reads under it decides what it writes; the survey only chooses what it
+reads.
 """
 
 from __future__ import annotations
@@ -297,17 +301,25 @@ def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _
 
 def reconcile(engine: Engine, now: Callable[[], datetime], park_timeout: timedelta,
               *, max_rounds: int = 20) -> list[DeadLetter]:
-    """Run rounds until the queue is empty (or `max_rounds`), each surveyed in a transaction
-    that only reads, then run in its own; skips at once when another reconciler holds the
-    lock. The dead letters changed."""
+    """Run rounds until the queue is empty (or `max_rounds`), each surveyed then run; skips
+    at once when another reconciler holds the lock. The dead letters changed."""
     changed: list[DeadLetter] = []
+    # On SQLite the round's lock is the write lock every batch waits for: the survey reads
+    # before it, in a snapshot of its own, and batches go on meanwhile. A round there reads
+    # and writes under that lock, so nothing it writes comes from data older than a survey's.
+    # Elsewhere batches commit while a round reads, and a round could write a dead letter
+    # from data older than a survey read before its lock: the survey is read under the lock.
+    apart = engine.dialect.name == "sqlite"
     for _ in range(max_rounds):
-        with reading(engine) as conn:
-            found = survey(conn)
+        found = None
+        if apart:
+            with reading(engine) as conn:
+                found = survey(conn)
         with engine.begin() as conn:
             if not try_lock(conn):
                 return changed
-            done = run_round(conn, now(), park_timeout, found)
+            done = run_round(conn, now(), park_timeout,
+                             found if found is not None else survey(conn))
         changed += done.changed
         if not done.more:
             break

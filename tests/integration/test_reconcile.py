@@ -287,21 +287,69 @@ def test_batches_write_while_a_round_evaluates_on_sqlite(
         engine.dispose()
 
 
-def test_what_a_batch_changes_after_the_survey_is_left_to_the_next_round(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch,
+def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_round(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An order the survey read as visible, with no dead letter, is held by a newer version
-    (a user that does not exist) committed during the survey: the round leaves it out, and
-    keeps the queue row that batch wrote, so the next round dead-letters it."""
-    apply(engine, user_created("u1", occurred_at=at(0)), order_placed("o1", "u1",
-                                                                      occurred_at=at(1)))
-    apply_batch(engine, received(user_created("u1", name="renamed", occurred_at=at(2))))
-    _during_the_survey(monkeypatch, lambda: apply_batch(
-        engine, received(order_placed("o1", "u2", occurred_at=at(3)))))
-    reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
-    with engine.connect() as conn:
-        queued = conn.execute(select(reconcile_queue.c["keys"])).scalars().all()
-    assert [json.loads(keys) for keys in queued] == [{"orders": ["o1"]}]
-    assert live(engine) == {}
-    settle(engine)
-    assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u2")}
+    """An order the survey reads as visible, with no dead letter, is held by a newer version
+    (a user that does not exist) committed once the survey read the queue: the round leaves
+    it out, and keeps the queue row that batch wrote, so the next round dead-letters it."""
+    engine = make_engine(Settings(database_url=sqlite_url))
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        apply(engine, user_created("u1", occurred_at=at(0)))
+        apply_batch(engine, received(order_placed("o1", "u1", occurred_at=at(1))))
+        ran = _during_the_survey(monkeypatch, lambda: apply_batch(
+            engine, received(order_placed("o1", "u2", occurred_at=at(3)))))
+        reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+        assert ran
+        with engine.connect() as conn:
+            queued = conn.execute(select(reconcile_queue.c["keys"])).scalars().all()
+        assert [json.loads(keys) for keys in queued] == [{"orders": ["o1"]}]
+        assert live(engine) == {}
+        settle(engine)
+        assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u2")}
+    finally:
+        engine.dispose()
+
+
+def test_on_postgresql_a_round_surveys_under_its_lock(
+    postgresql_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches and rounds commit while a PostgreSQL round reads, so its survey is read under
+    the round's lock: a second reconciler that comes during it skips, rather than survey
+    data that a round in flight may still write dead letters over."""
+    engine = make_engine(Settings(database_url=postgresql_url))
+    surveys: list[int] = []
+    survey = reconciling.survey
+
+    def counted(conn: Any) -> reconciling.Survey:
+        surveys.append(1)
+        return survey(conn)
+
+    monkeypatch.setattr(reconciling, "survey", counted)
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        apply(engine, user_created("u1", email="e@x.io", occurred_at=at(0)))
+        apply_batch(engine, received(user_created("u2", email="e@x.io", occurred_at=at(1))))
+        skipped: list[tuple[list[Any], int]] = []
+
+        def meanwhile() -> None:
+            # The user moves to another email, and a second reconciler comes.
+            apply_batch(engine, received(user_created("u1", email="f@x.io", occurred_at=at(2))))
+            skipped.append((reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK),
+                            len(surveys)))
+
+        ran = _during_the_survey(monkeypatch, meanwhile)
+        surveys.clear()
+        settle(engine)
+        assert ran
+        assert skipped == [([], 1)]  # only the first round's survey was read
+        settle(engine)
+        assert sorted(u[0] for u in shown(engine)["users"]) == ["u1", "u2"]
+        assert live(engine) == {}
+    finally:
+        engine.dispose()

@@ -130,7 +130,9 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, surveyed
     for letter in due:
         if letter.state == REPLAYING:  # the replayer died between claim and publish
             done.changed.append(records.transition(conn, letter, OPEN, now, deadline=None))
-        elif letter.entity_kind and letter.entity_key:
+        # Evaluated too: a replay's claim hides its letter from the rounds (it is not live),
+        # so its entity's parent may have come meanwhile, leaving nothing to hold it.
+        if letter.entity_kind and letter.entity_key:
             keys.add(letter.entity_kind, letter.entity_key)
     if len(keys):
         done.evaluated = len(keys)

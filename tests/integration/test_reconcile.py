@@ -87,6 +87,27 @@ def test_a_wait_past_the_parking_time_enters_the_dlq_and_closes_when_the_parent_
     assert row.state == "resolved" and row.error_class == "MissingParent"
 
 
+def test_a_lapsed_replay_whose_parent_came_meanwhile_is_resolved_not_reopened(
+    engine: Engine,
+) -> None:
+    """A replayer claimed an open dead letter and died; the parent came while the claim hid
+    the letter from the rounds. When the claim lapses, the letter's entity is evaluated
+    again: it is visible now, so its letter resolves rather than reopen in the DLQ."""
+    apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+    later = datetime.now(UTC) + PARK + timedelta(seconds=1)
+    settle(engine, later)
+    with engine.begin() as conn:
+        [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+        assert records.claim_for_replay(conn, key, later, later + timedelta(seconds=5))
+    apply(engine, user_created("u1", occurred_at=at(0)))
+    assert live(engine) == {}  # the claim hides it: neither open nor resolved yet
+    settle(engine, later + timedelta(seconds=10))
+    assert live(engine) == {}
+    with engine.connect() as conn:
+        assert conn.execute(select(dead_letters.c.state)).scalars().all() == ["resolved"]
+    assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+
+
 def test_an_earlier_claimant_displaces_the_owner_of_an_email_and_its_orders(
     engine: Engine,
 ) -> None:

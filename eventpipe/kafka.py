@@ -117,7 +117,14 @@ class MessageReader:
             return None
         self.consumer.assign([TopicPartition(position.topic, position.partition,
                                              position.offset)])
-        record = self.consumer.poll(self.timeout_s)
+        try:
+            record = self.consumer.poll(self.timeout_s)
+        finally:
+            # A partition left assigned is fetched on in the background for as long as the
+            # consumer lives, into memory (up to librdkafka's 64 MB queue) and then once
+            # every `fetch.wait.max.ms`: a worker's reader would keep its last partition
+            # streaming from the broker after a single dead letter's bytes.
+            self.consumer.unassign()
         if record is None or record.error() is not None or record.offset() != position.offset:
             return None
         key, value = record.key(), record.value()

@@ -143,6 +143,23 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
     assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
 
 
+def test_the_reader_fetches_nothing_more_once_it_has_its_message(
+    kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """A read leaves no partition assigned: librdkafka would fetch an assigned one on in
+    the background, the rest of the partition into memory and then again and again."""
+    topic = kafka_topic(partitions=1)
+    sent = produce(kafka_broker, topic, [(b"k", b"{m%d" % n, []) for n in range(3)])
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    try:
+        assert reader.fetch(Position(topic, 0, sent[1].offset or 0)) == (b"k", b"{m1")
+        assert reader.consumer.assignment() == []
+        assert reader.fetch(Position(topic, 0, sent[2].offset or 0)) == (b"k", b"{m2")
+        assert reader.consumer.assignment() == []
+    finally:
+        reader.close()
+
+
 def test_a_lost_stream_is_noticed_and_rebuilt_without_an_operator(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

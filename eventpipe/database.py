@@ -13,6 +13,8 @@ from sqlalchemy.engine import make_url
 from eventpipe.settings import Settings
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
+WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
+
 
 def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
     """An engine for `settings.database_url`.
@@ -77,8 +79,14 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
         cursor = dbapi_connection.cursor()
         # synchronous=FULL: a commit is on disk before it returns. With NORMAL a power loss
         # can roll back a commit whose offsets Kafka has already passed: events lost.
+        # wal_autocheckpoint: the commit that finds this many pages (4 KiB each) in the WAL
+        # copies them into the database, within its writer's turn. At SQLite's 1,000, pages
+        # the batches write again and again (the stock rows, the indexes' upper levels, the
+        # reconciler's queue) were copied and the database synced every few batches: at 8,000
+        # the shipped SQLite run went up in each of nine interleaved pairs, the workers' CPU
+        # per message down (docs/performance.md). The WAL then peaks at about 32 MiB.
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
-                       f"busy_timeout={int(busy_ms)}"):
+                       f"busy_timeout={int(busy_ms)}", f"wal_autocheckpoint={WAL_PAGES}"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 
-from eventpipe.database import make_engine
+from eventpipe.database import WAL_PAGES, make_engine
 from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
@@ -67,6 +67,16 @@ def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
         engine.dispose()
 
 
+def test_sqlite_copies_its_wal_into_the_database_in_large_steps(sqlite_url: str) -> None:
+    engine = make_engine(Settings(database_url=sqlite_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == WAL_PAGES
+            assert WAL_PAGES > 1000  # SQLite's own default
+    finally:
+        engine.dispose()
+
+
 def _turn_is_free(sqlite_url: str) -> bool:
     """Whether a writer could take its turn now (`eventpipe.sqlite_turns`), asked as one."""
     with open(f"{make_url(sqlite_url).database}-writer", "ab") as probe:
@@ -104,7 +114,7 @@ def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str
     """The kernel drops a dead process's turn with its open files: the next writer begins."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
-        "from eventpipe.database import make_engine\n"
+        "from eventpipe.database import WAL_PAGES, make_engine\n"
         "from eventpipe.settings import Settings\n"
         f"engine = make_engine(Settings(database_url={sqlite_url!r}))\n"
         "conn = engine.connect()\n"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from eventpipe import sqlite_turns
 from eventpipe.settings import Settings
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
@@ -84,7 +85,8 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
         # the batches write again and again (the stock rows, the indexes' upper levels, the
         # reconciler's queue) were copied and the database synced every few batches: at 8,000
         # the shipped SQLite run went up in each of nine interleaved pairs, the workers' CPU
-        # per message down (docs/performance.md). The WAL then peaks at about 32 MiB.
+        # per message down; the WAL peaked at 42–46 MiB in its runs, however long
+        # (docs/performance.md).
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
                        f"busy_timeout={int(busy_ms)}", f"wal_autocheckpoint={WAL_PAGES}"):
             cursor.execute(f"PRAGMA {pragma}")
@@ -111,6 +113,16 @@ def reading(engine: Engine) -> Iterator[Connection]:
         conn.execution_options(**{_READ_ONLY: True})
         with conn.begin():
             yield conn
+
+
+def alone(engine: Engine, name: str) -> AbstractContextManager[bool]:
+    """Whether the block runs alone among those named `name` on this database, for work that
+    spans transactions: on a SQLite file, a file lock beside it (`<database>-<name>`) taken at
+    once or not at all; elsewhere always True (callers lock within each transaction)."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and _is_file(database):
+        return sqlite_turns.alone(f"{database}-{name}")
+    return nullcontext(True)
 
 
 def _is_file(database: str | None) -> bool:

@@ -29,7 +29,8 @@ reads and writes under the write lock, so what it read is as new as the last com
 change is evaluated after the batch that caused it committed, on data that includes it, so
 the dead letters converge to what the rules say whatever the order of arrival. Rounds must
 not overlap (two of them reading different snapshots could write an older answer last): one
-runs at a time, under a database lock (`try_lock`) that other callers skip rather than wait
+runs at a time, under a database lock (`try_lock`; on SQLite, where a round spans two
+transactions, a file lock beside the database too) that other callers skip rather than wait
 on. Only what a round reads under it decides what it writes; the survey only chooses what it
 reads.
 """
@@ -46,7 +47,7 @@ from typing import Protocol
 from sqlalchemy import Connection, Engine, select, text
 
 from eventpipe import readmodel
-from eventpipe.database import reading
+from eventpipe.database import alone, reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
 from eventpipe.effects import Position
@@ -140,6 +141,18 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, surveyed
     for where in in_keys(conn, reconcile_queue.c.id, surveyed.ids):
         conn.execute(reconcile_queue.delete().where(where))
     return done
+
+
+# A queue row names its keys by table, a dead letter its entity by kind.
+_QUEUED_AS = {"user": "users", "order": "orders", "payment": "payments"}
+
+
+def queue_entity(conn: Connection, letter: DeadLetter, at: datetime) -> None:
+    """Queue a dead letter's entity for the next round, as a batch that wrote it would."""
+    if letter.entity_kind in _QUEUED_AS and letter.entity_key:
+        conn.execute(reconcile_queue.insert(), {
+            "keys": json.dumps({_QUEUED_AS[letter.entity_kind]: [letter.entity_key]}),
+            "created_at": at})
 
 
 def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys, bool]:
@@ -308,23 +321,29 @@ def reconcile(engine: Engine, now: Callable[[], datetime], park_timeout: timedel
     changed: list[DeadLetter] = []
     # On SQLite the round's lock is the write lock every batch waits for: the survey reads
     # before it, in a snapshot of its own, and batches go on meanwhile. A round there reads
-    # and writes under that lock, so nothing it writes comes from data older than a survey's.
-    # Elsewhere batches commit while a round reads, and a round could write a dead letter
-    # from data older than a survey read before its lock: the survey is read under the lock.
+    # and writes under that lock, so nothing it writes comes from data older than a survey's;
+    # and a file lock keeps rounds, which span two transactions there, from overlapping (a
+    # second survey could take queue rows the first round deletes, and their ids, reused,
+    # name new rows by the time the second round deletes them). Elsewhere batches commit
+    # while a round reads, and a round could write a dead letter from data older than a
+    # survey read before its lock: the survey is read under the lock.
     apart = engine.dialect.name == "sqlite"
-    for _ in range(max_rounds):
-        found = None
-        if apart:
-            with reading(engine) as conn:
-                found = survey(conn)
-        with engine.begin() as conn:
-            if not try_lock(conn):
-                return changed
-            done = run_round(conn, now(), park_timeout,
-                             found if found is not None else survey(conn))
-        changed += done.changed
-        if not done.more:
-            break
+    with alone(engine, "reconciler") as mine:
+        if not mine:
+            return changed
+        for _ in range(max_rounds):
+            found = None
+            if apart:
+                with reading(engine) as conn:
+                    found = survey(conn)
+            with engine.begin() as conn:
+                if not try_lock(conn):
+                    return changed
+                done = run_round(conn, now(), park_timeout,
+                                 found if found is not None else survey(conn))
+            changed += done.changed
+            if not done.more:
+                break
     if changed:
         log.info("reconciled", extra={"deadLettersChanged": len(changed)})
     return changed

@@ -18,6 +18,8 @@ from __future__ import annotations
 import fcntl
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection
@@ -75,6 +77,23 @@ class TakesTurns(sqlite3.Connection):
             super().close()
         finally:
             self._turn.close()
+
+
+@contextmanager
+def alone(path: str) -> Iterator[bool]:
+    """An exclusive `flock` on `path` for the block if no one else holds it (True), else
+    False at once: for work that must not overlap across its transactions, as a PostgreSQL
+    advisory lock keeps it within one. The kernel drops a dead process's hold."""
+    with open(path, "ab") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def begin_writing(conn: Connection) -> None:

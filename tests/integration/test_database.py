@@ -72,7 +72,6 @@ def test_sqlite_copies_its_wal_into_the_database_in_large_steps(sqlite_url: str)
     try:
         with engine.connect() as conn:
             assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == WAL_PAGES
-            assert WAL_PAGES > 1000  # SQLite's own default
     finally:
         engine.dispose()
 
@@ -114,7 +113,7 @@ def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str
     """The kernel drops a dead process's turn with its open files: the next writer begins."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
-        "from eventpipe.database import WAL_PAGES, make_engine\n"
+        "from eventpipe.database import make_engine\n"
         "from eventpipe.settings import Settings\n"
         f"engine = make_engine(Settings(database_url={sqlite_url!r}))\n"
         "conn = engine.connect()\n"

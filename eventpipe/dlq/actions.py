@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from confluent_kafka import KafkaError, KafkaException, Message
 from sqlalchemy import Engine
 
-from eventpipe import metrics
+from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry, entry_order
 from eventpipe.kafka import make_producer
@@ -109,22 +109,32 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
             continue
         if entry.value is None:
             result.no_bytes += 1
-            with engine.begin() as conn:
-                records.finish_replay(conn, key, now(), published=False)
+            _give_back(engine, key, now)
             continue
         publisher.publish(entry, _recorder(acknowledged, key))
     publisher.flush()
     for key, ok in acknowledged.items():
-        with engine.begin() as conn:
-            finished = records.finish_replay(conn, key, now(), published=ok)
-        if ok:
-            if finished:  # else the claim lapsed, and the entry may be a live one again
-                stream.remove(key)
-            result.replayed += 1
-        else:
+        if not ok:
+            _give_back(engine, key, now)
             result.refused += 1
+            continue
+        with engine.begin() as conn:
+            finished = records.finish_replay(conn, key, now(), published=True)
+        if finished is not None:  # else the claim lapsed, and the entry may be a live one again
+            stream.remove(key)
+        result.replayed += 1
     if progress is not None:
         progress(len(chunk))
+
+
+def _give_back(engine: Engine, key: str, now: Callable[[], datetime]) -> None:
+    """A replay not sent: its letter back in the DLQ, and its entity's standing evaluated
+    again by the next reconciler round (the claim hid the letter from the rounds meanwhile,
+    and its parent may have come)."""
+    with engine.begin() as conn:
+        letter = records.finish_replay(conn, key, now(), published=False)
+        if letter is not None:
+            reconcile.queue_entity(conn, letter, now())
 
 
 def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]:

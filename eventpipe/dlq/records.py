@@ -269,14 +269,15 @@ def claim_for_replay(conn: Connection, key: str, now: datetime,
     return save(conn, existing, replace(existing, state=REPLAYING, deadline=lease_until))
 
 
-def finish_replay(conn: Connection, key: str, now: datetime, *, published: bool) -> bool:
-    """End this replay's claim; False when it had lapsed and the letter moved on meanwhile
-    (then its entry is the projection's business, not the replayer's)."""
+def finish_replay(conn: Connection, key: str, now: datetime, *,
+                  published: bool) -> DeadLetter | None:
+    """End this replay's claim: the letter as saved; None when the claim had lapsed and the
+    letter moved on meanwhile (then its entry is the projection's business, not the
+    replayer's)."""
     letter = load(conn, [key], lock=True).get(key)
     if letter is None or letter.state != REPLAYING:
-        return False
-    transition(conn, letter, REPLAYED if published else OPEN, now, deadline=None)
-    return True
+        return None
+    return transition(conn, letter, REPLAYED if published else OPEN, now, deadline=None)
 
 
 def purge(conn: Connection, key: str, now: datetime) -> bool:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from threading import Thread
 from typing import Any
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
@@ -22,13 +26,15 @@ from eventpipe import readmodel
 from eventpipe import reconcile as reconciling
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
-from eventpipe.dlq import records
+from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import OPEN, WAITING
+from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position, Received
 from eventpipe.reconcile import reconcile
 from eventpipe.samples import Document, order_placed, payment_settled, user_created
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, metadata, reconcile_queue
+from tests.support.broker import TopicFactory, settings_for
 from tests.support.factories import at, received
 from tests.support.pipeline import wait_until
 
@@ -106,6 +112,43 @@ def test_a_lapsed_replay_whose_parent_came_meanwhile_is_resolved_not_reopened(
     with engine.connect() as conn:
         assert conn.execute(select(dead_letters.c.state)).scalars().all() == ["resolved"]
     assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+
+
+def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(
+    engine: Engine, redis_client: redis.Redis, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """The parent came while a replay's claim hid the letter from the rounds, then Kafka
+    refused the replay: the letter goes back to the DLQ, and its entity to the next round,
+    which finds it visible and resolves the letter."""
+    topic = kafka_topic(partitions=1)
+    apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
+    stream = DeadLetterStream(redis_client, f"test:dlq:{uuid.uuid4().hex}", max_entries=5,
+                              max_bytes=10_000)
+
+    class ParentFirst(actions.Publisher):
+        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+            apply(engine, user_created("u1", occurred_at=at(0)))
+            super().publish(entry, done)
+
+    try:
+        with engine.connect() as conn:
+            [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+        projection.project(engine, stream, None, {key: (b"o1", b"{}")})
+        [entry] = stream.scan()
+        # A topic Kafka refuses.
+        refused = replace(entry, letter=replace(entry.letter,
+                                                position=Position("bad topic!", 0, 1)))
+        result = actions.replay(engine, stream, [refused],
+                                ParentFirst(settings_for(kafka_broker, topic), timeout_s=5))
+        assert result.refused == 1
+        assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
+        settle(engine)
+        assert live(engine) == {}
+        assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+    finally:
+        redis_client.delete(stream.stream, stream.index, stream.totals, stream.marker)
 
 
 def test_an_earlier_claimant_displaces_the_owner_of_an_email_and_its_orders(
@@ -335,13 +378,15 @@ def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_rou
         engine.dispose()
 
 
-def test_on_postgresql_a_round_surveys_under_its_lock(
-    postgresql_url: str, monkeypatch: pytest.MonkeyPatch,
+def test_a_second_reconciler_skips_while_a_round_surveys(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Batches and rounds commit while a PostgreSQL round reads, so its survey is read under
-    the round's lock: a second reconciler that comes during it skips, rather than survey
-    data that a round in flight may still write dead letters over."""
-    engine = make_engine(Settings(database_url=postgresql_url))
+    """A reconciler that comes while another's round surveys skips, rather than survey
+    itself: on PostgreSQL, where batches and rounds commit while a round reads, the survey is
+    read under the round's lock (a second survey could miss a dead letter the round in flight
+    writes from older data); on SQLite, where the survey reads before the write lock, a file
+    lock keeps the two transactions of a round together (a second survey could take queue rows
+    the first round deletes, and delete new rows given their ids)."""
     surveys: list[int] = []
     survey = reconciling.survey
 
@@ -350,27 +395,21 @@ def test_on_postgresql_a_round_surveys_under_its_lock(
         return survey(conn)
 
     monkeypatch.setattr(reconciling, "survey", counted)
-    try:
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
-        apply(engine, user_created("u1", email="e@x.io", occurred_at=at(0)))
-        apply_batch(engine, received(user_created("u2", email="e@x.io", occurred_at=at(1))))
-        skipped: list[tuple[list[Any], int]] = []
+    apply(engine, user_created("u1", email="e@x.io", occurred_at=at(0)))
+    apply_batch(engine, received(user_created("u2", email="e@x.io", occurred_at=at(1))))
+    skipped: list[tuple[list[Any], int]] = []
 
-        def meanwhile() -> None:
-            # The user moves to another email, and a second reconciler comes.
-            apply_batch(engine, received(user_created("u1", email="f@x.io", occurred_at=at(2))))
-            skipped.append((reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK),
-                            len(surveys)))
+    def meanwhile() -> None:
+        # The user moves to another email, and a second reconciler comes.
+        apply_batch(engine, received(user_created("u1", email="f@x.io", occurred_at=at(2))))
+        skipped.append((reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK),
+                        len(surveys)))
 
-        ran = _during_the_survey(monkeypatch, meanwhile)
-        surveys.clear()
-        settle(engine)
-        assert ran
-        assert skipped == [([], 1)]  # only the first round's survey was read
-        settle(engine)
-        assert sorted(u[0] for u in shown(engine)["users"]) == ["u1", "u2"]
-        assert live(engine) == {}
-    finally:
-        engine.dispose()
+    ran = _during_the_survey(monkeypatch, meanwhile)
+    surveys.clear()
+    settle(engine)
+    assert ran
+    assert skipped == [([], 1)]  # only the first round's survey was read
+    settle(engine)
+    assert sorted(u[0] for u in shown(engine)["users"]) == ["u1", "u2"]
+    assert live(engine) == {}

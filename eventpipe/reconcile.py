@@ -23,16 +23,17 @@ its lock, on committed data, the round:
 Step 1 starts from the entities the survey found rather than from the keys queued. An entity
 that was visible with no dead letter when the survey read it needs nothing from this round:
 whatever changed it since is a batch that queued its keys after the survey read the queue,
-for a later round. Only rounds write an entity's dead letters, and never from data older than
-a survey they follow: elsewhere the survey reads under the round's lock, and on SQLite a round
-reads and writes under the write lock, so what it read is as new as the last commit. Every
-change is evaluated after the batch that caused it committed, on data that includes it, so
-the dead letters converge to what the rules say whatever the order of arrival. Rounds must
-not overlap (two of them reading different snapshots could write an older answer last): one
-runs at a time, under a database lock (`try_lock`; on SQLite, where a round spans two
-transactions, a file lock beside the database too) that other callers skip rather than wait
-on. Only what a round reads under it decides what it writes; the survey only chooses what it
-reads.
+for a later round. Only rounds decide whether an entity has a dead letter (a redelivery only
+counts an attempt on one, and a replay not sent queues its entity again), and never from
+data older than a survey they follow: elsewhere the survey reads under the round's lock, and
+on SQLite a round reads and writes under the write lock, so what it read is as new as the
+last commit. Every change is evaluated after the batch that caused it committed, on data
+that includes it, so the dead letters converge to what the rules say whatever the order of
+arrival. Rounds must not overlap (two of them reading different snapshots could write an
+older answer last): one runs at a time, under a database lock (`try_lock`; on SQLite, where
+a round spans two transactions, a file lock beside the database too) that other callers skip
+rather than wait on. Only what a round reads under it decides what it writes; the survey
+only chooses what it reads.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def try_lock(conn: Connection) -> bool:
             "@LockMode = 'Exclusive', @LockOwner = 'Transaction', @LockTimeout = 0; "
             "SELECT @status")).scalar_one()
         return int(status) >= 0
-    return True  # SQLite: the write transaction itself serialises rounds
+    return True  # SQLite: the write transaction serialises their writes (`alone`, the rounds)
 
 
 def survey(conn: Connection, round_keys: int = ROUND_KEYS) -> Survey:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from threading import Thread
@@ -179,6 +180,20 @@ def test_a_payment_in_another_currency_is_dead_lettered_until_the_order_matches(
     assert shown(engine)["payments"] == [("p1", "o1")]
 
 
+@contextmanager
+def emptied(url: str) -> Iterator[Engine]:
+    """An engine of its own on the database at `url`, emptied first (for a test of one
+    database, or of two engines on it)."""
+    engine = make_engine(Settings(database_url=url))
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+        yield engine
+    finally:
+        engine.dispose()
+
+
 # -- the same events give the same result, whatever the order -------------------------------
 
 
@@ -272,11 +287,7 @@ def test_a_wait_resolves_even_when_a_redelivered_copy_touches_it_at_the_same_tim
     """A redelivery bumps a waiting dead letter (one more attempt) while a reconciler round
     finds its parent arrived: the round must still resolve it, not lose its decision to the
     concurrent update and leave the event waiting out its parking time."""
-    engine = make_engine(Settings(database_url=postgresql_url))
-    try:
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
+    with emptied(postgresql_url) as engine:
         apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
         assert list(live(engine)) == [("order", "o1")]
         apply_batch(engine, received(user_created("u1", occurred_at=at(0))))
@@ -292,8 +303,6 @@ def test_a_wait_resolves_even_when_a_redelivered_copy_touches_it_at_the_same_tim
         assert not round_.is_alive()
         assert live(engine) == {}
         assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
-    finally:
-        engine.dispose()
 
 
 def _lock_waits(engine: Engine) -> int:
@@ -326,29 +335,25 @@ def test_batches_write_while_a_round_evaluates_on_sqlite(
     """The survey, a round's long part, holds neither the writers' turn nor SQLite's write
     lock: a batch with a short lock timeout commits in the middle of it, and the round then
     decides on data that includes that batch."""
-    engine = make_engine(Settings(database_url=sqlite_url))
     batches = make_engine(Settings(database_url=sqlite_url, database_lock_timeout_s=0.2))
     try:
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
-        apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
-        assert list(live(engine)) == [("order", "o1")]
-        apply_batch(engine, received(order_placed("o2", "u1", occurred_at=at(2))))
-        ran = _during_the_survey(monkeypatch, lambda: apply_batch(
-            batches, received(user_created("u1", occurred_at=at(0)))))
-        reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
-        assert ran
-        # The survey read o2 held (no user yet) and the round, reading again under its lock,
-        # found the user there: no dead letter for o2. The user's own queue row came after
-        # the survey read the queue; the next round takes it and lets o1 go.
-        assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
-        settle(engine)
-        assert live(engine) == {}
-        assert [o[0] for o in shown(engine)["orders"]] == ["o1", "o2"]
+        with emptied(sqlite_url) as engine:
+            apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+            assert list(live(engine)) == [("order", "o1")]
+            apply_batch(engine, received(order_placed("o2", "u1", occurred_at=at(2))))
+            ran = _during_the_survey(monkeypatch, lambda: apply_batch(
+                batches, received(user_created("u1", occurred_at=at(0)))))
+            reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+            assert ran
+            # The survey read o2 held (no user yet) and the round, reading again under its lock,
+            # found the user there: no dead letter for o2. The user's own queue row came after
+            # the survey read the queue; the next round takes it and lets o1 go.
+            assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
+            settle(engine)
+            assert live(engine) == {}
+            assert [o[0] for o in shown(engine)["orders"]] == ["o1", "o2"]
     finally:
         batches.dispose()
-        engine.dispose()
 
 
 def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_round(
@@ -357,11 +362,7 @@ def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_rou
     """An order the survey reads as visible, with no dead letter, is held by a newer version
     (a user that does not exist) committed once the survey read the queue: the round leaves
     it out, and keeps the queue row that batch wrote, so the next round dead-letters it."""
-    engine = make_engine(Settings(database_url=sqlite_url))
-    try:
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(table.delete())
+    with emptied(sqlite_url) as engine:
         apply(engine, user_created("u1", occurred_at=at(0)))
         apply_batch(engine, received(order_placed("o1", "u1", occurred_at=at(1))))
         ran = _during_the_survey(monkeypatch, lambda: apply_batch(
@@ -374,8 +375,6 @@ def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_rou
         assert live(engine) == {}
         settle(engine)
         assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u2")}
-    finally:
-        engine.dispose()
 
 
 def test_a_second_reconciler_skips_while_a_round_surveys(

@@ -47,7 +47,7 @@ from typing import Protocol
 
 from sqlalchemy import Connection, Engine, select, text
 
-from eventpipe import readmodel
+from eventpipe import readmodel, upserts
 from eventpipe.database import alone, reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
@@ -79,8 +79,8 @@ class Keys:
 
 @dataclass(frozen=True, slots=True)
 class Survey:
-    """What a round takes, read before its lock: the queue rows (`ids`), the entities their
-    keys reach that need a look (`needed`), and whether the queue held more rows."""
+    """What a round takes: the queue rows (`ids`), the entities their keys reach that need a
+    look (`needed`), and whether the queue held more rows."""
 
     ids: list[int]
     needed: Keys
@@ -151,9 +151,7 @@ _QUEUED_AS = {"user": "users", "order": "orders", "payment": "payments"}
 def queue_entity(conn: Connection, letter: DeadLetter, at: datetime) -> None:
     """Queue a dead letter's entity for the next round, as a batch that wrote it would."""
     if letter.entity_kind in _QUEUED_AS and letter.entity_key:
-        conn.execute(reconcile_queue.insert(), {
-            "keys": json.dumps({_QUEUED_AS[letter.entity_kind]: [letter.entity_key]}),
-            "created_at": at})
+        upserts.queue_keys(conn, {_QUEUED_AS[letter.entity_kind]: [letter.entity_key]}, at)
 
 
 def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys, bool]:

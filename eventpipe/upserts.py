@@ -385,11 +385,16 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows], items: Rows,
             written[table.name] = _sqlite_write(conn, table, ordered, entity_conflict(table),
                                                 returning=True)
     _replace_items(conn, written.get(orders.name, set()), items)
-    if any(written.values()):
-        conn.execute(reconcile_queue.insert(), {
-            "keys": json.dumps({name: sorted(keys) for name, keys in written.items() if keys}),
-            "created_at": queued_at})
+    queue_keys(conn, written, queued_at)
     return written
+
+
+def queue_keys(conn: Connection, keys: Mapping[str, Collection[str]], queued_at: datetime) -> None:
+    """Queue these keys, by table name, for the reconciler (nothing when there are none)."""
+    if any(keys.values()):
+        conn.execute(reconcile_queue.insert(), {
+            "keys": json.dumps({name: sorted(chosen) for name, chosen in keys.items() if chosen}),
+            "created_at": queued_at})
 
 
 def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, Any]]],

@@ -28,10 +28,9 @@ from eventpipe import reconcile as reconciling
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
-from eventpipe.dlq.letter import OPEN, WAITING
+from eventpipe.dlq.letter import OPEN, WAITING, DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position, Received
-from eventpipe.reconcile import reconcile
 from eventpipe.samples import Document, order_placed, payment_settled, user_created
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, metadata, reconcile_queue
@@ -42,8 +41,10 @@ from tests.support.pipeline import wait_until
 PARK = timedelta(minutes=30)
 
 
-def settle(engine: Engine, now: datetime | None = None) -> None:
-    reconcile(engine, lambda: now or datetime.now(UTC), PARK)
+def settle(engine: Engine, now: datetime | None = None, rounds: int = 20) -> list[DeadLetter]:
+    """Reconcile (up to `rounds` rounds); the dead letters changed."""
+    return reconciling.reconcile(engine, lambda: now or datetime.now(UTC), PARK,
+                                 max_rounds=rounds)
 
 
 def apply(engine: Engine, *messages: tuple[str, Document]) -> None:
@@ -343,7 +344,7 @@ def test_batches_write_while_a_round_evaluates_on_sqlite(
             apply_batch(engine, received(order_placed("o2", "u1", occurred_at=at(2))))
             ran = _during_the_survey(monkeypatch, lambda: apply_batch(
                 batches, received(user_created("u1", occurred_at=at(0)))))
-            reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+            settle(engine, rounds=1)
             assert ran
             # The survey read o2 held (no user yet) and the round, reading again under its lock,
             # found the user there: no dead letter for o2. The user's own queue row came after
@@ -367,7 +368,7 @@ def test_on_sqlite_what_a_batch_changes_after_the_survey_is_left_to_the_next_rou
         apply_batch(engine, received(order_placed("o1", "u1", occurred_at=at(1))))
         ran = _during_the_survey(monkeypatch, lambda: apply_batch(
             engine, received(order_placed("o1", "u2", occurred_at=at(3)))))
-        reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK, max_rounds=1)
+        settle(engine, rounds=1)
         assert ran
         with engine.connect() as conn:
             queued = conn.execute(select(reconcile_queue.c["keys"])).scalars().all()
@@ -396,13 +397,12 @@ def test_a_second_reconciler_skips_while_a_round_surveys(
     monkeypatch.setattr(reconciling, "survey", counted)
     apply(engine, user_created("u1", email="e@x.io", occurred_at=at(0)))
     apply_batch(engine, received(user_created("u2", email="e@x.io", occurred_at=at(1))))
-    skipped: list[tuple[list[Any], int]] = []
+    skipped: list[tuple[list[DeadLetter], int]] = []
 
     def meanwhile() -> None:
         # The user moves to another email, and a second reconciler comes.
         apply_batch(engine, received(user_created("u1", email="f@x.io", occurred_at=at(2))))
-        skipped.append((reconciling.reconcile(engine, lambda: datetime.now(UTC), PARK),
-                        len(surveys)))
+        skipped.append((settle(engine), len(surveys)))
 
     ran = _during_the_survey(monkeypatch, meanwhile)
     surveys.clear()

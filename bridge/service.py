@@ -39,10 +39,10 @@ from bridge.offsets import PartitionProgress
 from eventpipe import metrics, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.events import peek_identity
-from eventpipe.kafka import consumer_config
+from eventpipe.kafka import consumer_config, unserved
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, SettingsError
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class Bridge:
         self.name = process_name()
         self._next_publish = 0.0
         self.stopping = False
+        # Set when the group gave this bridge a partition no worker serves: raised once the
+        # bridge has stopped (an exception raised in a Kafka callback would be lost there).
+        self.misconfigured: SettingsError | None = None
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
         self._debug = log.isEnabledFor(logging.DEBUG)
 
@@ -113,6 +116,11 @@ class Bridge:
         signal.signal(signal.SIGINT, stop)
 
     def run(self) -> None:
+        try:
+            self._check_topic()
+        except SettingsError:
+            self.consumer.close()
+            raise
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("bridge started", extra={"topic": self.topic,
@@ -135,6 +143,8 @@ class Bridge:
                     self._next_publish = now + PUBLISH_EVERY_S
         finally:
             self._shutdown()
+        if self.misconfigured is not None:
+            raise self.misconfigured
 
     def _shutdown(self) -> None:
         """Drop what was read but not sent, wait (bounded) for what was sent, commit, leave."""
@@ -377,7 +387,24 @@ class Bridge:
 
     # -- rebalance callbacks -----------------------------------------------------------------
 
+    def _check_topic(self) -> None:
+        """Refuse, before joining the group, a topic with partitions no worker serves."""
+        partitions = self._partitions_of_topic()
+        if partitions is not None and partitions > self.settings.kafka_partitions:
+            raise unserved(self.settings, partitions)
+
+    def _partitions_of_topic(self) -> int | None:
+        """How many partitions the topic has; None if it does not exist or Kafka is away
+        (the group's assignment is checked too, `_served_or_stop`)."""
+        try:
+            found = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        except KafkaException as exc:
+            log.warning("could not read the topic's partitions: %s", exc)
+            return None
+        return len(found.partitions) if found is not None and found.partitions else None
+
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        assigned = self._served_or_stop(assigned)
         known = self._committed(consumer, assigned)
         committed = known or {}
         # A partition the group never committed starts from its first offset, and whatever
@@ -395,6 +422,20 @@ class Bridge:
                 tp.partition, committed=committed.get(tp.partition))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})
+
+    def _served_or_stop(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
+        """The partitions whose queues workers serve (those below KAFKA_PARTITIONS). Any other
+        means the topic grew past the setting while this bridge ran: its events would be sent
+        to queues no worker consumes, and stay there. The bridge reads none of them and
+        stops, saying what to set."""
+        count = self.settings.kafka_partitions
+        beyond = max((tp.partition for tp in assigned if tp.partition >= count), default=None)
+        if beyond is not None and self.misconfigured is None:
+            self.misconfigured = unserved(
+                self.settings, max(beyond + 1, self._partitions_of_topic() or 0))
+            log.error("%s", self.misconfigured)
+            self.stopping = True
+        return [tp for tp in assigned if tp.partition < count]
 
     def _committed(
         self, consumer: Consumer, assigned: list[TopicPartition]

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except SettingsError as exc:  # a setting the services contradict (a topic's partitions)
+        return _fail(f"bad setting: {exc}", errors.BAD_SETTING)
     except Exception as exc:
         line = errors.explain(exc, settings)
         if line is None:

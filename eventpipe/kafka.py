@@ -13,7 +13,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from eventpipe.effects import Position
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, SettingsError
 
 # librdkafka's own messages go through logging, as JSON lines like every other record,
 # instead of raw lines on stderr (hundreds of them while a broker is down).
@@ -58,21 +58,35 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(producer_config(settings, **overrides))
 
 
+def unserved(settings: Settings, partitions: int) -> SettingsError:
+    """The error of an events topic with more partitions than KAFKA_PARTITIONS: workers serve
+    the queues of the configured ones only, so the others' events would never be applied."""
+    count = settings.kafka_partitions
+    return SettingsError(
+        f"KAFKA_PARTITIONS={count}, but topic {settings.kafka_topic!r} has {partitions} "
+        f"partitions: set KAFKA_PARTITIONS={partitions} (no worker serves the queues of "
+        f"partitions {count} and above)")
+
+
 def ensure_topic(settings: Settings, name: str | None = None, timeout_s: float = 15.0,
-                 *, grow: bool = False) -> None:
+                 *, grow: bool = False) -> int:
     """Create the events topic (or `name`) with the configured partitions if it does not
-    exist yet; with `grow`, add partitions to one that has fewer."""
+    exist yet; with `grow`, add partitions to one that has fewer. The partitions it has then.
+    An events topic with more partitions than configured is refused (`unserved`)."""
     topic = name or settings.kafka_topic
     admin = AdminClient(client_config(settings))
     existing = admin.list_topics(timeout=timeout_s).topics
     if topic in existing:
         have = len(existing[topic].partitions)
+        if topic == settings.kafka_topic and have > settings.kafka_partitions:
+            raise unserved(settings, have)
         if grow and have < settings.kafka_partitions:
             futures = admin.create_partitions([NewPartitions(topic, settings.kafka_partitions)],
                                               request_timeout=timeout_s)
             for future in futures.values():
                 future.result(timeout=timeout_s)
-        return
+            return settings.kafka_partitions
+        return have
     futures = admin.create_topics(
         [NewTopic(topic, num_partitions=settings.kafka_partitions, replication_factor=-1)],
         request_timeout=timeout_s,
@@ -83,6 +97,7 @@ def ensure_topic(settings: Settings, name: str | None = None, timeout_s: float =
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    return settings.kafka_partitions
 
 
 def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:

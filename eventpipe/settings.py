@@ -58,7 +58,9 @@ class Settings:
     )
     kafka_topic: str = _field("KAFKA_TOPIC", "events", "Topic the events are published to")
     kafka_partitions: int = _field(
-        "KAFKA_PARTITIONS", 12, "Partitions of the topic (one Celery queue per partition)"
+        "KAFKA_PARTITIONS", 12, "Partitions of the topic (one Celery queue per partition); a "
+        "bridge given a partition beyond them stops. Fewer queues per worker process, less "
+        "latency at light traffic (docs/performance.md)"
     )
     kafka_group_id: str = _field("KAFKA_GROUP_ID", "eventpipe-bridge", "Bridge consumer group")
     kafka_session_timeout_ms: int = _field(

@@ -283,7 +283,12 @@ class PoolMember:
         while not self._stop.is_set():
             try:
                 # As many partitions as the events topic, even after it grew.
-                ensure_topic(self.settings, pool_topic(self.settings), grow=True)
+                have = ensure_topic(self.settings, pool_topic(self.settings), grow=True)
+                if have > self.settings.kafka_partitions:  # left from a larger events topic
+                    log.warning("the pool's topic %s has %d partitions, more than "
+                                "KAFKA_PARTITIONS=%d: its members may get unequal shares of "
+                                "the queues; delete it to have it made anew",
+                                pool_topic(self.settings), have, self.settings.kafka_partitions)
                 break
             except Exception as exc:  # Kafka is away: join once it answers
                 log.warning("worker pool: no coordination topic yet: %s", exc)

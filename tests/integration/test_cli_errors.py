@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import TopicPartition
 
+from bridge.service import Bridge
+from tests.support.broker import TopicFactory, settings_for
 from tests.support.pipeline import BIN
 
 
@@ -61,3 +65,44 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert done.returncode == status, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("command", [["bridge"], ["produce", "generate", "--count", "1"]])
+def test_a_topic_with_partitions_no_worker_serves_is_refused_naming_the_setting(
+        tmp_path: Path, kafka_broker: str, kafka_topic: TopicFactory, command: list[str]) -> None:
+    """A topic created or grown with more partitions than KAFKA_PARTITIONS: their queues
+    would fill with tasks no worker takes. The bridge refuses it before it joins its group,
+    as does every command that makes sure the topic exists."""
+    topic = kafka_topic(partitions=4)
+    done = eventpipe(tmp_path, *command, KAFKA_BOOTSTRAP_SERVERS=kafka_broker,
+                     KAFKA_TOPIC=topic, KAFKA_PARTITIONS="2",
+                     KAFKA_GROUP_ID=f"group-{uuid.uuid4().hex}",
+                     # Nothing may be written before the refusal: no Redis answers here.
+                     REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                     CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/1",
+                     BRIDGE_METRICS_PORT=str(free_port()))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        f"eventpipe: bad setting: KAFKA_PARTITIONS=2, but topic '{topic}' has 4 partitions: "
+        "set KAFKA_PARTITIONS=4 (no worker serves the queues of partitions 2 and above)"], \
+        done.stderr
+
+
+def test_a_running_bridge_handed_partitions_beyond_the_setting_reads_none_of_them_and_stops(
+        kafka_broker: str, kafka_topic: TopicFactory) -> None:
+    """The topic grown under a running bridge (the start's check passed): the group hands it
+    partitions no worker serves. It keeps them unread and stops, naming the topic's count.
+    The broker here cannot grow a topic, so the bridge starts on the larger one as if it had
+    been smaller at its start."""
+    topic = kafka_topic(partitions=4)
+    bridge = Bridge(settings_for(kafka_broker, topic, partitions=2))
+    try:
+        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(4)])
+        assert bridge.stopping
+        assert set(bridge.partitions) == {0, 1}
+        assert str(bridge.misconfigured) == (
+            f"KAFKA_PARTITIONS=2, but topic '{topic}' has 4 partitions: set KAFKA_PARTITIONS=4 "
+            "(no worker serves the queues of partitions 2 and above)")
+    finally:
+        bridge.consumer.close()

@@ -18,8 +18,10 @@ applied (`applied_events.applied_at`), after a warm-up, where that time went (th
 and the workers' log line of each batch, at the shipped `LOG_LEVEL`), and the cores each
 kind of process kept busy meanwhile; and first the broker's own: the same events produced →
 consumed by a consumer configured as the bridge's, and the broker's CPU early and late in
-that run. Peak RSS: each process's high-water mark (`VmHWM`) at the end of the shipped run.
-CPU: each kind of process's CPU time over the shipped run, per message (`bench.cpu`).
+that run. The latency run is repeated with fewer partitions (`FEWER_PARTITIONS`): at light
+traffic a worker process serves its partition queues one batch at a time, so how many it
+serves sets the wait. Peak RSS: each process's high-water mark (`VmHWM`) at the end of the
+shipped run. CPU: each kind of process's CPU time over the shipped run, per message (`bench.cpu`).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def _noop_workers(pipeline: Pipeline) -> subprocess.Popen[bytes]:
 
 
 RATE = 1000  # events a second, in the latency runs
+FEWER_PARTITIONS = (4, 6)  # the latency run again with these, 2 and 3 queues a process
 WARM_UP_S = 5.0  # sent before the measured stretch of a latency run
 MEASURED_S = 15.0  # as long as the runs of earlier rounds, to compare with them
 STRETCH_S = 5.0  # the broker's CPU is told over the first and the last stretch this long
@@ -151,15 +154,15 @@ def _stamped(story: Story) -> Callable[[], tuple[str, bytes]]:
     return make
 
 
-def _latency(bootstrap: str, database_url: str | None) -> Latency:
+def _latency(bootstrap: str, database_url: str | None, partitions: int = PARTITIONS) -> Latency:
     """`occurredAt` → applied of the events produced after the warm-up, the batches that
     carried them, and what kept the cores busy meanwhile: at light traffic, what a batch
     costs whatever its size is most of the wait."""
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = Pipeline(bootstrap, Path(tmp), partitions=PARTITIONS,
+        pipeline = Pipeline(bootstrap, Path(tmp), partitions=partitions,
                             database_url=database_url, **SHIPPED)
         try:
-            pipeline.start_worker_host(f"0-{PARTITIONS - 1}", processes=PROCESSES)
+            pipeline.start_worker_host(f"0-{partitions - 1}", processes=PROCESSES)
             pipeline.start_bridge()
             story = Story(seed=3)
             # Wait for the group to form: one event through.
@@ -337,9 +340,10 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
               f"{WARM_UP_S:.0f} s warm-up): {_spread([v * 1000 for v in floor.seconds])}; "
               f"the broker kept {floor.broker_first:.0%} of a core busy in the first "
               f"{STRETCH_S:.0f} s of them, {floor.broker_last:.0%} in the last")
+        fewer = {partitions: f"latency{partitions}" for partitions in FEWER_PARTITIONS}
         for kind in ("postgresql", "sqlite"):
             urls = {name: _database(kind, tmp, name)
-                    for name in ("shipped", "naive", "ceiling", "latency")}
+                    for name in ("shipped", "naive", "ceiling", "latency", *fewer.values())}
             try:
                 shipped = _throughput(bootstrap, urls["shipped"], messages)
                 bare = _throughput(bootstrap, urls["naive"], messages, noop=True) \
@@ -348,11 +352,14 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
                                     BATCH_MAX_EVENTS="1")
                 top = _ceiling(urls["ceiling"], messages)
                 latency = _latency(bootstrap, urls["latency"])
+                by_partitions = {partitions: _latency(bootstrap, urls[name], partitions)
+                                 for partitions, name in fewer.items()}
             finally:
                 if kind == "postgresql":
                     for url in urls.values():
                         drop_database(url)
             _report(kind, count, naive_count, shipped, naive, top, latency, bare)
+            _report_partitions({**by_partitions, PARTITIONS: latency})
 
 
 def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, top: float,
@@ -390,6 +397,18 @@ def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, t
                           if micros >= 0.5)
         print(f"  CPU per message, shipped: {roles}; {total:.0f} µs in all: {cores} cores "
               f"carry at most {cores * 1e6 / total:,.0f} messages/s at this cost")
+
+
+def _report_partitions(runs: dict[int, Latency]) -> None:
+    """The latency run's p50 / p99 by the partition queues each worker process serves."""
+    each = "; ".join(
+        f"{partitions // PROCESSES} ({partitions} partitions"
+        f"{', shipped' if partitions == PARTITIONS else ''}) "
+        f"{statistics.median(run.seconds) * 1000:.0f} / "
+        f"{_percentile(run.seconds, 0.99) * 1000:.0f} ms"
+        for partitions, run in sorted(runs.items()))
+    print(f"  latency by the partition queues each of the {PROCESSES} worker processes serves, "
+          f"p50 / p99: {each}")
 
 
 def _spread(ms: list[float]) -> str:

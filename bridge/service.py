@@ -121,6 +121,16 @@ class Bridge:
         except SettingsError:
             self.consumer.close()
             raise
+        try:
+            self._serve()
+        except Exception as exc:
+            if self.misconfigured is None:
+                raise
+            raise self.misconfigured from exc  # what to fix, not what it led to
+        if self.misconfigured is not None:
+            raise self.misconfigured
+
+    def _serve(self) -> None:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("bridge started", extra={"topic": self.topic,
@@ -143,8 +153,6 @@ class Bridge:
                     self._next_publish = now + PUBLISH_EVERY_S
         finally:
             self._shutdown()
-        if self.misconfigured is not None:
-            raise self.misconfigured
 
     def _shutdown(self) -> None:
         """Drop what was read but not sent, wait (bounded) for what was sent, commit, leave."""

@@ -97,6 +97,8 @@ def ensure_topic(settings: Settings, name: str | None = None, timeout_s: float =
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+            # Another process made it meanwhile, perhaps otherwise: read it as it is.
+            return ensure_topic(settings, name, timeout_s, grow=grow)
     return settings.kafka_partitions
 
 

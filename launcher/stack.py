@@ -33,7 +33,7 @@ from eventpipe.database import redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.queues import queue_depths, queue_name
-from eventpipe.settings import Settings, child_environment
+from eventpipe.settings import Settings, SettingsError, child_environment
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
     EmbeddedProcess,
@@ -230,6 +230,8 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except Interrupted:
         return 0
+    except SettingsError:  # said as every command says a bad setting (`cli.main`)
+        raise
     except Exception as exc:  # whatever it is, say it plainly and still stop what started
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return 1

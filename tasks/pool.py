@@ -284,11 +284,13 @@ class PoolMember:
             try:
                 # As many partitions as the events topic, even after it grew.
                 have = ensure_topic(self.settings, pool_topic(self.settings), grow=True)
-                if have > self.settings.kafka_partitions:  # left from a larger events topic
+                if have > self.settings.kafka_partitions:
                     log.warning("the pool's topic %s has %d partitions, more than "
-                                "KAFKA_PARTITIONS=%d: its members may get unequal shares of "
-                                "the queues; delete it to have it made anew",
-                                pool_topic(self.settings), have, self.settings.kafka_partitions)
+                                "KAFKA_PARTITIONS=%d here: raise the setting if it was raised "
+                                "elsewhere; if the topic is left from a larger events topic, "
+                                "delete it to have it made anew (its members may get unequal "
+                                "shares of the queues)", pool_topic(self.settings), have,
+                                self.settings.kafka_partitions)
                 break
             except Exception as exc:  # Kafka is away: join once it answers
                 log.warning("worker pool: no coordination topic yet: %s", exc)

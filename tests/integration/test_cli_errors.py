@@ -67,20 +67,22 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
 
 
-@pytest.mark.parametrize("command", [["bridge"], ["produce", "generate", "--count", "1"]])
+@pytest.mark.parametrize(("command", "redis_down"), [
+    (["bridge"], True), (["produce", "generate", "--count", "1"], True), (["up"], False)])
 def test_a_topic_with_partitions_no_worker_serves_is_refused_naming_the_setting(
-        tmp_path: Path, kafka_broker: str, kafka_topic: TopicFactory, command: list[str]) -> None:
+        tmp_path: Path, kafka_broker: str, kafka_topic: TopicFactory, command: list[str],
+        redis_down: bool) -> None:
     """A topic created or grown with more partitions than KAFKA_PARTITIONS: their queues
     would fill with tasks no worker takes. The bridge refuses it before it joins its group,
     as does every command that makes sure the topic exists."""
     topic = kafka_topic(partitions=4)
+    # Nothing may be written before the refusal: no Redis answers there (`up` probes it).
+    redis = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+             "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/1"} if redis_down else {}
     done = eventpipe(tmp_path, *command, KAFKA_BOOTSTRAP_SERVERS=kafka_broker,
                      KAFKA_TOPIC=topic, KAFKA_PARTITIONS="2",
                      KAFKA_GROUP_ID=f"group-{uuid.uuid4().hex}",
-                     # Nothing may be written before the refusal: no Redis answers here.
-                     REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-                     CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/1",
-                     BRIDGE_METRICS_PORT=str(free_port()))
+                     BRIDGE_METRICS_PORT=str(free_port()), LOG_LEVEL="WARNING", **redis)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [

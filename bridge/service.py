@@ -393,8 +393,6 @@ class Bridge:
             if high >= 0 and committed is not None:
                 metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
 
-    # -- rebalance callbacks -----------------------------------------------------------------
-
     def _check_topic(self) -> None:
         """Refuse, before joining the group, a topic with partitions no worker serves."""
         partitions = self._partitions_of_topic()
@@ -410,6 +408,8 @@ class Bridge:
             log.warning("could not read the topic's partitions: %s", exc)
             return None
         return len(found.partitions) if found is not None and found.partitions else None
+
+    # -- rebalance callbacks -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         assigned = self._served_or_stop(assigned)

@@ -95,10 +95,9 @@ def ensure_topic(settings: Settings, name: str | None = None, timeout_s: float =
         try:
             future.result(timeout=timeout_s)
         except Exception as exc:
+            # Another process made it meanwhile (the bridge still checks it: `_check_topic`).
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
-            # Another process made it meanwhile, perhaps otherwise: read it as it is.
-            return ensure_topic(settings, name, timeout_s, grow=grow)
     return settings.kafka_partitions
 
 

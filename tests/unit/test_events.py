@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventpipe import events
 from eventpipe.errors import InvalidEvent, PermanentError
 from eventpipe.events import (
     MAX_MESSAGE_BYTES,
@@ -25,6 +27,7 @@ from eventpipe.events import (
     PaymentSettled,
     UserCreated,
     canonical_text,
+    decode_json,
     parse_event,
     peek_identity,
 )
@@ -242,6 +245,85 @@ def _json_values(depth: int = 3) -> st.SearchStrategy[Any]:
     return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=12), inner, max_size=4),
                         max_leaves=12)
+
+
+def _typed(value: Any) -> Any:
+    """A decoded JSON value with every type spelled out: 1 and 1.0, 0.0 and -0.0 differ."""
+    if isinstance(value, dict):
+        return ("object", [(key, _typed(item)) for key, item in value.items()])
+    if isinstance(value, list):
+        return ("array", [_typed(item) for item in value])
+    return (type(value).__name__, repr(value))
+
+
+def _verdict(decode: Any, value: bytes | str) -> Any:
+    try:
+        return _typed(decode(value))
+    except Exception:  # msgspec refuses with several kinds of error
+        return "refused"
+
+
+_numbers = st.from_regex(r"-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?",
+                         fullmatch=True)
+_any_text = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF)
+                    | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=20)
+_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _any_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_any_text, inner, max_size=4),
+    max_leaves=12)
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn) -> bytes | str:
+    """JSON as producers spell it (and misspell it): any document, any escaping, numbers of
+    any size, then perhaps a few bytes changed."""
+    if draw(st.booleans()):
+        text = json.dumps(draw(_documents), ensure_ascii=draw(st.booleans()),
+                          allow_nan=True, indent=draw(st.sampled_from([None, 0, 2])))
+    else:
+        text = f'{{"n": {draw(_numbers)}, "s": {json.dumps(draw(_any_text))}}}'
+    try:
+        value = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate left unescaped: only a str can hold it
+        return text
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(value)))
+        value = value[:at] + draw(st.binary(max_size=2)) + value[at + draw(st.integers(0, 2)):]
+    return value
+
+
+@given(_json_texts())
+@settings(max_examples=2000, deadline=None)
+def test_what_the_fast_decoder_accepts_json_reads_the_same(value: bytes | str) -> None:
+    """The parser reads messages with msgspec's decoder and leaves what it refuses to
+    `json`: that is the contract's reading only if msgspec never accepts what `json`
+    refuses, nor reads it otherwise."""
+    fast = _verdict(msgspec.json.Decoder().decode, value)
+    if fast != "refused":
+        assert _verdict(decode_json, value) == fast
+
+
+@pytest.mark.parametrize("value", [
+    b'\xef\xbb\xbf{"eventId": "e"}', b'{"eventId": "\\ud800"}', '{"eventId": "\udc80"}',
+    b'{"schemaVersion": 1e400}', b'{"schemaVersion": 1.7976931348623159e308}',
+    b'{"a": NaN}', b'{"a": Infinity}', b'{"eventId": "\xff"}', b"[" * 5000 + b"]" * 5000,
+    b'{"schemaVersion": 100000000000000000000000000000}', b'{"eventId": 1, "eventId": "e"}',
+])
+def test_the_parser_says_of_what_msgspec_refuses_what_json_says(
+    value: bytes | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def verdict() -> str:
+        with pytest.raises(InvalidEvent) as caught:
+            parse_event(value)
+        return str(caught.value)
+
+    fast = verdict()
+
+    def refuse(_value: bytes | str) -> Any:
+        raise msgspec.DecodeError("refused")
+
+    monkeypatch.setattr(events, "_decode_fast", refuse)
+    assert fast == verdict()
 
 
 @given(st.sampled_from(["eventId", "eventType", "schemaVersion", "occurredAt", "data",

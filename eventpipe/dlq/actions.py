@@ -7,7 +7,10 @@ chunks: each entry is claimed in SQL first (`open` → `replaying`), so two repl
 once never publish the same entry twice; each entry leaves the stream, and becomes `replayed`,
 once Kafka acknowledged its own message; one that Kafka refused goes back to `open`, and the
 others of its chunk are not held back. A replayer that dies leaves its claims to lapse
-(`REPLAY_CLAIM_S`): the reconciler returns them to the DLQ.
+(`REPLAY_CLAIM_S`): the reconciler returns them to the DLQ. A held event replayed while what
+holds it still does (its parent still missing, its email still another's) comes back too:
+its copy is a duplicate, which changes nothing, and the next reconciler round, which every
+replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
 
 Purge deletes entries for good (`purged` in SQL, kept there as the event's fate).
 """
@@ -25,6 +28,7 @@ from sqlalchemy import Engine
 
 from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
+from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry, entry_order
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
@@ -118,23 +122,30 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
             _give_back(engine, key, now)
             result.refused += 1
             continue
-        with engine.begin() as conn:
-            finished = records.finish_replay(conn, key, now(), published=True)
-        if finished is not None:  # else the claim lapsed, and the entry may be a live one again
-            stream.remove(key)
+        if _end_claim(engine, key, now, published=True) is not None:
+            stream.remove(key)  # else the claim lapsed, and the entry may be a live one again
         result.replayed += 1
     if progress is not None:
         progress(len(chunk))
 
 
 def _give_back(engine: Engine, key: str, now: Callable[[], datetime]) -> None:
-    """A replay not sent: its letter back in the DLQ, and its entity's standing evaluated
-    again by the next reconciler round (the claim hid the letter from the rounds meanwhile,
-    and its parent may have come)."""
+    """A replay not sent: its letter back in the DLQ."""
+    _end_claim(engine, key, now, published=False)
+
+
+def _end_claim(engine: Engine, key: str, now: Callable[[], datetime], *,
+               published: bool) -> DeadLetter | None:
+    """End a replay's claim on its letter, and queue the letter's entity for the next
+    reconciler round, which evaluates it again: the claim hid the letter from the rounds, so
+    the parent may have come meanwhile; and a replayed event still held (its copy is a
+    duplicate, which changes nothing) must have its letter live again. None when the claim
+    had lapsed."""
     with engine.begin() as conn:
-        letter = records.finish_replay(conn, key, now(), published=False)
+        letter = records.finish_replay(conn, key, now(), published=published)
         if letter is not None:
             reconcile.queue_entity(conn, letter, now())
+    return letter
 
 
 def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]:

@@ -30,7 +30,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import OPEN, WAITING, DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
-from eventpipe.effects import Position, Received
+from eventpipe.effects import Fate, Position, Received
 from eventpipe.samples import Document, order_placed, payment_settled, user_created
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, metadata, reconcile_queue
@@ -114,6 +114,35 @@ def test_a_lapsed_replay_whose_parent_came_meanwhile_is_resolved_not_reopened(
     with engine.connect() as conn:
         assert conn.execute(select(dead_letters.c.state)).scalars().all() == ["resolved"]
     assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+
+
+def test_a_replayed_event_still_held_comes_back_to_the_dlq(
+    engine: Engine, redis_client: redis.Redis, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """An operator replays an order still waiting for its user: the copy the pipeline reads
+    back is a duplicate, which changes nothing, and the order is still held. Its dead letter
+    must be live again, not left `replayed` with the order shown nowhere."""
+    topic = kafka_topic(partitions=1)
+    document = order_placed("o1", "u1", occurred_at=at(1))
+    apply(engine, document)
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
+    stream = DeadLetterStream(redis_client, f"test:dlq:{uuid.uuid4().hex}", max_entries=5,
+                              max_bytes=10_000)
+    with engine.connect() as conn:
+        [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+    projection.project(engine, stream, None, {key: (b"o1", json.dumps(document[1]).encode())})
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic)))
+    assert result.replayed == 1
+    [copy] = received(document)  # the replayed message, read back from the topic
+    assert apply_batch(engine, [replace(copy, position=Position(topic, 0, 0))]).fates == [
+        Fate.DUPLICATE]
+    settle(engine)
+    assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
+    assert shown(engine)["orders"] == []
 
 
 def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(

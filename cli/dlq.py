@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -59,8 +59,17 @@ def add_commands(commands: Any) -> None:
 def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-type")
     parser.add_argument("--error-class")
-    parser.add_argument("--since", type=datetime.fromisoformat, help="ISO-8601 time")
-    parser.add_argument("--until", type=datetime.fromisoformat, help="ISO-8601 time")
+    parser.add_argument("--since", type=iso_time,
+                        help="entries whose last failure was at or after this ISO-8601 time "
+                             "(UTC unless it names an offset)")
+    parser.add_argument("--until", type=iso_time,
+                        help="entries whose last failure was at or before this ISO-8601 time")
+
+
+def iso_time(text: str) -> datetime:
+    """An ISO-8601 time, UTC unless it names an offset (as the API reads it)."""
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _stream(settings: Settings) -> DeadLetterStream:

@@ -172,8 +172,11 @@ class Filter:
     until: datetime | None = None
 
     def matches(self, entry: StreamEntry) -> bool:
-        return ((self.event_type is None or entry.letter.event_type == self.event_type)
-                and (self.error_class is None or entry.letter.error_class == self.error_class))
+        letter = entry.letter
+        return ((self.event_type is None or letter.event_type == self.event_type)
+                and (self.error_class is None or letter.error_class == self.error_class)
+                and (self.since is None or letter.last_failure_at >= self.since)
+                and (self.until is None or letter.last_failure_at <= self.until))
 
 
 class DeadLetterStream:
@@ -323,11 +326,13 @@ class DeadLetterStream:
         return [entry for entry in self.scan() if entry.letter.event_id == event_id]
 
     def scan(self, where: Filter = Filter(), after: str | None = None) -> Iterator[StreamEntry]:
-        """Entries oldest first (by last failure), matching `where`, after entry id `after`."""
-        low = f"({after}" if after else _stream_time(where.since, "-")
-        high = _stream_time(where.until, "+")
+        """Entries in the order they entered the stream, matching `where`, after entry id
+        `after`. The times of `where` are the letters' last failures, read from each entry:
+        an entry's id is when it entered the stream, which a rebuild after Redis lost it
+        makes any time later, and the Redis server's clock besides."""
+        low = f"({after}" if after else "-"
         while True:
-            chunk: Any = self.client.xrange(self.stream, min=low, max=high, count=500)
+            chunk: Any = self.client.xrange(self.stream, min=low, max="+", count=500)
             if not chunk:
                 return
             for raw_id, fields in chunk:
@@ -353,11 +358,6 @@ class DeadLetterStream:
 def entry_order(entry_id: str) -> tuple[int, int]:
     millis, _, sequence = entry_id.partition("-")
     return int(millis), int(sequence or 0)
-
-
-def _stream_time(moment: datetime | None, default: str) -> str:
-    # Stream ids count milliseconds since 1970 and cannot be negative.
-    return str(max(0, int(moment.timestamp() * 1000))) if moment else default
 
 
 def _decoded(raw: bytes | str) -> str:

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -94,6 +94,29 @@ def test_filters_and_pagination(stream: DeadLetterStream) -> None:
     first = stream.page(limit=2)
     rest = stream.page(after=first[-1].entry_id)
     assert [e.letter.position.offset for e in first + rest] == [1, 2, 3]
+
+
+def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_the_stream(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Entries put in the stream now, as a rebuild after Redis lost it puts them, of letters
+    that failed a week ago: a filter on the last hour picks none of them, one until
+    yesterday all, and a purge of the last hour deletes nothing."""
+    week_ago = datetime.now(UTC) - timedelta(days=7)
+    saved = record(engine, *(replace(failure(n, f"{{bad {n}".encode()), first_failure_at=week_ago,
+                                     last_failure_at=week_ago + timedelta(seconds=n))
+                             for n in range(3)))
+    projection.restore(engine, stream, lambda position: (b"k", b"{bad"))
+    assert stream.depth() == 3
+    last_hour = Filter(since=datetime.now(UTC) - timedelta(hours=1))
+    assert list(stream.scan(last_hour)) == []
+    until_yesterday = Filter(until=datetime.now(UTC) - timedelta(days=1))
+    assert sorted(e.letter.dlq_key for e in stream.scan(until_yesterday)) == sorted(
+        letter.dlq_key for letter in saved)
+    middle = Filter(since=week_ago + timedelta(seconds=1), until=week_ago + timedelta(seconds=1))
+    assert [e.letter.position.offset for e in stream.scan(middle)] == [1]
+    assert actions.purge(engine, stream, actions.until_now(stream, last_hour)) == 0
+    assert stream.depth() == 3
 
 
 # -- the SQL record is the truth, the stream its projection -------------------------------------

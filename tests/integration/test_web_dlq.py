@@ -29,7 +29,7 @@ from eventpipe.effects import Position
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from tests.support.broker import TopicFactory
-from tests.support.factories import dead_letter
+from tests.support.factories import T0, dead_letter
 from tests.support.http import fuzz, serving
 from tests.support.services import REDIS_URL
 from web import create_app, services
@@ -196,15 +196,17 @@ def test_listing_filters_by_type_error_and_time(
     assert offsets(eventType="OrderPlaced") == [1, 3]
     assert offsets(errorClass="EmailTaken") == [2]
     assert offsets(eventType="OrderPlaced", errorClass="MissingParent") == [3]
-    # Times are when entries were dead-lettered (now), not the failures' own times.
-    now = datetime.now(UTC)
-    assert offsets(since=(now - timedelta(minutes=5)).isoformat()) == [1, 2, 3]
-    assert offsets(since=(now + timedelta(minutes=5)).isoformat()) == []
-    assert offsets(until=(now - timedelta(minutes=5)).isoformat()) == []
-    # Bounds before stream ids begin (1970) and empty ranges are just that, not errors.
+    # Times are the letters' last failures (T0 + 1 s here), not when they entered the stream.
+    failed = T0 + timedelta(seconds=1)
+    assert offsets(since=failed.isoformat()) == [1, 2, 3]
+    assert offsets(since=(failed + timedelta(milliseconds=1)).isoformat()) == []
+    assert offsets(until=(failed - timedelta(milliseconds=1)).isoformat()) == []
+    assert offsets(until=failed.isoformat()) == [1, 2, 3]
+    assert offsets(since=(datetime.now(UTC) - timedelta(minutes=5)).isoformat()) == []
+    # Bounds before 1970 and empty ranges are just that, not errors.
     assert offsets(since="0001-01-01T00:00:00Z") == [1, 2, 3]
     assert offsets(until="1900-01-01T00:00:00Z") == []
-    assert offsets(since=now.isoformat(), until=(now - timedelta(days=1)).isoformat()) == []
+    assert offsets(since=failed.isoformat(), until=(failed - timedelta(days=1)).isoformat()) == []
 
 
 @pytest.mark.parametrize("query", [

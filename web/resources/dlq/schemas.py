@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 import marshmallow as ma
@@ -18,7 +17,6 @@ from web.schemas import CamelSchema, StrictBoolean, UtcDateTime
 # pattern alone say what Redis accepts.
 ENTRY_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
 MAX_PAGE = 500
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _stream_id(value: str) -> None:
@@ -47,19 +45,16 @@ class FilterSchema(CamelSchema):
                                metadata={"example": "OrderPlaced"})
     error_class = fields.String(validate=validate.Length(min=1, max=200),
                                 metadata={"example": "InvalidEvent"})
-    since = UtcDateTime(metadata={"description": "Entries dead-lettered at or after this time"})
-    until = UtcDateTime(metadata={"description": "Entries dead-lettered at or before this time"})
+    since = UtcDateTime(metadata={
+        "description": "Entries whose last failure was at or after this time"})
+    until = UtcDateTime(metadata={
+        "description": "Entries whose last failure was at or before this time"})
 
 
 def to_filter(args: dict[str, Any]) -> Filter:
     """The DLQ filter; `since` after `until` is an empty range, not an error."""
-    return Filter(args.get("event_type"), args.get("error_class"), _from_epoch(args.get("since")),
-                  _from_epoch(args.get("until")))
-
-
-def _from_epoch(moment: datetime | None) -> datetime | None:
-    # Stream ids count milliseconds since 1970: an earlier bound means the same as 1970.
-    return None if moment is None else max(moment, EPOCH)
+    return Filter(args.get("event_type"), args.get("error_class"), args.get("since"),
+                  args.get("until"))
 
 
 class ListArgsSchema(FilterSchema):

@@ -12,7 +12,9 @@ holds it still does (its parent still missing, its email still another's) comes 
 its copy is a duplicate, which changes nothing, and the next reconciler round, which every
 replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
 
-Purge deletes entries for good (`purged` in SQL, kept there as the event's fate).
+Purge deletes entries for good (`purged` in SQL, kept there as the event's fate): Kafka
+handing the same message over again leaves it purged; only a new copy of it, at another
+offset, is a new dead letter.
 """
 
 from __future__ import annotations

@@ -125,7 +125,9 @@ def _update_by_key() -> Update:
 def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[DeadLetter]:
     """Add each failure, or fold it into the dead letter of the same key: one more attempt at
     its latest position; a dead letter that had left the DLQ reopens (its past is an episode
-    of its history). Returns the rows as saved."""
+    of its history), unless the failure is of the very message it left with, handed over
+    again by Kafka (a worker died before marking it done, a rebalance): purged stays purged.
+    Returns the rows as saved."""
     chosen = {failure.dlq_key: failure for failure in failures}
     existing = load(conn, chosen, lock=True)
     changes: list[tuple[DeadLetter | None, DeadLetter]] = []
@@ -133,6 +135,8 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
         failure, before = chosen[key], existing.get(key)
         if before is None:
             changes.append((None, failure))
+            continue
+        if before.state in CLOSED and before.position == failure.position:
             continue
         # A dead letter that had left the DLQ starts a new life; the old one is an episode
         # already (written when it left).

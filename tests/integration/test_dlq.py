@@ -390,3 +390,22 @@ def test_purge_removes_the_entry_and_keeps_the_fate(
     with engine.connect() as conn:
         [row] = conn.execute(select(dead_letters)).all()
     assert row.state == "purged"
+
+
+def test_a_redelivery_of_a_purged_message_leaves_it_purged_a_new_copy_reopens_it(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Kafka hands the same message over again (a worker died before marking it done, a
+    rebalance): the letter an operator purged stays purged. The same bytes sent again, at
+    another offset, are a new failure: the letter reopens."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+    assert actions.purge(engine, stream, [entry]) == 1
+    redelivered = failure(0, b"{bad 0")
+    record(engine, redelivered)
+    projection.project(engine, stream, None, {entry.letter.dlq_key: (b"k", b"{bad 0")})
+    assert stream.depth() == 0
+    with engine.connect() as conn:
+        [row] = conn.execute(select(dead_letters)).all()
+    assert (row.state, row.kafka_offset, row.attempts) == ("purged", 0, 1)
+    [again] = record(engine, replace(redelivered, position=Position("events", 0, 9)))
+    assert (again.state, again.position.offset, len(again.history)) == (OPEN, 9, 1)

@@ -247,8 +247,11 @@ def test_delete_removes_one_entry(client: FlaskClient, queue: Queue) -> None:
     assert ok(call(client, "DELETE", f"/dlq/entries/{gone}"), 404)["code"] == 404
     assert queue.stream.get(gone) is None and queue.stream.get(keep) is not None
     assert queue.state(dead_letter(2)) == "purged"  # the fate stays recorded
-    # The same message failing again is a dead letter again, its purge kept in its history.
-    again = queue.stream.get(queue.add(dead_letter(2)))
+    # The same message sent again (at another offset) is a dead letter again, its purge kept
+    # in its history.
+    resent = dead_letter(2)
+    resent = replace(resent, letter=replace(resent.letter, position=Position("events", 0, 9)))
+    again = queue.stream.get(queue.add(resent))
     assert again is not None and [e.ended for e in again.letter.history] == ["purged"]
 
 

@@ -258,10 +258,11 @@ class DeadLetterStream:
     def put(self, entry: StreamEntry) -> str:
         """Add or replace the entry of `entry.letter.dlq_key`; its entry id."""
         flat: list[bytes | str] = []
-        size = 0
+        size = 0  # in bytes, as Redis holds them: text counted once encoded
         for name, value in entry.fields().items():
-            flat.extend((name, value))
-            size += len(name) + len(value)
+            data = value.encode() if isinstance(value, str) else value
+            flat.extend((name, data))
+            size += len(name) + len(data)
         entry_id, entries, total = self._put(
             keys=[self.stream, self.index, self.totals],
             args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size,

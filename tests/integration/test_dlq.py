@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 import redis
@@ -81,6 +82,18 @@ def test_the_bounds_in_entries_and_bytes_refuse_loudly_and_drop_nothing(
     with pytest.raises(DeadLetterQueueFull):
         stream.put(dead_letter(1, value=b"x" * 20_000))  # over the byte bound on its own
     assert stream.depth() == 0 and stream.size_bytes() == 0
+
+
+def test_the_byte_bound_counts_text_in_bytes(stream: DeadLetterStream) -> None:
+    """A reason of 3,300 three-byte characters is 9,900 bytes of the 10,000 the stream takes:
+    with the rest of the entry, more than the bound."""
+    entry = dead_letter(1)
+    wide = replace(entry, letter=replace(entry.letter, reason="鍵" * 3300))
+    with pytest.raises(DeadLetterQueueFull):
+        stream.put(wide)
+    entry_id = stream.put(replace(entry, letter=replace(entry.letter, reason="鍵" * 1000)))
+    [(_, fields)] = cast(Any, stream.client.xrange(stream.stream, entry_id, entry_id))
+    assert stream.size_bytes() == sum(len(name) + len(value) for name, value in fields.items())
 
 
 def test_filters_and_pagination(stream: DeadLetterStream) -> None:

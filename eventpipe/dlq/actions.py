@@ -51,7 +51,7 @@ class Replayed:
     replayed: int = 0
     refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
     skipped: int = 0  # not open any more (another replay has them, or they are gone)
-    no_bytes: int = 0  # the stream lost the message's bytes: run `eventpipe dlq restore`
+    no_bytes: int = 0  # not in the stream: lost with Redis, or larger than DLQ_MAX_BYTES
 
 
 class Publisher:

@@ -21,7 +21,7 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -263,6 +263,13 @@ class DeadLetterStream:
             data = value.encode() if isinstance(value, str) else value
             flat.extend((name, data))
             size += len(name) + len(data)
+        if size > self.max_bytes and entry.value is not None:
+            # It could never enter, and would hold back every dead letter after it: it enters
+            # without its bytes, which stay in Kafka at its position.
+            log.error("dead letter larger than DLQ_MAX_BYTES: shown without its message's "
+                      "bytes", extra={"dlqKey": entry.letter.dlq_key, "dlqEntryBytes": size,
+                                      "dlqMaxBytes": self.max_bytes})
+            return self.put(replace(entry, value=None))
         entry_id, entries, total = self._put(
             keys=[self.stream, self.index, self.totals],
             args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size,

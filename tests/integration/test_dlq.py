@@ -79,9 +79,25 @@ def test_the_bounds_in_entries_and_bytes_refuse_loudly_and_drop_nothing(
     stream.put(dead_letter(4))  # replacing an entry adds none
     for offset in range(5):
         stream.remove(dead_letter(offset).letter.dlq_key)
-    with pytest.raises(DeadLetterQueueFull):
-        stream.put(dead_letter(1, value=b"x" * 20_000))  # over the byte bound on its own
     assert stream.depth() == 0 and stream.size_bytes() == 0
+
+
+def test_a_message_larger_than_the_whole_dlq_enters_without_its_bytes(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """It could never enter with them, and the dead letters after it would wait behind it
+    for good: it is shown (and can be purged) without them; the next ones follow."""
+    huge = b"{" + b"x" * 20_000
+    saved = record(engine, failure(0, huge), *(failure(n, f"{{bad {n}".encode())
+                                               for n in (1, 2)))
+    payloads = {letter.dlq_key: (b"k", huge if letter.position.offset == 0 else
+                                 f"{{bad {letter.position.offset}".encode()) for letter in saved}
+    assert projection.project(engine, stream, None, payloads).put == 3
+    entries = {entry.letter.position.offset: entry for entry in stream.scan()}
+    assert entries[0].value is None and entries[0].key == b"k"
+    assert (entries[1].value, entries[2].value) == (b"{bad 1", b"{bad 2")
+    assert stream.size_bytes() < 10_000
+    assert actions.purge(engine, stream, [entries[0]]) == 1
 
 
 def test_the_byte_bound_counts_text_in_bytes(stream: DeadLetterStream) -> None:

@@ -157,8 +157,9 @@ class ReplayedSchema(CamelSchema):
     skipped = fields.Integer(required=True, metadata={
         "description": "No longer open (another replay has them, or they are gone)"})
     no_bytes = fields.Integer(required=True, metadata={
-        "description": "Their message bytes are lost from the stream: run "
-                       "`eventpipe dlq restore`"})
+        "description": "Their message bytes are not in the stream: lost with Redis (run "
+                       "`eventpipe dlq restore`), or larger than DLQ_MAX_BYTES (still in "
+                       "Kafka at the entry's position)"})
 
 
 class DeletedSchema(CamelSchema):

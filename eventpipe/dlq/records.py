@@ -138,6 +138,10 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
             continue
         if before.state in CLOSED and before.position == failure.position:
             continue
+        if before.state == REPLAYING and before.position != failure.position:
+            # The replayed copy failed before its replayer marked the letter replayed (it
+            # then leaves the letter as it finds it): the replay is an episode all the same.
+            before = _transitioned(before, REPLAYED, failure.last_failure_at)
         # A dead letter that had left the DLQ starts a new life; the old one is an episode
         # already (written when it left).
         first = before.first_failure_at if before.state not in CLOSED else failure.first_failure_at

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -438,3 +438,28 @@ def test_a_redelivery_of_a_purged_message_leaves_it_purged_a_new_copy_reopens_it
     assert (row.state, row.kafka_offset, row.attempts) == ("purged", 0, 1)
     [again] = record(engine, replace(redelivered, position=Position("events", 0, 9)))
     assert (again.state, again.position.offset, len(again.history)) == (OPEN, 9, 1)
+
+
+def test_a_replayed_copy_failing_before_its_replay_is_marked_starts_a_new_life(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """The pipeline reads the replayed copy back and fails it again before the replayer
+    marks the letter replayed: the replay is still an episode of its history, and the new
+    failure a life of its own."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+
+    class FastPipeline:
+        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+            record(engine, replace(failure(0, b"{bad 0"), position=Position("events", 0, 9)))
+            done(True)
+
+        def flush(self) -> None:
+            pass
+
+    result = actions.replay(engine, stream, [entry], cast(actions.Publisher, FastPipeline()))
+    assert result.replayed == 1
+    with engine.connect() as conn:
+        [row] = conn.execute(select(dead_letters)).all()
+    letter = records.letter_of(row)
+    assert (letter.state, letter.attempts, letter.position.offset) == (OPEN, 1, 9)
+    assert [episode.ended for episode in letter.history] == [REPLAYED]

@@ -428,6 +428,10 @@ class Bridge:
         for tp in assigned:
             self.partitions[tp.partition] = PartitionProgress(
                 tp.partition, committed=committed.get(tp.partition))
+        # A new progress is not paused, and the Kafka client keeps a partition paused across
+        # a rebalance that gives it back: resumed here, it is read again whatever came before.
+        if assigned:
+            consumer.resume(assigned)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})
 

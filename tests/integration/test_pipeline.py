@@ -403,6 +403,34 @@ def test_rebalance_between_two_bridges_loses_nothing(make_pipeline: Any) -> None
     assert second.poll() is None
 
 
+def test_partitions_paused_then_given_back_by_a_rebalance_are_read_again(
+    make_pipeline: Any,
+) -> None:
+    """The Kafka client keeps a partition paused across a rebalance that gives it back to
+    the same bridge: one paused for backpressure (no worker yet) must be read again once its
+    work is done, however many rebalances passed meanwhile."""
+    pipeline: Pipeline = make_pipeline(MAX_IN_FLIGHT_PER_PARTITION="20")
+    messages = stream(400, seed=83)
+    sent = pipeline.send(messages)
+    first = pipeline.start_bridge(name="bridge-a")
+    first_log = pipeline.log_of("bridge-a")
+
+    def said(log: Path, what: str) -> int:
+        return log.read_text().count(f'"msg":"{what}"') if log.exists() else 0
+
+    wait_until(lambda: said(first_log, "partition paused") == 4, 60, "every partition paused")
+    second = pipeline.start_bridge(name="bridge-b")  # joins, then leaves: all go back to A
+    wait_until(lambda: said(pipeline.log_of("bridge-b"), "partitions assigned") > 0, 60,
+               "the second bridge to get partitions")
+    assert pipeline.stop(second, signal.SIGTERM) == 0
+    wait_until(lambda: said(first_log, "partitions assigned") >= 3, 60,
+               "the first bridge to get them all back")
+    pipeline.start_worker()
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    assert first.poll() is None
+
+
 def _events_queued(pipeline: Pipeline, partition: int) -> int:
     total = 0
     for raw in pipeline.broker.lrange(f"events.p{partition}", 0, -1):

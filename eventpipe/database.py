@@ -15,6 +15,12 @@ from eventpipe.settings import Settings
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
 WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
+# libpq's own defaults leave a connection to a server that answers nothing (packets dropped, no
+# reset) waiting for as long as the kernel's TCP retries last, a quarter of an hour and more:
+# here it fails within about a minute, an error `eventpipe.errors` calls transient. A query
+# parameter of DATABASE_URL of the same name overrides each.
+_PG_NETWORK = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+               "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 
 
 def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
@@ -43,13 +49,20 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
             pool_timeout=settings.database_pool_timeout_s,
         )
     if backend == "postgresql":
-        # Timeouts end as SQLSTATE 57014 / 55P03, which `eventpipe.errors` calls transient.
-        options["connect_args"] = {"options": f"-c statement_timeout={statement_ms} "
-                                              f"-c lock_timeout={lock_ms}",
+        # Timeouts end as SQLSTATE 57014 / 55P03, which `eventpipe.errors` calls transient. A
+        # transaction idle five times as long as a statement may run (5 minutes by default)
+        # is one whose worker froze or lost its host: the server ends it, and the locks it
+        # held, which held up the partition's next owner, go with it.
+        server = f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}"
+        if statement_ms:
+            server += f" -c idle_in_transaction_session_timeout={statement_ms * 5}"
+        options["connect_args"] = {"options": server,
                                    # Planned for the tables as they are at each execution:
                                    # a prepared statement's generic plan, made while a table
                                    # was small, kept scanning it whole as it grew.
-                                   "prepare_threshold": None}
+                                   "prepare_threshold": None,
+                                   **{name: value for name, value in _PG_NETWORK.items()
+                                      if name not in url.query}}
     if backend == "mssql":
         # One round trip for a whole executemany instead of one per row.
         options["fast_executemany"] = True

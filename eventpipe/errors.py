@@ -35,6 +35,11 @@ class TransientError(PipelineError):
     """The world failed, not the event: retry later."""
 
 
+class DatabaseUnresponsive(TransientError):
+    """A batch's time limit ran out while it waited on the database: a server that answers
+    nothing (packets dropped, no reset) is the world failing, not the batch's events."""
+
+
 _TRANSIENT: tuple[type[BaseException], ...] = (
     TransientError,
     sqlalchemy.exc.TimeoutError,  # the connection pool is exhausted

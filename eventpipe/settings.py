@@ -125,7 +125,8 @@ class Settings:
     )
     task_time_limit_s: float = _field(
         "TASK_TIME_LIMIT_S", 300.0,
-        "A batch still running after this long is killed (and its messages isolated)",
+        "A batch still running after this long is stopped: retried later if it was waiting "
+        "on the database, else its messages are isolated",
     )
     retry_backoff_base_s: float = _field(
         "RETRY_BACKOFF_BASE_S", 1.0, "First retry delay; doubles each attempt, with jitter"

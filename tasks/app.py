@@ -28,6 +28,7 @@ from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.errors import DatabaseUnresponsive
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
@@ -66,7 +67,8 @@ _elastic: list[bool] = []
 
 
 class TaskTimeLimitExceeded(Exception):
-    """A batch ran past TASK_TIME_LIMIT_S; treated as an unforeseen error of its messages."""
+    """A batch ran past TASK_TIME_LIMIT_S elsewhere than in the database; treated as an
+    unforeseen error of its messages."""
 
 
 @celeryd_init.connect
@@ -174,11 +176,34 @@ def _kafka_reader() -> Fetch:
     return MessageReader(settings).fetch
 
 
+# The modules a batch waits in while the database has its statement.
+_DATABASE_MODULES = ("psycopg", "pyodbc", "sqlite3", "sqlalchemy.engine", "sqlalchemy.pool")
+
+
+def _waiting_on_database(frame: FrameType | None) -> bool:
+    """Whether the innermost frames are a database driver's (or SQLAlchemy's, around a
+    driver written in C): where a batch waits when the server answers nothing."""
+    for _ in range(4):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise `TaskTimeLimitExceeded` in this (the main) thread after `seconds`: the solo pool
-    runs tasks on the main thread, where SIGALRM is delivered."""
-    def expired(_signum: int, _frame: FrameType | None) -> None:
+    """Raise in this (the main) thread after `seconds`, and again every `seconds` after that
+    while the batch runs on (its parts, split or isolated, each get as long): the solo pool
+    runs tasks on the main thread, where SIGALRM is delivered. In the database it is the
+    world's failure (`DatabaseUnresponsive`, retried with backoff); anywhere else one of the
+    batch's messages' (`TaskTimeLimitExceeded`)."""
+    def expired(_signum: int, frame: FrameType | None) -> None:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        if _waiting_on_database(frame):
+            raise DatabaseUnresponsive(f"batch still running after {seconds:g} s, waiting on "
+                                       "the database")
         raise TaskTimeLimitExceeded(f"batch still running after {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expired)

@@ -20,6 +20,7 @@ from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, users
+from tests.support.pipeline import wait_until
 
 WHEN = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 
@@ -56,6 +57,35 @@ def test_a_statement_running_too_long_is_a_transient_failure(postgresql_url: str
         assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
     finally:
         engine.dispose()
+
+
+def test_postgresql_ends_a_transaction_its_worker_left_idle_and_gives_up_on_silence(
+    postgresql_url: str,
+) -> None:
+    """A worker frozen in a transaction (or cut off with its process alive) must not hold its
+    locks for good: the server ends the transaction once it idled five times a statement's
+    limit. And the client gives up on a server that answers nothing within about a minute,
+    not the kernel's quarter of an hour: keepalives and a TCP user timeout are set."""
+    engine = make_engine(Settings(database_url=postgresql_url, database_statement_timeout_s=0.2))
+    watcher = make_engine(Settings(database_url=postgresql_url))
+    try:
+        idle = engine.connect()
+        idle.begin()
+        pid = idle.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        def ended() -> bool:
+            with watcher.connect() as conn:
+                return not conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid "
+                                             "= :pid"), {"pid": pid}).scalar_one()
+
+        wait_until(ended, 30, "the server to end the idle transaction")
+        idle.invalidate()
+        with engine.connect() as conn:
+            given = conn.connection.driver_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert (given["keepalives"], given["tcp_user_timeout"]) == ("1", "60000")
+    finally:
+        engine.dispose()
+        watcher.dispose()
 
 
 def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:

@@ -261,6 +261,37 @@ def test_database_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> N
 
 
 
+def test_a_database_that_answers_nothing_for_a_while_loses_nothing(make_pipeline: Any) -> None:
+    """Packets dropped, no reset: each batch waits on the database until its time limit.
+    That is the world failing, not the events: retried, never dead-lettered, however many
+    attempts the outage lasts."""
+    direct = new_database()
+    url = make_url(direct)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        pipeline: Pipeline = make_pipeline(database_url=proxied, TASK_TIME_LIMIT_S="3",
+                                           RETRY_MAX_ATTEMPTS="2", RETRY_BACKOFF_BASE_S="0.2",
+                                           RETRY_BACKOFF_MAX_S="0.5")
+        messages = stream(1500, seed=62)
+        pipeline.start_worker()
+        pipeline.start_bridge()
+        sent = pipeline.send(messages[:500])
+        wait_until(lambda: pipeline.applied_count() > 0, 60, "some events applied")
+        proxy.freeze()
+        sent += pipeline.send(messages[500:])
+        worker_log = pipeline.log_of("worker")
+        wait_until(lambda: worker_log.read_text().count("still running after 3 s") >= 4, 90,
+                   "the time limit to end four attempts")
+        proxy.thaw()
+        drained(pipeline, sent)
+        assert_state(pipeline, [doc for _, doc in messages])
+        assert pipeline.dead_letters() == []
+    finally:
+        proxy.close()
+        drop_database(direct)
+
+
 def test_a_child_waits_for_its_parent_and_a_replay_that_fails_again_keeps_its_history(
     make_pipeline: Any,
 ) -> None:

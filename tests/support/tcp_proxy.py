@@ -1,4 +1,5 @@
-"""A TCP proxy a test can cut and restore, to make a real server unreachable for a while."""
+"""A TCP proxy a test can cut and restore, to make a real server unreachable for a while, or
+freeze and thaw, to make it answer nothing (a network that drops packets: no reset, no close)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ class TcpProxy:
         self.lock = threading.Lock()
         self.open = threading.Event()
         self.open.set()
+        self.flowing = threading.Event()  # cleared while frozen: bytes are held, not passed on
+        self.flowing.set()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -28,6 +31,7 @@ class TcpProxy:
             if not self.open.is_set():
                 client.close()  # refused while cut, as a down server would
                 continue
+            self.flowing.wait()  # while frozen, connected but never answered
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -41,6 +45,7 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while chunk := src.recv(65536):
+                self.flowing.wait()
                 dst.sendall(chunk)
         except OSError:
             pass
@@ -66,7 +71,15 @@ class TcpProxy:
     def restore(self) -> None:
         self.open.set()
 
+    def freeze(self) -> None:
+        """Pass nothing on until `thaw`, closing nothing: the server seems to hang."""
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
     def close(self) -> None:
         self.closed = True
+        self.thaw()
         self.cut()
         self.listener.close()

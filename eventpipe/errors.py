@@ -89,7 +89,7 @@ def classify(exc: BaseException) -> FailureKind:
     """The one place that decides. Database errors are judged by SQLSTATE and native error
     number first, since a driver's exception class does not say enough: pyodbc raises a
     deadlock as a plain `Error`, and an `OperationalError` may be a value the database refused."""
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, _TRANSIENT) or unresponsive(exc):
         return FailureKind.TRANSIENT
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
@@ -104,6 +104,21 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, sqlalchemy.exc.IntegrityError):
         return FailureKind.CONSTRAINT
     return FailureKind.UNKNOWN
+
+
+def unresponsive(exc: BaseException) -> bool:
+    """Whether `exc` is, or was raised while handling, a `DatabaseUnresponsive`: a driver
+    interrupted mid-exchange fails again as it cleans up (psycopg's "another command is
+    already in progress", "can't change 'autocommit' now"), and that error says nothing of
+    the batch's events."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain, not a cycle: bounded all the same
+        if seen is None:
+            return False
+        if isinstance(seen, DatabaseUnresponsive):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _by_codes(orig: BaseException | None) -> FailureKind | None:

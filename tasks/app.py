@@ -176,8 +176,9 @@ def _kafka_reader() -> Fetch:
     return MessageReader(settings).fetch
 
 
-# The modules a batch waits in while the database has its statement.
-_DATABASE_MODULES = ("psycopg", "pyodbc", "sqlite3", "sqlalchemy.engine", "sqlalchemy.pool")
+# The modules a batch waits in while the database has its statement, or its turn to write.
+_DATABASE_MODULES = ("psycopg", "pyodbc", "sqlite3", "sqlalchemy.engine", "sqlalchemy.pool",
+                     "eventpipe.sqlite_turns")
 
 
 def _waiting_on_database(frame: FrameType | None) -> bool:
@@ -194,13 +195,12 @@ def _waiting_on_database(frame: FrameType | None) -> bool:
 
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise in this (the main) thread after `seconds`, and again every `seconds` after that
-    while the batch runs on (its parts, split or isolated, each get as long): the solo pool
-    runs tasks on the main thread, where SIGALRM is delivered. In the database it is the
-    world's failure (`DatabaseUnresponsive`, retried with backoff); anywhere else one of the
-    batch's messages' (`TaskTimeLimitExceeded`)."""
+    """Raise in this (the main) thread after `seconds`: the solo pool runs tasks on the main
+    thread, where SIGALRM is delivered. In the database it is the world's failure
+    (`DatabaseUnresponsive`, retried with backoff, whatever error the driver's cleanup then
+    raises over it: `eventpipe.errors.classify`); anywhere else one of the batch's messages'
+    (`TaskTimeLimitExceeded`)."""
     def expired(_signum: int, frame: FrameType | None) -> None:
-        signal.setitimer(signal.ITIMER_REAL, seconds)
         if _waiting_on_database(frame):
             raise DatabaseUnresponsive(f"batch still running after {seconds:g} s, waiting on "
                                        "the database")

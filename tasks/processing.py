@@ -41,7 +41,7 @@ from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, key_of, m
 from eventpipe.dlq.projection import Fetch, project
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Fate, Position, Received
-from eventpipe.errors import DatabaseUnresponsive, InvalidEvent
+from eventpipe.errors import InvalidEvent, unresponsive
 from eventpipe.events import EventType, parse_event, peek_identity
 from eventpipe.failures import (
     GiveUp,
@@ -154,9 +154,9 @@ class Processor:
             try:
                 self._apply(topic, partition, part, report)
             except Exception as exc:
-                if isinstance(exc, DatabaseUnresponsive):
-                    # Interrupted mid-exchange, its connection would answer the next batch
-                    # out of turn: none of the pool's connections is trusted again.
+                if unresponsive(exc):
+                    # Interrupted mid-exchange, a connection would answer the next batch out
+                    # of turn: none of the pool's connections is trusted again.
                     self.engine.dispose()
                 decision = decide(exc, size=len(part), attempts=max(m.attempts for m in part),
                                   retries=self.retries, policy=self.policy, rng=self.rng)

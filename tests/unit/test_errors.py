@@ -9,7 +9,13 @@ import psycopg
 import pytest
 import sqlalchemy.exc
 
-from eventpipe.errors import FailureKind, classify, is_transient, sqlstate
+from eventpipe.errors import (
+    DatabaseUnresponsive,
+    FailureKind,
+    classify,
+    is_transient,
+    sqlstate,
+)
 
 
 class PyodbcError(Exception):
@@ -93,6 +99,27 @@ def test_an_invalidated_connection_is_transient_whatever_the_code() -> None:
     assert isinstance(exc, sqlalchemy.exc.DBAPIError)
     exc.connection_invalidated = True
     assert classify(exc) is FailureKind.TRANSIENT
+
+
+def test_whatever_a_driver_raises_as_it_cleans_up_after_the_database_stalled_is_transient(
+) -> None:
+    """The task's time limit interrupts psycopg mid-exchange; its cleanup then fails with an
+    error of its own (the classes below are psycopg's), raised while handling the stall."""
+    def interrupted_then(cleanup: BaseException) -> BaseException:
+        try:
+            try:
+                raise DatabaseUnresponsive("batch still running after 3 s")
+            except DatabaseUnresponsive:
+                raise cleanup  # noqa: B904 - chained implicitly, as the driver's is
+        except BaseException as exc:
+            return exc
+
+    for cleanup in (psycopg.ProgrammingError("can't change 'autocommit' now"),
+                    wrapped(sqlalchemy.exc.ProgrammingError,
+                            psycopg.ProgrammingError("can't change 'autocommit' now"))):
+        assert classify(interrupted_then(cleanup)) is FailureKind.TRANSIENT
+    assert classify(psycopg.ProgrammingError("can't change 'autocommit' now")) \
+        is FailureKind.UNKNOWN
 
 
 def test_sqlstate_of_each_driver() -> None:

@@ -326,6 +326,34 @@ def test_the_parser_says_of_what_msgspec_refuses_what_json_says(
     assert fast == verdict()
 
 
+def test_an_unknown_field_nested_deep_is_read_as_json_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """msgspec and `json` each stop near a thousand levels of nesting, at depths that move
+    with the caller's stack: through that range, the parser says what `json` says."""
+    _, document = user_created("u1")
+
+    def verdicts() -> list[str]:
+        said = []
+        for depth in range(900, 1010):
+            nested = b"[" * depth + b"]" * depth  # written out: `json` cannot build it
+            value = encode(document).removesuffix(b"}") + b', "extra": ' + nested + b"}"
+            try:
+                said.append(repr(parse_event(value)))
+            except InvalidEvent as exc:
+                said.append(str(exc))
+        return said
+
+    fast = verdicts()
+
+    def refuse(_value: bytes | str) -> Any:
+        raise msgspec.DecodeError("refused")
+
+    monkeypatch.setattr(events, "_decode_fast", refuse)
+    assert fast == verdicts()
+    assert "value: nested too deeply" in fast
+
+
 @given(st.sampled_from(["eventId", "eventType", "schemaVersion", "occurredAt", "data",
                         "data.userId", "data.items", "data.items.0", "data.items.0.quantity",
                         "data.items.0.unitPrice", "data.totalAmount", "data.currency",

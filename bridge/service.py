@@ -429,8 +429,9 @@ class Bridge:
             self.partitions[tp.partition] = PartitionProgress(
                 tp.partition, committed=committed.get(tp.partition))
         # A new progress is not paused, and the Kafka client keeps a partition paused across
-        # a rebalance that gives it back: resumed here, it is read again whatever came before.
-        if assigned:
+        # a rebalance that gives it back: resumed here, it is read again whatever came before
+        # (unless the bridge is stopping: its drain reads only what it already fetched).
+        if assigned and not self.stopping:
             consumer.resume(assigned)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})

@@ -136,7 +136,8 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
         if before is None:
             changes.append((None, failure))
             continue
-        if before.state in CLOSED and before.position == failure.position:
+        if before.state in CLOSED and failure.position.offset is not None \
+                and before.position == failure.position:
             continue
         if before.state == REPLAYING and before.position != failure.position:
             # The replayed copy failed before its replayer marked the letter replayed (it

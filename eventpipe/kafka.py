@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     NewPartitions,
@@ -13,6 +13,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from eventpipe.effects import Position
+from eventpipe.errors import TransientError
 from eventpipe.settings import Settings, SettingsError
 
 # librdkafka's own messages go through logging, as JSON lines like every other record,
@@ -112,6 +113,12 @@ def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     return True
 
 
+# What Kafka says of a message it no longer has.
+_GONE = frozenset({KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET,
+                   KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
+                   KafkaError._UNKNOWN_TOPIC})
+
+
 class MessageReader:
     """Reads single messages by position, without joining any group: the bytes of dead
     letters for the DLQ, and `eventpipe trace`. One consumer, reused for every read."""
@@ -125,10 +132,14 @@ class MessageReader:
             # One message is wanted at a time: answer at once rather than wait for more
             # (0.5 s per read otherwise, on some brokers, which makes rebuilding a large DLQ
             # crawl).
-            "fetch.wait.max.ms": 10}))
+            "fetch.wait.max.ms": 10,
+            # An offset Kafka no longer has is an error to read, not a jump to another one.
+            "auto.offset.reset": "error"}))
 
     def fetch(self, position: Position) -> tuple[bytes | None, bytes] | None:
-        """(key, value) of the message at `position`; None when Kafka no longer has it."""
+        """(key, value) of the message at `position`; None when Kafka no longer has it (its
+        retention passed, its topic is gone). A Kafka that does not answer is not one that
+        lost the message: `TransientError`, and the caller tries again later."""
         if position.topic is None or position.partition is None or position.offset is None:
             return None
         self.consumer.assign([TopicPartition(position.topic, position.partition,
@@ -141,8 +152,20 @@ class MessageReader:
             # every `fetch.wait.max.ms`: a worker's reader would keep its last partition
             # streaming from the broker after a single dead letter's bytes.
             self.consumer.unassign()
-        if record is None or record.error() is not None or record.offset() != position.offset:
+        if record is None:  # nothing there, or no answer: asking for the topic tells which
+            try:
+                self.consumer.list_topics(position.topic, timeout=self.timeout_s)
+            except KafkaException as exc:
+                raise TransientError(f"Kafka did not answer for {position.topic} "
+                                     f"[{position.partition}] offset {position.offset}: "
+                                     f"{exc}") from exc
             return None
+        error = record.error()
+        if error is not None and error.code() not in _GONE:
+            raise TransientError(f"Kafka could not hand over {position.topic} "
+                                 f"[{position.partition}] offset {position.offset}: {error}")
+        if error is not None or record.offset() != position.offset:
+            return None  # gone, or compacted away (the next offset came instead)
         key, value = record.key(), record.value()
         return (key if isinstance(key, bytes) else None,
                 value if isinstance(value, bytes) else b"")

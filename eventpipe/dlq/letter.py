@@ -24,7 +24,8 @@ from datetime import datetime
 from typing import Any
 
 from eventpipe.effects import Position
-from eventpipe.events import Event, message_fingerprint
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import Event, message_fingerprint, parse_event
 
 WAITING = "waiting"
 OPEN = "open"
@@ -52,6 +53,21 @@ def message_key(key: bytes | None, value: bytes) -> str:
 def key_of(event: Event | None, key: bytes | None, value: bytes) -> str:
     """The DLQ key of a message: its event's when it is one, else its bytes'."""
     return event_key(event.fingerprint) if event is not None else message_key(key, value)
+
+
+def made_of(dlq_key: str, key: bytes | None, value: bytes) -> bool:
+    """Whether the message (key, value) is one a dead letter of `dlq_key` can be about: the
+    same bytes, or the same event. Bytes read back from Kafka by position are checked so: a
+    topic made anew (a fresh broker, a recreated topic) holds other messages at the same
+    offsets."""
+    if dlq_key == message_key(key, value):
+        return True
+    if not dlq_key.startswith("e:"):
+        return False
+    try:
+        return dlq_key == event_key(parse_event(value, key).fingerprint)
+    except InvalidEvent:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

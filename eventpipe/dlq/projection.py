@@ -28,7 +28,7 @@ from sqlalchemy import Engine, func, select, update
 from eventpipe import metrics
 from eventpipe.database import reading
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, DeadLetter
+from eventpipe.dlq.letter import OPEN, DeadLetter, made_of
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.tables import dead_letters
@@ -73,6 +73,11 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             message = (payloads or {}).get(letter.dlq_key)
             if message is None and fetch is not None:
                 message = fetch(letter.position)
+                if message is not None and not made_of(letter.dlq_key, *message):
+                    log.warning("the message now at %s is not the dead letter's: shown "
+                                "without its bytes", letter.position, extra={
+                                    "dlqKey": letter.dlq_key})
+                    message = None
             elif message is None:
                 continue
             if message is None:

@@ -195,6 +195,42 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
     assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
 
 
+def test_bytes_read_back_by_position_are_the_dead_letters_own_or_none(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """A topic made anew (a fresh broker, `make run` again on the same database) holds other
+    messages at the dead letters' offsets: those are not their bytes, and a replay must not
+    publish them in place of the poison it was about."""
+    topic = kafka_topic(partitions=1)
+    [here, beyond] = produce(kafka_broker, topic, [(b"k", b"{bad 0", []),
+                                                   (b"k", b"{someone else", [])])
+    saved = record(engine, failure(here.offset or 0, b"{bad 0", topic),
+                   failure(beyond.offset or 0, b"{bad 1", topic))
+    reader = MessageReader(settings_for(kafka_broker, topic))
+    try:
+        report = projection.project(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert report.put == 2 and report.missing_bytes == [saved[1].dlq_key]
+    assert {entry.letter.position.offset: entry.value for entry in stream.scan()} == {
+        here.offset: b"{bad 0", beyond.offset: None}
+
+
+def test_a_restore_kafka_does_not_answer_fails_and_strips_no_bytes(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Kafka down is not Kafka without the messages: the rebuild stops with an error, and
+    the entries keep the bytes they have."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+    reader = MessageReader(settings_for("127.0.0.1:1", "events"), timeout_s=1)
+    try:
+        with pytest.raises(TransientError):
+            projection.restore(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert [e.value for e in stream.scan()] == [entry.value]
+
+
 def test_the_reader_fetches_nothing_more_once_it_has_its_message(
     kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection
-from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
+from eventpipe.dlq.stream import ENTRY_ID, DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import MessageReader
 from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
@@ -32,7 +32,8 @@ def add_commands(commands: Any) -> None:
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     listing = dlq_commands.add_parser("list", help="list entries, oldest failure first")
     _filters(listing)
-    listing.add_argument("--after", help="entry id to continue after (pagination)")
+    listing.add_argument("--after", type=_entry_id,
+                         help="entry id to continue after (pagination)")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
@@ -64,6 +65,13 @@ def _filters(parser: argparse.ArgumentParser) -> None:
                              "(UTC unless it names an offset)")
     parser.add_argument("--until", type=iso_time,
                         help="entries whose last failure was at or before this ISO-8601 time")
+
+
+def _entry_id(text: str) -> str:
+    if ENTRY_ID.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a stream entry id such as 1764000000000-0")
+    return text
 
 
 def iso_time(text: str) -> datetime:

@@ -182,6 +182,24 @@ class Settings:
                            ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):
             if value < 1:
                 raise SettingsError(f"{env}={value!r}: must be at least 1")
+        # Values no process runs with: a task limit of 0 or less fails every batch, a port
+        # beyond 65535 is silently some other one.
+        for env, amount in (("TASK_TIME_LIMIT_S", self.task_time_limit_s),
+                            ("REDELIVERY_TIMEOUT_S", self.redelivery_timeout_s),
+                            ("COMMIT_INTERVAL_S", self.commit_interval_s),
+                            ("KAFKA_SESSION_TIMEOUT_MS", self.kafka_session_timeout_ms),
+                            ("DLQ_MAX_ENTRIES", self.dlq_max_entries),
+                            ("DLQ_MAX_BYTES", self.dlq_max_bytes),
+                            ("DATABASE_POOL_SIZE", self.database_pool_size)):
+            if amount <= 0:
+                raise SettingsError(f"{env}={amount!r}: must be greater than 0")
+        for env, port in (("WEB_PORT", self.web_port), ("FLOWER_PORT", self.flower_port),
+                          ("BRIDGE_METRICS_PORT", self.bridge_metrics_port),
+                          ("WORKER_METRICS_PORT", self.worker_metrics_port)):
+            if not 0 <= port <= 65535:
+                raise SettingsError(f"{env}={port!r}: must be a port, 0 to 65535")
+        if not self.kafka_topic.strip():
+            raise SettingsError("KAFKA_TOPIC is empty: name the events' topic")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str | None]) -> Settings:

@@ -13,6 +13,7 @@ is left behind.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import secrets
@@ -212,6 +213,8 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(settings, provided, run_dir)
     stack.install_signal_handlers()
+    if isinstance(sys.stdout, io.TextIOWrapper):  # its lines as they come, piped or not
+        sys.stdout.reconfigure(line_buffering=True)
     print("starting the pipeline:")
     try:
         stack.start_brokers()

@@ -67,6 +67,13 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
 
 
+def test_a_malformed_cursor_is_a_usage_error_not_a_redis_one(tmp_path: Path) -> None:
+    done = eventpipe(tmp_path, "dlq", "list", "--after", "bogus")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "argument --after: 'bogus' is not a stream entry id such as 1764000000000-0")
+
+
 @pytest.mark.parametrize(("command", "redis_down"), [
     (["bridge"], True), (["produce", "generate", "--count", "1"], True), (["up"], False)])
 def test_a_topic_with_partitions_no_worker_serves_is_refused_naming_the_setting(

@@ -41,6 +41,19 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
             Settings.from_env({"KAFKA_FETCH_WAIT_MAX_MS": value})
 
 
+@pytest.mark.parametrize(("env", "value", "said"), [
+    ("TASK_TIME_LIMIT_S", "-1", "TASK_TIME_LIMIT_S=-1.0: must be greater than 0"),
+    ("KAFKA_SESSION_TIMEOUT_MS", "-1", "KAFKA_SESSION_TIMEOUT_MS=-1: must be greater than 0"),
+    ("DLQ_MAX_BYTES", "0", "DLQ_MAX_BYTES=0: must be greater than 0"),
+    ("WEB_PORT", "99999", "WEB_PORT=99999: must be a port, 0 to 65535"),
+    ("KAFKA_TOPIC", " ", "KAFKA_TOPIC is empty"),
+])
+def test_values_no_process_runs_with_are_refused(env: str, value: str, said: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({env: value})
+    assert str(caught.value).startswith(said)
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):

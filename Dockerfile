@@ -62,4 +62,7 @@ USER eventpipe:eventpipe
 
 EXPOSE 8000 9101 9102 5555
 
-CMD ["gunicorn", "--config", "python:web.gunicorn_conf", "web.wsgi:app"]
+# The metrics directory is named before gunicorn loads its configuration from the `web`
+# package, whose import loads prometheus_client (see web/gunicorn_conf.py).
+CMD ["env", "PROMETHEUS_MULTIPROC_DIR=/tmp/eventpipe-web-metrics", \
+     "gunicorn", "--config", "python:web.gunicorn_conf", "web.wsgi:app"]

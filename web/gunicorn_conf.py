@@ -30,7 +30,10 @@ control_socket_disable = True
 
 # prometheus_client picks its multiprocess mode from this variable when first imported, which
 # happens in the workers after the fork; it is the library's own setting, not the project's.
-# Without one given, each server run gets a private directory.
+# Without one given, each server run gets a private directory: only when this file is loaded
+# by its path (`-c web/gunicorn_conf.py`). Loaded as `python:web.gunicorn_conf`, the `web`
+# package, and prometheus_client with it, is imported before this runs: the variable must be
+# set already (the image's command and docker-compose.yml set it).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eventpipe-web-metrics-")
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])

@@ -398,3 +398,16 @@ def test_image_is_built_as_the_deployment_needs() -> None:
     assert "msodbcsql18" in installs
     copied = " ".join(arguments for instruction, arguments in runtime if instruction == "COPY")
     assert "--from=builder" in copied and "alembic.ini" in copied and "alembic" in copied
+
+
+def test_the_images_web_command_names_the_metrics_directory_before_gunicorn_starts() -> None:
+    """`python:web.gunicorn_conf` imports the `web` package, and prometheus_client with it,
+    before the configuration could choose a directory: without the variable set first,
+    /metrics answers empty."""
+    runtime = dockerfile_stages(DOCKERFILE.read_text())[-1]
+    [command] = [json.loads(arguments) for instruction, arguments in runtime
+                 if instruction == "CMD"]
+    gunicorn = command.index("gunicorn")
+    assert command[:gunicorn] == ["env", "PROMETHEUS_MULTIPROC_DIR=/tmp/eventpipe-web-metrics"]
+    assert command[gunicorn:] == ["gunicorn", "--config", "python:web.gunicorn_conf",
+                                  "web.wsgi:app"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, text
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 
 
@@ -29,6 +32,29 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+
+
+@cache
+def _revisions() -> tuple[str, frozenset[str]]:
+    """The head this version's code needs, and every revision it knows."""
+    script = ScriptDirectory(str(scripts()))
+    head = script.get_current_head()
+    assert head is not None
+    return head, frozenset(revision.revision for revision in script.walk_revisions())
+
+
+def schema_behind(conn: Connection) -> str | None:
+    """Why the database's schema is older than this code needs, naming the fix; None when
+    it is the head, or a revision this code does not know (a newer release migrated it, and
+    its schema still serves this one while the release rolls out)."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    head, known = _revisions()
+    if current is None:
+        return "the database has no schema yet: run `eventpipe migrate`"
+    if current != head and current in known:
+        return f"the database's schema is at {current}, this code needs {head}: run " \
+               "`eventpipe migrate`"
+    return None
 
 
 def create_database_if_missing(url: str) -> None:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,6 +422,18 @@ def test_not_ready_names_what_failed(make_app: Any) -> None:
     assert elapsed < 4.0  # each check is bounded; they run side by side
     # Liveness calls nothing: still fine.
     assert ok(client.get("/health")) == {"status": "ok"}
+
+
+def test_not_ready_while_the_database_has_no_schema(
+    make_app: Any, kafka_broker: str, tmp_path: Path
+) -> None:
+    """Every read would fail: `/ready` says so, and what to run, rather than 200."""
+    client = make_app(kafka_bootstrap_servers=kafka_broker,
+                      database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}")
+    body = ok(client.get("/ready"), 503)
+    assert body["failed"] == ["database"]
+    assert body["checks"][0]["error"] == \
+        "the database has no schema yet: run `eventpipe migrate`"
 
 
 def test_the_dlq_reads_honour_their_openapi_document(

@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from sqlalchemy import text
-
 from eventpipe.kafka import broker_reachable
+from eventpipe.migrations import schema_behind
 from web.services import Services
 
 TIMEOUT_S = 2.0
@@ -39,7 +38,10 @@ class Unreachable(Exception):
 def dependency_checks(services: Services, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Check]:
     def database() -> None:
         with services.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            # Not ready while migrations have not run: every read would fail.
+            behind = schema_behind(conn)
+        if behind is not None:
+            raise Unreachable(behind)
 
     def redis() -> None:
         services.redis.ping()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -234,13 +235,22 @@ def test_celery_broker_flushed_mid_stream_loses_nothing(make_pipeline: Any) -> N
     assert pipeline.dead_letters() == []
 
 
-def test_database_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> None:
+@contextmanager
+def behind_a_proxy(make_pipeline: Any, **overrides: str) -> Iterator[tuple[Pipeline, TcpProxy]]:
+    """A pipeline on a database of its own reached through a proxy a test can break."""
     direct = new_database()
     url = make_url(direct)
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     try:
         proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
-        pipeline: Pipeline = make_pipeline(database_url=proxied)
+        yield make_pipeline(database_url=proxied, **overrides), proxy
+    finally:
+        proxy.close()
+        drop_database(direct)
+
+
+def test_database_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> None:
+    with behind_a_proxy(make_pipeline) as (pipeline, proxy):
         messages = stream(2000, seed=61)
         pipeline.start_worker()
         pipeline.start_bridge()
@@ -255,24 +265,15 @@ def test_database_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> N
         drained(pipeline, sent)
         assert_state(pipeline, [doc for _, doc in messages])
         assert pipeline.dead_letters() == []  # a failure of the world is never dead-lettered
-    finally:
-        proxy.close()
-        drop_database(direct)
-
 
 
 def test_a_database_that_answers_nothing_for_a_while_loses_nothing(make_pipeline: Any) -> None:
     """Packets dropped, no reset: each batch waits on the database until its time limit.
     That is the world failing, not the events: retried, never dead-lettered, however many
     attempts the outage lasts."""
-    direct = new_database()
-    url = make_url(direct)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    try:
-        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
-        pipeline: Pipeline = make_pipeline(database_url=proxied, TASK_TIME_LIMIT_S="3",
-                                           RETRY_MAX_ATTEMPTS="2", RETRY_BACKOFF_BASE_S="0.2",
-                                           RETRY_BACKOFF_MAX_S="0.5")
+    with behind_a_proxy(make_pipeline, TASK_TIME_LIMIT_S="3", RETRY_MAX_ATTEMPTS="2",
+                        RETRY_BACKOFF_BASE_S="0.2", RETRY_BACKOFF_MAX_S="0.5") as (
+            pipeline, proxy):
         messages = stream(1500, seed=62)
         pipeline.start_worker()
         pipeline.start_bridge()
@@ -287,9 +288,6 @@ def test_a_database_that_answers_nothing_for_a_while_loses_nothing(make_pipeline
         drained(pipeline, sent)
         assert_state(pipeline, [doc for _, doc in messages])
         assert pipeline.dead_letters() == []
-    finally:
-        proxy.close()
-        drop_database(direct)
 
 
 def test_a_child_waits_for_its_parent_and_a_replay_that_fails_again_keeps_its_history(

@@ -20,6 +20,8 @@ from sqlalchemy.exc import ArgumentError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("auto", "json", "text")
+DATABASES = ("postgresql", "mssql", "sqlite")  # SQLAlchemy's backend names
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class SettingsError(ValueError):
@@ -169,10 +171,17 @@ class Settings:
             raise SettingsError(f"LOG_FORMAT={self.log_format!r}: use one of "
                                 f"{', '.join(LOG_FORMATS)}")
         try:
-            make_url(self.database_url)
+            backend = make_url(self.database_url).get_backend_name()
         except ArgumentError:
             raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
                                 "(e.g. postgresql+psycopg://user@host/db)") from None
+        if backend not in DATABASES:
+            raise SettingsError(f"DATABASE_URL: {backend!r} is not a supported database: use "
+                                "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///")
+        scheme = self.redis_url.partition("://")[0]
+        if scheme not in REDIS_SCHEMES:  # the URL itself may hold a password: not repeated
+            raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
+                                "redis://, rediss:// or unix://")
         # librdkafka wants it a second under its socket timeout (60 s), or requests time out.
         if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
             raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "

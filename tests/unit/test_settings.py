@@ -47,6 +47,8 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("DLQ_MAX_BYTES", "0", "DLQ_MAX_BYTES=0: must be greater than 0"),
     ("WEB_PORT", "99999", "WEB_PORT=99999: must be a port, 0 to 65535"),
     ("KAFKA_TOPIC", " ", "KAFKA_TOPIC is empty"),
+    ("DATABASE_URL", "mysql://u@h/db", "DATABASE_URL: 'mysql' is not a supported database"),
+    ("REDIS_URL", "http://:secret@x", "REDIS_URL: 'http' is not a Redis URL's scheme"),
 ])
 def test_values_no_process_runs_with_are_refused(env: str, value: str, said: str) -> None:
     with pytest.raises(SettingsError) as caught:

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="fixed partitions, e.g. 0-5 or 0,2,4 (default: none fixed; the "
                         "processes join the worker pool, which shares every partition among "
                         "the live workers of all hosts)")
-    worker.add_argument("--processes", type=int, default=1,
+    worker.add_argument("--processes", type=_at_least_one, default=1,
                         help="worker processes on this host (default 1)")
     worker.set_defaults(handler=_worker)
 
@@ -104,6 +104,13 @@ def _version() -> str:
         return "unknown"
 
 
+def _at_least_one(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not a number of processes: at least 1")
+    return number
+
+
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.settings import provided
     from launcher.stack import run
@@ -112,11 +119,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bridge(_args: argparse.Namespace, settings: Settings) -> int:
-    from prometheus_client import start_http_server
-
     from bridge.service import run
+    from eventpipe import metrics
 
-    start_http_server(settings.bridge_metrics_port)
+    metrics.serve(settings.bridge_metrics_port, "BRIDGE_METRICS_PORT")
     run(settings)
     return 0
 

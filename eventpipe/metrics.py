@@ -12,9 +12,17 @@ from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from eventpipe.events import EventType
+from eventpipe.settings import SettingsError
 
 _EVENT_TYPES = frozenset(t.value for t in EventType)
 
@@ -157,3 +165,13 @@ class RateMeter:
 
 
 RATE = RateMeter()
+
+
+def serve(port: int, setting: str, registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve /metrics on `port` (0: any free one); a port another process holds is a bad
+    setting, named, rather than a traceback."""
+    try:
+        start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise SettingsError(f"{setting}={port}: {exc.strerror or exc}: another process "
+                            f"listens there; set {setting} to a free port (0: any)") from None

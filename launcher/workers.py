@@ -114,12 +114,14 @@ class Supervisor:
             self._start(index)
 
     def _serve_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
+
+        from eventpipe import metrics
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        start_http_server(self.settings.worker_metrics_port, registry=registry)
+        metrics.serve(self.settings.worker_metrics_port, "WORKER_METRICS_PORT", registry)
 
     def run(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:

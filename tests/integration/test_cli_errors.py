@@ -67,6 +67,31 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
 
 
+@pytest.mark.parametrize(("command", "setting"), [
+    (["bridge"], "BRIDGE_METRICS_PORT"),
+    (["worker", "--partitions", "0-1"], "WORKER_METRICS_PORT"),
+])
+def test_a_metrics_port_another_process_holds_is_named_in_one_line(
+    tmp_path: Path, command: list[str], setting: str
+) -> None:
+    with socket.create_server(("", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = eventpipe(tmp_path, *command, **{setting: str(port), "KAFKA_PARTITIONS": "2"})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"eventpipe: bad setting: {setting}={port}: ")
+    assert lines[0].endswith(f"another process listens there; set {setting} to a free port "
+                             "(0: any)")
+
+
+def test_no_worker_processes_is_a_usage_error(tmp_path: Path) -> None:
+    done = eventpipe(tmp_path, "worker", "--processes", "0")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "argument --processes: 0 is not a number of processes: at least 1")
+
+
 def test_a_malformed_cursor_is_a_usage_error_not_a_redis_one(tmp_path: Path) -> None:
     done = eventpipe(tmp_path, "dlq", "list", "--after", "bogus")
     assert done.returncode == 2, done.stderr

@@ -304,17 +304,21 @@ _FAST_BRACKETS = 500
 def _load_object(value: bytes | str) -> dict[str, Any]:
     if len(value) > MAX_MESSAGE_BYTES:
         raise InvalidEvent("value", f"is {len(value)} bytes, larger than {MAX_MESSAGE_BYTES}")
-    brackets = (value.count(b"[") + value.count(b"{") if isinstance(value, bytes)
-                else value.count("[") + value.count("{"))
-    try:
-        if brackets >= _FAST_BRACKETS:
-            raise ValueError("maybe nested too deeply for the two decoders to agree")
-        document = _decode_fast(value)
-    except Exception:  # any refusal is `json`'s to explain
-        document = decode_json(value)
+    document = _decode(value)
     if not isinstance(document, dict):
         raise InvalidEvent("value", f"must be a JSON object, not {type(document).__name__}")
     return document
+
+
+def _decode(value: bytes | str) -> Any:
+    brackets = (value.count(b"[") + value.count(b"{") if isinstance(value, bytes)
+                else value.count("[") + value.count("{"))
+    if brackets < _FAST_BRACKETS:
+        try:
+            return _decode_fast(value)
+        except Exception:  # any refusal is `json`'s to explain, below
+            pass
+    return decode_json(value)
 
 
 def decode_json(value: bytes | str) -> Any:

@@ -115,13 +115,13 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
             continue
         if entry.value is None:
             result.no_bytes += 1
-            _give_back(engine, key, now)
+            _end_claim(engine, key, now, published=False)
             continue
         publisher.publish(entry, _recorder(acknowledged, key))
     publisher.flush()
     for key, ok in acknowledged.items():
         if not ok:
-            _give_back(engine, key, now)
+            _end_claim(engine, key, now, published=False)
             result.refused += 1
             continue
         if _end_claim(engine, key, now, published=True) is not None:
@@ -131,18 +131,13 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         progress(len(chunk))
 
 
-def _give_back(engine: Engine, key: str, now: Callable[[], datetime]) -> None:
-    """A replay not sent: its letter back in the DLQ."""
-    _end_claim(engine, key, now, published=False)
-
-
 def _end_claim(engine: Engine, key: str, now: Callable[[], datetime], *,
                published: bool) -> DeadLetter | None:
-    """End a replay's claim on its letter, and queue the letter's entity for the next
-    reconciler round, which evaluates it again: the claim hid the letter from the rounds, so
-    the parent may have come meanwhile; and a replayed event still held (its copy is a
-    duplicate, which changes nothing) must have its letter live again. None when the claim
-    had lapsed."""
+    """End a replay's claim on its letter (not published: back in the DLQ), and queue the
+    letter's entity for the next reconciler round, which evaluates it again: the claim hid
+    the letter from the rounds, so the parent may have come meanwhile; and a replayed event
+    still held (its copy is a duplicate, which changes nothing) must have its letter live
+    again. None when the claim had lapsed."""
     with engine.begin() as conn:
         letter = records.finish_replay(conn, key, now(), published=published)
         if letter is not None:

@@ -1,8 +1,8 @@
 """`eventpipe up`: the whole pipeline on one machine, in the foreground.
 
 Embedded defaults where nothing is configured — Tansu for Kafka unless
-KAFKA_BOOTSTRAP_SERVERS is set, a SQLite file unless DATABASE_URL is set, the configured Redis
-if it answers, else an embedded redis-server — then the bridge, the workers for every
+KAFKA_BOOTSTRAP_SERVERS is set, a SQLite file unless DATABASE_URL is set, a redis-server
+unless REDIS_URL or CELERY_BROKER_URL is set — then the bridge, the workers for every
 partition, the web API (with the console) and Flower as child processes. Without a
 DLQ_API_TOKEN, one is made for the run and printed, so the console's DLQ view works. It waits
 until everything is ready, prints where to look, and on Ctrl-C or SIGTERM stops the children
@@ -34,7 +34,7 @@ from eventpipe.database import redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.queues import queue_depths, queue_name
-from eventpipe.settings import Settings, SettingsError, child_environment
+from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
     EmbeddedProcess,
@@ -46,6 +46,7 @@ from launcher.embedded import (
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
+SERVICE_UNANSWERED = 3  # as `cli.errors.SERVICE`
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
 _STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
@@ -53,6 +54,10 @@ _STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
+
+
+class Unanswered(RuntimeError):
+    """A service the settings name does not answer: exit status 3, as for every command."""
 
 
 @dataclass
@@ -81,25 +86,39 @@ class Stack:
             self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
         else:
             if not broker_reachable(self.settings, timeout_s=5):
-                raise RuntimeError(
+                raise Unanswered(
                     f"no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS="
                     f"{self.settings.kafka_bootstrap_servers}; start it, or unset the variable "
                     "to run an embedded one")
             self.say(f"  kafka     {self.settings.kafka_bootstrap_servers}")
-        if redis_answers(self.settings.redis_url):
-            self.say(f"  redis     {self.settings.redis_url}")
-        else:
-            server = start_redis()
-            self.services.append(server)
-            overrides.update(redis_url=f"{server.url}/0", celery_broker_url=f"{server.url}/1")
-            self.say(f"  redis     embedded redis-server on {server.address} "
-                     f"(nothing answered at {self.settings.redis_url})")
+        overrides.update(self._redis())
         if "DLQ_API_TOKEN" not in self.provided:
             # The console's dead-letter view needs a token: one for this run, printed below.
             overrides["dlq_api_token"] = secrets.token_urlsafe(18)
         self.settings = replace(self.settings, **overrides)
         if "kafka_bootstrap_servers" in overrides:
             self._drop_stale_tasks()
+
+    def _redis(self) -> dict[str, str]:
+        """A Redis of its own unless one is configured. A Redis answering at the default URL
+        may be another pipeline's (a docker-compose stack publishes its Redis on 6379): the
+        two would take each other's tasks and commit past each other's events."""
+        configured = [name for name in ("REDIS_URL", "CELERY_BROKER_URL")
+                      if name in self.provided]
+        if not configured:
+            server = start_redis()
+            self.services.append(server)
+            self.say(f"  redis     embedded redis-server on {server.address}")
+            return {"redis_url": f"{server.url}/0", "celery_broker_url": f"{server.url}/1"}
+        urls = {"REDIS_URL": self.settings.redis_url,
+                "CELERY_BROKER_URL": self.settings.celery_broker_url}
+        for name, url in urls.items():
+            if url.split("://", 1)[0] in REDIS_SCHEMES and not redis_answers(url):
+                raise Unanswered(
+                    f"no Redis answers at {name}={redacted(url)}; start it, or unset "
+                    f"{' and '.join(configured)} to run an embedded one")
+        self.say(f"  redis     {redacted(self.settings.redis_url)}")
+        return {}
 
     def _drop_stale_tasks(self) -> None:
         """The embedded Kafka starts empty, so tasks still queued from an earlier run carry
@@ -235,6 +254,9 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except SettingsError:  # said as every command says a bad setting (`cli.main`)
         raise
+    except Unanswered as exc:
+        print(f"eventpipe up: {exc}", file=sys.stderr)
+        return SERVICE_UNANSWERED
     except Exception as exc:  # whatever it is, say it plainly and still stop what started
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return 1

@@ -44,7 +44,11 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
     env.update({name: str(port) for name, port in ports.items()})
     env.update(EVENTPIPE_ENV_FILE=marker, KAFKA_PARTITIONS="4")
     if redis_kind == "embedded":
-        env["REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing there: the embedded one is used
+        # None configured: a Redis of its own, even though the machine's answers at the
+        # default URL (it may be another pipeline's).
+        for name in ("REDIS_URL", "CELERY_BROKER_URL"):
+            env.pop(name, None)
+        assert redis.Redis.from_url("redis://127.0.0.1:6379/0").ping()
     else:
         # The machine's Redis, holding a task an earlier run left queued for a topic that
         # the new embedded Kafka no longer has.

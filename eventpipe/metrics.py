@@ -106,6 +106,10 @@ OWNER_CHANGES = Counter(
     "partition_owner_changes", "Times a worker found a partition last served by another "
     "(a restart, or two workers on one partition)", ["partition"],
 )
+FOREIGN_TASKS = Counter(
+    "foreign_tasks", "Tasks of another topic than KAFKA_TOPIC taken off this pipeline's queues "
+    "and not applied: another pipeline shares the Celery broker", ["topic"],
+)
 POOL_PARTITIONS = Gauge(
     "worker_pool_partitions", "Partition queues the worker pool gave this worker host's "
     "processes", multiprocess_mode="livesum",

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -215,9 +216,35 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+FOREIGN_SAID_EVERY_S = 60.0
+_foreign_said: dict[str, float] = {}
+
+
+def _not_ours(topic: str, queue: str | None) -> None:
+    """A task of another topic: another pipeline was given the same Celery broker, whose
+    queues bear the same names. Applied here, its events would enter this pipeline's
+    database. Acknowledged and not applied, it is lost to the pipeline that sent it the way
+    a flushed queue's tasks are: its bridge reads the events again from Kafka once
+    REDELIVERY_TIMEOUT_S passes (nothing lost there, nothing foreign here). Said once a
+    minute per topic, and counted."""
+    metrics.FOREIGN_TASKS.labels(topic).inc()
+    now = time.monotonic()
+    if now - _foreign_said.get(topic, -FOREIGN_SAID_EVERY_S) < FOREIGN_SAID_EVERY_S:
+        return
+    _foreign_said[topic] = now
+    log.error("a task of topic %r came on queue %s, but this worker serves KAFKA_TOPIC=%r: "
+              "another pipeline uses the same Celery broker; give each pipeline its own "
+              "Redis database or RabbitMQ virtual host (CELERY_BROKER_URL). Its tasks are not "
+              "applied here", topic, queue, settings.kafka_topic,
+              extra={"topic": topic, "queue": queue})
+
+
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)
 def apply_events(self: Task, topic: str, partition: int,
                  messages: list[list[Any]]) -> dict[str, int]:
+    if topic != settings.kafka_topic:
+        _not_ours(topic, self.request.delivery_info.get("routing_key"))
+        return {}
     decoded = [TaskMessage.from_wire(m) for m in messages]
     with time_limit(settings.task_time_limit_s):
         report = processor().run(topic, partition, decoded, retries=self.request.retries)

@@ -235,6 +235,32 @@ def test_celery_broker_flushed_mid_stream_loses_nothing(make_pipeline: Any) -> N
     assert pipeline.dead_letters() == []
 
 
+def test_a_pipeline_given_anothers_celery_broker_neither_applies_nor_loses_its_events(
+    make_pipeline: Any,
+) -> None:
+    """Two pipelines given one Celery broker by mistake: their queues bear the same names, so
+    one's worker takes the other's tasks. It must not write them into its own database, and
+    it says why in one line; the pipeline that sent them reads them again from Kafka, as
+    after a flushed queue, and applies every one with its own worker."""
+    ours: Pipeline = make_pipeline()
+    theirs: Pipeline = make_pipeline(celery_broker_url=ours.settings.celery_broker_url)
+    messages = stream(300, seed=53)
+    our_worker = ours.start_worker()
+    theirs.start_bridge()
+    sent = theirs.send(messages)
+    worker_log = ours.log_of("worker")
+    wait_until(lambda: "another pipeline uses the same Celery broker" in worker_log.read_text(),
+               60, "their tasks taken by our worker")
+    ours.stop(our_worker)
+    assert ours.applied_count() == 0
+    said = [line for line in worker_log.read_text().splitlines() if "another pipeline" in line]
+    assert len(said) == 1, said  # once a minute, not once a task
+    assert f"a task of topic '{theirs.name}' came on queue events.p" in said[0]
+    theirs.start_worker()
+    drained(theirs, sent)
+    assert_state(theirs, [doc for _, doc in messages])
+
+
 @contextmanager
 def behind_a_proxy(make_pipeline: Any, **overrides: str) -> Iterator[tuple[Pipeline, TcpProxy]]:
     """A pipeline on a database of its own reached through a proxy a test can break."""

@@ -13,6 +13,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+# A worker takes a task off its queue a moment before it leases the task's offsets: for that
+# moment the head is neither queued nor leased. It is taken for lost only once seen so for
+# this long (or a quarter of the redelivery timeout, if shorter).
+TAKEN_GRACE_S = 1.0
+
 
 @dataclass(slots=True)
 class PartitionProgress:
@@ -25,6 +30,8 @@ class PartitionProgress:
     last_dispatched: int | None = None
     last_progress: float = 0.0
     overtaken_since: float | None = None
+    # (the head offset, when it was first seen neither leased nor queued)
+    unaccounted: tuple[int, float] | None = None
     paused: bool = False
 
     @property
@@ -79,8 +86,13 @@ class PartitionProgress:
         if not self.outstanding:
             return None
         head, sent_at = self.outstanding[0]
-        if needs_redelivery(head in self.leased, now, sent_at, self.last_progress,
-                            self.overtaken_since, timeout_s, queued):
+        if head in self.leased or (queued is not None and queued > 0):
+            self.unaccounted = None
+            return None
+        if self.unaccounted is None or self.unaccounted[0] != head:
+            self.unaccounted = (head, now)
+        if needs_redelivery(False, now, sent_at, self.last_progress, self.overtaken_since,
+                            timeout_s, queued, unaccounted_since=self.unaccounted[1]):
             return head
         return None
 
@@ -92,24 +104,32 @@ class PartitionProgress:
         self.leased = set()
         self.last_dispatched = None
         self.overtaken_since = None
+        self.unaccounted = None
 
 
 def needs_redelivery(
     head_leased: bool, now: float, head_sent_at: float, last_progress: float,
     overtaken_since: float | None, timeout_s: float, queued: int | None = None,
+    unaccounted_since: float | None = None,
 ) -> bool:
     """Whether the oldest unfinished offset of a partition was lost on the way.
 
     A worker leases the offsets it holds (a batch being applied, a retry waiting), so a
     leased offset is never lost. Nor is one while tasks still wait in the partition's queue:
     it may be among them (a worker stalled or slow), and reading it again would only add
-    copies behind it — the backpressure bound would not hold. Otherwise it is lost when
+    copies behind it — the backpressure bound would not hold. Nor one first seen neither
+    leased nor queued (`unaccounted_since`) less than `TAKEN_GRACE_S` ago: a worker may have
+    just taken its task, after a long wait in the queue, and not yet leased it. Otherwise
+    it is lost when
     - later offsets of the partition are done: one partition's tasks run in order in one
       worker, so work that was overtaken was dropped (a worker killed mid-batch) — after a
       short grace in case two workers serve the partition by mistake; or
     - nothing at all has happened on the partition for `timeout_s` (the queue was flushed).
     """
     if head_leased or (queued is not None and queued > 0):
+        return False
+    if (unaccounted_since is not None
+            and now - unaccounted_since < min(TAKEN_GRACE_S, timeout_s / 4)):
         return False
     if overtaken_since is not None and now - overtaken_since >= timeout_s / 4:
         return True

@@ -281,6 +281,9 @@ class Bridge:
               only: list[int] | None = None) -> None:
         chosen = {p: self.partitions[p] for p in (only or list(self.partitions))
                   if p in self.partitions}
+        # The queues first: a task seen gone from its queue was taken before the ledger is
+        # read, so a lease its worker wrote at once is seen with it.
+        self._queue_depths(chosen)
         lows = {p: low for p, progress in chosen.items()
                 if (low := progress.low()) is not None}
         if lows:
@@ -293,7 +296,6 @@ class Bridge:
             for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
         self._commit(chosen, now)
-        self._queue_depths(chosen)
         for partition, progress in chosen.items():
             metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
             if partition in self.unsent and not self.stopping:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridge.batching import Batcher
-from bridge.offsets import PartitionProgress, needs_redelivery
+from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery
 from eventpipe.queues import TaskMessage
 
 TIMEOUT = 60.0
@@ -122,4 +122,23 @@ def test_no_redelivery_while_tasks_of_the_partition_wait_in_its_queue() -> None:
     progress.dispatched([1, 2], now=0)
     # A worker stalled for many redelivery periods: its queue holds the partition's tasks.
     assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=3) is None
-    assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=0) == 1
+    assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=0) is None
+    assert progress.redelivery(now=10 * TIMEOUT + TAKEN_GRACE_S, timeout_s=TIMEOUT,
+                               queued=0) == 1
+
+
+def test_a_task_just_taken_after_a_long_wait_in_its_queue_is_not_taken_for_lost() -> None:
+    """The worker took the partition's task off its queue, and leases its offsets a moment
+    later: one sync may see it neither queued nor leased, long after it was sent."""
+    progress = PartitionProgress(0)
+    progress.dispatched([1, 2], now=0)
+    assert progress.redelivery(now=10 * TIMEOUT, timeout_s=TIMEOUT, queued=1) is None
+    assert progress.redelivery(now=10 * TIMEOUT + 0.2, timeout_s=TIMEOUT, queued=0) is None
+    progress.observe(set(), {1, 2}, now=10 * TIMEOUT + 0.4)  # its lease, seen at the next sync
+    assert progress.redelivery(now=10 * TIMEOUT + 0.4, timeout_s=TIMEOUT, queued=0) is None
+    assert progress.redelivery(now=20 * TIMEOUT, timeout_s=TIMEOUT, queued=0) is None
+    # Its worker killed: the lease lapses, and the head is unaccounted for from then on.
+    progress.observe(set(), set(), now=30 * TIMEOUT)
+    assert progress.redelivery(now=30 * TIMEOUT, timeout_s=TIMEOUT, queued=0) is None
+    assert progress.redelivery(now=30 * TIMEOUT + TAKEN_GRACE_S, timeout_s=TIMEOUT,
+                               queued=0) == 1

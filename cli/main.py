@@ -141,8 +141,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _web(_args: argparse.Namespace, settings: Settings) -> int:
+    from eventpipe.ports import ensure_free
     from web import create_app
 
+    ensure_free("WEB_PORT", settings.web_port, settings.web_host)
     create_app(settings).run(host=settings.web_host, port=settings.web_port, threaded=True)
     return 0
 

@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 from eventpipe.events import EventType
-from eventpipe.settings import SettingsError
+from eventpipe.ports import unusable
 
 _EVENT_TYPES = frozenset(t.value for t in EventType)
 
@@ -177,5 +177,4 @@ def serve(port: int, setting: str, registry: CollectorRegistry = REGISTRY) -> No
     try:
         start_http_server(port, registry=registry)
     except OSError as exc:
-        raise SettingsError(f"{setting}={port}: {exc.strerror or exc}: another process "
-                            f"listens there; set {setting} to a free port (0: any)") from None
+        raise unusable(setting, port, exc, any_port=True) from None

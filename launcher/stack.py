@@ -33,6 +33,7 @@ from eventpipe import redis_clients
 from eventpipe.database import redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
+from eventpipe.ports import ensure_free
 from eventpipe.queues import queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
 from launcher.children import die_with_parent, terminate
@@ -71,6 +72,15 @@ class Stack:
     stopping: bool = False
 
     # -- the parts ---------------------------------------------------------------------------
+
+    def check_ports(self) -> None:
+        """The ports the children will listen on, free before anything starts (a child that
+        cannot listen would exit and leave the reason in its log)."""
+        s = self.settings
+        ensure_free("WEB_PORT", s.web_port, s.web_host)
+        ensure_free("FLOWER_PORT", s.flower_port, "127.0.0.1")
+        ensure_free("BRIDGE_METRICS_PORT", s.bridge_metrics_port)
+        ensure_free("WORKER_METRICS_PORT", s.worker_metrics_port)
 
     def start_brokers(self) -> None:
         overrides: dict[str, Any] = {}
@@ -236,6 +246,7 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     print("starting the pipeline:")
     try:
+        stack.check_ports()
         stack.start_brokers()
         stack.prepare_database()
         stack.start_children()

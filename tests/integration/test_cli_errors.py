@@ -70,22 +70,31 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
 
 
-@pytest.mark.parametrize(("command", "setting"), [
-    (["bridge"], "BRIDGE_METRICS_PORT"),
-    (["worker", "--partitions", "0-1"], "WORKER_METRICS_PORT"),
+@pytest.mark.parametrize(("command", "setting", "hint"), [
+    (["bridge"], "BRIDGE_METRICS_PORT", " (0: any)"),
+    (["worker", "--partitions", "0-1"], "WORKER_METRICS_PORT", " (0: any)"),
+    (["web"], "WEB_PORT", ""),
+    # Before anything starts: not "web exited with 1; see var/run/web.log".
+    (["up"], "WEB_PORT", ""),
+    (["up"], "FLOWER_PORT", ""),
+    (["up"], "BRIDGE_METRICS_PORT", ""),
+    (["up"], "WORKER_METRICS_PORT", ""),
 ])
-def test_a_metrics_port_another_process_holds_is_named_in_one_line(
-    tmp_path: Path, command: list[str], setting: str
+def test_a_port_another_process_holds_is_named_in_one_line(
+    tmp_path: Path, command: list[str], setting: str, hint: str
 ) -> None:
-    with socket.create_server(("", 0)) as taken:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        done = eventpipe(tmp_path, *command, **{setting: str(port), "KAFKA_PARTITIONS": "2"})
+        free = {name: str(free_port()) for name in (
+            "WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")}
+        done = eventpipe(tmp_path, *command, **{**free, setting: str(port),
+                                                "KAFKA_PARTITIONS": "2"})
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"eventpipe: bad setting: {setting}={port}: ")
-    assert lines[0].endswith(f"another process listens there; set {setting} to a free port "
-                             "(0: any)")
+    assert lines[0].endswith(f"another process listens there; set {setting} to a free port"
+                             f"{hint}")
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -1,0 +1,31 @@
+"""Ports a process is to listen on. One that another process holds is a bad setting, named
+in one line, before anything starts: not a traceback, nor a child that exits and leaves its
+reason in a log file."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from eventpipe.settings import SettingsError
+
+
+def unusable(setting: str, port: int, exc: OSError, *, any_port: bool = False) -> SettingsError:
+    """The bad setting a failed bind makes of `setting`=`port`."""
+    if exc.errno != errno.EADDRINUSE:
+        return SettingsError(f"{setting}={port}: {exc.strerror or exc}: cannot listen there")
+    hint = f"set {setting} to a free port" + (" (0: any)" if any_port else "")
+    return SettingsError(f"{setting}={port}: {exc.strerror or exc}: another process listens "
+                         f"there; {hint}")
+
+
+def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = False) -> None:
+    """Raise the bad setting if nothing could listen on `host`:`port` now (0 is always free:
+    the process picks one)."""
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise unusable(setting, port, exc, any_port=any_port) from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from kombu.transport import TRANSPORT_ALIASES
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -182,6 +183,13 @@ class Settings:
         if scheme not in REDIS_SCHEMES:  # the URL itself may hold a password: not repeated
             raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
                                 "redis://, rediss:// or unix://")
+        for url in self.celery_broker_url.split(";"):  # Celery's list of brokers to fail over
+            transport = url.partition("://")[0].partition("+")[0].lower()
+            # (a dotted name is a transport class of one's own)
+            if transport not in TRANSPORT_ALIASES and "." not in transport:
+                raise SettingsError(f"CELERY_BROKER_URL: {transport!r} is not a transport "
+                                    "Celery knows: use redis://, rediss:// or amqp:// "
+                                    "(RabbitMQ)")
         # librdkafka wants it a second under its socket timeout (60 s), or requests time out.
         if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
             raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "

@@ -51,6 +51,8 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["status"], {"LOG_FORMAT": "pretty"}, 2,
          "eventpipe: bad setting: LOG_FORMAT='pretty': use one of auto, json, text"),
         (["dlq", "list"], {"DATABASE_URL": "garbage"}, 2, "DATABASE_URL='garbage'"),
+        (["bridge"], {"CELERY_BROKER_URL": "foo://127.0.0.1/0"}, 2,
+         "eventpipe: bad setting: CELERY_BROKER_URL: 'foo' is not a transport Celery knows"),
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),
         (["worker", "--partitions", "0-99"], {"KAFKA_PARTITIONS": "12"}, 2,
          "partition 99 does not exist: the topic has 12"),

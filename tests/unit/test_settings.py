@@ -49,11 +49,20 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("KAFKA_TOPIC", " ", "KAFKA_TOPIC is empty"),
     ("DATABASE_URL", "mysql://u@h/db", "DATABASE_URL: 'mysql' is not a supported database"),
     ("REDIS_URL", "http://:secret@x", "REDIS_URL: 'http' is not a Redis URL's scheme"),
+    ("CELERY_BROKER_URL", "foo://:secret@x", "CELERY_BROKER_URL: 'foo' is not a transport"),
+    ("CELERY_BROKER_URL", "redis://a:6379/1;bar://b", "CELERY_BROKER_URL: 'bar' is not a"),
 ])
 def test_values_no_process_runs_with_are_refused(env: str, value: str, said: str) -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({env: value})
     assert str(caught.value).startswith(said)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/1", "rediss://h/1", "amqp://u:p@h/vhost",
+                                 "pyamqp://h//", "sentinel://h:26379;sentinel://g:26379",
+                                 "sqla+postgresql://u@h/db"])
+def test_every_transport_celery_knows_is_a_broker(url: str) -> None:
+    assert Settings.from_env({"CELERY_BROKER_URL": url}).celery_broker_url == url
 
 
 def test_settings_are_frozen() -> None:

@@ -1,7 +1,9 @@
 """The worker's background loop: reconcile the rules that span keys, keep the DLQ stream in step.
 
-One daemon thread per worker process runs `eventpipe.reconcile.reconcile`, rebuilds the DLQ
-stream if Redis lost it, puts back entries it lost otherwise, and runs the DLQ projection,
+One daemon thread per worker process runs `eventpipe.reconcile.reconcile`, resolves the dead
+letters of events given up on their own that a copy has since applied (every
+`COPIES_EVERY_S`, across the processes), rebuilds the DLQ stream if Redis lost it, puts
+back entries it lost otherwise, and runs the DLQ projection,
 after batches (`poke`) and at least every second, so parking deadlines pass and a projection
 that failed is retried while no traffic comes. Every worker process runs one, but rounds start
 at most once per `MIN_GAP_S` across all of them (a Redis turn key, as the DLQ check takes): a
@@ -24,6 +26,9 @@ from datetime import UTC, datetime, timedelta
 import redis
 from sqlalchemy import Engine
 
+from eventpipe.database import reading
+from eventpipe.dlq import records
+from eventpipe.dlq.letter import OPEN, WAITING
 from eventpipe.dlq.projection import HEAL_EVERY_S, Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.reconcile import reconcile
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 MIN_GAP_S = 0.5
+COPIES_EVERY_S = 5.0
 
 
 def _utc_now() -> datetime:
@@ -41,7 +47,8 @@ def _utc_now() -> datetime:
 class Reconciler:
     def __init__(self, engine: Engine, stream: DeadLetterStream, fetch: Callable[[], Fetch],
                  park_timeout: timedelta, interval_s: float = INTERVAL_S,
-                 min_gap_s: float = MIN_GAP_S, heal_every_s: float = HEAL_EVERY_S) -> None:
+                 min_gap_s: float = MIN_GAP_S, heal_every_s: float = HEAL_EVERY_S,
+                 copies_every_s: float = COPIES_EVERY_S) -> None:
         self.engine = engine
         self.stream = stream
         self.fetch = fetch
@@ -49,6 +56,7 @@ class Reconciler:
         self.interval_s = interval_s
         self.min_gap_s = min_gap_s
         self.heal_every_s = heal_every_s
+        self.copies_every_s = copies_every_s
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
 
@@ -62,6 +70,7 @@ class Reconciler:
     def run_once(self) -> None:
         if self._my_turn():
             reconcile(self.engine, _utc_now, self.park_timeout)
+        self._resolve_recorded_copies()
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)
         try:
@@ -69,6 +78,28 @@ class Reconciler:
         except Exception as exc:  # the projection below still runs
             log.warning("DLQ stream check failed: %s", exc)
         project(self.engine, self.stream, fetch)
+
+    def _resolve_recorded_copies(self) -> None:
+        """Resolve the dead letters of events given up on their own that a copy has since
+        applied (`records.given_up_then_recorded`), every `copies_every_s` across the
+        processes; the projection that follows takes them out of the stream."""
+        try:
+            if self.copies_every_s > 0 and not self.stream.take_turn("copies",
+                                                                     self.copies_every_s):
+                return
+        except redis.RedisError:
+            pass  # each process looks then; the row locks keep them apart
+        with reading(self.engine) as conn:
+            if not records.given_up_then_recorded(conn):
+                return
+        with self.engine.begin() as conn:
+            now = _utc_now()
+            found = records.load(conn, records.given_up_then_recorded(conn), lock=True)
+            resolved = records.resolve(conn, [letter for letter in found.values()
+                                              if letter.state in (OPEN, WAITING)], now)
+        log.info("dead letters resolved: a copy of their event was applied since",
+                 extra={"deadLettersChanged": len(resolved),
+                        "dlqKeys": [letter.dlq_key for letter in resolved][:20]})
 
     def _my_turn(self) -> bool:
         if self.min_gap_s <= 0:

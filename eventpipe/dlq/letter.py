@@ -11,8 +11,9 @@ States:
 - `open`: in the dead-letter queue, shown to operators;
 - `replaying`: claimed by a replay, being published back to Kafka;
 - `replayed`, `purged`: taken out of the DLQ by an operator;
-- `resolved`: its condition cleared by itself (the parent arrived, the email was freed), or the
-  event it was about was superseded by a newer version of its entity.
+- `resolved`: its condition cleared by itself (the parent arrived, the email was freed), the
+  event it was about was superseded by a newer version of its entity, or (for an event given
+  up on its own) a copy of that event was applied since.
 A dead letter that fails again after leaving the DLQ keeps its earlier life as an `Episode`.
 """
 

@@ -30,12 +30,13 @@ from eventpipe.dlq.letter import (
     WAITING,
     DeadLetter,
     Episode,
+    event_key,
     history_from_json,
     history_json,
 )
 from eventpipe.effects import Position
 from eventpipe.keysets import rows_in
-from eventpipe.tables import dead_letters
+from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import utc_iso
 
 MAX_REASON = 1000
@@ -164,6 +165,23 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
         (before, replace(before, attempts=before.attempts + 1, last_failure_at=now,
                          position=position.get(key, before.position)))
         for key, before in sorted(existing.items()) if before.state in (OPEN, WAITING)])
+
+
+def given_up_then_recorded(conn: Connection) -> list[str]:
+    """The live dead letters of events given up on their own (an unforeseen error, a worker
+    that died on them, a value the database refused: none of which records the event) that a
+    copy has since given a fate (applied, or stale): sent again by the producer, read again
+    from Kafka, and applied this time. A batch looks for no dead letter of the events it
+    records, which would cost every batch a lookup for the rare event given up; these are
+    found after it. Dead letters of held events (which have an entity) are the reconciler's;
+    a reused id's (another payload) and a message's that is no event (`m:`) never match."""
+    rows = conn.execute(
+        select(dead_letters.c.dlq_key, applied_events.c.fingerprint)
+        .join(applied_events, applied_events.c.event_id == dead_letters.c.event_id)
+        .where(dead_letters.c.state.in_((OPEN, WAITING)), dead_letters.c.entity_kind.is_(None)))
+    # Compared here: in SQL the two columns' collations may differ (SQL Server).
+    return [row.dlq_key for row in rows
+            if row.fingerprint is not None and row.dlq_key == event_key(row.fingerprint)]
 
 
 def transition(conn: Connection, letter: DeadLetter, state: str, now: datetime,

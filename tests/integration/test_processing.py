@@ -11,8 +11,9 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from eventpipe.samples import encode, inventory_adjusted
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
 from tasks.processing import Processor
+from tasks.reconciler import Reconciler
 from tests.support.factories import at
 from tests.support.services import REDIS_URL
 
@@ -71,12 +73,12 @@ def letters(engine: Engine) -> list[Any]:
         return list(conn.execute(select(dead_letters)))
 
 
-def failing_on_poison(error: Exception) -> Any:
+def failing_on_poison(error: Exception, poison: Collection[str] = (POISON,)) -> Any:
     real = apply_batch
 
     def apply(engine: Engine, batch: Sequence[Received], failures: Sequence[DeadLetter] = (),
               **kwargs: Any) -> BatchResult:
-        if any(item.event.event_id == POISON for item in batch):
+        if any(item.event.event_id in poison for item in batch):
             raise error
         return real(engine, batch, failures, **kwargs)
 
@@ -103,6 +105,39 @@ def test_an_unforeseen_error_is_isolated_then_dead_lettered_and_its_neighbours_a
     assert (row.error_class, row.attempts, row.kafka_offset) == ("ValueError", 3, 17)
     assert "a bug nobody foresaw" in row.reason and "Traceback" in row.traceback
     assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(40))
+
+
+def test_a_copy_of_a_given_up_event_that_applies_closes_its_dead_letter(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event given up on its own (an unforeseen error here; a worker that died on it, a
+    value the database refused) that applies when a copy of it comes again (sent again,
+    read again from Kafka) has one fate: applied. The worker's reconciler resolves its dead
+    letter, which leaves the DLQ; a letter whose event no copy applied stays."""
+    processor, _ = parts
+    monkeypatch.setattr(tasks.processing, "apply_batch", failing_on_poison(
+        ValueError("a bug since fixed"), (POISON, "other-poison")))
+    first = messages(3, poison_at=1)
+    other = TaskMessage(10, first[1].key, first[1].value.replace(POISON.encode(),
+                                                                 b"other-poison"), attempts=2)
+    report = processor.run(TOPIC, 0, first)
+    for _ in range(2):
+        report = processor.run(TOPIC, 0, report.later[0].messages)
+    processor.run(TOPIC, 1, [other])  # its last attempt
+    assert [(row.state, row.error_class) for row in letters(engine)] == [("open", "ValueError")] * 2
+    # No Kafka here: a stream rebuilt puts entries without their bytes.
+    reconciler = Reconciler(engine, processor.stream, lambda: lambda position: None,
+                            timedelta(hours=1), copies_every_s=0)
+    reconciler.run_once()
+    assert processor.stream.depth() == 2
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", apply_batch)
+    processor.run(TOPIC, 0, [replace(first[1], offset=50)])  # the same event, sent again
+    assert POISON in applied_ids(engine)
+    reconciler.run_once()
+    states = {row.event_id: row.state for row in letters(engine)}
+    assert states == {POISON: "resolved", "other-poison": "open"}
+    assert [entry.letter.event_id for entry in processor.stream.scan()] == ["other-poison"]
 
 
 def test_a_value_the_database_refuses_is_dead_lettered_at_once(

@@ -357,11 +357,11 @@ def _text(obj: dict[str, Any], name: str, path: str, max_length: int) -> str:
         raise InvalidEvent(path, f"must be a string, not {type(value).__name__}")
     if not value or value.isspace():
         raise InvalidEvent(path, "must not be empty")
-    _check_text(value, path, max_length)
+    check_text(value, path, max_length)
     return value
 
 
-def _check_text(value: str, path: str, max_length: int) -> None:
+def check_text(value: str, path: str, max_length: int) -> None:
     """Text every database stores unchanged: no NUL (PostgreSQL refuses it), no lone
     surrogate (not encodable), at most `max_length` UTF-16 code units (NVARCHAR's count)."""
     if "\x00" in value:
@@ -433,7 +433,7 @@ def _user_created(data: dict[str, Any]) -> UserCreated:
     # Addresses are unique regardless of case, so they are kept in one case; lowercasing can
     # lengthen them ("İ" becomes two characters), so the bound is checked again.
     email = email.lower()
-    _check_text(email, "data.email", MAX_EMAIL_LENGTH)
+    check_text(email, "data.email", MAX_EMAIL_LENGTH)
     return UserCreated(
         user_id=_id(data, "userId", "data.userId"),
         email=email,

@@ -13,7 +13,8 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from eventpipe.events import MAX_ID_LENGTH
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import MAX_ID_LENGTH, check_text
 from eventpipe.times import utc_iso
 
 # An id as the event contract allows it (1 to 64 characters, not only whitespace) that can
@@ -81,6 +82,18 @@ class UtcDateTime(fields.AwareDateTime):
         return None if value is None else utc_iso(value)
 
 
+def _as_the_contract_counts(value: str) -> None:
+    """What the event contract refuses in an id, beyond what the pattern and the length in
+    characters say: more than 64 UTF-16 code units (characters beyond the BMP count two),
+    a lone surrogate. No event can hold such an id, so it is a 422, not a 404."""
+    if len(value) > MAX_ID_LENGTH or "\x00" in value:
+        return  # the length and the pattern say so already
+    try:
+        check_text(value, "id", MAX_ID_LENGTH)
+    except InvalidEvent as exc:
+        raise ma.ValidationError(exc.reason) from None
+
+
 class Id(fields.String):
     """An entity id in a URL path: validated so a bad one is a 422 naming the parameter."""
 
@@ -93,6 +106,7 @@ class Id(fields.String):
                     ID_PATTERN,
                     error="must hold a character other than whitespace, and no '/' or NUL",
                 ),
+                _as_the_contract_counts,
             ],
             metadata={"description": f"The {what}'s id (1 to {MAX_ID_LENGTH} characters)",
                       "example": f"{what.split()[0]}-1"},

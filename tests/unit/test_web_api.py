@@ -79,13 +79,16 @@ def test_camel_case() -> None:
         "userId", "placedAt", "sku", "nextCursor"]
 
 
-@pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a ", "ünï-cødé", "a.b", "..", "a\nb"])
+@pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a ", "ünï-cødé", "a.b", "..", "a\nb",
+                                     "\U0001f600" * 32])
 def test_valid_ids(user_id: str) -> None:
     assert UserPathSchema().load({"userId": user_id}) == {"user_id": user_id}
 
 
 @pytest.mark.parametrize("user_id", ["", "x" * 65, "   ", "\t\n", "\x1c", "\u3000", "a/b",
-                                     "a\x00b"])
+                                     "a\x00b",
+                                     # 33 characters, 66 UTF-16 code units: no event has it
+                                     "\U0001f600" * 33, "a\ud800b"])
 def test_invalid_ids(user_id: str) -> None:
     with pytest.raises(ValidationError) as caught:
         UserPathSchema().load({"userId": user_id})

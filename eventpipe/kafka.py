@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -16,9 +20,46 @@ from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.settings import Settings, SettingsError
 
+REPEATS_HELD_S = 30.0
+_NUMBERS = re.compile(r"\d+")
+
+
+class HoldBackRepeats(logging.Filter):
+    """Lets each kind of message through once per `window_s`, saying how many alike it held
+    back since: librdkafka says a failure again at each retry (a broker down: a connection
+    refused some twenty times a second, two hundred at once while a metadata request
+    waits). Messages alike differ only in their numbers (a port, a duration)."""
+
+    def __init__(self, window_s: float = REPEATS_HELD_S,
+                 clock: Callable[[], float] = time.monotonic, kinds: int = 1000) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self.kinds = kinds
+        self._seen: dict[str, tuple[float, int]] = {}  # kind → (when let through, held since)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        kind = _NUMBERS.sub("#", text)
+        now = self.clock()
+        with self._lock:
+            passed_at, held = self._seen.get(kind, (None, 0))
+            if passed_at is not None and now - passed_at < self.window_s:
+                self._seen[kind] = (passed_at, held + 1)
+                return False
+            if len(self._seen) >= self.kinds:
+                self._seen.clear()  # bounded: at worst a kind passes again early
+            self._seen[kind] = (now, 0)
+        if held:
+            record.msg, record.args = f"{text} ({held} alike held back)", None
+        return True
+
+
 # librdkafka's own messages go through logging, as JSON lines like every other record,
-# instead of raw lines on stderr (hundreds of them while a broker is down).
+# instead of raw lines on stderr, and each kind once per REPEATS_HELD_S.
 _LIBRDKAFKA = logging.getLogger("librdkafka")
+_LIBRDKAFKA.addFilter(HoldBackRepeats())
 
 
 def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

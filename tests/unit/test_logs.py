@@ -4,12 +4,15 @@ the event's context on both."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pty
 import subprocess
 import sys
 
 import pytest
+
+from eventpipe.kafka import HoldBackRepeats
 
 SNIPPET = """
 import logging
@@ -63,3 +66,23 @@ def test_control_characters_from_message_bytes_reach_a_terminal_as_escapes() -> 
     [line] = done.stderr.splitlines()
     assert "\x1b" not in line
     assert "bad \\x1b[2J\\x0aINFO forged  eventType=x\\x1b[31m" in line
+
+
+def test_librdkafka_says_each_kind_of_failure_once_a_window_and_how_many_it_held_back() -> None:
+    """A broker down: librdkafka says `Connect … failed` at each retry, tens a second."""
+    now = [0.0]
+    held = HoldBackRepeats(window_s=30, clock=lambda: now[0])
+
+    def said(text: str, *args: object) -> str | None:
+        record = logging.LogRecord("librdkafka", logging.ERROR, __file__, 1, text, args, None)
+        return record.getMessage() if held.filter(record) else None
+
+    refused = "FAIL [rdkafka#consumer-1]: 127.0.0.1:%d: Connect failed (after %dms)"
+    assert said(refused, 9092, 0) == "FAIL [rdkafka#consumer-1]: 127.0.0.1:9092: Connect " \
+                                     "failed (after 0ms)"
+    assert [said(refused, 9092, ms) for ms in range(1, 200)] == [None] * 199
+    assert said("another kind of message") == "another kind of message"
+    now[0] = 30.0
+    assert said(refused, 9092, 3) == ("FAIL [rdkafka#consumer-1]: 127.0.0.1:9092: Connect "
+                                      "failed (after 3ms) (199 alike held back)")
+    assert said(refused, 9092, 4) is None

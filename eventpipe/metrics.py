@@ -53,7 +53,8 @@ _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 9
 
 EVENTS_PROCESSED = Counter(
     "events_processed", "Events by final status of one processing attempt "
-    "(applied, duplicate, stale, retried, dead_lettered)", ["event_type", "status"],
+    "(applied, duplicate, stale; id_reused and dead_lettered: into the DLQ)",
+    ["event_type", "status"],
 )
 EVENTS_PER_SECOND = Gauge(
     "events_processed_per_second", "Events processed per second over the last 10 s",

@@ -58,6 +58,8 @@ from eventpipe.settings import Settings
 from eventpipe.times import from_kafka_millis
 
 log = logging.getLogger(__name__)
+# The fates counted in events_processed_per_second: the event is done with, not in the DLQ.
+_DONE_WITH = frozenset({Fate.APPLIED.value, Fate.DUPLICATE.value, Fate.STALE.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +297,7 @@ class Processor:
             counted[(metrics.event_type_label(failure.event_type), "dead_lettered")] += 1
         for (event_type, fate_name), number in counted.items():
             metrics.EVENTS_PROCESSED.labels(event_type, fate_name).inc(number)
-            if fate_name != "dead_lettered":
+            if fate_name in _DONE_WITH:
                 metrics.RATE.add(event_type, number)
         if result.dead_letters:  # their projection carries the messages' bytes
             payloads.update((event_key(item.fingerprint), (message.key, message.value))

@@ -11,6 +11,7 @@ shutdown, and serves the metrics of all its processes, aggregated, on one port.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,12 @@ class Supervisor:
         metrics.serve(self.settings.worker_metrics_port, "WORKER_METRICS_PORT", registry)
 
     def run(self) -> int:
+        try:
+            return self._supervise()
+        finally:  # the processes' metrics files, of no use to anyone once they are gone
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:
             self.stopping = True
             for child in self.children.values():

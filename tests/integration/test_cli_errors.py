@@ -99,6 +99,16 @@ def test_a_port_another_process_holds_is_named_in_one_line(
                              f"{hint}")
 
 
+def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # so it stops at once
+        done = eventpipe(tmp_path, "worker", "--partitions", "0-1", KAFKA_PARTITIONS="2",
+                         WORKER_METRICS_PORT=str(taken.getsockname()[1]), TMPDIR=str(scratch))
+    assert done.returncode == 2, done.stderr
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["worker", "--processes", "0"],
      "argument --processes: 0 is not a number of processes: at least 1"),

@@ -29,13 +29,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sqlalchemy import select
+
 from eventpipe import redis_clients
-from eventpipe.database import redacted
+from eventpipe.database import make_engine, redacted
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
 from eventpipe.queues import queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
+from eventpipe.tables import applied_events
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
     EmbeddedProcess,
@@ -147,6 +150,9 @@ class Stack:
         create_database_if_missing(self.settings.database_url)
         upgrade(self.settings.database_url)
         self.say(f"  database  {redacted(self.settings.database_url)} (migrated)")
+        if "KAFKA_BOOTSTRAP_SERVERS" not in self.provided and _holds_events(self.settings):
+            self.say("            it holds events of earlier runs, which the new embedded Kafka "
+                     "does not (`eventpipe verify` reports them); delete it to start afresh")
         ensure_topic(self.settings)
 
     def start_children(self) -> None:
@@ -275,6 +281,15 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         print("stopping…")
         stack.stop()
         print("stopped")
+
+
+def _holds_events(settings: Settings) -> bool:
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(applied_events.c.event_id).limit(1)).first() is not None
+    finally:
+        engine.dispose()
 
 
 def _environment_of(settings: Settings) -> dict[str, str]:

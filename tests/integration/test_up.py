@@ -11,12 +11,16 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import create_engine
 
+from eventpipe.migrations import upgrade
+from eventpipe.tables import applied_events
 from launcher.embedded import free_port
 from tests.support.pipeline import BIN, wait_until
 from tests.support.services import REDIS_URL
@@ -56,6 +60,16 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         for database in (11, 12):
             redis.Redis.from_url(f"{REDIS_URL}/{database}").flushdb()
         redis.Redis.from_url(f"{REDIS_URL}/12").lpush("events.p0", b"{}")
+        # And a database an earlier run left, whose events the new embedded Kafka lacks.
+        earlier = f"sqlite:///{tmp_path / 'var' / 'eventpipe.db'}"
+        (tmp_path / "var").mkdir()
+        upgrade(earlier)
+        engine = create_engine(earlier)
+        with engine.begin() as conn:
+            conn.execute(applied_events.insert().values(
+                event_id="e-earlier", event_type="UserCreated", outcome="applied",
+                occurred_at=datetime.now(UTC), applied_at=datetime.now(UTC)))
+        engine.dispose()
     output = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen([str(BIN / "eventpipe"), "up", "--demo"], cwd=tmp_path, env=env,
                           stdout=output, stderr=subprocess.DEVNULL, text=True)
@@ -68,10 +82,13 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         assert up.poll() is None, text()
         shown = text()
         assert "embedded Tansu" in shown
+        earlier_events = "it holds events of earlier runs, which the new embedded Kafka does not"
         if redis_kind == "embedded":
             assert "embedded redis-server" in shown
+            assert earlier_events not in shown
         else:
             assert "dropped 1 task(s) queued by an earlier run" in shown
+            assert earlier_events in shown
         user_url = re.search(r"a user to look at: (\S+)", shown)
         assert user_url is not None
         with urllib.request.urlopen(user_url.group(1), timeout=5) as response:

@@ -86,15 +86,24 @@ class PartitionProgress:
         if not self.outstanding:
             return None
         head, sent_at = self.outstanding[0]
-        if head in self.leased or (queued is not None and queued > 0):
+        waiting = queued is not None and queued > 0
+        if head in self.leased:
             self.unaccounted = None
-            return None
-        if self.unaccounted is None or self.unaccounted[0] != head:
-            self.unaccounted = (head, now)
-        if needs_redelivery(False, now, sent_at, self.last_progress, self.overtaken_since,
-                            timeout_s, queued, unaccounted_since=self.unaccounted[1]):
+        elif self.unaccounted is None or self.unaccounted[0] != head:
+            # Not while tasks wait: the head's may be among them. Once seen neither queued
+            # nor leased, tasks queued behind it later do not make it accounted for again.
+            self.unaccounted = None if waiting else (head, now)
+        since = self.unaccounted[1] if self.unaccounted is not None else None
+        if needs_redelivery(head in self.leased, now, sent_at, self.last_progress,
+                            self.overtaken_since, timeout_s, queued, unaccounted_since=since):
             return head
         return None
+
+    def unobserved(self) -> None:
+        """A check of the head skipped (the ledger unreadable, the partition's batch not
+        sent yet): its next check starts the grace afresh, rather than count a time it was
+        not looked at."""
+        self.unaccounted = None
 
     def reset(self) -> None:
         """Forget everything handed out: the partition is about to be read again."""

@@ -292,6 +292,8 @@ class Bridge:
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
                 log.warning("offset ledger unreachable: %s", exc)
+                for progress in chosen.values():
+                    progress.unobserved()
                 return
             for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
@@ -300,12 +302,15 @@ class Bridge:
             metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
             if partition in self.unsent and not self.stopping:
                 self._dispatch(partition, [])
+                progress.unobserved()
                 continue
             if progress.paused and not self.stopping and (
                     progress.in_flight < self.settings.max_in_flight_per_partition // 2):
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
+            else:
+                progress.unobserved()
 
     def _publish_status(self) -> None:
         """Say on the status board what this bridge holds (`eventpipe.status`)."""

@@ -142,3 +142,30 @@ def test_a_task_just_taken_after_a_long_wait_in_its_queue_is_not_taken_for_lost(
     assert progress.redelivery(now=30 * TIMEOUT, timeout_s=TIMEOUT, queued=0) is None
     assert progress.redelivery(now=30 * TIMEOUT + TAKEN_GRACE_S, timeout_s=TIMEOUT,
                                queued=0) == 1
+
+
+def test_a_lost_head_is_read_again_while_later_tasks_come_and_go_in_its_queue() -> None:
+    """A worker killed mid-batch: later batches keep the partition's queue holding a task one
+    sync in two. The head, seen neither queued nor leased once, stays unaccounted for."""
+    progress = PartitionProgress(0)
+    progress.dispatched([1, 2], now=0)
+    progress.observe(set(), {1, 2}, now=0)
+    progress.observe(set(), set(), now=TIMEOUT)  # its lease lapsed
+    redelivered = None
+    for second in range(int(TIMEOUT) + 1, int(TIMEOUT) + 10):
+        progress.dispatched([second + 100], now=second)
+        redelivered = progress.redelivery(now=second, timeout_s=TIMEOUT, queued=second % 2)
+        if redelivered is not None:
+            break
+    assert redelivered == 1 and second <= TIMEOUT + 4
+
+
+def test_a_check_skipped_starts_the_grace_afresh() -> None:
+    """The ledger unreadable for a while: the head's task may have been taken meanwhile, and
+    its lease is not seen yet."""
+    progress = PartitionProgress(0)
+    progress.dispatched([1], now=0)
+    assert progress.redelivery(now=100, timeout_s=TIMEOUT, queued=0) is None
+    progress.unobserved()
+    assert progress.redelivery(now=500, timeout_s=TIMEOUT, queued=0) is None
+    assert progress.redelivery(now=500 + TAKEN_GRACE_S, timeout_s=TIMEOUT, queued=0) == 1

@@ -24,8 +24,9 @@ def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = Fal
     the process picks one)."""
     if port == 0:
         return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as werkzeug chooses
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
         raise unusable(setting, port, exc, any_port=any_port) from None

@@ -1,0 +1,24 @@
+"""Ports a process is to listen on, checked before it starts: IPv4 and IPv6 alike."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from eventpipe.ports import ensure_free
+from eventpipe.settings import SettingsError
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"),
+                                              (socket.AF_INET6, "::1")])
+def test_a_port_is_free_or_named_as_taken_on_either_family(family: int, host: str) -> None:
+    with socket.create_server((host, 0), family=family) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SettingsError) as caught:
+            ensure_free("WEB_PORT", port, host)
+        assert str(caught.value).startswith(f"WEB_PORT={port}: ")
+        assert str(caught.value).endswith("another process listens there; set WEB_PORT to a "
+                                          "free port")
+    ensure_free("WEB_PORT", port, host)  # closed: free again
+    ensure_free("WEB_PORT", 0, host)  # any

@@ -53,6 +53,8 @@ READY_TIMEOUT_S = 90.0
 SERVICE_UNANSWERED = 3  # as `cli.errors.SERVICE`
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
+# The URLs an embedded redis-server stands in for, and the database number each gets.
+_EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 _STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
 
 
@@ -113,25 +115,26 @@ class Stack:
             self._drop_stale_tasks()
 
     def _redis(self) -> dict[str, str]:
-        """A Redis of its own unless one is configured. A Redis answering at the default URL
-        may be another pipeline's (a docker-compose stack publishes its Redis on 6379): the
-        two would take each other's tasks and commit past each other's events."""
-        configured = [name for name in ("REDIS_URL", "CELERY_BROKER_URL")
-                      if name in self.provided]
-        if not configured:
-            server = start_redis()
-            self.services.append(server)
-            self.say(f"  redis     embedded redis-server on {server.address}")
-            return {"redis_url": f"{server.url}/0", "celery_broker_url": f"{server.url}/1"}
-        urls = {"REDIS_URL": self.settings.redis_url,
-                "CELERY_BROKER_URL": self.settings.celery_broker_url}
-        for name, url in urls.items():
-            if url.split("://", 1)[0] in REDIS_SCHEMES and not redis_answers(url):
-                raise Unanswered(
-                    f"no Redis answers at {name}={redacted(url)}; start it, or unset "
-                    f"{' and '.join(configured)} to run an embedded one")
-        self.say(f"  redis     {redacted(self.settings.redis_url)}")
-        return {}
+        """A redis-server of its own for REDIS_URL and CELERY_BROKER_URL, but for the ones
+        set. A Redis answering at a default URL may be another pipeline's (a docker-compose
+        stack publishes its Redis on 6379): the two would take each other's tasks."""
+        for name, url in (("REDIS_URL", self.settings.redis_url),
+                          ("CELERY_BROKER_URL", self.settings.celery_broker_url)):
+            if name in self.provided and url.split("://", 1)[0] in REDIS_SCHEMES \
+                    and not redis_answers(url):
+                raise Unanswered(f"no Redis answers at {name}={redacted(url)}; start it, or "
+                                 f"unset {name} to run an embedded one")
+        if "REDIS_URL" in self.provided:
+            self.say(f"  redis     {redacted(self.settings.redis_url)}")
+        unset = {name: database for name, database in _EMBEDDED_REDIS.items()
+                 if name not in self.provided}
+        if not unset:
+            return {}
+        server = start_redis()
+        self.services.append(server)
+        self.say(f"  redis     embedded redis-server on {server.address}"
+                 + ("" if len(unset) == len(_EMBEDDED_REDIS) else f" for {', '.join(unset)}"))
+        return {name.lower(): f"{server.url}/{database}" for name, database in unset.items()}
 
     def _drop_stale_tasks(self) -> None:
         """The embedded Kafka starts empty, so tasks still queued from an earlier run carry

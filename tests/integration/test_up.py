@@ -39,7 +39,7 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("redis_kind", ["embedded", "running"])
+@pytest.mark.parametrize("redis_kind", ["embedded", "running", "half"])
 def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: str) -> None:
     marker = f"/nonexistent/{uuid.uuid4().hex}"
     ports = {name: free_port() for name in ("WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT",
@@ -53,6 +53,12 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         for name in ("REDIS_URL", "CELERY_BROKER_URL"):
             env.pop(name, None)
         assert redis.Redis.from_url("redis://127.0.0.1:6379/0").ping()
+    elif redis_kind == "half":
+        # The machine's Redis for the DLQ and the ledger; the broker's default URL is the
+        # machine's too, but unset: a redis-server of its own stands in for it.
+        env.pop("CELERY_BROKER_URL", None)
+        env["REDIS_URL"] = f"{REDIS_URL}/11"
+        redis.Redis.from_url(f"{REDIS_URL}/11").flushdb()
     else:
         # The machine's Redis, holding a task an earlier run left queued for a topic that
         # the new embedded Kafka no longer has.
@@ -86,6 +92,8 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         if redis_kind == "embedded":
             assert "embedded redis-server" in shown
             assert earlier_events not in shown
+        elif redis_kind == "half":
+            assert re.search(r"redis-server on \S+ for CELERY_BROKER_URL\n", shown), shown
         else:
             assert "dropped 1 task(s) queued by an earlier run" in shown
             assert earlier_events in shown

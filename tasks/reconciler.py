@@ -97,7 +97,7 @@ class Reconciler:
             found = records.load(conn, records.given_up_then_recorded(conn), lock=True)
             resolved = records.resolve(conn, [letter for letter in found.values()
                                               if letter.state in (OPEN, WAITING)], now)
-        log.info("dead letters resolved: a copy of their event was applied since",
+        log.info("dead letters resolved: a copy of their event had its fate since",
                  extra={"deadLettersChanged": len(resolved),
                         "dlqKeys": [letter.dlq_key for letter in resolved][:20]})
 

@@ -13,7 +13,7 @@ States:
 - `replayed`, `purged`: taken out of the DLQ by an operator;
 - `resolved`: its condition cleared by itself (the parent arrived, the email was freed), the
   event it was about was superseded by a newer version of its entity, or (for an event given
-  up on its own) a copy of that event was applied since.
+  up on its own) a copy of that event has had a fate since (applied, or stale).
 A dead letter that fails again after leaving the DLQ keeps its earlier life as an `Episode`.
 """
 

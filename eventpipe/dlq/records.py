@@ -170,18 +170,23 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
 def given_up_then_recorded(conn: Connection) -> list[str]:
     """The live dead letters of events given up on their own (an unforeseen error, a worker
     that died on them, a value the database refused: none of which records the event) that a
-    copy has since given a fate (applied, or stale): sent again by the producer, read again
+    copy has given a fate since (applied, or stale): sent again by the producer, read again
     from Kafka, and applied this time. A batch looks for no dead letter of the events it
     records, which would cost every batch a lookup for the rare event given up; these are
-    found after it. Dead letters of held events (which have an entity) are the reconciler's;
-    a reused id's (another payload) and a message's that is no event (`m:`) never match."""
+    found after it. A copy recorded before the failure leaves the letter alone: the failure
+    came after the event had its fate (a copy that kills its worker is one to see). Dead
+    letters of held events (which have an entity) are the reconciler's; a reused id's
+    (another payload) and a message's that is no event (`m:`) never match."""
     rows = conn.execute(
-        select(dead_letters.c.dlq_key, applied_events.c.fingerprint)
+        select(dead_letters.c.dlq_key, dead_letters.c.first_failure_at,
+               applied_events.c.fingerprint, applied_events.c.applied_at)
         .join(applied_events, applied_events.c.event_id == dead_letters.c.event_id)
-        .where(dead_letters.c.state.in_((OPEN, WAITING)), dead_letters.c.entity_kind.is_(None)))
+        .where(dead_letters.c.state.in_((OPEN, WAITING)), dead_letters.c.entity_kind.is_(None),
+               dead_letters.c.dlq_key.startswith("e:")))
     # Compared here: in SQL the two columns' collations may differ (SQL Server).
     return [row.dlq_key for row in rows
-            if row.fingerprint is not None and row.dlq_key == event_key(row.fingerprint)]
+            if row.fingerprint is not None and row.dlq_key == event_key(row.fingerprint)
+            and row.applied_at > row.first_failure_at]
 
 
 def transition(conn: Connection, letter: DeadLetter, state: str, now: datetime,

@@ -113,31 +113,40 @@ def test_a_copy_of_a_given_up_event_that_applies_closes_its_dead_letter(
     """An event given up on its own (an unforeseen error here; a worker that died on it, a
     value the database refused) that applies when a copy of it comes again (sent again,
     read again from Kafka) has one fate: applied. The worker's reconciler resolves its dead
-    letter, which leaves the DLQ; a letter whose event no copy applied stays."""
+    letter, which leaves the DLQ. A letter whose event no copy applied stays, and so does one
+    of a copy that failed after another had applied (a copy that kills its worker is one an
+    operator must see)."""
     processor, _ = parts
-    monkeypatch.setattr(tasks.processing, "apply_batch", failing_on_poison(
-        ValueError("a bug since fixed"), (POISON, "other-poison")))
     first = messages(3, poison_at=1)
-    other = TaskMessage(10, first[1].key, first[1].value.replace(POISON.encode(),
-                                                                 b"other-poison"), attempts=2)
+
+    def copy(offset: int, event_id: str) -> TaskMessage:  # at its last attempt
+        return TaskMessage(offset, first[1].key,
+                           first[1].value.replace(POISON.encode(), event_id.encode()),
+                           attempts=2)
+
+    processor.run(TOPIC, 2, [replace(copy(0, "early"), attempts=0)])
+    monkeypatch.setattr(tasks.processing, "apply_batch", failing_on_poison(
+        ValueError("a bug since fixed"), (POISON, "other-poison", "early")))
     report = processor.run(TOPIC, 0, first)
     for _ in range(2):
         report = processor.run(TOPIC, 0, report.later[0].messages)
-    processor.run(TOPIC, 1, [other])  # its last attempt
-    assert [(row.state, row.error_class) for row in letters(engine)] == [("open", "ValueError")] * 2
+    processor.run(TOPIC, 1, [copy(10, "other-poison")])
+    processor.run(TOPIC, 2, [copy(1, "early")])
+    assert [(row.state, row.error_class) for row in letters(engine)] == [("open", "ValueError")] * 3
     # No Kafka here: a stream rebuilt puts entries without their bytes.
     reconciler = Reconciler(engine, processor.stream, lambda: lambda position: None,
                             timedelta(hours=1), copies_every_s=0)
     reconciler.run_once()
-    assert processor.stream.depth() == 2
+    assert processor.stream.depth() == 3
 
     monkeypatch.setattr(tasks.processing, "apply_batch", apply_batch)
     processor.run(TOPIC, 0, [replace(first[1], offset=50)])  # the same event, sent again
     assert POISON in applied_ids(engine)
     reconciler.run_once()
     states = {row.event_id: row.state for row in letters(engine)}
-    assert states == {POISON: "resolved", "other-poison": "open"}
-    assert [entry.letter.event_id for entry in processor.stream.scan()] == ["other-poison"]
+    assert states == {POISON: "resolved", "other-poison": "open", "early": "open"}
+    assert sorted(entry.letter.event_id or "" for entry in processor.stream.scan()) == [
+        "early", "other-poison"]
 
 
 def test_a_value_the_database_refuses_is_dead_lettered_at_once(

@@ -21,14 +21,16 @@ from eventpipe.errors import TransientError
 from eventpipe.settings import Settings, SettingsError
 
 REPEATS_HELD_S = 30.0
-_NUMBERS = re.compile(r"\d+")
+# What differs between two sayings of one failure: durations, librdkafka's own count.
+_VARYING = re.compile(r"\d+(?:\.\d+)?\s?ms\b|\d+ identical error\(s\) suppressed")
 
 
 class HoldBackRepeats(logging.Filter):
     """Lets each kind of message through once per `window_s`, saying how many alike it held
     back since: librdkafka says a failure again at each retry (a broker down: a connection
     refused some twenty times a second, two hundred at once while a metadata request
-    waits). Messages alike differ only in their numbers (a port, a duration)."""
+    waits). Messages alike differ only in a duration or librdkafka's count of repeats: the
+    same failure of another broker is another kind."""
 
     def __init__(self, window_s: float = REPEATS_HELD_S,
                  clock: Callable[[], float] = time.monotonic, kinds: int = 1000) -> None:
@@ -41,7 +43,7 @@ class HoldBackRepeats(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        kind = _NUMBERS.sub("#", text)
+        kind = _VARYING.sub("#", text)
         now = self.clock()
         with self._lock:
             passed_at, held = self._seen.get(kind, (None, 0))

@@ -82,6 +82,8 @@ def test_librdkafka_says_each_kind_of_failure_once_a_window_and_how_many_it_held
                                      "failed (after 0ms)"
     assert [said(refused, 9092, ms) for ms in range(1, 200)] == [None] * 199
     assert said("another kind of message") == "another kind of message"
+    # The same failure of another broker is news.
+    assert said(refused, 9093, 0) is not None
     now[0] = 30.0
     assert said(refused, 9092, 3) == ("FAIL [rdkafka#consumer-1]: 127.0.0.1:9092: Connect "
                                       "failed (after 3ms) (199 alike held back)")

@@ -62,7 +62,7 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
 
 
-class Unanswered(RuntimeError):
+class ServiceDown(RuntimeError):
     """A service the settings name does not answer: exit status 3, as for every command."""
 
 
@@ -101,7 +101,7 @@ class Stack:
             self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
         else:
             if not broker_reachable(self.settings, timeout_s=5):
-                raise Unanswered(
+                raise ServiceDown(
                     f"no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS="
                     f"{self.settings.kafka_bootstrap_servers}; start it, or unset the variable "
                     "to run an embedded one")
@@ -122,7 +122,7 @@ class Stack:
                           ("CELERY_BROKER_URL", self.settings.celery_broker_url)):
             if name in self.provided and url.split("://", 1)[0] in REDIS_SCHEMES \
                     and not redis_answers(url):
-                raise Unanswered(f"no Redis answers at {name}={redacted(url)}; start it, or "
+                raise ServiceDown(f"no Redis answers at {name}={redacted(url)}; start it, or "
                                  f"unset {name} to run an embedded one")
         if "REDIS_URL" in self.provided:
             self.say(f"  redis     {redacted(self.settings.redis_url)}")
@@ -274,7 +274,7 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except SettingsError:  # said as every command says a bad setting (`cli.main`)
         raise
-    except Unanswered as exc:
+    except ServiceDown as exc:
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return SERVICE_UNANSWERED
     except Exception as exc:  # whatever it is, say it plainly and still stop what started

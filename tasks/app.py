@@ -243,7 +243,7 @@ def _not_ours(topic: str, queue: str | None) -> None:
 def apply_events(self: Task, topic: str, partition: int,
                  messages: list[list[Any]]) -> dict[str, int]:
     if topic != settings.kafka_topic:
-        _not_ours(topic, self.request.delivery_info.get("routing_key"))
+        _not_ours(topic, (self.request.delivery_info or {}).get("routing_key"))
         return {}
     decoded = [TaskMessage.from_wire(m) for m in messages]
     with time_limit(settings.task_time_limit_s):

@@ -82,7 +82,7 @@ class UtcDateTime(fields.AwareDateTime):
         return None if value is None else utc_iso(value)
 
 
-def _as_the_contract_counts(value: str) -> None:
+def _within_the_contract(value: str) -> None:
     """What the event contract refuses in an id, beyond what the pattern and the length in
     characters say: more than 64 UTF-16 code units (characters beyond the BMP count two),
     a lone surrogate. No event can hold such an id, so it is a 422, not a 404."""
@@ -106,7 +106,7 @@ class Id(fields.String):
                     ID_PATTERN,
                     error="must hold a character other than whitespace, and no '/' or NUL",
                 ),
-                _as_the_contract_counts,
+                _within_the_contract,
             ],
             metadata={"description": f"The {what}'s id (1 to {MAX_ID_LENGTH} characters)",
                       "example": f"{what.split()[0]}-1"},

@@ -426,8 +426,11 @@ def _generic_canonical(event: Event) -> str:
 
 
 _texts = st.text(max_size=12)  # any character but lone surrogates: quotes, controls, astral
-_times = st.datetimes(timezones=st.sampled_from(
-    [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=14))]))
+# Times the parser can give: in UTC they fall within datetime's range (it refuses
+# 0001-01-01T00:00:00+05:30, in year 0 once in UTC), whatever their offset.
+_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                      timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                                 timezone(-timedelta(hours=14))]))
 _amounts = st.decimals(min_value=0, max_value=10**14 - 1, places=4) | st.decimals(
     min_value=0, max_value=10**6, places=1)
 _payloads = st.one_of(

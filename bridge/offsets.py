@@ -86,13 +86,10 @@ class PartitionProgress:
         if not self.outstanding:
             return None
         head, sent_at = self.outstanding[0]
-        waiting = queued is not None and queued > 0
-        if head in self.leased:
-            self.unaccounted = None
-        elif self.unaccounted is None or self.unaccounted[0] != head:
-            # Not while tasks wait: the head's may be among them. Once seen neither queued
-            # nor leased, tasks queued behind it later do not make it accounted for again.
-            self.unaccounted = None if waiting else (head, now)
+        if head in self.leased or (queued is not None and queued > 0):
+            self.unaccounted = None  # the head is held, or may be waiting among the tasks
+        elif queued == 0 and (self.unaccounted is None or self.unaccounted[0] != head):
+            self.unaccounted = (head, now)  # a depth unknown (None) is no sighting
         since = self.unaccounted[1] if self.unaccounted is not None else None
         if needs_redelivery(head in self.leased, now, sent_at, self.last_progress,
                             self.overtaken_since, timeout_s, queued, unaccounted_since=since):
@@ -124,22 +121,25 @@ def needs_redelivery(
     """Whether the oldest unfinished offset of a partition was lost on the way.
 
     A worker leases the offsets it holds (a batch being applied, a retry waiting), so a
-    leased offset is never lost. Nor is one while tasks still wait in the partition's queue:
-    it may be among them (a worker stalled or slow), and reading it again would only add
-    copies behind it — the backpressure bound would not hold. Nor one first seen neither
-    leased nor queued (`unaccounted_since`) less than `TAKEN_GRACE_S` ago: a worker may have
-    just taken its task, after a long wait in the queue, and not yet leased it. Otherwise
-    it is lost when
+    leased offset is never lost. Otherwise it is lost when
     - later offsets of the partition are done: one partition's tasks run in order in one
-      worker, so work that was overtaken was dropped (a worker killed mid-batch) — after a
-      short grace in case two workers serve the partition by mistake; or
-    - nothing at all has happened on the partition for `timeout_s` (the queue was flushed).
+      worker, so work that was overtaken was dropped (a worker killed mid-batch), whatever
+      waits behind it in the queue — after a short grace in case two workers serve the
+      partition by mistake; or
+    - nothing at all has happened on the partition for `timeout_s` (the queue was flushed),
+      and no task waits in its queue: the head's may be among them (a worker stalled or
+      slow), and reading it again would only add copies behind it — the backpressure bound
+      would not hold. Nor when the head was first seen neither leased nor queued
+      (`unaccounted_since`) less than `TAKEN_GRACE_S` ago: a worker may have just taken its
+      task, after a long wait in the queue, and not yet leased it.
     """
-    if head_leased or (queued is not None and queued > 0):
+    if head_leased:
+        return False
+    if overtaken_since is not None and now - overtaken_since >= timeout_s / 4:
+        return True
+    if queued is not None and queued > 0:
         return False
     if (unaccounted_since is not None
             and now - unaccounted_since < min(TAKEN_GRACE_S, timeout_s / 4)):
         return False
-    if overtaken_since is not None and now - overtaken_since >= timeout_s / 4:
-        return True
     return now - max(head_sent_at, last_progress) >= timeout_s

@@ -144,20 +144,40 @@ def test_a_task_just_taken_after_a_long_wait_in_its_queue_is_not_taken_for_lost(
                                queued=0) == 1
 
 
-def test_a_lost_head_is_read_again_while_later_tasks_come_and_go_in_its_queue() -> None:
-    """A worker killed mid-batch: later batches keep the partition's queue holding a task one
-    sync in two. The head, seen neither queued nor leased once, stays unaccounted for."""
+def test_a_lost_head_overtaken_is_read_again_even_while_tasks_wait_behind_it() -> None:
+    """A worker killed mid-batch while a backlog fills the partition's queue: the later
+    batches are done, so the head was dropped; the tasks waiting are behind it."""
     progress = PartitionProgress(0)
     progress.dispatched([1, 2], now=0)
+    progress.dispatched([3, 4], now=0)
     progress.observe(set(), {1, 2}, now=0)
-    progress.observe(set(), set(), now=TIMEOUT)  # its lease lapsed
-    redelivered = None
-    for second in range(int(TIMEOUT) + 1, int(TIMEOUT) + 10):
-        progress.dispatched([second + 100], now=second)
-        redelivered = progress.redelivery(now=second, timeout_s=TIMEOUT, queued=second % 2)
-        if redelivered is not None:
-            break
-    assert redelivered == 1 and second <= TIMEOUT + 4
+    progress.observe({3, 4}, set(), now=TIMEOUT)  # its lease lapsed; later work done
+    assert progress.redelivery(now=TIMEOUT + TIMEOUT / 4 - 1, timeout_s=TIMEOUT,
+                               queued=3) is None
+    assert progress.redelivery(now=TIMEOUT + TIMEOUT / 4, timeout_s=TIMEOUT, queued=3) == 1
+
+
+def test_a_head_waiting_again_is_not_missing_since_it_was_first_seen_unaccounted() -> None:
+    """Seen neither queued nor leased (taken by a worker letting the queue go), then waiting
+    again (its task put back in front of the queue at the hand-over): when the next worker
+    takes it at last, the grace starts then."""
+    progress = PartitionProgress(0)
+    progress.dispatched([1], now=0)
+    assert progress.redelivery(now=100, timeout_s=TIMEOUT, queued=0) is None
+    for second in range(101, 300):
+        assert progress.redelivery(now=second, timeout_s=TIMEOUT, queued=1) is None
+    assert progress.redelivery(now=300.2, timeout_s=TIMEOUT, queued=0) is None
+    progress.observe(set(), {1}, now=300.4)  # its lease, seen at the next sync
+    assert progress.redelivery(now=300.4, timeout_s=TIMEOUT, queued=0) is None
+
+
+def test_a_queue_depth_unknown_leaves_the_timeout_alone_to_decide() -> None:
+    """A broker whose queues cannot be read (or not this time): as before queue depths were
+    read, the timeout decides."""
+    progress = PartitionProgress(0)
+    progress.dispatched([1], now=0)
+    assert progress.redelivery(now=TIMEOUT - 1, timeout_s=TIMEOUT, queued=None) is None
+    assert progress.redelivery(now=TIMEOUT, timeout_s=TIMEOUT, queued=None) == 1
 
 
 def test_a_check_skipped_starts_the_grace_afresh() -> None:

@@ -28,7 +28,6 @@ from sqlalchemy import Engine
 
 from eventpipe.database import reading
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, WAITING
 from eventpipe.dlq.projection import HEAL_EVERY_S, Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.reconcile import reconcile
@@ -95,11 +94,15 @@ class Reconciler:
         with self.engine.begin() as conn:
             now = _utc_now()
             found = records.load(conn, records.given_up_then_recorded(conn), lock=True)
-            resolved = records.resolve(conn, [letter for letter in found.values()
-                                              if letter.state in (OPEN, WAITING)], now)
-        log.info("dead letters resolved: a copy of their event had its fate since",
-                 extra={"deadLettersChanged": len(resolved),
-                        "dlqKeys": [letter.dlq_key for letter in resolved][:20]})
+            # Asked again under the rows' locks: one a replay claimed, or an operator purged,
+            # since the first answer is left as it is now.
+            still = set(records.given_up_then_recorded(conn))
+            resolved = records.resolve(conn, [letter for key, letter in found.items()
+                                              if key in still], now)
+        if resolved:
+            log.info("dead letters resolved: a copy of their event had its fate since",
+                     extra={"deadLettersChanged": len(resolved),
+                            "dlqKeys": [letter.dlq_key for letter in resolved][:20]})
 
     def _my_turn(self) -> bool:
         if self.min_gap_s <= 0:

@@ -53,9 +53,9 @@ READY_TIMEOUT_S = 90.0
 SERVICE_UNANSWERED = 3  # as `cli.errors.SERVICE`
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
+_STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
 # The URLs an embedded redis-server stands in for, and the database number each gets.
 _EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
-_STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
 
 
 class Interrupted(Exception):
@@ -122,8 +122,8 @@ class Stack:
                           ("CELERY_BROKER_URL", self.settings.celery_broker_url)):
             if name in self.provided and url.split("://", 1)[0] in REDIS_SCHEMES \
                     and not redis_answers(url):
-                raise ServiceDown(f"no Redis answers at {name}={redacted(url)}; start it, or "
-                                 f"unset {name} to run an embedded one")
+                raise ServiceDown(f"no Redis answers at {name}={redacted(url)}; start it, "
+                                  f"or unset {name} to run an embedded one")
         if "REDIS_URL" in self.provided:
             self.say(f"  redis     {redacted(self.settings.redis_url)}")
         unset = {name: database for name, database in _EMBEDDED_REDIS.items()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
+from eventpipe.logs import Repeats
 from eventpipe.settings import Settings, SettingsError
 
 REPEATS_HELD_S = 30.0
@@ -35,24 +35,13 @@ class HoldBackRepeats(logging.Filter):
     def __init__(self, window_s: float = REPEATS_HELD_S,
                  clock: Callable[[], float] = time.monotonic, kinds: int = 1000) -> None:
         super().__init__()
-        self.window_s = window_s
-        self.clock = clock
-        self.kinds = kinds
-        self._seen: dict[str, tuple[float, int]] = {}  # kind → (when let through, held since)
-        self._lock = threading.Lock()
+        self.repeats = Repeats(window_s, clock, kinds)
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        kind = _VARYING.sub("#", text)
-        now = self.clock()
-        with self._lock:
-            passed_at, held = self._seen.get(kind, (None, 0))
-            if passed_at is not None and now - passed_at < self.window_s:
-                self._seen[kind] = (passed_at, held + 1)
-                return False
-            if len(self._seen) >= self.kinds:
-                self._seen.clear()  # bounded: at worst a kind passes again early
-            self._seen[kind] = (now, 0)
+        held = self.repeats.let_through(_VARYING.sub("#", text))
+        if held is None:
+            return False
         if held:
             record.msg, record.args = f"{text} ({held} alike held back)", None
         return True

@@ -14,6 +14,9 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +29,34 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 def _context(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key, value in record.__dict__.items()
             if key not in _STANDARD and not key.startswith("_")}
+
+
+class Repeats:
+    """Which sayings of a message said again and again to let through: each kind once per
+    `window_s`, the others held back and counted. Thread-safe; at most `kinds` kinds are
+    remembered (past that, all are forgotten: at worst a kind passes again early)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic,
+                 kinds: int = 1000) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self.kinds = kinds
+        self._seen: dict[str, tuple[float, int]] = {}  # kind → (when let through, held since)
+        self._lock = threading.Lock()
+
+    def let_through(self, kind: str) -> int | None:
+        """None to hold this saying back; else how many alike were held back since the last
+        one let through."""
+        now = self.clock()
+        with self._lock:
+            passed_at, held = self._seen.get(kind, (None, 0))
+            if passed_at is not None and now - passed_at < self.window_s:
+                self._seen[kind] = (passed_at, held + 1)
+                return None
+            if len(self._seen) >= self.kinds:
+                self._seen.clear()
+            self._seen[kind] = (now, 0)
+        return held
 
 
 class JsonFormatter(logging.Formatter):

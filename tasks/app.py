@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -216,8 +215,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-FOREIGN_SAID_EVERY_S = 60.0
-_foreign_said: dict[str, float] = {}
+_FOREIGN_SAID = logs.Repeats(window_s=60.0)  # per topic
 
 
 def _not_ours(topic: str, queue: str | None) -> None:
@@ -228,10 +226,8 @@ def _not_ours(topic: str, queue: str | None) -> None:
     REDELIVERY_TIMEOUT_S passes (nothing lost there, nothing foreign here). Said once a
     minute per topic, and counted."""
     metrics.FOREIGN_TASKS.labels(topic).inc()
-    now = time.monotonic()
-    if now - _foreign_said.get(topic, -FOREIGN_SAID_EVERY_S) < FOREIGN_SAID_EVERY_S:
+    if _FOREIGN_SAID.let_through(topic) is None:
         return
-    _foreign_said[topic] = now
     log.error("a task of topic %r came on queue %s, but this worker serves KAFKA_TOPIC=%r: "
               "another pipeline uses the same Celery broker; give each pipeline its own "
               "Redis database or RabbitMQ virtual host (CELERY_BROKER_URL). Its tasks are not "

@@ -275,22 +275,31 @@ def behind_a_proxy(make_pipeline: Any, **overrides: str) -> Iterator[tuple[Pipel
         drop_database(direct)
 
 
+def through_an_outage(pipeline: Pipeline, messages: list[Message], first: int,
+                      begin: Callable[[], None], met: Callable[[str], bool], what: str,
+                      timeout_s: float, end: Callable[[], None]) -> None:
+    """The first `first` messages flowing, then an outage (`begin`) while the rest are sent;
+    once the worker's log shows it `met` the outage, it ends (`end`). Every message ends as
+    if nothing had happened, and none is dead-lettered: a failure of the world never is."""
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    sent = pipeline.send(messages[:first])
+    wait_until(lambda: pipeline.applied_count() > 0, 60, "some events applied")
+    begin()
+    sent += pipeline.send(messages[first:])
+    worker_log = pipeline.log_of("worker")
+    wait_until(lambda: met(worker_log.read_text()), timeout_s, what)
+    end()
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    assert pipeline.dead_letters() == []
+
+
 def test_database_unreachable_for_a_while_loses_nothing(make_pipeline: Any) -> None:
     with behind_a_proxy(make_pipeline) as (pipeline, proxy):
-        messages = stream(2000, seed=61)
-        pipeline.start_worker()
-        pipeline.start_bridge()
-        sent = pipeline.send(messages[:1000])
-        wait_until(lambda: pipeline.applied_count() > 0, 60, "some events applied")
-        proxy.cut()
-        sent += pipeline.send(messages[1000:])
-        outage_log = pipeline.log_dir / f"{pipeline.name}-worker.log"
-        wait_until(lambda: "batch retried in" in outage_log.read_text(), 30,
-                   "the worker to meet the outage")
-        proxy.restore()
-        drained(pipeline, sent)
-        assert_state(pipeline, [doc for _, doc in messages])
-        assert pipeline.dead_letters() == []  # a failure of the world is never dead-lettered
+        through_an_outage(pipeline, stream(2000, seed=61), 1000, proxy.cut,
+                          lambda log: "batch retried in" in log,
+                          "the worker to meet the outage", 30, proxy.restore)
 
 
 def test_a_database_that_answers_nothing_for_a_while_loses_nothing(make_pipeline: Any) -> None:
@@ -300,20 +309,9 @@ def test_a_database_that_answers_nothing_for_a_while_loses_nothing(make_pipeline
     with behind_a_proxy(make_pipeline, TASK_TIME_LIMIT_S="3", RETRY_MAX_ATTEMPTS="2",
                         RETRY_BACKOFF_BASE_S="0.2", RETRY_BACKOFF_MAX_S="0.5") as (
             pipeline, proxy):
-        messages = stream(1500, seed=62)
-        pipeline.start_worker()
-        pipeline.start_bridge()
-        sent = pipeline.send(messages[:500])
-        wait_until(lambda: pipeline.applied_count() > 0, 60, "some events applied")
-        proxy.freeze()
-        sent += pipeline.send(messages[500:])
-        worker_log = pipeline.log_of("worker")
-        wait_until(lambda: worker_log.read_text().count("still running after 3 s") >= 4, 90,
-                   "the time limit to end four attempts")
-        proxy.thaw()
-        drained(pipeline, sent)
-        assert_state(pipeline, [doc for _, doc in messages])
-        assert pipeline.dead_letters() == []
+        through_an_outage(pipeline, stream(1500, seed=62), 500, proxy.freeze,
+                          lambda log: log.count("still running after 3 s") >= 4,
+                          "the time limit to end four attempts", 90, proxy.thaw)
 
 
 def test_a_child_waits_for_its_parent_and_a_replay_that_fails_again_keeps_its_history(

@@ -12,7 +12,7 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 
 from eventpipe.database import redacted
-from eventpipe.errors import sqlstate
+from eventpipe.errors import ServiceUnanswered, sqlstate
 from eventpipe.settings import Settings
 
 BAD_SETTING = 2
@@ -24,6 +24,8 @@ _MISSING_TABLE = frozenset({"42P01", "42S02"})
 
 def explain(exc: BaseException, settings: Settings) -> str | None:
     """The line to print for `exc`, or None when it is not an operator's to fix."""
+    if isinstance(exc, ServiceUnanswered):
+        return str(exc)
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"Redis does not answer at REDIS_URL={settings.redis_url}: {_first_line(exc)}"
     if isinstance(exc, sqlalchemy.exc.DBAPIError):

@@ -40,6 +40,11 @@ class DatabaseUnresponsive(TransientError):
     nothing (packets dropped, no reset) is the world failing, not the batch's events."""
 
 
+class ServiceUnanswered(PipelineError):
+    """A service the settings name does not answer; the message names the setting and what
+    to do. Every command says it in one line and exits with status 3 (`cli.errors`)."""
+
+
 _TRANSIENT: tuple[type[BaseException], ...] = (
     TransientError,
     sqlalchemy.exc.TimeoutError,  # the connection pool is exhausted

@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from eventpipe import redis_clients
 from eventpipe.database import make_engine, redacted
+from eventpipe.errors import ServiceUnanswered
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
@@ -50,7 +51,6 @@ from launcher.embedded import (
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
-SERVICE_UNANSWERED = 3  # as `cli.errors.SERVICE`
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
 _STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
@@ -60,10 +60,6 @@ _EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
-
-
-class ServiceDown(RuntimeError):
-    """A service the settings name does not answer: exit status 3, as for every command."""
 
 
 @dataclass
@@ -101,7 +97,7 @@ class Stack:
             self.say(f"  kafka     embedded Tansu on {kafka.bootstrap}")
         else:
             if not broker_reachable(self.settings, timeout_s=5):
-                raise ServiceDown(
+                raise ServiceUnanswered(
                     f"no Kafka broker answers at KAFKA_BOOTSTRAP_SERVERS="
                     f"{self.settings.kafka_bootstrap_servers}; start it, or unset the variable "
                     "to run an embedded one")
@@ -122,8 +118,8 @@ class Stack:
                           ("CELERY_BROKER_URL", self.settings.celery_broker_url)):
             if name in self.provided and url.split("://", 1)[0] in REDIS_SCHEMES \
                     and not redis_answers(url):
-                raise ServiceDown(f"no Redis answers at {name}={redacted(url)}; start it, "
-                                  f"or unset {name} to run an embedded one")
+                raise ServiceUnanswered(f"no Redis answers at {name}={redacted(url)}; start "
+                                        f"it, or unset {name} to run an embedded one")
         if "REDIS_URL" in self.provided:
             self.say(f"  redis     {redacted(self.settings.redis_url)}")
         unset = {name: database for name, database in _EMBEDDED_REDIS.items()
@@ -272,11 +268,8 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except Interrupted:
         return 0
-    except SettingsError:  # said as every command says a bad setting (`cli.main`)
+    except (SettingsError, ServiceUnanswered):  # said as every command says them (`cli.main`)
         raise
-    except ServiceDown as exc:
-        print(f"eventpipe up: {exc}", file=sys.stderr)
-        return SERVICE_UNANSWERED
     except Exception as exc:  # whatever it is, say it plainly and still stop what started
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return 1

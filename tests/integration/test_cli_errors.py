@@ -46,7 +46,7 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
          "eventpipe: Redis does not answer at REDIS_URL=redis://127.0.0.1:{port}/0"),
         (["status"], {}, 3, "has no schema yet: run `eventpipe migrate`"),
         (["up"], {"REDIS_URL": "redis://127.0.0.1:{port}/0"}, 3,
-         "eventpipe up: no Redis answers at REDIS_URL=redis://127.0.0.1:{port}/0; start it, "
+         "eventpipe: no Redis answers at REDIS_URL=redis://127.0.0.1:{port}/0; start it, "
          "or unset REDIS_URL to run an embedded one"),
         (["status"], {"LOG_FORMAT": "pretty"}, 2,
          "eventpipe: bad setting: LOG_FORMAT='pretty': use one of auto, json, text"),

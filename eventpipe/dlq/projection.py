@@ -3,7 +3,8 @@
 Rows whose latest revision is not in the stream (`in_stream` false) are projected: an open
 dead letter is put (added or replaced) with its message's bytes; any other state removes its
 entry. The bytes come from the caller when it has them (the batch that just dead-lettered
-the message), else from Kafka at the recorded position. Then the revision written is marked,
+the message), else from the entry the stream shows already (past Kafka's retention, the only
+copy), else from Kafka at the recorded position. Then the revision written is marked,
 so a row changed meanwhile is projected again next time.
 
 Redis may lose the stream (a crash without persistence, FLUSHALL): `restore` rebuilds it
@@ -72,12 +73,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
                 continue
             message = (payloads or {}).get(letter.dlq_key)
             if message is None and fetch is not None:
-                message = fetch(letter.position)
-                if message is not None and not made_of(letter.dlq_key, *message):
-                    log.warning("the message now at %s is not the dead letter's: shown "
-                                "without its bytes", letter.position, extra={
-                                    "dlqKey": letter.dlq_key})
-                    message = None
+                message = _shown(stream, letter) or _fetched(fetch, letter)
             elif message is None:
                 continue
             if message is None:
@@ -97,6 +93,26 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
                 records.mark_projected(conn, written)
     metrics.DLQ_DEPTH.set(stream.depth())
     return report
+
+
+def _shown(stream: DeadLetterStream, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
+    """The message's bytes the letter's entry shows: once Kafka's retention has passed, the
+    only copy, which showing the letter again must not throw away."""
+    entry = stream.get_key(letter.dlq_key)
+    if entry is None or entry.value is None or not made_of(letter.dlq_key, entry.key,
+                                                           entry.value):
+        return None
+    return entry.key, entry.value
+
+
+def _fetched(fetch: Fetch, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
+    """The message at the letter's position, if Kafka still has it and it is the letter's."""
+    message = fetch(letter.position)
+    if message is not None and not made_of(letter.dlq_key, *message):
+        log.warning("the message now at %s is not the dead letter's: shown without its bytes",
+                    letter.position, extra={"dlqKey": letter.dlq_key})
+        return None
+    return message
 
 
 def open_count(engine: Engine) -> int:

@@ -219,16 +219,37 @@ def test_bytes_read_back_by_position_are_the_dead_letters_own_or_none(
 def test_a_restore_kafka_does_not_answer_fails_and_strips_no_bytes(
     engine: Engine, stream: DeadLetterStream,
 ) -> None:
-    """Kafka down is not Kafka without the messages: the rebuild stops with an error, and
-    the entries keep the bytes they have."""
-    [entry] = _open_entries(engine, stream, "events", 1)
+    """Kafka down is not Kafka without the messages: the rebuild stops with an error where
+    it needs Kafka (an entry shown without its bytes), and the entries keep the bytes they
+    have."""
+    kept, bare = _open_entries(engine, stream, "events", 2)
+    stream.put(replace(bare, value=None))
     reader = MessageReader(settings_for("127.0.0.1:1", "events"), timeout_s=1)
     try:
         with pytest.raises(TransientError):
             projection.restore(engine, stream, reader.fetch)
     finally:
         reader.close()
-    assert [e.value for e in stream.scan()] == [entry.value]
+    assert {e.letter.dlq_key: e.value for e in stream.scan()} == {
+        kept.letter.dlq_key: kept.value, bare.letter.dlq_key: None}
+
+
+def test_a_dead_letter_shown_again_keeps_its_bytes_once_kafka_no_longer_has_them(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Past Kafka's retention the entry holds the only copy of the message. Shown again (a
+    restore asked of a healthy stream, as here; a replay Kafka refused; a reconciler's new
+    reason), it keeps its bytes rather than taking Kafka's none."""
+    topic = kafka_topic(partitions=1)  # holds nothing: the messages are past its retention
+    [entry] = _open_entries(engine, stream, topic, 1)
+    reader = MessageReader(settings_for(kafka_broker, topic), timeout_s=2)
+    try:
+        report = projection.restore(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert (report.put, report.missing_bytes) == (1, [])
+    assert [(e.key, e.value) for e in stream.scan()] == [(b"k", b"{bad 0")] \
+        == [(entry.key, entry.value)]
 
 
 def test_the_reader_fetches_nothing_more_once_it_has_its_message(

@@ -230,13 +230,16 @@ def waiting_on(conn: Connection, parent_kind: str,
 
 def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
     """Add held events' dead letters; one that had left the DLQ comes back with its earlier
-    lives (episodes written when it left)."""
+    lives (episodes written when it left), but for one an operator purged: held still, the
+    same copy stays purged, as when Kafka hands it over again (`record_failures`)."""
     chosen = {letter.dlq_key: letter for letter in letters}
     before = load(conn, chosen, lock=True)
     return save_all(conn, [
         (before.get(key), replace(letter, history=before[key].history)
          if key in before else letter)
-        for key, letter in chosen.items()])
+        for key, letter in chosen.items()
+        if key not in before or before[key].state != PURGED
+        or before[key].position != letter.position])
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:

@@ -210,6 +210,23 @@ def test_a_payment_in_another_currency_is_dead_lettered_until_the_order_matches(
     assert shown(engine)["payments"] == [("p1", "o1")]
 
 
+def test_a_held_event_an_operator_purged_stays_purged_while_it_is_held(engine: Engine) -> None:
+    """Purged is the event's fate for good: a round that finds the same copy still held
+    (its order written again, in the same currency) leaves the dead letter purged, as a
+    redelivery of that copy does; the payment stays out of the read model."""
+    apply(engine, user_created("u1", occurred_at=at(0)),
+          order_placed("o1", "u1", currency="EUR", occurred_at=at(1)),
+          payment_settled("p1", "o1", "10.00", currency="USD", occurred_at=at(2)))
+    with engine.begin() as conn:
+        [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+        assert records.purge(conn, key, datetime.now(UTC))
+    apply(engine, order_placed("o1", "u1", currency="EUR", occurred_at=at(3)))
+    assert live(engine) == {}
+    with engine.connect() as conn:
+        assert conn.execute(select(dead_letters.c.state)).scalars().all() == ["purged"]
+    assert shown(engine)["payments"] == []
+
+
 @contextmanager
 def emptied(url: str) -> Iterator[Engine]:
     """An engine of its own on the database at `url`, emptied first (for a test of one

@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import DeadLetter
-from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry, entry_order
+from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
 
@@ -153,17 +153,18 @@ def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]
 
 
 def until_now(stream: DeadLetterStream, where: Filter) -> Iterable[StreamEntry]:
-    """The entries matching `where` that were in the DLQ when this began: an entry that fails
-    again comes back at the stream's end, and must not be replayed again by the same call."""
-    newest = stream.newest_id()
-    if newest is None:
-        return
-    bound = entry_order(newest)
+    """The entries matching `where` of the letters in the DLQ when this began, each once. The
+    stream is read as the caller goes (for minutes, on a large DLQ), and an entry changes its
+    place meanwhile: a letter that fails again (a duplicate of its message, the replayed copy
+    of one this call took) comes back at the stream's end. Taken by key, not by place, such
+    a letter still comes once, and one that failed only after this began not at all."""
+    wanted = stream.keys()
     for entry in stream.scan(where):
-        assert entry.entry_id is not None
-        if entry_order(entry.entry_id) > bound:
+        if not wanted:
             return
-        yield entry
+        if entry.letter.dlq_key in wanted:
+            wanted.discard(entry.letter.dlq_key)
+            yield entry
 
 
 def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],

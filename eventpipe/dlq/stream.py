@@ -358,15 +358,6 @@ class DeadLetterStream:
                 break
         return page
 
-    def newest_id(self) -> str | None:
-        found: Any = self.client.xrevrange(self.stream, count=1)
-        return _decoded(found[0][0]) if found else None
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    millis, _, sequence = entry_id.partition("-")
-    return int(millis), int(sequence or 0)
-
 
 def _decoded(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw

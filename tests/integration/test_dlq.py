@@ -125,6 +125,28 @@ def test_filters_and_pagination(stream: DeadLetterStream) -> None:
     assert [e.letter.position.offset for e in first + rest] == [1, 2, 3]
 
 
+def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
+    stream: DeadLetterStream,
+) -> None:
+    """A replay of a filter or `--all` reads the stream as it goes, chunk by chunk, for
+    minutes on a large DLQ. A letter in the DLQ when it began but failed again meanwhile (a
+    duplicate of its poison sent) enters the stream anew at its end: it is still selected,
+    once. A letter that failed only after the call began is not, nor one the call already
+    took that comes back (its replayed copy failed)."""
+    stream.max_entries = 2_000
+    stream.max_bytes = 10**7
+    offsets = range(1, 1_201)  # more than the stream is read at once
+    for offset in offsets:
+        stream.put(dead_letter(offset))
+    selected = iter(actions.until_now(stream, Filter()))
+    taken = [next(selected)]
+    stream.put(dead_letter(1_100))  # failed again before the call came to it
+    stream.put(dead_letter(1))  # taken already, and failed again after its replay
+    stream.put(dead_letter(5_000))  # failed for the first time after the call began
+    taken += list(selected)
+    assert sorted(entry.letter.position.offset for entry in taken) == list(offsets)
+
+
 def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_the_stream(
     engine: Engine, stream: DeadLetterStream,
 ) -> None:

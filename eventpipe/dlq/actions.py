@@ -1,8 +1,9 @@
 """What operators do to dead letters — replay and purge — one path for the CLI and the API.
 
-Replay publishes an entry's original key and value back to its topic; the pipeline then
-decides the message afresh (a dead letter that fails again reopens with its earlier life kept
-as an episode: the SQL record holds the history, no message header carries it). It works in
+Replay publishes an entry's original key and value back to the topic and partition it was
+read from; the pipeline then decides the message afresh (a dead letter that fails again
+reopens with its earlier life kept as an episode: the SQL record holds the history, no
+message header carries it). It works in
 chunks: each entry is claimed in SQL first (`open` → `replaying`), so two replays running at
 once never publish the same entry twice; each entry leaves the stream, and becomes `replayed`,
 once Kafka acknowledged its own message; one that Kafka refused goes back to `open`, and the
@@ -70,9 +71,13 @@ class Publisher:
                 metrics.KAFKA_PRODUCE.observe(time.monotonic() - sent_at)
             done(error is None)
 
+        position = entry.letter.position
+        # Where it was read, not where librdkafka's hash of its key (or chance, without one)
+        # would put it: beside its key's events, whatever partitioner their producer used.
+        where = {"partition": position.partition} if position.partition is not None else {}
         try:
-            self.producer.produce(entry.letter.position.topic or self.settings.kafka_topic,
-                                  value=entry.value, key=entry.key, on_delivery=report)
+            self.producer.produce(position.topic or self.settings.kafka_topic,
+                                  value=entry.value, key=entry.key, on_delivery=report, **where)
         except (KafkaException, BufferError) as exc:  # refused before it left: not sent
             log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)
             done(False)

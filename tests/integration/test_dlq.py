@@ -472,6 +472,31 @@ def test_replay_publishes_each_entry_once_and_removes_what_kafka_took(
         assert {r.state for r in conn.execute(select(dead_letters))} == {REPLAYED}
 
 
+def test_a_replayed_message_goes_back_to_the_partition_it_was_read_from(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """The replay is the original message at its original place: a keyless message (a
+    partitioner would pick any partition) and a keyed one whose producer partitioned by
+    another hash than librdkafka's go back where they were read, beside the events of their
+    key."""
+    topic = kafka_topic(partitions=3)
+    letters = [replace(failure(0, b"{bad", topic), dlq_key=message_key(None, b"{bad"),
+                       position=Position(topic, 1, 0)),
+               # librdkafka's hash of b"k" picks partition 1 of 3.
+               replace(failure(0, b"{worse", topic), position=Position(topic, 2, 0))]
+    record(engine, *letters)
+    projection.project(engine, stream, None, {letters[0].dlq_key: (None, b"{bad"),
+                                              letters[1].dlq_key: (b"k", b"{worse")})
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic)))
+    assert result.replayed == 2
+    consumer = make_consumer(kafka_broker, f"check-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    placed = {m.value(): m.partition() for m in consume(consumer, 2)}
+    consumer.close()
+    assert placed == {b"{bad": 1, b"{worse": 2}
+
+
 def test_an_entry_kafka_refuses_stays_and_its_neighbours_still_leave(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

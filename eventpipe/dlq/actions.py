@@ -72,12 +72,14 @@ class Publisher:
             done(error is None)
 
         position = entry.letter.position
-        # Where it was read, not where librdkafka's hash of its key (or chance, without one)
-        # would put it: beside its key's events, whatever partitioner their producer used.
-        where = {"partition": position.partition} if position.partition is not None else {}
         try:
+            # Where it was read, not where librdkafka's hash of its key (or chance, without
+            # one) would put it: beside its key's events, whatever partitioner their producer
+            # used. -1: none recorded, the partitioner's choice.
             self.producer.produce(position.topic or self.settings.kafka_topic,
-                                  value=entry.value, key=entry.key, on_delivery=report, **where)
+                                  value=entry.value, key=entry.key, on_delivery=report,
+                                  partition=-1 if position.partition is None
+                                  else position.partition)
         except (KafkaException, BufferError) as exc:  # refused before it left: not sent
             log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)
             done(False)

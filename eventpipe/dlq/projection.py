@@ -132,7 +132,7 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
     claim = claim or stream.begin_rebuild()
     entries, indexed = stream.sizes()
     if entries != indexed:
-        stream.clear()  # edited by hand: the index no longer says what the stream holds
+        stream.mend()  # edited by hand: the index no longer says what the stream holds
     shown = stream.keys()  # before SQL: a key put after this is no stray
     with engine.begin() as conn:
         conn.execute(update(dead_letters).values(in_stream=False))

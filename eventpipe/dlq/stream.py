@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -77,6 +77,23 @@ end
 return removed
 """
 
+
+# KEYS: stream, index, totals. ARGV: dlq key, index value, … Drops each key whose index value
+# is still the one given and whose entry is gone (deleted by hand); how many it dropped.
+_UNLINK = """
+local dropped = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
+    local old_id, size = string.match(ARGV[i + 1], '^(%S+) (%d+)')
+    if #redis.call('XRANGE', KEYS[1], old_id, old_id) == 0 then
+      redis.call('HDEL', KEYS[2], ARGV[i])
+      redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+      dropped = dropped + 1
+    end
+  end
+end
+return dropped
+"""
 
 # KEYS: marker. ARGV: the rebuild's claim, then 'intact' to mark the stream intact,
 # 'release' to give the claim up, or the seconds to extend it by. Only while the marker
@@ -192,6 +209,7 @@ class DeadLetterStream:
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
         self._remove = client.register_script(_REMOVE)
+        self._unlink = client.register_script(_UNLINK)
         self._claimed = client.register_script(_CLAIMED)
         self._waitaof: bool | None = None  # unknown until tried
 
@@ -249,6 +267,28 @@ class DeadLetterStream:
 
     def clear(self) -> None:
         self.client.delete(self.stream, self.index, self.totals)
+
+    def mend(self) -> int:
+        """Make the stream and its index agree again after a hand edit (an XDEL or XADD from
+        redis-cli), keeping the bytes every entry left shows (past Kafka's retention, the
+        only copy): entries no key names are deleted, keys whose entry is gone dropped. How
+        many were out of step. Safe beside puts: the index is read after the stream, so an
+        entry put meanwhile is named; and a key is dropped only if its entry is still gone
+        and no put changed it."""
+        scanned: set[str] = set()
+        low = "-"
+        while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=500)):
+            scanned.update(_decoded(entry_id) for entry_id, _ in chunk)
+            low = f"({_decoded(chunk[-1][0])}"
+        index = {_decoded(key): _decoded(value)
+                 for key, value in self.client.hgetall(self.index).items()}
+        unnamed = scanned - {value.split(" ")[0] for value in index.values()}
+        if unnamed:
+            self.client.xdel(self.stream, *sorted(unnamed))
+        gone = [part for key, value in index.items() if value.split(" ")[0] not in scanned
+                for part in (key, value)]
+        return len(unnamed) + (int(self._unlink(keys=[self.stream, self.index, self.totals],
+                                                args=gone)) if gone else 0)
 
     def take_turn(self, task: str, every_s: float) -> bool:
         """True for one caller per `every_s` across every process: who does `task` now."""

@@ -144,7 +144,7 @@ def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
     stream.put(dead_letter(1))  # taken already, and failed again after its replay
     stream.put(dead_letter(5_000))  # failed for the first time after the call began
     taken += list(selected)
-    assert sorted(entry.letter.position.offset for entry in taken) == list(offsets)
+    assert sorted(entry.letter.position.offset or 0 for entry in taken) == list(offsets)
 
 
 def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_the_stream(
@@ -272,6 +272,29 @@ def test_a_dead_letter_shown_again_keeps_its_bytes_once_kafka_no_longer_has_them
     assert (report.put, report.missing_bytes) == (1, [])
     assert [(e.key, e.value) for e in stream.scan()] == [(b"k", b"{bad 0")] \
         == [(entry.key, entry.value)]
+
+
+def test_an_entry_deleted_by_hand_costs_the_others_none_of_their_bytes(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """An operator deletes one entry with redis-cli's XDEL: the stream and its index disagree
+    and the stream is rebuilt. The other entries keep the bytes they show, past Kafka's
+    retention the only copy; the one deleted comes back without them."""
+    topic = kafka_topic(partitions=1)  # holds nothing: the messages are past its retention
+    deleted, kept = _open_entries(engine, stream, topic, 2)
+    assert deleted.entry_id is not None
+    stream.client.xdel(stream.stream, deleted.entry_id)
+    reader = MessageReader(settings_for(kafka_broker, topic), timeout_s=2)
+    try:
+        report = projection.restore(engine, stream, reader.fetch)
+    finally:
+        reader.close()
+    assert report.missing_bytes == [deleted.letter.dlq_key]
+    assert {e.letter.dlq_key: e.value for e in stream.scan()} == {
+        deleted.letter.dlq_key: None, kept.letter.dlq_key: kept.value}
+    assert stream.sizes() == (2, 2)
+    assert stream.size_bytes() == sum(len(name) + len(value.encode() if isinstance(
+        value, str) else value) for e in stream.scan() for name, value in e.fields().items())
 
 
 def test_the_reader_fetches_nothing_more_once_it_has_its_message(

@@ -265,9 +265,6 @@ class DeadLetterStream:
         """Have the stream rebuilt whole, by the next worker that looks."""
         self.client.delete(self.marker)
 
-    def clear(self) -> None:
-        self.client.delete(self.stream, self.index, self.totals)
-
     def mend(self) -> int:
         """Make the stream and its index agree again after a hand edit (an XDEL or XADD from
         redis-cli), keeping the bytes every entry left shows (past Kafka's retention, the

@@ -277,13 +277,16 @@ def test_a_dead_letter_shown_again_keeps_its_bytes_once_kafka_no_longer_has_them
 def test_an_entry_deleted_by_hand_costs_the_others_none_of_their_bytes(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:
-    """An operator deletes one entry with redis-cli's XDEL: the stream and its index disagree
-    and the stream is rebuilt. The other entries keep the bytes they show, past Kafka's
-    retention the only copy; the one deleted comes back without them."""
+    """An operator deletes one entry with redis-cli's XDEL, and adds two with XADD: the
+    stream and its index disagree and the stream is rebuilt. The other entries keep the bytes
+    they show, past Kafka's retention the only copy; the one deleted comes back without
+    them, and the ones added, of no dead letter SQL holds, go."""
     topic = kafka_topic(partitions=1)  # holds nothing: the messages are past its retention
     deleted, kept = _open_entries(engine, stream, topic, 2)
     assert deleted.entry_id is not None
     stream.client.xdel(stream.stream, deleted.entry_id)
+    for offset in (77, 78):
+        stream.client.xadd(stream.stream, cast(Any, dead_letter(offset).fields()))
     reader = MessageReader(settings_for(kafka_broker, topic), timeout_s=2)
     try:
         report = projection.restore(engine, stream, reader.fetch)

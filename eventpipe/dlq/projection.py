@@ -130,9 +130,7 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
     marker (extended at each step, so a long rebuild keeps it) and stops if it loses it; the
     stream is marked intact at the end only if the claim held (see `mark_intact`)."""
     claim = claim or stream.begin_rebuild()
-    entries, indexed = stream.sizes()
-    if entries != indexed:
-        stream.mend()  # edited by hand: the index no longer says what the stream holds
+    stream.mend()  # after a hand edit the index may no longer say what the stream holds
     shown = stream.keys()  # before SQL: a key put after this is no stray
     with engine.begin() as conn:
         conn.execute(update(dead_letters).values(in_stream=False))

@@ -361,7 +361,7 @@ class DeadLetterStream:
         if ENTRY_ID.fullmatch(entry_id) is None:
             return None  # not a stream id: no such entry, rather than a Redis error
         found: Any = self.client.xrange(self.stream, min=entry_id, max=entry_id, count=1)
-        return StreamEntry.from_fields(_decoded(found[0][0]), found[0][1]) if found else None
+        return self._entry(found[0][0], found[0][1]) if found else None
 
     def get_key(self, dlq_key: str) -> StreamEntry | None:
         indexed = self.client.hget(self.index, dlq_key)
@@ -381,10 +381,21 @@ class DeadLetterStream:
             if not chunk:
                 return
             for raw_id, fields in chunk:
-                entry = StreamEntry.from_fields(_decoded(raw_id), fields)
-                if where.matches(entry):
+                entry = self._entry(raw_id, fields)
+                if entry is not None and where.matches(entry):
                     yield entry
             low = f"({_decoded(chunk[-1][0])}"
+
+    def _entry(self, raw_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry | None:
+        """The entry as a dead letter; None for one that is none (added with redis-cli's
+        XADD), which is left out and has the stream rebuilt (`mend` takes it out)."""
+        try:
+            return StreamEntry.from_fields(_decoded(raw_id), fields)
+        except (ValueError, TypeError):  # a time, a number or the history unreadable
+            log.warning("DLQ stream entry %s is no dead letter (added by hand?): left out, "
+                        "and the stream rebuilt", _decoded(raw_id))
+            self.forget_intact()
+            return None
 
     def page(self, where: Filter = Filter(), after: str | None = None,
              limit: int = 50) -> list[StreamEntry]:

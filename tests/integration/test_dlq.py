@@ -300,6 +300,30 @@ def test_an_entry_deleted_by_hand_costs_the_others_none_of_their_bytes(
         value, str) else value) for e in stream.scan() for name, value in e.fields().items())
 
 
+def test_an_entry_added_by_hand_that_is_no_dead_letter_is_left_out_then_mended_away(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """redis-cli's XADD can put anything in the stream (here in place of an entry deleted
+    by hand, so that the counts still agree): listing leaves it out rather than fail on it,
+    and has the stream rebuilt, which takes it out."""
+    deleted, kept = _open_entries(engine, stream, "events", 2)
+    stream.mark_intact(stream.begin_rebuild())
+    assert deleted.entry_id is not None
+    stream.client.xdel(stream.stream, deleted.entry_id)
+    added = stream.client.xadd(stream.stream, {"dlq_key": "m:by-hand", "note": "hello"})
+    assert [entry.letter.dlq_key for entry in stream.scan()] == [kept.letter.dlq_key]
+    assert stream.get(_decoded_id(added)) is None
+    assert not stream.intact()
+    projection.restore(engine, stream, lambda position: None)
+    assert sorted(entry.letter.dlq_key for entry in stream.scan()) == sorted(
+        (deleted.letter.dlq_key, kept.letter.dlq_key))
+    assert stream.sizes() == (2, 2)
+
+
+def _decoded_id(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def test_the_reader_fetches_nothing_more_once_it_has_its_message(
     kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

@@ -15,7 +15,7 @@ replay's end queues its entity for, finds it still held and its letter gone, and
 
 Purge deletes entries for good (`purged` in SQL, kept there as the event's fate): Kafka
 handing the same message over again leaves it purged; only a new copy of it, at another
-offset, is a new dead letter.
+offset, is a new dead letter. An entry a replay has claimed is the replay's, and left to it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sqlalchemy import Engine
 
 from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import DeadLetter
+from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
@@ -179,7 +179,9 @@ def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntr
     deleted = 0
     for entry in list(entries):
         with engine.begin() as conn:
-            purged = records.purge(conn, entry.letter.dlq_key, now())
+            found = records.purge(conn, entry.letter.dlq_key, now())
+        if found == REPLAYING:
+            continue  # the replay's: out once Kafka takes it, back in the DLQ if it refuses
         # An entry SQL does not hold as open is a stray of the projection: remove it too.
-        deleted += stream.remove(entry.letter.dlq_key) or purged
+        deleted += stream.remove(entry.letter.dlq_key) or found == OPEN
     return deleted

@@ -315,12 +315,13 @@ def finish_replay(conn: Connection, key: str, now: datetime, *,
     return transition(conn, letter, REPLAYED if published else OPEN, now, deadline=None)
 
 
-def purge(conn: Connection, key: str, now: datetime) -> bool:
+def purge(conn: Connection, key: str, now: datetime) -> str | None:
+    """Purge the letter if it is open; its state as found (then `open`), None if there is
+    none."""
     letter = load(conn, [key], lock=True).get(key)
-    if letter is None or letter.state != OPEN:
-        return False
-    transition(conn, letter, PURGED, now)
-    return True
+    if letter is not None and letter.state == OPEN:
+        transition(conn, letter, PURGED, now)
+    return None if letter is None else letter.state
 
 
 def resolve(conn: Connection, letters: Sequence[DeadLetter], now: datetime) -> list[DeadLetter]:

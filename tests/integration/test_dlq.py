@@ -497,6 +497,23 @@ def _open_entries(engine: Engine, stream: DeadLetterStream, topic: str,
     return list(stream.scan())
 
 
+def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """A purge that meets an entry a replay has claimed neither counts it deleted nor takes
+    it out of the stream: should Kafka refuse the replay, the letter goes back to the DLQ,
+    and its entry must still be there, not come back after a purge that said it was gone."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+    key = entry.letter.dlq_key
+    with engine.begin() as conn:
+        assert records.claim_for_replay(conn, key, T0, datetime.now(UTC) + timedelta(minutes=5))
+    assert actions.purge(engine, stream, [entry]) == 0
+    assert [e.letter.dlq_key for e in stream.scan()] == [key]
+    with engine.begin() as conn:
+        assert records.finish_replay(conn, key, datetime.now(UTC), published=False) is not None
+        assert records.load(conn, [key])[key].state == OPEN
+
+
 def test_replay_publishes_each_entry_once_and_removes_what_kafka_took(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

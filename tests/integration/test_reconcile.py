@@ -219,7 +219,7 @@ def test_a_held_event_an_operator_purged_stays_purged_while_it_is_held(engine: E
           payment_settled("p1", "o1", "10.00", currency="USD", occurred_at=at(2)))
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        assert records.purge(conn, key, datetime.now(UTC))
+        assert records.purge(conn, key, datetime.now(UTC)) == OPEN
     apply(engine, order_placed("o1", "u1", currency="EUR", occurred_at=at(3)))
     assert live(engine) == {}
     with engine.connect() as conn:

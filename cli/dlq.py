@@ -151,8 +151,9 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def _purge(args: argparse.Namespace, settings: Settings) -> int:
     def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry]) -> int:
-        deleted = actions.purge(engine, stream, entries)
-        print(f"deleted {deleted} entries", file=sys.stderr)
+        result = actions.purge(engine, stream, entries)
+        held = f"; {result.replaying} left to a replay in progress" if result.replaying else ""
+        print(f"deleted {result.deleted} entries{held}", file=sys.stderr)
         return 0
 
     if args.all and not (args.yes or args.dry_run) and not _confirmed(

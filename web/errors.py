@@ -59,6 +59,12 @@ def not_found(message: str) -> NoReturn:
     raise AssertionError("abort returned")  # pragma: no cover
 
 
+def conflict(message: str) -> NoReturn:
+    """Answer 409 with `message`: the entry is in a state the request cannot change."""
+    flask_smorest.abort(409, message=message)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
 def dependency_error(exc: Exception) -> ErrorResponse:
     """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors)."""
     if is_transient(exc):

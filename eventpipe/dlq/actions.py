@@ -174,14 +174,21 @@ def until_now(stream: DeadLetterStream, where: Filter) -> Iterable[StreamEntry]:
             yield entry
 
 
+@dataclass(slots=True)
+class Purged:
+    deleted: int = 0
+    replaying: int = 0  # a replay in progress has them: out once Kafka takes them, else back
+
+
 def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
-          now: Callable[[], datetime] = _utc_now) -> int:
-    deleted = 0
+          now: Callable[[], datetime] = _utc_now) -> Purged:
+    result = Purged()
     for entry in list(entries):
         with engine.begin() as conn:
             found = records.purge(conn, entry.letter.dlq_key, now())
         if found == REPLAYING:
-            continue  # the replay's: out once Kafka takes it, back in the DLQ if it refuses
+            result.replaying += 1
+            continue
         # An entry SQL does not hold as open is a stray of the projection: remove it too.
-        deleted += stream.remove(entry.letter.dlq_key) or found == OPEN
-    return deleted
+        result.deleted += stream.remove(entry.letter.dlq_key) or found == OPEN
+    return result

@@ -97,7 +97,7 @@ def test_a_message_larger_than_the_whole_dlq_enters_without_its_bytes(
     assert entries[0].value is None and entries[0].key == b"k"
     assert (entries[1].value, entries[2].value) == (b"{bad 1", b"{bad 2")
     assert stream.size_bytes() < 10_000
-    assert actions.purge(engine, stream, [entries[0]]) == 1
+    assert actions.purge(engine, stream, [entries[0]]).deleted == 1
 
 
 def test_the_byte_bound_counts_text_in_bytes(stream: DeadLetterStream) -> None:
@@ -166,7 +166,7 @@ def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_th
         letter.dlq_key for letter in saved)
     middle = Filter(since=week_ago + timedelta(seconds=1), until=week_ago + timedelta(seconds=1))
     assert [e.letter.position.offset for e in stream.scan(middle)] == [1]
-    assert actions.purge(engine, stream, actions.until_now(stream, last_hour)) == 0
+    assert actions.purge(engine, stream, actions.until_now(stream, last_hour)).deleted == 0
     assert stream.depth() == 3
 
 
@@ -465,7 +465,7 @@ def test_a_stale_entry_does_not_hide_a_lost_one_nor_an_old_revision_a_new_one(
         record(engine, *letters[:2], letters[3])
         reconciler.run_once()
         old = {entry.value: entry for entry in stream.scan()}
-        assert actions.purge(engine, stream, [old[b"{purged"]]) == 1
+        assert actions.purge(engine, stream, [old[b"{purged"]]).deleted == 1
         record(engine, letters[2], letters[3])  # a new one; "again" fails a second time
         reconciler.run_once()
         assert {e.value: e.letter.attempts for e in stream.scan()} == {
@@ -507,7 +507,7 @@ def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(
     key = entry.letter.dlq_key
     with engine.begin() as conn:
         assert records.claim_for_replay(conn, key, T0, datetime.now(UTC) + timedelta(minutes=5))
-    assert actions.purge(engine, stream, [entry]) == 0
+    assert actions.purge(engine, stream, [entry]) == actions.Purged(deleted=0, replaying=1)
     assert [e.letter.dlq_key for e in stream.scan()] == [key]
     with engine.begin() as conn:
         assert records.finish_replay(conn, key, datetime.now(UTC), published=False) is not None
@@ -585,7 +585,7 @@ def test_purge_removes_the_entry_and_keeps_the_fate(
     engine: Engine, stream: DeadLetterStream, kafka_topic: TopicFactory,
 ) -> None:
     [entry] = _open_entries(engine, stream, "events", 1)
-    assert actions.purge(engine, stream, [entry]) == 1
+    assert actions.purge(engine, stream, [entry]).deleted == 1
     assert stream.depth() == 0
     with engine.connect() as conn:
         [row] = conn.execute(select(dead_letters)).all()
@@ -599,7 +599,7 @@ def test_a_redelivery_of_a_purged_message_leaves_it_purged_a_new_copy_reopens_it
     rebalance): the letter an operator purged stays purged. The same bytes sent again, at
     another offset, are a new failure: the letter reopens."""
     [entry] = _open_entries(engine, stream, "events", 1)
-    assert actions.purge(engine, stream, [entry]) == 1
+    assert actions.purge(engine, stream, [entry]).deleted == 1
     redelivered = failure(0, b"{bad 0")
     record(engine, redelivered)
     projection.project(engine, stream, None, {entry.letter.dlq_key: (b"k", b"{bad 0")})

@@ -24,7 +24,7 @@ from werkzeug.test import TestResponse
 
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
-from eventpipe.dlq import actions, projection
+from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.settings import Settings
@@ -256,14 +256,30 @@ def test_delete_removes_one_entry(client: FlaskClient, queue: Queue) -> None:
     assert again is not None and [e.ended for e in again.letter.history] == ["purged"]
 
 
+def test_an_entry_a_replay_has_is_not_deleted_but_said_so(
+    client: FlaskClient, queue: Queue,
+) -> None:
+    held = queue.add(dead_letter(1))
+    queue.add(dead_letter(2))
+    with queue.engine.begin() as conn:
+        assert records.claim_for_replay(conn, dead_letter(1).letter.dlq_key, datetime.now(UTC),
+                                        datetime.now(UTC) + timedelta(minutes=5))
+    assert ok(call(client, "DELETE", f"/dlq/entries/{held}"), 409)["message"].startswith(
+        "a replay in progress has this entry")
+    assert ok(call(client, "POST", "/dlq/purge", {"all": True})) == {"deleted": 1,
+                                                                      "replaying": 1}
+    assert queue.offsets() == [1]
+
+
 def test_purge_by_filter(client: FlaskClient, queue: Queue) -> None:
     queue.add(dead_letter(1, error="InvalidEvent"))
     queue.add(dead_letter(2, error="EmailTaken"))
     queue.add(dead_letter(3, error="InvalidEvent"))
     assert ok(call(client, "POST", "/dlq/purge", {"errorClass": "InvalidEvent"})) == {
-        "deleted": 2}
+        "deleted": 2, "replaying": 0}
     assert queue.offsets() == [2]
-    assert ok(call(client, "POST", "/dlq/purge", {"all": True})) == {"deleted": 1}
+    assert ok(call(client, "POST", "/dlq/purge", {"all": True})) == {"deleted": 1,
+                                                                      "replaying": 0}
     assert queue.stream.depth() == 0
 
 

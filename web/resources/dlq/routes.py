@@ -17,7 +17,7 @@ from eventpipe.dlq.actions import Replayed
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.errors import TransientError
 from web import services
-from web.errors import not_found
+from web.errors import conflict, not_found
 from web.resources.dlq.auth import require_token
 from web.resources.dlq.schemas import (
     DeadLetterSchema,
@@ -101,10 +101,15 @@ class Entry(MethodView):
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(204)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
     @blp.doc(operationId="deleteDeadLetter")
     def delete(self, path: dict[str, str], **_: str) -> None:
-        """Delete one entry for good (its event's fate stays recorded as purged)"""
-        actions.purge(services.current().engine, _stream(), [_entry(path["entry_id"])])
+        """Delete one entry for good (its event's fate stays recorded as purged); 409 while a
+        replay in progress has it"""
+        if actions.purge(services.current().engine, _stream(),
+                         [_entry(path["entry_id"])]).replaying:
+            conflict("a replay in progress has this entry: it leaves the DLQ once Kafka "
+                     "takes it, or stays if Kafka refuses it")
 
 
 @blp.route("/entries/<id:entryId>/replay")
@@ -138,8 +143,8 @@ class Purge(MethodView):
     @blp.arguments(SelectionSchema)
     @blp.response(200, DeletedSchema)
     @blp.doc(operationId="purgeDeadLetters")
-    def post(self, selection: dict[str, Any]) -> dict[str, int]:
-        """Delete every entry that matches (a filter, or all)"""
+    def post(self, selection: dict[str, Any]) -> actions.Purged:
+        """Delete every entry that matches (a filter, or all), but those a replay in progress
+        has"""
         stream = _stream()
-        return {"deleted": actions.purge(services.current().engine, stream,
-                                         stream.scan(to_filter(selection)))}
+        return actions.purge(services.current().engine, stream, stream.scan(to_filter(selection)))

@@ -164,3 +164,6 @@ class ReplayedSchema(CamelSchema):
 
 class DeletedSchema(CamelSchema):
     deleted = fields.Integer(required=True)
+    replaying = fields.Integer(required=True, metadata={
+        "description": "entries left to a replay in progress: they leave the DLQ once Kafka "
+                       "takes them, or stay if it refuses them"})

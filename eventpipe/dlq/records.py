@@ -230,16 +230,17 @@ def waiting_on(conn: Connection, parent_kind: str,
 
 def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
     """Add held events' dead letters; one that had left the DLQ comes back with its earlier
-    lives (episodes written when it left), but for one an operator purged: held still, the
-    same copy stays purged, as when Kafka hands it over again (`record_failures`)."""
+    lives (episodes written when it left), but for one an operator purged: that decision
+    stands, for as long as the event is held or whenever it is held again (its entity stays
+    out of the read model; `eventpipe trace` tells why). A copy of a held event is a
+    duplicate, which leaves a purged letter as it is too (`repeat`)."""
     chosen = {letter.dlq_key: letter for letter in letters}
     before = load(conn, chosen, lock=True)
     return save_all(conn, [
         (before.get(key), replace(letter, history=before[key].history)
          if key in before else letter)
         for key, letter in chosen.items()
-        if key not in before or before[key].state != PURGED
-        or before[key].position != letter.position])
+        if key not in before or before[key].state != PURGED])
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:

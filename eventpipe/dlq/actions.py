@@ -33,6 +33,7 @@ from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
+from eventpipe.effects import Position
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
 
@@ -62,6 +63,7 @@ class Publisher:
         self.settings = settings
         self.timeout_s = timeout_s
         self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
+        self._partitions: dict[str, int] = {}  # topic → how many partitions it has now
 
     def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
         sent_at = time.monotonic()
@@ -71,19 +73,29 @@ class Publisher:
                 metrics.KAFKA_PRODUCE.observe(time.monotonic() - sent_at)
             done(error is None)
 
-        position = entry.letter.position
+        topic = entry.letter.position.topic or self.settings.kafka_topic
         try:
-            # Where it was read, not where librdkafka's hash of its key (or chance, without
-            # one) would put it: beside its key's events, whatever partitioner their producer
-            # used. -1: none recorded, the partitioner's choice.
-            self.producer.produce(position.topic or self.settings.kafka_topic,
-                                  value=entry.value, key=entry.key, on_delivery=report,
-                                  partition=-1 if position.partition is None
-                                  else position.partition)
+            self.producer.produce(topic, value=entry.value, key=entry.key, on_delivery=report,
+                                  partition=self._partition(topic, entry.letter.position))
         except (KafkaException, BufferError) as exc:  # refused before it left: not sent
             log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)
             done(False)
         self.producer.poll(0)
+
+    def _partition(self, topic: str, position: Position) -> int:
+        """Where the message was read, as the original was, rather than where librdkafka's
+        hash of its key (or chance, without one) would put it; -1, the partitioner's choice,
+        when none was recorded or the topic no longer has it (made anew with fewer)."""
+        if position.partition is None:
+            return -1
+        if topic not in self._partitions:
+            try:
+                found = self.producer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)
+            except KafkaException:
+                return -1  # the send says what is wrong
+            self._partitions[topic] = len(found.partitions) \
+                if found is not None and found.error is None else 0
+        return position.partition if position.partition < self._partitions[topic] else -1
 
     def flush(self) -> None:
         """Wait for Kafka; what it did not take in time is dropped (and reported refused)

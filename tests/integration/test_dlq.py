@@ -544,8 +544,7 @@ def test_a_replayed_message_goes_back_to_the_partition_it_was_read_from(
 ) -> None:
     """The replay is the original message at its original place: a keyless message (a
     partitioner would pick any partition) and a keyed one whose producer partitioned by
-    another hash than librdkafka's go back where they were read, beside the events of their
-    key."""
+    another hash than librdkafka's go back where they were read."""
     topic = kafka_topic(partitions=3)
     letters = [replace(failure(0, b"{bad", topic), dlq_key=message_key(None, b"{bad"),
                        position=Position(topic, 1, 0)),
@@ -562,6 +561,23 @@ def test_a_replayed_message_goes_back_to_the_partition_it_was_read_from(
     placed = {m.value(): m.partition() for m in consume(consumer, 2)}
     consumer.close()
     assert placed == {b"{bad": 1, b"{worse": 2}
+
+
+def test_a_message_from_a_partition_the_topic_no_longer_has_is_replayed_all_the_same(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """The topic was made anew with fewer partitions (an embedded broker restarted with a
+    lower KAFKA_PARTITIONS, on the same database): the partitioner places the replay."""
+    topic = kafka_topic(partitions=2)
+    [letter] = record(engine, replace(failure(0, b"{bad", topic), position=Position(topic, 5, 0)))
+    projection.project(engine, stream, None, {letter.dlq_key: (b"k", b"{bad")})
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic)))
+    assert (result.replayed, result.refused) == (1, 0)
+    consumer = make_consumer(kafka_broker, f"check-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    assert [m.value() for m in consume(consumer, 1)] == [b"{bad"]
+    consumer.close()
 
 
 def test_an_entry_kafka_refuses_stays_and_its_neighbours_still_leave(

@@ -78,21 +78,40 @@ return removed
 """
 
 
-# KEYS: stream, index, totals. ARGV: dlq key, index value, … Drops each key whose index value
-# is still the one given and whose entry is gone (deleted by hand); how many it dropped.
-_UNLINK = """
-local dropped = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
-    local old_id, size = string.match(ARGV[i + 1], '^(%S+) (%d+)')
-    if #redis.call('XRANGE', KEYS[1], old_id, old_id) == 0 then
-      redis.call('HDEL', KEYS[2], ARGV[i])
-      redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
-      dropped = dropped + 1
+# KEYS: stream, index, totals. ARGV: dlq key, entry id, size, … of entries the index did not
+# name when read. Each such entry is indexed again if the index names none of its key that
+# is there (its line lost), else deleted (an older copy); keys whose entry is gone are
+# dropped; the total of bytes is counted again from the index. How many were out of step.
+_MEND = """
+local changed = 0
+for i = 1, #ARGV, 3 do
+  local key, id = ARGV[i], ARGV[i + 1]
+  if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    local named = redis.call('HGET', KEYS[2], key)
+    local named_id = named and string.match(named, '^(%S+)')
+    if named_id ~= id then
+      if named_id and #redis.call('XRANGE', KEYS[1], named_id, named_id) > 0 then
+        redis.call('XDEL', KEYS[1], id)
+      else
+        redis.call('HSET', KEYS[2], key, id .. ' ' .. ARGV[i + 2])
+      end
+      changed = changed + 1
     end
   end
 end
-return dropped
+local index = redis.call('HGETALL', KEYS[2])
+local bytes = 0
+for i = 1, #index, 2 do
+  local id, size = string.match(index[i + 1], '^(%S+) (%d+)')
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    redis.call('HDEL', KEYS[2], index[i])
+    changed = changed + 1
+  else
+    bytes = bytes + tonumber(size)
+  end
+end
+redis.call('HSET', KEYS[3], 'bytes', bytes)
+return changed
 """
 
 # KEYS: marker. ARGV: the rebuild's claim, then 'intact' to mark the stream intact,
@@ -209,7 +228,7 @@ class DeadLetterStream:
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
         self._remove = client.register_script(_REMOVE)
-        self._unlink = client.register_script(_UNLINK)
+        self._mend = client.register_script(_MEND)
         self._claimed = client.register_script(_CLAIMED)
         self._waitaof: bool | None = None  # unknown until tried
 
@@ -266,26 +285,36 @@ class DeadLetterStream:
         self.client.delete(self.marker)
 
     def mend(self) -> int:
-        """Make the stream and its index agree again after a hand edit (an XDEL or XADD from
-        redis-cli), keeping the bytes every entry left shows (past Kafka's retention, the
-        only copy): entries no key names are deleted, keys whose entry is gone dropped. How
-        many were out of step. Safe beside puts: the index is read after the stream, so an
-        entry put meanwhile is named; and a key is dropped only if its entry is still gone
-        and no put changed it."""
-        scanned: set[str] = set()
+        """Make the stream, its index and its total agree again after a hand edit (XDEL,
+        XADD, HDEL from redis-cli), keeping the bytes every dead letter's entry shows (past
+        Kafka's retention, the only copy): an entry that is no dead letter is deleted, one
+        whose index line was lost indexed again, keys whose entry is gone dropped, the
+        bytes counted again. How many were out of step. Beside puts and removes: the index
+        is read after the stream, so an entry put meanwhile is named; and the script
+        decides each entry and key on what it finds then, atomically."""
+        unread: list[str] = []  # entries that are no dead letter
+        read: dict[str, tuple[str, int]] = {}  # entry id → (dlq key, size)
         low = "-"
         while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=500)):
-            scanned.update(_decoded(entry_id) for entry_id, _ in chunk)
+            for raw_id, fields in chunk:
+                entry_id = _decoded(raw_id)
+                try:
+                    key = StreamEntry.from_fields(entry_id, fields).letter.dlq_key
+                except (ValueError, TypeError):
+                    key = ""
+                if key:
+                    read[entry_id] = (key, sum(len(name) + len(value)
+                                               for name, value in fields.items()))
+                else:
+                    unread.append(entry_id)
             low = f"({_decoded(chunk[-1][0])}"
-        index = {_decoded(key): _decoded(value)
-                 for key, value in self.client.hgetall(self.index).items()}
-        unnamed = scanned - {value.split(" ")[0] for value in index.values()}
-        if unnamed:
-            self.client.xdel(self.stream, *sorted(unnamed))
-        gone = [part for key, value in index.items() if value.split(" ")[0] not in scanned
-                for part in (key, value)]
-        return len(unnamed) + (int(self._unlink(keys=[self.stream, self.index, self.totals],
-                                                args=gone)) if gone else 0)
+        if unread:
+            self.client.xdel(self.stream, *unread)
+        named = {_decoded(value).split(" ")[0] for value in self.client.hvals(self.index)}
+        lost = [str(part) for entry_id, (key, size) in read.items() if entry_id not in named
+                for part in (key, entry_id, size)]
+        return len(unread) + int(self._mend(keys=[self.stream, self.index, self.totals],
+                                            args=lost))
 
     def take_turn(self, task: str, every_s: float) -> bool:
         """True for one caller per `every_s` across every process: who does `task` now."""

@@ -311,8 +311,9 @@ class DeadLetterStream:
         if unread:
             self.client.xdel(self.stream, *unread)
         named = {_decoded(value).split(" ")[0] for value in self.client.hvals(self.index)}
-        lost = [str(part) for entry_id, (key, size) in read.items() if entry_id not in named
-                for part in (key, entry_id, size)]
+        # Newest first: of two entries of one key that no line names, the later is kept.
+        lost = [str(part) for entry_id, (key, size) in reversed(read.items())
+                if entry_id not in named for part in (key, entry_id, size)]
         return len(unread) + int(self._mend(keys=[self.stream, self.index, self.totals],
                                             args=lost))
 

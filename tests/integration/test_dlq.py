@@ -313,6 +313,14 @@ def test_an_index_lost_by_hand_costs_no_entry_its_bytes_nor_the_dlq_its_room(
         first.letter.dlq_key: first.value, second.letter.dlq_key: second.value}
     assert stream.sizes() == (2, 2)
     assert stream.size_bytes() == _bytes_of(stream)
+    # Two entries of one key, neither named (one more added by hand, then the index lost
+    # again): the later one is kept.
+    stream.client.xadd(stream.stream, cast(Any, replace(first, value=b"{later").fields()))
+    stream.client.delete(stream.index)
+    assert stream.mend() > 0
+    assert {e.letter.dlq_key: e.value for e in stream.scan()} == {
+        first.letter.dlq_key: b"{later", second.letter.dlq_key: second.value}
+    assert stream.size_bytes() == _bytes_of(stream)
 
 
 def _bytes_of(stream: DeadLetterStream) -> int:

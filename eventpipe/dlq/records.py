@@ -233,14 +233,15 @@ def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[De
     lives (episodes written when it left), but for one an operator purged: that decision
     stands, for as long as the event is held or whenever it is held again (its entity stays
     out of the read model; `eventpipe trace` tells why). A copy of a held event is a
-    duplicate, which leaves a purged letter as it is too (`repeat`)."""
+    duplicate, which leaves a purged letter as it is too (`repeat`). One a replay has is
+    left to it: the replay's end queues its entity for the round that decides it then."""
     chosen = {letter.dlq_key: letter for letter in letters}
     before = load(conn, chosen, lock=True)
     return save_all(conn, [
         (before.get(key), replace(letter, history=before[key].history)
          if key in before else letter)
         for key, letter in chosen.items()
-        if key not in before or before[key].state != PURGED])
+        if key not in before or before[key].state not in (PURGED, REPLAYING)])
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:

@@ -116,6 +116,31 @@ def test_a_lapsed_replay_whose_parent_came_meanwhile_is_resolved_not_reopened(
     assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
 
 
+def test_a_round_leaves_a_letter_a_replay_has_to_the_replay(engine: Engine) -> None:
+    """A round that evaluates a held event while a replay has its dead letter leaves the
+    letter to the replay: made live again under it, the letter lost the replay's claim (a
+    second replay could take it) and its history the episode the replay's end records. The
+    replay's end queues the entity again, for the round that decides it then."""
+    apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+    later = datetime.now(UTC) + PARK + timedelta(seconds=1)
+    settle(engine, later)
+    with engine.begin() as conn:
+        [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+        letter = records.claim_for_replay(conn, key, later, later + timedelta(minutes=5))
+        assert letter is not None
+        reconciling.queue_entity(conn, letter, later)
+    settle(engine, later + timedelta(seconds=1))
+    with engine.begin() as conn:
+        assert records.load(conn, [key])[key].state == "replaying"
+        assert records.finish_replay(conn, key, later + timedelta(seconds=2),
+                                     published=True) is not None
+        reconciling.queue_entity(conn, letter, later + timedelta(seconds=2))
+    settle(engine, later + timedelta(seconds=3))
+    with engine.connect() as conn:
+        [found] = records.load(conn, [key]).values()
+    assert found.state == WAITING and [e.ended for e in found.history] == ["replayed"]
+
+
 def test_a_replayed_event_still_held_comes_back_to_the_dlq(
     engine: Engine, redis_client: redis.Redis, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

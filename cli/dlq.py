@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from cli.arguments import at_least
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection
@@ -34,7 +35,7 @@ def add_commands(commands: Any) -> None:
     _filters(listing)
     listing.add_argument("--after", type=_entry_id,
                          help="entry id to continue after (pagination)")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=at_least(1), default=50)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
     show = dlq_commands.add_parser("show", help="show one entry in full")
@@ -118,6 +119,9 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _selected(args: argparse.Namespace, stream: DeadLetterStream) -> Iterable[StreamEntry] | None:
     filtered = any((args.event_type, args.error_class, args.since, args.until))
+    if args.entry_ids and (args.all or filtered):
+        print("name entry ids, or a filter or --all, not both", file=sys.stderr)
+        return None
     if args.entry_ids:
         found = [stream.get(entry_id) for entry_id in args.entry_ids]
         missing = [i for i, e in zip(args.entry_ids, found, strict=True) if e is None]
@@ -181,8 +185,11 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
     if entries is None:
         return 2
     if args.dry_run:
-        for entry in entries:
+        chosen = list(entries)
+        for entry in chosen:
             print(f"would {verb} " + _summary(entry))
+        if not chosen:
+            print("no dead letter matches", file=sys.stderr)
         return 0
     engine = make_engine(settings)
     try:

@@ -12,7 +12,7 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 
 from eventpipe.database import redacted
-from eventpipe.errors import ServiceUnanswered, sqlstate
+from eventpipe.errors import ServiceUnanswered, TransientError, sqlstate
 from eventpipe.settings import Settings
 
 BAD_SETTING = 2
@@ -27,7 +27,8 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, ServiceUnanswered):
         return str(exc)
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return f"Redis does not answer at REDIS_URL={settings.redis_url}: {_first_line(exc)}"
+        return (f"Redis does not answer at REDIS_URL={redacted(settings.redis_url)}: "
+                f"{_first_line(exc)}")
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         where = f"DATABASE_URL={redacted(settings.database_url)}"
         orig = exc.orig
@@ -36,6 +37,8 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
             return f"the database at {where} has no schema yet: run `eventpipe migrate`"
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
             return f"the database at {where} cannot be used: {_first_line(orig or exc)}"
+    if isinstance(exc, TransientError):  # the pipeline's own, written for operators
+        return _first_line(exc)
     if isinstance(exc, KafkaException):
         return (f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: "
                 f"{_first_line(exc)}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 from cli import dlq, errors, status, verify
+from cli.arguments import at_least, positive, ratio
 from eventpipe import logs
 from eventpipe.settings import Settings, SettingsError, get_settings
 
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="fixed partitions, e.g. 0-5 or 0,2,4 (default: none fixed; the "
                         "processes join the worker pool, which shares every partition among "
                         "the live workers of all hosts)")
-    worker.add_argument("--processes", type=_at_least_one, default=1,
+    worker.add_argument("--processes", type=at_least(1), default=1,
                         help="worker processes on this host (default 1)")
     worker.set_defaults(handler=_worker)
 
@@ -74,11 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     produce.set_defaults(handler=_produce_menu)
     produce_commands = produce.add_subparsers(dest="produce_command", metavar="ACTION")
     generate = produce_commands.add_parser("generate", help="send a realistic stream")
-    generate.add_argument("--count", type=int, default=1000, help="messages to send")
-    generate.add_argument("--rate", type=float, default=None, help="messages per second")
-    generate.add_argument("--duplicates", type=float, default=0.0, help="ratio, 0-1")
-    generate.add_argument("--out-of-order", type=float, default=0.0, help="ratio, 0-1")
-    generate.add_argument("--poison", type=float, default=0.0, help="ratio, 0-1")
+    generate.add_argument("--count", type=at_least(1), default=1000, help="messages to send")
+    generate.add_argument("--rate", type=positive, default=None, help="messages per second")
+    generate.add_argument("--duplicates", type=ratio, default=0.0, help="ratio, 0-1")
+    generate.add_argument("--out-of-order", type=ratio, default=0.0, help="ratio, 0-1")
+    generate.add_argument("--poison", type=ratio, default=0.0, help="ratio, 0-1")
     generate.add_argument("--seed", type=int, default=None, help="repeatable streams")
     generate.set_defaults(handler=_produce_generate)
 
@@ -102,13 +103,6 @@ def _version() -> str:
         return metadata.version("eventpipe")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown"
-
-
-def _at_least_one(text: str) -> int:
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} is not a number of processes: at least 1")
-    return number
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -144,7 +138,7 @@ def _web(_args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.ports import ensure_free
     from web import create_app
 
-    ensure_free("WEB_PORT", settings.web_port, settings.web_host)
+    ensure_free("WEB_PORT", settings.web_port, settings.web_host, host_setting="WEB_HOST")
     create_app(settings).run(host=settings.web_host, port=settings.web_port, threaded=True)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.arguments import at_least
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.stream import DeadLetterStream
@@ -17,7 +18,7 @@ def add_command(commands: Any) -> None:
     command = commands.add_parser(
         "verify", help="read the topic up to the committed offsets, fold it with the "
         "contract's rules and compare with the database; exit 1 on any difference")
-    command.add_argument("--limit", type=int, default=50,
+    command.add_argument("--limit", type=at_least(0), default=50,
                          help="differences to print (default 50)")
     command.set_defaults(handler=_verify)
 

@@ -157,6 +157,7 @@ class MessageReader:
 
     def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
+        self.brokers = settings.kafka_bootstrap_servers
         self.consumer = Consumer(client_config(settings, **{
             "group.id": f"{settings.kafka_group_id}.reader",
             "enable.auto.commit": False,
@@ -188,13 +189,15 @@ class MessageReader:
             try:
                 self.consumer.list_topics(position.topic, timeout=self.timeout_s)
             except KafkaException as exc:
-                raise TransientError(f"Kafka did not answer for {position.topic} "
+                raise TransientError(f"Kafka at KAFKA_BOOTSTRAP_SERVERS={self.brokers} did "
+                                     f"not answer for {position.topic} "
                                      f"[{position.partition}] offset {position.offset}: "
                                      f"{exc}") from exc
             return None
         error = record.error()
         if error is not None and error.code() not in _GONE:
-            raise TransientError(f"Kafka could not hand over {position.topic} "
+            raise TransientError(f"Kafka at KAFKA_BOOTSTRAP_SERVERS={self.brokers} could not "
+                                 f"hand over {position.topic} "
                                  f"[{position.partition}] offset {position.offset}: {error}")
         if error is not None or record.offset() != position.offset:
             return None  # gone, or compacted away (the next offset came instead)

@@ -19,9 +19,10 @@ def unusable(setting: str, port: int, exc: OSError, *, any_port: bool = False) -
                          f"there; {hint}")
 
 
-def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = False) -> None:
+def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = False,
+                host_setting: str | None = None) -> None:
     """Raise the bad setting if nothing could listen on `host`:`port` now (0 is always free:
-    the process picks one)."""
+    the process picks one); a host that is no address of this machine is `host_setting`'s."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as werkzeug chooses
@@ -29,4 +30,8 @@ def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = Fal
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
+        if host_setting and (isinstance(exc, socket.gaierror)
+                             or exc.errno == errno.EADDRNOTAVAIL):
+            raise SettingsError(f"{host_setting}={host}: {exc.strerror or exc}: no address of "
+                                "this machine to listen on") from None
         raise unusable(setting, port, exc, any_port=any_port) from None

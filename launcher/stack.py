@@ -78,7 +78,7 @@ class Stack:
         """The ports the children will listen on, free before anything starts (a child that
         cannot listen would exit and leave the reason in its log)."""
         s = self.settings
-        ensure_free("WEB_PORT", s.web_port, s.web_host)
+        ensure_free("WEB_PORT", s.web_port, s.web_host, host_setting="WEB_HOST")
         ensure_free("FLOWER_PORT", s.flower_port, "127.0.0.1")
         ensure_free("BRIDGE_METRICS_PORT", s.bridge_metrics_port)
         ensure_free("WORKER_METRICS_PORT", s.worker_metrics_port)

@@ -46,6 +46,9 @@ def parse_partitions(spec: str, count: int | None = None) -> list[int]:
             raise ValueError(f"bad partition range {part!r}: use e.g. 0-5 or 0,2,4") from None
         if first < 0 or last < first:
             raise ValueError(f"bad partition range {part!r}")
+        if count is not None and last >= count:  # before the range is made: it may be huge
+            raise ValueError(f"partition {last} does not exist: the topic has {count} "
+                             f"(0-{count - 1}; KAFKA_PARTITIONS)")
         chosen.update(range(first, last + 1))
     if not chosen:
         raise ValueError("no partitions given")

@@ -89,10 +89,12 @@ class Publisher:
         if position.partition is None:
             return -1
         if topic not in self._partitions:
+            # Asked once per topic and replay, answered or not: a Kafka that does not answer
+            # would otherwise cost every entry the whole wait, and its sends say why anyway.
             try:
                 found = self.producer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)
             except KafkaException:
-                return -1  # the send says what is wrong
+                found = None
             self._partitions[topic] = len(found.partitions) \
                 if found is not None and found.error is None else 0
         return position.partition if position.partition < self._partitions[topic] else -1

@@ -35,6 +35,17 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
     [
         (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:{port}/0"}, 3,
          "eventpipe: Redis does not answer at REDIS_URL=redis://127.0.0.1:{port}/0"),
+        # The password stays out of the line.
+        (["dlq", "list"], {"REDIS_URL": "redis://:s3cret@127.0.0.1:{port}/0"}, 3,
+         "eventpipe: Redis does not answer at REDIS_URL=redis://:***@127.0.0.1:{port}/0"),
+        (["dlq", "replay", "1-0", "--all"], {}, 2, "name entry ids, or a filter or --all, "
+                                                   "not both"),
+        (["dlq", "purge", "1-0", "--event-type", "UserCreated"], {}, 2, "not both"),
+        # Refused before the range is made, which would take gigabytes.
+        (["worker", "--partitions", "0-1000000000"], {"KAFKA_PARTITIONS": "12"}, 2,
+         "partition 1000000000 does not exist: the topic has 12"),
+        (["web"], {"WEB_HOST": "192.0.2.1"}, 2,
+         "eventpipe: bad setting: WEB_HOST=192.0.2.1: "),
         (["trace", "e-1", "--no-kafka"], {}, 3, "has no schema yet: run `eventpipe migrate`"),
         (["trace", "e-1", "--no-kafka"],
          {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:{port}/x"}, 3,
@@ -110,8 +121,14 @@ def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["worker", "--processes", "0"],
-     "argument --processes: 0 is not a number of processes: at least 1"),
+    (["worker", "--processes", "0"], "argument --processes: 0: must be at least 1"),
+    (["produce", "generate", "--count", "-5"], "argument --count: -5: must be at least 1"),
+    (["produce", "generate", "--rate", "0"], "argument --rate: 0: must be a number above 0"),
+    (["produce", "generate", "--rate", "nan"],
+     "argument --rate: nan: must be a number above 0"),
+    (["produce", "generate", "--poison", "1.5"], "argument --poison: 1.5: must be from 0 to 1"),
+    (["dlq", "list", "--limit", "0"], "argument --limit: 0: must be at least 1"),
+    (["verify", "--limit", "-1"], "argument --limit: -1: must be at least 0"),
     # A malformed cursor is the operator's to fix, not a Redis error.
     (["dlq", "list", "--after", "bogus"],
      "argument --after: 'bogus' is not a stream entry id such as 1764000000000-0"),

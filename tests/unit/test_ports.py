@@ -22,3 +22,9 @@ def test_a_port_is_free_or_named_as_taken_on_either_family(family: int, host: st
                                           "free port")
     ensure_free("WEB_PORT", port, host)  # closed: free again
     ensure_free("WEB_PORT", 0, host)  # any
+
+
+def test_a_host_that_is_no_address_of_this_machine_is_the_hosts_setting() -> None:
+    with pytest.raises(SettingsError, match=r"^WEB_HOST=192\.0\.2\.1: .*no address of this "
+                                            r"machine"):
+        ensure_free("WEB_PORT", 8000, "192.0.2.1", host_setting="WEB_HOST")

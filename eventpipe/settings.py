@@ -7,6 +7,7 @@ in one place (`_field`), so `.env.example` can be checked against this module by
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -190,6 +191,14 @@ class Settings:
                 raise SettingsError(f"CELERY_BROKER_URL: {transport!r} is not a transport "
                                     "Celery knows: use redis://, rediss:// or amqp:// "
                                     "(RabbitMQ)")
+        # No setting is a count, a size or a time below 0 (MAX_FUTURE_SKEW_S=-3600 would
+        # dead-letter every event of the last hour), nor NaN, which passes every comparison
+        # below.
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            if setting.type in ("int", "float") and not (math.isfinite(value) and value >= 0):
+                raise SettingsError(f"{setting.metadata['env']}={value!r}: must be a number, "
+                                    "0 or more")
         # librdkafka wants it a second under its socket timeout (60 s), or requests time out.
         if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
             raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "

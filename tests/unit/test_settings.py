@@ -42,8 +42,14 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("env", "value", "said"), [
-    ("TASK_TIME_LIMIT_S", "-1", "TASK_TIME_LIMIT_S=-1.0: must be greater than 0"),
-    ("KAFKA_SESSION_TIMEOUT_MS", "-1", "KAFKA_SESSION_TIMEOUT_MS=-1: must be greater than 0"),
+    ("TASK_TIME_LIMIT_S", "-1", "TASK_TIME_LIMIT_S=-1.0: must be a number, 0 or more"),
+    ("TASK_TIME_LIMIT_S", "0", "TASK_TIME_LIMIT_S=0.0: must be greater than 0"),
+    ("TASK_TIME_LIMIT_S", "nan", "TASK_TIME_LIMIT_S=nan: must be a number, 0 or more"),
+    ("MAX_FUTURE_SKEW_S", "-3600", "MAX_FUTURE_SKEW_S=-3600.0: must be a number, 0 or more"),
+    ("PARK_TIMEOUT_S", "inf", "PARK_TIMEOUT_S=inf: must be a number, 0 or more"),
+    ("RETRY_BACKOFF_BASE_S", "-1", "RETRY_BACKOFF_BASE_S=-1.0: must be a number, 0 or more"),
+    ("CRASH_MAX_ATTEMPTS", "-2", "CRASH_MAX_ATTEMPTS=-2: must be a number, 0 or more"),
+    ("KAFKA_SESSION_TIMEOUT_MS", "0", "KAFKA_SESSION_TIMEOUT_MS=0: must be greater than 0"),
     ("DLQ_MAX_BYTES", "0", "DLQ_MAX_BYTES=0: must be greater than 0"),
     ("WEB_PORT", "99999", "WEB_PORT=99999: must be a port, 0 to 65535"),
     ("KAFKA_TOPIC", " ", "KAFKA_TOPIC is empty"),

@@ -12,14 +12,12 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 
 from eventpipe.database import redacted
-from eventpipe.errors import ServiceUnanswered, TransientError, sqlstate
+from eventpipe.errors import ServiceUnanswered, TransientError, schema_missing
 from eventpipe.settings import Settings
 
 BAD_SETTING = 2
 SERVICE = 3
 
-# "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).
-_MISSING_TABLE = frozenset({"42P01", "42S02"})
 
 
 def explain(exc: BaseException, settings: Settings) -> str | None:
@@ -32,8 +30,7 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         where = f"DATABASE_URL={redacted(settings.database_url)}"
         orig = exc.orig
-        if orig is not None and (sqlstate(orig) in _MISSING_TABLE
-                                 or "no such table" in str(orig)):
+        if schema_missing(exc):
             return f"the database at {where} has no schema yet: run `eventpipe migrate`"
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
             return f"the database at {where} cannot be used: {_first_line(orig or exc)}"

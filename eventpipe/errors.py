@@ -143,6 +143,17 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
     return None
 
 
+# "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).
+_MISSING_TABLE = frozenset({"42P01", "42S02"})
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """Whether the database said a table is not there: it was never migrated."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
+        return False
+    return sqlstate(exc.orig) in _MISSING_TABLE or "no such table" in str(exc.orig)
+
+
 def sqlstate(orig: BaseException) -> str | None:
     """The SQLSTATE a driver attached: psycopg's `sqlstate`, pyodbc's first argument."""
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)

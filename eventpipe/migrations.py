@@ -43,6 +43,9 @@ def _revisions() -> tuple[str, frozenset[str]]:
     return head, frozenset(revision.revision for revision in script.walk_revisions())
 
 
+SCHEMA_MISSING = "the database has no schema yet: run `eventpipe migrate`"
+
+
 def schema_behind(conn: Connection) -> str | None:
     """Why the database's schema is older than this code needs, naming the fix; None when
     it is the head, or a revision this code does not know (a newer release migrated it, and
@@ -50,7 +53,7 @@ def schema_behind(conn: Connection) -> str | None:
     current = MigrationContext.configure(conn).get_current_revision()
     head, known = _revisions()
     if current is None:
-        return "the database has no schema yet: run `eventpipe migrate`"
+        return SCHEMA_MISSING
     if current != head and current in known:
         return f"the database's schema is at {current}, this code needs {head}: run " \
                "`eventpipe migrate`"

@@ -22,7 +22,8 @@ from werkzeug.exceptions import (
     ServiceUnavailable,
 )
 
-from eventpipe.errors import PipelineError, is_transient
+from eventpipe.errors import PipelineError, is_transient, schema_missing
+from eventpipe.migrations import SCHEMA_MISSING
 from web.schemas import ErrorSchema
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ def conflict(message: str) -> NoReturn:
 
 
 def dependency_error(exc: Exception) -> ErrorResponse:
-    """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors)."""
-    if is_transient(exc):
+    """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors). A
+    database never migrated is unavailable too, until an operator runs the migration; on
+    PostgreSQL its error is no transient one, which would make it a bare 500."""
+    if is_transient(exc) or schema_missing(exc):
         message = _unavailable(exc)
         log.warning("dependency unavailable", extra={"path": request.path, "reason": message,
                                                      "error": f"{type(exc).__name__}: {exc}"})
@@ -78,6 +81,8 @@ def dependency_error(exc: Exception) -> ErrorResponse:
 
 
 def _unavailable(exc: Exception) -> str:
+    if schema_missing(exc):
+        return SCHEMA_MISSING
     if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
         return "the database is unavailable; retry later"
     if isinstance(exc, redis.RedisError):

@@ -30,6 +30,7 @@ from eventpipe.effects import Position
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from tests.support.broker import TopicFactory
+from tests.support.databases import drop_database, new_database
 from tests.support.factories import T0, dead_letter
 from tests.support.http import fuzz, serving
 from tests.support.services import REDIS_URL
@@ -450,6 +451,22 @@ def test_not_ready_while_the_database_has_no_schema(
     assert body["failed"] == ["database"]
     assert body["checks"][0]["error"] == \
         "the database has no schema yet: run `eventpipe migrate`"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_read_of_a_database_without_schema_says_what_to_run(
+    make_app: Any, tmp_path: Path, kind: str,
+) -> None:
+    """Not a bare 500 (PostgreSQL's missing table is no transient failure), nor a 503 that
+    says to retry (SQLite's is taken for one): a 503 naming the command that fixes it."""
+    url = new_database("eventpipe_test") if kind == "postgresql" else \
+        f"sqlite:///{tmp_path / 'never-migrated.db'}"
+    try:
+        body = ok(make_app(database_url=url).get("/users/u1"), 503)
+        assert body["message"] == "the database has no schema yet: run `eventpipe migrate`"
+    finally:
+        if kind == "postgresql":
+            drop_database(url)
 
 
 def test_the_dlq_reads_honour_their_openapi_document(

@@ -19,7 +19,6 @@ BAD_SETTING = 2
 SERVICE = 3
 
 
-
 def explain(exc: BaseException, settings: Settings) -> str | None:
     """The line to print for `exc`, or None when it is not an operator's to fix."""
     if isinstance(exc, ServiceUnanswered):

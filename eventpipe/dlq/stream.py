@@ -298,10 +298,8 @@ class DeadLetterStream:
         while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=500)):
             for raw_id, fields in chunk:
                 entry_id = _decoded(raw_id)
-                try:
-                    key = StreamEntry.from_fields(entry_id, fields).letter.dlq_key
-                except (ValueError, TypeError):
-                    key = ""
+                entry = _dead_letter(entry_id, fields)
+                key = entry.letter.dlq_key if entry is not None else ""
                 if key:
                     read[entry_id] = (key, sum(len(name) + len(value)
                                                for name, value in fields.items()))
@@ -419,13 +417,12 @@ class DeadLetterStream:
     def _entry(self, raw_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry | None:
         """The entry as a dead letter; None for one that is none (added with redis-cli's
         XADD), which is left out and has the stream rebuilt (`mend` takes it out)."""
-        try:
-            return StreamEntry.from_fields(_decoded(raw_id), fields)
-        except (ValueError, TypeError):  # a time, a number or the history unreadable
+        entry = _dead_letter(_decoded(raw_id), fields)
+        if entry is None:
             log.warning("DLQ stream entry %s is no dead letter (added by hand?): left out, "
                         "and the stream rebuilt", _decoded(raw_id))
             self.forget_intact()
-            return None
+        return entry
 
     def page(self, where: Filter = Filter(), after: str | None = None,
              limit: int = 50) -> list[StreamEntry]:
@@ -435,6 +432,15 @@ class DeadLetterStream:
             if len(page) >= limit:
                 break
         return page
+
+
+def _dead_letter(entry_id: str, fields: dict[bytes, bytes]) -> StreamEntry | None:
+    """The entry as a dead letter; None if it is none (a time, a number or the history
+    unreadable: added by hand)."""
+    try:
+        return StreamEntry.from_fields(entry_id, fields)
+    except (ValueError, TypeError):
+        return None
 
 
 def _decoded(raw: bytes | str) -> str:

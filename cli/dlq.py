@@ -39,12 +39,12 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
     show = dlq_commands.add_parser("show", help="show one entry in full")
-    show.add_argument("entry_id")
+    show.add_argument("entry_id", type=_entry_id)
     show.set_defaults(handler=_show)
     for name, handler, verb in (("replay", _replay, "publish back to Kafka"),
                                 ("purge", _purge, "delete")):
         action = dlq_commands.add_parser(name, help=f"{verb} entries: ids, a filter, or --all")
-        action.add_argument("entry_ids", nargs="*", help="entry ids")
+        action.add_argument("entry_ids", nargs="*", type=_entry_id, help="entry ids")
         _filters(action)
         action.add_argument("--all", action="store_true", help="every entry")
         action.add_argument("--dry-run", action="store_true", help="only list what it would do")

@@ -38,7 +38,7 @@ from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
 from eventpipe.queues import queue_depths, queue_name
-from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
+from eventpipe.settings import REDIS_SCHEMES, Settings, child_environment
 from eventpipe.tables import applied_events
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
@@ -60,6 +60,10 @@ _EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
+
+
+class ChildFailed(RuntimeError):
+    """A process `up` started exited, or never became ready; the message names its log."""
 
 
 @dataclass
@@ -187,7 +191,7 @@ class Stack:
             while not _http_ok(url):
                 self.check_children()
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not ready at {url} after {READY_TIMEOUT_S:.0f}s"
+                    raise ChildFailed(f"{name} not ready at {url} after {READY_TIMEOUT_S:.0f}s"
                                        f"; see the logs in {self.run_dir}")
                 self._pause(0.25)
 
@@ -196,7 +200,7 @@ class Stack:
             raise Interrupted
         for name, child in self.children.items():
             if child.poll() is not None:
-                raise RuntimeError(f"{name} exited with {child.returncode}; "
+                raise ChildFailed(f"{name} exited with {child.returncode}; "
                                    f"see {self.run_dir / (name + '.log')}")
 
     def _pause(self, seconds: float) -> None:
@@ -268,12 +272,13 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         return 0
     except Interrupted:
         return 0
-    except (SettingsError, ServiceUnanswered):  # said as every command says them (`cli.main`)
-        raise
-    except Exception as exc:  # whatever it is, say it plainly and still stop what started
+    except (ChildFailed, EmbeddedServiceError) as exc:  # its log, or the line, says the rest
         print(f"eventpipe up: {exc}", file=sys.stderr)
         return 1
     finally:
+        # Anything else goes on once what started is stopped, and is said as every command
+        # says it (`cli.main`): a service that does not answer or a bad setting in one line,
+        # a bug with its traceback.
         print("stopping…")
         stack.stop()
         print("stopped")

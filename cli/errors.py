@@ -12,7 +12,13 @@ import sqlalchemy.exc
 from confluent_kafka import KafkaException
 
 from eventpipe.database import redacted
-from eventpipe.errors import ServiceUnanswered, TransientError, schema_missing
+from eventpipe.errors import (
+    KEY_OF_ANOTHER_KIND,
+    ServiceUnanswered,
+    TransientError,
+    key_of_another_kind,
+    schema_missing,
+)
 from eventpipe.settings import Settings
 
 BAD_SETTING = 2
@@ -26,6 +32,10 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return (f"Redis does not answer at REDIS_URL={redacted(settings.redis_url)}: "
                 f"{_first_line(exc)}")
+    if key_of_another_kind(exc):
+        return (f"{KEY_OF_ANOTHER_KIND} (DLQ_STREAM={settings.dlq_stream}, "
+                f"KAFKA_GROUP_ID={settings.kafka_group_id} at "
+                f"REDIS_URL={redacted(settings.redis_url)})")
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         where = f"DATABASE_URL={redacted(settings.database_url)}"
         orig = exc.orig

@@ -154,6 +154,17 @@ def schema_missing(exc: BaseException) -> bool:
     return sqlstate(exc.orig) in _MISSING_TABLE or "no such table" in str(exc.orig)
 
 
+KEY_OF_ANOTHER_KIND = ("a Redis key of this pipeline holds a value of another kind: another "
+                       "program writes there; give the pipeline a Redis database of its own")
+
+
+def key_of_another_kind(exc: BaseException) -> bool:
+    """Whether Redis refused a command for a key holding another kind of value (WRONGTYPE):
+    a key the pipeline names (the DLQ stream, the offset ledger, the status board) was
+    written by something else. Retrying cannot help, nor is any event at fault."""
+    return isinstance(exc, redis_exceptions.ResponseError) and "WRONGTYPE" in str(exc)
+
+
 def sqlstate(orig: BaseException) -> str | None:
     """The SQLSTATE a driver attached: psycopg's `sqlstate`, pyodbc's first argument."""
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)

@@ -22,7 +22,13 @@ from werkzeug.exceptions import (
     ServiceUnavailable,
 )
 
-from eventpipe.errors import PipelineError, is_transient, schema_missing
+from eventpipe.errors import (
+    KEY_OF_ANOTHER_KIND,
+    PipelineError,
+    is_transient,
+    key_of_another_kind,
+    schema_missing,
+)
 from eventpipe.migrations import SCHEMA_MISSING
 from web.schemas import ErrorSchema
 
@@ -70,6 +76,11 @@ def dependency_error(exc: Exception) -> ErrorResponse:
     """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors). A
     database never migrated is unavailable too, until an operator runs the migration; on
     PostgreSQL its error is no transient one, which would make it a bare 500."""
+    if key_of_another_kind(exc):
+        # Not the client's, nor passing: an operator must free the keys. Hosts stay in the log.
+        log.error("a Redis key of the pipeline holds another kind of value",
+                  extra={"path": request.path, "error": f"{type(exc).__name__}: {exc}"})
+        return http_error(ServiceUnavailable(KEY_OF_ANOTHER_KIND))
     if is_transient(exc) or schema_missing(exc):
         message = _unavailable(exc)
         log.warning("dependency unavailable", extra={"path": request.path, "reason": message,

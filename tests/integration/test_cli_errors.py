@@ -10,11 +10,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from confluent_kafka import TopicPartition
 
 from bridge.service import Bridge
+from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from tests.support.broker import TopicFactory, settings_for
 from tests.support.pipeline import BIN
+from tests.support.services import REDIS_URL
 
 
 def free_port() -> int:
@@ -56,9 +59,6 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["status"], {"REDIS_URL": "redis://127.0.0.1:{port}/0"}, 3,
          "eventpipe: Redis does not answer at REDIS_URL=redis://127.0.0.1:{port}/0"),
         (["status"], {}, 3, "has no schema yet: run `eventpipe migrate`"),
-        (["up"], {"REDIS_URL": "redis://127.0.0.1:{port}/0"}, 3,
-         "eventpipe: no Redis answers at REDIS_URL=redis://127.0.0.1:{port}/0; start it, "
-         "or unset REDIS_URL to run an embedded one"),
         (["status"], {"LOG_FORMAT": "pretty"}, 2,
          "eventpipe: bad setting: LOG_FORMAT='pretty': use one of auto, json, text"),
         (["dlq", "list"], {"DATABASE_URL": "garbage"}, 2, "DATABASE_URL='garbage'"),
@@ -81,6 +81,49 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert done.returncode == status, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("args", [["dlq", "list"], ["dlq", "show", "1-0"],
+                                  ["dlq", "purge", "--all", "--yes"]])
+def test_a_dlq_key_another_program_holds_is_named_in_one_line(
+    tmp_path: Path, redis_client: redis.Redis, args: list[str]
+) -> None:
+    stream = f"test:dlq:{uuid.uuid4().hex}"
+    redis_client.set(stream, "another program's value")
+    try:
+        done = eventpipe(tmp_path, *args, DLQ_STREAM=stream, KAFKA_GROUP_ID="eventpipe",
+                         REDIS_URL=f"{REDIS_URL}/0")
+    finally:
+        held = redis_client.get(stream)
+        redis_client.delete(stream)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"eventpipe: {KEY_OF_ANOTHER_KIND} (DLQ_STREAM={stream}, KAFKA_GROUP_ID=eventpipe at "
+        f"REDIS_URL={REDIS_URL}/0)"]
+    assert held == b"another program's value"
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"REDIS_URL": "redis://127.0.0.1:{port}/0"},
+     "eventpipe: no Redis answers at REDIS_URL=redis://127.0.0.1:{port}/0; start it, or unset "
+     "REDIS_URL to run an embedded one"),
+    # Met once the brokers are up: said as every command says it, not as `up`'s own failure.
+    ({"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:{port}/x"},
+     "eventpipe: the database at DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:{port}/x "
+     "cannot be used: "),
+])
+def test_up_names_the_service_that_does_not_answer_in_one_line(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    port = str(free_port())
+    free = {name: str(free_port()) for name in (
+        "WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")}
+    done = eventpipe(tmp_path, "up", KAFKA_PARTITIONS="2", **free,
+                     **{k: v.replace("{port}", port) for k, v in env.items()})
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(says.replace("{port}", port)), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("command", "setting", "hint"), [
@@ -132,6 +175,12 @@ def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path)
     # A malformed cursor is the operator's to fix, not a Redis error.
     (["dlq", "list", "--after", "bogus"],
      "argument --after: 'bogus' is not a stream entry id such as 1764000000000-0"),
+    (["dlq", "show", "abc"], "argument entry_id: 'abc' is not a stream entry id such as "
+                             "1764000000000-0"),
+    (["dlq", "replay", "1-0", "abc"], "argument entry_ids: 'abc' is not a stream entry id "
+                                      "such as 1764000000000-0"),
+    (["dlq", "purge", "x"], "argument entry_ids: 'x' is not a stream entry id such as "
+                            "1764000000000-0"),
 ])
 def test_a_value_no_command_can_use_is_a_usage_error(tmp_path: Path, args: list[str],
                                                      says: str) -> None:

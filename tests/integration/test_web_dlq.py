@@ -27,6 +27,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
+from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from tests.support.broker import TopicFactory
@@ -467,6 +468,19 @@ def test_a_read_of_a_database_without_schema_says_what_to_run(
     finally:
         if kind == "postgresql":
             drop_database(url)
+
+
+def test_a_dlq_key_another_program_holds_is_named_not_a_500(
+    client: FlaskClient, redis_client: redis.Redis, stream: str,
+) -> None:
+    """DLQ_STREAM names a key of another kind (another program's string): a 503 saying what
+    holds it, not an "unexpected error" with Redis's WRONGTYPE in the log only."""
+    redis_client.set(stream, "another program's value")
+    for method, path, body in ENDPOINTS:
+        answer = call(client, method, path, body)
+        assert answer.status_code == 503, (method, path, answer.get_data(as_text=True))
+        assert answer.get_json()["message"] == KEY_OF_ANOTHER_KIND
+    assert redis_client.get(stream) == b"another program's value"  # left as it was
 
 
 def test_the_dlq_reads_honour_their_openapi_document(

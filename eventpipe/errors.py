@@ -94,7 +94,7 @@ def classify(exc: BaseException) -> FailureKind:
     """The one place that decides. Database errors are judged by SQLSTATE and native error
     number first, since a driver's exception class does not say enough: pyodbc raises a
     deadlock as a plain `Error`, and an `OperationalError` may be a value the database refused."""
-    if isinstance(exc, _TRANSIENT) or unresponsive(exc):
+    if isinstance(exc, _TRANSIENT) or unresponsive(exc) or schema_out_of_step(exc):
         return FailureKind.TRANSIENT
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
@@ -145,6 +145,9 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
 
 # "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).
 _MISSING_TABLE = frozenset({"42P01", "42S02"})
+# A column not there (PostgreSQL's 42703, ODBC's 42S22), or a table: the schema is older
+# than the code, or gone.
+_OUT_OF_STEP = _MISSING_TABLE | {"42703", "42S22"}
 
 
 def schema_missing(exc: BaseException) -> bool:
@@ -152,6 +155,16 @@ def schema_missing(exc: BaseException) -> bool:
     if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
         return False
     return sqlstate(exc.orig) in _MISSING_TABLE or "no such table" in str(exc.orig)
+
+
+def schema_out_of_step(exc: BaseException) -> bool:
+    """Whether the database lacks a table or column the code names: a schema never
+    migrated, dropped, or older than the code (a worker deployed before `eventpipe migrate`
+    ran). The world's failure, not the events': on SQLite, whose error for it is an
+    `OperationalError`, it always was one."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
+        return False
+    return sqlstate(exc.orig) in _OUT_OF_STEP or schema_missing(exc)
 
 
 KEY_OF_ANOTHER_KIND = ("a Redis key of this pipeline holds a value of another kind: another "

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 
 from eventpipe.dlq.letter import WORKER_CRASHED
-from eventpipe.errors import FailureKind, classify
+from eventpipe.errors import FailureKind, classify, schema_out_of_step
 from eventpipe.settings import Settings
 
 
@@ -70,10 +70,17 @@ class GiveUp:
 Decision = RetryLater | Split | RetryAlone | GiveUp
 
 
+SCHEMA_OUT_OF_STEP = "the database lacks a table or column of this code: run `eventpipe migrate`"
+
+
 def describe(exc: BaseException) -> str:
-    """The first line of an exception's message, bounded: what a dead letter says."""
+    """The first line of an exception's message, bounded: what a dead letter, or a retry's
+    log line, says."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500]
+    said = f"{type(exc).__name__}: {text}"
+    if schema_out_of_step(exc):
+        said = f"{SCHEMA_OUT_OF_STEP} ({said})"
+    return said[:500]
 
 
 def decide(exc: BaseException, *, size: int, attempts: int, retries: int, policy: RetryPolicy,

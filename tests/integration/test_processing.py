@@ -27,11 +27,12 @@ from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Received
 from eventpipe.errors import TransientError
+from eventpipe.failures import SCHEMA_OUT_OF_STEP
 from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
 from eventpipe.samples import encode, inventory_adjusted
 from eventpipe.settings import Settings
-from eventpipe.tables import applied_events, dead_letters
+from eventpipe.tables import applied_events, dead_letters, inventory
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
 from tests.support.factories import at
@@ -105,6 +106,31 @@ def test_an_unforeseen_error_is_isolated_then_dead_lettered_and_its_neighbours_a
     assert (row.error_class, row.attempts, row.kafka_offset) == ("ValueError", 3, 17)
     assert "a bug nobody foresaw" in row.reason and "Traceback" in row.traceback
     assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(40))
+
+
+def test_a_table_not_there_is_waited_for_not_blamed_on_the_events(
+    engine: Engine, parts: tuple[Processor, OffsetLedger],
+) -> None:
+    """A table the code writes is gone (dropped, or a worker deployed before `eventpipe
+    migrate` ran): the batch waits for the world, as for a database that is down, and no
+    event is dead-lettered for it. Once the table is back, the same messages apply."""
+    processor, ledger = parts
+    batch = messages(5)
+    inventory.drop(engine)
+    try:
+        report = processor.run(TOPIC, 0, batch)
+        for _ in range(3):  # however often it is tried
+            [later] = report.later
+            assert later.transient and SCHEMA_OUT_OF_STEP in later.reason, later.reason
+            assert [m.offset for m in later.messages] == list(range(5))
+            report = processor.run(TOPIC, 0, later.messages, retries=1)
+        assert letters(engine) == [] and applied_ids(engine) == set()
+        assert ledger.read(TOPIC, {0: 0})[0] == (set(), set(range(5)))  # kept, not done
+    finally:
+        inventory.create(engine, checkfirst=True)
+    report = processor.run(TOPIC, 0, report.later[0].messages, retries=2)
+    assert report.later == [] and applied_ids(engine) == {f"ev-{n}" for n in range(5)}
+    assert letters(engine) == []
 
 
 def test_a_copy_of_a_given_up_event_that_applies_closes_its_dead_letter(

@@ -71,6 +71,21 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
                  postgres(psycopg.errors.CharacterNotInRepertoire)), FailureKind.DATA),
         (wrapped(sqlalchemy.exc.IntegrityError, postgres(psycopg.errors.UniqueViolation)),
          FailureKind.CONSTRAINT),
+        # A table or column the code names is not there: the schema is gone, or older than
+        # the code. Retried until `eventpipe migrate` runs, as SQLite always did.
+        (wrapped(sqlalchemy.exc.ProgrammingError, postgres(psycopg.errors.UndefinedTable)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.ProgrammingError, postgres(psycopg.errors.UndefinedColumn)),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+            "42S02", "Invalid object name 'inventory'.", 208)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+            "42S22", "Invalid column name 'version_at'.", 207)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
+            "no such table: inventory")), FailureKind.TRANSIENT),
+        # Other statements the database refuses to run are no failure of the world.
+        (wrapped(sqlalchemy.exc.ProgrammingError, postgres(psycopg.errors.SyntaxError)),
+         FailureKind.UNKNOWN),
         # SQLite.
         (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
             "database is locked")), FailureKind.TRANSIENT),

@@ -76,7 +76,7 @@ def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
 class Bridge:
     def __init__(
         self, settings: Settings, *, celery: Celery | None = None,
-        ledger: OffsetLedger | None = None, clock: Callable[[], float] = time.time,
+        ledger: OffsetLedger | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.topic = settings.kafka_topic
@@ -84,6 +84,9 @@ class Bridge:
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
         self.broker_queues = depth_reader(settings, redis_clients.pipeline)
+        # Every time the bridge keeps is an interval (batches' waits, syncs, redelivery
+        # timeouts): a wall clock stepped back would stall them all for the step, one
+        # stepped forward would make every unleased head look lost.
         self.clock = clock
         self.batcher = Batcher(settings.batch_max_events, settings.batch_max_bytes,
                                settings.batch_max_wait_ms / 1000)

@@ -78,6 +78,19 @@ hold(KEYS[1], now + tonumber(ARGV[1]), 2)
 return now
 """
 
+# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] ranges: leased at least that long, a
+# lease that lasts longer kept as it is.
+_EXTEND = _NOW + """
+local until_time = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not score or tonumber(score) < until_time then
+    redis.call('ZADD', KEYS[1], until_time, ARGV[i])
+  end
+end
+return now
+"""
+
 # KEYS: done zset, lease zset. ARGV[1] = number of done ranges, then the done ranges, then
 # pairs (range, seconds to live) of leases to renew.
 _SETTLE = _STEPS + """
@@ -214,6 +227,7 @@ class OffsetLedger:
         self.client = client
         self.base = f"{prefix}:{group}"
         self._lease = client.register_script(_LEASE)
+        self._extend = client.register_script(_EXTEND)
         self._settle = client.register_script(_SETTLE)
         self._read = client.register_script(_READ)
         self._trim = client.register_script(_TRIM)
@@ -229,6 +243,13 @@ class OffsetLedger:
         members = ranges(offsets)
         if members:
             self._lease(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])
+
+    def extend(self, topic: str, partition: int, offsets: Iterable[int], ttl_s: float) -> None:
+        """Hold `offsets` for at least `ttl_s` seconds of Redis time: a lease of theirs that
+        lasts longer already (a message set aside to retry later) is kept."""
+        members = ranges(offsets)
+        if members:
+            self._extend(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])
 
     def settle(self, topic: str, partition: int, done: Iterable[int],
                leases: Mapping[int, float] | None = None) -> None:

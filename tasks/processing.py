@@ -1,8 +1,9 @@
 """One task's work: a partition's messages in, every one of them given a durable fate.
 
 `Processor.run`, which the Celery task (`tasks.app`) wraps:
-1. leases the offsets (the bridge then knows the work is in hand) and records the range as
-   running, in one Redis round trip; if an earlier attempt at an overlapping range never
+1. leases the offsets (the bridge then knows the work is in hand; `tasks.lease_keeper` renews
+   the lease while the run lasts) and records the range as running, in one Redis round
+   trip; if an earlier attempt at an overlapping range never
    finished — the process died — the messages are applied one at a time, and one that has
    killed its worker `CRASH_MAX_ATTEMPTS` times is dead-lettered
    (`eventpipe.failures.after_crashes`);
@@ -56,6 +57,7 @@ from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
 from eventpipe.settings import Settings
 from eventpipe.times import from_kafka_millis
+from tasks.lease_keeper import LeaseKeeper
 
 log = logging.getLogger(__name__)
 # The fates counted in events_processed_per_second: the event is done with, not in the DLQ.
@@ -95,9 +97,11 @@ class Processor:
         self.rng = rng or random.Random()
         self.policy = RetryPolicy.of(settings)
         self.max_future = timedelta(seconds=settings.max_future_skew_s)
-        # As long as the bridge waits for a sign of life; extended for work that waits to
-        # retry. A worker killed mid-batch lets its lease lapse soon, and the batch is re-read.
+        # As long as the bridge waits for a sign of life; renewed while a run lasts
+        # (`keeper`), extended for work that waits to retry. A worker killed mid-batch lets
+        # its lease lapse soon, and the batch is re-read.
         self.lease_s = settings.redelivery_timeout_s
+        self.keeper = LeaseKeeper(ledger)
         self._leased_at = 0.0  # when this run's leases were last written (monotonic)
         self._run = ""  # the run in progress, as the offset ledger names it
         self._next = 0  # the first offset it has not given a fate yet
@@ -110,11 +114,12 @@ class Processor:
         self.retries = retries
         first, last = messages[0].offset, messages[-1].offset
         self._run = uuid.uuid4().hex  # names this run's record in the ledger
-        crashed = self.ledger.begin(topic, partition, [m.offset for m in messages],
-                                    self.lease_s, run=self._run)
+        offsets = [m.offset for m in messages]
+        crashed = self.ledger.begin(topic, partition, offsets, self.lease_s, run=self._run)
         self._leased_at = time.monotonic()
         self._next = first
         ended = False
+        self.keeper.hold(topic, partition, offsets, self.lease_s)
         try:
             if crashed is None:
                 ended = self._work(topic, partition, [messages], report)
@@ -125,6 +130,7 @@ class Processor:
                                    "offsetFirst": first, "offsetLast": last})
                 ended = self._work(topic, partition, [[m] for m in messages], report, crashed)
         finally:
+            self.keeper.release()
             # Neither an error nor a wait for the world is a death: the record of this run
             # goes. The deaths it found are still owed to the messages it did not get to:
             # left as found, so that their next attempt counts them again, no more.

@@ -251,6 +251,18 @@ def test_leases_are_judged_by_the_redis_clock(parts: tuple[Processor, OffsetLedg
     assert ledger.read(TOPIC, {1: 0})[1] == ({7}, {8})
 
 
+def test_a_renewal_extends_a_lease_and_never_shortens_one(
+    parts: tuple[Processor, OffsetLedger],
+) -> None:
+    _, ledger = parts
+    ledger.lease(TOPIC, 1, [7, 8], ttl_s=0.2)  # a run's
+    ledger.lease(TOPIC, 1, [9], ttl_s=60)  # a message waiting to retry, past the run
+    ledger.extend(TOPIC, 1, [7, 8], ttl_s=60)
+    ledger.extend(TOPIC, 1, [9], ttl_s=0.2)
+    time.sleep(0.4)  # past the short leases: what is leased now is what the renewal kept
+    assert ledger.read(TOPIC, {1: 0})[1] == (set(), {7, 8, 9})
+
+
 def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) -> None:
     """Issue 9, item 12: two pipelines on one Redis and one topic do not share marks."""
     mine = OffsetLedger(redis_client, f"group-a-{uuid.uuid4().hex}")
@@ -333,6 +345,32 @@ def test_a_long_isolation_keeps_the_bridge_informed(
     assert len(seen) == 6
     assert done == set(range(17))
     assert leased == set(range(17, 40))
+
+
+def test_a_batch_that_takes_longer_than_a_lease_stays_leased_while_it_runs(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One part, a slow database: its offsets stay leased for the whole transaction, so the
+    bridge does not take the batch for lost and send it again while it is being applied; a
+    process that dies stops renewing, and the lease lapses as before."""
+    processor, ledger = parts
+    processor.lease_s = 0.6
+    seen: list[set[int]] = []
+    real = apply_batch
+
+    def slow(engine: Engine, batch: Sequence[Received], failures: Sequence[DeadLetter] = (),
+             **kwargs: Any) -> BatchResult:
+        until = time.monotonic() + 4 * processor.lease_s  # the database takes its time
+        while time.monotonic() < until:
+            seen.append(ledger.read(TOPIC, {0: 0})[0][1])
+            time.sleep(0.05)
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", slow)
+    report = processor.run(TOPIC, 0, messages(10))
+    assert report.later == [] and len(seen) > 40
+    assert [leased for leased in seen if leased != set(range(10))] == []
+    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(10)), set())
 
 
 def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(

@@ -1,20 +1,27 @@
-"""Keeps the offsets of the batch a worker process is applying leased for as long as it runs.
+"""Keeps the offsets a worker process holds leased for as long as it holds them.
 
-`Processor.run` leases a batch's offsets for `REDELIVERY_TIMEOUT_S` as it begins, and a batch
-applied in one part writes nothing more to the offset ledger until it ends. On a slow database
-its transaction may outlive the lease (it may run up to `TASK_TIME_LIMIT_S`): the bridge would
-then take the batch for lost, read it again from Kafka and queue a copy while the first is
-still being applied. A daemon thread renews the lease every third of it while the run lasts.
-It only ever extends a lease (`OffsetLedger.extend`), so a message set aside to retry later,
-leased past the batch, keeps its own. A process that dies or is stopped renews nothing, and
-its lease lapses as before: the bridge reads the batch again.
+A worker leases a batch's offsets for `REDELIVERY_TIMEOUT_S` as its run begins, and the
+messages it sets aside to retry for their wait and as long again. Neither is enough on its own:
+- a batch applied in one part writes nothing more to the offset ledger until it ends, and on
+  a slow database its transaction may outlive the lease (it may run up to
+  `TASK_TIME_LIMIT_S`);
+- a retry runs at its time after the batch its worker is applying then, while the batches
+  after it are done.
+Lapsed, either lease makes the bridge take the messages for lost, read them again from Kafka
+and queue copies while the first are still in hand. So a daemon thread renews every lease
+the process holds, every third of it: the running batch's until its run ends, a retry's until
+a run takes it up or its time and a batch's have passed (another process may have taken
+it). A renewal only ever extends a lease (`OffsetLedger.extend`). A process that dies or is
+stopped renews nothing, and its leases lapse as they always did: the bridge reads the
+messages again soon.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -30,41 +37,76 @@ class _Held:
     partition: int
     offsets: Sequence[int]
     ttl_s: float
+    until: float | None = None  # when to stop renewing (monotonic); None: once released
 
 
 class LeaseKeeper:
-    def __init__(self, ledger: OffsetLedger) -> None:
+    def __init__(self, ledger: OffsetLedger, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.ledger = ledger
-        self._held: _Held | None = None
+        self.clock = clock
+        self._running: _Held | None = None
+        self._waiting: list[_Held] = []
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._thread: threading.Thread | None = None
 
     def hold(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float) -> None:
-        """Renew the lease of `offsets`, just written for `ttl_s`, until `release`."""
+        """A run begins with `offsets`, just leased for `ttl_s`: renew them until `release`.
+        The retries it takes up are its own now."""
+        taken = set(offsets)
         with self._lock:
-            self._held = _Held(topic, partition, offsets, ttl_s)
+            self._waiting = [held for held in self._waiting if not (
+                (held.topic, held.partition) == (topic, partition)
+                and taken.intersection(held.offsets))]
+            self._running = _Held(topic, partition, offsets, ttl_s)
+        self._wake()
+
+    def release(self) -> None:
+        """The run ended: its offsets are done, or set aside (`set_aside`)."""
+        with self._lock:
+            self._running = None
+
+    def set_aside(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float,
+                  for_s: float) -> None:
+        """Messages sent to retry, just leased for their wait and `ttl_s`: renew them for
+        `for_s`, unless a run takes them up first."""
+        with self._lock:
+            self._waiting.append(_Held(topic, partition, offsets, ttl_s, self.clock() + for_s))
+        self._wake()
+
+    def _wake(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            # Made in the process that holds leases: a thread is not inherited across a fork.
+            # Made in the process that holds the leases: a thread is not inherited by a fork.
             self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
             self._thread.start()
         self._changed.set()
 
-    def release(self) -> None:
+    def _holds(self) -> list[_Held]:
         with self._lock:
-            self._held = None
-        self._changed.set()
+            now = self.clock()
+            self._waiting = [held for held in self._waiting if held.until is None
+                             or held.until > now]
+            return [*([self._running] if self._running else []), *self._waiting]
 
     def _run(self) -> None:
+        renewed = self.clock()
         while True:
-            self._changed.wait()
-            self._changed.clear()
-            with self._lock:
-                held = self._held
-            # A third of the lease after it was written, then every third while it is held.
-            while held is not None and not self._changed.wait(held.ttl_s / 3):
+            holds = self._holds()
+            if not holds:
+                self._changed.wait()
+                self._changed.clear()
+                renewed = self.clock()  # what is held now was just leased
+                continue
+            due = renewed + min(held.ttl_s for held in holds) / 3 - self.clock()
+            if due > 0:
+                self._changed.wait(due)  # a change may bring a shorter lease
+                self._changed.clear()
+                continue
+            renewed = self.clock()
+            for held in holds:
                 try:
                     self.ledger.extend(held.topic, held.partition, held.offsets, held.ttl_s)
-                except redis.RedisError as exc:  # tried again a third of the lease later
-                    log.warning("lease of a running batch not renewed: %s", exc, extra={
+                except redis.RedisError as exc:  # tried again a third of a lease later
+                    log.warning("lease not renewed: %s", exc, extra={
                         "topic": held.topic, "partition": held.partition})

@@ -2,8 +2,8 @@
 
 `Processor.run`, which the Celery task (`tasks.app`) wraps:
 1. leases the offsets (the bridge then knows the work is in hand; `tasks.lease_keeper` renews
-   the lease while the run lasts) and records the range as running, in one Redis round
-   trip; if an earlier attempt at an overlapping range never
+   the lease while the run lasts, and a retry's until it runs) and records the range as
+   running, in one Redis round trip; if an earlier attempt at an overlapping range never
    finished — the process died — the messages are applied one at a time, and one that has
    killed its worker `CRASH_MAX_ATTEMPTS` times is dead-lettered
    (`eventpipe.failures.after_crashes`);
@@ -222,9 +222,12 @@ class Processor:
             self._leased_at = time.monotonic()
 
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
-        # The offsets stay leased while they wait, so the bridge does not read them again.
-        self.ledger.lease(topic, partition, [m.offset for m in later.messages],
-                          later.delay_s + self.lease_s)
+        # The offsets stay leased while they wait, and while a batch may run ahead of them
+        # once their time comes, so the bridge does not read them again.
+        offsets = [m.offset for m in later.messages]
+        self.ledger.lease(topic, partition, offsets, later.delay_s + self.lease_s)
+        self.keeper.set_aside(topic, partition, offsets, self.lease_s,
+                              later.delay_s + self.settings.task_time_limit_s)
         report.later.append(later)
         reason = "transient" if later.transient else "error"
         for message in later.messages:

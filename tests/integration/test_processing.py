@@ -36,6 +36,7 @@ from eventpipe.tables import applied_events, dead_letters, inventory
 from tasks.processing import Processor
 from tasks.reconciler import Reconciler
 from tests.support.factories import at
+from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
 
 TOPIC = "events"
@@ -441,6 +442,31 @@ def test_a_message_waiting_to_retry_stays_leased_while_its_run_goes_on(
     assert [m.offset for m in later.messages] == [1]
     assert len(seen) == 4 and all(1 in leased for leased in seen)
     assert 1 in ledger.read(TOPIC, {0: 0})[0][1]
+
+
+@pytest.mark.parametrize("transient", [False, True])
+def test_a_retry_stays_leased_past_its_time_while_its_worker_lives(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+    transient: bool,
+) -> None:
+    """A retry runs at its time after the batch its worker is applying then, which may take
+    up to TASK_TIME_LIMIT_S, while the batches after it are done. Were its lease to lapse
+    before it runs, the bridge would see it overtaken and read the partition again, the
+    retry still to come. Its worker renews the lease that long; then it lapses (another
+    process may have taken the retry), as it does at once if the worker dies."""
+    processor, ledger = parts
+    processor.lease_s = 0.3
+    processor.settings = replace(processor.settings, task_time_limit_s=1.0)
+    error = TransientError("the database is unreachable") if transient else ValueError("a bug")
+    monkeypatch.setattr(tasks.processing, "apply_batch", failing_on_poison(error))
+    started = time.monotonic()
+    [later] = processor.run(TOPIC, 0, messages(3, poison_at=0)).later
+    renewed_until = started + later.delay_s + processor.settings.task_time_limit_s
+    while time.monotonic() < renewed_until - 0.1:
+        assert 0 in ledger.read(TOPIC, {0: 0})[0][1], time.monotonic() - started
+        time.sleep(0.05)
+    wait_until(lambda: 0 not in ledger.read(TOPIC, {0: 0})[0][1], 5, "the lease to lapse")
+    assert time.monotonic() - started > later.delay_s + processor.lease_s * 2
 
 
 def test_a_failed_progress_mark_is_not_taken_for_a_failure_of_the_part(

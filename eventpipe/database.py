@@ -107,14 +107,24 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if writer and not conn.get_execution_options().get(_READ_ONLY):
+        options = conn.get_execution_options()
+        if (writer and not options.get(_READ_ONLY)) or options.get(_WRITES):
             begin_writing(conn)
         else:
             conn.exec_driver_sql("BEGIN")
 
 
-# A connection option: its transactions only read (`reading`).
+# Connection options: its transactions only read (`reading`), or write too (`writes`).
 _READ_ONLY = "eventpipe_read_only"
+_WRITES = "eventpipe_writes"
+
+
+def writes(engine: Engine) -> Engine:
+    """`engine`'s pool, for transactions that read then write. A reader's transaction on
+    SQLite begins without the write lock, and once another connection has committed since it
+    read, SQLite refuses it the lock at once (whatever the busy timeout): these take the
+    lock as they begin, waiting for it, as a writer's do. Other databases are unchanged."""
+    return engine.execution_options(**{_WRITES: True})
 
 
 @contextmanager

@@ -1,9 +1,10 @@
 """What the API talks to, built once per app (so once per gunicorn worker process).
 
-One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings), one
-Redis client for the dead-letter queue and the status board, one reader of the Celery broker's
-queue depths (`eventpipe.broker_queues`, for the status). A request borrows one database
-connection, opened on first use and handed back to the pool when the app context ends.
+One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings; the
+DLQ's changes take its connections as a writer would, `writer`), one Redis client for the
+dead-letter queue and the status board, one reader of the Celery broker's queue depths
+(`eventpipe.broker_queues`, for the status). A request borrows one database connection,
+opened on first use and handed back to the pool when the app context ends.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import Connection, Engine
 
 from eventpipe import redis_clients
 from eventpipe.broker_queues import QueueDepths, depth_reader
-from eventpipe.database import make_engine
+from eventpipe.database import make_engine, writes
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.settings import Settings
 
@@ -35,6 +36,11 @@ class Services:
         client = redis_clients.request(settings.redis_url)
         broker = depth_reader(settings, redis_clients.request)
         return cls(settings, make_engine(settings, writer=False), client, broker)
+
+    @property
+    def writer(self) -> Engine:
+        """The engine's pool for the DLQ's changes, which read then write (`writes`)."""
+        return writes(self.engine)
 
     def dead_letters(self) -> DeadLetterStream:
         return DeadLetterStream(self.redis, self.settings.dlq_stream,

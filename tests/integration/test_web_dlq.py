@@ -5,6 +5,7 @@ Each test has its own DLQ stream (`test:dlq:<uuid>`), deleted afterwards.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,11 +30,12 @@ from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from eventpipe.settings import Settings
-from eventpipe.tables import dead_letters
+from eventpipe.tables import dead_letters, reconcile_queue
 from tests.support.broker import TopicFactory
 from tests.support.databases import drop_database, new_database
 from tests.support.factories import T0, dead_letter
 from tests.support.http import fuzz, serving
+from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
 from web import create_app, services
 
@@ -256,6 +258,40 @@ def test_delete_removes_one_entry(client: FlaskClient, queue: Queue) -> None:
     resent = replace(resent, letter=replace(resent.letter, position=Position("events", 0, 9)))
     again = queue.stream.get(queue.add(resent))
     assert again is not None and [e.ended for e in again.letter.history] == ["purged"]
+
+
+def test_deletes_succeed_while_workers_write_to_sqlite(
+    client: FlaskClient, queue: Queue, sqlite_engine: Engine,
+) -> None:
+    """The API reads SQLite without its write lock; a DLQ change reads, then writes. Begun as
+    a reader, its transaction could not write once a worker had committed since it read
+    (SQLite refuses the upgrade at once, whatever the busy timeout): every change was a 503
+    while the pipeline ran."""
+    ids = [queue.add(dead_letter(n)) for n in range(6)]
+    stop = threading.Event()
+    commits = [0]
+
+    def worker() -> None:  # small transactions, one after the other, as batches are
+        while not stop.is_set():
+            with sqlite_engine.begin() as conn:
+                conn.execute(reconcile_queue.insert().values(keys="{}", created_at=T0))
+                conn.execute(reconcile_queue.delete())
+            commits[0] += 1
+
+    writing = threading.Thread(target=worker)
+    writing.start()
+    try:
+        wait_until(lambda: commits[0] > 20, 10, "the worker writing")
+        for entry_id in ids[:5]:
+            response = call(client, "DELETE", f"/dlq/entries/{entry_id}")
+            assert response.status_code == 204, response.get_data(as_text=True)
+        assert ok(call(client, "POST", "/dlq/purge", {"all": True})) == {
+            "deleted": 1, "replaying": 0}
+        started = commits[0]
+        wait_until(lambda: commits[0] > started, 10, "the worker writing still")
+    finally:
+        stop.set()
+        writing.join()
 
 
 def test_an_entry_a_replay_has_is_not_deleted_but_said_so(

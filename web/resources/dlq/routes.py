@@ -60,7 +60,7 @@ def _entry(entry_id: str) -> StreamEntry:
 
 def _replay(entries: Iterable[StreamEntry]) -> Replayed:
     deps = services.current()
-    result = actions.replay(deps.engine, _stream(), entries, actions.Publisher(deps.settings))
+    result = actions.replay(deps.writer, _stream(), entries, actions.Publisher(deps.settings))
     if result.refused and not result.replayed:
         raise TransientError(f"Kafka did not acknowledge {result.refused} replayed "
                              "message(s); they stay in the dead-letter queue")
@@ -106,7 +106,7 @@ class Entry(MethodView):
     def delete(self, path: dict[str, str], **_: str) -> None:
         """Delete one entry for good (its event's fate stays recorded as purged); 409 while a
         replay in progress has it"""
-        if actions.purge(services.current().engine, _stream(),
+        if actions.purge(services.current().writer, _stream(),
                          [_entry(path["entry_id"])]).replaying:
             conflict("a replay in progress has this entry: it leaves the DLQ once Kafka "
                      "takes it, or stays if Kafka refuses it")
@@ -147,4 +147,4 @@ class Purge(MethodView):
         """Delete every entry that matches (a filter, or all), but those a replay in progress
         has"""
         stream = _stream()
-        return actions.purge(services.current().engine, stream, stream.scan(to_filter(selection)))
+        return actions.purge(services.current().writer, stream, stream.scan(to_filter(selection)))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -148,10 +148,14 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, surveyed
 _QUEUED_AS = {"user": "users", "order": "orders", "payment": "payments"}
 
 
-def queue_entity(conn: Connection, letter: DeadLetter, at: datetime) -> None:
-    """Queue a dead letter's entity for the next round, as a batch that wrote it would."""
-    if letter.entity_kind in _QUEUED_AS and letter.entity_key:
-        upserts.queue_keys(conn, {_QUEUED_AS[letter.entity_kind]: [letter.entity_key]}, at)
+def queue_entities(conn: Connection, letters: Iterable[DeadLetter], at: datetime) -> None:
+    """Queue the dead letters' entities for the next round, as a batch that wrote them
+    would."""
+    keys: dict[str, set[str]] = {}
+    for letter in letters:
+        if letter.entity_kind in _QUEUED_AS and letter.entity_key:
+            keys.setdefault(_QUEUED_AS[letter.entity_kind], set()).add(letter.entity_key)
+    upserts.queue_keys(conn, keys, at)
 
 
 def _take_queue(conn: Connection, round_keys: int) -> tuple[list[int], Keys, bool]:

@@ -31,9 +31,10 @@ from sqlalchemy import Engine
 
 from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter
+from eventpipe.dlq.letter import OPEN, REPLAYING
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
+from eventpipe.errors import KafkaUnanswered
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
 
@@ -63,7 +64,16 @@ class Publisher:
         self.settings = settings
         self.timeout_s = timeout_s
         self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
-        self._partitions: dict[str, int] = {}  # topic → how many partitions it has now
+        self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
+
+    def answers(self, topic: str | None) -> None:
+        """Raise `KafkaUnanswered` unless Kafka tells this topic's partitions, before anything
+        is claimed: a Kafka that does not answer would cost each chunk of a replay the whole
+        wait (ten minutes for 30,000 letters, past any HTTP server's timeout) and hold its
+        letters claimed meanwhile, for nothing."""
+        if self._count(topic or self.settings.kafka_topic) is None:
+            raise KafkaUnanswered("Kafka does not answer at KAFKA_BOOTSTRAP_SERVERS: nothing "
+                                  "was replayed; retry once it does")
 
     def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
         sent_at = time.monotonic()
@@ -88,16 +98,21 @@ class Publisher:
         when none was recorded or the topic no longer has it (made anew with fewer)."""
         if position.partition is None:
             return -1
+        return position.partition if position.partition < (self._count(topic) or 0) else -1
+
+    def _count(self, topic: str) -> int | None:
+        """How many partitions the topic has (0: none, or no such topic); None when Kafka did
+        not answer. Asked once per topic and replay, answered or not: a Kafka that does not
+        answer would otherwise cost every entry the whole wait."""
         if topic not in self._partitions:
-            # Asked once per topic and replay, answered or not: a Kafka that does not answer
-            # would otherwise cost every entry the whole wait, and its sends say why anyway.
             try:
                 found = self.producer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)
             except KafkaException:
-                found = None
-            self._partitions[topic] = len(found.partitions) \
-                if found is not None and found.error is None else 0
-        return position.partition if position.partition < self._partitions[topic] else -1
+                self._partitions[topic] = None
+            else:
+                self._partitions[topic] = len(found.partitions) \
+                    if found is not None and found.error is None else 0
+        return self._partitions[topic]
 
     def flush(self) -> None:
         """Wait for Kafka; what it did not take in time is dropped (and reported refused)
@@ -125,45 +140,50 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
 def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
                   publisher: Publisher, now: Callable[[], datetime], result: Replayed,
                   progress: Callable[[int], None] | None) -> None:
+    """Claim the chunk's letters in one transaction, publish them, then end the claims in
+    one transaction per outcome: a transaction per letter made a large replay take minutes
+    on a database that syncs each commit to disk."""
+    publisher.answers(chunk[0].letter.position.topic)
+    with engine.begin() as conn:
+        claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
+                                           now() + timedelta(seconds=REPLAY_CLAIM_S))
     acknowledged: dict[str, bool] = {}
+    no_bytes: list[str] = []
     for entry in chunk:
         key = entry.letter.dlq_key
-        with engine.begin() as conn:
-            claimed = records.claim_for_replay(conn, key, now(),
-                                               now() + timedelta(seconds=REPLAY_CLAIM_S))
-        if claimed is None:
+        if key not in claimed or key in acknowledged or key in no_bytes:  # or named twice
             result.skipped += 1
-            continue
-        if entry.value is None:
-            result.no_bytes += 1
-            _end_claim(engine, key, now, published=False)
-            continue
-        publisher.publish(entry, _recorder(acknowledged, key))
+        elif entry.value is None:
+            no_bytes.append(key)
+        else:
+            acknowledged[key] = False
+            publisher.publish(entry, _recorder(acknowledged, key))
     publisher.flush()
-    for key, ok in acknowledged.items():
-        if not ok:
-            _end_claim(engine, key, now, published=False)
-            result.refused += 1
-            continue
-        if _end_claim(engine, key, now, published=True) is not None:
-            stream.remove(key)  # else the claim lapsed, and the entry may be a live one again
-        result.replayed += 1
+    refused = [key for key, ok in acknowledged.items() if not ok]
+    published = [key for key, ok in acknowledged.items() if ok]
+    _end_claims(engine, [*no_bytes, *refused], now, published=False)
+    for key in _end_claims(engine, published, now, published=True):
+        stream.remove(key)  # the others' claims lapsed, and their entries may be live again
+    result.no_bytes += len(no_bytes)
+    result.refused += len(refused)
+    result.replayed += len(published)
     if progress is not None:
         progress(len(chunk))
 
 
-def _end_claim(engine: Engine, key: str, now: Callable[[], datetime], *,
-               published: bool) -> DeadLetter | None:
-    """End a replay's claim on its letter (not published: back in the DLQ), and queue the
-    letter's entity for the next reconciler round, which evaluates it again: the claim hid
-    the letter from the rounds, so the parent may have come meanwhile; and a replayed event
+def _end_claims(engine: Engine, keys: list[str], now: Callable[[], datetime], *,
+                published: bool) -> list[str]:
+    """End a replay's claims on these letters (not published: back in the DLQ), and queue
+    their entities for the next reconciler round, which evaluates them again: the claims hid
+    the letters from the rounds, so a parent may have come meanwhile; and a replayed event
     still held (its copy is a duplicate, which changes nothing) must have its letter live
-    again. None when the claim had lapsed."""
+    again. The keys whose claims were still this replay's."""
+    if not keys:
+        return []
     with engine.begin() as conn:
-        letter = records.finish_replay(conn, key, now(), published=published)
-        if letter is not None:
-            reconcile.queue_entity(conn, letter, now())
-    return letter
+        ended = records.finish_replay(conn, keys, now(), published=published)
+        reconcile.queue_entities(conn, ended.values(), now())
+    return list(ended)
 
 
 def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]:
@@ -197,12 +217,15 @@ class Purged:
 def purge(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
           now: Callable[[], datetime] = _utc_now) -> Purged:
     result = Purged()
-    for entry in list(entries):
+    chosen = list(entries)
+    for start in range(0, len(chosen), CHUNK):  # a transaction a chunk, as replays
+        keys = list(dict.fromkeys(entry.letter.dlq_key for entry in chosen[start:start + CHUNK]))
         with engine.begin() as conn:
-            found = records.purge(conn, entry.letter.dlq_key, now())
-        if found == REPLAYING:
-            result.replaying += 1
-            continue
-        # An entry SQL does not hold as open is a stray of the projection: remove it too.
-        result.deleted += stream.remove(entry.letter.dlq_key) or found == OPEN
+            found = records.purge(conn, keys, now())
+        for key in keys:
+            if found.get(key) == REPLAYING:
+                result.replaying += 1
+                continue
+            # An entry SQL does not hold as open is a stray of the projection: removed too.
+            result.deleted += stream.remove(key) or found.get(key) == OPEN
     return result

@@ -296,34 +296,35 @@ def _mark(conn: Connection, revisions: Mapping[str, int], *, in_stream: bool) ->
                      [{"key": key, "at_revision": revisions[key]} for key in sorted(revisions)])
 
 
-def claim_for_replay(conn: Connection, key: str, now: datetime,
-                     lease_until: datetime) -> DeadLetter | None:
-    """Claim an open dead letter for one replay; None when it is not open (another replay
-    has it, or it is gone). The claim lapses at `lease_until` if the replayer dies."""
-    existing = load(conn, [key], lock=True).get(key)
-    if existing is None or existing.state != OPEN:
-        return None
-    return save(conn, existing, replace(existing, state=REPLAYING, deadline=lease_until))
+def claim_for_replay(conn: Connection, keys: Collection[str],
+                     lease_until: datetime) -> dict[str, DeadLetter]:
+    """Claim the open dead letters of `keys` for one replay: those claimed, by key. A letter
+    not open (another replay has it, or it is gone) is left out. A claim lapses at
+    `lease_until` if the replayer dies."""
+    found = load(conn, keys, lock=True)
+    claims = [(letter, replace(letter, state=REPLAYING, deadline=lease_until))
+              for letter in found.values() if letter.state == OPEN]
+    return {letter.dlq_key: letter for letter in save_all(conn, claims)}
 
 
-def finish_replay(conn: Connection, key: str, now: datetime, *,
-                  published: bool) -> DeadLetter | None:
-    """End this replay's claim: the letter as saved; None when the claim had lapsed and the
-    letter moved on meanwhile (then its entry is the projection's business, not the
-    replayer's)."""
-    letter = load(conn, [key], lock=True).get(key)
-    if letter is None or letter.state != REPLAYING:
-        return None
-    return transition(conn, letter, REPLAYED if published else OPEN, now, deadline=None)
+def finish_replay(conn: Connection, keys: Collection[str], now: datetime, *,
+                  published: bool) -> dict[str, DeadLetter]:
+    """End this replay's claims: the letters as saved, by key. One whose claim lapsed and
+    that moved on meanwhile is left out (its entry is then the projection's business, not
+    the replayer's)."""
+    found = load(conn, keys, lock=True)
+    ends = [(letter, _transitioned(letter, REPLAYED if published else OPEN, now, deadline=None))
+            for letter in found.values() if letter.state == REPLAYING]
+    return {letter.dlq_key: letter for letter in save_all(conn, ends)}
 
 
-def purge(conn: Connection, key: str, now: datetime) -> str | None:
-    """Purge the letter if it is open; its state as found (then `open`), None if there is
-    none."""
-    letter = load(conn, [key], lock=True).get(key)
-    if letter is not None and letter.state == OPEN:
-        transition(conn, letter, PURGED, now)
-    return None if letter is None else letter.state
+def purge(conn: Connection, keys: Collection[str], now: datetime) -> dict[str, str]:
+    """Purge the open letters of `keys`: each letter's state as found (then `open`), by key;
+    a key with no letter is left out."""
+    found = load(conn, keys, lock=True)
+    save_all(conn, [(letter, _transitioned(letter, PURGED, now))
+                    for letter in found.values() if letter.state == OPEN])
+    return {key: letter.state for key, letter in found.items()}
 
 
 def resolve(conn: Connection, letters: Sequence[DeadLetter], now: datetime) -> list[DeadLetter]:

@@ -535,11 +535,12 @@ def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(
     [entry] = _open_entries(engine, stream, "events", 1)
     key = entry.letter.dlq_key
     with engine.begin() as conn:
-        assert records.claim_for_replay(conn, key, T0, datetime.now(UTC) + timedelta(minutes=5))
+        assert key in records.claim_for_replay(conn, [key],
+                                               datetime.now(UTC) + timedelta(minutes=5))
     assert actions.purge(engine, stream, [entry]) == actions.Purged(deleted=0, replaying=1)
     assert [e.letter.dlq_key for e in stream.scan()] == [key]
     with engine.begin() as conn:
-        assert records.finish_replay(conn, key, datetime.now(UTC), published=False) is not None
+        assert key in records.finish_replay(conn, [key], datetime.now(UTC), published=False)
         assert records.load(conn, [key])[key].state == OPEN
 
 
@@ -665,6 +666,9 @@ def test_a_replayed_copy_failing_before_its_replay_is_marked_starts_a_new_life(
     [entry] = _open_entries(engine, stream, "events", 1)
 
     class FastPipeline:
+        def answers(self, topic: str | None) -> None:
+            pass
+
         def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
             record(engine, replace(failure(0, b"{bad 0"), position=Position("events", 0, 9)))
             done(True)

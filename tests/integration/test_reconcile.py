@@ -106,7 +106,7 @@ def test_a_lapsed_replay_whose_parent_came_meanwhile_is_resolved_not_reopened(
     settle(engine, later)
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        assert records.claim_for_replay(conn, key, later, later + timedelta(seconds=5))
+        assert key in records.claim_for_replay(conn, [key], later + timedelta(seconds=5))
     apply(engine, user_created("u1", occurred_at=at(0)))
     assert live(engine) == {}  # the claim hides it: neither open nor resolved yet
     settle(engine, later + timedelta(seconds=10))
@@ -126,15 +126,14 @@ def test_a_round_leaves_a_letter_a_replay_has_to_the_replay(engine: Engine) -> N
     settle(engine, later)
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        letter = records.claim_for_replay(conn, key, later, later + timedelta(minutes=5))
-        assert letter is not None
-        reconciling.queue_entity(conn, letter, later)
+        letter = records.claim_for_replay(conn, [key], later + timedelta(minutes=5))[key]
+        reconciling.queue_entities(conn, [letter], later)
     settle(engine, later + timedelta(seconds=1))
     with engine.begin() as conn:
         assert records.load(conn, [key])[key].state == "replaying"
-        assert records.finish_replay(conn, key, later + timedelta(seconds=2),
-                                     published=True) is not None
-        reconciling.queue_entity(conn, letter, later + timedelta(seconds=2))
+        assert key in records.finish_replay(conn, [key], later + timedelta(seconds=2),
+                                            published=True)
+        reconciling.queue_entities(conn, [letter], later + timedelta(seconds=2))
     settle(engine, later + timedelta(seconds=3))
     with engine.connect() as conn:
         [found] = records.load(conn, [key]).values()
@@ -246,7 +245,7 @@ def test_a_held_event_an_operator_purged_stays_purged_while_it_is_held(engine: E
     apply(engine, payment)  # sent again: a duplicate, at another offset
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        assert records.purge(conn, key, datetime.now(UTC)) == OPEN
+        assert records.purge(conn, [key], datetime.now(UTC)) == {key: OPEN}
     apply(engine, order_placed("o1", "u1", currency="EUR", occurred_at=at(3)))
     assert live(engine) == {}
     with engine.connect() as conn:

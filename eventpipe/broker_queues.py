@@ -30,7 +30,12 @@ _NOT_FOUND = 404  # AMQP reply code: no such queue (no task was ever sent to it)
 
 
 class Unanswered(Exception):
-    """The Celery broker could not be asked."""
+    """The Celery broker could not be asked: `kind` names the error, the message says all
+    the driver did (hosts and ports included: for logs and operators, not API clients)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.kind = type(cause).__name__
 
 
 class QueueDepths(Protocol):
@@ -49,7 +54,7 @@ class RedisDepths:
         try:
             return queue_depths(self.client, partitions)
         except redis.RedisError as exc:
-            raise Unanswered(f"{type(exc).__name__}: {exc}") from exc
+            raise Unanswered(exc) from exc
 
     def close(self) -> None:
         self.client.close()
@@ -79,7 +84,7 @@ class AmqpDepths:
             except self.errors as exc:
                 self._channel = None
                 self.connection.collect()  # the next call connects afresh
-                raise Unanswered(f"{type(exc).__name__}: {exc}") from exc
+                raise Unanswered(exc) from exc
 
     def _depth(self, queue: str) -> int:
         try:

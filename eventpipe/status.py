@@ -17,6 +17,7 @@ no worker consumes, a partition consumed by two workers), from what was read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,8 @@ from eventpipe.metrics import event_type_label
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from eventpipe.times import utc_iso
+
+log = logging.getLogger(__name__)
 
 BRIDGE = "bridge"
 WORKER = "worker"
@@ -297,7 +300,8 @@ def collect(settings: Settings, engine: Engine, client: redis.Redis,
         try:
             queued = broker.read(range(settings.kafka_partitions))
         except Unanswered as exc:
-            unanswered.append(f"the Celery broker does not answer ({exc}): "
+            log.warning("the Celery broker does not answer: %s", exc)
+            unanswered.append(f"the Celery broker does not answer ({exc.kind}): "
                               "queue depths are the bridge's last measure")
     status = assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
                       settings.kafka_partitions, members, queued,

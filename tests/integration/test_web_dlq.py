@@ -527,6 +527,17 @@ def test_a_dlq_key_another_program_holds_is_named_not_a_500(
     assert redis_client.get(stream) == b"another program's value"  # left as it was
 
 
+def test_the_status_names_a_broker_that_does_not_answer_not_where_it_is(
+    make_app: Any,
+) -> None:
+    """`GET /status` asks no token: the broker's host, port or password, which the driver's
+    error names, stay in the log."""
+    client = make_app(celery_broker_url="redis://:s3cret@127.0.0.1:1/1")
+    [problem, *_] = ok(client.get("/status"))["problems"]
+    assert problem == ("the Celery broker does not answer (ConnectionError): queue depths "
+                       "are the bridge's last measure")
+
+
 def test_the_dlq_reads_honour_their_openapi_document(
     sqlite_url: str, stream: str, queue: Queue
 ) -> None:

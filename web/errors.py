@@ -21,6 +21,7 @@ from werkzeug.exceptions import (
     InternalServerError,
     ServiceUnavailable,
 )
+from werkzeug.exceptions import NotImplemented as NotImplementedMethod
 
 from eventpipe.errors import (
     KEY_OF_ANOTHER_KIND,
@@ -108,7 +109,23 @@ def too_deep(_exc: RecursionError) -> ErrorResponse:
     return http_error(BadRequest("the request body is nested too deeply"))
 
 
+# The methods of HTTP (RFC 9110, and PATCH): another is a 501, and is not counted in the
+# request metrics, whose labels would otherwise grow by one per name a client makes up.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                           "TRACE", "CONNECT"})
+
+
+def unknown_method() -> ErrorResponse | None:
+    if request.method in KNOWN_METHODS:
+        return None
+    # prometheus-flask-exporter's flag to skip a request.
+    setattr(request, "prom_do_not_track", True)  # noqa: B010
+    return http_error(NotImplementedMethod(f"no method {request.method[:40]!r} here: use "
+                                           "one of those HTTP defines"))
+
+
 def install(app: Flask) -> None:
+    app.before_request(unknown_method)
     for kind in (sqlalchemy.exc.SQLAlchemyError, redis.RedisError, PipelineError):
         app.register_error_handler(kind, dependency_error)
     app.register_error_handler(RecursionError, too_deep)

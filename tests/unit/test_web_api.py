@@ -219,6 +219,18 @@ def test_errors_are_json_with_status_message_and_field_errors(client: FlaskClien
         "errors": {"path": {"orderId": ["Length must be between 1 and 64."]}}}
 
 
+def test_a_method_http_does_not_define_is_a_501_and_no_metric_label(
+    client: FlaskClient,
+) -> None:
+    for made_up in ("XAAA1", "XBBB2"):
+        response = client.open("/health", method=made_up)
+        assert response.status_code == 501, response.get_data(as_text=True)
+        assert response.get_json()["status"] == "Not Implemented"
+    assert client.open("/health", method="PATCH").status_code == 405
+    scraped = client.get("/metrics").get_data(as_text=True)
+    assert 'method="PATCH"' in scraped and "XAAA1" not in scraped and "XBBB2" not in scraped
+
+
 def test_an_unforeseen_error_is_a_bare_500(app: Flask, client: FlaskClient) -> None:
     def explode() -> str:
         raise RuntimeError("secret detail /etc/passwd")

@@ -17,8 +17,9 @@ from flask import Flask, Response, send_from_directory
 from werkzeug.routing import BaseConverter
 
 from eventpipe.settings import Settings, get_settings
-from web import errors, metrics, services
+from web import errors, metrics, request_checks, services
 from web.resources import register
+from web.resources.dlq.schemas import SelectionSchema
 
 __all__ = ["create_app"]
 
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     deps = services.Services.from_settings(settings)
     services.install(app, deps)
     errors.install(app)
+    request_checks.install(app)
 
     api = errors.Api(app)
     api.register_converter(IdConverter, lambda _converter: {"type": "string"})
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register(api)
     # flask-smorest registers it for pagination, which this API does with a cursor instead.
     api.spec.components.schemas.pop("PaginationMetadata", None)
+    api.spec.components.schemas["Selection"]["anyOf"] = SelectionSchema.ANY_OF
     metrics.install(app, lambda: deps.dead_letters().depth())
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)

@@ -21,7 +21,6 @@ from werkzeug.exceptions import (
     InternalServerError,
     ServiceUnavailable,
 )
-from werkzeug.exceptions import NotImplemented as NotImplementedMethod
 
 from eventpipe.errors import (
     KEY_OF_ANOTHER_KIND,
@@ -52,6 +51,9 @@ def http_error(error: HTTPException) -> ErrorResponse:
     data: dict[str, Any] = getattr(error, "data", None) or {}
     code = error.code or 500
     errors = data.get("errors", data.get("messages", {}))
+    # By location then field, always: webargs says a body that is no JSON as a bare list.
+    errors = {where: {"_schema": said} if isinstance(said, list) else said
+              for where, said in errors.items()}
     message = data.get("message") or (
         "invalid parameters: see errors" if errors else error.description or error.name
     )
@@ -109,23 +111,7 @@ def too_deep(_exc: RecursionError) -> ErrorResponse:
     return http_error(BadRequest("the request body is nested too deeply"))
 
 
-# The methods of HTTP (RFC 9110, and PATCH): another is a 501, and is not counted in the
-# request metrics, whose labels would otherwise grow by one per name a client makes up.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
-                           "TRACE", "CONNECT"})
-
-
-def unknown_method() -> ErrorResponse | None:
-    if request.method in KNOWN_METHODS:
-        return None
-    # prometheus-flask-exporter's flag to skip a request.
-    setattr(request, "prom_do_not_track", True)  # noqa: B010
-    return http_error(NotImplementedMethod(f"no method {request.method[:40]!r} here: use "
-                                           "one of those HTTP defines"))
-
-
 def install(app: Flask) -> None:
-    app.before_request(unknown_method)
     for kind in (sqlalchemy.exc.SQLAlchemyError, redis.RedisError, PipelineError):
         app.register_error_handler(kind, dependency_error)
     app.register_error_handler(RecursionError, too_deep)

@@ -108,7 +108,10 @@ class Id(fields.String):
                 ),
                 _within_the_contract,
             ],
-            metadata={"description": f"The {what}'s id (1 to {MAX_ID_LENGTH} characters)",
+            metadata={"description": f"The {what}'s id: 1 to {MAX_ID_LENGTH} characters, "
+                                     "counted as UTF-16 code units (as the event contract "
+                                     "counts them: a character beyond the BMP, such as "
+                                     "an emoji, counts two)",
                       "example": f"{what.split()[0]}-1"},
             **kwargs,
         )

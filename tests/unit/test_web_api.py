@@ -18,6 +18,7 @@ import pytest
 import sqlglot
 from flask import Flask
 from flask.testing import FlaskClient
+from jsonschema import Draft4Validator
 from marshmallow import ValidationError
 from openapi_spec_validator import validate
 from sqlalchemy.dialects.mssql import pyodbc
@@ -127,6 +128,18 @@ def test_a_selection_must_name_something() -> None:
     assert SelectionSchema().validate({"errorClass": "InvalidEvent"}) == {}
 
 
+@pytest.mark.parametrize("body", [
+    {}, {"all": False}, {"all": True}, {"errorClass": "InvalidEvent"},
+    {"since": "2026-11-24T10:00:00Z", "all": False}, {"until": "2026-11-24T10:00:00Z"}])
+def test_the_document_refuses_the_selections_the_server_refuses(
+    document: dict[str, Any], body: dict[str, Any],
+) -> None:
+    """A client (or a fuzzer) that follows the document sends no selection the server
+    refuses, nor is refused one the server takes."""
+    selection = document["components"]["schemas"]["Selection"]
+    assert Draft4Validator(selection).is_valid(body) is (SelectionSchema().validate(body) == {})
+
+
 def test_the_openapi_document_is_valid_and_complete(document: dict[str, Any]) -> None:
     validate(document)
     assert document["openapi"] == "3.0.3"
@@ -229,6 +242,34 @@ def test_a_method_http_does_not_define_is_a_501_and_no_metric_label(
     assert client.open("/health", method="PATCH").status_code == 405
     scraped = client.get("/metrics").get_data(as_text=True)
     assert 'method="PATCH"' in scraped and "XAAA1" not in scraped and "XBBB2" not in scraped
+
+
+def ok(response: Any, status: int) -> Any:
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def test_requests_of_the_wrong_shape_are_refused_before_any_view(tmp_path: Path) -> None:
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+                              redis_url="redis://127.0.0.1:1/0", dlq_api_token="t"))
+    client = app.test_client()
+    token = {"Authorization": "Bearer t"}
+    try:
+        # Not the id "\ufffd", which a valid escape names, and is looked up.
+        assert ok(client.get("/users/%FF"), 400)["message"] == (
+            "the path is not UTF-8 once its %-escapes are decoded")
+        assert client.get("/users/%EF%BF%BD").status_code != 400
+        assert ok(client.get("/users/u1?a=1&a=2&b=1"), 422)["errors"] == {
+            "query": {"a": ["given more than once"]}}
+        # Not read, then answered as if no selection had been sent.
+        assert ok(client.post("/dlq/purge", data='{"all": true}', headers=token,
+                              content_type="text/plain"), 415)["message"] == (
+            "send the body as application/json")
+        assert ok(client.post("/dlq/purge", data="{oops", headers=token,
+                              content_type="application/json"), 400)["errors"] == {
+            "json": {"_schema": ["Invalid JSON body."]}}  # by location, then field
+    finally:
+        services.of(app).close()
 
 
 def test_an_unforeseen_error_is_a_bare_500(app: Flask, client: FlaskClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Response, jsonify
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -27,13 +28,15 @@ class Index(MethodView):
 @blp.route("/<id:name>")
 class Schema(MethodView):
     @blp.arguments(NamePathSchema, location="path")
-    @blp.response(200, description="A JSON Schema document")
+    # A document of its own, described as such: no schema of this API's can say more.
+    @blp.response(200, {"type": "object", "description": "A JSON Schema (draft 2020-12)"},
+                  description="A JSON Schema document")
     @blp.alt_response(404, response="NOT_FOUND")
     @blp.doc(operationId="getContractSchema")
-    def get(self, path: dict[str, str], **_: str) -> dict[str, Any]:
+    def get(self, path: dict[str, str], **_: str) -> Response:
         """One schema: `envelope`, `UserCreated`, `OrderPlaced`, `PaymentSettled` or
         `InventoryAdjusted`"""
         found = schemas().get(path["name"])
         if found is None:
             not_found(f"no schema {path['name']!r}: {', '.join(schemas())}")
-        return found
+        return jsonify(found)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate, validates_schema
@@ -64,6 +64,11 @@ class ListArgsSchema(FilterSchema):
 
 class SelectionSchema(FilterSchema):
     """Entries to replay or purge: a filter, or `all`; an empty selection is refused."""
+
+    # What `_not_empty` holds, for the OpenAPI document (which marshmallow cannot say).
+    ANY_OF: ClassVar[list[dict[str, Any]]] = [
+        *({"required": [name]} for name in ("eventType", "errorClass", "since", "until")),
+        {"required": ["all"], "properties": {"all": {"enum": [True]}}}]
 
     all = StrictBoolean(load_default=False, metadata={"description": "Every entry"})
 

@@ -1,0 +1,61 @@
+"""What every request must be before a view sees it, each refusal in the API's error shape.
+
+- A method HTTP does not define is a 501, and stays out of the request metrics, whose labels
+  would otherwise grow by one per name a client makes up.
+- A path that is not UTF-8 is a 400: decoded with replacement characters, `%FF` would be
+  looked up as the id "\ufffd" and answered "not found".
+- A query parameter given twice is a 422: webargs would take the first and drop the other
+  without a word, as unknown parameters are refused for the same reason.
+- A body that is not declared JSON is a 415: webargs would not read it, and the view would
+  answer as if none had been sent.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote_to_bytes
+
+import flask_smorest
+from flask import Flask, request
+
+# The methods of HTTP (RFC 9110, and PATCH).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                           "TRACE", "CONNECT"})
+
+
+def check() -> None:
+    if request.method not in KNOWN_METHODS:
+        # prometheus-flask-exporter's flag to skip a request.
+        setattr(request, "prom_do_not_track", True)  # noqa: B010
+        flask_smorest.abort(501, message=f"no method {request.method[:40]!r} here: use one "
+                                         "of those HTTP defines")
+    if not _utf8(_raw_path()):
+        flask_smorest.abort(400, message="the path is not UTF-8 once its %-escapes are decoded")
+    repeated = sorted({name for name, values in request.args.lists() if len(values) > 1})
+    if repeated:
+        flask_smorest.abort(422, errors={"query": {name: ["given more than once"]
+                                                   for name in repeated}})
+    if request.content_length and not request.is_json:
+        flask_smorest.abort(415, message="send the body as application/json")
+
+
+def _raw_path() -> bytes:
+    """The path as the client sent it, its %-escapes decoded to bytes: from the request line
+    where the server keeps it (gunicorn's RAW_URI, werkzeug's REQUEST_URI), since servers
+    that decode PATH_INFO themselves may already have replaced what was not UTF-8."""
+    environ = request.environ
+    sent = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if sent:
+        return unquote_to_bytes(sent.split("?", 1)[0])
+    return str(environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def install(app: Flask) -> None:
+    app.before_request(check)

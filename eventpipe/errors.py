@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import sqlite3
 
 import sqlalchemy.exc
 from redis import exceptions as redis_exceptions
@@ -157,9 +158,7 @@ _OUT_OF_STEP = _MISSING_TABLE | {"42703", "42S22"}
 
 def schema_missing(exc: BaseException) -> bool:
     """Whether the database said a table is not there: it was never migrated."""
-    if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
-        return False
-    return sqlstate(exc.orig) in _MISSING_TABLE or "no such table" in str(exc.orig)
+    return _said(exc, _MISSING_TABLE, ("no such table",))
 
 
 def schema_out_of_step(exc: BaseException) -> bool:
@@ -167,9 +166,18 @@ def schema_out_of_step(exc: BaseException) -> bool:
     migrated, dropped, or older than the code (a worker deployed before `eventpipe migrate`
     ran). The world's failure, not the events': on SQLite, whose error for it is an
     `OperationalError`, it always was one."""
+    return _said(exc, _OUT_OF_STEP, ("no such table", "no such column"))
+
+
+def _said(exc: BaseException, states: frozenset[str], sqlite_says: tuple[str, ...]) -> bool:
+    """By SQLSTATE; SQLite, which has none, by how its message begins (never by what the
+    text holds further on: PostgreSQL's message quotes the row, whose values an event
+    chose)."""
     if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
         return False
-    return sqlstate(exc.orig) in _OUT_OF_STEP or schema_missing(exc)
+    if isinstance(exc.orig, sqlite3.Error):
+        return str(exc.orig).startswith(sqlite_says)
+    return sqlstate(exc.orig) in states
 
 
 KEY_OF_ANOTHER_KIND = ("a Redis key of this pipeline holds a value of another kind: another "

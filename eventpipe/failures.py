@@ -70,7 +70,10 @@ class GiveUp:
 Decision = RetryLater | Split | RetryAlone | GiveUp
 
 
-SCHEMA_OUT_OF_STEP = "the database lacks a table or column of this code: run `eventpipe migrate`"
+# Waited for, not blamed on the events: the message the database adds names what is missing,
+# for an operator to tell a schema behind (migrate) from a table dropped or a view changed.
+SCHEMA_OUT_OF_STEP = ("the database lacks a table or column this code uses: run `eventpipe "
+                      "migrate` if its schema is behind")
 
 
 def describe(exc: BaseException) -> str:

@@ -78,13 +78,14 @@ hold(KEYS[1], now + tonumber(ARGV[1]), 2)
 return now
 """
 
-# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] ranges: leased at least that long, a
-# lease that lasts longer kept as it is.
+# KEYS[1] lease zset. ARGV[1] seconds to live, ARGV[2..] ranges: the leases of these ranges
+# that are there, made to last at least that long; a lease that lasts longer is kept, and one
+# that is gone (marked done, forgotten with its topic) is not made again.
 _EXTEND = _NOW + """
 local until_time = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if not score or tonumber(score) < until_time then
+  if score and tonumber(score) < until_time then
     redis.call('ZADD', KEYS[1], until_time, ARGV[i])
   end
 end
@@ -245,8 +246,9 @@ class OffsetLedger:
             self._lease(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])
 
     def extend(self, topic: str, partition: int, offsets: Iterable[int], ttl_s: float) -> None:
-        """Hold `offsets` for at least `ttl_s` seconds of Redis time: a lease of theirs that
-        lasts longer already (a message set aside to retry later) is kept."""
+        """Make the lease `lease` gave `offsets` (the same offsets) last at least `ttl_s`
+        seconds of Redis time: one that lasts longer already is kept, and one that is gone
+        (the offsets done, or forgotten) is not made again."""
         members = ranges(offsets)
         if members:
             self._extend(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])

@@ -9,11 +9,11 @@ messages it sets aside to retry for their wait and as long again. Neither is eno
   after it are done.
 Lapsed, either lease makes the bridge take the messages for lost, read them again from Kafka
 and queue copies while the first are still in hand. So a daemon thread renews every lease
-the process holds, every third of it: the running batch's until its run ends, a retry's until
-a run takes it up or its time and a batch's have passed (another process may have taken
-it). A renewal only ever extends a lease (`OffsetLedger.extend`). A process that dies or is
-stopped renews nothing, and its leases lapse as they always did: the bridge reads the
-messages again soon.
+the process holds, every third of it: the running batch's until its run ends (or its time
+limit passes: its worker is stuck then), a retry's until a run takes it up or its time and a
+batch's have passed (another process may have taken it). A renewal only ever extends a lease
+that is there (`OffsetLedger.extend`). A process that dies or is stopped renews nothing, and
+its leases lapse as they always did: the bridge reads the messages again soon.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class _Held:
     partition: int
     offsets: Sequence[int]
     ttl_s: float
-    until: float | None = None  # when to stop renewing (monotonic); None: once released
+    until: float  # when to stop renewing (monotonic), released or not
 
 
 class LeaseKeeper:
@@ -51,15 +51,17 @@ class LeaseKeeper:
         self._changed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def hold(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float) -> None:
-        """A run begins with `offsets`, just leased for `ttl_s`: renew them until `release`.
+    def hold(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float,
+             for_s: float) -> None:
+        """A run begins with `offsets`, just leased for `ttl_s`: renew them until `release`,
+        for `for_s` at most (its time limit: a run past it is stuck, and so is its worker).
         The retries it takes up are its own now."""
         taken = set(offsets)
         with self._lock:
             self._waiting = [held for held in self._waiting if not (
                 (held.topic, held.partition) == (topic, partition)
                 and taken.intersection(held.offsets))]
-            self._running = _Held(topic, partition, offsets, ttl_s)
+            self._running = _Held(topic, partition, offsets, ttl_s, self.clock() + for_s)
         self._wake()
 
     def release(self) -> None:
@@ -85,9 +87,9 @@ class LeaseKeeper:
     def _holds(self) -> list[_Held]:
         with self._lock:
             now = self.clock()
-            self._waiting = [held for held in self._waiting if held.until is None
-                             or held.until > now]
-            return [*([self._running] if self._running else []), *self._waiting]
+            self._waiting = [held for held in self._waiting if held.until > now]
+            running = [self._running] if self._running and self._running.until > now else []
+            return [*running, *self._waiting]
 
     def _run(self) -> None:
         renewed = self.clock()

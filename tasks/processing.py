@@ -119,8 +119,9 @@ class Processor:
         self._leased_at = time.monotonic()
         self._next = first
         ended = False
-        self.keeper.hold(topic, partition, offsets, self.lease_s)
         try:
+            self.keeper.hold(topic, partition, offsets, self.lease_s,
+                             self.settings.task_time_limit_s)
             if crashed is None:
                 ended = self._work(topic, partition, [messages], report)
             else:

@@ -28,7 +28,9 @@ from eventpipe.errors import (
     is_transient,
     key_of_another_kind,
     schema_missing,
+    schema_out_of_step,
 )
+from eventpipe.failures import SCHEMA_OUT_OF_STEP
 from eventpipe.migrations import SCHEMA_MISSING
 from web.schemas import ErrorSchema
 
@@ -97,6 +99,8 @@ def dependency_error(exc: Exception) -> ErrorResponse:
 def _unavailable(exc: Exception) -> str:
     if schema_missing(exc):
         return SCHEMA_MISSING
+    if schema_out_of_step(exc):
+        return SCHEMA_OUT_OF_STEP
     if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
         return "the database is unavailable; retry later"
     if isinstance(exc, redis.RedisError):

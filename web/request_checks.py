@@ -5,7 +5,8 @@
 - A path that is not UTF-8 is a 400: decoded with replacement characters, `%FF` would be
   looked up as the id "\ufffd" and answered "not found".
 - A query parameter given twice is a 422: webargs would take the first and drop the other
-  without a word, as unknown parameters are refused for the same reason.
+  without a word, as unknown parameters are refused for the same reason. Not on `/metrics`,
+  whose exporter reads `name[]` repeated to choose the series.
 - A body that is not declared JSON is a 415: webargs would not read it, and the view would
   answer as if none had been sent.
 """
@@ -16,6 +17,8 @@ from urllib.parse import unquote_to_bytes
 
 import flask_smorest
 from flask import Flask, request
+
+from web.metrics import PATH as METRICS
 
 # The methods of HTTP (RFC 9110, and PATCH).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
@@ -31,10 +34,12 @@ def check() -> None:
     if not _utf8(_raw_path()):
         flask_smorest.abort(400, message="the path is not UTF-8 once its %-escapes are decoded")
     repeated = sorted({name for name, values in request.args.lists() if len(values) > 1})
-    if repeated:
+    if repeated and request.path != METRICS:
         flask_smorest.abort(422, errors={"query": {name: ["given more than once"]
                                                    for name in repeated}})
-    if request.content_length and not request.is_json:
+    sends_body = request.content_length or "chunked" in request.headers.get(
+        "Transfer-Encoding", "").lower()
+    if sends_body and not request.is_json:
         flask_smorest.abort(415, message="send the body as application/json")
 
 
@@ -44,8 +49,8 @@ def _raw_path() -> bytes:
     that decode PATH_INFO themselves may already have replaced what was not UTF-8."""
     environ = request.environ
     sent = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if sent:
-        return unquote_to_bytes(sent.split("?", 1)[0])
+    if sent:  # as WSGI gives strings: each byte of the request line one latin-1 character
+        return unquote_to_bytes(sent.split("?", 1)[0].encode("latin-1", "replace"))
     return str(environ.get("PATH_INFO", "")).encode("latin-1", "replace")
 
 

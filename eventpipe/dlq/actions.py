@@ -67,10 +67,11 @@ class Publisher:
         self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
 
     def answers(self, topic: str | None) -> None:
-        """Raise `KafkaUnanswered` unless Kafka tells this topic's partitions, before anything
-        is claimed: a Kafka that does not answer would cost each chunk of a replay the whole
-        wait (ten minutes for 30,000 letters, past any HTTP server's timeout) and hold its
-        letters claimed meanwhile, for nothing."""
+        """Raise `KafkaUnanswered` unless Kafka tells this topic's partitions, asked before
+        anything is claimed: a Kafka that does not answer would cost each chunk of a replay
+        the whole wait (ten minutes for 30,000 letters, past any HTTP server's timeout) and
+        hold its letters claimed meanwhile, for nothing. One that stops answering later makes
+        the rest refused, as it always did."""
         if self._count(topic or self.settings.kafka_topic) is None:
             raise KafkaUnanswered("Kafka does not answer at KAFKA_BOOTSTRAP_SERVERS: nothing "
                                   "was replayed; retry once it does")
@@ -127,7 +128,11 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
            progress: Callable[[int], None] | None = None) -> Replayed:
     result = Replayed()
     chunk: list[StreamEntry] = []
+    asked = False
     for entry in entries:
+        if not asked:  # once, before anything is claimed
+            publisher.answers(entry.letter.position.topic)
+            asked = True
         chunk.append(entry)
         if len(chunk) >= CHUNK:
             _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
@@ -143,7 +148,6 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     """Claim the chunk's letters in one transaction, publish them, then end the claims in
     one transaction per outcome: a transaction per letter made a large replay take minutes
     on a database that syncs each commit to disk."""
-    publisher.answers(chunk[0].letter.position.topic)
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
                                            now() + timedelta(seconds=REPLAY_CLAIM_S))
@@ -161,9 +165,16 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     publisher.flush()
     refused = [key for key, ok in acknowledged.items() if not ok]
     published = [key for key, ok in acknowledged.items() if ok]
-    _end_claims(engine, [*no_bytes, *refused], now, published=False)
+    # What Kafka took first: a failure there is the caller's (those claims lapse, and the
+    # reconciler returns the letters to the DLQ though their copies are out), while the
+    # others' claims lapse back to the DLQ anyway, as if the replayer had died.
     for key in _end_claims(engine, published, now, published=True):
         stream.remove(key)  # the others' claims lapsed, and their entries may be live again
+    try:
+        _end_claims(engine, [*no_bytes, *refused], now, published=False)
+    except Exception as exc:
+        log.warning("claims of %d letters not published not ended (they lapse in %.0f s): "
+                    "%s", len(no_bytes) + len(refused), REPLAY_CLAIM_S, exc)
     result.no_bytes += len(no_bytes)
     result.refused += len(refused)
     result.replayed += len(published)

@@ -15,11 +15,12 @@ from typing import Any, cast
 
 import pytest
 import redis
+import sqlalchemy.exc
 from sqlalchemy import Engine, select
 
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
-from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, DeadLetter, message_key
+from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, REPLAYING, DeadLetter, message_key
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
@@ -524,6 +525,42 @@ def _open_entries(engine: Engine, stream: DeadLetterStream, topic: str,
                         for n, letter in enumerate(sorted(saved, key=lambda x: x.position.offset
                                                           or 0))})
     return list(stream.scan())
+
+
+def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_back(
+    engine: Engine, stream: DeadLetterStream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk's claims end in two transactions, what Kafka took first: should the second
+    fail (the database busy), the published letters are replayed and out of the stream all
+    the same, rather than reopened by the reconciler once their claims lapse, their copies
+    out (an operator replaying again would publish them twice); the others' claims lapse
+    back to the DLQ."""
+    taken, refused = _open_entries(engine, stream, "events", 2)
+    real = records.finish_replay
+
+    def busy_for_the_refused(conn: Any, keys: Any, now: Any, *, published: bool) -> Any:
+        if not published:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("database is locked"))
+        return real(conn, keys, now, published=published)
+
+    class HalfTaken:
+        def answers(self, topic: str | None) -> None:
+            pass
+
+        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+            done(entry.letter.dlq_key == taken.letter.dlq_key)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(records, "finish_replay", busy_for_the_refused)
+    result = actions.replay(engine, stream, [taken, refused], cast(actions.Publisher, HalfTaken()))
+    assert (result.replayed, result.refused) == (1, 1)
+    with engine.connect() as conn:
+        states = {key: letter.state for key, letter in records.load(
+            conn, [taken.letter.dlq_key, refused.letter.dlq_key]).items()}
+    assert states == {taken.letter.dlq_key: REPLAYED, refused.letter.dlq_key: REPLAYING}
+    assert [entry.letter.dlq_key for entry in stream.scan()] == [refused.letter.dlq_key]
 
 
 def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(

@@ -252,7 +252,7 @@ def test_leases_are_judged_by_the_redis_clock(parts: tuple[Processor, OffsetLedg
     assert ledger.read(TOPIC, {1: 0})[1] == ({7}, {8})
 
 
-def test_a_renewal_extends_a_lease_and_never_shortens_one(
+def test_a_renewal_extends_a_lease_never_shortens_one_nor_makes_one(
     parts: tuple[Processor, OffsetLedger],
 ) -> None:
     _, ledger = parts
@@ -260,8 +260,12 @@ def test_a_renewal_extends_a_lease_and_never_shortens_one(
     ledger.lease(TOPIC, 1, [9], ttl_s=60)  # a message waiting to retry, past the run
     ledger.extend(TOPIC, 1, [7, 8], ttl_s=60)
     ledger.extend(TOPIC, 1, [9], ttl_s=0.2)
+    ledger.settle(TOPIC, 1, [5], {5: 60})
+    ledger.settle(TOPIC, 1, [5], {})  # done: its lease goes
+    ledger.extend(TOPIC, 1, [5], ttl_s=60)  # a renewal late for it does not bring it back
+    ledger.extend(TOPIC, 1, [20], ttl_s=60)  # nor makes one that never was
     time.sleep(0.4)  # past the short leases: what is leased now is what the renewal kept
-    assert ledger.read(TOPIC, {1: 0})[1] == (set(), {7, 8, 9})
+    assert ledger.read(TOPIC, {1: 0})[1] == ({5}, {7, 8, 9})
 
 
 def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) -> None:

@@ -83,6 +83,15 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
             "42S22", "Invalid column name 'version_at'.", 207)), FailureKind.TRANSIENT),
         (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
             "no such table: inventory")), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
+            "no such column: version_at")), FailureKind.TRANSIENT),
+        # What an event chose, quoted in the message, is not what the database said.
+        (wrapped(sqlalchemy.exc.IntegrityError, postgres(
+            psycopg.errors.CheckViolation, 'new row violates check constraint\nDETAIL: '
+            'Failing row contains (u1, no such table, …).')), FailureKind.CONSTRAINT),
+        (wrapped(sqlalchemy.exc.DataError, postgres(
+            psycopg.errors.InvalidTextRepresentation,
+            'invalid input syntax for type numeric: "no such table"')), FailureKind.DATA),
         # Other statements the database refuses to run are no failure of the world.
         (wrapped(sqlalchemy.exc.ProgrammingError, postgres(psycopg.errors.SyntaxError)),
          FailureKind.UNKNOWN),

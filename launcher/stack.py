@@ -192,7 +192,7 @@ class Stack:
                 self.check_children()
                 if time.monotonic() > deadline:
                     raise ChildFailed(f"{name} not ready at {url} after {READY_TIMEOUT_S:.0f}s"
-                                       f"; see the logs in {self.run_dir}")
+                                      f"; see the logs in {self.run_dir}")
                 self._pause(0.25)
 
     def check_children(self) -> None:
@@ -201,7 +201,7 @@ class Stack:
         for name, child in self.children.items():
             if child.poll() is not None:
                 raise ChildFailed(f"{name} exited with {child.returncode}; "
-                                   f"see {self.run_dir / (name + '.log')}")
+                                  f"see {self.run_dir / (name + '.log')}")
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -148,6 +148,13 @@ end
 _BEGIN = _STEPS + _RUNS + """
 hold(KEYS[2], now + tonumber(ARGV[5]), 6)
 local first, last = tonumber(ARGV[1]), tonumber(ARGV[2])
+local mine = redis.call('HGET', KEYS[1], ARGV[3])
+if mine then
+  -- This run began already and its answer was lost: say again what it found (over its own
+  -- range: the dead run's record is gone), and count no death for its own record.
+  if tonumber(mine) > 0 then return {first, last, tonumber(mine)} end
+  return {}
+end
 local result = {}
 local count = 0
 local names = redis.call('HGETALL', KEYS[1])
@@ -186,7 +193,7 @@ return 0
 """
 
 RUNNING_TTL_S = 86_400
-_FINISH_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
+_BLIP_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
 _DONE_RANGES, _LEASE_RANGES = "done-ranges", "lease-ranges"
 _BEFORE_RANGES = ("done", "lease")  # the keys of a member per offset, of earlier versions
 
@@ -306,11 +313,15 @@ class OffsetLedger:
         """Lease `offsets` for `ttl_s` seconds and record that `run` (a name no other run
         has) is applying them, in one round trip. When earlier runs at overlapping ranges never
         finished, their processes died: the range of the one that died most, and how many times
-        in a row."""
-        found: Any = self._begin(
-            keys=[self._key("runs", topic, partition), self._key(_LEASE_RANGES, topic, partition)],
-            args=[offsets[0], offsets[-1], f"{offsets[0]} {offsets[-1]} {run}", RUNNING_TTL_S,
-                  ttl_s, *ranges(offsets)])
+        in a row. Tried again over a blip of the connection: a failure there would leave the
+        record behind, which the next attempt would count as one more death."""
+        keys = [self._key("runs", topic, partition), self._key(_LEASE_RANGES, topic, partition)]
+        args: list[int | float | str] = [offsets[0], offsets[-1],
+                                         f"{offsets[0]} {offsets[-1]} {run}", RUNNING_TTL_S,
+                                         ttl_s, *ranges(offsets)]
+        # Asked again over a blip: a script that ran and whose answer was lost knows its run.
+        found: Any = _BLIP_RETRY.call_with_retry(lambda: self._begin(keys=keys, args=args),
+                                                 lambda _error: None)
         return Crashed(int(found[0]), int(found[1]), int(found[2])) if found else None
 
     def narrow(self, topic: str, partition: int, first: int, last: int, deaths: int, *,
@@ -330,5 +341,5 @@ class OffsetLedger:
         keys = [self._key(kind, topic, partition) for kind in ("runs", _DONE_RANGES, _LEASE_RANGES)]
         left = (f"{owed.first} {owed.last} owed", owed.deaths - 1) if owed else ("", 0)
         args: list[int | str] = [run, *left, RUNNING_TTL_S, *ranges(done)]
-        _FINISH_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),
+        _BLIP_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),
                                       lambda _error: None)

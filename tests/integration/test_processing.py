@@ -403,6 +403,38 @@ def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(
     assert ledger.read(TOPIC, {0: 0})[0] == (set(range(12)), set())
 
 
+@pytest.mark.parametrize("died_before", [0, 1])
+def test_a_begin_whose_reply_is_lost_is_asked_again_and_counts_no_death(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+    died_before: int,
+) -> None:
+    """Redis ran the script, then the connection dropped before its reply. Failing the task
+    left the run's record behind, which the next attempt counted as a death: three such
+    blips on one range, and good events were dead-lettered as crashes. Asked again, the
+    script knows its own run and says again what it found."""
+    processor, ledger = parts
+    batch = messages(4)
+    if died_before:
+        ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30, run="dead")
+    script = ledger._begin
+    lost = [redis.ConnectionError("Connection reset by peer")]
+
+    def begin(*args: Any, **kwargs: Any) -> Any:
+        found = script(*args, **kwargs)
+        if lost:
+            raise lost.pop()  # it ran; its answer never came
+        return found
+
+    monkeypatch.setattr(ledger, "_begin", begin)
+    report = processor.run(TOPIC, 0, batch)
+    assert lost == [] and report.later == [] and letters(engine) == []
+    assert applied_ids(engine) == {f"ev-{n}" for n in range(4)}
+    # What the first answer would have said: a death before, or none.
+    crashed = ledger.begin(TOPIC, 0, [m.offset for m in messages(4)], ttl_s=30, run="next")
+    assert crashed is None
+    ledger.finish(TOPIC, 0, run="next")
+
+
 def test_done_marks_survive_a_redis_hiccup_at_the_end(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:

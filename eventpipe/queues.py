@@ -6,7 +6,8 @@ here so the two can never disagree on broker, serializer or routing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,31 @@ def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, in
             pipe.llen(queue_name(partition))
         replies = pipe.execute()
     return {p: int(depth) for p, depth in zip(chosen, replies, strict=True)}
+
+
+# kombu's Redis transport keeps each message delivered and not yet acknowledged in a hash by
+# delivery tag (`[message, exchange, routing key]` as JSON), indexed by delivery time, and
+# hands it out again once the visibility timeout passes.
+_UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:
+    """Forget the messages of these queues a Redis Celery broker holds as delivered and not
+    acknowledged (a worker killed with them, retries it held): how many. Others' are left."""
+    mine = []
+    for tag, entry in broker.hgetall(_UNACKED).items():
+        try:
+            routed_to = json.loads(entry)[2]
+        except (ValueError, LookupError, TypeError):
+            continue  # not kombu's: not ours to judge
+        if routed_to in queues:
+            mine.append(tag)
+    if mine:
+        with broker.pipeline() as pipe:
+            pipe.hdel(_UNACKED, *mine)
+            pipe.zrem(_UNACKED_INDEX, *mine)
+            pipe.execute()
+    return len(mine)
 
 
 def partition_of(queue: str) -> int | None:

@@ -37,7 +37,7 @@ from eventpipe.errors import ServiceUnanswered
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
-from eventpipe.queues import queue_depths, queue_name
+from eventpipe.queues import drop_unacked, queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, child_environment
 from eventpipe.tables import applied_events
 from launcher.children import die_with_parent, terminate
@@ -137,15 +137,20 @@ class Stack:
         return {name.lower(): f"{server.url}/{database}" for name, database in unset.items()}
 
     def _drop_stale_tasks(self) -> None:
-        """The embedded Kafka starts empty, so tasks still queued from an earlier run carry
-        messages of a topic that is gone: drop them before any worker applies them."""
+        """The embedded Kafka starts empty, so tasks an earlier run left carry messages of a
+        topic that is gone: drop them before any worker applies them, and marks their offsets
+        done in the new topic's ledger. Those queued, and those kombu holds as delivered and
+        not acknowledged (a worker killed with them, retries it held), which it hands out
+        again later."""
         queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
         client = redis_clients.operator(self.settings.celery_broker_url)
         try:
             dropped = sum(queue_depths(client, range(self.settings.kafka_partitions)).values())
             if dropped:
                 client.delete(*queues)
-                self.say(f"            dropped {dropped} task(s) queued by an earlier run")
+            dropped += drop_unacked(client, queues)
+            if dropped:
+                self.say(f"            dropped {dropped} task(s) an earlier run left")
         finally:
             client.close()
 

@@ -65,7 +65,13 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         env.update(REDIS_URL=f"{REDIS_URL}/11", CELERY_BROKER_URL=f"{REDIS_URL}/12")
         for database in (11, 12):
             redis.Redis.from_url(f"{REDIS_URL}/{database}").flushdb()
-        redis.Redis.from_url(f"{REDIS_URL}/12").lpush("events.p0", b"{}")
+        broker = redis.Redis.from_url(f"{REDIS_URL}/12")
+        broker.lpush("events.p0", b"{}")
+        # And one kombu holds as delivered and not acknowledged (a worker killed, a retry it
+        # held), which it would hand out again; another program's is left alone.
+        for tag, queue in (("t-ours", "events.p1"), ("t-other", "other.queue")):
+            broker.hset("unacked", tag, json.dumps([{"body": "{}"}, queue, queue]))
+            broker.zadd("unacked_index", {tag: time.time()})
         # And a database an earlier run left, whose events the new embedded Kafka lacks.
         earlier = f"sqlite:///{tmp_path / 'var' / 'eventpipe.db'}"
         (tmp_path / "var").mkdir()
@@ -95,7 +101,12 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         elif redis_kind == "half":
             assert re.search(r"redis-server on \S+ for CELERY_BROKER_URL\n", shown), shown
         else:
-            assert "dropped 1 task(s) queued by an earlier run" in shown
+            assert "dropped 2 task(s) an earlier run left" in shown
+            broker = redis.Redis.from_url(f"{REDIS_URL}/12")
+            for key in ("unacked", "unacked_index"):  # the run's own may be there too
+                held = set(broker.hkeys(key) if key == "unacked" else
+                           broker.zrange(key, 0, -1))
+                assert b"t-ours" not in held and b"t-other" in held
             assert earlier_events in shown
         user_url = re.search(r"a user to look at: (\S+)", shown)
         assert user_url is not None

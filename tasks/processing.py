@@ -16,7 +16,7 @@
    reconciler repairs the stream if this step is lost), and marks the offsets done in the
    offset ledger as it clears the running range, in one round trip at the end (a process
    that dies before it only makes those events come back as duplicates). A run that splits
-   or isolates marks each part done as it commits and renews the leases of the rest, so the
+   or isolates marks each part done as it commits (the rest stays leased, step 1), so the
    bridge sees it progress however many parts it takes. Whatever ends a run, its running
    record goes; deaths it found and did not get past are put back for the next attempt.
 """
@@ -102,7 +102,6 @@ class Processor:
         # its lease lapse soon, and the batch is re-read.
         self.lease_s = settings.redelivery_timeout_s
         self.keeper = LeaseKeeper(ledger)
-        self._leased_at = 0.0  # when this run's leases were last written (monotonic)
         self._run = ""  # the run in progress, as the offset ledger names it
         self._next = 0  # the first offset it has not given a fate yet
         self.retries = 0
@@ -116,7 +115,6 @@ class Processor:
         self._run = uuid.uuid4().hex  # names this run's record in the ledger
         offsets = [m.offset for m in messages]
         crashed = self.ledger.begin(topic, partition, offsets, self.lease_s, run=self._run)
-        self._leased_at = time.monotonic()
         self._next = first
         ended = False
         try:
@@ -198,29 +196,19 @@ class Processor:
 
     def _progress(self, topic: str, partition: int, parts: list[list[TaskMessage]],
                   report: Report) -> None:
-        """Between the parts of a run that split or isolates: mark what committed done now
-        and keep the rest leased (the parts to come, the messages set aside to retry), so the
-        bridge sees progress and reads none of them again while the run lasts, however many
-        parts it takes. A run in one part settles at the end, in the round trip that clears
-        its record; so do marks that could not be made here."""
-        if not parts:
-            return
-        renewals: dict[int, float] = {}
-        if time.monotonic() - self._leased_at >= self.lease_s / 3:
-            renewals = {m.offset: self.lease_s for part in parts for m in part}
-            renewals.update((m.offset, later.delay_s + self.lease_s)
-                            for later in report.later for m in later.messages)
-        if not report.done and not renewals:
+        """Between the parts of a run that split or isolates: mark what committed done now,
+        so the bridge sees progress however many parts it takes (the rest stays leased by
+        `keeper`). A run in one part settles at the end, in the round trip that clears its
+        record; so do marks that could not be made here."""
+        if not parts or not report.done:
             return
         try:
-            self.ledger.settle(topic, partition, report.done, renewals)
+            self.ledger.settle(topic, partition, report.done)
         except redis.RedisError as exc:
             log.warning("progress not marked yet: %s", exc, extra={
                 "topic": topic, "partition": partition})
             return
         report.done.clear()
-        if renewals:
-            self._leased_at = time.monotonic()
 
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
         # The offsets stay leased while they wait, and while a batch may run ahead of them

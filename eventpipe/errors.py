@@ -41,11 +41,6 @@ class DatabaseUnresponsive(TransientError):
     nothing (packets dropped, no reset) is the world failing, not the batch's events."""
 
 
-class KafkaUnanswered(TransientError):
-    """Kafka did not answer before an operator's action began; the message names the setting
-    (not its value, which an API client must not see)."""
-
-
 class ServiceUnanswered(PipelineError):
     """A service the settings name does not answer; the message names the setting and what
     to do. Every command says it in one line and exits with status 3 (`cli.errors`)."""

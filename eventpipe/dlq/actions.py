@@ -34,7 +34,7 @@ from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
-from eventpipe.errors import KafkaUnanswered
+from eventpipe.errors import TransientError
 from eventpipe.kafka import make_producer
 from eventpipe.settings import Settings
 
@@ -67,14 +67,15 @@ class Publisher:
         self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
 
     def answers(self, topic: str | None) -> None:
-        """Raise `KafkaUnanswered` unless Kafka tells this topic's partitions, asked before
+        """Raise a `TransientError` unless Kafka tells this topic's partitions, asked before
         anything is claimed: a Kafka that does not answer would cost each chunk of a replay
         the whole wait (ten minutes for 30,000 letters, past any HTTP server's timeout) and
         hold its letters claimed meanwhile, for nothing. One that stops answering later makes
         the rest refused, as it always did."""
         if self._count(topic or self.settings.kafka_topic) is None:
-            raise KafkaUnanswered("Kafka does not answer at KAFKA_BOOTSTRAP_SERVERS: nothing "
-                                  "was replayed; retry once it does")
+            # The setting, not its value: the API answers with this line.
+            raise TransientError("Kafka does not answer at KAFKA_BOOTSTRAP_SERVERS: nothing "
+                                 "was replayed; retry once it does")
 
     def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
         sent_at = time.monotonic()

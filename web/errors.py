@@ -79,14 +79,14 @@ def conflict(message: str) -> NoReturn:
 
 def dependency_error(exc: Exception) -> ErrorResponse:
     """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors). A
-    database never migrated is unavailable too, until an operator runs the migration; on
-    PostgreSQL its error is no transient one, which would make it a bare 500."""
+    database never migrated, or behind the code, is unavailable too (`errors.classify` calls
+    it transient), until an operator runs the migration."""
     if key_of_another_kind(exc):
         # Not the client's, nor passing: an operator must free the keys. Hosts stay in the log.
         log.error("a Redis key of the pipeline holds another kind of value",
                   extra={"path": request.path, "error": f"{type(exc).__name__}: {exc}"})
         return http_error(ServiceUnavailable(KEY_OF_ANOTHER_KIND))
-    if is_transient(exc) or schema_missing(exc):
+    if is_transient(exc):
         message = _unavailable(exc)
         log.warning("dependency unavailable", extra={"path": request.path, "reason": message,
                                                      "error": f"{type(exc).__name__}: {exc}"})

@@ -57,6 +57,7 @@ from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
 from eventpipe.settings import Settings
 from eventpipe.times import from_kafka_millis
+from tasks import letters_said
 from tasks.lease_keeper import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,8 @@ class Processor:
             traceback=_trace(exc) if exc is not None else None,
             attempts=message.attempts + 1)
         result = apply_batch(self.engine, [], [letter], worker=self.worker)
+        metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
+                                        "dead_lettered").inc()
         self._done(topic, partition, [message], result, report,
                    {letter.dlq_key: (message.key, message.value)})
 
@@ -309,18 +312,15 @@ class Processor:
         for fate, number in Counter(result.fates).items():
             report.fates[fate.value] += number
         if result.dead_letters:
-            report.fates["dead_lettered"] += len(result.dead_letters)
             try:
                 project(self.engine, self.stream, self.fetch, payloads)
             except Exception as exc:  # the SQL record stands; the reconciler projects it
-                log.warning("dead letters not put in the stream yet: %s", exc)
-            for letter in result.dead_letters:
-                log.warning("dead-lettered: %s: %s", letter.error_class, letter.reason, extra={
-                    "eventId": letter.event_id, "eventType": letter.event_type,
-                    "topic": topic, "partition": partition,
-                    "offset": letter.position.offset, "dlqKey": letter.dlq_key,
-                    "errorClass": letter.error_class, "attempt": letter.attempts})
-                metrics.DLQ_ENTRIES.labels(metrics.event_type_label(letter.event_type)).inc()
+                log.warning("dead letters not put in the stream yet: %s", exc, extra={
+                    "topic": topic, "partition": partition})
+            letters_said.say(result.dead_letters)
+        # The messages that are no event, or were given up, have no fate but their dead letter.
+        if unfated := len(messages) - len(result.fates):
+            report.fates["dead_lettered"] += unfated
         report.done += (m.offset for m in messages)
 
     def _now(self) -> datetime:

@@ -31,6 +31,7 @@ from eventpipe.dlq import records
 from eventpipe.dlq.projection import HEAL_EVERY_S, Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.reconcile import reconcile
+from tasks import letters_said
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Reconciler:
 
     def run_once(self) -> None:
         if self._my_turn():
-            reconcile(self.engine, _utc_now, self.park_timeout)
+            letters_said.say(reconcile(self.engine, _utc_now, self.park_timeout))
         self._resolve_recorded_copies()
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)

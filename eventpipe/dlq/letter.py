@@ -113,6 +113,21 @@ class DeadLetter:
     deadline: datetime | None = None
     history: tuple[Episode, ...] = ()
     revision: int = 0
+    # The state before the change that saved this letter (None: it is new), as the save
+    # returns it; not stored. What a worker says and counts of the change follows from it.
+    was: str | None = field(default=None, compare=False)
+
+    @property
+    def entered(self) -> bool:
+        """The change that saved it put it in the DLQ: open now, and new, waiting or closed
+        before. A replay's claim that ends unpublished or lapses (replaying → open) is the
+        letter coming back, not a new entry."""
+        return self.state == OPEN and self.was not in (OPEN, REPLAYING)
+
+    @property
+    def parked(self) -> bool:
+        """The change that saved it began its wait for a parent."""
+        return self.state == WAITING and self.was != WAITING
 
 
 def history_json(history: tuple[Episode, ...]) -> str:

@@ -100,8 +100,10 @@ def save(conn: Connection, before: DeadLetter | None, after: DeadLetter) -> Dead
 def save_all(conn: Connection,
              changes: Sequence[tuple[DeadLetter | None, DeadLetter]]) -> list[DeadLetter]:
     """`save` for many letters: one INSERT for the new ones, one UPDATE statement (executed
-    for each row) for the others, in key order. The letters as saved, in the order given."""
-    saved = [replace(after, revision=1 if before is None else before.revision + 1)
+    for each row) for the others, in key order. The letters as saved (each with the state it
+    had before, `was`), in the order given."""
+    saved = [replace(after, revision=1 if before is None else before.revision + 1,
+                     was=None if before is None else before.state)
              for before, after in changes]
     new = sorted((_row(after) for (before, _), after in zip(changes, saved, strict=True)
                   if before is None), key=lambda row: row["dlq_key"])

@@ -7,6 +7,7 @@ at once, not after minutes of retries (item 8).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, text
 
 import tasks.processing
@@ -30,7 +32,13 @@ from eventpipe.errors import TransientError
 from eventpipe.failures import SCHEMA_OUT_OF_STEP
 from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
-from eventpipe.samples import encode, inventory_adjusted
+from eventpipe.samples import (
+    encode,
+    inventory_adjusted,
+    order_placed,
+    payment_settled,
+    user_created,
+)
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters, inventory
 from tasks.processing import Processor
@@ -568,3 +576,46 @@ def test_deaths_outlive_the_batches_applied_before_their_messages_come_back(
     processor.run(TOPIC, 0, batch[12:20])
     processor.run(TOPIC, 0, batch[20:])
     assert ledger.begin(TOPIC, 0, list(range(12)), ttl_s=30, run="again") == Crashed(0, 11, 1)
+
+
+def test_a_dead_letter_is_said_by_its_event_id_and_counted_once_when_it_enters_the_dlq(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: a copy of a parked event was logged `dead-lettered` and counted as a DLQ entry
+    though it was neither, a copy of a dead-lettered message was counted again, and a
+    rejection the reconciler opened (CurrencyMismatch) was neither said by its eventId nor
+    counted."""
+    processor, _ = parts
+    reconciler = Reconciler(engine, processor.stream, lambda: lambda position: None,
+                            timedelta(hours=1), min_gap_s=0, copies_every_s=0)
+    made = [user_created("u-1"), order_placed("o-1", "u-1", currency="EUR"),
+            payment_settled("pay-1", "o-1", "10.00", currency="USD"),
+            order_placed("o-2", "u-missing")]
+    sent = [TaskMessage(offset, key.encode(), encode(doc))
+            for offset, (key, doc) in enumerate(made)] + [TaskMessage(4, b"k", b"{broken")]
+
+    def entries() -> float:
+        return sum(REGISTRY.get_sample_value("dlq_entries_total", {"event_type": kind}) or 0
+                   for kind in ("PaymentSettled", "OrderPlaced", "unknown"))
+
+    def said(message: str) -> list[Any]:
+        return [record for record in caplog.records if record.getMessage().startswith(message)]
+
+    before = entries()
+    with caplog.at_level(logging.INFO):
+        processor.run(TOPIC, 0, sent)
+        reconciler.run_once()
+        assert entries() - before == 2  # the broken message, the payment in another currency
+        [mismatch] = [r for r in said("dead-lettered: ") if r.__dict__["eventId"]]
+        assert mismatch.__dict__["errorClass"] == "CurrencyMismatch"
+        assert mismatch.__dict__["eventId"] == made[2][1]["eventId"]
+        [parked] = said("held until its parent arrives")
+        assert parked.__dict__["eventId"] == made[3][1]["eventId"]
+        caplog.clear()
+        # Copies of the parked order and of the broken message, in a later batch.
+        processor.run(TOPIC, 0, [replace(sent[3], offset=5), replace(sent[4], offset=6)])
+        reconciler.run_once()
+    assert entries() - before == 2
+    assert not said("dead-lettered")
+    assert sorted(r.__dict__["state"] for r in said("dead letter seen again")) == [
+        "open", "waiting"]

@@ -438,6 +438,11 @@ class Bridge:
         for tp in assigned:
             self.partitions[tp.partition] = PartitionProgress(
                 tp.partition, committed=committed.get(tp.partition))
+            # Exported from the start, not from this bridge's first commit: a partition whose
+            # oldest event is stuck commits nothing, and its alert needs the series to stand.
+            if tp.partition in committed:
+                metrics.COMMITTED_OFFSET.labels(self.topic, str(tp.partition)).set(
+                    committed[tp.partition])
         # A new progress is not paused, and the Kafka client keeps a partition paused across
         # a rebalance that gives it back: resumed here, it is read again whatever came before
         # (unless the bridge is stopping: its drain reads only what it already fetched).

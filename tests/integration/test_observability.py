@@ -5,6 +5,7 @@ sees the tasks once it asks for their events."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import threading
@@ -16,12 +17,16 @@ from typing import Any
 
 import pytest
 import redis
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.service import Bridge
 from eventpipe.queues import make_celery
 from eventpipe.samples import Document, Story, user_created
 from eventpipe.status import FORGET_S, STALE_S, WORKER, Board
 from launcher.embedded import free_port
+from tests.support.broker import settings_for
 from tests.support.http import serving
 from tests.support.pipeline import BIN, Pipeline, wait_until
 from web import create_app
@@ -242,3 +247,29 @@ def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
         assert board.members() == []
     finally:
         redis_client.delete(board.key)
+
+
+def test_a_bridge_exports_the_committed_offset_of_a_partition_as_it_is_assigned(
+        kafka_broker: str, kafka_topic: Any) -> None:
+    """Before: only after the bridge's own first commit. A partition whose oldest event is
+    stuck commits nothing, so after a restart or a move it had no series and the alert on a
+    partition that does not commit could never fire."""
+    topic = kafka_topic(partitions=2)
+    settings = settings_for(kafka_broker, topic, partitions=2)
+    settings = dataclasses.replace(settings, kafka_group_id=f"group-{uuid.uuid4().hex}")
+    committer = Consumer({"bootstrap.servers": kafka_broker,
+                          "group.id": settings.kafka_group_id})
+    try:
+        committer.commit(offsets=[TopicPartition(topic, 0, 5)], asynchronous=False)
+    finally:
+        committer.close()
+    bridge = Bridge(settings)
+    try:
+        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(2)])
+        assert REGISTRY.get_sample_value("bridge_committed_offset",
+                                         {"topic": topic, "partition": "0"}) == 5
+        # Never committed: no offset to show.
+        assert REGISTRY.get_sample_value("bridge_committed_offset",
+                                         {"topic": topic, "partition": "1"}) is None
+    finally:
+        bridge.consumer.close()

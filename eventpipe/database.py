@@ -53,7 +53,9 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
         # transaction idle five times as long as a statement may run (5 minutes by default)
         # is one whose worker froze or lost its host: the server ends it, and the locks it
         # held, which held up the partition's next owner, go with it.
-        server = f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms}"
+        # In UTC whatever the server's zone: psycopg gives times in the session's, and a time
+        # the contract accepts (up to 9999-12-31T23:59:59Z) is past year 9999 east of it.
+        server = f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms} -c timezone=UTC"
         if statement_ms:
             server += f" -c idle_in_transaction_session_timeout={statement_ms * 5}"
         options["connect_args"] = {"options": server,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from eventpipe.database import WAL_PAGES, make_engine
@@ -20,7 +20,9 @@ from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, users
+from tests.support.databases import postgres_database
 from tests.support.pipeline import wait_until
+from tests.support.services import migrate
 
 WHEN = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 
@@ -218,3 +220,29 @@ def test_in_keys_selects_exactly_its_keys(database_url: str, keys: list[str]) ->
             assert sorted(found) == sorted(asked)
     finally:
         engine.dispose()
+
+
+def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_zone() -> None:
+    """Before: the session kept the server's zone, and psycopg gives times in it. In
+    Europe/Paris a time stored as 9999-12-31T23:59:59Z (which the contract accepts) read as
+    a year past 9999 and failed every read of its row: the API, `verify`, the reconciler."""
+    with postgres_database() as url:
+        migrate(url, "head")
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                name = make_url(url).database
+                conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Europe/Paris'"))
+        finally:
+            admin.dispose()
+        engine = make_engine(Settings(database_url=url))
+        edge = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        try:
+            with engine.begin() as conn:
+                conn.execute(users.insert(), [{**_users(["u-edge"])[0], "created_at": edge,
+                                               "version_at": edge}])
+            with engine.connect() as conn:
+                row = conn.execute(select(users.c.created_at, users.c.version_at)).one()
+            assert row == (edge, edge)
+        finally:
+            engine.dispose()

@@ -279,10 +279,13 @@ def peek_identity(value: bytes | str) -> Identity:
 
 
 def _printable(value: Any) -> str | None:
-    """A string field as logs and the DLQ can show it: bounded, NUL and surrogates replaced."""
+    """A string field as logs and the DLQ can show it: bounded as an id is (a longer one,
+    cut to that many characters, could be twice as long as SQL Server's column), NUL and
+    surrogates replaced."""
     if not isinstance(value, str):
         return None
-    return value[:MAX_ID_LENGTH].encode("utf-8", "replace").decode().replace("\x00", "?")
+    shown = value[:MAX_ID_LENGTH].encode("utf-8", "replace").decode().replace("\x00", "?")
+    return utf16_prefix(shown, MAX_ID_LENGTH)
 
 
 def _reject_constant(name: str) -> Any:
@@ -375,6 +378,20 @@ def check_text(value: str, path: str, max_length: int) -> None:
             not ascii_only and len(value.encode("utf-16-le", "surrogatepass")) // 2 > max_length):
         raise InvalidEvent(path, f"must be at most {max_length} characters "
                            "(UTF-16 code units)")
+
+
+def utf16_prefix(text: str, units: int) -> str:
+    """The longest prefix of `text` that fits in `units` UTF-16 code units, the count
+    SQL Server's NVARCHAR keeps to (a character beyond the Basic Multilingual Plane is two;
+    a pair is never split)."""
+    if len(text) <= units // 2 or (len(text) <= units and text.isascii()):
+        return text
+    used = 0
+    for index, character in enumerate(text):
+        used += 2 if ord(character) > 0xFFFF else 1
+        if used > units:
+            return text[:index]
+    return text
 
 
 def _id(obj: dict[str, Any], name: str, path: str) -> str:

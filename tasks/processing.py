@@ -42,7 +42,7 @@ from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, key_of, m
 from eventpipe.dlq.projection import Fetch, project
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Fate, Position, Received
-from eventpipe.errors import InvalidEvent, unresponsive
+from eventpipe.errors import FailureKind, InvalidEvent, classify, unresponsive
 from eventpipe.events import EventType, parse_event, peek_identity
 from eventpipe.failures import (
     GiveUp,
@@ -239,7 +239,19 @@ class Processor:
             position=Position(topic, partition, message.offset),
             traceback=_trace(exc) if exc is not None else None,
             attempts=message.attempts + 1)
-        result = apply_batch(self.engine, [], [letter], worker=self.worker)
+        try:
+            result = apply_batch(self.engine, [], [letter], worker=self.worker)
+        except Exception as refused:
+            if classify(refused) is FailureKind.TRANSIENT:
+                raise  # the world, not the letter: the batch is retried as any is
+            # The database refuses the letter itself: a message must still end somewhere,
+            # never loop. What is left is what came from the pipeline, not the message.
+            log.error("dead letter refused by the database, written without the message's "
+                      "identity: %s", refused, extra=_context(topic, partition, message))
+            letter = replace(letter, event_id=None, event_type=None, traceback=None,
+                             reason=f"{letter.error_class}; its dead letter as first written "
+                             f"was refused by the database: {type(refused).__name__}")
+            result = apply_batch(self.engine, [], [letter], worker=self.worker)
         metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
                                         "dead_lettered").inc()
         self._done(topic, partition, [message], result, report,

@@ -35,6 +35,7 @@ from eventpipe.dlq.letter import (
     history_json,
 )
 from eventpipe.effects import Position
+from eventpipe.events import utf16_prefix
 from eventpipe.keysets import rows_in
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import utc_iso
@@ -50,7 +51,7 @@ def _row(letter: DeadLetter) -> dict[str, Any]:
         "entity_kind": letter.entity_kind, "entity_key": letter.entity_key,
         "parent_kind": letter.parent_kind, "parent_key": letter.parent_key,
         "state": letter.state, "error_class": letter.error_class[:64],
-        "reason": letter.reason[:MAX_REASON], "traceback": letter.traceback,
+        "reason": utf16_prefix(letter.reason, MAX_REASON), "traceback": letter.traceback,
         "kafka_topic": letter.position.topic, "kafka_partition": letter.position.partition,
         "kafka_offset": letter.position.offset, "attempts": letter.attempts,
         "first_failure_at": letter.first_failure_at, "last_failure_at": letter.last_failure_at,

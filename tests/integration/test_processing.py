@@ -206,6 +206,38 @@ def test_a_value_the_database_refuses_is_dead_lettered_at_once(
     assert len(applied_ids(engine)) == 9
 
 
+def test_a_message_whose_dead_letter_the_database_refuses_still_ends_dead_lettered(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the refusal of the dead letter itself (on SQL Server, an id of 64 characters
+    beyond the Basic Multilingual Plane is 128 of NVARCHAR(64)'s units) left the run, the
+    bridge read the message again, and the same happened for ever: the partition stuck."""
+    processor, ledger = parts
+    with engine.connect() as conn:
+        try:
+            conn.execute(text({"postgresql": "SELECT 1 / 0",
+                               "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]))
+        except Exception as exc:
+            refused = exc
+    real = apply_batch
+
+    def refusing(engine: Engine, batch: Sequence[Received],
+                 failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch) or any(
+                letter.event_id == POISON for letter in failures):
+            raise refused
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", refusing)
+    report = processor.run(TOPIC, 0, messages(10, poison_at=3))
+    assert report.later == []
+    [row] = letters(engine)
+    assert (row.kafka_offset, row.event_id, row.state) == (3, None, "open")
+    assert "its dead letter as first written was refused by the database" in row.reason
+    assert len(applied_ids(engine)) == 9
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(10))
+
+
 def _die_on_poison(database_url: str, group: str, batch: list[list[Any]]) -> None:
     """A worker process that dies (like a segfault or the OOM killer) on the poison."""
     settings = Settings(database_url=database_url, crash_max_attempts=2)

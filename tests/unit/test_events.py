@@ -455,3 +455,22 @@ def test_the_fingerprint_text_is_the_generic_json_of_the_event(
             InventoryAdjusted: EventType.INVENTORY_ADJUSTED}[type(payload)]
     event = Event(event_id, kind, 1, occurred_at, payload)
     assert canonical_text(event) == _generic_canonical(event)
+
+
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+@given(st.text(), st.integers(min_value=0, max_value=80))
+def test_a_utf16_prefix_is_the_longest_that_fits(text: str, units: int) -> None:
+    cut = events.utf16_prefix(text, units)
+    assert text.startswith(cut) and _units(cut) <= units
+    assert cut == text or _units(text[:len(cut) + 1]) > units
+
+
+def test_an_invalid_message_s_id_fits_the_dead_letter_s_column_on_sql_server() -> None:
+    """Before: cut to 64 characters, 64 beyond the Basic Multilingual Plane are 128 UTF-16
+    units, which SQL Server's NVARCHAR(64) refuses."""
+    identity = events.peek_identity(json.dumps({"eventId": "\U0001F600" * 64},
+                                               ensure_ascii=False).encode())
+    assert identity.event_id == "\U0001F600" * 32

@@ -110,7 +110,9 @@ class Settings:
         "COMMIT_INTERVAL_S", 1.0, "How often done offsets are looked up and committed"
     )
     shutdown_drain_timeout_s: float = _field(
-        "SHUTDOWN_DRAIN_TIMEOUT_S", 20.0, "On SIGTERM or revoke, how long to wait for work"
+        "SHUTDOWN_DRAIN_TIMEOUT_S", 20.0,
+        "On SIGTERM or revoke, how long to wait for work; a worker's batch still running then "
+        "is ended and retried",
     )
     # Retries
     retry_max_attempts: int = _field(

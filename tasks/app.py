@@ -21,14 +21,20 @@ from types import FrameType
 from typing import Any
 
 from celery import Task
-from celery.signals import celeryd_init, setup_logging, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from prometheus_client import start_http_server
 
 from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
-from eventpipe.errors import DatabaseUnresponsive
+from eventpipe.errors import DatabaseUnresponsive, WorkerStopping
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
@@ -119,6 +125,30 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
 
 
+class _Stop:
+    asked = False
+    ended = ""  # why the stop ended a batch, said in its line (the driver's error hides it)
+
+
+_stop = _Stop()
+
+
+@worker_shutting_down.connect
+def _end_the_batch_in_time(**_: Any) -> None:
+    """Asked to stop (SIGTERM, a warm shutdown), a worker waits for its batch no longer than
+    SHUTDOWN_DRAIN_TIMEOUT_S, then ends it as a failure of the world: rolled back, retried,
+    not blamed on its events. Waited for to the end (up to TASK_TIME_LIMIT_S on a slow
+    database), it was killed by its supervisor or by Docker first, and the kill counted as a
+    death of the batch's messages: three such stops on one range dead-lettered good events
+    as WorkerCrashed. Runs in Celery's signal handler, on the batch's thread: it only moves
+    the batch's alarm (`time_limit`) nearer."""
+    _stop.asked = True
+    remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+    if remaining > 0:  # a batch is running
+        signal.setitimer(signal.ITIMER_REAL,
+                         max(min(remaining, settings.shutdown_drain_timeout_s), 0.001))
+
+
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     for member in _member:
@@ -201,6 +231,13 @@ def time_limit(seconds: float) -> Iterator[None]:
     raises over it: `eventpipe.errors.classify`); anywhere else one of the batch's messages'
     (`TaskTimeLimitExceeded`)."""
     def expired(_signum: int, frame: FrameType | None) -> None:
+        if _stop.asked:
+            why = _stop.ended = (f"the worker is stopping and the batch ran past "
+                                 f"SHUTDOWN_DRAIN_TIMEOUT_S={settings.shutdown_drain_timeout_s:g}"
+                                 " s: ended, to be retried")
+            # In the database, the connection was cut mid-exchange: `DatabaseUnresponsive`
+            # has the pool let it go.
+            raise DatabaseUnresponsive(why) if _waiting_on_database(frame) else WorkerStopping(why)
         if _waiting_on_database(frame):
             raise DatabaseUnresponsive(f"batch still running after {seconds:g} s, waiting on "
                                        "the database")
@@ -257,7 +294,8 @@ def apply_events(self: Task, topic: str, partition: int,
         "events": len(decoded), "offsetFirst": decoded[0].offset,
         "offsetLast": decoded[-1].offset, **report.fates})
     if transient is not None:
-        log.warning("batch retried in %.1fs: %s", transient.delay_s, transient.reason, extra={
+        log.warning("batch retried in %.1fs: %s", transient.delay_s,
+                    _stop.ended or transient.reason, extra={
             "topic": topic, "partition": partition, "taskId": self.request.id,
             "attempt": self.request.retries + 1, "events": len(transient.messages),
             "offsetFirst": transient.messages[0].offset,

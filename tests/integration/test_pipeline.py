@@ -551,3 +551,46 @@ def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) 
     pipeline.start_worker()
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in messages])
+
+
+def test_a_worker_stopped_mid_batch_ends_it_in_time_and_counts_no_death(
+        make_pipeline: Any) -> None:
+    """Before: a stopped worker waited for its batch however long it took (up to
+    TASK_TIME_LIMIT_S on a slow database), so its supervisor or Docker killed it first, and
+    the kill counted as a death of the batch's messages: three such stops on one range
+    dead-lettered good events as WorkerCrashed. Now the batch ends within
+    SHUTDOWN_DRAIN_TIMEOUT_S, as a failure of the world, and is applied by the next
+    worker."""
+    pipeline: Pipeline = make_pipeline(SHUTDOWN_DRAIN_TIMEOUT_S="1",
+                                       DATABASE_LOCK_TIMEOUT_S="120")
+    documents = [inventory_adjusted("SKU-HELD", 3)]
+    sent = pipeline.send(documents)
+    holder = pipeline.engine.connect()
+    try:
+        # The batch's stock delta waits behind this lock: a database that has gone slow.
+        holder.exec_driver_sql("BEGIN")
+        holder.exec_driver_sql("LOCK TABLE inventory IN EXCLUSIVE MODE")
+        worker = pipeline.start_worker(name="stopped")
+        pipeline.start_bridge()
+
+        def waiting_on_the_lock() -> bool:
+            # Asked on a connection of its own: a transaction sees one snapshot of the view.
+            with pipeline.engine.connect() as conn:
+                return bool(conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()").scalar_one())
+
+        wait_until(waiting_on_the_lock, 60, "the batch waiting on the database")
+        started = time.monotonic()
+        assert pipeline.stop(worker, signal.SIGTERM, timeout_s=20) == 0
+        assert time.monotonic() - started < 15
+        runs = [key for key in pipeline.redis.scan_iter("*:runs:*")
+                if pipeline.redis.hlen(key)]
+        assert runs == []  # the run ended: no death for its messages
+    finally:
+        holder.rollback()
+        holder.close()
+    pipeline.start_worker(name="next")
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in documents])
+    assert pipeline.dead_letters() == []

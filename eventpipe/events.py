@@ -394,8 +394,19 @@ def utf16_prefix(text: str, units: int) -> str:
     return text
 
 
+# SQL Server compares text with its trailing spaces dropped (whatever the collation, in `=`
+# and in a key's uniqueness): `u-1 ` would be `u-1` there and another id elsewhere, so one
+# user on SQL Server, two on PostgreSQL and SQLite, and a second event's payload lost as a
+# duplicate of the first. The same events must give the same read model on every database.
+ID_TRAILING_SPACE = ("must not end with a space (SQL Server compares ids without their "
+                     "trailing spaces: it would be the same id as without them)")
+
+
 def _id(obj: dict[str, Any], name: str, path: str) -> str:
-    return _text(obj, name, path, MAX_ID_LENGTH)
+    value = _text(obj, name, path, MAX_ID_LENGTH)
+    if value[-1] == " ":
+        raise InvalidEvent(path, ID_TRAILING_SPACE)
+    return value
 
 
 def _time(obj: dict[str, Any], name: str, path: str) -> datetime:

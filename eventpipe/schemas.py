@@ -48,7 +48,8 @@ def _text(max_length: int) -> Schema:
     return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": r"\S"}
 
 
-_ID = _text(MAX_ID_LENGTH)
+# An id must not end with a space either (`eventpipe.events.ID_TRAILING_SPACE`).
+_ID = {**_text(MAX_ID_LENGTH), "allOf": [{"pattern": "[^ ]$"}]}
 
 
 def _object(properties: dict[str, Schema]) -> Schema:

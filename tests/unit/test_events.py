@@ -474,3 +474,14 @@ def test_an_invalid_message_s_id_fits_the_dead_letter_s_column_on_sql_server() -
     identity = events.peek_identity(json.dumps({"eventId": "\U0001F600" * 64},
                                                ensure_ascii=False).encode())
     assert identity.event_id == "\U0001F600" * 32
+
+
+@pytest.mark.parametrize("path", ["eventId", "data.userId"])
+def test_an_id_ending_with_a_space_is_refused(path: str) -> None:
+    """SQL Server compares text without its trailing spaces: `u-1 ` and `u-1` would be one
+    user there and two elsewhere, and an event with id `e-1 ` would pass there for a
+    duplicate of `e-1`, its payload lost."""
+    document = mutated(user_created("u-1")[1], path, "x-1 ")
+    with pytest.raises(InvalidEvent, match="must not end with a space"):
+        parse_event(encode(document))
+    parse_event(encode(mutated(user_created("u-1")[1], path, " x-1\t")))  # elsewhere: kept

@@ -81,14 +81,14 @@ def test_camel_case() -> None:
         "userId", "placedAt", "sku", "nextCursor"]
 
 
-@pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a ", "ünï-cødé", "a.b", "..", "a\nb",
-                                     "\U0001f600" * 32])
+@pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a", "a\t", "ünï-cødé", "a.b", "..",
+                                     "a\nb", "\U0001f600" * 32])
 def test_valid_ids(user_id: str) -> None:
     assert UserPathSchema().load({"userId": user_id}) == {"user_id": user_id}
 
 
 @pytest.mark.parametrize("user_id", ["", "x" * 65, "   ", "\t\n", "\x1c", "\u3000", "a/b",
-                                     "a\x00b",
+                                     "a\x00b", " a ",
                                      # 33 characters, 66 UTF-16 code units: no event has it
                                      "\U0001f600" * 33, "a\ud800b"])
 def test_invalid_ids(user_id: str) -> None:
@@ -231,6 +231,12 @@ def test_errors_are_json_with_status_message_and_field_errors(client: FlaskClien
         "code": 422, "status": "Unprocessable Entity",
         "message": "invalid parameters: see errors",
         "errors": {"path": {"orderId": ["Length must be between 1 and 64."]}}}
+    # No event can hold it (SQL Server would find `u1` for it): a bad id, not an unknown one.
+    spaced = client.get("/users/u1%20")
+    assert spaced.status_code == 422
+    assert spaced.get_json()["errors"] == {"path": {"userId": [
+        "must hold a character other than whitespace, not end with a space, and hold no '/' "
+        "or NUL"]}}
 
 
 def test_a_method_http_does_not_define_is_a_501_and_no_metric_label(

@@ -250,12 +250,13 @@ def _parse(value: bytes | str, key: bytes | str | None, received_at: datetime | 
     if not isinstance(data, dict):
         raise InvalidEvent("data", "must be an object")
     payload = parse_data(data)
-    if key is not None:
-        text_key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-        if text_key != payload.key:
-            raise InvalidEvent(
-                "key", f"Kafka key {text_key!r} does not match the event's key {payload.key!r}"
-            )
+    # Compared as bytes: a key that is not UTF-8 matches no id (read with replacement
+    # characters, b"\xff" would pass for an id "\ufffd").
+    if key is not None and (
+            key != payload.key.encode() if isinstance(key, bytes) else key != payload.key):
+        shown = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        raise InvalidEvent(
+            "key", f"Kafka key {shown!r} does not match the event's key {payload.key!r}")
     if received_at is not None and max_future is not None \
             and occurred_at - received_at > max_future:
         raise InvalidEvent("occurredAt", f"{utc_iso(occurred_at)} is more than {max_future} "
@@ -301,7 +302,16 @@ _decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
 # (`tests/unit/test_events.py` holds the two to that). Nesting is the exception: each stops
 # at its own depth, near a thousand, so a message with that many brackets is `json`'s alone.
 _decode_fast = msgspec.json.Decoder().decode
-_FAST_BRACKETS = 500
+# Arrays and objects nest at most this deep. Counted before `json` reads a message, since
+# `json` stops at a depth that depends on its caller's stack (about a thousand frames less
+# those already used): the same bytes would be an event for one caller and not for another.
+# A message with fewer brackets cannot nest deeper, so msgspec's messages need no count.
+MAX_NESTING: Final = 500
+_FAST_BRACKETS = MAX_NESTING
+_STRING_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRING_TEXT = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET_BYTES = bytes(set(range(256)) - set(b"[]{}"))
+_NOT_BRACKET_TEXT = re.compile(r"[^\[\]{}]+")
 
 
 def _load_object(value: bytes | str) -> dict[str, Any]:
@@ -321,7 +331,27 @@ def _decode(value: bytes | str) -> Any:
             return _decode_fast(value)
         except Exception:  # any refusal is `json`'s to explain, below
             pass
+    elif _nesting(value) > MAX_NESTING:
+        raise InvalidEvent("value", f"nested more than {MAX_NESTING} deep")
     return decode_json(value)
+
+
+def _nesting(value: bytes | str) -> int:
+    """How deep arrays and objects nest in a JSON text, counted without recursion; brackets
+    inside strings are not counted."""
+    if isinstance(value, bytes):
+        brackets = _STRING_BYTES.sub(b"", value).translate(None, _NOT_BRACKET_BYTES).decode()
+    else:
+        brackets = _NOT_BRACKET_TEXT.sub("", _STRING_TEXT.sub("", value))
+    depth = deepest = 0
+    for bracket in brackets:
+        if bracket in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
 
 
 def decode_json(value: bytes | str) -> Any:

@@ -233,7 +233,9 @@ class Bridge:
         except Exception as exc:
             # The Celery broker is unreachable: keep the batch, stop reading the partition,
             # and try again at the next sync. Nothing is committed past it meanwhile.
-            log.error("could not send batch to %s: %s", queue_name(partition), exc)
+            log.error("could not send batch to %s: %s", queue_name(partition), exc, extra={
+                "partition": partition, "events": len(messages),
+                "offsetFirst": messages[0].offset, "offsetLast": messages[-1].offset})
             self.unsent[partition] = messages
             self._pause(progress)
             return
@@ -335,7 +337,7 @@ class Bridge:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
                                           for p, o in offsets.items()], asynchronous=False)
         except KafkaException as exc:
-            log.warning("offset commit failed, will retry: %s", exc)
+            log.warning("offset commit failed, will retry: %s", exc, extra={"offsets": offsets})
             return
         for partition, offset in offsets.items():
             chosen[partition].committed = offset

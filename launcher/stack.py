@@ -138,10 +138,10 @@ class Stack:
 
     def _drop_stale_tasks(self) -> None:
         """The embedded Kafka starts empty, so tasks an earlier run left carry messages of a
-        topic that is gone: drop them before any worker applies them, and marks their offsets
-        done in the new topic's ledger. Those queued, and those kombu holds as delivered and
-        not acknowledged (a worker killed with them, retries it held), which it hands out
-        again later."""
+        topic that is gone: drop them before a worker applies them and marks their offsets
+        done in the new topic's ledger (offsets that name other messages now). Those queued,
+        and those kombu holds as delivered and not acknowledged (a worker killed with them,
+        retries it held), which it hands out again later."""
         queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
         client = redis_clients.operator(self.settings.celery_broker_url)
         try:

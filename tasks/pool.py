@@ -345,8 +345,8 @@ class PoolMember:
         self._let_go([tp.partition for tp in revoked], "revoked")
 
     def _on_lost(self, _consumer: Consumer, lost: list[TopicPartition]) -> None:
-        # The group already gave them away: stop at once, the batch in progress included in
-        # the hand-over window (see the module's failure modes).
+        # The group already gave them away: let go as on a revoke (the batch in progress is
+        # waited for), in the hand-over window the module's failure modes describe.
         self._let_go([tp.partition for tp in lost], "lost")
 
     def _let_go(self, partitions: list[int], how: str) -> None:

@@ -41,6 +41,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from celery.worker import state as worker_state
@@ -60,6 +62,7 @@ IDLE_FETCH_WAIT_MS = 500  # librdkafka's own default
 WATCH_EVERY_S = 5.0  # how often Celery's thread is asked to answer
 STUCK_MARGIN_S = 30.0  # beyond TASK_TIME_LIMIT_S: no batch may hold Celery's thread longer
 BRPOP_MARGIN_S = 2.0  # beyond a BRPOP's timeout: Redis has answered it
+RESYNC_S = 1.0  # how soon a change of the queues the broker failed is asked again
 
 
 def pool_topic(settings: Settings) -> str:
@@ -84,23 +87,33 @@ class CeleryQueues:
     def want(self, queues: Iterable[str]) -> bool:
         """Consume exactly `queues`; True once Celery does, which under the solo pool is after
         the batch in progress, with every message taken from the queues let go back in them,
-        in front; False if Celery did not within `timeout_s`."""
+        in front; False if Celery did not within `timeout_s`. A change the broker failed
+        (a blip in a hand-over) is asked again every `RESYNC_S` until then: given up at
+        once, the queues let go would have had no consumer until `timeout_s` ended."""
         with self._lock:
             self._wanted = set(queues)
-        done = threading.Event()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            outcome = _Outcome()
+            self.consumer.call_soon(partial(self._sync, outcome))
+            if not outcome.settled.wait(max(0.0, deadline - time.monotonic())):
+                return False
+            if outcome.done:
+                return True
+            if time.monotonic() + RESYNC_S >= deadline:
+                return False
+            time.sleep(RESYNC_S)
 
-        def sync() -> None:
-            try:
-                self._cancel_unwanted()
-            except Exception:  # the broker is away: the caller sees no answer
-                log.exception("the worker's queues could not be changed")
-                return
-            # Costs nothing when only adding: kombu sends no BRPOP for an added queue while
-            # one is pending either.
-            self._after_earlier_brpop(lambda: self._take_wanted(done))
-
-        self.consumer.call_soon(sync)
-        return done.wait(self.timeout_s)
+    def _sync(self, outcome: _Outcome) -> None:
+        try:
+            self._cancel_unwanted()
+        except Exception as exc:  # the broker is away: asked again
+            log.warning("the worker's queues could not be changed, asking again: %s", exc)
+            outcome.settled.set()
+            return
+        # Costs nothing when only adding: kombu sends no BRPOP for an added queue while one
+        # is pending either.
+        self._after_earlier_brpop(lambda: self._take_wanted(outcome))
 
     def answers(self) -> threading.Event:
         """Set once Celery's thread runs again: a batch may hold it, nothing else should."""
@@ -145,16 +158,25 @@ class CeleryQueues:
         deadline = until
         self.consumer.call_soon(lambda: self._after_earlier_brpop(then, deadline))
 
-    def _take_wanted(self, done: threading.Event) -> None:
+    def _take_wanted(self, outcome: _Outcome) -> None:
         try:
             consuming = self._consuming()
             hand_back(self.consumer, consuming)
             for name in sorted(self._wanted_now() - consuming):
                 self.consumer.add_task_queue(name)
-        except Exception:  # the broker is away: the caller sees no answer
-            log.exception("the worker's queues could not be changed")
-            return
-        done.set()
+        except Exception as exc:  # the broker is away: asked again
+            log.warning("the worker's queues could not be changed, asking again: %s", exc)
+        else:
+            outcome.done = True
+        outcome.settled.set()
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How one change of the queues ended, on Celery's thread."""
+
+    settled: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
 
 
 def requeue_next(message: Any) -> None:

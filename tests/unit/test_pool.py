@@ -200,3 +200,24 @@ def test_a_held_task_goes_back_in_front_on_redis_and_says_so_as_a_reject_would(
     assert requeued == [request.message]
     assert request.acknowledged  # Celery must not acknowledge it any more
     assert request.calls == [("task-rejected", {"requeue": True})]  # Flower sees it go back
+
+
+def test_a_change_the_broker_fails_is_asked_again_until_it_holds() -> None:
+    """Before: a hand-over that met a broker blip gave up at once and waited out the whole
+    timeout (TASK_TIME_LIMIT_S + 30 s): the queues let go had no consumer meanwhile, and the
+    process then stopped itself."""
+    celery = CeleryThread()
+    blips = [ConnectionError("Redis blinked")] * 2
+    real = celery.add_task_queue
+
+    def add_after_blips(name: str) -> None:
+        if blips:
+            raise blips.pop()
+        real(name)
+
+    celery.add_task_queue = add_after_blips  # type: ignore[method-assign]
+    queues = CeleryQueues(celery, timeout_s=10)
+    started = time.monotonic()
+    assert queues.want(["events.p2"])
+    assert time.monotonic() - started < 5 and not blips
+    assert celery.consumed == ["events.p2"]

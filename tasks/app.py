@@ -20,6 +20,7 @@ from functools import cache
 from types import FrameType
 from typing import Any
 
+import redis
 from celery import Task
 from celery.signals import (
     celeryd_init,
@@ -279,8 +280,23 @@ def apply_events(self: Task, topic: str, partition: int,
         _not_ours(topic, (self.request.delivery_info or {}).get("routing_key"))
         return {}
     decoded = [TaskMessage.from_wire(m) for m in messages]
-    with time_limit(settings.task_time_limit_s):
-        report = processor().run(topic, partition, decoded, retries=self.request.retries)
+    try:
+        with time_limit(settings.task_time_limit_s):
+            report = processor().run(topic, partition, decoded, retries=self.request.retries)
+    except redis.RedisError as exc:
+        # The offset ledger did not answer, after its own retries: the world failed, not the
+        # batch, which is retried whole as one whose database failed is (what it committed
+        # comes back as duplicates; nothing it did not commit was marked done). Raised on,
+        # Celery would log a traceback, drop the batch's planned retries and leave it to the
+        # bridge to read again, minutes later once their leases lapsed.
+        delay = processor().policy.backoff(self.request.retries + 1)
+        log.warning("batch retried in %.1fs: the offset ledger does not answer (REDIS_URL): "
+                    "%s", delay, exc, extra={
+                        "topic": topic, "partition": partition, "taskId": self.request.id,
+                        "attempt": self.request.retries + 1, "events": len(decoded),
+                        "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})
+        raise self.retry(countdown=delay,
+                         argsrepr=task_summary(topic, partition, decoded)) from exc
     reconciler().poke()
     heartbeat().served(partition)
     transient = None

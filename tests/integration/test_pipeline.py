@@ -594,3 +594,44 @@ def test_a_worker_stopped_mid_batch_ends_it_in_time_and_counts_no_death(
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in documents])
     assert pipeline.dead_letters() == []
+
+
+def test_a_ledger_that_stops_answering_mid_batch_is_a_retry_not_a_failed_task(
+        make_pipeline: Any) -> None:
+    """Before: the offset ledger's error left the task: Celery logged it as a task that
+    raised, with its traceback, the batch's planned retries were dropped, and its events
+    waited for their leases to lapse before the bridge read them again. Now the batch is
+    retried whole, with its backoff, as one whose database failed is."""
+    pipeline: Pipeline = make_pipeline(redis_proxy=True, DATABASE_LOCK_TIMEOUT_S="120")
+    assert pipeline.redis_proxy is not None
+    # Only the ledger and the DLQ are cut: the Celery broker stays reachable.
+    pipeline.env["CELERY_BROKER_URL"] = f"{pipeline.redis_server.url}/1"
+    documents = [inventory_adjusted("SKU-LEDGER", 2)]
+    sent = pipeline.send(documents)
+    holder = pipeline.engine.connect()
+    try:
+        holder.exec_driver_sql("BEGIN")
+        holder.exec_driver_sql("LOCK TABLE inventory IN EXCLUSIVE MODE")
+        worker = pipeline.start_worker(name="worker")
+        pipeline.start_bridge()
+
+        def waiting_on_the_lock() -> bool:
+            with pipeline.engine.connect() as conn:
+                return bool(conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()").scalar_one())
+
+        wait_until(waiting_on_the_lock, 60, "the batch in its transaction")
+        pipeline.redis_proxy.cut()
+    finally:
+        holder.rollback()
+        holder.close()
+    worker_log = pipeline.log_of("worker")
+    wait_until(lambda: "the offset ledger does not answer" in worker_log.read_text(), 60,
+               "the batch retried for the ledger")
+    pipeline.redis_proxy.restore()
+    drained(pipeline, sent)
+    assert worker.poll() is None
+    assert "raised unexpected" not in worker_log.read_text()
+    assert_state(pipeline, [doc for _, doc in documents])
+    assert pipeline.dead_letters() == []

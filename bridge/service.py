@@ -229,7 +229,8 @@ class Bridge:
         if not messages:
             return
         try:
-            send_batch(self.celery, self.topic, partition, messages)
+            send_batch(self.celery, self.topic, partition, messages,
+                       group=self.settings.kafka_group_id)
         except Exception as exc:
             # The Celery broker is unreachable: keep the batch, stop reading the partition,
             # and try again at the next sync. Nothing is committed past it meanwhile.

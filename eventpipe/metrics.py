@@ -107,7 +107,8 @@ RETRIES = Counter(
     ["event_type", "reason"],
 )
 FOREIGN_TASKS = Counter(
-    "foreign_tasks", "Tasks of another topic than KAFKA_TOPIC taken off this pipeline's queues "
+    "foreign_tasks", "Tasks of another topic than KAFKA_TOPIC, or another consumer group than "
+    "KAFKA_GROUP_ID, taken off this pipeline's queues "
     "and not applied: another pipeline shares the Celery broker", ["topic"],
 )
 POOL_PARTITIONS = Gauge(

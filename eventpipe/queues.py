@@ -99,11 +99,19 @@ def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str
     return f"{topic} p{partition} {span}, {len(messages)} events"
 
 
+# The consumer group a task was sent for, in its headers (which Celery keeps across its
+# retries, and workers of before it ignore): two pipelines of one topic name on two Kafka
+# clusters, given one Celery broker by mistake, must not apply each other's tasks.
+GROUP_HEADER = "kafka_group"
+
+
 def send_batch(app: Celery, topic: str, partition: int, messages: list[TaskMessage], *,
-               countdown: float | None = None) -> None:
-    """Queue one task applying `messages` on their partition's queue."""
+               group: str, countdown: float | None = None) -> None:
+    """Queue one task applying `messages` on their partition's queue, for consumer group
+    `group`."""
     app.send_task(APPLY_TASK, args=[topic, partition, [m.to_wire() for m in messages]],
                   queue=queue_name(partition), countdown=countdown,
+                  headers={GROUP_HEADER: group},
                   argsrepr=task_summary(topic, partition, messages), kwargsrepr="{}")
 
 

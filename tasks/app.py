@@ -40,6 +40,7 @@ from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
     APPLY_TASK,
+    GROUP_HEADER,
     TaskMessage,
     make_celery,
     queue_name,
@@ -256,28 +257,31 @@ def time_limit(seconds: float) -> Iterator[None]:
 _FOREIGN_SAID = logs.Repeats(window_s=60.0)  # per topic
 
 
-def _not_ours(topic: str, queue: str | None) -> None:
-    """A task of another topic: another pipeline was given the same Celery broker, whose
-    queues bear the same names. Applied here, its events would enter this pipeline's
-    database. Acknowledged and not applied, it is lost to the pipeline that sent it the way
-    a flushed queue's tasks are: its bridge reads the events again from Kafka once
-    REDELIVERY_TIMEOUT_S passes (nothing lost there, nothing foreign here). Said once a
-    minute per topic, and counted."""
+def _not_ours(topic: str, group: str | None, queue: str | None) -> None:
+    """A task of another topic, or of the same topic for another consumer group: another
+    pipeline was given the same Celery broker, whose queues bear the same names. Applied
+    here, its events would enter this pipeline's database. Acknowledged and not applied, it
+    is lost to the pipeline that sent it the way a flushed queue's tasks are: its bridge
+    reads the events again from Kafka once REDELIVERY_TIMEOUT_S passes (nothing lost there,
+    nothing foreign here). Said once a minute per topic, and counted."""
     metrics.FOREIGN_TASKS.labels(topic).inc()
     if _FOREIGN_SAID.let_through(topic) is None:
         return
-    log.error("a task of topic %r came on queue %s, but this worker serves KAFKA_TOPIC=%r: "
-              "another pipeline uses the same Celery broker; give each pipeline its own "
-              "Redis database or RabbitMQ virtual host (CELERY_BROKER_URL). Its tasks are not "
-              "applied here", topic, queue, settings.kafka_topic,
-              extra={"topic": topic, "queue": queue})
+    log.error("a task of topic %r (consumer group %r) came on queue %s, but this worker "
+              "serves KAFKA_TOPIC=%r, KAFKA_GROUP_ID=%r: another pipeline uses the same Celery "
+              "broker; give each pipeline its own Redis database or RabbitMQ virtual host "
+              "(CELERY_BROKER_URL). Its tasks are not applied here", topic, group, queue,
+              settings.kafka_topic, settings.kafka_group_id,
+              extra={"topic": topic, "group": group, "queue": queue})
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)
 def apply_events(self: Task, topic: str, partition: int,
                  messages: list[list[Any]]) -> dict[str, int]:
-    if topic != settings.kafka_topic:
-        _not_ours(topic, (self.request.delivery_info or {}).get("routing_key"))
+    # A task from a bridge of before the header names no group: taken as ours.
+    group = self.request.get(GROUP_HEADER)
+    if topic != settings.kafka_topic or group not in (None, settings.kafka_group_id):
+        _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"))
         return {}
     decoded = [TaskMessage.from_wire(m) for m in messages]
     try:
@@ -304,7 +308,8 @@ def apply_events(self: Task, topic: str, partition: int,
         if later.transient:
             transient = later
         else:
-            send_batch(app, topic, partition, later.messages, countdown=later.delay_s)
+            send_batch(app, topic, partition, later.messages, group=settings.kafka_group_id,
+                       countdown=later.delay_s)
     log.info("batch done", extra={
         "topic": topic, "partition": partition, "taskId": self.request.id,
         "events": len(decoded), "offsetFirst": decoded[0].offset,

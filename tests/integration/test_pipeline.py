@@ -235,17 +235,21 @@ def test_celery_broker_flushed_mid_stream_loses_nothing(make_pipeline: Any) -> N
     assert pipeline.dead_letters() == []
 
 
+@pytest.mark.parametrize("same_topic", [False, True],
+                         ids=["another topic", "the same topic, another consumer group"])
 def test_a_pipeline_given_anothers_celery_broker_neither_applies_nor_loses_its_events(
-    make_pipeline: Any,
+    make_pipeline: Any, same_topic: bool,
 ) -> None:
     """Two pipelines given one Celery broker by mistake: their queues bear the same names, so
     one's worker takes the other's tasks. It must not write them into its own database, and
     it says why in one line; the pipeline that sent them reads them again from Kafka, as
-    after a flushed queue, and applies every one with its own worker."""
+    after a flushed queue, and applies every one with its own worker. Before: two pipelines
+    of one topic name (two Kafka clusters, `events` on both) applied each other's events,
+    since a task named only its topic."""
     ours: Pipeline = make_pipeline()
     theirs: Pipeline = make_pipeline(celery_broker_url=ours.settings.celery_broker_url)
     messages = stream(300, seed=53)
-    our_worker = ours.start_worker()
+    our_worker = ours.start_worker(KAFKA_TOPIC=theirs.name if same_topic else ours.name)
     theirs.start_bridge()
     sent = theirs.send(messages)
     worker_log = ours.log_of("worker")
@@ -255,7 +259,8 @@ def test_a_pipeline_given_anothers_celery_broker_neither_applies_nor_loses_its_e
     assert ours.applied_count() == 0
     said = [line for line in worker_log.read_text().splitlines() if "another pipeline" in line]
     assert len(said) == 1, said  # once a minute, not once a task
-    assert f"a task of topic '{theirs.name}' came on queue events.p" in said[0]
+    assert f"a task of topic '{theirs.name}' (consumer group '{theirs.name}-bridge') came on " \
+           "queue events.p" in said[0]
     theirs.start_worker()
     drained(theirs, sent)
     assert_state(theirs, [doc for _, doc in messages])

@@ -118,15 +118,16 @@ class Pipeline:
         return self.log_dir / f"{self.name}-{name}.log"
 
     def start_worker(self, partitions: Iterable[int] | None = None,
-                     name: str = "worker") -> subprocess.Popen[bytes]:
-        """One Celery worker process, as `celery -A tasks worker` is run by hand."""
+                     name: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+        """One Celery worker process, as `celery -A tasks worker` is run by hand (`env`:
+        settings of its own)."""
         chosen = range(self.partitions) if partitions is None else partitions
         queues = ",".join(queue_name(p) for p in chosen)
         return self.spawn(name, [
             sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo",
             "--queues", queues, "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "--without-mingle", "--without-gossip", "--loglevel", "INFO",
-        ])
+        ], **env)
 
     def start_celery_worker(self, *options: str, name: str = "celery") -> subprocess.Popen[bytes]:
         """`celery -A tasks worker` as Celery users type it, with `options` of their own."""

@@ -50,7 +50,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from kombu.transport import virtual
 from kombu.transport.redis import Channel as RedisChannel
 
-from eventpipe import metrics
+from eventpipe import metrics, redis_clients
+from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.kafka import consumer_config, ensure_topic
 from eventpipe.queues import partition_of, queue_name
 from eventpipe.settings import Settings
@@ -260,15 +261,35 @@ def _exit(reason: str) -> None:
     os._exit(70)
 
 
+def _broker_answers(settings: Settings) -> Callable[[], bool]:
+    """Whether the Celery broker answers now (a broker that cannot be asked is taken to)."""
+    broker = depth_reader(settings, redis_clients.operator)
+
+    def answers() -> bool:
+        if broker is None:
+            return True
+        try:
+            broker.read([0])
+        except Unanswered:
+            return False
+        return True
+
+    return answers
+
+
 class PoolMember:
     def __init__(self, settings: Settings, queues: CeleryQueues, name: str,
-                 on_stuck: Callable[[str], None] = _exit) -> None:
+                 on_stuck: Callable[[str], None] = _exit,
+                 broker_answers: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.queues = queues
         self.name = name
         # A process that cannot follow its assignment must not stay in the group holding
         # partitions it does not serve, or serving partitions it does not hold.
         self.on_stuck = on_stuck
+        # While the broker does not answer, Celery's thread is reconnecting to it (and runs
+        # no callback meanwhile): not stuck, and a restart would not reach the broker either.
+        self.broker_answers = broker_answers or _broker_answers(settings)
         self.stuck_after_s = settings.task_time_limit_s + STUCK_MARGIN_S
         self.owned: set[int] = set()
         self._stop = threading.Event()
@@ -351,7 +372,12 @@ class PoolMember:
                 if now - pinged_at >= WATCH_EVERY_S:
                     ping, pinged_at = self.queues.answers(), now
             elif now - pinged_at > self.stuck_after_s:
-                self.on_stuck(f"Celery's thread has not answered for {now - pinged_at:.0f} s")
+                if self.broker_answers():
+                    self.on_stuck(f"Celery's thread has not answered for "
+                                  f"{now - pinged_at:.0f} s")
+                else:
+                    log.warning("the Celery broker does not answer (CELERY_BROKER_URL): "
+                                "Celery reconnects to it by itself; this worker waits")
                 ping, pinged_at = None, now
 
     def _on_assign(self, _consumer: Consumer, assigned: list[TopicPartition]) -> None:

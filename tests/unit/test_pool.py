@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import TopicPartition
 
+import tasks.pool
 from eventpipe.settings import Settings
 from tasks.pool import IDLE_FETCH_WAIT_MS, CeleryQueues, PoolMember, pool_group
 
@@ -221,3 +222,30 @@ def test_a_change_the_broker_fails_is_asked_again_until_it_holds() -> None:
     assert queues.want(["events.p2"])
     assert time.monotonic() - started < 5 and not blips
     assert celery.consumed == ["events.p2"]
+
+
+class Idle:
+    """The member's consumer of its coordination topic, where nothing ever comes."""
+
+    def poll(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.01))
+
+
+@pytest.mark.parametrize("broker_answers", [True, False])
+def test_a_celery_thread_silent_while_its_broker_is_away_is_waited_for(
+        broker_answers: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: Celery's thread, reconnecting to a broker that was away for longer than the
+    watch allows, was taken for stuck: every pool process stopped, saying so, and restarted
+    to meet the same broker."""
+    monkeypatch.setattr(tasks.pool, "WATCH_EVERY_S", 0.0)
+    stopped: list[str] = []
+    member = PoolMember(Settings(), CeleryQueues(Stuck(), timeout_s=1), "w:1",
+                        on_stuck=stopped.append, broker_answers=lambda: broker_answers)
+    member.stuck_after_s = 0.05
+    serving = threading.Thread(target=member._serve, args=(Idle(),), daemon=True)
+    serving.start()
+    time.sleep(0.5)
+    member._stop.set()
+    serving.join(5)
+    assert bool(stopped) is broker_answers
+    assert all(said.startswith("Celery's thread has not answered") for said in stopped)

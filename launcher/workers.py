@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+import redis
 from prometheus_client import multiprocess
 
+from eventpipe import redis_clients
 from eventpipe.queues import queue_name
 from eventpipe.settings import Settings, child_environment
+from eventpipe.status import WORKER, Board
 from launcher.children import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,7 @@ class Supervisor:
 
     def _restart(self, index: int, child: subprocess.Popen[bytes], code: int) -> None:
         multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        self._off_the_board(child.pid)
         # A process that dies right after starting would die again: back off, up to 30 s.
         lived = time.monotonic() - self.started_at[index]
         delay = 0.0 if lived > 30 else min(30.0, max(1.0, 2 * self.restart_delay.get(index, 0)))
@@ -116,6 +121,15 @@ class Supervisor:
             time.sleep(0.2)
         if not self.stopping:
             self._start(index)
+
+    def _off_the_board(self, pid: int) -> None:
+        """A dead process's line goes at once, not once it is `STALE_S` old: meanwhile the
+        status would show its partitions consumed by it and by its successor."""
+        try:
+            Board(redis_clients.operator(self.settings.redis_url),
+                  self.settings.kafka_group_id).leave(WORKER, f"{socket.gethostname()}:{pid}")
+        except redis.RedisError as exc:
+            log.debug("could not take a dead worker off the status board: %s", exc)
 
     def _serve_metrics(self) -> None:
         from prometheus_client import CollectorRegistry

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import threading
 import urllib.request
@@ -214,6 +216,15 @@ def test_the_status_shows_every_partition_process_and_dead_letter(
         assert printed["partitions"] == [{**p, "lastBatchAgoS": q["lastBatchAgoS"]}
                                          for p, q in zip(status["partitions"],
                                                          printed["partitions"], strict=True)]
+
+        # A worker process killed leaves the board as its supervisor sees it die, not once
+        # its entry is STALE_S old: meanwhile its partitions looked consumed by two.
+        [host] = [process for process in pipeline.processes if "worker" in str(process.args)]
+        victim = int(Path(f"/proc/{host.pid}/task/{host.pid}/children").read_text().split()[0])
+        name = next(name for name in workers if name.endswith(f":{victim}"))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: name not in {w["name"] for w in _status(url)["workers"]},
+                   STALE_S / 2, "the killed process gone from the status")
 
         # A worker host stopped for good leaves the board at once: the problem is named.
         for process in pipeline.processes:

@@ -41,11 +41,6 @@ class DatabaseUnresponsive(TransientError):
     nothing (packets dropped, no reset) is the world failing, not the batch's events."""
 
 
-class WorkerStopping(TransientError):
-    """The worker was asked to stop and its batch ran past SHUTDOWN_DRAIN_TIMEOUT_S: ended,
-    rolled back and retried, as after a failure of the world, not blamed on its events."""
-
-
 class ServiceUnanswered(PipelineError):
     """A service the settings name does not answer; the message names the setting and what
     to do. Every command says it in one line and exits with status 3 (`cli.errors`)."""

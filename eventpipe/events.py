@@ -308,8 +308,11 @@ _decode_fast = msgspec.json.Decoder().decode
 # A message with fewer brackets cannot nest deeper, so msgspec's messages need no count.
 MAX_NESTING: Final = 500
 _FAST_BRACKETS = MAX_NESTING
-_STRING_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_STRING_TEXT = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string, or what is left of one that never closes (the message is then no JSON anyway).
+# The repeat gives nothing back: backtracking through an unclosed string full of escapes,
+# from every quote in it, took time growing with the square of its length.
+_STRING_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)
+_STRING_TEXT = re.compile(r'"(?:[^"\\]|\\.)*+"?', re.DOTALL)
 _NOT_BRACKET_BYTES = bytes(set(range(256)) - set(b"[]{}"))
 _NOT_BRACKET_TEXT = re.compile(r"[^\[\]{}]+")
 

@@ -155,13 +155,16 @@ if mine then
   if tonumber(mine) > 0 then return {first, last, tonumber(mine)} end
   return {}
 end
+local run = string.match(ARGV[3], '^%d+ %d+ (.+)$')
 local result = {}
 local count = 0
 local names = redis.call('HGETALL', KEYS[1])
 for i = 1, #names, 2 do
-  local f, l = string.match(names[i], '^(%d+) (%d+) ')
+  local f, l, r = string.match(names[i], '^(%d+) (%d+) (.+)$')
   if f and first <= tonumber(l) and last >= tonumber(f) then
-    local deaths = tonumber(names[i + 1]) + 1
+    -- A record of this very run (begun again after the ledger stopped answering, narrowed
+    -- or not) is what it found, not one more death.
+    local deaths = tonumber(names[i + 1]) + (r == run and 0 or 1)
     if deaths > count then
       count = deaths
       result = {tonumber(f), tonumber(l), deaths}

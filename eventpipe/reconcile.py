@@ -318,9 +318,12 @@ def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _
 
 
 def reconcile(engine: Engine, now: Callable[[], datetime], park_timeout: timedelta,
-              *, max_rounds: int = 20) -> list[DeadLetter]:
+              *, max_rounds: int = 20,
+              said: Callable[[list[DeadLetter]], object] = lambda changed: None,
+              ) -> list[DeadLetter]:
     """Run rounds until the queue is empty (or `max_rounds`), each surveyed then run; skips
-    at once when another reconciler holds the lock. The dead letters changed."""
+    at once when another reconciler holds the lock. The dead letters changed, each round's
+    also handed to `said` as it commits (a later round that fails takes none of them)."""
     changed: list[DeadLetter] = []
     # On SQLite the round's lock is the write lock every batch waits for: the survey reads
     # before it, in a snapshot of its own, and batches go on meanwhile. A round there reads
@@ -345,6 +348,7 @@ def reconcile(engine: Engine, now: Callable[[], datetime], park_timeout: timedel
                 done = run_round(conn, now(), park_timeout,
                                  found if found is not None else survey(conn))
             changed += done.changed
+            said(done.changed)
             if not done.more:
                 break
     if changed:

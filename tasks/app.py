@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,12 +36,14 @@ from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
-from eventpipe.errors import DatabaseUnresponsive, WorkerStopping
+from eventpipe.errors import DatabaseUnresponsive
+from eventpipe.events import peek_identity
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
     APPLY_TASK,
     GROUP_HEADER,
+    RUN_HEADER,
     TaskMessage,
     make_celery,
     queue_name,
@@ -128,11 +131,19 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 
 class _Stop:
-    asked = False
+    asked_at: float | None = None  # when the worker was asked to stop (monotonic)
     ended = ""  # why the stop ended a batch, said in its line (the driver's error hides it)
+
+    def left_s(self) -> float | None:
+        """How long a batch may still run before the stop ends it; None: no stop asked."""
+        if self.asked_at is None:
+            return None
+        return max(settings.shutdown_drain_timeout_s - (time.monotonic() - self.asked_at),
+                   _STOP_CHECK_S)
 
 
 _stop = _Stop()
+_STOP_CHECK_S = 0.1  # how soon a stop due outside the database looks again
 
 
 @worker_shutting_down.connect
@@ -143,12 +154,13 @@ def _end_the_batch_in_time(**_: Any) -> None:
     database), it was killed by its supervisor or by Docker first, and the kill counted as a
     death of the batch's messages: three such stops on one range dead-lettered good events
     as WorkerCrashed. Runs in Celery's signal handler, on the batch's thread: it only moves
-    the batch's alarm (`time_limit`) nearer."""
-    _stop.asked = True
+    the batch's alarm (`time_limit`) nearer; a batch that begins after it gets no more."""
+    if _stop.asked_at is None:
+        _stop.asked_at = time.monotonic()
     remaining = signal.getitimer(signal.ITIMER_REAL)[0]
-    if remaining > 0:  # a batch is running
-        signal.setitimer(signal.ITIMER_REAL,
-                         max(min(remaining, settings.shutdown_drain_timeout_s), 0.001))
+    left = _stop.left_s()
+    if remaining > 0 and left is not None:  # a batch is running
+        signal.setitimer(signal.ITIMER_REAL, min(remaining, left))
 
 
 @worker_shutdown.connect
@@ -233,20 +245,27 @@ def time_limit(seconds: float) -> Iterator[None]:
     raises over it: `eventpipe.errors.classify`); anywhere else one of the batch's messages'
     (`TaskTimeLimitExceeded`)."""
     def expired(_signum: int, frame: FrameType | None) -> None:
-        if _stop.asked:
-            why = _stop.ended = (f"the worker is stopping and the batch ran past "
-                                 f"SHUTDOWN_DRAIN_TIMEOUT_S={settings.shutdown_drain_timeout_s:g}"
-                                 " s: ended, to be retried")
-            # In the database, the connection was cut mid-exchange: `DatabaseUnresponsive`
-            # has the pool let it go.
-            raise DatabaseUnresponsive(why) if _waiting_on_database(frame) else WorkerStopping(why)
+        stopping = _stop.asked_at is not None and time.monotonic() < started + seconds
+        if stopping:
+            # Ended where it waits, in the database (the connection, cut mid-exchange, is let
+            # go as `DatabaseUnresponsive` says), never between a commit and its marks in the
+            # ledger: anywhere else the batch is looked at again shortly.
+            if not _waiting_on_database(frame):
+                signal.setitimer(signal.ITIMER_REAL, _STOP_CHECK_S)
+                return
+            _stop.ended = (f"the worker is stopping and the batch ran past "
+                           f"SHUTDOWN_DRAIN_TIMEOUT_S={settings.shutdown_drain_timeout_s:g} s: "
+                           "ended, to be retried")
+            raise DatabaseUnresponsive(_stop.ended)
         if _waiting_on_database(frame):
             raise DatabaseUnresponsive(f"batch still running after {seconds:g} s, waiting on "
                                        "the database")
         raise TaskTimeLimitExceeded(f"batch still running after {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    left = _stop.left_s()
+    signal.setitimer(signal.ITIMER_REAL, seconds if left is None else min(seconds, left))
     try:
         yield
     finally:
@@ -286,20 +305,26 @@ def apply_events(self: Task, topic: str, partition: int,
     decoded = [TaskMessage.from_wire(m) for m in messages]
     try:
         with time_limit(settings.task_time_limit_s):
-            report = processor().run(topic, partition, decoded, retries=self.request.retries)
+            report = processor().run(topic, partition, decoded, retries=self.request.retries,
+                                     run=self.request.get(RUN_HEADER))
     except redis.RedisError as exc:
         # The offset ledger did not answer, after its own retries: the world failed, not the
         # batch, which is retried whole as one whose database failed is (what it committed
-        # comes back as duplicates; nothing it did not commit was marked done). Raised on,
-        # Celery would log a traceback, drop the batch's planned retries and leave it to the
-        # bridge to read again, minutes later once their leases lapsed.
+        # comes back as duplicates; nothing it did not commit was marked done), under the
+        # same run: the record this one could not end is then no death. Raised on, Celery
+        # would log a traceback, drop the batch's planned retries and leave it to the bridge
+        # to read again, minutes later once their leases lapsed.
         delay = processor().policy.backoff(self.request.retries + 1)
+        for message in decoded:
+            metrics.RETRIES.labels(metrics.event_type_label(
+                peek_identity(message.value).event_type), "transient").inc()
         log.warning("batch retried in %.1fs: the offset ledger does not answer (REDIS_URL): "
                     "%s", delay, exc, extra={
                         "topic": topic, "partition": partition, "taskId": self.request.id,
                         "attempt": self.request.retries + 1, "events": len(decoded),
                         "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})
-        raise self.retry(countdown=delay,
+        raise self.retry(countdown=delay, headers={GROUP_HEADER: settings.kafka_group_id,
+                                                   RUN_HEADER: processor().current_run},
                          argsrepr=task_summary(topic, partition, decoded)) from exc
     reconciler().poke()
     heartbeat().served(partition)

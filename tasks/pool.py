@@ -361,7 +361,8 @@ class PoolMember:
     def _serve(self, consumer: Consumer) -> None:
         """Poll (the rebalance callbacks run here) and watch that Celery's thread answers."""
         ping: threading.Event | None = None
-        pinged_at = 0.0
+        pinged_at = checked_at = 0.0
+        away = False
         while not self._stop.is_set():
             record = consumer.poll(POLL_S)
             error = record.error() if record is not None else None
@@ -371,13 +372,23 @@ class PoolMember:
             if ping is None or ping.is_set():
                 if now - pinged_at >= WATCH_EVERY_S:
                     ping, pinged_at = self.queues.answers(), now
-            elif now - pinged_at > self.stuck_after_s:
-                if self.broker_answers():
-                    self.on_stuck(f"Celery's thread has not answered for "
-                                  f"{now - pinged_at:.0f} s")
-                else:
+                continue
+            # Not answered yet: a batch holds Celery's thread, or it is reconnecting to its
+            # broker (and runs no callback meanwhile). While the broker does not answer the
+            # watch starts over, so Celery has a whole window once it is back, whatever its
+            # own delay between reconnections.
+            if now - pinged_at >= WATCH_EVERY_S and now - checked_at >= WATCH_EVERY_S:
+                checked_at = now
+                answers = self.broker_answers()
+                if not answers and not away:
                     log.warning("the Celery broker does not answer (CELERY_BROKER_URL): "
                                 "Celery reconnects to it by itself; this worker waits")
+                away = not answers
+                if away:
+                    ping, pinged_at = None, now
+                    continue
+            if now - pinged_at > self.stuck_after_s:
+                self.on_stuck(f"Celery's thread has not answered for {now - pinged_at:.0f} s")
                 ping, pinged_at = None, now
 
     def _on_assign(self, _consumer: Consumer, assigned: list[TopicPartition]) -> None:

@@ -52,6 +52,7 @@ from eventpipe.failures import (
     Split,
     after_crashes,
     decide,
+    describe,
 )
 from eventpipe.offset_ledger import Crashed, OffsetLedger
 from eventpipe.queues import TaskMessage
@@ -108,12 +109,14 @@ class Processor:
         self.retries = 0
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
-            retries: int = 0) -> Report:
-        """`retries`: times this batch already waited for the world (its backoff grows)."""
+            retries: int = 0, run: str | None = None) -> Report:
+        """`retries`: times this batch already waited for the world (its backoff grows).
+        `run`: the name of an earlier run of these messages that could not end its record in
+        the ledger (it stopped answering): its record is then no death."""
         report = Report()
         self.retries = retries
         first, last = messages[0].offset, messages[-1].offset
-        self._run = uuid.uuid4().hex  # names this run's record in the ledger
+        self._run = run or uuid.uuid4().hex  # names this run's record in the ledger
         offsets = [m.offset for m in messages]
         crashed = self.ledger.begin(topic, partition, offsets, self.lease_s, run=self._run)
         self._next = first
@@ -156,7 +159,8 @@ class Processor:
                                    run=self._run)
                 verdict = after_crashes(deaths, size=len(part), policy=self.policy)
                 if isinstance(verdict, GiveUp):
-                    self._give_up(topic, partition, part[0], verdict, report)
+                    if not self._give_up(topic, partition, part, parts, verdict, report):
+                        return False
                     self._progress(topic, partition, parts, report)
                     continue
             try:
@@ -190,8 +194,8 @@ class Processor:
                                 topic, partition, message))
                 self._later(topic, partition, Later([message], decision.delay_s,
                                                     decision.reason, transient=False), report)
-            else:
-                self._give_up(topic, partition, part[0], decision, report, failure)
+            elif not self._give_up(topic, partition, part, parts, decision, report, failure):
+                return False
             self._progress(topic, partition, parts, report)
         return True
 
@@ -211,6 +215,11 @@ class Processor:
             return
         report.done.clear()
 
+    @property
+    def current_run(self) -> str:
+        """The name of the run in progress, or of the last one."""
+        return self._run
+
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
         # The offsets stay leased while they wait, and while a batch may run ahead of them
         # once their time comes, so the bridge does not read them again.
@@ -223,9 +232,26 @@ class Processor:
         for message in later.messages:
             metrics.RETRIES.labels(_type_label(message.value), reason).inc()
 
-    def _give_up(self, topic: str, partition: int, message: TaskMessage, decision: GiveUp,
-                 report: Report, exc: BaseException | None = None) -> None:
-        """Dead-letter one message on its own (its batch's transaction is gone)."""
+    def _give_up(self, topic: str, partition: int, part: list[TaskMessage],
+                 parts: list[list[TaskMessage]], decision: GiveUp, report: Report,
+                 exc: BaseException | None = None) -> bool:
+        """Dead-letter the part's one message on its own (its batch's transaction is gone);
+        False if the world failed meanwhile: then it and the rest wait, as a batch whose
+        database fails does."""
+        try:
+            self._dead_letter(topic, partition, part[0], decision, report, exc)
+        except Exception as failure:
+            if classify(failure) is not FailureKind.TRANSIENT:
+                raise
+            rest = [m for p in (part, *parts) for m in p]
+            self._later(topic, partition, Later(
+                rest, self.policy.backoff(self.retries + 1, self.rng), describe(failure),
+                transient=True), report)
+            return False
+        return True
+
+    def _dead_letter(self, topic: str, partition: int, message: TaskMessage, decision: GiveUp,
+                     report: Report, exc: BaseException | None = None) -> None:
         now = self._now()
         try:
             event = parse_event(message.value, message.key)
@@ -243,7 +269,7 @@ class Processor:
             result = apply_batch(self.engine, [], [letter], worker=self.worker)
         except Exception as refused:
             if classify(refused) is FailureKind.TRANSIENT:
-                raise  # the world, not the letter: the batch is retried as any is
+                raise  # the world, not the letter: the message waits (`_give_up`)
             # The database refuses the letter itself: a message must still end somewhere,
             # never loop. What is left is what came from the pipeline, not the message.
             log.error("dead letter refused by the database, written without the message's "

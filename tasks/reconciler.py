@@ -69,7 +69,7 @@ class Reconciler:
 
     def run_once(self) -> None:
         if self._my_turn():
-            letters_said.say(reconcile(self.engine, _utc_now, self.park_timeout))
+            reconcile(self.engine, _utc_now, self.park_timeout, said=letters_said.say)
         self._resolve_recorded_copies()
         fetch = self.fetch()
         repair_if_lost(self.engine, self.stream, fetch)

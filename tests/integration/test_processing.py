@@ -22,6 +22,7 @@ import redis
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, text
 
+import eventpipe.reconcile
 import tasks.processing
 from eventpipe.apply import BatchResult, apply_batch
 from eventpipe.database import make_engine
@@ -203,6 +204,37 @@ def test_a_value_the_database_refuses_is_dead_lettered_at_once(
     [row] = letters(engine)
     assert row.kafka_offset == 3 and row.attempts == 1
     assert "the database refused the event" in row.reason
+    assert len(applied_ids(engine)) == 9
+
+
+def test_a_dead_letter_the_world_keeps_from_being_written_waits_with_its_message(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: a failure of the world while a message given up on was dead-lettered (the
+    database gone at that moment) left the run: the task failed, with a traceback, and the
+    message waited for the bridge to read it again. Now it waits as a batch whose database
+    fails does, then ends dead-lettered."""
+    processor, _ = parts
+    real = apply_batch
+    world = [TransientError("the database went away")]
+
+    def refusing(engine: Engine, batch: Sequence[Received],
+                 failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch):
+            raise ValueError("a bug nobody foresaw")
+        if failures and world:
+            raise world.pop()
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", refusing)
+    sent = messages(10, poison_at=3)
+    report = processor.run(TOPIC, 0, [replace(m, attempts=2) if m.offset == 3 else m
+                                      for m in sent])
+    [later] = report.later  # it, and what was not applied yet behind it
+    assert later.transient and [m.offset for m in later.messages] == list(range(3, 10))
+    assert letters(engine) == [] and applied_ids(engine) == {"ev-0", "ev-1", "ev-2"}
+    report = processor.run(TOPIC, 0, later.messages, retries=1)
+    assert report.later == [] and [row.kafka_offset for row in letters(engine)] == [3]
     assert len(applied_ids(engine)) == 9
 
 
@@ -475,6 +507,23 @@ def test_a_begin_whose_reply_is_lost_is_asked_again_and_counts_no_death(
     ledger.finish(TOPIC, 0, run="next")
 
 
+def test_a_run_the_ledger_could_not_end_counts_no_death_when_begun_again(
+    parts: tuple[Processor, OffsetLedger],
+) -> None:
+    """The ledger stopped answering before a run could end its record, narrowed or not: the
+    task retried the batch whole, and its new run counted the record as a death (three such
+    outages on one range, and good events were dead-lettered as crashes). Begun again under
+    its name, the run finds what it had found, and another run still finds the death."""
+    _, ledger = parts
+    offsets = list(range(10))
+    assert ledger.begin(TOPIC, 0, offsets, ttl_s=30, run="cut-off") is None
+    ledger.narrow(TOPIC, 0, 3, 3, 0, run="cut-off")  # isolating one message when cut off
+    assert ledger.begin(TOPIC, 0, offsets, ttl_s=30, run="cut-off") is None
+    ledger.narrow(TOPIC, 0, 3, 3, 0, run="cut-off")
+    assert ledger.begin(TOPIC, 0, offsets, ttl_s=30, run="another") == Crashed(3, 3, 1)
+    ledger.finish(TOPIC, 0, run="another")
+
+
 def test_done_marks_survive_a_redis_hiccup_at_the_end(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -651,3 +700,34 @@ def test_a_dead_letter_is_said_by_its_event_id_and_counted_once_when_it_enters_t
     assert not said("dead-lettered")
     assert sorted(r.__dict__["state"] for r in said("dead letter seen again")) == [
         "open", "waiting"]
+
+
+def test_a_round_s_dead_letters_are_said_as_it_commits_whatever_the_next_does(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the letters of a reconciler's rounds were said (logged, counted) once every
+    round had run: a later round that failed took the committed rounds' lines and counts
+    with it."""
+    processor, _ = parts
+    made = [user_created("u-9"), order_placed("o-9", "u-9", currency="EUR"),
+            payment_settled("pay-9", "o-9", "10.00", currency="USD"),
+            payment_settled("pay-10", "o-9", "10.00", currency="GBP")]
+    for offset, (key, doc) in enumerate(made):  # a batch, and a queue row, each
+        processor.run(TOPIC, 0, [TaskMessage(offset, key.encode(), encode(doc))])
+    monkeypatch.setattr(eventpipe.reconcile, "QUEUE_ROWS", 1)  # a round per queue row
+    real, rounds = eventpipe.reconcile.run_round, []
+
+    def failing_last(*args: Any, **kwargs: Any) -> Any:
+        rounds.append(1)
+        if len(rounds) == len(made):
+            raise TransientError("the database went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eventpipe.reconcile, "run_round", failing_last)
+    said: list[DeadLetter] = []
+    with pytest.raises(TransientError):
+        eventpipe.reconcile.reconcile(engine, lambda: at(0), timedelta(hours=1),
+                                      said=said.extend)
+    # Both payments are found by an earlier round (the order's), which committed.
+    assert {letter.event_id for letter in said if letter.entered} == {
+        doc["eventId"] for _, doc in made[2:]}

@@ -492,3 +492,13 @@ def test_how_deep_a_message_may_nest_does_not_depend_on_its_reader(depth: int) -
     verdicts = {_called_from(frames, lambda: _parsed(value)) for frames in (0, 150, 300)}
     assert verdicts == {"valid" if depth < events.MAX_NESTING else
                         f"value: nested more than {events.MAX_NESTING} deep"}
+
+
+def test_an_unclosed_string_full_of_escapes_is_read_in_one_pass() -> None:
+    """Before: counting the brackets of a message backtracked through such a string from
+    every quote in it, in time growing with the square of its length: about 35 minutes for
+    a message of 1 MiB, on a worker whose batch is ended after TASK_TIME_LIMIT_S."""
+    prefix = b'{"a": [' + b"[], " * 499 + b'[]], "b": "'
+    value = prefix + b'\\"' * ((events.MAX_MESSAGE_BYTES - len(prefix)) // 2)
+    with pytest.raises(InvalidEvent, match="malformed JSON"):
+        parse_event(value)

@@ -142,11 +142,12 @@ end
 """
 
 # KEYS: runs hash, lease zset. ARGV: first, last, this run's record name, seconds records
-# live, seconds leases live, then the ranges to lease. Records overlapping ours are of runs
-# whose process died: returns the range of the one that died most and how many times, and
-# takes them up into ours.
+# live, seconds leases live, a run to forgive ('' for none), then the ranges to lease. Records
+# overlapping ours are of runs whose process died: returns the range of the one that died
+# most and how many times, and takes them up into ours. The forgiven run's are no death: it
+# ended alive, but the ledger did not answer its end.
 _BEGIN = _STEPS + _RUNS + """
-hold(KEYS[2], now + tonumber(ARGV[5]), 6)
+hold(KEYS[2], now + tonumber(ARGV[5]), 7)
 local first, last = tonumber(ARGV[1]), tonumber(ARGV[2])
 local mine = redis.call('HGET', KEYS[1], ARGV[3])
 if mine then
@@ -155,19 +156,18 @@ if mine then
   if tonumber(mine) > 0 then return {first, last, tonumber(mine)} end
   return {}
 end
-local run = string.match(ARGV[3], '^%d+ %d+ (.+)$')
 local result = {}
 local count = 0
 local names = redis.call('HGETALL', KEYS[1])
 for i = 1, #names, 2 do
   local f, l, r = string.match(names[i], '^(%d+) (%d+) (.+)$')
   if f and first <= tonumber(l) and last >= tonumber(f) then
-    -- A record of this very run (begun again after the ledger stopped answering, narrowed
-    -- or not) is what it found, not one more death.
-    local deaths = tonumber(names[i + 1]) + (r == run and 0 or 1)
-    if deaths > count then
-      count = deaths
-      result = {tonumber(f), tonumber(l), deaths}
+    if r ~= ARGV[6] then
+      local deaths = tonumber(names[i + 1]) + 1
+      if deaths > count then
+        count = deaths
+        result = {tonumber(f), tonumber(l), deaths}
+      end
     end
     redis.call('HDEL', KEYS[1], names[i])
   end
@@ -312,16 +312,17 @@ class OffsetLedger:
             self._trim(keys=keys, args=list(committed.values()))
 
     def begin(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float, *,
-              run: str) -> Crashed | None:
+              run: str, forgive: str = "") -> Crashed | None:
         """Lease `offsets` for `ttl_s` seconds and record that `run` (a name no other run
         has) is applying them, in one round trip. When earlier runs at overlapping ranges never
         finished, their processes died: the range of the one that died most, and how many times
-        in a row. Tried again over a blip of the connection: a failure there would leave the
-        record behind, which the next attempt would count as one more death."""
+        in a row; but `forgive`'s, a run that ended alive while the ledger did not answer.
+        Tried again over a blip of the connection: a failure there would leave the record
+        behind, which the next attempt would count as one more death."""
         keys = [self._key("runs", topic, partition), self._key(_LEASE_RANGES, topic, partition)]
         args: list[int | float | str] = [offsets[0], offsets[-1],
                                          f"{offsets[0]} {offsets[-1]} {run}", RUNNING_TTL_S,
-                                         ttl_s, *ranges(offsets)]
+                                         ttl_s, forgive, *ranges(offsets)]
         # Asked again over a blip: a script that ran and whose answer was lost knows its run.
         found: Any = _BLIP_RETRY.call_with_retry(lambda: self._begin(keys=keys, args=args),
                                                  lambda _error: None)

@@ -103,9 +103,9 @@ def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str
 # retries, and workers of before it ignore): two pipelines of one topic name on two Kafka
 # clusters, given one Celery broker by mistake, must not apply each other's tasks.
 GROUP_HEADER = "kafka_group"
-# A batch retried because the offset ledger stopped answering names the run that could not
-# end its record there (`tasks.processing.Processor.run`).
-RUN_HEADER = "ledger_run"
+# A batch retried because the offset ledger stopped answering names the run whose end it
+# did not answer: alive, not dead (`tasks.processing.Processor.run`).
+FORGIVE_HEADER = "ledger_forgive"
 
 
 def send_batch(app: Celery, topic: str, partition: int, messages: list[TaskMessage], *,

@@ -42,8 +42,8 @@ from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
     APPLY_TASK,
+    FORGIVE_HEADER,
     GROUP_HEADER,
-    RUN_HEADER,
     TaskMessage,
     make_celery,
     queue_name,
@@ -144,6 +144,7 @@ class _Stop:
 
 _stop = _Stop()
 _STOP_CHECK_S = 0.1  # how soon a stop due outside the database looks again
+_STOP_AGAIN_S = 1.0  # how soon a stop that ended a batch ends it again, if it runs on
 
 
 @worker_shutting_down.connect
@@ -244,7 +245,11 @@ def time_limit(seconds: float) -> Iterator[None]:
     (`DatabaseUnresponsive`, retried with backoff, whatever error the driver's cleanup then
     raises over it: `eventpipe.errors.classify`); anywhere else one of the batch's messages'
     (`TaskTimeLimitExceeded`)."""
+    active = True  # an alarm that was already on its way as the context ended does nothing
+
     def expired(_signum: int, frame: FrameType | None) -> None:
+        if not active:
+            return
         stopping = _stop.asked_at is not None and time.monotonic() < started + seconds
         if stopping:
             # Ended where it waits, in the database (the connection, cut mid-exchange, is let
@@ -256,6 +261,9 @@ def time_limit(seconds: float) -> Iterator[None]:
             _stop.ended = (f"the worker is stopping and the batch ran past "
                            f"SHUTDOWN_DRAIN_TIMEOUT_S={settings.shutdown_drain_timeout_s:g} s: "
                            "ended, to be retried")
+            # Once more later, should a handler on the way swallow this one (a projection
+            # that only logs its failure): the batch must not run on with no limit.
+            signal.setitimer(signal.ITIMER_REAL, _STOP_AGAIN_S)
             raise DatabaseUnresponsive(_stop.ended)
         if _waiting_on_database(frame):
             raise DatabaseUnresponsive(f"batch still running after {seconds:g} s, waiting on "
@@ -269,6 +277,7 @@ def time_limit(seconds: float) -> Iterator[None]:
     try:
         yield
     finally:
+        active = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
@@ -306,14 +315,14 @@ def apply_events(self: Task, topic: str, partition: int,
     try:
         with time_limit(settings.task_time_limit_s):
             report = processor().run(topic, partition, decoded, retries=self.request.retries,
-                                     run=self.request.get(RUN_HEADER))
+                                     forgive=self.request.get(FORGIVE_HEADER) or "")
     except redis.RedisError as exc:
         # The offset ledger did not answer, after its own retries: the world failed, not the
         # batch, which is retried whole as one whose database failed is (what it committed
-        # comes back as duplicates; nothing it did not commit was marked done), under the
-        # same run: the record this one could not end is then no death. Raised on, Celery
-        # would log a traceback, drop the batch's planned retries and leave it to the bridge
-        # to read again, minutes later once their leases lapsed.
+        # comes back as duplicates; nothing it did not commit was marked done), forgiving
+        # this run, whose record would pass for a death if the retry came before the keeper
+        # ends it. Raised on, Celery would log a traceback, drop the batch's planned retries
+        # and leave it to the bridge to read again, minutes later once their leases lapsed.
         delay = processor().policy.backoff(self.request.retries + 1)
         for message in decoded:
             metrics.RETRIES.labels(metrics.event_type_label(
@@ -324,7 +333,7 @@ def apply_events(self: Task, topic: str, partition: int,
                         "attempt": self.request.retries + 1, "events": len(decoded),
                         "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})
         raise self.retry(countdown=delay, headers={GROUP_HEADER: settings.kafka_group_id,
-                                                   RUN_HEADER: processor().current_run},
+                                                   FORGIVE_HEADER: processor().current_run},
                          argsrepr=task_summary(topic, partition, decoded)) from exc
     reconciler().poke()
     heartbeat().served(partition)

@@ -14,6 +14,9 @@ limit passes: its worker is stuck then), a retry's until a run takes it up or it
 batch's have passed (another process may have taken it). A renewal only ever extends a lease
 that is there (`OffsetLedger.extend`). A process that dies or is stopped renews nothing, and
 its leases lapse as they always did: the bridge reads the messages again soon.
+
+It also ends, once the ledger answers again, the runs whose end it did not answer
+(`finish_later`): their records would otherwise pass for processes that died on them.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from dataclasses import dataclass
 
 import redis
 
-from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.offset_ledger import Crashed, OffsetLedger
 
 log = logging.getLogger(__name__)
+
+FINISH_AGAIN_S = 1.0  # how soon the end of a run the ledger did not answer is tried again
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -40,6 +45,15 @@ class _Held:
     until: float  # when to stop renewing (monotonic), released or not
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class _Unfinished:
+    topic: str
+    partition: int
+    done: Sequence[int]
+    run: str
+    owed: Crashed | None
+
+
 class LeaseKeeper:
     def __init__(self, ledger: OffsetLedger, clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -47,6 +61,7 @@ class LeaseKeeper:
         self.clock = clock
         self._running: _Held | None = None
         self._waiting: list[_Held] = []
+        self._unfinished: list[_Unfinished] = []
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,6 +92,25 @@ class LeaseKeeper:
             self._waiting.append(_Held(topic, partition, offsets, ttl_s, self.clock() + for_s))
         self._wake()
 
+    def finish_later(self, topic: str, partition: int, done: Sequence[int], run: str,
+                     owed: Crashed | None) -> None:
+        """End `run` (`OffsetLedger.finish`) once the ledger answers again."""
+        with self._lock:
+            self._unfinished.append(_Unfinished(topic, partition, done, run, owed))
+        self._wake()
+
+    def _finish_runs(self) -> None:
+        with self._lock:
+            unfinished, self._unfinished = self._unfinished, []
+        for index, run in enumerate(unfinished):
+            try:
+                self.ledger.finish(run.topic, run.partition, run.done, run=run.run,
+                                   owed=run.owed)
+            except redis.RedisError:
+                with self._lock:
+                    self._unfinished[:0] = unfinished[index:]
+                return
+
     def _wake(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             # Made in the process that holds the leases: a thread is not inherited by a fork.
@@ -94,15 +128,18 @@ class LeaseKeeper:
     def _run(self) -> None:
         renewed = self.clock()
         while True:
+            if self._unfinished:
+                self._finish_runs()
             holds = self._holds()
             if not holds:
-                self._changed.wait()
+                self._changed.wait(FINISH_AGAIN_S if self._unfinished else None)
                 self._changed.clear()
                 renewed = self.clock()  # what is held now was just leased
                 continue
             due = renewed + min(held.ttl_s for held in holds) / 3 - self.clock()
             if due > 0:
-                self._changed.wait(due)  # a change may bring a shorter lease
+                # A change may bring a shorter lease.
+                self._changed.wait(min(due, FINISH_AGAIN_S) if self._unfinished else due)
                 self._changed.clear()
                 continue
             renewed = self.clock()

@@ -262,8 +262,9 @@ def _exit(reason: str) -> None:
 
 
 def _broker_answers(settings: Settings) -> Callable[[], bool]:
-    """Whether the Celery broker answers now (a broker that cannot be asked is taken to)."""
-    broker = depth_reader(settings, redis_clients.operator)
+    """Whether the Celery broker answers now (a broker that cannot be asked is taken to),
+    asked with the short timeouts of a request: the member's thread waits on it."""
+    broker = depth_reader(settings, redis_clients.request, timeout_s=2.0)
 
     def answers() -> bool:
         if broker is None:

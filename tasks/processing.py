@@ -109,16 +109,17 @@ class Processor:
         self.retries = 0
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
-            retries: int = 0, run: str | None = None) -> Report:
+            retries: int = 0, forgive: str = "") -> Report:
         """`retries`: times this batch already waited for the world (its backoff grows).
-        `run`: the name of an earlier run of these messages that could not end its record in
-        the ledger (it stopped answering): its record is then no death."""
+        `forgive`: an earlier run of these messages that ended alive, but whose end the
+        offset ledger did not answer: its record is no death."""
         report = Report()
         self.retries = retries
         first, last = messages[0].offset, messages[-1].offset
-        self._run = run or uuid.uuid4().hex  # names this run's record in the ledger
+        self._run = uuid.uuid4().hex  # names this run's record in the ledger
         offsets = [m.offset for m in messages]
-        crashed = self.ledger.begin(topic, partition, offsets, self.lease_s, run=self._run)
+        crashed = self.ledger.begin(topic, partition, offsets, self.lease_s, run=self._run,
+                                    forgive=forgive)
         self._next = first
         ended = False
         try:
@@ -139,7 +140,13 @@ class Processor:
             # left as found, so that their next attempt counts them again, no more.
             owed = crashed if crashed is not None and not ended \
                 and self._next <= crashed.last else None
-            self.ledger.finish(topic, partition, report.done, run=self._run, owed=owed)
+            try:
+                self.ledger.finish(topic, partition, report.done, run=self._run, owed=owed)
+            except redis.RedisError:
+                # This process lives: its run must not pass for dead once the ledger answers
+                # again. The keeper ends it then, and the batch's retry forgives it.
+                self.keeper.finish_later(topic, partition, list(report.done), self._run, owed)
+                raise
         return report
 
     # -- the failure path ---------------------------------------------------------------------

@@ -558,6 +558,31 @@ def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) 
     assert_state(pipeline, [doc for _, doc in messages])
 
 
+@contextmanager
+def a_batch_held_by_the_database(pipeline: Pipeline) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker and a bridge started while a lock holds the stock table: the worker, once
+    its batch waits on the lock (a database gone slow); the lock goes as the block ends."""
+    holder = pipeline.engine.connect()
+    try:
+        holder.exec_driver_sql("BEGIN")
+        holder.exec_driver_sql("LOCK TABLE inventory IN EXCLUSIVE MODE")
+        worker = pipeline.start_worker(name="worker")
+        pipeline.start_bridge()
+
+        def waiting_on_the_lock() -> bool:
+            # Asked on a connection of its own: a transaction sees one snapshot of the view.
+            with pipeline.engine.connect() as conn:
+                return bool(conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()").scalar_one())
+
+        wait_until(waiting_on_the_lock, 60, "the batch waiting on the database")
+        yield worker
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def test_a_worker_stopped_mid_batch_ends_it_in_time_and_counts_no_death(
         make_pipeline: Any) -> None:
     """Before: a stopped worker waited for its batch however long it took (up to
@@ -570,31 +595,13 @@ def test_a_worker_stopped_mid_batch_ends_it_in_time_and_counts_no_death(
                                        DATABASE_LOCK_TIMEOUT_S="120")
     documents = [inventory_adjusted("SKU-HELD", 3)]
     sent = pipeline.send(documents)
-    holder = pipeline.engine.connect()
-    try:
-        # The batch's stock delta waits behind this lock: a database that has gone slow.
-        holder.exec_driver_sql("BEGIN")
-        holder.exec_driver_sql("LOCK TABLE inventory IN EXCLUSIVE MODE")
-        worker = pipeline.start_worker(name="stopped")
-        pipeline.start_bridge()
-
-        def waiting_on_the_lock() -> bool:
-            # Asked on a connection of its own: a transaction sees one snapshot of the view.
-            with pipeline.engine.connect() as conn:
-                return bool(conn.exec_driver_sql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()").scalar_one())
-
-        wait_until(waiting_on_the_lock, 60, "the batch waiting on the database")
+    with a_batch_held_by_the_database(pipeline) as worker:
         started = time.monotonic()
         assert pipeline.stop(worker, signal.SIGTERM, timeout_s=20) == 0
         assert time.monotonic() - started < 15
         runs = [key for key in pipeline.redis.scan_iter("*:runs:*")
                 if pipeline.redis.hlen(key)]
         assert runs == []  # the run ended: no death for its messages
-    finally:
-        holder.rollback()
-        holder.close()
     pipeline.start_worker(name="next")
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in documents])
@@ -613,24 +620,8 @@ def test_a_ledger_that_stops_answering_mid_batch_is_a_retry_not_a_failed_task(
     pipeline.env["CELERY_BROKER_URL"] = f"{pipeline.redis_server.url}/1"
     documents = [inventory_adjusted("SKU-LEDGER", 2)]
     sent = pipeline.send(documents)
-    holder = pipeline.engine.connect()
-    try:
-        holder.exec_driver_sql("BEGIN")
-        holder.exec_driver_sql("LOCK TABLE inventory IN EXCLUSIVE MODE")
-        worker = pipeline.start_worker(name="worker")
-        pipeline.start_bridge()
-
-        def waiting_on_the_lock() -> bool:
-            with pipeline.engine.connect() as conn:
-                return bool(conn.exec_driver_sql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()").scalar_one())
-
-        wait_until(waiting_on_the_lock, 60, "the batch in its transaction")
+    with a_batch_held_by_the_database(pipeline) as worker:
         pipeline.redis_proxy.cut()
-    finally:
-        holder.rollback()
-        holder.close()
     worker_log = pipeline.log_of("worker")
     wait_until(lambda: "the offset ledger does not answer" in worker_log.read_text(), 60,
                "the batch retried for the ledger")

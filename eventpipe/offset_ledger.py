@@ -144,8 +144,8 @@ end
 # KEYS: runs hash, lease zset. ARGV: first, last, this run's record name, seconds records
 # live, seconds leases live, a run to forgive ('' for none), then the ranges to lease. Records
 # overlapping ours are of runs whose process died: returns the range of the one that died
-# most and how many times, and takes them up into ours. The forgiven run's are no death: it
-# ended alive, but the ledger did not answer its end.
+# most and how many times, and takes them up into ours. The forgiven run's are no death more
+# than it had found: it ended alive, but the ledger did not answer its end.
 _BEGIN = _STEPS + _RUNS + """
 hold(KEYS[2], now + tonumber(ARGV[5]), 7)
 local first, last = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -162,12 +162,11 @@ local names = redis.call('HGETALL', KEYS[1])
 for i = 1, #names, 2 do
   local f, l, r = string.match(names[i], '^(%d+) (%d+) (.+)$')
   if f and first <= tonumber(l) and last >= tonumber(f) then
-    if r ~= ARGV[6] then
-      local deaths = tonumber(names[i + 1]) + 1
-      if deaths > count then
-        count = deaths
-        result = {tonumber(f), tonumber(l), deaths}
-      end
+    -- The forgiven run's deaths are the ones it had found, no more.
+    local deaths = tonumber(names[i + 1]) + (r == ARGV[6] and 0 or 1)
+    if deaths > count then
+      count = deaths
+      result = {tonumber(f), tonumber(l), deaths}
     end
     redis.call('HDEL', KEYS[1], names[i])
   end

@@ -250,8 +250,7 @@ def time_limit(seconds: float) -> Iterator[None]:
     def expired(_signum: int, frame: FrameType | None) -> None:
         if not active:
             return
-        stopping = _stop.asked_at is not None and time.monotonic() < started + seconds
-        if stopping:
+        if _stop.asked_at is not None:
             # Ended where it waits, in the database (the connection, cut mid-exchange, is let
             # go as `DatabaseUnresponsive` says), never between a commit and its marks in the
             # ledger: anywhere else the batch is looked at again shortly.
@@ -271,7 +270,6 @@ def time_limit(seconds: float) -> Iterator[None]:
         raise TaskTimeLimitExceeded(f"batch still running after {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    started = time.monotonic()
     left = _stop.left_s()
     signal.setitimer(signal.ITIMER_REAL, seconds if left is None else min(seconds, left))
     try:
@@ -316,7 +314,7 @@ def apply_events(self: Task, topic: str, partition: int,
         with time_limit(settings.task_time_limit_s):
             report = processor().run(topic, partition, decoded, retries=self.request.retries,
                                      forgive=self.request.get(FORGIVE_HEADER) or "")
-    except redis.RedisError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         # The offset ledger did not answer, after its own retries: the world failed, not the
         # batch, which is retried whole as one whose database failed is (what it committed
         # comes back as duplicates; nothing it did not commit was marked done), forgiving
@@ -333,7 +331,7 @@ def apply_events(self: Task, topic: str, partition: int,
                         "attempt": self.request.retries + 1, "events": len(decoded),
                         "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})
         raise self.retry(countdown=delay, headers={GROUP_HEADER: settings.kafka_group_id,
-                                                   FORGIVE_HEADER: processor().current_run},
+                                                   FORGIVE_HEADER: processor().unended},
                          argsrepr=task_summary(topic, partition, decoded)) from exc
     reconciler().poke()
     heartbeat().served(partition)

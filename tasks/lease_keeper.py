@@ -29,11 +29,12 @@ from dataclasses import dataclass
 
 import redis
 
-from eventpipe.offset_ledger import Crashed, OffsetLedger
+from eventpipe.offset_ledger import OffsetLedger
 
 log = logging.getLogger(__name__)
 
 FINISH_AGAIN_S = 1.0  # how soon the end of a run the ledger did not answer is tried again
+FINISH_FOR_S = 900.0  # and for how long: past it, the run's batch was surely taken up again
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -51,7 +52,7 @@ class _Unfinished:
     partition: int
     done: Sequence[int]
     run: str
-    owed: Crashed | None
+    until: float  # when to give up (monotonic)
 
 
 class LeaseKeeper:
@@ -92,21 +93,26 @@ class LeaseKeeper:
             self._waiting.append(_Held(topic, partition, offsets, ttl_s, self.clock() + for_s))
         self._wake()
 
-    def finish_later(self, topic: str, partition: int, done: Sequence[int], run: str,
-                     owed: Crashed | None) -> None:
-        """End `run` (`OffsetLedger.finish`) once the ledger answers again."""
+    def finish_later(self, topic: str, partition: int, done: Sequence[int], run: str) -> None:
+        """End `run` (`OffsetLedger.finish`: its record goes, its `done` offsets are marked)
+        once the ledger answers again. Deaths it owed are not written back: ended late, they
+        could land on a range another run has taken up since, and count against it."""
         with self._lock:
-            self._unfinished.append(_Unfinished(topic, partition, done, run, owed))
+            self._unfinished.append(_Unfinished(topic, partition, done, run,
+                                                self.clock() + FINISH_FOR_S))
         self._wake()
 
     def _finish_runs(self) -> None:
         with self._lock:
-            unfinished, self._unfinished = self._unfinished, []
+            now = self.clock()
+            unfinished = [run for run in self._unfinished if run.until > now]
+            self._unfinished = []
         for index, run in enumerate(unfinished):
             try:
-                self.ledger.finish(run.topic, run.partition, run.done, run=run.run,
-                                   owed=run.owed)
-            except redis.RedisError:
+                self.ledger.finish(run.topic, run.partition, run.done, run=run.run)
+            except Exception as exc:  # tried again a second later, until its time is over
+                log.warning("the end of a run not recorded yet: %s", exc, extra={
+                    "topic": run.topic, "partition": run.partition})
                 with self._lock:
                     self._unfinished[:0] = unfinished[index:]
                 return

@@ -107,6 +107,9 @@ class Processor:
         self._run = ""  # the run in progress, as the offset ledger names it
         self._next = 0  # the first offset it has not given a fate yet
         self.retries = 0
+        # The last run whose end the ledger did not answer (or the one it was asked to
+        # forgive, still owed): what a retry of its batch forgives.
+        self.unended = ""
 
     def run(self, topic: str, partition: int, messages: list[TaskMessage],
             retries: int = 0, forgive: str = "") -> Report:
@@ -115,6 +118,7 @@ class Processor:
         offset ledger did not answer: its record is no death."""
         report = Report()
         self.retries = retries
+        self.unended = forgive  # the run the next attempt must forgive, if any
         first, last = messages[0].offset, messages[-1].offset
         self._run = uuid.uuid4().hex  # names this run's record in the ledger
         offsets = [m.offset for m in messages]
@@ -142,10 +146,11 @@ class Processor:
                 and self._next <= crashed.last else None
             try:
                 self.ledger.finish(topic, partition, report.done, run=self._run, owed=owed)
-            except redis.RedisError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 # This process lives: its run must not pass for dead once the ledger answers
                 # again. The keeper ends it then, and the batch's retry forgives it.
-                self.keeper.finish_later(topic, partition, list(report.done), self._run, owed)
+                self.keeper.finish_later(topic, partition, list(report.done), self._run)
+                self.unended = self._run
                 raise
         return report
 
@@ -221,11 +226,6 @@ class Processor:
                 "topic": topic, "partition": partition})
             return
         report.done.clear()
-
-    @property
-    def current_run(self) -> str:
-        """The name of the run in progress, or of the last one."""
-        return self._run
 
     def _later(self, topic: str, partition: int, later: Later, report: Report) -> None:
         # The offsets stay leased while they wait, and while a batch may run ahead of them

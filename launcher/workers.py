@@ -125,11 +125,15 @@ class Supervisor:
     def _off_the_board(self, pid: int) -> None:
         """A dead process's line goes at once, not once it is `STALE_S` old: meanwhile the
         status would show its partitions consumed by it and by its successor."""
+        # A request's short timeouts: the supervisor's loop, restarts included, waits on it.
+        client = redis_clients.request(self.settings.redis_url)
         try:
-            Board(redis_clients.operator(self.settings.redis_url),
-                  self.settings.kafka_group_id).leave(WORKER, f"{socket.gethostname()}:{pid}")
+            Board(client, self.settings.kafka_group_id).leave(
+                WORKER, f"{socket.gethostname()}:{pid}")
         except redis.RedisError as exc:
             log.debug("could not take a dead worker off the status board: %s", exc)
+        finally:
+            client.close()
 
     def _serve_metrics(self) -> None:
         from prometheus_client import CollectorRegistry

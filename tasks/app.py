@@ -37,7 +37,6 @@ from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.errors import DatabaseUnresponsive
-from eventpipe.events import peek_identity
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
@@ -54,7 +53,7 @@ from eventpipe.settings import get_settings
 from eventpipe.status import Board, process_name
 from tasks.heartbeat import Heartbeat
 from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
-from tasks.processing import Processor
+from tasks.processing import Processor, count_retries
 from tasks.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -322,9 +321,7 @@ def apply_events(self: Task, topic: str, partition: int,
         # ends it. Raised on, Celery would log a traceback, drop the batch's planned retries
         # and leave it to the bridge to read again, minutes later once their leases lapsed.
         delay = processor().policy.backoff(self.request.retries + 1)
-        for message in decoded:
-            metrics.RETRIES.labels(metrics.event_type_label(
-                peek_identity(message.value).event_type), "transient").inc()
+        count_retries(decoded, "transient")
         log.warning("batch retried in %.1fs: the offset ledger does not answer (REDIS_URL): "
                     "%s", delay, exc, extra={
                         "topic": topic, "partition": partition, "taskId": self.request.id,

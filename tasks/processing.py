@@ -29,7 +29,7 @@ import time
 import traceback as tb
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -235,9 +235,7 @@ class Processor:
         self.keeper.set_aside(topic, partition, offsets, self.lease_s,
                               later.delay_s + self.settings.task_time_limit_s)
         report.later.append(later)
-        reason = "transient" if later.transient else "error"
-        for message in later.messages:
-            metrics.RETRIES.labels(_type_label(message.value), reason).inc()
+        count_retries(later.messages, "transient" if later.transient else "error")
 
     def _give_up(self, topic: str, partition: int, part: list[TaskMessage],
                  parts: list[list[TaskMessage]], decision: GiveUp, report: Report,
@@ -372,8 +370,11 @@ class Processor:
         return datetime.fromtimestamp(self.clock(), UTC)
 
 
-def _type_label(value: bytes) -> str:
-    return metrics.event_type_label(peek_identity(value).event_type)
+def count_retries(messages: Iterable[TaskMessage], reason: str) -> None:
+    """One more try of each message, by its event type (`event_retries_total`)."""
+    for message in messages:
+        metrics.RETRIES.labels(metrics.event_type_label(peek_identity(message.value).event_type),
+                               reason).inc()
 
 
 def _context(topic: str, partition: int, message: TaskMessage) -> dict[str, object]:

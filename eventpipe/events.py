@@ -239,11 +239,12 @@ def _parse(value: bytes | str, key: bytes | str | None, received_at: datetime | 
     if parse_data is None:
         known = ", ".join(t.value for t in EventType)
         raise InvalidEvent("eventType", f"unknown event type {type_name!r} (known: {known})")
-    version = _required(document, "schemaVersion", "schemaVersion")
-    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+    given = _required(document, "schemaVersion", "schemaVersion")
+    version = _whole(given)
+    if version is None or version not in SUPPORTED_SCHEMA_VERSIONS:
         supported = ", ".join(map(str, sorted(SUPPORTED_SCHEMA_VERSIONS)))
         raise InvalidEvent(
-            "schemaVersion", f"unsupported schema version {version!r} (supported: {supported})"
+            "schemaVersion", f"unsupported schema version {given!r} (supported: {supported})"
         )
     occurred_at = _time(document, "occurredAt", "occurredAt")
     data = _required(document, "data", "data")
@@ -476,10 +477,21 @@ def _currency(obj: dict[str, Any], name: str, path: str) -> str:
 
 
 def _integer(obj: dict[str, Any], name: str, path: str) -> int:
-    value = _required(obj, name, path)
-    if type(value) is not int:  # bool is an int subclass and is not a quantity
-        raise InvalidEvent(path, f"must be an integer, not {_short(value)}")
+    value = _whole(_required(obj, name, path))
+    if value is None:
+        raise InvalidEvent(path, f"must be an integer, not {_short(obj[name])}")
     return value
+
+
+def _whole(value: Any) -> int | None:
+    """`value` as an integer, if it is one. As in JSON Schema, a number whose fraction is zero
+    is one (`2.0`, `1e2`: JSON has one kind of number, and some encoders write every number
+    with a point). A bool is not, though Python's bool is an int."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
 
 
 def _short(value: Any) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from eventpipe.errors import InvalidEvent
@@ -115,3 +117,59 @@ def test_broken_events_are_rejected_by_both(event_type: str, path: str, value: A
 
 def test_a_type_schema_rejects_another_types_event() -> None:
     assert list(validator("UserCreated").iter_errors(SAMPLES["OrderPlaced"]))
+
+
+# Every field JSON Schema says is a time, and every number it says is an integer, in turn.
+TIMES = [("UserCreated", "occurredAt"), ("UserCreated", "data.createdAt"),
+         ("OrderPlaced", "data.placedAt"), ("PaymentSettled", "data.settledAt"),
+         ("InventoryAdjusted", "data.adjustedAt")]
+INTEGERS = [("UserCreated", "schemaVersion", 1.0), ("OrderPlaced", "data.items.0.quantity", 2.0),
+            ("OrderPlaced", "data.items.0.quantity", 1e2),
+            ("InventoryAdjusted", "data.delta", -3.0)]
+
+
+def _verdicts(event_type: str, document: Document) -> tuple[bool, bool]:
+    """(whether the schema accepts `document`, whether `parse_event` does)."""
+    try:
+        parse_event(json.dumps(document).encode())
+        parsed = True
+    except InvalidEvent:
+        parsed = False
+    return not list(validator(event_type).iter_errors(document)), parsed
+
+
+@pytest.mark.parametrize("value", [
+    "2026-11-24T24:00:00Z", "2026-11-24T23:59:60Z", "2026-11-24T10:60:00Z",
+    "2026-02-29T10:15:00Z", "2026-02-30T10:15:00Z", "2026-04-31T10:15:00Z",
+    "2026-13-01T10:15:00Z", "2026-00-10T10:15:00Z", "2026-11-00T10:15:00Z",
+    "2100-02-29T10:15:00Z", "0000-01-01T10:15:00Z", "2026-11-24T10:15:00+24:00",
+    "٢٠٢٦-11-24T10:15:00Z", "2026-11-24T1٠:15:00Z",
+    # and some the two accept
+    "2024-02-29T10:15:00Z", "2000-02-29T10:15:00Z", "2026-11-24T23:59:59.999999-23:59",
+    "2026-11-24T10:15Z", "2026-04-30T00:00:00+00:00",
+])
+@pytest.mark.parametrize(("event_type", "path"), TIMES)
+def test_a_time_is_accepted_by_the_schema_only_when_the_parser_accepts_it(
+        event_type: str, path: str, value: str) -> None:
+    accepted, parsed = _verdicts(event_type, mutated(SAMPLES[event_type], path, value))
+    assert accepted == parsed
+
+
+@given(st.from_regex(schemas()["envelope"]["properties"]["occurredAt"]["pattern"],
+                     fullmatch=True))
+def test_every_time_the_schema_s_pattern_admits_parses(value: str) -> None:
+    # Beyond JSON Schema (`schemas.BEYOND`): a time must stay in the calendar once in UTC.
+    assume(not value.startswith(("0001-01-01", "9999-12-31")))
+    accepted, parsed = _verdicts("UserCreated", mutated(SAMPLES["UserCreated"], "occurredAt",
+                                                        value))
+    assert accepted and parsed
+
+
+@pytest.mark.parametrize(("event_type", "path", "value"), INTEGERS)
+def test_a_whole_number_written_with_a_fraction_is_an_integer_to_both(
+        event_type: str, path: str, value: float) -> None:
+    # JSON Schema's "integer" is any number whose fraction is zero: 2.0 is one.
+    document = mutated(SAMPLES[event_type], path, value)
+    assert _verdicts(event_type, document) == (True, True)
+    assert parse_event(json.dumps(document).encode()) == parse_event(
+        json.dumps(mutated(SAMPLES[event_type], path, int(value))).encode())

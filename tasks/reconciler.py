@@ -17,10 +17,11 @@ the next batch or the interval).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import redis
@@ -42,6 +43,15 @@ COPIES_EVERY_S = 5.0
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@contextlib.contextmanager
+def _carry_on(step: str) -> Iterator[None]:
+    """Log a step's failure and go on to the next."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s failed: %s", step, exc)
 
 
 class Reconciler:
@@ -72,11 +82,12 @@ class Reconciler:
             reconcile(self.engine, _utc_now, self.park_timeout, said=letters_said.say)
         self._resolve_recorded_copies()
         fetch = self.fetch()
-        repair_if_lost(self.engine, self.stream, fetch)
-        try:
+        # Each step on its own: Redis at its memory bound refuses the rebuild's marker and
+        # new entries, not the removals of entries that left the DLQ, which free memory.
+        with _carry_on("DLQ stream rebuild"):
+            repair_if_lost(self.engine, self.stream, fetch)
+        with _carry_on("DLQ stream check"):
             heal(self.engine, self.stream, self.heal_every_s)
-        except Exception as exc:  # the projection below still runs
-            log.warning("DLQ stream check failed: %s", exc)
         project(self.engine, self.stream, fetch)
 
     def _resolve_recorded_copies(self) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy import Engine, func, select, update
 from eventpipe import metrics
 from eventpipe.database import reading
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, DeadLetter, made_of
+from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.tables import dead_letters
@@ -63,6 +63,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     with reading(engine) as conn:  # marked below only where the revision read still holds
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
     written: list[DeadLetter] = []
+    refused: DeadLetterQueueFull | None = None
     try:
         # Out of the DLQ first (one round trip; it also makes room), then into it.
         gone = [letter for letter in pending if letter.state != OPEN]
@@ -79,18 +80,25 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             if message is None:
                 report.missing_bytes.append(letter.dlq_key)
             key, value = message if message is not None else (None, None)
-            stream.put(StreamEntry(letter, value, key))
+            try:
+                stream.put(StreamEntry(letter, value, key))
+            except DeadLetterQueueFull as exc:  # a letter it shows may still be replaced
+                refused = exc
+                continue
             report.put += 1
             written.append(letter)
-    except DeadLetterQueueFull as exc:
-        report.full = True
-        log.error("%s; %d dead letter(s) wait in SQL", exc, len(pending) - len(written))
     finally:
         if written:
             if report.put:
                 stream.sync_to_disk()
             with engine.begin() as conn:
                 records.mark_projected(conn, written)
+    if refused is not None:
+        report.full = True
+        with reading(engine) as conn:
+            waiting = len(records.unprojected(conn, 10_000, None if fetch else list(
+                payloads or ())))
+        log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
     metrics.DLQ_DEPTH.set(stream.depth())
     return report
 
@@ -133,11 +141,13 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
     stream.mend()  # after a hand edit the index may no longer say what the stream holds
     shown = stream.keys()  # before SQL: a key put after this is no stray
     with engine.begin() as conn:
-        conn.execute(update(dead_letters).values(in_stream=False))
-        open_keys = {row.dlq_key for row in conn.execute(
-            select(dead_letters.c.dlq_key).where(dead_letters.c.state == OPEN))}
+        conn.execute(update(dead_letters).where(dead_letters.c.state == OPEN)
+                     .values(in_stream=False))
+        # A replay's letters keep their entries: the replay's end projects them.
+        kept = {row.dlq_key for row in conn.execute(
+            select(dead_letters.c.dlq_key).where(dead_letters.c.state.in_((OPEN, REPLAYING))))}
     report = Projected()
-    report.removed = stream.remove(*(shown - open_keys))
+    report.removed = stream.remove(*(shown - kept))
     while _pending(engine):
         if not stream.hold_rebuild(claim):
             log.warning("the DLQ rebuild stopped: Redis restarted again, or another rebuild "
@@ -206,10 +216,11 @@ def heal(engine: Engine, stream: DeadLetterStream, every_s: float = HEAL_EVERY_S
         return 0
     with reading(engine) as conn:
         shown = records.shown(conn)
+        claimed = records.claimed(conn)
     present = stream.revisions()
     stale = {key: revision for key, revision in shown.items()
              if key not in present or present[key] not in (revision, None)}
-    extra = [key for key in present if key not in shown]
+    extra = [key for key in present if key not in shown and key not in claimed]
     with engine.begin() as conn:
         rows = records.load(conn, extra)
         stale.update({key: letter.revision for key, letter in rows.items()})

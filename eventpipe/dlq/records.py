@@ -18,7 +18,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Select, Update, bindparam, func, select, update
+from sqlalchemy import Connection, Select, Update, and_, bindparam, case, func, or_, select, update
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -258,13 +258,21 @@ def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
 
 def unprojected(conn: Connection, limit: int,
                 keys: Collection[str] | None = None) -> list[DeadLetter]:
-    """Dead letters whose latest revision the stream does not show (of `keys`, if given)."""
-    query = select(dead_letters).where(dead_letters.c.in_stream.is_(False))
+    """Dead letters whose latest revision the stream does not show (of `keys`, if given):
+    those that left the DLQ first, then those saved before (most of which the stream shows),
+    then new ones. Taking an entry out needs no room and makes some; replacing one needs
+    none: a full DLQ must not keep them waiting behind new letters. A letter a replay holds
+    is left out: its entry stays as it is until the replay ends (past Kafka's retention the
+    entry has the only copy of its bytes, which the letter needs should it come back)."""
+    query = select(dead_letters).where(dead_letters.c.in_stream.is_(False),
+                                       dead_letters.c.state != REPLAYING)
     if keys is not None:
         if not keys:
             return []
         query = query.where(dead_letters.c.dlq_key.in_(sorted(keys)[:limit]))
-    query = query.order_by(dead_letters.c.last_failure_at).limit(limit)
+    query = query.order_by(case((dead_letters.c.state != OPEN, 0),
+                                (dead_letters.c.revision > 1, 1), else_=2),
+                           dead_letters.c.last_failure_at).limit(limit)
     return [letter_of(row) for row in conn.execute(query)]
 
 
@@ -280,9 +288,18 @@ def shown(conn: Connection) -> dict[str, int]:
         .where(dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True)))}
 
 
+def claimed(conn: Connection) -> set[str]:
+    """Dead letters a replay holds: their entries, if any, are the replay's (`unprojected`)."""
+    return set(conn.execute(select(dead_letters.c.dlq_key)
+                            .where(dead_letters.c.state == REPLAYING)).scalars())
+
+
 def count_shown(conn: Connection) -> int:
-    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
-        dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True))).scalar_one())
+    """The entries the stream should hold: the open dead letters it shows, and those a replay
+    holds (most of which it shows)."""
+    return int(conn.execute(select(func.count()).select_from(dead_letters).where(or_(
+        and_(dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True)),
+        dead_letters.c.state == REPLAYING))).scalar_one())
 
 
 def mark_unprojected(conn: Connection, revisions: Mapping[str, int]) -> None:

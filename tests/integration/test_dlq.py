@@ -720,3 +720,81 @@ def test_a_replayed_copy_failing_before_its_replay_is_marked_starts_a_new_life(
     letter = records.letter_of(row)
     assert (letter.state, letter.attempts, letter.position.offset) == (OPEN, 1, 9)
     assert [episode.ended for episode in letter.history] == [REPLAYED]
+
+
+def test_an_entry_a_replay_holds_keeps_its_bytes_through_projections_and_rebuilds(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Past Kafka's retention an entry holds the only copy of its message. While a replay has
+    its letter (claimed, not yet published), the reconciler's projections, sweeps and a
+    rebuild leave the entry as it is: should Kafka refuse the replay, or its replayer die,
+    the letter goes back to the DLQ with its bytes, not shown without them for good."""
+    topic = kafka_topic(partitions=1)  # holds nothing: the message is past its retention
+    [entry] = _open_entries(engine, stream, topic, 1)
+    key = entry.letter.dlq_key
+    with engine.begin() as conn:
+        assert key in records.claim_for_replay(conn, [key],
+                                               datetime.now(UTC) + timedelta(minutes=5))
+    reader = MessageReader(settings_for(kafka_broker, topic), timeout_s=2)
+    reconciler = Reconciler(engine, stream, lambda: reader.fetch, timedelta(hours=1),
+                            heal_every_s=0)
+    try:
+        reconciler.run_once()
+        assert projection.heal(engine, stream, every_s=0) == 0
+        assert [(e.letter.dlq_key, e.value) for e in stream.scan()] == [(key, entry.value)]
+        projection.restore(engine, stream, reader.fetch)
+        assert [(e.letter.dlq_key, e.value) for e in stream.scan()] == [(key, entry.value)]
+        with engine.begin() as conn:  # Kafka refused it: back to the DLQ
+            assert key in records.finish_replay(conn, [key], datetime.now(UTC),
+                                                published=False)
+        reconciler.run_once()
+    finally:
+        reader.close()
+    [shown] = stream.scan()
+    assert (shown.letter.dlq_key, shown.letter.state, shown.value) == (key, OPEN, entry.value)
+
+
+def test_a_full_dlq_still_lets_out_what_left_it_and_updates_what_it_shows(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """The DLQ at its bound, and more dead letters waiting in SQL for room, older than the
+    changes to letters it shows: those changes need no room (one frees some) and are made,
+    rather than wait behind the new letters for ever."""
+    shown = _open_entries(engine, stream, "events", 5)  # the bound of `stream`
+    waiting = record(engine, *(replace(failure(n, f"{{wait {n}".encode()),
+                                       first_failure_at=T0 - timedelta(days=1),
+                                       last_failure_at=T0 - timedelta(days=1))
+                               for n in range(10, 13)))
+    kafka = {letter.position.offset: (b"k", f"{{wait {n}".encode())
+             for n, letter in zip(range(10, 13), waiting, strict=True)}
+    gone, again = shown[0].letter.dlq_key, shown[1]
+    with engine.begin() as conn:
+        records.resolve(conn, list(records.load(conn, [gone]).values()), T0 + timedelta(1))
+    record(engine, replace(failure(again.letter.position.offset or 0, again.value or b""),
+                           last_failure_at=T0 + timedelta(1)))
+    report = projection.project(engine, stream, lambda at: kafka.get(at.offset), limit=4)
+    assert report.full
+    by_key = {e.letter.dlq_key: e for e in stream.scan()}
+    assert gone not in by_key and by_key[again.letter.dlq_key].letter.attempts == 2
+    assert stream.depth() == 5  # one waiting letter took the room the resolved one left
+    with engine.connect() as conn:
+        assert len(records.unprojected(conn, 10)) == 2
+
+
+def test_a_rebuild_check_redis_refuses_still_lets_the_projection_free_room(
+    engine: Engine, stream: DeadLetterStream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis at its `maxmemory` refuses the rebuild marker's write (`SET NX` is refused even
+    when the key exists) but not deletions: the round goes on, and the entries of letters
+    that left the DLQ go, which is what frees memory."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+    with engine.begin() as conn:
+        records.resolve(conn, list(records.load(conn, [entry.letter.dlq_key]).values()), T0)
+
+    def out_of_memory(*_args: Any) -> None:
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr("tasks.reconciler.repair_if_lost", out_of_memory)
+    Reconciler(engine, stream, lambda: lambda _at: None, timedelta(hours=1),
+               heal_every_s=0).run_once()
+    assert stream.depth() == 0

@@ -33,10 +33,18 @@ class PartitionProgress:
     # (the head offset, when it was first seen neither leased nor queued)
     unaccounted: tuple[int, float] | None = None
     paused: bool = False
+    # Whether the ledger's marks of this partition are its own: False until marks left by an
+    # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
+    vouched: bool = True
 
     @property
     def in_flight(self) -> int:
         return len(self.pending)
+
+    def may_resume(self, max_in_flight: int) -> bool:
+        """Whether a partition paused at `max_in_flight` has room again: half of it free
+        (with a bound of 1, none in flight)."""
+        return self.in_flight <= max_in_flight // 2
 
     def low(self) -> int | None:
         """The oldest offset whose fate the ledger can still tell us, if any."""

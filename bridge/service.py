@@ -287,6 +287,11 @@ class Bridge:
               only: list[int] | None = None) -> None:
         chosen = {p: self.partitions[p] for p in (only or list(self.partitions))
                   if p in self.partitions}
+        if unvouched := [p for p, progress in chosen.items() if not progress.vouched]:
+            self._vouch(unvouched)
+        for partition in unvouched:
+            if not chosen[partition].vouched:  # nothing it says of them can be trusted yet
+                chosen.pop(partition).unobserved()
         # The queues first: a task seen gone from its queue was taken before the ledger is
         # read, so a lease its worker wrote at once is seen with it.
         self._queue_depths(chosen)
@@ -310,8 +315,8 @@ class Bridge:
                 self._dispatch(partition, [])
                 progress.unobserved()
                 continue
-            if progress.paused and not self.stopping and (
-                    progress.in_flight < self.settings.max_in_flight_per_partition // 2):
+            if progress.paused and not self.stopping and progress.may_resume(
+                    self.settings.max_in_flight_per_partition):
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
@@ -335,11 +340,17 @@ class Bridge:
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
-                                          for p, o in offsets.items()], asynchronous=False)
+            answers = self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
+                                                    for p, o in offsets.items()],
+                                           asynchronous=False)
         except KafkaException as exc:
             log.warning("offset commit failed, will retry: %s", exc, extra={"offsets": offsets})
             return
+        # The request may succeed while a partition's commit fails: that one is not committed.
+        for answer in answers or []:
+            if answer.error is not None and offsets.pop(answer.partition, None) is not None:
+                log.warning("offset commit failed, will retry: %s", answer.error,
+                            extra={"partition": answer.partition})
         for partition, offset in offsets.items():
             chosen[partition].committed = offset
             metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
@@ -428,24 +439,15 @@ class Bridge:
         assigned = self._served_or_stop(assigned)
         known = self._committed(consumer, assigned)
         committed = known or {}
-        # A partition the group never committed starts from its first offset, and whatever
-        # the ledger says of it is stale: a topic recreated from 0, or a bridge that died
-        # before its first commit. Forgetting it costs at most duplicates; trusting marks of
-        # other messages at the same offsets would commit past events never applied.
-        fresh = [tp.partition for tp in assigned if tp.partition not in committed]
-        if fresh and known is not None:
-            try:
-                self.ledger.forget(self.topic, fresh)
-            except redis.RedisError as exc:
-                log.warning("could not clear the ledger of new partitions: %s", exc)
         for tp in assigned:
             self.partitions[tp.partition] = PartitionProgress(
-                tp.partition, committed=committed.get(tp.partition))
+                tp.partition, committed=committed.get(tp.partition), vouched=False)
             # Exported from the start, not from this bridge's first commit: a partition whose
             # oldest event is stuck commits nothing, and its alert needs the series to stand.
             if tp.partition in committed:
                 metrics.COMMITTED_OFFSET.labels(self.topic, str(tp.partition)).set(
                     committed[tp.partition])
+        self._vouch([tp.partition for tp in assigned], known)
         # A new progress is not paused, and the Kafka client keeps a partition paused across
         # a rebalance that gives it back: resumed here, it is read again whatever came before
         # (unless the bridge is stopping: its drain reads only what it already fetched).
@@ -453,6 +455,35 @@ class Bridge:
             consumer.resume(assigned)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})
+
+    def _vouch(self, partitions: list[int], known: dict[int, int] | None = None) -> None:
+        """Trust what the ledger says of these partitions once it holds no marks of an earlier
+        topic. A partition the group never committed starts from its first offset, and
+        whatever the ledger says of it is stale: a topic recreated from 0, or a bridge that
+        died before its first commit. Forgetting it costs at most duplicates; trusting marks
+        of other messages at the same offsets would commit past events never applied. Until
+        the committed offsets are known and the marks forgotten (Kafka or Redis may not
+        answer as partitions are assigned), the partitions commit nothing, and this is tried
+        again at each sync. `known`: the group's committed offsets, if just read."""
+        if known is None:
+            known = self._committed(self.consumer,
+                                    [TopicPartition(self.topic, p) for p in partitions])
+            if known is None:
+                return
+        fresh = [p for p in partitions if p not in known]
+        if fresh:
+            try:
+                self.ledger.forget(self.topic, fresh)
+            except redis.RedisError as exc:
+                log.warning("could not clear the ledger of new partitions: %s; nothing is "
+                            "committed for them until it is", exc,
+                            extra={"partitions": fresh})
+                return
+        for partition in partitions:
+            if (progress := self.partitions.get(partition)) is not None:
+                progress.vouched = True
+                if progress.committed is None:
+                    progress.committed = known.get(partition)
 
     def _served_or_stop(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
         """The partitions whose queues workers serve (those below KAFKA_PARTITIONS). Any other

@@ -11,8 +11,9 @@ import json
 import random
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Any
 
 import msgpack
 import pytest
+import redis
 from sqlalchemy.engine import make_url
 
+from bridge.service import Bridge
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.samples import (
     Document,
@@ -555,6 +558,51 @@ def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) 
     pipeline.broker.flushdb()
     pipeline.start_worker()
     drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+
+
+class _ForgetRefused(OffsetLedger):
+    """The offset ledger of a Redis that refuses to forget partitions until `allowed`, as
+    one still loading its append-only file refuses commands while a new bridge is given its
+    partitions."""
+
+    allowed = False
+    refused = 0
+
+    def forget(self, topic: str, partitions: Iterable[int]) -> None:
+        if not self.allowed:
+            self.refused += 1
+            raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+        super().forget(topic, partitions)
+
+
+def test_ledger_marks_of_a_previous_topic_are_not_trusted_until_they_are_cleared(
+        make_pipeline: Any) -> None:
+    """Before: a bridge that could not clear the marks an earlier topic of the same name left
+    (Redis not answering as partitions were assigned) went on, took them for its own events'
+    and committed past events no worker had applied."""
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(200, seed=113)
+    sent = pipeline.send(messages)
+    ledger = _ForgetRefused(pipeline.redis, pipeline.settings.kafka_group_id)
+    for partition in range(pipeline.partitions):
+        ledger.settle(pipeline.name, partition, range(1000), {})
+    bridge = Bridge(pipeline.settings, ledger=ledger)
+    running = threading.Thread(target=bridge.run, name="bridge", daemon=True)
+    running.start()
+    try:
+        wait_until(lambda: ledger.refused >= 5 or bool(pipeline.committed_offsets()), 60,
+                   "the bridge asking again to clear the ledger")
+        assert pipeline.committed_offsets() == {}
+        ledger.allowed = True
+        # Lose every task: only a bridge that did not take the old marks for these messages
+        # still knows they are not done, and sends them again.
+        pipeline.broker.flushdb()
+        pipeline.start_worker()
+        drained(pipeline, sent)
+    finally:
+        bridge.stopping = True
+        running.join(timeout=30)
     assert_state(pipeline, [doc for _, doc in messages])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bridge.batching import Batcher
 from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery
 from eventpipe.queues import TaskMessage
@@ -189,3 +191,12 @@ def test_a_check_skipped_starts_the_grace_afresh() -> None:
     progress.unobserved()
     assert progress.redelivery(now=500, timeout_s=TIMEOUT, queued=0) is None
     assert progress.redelivery(now=500 + TAKEN_GRACE_S, timeout_s=TIMEOUT, queued=0) == 1
+
+
+@pytest.mark.parametrize("bound", [1, 2, 3, 5000])
+def test_a_partition_paused_at_its_bound_resumes_once_half_of_it_is_free(bound: int) -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched(list(range(bound)), now=0.0)
+    assert not progress.may_resume(bound)
+    progress.observe(set(range(bound - bound // 2)), set(), now=1.0)
+    assert progress.in_flight == bound // 2 and progress.may_resume(bound)

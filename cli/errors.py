@@ -18,6 +18,7 @@ from eventpipe.errors import (
     TransientError,
     key_of_another_kind,
     schema_missing,
+    sqlstate,
 )
 from eventpipe.settings import Settings
 
@@ -41,7 +42,8 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         orig = exc.orig
         if schema_missing(exc):
             return f"the database at {where} has no schema yet: run `eventpipe migrate`"
-        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) \
+                or _odbc_driver_missing(orig):
             return f"the database at {where} cannot be used: {_first_line(orig or exc)}"
     if isinstance(exc, TransientError):  # the pipeline's own, written for operators
         return _first_line(exc)
@@ -49,6 +51,13 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         return (f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: "
                 f"{_first_line(exc)}")
     return None
+
+
+def _odbc_driver_missing(orig: BaseException | None) -> bool:
+    """The ODBC driver manager could not load the driver the URL names (unixODBC's "Can't
+    open lib", SQLSTATE 01000; IM…: no such data source or driver)."""
+    state = sqlstate(orig) if orig is not None else None
+    return state is not None and (state == "01000" or state.startswith("IM"))
 
 
 def _first_line(exc: BaseException) -> str:

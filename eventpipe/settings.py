@@ -7,6 +7,7 @@ in one place (`_field`), so `.env.example` can be checked against this module by
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from sqlalchemy.exc import ArgumentError
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("auto", "json", "text")
 DATABASES = ("postgresql", "mssql", "sqlite")  # SQLAlchemy's backend names
+SUPPORTED_URLS = "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -175,19 +177,24 @@ class Settings:
             raise SettingsError(f"LOG_FORMAT={self.log_format!r}: use one of "
                                 f"{', '.join(LOG_FORMATS)}")
         try:
-            backend = make_url(self.database_url).get_backend_name()
+            url = make_url(self.database_url)
         except ArgumentError:
             raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
                                 "(e.g. postgresql+psycopg://user@host/db)") from None
-        if backend not in DATABASES:
-            raise SettingsError(f"DATABASE_URL: {backend!r} is not a supported database: use "
-                                "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///")
+        if url.get_backend_name() not in DATABASES:
+            raise SettingsError(f"DATABASE_URL: {url.get_backend_name()!r} is not a supported "
+                                f"database: use {SUPPORTED_URLS}")
+        try:  # here, not as the first connection fails with a traceback
+            url.get_dialect().import_dbapi()
+        except (ImportError, ArgumentError):
+            raise SettingsError(f"DATABASE_URL: the driver {url.get_driver_name()!r} is not "
+                                f"installed: use {SUPPORTED_URLS}") from None
         scheme = self.redis_url.partition("://")[0]
         if scheme not in REDIS_SCHEMES:  # the URL itself may hold a password: not repeated
             raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
                                 "redis://, rediss:// or unix://")
-        for url in self.celery_broker_url.split(";"):  # Celery's list of brokers to fail over
-            transport = url.partition("://")[0].partition("+")[0].lower()
+        for broker in self.celery_broker_url.split(";"):  # Celery's brokers to fail over to
+            transport = broker.partition("://")[0].partition("+")[0].lower()
             # (a dotted name is a transport class of one's own)
             if transport not in TRANSPORT_ALIASES and "." not in transport:
                 raise SettingsError(f"CELERY_BROKER_URL: {transport!r} is not a transport "
@@ -234,7 +241,9 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"])
-            if raw is None or (raw == "" and f.type != "str"):
+            # Given no value, a setting keeps its default: `WEB_HOST=` is not "every
+            # interface", nor `KAFKA_BOOTSTRAP_SERVERS=` a broker named "".
+            if raw is None or not raw.strip():
                 continue
             values[f.name] = _convert(f.metadata["env"], raw, _CONVERTERS[f.type])
         return cls(**values)
@@ -255,12 +264,34 @@ def env_vars() -> list[tuple[str, Any, str]]:
     return [(f.metadata["env"], f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]
 
 
+# What `.env` may hold besides settings: the variables of docker-compose.yml (a test keeps
+# the list in step with the file).
+COMPOSE_VARIABLES = frozenset({
+    "EVENTPIPE_IMAGE_TAG", "FLOWER_PUBLISHED_PORT", "GRAFANA_ADMIN_PASSWORD",
+    "GRAFANA_ADMIN_USER", "GRAFANA_PUBLISHED_PORT", "KAFKA_CLUSTER_ID", "KAFKA_HEAP_OPTS",
+    "KAFKA_PUBLISHED_PORT", "MSSQL_PID", "MSSQL_PUBLISHED_PORT", "MSSQL_SA_PASSWORD",
+    "PROMETHEUS_PUBLISHED_PORT", "PROMETHEUS_RETENTION", "PUBLISH_ADDRESS",
+    "REDIS_PUBLISHED_PORT", "WEB_PUBLISHED_PORT"})
+
+
+def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """`environ` over the values of the file `dotenv`, if there is one. A name in the file
+    that is nearly a setting's is refused, naming the setting: misspelt, it would be ignored,
+    and its default used without a word (`DATABSE_URL` in `.env`: the embedded SQLite)."""
+    file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
+    known = [env for env, _, _ in env_vars()]
+    for name in file_values:
+        if name in known or name in COMPOSE_VARIABLES:
+            continue
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            raise SettingsError(f"{name} in {dotenv} is no setting: did you mean {close[0]}?")
+    return {**file_values, **environ}
+
+
 @cache
 def _environment() -> dict[str, str | None]:
     """The real environment over the values of `.env` in the working directory."""
-    dotenv = Path(os.environ.get("EVENTPIPE_ENV_FILE", ".env"))
-    file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
-    return {**file_values, **os.environ}
+    return environment(Path(os.environ.get("EVENTPIPE_ENV_FILE", ".env")), os.environ)
 
 
 @cache
@@ -308,6 +339,9 @@ def render_markdown() -> str:
     out = ["# Configuration", "",
            "Every setting is an environment variable, read once at start-up from the "
            "environment and from `.env` in the working directory (the environment wins). "
+           "A variable given no value (`WEB_HOST=`) keeps its default. A name in `.env` that "
+           "is nearly a setting's (`DATABSE_URL`) is refused, naming the setting, rather than "
+           "ignored; docker-compose.yml's own variables may stand there too. "
            "`.env.example` lists them all with their defaults. This page is generated from "
            "`eventpipe/settings.py` by `make config-docs`; a test keeps it in step."]
     sections: dict[str, list[str]] = {}

@@ -65,6 +65,12 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["bridge"], {"CELERY_BROKER_URL": "foo://127.0.0.1/0"}, 2,
          "eventpipe: bad setting: CELERY_BROKER_URL: 'foo' is not a transport Celery knows"),
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),
+        # A driver the URL names that is not installed: a Python module, an ODBC library.
+        (["status"], {"DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1/x"}, 2,
+         "eventpipe: bad setting: DATABASE_URL: the driver 'psycopg2' is not installed"),
+        (["status"], {"DATABASE_URL": "mssql+pyodbc://sa:pw@127.0.0.1:{port}/x?driver=ODBC+"
+                                      "Driver+18+for+SQL+Server"}, 3,
+         "eventpipe: the database at DATABASE_URL=mssql+pyodbc://sa:***@127.0.0.1:{port}/x"),
         (["worker", "--partitions", "0-99"], {"KAFKA_PARTITIONS": "12"}, 2,
          "partition 99 does not exist: the topic has 12"),
         # librdkafka's own complaints go through logging (here: nothing at WARNING), not as

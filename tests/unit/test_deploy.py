@@ -26,7 +26,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_flask_exporter import PrometheusMetrics
 
 from eventpipe import metrics
-from eventpipe.settings import env_vars
+from eventpipe.settings import COMPOSE_VARIABLES, env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -118,6 +118,11 @@ def test_every_interpolated_variable_has_a_default_and_is_documented() -> None:
     documented = _env_file_names(ROOT / ".env.example") | _env_file_names(COMPOSE_ENV_EXAMPLE)
     undocumented = sorted({name for name, _ in found} - documented)
     assert undocumented == [], f"list these in deploy/compose.env.example: {undocumented}"
+
+
+def test_the_settings_know_the_compose_files_variables() -> None:
+    """`.env` may hold them beside the settings (`eventpipe.settings.environment`)."""
+    assert _env_file_names(COMPOSE_ENV_EXAMPLE) == COMPOSE_VARIABLES
 
 
 def test_bind_mounted_files_exist() -> None:

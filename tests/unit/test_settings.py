@@ -11,6 +11,7 @@ from eventpipe.settings import (
     Settings,
     SettingsError,
     env_vars,
+    environment,
     provided,
     render_env_example,
     render_markdown,
@@ -52,7 +53,6 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("KAFKA_SESSION_TIMEOUT_MS", "0", "KAFKA_SESSION_TIMEOUT_MS=0: must be greater than 0"),
     ("DLQ_MAX_BYTES", "0", "DLQ_MAX_BYTES=0: must be greater than 0"),
     ("WEB_PORT", "99999", "WEB_PORT=99999: must be a port, 0 to 65535"),
-    ("KAFKA_TOPIC", " ", "KAFKA_TOPIC is empty"),
     ("DATABASE_URL", "mysql://u@h/db", "DATABASE_URL: 'mysql' is not a supported database"),
     ("REDIS_URL", "http://:secret@x", "REDIS_URL: 'http' is not a Redis URL's scheme"),
     ("CELERY_BROKER_URL", "foo://:secret@x", "CELERY_BROKER_URL: 'foo' is not a transport"),
@@ -96,3 +96,39 @@ def test_a_variable_counts_as_provided_when_it_is_given_a_value() -> None:
     assert provided({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092", "PATH": "/bin"}) == {
         "KAFKA_BOOTSTRAP_SERVERS"}
     assert provided({"DATABASE_URL": "", "WEB_PORT": "8000"}) == {"WEB_PORT"}
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_setting_given_no_value_keeps_its_default(blank: str) -> None:
+    """Before: `WEB_HOST=` bound the API to every interface under gunicorn (`:8000`), and
+    `KAFKA_BOOTSTRAP_SERVERS=` failed only once a client had timed out."""
+    settings = Settings.from_env({"WEB_HOST": blank, "KAFKA_BOOTSTRAP_SERVERS": blank,
+                                  "KAFKA_GROUP_ID": blank, "DLQ_STREAM": blank,
+                                  "WEB_PORT": blank})
+    defaults = Settings()
+    assert (settings.web_host, settings.kafka_bootstrap_servers, settings.kafka_group_id,
+            settings.dlq_stream, settings.web_port) == (
+        defaults.web_host, defaults.kafka_bootstrap_servers, defaults.kafka_group_id,
+        defaults.dlq_stream, defaults.web_port)
+
+
+def test_a_misspelt_setting_in_the_env_file_is_refused_naming_the_right_one(
+        tmp_path: Path) -> None:
+    """Before: `.env` holding `DATABSE_URL=…` was ignored, and `eventpipe up` started on the
+    embedded SQLite instead, saying nothing."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("DATABSE_URL=postgresql+psycopg://db/events\nPUBLISH_ADDRESS=0.0.0.0\n")
+    with pytest.raises(SettingsError, match=r"DATABSE_URL.*DATABASE_URL"):
+        environment(dotenv, {})
+    # The compose file's own variables, and anything unlike a setting, are not settings.
+    dotenv.write_text("PUBLISH_ADDRESS=0.0.0.0\nKAFKA_CLUSTER_ID=x\nWEB_PUBLISHED_PORT=8080\n"
+                      "HTTP_PROXY=http://proxy\n")
+    assert environment(dotenv, {"PATH": "/bin"})["PUBLISH_ADDRESS"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://db/events",
+                                 "postgresql+asyncpg://db/events",
+                                 "mssql+pymssql://db/events"])
+def test_a_database_url_whose_driver_is_not_installed_is_refused(url: str) -> None:
+    with pytest.raises(SettingsError, match=r"DATABASE_URL.*not installed"):
+        Settings.from_env({"DATABASE_URL": url})

@@ -41,7 +41,11 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    settings = dataclasses.replace(get_settings(), database_url=_url())
+    # No statement timeout: a migration may rebuild an index of a table of millions of rows,
+    # which the time a batch's statement may take says nothing of. The lock timeout stays: a
+    # migration queued behind a long transaction would hold up every batch queued behind it.
+    settings = dataclasses.replace(get_settings(), database_url=_url(),
+                                   database_statement_timeout_s=0)
     engine = make_engine(settings, writer=False)
     try:
         with engine.connect() as connection:

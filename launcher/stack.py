@@ -142,6 +142,10 @@ class Stack:
         done in the new topic's ledger (offsets that name other messages now). Those queued,
         and those kombu holds as delivered and not acknowledged (a worker killed with them,
         retries it held), which it hands out again later."""
+        if self.settings.celery_broker_url.split("://", 1)[0] not in REDIS_SCHEMES:
+            self.say("            tasks an earlier run may have left in CELERY_BROKER_URL are "
+                     "not dropped: purge its events.p* queues when the topic is new")
+            return
         queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
         client = redis_clients.operator(self.settings.celery_broker_url)
         try:

@@ -85,3 +85,22 @@ def test_eventpipe_migrate_works_from_an_installed_wheel(tmp_path: Path) -> None
             assert conn.execute(text("SELECT count(*) FROM applied_events")).scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_migrate_is_not_held_to_the_pipelines_statement_timeout(tmp_path: Path) -> None:
+    """A migration may rebuild an index of a table of millions of rows: the time a batch's
+    statement may take is not a migration's. (Before: cancelled at DATABASE_STATEMENT_TIMEOUT_S,
+    the error naming the database as unusable.)"""
+    with postgres_database("eventpipe_migrate") as url:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "eventpipe"), "migrate"], cwd=tmp_path,
+            env={**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent", "DATABASE_URL": url,
+                 "DATABASE_STATEMENT_TIMEOUT_S": "0.001"},
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert set(inspect(conn).get_table_names()) >= TABLES
+        finally:
+            engine.dispose()

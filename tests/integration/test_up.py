@@ -3,6 +3,7 @@ working pipeline whose API answers, and Ctrl-C leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from eventpipe.migrations import upgrade
 from eventpipe.tables import applied_events
 from launcher.embedded import free_port
 from tests.support.pipeline import BIN, wait_until
+from tests.support.rabbitmq import rabbitmq_vhost
 from tests.support.services import REDIS_URL
 
 
@@ -39,8 +41,14 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("redis_kind", ["embedded", "running", "half"])
+@pytest.mark.parametrize("redis_kind", ["embedded", "running", "half", "rabbitmq"])
 def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: str) -> None:
+    with contextlib.ExitStack() as cleanup:
+        _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path, redis_kind, cleanup)
+
+
+def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: str,
+                                                  cleanup: contextlib.ExitStack) -> None:
     marker = f"/nonexistent/{uuid.uuid4().hex}"
     ports = {name: free_port() for name in ("WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT",
                                             "WORKER_METRICS_PORT")}
@@ -58,6 +66,11 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
         # machine's too, but unset: a redis-server of its own stands in for it.
         env.pop("CELERY_BROKER_URL", None)
         env["REDIS_URL"] = f"{REDIS_URL}/11"
+        redis.Redis.from_url(f"{REDIS_URL}/11").flushdb()
+    elif redis_kind == "rabbitmq":
+        # The Celery broker a RabbitMQ (the docs' other broker), Redis the machine's.
+        env.update(REDIS_URL=f"{REDIS_URL}/11",
+                   CELERY_BROKER_URL=cleanup.enter_context(rabbitmq_vhost()))
         redis.Redis.from_url(f"{REDIS_URL}/11").flushdb()
     else:
         # The machine's Redis, holding a task an earlier run left queued for a topic that
@@ -100,6 +113,8 @@ def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind
             assert earlier_events not in shown
         elif redis_kind == "half":
             assert re.search(r"redis-server on \S+ for CELERY_BROKER_URL\n", shown), shown
+        elif redis_kind == "rabbitmq":
+            assert "may have left in CELERY_BROKER_URL are not dropped" in shown
         else:
             assert "dropped 2 task(s) an earlier run left" in shown
             broker = redis.Redis.from_url(f"{REDIS_URL}/12")

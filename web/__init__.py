@@ -36,10 +36,19 @@ CONSOLE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-
 
 
 class IdConverter(BaseConverter):
-    """Any one path segment, even empty, so that `/users/` is a 422 naming the bad id."""
+    """Any one path segment, even empty, so that `/dlq/entries/` is a 422 naming the bad id."""
 
     regex = "[^/]*"
     part_isolating = True
+
+
+class KeyConverter(BaseConverter):
+    """An entity's key: the rest of the path, even empty (a 422 naming it) or holding '/',
+    which the contract allows in an id: a client sends `tenant/42` as `tenant%2F42`, which
+    the server has decoded by the time it routes."""
+
+    regex = ".*"
+    part_isolating = False
 
 
 def flask_config() -> dict[str, Any]:
@@ -72,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # A '%2F' in an id must not turn into a redirect to a merged path: it is just not found.
     app.url_map.merge_slashes = False
     app.url_map.converters["id"] = IdConverter
+    app.url_map.converters["key"] = KeyConverter
 
     deps = services.Services.from_settings(settings)
     services.install(app, deps)
@@ -80,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     api = errors.Api(app)
     api.register_converter(IdConverter, lambda _converter: {"type": "string"})
+    api.register_converter(KeyConverter, lambda _converter: {"type": "string"})
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer",
                        "description": "The DLQ_API_TOKEN of the deployment"})

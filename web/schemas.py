@@ -18,12 +18,11 @@ from eventpipe.events import MAX_ID_LENGTH, check_text
 from eventpipe.times import utc_iso
 
 # An id as the event contract allows it (1 to 64 characters, not only whitespace, not ending
-# with a space) that can also be named in a URL path: a '/' would end the segment, and
-# PostgreSQL rejects NUL. Whitespace is spelt out, as what Python's str.strip() removes (the
+# with a space, no NUL). Whitespace is spelt out, as what Python's str.strip() removes (the
 # contract's test), since `\s` means a different set in Python and in the ECMA regexes
 # OpenAPI tools use.
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-ID_PATTERN = rf"^[^/\x00]*[^/\x00{_SPACE}]([^/\x00]*[^/\x00 ])?$"
+ID_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}]([^\x00]*[^\x00 ])?$"
 
 # Money as the event contract writes it: fixed point, 2 to 4 decimals here (see `money`).
 MONEY_PATTERN = r"^(0|[1-9][0-9]*)\.[0-9]{2,4}$"

@@ -155,6 +155,21 @@ def test_invalid_ids_are_422_naming_the_parameter(
     assert list(body["errors"]["path"]) == [name]
 
 
+def test_an_id_holding_a_slash_is_served_at_its_encoded_path(
+        engine: Engine, client: FlaskClient) -> None:
+    """The contract lets an id hold '/' (`tenant/42`): its entity is in the read model, and
+    the API serves it at the id percent-encoded (`/users/tenant%2F42`), as a client encodes a
+    path segment. (Before: a 404 saying no such URL, where the docs promised a 422.)"""
+    apply(engine, user_created("tenant/42", occurred_at=at(0)),
+          order_placed("order/7", "tenant/42", items=[("SKU/9", 1, "1.00")], occurred_at=at(1)),
+          inventory_adjusted("SKU/9", 3, occurred_at=at(2)))
+    user = get_json(client, "/users/tenant%2F42")
+    assert user["userId"] == "tenant/42" and user["orders"][0]["orderId"] == "order/7"
+    assert get_json(client, "/orders/order%2F7")["items"][0]["sku"] == "SKU/9"
+    assert get_json(client, "/inventory/SKU%2F9")["quantity"] == 3
+    assert get_json(client, "/users/tenant%2F43", 404)["message"] == "no user 'tenant/43'"
+
+
 def test_an_id_of_64_characters_is_valid(client: FlaskClient) -> None:
     assert get_json(client, "/users/" + "x" * 64, 404)["code"] == 404
 

@@ -82,12 +82,12 @@ def test_camel_case() -> None:
 
 
 @pytest.mark.parametrize("user_id", ["u1", "x" * 64, " a", "a\t", "ünï-cødé", "a.b", "..",
-                                     "a\nb", "\U0001f600" * 32])
+                                     "a\nb", "\U0001f600" * 32, "a/b", "/"])
 def test_valid_ids(user_id: str) -> None:
     assert UserPathSchema().load({"userId": user_id}) == {"user_id": user_id}
 
 
-@pytest.mark.parametrize("user_id", ["", "x" * 65, "   ", "\t\n", "\x1c", "\u3000", "a/b",
+@pytest.mark.parametrize("user_id", ["", "x" * 65, "   ", "\t\n", "\x1c", "\u3000",
                                      "a\x00b", " a ",
                                      # 33 characters, 66 UTF-16 code units: no event has it
                                      "\U0001f600" * 33, "a\ud800b"])
@@ -101,7 +101,7 @@ def test_blank_means_what_the_event_contract_strips() -> None:
     pattern = re.compile(ID_PATTERN)
     disagree = [hex(point) for point in range(0x110000) if not 0xD800 <= point <= 0xDFFF
                 if (pattern.match(chr(point)) is None)
-                != (chr(point).isspace() or chr(point) in "/\x00")]
+                != (chr(point).isspace() or chr(point) == "\x00")]
     assert disagree == []
 
 

@@ -16,7 +16,7 @@ from web.resources.inventory.schemas import InventorySchema, SkuPathSchema
 blp = Blueprint("inventory", __name__, url_prefix="/inventory", description="Inventory")
 
 
-@blp.route("/<id:sku>")
+@blp.route("/<key:sku>")
 class Stock(MethodView):
     @blp.arguments(SkuPathSchema, location="path")
     @blp.response(200, InventorySchema)

@@ -15,7 +15,7 @@ from web.resources.orders.schemas import OrderPathSchema, OrderSchema
 blp = Blueprint("orders", __name__, url_prefix="/orders", description="Orders")
 
 
-@blp.route("/<id:orderId>")
+@blp.route("/<key:orderId>")
 class Order(MethodView):
     @blp.arguments(OrderPathSchema, location="path")
     @blp.response(200, OrderSchema)

@@ -15,7 +15,7 @@ from web.resources.users.schemas import UserPathSchema, UserSchema
 blp = Blueprint("users", __name__, url_prefix="/users", description="Users")
 
 
-@blp.route("/<id:userId>")
+@blp.route("/<key:userId>")
 class User(MethodView):
     @blp.arguments(UserPathSchema, location="path")
     @blp.response(200, UserSchema)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -298,6 +299,17 @@ def _environment() -> dict[str, str | None]:
 def get_settings() -> Settings:
     """The process's settings, read once."""
     return Settings.from_env(_environment())
+
+
+def settings_or_exit(program: str) -> Settings:
+    """The process's settings, for a program started other than by `eventpipe` (gunicorn,
+    `celery -A tasks`): a bad setting is one line naming it and exit status 2, as with
+    `eventpipe`, rather than the traceback of a module that failed to load."""
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        print(f"{program}: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def provided(environment: Mapping[str, str | None] | None = None) -> frozenset[str]:

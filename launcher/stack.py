@@ -53,7 +53,14 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
-_STOP_TIMEOUTS_S = {"bridge": 30.0, "worker": 45.0, "web": 10.0, "flower": 10.0}
+
+
+def _stop_timeouts_s(settings: Settings) -> dict[str, float]:
+    """How long each child may take to stop before it is killed: the bridge and the workers
+    drain for SHUTDOWN_DRAIN_TIMEOUT_S (the worker host then waits for its processes), the
+    API for gunicorn's graceful 30 s (a replay waits on Kafka)."""
+    drain = settings.shutdown_drain_timeout_s
+    return {"bridge": drain + 10, "worker": drain + 25, "web": 35.0, "flower": 10.0}
 # The URLs an embedded redis-server stands in for, and the database number each gets.
 _EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 
@@ -238,7 +245,7 @@ class Stack:
         for name in _STOP_ORDER:
             child = self.children.get(name)
             if child is not None:
-                terminate(child, _STOP_TIMEOUTS_S[name])
+                terminate(child, _stop_timeouts_s(self.settings)[name])
         for service in reversed(self.services):
             service.stop()
 

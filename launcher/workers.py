@@ -169,9 +169,12 @@ class Supervisor:
                 if code is not None and not self.stopping:
                     self._restart(index, child, code)
             time.sleep(0.5)
+        # One deadline for all: they drain side by side, and whoever stops this host (`eventpipe
+        # up`, Docker) waits for it only so long.
+        deadline = time.monotonic() + self.settings.shutdown_drain_timeout_s + 10
         for child in self.children.values():
             try:
-                child.wait(timeout=self.settings.shutdown_drain_timeout_s + 10)
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()

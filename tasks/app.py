@@ -49,7 +49,7 @@ from eventpipe.queues import (
     send_batch,
     task_summary,
 )
-from eventpipe.settings import get_settings
+from eventpipe.settings import settings_or_exit
 from eventpipe.status import Board, process_name
 from tasks.heartbeat import Heartbeat
 from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
@@ -58,7 +58,7 @@ from tasks.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
-settings = get_settings()
+settings = settings_or_exit("celery")
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
 # logging (e.g. the warning about running as root) is formatted as every other record.
 logs.configure("worker", settings.log_level, settings.log_format)

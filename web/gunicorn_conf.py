@@ -9,13 +9,14 @@ them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from eventpipe.settings import get_settings
+from eventpipe.settings import settings_or_exit
 
-_settings = get_settings()
+_settings = settings_or_exit("gunicorn")
 
 bind = f"{_settings.web_host}:{_settings.web_port}"
 # Reads wait on the database, not the CPU: a few processes per core keep the cores busy.
@@ -35,6 +36,11 @@ control_socket_disable = True
 # package, and prometheus_client with it, is imported before this runs: the variable must be
 # set already (the image's command and docker-compose.yml set it).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if "prometheus_client" in sys.modules:  # too late: each worker would count on its own
+        print("gunicorn: loaded as python:web.gunicorn_conf, the configuration needs "
+              "PROMETHEUS_MULTIPROC_DIR set to a directory (or load it by its path: "
+              "-c web/gunicorn_conf.py)", file=sys.stderr)
+        raise SystemExit(2)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eventpipe-web-metrics-")
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 

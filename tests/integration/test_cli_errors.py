@@ -16,7 +16,7 @@ from confluent_kafka import TopicPartition
 from bridge.service import Bridge
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from tests.support.broker import TopicFactory, settings_for
-from tests.support.pipeline import BIN
+from tests.support.pipeline import BIN, ROOT
 from tests.support.services import REDIS_URL
 
 
@@ -236,3 +236,24 @@ def test_a_running_bridge_handed_partitions_beyond_the_setting_reads_none_of_the
             "(no worker serves the queues of partitions 2 and above)")
     finally:
         bridge.consumer.close()
+
+
+@pytest.mark.parametrize(("command", "env", "says"), [
+    (["gunicorn", "-c", "web/gunicorn_conf.py", "--check-config", "web.wsgi:app"],
+     {"KAFKA_PARTITIONS": "abc"}, "gunicorn: bad setting: KAFKA_PARTITIONS='abc'"),
+    (["celery", "-A", "tasks", "inspect", "ping"], {"KAFKA_PARTITIONS": "abc"},
+     "celery: bad setting: KAFKA_PARTITIONS='abc'"),
+    # By its module name the configuration is loaded after prometheus_client: too late to
+    # choose its multiprocess mode.
+    (["gunicorn", "--config", "python:web.gunicorn_conf", "--check-config", "web.wsgi:app"],
+     {}, "needs PROMETHEUS_MULTIPROC_DIR set"),
+])
+def test_the_servers_started_without_eventpipe_say_a_bad_setting_in_one_line(
+        command: list[str], env: dict[str, str], says: str) -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={**environment, "EVENTPIPE_ENV_FILE": "/nonexistent", **env})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], done.stderr

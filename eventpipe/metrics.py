@@ -67,6 +67,8 @@ DLQ_ENTRIES = Counter("dlq_entries", "Entries added to the dead-letter queue", [
 # "mostrecent": the last process to look at the DLQ knows its depth best.
 DLQ_DEPTH = Gauge("dlq_depth", "Entries in the dead-letter queue now",
                   multiprocess_mode="mostrecent")
+DLQ_MAX_ENTRIES = Gauge("dlq_max_entries", "The dead-letter queue's bound (DLQ_MAX_ENTRIES)",
+                        multiprocess_mode="max")
 DB_OPERATION = Histogram(
     "db_operation_duration_seconds", "Duration of database operations", ["operation"],
     buckets=_DB_BUCKETS,

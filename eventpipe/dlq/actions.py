@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -31,11 +31,11 @@ from sqlalchemy import Engine
 
 from eventpipe import metrics, reconcile
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, REPLAYING
+from eventpipe.dlq.letter import OPEN, REPLAYING, made_of
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
-from eventpipe.kafka import make_producer
+from eventpipe.kafka import MessageReader, make_producer
 from eventpipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Replayed:
     replayed: int = 0
     refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
     skipped: int = 0  # not open any more (another replay has them, or they are gone)
-    no_bytes: int = 0  # not in the stream: lost with Redis, or larger than DLQ_MAX_BYTES
+    no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed)
 
 
 class Publisher:
@@ -65,6 +65,7 @@ class Publisher:
         self.timeout_s = timeout_s
         self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
         self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
+        self._reader: MessageReader | None = None  # made when an entry lacks its bytes
 
     def answers(self, topic: str | None) -> None:
         """Raise a `TransientError` unless Kafka tells this topic's partitions, asked before
@@ -76,6 +77,29 @@ class Publisher:
             # The setting, not its value: the API answers with this line.
             raise TransientError("Kafka does not answer at KAFKA_BOOTSTRAP_SERVERS: nothing "
                                  "was replayed; retry once it does")
+
+    def with_bytes(self, entry: StreamEntry) -> StreamEntry | None:
+        """The entry with its message's bytes: the DLQ shows none of a message larger than
+        DLQ_MAX_BYTES, nor of one rebuilt while Kafka was away, but Kafka may still have it
+        at its position. None when it does not, or holds another message there (a topic
+        made anew), which must not be published in its place."""
+        if entry.value is not None:
+            return entry
+        if self._reader is None:
+            self._reader = MessageReader(self.settings, timeout_s=self.timeout_s)
+        try:
+            message = self._reader.fetch(entry.letter.position)
+        except TransientError as exc:
+            log.warning("bytes of %s not read from Kafka: %s", entry.letter.dlq_key, exc)
+            return None
+        if message is None or not made_of(entry.letter.dlq_key, *message):
+            return None
+        return replace(entry, key=message[0], value=message[1])
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
         sent_at = time.monotonic()
@@ -130,16 +154,19 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
     result = Replayed()
     chunk: list[StreamEntry] = []
     asked = False
-    for entry in entries:
-        if not asked:  # once, before anything is claimed
-            publisher.answers(entry.letter.position.topic)
-            asked = True
-        chunk.append(entry)
-        if len(chunk) >= CHUNK:
+    try:
+        for entry in entries:
+            if not asked:  # once, before anything is claimed
+                publisher.answers(entry.letter.position.topic)
+                asked = True
+            chunk.append(entry)
+            if len(chunk) >= CHUNK:
+                _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+                chunk = []
+        if chunk:
             _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
-            chunk = []
-    if chunk:
-        _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+    finally:
+        publisher.close()
     return result
 
 
@@ -158,11 +185,11 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         key = entry.letter.dlq_key
         if key not in claimed or key in acknowledged or key in no_bytes:  # or named twice
             result.skipped += 1
-        elif entry.value is None:
+        elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)
         else:
             acknowledged[key] = False
-            publisher.publish(entry, _recorder(acknowledged, key))
+            publisher.publish(whole, _recorder(acknowledged, key))
     publisher.flush()
     refused = [key for key, ok in acknowledged.items() if not ok]
     published = [key for key, ok in acknowledged.items() if ok]

@@ -527,6 +527,23 @@ def _open_entries(engine: Engine, stream: DeadLetterStream, topic: str,
     return list(stream.scan())
 
 
+class _Kafka:
+    """A replay's publisher that answers, and has every entry's bytes; `publish` is the
+    test's."""
+
+    def answers(self, topic: str | None) -> None:
+        pass
+
+    def with_bytes(self, entry: StreamEntry) -> StreamEntry:
+        return entry
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_back(
     engine: Engine, stream: DeadLetterStream, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -543,15 +560,9 @@ def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_
             raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("database is locked"))
         return real(conn, keys, now, published=published)
 
-    class HalfTaken:
-        def answers(self, topic: str | None) -> None:
-            pass
-
+    class HalfTaken(_Kafka):
         def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
             done(entry.letter.dlq_key == taken.letter.dlq_key)
-
-        def flush(self) -> None:
-            pass
 
     monkeypatch.setattr(records, "finish_replay", busy_for_the_refused)
     result = actions.replay(engine, stream, [taken, refused], cast(actions.Publisher, HalfTaken()))
@@ -702,16 +713,10 @@ def test_a_replayed_copy_failing_before_its_replay_is_marked_starts_a_new_life(
     failure a life of its own."""
     [entry] = _open_entries(engine, stream, "events", 1)
 
-    class FastPipeline:
-        def answers(self, topic: str | None) -> None:
-            pass
-
+    class FastPipeline(_Kafka):
         def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
             record(engine, replace(failure(0, b"{bad 0"), position=Position("events", 0, 9)))
             done(True)
-
-        def flush(self) -> None:
-            pass
 
     result = actions.replay(engine, stream, [entry], cast(actions.Publisher, FastPipeline()))
     assert result.replayed == 1
@@ -798,3 +803,27 @@ def test_a_rebuild_check_redis_refuses_still_lets_the_projection_free_room(
     Reconciler(engine, stream, lambda: lambda _at: None, timedelta(hours=1),
                heal_every_s=0).run_once()
     assert stream.depth() == 0
+
+
+def test_an_entry_shown_without_its_bytes_is_replayed_with_kafkas(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """A letter larger than DLQ_MAX_BYTES is shown without its bytes, as is one rebuilt
+    while Kafka was away; Kafka still has the message at its position, and the replay takes
+    it from there (before: `noBytes`, every time). A message at that position that is not
+    the letter's (a topic made anew) is not published in its place."""
+    topic = kafka_topic(partitions=1)
+    [here, other] = produce(kafka_broker, topic, [(b"k", b"{bad 0", []),
+                                                  (b"k", b"{someone else", [])])
+    saved = record(engine, failure(here.offset or 0, b"{bad 0", topic),
+                   failure(other.offset or 0, b"{bad 1", topic))
+    for letter in saved:
+        stream.put(StreamEntry(letter, None, b"k"))
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic)))
+    assert (result.replayed, result.no_bytes) == (1, 1)
+    consumer = make_consumer(kafka_broker, f"check-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    assert [m.value() for m in consume(consumer, 3)][2:] == [b"{bad 0"]
+    consumer.close()
+    assert [e.letter.position.offset for e in stream.scan()] == [other.offset]

@@ -241,10 +241,18 @@ def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[De
     chosen = {letter.dlq_key: letter for letter in letters}
     before = load(conn, chosen, lock=True)
     return save_all(conn, [
-        (before.get(key), replace(letter, history=before[key].history)
-         if key in before else letter)
+        (before.get(key), _reopened(before[key], letter) if key in before else letter)
         for key, letter in chosen.items()
         if key not in before or before[key].state not in (PURGED, REPLAYING)])
+
+
+def _reopened(before: DeadLetter, letter: DeadLetter) -> DeadLetter:
+    """`letter` in the row `before`, with its earlier lives. A replayed event still held
+    comes back to the DLQ at once: its wait was spent before it was replayed, and waiting
+    anew would hide it for another parking time, as if the replay had emptied the DLQ."""
+    if before.state == REPLAYED and letter.state == WAITING:
+        letter = replace(letter, state=OPEN, deadline=None)
+    return replace(letter, history=before.history)
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
@@ -349,13 +357,14 @@ def purge(conn: Connection, keys: Collection[str], now: datetime) -> dict[str, s
 
 def resolve(conn: Connection, letters: Sequence[DeadLetter], now: datetime) -> list[DeadLetter]:
     """Close live dead letters whose condition cleared; the ones closed. One that never reached
-    the DLQ (waiting) leaves no trace: it was never a failure anyone saw."""
-    waiting = sorted((letter for letter in letters if letter.state == WAITING),
-                     key=lambda letter: letter.dlq_key)
+    the DLQ (waiting, with no earlier life) leaves no trace: it was never a failure anyone
+    saw."""
+    unseen = [letter for letter in letters if letter.state == WAITING and not letter.history]
+    waiting = sorted(unseen, key=lambda letter: letter.dlq_key)
     if waiting:
         conn.execute(dead_letters.delete().where(
             dead_letters.c.dlq_key == bindparam("key"),
             dead_letters.c.revision == bindparam("at_revision")),
             [{"key": letter.dlq_key, "at_revision": letter.revision} for letter in waiting])
     return save_all(conn, [(letter, _transitioned(letter, RESOLVED, now))
-                           for letter in letters if letter.state != WAITING])
+                           for letter in letters if letter not in unseen])

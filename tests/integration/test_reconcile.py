@@ -137,7 +137,8 @@ def test_a_round_leaves_a_letter_a_replay_has_to_the_replay(engine: Engine) -> N
     settle(engine, later + timedelta(seconds=3))
     with engine.connect() as conn:
         [found] = records.load(conn, [key]).values()
-    assert found.state == WAITING and [e.ended for e in found.history] == ["replayed"]
+    # Its wait was spent before the replay: back in the DLQ at once, not hidden for another.
+    assert found.state == OPEN and [e.ended for e in found.history] == ["replayed"]
 
 
 def test_a_replayed_event_still_held_comes_back_to_the_dlq(
@@ -145,7 +146,10 @@ def test_a_replayed_event_still_held_comes_back_to_the_dlq(
 ) -> None:
     """An operator replays an order still waiting for its user: the copy the pipeline reads
     back is a duplicate, which changes nothing, and the order is still held. Its dead letter
-    must be live again, not left `replayed` with the order shown nowhere."""
+    must be live again, not left `replayed` with the order shown nowhere; and in the DLQ at
+    once, its wait spent, rather than hidden for another PARK_TIMEOUT_S (an hour by default)
+    as if it had just arrived. Should its user come then, the letter resolves, keeping its
+    history."""
     topic = kafka_topic(partitions=1)
     document = order_placed("o1", "u1", occurred_at=at(1))
     apply(engine, document)
@@ -163,10 +167,16 @@ def test_a_replayed_event_still_held_comes_back_to_the_dlq(
     assert apply_batch(engine, [replace(copy, position=Position(topic, 0, 0))]).fates == [
         Fate.DUPLICATE]
     settle(engine)
-    assert live(engine) == {("order", "o1"): (WAITING, "MissingParent", "u1")}
-    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
     assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
     assert shown(engine)["orders"] == []
+    apply(engine, user_created("u1", occurred_at=at(0)))
+    settle(engine)
+    assert live(engine) == {}
+    with engine.connect() as conn:
+        [found] = records.load(conn, [key]).values()
+    assert found.state == "resolved"
+    assert [e.ended for e in found.history] == ["replayed", "resolved"]
+    assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
 
 
 def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(

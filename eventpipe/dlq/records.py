@@ -18,7 +18,21 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Select, Update, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    case,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -272,14 +286,16 @@ def unprojected(conn: Connection, limit: int,
     none: a full DLQ must not keep them waiting behind new letters. A letter a replay holds
     is left out: its entry stays as it is until the replay ends (past Kafka's retention the
     entry has the only copy of its bytes, which the letter needs should it come back)."""
-    query = select(dead_letters).where(dead_letters.c.in_stream.is_(False),
+    query = select(dead_letters).where(dead_letters.c.in_stream == false(),
                                        dead_letters.c.state != REPLAYING)
     if keys is not None:
         if not keys:
             return []
         query = query.where(dead_letters.c.dlq_key.in_(sorted(keys)[:limit]))
-    query = query.order_by(case((dead_letters.c.state != OPEN, 0),
-                                (dead_letters.c.revision > 1, 1), else_=2),
+    # Literal ranks, not bound parameters: SQL Server is wary of parameters in ORDER BY.
+    query = query.order_by(case((dead_letters.c.state != OPEN, literal_column("0")),
+                                (dead_letters.c.revision > 1, literal_column("1")),
+                                else_=literal_column("2")),
                            dead_letters.c.last_failure_at).limit(limit)
     return [letter_of(row) for row in conn.execute(query)]
 
@@ -293,7 +309,7 @@ def shown(conn: Connection) -> dict[str, int]:
     """Open dead letters the stream shows, as SQL records it: DLQ key → revision shown."""
     return {row.dlq_key: row.revision for row in conn.execute(
         select(dead_letters.c.dlq_key, dead_letters.c.revision)
-        .where(dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True)))}
+        .where(dead_letters.c.state == OPEN, dead_letters.c.in_stream == true()))}
 
 
 def claimed(conn: Connection) -> set[str]:
@@ -306,7 +322,7 @@ def count_shown(conn: Connection) -> int:
     """The entries the stream should hold: the open dead letters it shows, and those a replay
     holds (most of which it shows)."""
     return int(conn.execute(select(func.count()).select_from(dead_letters).where(or_(
-        and_(dead_letters.c.state == OPEN, dead_letters.c.in_stream.is_(True)),
+        and_(dead_letters.c.state == OPEN, dead_letters.c.in_stream == true()),
         dead_letters.c.state == REPLAYING))).scalar_one())
 
 

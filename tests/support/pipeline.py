@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, false, func, select
 
 from eventpipe.dlq import records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
@@ -197,7 +197,7 @@ class Pipeline:
         with self.engine.connect() as conn:
             queued = conn.execute(select(func.count()).select_from(reconcile_queue)).scalar_one()
             unprojected = conn.execute(select(func.count()).select_from(dead_letters).where(
-                dead_letters.c.in_stream.is_(False))).scalar_one()
+                dead_letters.c.in_stream == false())).scalar_one()
             shown = records.count_shown(conn)
         entries, indexed = self.dlq.sizes()
         if queued or unprojected or not self.dlq.intact() or not shown == entries == indexed:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
 import sqlglot
 from alembic import command
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table
 from sqlalchemy.dialects.mssql import pyodbc
 from sqlalchemy.schema import CreateTable
 
 from eventpipe import upserts
+from eventpipe.dlq import records
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import (
     applied_events,
@@ -123,3 +125,43 @@ def test_the_collation_revision_rebuilds_keys_around_the_change() -> None:
         "ALTER COLUMN sku NVARCHAR(64) COLLATE") < script.index(
         "ADD CONSTRAINT pk_inventory PRIMARY KEY (sku)")
     assert "ADD CONSTRAINT fk_order_items_order_id_orders FOREIGN KEY" in script
+
+
+class _Recording:
+    """A connection to SQL Server that keeps the statements it is given and finds no rows."""
+
+    def __init__(self) -> None:
+        self.dialect = DIALECT
+        self.statements: list[str] = []
+
+    def execute(self, statement: Any, *_args: Any) -> Any:
+        self.statements.append(str(statement.compile(
+            dialect=DIALECT, compile_kwargs={"render_postcompile": True})))
+        return self
+
+    def all(self) -> list[Any]:
+        return []
+
+    def scalars(self) -> list[Any]:
+        return []
+
+    def scalar_one(self) -> int:
+        return 0
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+def test_the_dead_letters_queries_are_tsql() -> None:
+    """T-SQL has no boolean values: `IS` takes only NULL, and `in_stream IS 0` is a syntax
+    error there (which sqlglot lets pass), so a flag is compared with `=`."""
+    conn = _Recording()
+    records.unprojected(cast(Connection, conn), 10)
+    records.shown(cast(Connection, conn))
+    records.claimed(cast(Connection, conn))
+    records.count_shown(cast(Connection, conn))
+    records.due(cast(Connection, conn), datetime(2026, 11, 24, tzinfo=UTC), 10)
+    assert len(conn.statements) == 5
+    for sql in conn.statements:
+        parses_as_tsql(sql)
+        assert re.search(r"\bIS (NOT )?(0|1|true|false)\b", sql, flags=re.IGNORECASE) is None, sql

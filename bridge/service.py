@@ -6,7 +6,7 @@ Loop, in order:
 2. send batches that are full, or have waited long enough while no earlier task of their
    partition waits in its queue (`bridge.batching`), as one task each, to `events.pN`;
 3. every `commit_interval_s`, read the offset ledger, commit each partition's offset up to
-   its oldest unfinished event, pause partitions with too much in flight (resume below half),
+   its oldest unfinished event, pause partitions with too much in flight (resume once half of it is free),
    and re-read from Kafka any partition whose oldest unfinished event was lost.
 Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, waits up to
 `shutdown_drain_timeout_s` for work in flight, commits and leaves the group.
@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 QUEUE_CHECK_S = 0.02
 QUEUE_CHECK_SHARE = 0.2
 READ_WAIT_S = 0.05  # the longest a read waits for a first message while none is held
+# Partitions not yet vouched for (`Bridge._vouch`) are asked about again at most this often,
+# each time waiting at most VOUCH_TIMEOUT_S for Kafka: the loop serves the others meanwhile.
+VOUCH_AGAIN_S = 5.0
+VOUCH_TIMEOUT_S = 2.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -97,6 +101,7 @@ class Bridge:
         # known of a broker that can be asked its queue lengths.
         self.held: set[int] = set()
         self._next_queue_check = 0.0
+        self._next_vouch = 0.0  # partitions not vouched for are asked about again from then
         self.high_watermarks: dict[int, int] = {}  # from librdkafka's statistics
         self.board = Board(self.ledger.client, settings.kafka_group_id)
         self.name = process_name()
@@ -148,7 +153,8 @@ class Bridge:
                     self._dispatch(partition, messages)
                 if now >= next_sync:
                     self._sync(now)
-                    next_sync = now + self.settings.commit_interval_s
+                    # From its end: a sync that waited on Kafka is not followed by another.
+                    next_sync = self.clock() + self.settings.commit_interval_s
                 if now >= self._next_publish:
                     # On its own clock: a long commit interval or an unreachable ledger must
                     # not make the bridge look gone.
@@ -287,8 +293,10 @@ class Bridge:
               only: list[int] | None = None) -> None:
         chosen = {p: self.partitions[p] for p in (only or list(self.partitions))
                   if p in self.partitions}
-        if unvouched := [p for p, progress in chosen.items() if not progress.vouched]:
-            self._vouch(unvouched)
+        unvouched = [p for p, progress in chosen.items() if not progress.vouched]
+        if unvouched and now >= self._next_vouch:
+            self._next_vouch = now + VOUCH_AGAIN_S
+            self._vouch(unvouched, timeout_s=VOUCH_TIMEOUT_S)
         for partition in unvouched:
             if not chosen[partition].vouched:  # nothing it says of them can be trusted yet
                 chosen.pop(partition).unobserved()
@@ -450,13 +458,20 @@ class Bridge:
         self._vouch([tp.partition for tp in assigned], known)
         # A new progress is not paused, and the Kafka client keeps a partition paused across
         # a rebalance that gives it back: resumed here, it is read again whatever came before
-        # (unless the bridge is stopping: its drain reads only what it already fetched).
-        if assigned and not self.stopping:
-            consumer.resume(assigned)
+        # (unless the bridge is stopping: its drain reads only what it already fetched). One
+        # not vouched for stays paused until it is: the ledger's marks of events read before
+        # would be forgotten with the stale ones.
+        vouched = [tp for tp in assigned if self.partitions[tp.partition].vouched]
+        if vouched and not self.stopping:
+            consumer.resume(vouched)
+        for tp in assigned:
+            if not self.partitions[tp.partition].vouched:
+                self._pause(self.partitions[tp.partition])
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})
 
-    def _vouch(self, partitions: list[int], known: dict[int, int] | None = None) -> None:
+    def _vouch(self, partitions: list[int], known: dict[int, int] | None = None,
+               timeout_s: float = 10.0) -> None:
         """Trust what the ledger says of these partitions once it holds no marks of an earlier
         topic. A partition the group never committed starts from its first offset, and
         whatever the ledger says of it is stale: a topic recreated from 0, or a bridge that
@@ -464,10 +479,12 @@ class Bridge:
         of other messages at the same offsets would commit past events never applied. Until
         the committed offsets are known and the marks forgotten (Kafka or Redis may not
         answer as partitions are assigned), the partitions commit nothing, and this is tried
-        again at each sync. `known`: the group's committed offsets, if just read."""
+        again at a later sync (they stay paused meanwhile). `known`: the group's committed
+        offsets, if just read; else they are asked for, waiting at most `timeout_s`."""
         if known is None:
             known = self._committed(self.consumer,
-                                    [TopicPartition(self.topic, p) for p in partitions])
+                                    [TopicPartition(self.topic, p) for p in partitions],
+                                    timeout_s)
             if known is None:
                 return
         fresh = [p for p in partitions if p not in known]
@@ -484,6 +501,8 @@ class Bridge:
                 progress.vouched = True
                 if progress.committed is None:
                     progress.committed = known.get(partition)
+                if not self.stopping:
+                    self._resume(progress)
 
     def _served_or_stop(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
         """The partitions whose queues workers serve (those below KAFKA_PARTITIONS). Any other
@@ -500,11 +519,11 @@ class Bridge:
         return [tp for tp in assigned if tp.partition < count]
 
     def _committed(
-        self, consumer: Consumer, assigned: list[TopicPartition]
+        self, consumer: Consumer, assigned: list[TopicPartition], timeout_s: float = 10.0,
     ) -> dict[int, int] | None:
         """The group's committed offset of each partition that has one; None if unknown."""
         try:
-            found = consumer.committed(assigned, timeout=10)
+            found = consumer.committed(assigned, timeout=timeout_s)
         except KafkaException as exc:
             log.warning("could not read committed offsets: %s", exc)
             return None

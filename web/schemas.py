@@ -105,7 +105,7 @@ class Id(fields.String):
                 validate.Regexp(
                     ID_PATTERN,
                     error="must hold a character other than whitespace, not end with a "
-                          "space, and hold no '/' or NUL",
+                          "space, and hold no NUL",
                 ),
                 _within_the_contract,
             ],

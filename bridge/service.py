@@ -6,8 +6,9 @@ Loop, in order:
 2. send batches that are full, or have waited long enough while no earlier task of their
    partition waits in its queue (`bridge.batching`), as one task each, to `events.pN`;
 3. every `commit_interval_s`, read the offset ledger, commit each partition's offset up to
-   its oldest unfinished event, pause partitions with too much in flight (resume once half of it is free),
-   and re-read from Kafka any partition whose oldest unfinished event was lost.
+   its oldest unfinished event, pause partitions with too much in flight (resume once half
+   of it is free), and re-read from Kafka any partition whose oldest unfinished event was
+   lost.
 Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, waits up to
 `shutdown_drain_timeout_s` for work in flight, commits and leaves the group.
 """

@@ -187,9 +187,9 @@ class Settings:
                                 f"database: use {SUPPORTED_URLS}")
         try:  # here, not as the first connection fails with a traceback
             url.get_dialect().import_dbapi()
-        except (ImportError, ArgumentError):
-            raise SettingsError(f"DATABASE_URL: the driver {url.get_driver_name()!r} is not "
-                                f"installed: use {SUPPORTED_URLS}") from None
+        except (ImportError, ArgumentError) as exc:
+            raise SettingsError(f"DATABASE_URL: the driver {url.get_driver_name()!r} cannot be "
+                                f"loaded ({exc}): use {SUPPORTED_URLS}") from None
         scheme = self.redis_url.partition("://")[0]
         if scheme not in REDIS_SCHEMES:  # the URL itself may hold a password: not repeated
             raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
@@ -277,15 +277,18 @@ COMPOSE_VARIABLES = frozenset({
 
 def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | None]:
     """`environ` over the values of the file `dotenv`, if there is one. A name in the file
-    that is nearly a setting's is refused, naming the setting: misspelt, it would be ignored,
-    and its default used without a word (`DATABSE_URL` in `.env`: the embedded SQLite)."""
+    that is nearly a setting's is said on stderr, naming the setting: misspelt, it would be
+    ignored and its default used without a word (`DATABSE_URL` in `.env`: the embedded
+    SQLite). Said, not refused: the file may be shared with other programs, whose names
+    (`DATABASE_USER`) may be near ours."""
     file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
     known = [env for env, _, _ in env_vars()]
     for name in file_values:
         if name in known or name in COMPOSE_VARIABLES:
             continue
         if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
-            raise SettingsError(f"{name} in {dotenv} is no setting: did you mean {close[0]}?")
+            print(f"eventpipe: {name} in {dotenv} is no setting, and is ignored: did you mean "
+                  f"{close[0]}?", file=sys.stderr)
     return {**file_values, **environ}
 
 
@@ -317,7 +320,8 @@ def provided(environment: Mapping[str, str | None] | None = None) -> frozenset[s
     default, it was chosen (so `eventpipe up` uses a Kafka at 127.0.0.1:9092 if told so)."""
     chosen = _environment() if environment is None else environment
     known = {f.metadata["env"] for f in dataclasses.fields(Settings)}
-    return frozenset(name for name, value in chosen.items() if name in known and value)
+    return frozenset(name for name, value in chosen.items()
+                     if name in known and value and value.strip())
 
 
 def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
@@ -352,8 +356,8 @@ def render_markdown() -> str:
            "Every setting is an environment variable, read once at start-up from the "
            "environment and from `.env` in the working directory (the environment wins). "
            "A variable given no value (`WEB_HOST=`) keeps its default. A name in `.env` that "
-           "is nearly a setting's (`DATABSE_URL`) is refused, naming the setting, rather than "
-           "ignored; docker-compose.yml's own variables may stand there too. "
+           "is nearly a setting's (`DATABSE_URL`) is said on stderr, naming the setting, "
+           "rather than ignored in silence. "
            "`.env.example` lists them all with their defaults. This page is generated from "
            "`eventpipe/settings.py` by `make config-docs`; a test keeps it in step."]
     sections: dict[str, list[str]] = {}

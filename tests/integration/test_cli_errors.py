@@ -67,7 +67,7 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),
         # A driver the URL names that is not installed: a Python module, an ODBC library.
         (["status"], {"DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1/x"}, 2,
-         "eventpipe: bad setting: DATABASE_URL: the driver 'psycopg2' is not installed"),
+         "eventpipe: bad setting: DATABASE_URL: the driver 'psycopg2' cannot be loaded"),
         (["status"], {"DATABASE_URL": "mssql+pyodbc://sa:pw@127.0.0.1:{port}/x?driver=ODBC+"
                                       "Driver+18+for+SQL+Server"}, 3,
          "eventpipe: the database at DATABASE_URL=mssql+pyodbc://sa:***@127.0.0.1:{port}/x"),

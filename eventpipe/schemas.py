@@ -39,6 +39,9 @@ BEYOND = ("Also checked by the pipeline, beyond JSON Schema: lengths count UTF-1
 # these): a day the month has (February 29 in leap years only), no hour 24, no leap second
 # (Python's times have none), ASCII digits only (a pattern's `\d` is any digit to some
 # validators).
+# Every pattern ends at the end of the text: `$` alone also matches before a final newline
+# in Python's regexes (which JSON Schema validators written in Python use), not in ECMA's.
+_END = r"(?!\n)$"
 _DIGIT = "[0-9]"
 _DAY = (f"{_DIGIT}{{4}}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]{_DIGIT}|3[01])"
         f"|(?:0[469]|11)-(?:0[1-9]|[12]{_DIGIT}|30)|02-(?:0[1-9]|1{_DIGIT}|2[0-8]))"
@@ -47,12 +50,12 @@ _DAY = (f"{_DIGIT}{{4}}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]{_DIGIT}|3[01])"
 _CLOCK = f"(?:[01]{_DIGIT}|2[0-3]):[0-5]{_DIGIT}(?::[0-5]{_DIGIT}(?:\\.{_DIGIT}{{1,6}})?)?"
 _OFFSET = f"(?:Z|[+-](?:[01]{_DIGIT}|2[0-3]):[0-5]{_DIGIT})"
 _TIME = {"type": "string", "maxLength": 64, "format": "date-time",
-         "pattern": f"^(?!0000)(?:{_DAY})T{_CLOCK}{_OFFSET}$",
+         "pattern": f"^(?!0000)(?:{_DAY})T{_CLOCK}{_OFFSET}{_END}",
          "description": "ISO-8601 with an offset, e.g. 2026-11-24T10:15:00.123Z"}
-_MONEY = {"type": "string", "pattern": r"^(0|[1-9][0-9]{0,13})(\.[0-9]{1,4})?$",
+_MONEY = {"type": "string", "pattern": r"^(0|[1-9][0-9]{0,13})(\.[0-9]{1,4})?" + _END,
           "description": "A non-negative decimal string: at most 14 digits before the point "
                          "and 4 after (never a JSON number)"}
-_CURRENCY = {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code"}
+_CURRENCY = {"type": "string", "pattern": "^[A-Z]{3}" + _END, "description": "ISO 4217 code"}
 
 
 def _text(max_length: int) -> Schema:
@@ -71,7 +74,7 @@ def _object(properties: dict[str, Schema]) -> Schema:
 _DATA: dict[EventType, Schema] = {
     EventType.USER_CREATED: _object({
         "userId": _ID,
-        "email": {**_text(MAX_EMAIL_LENGTH), "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s]+$"},
+        "email": {**_text(MAX_EMAIL_LENGTH), "pattern": r"^[^@\s]+@[^@\s]+\.[^@\s]+" + _END},
         "name": _text(MAX_TEXT_LENGTH),
         "createdAt": _TIME,
     }),
@@ -90,7 +93,7 @@ _DATA: dict[EventType, Schema] = {
     EventType.PAYMENT_SETTLED: _object({
         "paymentId": _ID,
         "orderId": _ID,
-        "amount": {**_MONEY, "not": {"pattern": r"^0(\.0{1,4})?$"},
+        "amount": {**_MONEY, "not": {"pattern": r"^0(\.0{1,4})?" + _END},
                    "description": "Greater than zero"},
         "currency": _CURRENCY,
         "settledAt": _TIME,

@@ -69,9 +69,14 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         gone = [letter for letter in pending if letter.state != OPEN]
         report.removed = stream.remove(*(letter.dlq_key for letter in gone))
         written += gone
+        present: set[str] | None = None  # the stream's keys, once it has refused one
         for letter in pending:
             if letter.state != OPEN:
                 continue
+            if refused is not None:  # full: only a replacement may still go in
+                present = stream.keys() if present is None else present
+                if letter.dlq_key not in present:
+                    continue
             message = (payloads or {}).get(letter.dlq_key)
             if message is None and fetch is not None:
                 message = _shown(stream, letter) or _fetched(fetch, letter)
@@ -96,8 +101,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     if refused is not None:
         report.full = True
         with reading(engine) as conn:
-            waiting = len(records.unprojected(conn, 10_000, None if fetch else list(
-                payloads or ())))
+            waiting = records.count_unprojected(conn)
         log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
     metrics.DLQ_DEPTH.set(stream.depth())
     return report

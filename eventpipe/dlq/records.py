@@ -300,6 +300,11 @@ def unprojected(conn: Connection, limit: int,
     return [letter_of(row) for row in conn.execute(query)]
 
 
+def count_unprojected(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
+        dead_letters.c.in_stream == false(), dead_letters.c.state != REPLAYING)).scalar_one())
+
+
 def mark_projected(conn: Connection, letters: Iterable[DeadLetter]) -> None:
     """The stream shows these revisions: a row changed since stays to be projected."""
     _mark(conn, {letter.dlq_key: letter.revision for letter in letters}, in_stream=True)

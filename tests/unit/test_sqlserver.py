@@ -160,8 +160,9 @@ def test_the_dead_letters_queries_are_tsql() -> None:
     records.shown(cast(Connection, conn))
     records.claimed(cast(Connection, conn))
     records.count_shown(cast(Connection, conn))
+    records.count_unprojected(cast(Connection, conn))
     records.due(cast(Connection, conn), datetime(2026, 11, 24, tzinfo=UTC), 10)
-    assert len(conn.statements) == 5
+    assert len(conn.statements) == 6
     for sql in conn.statements:
         parses_as_tsql(sql)
         assert re.search(r"\bIS (NOT )?(0|1|true|false)\b", sql, flags=re.IGNORECASE) is None, sql

@@ -100,6 +100,27 @@ class AmqpDepths:
             self.connection.release()
 
 
+def purge_amqp(settings: Settings, partitions: Iterable[int]) -> int:
+    """Drop the tasks waiting in these partitions' queues of an AMQP broker (those a worker
+    held unacknowledged went back to their queue as its connection closed); how many.
+    `Unanswered` when the broker cannot be asked."""
+    celery = make_celery(settings, main="purge")
+    with celery.connection_for_write(connect_timeout=5) as connection:
+        try:
+            channel = connection.channel()
+            dropped = 0
+            for partition in partitions:
+                try:
+                    dropped += int(channel.queue_purge(queue_name(partition)) or 0)
+                except connection.channel_errors as exc:
+                    if getattr(exc, "code", None) != _NOT_FOUND:
+                        raise
+                    channel = connection.channel()  # the broker closed this one for asking
+            return dropped
+        except (OperationalError, *connection.connection_errors) as exc:
+            raise Unanswered(exc) from exc
+
+
 def depth_reader(settings: Settings, redis_client: Callable[[str], redis.Redis],
                  timeout_s: float = 5.0) -> QueueDepths | None:
     """A reader of the queues of the Celery broker the settings name (a Redis one through a

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import select
 
 from eventpipe import redis_clients
+from eventpipe.broker_queues import Unanswered, purge_amqp
 from eventpipe.database import make_engine, redacted
 from eventpipe.errors import ServiceUnanswered
 from eventpipe.kafka import broker_reachable, ensure_topic
@@ -149,14 +150,22 @@ class Stack:
         done in the new topic's ledger (offsets that name other messages now). Those queued,
         and those kombu holds as delivered and not acknowledged (a worker killed with them,
         retries it held), which it hands out again later."""
+        partitions = range(self.settings.kafka_partitions)
         if self.settings.celery_broker_url.split("://", 1)[0] not in REDIS_SCHEMES:
-            self.say("            tasks an earlier run may have left in CELERY_BROKER_URL are "
-                     "not dropped: purge its events.p* queues when the topic is new")
+            try:
+                dropped = purge_amqp(self.settings, partitions)  # RabbitMQ
+            except Unanswered as exc:
+                raise ServiceUnanswered(
+                    f"no broker answers at CELERY_BROKER_URL="
+                    f"{redacted(self.settings.celery_broker_url)}: {exc}; start it, or unset "
+                    "the variable to run an embedded Redis") from exc
+            if dropped:
+                self.say(f"            dropped {dropped} task(s) an earlier run left")
             return
-        queues = [queue_name(p) for p in range(self.settings.kafka_partitions)]
+        queues = [queue_name(p) for p in partitions]
         client = redis_clients.operator(self.settings.celery_broker_url)
         try:
-            dropped = sum(queue_depths(client, range(self.settings.kafka_partitions)).values())
+            dropped = sum(queue_depths(client, partitions).values())
             if dropped:
                 client.delete(*queues)
             dropped += drop_unacked(client, queues)

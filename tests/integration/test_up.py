@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from sqlalchemy import create_engine
 
 from eventpipe.migrations import upgrade
@@ -72,6 +73,12 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
         env.update(REDIS_URL=f"{REDIS_URL}/11",
                    CELERY_BROKER_URL=cleanup.enter_context(rabbitmq_vhost()))
         redis.Redis.from_url(f"{REDIS_URL}/11").flushdb()
+        # Holding a task an earlier run left for a topic the new embedded Kafka lacks.
+        earlier = Celery(broker=env["CELERY_BROKER_URL"])
+        earlier.conf.task_queues = {"events.p0": {"exchange": "events.p0",
+                                                  "routing_key": "events.p0"}}
+        earlier.send_task("apply_events", queue="events.p0")
+        earlier.close()
     else:
         # The machine's Redis, holding a task an earlier run left queued for a topic that
         # the new embedded Kafka no longer has.
@@ -114,7 +121,7 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
         elif redis_kind == "half":
             assert re.search(r"redis-server on \S+ for CELERY_BROKER_URL\n", shown), shown
         elif redis_kind == "rabbitmq":
-            assert "may have left in CELERY_BROKER_URL are not dropped" in shown
+            assert "dropped 1 task(s) an earlier run left" in shown
         else:
             assert "dropped 2 task(s) an earlier run left" in shown
             broker = redis.Redis.from_url(f"{REDIS_URL}/12")

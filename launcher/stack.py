@@ -39,7 +39,7 @@ from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
 from eventpipe.queues import drop_unacked, queue_depths, queue_name
-from eventpipe.settings import REDIS_SCHEMES, Settings, child_environment
+from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
 from eventpipe.tables import applied_events
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
@@ -90,6 +90,12 @@ class Stack:
         """The ports the children will listen on, free before anything starts (a child that
         cannot listen would exit and leave the reason in its log)."""
         s = self.settings
+        for setting, port in (("WEB_PORT", s.web_port), ("FLOWER_PORT", s.flower_port),
+                              ("BRIDGE_METRICS_PORT", s.bridge_metrics_port),
+                              ("WORKER_METRICS_PORT", s.worker_metrics_port)):
+            if port == 0:  # `up` probes and shows each one: it must know where it is
+                raise SettingsError(f"{setting}=0: `eventpipe up` needs a port it can name; "
+                                    "set a free one")
         ensure_free("WEB_PORT", s.web_port, s.web_host, host_setting="WEB_HOST")
         ensure_free("FLOWER_PORT", s.flower_port, "127.0.0.1")
         ensure_free("BRIDGE_METRICS_PORT", s.bridge_metrics_port)
@@ -206,7 +212,7 @@ class Stack:
     def wait_ready(self) -> None:
         s = self.settings
         probes = {
-            "web API": f"http://{s.web_host}:{s.web_port}/ready",
+            "web API": f"http://{_in_url(s.web_host)}:{s.web_port}/ready",
             "bridge metrics": f"http://127.0.0.1:{s.bridge_metrics_port}/metrics",
             "worker metrics": f"http://127.0.0.1:{s.worker_metrics_port}/metrics",
             "Flower": f"http://127.0.0.1:{s.flower_port}/healthcheck",
@@ -235,7 +241,7 @@ class Stack:
 
     def urls(self) -> dict[str, str]:
         s = self.settings
-        api = f"http://{s.web_host}:{s.web_port}"
+        api = f"http://{_in_url(s.web_host)}:{s.web_port}"
         token = ("" if "DLQ_API_TOKEN" in self.provided
                  else f" (DLQ token for this run: {s.dlq_api_token})")
         return {
@@ -322,6 +328,11 @@ def _environment_of(settings: Settings) -> dict[str, str]:
     """Every setting as its environment variable, so the children see what `up` decided."""
     return {f.metadata["env"]: str(getattr(settings, f.name))
             for f in dataclasses.fields(settings)}
+
+
+def _in_url(host: str) -> str:
+    """A host as a URL names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _default_port(bootstrap: str) -> int | None:

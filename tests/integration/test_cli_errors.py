@@ -65,6 +65,9 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["bridge"], {"CELERY_BROKER_URL": "foo://127.0.0.1/0"}, 2,
          "eventpipe: bad setting: CELERY_BROKER_URL: 'foo' is not a transport Celery knows"),
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),
+        # `up` would wait 90 s for an API at port 0, then say it is not ready.
+        (["up"], {"WEB_PORT": "0"}, 2, "eventpipe: bad setting: WEB_PORT=0: `eventpipe up` "
+                                       "needs a port it can name"),
         # A driver the URL names that is not installed: a Python module, an ODBC library.
         (["status"], {"DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1/x"}, 2,
          "eventpipe: bad setting: DATABASE_URL: the driver 'psycopg2' cannot be loaded"),

@@ -445,6 +445,9 @@ class Bridge:
     # -- rebalance callbacks -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        # Taken here rather than by the client once this returns: a partition that is not
+        # assigned yet may not be paused (below), and that pause is what keeps it unread.
+        consumer.assign(assigned)
         assigned = self._served_or_stop(assigned)
         known = self._committed(consumer, assigned)
         committed = known or {}

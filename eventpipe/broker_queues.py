@@ -117,8 +117,13 @@ def purge_amqp(settings: Settings, partitions: Iterable[int]) -> int:
                         raise
                     channel = connection.channel()  # the broker closed this one for asking
             return dropped
-        except (OperationalError, *connection.connection_errors) as exc:
+        except (OperationalError, *connection.connection_errors,
+                *connection.channel_errors) as exc:  # a login refused is a channel error
             raise Unanswered(exc) from exc
+
+
+def is_amqp(url: str) -> bool:
+    return url.split("://", 1)[0].split("+", 1)[0].lower() in _AMQP_SCHEMES
 
 
 def depth_reader(settings: Settings, redis_client: Callable[[str], redis.Redis],

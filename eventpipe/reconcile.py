@@ -270,7 +270,7 @@ class _Sync:
             elif (change := self._held(mine, standing)) is not None:
                 updated.append((mine, change))
         self.changed += records.resolve(self.conn, resolved, self.now)
-        self.changed += records.create_or_reopen(self.conn, created)
+        self.changed += records.create_or_reopen(self.conn, created, self.park_timeout)
         self.changed += records.save_all(self.conn, updated)
         return went_down
 

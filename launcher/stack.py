@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import select
 
 from eventpipe import redis_clients
-from eventpipe.broker_queues import Unanswered, purge_amqp
+from eventpipe.broker_queues import Unanswered, is_amqp, purge_amqp
 from eventpipe.database import make_engine, redacted
 from eventpipe.errors import ServiceUnanswered
 from eventpipe.kafka import broker_reachable, ensure_topic
@@ -157,7 +157,12 @@ class Stack:
         and those kombu holds as delivered and not acknowledged (a worker killed with them,
         retries it held), which it hands out again later."""
         partitions = range(self.settings.kafka_partitions)
-        if self.settings.celery_broker_url.split("://", 1)[0] not in REDIS_SCHEMES:
+        broker = self.settings.celery_broker_url
+        if broker.split("://", 1)[0] not in REDIS_SCHEMES and not is_amqp(broker):
+            self.say("            tasks an earlier run may have left in CELERY_BROKER_URL are "
+                     "not dropped: purge its events.p* queues, the topic being new")
+            return
+        if is_amqp(broker):
             try:
                 dropped = purge_amqp(self.settings, partitions)  # RabbitMQ
             except Unanswered as exc:

@@ -54,7 +54,8 @@ class Replayed:
     replayed: int = 0
     refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
     skipped: int = 0  # not open any more (another replay has them, or they are gone)
-    no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed)
+    no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
+    # answer): back in the DLQ
 
 
 class Publisher:
@@ -66,6 +67,7 @@ class Publisher:
         self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
         self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
         self._reader: MessageReader | None = None  # made when an entry lacks its bytes
+        self._unread = False  # Kafka did not answer a read: the rest go without theirs
 
     def answers(self, topic: str | None) -> None:
         """Raise a `TransientError` unless Kafka tells this topic's partitions, asked before
@@ -85,12 +87,16 @@ class Publisher:
         made anew), which must not be published in its place."""
         if entry.value is not None:
             return entry
+        if self._unread:  # each read would wait as long again: this replay asks no more
+            return None
         if self._reader is None:
             self._reader = MessageReader(self.settings, timeout_s=self.timeout_s)
         try:
             message = self._reader.fetch(entry.letter.position)
         except TransientError as exc:
-            log.warning("bytes of %s not read from Kafka: %s", entry.letter.dlq_key, exc)
+            log.warning("bytes of %s not read from Kafka (nor those of the rest of this "
+                        "replay): %s", entry.letter.dlq_key, exc)
+            self._unread = True
             return None
         if message is None or not made_of(entry.letter.dlq_key, *message):
             return None

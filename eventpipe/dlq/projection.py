@@ -69,12 +69,13 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         gone = [letter for letter in pending if letter.state != OPEN]
         report.removed = stream.remove(*(letter.dlq_key for letter in gone))
         written += gone
-        present: set[str] | None = None  # the stream's keys, once it has refused one
+        present: set[str] | None = None  # pending keys it shows, once no new entry fits
         for letter in pending:
             if letter.state != OPEN:
                 continue
-            if refused is not None:  # full: only a replacement may still go in
-                present = stream.keys() if present is None else present
+            if refused is not None and refused.by_count:  # only a replacement may go in
+                if present is None:
+                    present = stream.holding([p.dlq_key for p in pending if p.state == OPEN])
                 if letter.dlq_key not in present:
                     continue
             message = (payloads or {}).get(letter.dlq_key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -245,7 +245,8 @@ def waiting_on(conn: Connection, parent_kind: str,
             for row in rows_in(conn, query, dead_letters.c.parent_key, keys)}
 
 
-def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter],
+                     park_timeout: timedelta | None = None) -> list[DeadLetter]:
     """Add held events' dead letters; one that had left the DLQ comes back with its earlier
     lives (episodes written when it left), but for one an operator purged: that decision
     stands, for as long as the event is held or whenever it is held again (its entity stays
@@ -255,16 +256,23 @@ def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter]) -> list[De
     chosen = {letter.dlq_key: letter for letter in letters}
     before = load(conn, chosen, lock=True)
     return save_all(conn, [
-        (before.get(key), _reopened(before[key], letter) if key in before else letter)
+        (before.get(key), _reopened(before[key], letter, park_timeout)
+         if key in before else letter)
         for key, letter in chosen.items()
         if key not in before or before[key].state not in (PURGED, REPLAYING)])
 
 
-def _reopened(before: DeadLetter, letter: DeadLetter) -> DeadLetter:
-    """`letter` in the row `before`, with its earlier lives. A replayed event still held
-    comes back to the DLQ at once: its wait was spent before it was replayed, and waiting
-    anew would hide it for another parking time, as if the replay had emptied the DLQ."""
-    if before.state == REPLAYED and letter.state == WAITING:
+def _reopened(before: DeadLetter, letter: DeadLetter,
+              park_timeout: timedelta | None) -> DeadLetter:
+    """`letter` in the row `before`, with its earlier lives. An event replayed less than a
+    parking time ago and still held comes back to the DLQ at once: its wait was spent before
+    the replay, and waiting anew would hide it for another parking time, as if the replay
+    had emptied the DLQ. Held again long after (its parent gone from the read model since),
+    it waits as any event does."""
+    last = before.history[-1] if before.history else None
+    if (before.state == REPLAYED and letter.state == WAITING and park_timeout is not None
+            and last is not None and last.ended == REPLAYED
+            and datetime.fromisoformat(last.ended_at) + park_timeout > letter.last_failure_at):
         letter = replace(letter, state=OPEN, deadline=None)
     return replace(letter, history=before.history)
 
@@ -380,12 +388,13 @@ def resolve(conn: Connection, letters: Sequence[DeadLetter], now: datetime) -> l
     """Close live dead letters whose condition cleared; the ones closed. One that never reached
     the DLQ (waiting, with no earlier life) leaves no trace: it was never a failure anyone
     saw."""
-    unseen = [letter for letter in letters if letter.state == WAITING and not letter.history]
-    waiting = sorted(unseen, key=lambda letter: letter.dlq_key)
+    unseen = {letter.dlq_key: letter for letter in letters
+              if letter.state == WAITING and not letter.history}
+    waiting = sorted(unseen.values(), key=lambda letter: letter.dlq_key)
     if waiting:
         conn.execute(dead_letters.delete().where(
             dead_letters.c.dlq_key == bindparam("key"),
             dead_letters.c.revision == bindparam("at_revision")),
             [{"key": letter.dlq_key, "at_revision": letter.revision} for letter in waiting])
     return save_all(conn, [(letter, _transitioned(letter, RESOLVED, now))
-                           for letter in letters if letter not in unseen])
+                           for letter in letters if letter.dlq_key not in unseen])

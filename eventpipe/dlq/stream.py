@@ -134,7 +134,12 @@ REBUILD_LEASE_S = 30
 
 
 class DeadLetterQueueFull(TransientError):
-    """The DLQ is at its bound: projecting waits until operators make room."""
+    """The DLQ is at its bound: projecting waits until operators make room. `by_count`: the
+    bound reached is the number of entries (no new entry fits, however small), not bytes."""
+
+    def __init__(self, message: str, *, by_count: bool) -> None:
+        super().__init__(message)
+        self.by_count = by_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,12 +350,20 @@ class DeadLetterStream:
             raise DeadLetterQueueFull(
                 f"dead-letter queue {self.stream} is full ({entries} entries, {total} bytes; "
                 f"bounds {self.max_entries} entries, {self.max_bytes} bytes): replay or purge "
-                "entries, or raise DLQ_MAX_ENTRIES / DLQ_MAX_BYTES")
+                "entries, or raise DLQ_MAX_ENTRIES / DLQ_MAX_BYTES",
+                by_count=int(entries) > self.max_entries)
         if entries >= self.max_entries * WARN_RATIO or total >= self.max_bytes * WARN_RATIO:
             log.warning("dead-letter queue near its bound", extra={
                 "dlqDepth": entries, "dlqBytes": total, "dlqMaxEntries": self.max_entries,
                 "dlqMaxBytes": self.max_bytes})
         return _decoded(entry_id)
+
+    def holding(self, dlq_keys: list[str]) -> set[str]:
+        """Those of these keys that have an entry (one round trip)."""
+        if not dlq_keys:
+            return set()
+        named = self.client.hmget(self.index, dlq_keys)
+        return {key for key, line in zip(dlq_keys, named, strict=True) if line is not None}
 
     def remove(self, *dlq_keys: str) -> int:
         """Remove the entries of these keys (one round trip); how many were there."""

@@ -827,3 +827,21 @@ def test_an_entry_shown_without_its_bytes_is_replayed_with_kafkas(
     assert [m.value() for m in consume(consumer, 3)][2:] == [b"{bad 0"]
     consumer.close()
     assert [e.letter.position.offset for e in stream.scan()] == [other.offset]
+
+
+def test_a_dlq_short_of_bytes_for_one_letter_still_takes_smaller_ones(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """The byte bound refuses a large letter: the smaller ones behind it, which fit, go in
+    (only the entry bound leaves no room for any new letter)."""
+    _open_entries(engine, stream, "events", 2)
+    big, small = b"{" + b"x" * 9_500, b"{small"
+    saved = {letter.position.offset: letter for letter in record(
+        engine, replace(failure(10, big), last_failure_at=T0),
+        replace(failure(11, small), last_failure_at=T0 + timedelta(1)))}
+    large, little = saved[10], saved[11]
+    report = projection.project(engine, stream, None,
+                                {large.dlq_key: (b"k", big), little.dlq_key: (b"k", small)})
+    assert report.full and report.put == 1
+    shown = stream.keys()
+    assert little.dlq_key in shown and large.dlq_key not in shown

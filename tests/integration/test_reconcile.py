@@ -494,3 +494,28 @@ def test_a_second_reconciler_skips_while_a_round_surveys(
     settle(engine)
     assert sorted(u[0] for u in shown(engine)["users"]) == ["u1", "u2"]
     assert live(engine) == {}
+
+
+def test_an_event_replayed_long_ago_and_held_again_waits_and_keeps_its_history(
+        engine: Engine) -> None:
+    """An order replayed long ago, then visible, is held again later (its user lost its email
+    to an earlier claimant): it waits its parking time as any event does, not in the DLQ at
+    once as a replay still held would be; and when its user is back, its letter is resolved
+    with its earlier lives kept (a wait with a history is no longer one nobody saw)."""
+    apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    long_ago = datetime.now(UTC) - 3 * PARK
+    with engine.begin() as conn:
+        [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
+        assert key in records.claim_for_replay(conn, [key], long_ago + timedelta(minutes=5))
+        assert key in records.finish_replay(conn, [key], long_ago, published=True)
+    apply(engine, user_created("u1", email="a@x.io", occurred_at=at(0)))
+    assert live(engine) == {}
+    apply(engine, user_created("u0", email="a@x.io", occurred_at=at(-1)))
+    assert live(engine)[("order", "o1")] == (WAITING, "MissingParent", "u1")
+    apply(engine, user_created("u0", email="b@x.io", occurred_at=at(2)))
+    assert live(engine) == {}
+    with engine.connect() as conn:
+        [found] = records.load(conn, [key]).values()
+    assert found.state == "resolved"
+    assert [e.ended for e in found.history] == ["replayed", "resolved"]

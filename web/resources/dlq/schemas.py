@@ -162,9 +162,9 @@ class ReplayedSchema(CamelSchema):
     skipped = fields.Integer(required=True, metadata={
         "description": "No longer open (another replay has them, or they are gone)"})
     no_bytes = fields.Integer(required=True, metadata={
-        "description": "Their message bytes are not in the stream: lost with Redis (run "
-                       "`eventpipe dlq restore`), or larger than DLQ_MAX_BYTES (still in "
-                       "Kafka at the entry's position)"})
+        "description": "Their message bytes are neither in the stream nor in Kafka at the "
+                       "entry's position (its retention passed), or Kafka did not answer "
+                       "for them: still in the DLQ"})
 
 
 class DeletedSchema(CamelSchema):

@@ -537,15 +537,19 @@ def test_two_workers_on_the_same_partitions_still_apply_exactly_once(
     assert pipeline.applied_count() == len(messages)  # recorded once per event id
 
 
+def _marks_of_an_earlier_topic(pipeline: Pipeline, ledger: OffsetLedger) -> None:
+    """Done marks left by an earlier topic of the same name (recreated from offset 0), as
+    after `eventpipe up` restarts its in-memory Kafka against a Redis that kept its data."""
+    for partition in range(pipeline.partitions):
+        ledger.settle(pipeline.name, partition, range(1000), {})
+
+
 def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) -> None:
     pipeline: Pipeline = make_pipeline()
     messages = stream(800, seed=111)
     sent = pipeline.send(messages)
-    # Done marks left by an earlier topic of the same name (recreated from offset 0), as
-    # after `eventpipe up` restarts its in-memory Kafka against a Redis that kept its data.
-    ledger = OffsetLedger(pipeline.redis, pipeline.settings.kafka_group_id)
-    for partition in range(pipeline.partitions):
-        ledger.settle(pipeline.name, partition, range(1000), {})
+    _marks_of_an_earlier_topic(pipeline, OffsetLedger(pipeline.redis,
+                                                      pipeline.settings.kafka_group_id))
     pipeline.start_bridge()
     # With no worker taking the first task of a partition, the bridge keeps what follows in
     # its next batch until that batch is full: all but less than a batch per partition waits
@@ -586,8 +590,7 @@ def test_ledger_marks_of_a_previous_topic_are_not_trusted_until_they_are_cleared
     messages = stream(200, seed=113)
     sent = pipeline.send(messages)
     ledger = _ForgetRefused(pipeline.redis, pipeline.settings.kafka_group_id)
-    for partition in range(pipeline.partitions):
-        ledger.settle(pipeline.name, partition, range(1000), {})
+    _marks_of_an_earlier_topic(pipeline, ledger)
     bridge = Bridge(pipeline.settings, ledger=ledger)
     running = threading.Thread(target=bridge.run, name="bridge", daemon=True)
     running.start()

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
+# The URLs an embedded redis-server stands in for, and the database number each gets.
+_EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 
 
 def _stop_timeouts_s(settings: Settings) -> dict[str, float]:
@@ -62,8 +64,6 @@ def _stop_timeouts_s(settings: Settings) -> dict[str, float]:
     API for gunicorn's graceful 30 s (a replay waits on Kafka)."""
     drain = settings.shutdown_drain_timeout_s
     return {"bridge": drain + 10, "worker": drain + 25, "web": 35.0, "flower": 10.0}
-# The URLs an embedded redis-server stands in for, and the database number each gets.
-_EMBEDDED_REDIS = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1}
 
 
 class Interrupted(Exception):

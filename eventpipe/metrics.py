@@ -98,7 +98,9 @@ IN_FLIGHT = Gauge(
     ["partition"], multiprocess_mode="livesum",
 )
 PAUSED = Gauge(
-    "bridge_paused_partitions", "Partitions paused for backpressure", multiprocess_mode="livesum"
+    "bridge_paused_partitions",
+    "Partitions paused: for backpressure, or until their ledger holds no marks of an earlier topic",
+    multiprocess_mode="livesum",
 )
 REDELIVERIES = Counter(
     "bridge_redeliveries", "Times a partition was re-read from its committed offset", ["partition"]

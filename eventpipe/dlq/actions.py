@@ -182,9 +182,10 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     """Claim the chunk's letters in one transaction, publish them, then end the claims in
     one transaction per outcome: a transaction per letter made a large replay take minutes
     on a database that syncs each commit to disk."""
+    claim = now() + timedelta(seconds=REPLAY_CLAIM_S)
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
-                                           now() + timedelta(seconds=REPLAY_CLAIM_S))
+                                           claim)
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
     for entry in chunk:
@@ -202,10 +203,10 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     # What Kafka took first: a failure there is the caller's (those claims lapse, and the
     # reconciler returns the letters to the DLQ though their copies are out), while the
     # others' claims lapse back to the DLQ anyway, as if the replayer had died.
-    for key in _end_claims(engine, published, now, published=True):
+    for key in _end_claims(engine, published, now, claim, published=True):
         stream.remove(key)  # the others' claims lapsed, and their entries may be live again
     try:
-        _end_claims(engine, [*no_bytes, *refused], now, published=False)
+        _end_claims(engine, [*no_bytes, *refused], now, claim, published=False)
     except Exception as exc:
         log.warning("claims of %d letters not published not ended (they lapse in %.0f s): "
                     "%s", len(no_bytes) + len(refused), REPLAY_CLAIM_S, exc)
@@ -216,8 +217,8 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         progress(len(chunk))
 
 
-def _end_claims(engine: Engine, keys: list[str], now: Callable[[], datetime], *,
-                published: bool) -> list[str]:
+def _end_claims(engine: Engine, keys: list[str], now: Callable[[], datetime],
+                claim: datetime, *, published: bool) -> list[str]:
     """End a replay's claims on these letters (not published: back in the DLQ), and queue
     their entities for the next reconciler round, which evaluates them again: the claims hid
     the letters from the rounds, so a parent may have come meanwhile; and a replayed event
@@ -226,7 +227,7 @@ def _end_claims(engine: Engine, keys: list[str], now: Callable[[], datetime], *,
     if not keys:
         return []
     with engine.begin() as conn:
-        ended = records.finish_replay(conn, keys, now(), published=published)
+        ended = records.finish_replay(conn, keys, now(), published=published, claim=claim)
         reconcile.queue_entities(conn, ended.values(), now())
     return list(ended)
 

@@ -357,7 +357,7 @@ def claim_for_replay(conn: Connection, keys: Collection[str],
                      lease_until: datetime) -> dict[str, DeadLetter]:
     """Claim the open dead letters of `keys` for one replay: those claimed, by key. A letter
     not open (another replay has it, or it is gone) is left out. A claim lapses at
-    `lease_until` if the replayer dies."""
+    `lease_until` if the replayer dies; that time also names the claim (`finish_replay`)."""
     found = load(conn, keys, lock=True)
     claims = [(letter, replace(letter, state=REPLAYING, deadline=lease_until))
               for letter in found.values() if letter.state == OPEN]
@@ -365,13 +365,15 @@ def claim_for_replay(conn: Connection, keys: Collection[str],
 
 
 def finish_replay(conn: Connection, keys: Collection[str], now: datetime, *,
-                  published: bool) -> dict[str, DeadLetter]:
-    """End this replay's claims: the letters as saved, by key. One whose claim lapsed and
-    that moved on meanwhile is left out (its entry is then the projection's business, not
-    the replayer's)."""
+                  published: bool, claim: datetime) -> dict[str, DeadLetter]:
+    """End this replay's claims, made to lapse at `claim`: the letters as saved, by key. One
+    whose claim lapsed and that moved on meanwhile is left out (its entry is then the
+    projection's business, not the replayer's), and so is one another replay claimed since:
+    a replayer stopped past its claim must not end the next one's."""
     found = load(conn, keys, lock=True)
     ends = [(letter, _transitioned(letter, REPLAYED if published else OPEN, now, deadline=None))
-            for letter in found.values() if letter.state == REPLAYING]
+            for letter in found.values()
+            if letter.state == REPLAYING and letter.deadline == claim]
     return {letter.dlq_key: letter for letter in save_all(conn, ends)}
 
 

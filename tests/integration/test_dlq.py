@@ -555,10 +555,11 @@ def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_
     taken, refused = _open_entries(engine, stream, "events", 2)
     real = records.finish_replay
 
-    def busy_for_the_refused(conn: Any, keys: Any, now: Any, *, published: bool) -> Any:
+    def busy_for_the_refused(conn: Any, keys: Any, now: Any, *, published: bool,
+                             claim: datetime) -> Any:
         if not published:
             raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("database is locked"))
-        return real(conn, keys, now, published=published)
+        return real(conn, keys, now, published=published, claim=claim)
 
     class HalfTaken(_Kafka):
         def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
@@ -582,13 +583,14 @@ def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(
     and its entry must still be there, not come back after a purge that said it was gone."""
     [entry] = _open_entries(engine, stream, "events", 1)
     key = entry.letter.dlq_key
+    claim = datetime.now(UTC) + timedelta(minutes=5)
     with engine.begin() as conn:
-        assert key in records.claim_for_replay(conn, [key],
-                                               datetime.now(UTC) + timedelta(minutes=5))
+        assert key in records.claim_for_replay(conn, [key], claim)
     assert actions.purge(engine, stream, [entry]) == actions.Purged(deleted=0, replaying=1)
     assert [e.letter.dlq_key for e in stream.scan()] == [key]
     with engine.begin() as conn:
-        assert key in records.finish_replay(conn, [key], datetime.now(UTC), published=False)
+        assert key in records.finish_replay(conn, [key], datetime.now(UTC), published=False,
+                                            claim=claim)
         assert records.load(conn, [key])[key].state == OPEN
 
 
@@ -737,9 +739,9 @@ def test_an_entry_a_replay_holds_keeps_its_bytes_through_projections_and_rebuild
     topic = kafka_topic(partitions=1)  # holds nothing: the message is past its retention
     [entry] = _open_entries(engine, stream, topic, 1)
     key = entry.letter.dlq_key
+    claim = datetime.now(UTC) + timedelta(minutes=5)
     with engine.begin() as conn:
-        assert key in records.claim_for_replay(conn, [key],
-                                               datetime.now(UTC) + timedelta(minutes=5))
+        assert key in records.claim_for_replay(conn, [key], claim)
     reader = MessageReader(settings_for(kafka_broker, topic), timeout_s=2)
     reconciler = Reconciler(engine, stream, lambda: reader.fetch, timedelta(hours=1),
                             heal_every_s=0)
@@ -751,7 +753,7 @@ def test_an_entry_a_replay_holds_keeps_its_bytes_through_projections_and_rebuild
         assert [(e.letter.dlq_key, e.value) for e in stream.scan()] == [(key, entry.value)]
         with engine.begin() as conn:  # Kafka refused it: back to the DLQ
             assert key in records.finish_replay(conn, [key], datetime.now(UTC),
-                                                published=False)
+                                                published=False, claim=claim)
         reconciler.run_once()
     finally:
         reader.close()
@@ -845,3 +847,27 @@ def test_a_dlq_short_of_bytes_for_one_letter_still_takes_smaller_ones(
     assert report.full and report.put == 1
     shown = stream.keys()
     assert little.dlq_key in shown and large.dlq_key not in shown
+
+
+def test_a_replayer_whose_claim_was_taken_by_another_replay_ends_none_of_it(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """A replayer stopped for longer than its claim (Ctrl-Z, a frozen VM): the claim lapses,
+    the letter goes back to the DLQ, a second replay claims it. The first, resumed, must not
+    end the second's claim: it would mark the letter replayed (or open) under it, and the
+    letter could be published twice."""
+    [entry] = _open_entries(engine, stream, "events", 1)
+    key, now = entry.letter.dlq_key, datetime.now(UTC)
+    first, second = now + timedelta(minutes=5), now + timedelta(minutes=11)
+    with engine.begin() as conn:
+        assert key in records.claim_for_replay(conn, [key], first)
+    with engine.begin() as conn:  # lapsed: the reconciler gives it back to the DLQ
+        [claimed] = records.load(conn, [key]).values()
+        records.transition(conn, claimed, OPEN, first, deadline=None)
+    with engine.begin() as conn:
+        assert key in records.claim_for_replay(conn, [key], second)
+    with engine.begin() as conn:
+        assert records.finish_replay(conn, [key], now, published=True, claim=first) == {}
+        assert records.load(conn, [key])[key].state == REPLAYING
+        assert key in records.finish_replay(conn, [key], now, published=True, claim=second)
+        assert records.load(conn, [key])[key].state == REPLAYED

@@ -124,15 +124,16 @@ def test_a_round_leaves_a_letter_a_replay_has_to_the_replay(engine: Engine) -> N
     apply(engine, order_placed("o1", "u1", occurred_at=at(1)))
     later = datetime.now(UTC) + PARK + timedelta(seconds=1)
     settle(engine, later)
+    claim = later + timedelta(minutes=5)
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        letter = records.claim_for_replay(conn, [key], later + timedelta(minutes=5))[key]
+        letter = records.claim_for_replay(conn, [key], claim)[key]
         reconciling.queue_entities(conn, [letter], later)
     settle(engine, later + timedelta(seconds=1))
     with engine.begin() as conn:
         assert records.load(conn, [key])[key].state == "replaying"
         assert key in records.finish_replay(conn, [key], later + timedelta(seconds=2),
-                                            published=True)
+                                            published=True, claim=claim)
         reconciling.queue_entities(conn, [letter], later + timedelta(seconds=2))
     settle(engine, later + timedelta(seconds=3))
     with engine.connect() as conn:
@@ -507,8 +508,9 @@ def test_an_event_replayed_long_ago_and_held_again_waits_and_keeps_its_history(
     long_ago = datetime.now(UTC) - 3 * PARK
     with engine.begin() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        assert key in records.claim_for_replay(conn, [key], long_ago + timedelta(minutes=5))
-        assert key in records.finish_replay(conn, [key], long_ago, published=True)
+        claim = long_ago + timedelta(minutes=5)
+        assert key in records.claim_for_replay(conn, [key], claim)
+        assert key in records.finish_replay(conn, [key], long_ago, published=True, claim=claim)
     apply(engine, user_created("u1", email="a@x.io", occurred_at=at(0)))
     assert live(engine) == {}
     apply(engine, user_created("u0", email="a@x.io", occurred_at=at(-1)))

@@ -132,9 +132,8 @@ def depth_reader(settings: Settings, redis_client: Callable[[str], redis.Redis],
     client `redis_client` makes, one of `eventpipe.redis_clients`' factories); None for a
     broker it cannot ask."""
     url = settings.celery_broker_url
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme in ("redis", "rediss"):
+    if url.split("://", 1)[0].split("+", 1)[0].lower() in ("redis", "rediss"):
         return RedisDepths(redis_client(url))
-    if scheme in _AMQP_SCHEMES:
+    if is_amqp(url):
         return AmqpDepths(make_celery(settings, main="queue-depths"), timeout_s)
     return None

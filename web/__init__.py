@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # flask-smorest registers it for pagination, which this API does with a cursor instead.
     api.spec.components.schemas.pop("PaginationMetadata", None)
     api.spec.components.schemas["Selection"]["anyOf"] = SelectionSchema.ANY_OF
-    metrics.install(app, lambda: deps.dead_letters().depth())
+    metrics.install(app, lambda: deps.dead_letters().depth(), settings.dlq_max_entries)
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)
     app.add_url_rule("/console", "console", _console_page)

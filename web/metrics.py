@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
-from eventpipe.metrics import DLQ_DEPTH
+from eventpipe.metrics import DLQ_DEPTH, DLQ_MAX_ENTRIES
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class _Everything(Collector):
         return self.source.collect()
 
 
-def install(app: Flask, dlq_depth: Callable[[], int]) -> PrometheusMetrics:
+def install(app: Flask, dlq_depth: Callable[[], int], dlq_max_entries: int) -> PrometheusMetrics:
+    DLQ_MAX_ENTRIES.set(dlq_max_entries)  # beside the depth, for its alert
     registry = CollectorRegistry()
     registry.register(_Everything(REGISTRY))
 

@@ -30,8 +30,8 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from sqlalchemy import Engine
 
 from eventpipe import metrics, reconcile
-from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, REPLAYING, made_of
+from eventpipe.dlq import projection, records
+from eventpipe.dlq.letter import OPEN, REPLAYING
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
@@ -92,15 +92,13 @@ class Publisher:
         if self._reader is None:
             self._reader = MessageReader(self.settings, timeout_s=self.timeout_s)
         try:
-            message = self._reader.fetch(entry.letter.position)
+            message = projection.fetched(self._reader.fetch, entry.letter)
         except TransientError as exc:
             log.warning("bytes of %s not read from Kafka (nor those of the rest of this "
                         "replay): %s", entry.letter.dlq_key, exc)
             self._unread = True
             return None
-        if message is None or not made_of(entry.letter.dlq_key, *message):
-            return None
-        return replace(entry, key=message[0], value=message[1])
+        return None if message is None else replace(entry, key=message[0], value=message[1])
 
     def close(self) -> None:
         if self._reader is not None:

@@ -80,7 +80,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
                     continue
             message = (payloads or {}).get(letter.dlq_key)
             if message is None and fetch is not None:
-                message = _shown(stream, letter) or _fetched(fetch, letter)
+                message = _shown(stream, letter) or fetched(fetch, letter)
             elif message is None:
                 continue
             if message is None:
@@ -105,6 +105,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             waiting = records.count_unprojected(conn)
         log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
     metrics.DLQ_DEPTH.set(stream.depth())
+    metrics.DLQ_MAX_ENTRIES.set(stream.max_entries)  # beside the depth, for its alert
     return report
 
 
@@ -118,7 +119,7 @@ def _shown(stream: DeadLetterStream, letter: DeadLetter) -> tuple[bytes | None, 
     return entry.key, entry.value
 
 
-def _fetched(fetch: Fetch, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
+def fetched(fetch: Fetch, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
     """The message at the letter's position, if Kafka still has it and it is the letter's."""
     message = fetch(letter.position)
     if message is not None and not made_of(letter.dlq_key, *message):

@@ -286,6 +286,10 @@ def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
     return [letter_of(row) for row in conn.execute(query)]
 
 
+# A letter whose latest revision the stream does not show, but for one a replay holds.
+_UNPROJECTED = (dead_letters.c.in_stream == false(), dead_letters.c.state != REPLAYING)
+
+
 def unprojected(conn: Connection, limit: int,
                 keys: Collection[str] | None = None) -> list[DeadLetter]:
     """Dead letters whose latest revision the stream does not show (of `keys`, if given):
@@ -294,8 +298,7 @@ def unprojected(conn: Connection, limit: int,
     none: a full DLQ must not keep them waiting behind new letters. A letter a replay holds
     is left out: its entry stays as it is until the replay ends (past Kafka's retention the
     entry has the only copy of its bytes, which the letter needs should it come back)."""
-    query = select(dead_letters).where(dead_letters.c.in_stream == false(),
-                                       dead_letters.c.state != REPLAYING)
+    query = select(dead_letters).where(*_UNPROJECTED)
     if keys is not None:
         if not keys:
             return []
@@ -309,8 +312,8 @@ def unprojected(conn: Connection, limit: int,
 
 
 def count_unprojected(conn: Connection) -> int:
-    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
-        dead_letters.c.in_stream == false(), dead_letters.c.state != REPLAYING)).scalar_one())
+    return int(conn.execute(select(func.count()).select_from(dead_letters)
+                            .where(*_UNPROJECTED)).scalar_one())
 
 
 def mark_projected(conn: Connection, letters: Iterable[DeadLetter]) -> None:

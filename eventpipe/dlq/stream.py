@@ -27,7 +27,6 @@ from typing import Any, cast
 
 import redis
 
-from eventpipe import metrics
 from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
@@ -231,7 +230,6 @@ class DeadLetterStream:
         # Set once the stream is known to match SQL; Redis losing its data loses this too.
         self.marker = f"{stream}:intact"
         self.max_entries = max_entries
-        metrics.DLQ_MAX_ENTRIES.set(max_entries)  # beside `dlq_depth`, for its alert
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
         self._remove = client.register_script(_REMOVE)

@@ -35,13 +35,13 @@ BEYOND = ("Also checked by the pipeline, beyond JSON Schema: lengths count UTF-1
           "message's Kafka timestamp; the Kafka key equals the event's key; the value is at "
           "most 1 MiB of UTF-8.")
 
+# Every pattern ends at the end of the text: `$` alone also matches before a final newline
+# in Python's regexes (which JSON Schema validators written in Python use), not in ECMA's.
+_END = r"(?!\n)$"
 # Every time this pattern admits is one the parser reads (it reads more ISO-8601 forms than
 # these): a day the month has (February 29 in leap years only), no hour 24, no leap second
 # (Python's times have none), ASCII digits only (a pattern's `\d` is any digit to some
 # validators).
-# Every pattern ends at the end of the text: `$` alone also matches before a final newline
-# in Python's regexes (which JSON Schema validators written in Python use), not in ECMA's.
-_END = r"(?!\n)$"
 _DIGIT = "[0-9]"
 _DAY = (f"{_DIGIT}{{4}}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]{_DIGIT}|3[01])"
         f"|(?:0[469]|11)-(?:0[1-9]|[12]{_DIGIT}|30)|02-(?:0[1-9]|1{_DIGIT}|2[0-8]))"

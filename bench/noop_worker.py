@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from eventpipe import redis_clients
-from eventpipe.offset_ledger import OffsetLedger
-from eventpipe.queues import APPLY_TASK, TaskMessage, make_celery, queue_name
+from eventpipe.offset_ledger import OffsetLedger, filed_under
+from eventpipe.queues import APPLY_TASK, TOPIC_ID_HEADER, TaskMessage, make_celery, queue_name
 from eventpipe.settings import get_settings
 
 settings = get_settings()
@@ -21,6 +21,7 @@ app.conf.task_queues = {queue_name(p): {"exchange": queue_name(p), "routing_key"
 ledger = OffsetLedger(redis_clients.pipeline(settings.redis_url), settings.kafka_group_id)
 
 
-@app.task(name=APPLY_TASK)
-def apply_events(topic: str, partition: int, messages: list[list[Any]]) -> None:
-    ledger.settle(topic, partition, [TaskMessage.from_wire(m).offset for m in messages])
+@app.task(name=APPLY_TASK, bind=True)
+def apply_events(self: Any, topic: str, partition: int, messages: list[list[Any]]) -> None:
+    ledger.settle(filed_under(topic, self.request.get(TOPIC_ID_HEADER) or ""), partition,
+                  [TaskMessage.from_wire(m).offset for m in messages])

@@ -34,14 +34,16 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from bridge.batching import Batcher
 from bridge.offsets import PartitionProgress
 from eventpipe import metrics, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
+from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
-from eventpipe.kafka import consumer_config, unserved
-from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.kafka import client_config, consumer_config, topic_id, unserved
+from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
@@ -108,10 +110,15 @@ class Bridge:
         self.name = process_name()
         self._next_publish = 0.0
         self.stopping = False
-        # Set when the group gave this bridge a partition no worker serves: raised once the
-        # bridge has stopped (an exception raised in a Kafka callback would be lost there).
-        self.misconfigured: SettingsError | None = None
+        # Set when the group gave this bridge a partition no worker serves, or its topic was
+        # made again under it: raised once the bridge has stopped (an exception raised in a
+        # Kafka callback would be lost there).
+        self.must_stop: SettingsError | TransientError | None = None
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
+        self.admin = AdminClient(client_config(settings))
+        # Kafka's id of the topic, read as partitions are vouched for: the ledger's marks and
+        # the tasks are filed under it (`eventpipe.offset_ledger.filed_under`).
+        self.topic_id: str | None = None
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -133,11 +140,11 @@ class Bridge:
         try:
             self._serve()
         except Exception as exc:
-            if self.misconfigured is None:
+            if self.must_stop is None:
                 raise
-            raise self.misconfigured from exc  # what to fix, not what it led to
-        if self.misconfigured is not None:
-            raise self.misconfigured
+            raise self.must_stop from exc  # what to fix, not what it led to
+        if self.must_stop is not None:
+            raise self.must_stop
 
     def _serve(self) -> None:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
@@ -237,7 +244,7 @@ class Bridge:
             return
         try:
             send_batch(self.celery, self.topic, partition, messages,
-                       group=self.settings.kafka_group_id)
+                       group=self.settings.kafka_group_id, topic_id=self.topic_id or "")
         except Exception as exc:
             # The Celery broker is unreachable: keep the batch, stop reading the partition,
             # and try again at the next sync. Nothing is committed past it meanwhile.
@@ -298,8 +305,11 @@ class Bridge:
         if unvouched and now >= self._next_vouch:
             self._next_vouch = now + VOUCH_AGAIN_S
             self._vouch(unvouched, timeout_s=VOUCH_TIMEOUT_S)
+            # Those it dropped (the topic made again) are no longer this bridge's to commit.
+            chosen = {p: progress for p, progress in chosen.items() if p in self.partitions}
         for partition in unvouched:
-            if not chosen[partition].vouched:  # nothing it says of them can be trusted yet
+            if partition in chosen and not chosen[partition].vouched:
+                # Nothing it says of them can be trusted yet.
                 chosen.pop(partition).unobserved()
         # The queues first: a task seen gone from its queue was taken before the ledger is
         # read, so a lease its worker wrote at once is seen with it.
@@ -308,7 +318,7 @@ class Bridge:
                 if (low := progress.low()) is not None}
         if lows:
             try:
-                progress_by_partition = self.ledger.read(self.topic, lows)
+                progress_by_partition = self.ledger.read(self._marks, lows)
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
                 log.warning("offset ledger unreachable: %s", exc)
@@ -364,7 +374,7 @@ class Bridge:
             chosen[partition].committed = offset
             metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
-            self.ledger.trim(self.topic, offsets)
+            self.ledger.trim(self._marks, offsets)
         log.debug("committed", extra={"offsets": offsets})
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
@@ -426,6 +436,11 @@ class Bridge:
             if high >= 0 and committed is not None:
                 metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
 
+    @property
+    def _marks(self) -> str:
+        """The name the offset ledger keeps this topic's marks under."""
+        return filed_under(self.topic, self.topic_id or "")
+
     def _check_topic(self) -> None:
         """Refuse, before joining the group, a topic with partitions no worker serves."""
         partitions = self._partitions_of_topic()
@@ -465,36 +480,54 @@ class Bridge:
         # (unless the bridge is stopping: its drain reads only what it already fetched). One
         # not vouched for stays paused until it is: the ledger's marks of events read before
         # would be forgotten with the stale ones.
-        vouched = [tp for tp in assigned if self.partitions[tp.partition].vouched]
+        vouched = [tp for tp in assigned if self._vouched(tp.partition)]
         if vouched and not self.stopping:
             consumer.resume(vouched)
         for tp in assigned:
-            if not self.partitions[tp.partition].vouched:
-                self._pause(self.partitions[tp.partition])
+            if (progress := self.partitions.get(tp.partition)) is not None \
+                    and not progress.vouched:
+                self._pause(progress)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
                                                "committed": committed})
+
+    def _vouched(self, partition: int) -> bool:
+        progress = self.partitions.get(partition)
+        return progress is not None and progress.vouched
 
     def _vouch(self, partitions: list[int], known: dict[int, int] | None = None,
                timeout_s: float = 10.0) -> None:
         """Trust what the ledger says of these partitions once it holds no marks of an earlier
-        topic. A partition the group never committed starts from its first offset, and
-        whatever the ledger says of it is stale: a topic recreated from 0, or a bridge that
+        topic. The ledger is filed under Kafka's id of the topic, so marks a task of a topic
+        of the same name made, before or after it was deleted, are not read here. A
+        partition the group never committed starts from its first offset, and whatever the
+        ledger says of it is stale still: a broker that gives no topic ids, or a bridge that
         died before its first commit. Forgetting it costs at most duplicates; trusting marks
         of other messages at the same offsets would commit past events never applied. Until
-        the committed offsets are known and the marks forgotten (Kafka or Redis may not
-        answer as partitions are assigned), the partitions commit nothing, and this is tried
-        again at a later sync (they stay paused meanwhile). `known`: the group's committed
-        offsets, if just read; else they are asked for, waiting at most `timeout_s`."""
+        the topic's id and the committed offsets are known and the marks forgotten (Kafka or
+        Redis may not answer as partitions are assigned), the partitions commit nothing, and
+        this is tried again at a later sync (they stay paused meanwhile). `known`: the
+        group's committed offsets, if just read; else they are asked for, waiting at most
+        `timeout_s`."""
         if known is None:
             known = self._committed(self.consumer,
                                     [TopicPartition(self.topic, p) for p in partitions],
                                     timeout_s)
             if known is None:
                 return
+        found = topic_id(self.admin, self.topic, timeout_s)
+        if found is None:
+            log.warning("Kafka did not say which topic %s is; nothing is committed for its "
+                        "new partitions until it does", self.topic,
+                        extra={"partitions": partitions})
+            return
+        if self.topic_id is not None and found != self.topic_id:
+            self._remade(found)
+            return
+        self.topic_id = found
         fresh = [p for p in partitions if p not in known]
         if fresh:
             try:
-                self.ledger.forget(self.topic, fresh)
+                self.ledger.forget(self._marks, fresh)
             except redis.RedisError as exc:
                 log.warning("could not clear the ledger of new partitions: %s; nothing is "
                             "committed for them until it is", exc,
@@ -515,10 +548,10 @@ class Bridge:
         stops, saying what to set."""
         count = self.settings.kafka_partitions
         beyond = max((tp.partition for tp in assigned if tp.partition >= count), default=None)
-        if beyond is not None and self.misconfigured is None:
-            self.misconfigured = unserved(
+        if beyond is not None and self.must_stop is None:
+            self.must_stop = unserved(
                 self.settings, max(beyond + 1, self._partitions_of_topic() or 0))
-            log.error("%s", self.misconfigured)
+            log.error("%s", self.must_stop)
             self.stopping = True
         return [tp for tp in assigned if tp.partition < count]
 
@@ -547,11 +580,28 @@ class Bridge:
         log.info("partitions revoked", extra={"partitions": numbers})
 
     def _on_lost(self, _consumer: Consumer, lost: list[TopicPartition]) -> None:
-        for tp in lost:
-            self.batcher.drop(tp.partition)
-            self.unsent.pop(tp.partition, None)
-            self._forget(tp.partition)
+        self._drop([tp.partition for tp in lost])
         log.warning("partitions lost", extra={"partitions": [tp.partition for tp in lost]})
+
+    def _remade(self, found: str) -> None:
+        """The topic was deleted and made again while this bridge read it: what it knows of
+        its partitions is of the earlier topic, and an offset it would commit now would skip
+        the new topic's events. It commits nothing more, and stops, to be started again."""
+        self.must_stop = TransientError(
+            f"topic {self.topic} was deleted and made again while the bridge read it (Kafka's "
+            f"id {self.topic_id}, now {found}): the bridge stops and commits nothing more; "
+            f"start it again to read the new topic")
+        log.error("%s", self.must_stop)
+        self.stopping = True
+        self._drop(list(self.partitions))
+
+    def _drop(self, partitions: list[int]) -> None:
+        """Forget partitions that are no longer ours, with what was read of them and not
+        sent."""
+        for partition in partitions:
+            self.batcher.drop(partition)
+            self.unsent.pop(partition, None)
+            self._forget(partition)
 
     def _forget(self, partition: int) -> None:
         """Drop a partition that is no longer ours, and the series this bridge exported for

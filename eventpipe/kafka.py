@@ -8,7 +8,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     NewPartitions,
@@ -19,6 +26,8 @@ from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.logs import Repeats
 from eventpipe.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
 
 REPEATS_HELD_S = 30.0
 # What differs between two sayings of one failure: durations, librdkafka's own count.
@@ -143,6 +152,34 @@ def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     except Exception:
         return False
     return True
+
+
+# What a client says when no broker answered it.
+_UNANSWERED = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+                         KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
+                         # Deleted and not yet made again: asked again later.
+                         KafkaError.UNKNOWN_TOPIC_OR_PART})
+# The id Kafka gives a topic it has no id for (brokers before 2.8).
+_NO_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def topic_id(admin: AdminClient, topic: str, timeout_s: float) -> str | None:
+    """Kafka's id of `topic` as it is now: a topic deleted and made again under its name has
+    a new one. "" when Kafka gives none (before 2.8, or it refuses to describe the topic:
+    said in the log); None when no broker answered within `timeout_s`, or the topic is not
+    there."""
+    try:
+        found = admin.describe_topics(TopicCollection([topic]),
+                                      request_timeout=timeout_s)[topic].result()
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if error is None or error.code() in _UNANSWERED:
+            return None
+        log.warning("Kafka gives no id of topic %s: %s; a task of an earlier topic of that "
+                    "name could mark its offsets done", topic, error)
+        return ""
+    named = str(found.topic_id) if found.topic_id is not None else ""
+    return "" if named == _NO_TOPIC_ID else named
 
 
 # What Kafka says of a message it no longer has.

@@ -23,7 +23,11 @@ partition are applied, until a run takes its messages up again.
 Keys, per consumer group, topic and partition: `{prefix}:{group}:done-ranges:{topic}:{p}`
 and `…:lease-ranges:…` (sorted sets of ranges of offsets, `"<first>-<last>"`, scored by the
 last offset and by the lease deadline in Redis time), `…:runs:…` (a hash: `"<first> <last>
-<run>"` → deaths before that run).
+<run>"` → deaths before that run). The topic is named with Kafka's id of it (`filed_under`),
+which the bridge reads as it is given partitions and sends with each task: a topic deleted
+and made again under its name starts a ledger of its own, and a task of the earlier topic run
+late (an unacknowledged task handed out again, a retry's countdown) marks nothing of the new
+topic's offsets, which the bridge would commit past unapplied.
 
 A batch's offsets are one range, or a few: Redis keeps a member per range, not per offset
 (one offset a member cost Redis two thirds of its CPU under load, a sorted-set insert per
@@ -198,6 +202,13 @@ RUNNING_TTL_S = 86_400
 _BLIP_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
 _DONE_RANGES, _LEASE_RANGES = "done-ranges", "lease-ranges"
 _BEFORE_RANGES = ("done", "lease")  # the keys of a member per offset, of earlier versions
+
+
+def filed_under(topic: str, topic_id: str) -> str:
+    """The name the ledger keeps a topic's marks under: with Kafka's id of the topic, or alone
+    where there is none ("": a broker before topic ids, a task from a bridge before them).
+    Kafka's topic names hold no `@`."""
+    return f"{topic}@{topic_id}" if topic_id else topic
 
 
 def ranges(offsets: Iterable[int]) -> list[str]:

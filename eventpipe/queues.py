@@ -103,18 +103,21 @@ def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str
 # retries, and workers of before it ignore): two pipelines of one topic name on two Kafka
 # clusters, given one Celery broker by mistake, must not apply each other's tasks.
 GROUP_HEADER = "kafka_group"
+# Kafka's id of the topic the messages were read from (`eventpipe.offset_ledger.filed_under`):
+# the worker marks them done in that topic's ledger, never in a topic's made again since.
+TOPIC_ID_HEADER = "kafka_topic_id"
 # A batch retried because the offset ledger stopped answering names the run whose end it
 # did not answer: alive, not dead (`tasks.processing.Processor.run`).
 FORGIVE_HEADER = "ledger_forgive"
 
 
 def send_batch(app: Celery, topic: str, partition: int, messages: list[TaskMessage], *,
-               group: str, countdown: float | None = None) -> None:
+               group: str, topic_id: str, countdown: float | None = None) -> None:
     """Queue one task applying `messages` on their partition's queue, for consumer group
-    `group`."""
+    `group`, read from the topic Kafka names `topic_id`."""
     app.send_task(APPLY_TASK, args=[topic, partition, [m.to_wire() for m in messages]],
                   queue=queue_name(partition), countdown=countdown,
-                  headers={GROUP_HEADER: group},
+                  headers={GROUP_HEADER: group, TOPIC_ID_HEADER: topic_id},
                   argsrepr=task_summary(topic, partition, messages), kwargsrepr="{}")
 
 

@@ -43,6 +43,7 @@ from eventpipe.queues import (
     APPLY_TASK,
     FORGIVE_HEADER,
     GROUP_HEADER,
+    TOPIC_ID_HEADER,
     TaskMessage,
     make_celery,
     queue_name,
@@ -309,10 +310,13 @@ def apply_events(self: Task, topic: str, partition: int,
         _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"))
         return {}
     decoded = [TaskMessage.from_wire(m) for m in messages]
+    # A task from a bridge of before the header: its marks go where such a bridge reads.
+    topic_id = self.request.get(TOPIC_ID_HEADER) or ""
     try:
         with time_limit(settings.task_time_limit_s):
             report = processor().run(topic, partition, decoded, retries=self.request.retries,
-                                     forgive=self.request.get(FORGIVE_HEADER) or "")
+                                     forgive=self.request.get(FORGIVE_HEADER) or "",
+                                     topic_id=topic_id)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # The offset ledger did not answer, after its own retries: the world failed, not the
         # batch, which is retried whole as one whose database failed is (what it committed
@@ -328,6 +332,7 @@ def apply_events(self: Task, topic: str, partition: int,
                         "attempt": self.request.retries + 1, "events": len(decoded),
                         "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})
         raise self.retry(countdown=delay, headers={GROUP_HEADER: settings.kafka_group_id,
+                                                   TOPIC_ID_HEADER: topic_id,
                                                    FORGIVE_HEADER: processor().unended},
                          argsrepr=task_summary(topic, partition, decoded)) from exc
     reconciler().poke()
@@ -338,7 +343,7 @@ def apply_events(self: Task, topic: str, partition: int,
             transient = later
         else:
             send_batch(app, topic, partition, later.messages, group=settings.kafka_group_id,
-                       countdown=later.delay_s)
+                       topic_id=topic_id, countdown=later.delay_s)
     log.info("batch done", extra={
         "topic": topic, "partition": partition, "taskId": self.request.id,
         "events": len(decoded), "offsetFirst": decoded[0].offset,

@@ -14,7 +14,8 @@ import redis
 from confluent_kafka import TopicPartition
 
 from bridge.service import Bridge
-from eventpipe.errors import KEY_OF_ANOTHER_KIND
+from cli.errors import explain
+from eventpipe.errors import KEY_OF_ANOTHER_KIND, TransientError
 from tests.support.broker import TopicFactory, settings_for
 from tests.support.pipeline import BIN, ROOT
 from tests.support.services import REDIS_URL
@@ -234,9 +235,37 @@ def test_a_running_bridge_handed_partitions_beyond_the_setting_reads_none_of_the
         bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(4)])
         assert bridge.stopping
         assert set(bridge.partitions) == {0, 1}
-        assert str(bridge.misconfigured) == (
+        assert str(bridge.must_stop) == (
             f"KAFKA_PARTITIONS=2, but topic '{topic}' has 4 partitions: set KAFKA_PARTITIONS=4 "
             "(no worker serves the queues of partitions 2 and above)")
+    finally:
+        bridge.consumer.close()
+
+
+def test_a_running_bridge_whose_topic_was_made_again_commits_nothing_more_and_stops(
+        kafka_broker: str, kafka_topic: TopicFactory) -> None:
+    """The topic deleted and made again under its name while the bridge read it: what the
+    bridge knows of its partitions is of the earlier topic. Kafka's new id for it, read as
+    the group hands out the partitions again, makes the bridge drop them and stop, saying
+    why. The broker here cannot delete a topic: the bridge is told it read another id
+    before."""
+    topic = kafka_topic(partitions=2)
+    bridge = Bridge(settings_for(kafka_broker, topic, partitions=2))
+    try:
+        assigned = [TopicPartition(topic, p) for p in range(2)]
+        bridge._on_assign(bridge.consumer, assigned)
+        now = bridge.topic_id
+        assert now and all(progress.vouched for progress in bridge.partitions.values())
+        bridge.topic_id = "AAAAAAAAAAAAAAAAAAAAAB"
+        bridge._on_assign(bridge.consumer, assigned)
+        assert bridge.stopping
+        assert bridge.partitions == {}  # nothing left to commit
+        assert isinstance(bridge.must_stop, TransientError)  # one line, and exit status 3
+        assert str(bridge.must_stop) == (
+            f"topic {topic} was deleted and made again while the bridge read it (Kafka's id "
+            f"AAAAAAAAAAAAAAAAAAAAAB, now {now}): the bridge stops and commits nothing more; "
+            "start it again to read the new topic")
+        assert explain(bridge.must_stop, bridge.settings) == str(bridge.must_stop)
     finally:
         bridge.consumer.close()
 

@@ -22,10 +22,13 @@ from typing import Any
 import msgpack
 import pytest
 import redis
+from confluent_kafka.admin import AdminClient
 from sqlalchemy.engine import make_url
 
 from bridge.service import Bridge
-from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.kafka import topic_id
+from eventpipe.offset_ledger import OffsetLedger, filed_under
+from eventpipe.queues import TaskMessage, make_celery, send_batch
 from eventpipe.samples import (
     Document,
     Story,
@@ -537,11 +540,20 @@ def test_two_workers_on_the_same_partitions_still_apply_exactly_once(
     assert pipeline.applied_count() == len(messages)  # recorded once per event id
 
 
+def _filed(pipeline: Pipeline) -> str:
+    """The name the offset ledger keeps the pipeline's topic under."""
+    admin = AdminClient({"bootstrap.servers": pipeline.settings.kafka_bootstrap_servers})
+    found = topic_id(admin, pipeline.name, 10)
+    assert found  # Tansu gives topics ids
+    return filed_under(pipeline.name, found)
+
+
 def _marks_of_an_earlier_topic(pipeline: Pipeline, ledger: OffsetLedger) -> None:
-    """Done marks left by an earlier topic of the same name (recreated from offset 0), as
-    after `eventpipe up` restarts its in-memory Kafka against a Redis that kept its data."""
+    """Done marks the ledger holds of the topic's partitions though the group never committed
+    them: an earlier topic of the same name where Kafka gives no topic ids (recreated from
+    offset 0), or a bridge that died before its first commit."""
     for partition in range(pipeline.partitions):
-        ledger.settle(pipeline.name, partition, range(1000), {})
+        ledger.settle(_filed(pipeline), partition, range(1000), {})
 
 
 def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) -> None:
@@ -563,6 +575,38 @@ def test_ledger_marks_from_a_previous_topic_are_not_trusted(make_pipeline: Any) 
     pipeline.start_worker()
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in messages])
+
+
+def test_a_task_of_an_earlier_topic_of_the_same_name_marks_nothing_of_the_new_one(
+        make_pipeline: Any) -> None:
+    """Before: the offset ledger was filed under the topic's name alone. A task of a topic
+    deleted and made again under that name, run after the bridge had cleared the ledger of
+    the new topic's partitions (a retry's countdown, an unacknowledged task handed out again
+    after kombu's visibility timeout), marked the new topic's offsets done: the bridge
+    committed past events no worker had applied, and they were never applied. Now the ledger
+    is filed under Kafka's id of the topic, which each task carries."""
+    pipeline: Pipeline = make_pipeline(REDELIVERY_TIMEOUT_S="15")
+    messages = stream(200, seed=117)
+    sent = pipeline.send(messages)
+    pipeline.start_bridge()
+    wait_until(lambda: all(_events_queued(pipeline, p) for p in range(pipeline.partitions)), 60,
+               "a task queued for every partition")
+    # Those tasks are lost; the earlier topic's come instead, one partition's from a bridge
+    # that sent no topic id, another's from a bridge that read an id of its own.
+    pipeline.broker.flushdb()
+    celery = make_celery(pipeline.settings, main="earlier-topic")
+    for partition in range(pipeline.partitions):
+        earlier = [TaskMessage(offset, b"earlier", b"an earlier topic's message")
+                   for offset in range(100)]
+        send_batch(celery, pipeline.name, partition, earlier,
+                   group=pipeline.settings.kafka_group_id,
+                   topic_id="" if partition % 2 else "AAAAAAAAAAAAAAAAAAAAAB")
+    pipeline.start_worker()
+    wait_until(lambda: pipeline.dead_letters() != []
+               and not any(_events_queued(pipeline, p) for p in range(pipeline.partitions)),
+               60, "the earlier topic's tasks applied")
+    drained(pipeline, sent)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
 
 
 class _ForgetRefused(OffsetLedger):

@@ -433,6 +433,12 @@ class Bridge:
             if high >= 0:
                 self.high_watermarks[partition] = high
             committed = self.partitions[partition].committed
+            if committed is None:
+                # Never committed: the group stands at the log's start, where it reads from
+                # (`auto.offset.reset`), and the lag is the whole log. Without it, a partition
+                # whose first event is stuck would show no lag and no alert would see it.
+                low = values.get("lo_offset", -1)
+                committed = low if low >= 0 else None
             if high >= 0 and committed is not None:
                 metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
 

@@ -284,3 +284,32 @@ def test_a_bridge_exports_the_committed_offset_of_a_partition_as_it_is_assigned(
                                          {"topic": topic, "partition": "1"}) is None
     finally:
         bridge.consumer.close()
+
+
+def test_a_partition_never_committed_shows_the_whole_log_as_its_lag(
+        kafka_broker: str, kafka_topic: Any) -> None:
+    """Before: no lag at all until the group's first commit, so a partition whose first
+    event was stuck was invisible to the lag and commit alerts. The group stands at the
+    log's start (where it reads from): the lag is the log."""
+    topic = kafka_topic(partitions=2)
+    settings = settings_for(kafka_broker, topic, partitions=2)
+    settings = dataclasses.replace(settings, kafka_group_id=f"group-{uuid.uuid4().hex}")
+    committer = Consumer({"bootstrap.servers": kafka_broker,
+                          "group.id": settings.kafka_group_id})
+    try:
+        committer.commit(offsets=[TopicPartition(topic, 0, 25)], asynchronous=False)
+    finally:
+        committer.close()
+    bridge = Bridge(settings)
+    try:
+        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(2)])
+        # librdkafka's statistics: the log of partition 1 starts at 10 (retention took the
+        # rest) and ends at 40.
+        window = {"lo_offset": 10, "hi_offset": 40}
+        bridge._on_stats(json.dumps({"topics": {topic: {"partitions": {
+            "0": window, "1": window, "-1": {"lo_offset": -1, "hi_offset": -1}}}}}))
+        lag = {p: REGISTRY.get_sample_value("kafka_consumer_lag",
+                                            {"topic": topic, "partition": p}) for p in "01"}
+        assert lag == {"0": 15, "1": 30}
+    finally:
+        bridge.consumer.close()

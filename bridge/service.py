@@ -42,7 +42,8 @@ from eventpipe import metrics, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
-from eventpipe.kafka import client_config, consumer_config, topic_id, unserved
+from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
+from eventpipe.messages import headers_of
 from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings, SettingsError
@@ -59,9 +60,14 @@ QUEUE_CHECK_S = 0.02
 QUEUE_CHECK_SHARE = 0.2
 READ_WAIT_S = 0.05  # the longest a read waits for a first message while none is held
 # Partitions not yet vouched for (`Bridge._vouch`) are asked about again at most this often,
-# each time waiting at most VOUCH_TIMEOUT_S for Kafka: the loop serves the others meanwhile.
+# each time waiting at most VOUCH_TIMEOUT_S for each of Kafka's two answers (the committed
+# offsets, the topic's id): the loop serves the others meanwhile.
 VOUCH_AGAIN_S = 5.0
 VOUCH_TIMEOUT_S = 2.0
+# Kafka's id of the topic is asked again at most this often before a commit, and at once
+# before a partition's last commit (revoked, or the bridge stopping): a topic deleted and
+# made again under its name must not take the offsets this bridge read of the earlier one.
+TOPIC_CHECK_S = 5.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -117,8 +123,11 @@ class Bridge:
         self.consumer = Consumer(consumer_config(settings, stats_cb=self._on_stats))
         self.admin = AdminClient(client_config(settings))
         # Kafka's id of the topic, read as partitions are vouched for: the ledger's marks and
-        # the tasks are filed under it (`eventpipe.offset_ledger.filed_under`).
+        # the tasks are filed under it (`eventpipe.offset_ledger.filed_under`). Asked again
+        # before commits (`_same_topic`), which wait while Kafka does not say.
         self.topic_id: str | None = None
+        self._topic_said = False
+        self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -185,7 +194,7 @@ class Bridge:
                 self._sync(self.clock(), redeliver=False)
                 # Serve the group's callbacks while waiting; all partitions are paused.
                 self.consumer.consume(num_messages=1, timeout=0.2)
-            self._sync(self.clock(), redeliver=False)
+            self._sync(self.clock(), redeliver=False, final=True)
             left = sum(p.in_flight for p in self.partitions.values())
             log.info("bridge stopped", extra={"inFlightLeft": left})
         finally:
@@ -223,8 +232,9 @@ class Bridge:
             if partition not in self.partitions:
                 continue  # revoked while the message was on its way
             kind, timestamp = record.timestamp()
-            message = TaskMessage(record.offset() or 0, record.key(), record.value() or b"",
-                                  timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None)
+            message = TaskMessage(record.offset() or 0, record.key(), record.value(),
+                                  timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
+                                  headers=headers_of(record.headers()))
             if self._debug:
                 identity = peek_identity(message.value)  # never raises, whatever the bytes
                 log.debug("event received", extra={
@@ -298,7 +308,8 @@ class Bridge:
     # -- the ledger: commit, backpressure, redelivery ----------------------------------------
 
     def _sync(self, now: float, *, redeliver: bool = True,
-              only: list[int] | None = None) -> None:
+              only: list[int] | None = None, final: bool = False) -> None:
+        """`final`: the last sync of these partitions (revoked, or the bridge stopping)."""
         chosen = {p: self.partitions[p] for p in (only or list(self.partitions))
                   if p in self.partitions}
         unvouched = [p for p, progress in chosen.items() if not progress.vouched]
@@ -318,7 +329,7 @@ class Bridge:
                 if (low := progress.low()) is not None}
         if lows:
             try:
-                progress_by_partition = self.ledger.read(self._marks, lows)
+                progress_by_partition = self.ledger.read(self._ledger_topic, lows)
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
                 log.warning("offset ledger unreachable: %s", exc)
@@ -327,7 +338,9 @@ class Bridge:
                 return
             for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
-        self._commit(chosen, now)
+        self._commit(chosen, now, final=final)
+        # Those it dropped (the topic made again) are no longer this bridge's.
+        chosen = {p: progress for p, progress in chosen.items() if p in self.partitions}
         for partition, progress in chosen.items():
             metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
             if partition in self.unsent and not self.stopping:
@@ -353,10 +366,11 @@ class Bridge:
         except redis.RedisError as exc:
             log.debug("status not published: %s", exc)
 
-    def _commit(self, chosen: dict[int, PartitionProgress], now: float) -> None:
+    def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
+                final: bool = False) -> None:
         offsets = {p: c for p, progress in chosen.items()
                    if (c := progress.committable()) is not None}
-        if not offsets:
+        if not offsets or not self._same_topic(now, final=final):
             return
         try:
             answers = self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
@@ -374,7 +388,7 @@ class Bridge:
             chosen[partition].committed = offset
             metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
-            self.ledger.trim(self._marks, offsets)
+            self.ledger.trim(self._ledger_topic, offsets)
         log.debug("committed", extra={"offsets": offsets})
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
@@ -443,9 +457,30 @@ class Bridge:
                 metrics.CONSUMER_LAG.labels(self.topic, key).set(max(0, high - committed))
 
     @property
-    def _marks(self) -> str:
+    def _ledger_topic(self) -> str:
         """The name the offset ledger keeps this topic's marks under."""
         return filed_under(self.topic, self.topic_id or "")
+
+    def _same_topic(self, now: float, *, final: bool = False) -> bool:
+        """Whether the topic is still the one whose offsets this bridge read, as Kafka said
+        it at most TOPIC_CHECK_S ago, or says it now for a `final` commit. While Kafka does
+        not say, nothing is committed; a topic made again stops the bridge (`_remade`)."""
+        if final or now >= self._next_topic_check:
+            self._next_topic_check = now + TOPIC_CHECK_S
+            found = read_topic_id(self.admin, self.topic, VOUCH_TIMEOUT_S)
+            self._topic_said = found is not None
+            if found is not None and self._made_again(found):
+                return False
+        return self._topic_said
+
+    def _made_again(self, found: str) -> bool:
+        """Whether `found`, Kafka's id of the topic now, says the topic was made again since
+        this bridge read it (then `_remade`). An id where there was none, or none where
+        there was one (a broker upgraded, or downgraded), is not a new topic."""
+        if self.topic_id and found and found != self.topic_id:
+            self._remade(found)
+            return True
+        return False
 
     def _check_topic(self) -> None:
         """Refuse, before joining the group, a topic with partitions no worker serves."""
@@ -520,20 +555,16 @@ class Bridge:
                                     timeout_s)
             if known is None:
                 return
-        found = topic_id(self.admin, self.topic, timeout_s)
-        if found is None:
-            log.warning("Kafka did not say which topic %s is; nothing is committed for its "
-                        "new partitions until it does", self.topic,
-                        extra={"partitions": partitions})
+        found = read_topic_id(self.admin, self.topic, timeout_s)
+        if found is None:  # said in the log
             return
-        if self.topic_id is not None and found != self.topic_id:
-            self._remade(found)
+        if self._made_again(found):
             return
-        self.topic_id = found
+        self.topic_id = found or self.topic_id or ""
         fresh = [p for p in partitions if p not in known]
         if fresh:
             try:
-                self.ledger.forget(self._marks, fresh)
+                self.ledger.forget(self._ledger_topic, fresh)
             except redis.RedisError as exc:
                 log.warning("could not clear the ledger of new partitions: %s; nothing is "
                             "committed for them until it is", exc,
@@ -578,7 +609,7 @@ class Bridge:
             self.batcher.drop(partition)
             self.unsent.pop(partition, None)
         try:
-            self._sync(self.clock(), redeliver=False, only=numbers)
+            self._sync(self.clock(), redeliver=False, only=numbers, final=True)
         except Exception as exc:  # the new owner re-reads from the last commit either way
             log.warning("final commit on revoke failed: %s", exc)
         for partition in numbers:
@@ -592,13 +623,16 @@ class Bridge:
     def _remade(self, found: str) -> None:
         """The topic was deleted and made again while this bridge read it: what it knows of
         its partitions is of the earlier topic, and an offset it would commit now would skip
-        the new topic's events. It commits nothing more, and stops, to be started again."""
+        the new topic's events. It drops them unread (paused) and stops, to be started
+        again."""
         self.must_stop = TransientError(
             f"topic {self.topic} was deleted and made again while the bridge read it (Kafka's "
             f"id {self.topic_id}, now {found}): the bridge stops and commits nothing more; "
             f"start it again to read the new topic")
         log.error("%s", self.must_stop)
         self.stopping = True
+        with contextlib.suppress(KafkaException):
+            self._pause_all()
         self._drop(list(self.partitions))
 
     def _drop(self, partitions: list[int]) -> None:

@@ -80,7 +80,7 @@ class TopicMessage:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     timestamp: datetime | None
 
     @property

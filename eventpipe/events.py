@@ -192,11 +192,12 @@ _CANONICAL_PAYLOAD: Final[dict[type, Callable[[Any], str]]] = {
 }
 
 
-def message_fingerprint(key: bytes | None, value: bytes) -> str:
-    """A digest of a message's raw bytes (key and value), for messages that are not events."""
-    digest = hashlib.blake2b(digest_size=16)
+def message_fingerprint(key: bytes | None, value: bytes | None) -> str:
+    """A digest of a message's raw bytes (key and value), for messages that are not events.
+    A null value (a tombstone) is digested apart from every value, the empty one included."""
+    digest = hashlib.blake2b(digest_size=16, person=b"null value" if value is None else b"")
     digest.update(len(key).to_bytes(8, "big") + key if key is not None else b"\xff" * 8)
-    digest.update(value)
+    digest.update(value or b"")
     return digest.hexdigest()
 
 
@@ -207,7 +208,7 @@ class Identity(NamedTuple):
     event_type: str | None
 
 
-def parse_event(value: bytes | str, key: bytes | str | None = None, *,
+def parse_event(value: bytes | str | None, key: bytes | str | None = None, *,
                 received_at: datetime | None = None, max_future: timedelta | None = None) -> Event:
     """Decode and validate one message value; `key`, when given, must match the contract's key.
 
@@ -219,6 +220,8 @@ def parse_event(value: bytes | str, key: bytes | str | None = None, *,
     nothing else whatever the bytes: any other exception here would fail the task without
     giving the message a fate.
     """
+    if value is None:
+        raise InvalidEvent("value", "null (a tombstone): no event")
     try:
         return _parse(value, key, received_at, max_future)
     except InvalidEvent:
@@ -266,9 +269,9 @@ def _parse(value: bytes | str, key: bytes | str | None, received_at: datetime | 
     return Event(event_id, EventType(type_name), version, occurred_at, payload)
 
 
-def peek_identity(value: bytes | str) -> Identity:
+def peek_identity(value: bytes | str | None) -> Identity:
     """Best effort `eventId`/`eventType` of any message, valid or not; never raises."""
-    if len(value) > MAX_MESSAGE_BYTES:
+    if value is None or len(value) > MAX_MESSAGE_BYTES:
         return Identity(None, None)
     try:
         document = json.loads(value)

@@ -25,6 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.logs import Repeats
+from eventpipe.messages import Message, headers_of
 from eventpipe.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -154,30 +155,26 @@ def broker_reachable(settings: Settings, timeout_s: float = 2.0) -> bool:
     return True
 
 
-# What a client says when no broker answered it.
-_UNANSWERED = frozenset({KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
-                         KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
-                         # Deleted and not yet made again: asked again later.
-                         KafkaError.UNKNOWN_TOPIC_OR_PART})
-# The id Kafka gives a topic it has no id for (brokers before 2.8).
+# The id Kafka gives a topic it has no id for, and what a broker too old to describe topics
+# says (before 2.8, they have none).
 _NO_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"
+_NO_TOPIC_IDS = frozenset({KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION})
 
 
-def topic_id(admin: AdminClient, topic: str, timeout_s: float) -> str | None:
+def read_topic_id(admin: AdminClient, topic: str, timeout_s: float) -> str | None:
     """Kafka's id of `topic` as it is now: a topic deleted and made again under its name has
-    a new one. "" when Kafka gives none (before 2.8, or it refuses to describe the topic:
-    said in the log); None when no broker answered within `timeout_s`, or the topic is not
-    there."""
+    a new one. "" when Kafka has no topic ids (before 2.8); None when it did not say, for
+    whatever reason (no answer within `timeout_s`, the topic not there, a refusal: said in
+    the log), and the caller asks again later."""
     try:
         found = admin.describe_topics(TopicCollection([topic]),
                                       request_timeout=timeout_s)[topic].result()
-    except KafkaException as exc:
+    except Exception as exc:  # whatever the client raises: a Kafka callback must not
         error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-        if error is None or error.code() in _UNANSWERED:
-            return None
-        log.warning("Kafka gives no id of topic %s: %s; a task of an earlier topic of that "
-                    "name could mark its offsets done", topic, error)
-        return ""
+        if error is not None and error.code() in _NO_TOPIC_IDS:
+            return ""
+        log.warning("Kafka did not say which topic %s is: %s", topic, exc)
+        return None
     named = str(found.topic_id) if found.topic_id is not None else ""
     return "" if named == _NO_TOPIC_ID else named
 
@@ -206,8 +203,8 @@ class MessageReader:
             # An offset Kafka no longer has is an error to read, not a jump to another one.
             "auto.offset.reset": "error"}))
 
-    def fetch(self, position: Position) -> tuple[bytes | None, bytes] | None:
-        """(key, value) of the message at `position`; None when Kafka no longer has it (its
+    def fetch(self, position: Position) -> Message | None:
+        """The message at `position`; None when Kafka no longer has it (its
         retention passed, its topic is gone). A Kafka that does not answer is not one that
         lost the message: `TransientError`, and the caller tries again later."""
         if position.topic is None or position.partition is None or position.offset is None:
@@ -239,8 +236,8 @@ class MessageReader:
         if error is not None or record.offset() != position.offset:
             return None  # gone, or compacted away (the next offset came instead)
         key, value = record.key(), record.value()
-        return (key if isinstance(key, bytes) else None,
-                value if isinstance(value, bytes) else b"")
+        return Message(key if isinstance(key, bytes) else None,
+                       value if isinstance(value, bytes) else None, headers_of(record.headers()))
 
     def close(self) -> None:
         self.consumer.close()

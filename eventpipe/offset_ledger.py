@@ -211,6 +211,14 @@ def filed_under(topic: str, topic_id: str) -> str:
     return f"{topic}@{topic_id}" if topic_id else topic
 
 
+def _glob_escaped(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+def _decoded(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
 def ranges(offsets: Iterable[int]) -> list[str]:
     """The offsets as the fewest ranges, `"<first>-<last>"`, in order."""
     spans: list[list[int]] = []
@@ -226,7 +234,7 @@ def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
     """Every offset of these ranges from `low` on."""
     found: set[int] = set()
     for member in members:
-        first, _, last = (member.decode() if isinstance(member, bytes) else member).partition("-")
+        first, _, last = _decoded(member).partition("-")
         found.update(range(max(int(first), low), int(last) + 1))
     return found
 
@@ -305,13 +313,23 @@ class OffsetLedger:
         return found
 
     def forget(self, topic: str, partitions: Iterable[int]) -> None:
-        """Drop everything known of these partitions: done marks, leases, running ranges,
-        and those of the ledger of one member per offset (`_BEFORE_RANGES`), whose marks
-        would otherwise outlive a topic recreated here, should this version be rolled back."""
-        keys = [self._key(kind, topic, p) for p in partitions
-                for kind in (_DONE_RANGES, _LEASE_RANGES, "runs", *_BEFORE_RANGES)]
-        if keys:
-            self.client.delete(*keys)
+        """Drop everything known of these partitions (`topic` as `filed_under` names it):
+        done marks, leases, running ranges, and those of the ledger of one member per offset
+        (`_BEFORE_RANGES`), whose marks would otherwise outlive a topic recreated here,
+        should this version be rolled back; and those filed under the topic's name alone or
+        under its other ids (earlier topics of that name, or a bridge that could not tell
+        which it read), which a bridge rolled back or given no id would read."""
+        chosen = {str(p) for p in partitions}
+        if not chosen:
+            return
+        name = topic.partition("@")[0]
+        keys = {self._key(kind, filed, int(p)) for p in chosen for filed in {topic, name}
+                for kind in (_DONE_RANGES, _LEASE_RANGES, "runs", *_BEFORE_RANGES)}
+        # Kafka's topic names hold no glob character; a group id may.
+        others = f"{_glob_escaped(self.base)}:*:{name}@*"
+        keys.update(key for key in self.client.scan_iter(match=others, count=1000)
+                    if _decoded(key).rpartition(":")[2] in chosen)
+        self.client.delete(*keys)
 
     def trim(self, topic: str, committed: Mapping[int, int]) -> None:
         """Forget the done ranges that end below each committed offset (Kafka remembers

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from eventpipe.messages import Headers, Message, headers_of, headers_size
 from eventpipe.settings import Settings
 
 APPLY_TASK = "eventpipe.apply_events"
@@ -68,27 +69,36 @@ def partition_of(queue: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class TaskMessage:
-    """One Kafka message as a task carries it: raw bytes (msgpack keeps them binary), the
-    Kafka timestamp (the contract's clock for `occurredAt` in the future), and how many times
-    it was already tried alone after an unforeseen error."""
+    """One Kafka message as a task carries it: raw bytes (msgpack keeps them binary), a null
+    value as null, the Kafka timestamp (the contract's clock for `occurredAt` in the future),
+    how many times it was already tried alone after an unforeseen error, and its headers,
+    kept for its dead letter."""
 
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     timestamp_ms: int | None = None
     attempts: int = 0
+    headers: Headers = ()
 
     def to_wire(self) -> list[Any]:
-        return [self.offset, self.key, self.value, self.timestamp_ms, self.attempts]
+        wire = [self.offset, self.key, self.value, self.timestamp_ms, self.attempts]
+        # Only when there are any: a worker of before them reads five parts.
+        return [*wire, [list(header) for header in self.headers]] if self.headers else wire
 
     @classmethod
     def from_wire(cls, raw: list[Any]) -> TaskMessage:
-        offset, key, value, timestamp_ms, attempts = raw
-        return cls(int(offset), key, value, timestamp_ms, int(attempts))
+        offset, key, value, timestamp_ms, attempts, *rest = raw
+        return cls(int(offset), key, value, timestamp_ms, int(attempts),
+                   headers_of(rest[0]) if rest else ())
 
     @property
     def size(self) -> int:
-        return len(self.value) + len(self.key or b"")
+        return len(self.value or b"") + len(self.key or b"") + headers_size(self.headers)
+
+    @property
+    def message(self) -> Message:
+        return Message(self.key, self.value, self.headers)
 
 
 def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str:

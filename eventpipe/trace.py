@@ -19,6 +19,7 @@ from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.records import letter_of
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Position
+from eventpipe.messages import Message
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import utc_iso
 
@@ -29,7 +30,7 @@ class Trace:
     applied: dict[str, Any] | None
     dead_letters: list[DeadLetter]
     in_stream: set[str]  # DLQ keys of this event the operators' stream shows
-    message: tuple[bytes | None, bytes] | None
+    message: Message | None
 
     @property
     def found(self) -> bool:
@@ -92,9 +93,10 @@ def render(trace: Trace) -> str:
                          f"({episode.attempts} attempt(s); {episode.ended} at "
                          f"{episode.ended_at})")
     if trace.message is not None:
-        _, value = trace.message
+        value = trace.message.value
         try:
-            body = json.dumps(json.loads(value), indent=2)
+            body = json.dumps(json.loads(value), indent=2) if value is not None else \
+                "null (a tombstone)"
         except ValueError:
             body = repr(value)
         lines.append("  message:")

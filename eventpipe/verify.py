@@ -124,7 +124,7 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                     break
                 kind, millis = record.timestamp()
                 yield TopicMessage(
-                    partition, offset, record.key(), record.value() or b"",
+                    partition, offset, record.key(), record.value(),
                     None if kind == TIMESTAMP_NOT_AVAILABLE else from_kafka_millis(millis))
                 if progress is not None:
                     progress(1)

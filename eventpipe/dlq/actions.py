@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -85,7 +85,7 @@ class Publisher:
         DLQ_MAX_BYTES, nor of one rebuilt while Kafka was away, but Kafka may still have it
         at its position. None when it does not, or holds another message there (a topic
         made anew), which must not be published in its place."""
-        if entry.value is not None:
+        if entry.message is not None:
             return entry
         if self._unread:  # each read would wait as long again: this replay asks no more
             return None
@@ -98,7 +98,7 @@ class Publisher:
                         "replay): %s", entry.letter.dlq_key, exc)
             self._unread = True
             return None
-        return None if message is None else replace(entry, key=message[0], value=message[1])
+        return None if message is None else StreamEntry.of(entry.letter, message)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -115,7 +115,10 @@ class Publisher:
 
         topic = entry.letter.position.topic or self.settings.kafka_topic
         try:
-            self.producer.produce(topic, value=entry.value, key=entry.key, on_delivery=report,
+            message = entry.message
+            assert message is not None  # `with_bytes` is asked first
+            self.producer.produce(topic, value=message.value, key=message.key,
+                                  headers=list(message.headers) or None, on_delivery=report,
                                   partition=self._partition(topic, entry.letter.position))
         except (KafkaException, BufferError) as exc:  # refused before it left: not sent
             log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)

@@ -47,16 +47,16 @@ def event_key(fingerprint: str) -> str:
     return f"e:{fingerprint}"
 
 
-def message_key(key: bytes | None, value: bytes) -> str:
+def message_key(key: bytes | None, value: bytes | None) -> str:
     return f"m:{message_fingerprint(key, value)}"
 
 
-def key_of(event: Event | None, key: bytes | None, value: bytes) -> str:
+def key_of(event: Event | None, key: bytes | None, value: bytes | None) -> str:
     """The DLQ key of a message: its event's when it is one, else its bytes'."""
     return event_key(event.fingerprint) if event is not None else message_key(key, value)
 
 
-def made_of(dlq_key: str, key: bytes | None, value: bytes) -> bool:
+def made_of(dlq_key: str, key: bytes | None, value: bytes | None) -> bool:
     """Whether the message (key, value) is one a dead letter of `dlq_key` can be about: the
     same bytes, or the same event. Bytes read back from Kafka by position are checked so: a
     topic made anew (a fresh broker, a recreated topic) holds other messages at the same

@@ -32,6 +32,7 @@ from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
+from eventpipe.messages import Message
 from eventpipe.tables import dead_letters
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ REBUILD_STEP = 100
 SWEEP_EVERY_S = 60.0
 
 # The message at a position, (key, value); None when Kafka no longer has it.
-Fetch = Callable[[Position], tuple[bytes | None, bytes] | None]
-Payloads = Mapping[str, tuple[bytes | None, bytes]]
+Fetch = Callable[[Position], Message | None]
+Payloads = Mapping[str, Message]
 
 
 @dataclass(slots=True)
@@ -85,9 +86,8 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
                 continue
             if message is None:
                 report.missing_bytes.append(letter.dlq_key)
-            key, value = message if message is not None else (None, None)
             try:
-                stream.put(StreamEntry(letter, value, key))
+                stream.put(StreamEntry.of(letter, message))
             except DeadLetterQueueFull as exc:  # a letter it shows may still be replaced
                 refused = exc
                 continue
@@ -109,20 +109,20 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     return report
 
 
-def _shown(stream: DeadLetterStream, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
-    """The message's bytes the letter's entry shows: once Kafka's retention has passed, the
-    only copy, which showing the letter again must not throw away."""
+def _shown(stream: DeadLetterStream, letter: DeadLetter) -> Message | None:
+    """The message the letter's entry shows: once Kafka's retention has passed, the only
+    copy, which showing the letter again must not throw away."""
     entry = stream.get_key(letter.dlq_key)
-    if entry is None or entry.value is None or not made_of(letter.dlq_key, entry.key,
-                                                           entry.value):
+    message = entry.message if entry is not None else None
+    if message is None or not made_of(letter.dlq_key, message.key, message.value):
         return None
-    return entry.key, entry.value
+    return message
 
 
-def fetched(fetch: Fetch, letter: DeadLetter) -> tuple[bytes | None, bytes] | None:
+def fetched(fetch: Fetch, letter: DeadLetter) -> Message | None:
     """The message at the letter's position, if Kafka still has it and it is the letter's."""
     message = fetch(letter.position)
-    if message is not None and not made_of(letter.dlq_key, *message):
+    if message is not None and not made_of(letter.dlq_key, message.key, message.value):
         log.warning("the message now at %s is not the dead letter's: shown without its bytes",
                     letter.position, extra={"dlqKey": letter.dlq_key})
         return None

@@ -1,9 +1,10 @@
 """The dead-letter queue operators read: a Redis Stream, one entry per open dead letter.
 
 Readable with plain `redis-cli XRANGE <stream> - +`: each entry holds the original value and
-key bytes, the Kafka position, the event id and type when they could be read, the error
-(class, message, traceback), attempts, first and last failure times, the worker, the earlier
-episodes and the DLQ key. It is a projection of the `dead_letters` table
+key bytes (`value_null` set for a null value, a tombstone; `headers` as JSON, each value in
+base64, when the message has any), the Kafka position, the event id and type when they could
+be read, the error (class, message, traceback), attempts, first and last failure times, the
+worker, the earlier episodes and the DLQ key. It is a projection of the `dead_letters` table
 (`eventpipe.dlq.projection` keeps it in step): Redis may lose it, the SQL record may not.
 
 - One entry per DLQ key: putting a key that is there replaces its entry (atomically, in one
@@ -17,6 +18,8 @@ episodes and the DLQ key. It is a projection of the `dead_letters` table
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 import uuid
@@ -30,6 +33,7 @@ import redis
 from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
+from eventpipe.messages import Headers, Message
 from eventpipe.times import utc_iso
 
 log = logging.getLogger(__name__)
@@ -143,12 +147,29 @@ class DeadLetterQueueFull(TransientError):
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """A dead letter as the DLQ shows it, with the message's bytes."""
+    """A dead letter as the DLQ shows it, with the message's bytes: `value` None when it shows
+    none of them (`value_missing`); a null value (a tombstone) is `b""` with `tombstone`."""
 
     letter: DeadLetter
     value: bytes | None
     key: bytes | None
     entry_id: str | None = field(default=None, compare=False)
+    tombstone: bool = False
+    headers: Headers = ()
+
+    @classmethod
+    def of(cls, letter: DeadLetter, message: Message | None) -> StreamEntry:
+        if message is None:
+            return cls(letter, None, None)
+        return cls(letter, message.value or b"", message.key, tombstone=message.value is None,
+                   headers=message.headers)
+
+    @property
+    def message(self) -> Message | None:
+        """The message as Kafka gave it; None when the entry shows none of its bytes."""
+        if self.value is None:
+            return None
+        return Message(self.key, None if self.tombstone else self.value, self.headers)
 
     def fields(self) -> dict[str, bytes | str]:
         letter = self.letter
@@ -172,6 +193,12 @@ class StreamEntry:
         }
         if self.key is not None:
             fields["key"] = self.key
+        if self.tombstone:
+            fields["value_null"] = "1"
+        if self.headers:
+            fields["headers"] = json.dumps(
+                [[name, None if value is None else base64.b64encode(value).decode()]
+                 for name, value in self.headers])
         return fields
 
     @classmethod
@@ -196,7 +223,22 @@ class StreamEntry:
             history=history_from_json(text("history")),
         )
         value = None if text("value_missing") else fields.get(b"value", b"")
-        return cls(letter, value, fields.get(b"key"), entry_id)
+        return cls(letter, value, fields.get(b"key"), entry_id,
+                   tombstone=value is not None and text("value_null") == "1",
+                   headers=_headers(text("headers")))
+
+
+def _headers(raw: str) -> Headers:
+    """The headers an entry keeps; none when it keeps none, or none that can be read."""
+    if not raw:
+        return ()
+    try:
+        pairs = json.loads(raw)
+        return tuple((str(name), None if value is None else base64.b64decode(value))
+                     for name, value in pairs)
+    except (ValueError, TypeError):
+        log.warning("an entry's headers cannot be read: shown without them")
+        return ()
 
 
 def _text_of(number: int | None) -> str:

@@ -26,7 +26,10 @@ from confluent_kafka.admin import AdminClient
 from sqlalchemy.engine import make_url
 
 from bridge.service import Bridge
-from eventpipe.kafka import topic_id
+from eventpipe.dlq import actions
+from eventpipe.effects import Position
+from eventpipe.kafka import MessageReader, read_topic_id
+from eventpipe.messages import Message as KafkaMessage
 from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, send_batch
 from eventpipe.samples import (
@@ -48,6 +51,7 @@ from tests.support.pipeline import (
     wait_until,
 )
 from tests.support.tcp_proxy import TcpProxy
+from web.resources.dlq.schemas import DeadLetterSchema
 
 Message = tuple[str, Document]
 
@@ -543,7 +547,7 @@ def test_two_workers_on_the_same_partitions_still_apply_exactly_once(
 def _filed(pipeline: Pipeline) -> str:
     """The name the offset ledger keeps the pipeline's topic under."""
     admin = AdminClient({"bootstrap.servers": pipeline.settings.kafka_bootstrap_servers})
-    found = topic_id(admin, pipeline.name, 10)
+    found = read_topic_id(admin, pipeline.name, 10)
     assert found  # Tansu gives topics ids
     return filed_under(pipeline.name, found)
 
@@ -607,6 +611,42 @@ def test_a_task_of_an_earlier_topic_of_the_same_name_marks_nothing_of_the_new_on
                60, "the earlier topic's tasks applied")
     drained(pipeline, sent)
     assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+
+
+def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:
+    """Before: a null value (a tombstone) was dead-lettered as an empty value, shown as one
+    and replayed as one, and a dead-lettered message's Kafka headers were dropped: a replay
+    gave other consumers of the topic another message."""
+    pipeline: Pipeline = make_pipeline()
+    headers = (("traceparent", b"00-4bf92f35-01"), ("empty", None), ("traceparent", b"\xff"))
+    sent = [KafkaMessage(b"k-tombstone", None, headers), KafkaMessage(b"k-empty", b""),
+            KafkaMessage(b"k-bad", b"{bad", headers)]
+    for message in sent:
+        pipeline.producer.produce(pipeline.name, key=message.key, value=message.value,
+                                  headers=list(message.headers) or None, partition=0)
+    assert pipeline.producer.flush(15) == 0
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    drained(pipeline, len(sent))
+    wait_until(lambda: len(pipeline.dead_letters()) == len(sent), 60, "the dead letters")
+    entries = sorted(pipeline.dead_letters(), key=lambda entry: entry.letter.position.offset or 0)
+    assert [entry.message for entry in entries] == sent
+    assert [entry.tombstone for entry in entries] == [True, False, False]
+    shown = DeadLetterSchema().dump(entries[0])
+    assert (shown["tombstone"], shown["value"], shown["headers"]) == (True, {"text": ""}, [
+        {"name": "traceparent", "value": {"text": "00-4bf92f35-01"}},
+        {"name": "empty", "value": None},
+        {"name": "traceparent", "value": {"base64": "/w=="}}])
+    result = actions.replay(pipeline.engine, pipeline.dlq, entries,
+                            actions.Publisher(pipeline.settings))
+    assert result.replayed == len(sent)
+    reader = MessageReader(pipeline.settings)
+    try:
+        copies = [reader.fetch(Position(pipeline.name, 0, offset))
+                  for offset in range(len(sent), 2 * len(sent))]
+    finally:
+        reader.close()
+    assert copies == sent
 
 
 class _ForgetRefused(OffsetLedger):

@@ -31,7 +31,7 @@ from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Received
 from eventpipe.errors import TransientError
 from eventpipe.failures import SCHEMA_OUT_OF_STEP
-from eventpipe.offset_ledger import Crashed, OffsetLedger
+from eventpipe.offset_ledger import Crashed, OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage
 from eventpipe.samples import (
     encode,
@@ -157,7 +157,8 @@ def test_a_copy_of_a_given_up_event_that_applies_closes_its_dead_letter(
 
     def copy(offset: int, event_id: str) -> TaskMessage:  # at its last attempt
         return TaskMessage(offset, first[1].key,
-                           first[1].value.replace(POISON.encode(), event_id.encode()),
+                           (first[1].value or b"").replace(POISON.encode(),
+                                                           event_id.encode()),
                            attempts=2)
 
     processor.run(TOPIC, 2, [replace(copy(0, "early"), attempts=0)])
@@ -395,6 +396,26 @@ def test_forgetting_a_partition_drops_the_marks_of_earlier_ledgers_too(
     ledger.forget(TOPIC, [0])
     assert not redis_client.exists(*legacy)
     assert ledger.read(TOPIC, {0: 0})[0] == (set(), set())
+
+
+def test_forgetting_a_partition_forgets_it_under_every_id_of_its_topic(
+    redis_client: redis.Redis,
+) -> None:
+    """A review's finding: forgetting cleared only the ledger of the topic's current id.
+    Marks under the name alone (a bridge or worker before ids, a bridge Kafka gave no id) or
+    under an earlier topic's id stayed, for a bridge rolled back or given no id to read as
+    done in the new topic. A group id holding glob characters keeps to its own keys."""
+    group = f"g*[{uuid.uuid4().hex}]"
+    ledger, other = OffsetLedger(redis_client, group), OffsetLedger(redis_client, "g-other")
+    names = [TOPIC, filed_under(TOPIC, "earlier"), filed_under(TOPIC, "now")]
+    for name in names:
+        for partition in (0, 1):
+            ledger.settle(name, partition, [5])
+        other.settle(name, 0, [5])
+    ledger.forget(filed_under(TOPIC, "now"), [0])
+    assert [ledger.read(name, {0: 0, 1: 0}) for name in names] == [
+        {0: (set(), set()), 1: ({5}, set())}] * 3
+    assert [other.read(name, {0: 0}) for name in names] == [{0: ({5}, set())}] * 3
 
 
 def test_a_long_isolation_keeps_the_bridge_informed(

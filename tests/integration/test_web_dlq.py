@@ -29,6 +29,7 @@ from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
+from eventpipe.messages import Message
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, reconcile_queue
 from tests.support.broker import TopicFactory
@@ -79,7 +80,7 @@ class Queue:
     def add(self, entry: StreamEntry) -> str:
         [saved] = apply_batch(self.engine, [], [entry.letter]).dead_letters
         projection.project(self.engine, self.stream, None,
-                           {saved.dlq_key: (entry.key, entry.value or b"")})
+                           {saved.dlq_key: Message(entry.key, entry.value or b"")})
         found = self.stream.get_key(saved.dlq_key)
         assert found is not None and found.entry_id is not None
         return found.entry_id
@@ -230,7 +231,8 @@ def test_an_entry_is_shown_in_full(client: FlaskClient, queue: Queue) -> None:
     assert body == {
         "id": entry_id, "dlqKey": dead_letter(7).letter.dlq_key, "eventId": "e-7",
         "eventType": "OrderPlaced", "topic": "events", "partition": 0, "offset": 7,
-        "key": {"text": "k-7"}, "value": {"text": '{"n": 7}'}, "errorClass": "InvalidEvent",
+        "key": {"text": "k-7"}, "value": {"text": '{"n": 7}'}, "tombstone": False,
+        "headers": [], "errorClass": "InvalidEvent",
         "errorMessage": "data.x: is required", "traceback": "Traceback …", "attempts": 1,
         "firstFailureAt": "2026-11-24T10:00:00.000Z",
         "lastFailureAt": "2026-11-24T10:00:01.000Z", "worker": "host:1", "history": []}

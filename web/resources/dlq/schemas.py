@@ -133,6 +133,19 @@ class DeadLetterSchema(CamelSchema):
         metadata={"type": "object", "nullable": True,
                   "description": "{text} or {base64}; null if the stream lost the bytes "
                                  "(`eventpipe dlq restore` fetches them from Kafka)"})
+    tombstone = fields.Boolean(
+        required=True, metadata={"description": "The message's value is null (a Kafka "
+                                 "tombstone), not empty: `value` shows no text, and a replay "
+                                 "sends it null"})
+    headers = fields.Function(
+        lambda entry: [{"name": name, "value": _bytes(value)} for name, value in entry.headers],
+        required=True,
+        metadata={"type": "array", "items": {"type": "object", "properties": {
+                      "name": {"type": "string"},
+                      "value": {"type": "object", "nullable": True,
+                                "description": "{text} or {base64}"}}},
+                  "description": "The message's Kafka headers, in order; a replay sends "
+                                 "them"})
     error_class = fields.String(required=True, attribute="letter.error_class")
     error_message = fields.String(required=True, attribute="letter.reason")
     traceback = fields.String(required=True, allow_none=True, attribute="letter.traceback")

@@ -27,6 +27,7 @@ from typing import Any
 import redis
 from celery import Celery
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
@@ -43,7 +44,7 @@ from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
 from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
-from eventpipe.messages import headers_of
+from eventpipe.messages import read_headers
 from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
 from eventpipe.settings import Settings, SettingsError
@@ -234,7 +235,7 @@ class Bridge:
             kind, timestamp = record.timestamp()
             message = TaskMessage(record.offset() or 0, record.key(), record.value(),
                                   timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
-                                  headers=headers_of(record.headers()))
+                                  headers=read_headers(record))
             if self._debug:
                 identity = peek_identity(message.value)  # never raises, whatever the bytes
                 log.debug("event received", extra={
@@ -314,8 +315,8 @@ class Bridge:
                   if p in self.partitions}
         unvouched = [p for p, progress in chosen.items() if not progress.vouched]
         if unvouched and now >= self._next_vouch:
-            self._next_vouch = now + VOUCH_AGAIN_S
             self._vouch(unvouched, timeout_s=VOUCH_TIMEOUT_S)
+            self._next_vouch = self.clock() + VOUCH_AGAIN_S  # from its end
             # Those it dropped (the topic made again) are no longer this bridge's to commit.
             chosen = {p: progress for p, progress in chosen.items() if p in self.partitions}
         for partition in unvouched:
@@ -373,9 +374,11 @@ class Bridge:
         if not offsets or not self._same_topic(now, final=final):
             return
         try:
-            answers = self.consumer.commit(offsets=[TopicPartition(self.topic, p, o)
-                                                    for p, o in offsets.items()],
-                                           asynchronous=False)
+            # Named with the topic's id: a commit landing on a topic made again since is
+            # known for another's by whoever reads it (`_vouch`).
+            answers = self.consumer.commit(offsets=[
+                TopicPartition(self.topic, p, o, metadata=self.topic_id or None)
+                for p, o in offsets.items()], asynchronous=False)
         except KafkaException as exc:
             log.warning("offset commit failed, will retry: %s", exc, extra={"offsets": offsets})
             return
@@ -463,13 +466,16 @@ class Bridge:
 
     def _same_topic(self, now: float, *, final: bool = False) -> bool:
         """Whether the topic is still the one whose offsets this bridge read, as Kafka said
-        it at most TOPIC_CHECK_S ago, or says it now for a `final` commit. While Kafka does
-        not say, nothing is committed; a topic made again stops the bridge (`_remade`)."""
+        it at the last look (every TOPIC_CHECK_S), or says it now for a `final` commit. While
+        Kafka does not say, nothing is committed; a topic made again stops the bridge
+        (`_remade`). A commit made between the topic's making and the next look names the
+        earlier topic's id, and whoever reads it next takes it for none (`_vouch`)."""
         if final or now >= self._next_topic_check:
-            self._next_topic_check = now + TOPIC_CHECK_S
             found = read_topic_id(self.admin, self.topic, VOUCH_TIMEOUT_S)
-            self._topic_said = found is not None
-            if found is not None and self._made_again(found):
+            self._next_topic_check = self.clock() + TOPIC_CHECK_S  # from the answer
+            # No id where there was one says nothing either.
+            self._topic_said = bool(found) or (found == "" and not self.topic_id)
+            if found and self._made_again(found):
                 return False
         return self._topic_said
 
@@ -505,17 +511,9 @@ class Bridge:
         # assigned yet may not be paused (below), and that pause is what keeps it unread.
         consumer.assign(assigned)
         assigned = self._served_or_stop(assigned)
-        known = self._committed(consumer, assigned)
-        committed = known or {}
         for tp in assigned:
-            self.partitions[tp.partition] = PartitionProgress(
-                tp.partition, committed=committed.get(tp.partition), vouched=False)
-            # Exported from the start, not from this bridge's first commit: a partition whose
-            # oldest event is stuck commits nothing, and its alert needs the series to stand.
-            if tp.partition in committed:
-                metrics.COMMITTED_OFFSET.labels(self.topic, str(tp.partition)).set(
-                    committed[tp.partition])
-        self._vouch([tp.partition for tp in assigned], known)
+            self.partitions[tp.partition] = PartitionProgress(tp.partition, vouched=False)
+        self._vouch([tp.partition for tp in assigned])
         # A new progress is not paused, and the Kafka client keeps a partition paused across
         # a rebalance that gives it back: resumed here, it is read again whatever came before
         # (unless the bridge is stopping: its drain reads only what it already fetched). One
@@ -528,15 +526,16 @@ class Bridge:
             if (progress := self.partitions.get(tp.partition)) is not None \
                     and not progress.vouched:
                 self._pause(progress)
-        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in assigned],
-                                               "committed": committed})
+        log.info("partitions assigned", extra={
+            "partitions": [tp.partition for tp in assigned],
+            "committed": {tp.partition: progress.committed for tp in assigned
+                          if (progress := self.partitions.get(tp.partition)) is not None}})
 
     def _vouched(self, partition: int) -> bool:
         progress = self.partitions.get(partition)
         return progress is not None and progress.vouched
 
-    def _vouch(self, partitions: list[int], known: dict[int, int] | None = None,
-               timeout_s: float = 10.0) -> None:
+    def _vouch(self, partitions: list[int], timeout_s: float = 10.0) -> None:
         """Trust what the ledger says of these partitions once it holds no marks of an earlier
         topic. The ledger is filed under Kafka's id of the topic, so marks a task of a topic
         of the same name made, before or after it was deleted, are not read here. A
@@ -546,35 +545,50 @@ class Bridge:
         of other messages at the same offsets would commit past events never applied. Until
         the topic's id and the committed offsets are known and the marks forgotten (Kafka or
         Redis may not answer as partitions are assigned), the partitions commit nothing, and
-        this is tried again at a later sync (they stay paused meanwhile). `known`: the
-        group's committed offsets, if just read; else they are asked for, waiting at most
-        `timeout_s`."""
-        if known is None:
-            known = self._committed(self.consumer,
-                                    [TopicPartition(self.topic, p) for p in partitions],
-                                    timeout_s)
-            if known is None:
-                return
-        found = read_topic_id(self.admin, self.topic, timeout_s)
-        if found is None:  # said in the log
+        this is tried again at a later sync (they stay paused meanwhile), each of Kafka's
+        two answers awaited at most `timeout_s`.
+
+        Each commit names the topic's id (its metadata). An offset committed under another
+        id was committed to an earlier topic of this name (by a bridge that had not yet seen
+        it made again): it is not this topic's, and the partition is read from its start as
+        one never committed."""
+        found = self._committed(self.consumer,
+                                [TopicPartition(self.topic, p) for p in partitions], timeout_s)
+        if found is None:
             return
-        if self._made_again(found):
+        named = read_topic_id(self.admin, self.topic, timeout_s)
+        if named is None or self._made_again(named):  # said in the log
             return
-        self.topic_id = found or self.topic_id or ""
-        fresh = [p for p in partitions if p not in known]
-        if fresh:
+        self.topic_id = named or self.topic_id or ""
+        earlier = sorted(p for p, (_, under) in found.items()
+                         if under and self.topic_id and under != self.topic_id)
+        known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
+        try:
+            # Records the topic's id even when no partition is new (`OffsetLedger.forget`).
+            self.ledger.forget(self._ledger_topic, [p for p in partitions if p not in known])
+        except redis.RedisError as exc:
+            log.warning("could not clear the ledger of new partitions: %s; nothing is "
+                        "committed for them until it is", exc, extra={"partitions": partitions})
+            return
+        if earlier:
+            log.warning("offsets committed to an earlier topic of this name: read from the "
+                        "start", extra={"partitions": earlier, "committed": {
+                            p: found[p] for p in earlier}})
             try:
-                self.ledger.forget(self._ledger_topic, fresh)
-            except redis.RedisError as exc:
-                log.warning("could not clear the ledger of new partitions: %s; nothing is "
-                            "committed for them until it is", exc,
-                            extra={"partitions": fresh})
+                for partition in earlier:
+                    self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
+            except KafkaException as exc:  # not fetching yet: at a later sync
+                log.warning("could not read them from the start yet: %s", exc)
                 return
         for partition in partitions:
             if (progress := self.partitions.get(partition)) is not None:
                 progress.vouched = True
-                if progress.committed is None:
-                    progress.committed = known.get(partition)
+                progress.committed = known.get(partition)
+                # Exported from the start, not from this bridge's first commit: a partition
+                # whose oldest event is stuck commits nothing, and its alert needs the series.
+                if progress.committed is not None:
+                    metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(
+                        progress.committed)
                 if not self.stopping:
                     self._resume(progress)
 
@@ -594,14 +608,15 @@ class Bridge:
 
     def _committed(
         self, consumer: Consumer, assigned: list[TopicPartition], timeout_s: float = 10.0,
-    ) -> dict[int, int] | None:
-        """The group's committed offset of each partition that has one; None if unknown."""
+    ) -> dict[int, tuple[int, str]] | None:
+        """The group's committed offset of each partition that has one, with the topic id its
+        commit names ("" for none); None if unknown."""
         try:
             found = consumer.committed(assigned, timeout=timeout_s)
         except KafkaException as exc:
             log.warning("could not read committed offsets: %s", exc)
             return None
-        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+        return {tp.partition: (tp.offset, tp.metadata or "") for tp in found if tp.offset >= 0}
 
     def _on_revoke(self, _consumer: Consumer, revoked: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in revoked if tp.partition in self.partitions]

@@ -191,7 +191,7 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
         if not chosen:
             print("no dead letter matches", file=sys.stderr)
         return 0
-    engine = make_engine(settings)
+    engine = make_engine(settings, create=False)
     try:
         return act(engine, stream, entries)
     finally:
@@ -199,7 +199,7 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
 
 
 def _restore(_args: argparse.Namespace, settings: Settings) -> int:
-    engine = make_engine(settings)
+    engine = make_engine(settings, create=False)
     reader = MessageReader(settings)
     bar = ProgressBar("restoring", projection.open_count(engine), "entries")
     try:

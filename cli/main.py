@@ -193,7 +193,7 @@ def _trace(args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.kafka import MessageReader
     from eventpipe.trace import gather, render
 
-    engine = make_engine(settings, writer=False)
+    engine = make_engine(settings, writer=False, create=False)
     reader = None if args.no_kafka else MessageReader(settings)
     try:
         trace = gather(args.event_id, engine, dlq._stream(settings),

@@ -25,7 +25,7 @@ def add_command(commands: Any) -> None:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    engine = make_engine(settings, writer=False)
+    engine = make_engine(settings, writer=False, create=False)
     client = redis_clients.operator(settings.redis_url)
     broker = depth_reader(settings, redis_clients.operator)
     try:

@@ -25,7 +25,7 @@ def add_command(commands: Any) -> None:
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     committed = committed_offsets(settings)
-    engine = make_engine(settings, writer=False)
+    engine = make_engine(settings, writer=False, create=False)
     stream = DeadLetterStream(redis_clients.operator(settings.redis_url), settings.dlq_stream,
                               settings.dlq_max_entries, settings.dlq_max_bytes)
     bar = ProgressBar("reading the topic", sum(committed.values()), "messages")

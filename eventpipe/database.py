@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from eventpipe import sqlite_turns
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
 WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
@@ -23,12 +23,14 @@ _PG_NETWORK = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 
 
-def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
+def make_engine(settings: Settings, *, writer: bool = True, create: bool = True) -> Engine:
     """An engine for `settings.database_url`.
 
     `writer` engines on SQLite take their turn among the writers (`eventpipe.sqlite_turns`)
     and the write lock when a transaction begins, so the read-then-write of a batch never
-    fails halfway on a lock upgrade; readers don't.
+    fails halfway on a lock upgrade; readers don't. Without `create`, a SQLite file that does
+    not exist is a `SettingsError` rather than made empty: an operator's command run from
+    another directory than the pipeline's would read a relative path there.
     """
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -39,7 +41,14 @@ def make_engine(settings: Settings, *, writer: bool = True) -> Engine:
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
                                    "check_same_thread": False}
         if _is_file(url.database):
-            Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(str(url.database))
+            if not create and not path.exists():
+                raise SettingsError(
+                    f"DATABASE_URL={redacted(settings.database_url)} names no database here: "
+                    f"{path.absolute()} does not exist (a relative path is read from the "
+                    f"working directory): run this where the pipeline runs, or `eventpipe "
+                    f"migrate` to make it")
+            path.parent.mkdir(parents=True, exist_ok=True)
             if writer:
                 options["connect_args"]["factory"] = TakesTurns
     else:

@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.logs import Repeats
-from eventpipe.messages import Message, headers_of
+from eventpipe.messages import Message, read_headers
 from eventpipe.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class MessageReader:
             return None  # gone, or compacted away (the next offset came instead)
         key, value = record.key(), record.value()
         return Message(key if isinstance(key, bytes) else None,
-                       value if isinstance(value, bytes) else None, headers_of(record.headers()))
+                       value if isinstance(value, bytes) else None, read_headers(record))
 
     def close(self) -> None:
         self.consumer.close()

@@ -7,7 +7,10 @@ topic read them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
 
 # (name, value) pairs in Kafka's order; a name may repeat, a value may be null.
 Headers = tuple[tuple[str, bytes | None], ...]
@@ -22,9 +25,21 @@ class Message(NamedTuple):
 def headers_of(raw: Any) -> Headers:
     """The headers as the Kafka client gives them (a list of pairs, or None) or as they
     travel in a task (lists), as `Headers`."""
-    return tuple((str(name), value if isinstance(value, bytes) or value is None
-                  else str(value).encode()) for name, value in raw or ())
+    return tuple((str(name), None if value is None else bytes(value)) for name, value in raw or ())
+
+
+def read_headers(record: Any) -> Headers:
+    """A consumed message's headers. The Kafka client decodes their names as UTF-8 and raises
+    for one that is not (a producer may send bytes): the message is then kept without them,
+    said in the log, rather than never read."""
+    try:
+        return headers_of(record.headers())
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        log.warning("headers of %s [%s] offset %s cannot be read: kept without them: %s",
+                    record.topic(), record.partition(), record.offset(), exc)
+        return ()
 
 
 def headers_size(headers: Headers) -> int:
-    return sum(len(name) + len(value or b"") for name, value in headers)
+    """Their size in bytes, names as UTF-8."""
+    return sum(len(name.encode()) + len(value or b"") for name, value in headers)

@@ -23,7 +23,8 @@ partition are applied, until a run takes its messages up again.
 Keys, per consumer group, topic and partition: `{prefix}:{group}:done-ranges:{topic}:{p}`
 and `…:lease-ranges:…` (sorted sets of ranges of offsets, `"<first>-<last>"`, scored by the
 last offset and by the lease deadline in Redis time), `…:runs:…` (a hash: `"<first> <last>
-<run>"` → deaths before that run). The topic is named with Kafka's id of it (`filed_under`),
+<run>"` → deaths before that run); `{prefix}:{group}:topic-ids:{topic}`, the ids the topic's
+ledger was filed under (for `forget`). The topic is named with Kafka's id of it (`filed_under`),
 which the bridge reads as it is given partitions and sends with each task: a topic deleted
 and made again under its name starts a ledger of its own, and a task of the earlier topic run
 late (an unacknowledged task handed out again, a retry's countdown) marks nothing of the new
@@ -211,10 +212,6 @@ def filed_under(topic: str, topic_id: str) -> str:
     return f"{topic}@{topic_id}" if topic_id else topic
 
 
-def _glob_escaped(text: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
 def _decoded(key: bytes | str) -> str:
     return key.decode() if isinstance(key, bytes) else key
 
@@ -317,19 +314,20 @@ class OffsetLedger:
         done marks, leases, running ranges, and those of the ledger of one member per offset
         (`_BEFORE_RANGES`), whose marks would otherwise outlive a topic recreated here,
         should this version be rolled back; and those filed under the topic's name alone or
-        under its other ids (earlier topics of that name, or a bridge that could not tell
-        which it read), which a bridge rolled back or given no id would read."""
-        chosen = {str(p) for p in partitions}
+        under the ids of its earlier topics, which a bridge rolled back or given no id would
+        read. The ids a topic's ledger was filed under are recorded here (with no partitions:
+        only that)."""
+        name, _, topic_id = topic.partition("@")
+        ids = f"{self.base}:topic-ids:{name}"
+        if topic_id:
+            self.client.sadd(ids, topic_id)
+        chosen = list(partitions)
         if not chosen:
             return
-        name = topic.partition("@")[0]
-        keys = {self._key(kind, filed, int(p)) for p in chosen for filed in {topic, name}
-                for kind in (_DONE_RANGES, _LEASE_RANGES, "runs", *_BEFORE_RANGES)}
-        # Kafka's topic names hold no glob character; a group id may.
-        others = f"{_glob_escaped(self.base)}:*:{name}@*"
-        keys.update(key for key in self.client.scan_iter(match=others, count=1000)
-                    if _decoded(key).rpartition(":")[2] in chosen)
-        self.client.delete(*keys)
+        filed = {name, *(filed_under(name, _decoded(i)) for i in self.client.smembers(ids))}
+        self.client.delete(*(self._key(kind, where, p) for p in chosen for where in filed
+                             for kind in (_DONE_RANGES, _LEASE_RANGES, "runs",
+                                          *_BEFORE_RANGES)))
 
     def trim(self, topic: str, committed: Mapping[int, int]) -> None:
         """Forget the done ranges that end below each committed offset (Kafka remembers

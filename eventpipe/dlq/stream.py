@@ -24,7 +24,7 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -223,22 +223,24 @@ class StreamEntry:
             history=history_from_json(text("history")),
         )
         value = None if text("value_missing") else fields.get(b"value", b"")
+        headers = _headers(text("headers"))
+        if value is None or headers is None:  # shown without its message (a replay reads
+            return cls(letter, None, fields.get(b"key"), entry_id)  # it from Kafka)
         return cls(letter, value, fields.get(b"key"), entry_id,
-                   tombstone=value is not None and text("value_null") == "1",
-                   headers=_headers(text("headers")))
+                   tombstone=text("value_null") == "1", headers=headers)
 
 
-def _headers(raw: str) -> Headers:
-    """The headers an entry keeps; none when it keeps none, or none that can be read."""
+def _headers(raw: str) -> Headers | None:
+    """The headers an entry keeps (none when it keeps none); None when they cannot be read:
+    not sent without them, the message is then read from Kafka."""
     if not raw:
         return ()
     try:
-        pairs = json.loads(raw)
         return tuple((str(name), None if value is None else base64.b64decode(value))
-                     for name, value in pairs)
+                     for name, value in json.loads(raw))
     except (ValueError, TypeError):
-        log.warning("an entry's headers cannot be read: shown without them")
-        return ()
+        log.warning("an entry's headers cannot be read: its message is read from Kafka")
+        return None
 
 
 def _text_of(number: int | None) -> str:
@@ -375,13 +377,16 @@ class DeadLetterStream:
             data = value.encode() if isinstance(value, str) else value
             flat.extend((name, data))
             size += len(name) + len(data)
-        if size > self.max_bytes and entry.value is not None:
+        if size > self.max_bytes and (entry.value is not None or entry.key is not None):
             # It could never enter, and would hold back every dead letter after it: it enters
-            # without its bytes, which stay in Kafka at its position.
-            log.error("dead letter larger than DLQ_MAX_BYTES: shown without its message's "
-                      "bytes", extra={"dlqKey": entry.letter.dlq_key, "dlqEntryBytes": size,
-                                      "dlqMaxBytes": self.max_bytes})
-            return self.put(replace(entry, value=None))
+            # without its message's value and headers (then its key too, if need be), which
+            # stay in Kafka at its position.
+            log.error("dead letter larger than DLQ_MAX_BYTES: shown without its message",
+                      extra={"dlqKey": entry.letter.dlq_key, "dlqEntryBytes": size,
+                             "dlqMaxBytes": self.max_bytes})
+            smaller = StreamEntry(entry.letter, None, entry.key if entry.value is not None
+                                  else None)
+            return self.put(smaller)
         entry_id, entries, total = self._put(
             keys=[self.stream, self.index, self.totals],
             args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size,

@@ -79,8 +79,8 @@ class Queue:
 
     def add(self, entry: StreamEntry) -> str:
         [saved] = apply_batch(self.engine, [], [entry.letter]).dead_letters
-        projection.project(self.engine, self.stream, None,
-                           {saved.dlq_key: Message(entry.key, entry.value or b"")})
+        message = entry.message or Message(entry.key, b"")
+        projection.project(self.engine, self.stream, None, {saved.dlq_key: message})
         found = self.stream.get_key(saved.dlq_key)
         assert found is not None and found.entry_id is not None
         return found.entry_id
@@ -549,6 +549,9 @@ def test_the_dlq_reads_honour_their_openapi_document(
     raw = dead_letter(9, value=b"\xff not utf-8")
     ids.append(queue.add(replace(raw, key=None, letter=replace(
         raw.letter, position=Position(), event_id=None, event_type=None, traceback=None))))
+    # A tombstone with headers, one of them null, one not UTF-8.
+    ids.append(queue.add(replace(dead_letter(10, value=b""), tombstone=True, headers=(
+        ("traceparent", b"00-01"), ("empty", None), ("raw", b"\xff")))))
     app = create_app(settings_for(sqlite_url, stream))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:

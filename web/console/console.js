@@ -170,6 +170,8 @@ async function showEntry(id) {
       ["Last failure", entry.lastFailureAt], ["Worker", entry.worker],
       ["Position", `${entry.topic} p${entry.partition} offset ${entry.offset}`],
       ["Key", entry.key === null ? "(none)" : bytes(entry.key)],
+      ...(entry.headers || []).map((header) => [
+        `Header ${header.name}`, header.value === null ? "(null)" : bytes(header.value)]),
     ];
     $("entry-fields").replaceChildren(...fields.flatMap(([name, value]) => {
       const dt = document.createElement("dt");
@@ -178,7 +180,7 @@ async function showEntry(id) {
       dd.textContent = value === null || value === undefined ? "–" : String(value);
       return [dt, dd];
     }));
-    $("entry-value").textContent = bytes(entry.value);
+    $("entry-value").textContent = entry.tombstone ? "(null: a tombstone)" : bytes(entry.value);
     $("entry-traceback").textContent = entry.traceback || "–";
     $("entry-history").replaceChildren(...entry.history.map((life) => {
       const li = document.createElement("li");

@@ -132,7 +132,8 @@ class DeadLetterSchema(CamelSchema):
         lambda entry: _bytes(entry.value), required=True, allow_none=True,
         metadata={"type": "object", "nullable": True,
                   "description": "{text} or {base64}; null if the stream lost the bytes "
-                                 "(`eventpipe dlq restore` fetches them from Kafka)"})
+                                 "(`eventpipe dlq restore` fetches them from Kafka); no text "
+                                 "for a null value, a tombstone (`tombstone`)"})
     tombstone = fields.Boolean(
         required=True, metadata={"description": "The message's value is null (a Kafka "
                                  "tombstone), not empty: `value` shows no text, and a replay "
@@ -140,10 +141,11 @@ class DeadLetterSchema(CamelSchema):
     headers = fields.Function(
         lambda entry: [{"name": name, "value": _bytes(value)} for name, value in entry.headers],
         required=True,
-        metadata={"type": "array", "items": {"type": "object", "properties": {
-                      "name": {"type": "string"},
-                      "value": {"type": "object", "nullable": True,
-                                "description": "{text} or {base64}"}}},
+        metadata={"type": "array", "items": {
+                      "type": "object", "required": ["name", "value"], "properties": {
+                          "name": {"type": "string"},
+                          "value": {"type": "object", "nullable": True,
+                                    "description": "{text} or {base64}"}}},
                   "description": "The message's Kafka headers, in order; a replay sends "
                                  "them"})
     error_class = fields.String(required=True, attribute="letter.error_class")

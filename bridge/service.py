@@ -27,7 +27,6 @@ from typing import Any
 import redis
 from celery import Celery
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
@@ -475,15 +474,19 @@ class Bridge:
             self._next_topic_check = self.clock() + TOPIC_CHECK_S  # from the answer
             # No id where there was one says nothing either.
             self._topic_said = bool(found) or (found == "" and not self.topic_id)
+            if found == "" and self.topic_id:
+                log.warning("Kafka gives no id of topic %s now (it gave %s): nothing is "
+                            "committed until it does", self.topic, self.topic_id)
             if found and self._made_again(found):
                 return False
         return self._topic_said
 
     def _made_again(self, found: str) -> bool:
-        """Whether `found`, Kafka's id of the topic now, says the topic was made again since
-        this bridge read it (then `_remade`). An id where there was none, or none where
-        there was one (a broker upgraded, or downgraded), is not a new topic."""
-        if self.topic_id and found and found != self.topic_id:
+        """Whether `found`, Kafka's id of the topic now, is not the one this bridge read it
+        under (then `_remade`): the topic made again, or given an id where it had none (a
+        broker upgraded: what the bridge read is filed under the name alone, and its commits
+        name no id). None where there was one (a broker downgraded) says nothing."""
+        if found and self.topic_id is not None and found != self.topic_id:
             self._remade(found)
             return True
         return False
@@ -556,6 +559,13 @@ class Bridge:
                                 [TopicPartition(self.topic, p) for p in partitions], timeout_s)
         if found is None:
             return
+        # Shown at once, before the rest is known (the lag, the status, the commit alert's
+        # series): the commits that name no id, or the one this bridge knows.
+        for partition, (offset, under) in found.items():
+            if (progress := self.partitions.get(partition)) is not None \
+                    and (not under or under == self.topic_id):
+                progress.committed = offset
+                metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
         named = read_topic_id(self.admin, self.topic, timeout_s)
         if named is None or self._made_again(named):  # said in the log
             return
@@ -573,11 +583,19 @@ class Bridge:
         if earlier:
             log.warning("offsets committed to an earlier topic of this name: read from the "
                         "start", extra={"partitions": earlier, "committed": {
-                            p: found[p] for p in earlier}})
+                            p: found[p][0] for p in earlier}})
             try:
                 for partition in earlier:
-                    self.consumer.seek(TopicPartition(self.topic, partition, OFFSET_BEGINNING))
-            except KafkaException as exc:  # not fetching yet: at a later sync
+                    low, _ = self.consumer.get_watermark_offsets(
+                        TopicPartition(self.topic, partition), timeout=timeout_s)
+                    self.consumer.seek(TopicPartition(self.topic, partition, low))
+                    known[partition] = low
+                # In the earlier one's place, for whoever reads it (`eventpipe verify`, Kafka's
+                # tools), should nothing come to commit past it.
+                self.consumer.commit(offsets=[
+                    TopicPartition(self.topic, p, known[p], metadata=self.topic_id or None)
+                    for p in earlier], asynchronous=False)
+            except KafkaException as exc:  # not fetching yet, Kafka away: at a later sync
                 log.warning("could not read them from the start yet: %s", exc)
                 return
         for partition in partitions:
@@ -643,7 +661,9 @@ class Bridge:
         self.must_stop = TransientError(
             f"topic {self.topic} was deleted and made again while the bridge read it (Kafka's "
             f"id {self.topic_id}, now {found}): the bridge stops and commits nothing more; "
-            f"start it again to read the new topic")
+            f"start it again to read the new topic" if self.topic_id else
+            f"Kafka gives topic {self.topic} an id now ({found}), where it gave none: the "
+            f"bridge stops and commits nothing more; start it again to read it under the id")
         log.error("%s", self.must_stop)
         self.stopping = True
         with contextlib.suppress(KafkaException):

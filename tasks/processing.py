@@ -106,7 +106,7 @@ class Processor:
         self.lease_s = settings.redelivery_timeout_s
         self.keeper = LeaseKeeper(ledger)
         self._run = ""  # the run in progress, as the offset ledger names it
-        self._marks = ""  # its topic, as the offset ledger names it (`filed_under`)
+        self._ledger_topic = ""  # its topic, as the offset ledger names it (`filed_under`)
         self._next = 0  # the first offset it has not given a fate yet
         self.retries = 0
         # The last run whose end the ledger did not answer (or the one it was asked to
@@ -120,18 +120,18 @@ class Processor:
         offset ledger did not answer: its record is no death. `topic_id`: Kafka's id of the
         topic the bridge read them from, whose ledger their marks go to."""
         report = Report()
-        self._marks = filed_under(topic, topic_id)
+        self._ledger_topic = filed_under(topic, topic_id)
         self.retries = retries
         self.unended = forgive  # the run the next attempt must forgive, if any
         first, last = messages[0].offset, messages[-1].offset
         self._run = uuid.uuid4().hex  # names this run's record in the ledger
         offsets = [m.offset for m in messages]
-        crashed = self.ledger.begin(self._marks, partition, offsets, self.lease_s, run=self._run,
-                                    forgive=forgive)
+        crashed = self.ledger.begin(self._ledger_topic, partition, offsets, self.lease_s,
+                                    run=self._run, forgive=forgive)
         self._next = first
         ended = False
         try:
-            self.keeper.hold(self._marks, partition, offsets, self.lease_s,
+            self.keeper.hold(self._ledger_topic, partition, offsets, self.lease_s,
                              self.settings.task_time_limit_s)
             if crashed is None:
                 ended = self._work(topic, partition, [messages], report)
@@ -149,11 +149,13 @@ class Processor:
             owed = crashed if crashed is not None and not ended \
                 and self._next <= crashed.last else None
             try:
-                self.ledger.finish(self._marks, partition, report.done, run=self._run, owed=owed)
+                self.ledger.finish(self._ledger_topic, partition, report.done, run=self._run,
+                                   owed=owed)
             except (redis.ConnectionError, redis.TimeoutError):
                 # This process lives: its run must not pass for dead once the ledger answers
                 # again. The keeper ends it then, and the batch's retry forgives it.
-                self.keeper.finish_later(self._marks, partition, list(report.done), self._run)
+                self.keeper.finish_later(self._ledger_topic, partition, list(report.done),
+                                         self._run)
                 self.unended = self._run
                 raise
         return report
@@ -171,8 +173,8 @@ class Processor:
             self._next = part[0].offset
             if crashed is not None:
                 deaths = crashed.deaths_of(part[0].offset)
-                self.ledger.narrow(self._marks, partition, part[0].offset, part[-1].offset, deaths,
-                                   run=self._run)
+                self.ledger.narrow(self._ledger_topic, partition, part[0].offset,
+                                   part[-1].offset, deaths, run=self._run)
                 verdict = after_crashes(deaths, size=len(part), policy=self.policy)
                 if isinstance(verdict, GiveUp):
                     if not self._give_up(topic, partition, part, parts, verdict, report):
@@ -224,7 +226,7 @@ class Processor:
         if not parts or not report.done:
             return
         try:
-            self.ledger.settle(self._marks, partition, report.done)
+            self.ledger.settle(self._ledger_topic, partition, report.done)
         except redis.RedisError as exc:
             log.warning("progress not marked yet: %s", exc, extra={
                 "topic": topic, "partition": partition})
@@ -235,8 +237,8 @@ class Processor:
         # The offsets stay leased while they wait, and while a batch may run ahead of them
         # once their time comes, so the bridge does not read them again.
         offsets = [m.offset for m in later.messages]
-        self.ledger.lease(self._marks, partition, offsets, later.delay_s + self.lease_s)
-        self.keeper.set_aside(self._marks, partition, offsets, self.lease_s,
+        self.ledger.lease(self._ledger_topic, partition, offsets, later.delay_s + self.lease_s)
+        self.keeper.set_aside(self._ledger_topic, partition, offsets, self.lease_s,
                               later.delay_s + self.settings.task_time_limit_s)
         report.later.append(later)
         count_retries(later.messages, "transient" if later.transient else "error")

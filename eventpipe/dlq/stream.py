@@ -223,24 +223,23 @@ class StreamEntry:
             history=history_from_json(text("history")),
         )
         value = None if text("value_missing") else fields.get(b"value", b"")
-        headers = _headers(text("headers"))
-        if value is None or headers is None:  # shown without its message (a replay reads
-            return cls(letter, None, fields.get(b"key"), entry_id)  # it from Kafka)
         return cls(letter, value, fields.get(b"key"), entry_id,
-                   tombstone=text("value_null") == "1", headers=headers)
+                   tombstone=value is not None and text("value_null") == "1",
+                   headers=_headers(text("headers"), letter.dlq_key))
 
 
-def _headers(raw: str) -> Headers | None:
-    """The headers an entry keeps (none when it keeps none); None when they cannot be read:
-    not sent without them, the message is then read from Kafka."""
+def _headers(raw: str, dlq_key: str) -> Headers:
+    """The headers an entry keeps; none when it keeps none, or none that can be read (said:
+    the value, maybe the only copy left once Kafka's retention passed, is kept)."""
     if not raw:
         return ()
     try:
         return tuple((str(name), None if value is None else base64.b64decode(value))
                      for name, value in json.loads(raw))
     except (ValueError, TypeError):
-        log.warning("an entry's headers cannot be read: its message is read from Kafka")
-        return None
+        log.warning("the headers of a DLQ entry cannot be read: shown without them",
+                    extra={"dlqKey": dlq_key})
+        return ()
 
 
 def _text_of(number: int | None) -> str:

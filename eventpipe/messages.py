@@ -30,8 +30,8 @@ def headers_of(raw: Any) -> Headers:
 
 def read_headers(record: Any) -> Headers:
     """A consumed message's headers. The Kafka client decodes their names as UTF-8 and raises
-    for one that is not (a producer may send bytes): the message is then kept without them,
-    said in the log, rather than never read."""
+    for one that is not (a producer of another client may send any bytes): the message is then
+    kept without them, said in the log, rather than never read."""
     try:
         return headers_of(record.headers())
     except (UnicodeDecodeError, ValueError, TypeError) as exc:

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from bridge.service import Bridge
 from cli.errors import explain
 from eventpipe.errors import KEY_OF_ANOTHER_KIND, TransientError
-from tests.support.broker import TopicFactory, consume, produce, settings_for
+from tests.support.broker import TopicFactory, commit_offset, consume, produce, settings_for
 from tests.support.pipeline import BIN, ROOT, wait_until
 from tests.support.services import REDIS_URL
 
@@ -322,11 +322,7 @@ def test_an_offset_committed_to_an_earlier_topic_of_the_name_is_not_trusted(
     produce(kafka_broker, topic, [(b"k", b"{}", ()) for _ in range(10)])
     settings = dataclasses.replace(settings_for(kafka_broker, topic, partitions=1),
                                    kafka_group_id=f"group-{uuid.uuid4().hex}")
-    committer = Consumer({"bootstrap.servers": kafka_broker, "group.id": settings.kafka_group_id})
-    try:
-        committer.commit(offsets=[TopicPartition(topic, 0, 7)], asynchronous=False)
-    finally:
-        committer.close()
+    commit_offset(kafka_broker, settings.kafka_group_id, topic, 0, 7)
     bridge = Bridge(settings)
     read = bridge._committed
 

@@ -14,12 +14,13 @@ import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,7 +29,7 @@ from eventpipe.queues import make_celery
 from eventpipe.samples import Document, Story, user_created
 from eventpipe.status import FORGET_S, STALE_S, WORKER, Board
 from launcher.embedded import free_port
-from tests.support.broker import settings_for
+from tests.support.broker import commit_offset, settings_for
 from tests.support.http import serving
 from tests.support.pipeline import BIN, Pipeline, wait_until
 from web import create_app
@@ -260,30 +261,33 @@ def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
         redis_client.delete(board.key)
 
 
+@contextmanager
+def assigned_bridge(kafka_broker: str, topic: str, committed: int) -> Iterator[Bridge]:
+    """A bridge of a new group given both partitions of `topic`, the first committed at
+    `committed`, the second never."""
+    settings = settings_for(kafka_broker, topic, partitions=2)
+    settings = dataclasses.replace(settings, kafka_group_id=f"group-{uuid.uuid4().hex}")
+    commit_offset(kafka_broker, settings.kafka_group_id, topic, 0, committed)
+    bridge = Bridge(settings)
+    try:
+        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(2)])
+        yield bridge
+    finally:
+        bridge.consumer.close()
+
+
 def test_a_bridge_exports_the_committed_offset_of_a_partition_as_it_is_assigned(
         kafka_broker: str, kafka_topic: Any) -> None:
     """Before: only after the bridge's own first commit. A partition whose oldest event is
     stuck commits nothing, so after a restart or a move it had no series and the alert on a
     partition that does not commit could never fire."""
     topic = kafka_topic(partitions=2)
-    settings = settings_for(kafka_broker, topic, partitions=2)
-    settings = dataclasses.replace(settings, kafka_group_id=f"group-{uuid.uuid4().hex}")
-    committer = Consumer({"bootstrap.servers": kafka_broker,
-                          "group.id": settings.kafka_group_id})
-    try:
-        committer.commit(offsets=[TopicPartition(topic, 0, 5)], asynchronous=False)
-    finally:
-        committer.close()
-    bridge = Bridge(settings)
-    try:
-        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(2)])
+    with assigned_bridge(kafka_broker, topic, 5):
         assert REGISTRY.get_sample_value("bridge_committed_offset",
                                          {"topic": topic, "partition": "0"}) == 5
         # Never committed: no offset to show.
         assert REGISTRY.get_sample_value("bridge_committed_offset",
                                          {"topic": topic, "partition": "1"}) is None
-    finally:
-        bridge.consumer.close()
 
 
 def test_a_partition_never_committed_shows_the_whole_log_as_its_lag(
@@ -292,17 +296,7 @@ def test_a_partition_never_committed_shows_the_whole_log_as_its_lag(
     event was stuck was invisible to the lag and commit alerts. The group stands at the
     log's start (where it reads from): the lag is the log."""
     topic = kafka_topic(partitions=2)
-    settings = settings_for(kafka_broker, topic, partitions=2)
-    settings = dataclasses.replace(settings, kafka_group_id=f"group-{uuid.uuid4().hex}")
-    committer = Consumer({"bootstrap.servers": kafka_broker,
-                          "group.id": settings.kafka_group_id})
-    try:
-        committer.commit(offsets=[TopicPartition(topic, 0, 25)], asynchronous=False)
-    finally:
-        committer.close()
-    bridge = Bridge(settings)
-    try:
-        bridge._on_assign(bridge.consumer, [TopicPartition(topic, p) for p in range(2)])
+    with assigned_bridge(kafka_broker, topic, 25) as bridge:
         # librdkafka's statistics: the log of partition 1 starts at 10 (retention took the
         # rest) and ends at 40.
         window = {"lo_offset": 10, "hi_offset": 40}
@@ -311,5 +305,3 @@ def test_a_partition_never_committed_shows_the_whole_log_as_its_lag(
         lag = {p: REGISTRY.get_sample_value("kafka_consumer_lag",
                                             {"topic": topic, "partition": p}) for p in "01"}
         assert lag == {"0": 15, "1": 30}
-    finally:
-        bridge.consumer.close()

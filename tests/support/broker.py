@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from eventpipe.effects import Position
 from eventpipe.kafka import consumer_config, ensure_topic, make_producer
@@ -75,6 +75,16 @@ def produce(bootstrap: str, topic: str, records: Iterable[Record],
     if failed:
         raise AssertionError(f"delivery to {topic} failed: {failed}")
     return [Position(msg.topic(), msg.partition(), msg.offset()) for _, msg in reports]
+
+
+def commit_offset(bootstrap: str, group_id: str, topic: str, partition: int,
+                  offset: int) -> None:
+    """Commit `offset` for the group, as a member that has since left would have."""
+    committer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        committer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+    finally:
+        committer.close()
 
 
 def make_consumer(bootstrap: str, group_id: str, **overrides: Any) -> Consumer:

@@ -34,14 +34,15 @@ class Batcher:
     def add(self, partition: int, message: TaskMessage, now: float) -> list[list[TaskMessage]]:
         """Add a message; returns the partition's batches that just became full, in order."""
         ready: list[list[TaskMessage]] = []
+        size = message.size
         pending = self._pending.get(partition)
-        if pending is not None and pending.size + message.size > self.max_bytes:
+        if pending is not None and pending.size + size > self.max_bytes:
             ready.append(self._pending.pop(partition).messages)
             pending = None
         if pending is None:
             pending = self._pending[partition] = _Pending(now)
         pending.messages.append(message)
-        pending.size += message.size
+        pending.size += size
         if len(pending.messages) >= self.max_events or pending.size >= self.max_bytes:
             ready.append(self._pending.pop(partition).messages)
         return ready

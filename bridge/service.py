@@ -448,8 +448,9 @@ class Bridge:
             high = values.get("hi_offset", -1)
             if high >= 0:
                 self.high_watermarks[partition] = high
-            committed = self.partitions[partition].committed
-            if committed is None:
+            progress = self.partitions[partition]
+            committed = progress.committed
+            if committed is None and progress.vouched:
                 # Never committed: the group stands at the log's start, where it reads from
                 # (`auto.offset.reset`), and the lag is the whole log. Without it, a partition
                 # whose first event is stuck would show no lag and no alert would see it.
@@ -476,7 +477,8 @@ class Bridge:
             self._topic_said = bool(found) or (found == "" and not self.topic_id)
             if found == "" and self.topic_id:
                 log.warning("Kafka gives no id of topic %s now (it gave %s): nothing is "
-                            "committed until it does", self.topic, self.topic_id)
+                            "committed until it does; restart the bridge if the broker has "
+                            "no topic ids any more", self.topic, self.topic_id)
             if found and self._made_again(found):
                 return False
         return self._topic_said

@@ -43,11 +43,12 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True)
         if _is_file(url.database):
             path = Path(str(url.database))
             if not create and not path.exists():
+                relative = "" if path.is_absolute() else \
+                    " (a relative path is read from the working directory)"
                 raise SettingsError(
                     f"DATABASE_URL={redacted(settings.database_url)} names no database here: "
-                    f"{path.absolute()} does not exist (a relative path is read from the "
-                    f"working directory): run this where the pipeline runs, or `eventpipe "
-                    f"migrate` to make it")
+                    f"{path.absolute()} does not exist{relative}: run this where the pipeline "
+                    f"runs, or `eventpipe migrate` to make it")
             path.parent.mkdir(parents=True, exist_ok=True)
             if writer:
                 options["connect_args"]["factory"] = TakesTurns

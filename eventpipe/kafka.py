@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.logs import Repeats
-from eventpipe.messages import Message, read_headers
+from eventpipe.messages import RawMessage, read_headers
 from eventpipe.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class MessageReader:
             # An offset Kafka no longer has is an error to read, not a jump to another one.
             "auto.offset.reset": "error"}))
 
-    def fetch(self, position: Position) -> Message | None:
+    def fetch(self, position: Position) -> RawMessage | None:
         """The message at `position`; None when Kafka no longer has it (its
         retention passed, its topic is gone). A Kafka that does not answer is not one that
         lost the message: `TransientError`, and the caller tries again later."""
@@ -236,7 +236,7 @@ class MessageReader:
         if error is not None or record.offset() != position.offset:
             return None  # gone, or compacted away (the next offset came instead)
         key, value = record.key(), record.value()
-        return Message(key if isinstance(key, bytes) else None,
+        return RawMessage(key if isinstance(key, bytes) else None,
                        value if isinstance(value, bytes) else None, read_headers(record))
 
     def close(self) -> None:

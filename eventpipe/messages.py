@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, bytes | None], ...]
 
 
-class Message(NamedTuple):
+class RawMessage(NamedTuple):
     key: bytes | None
     value: bytes | None  # None: a tombstone
     headers: Headers = ()
@@ -33,11 +33,12 @@ def read_headers(record: Any) -> Headers:
     for one that is not (a producer of another client may send any bytes): the message is then
     kept without them, said in the log, rather than never read."""
     try:
-        return headers_of(record.headers())
+        raw = record.headers()
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
         log.warning("headers of %s [%s] offset %s cannot be read: kept without them: %s",
                     record.topic(), record.partition(), record.offset(), exc)
         return ()
+    return headers_of(raw) if raw else ()
 
 
 def headers_size(headers: Headers) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from eventpipe.messages import Headers, Message, headers_of, headers_size
+from eventpipe.messages import Headers, RawMessage, headers_of, headers_size
 from eventpipe.settings import Settings
 
 APPLY_TASK = "eventpipe.apply_events"
@@ -94,11 +94,12 @@ class TaskMessage:
 
     @property
     def size(self) -> int:
-        return len(self.value or b"") + len(self.key or b"") + headers_size(self.headers)
+        size = len(self.value or b"") + len(self.key or b"")
+        return size + headers_size(self.headers) if self.headers else size
 
     @property
-    def message(self) -> Message:
-        return Message(self.key, self.value, self.headers)
+    def raw(self) -> RawMessage:
+        return RawMessage(self.key, self.value, self.headers)
 
 
 def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str:

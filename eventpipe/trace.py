@@ -19,7 +19,7 @@ from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.records import letter_of
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Position
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import utc_iso
 
@@ -30,7 +30,7 @@ class Trace:
     applied: dict[str, Any] | None
     dead_letters: list[DeadLetter]
     in_stream: set[str]  # DLQ keys of this event the operators' stream shows
-    message: Message | None
+    message: RawMessage | None
 
     @property
     def found(self) -> bool:

@@ -54,7 +54,7 @@ from eventpipe.failures import (
     decide,
     describe,
 )
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.offset_ledger import Crashed, OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage
 from eventpipe.settings import Settings
@@ -292,7 +292,7 @@ class Processor:
         metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
                                         "dead_lettered").inc()
         self._done(topic, partition, [message], result, report,
-                   {letter.dlq_key: message.message})
+                   {letter.dlq_key: message.raw})
 
     # -- the happy path ------------------------------------------------------------------------
 
@@ -301,7 +301,7 @@ class Processor:
         received: list[Received] = []
         raw: list[TaskMessage] = []  # the message of each event received, for its dead letter
         failures: list[DeadLetter] = []
-        payloads: dict[str, Message] = {}
+        payloads: dict[str, RawMessage] = {}
         now = self._now()
         for message in messages:
             position = Position(topic, partition, message.offset)
@@ -315,7 +315,7 @@ class Processor:
                     reason=str(exc), first_failure_at=now, last_failure_at=now,
                     worker=self.worker, event_id=identity.event_id,
                     event_type=identity.event_type, position=position, traceback=_trace(exc)))
-                payloads[failures[-1].dlq_key] = message.message
+                payloads[failures[-1].dlq_key] = message.raw
                 continue
             received.append(Received.of(event, position))
             raw.append(message)
@@ -350,13 +350,13 @@ class Processor:
             if fate_name in _DONE_WITH:
                 metrics.RATE.add(event_type, number)
         if result.dead_letters:  # their projection carries the messages' bytes
-            payloads.update((event_key(item.fingerprint), message.message)
+            payloads.update((event_key(item.fingerprint), message.raw)
                             for item, message in zip(received, raw, strict=True))
         self._done(topic, partition, messages, result, report, payloads)
 
     def _done(self, topic: str, partition: int, messages: list[TaskMessage],
               result: BatchResult, report: Report,
-              payloads: dict[str, Message]) -> None:
+              payloads: dict[str, RawMessage]) -> None:
         """The part's fates are committed: project its dead letters, mark its offsets done."""
         for fate, number in Counter(result.fates).items():
             report.fates[fate.value] += number

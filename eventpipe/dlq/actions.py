@@ -85,7 +85,7 @@ class Publisher:
         DLQ_MAX_BYTES, nor of one rebuilt while Kafka was away, but Kafka may still have it
         at its position. None when it does not, or holds another message there (a topic
         made anew), which must not be published in its place."""
-        if entry.message is not None:
+        if entry.raw is not None:
             return entry
         if self._unread:  # each read would wait as long again: this replay asks no more
             return None
@@ -115,7 +115,7 @@ class Publisher:
 
         topic = entry.letter.position.topic or self.settings.kafka_topic
         try:
-            message = entry.message
+            message = entry.raw
             assert message is not None  # `with_bytes` is asked first
             self.producer.produce(topic, value=message.value, key=message.key,
                                   headers=list(message.headers) or None, on_delivery=report,

@@ -32,7 +32,7 @@ from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.tables import dead_letters
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ HEAL_EVERY_S = 2.0
 REBUILD_STEP = 100
 SWEEP_EVERY_S = 60.0
 
-# The message at a position, (key, value); None when Kafka no longer has it.
-Fetch = Callable[[Position], Message | None]
-Payloads = Mapping[str, Message]
+# The message at a position (key, value, headers); None when Kafka no longer has it.
+Fetch = Callable[[Position], RawMessage | None]
+Payloads = Mapping[str, RawMessage]
 
 
 @dataclass(slots=True)
@@ -109,17 +109,17 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     return report
 
 
-def _shown(stream: DeadLetterStream, letter: DeadLetter) -> Message | None:
+def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:
     """The message the letter's entry shows: once Kafka's retention has passed, the only
     copy, which showing the letter again must not throw away."""
     entry = stream.get_key(letter.dlq_key)
-    message = entry.message if entry is not None else None
+    message = entry.raw if entry is not None else None
     if message is None or not made_of(letter.dlq_key, message.key, message.value):
         return None
     return message
 
 
-def fetched(fetch: Fetch, letter: DeadLetter) -> Message | None:
+def fetched(fetch: Fetch, letter: DeadLetter) -> RawMessage | None:
     """The message at the letter's position, if Kafka still has it and it is the letter's."""
     message = fetch(letter.position)
     if message is not None and not made_of(letter.dlq_key, message.key, message.value):

@@ -33,7 +33,7 @@ import redis
 from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
-from eventpipe.messages import Headers, Message
+from eventpipe.messages import Headers, RawMessage
 from eventpipe.times import utc_iso
 
 log = logging.getLogger(__name__)
@@ -158,18 +158,18 @@ class StreamEntry:
     headers: Headers = ()
 
     @classmethod
-    def of(cls, letter: DeadLetter, message: Message | None) -> StreamEntry:
+    def of(cls, letter: DeadLetter, message: RawMessage | None) -> StreamEntry:
         if message is None:
             return cls(letter, None, None)
         return cls(letter, message.value or b"", message.key, tombstone=message.value is None,
                    headers=message.headers)
 
     @property
-    def message(self) -> Message | None:
+    def raw(self) -> RawMessage | None:
         """The message as Kafka gave it; None when the entry shows none of its bytes."""
         if self.value is None:
             return None
-        return Message(self.key, None if self.tombstone else self.value, self.headers)
+        return RawMessage(self.key, None if self.tombstone else self.value, self.headers)
 
     def fields(self) -> dict[str, bytes | str]:
         letter = self.letter

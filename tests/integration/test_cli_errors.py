@@ -54,8 +54,11 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
          "eventpipe: bad setting: WEB_HOST=192.0.2.1: "),
         # Run from another directory than the pipeline's: not made empty here.
         (["trace", "e-1", "--no-kafka"], {}, 2,
-         "never-migrated.db does not exist (a relative path is read from the working "
-         "directory): run this where the pipeline runs, or `eventpipe migrate` to make it"),
+         "never-migrated.db does not exist: run this where the pipeline runs, or `eventpipe "
+         "migrate` to make it"),
+        (["status"], {"DATABASE_URL": "sqlite:///var/eventpipe.db"}, 2,
+         "var/eventpipe.db does not exist (a relative path is read from the working "
+         "directory): run this where the pipeline runs"),
         (["trace", "e-1", "--no-kafka"],
          {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:{port}/x"}, 3,
          "eventpipe: the database at DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:"

@@ -25,7 +25,7 @@ from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, Filter, 
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.tables import dead_letters
 from tasks.reconciler import Reconciler
 from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
@@ -92,7 +92,7 @@ def test_a_message_larger_than_the_whole_dlq_enters_without_its_bytes(
     huge = b"{" + b"x" * 20_000
     saved = record(engine, failure(0, huge), *(failure(n, f"{{bad {n}".encode())
                                                for n in (1, 2)))
-    payloads = {letter.dlq_key: Message(b"k", huge if letter.position.offset == 0 else
+    payloads = {letter.dlq_key: RawMessage(b"k", huge if letter.position.offset == 0 else
                                  f"{{bad {letter.position.offset}".encode()) for letter in saved}
     assert projection.project(engine, stream, None, payloads).put == 3
     entries = {entry.letter.position.offset: entry for entry in stream.scan()}
@@ -159,7 +159,7 @@ def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_th
     saved = record(engine, *(replace(failure(n, f"{{bad {n}".encode()), first_failure_at=week_ago,
                                      last_failure_at=week_ago + timedelta(seconds=n))
                              for n in range(3)))
-    projection.restore(engine, stream, lambda position: Message(b"k", b"{bad"))
+    projection.restore(engine, stream, lambda position: RawMessage(b"k", b"{bad"))
     assert stream.depth() == 3
     last_hour = Filter(since=datetime.now(UTC) - timedelta(hours=1))
     assert list(stream.scan(last_hour)) == []
@@ -180,7 +180,7 @@ def test_a_failure_is_recorded_in_sql_and_projected_with_its_bytes(
 ) -> None:
     [saved] = record(engine, failure(4, b"{oops"))
     assert saved.state == OPEN and saved.revision == 1
-    done = projection.project(engine, stream, None, {saved.dlq_key: Message(b"k", b"{oops")})
+    done = projection.project(engine, stream, None, {saved.dlq_key: RawMessage(b"k", b"{oops")})
     assert done.put == 1
     [entry] = list(stream.scan())
     assert entry.value == b"{oops" and entry.letter.dlq_key == saved.dlq_key
@@ -206,7 +206,7 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
                                                       (b"k", b"{second", [])])
     saved = record(engine, failure(at_zero.offset or 0, b"{first", topic),
                    failure(at_one.offset or 0, b"{second", topic))
-    projection.project(engine, stream, None, {letter.dlq_key: Message(b"k", v) for letter, v in
+    projection.project(engine, stream, None, {letter.dlq_key: RawMessage(b"k", v) for letter, v in
                                               zip(saved, (b"{first", b"{second"), strict=True)})
     stream.client.delete(stream.stream, stream.index, stream.totals)  # FLUSHALL, in effect
     stream.put(dead_letter(77))  # a stray the SQL record does not know
@@ -364,9 +364,9 @@ def test_the_reader_fetches_nothing_more_once_it_has_its_message(
     sent = produce(kafka_broker, topic, [(b"k", b"{m%d" % n, []) for n in range(3)])
     reader = MessageReader(settings_for(kafka_broker, topic))
     try:
-        assert reader.fetch(Position(topic, 0, sent[1].offset or 0)) == Message(b"k", b"{m1")
+        assert reader.fetch(Position(topic, 0, sent[1].offset or 0)) == RawMessage(b"k", b"{m1")
         assert reader.consumer.assignment() == []
-        assert reader.fetch(Position(topic, 0, sent[2].offset or 0)) == Message(b"k", b"{m2")
+        assert reader.fetch(Position(topic, 0, sent[2].offset or 0)) == RawMessage(b"k", b"{m2")
         assert reader.consumer.assignment() == []
     finally:
         reader.close()
@@ -382,7 +382,7 @@ def test_a_lost_stream_is_noticed_and_rebuilt_without_an_operator(
     [saved] = record(engine, failure(message.offset or 0, b"{lost", topic))
     reader = MessageReader(settings_for(kafka_broker, topic))
     try:
-        projection.project(engine, stream, None, {saved.dlq_key: Message(b"k", b"{lost")})
+        projection.project(engine, stream, None, {saved.dlq_key: RawMessage(b"k", b"{lost")})
         assert projection.repair_if_lost(engine, stream, reader.fetch) is not None  # first run
         assert projection.repair_if_lost(engine, stream, reader.fetch) is None
         stream.client.delete(stream.stream, stream.index, stream.totals, stream.marker)
@@ -408,7 +408,7 @@ def test_a_rebuild_redis_loses_midway_is_not_taken_for_intact(
     reader = MessageReader(settings_for(kafka_broker, topic))
     fetched: list[Position] = []
 
-    def fetch_losing_redis_after_the_first(position: Position) -> Message | None:
+    def fetch_losing_redis_after_the_first(position: Position) -> RawMessage | None:
         fetched.append(position)
         if len(fetched) == 2:
             stream.client.delete(stream.stream, stream.index, stream.totals, stream.marker)
@@ -433,7 +433,7 @@ def test_a_rebuild_that_fails_midway_is_taken_up_again_at_once(
     [message] = produce(kafka_broker, topic, [(b"k", b"{lost", [])])
     record(engine, failure(message.offset or 0, b"{lost", topic))
 
-    def kafka_gone(_position: Position) -> Message | None:
+    def kafka_gone(_position: Position) -> RawMessage | None:
         raise TransientError("Kafka does not answer")
 
     with pytest.raises(TransientError):
@@ -522,7 +522,7 @@ def _open_entries(engine: Engine, stream: DeadLetterStream, topic: str,
                   count: int) -> list[StreamEntry]:
     saved = record(engine, *(failure(n, f"{{bad {n}".encode(), topic) for n in range(count)))
     projection.project(engine, stream, None,
-                       {letter.dlq_key: Message(b"k", f"{{bad {n}".encode())
+                       {letter.dlq_key: RawMessage(b"k", f"{{bad {n}".encode())
                         for n, letter in enumerate(sorted(saved, key=lambda x: x.position.offset
                                                           or 0))})
     return list(stream.scan())
@@ -632,8 +632,8 @@ def test_a_replayed_message_goes_back_to_the_partition_it_was_read_from(
                # librdkafka's hash of b"k" picks partition 1 of 3.
                replace(failure(0, b"{worse", topic), position=Position(topic, 2, 0))]
     record(engine, *letters)
-    projection.project(engine, stream, None, {letters[0].dlq_key: Message(None, b"{bad"),
-                                              letters[1].dlq_key: Message(b"k", b"{worse")})
+    projection.project(engine, stream, None, {letters[0].dlq_key: RawMessage(None, b"{bad"),
+                                              letters[1].dlq_key: RawMessage(b"k", b"{worse")})
     result = actions.replay(engine, stream, list(stream.scan()),
                             actions.Publisher(settings_for(kafka_broker, topic)))
     assert result.replayed == 2
@@ -651,7 +651,7 @@ def test_a_message_from_a_partition_the_topic_no_longer_has_is_replayed_all_the_
     lower KAFKA_PARTITIONS, on the same database): the partitioner places the replay."""
     topic = kafka_topic(partitions=2)
     [letter] = record(engine, replace(failure(0, b"{bad", topic), position=Position(topic, 5, 0)))
-    projection.project(engine, stream, None, {letter.dlq_key: Message(b"k", b"{bad")})
+    projection.project(engine, stream, None, {letter.dlq_key: RawMessage(b"k", b"{bad")})
     result = actions.replay(engine, stream, list(stream.scan()),
                             actions.Publisher(settings_for(kafka_broker, topic)))
     assert (result.replayed, result.refused) == (1, 0)
@@ -699,7 +699,7 @@ def test_a_redelivery_of_a_purged_message_leaves_it_purged_a_new_copy_reopens_it
     assert actions.purge(engine, stream, [entry]).deleted == 1
     redelivered = failure(0, b"{bad 0")
     record(engine, redelivered)
-    projection.project(engine, stream, None, {entry.letter.dlq_key: Message(b"k", b"{bad 0")})
+    projection.project(engine, stream, None, {entry.letter.dlq_key: RawMessage(b"k", b"{bad 0")})
     assert stream.depth() == 0
     with engine.connect() as conn:
         [row] = conn.execute(select(dead_letters)).all()
@@ -773,7 +773,7 @@ def test_a_full_dlq_still_lets_out_what_left_it_and_updates_what_it_shows(
                                        first_failure_at=T0 - timedelta(days=1),
                                        last_failure_at=T0 - timedelta(days=1))
                                for n in range(10, 13)))
-    kafka = {letter.position.offset: Message(b"k", f"{{wait {n}".encode())
+    kafka = {letter.position.offset: RawMessage(b"k", f"{{wait {n}".encode())
              for n, letter in zip(range(10, 13), waiting, strict=True)}
     gone, again = shown[0].letter.dlq_key, shown[1]
     with engine.begin() as conn:
@@ -844,8 +844,8 @@ def test_a_dlq_short_of_bytes_for_one_letter_still_takes_smaller_ones(
         replace(failure(11, small), last_failure_at=T0 + timedelta(1)))}
     large, little = saved[10], saved[11]
     report = projection.project(engine, stream, None,
-                                {large.dlq_key: Message(b"k", big),
-                                 little.dlq_key: Message(b"k", small)})
+                                {large.dlq_key: RawMessage(b"k", big),
+                                 little.dlq_key: RawMessage(b"k", small)})
     assert report.full and report.put == 1
     shown = stream.keys()
     assert little.dlq_key in shown and large.dlq_key not in shown

@@ -31,7 +31,7 @@ from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import OPEN, WAITING, DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Fate, Position, Received
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.samples import Document, order_placed, payment_settled, user_created
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, metadata, reconcile_queue
@@ -162,7 +162,7 @@ def test_a_replayed_event_still_held_comes_back_to_the_dlq(
     with engine.connect() as conn:
         [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
     projection.project(engine, stream, None,
-                       {key: Message(b"o1", json.dumps(document[1]).encode())})
+                       {key: RawMessage(b"o1", json.dumps(document[1]).encode())})
     result = actions.replay(engine, stream, list(stream.scan()),
                             actions.Publisher(settings_for(kafka_broker, topic)))
     assert result.replayed == 1
@@ -203,7 +203,7 @@ def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(
     try:
         with engine.connect() as conn:
             [key] = conn.execute(select(dead_letters.c.dlq_key)).scalars()
-        projection.project(engine, stream, None, {key: Message(b"o1", b"{}")})
+        projection.project(engine, stream, None, {key: RawMessage(b"o1", b"{}")})
         [entry] = stream.scan()
         # A topic Kafka refuses.
         refused = replace(entry, letter=replace(entry.letter,

@@ -29,7 +29,7 @@ from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
-from eventpipe.messages import Message
+from eventpipe.messages import RawMessage
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters, reconcile_queue
 from tests.support.broker import TopicFactory
@@ -79,7 +79,7 @@ class Queue:
 
     def add(self, entry: StreamEntry) -> str:
         [saved] = apply_batch(self.engine, [], [entry.letter]).dead_letters
-        message = entry.message or Message(entry.key, b"")
+        message = entry.raw or RawMessage(entry.key, b"")
         projection.project(self.engine, self.stream, None, {saved.dlq_key: message})
         found = self.stream.get_key(saved.dlq_key)
         assert found is not None and found.entry_id is not None

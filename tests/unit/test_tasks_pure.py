@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
+from eventpipe.messages import read_headers
 from eventpipe.queues import TaskMessage, queue_name, task_summary
 from launcher.workers import parse_partitions, share
 
@@ -34,6 +36,35 @@ def test_messages_carry_any_bytes_and_the_kafka_timestamp() -> None:
     message = TaskMessage(42, None, b"\xff\x00not utf-8", 1_764_000_000_000, 3)
     assert TaskMessage.from_wire(message.to_wire()) == message
     assert message.size == len(b"\xff\x00not utf-8")
+
+
+def test_a_tombstone_and_headers_travel_as_they_came() -> None:
+    """A null value stays null; headers (a repeated name, a null value, bytes that are not
+    UTF-8) travel in order, through msgpack as Celery sends them, and count in the size. A
+    message without headers keeps the five parts an older worker reads."""
+    headers = (("trace", b"\xff\x00"), ("empty", None), ("trace", b"again"))
+    tombstone = TaskMessage(7, b"k", None, None, 0, headers)
+    wire = msgpack.unpackb(msgpack.packb(tombstone.to_wire()))
+    assert TaskMessage.from_wire(wire) == tombstone
+    assert tombstone.size == len(b"k") + len("trace") * 2 + len(b"\xff\x00again") + len("empty")
+    assert len(TaskMessage(8, b"k", b"{}").to_wire()) == 5
+
+
+def test_headers_the_kafka_client_cannot_decode_leave_the_message_without_them() -> None:
+    class Record:  # the client's message, whose headers' names are not UTF-8
+        def headers(self) -> None:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+        def topic(self) -> str:
+            return "events"
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return 5
+
+    assert read_headers(Record()) == ()
 
 
 def test_flower_sees_where_the_messages_are_not_what_they_say() -> None:

@@ -1,0 +1,43 @@
+"""A DLQ entry's fields as Redis holds them, and back: what `redis-cli XRANGE` shows and what
+a replay sends must be the message as it came."""
+
+from __future__ import annotations
+
+from eventpipe.dlq.stream import StreamEntry
+from eventpipe.messages import RawMessage
+from tests.support.factories import dead_letter
+
+
+def _fields(entry: StreamEntry) -> dict[bytes, bytes]:
+    """As Redis gives the fields back: names and values as bytes."""
+    return {name.encode(): value.encode() if isinstance(value, str) else value
+            for name, value in entry.fields().items()}
+
+
+def _through_redis(entry: StreamEntry) -> StreamEntry:
+    return StreamEntry.from_fields("1-0", _fields(entry))
+
+
+def test_a_tombstone_and_its_headers_come_back_as_they_were_kept() -> None:
+    headers = (("trace", b"\xff\x00"), ("empty", None), ("trace", b"again"))
+    entry = StreamEntry.of(dead_letter(3).letter, RawMessage(b"k", None, headers))
+    back = _through_redis(entry)
+    assert back.raw == RawMessage(b"k", None, headers)
+    assert (back.tombstone, back.value) == (True, b"")
+    plain = _through_redis(dead_letter(4))
+    assert plain.raw == RawMessage(b"k-4", b'{"n": 4}') and not plain.tombstone
+
+
+def test_headers_an_entry_keeps_but_that_cannot_be_read_leave_its_value() -> None:
+    """Once Kafka's retention has passed, the entry's value is the only copy: headers that
+    cannot be read are dropped, not the value with them."""
+    entry = StreamEntry.of(dead_letter(5).letter, RawMessage(b"k", b"{bad", (("h", b"v"),)))
+    fields = _fields(entry)
+    fields[b"headers"] = b"[not json"
+    back = StreamEntry.from_fields("1-0", fields)
+    assert back.raw == RawMessage(b"k", b"{bad")
+
+
+def test_an_entry_shown_without_its_bytes_is_no_tombstone() -> None:
+    back = _through_redis(StreamEntry.of(dead_letter(6).letter, None))
+    assert back.raw is None and not back.tombstone

@@ -316,8 +316,7 @@ class Bridge:
         if unvouched and now >= self._next_vouch:
             self._vouch(unvouched, timeout_s=VOUCH_TIMEOUT_S)
             self._next_vouch = self.clock() + VOUCH_AGAIN_S  # from its end
-            # Those it dropped (the topic made again) are no longer this bridge's to commit.
-            chosen = {p: progress for p, progress in chosen.items() if p in self.partitions}
+            chosen = self._still_ours(chosen)
         for partition in unvouched:
             if partition in chosen and not chosen[partition].vouched:
                 # Nothing it says of them can be trusted yet.
@@ -339,8 +338,7 @@ class Bridge:
             for partition, (done, leased) in progress_by_partition.items():
                 chosen[partition].observe(done, leased, now)
         self._commit(chosen, now, final=final)
-        # Those it dropped (the topic made again) are no longer this bridge's.
-        chosen = {p: progress for p, progress in chosen.items() if p in self.partitions}
+        chosen = self._still_ours(chosen)
         for partition, progress in chosen.items():
             metrics.IN_FLIGHT.labels(str(partition)).set(progress.in_flight)
             if partition in self.unsent and not self.stopping:
@@ -354,6 +352,11 @@ class Bridge:
                 self._maybe_redeliver(progress, now)
             else:
                 progress.unobserved()
+
+    def _still_ours(self, chosen: dict[int, PartitionProgress]) -> dict[int, PartitionProgress]:
+        """Those of `chosen` this bridge still holds: a vouch or a commit that found the topic
+        made again dropped them all (`_remade`)."""
+        return {p: progress for p, progress in chosen.items() if p in self.partitions}
 
     def _publish_status(self) -> None:
         """Say on the status board what this bridge holds (`eventpipe.status`)."""

@@ -5,7 +5,8 @@ offset ledger says is done or leased, and asks:
 - `committable()`: the offset to commit — the oldest offset not yet done (Kafka's committed
   offset is the next one to read), so a commit never moves past unfinished work;
 - `redelivery()`: the offset to re-read from, when the oldest unfinished offset was lost on
-  the way (see `needs_redelivery`).
+  the way (see `needs_redelivery`);
+- `read()`: whether a message read skipped offsets the bridge expected to read first.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class PartitionProgress:
     # Whether the ledger's marks of this partition are its own: False until marks left by an
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
+    # The offset the bridge expects to read next: where it set the reading (the committed
+    # offset, a re-read), then past the last message read; None until known.
+    next_read: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -49,6 +53,12 @@ class PartitionProgress:
     def low(self) -> int | None:
         """The oldest offset whose fate the ledger can still tell us, if any."""
         return self.outstanding[0][0] if self.outstanding else None
+
+    def read(self, offset: int) -> int | None:
+        """A message at `offset` was read: the first offset it skipped (the read went past
+        offsets expected first), else None."""
+        expected, self.next_read = self.next_read, offset + 1
+        return expected if expected is not None and offset > expected else None
 
     def dispatched(self, offsets: list[int], now: float) -> None:
         if not self.outstanding:
@@ -110,8 +120,10 @@ class PartitionProgress:
         not looked at."""
         self.unaccounted = None
 
-    def reset(self) -> None:
-        """Forget everything handed out: the partition is about to be read again."""
+    def reset(self, offset: int) -> None:
+        """Forget everything handed out: the partition is about to be read again from
+        `offset`."""
+        self.next_read = offset
         self.outstanding.clear()
         self.pending.clear()
         self.done_ahead.clear()

@@ -235,6 +235,8 @@ class Bridge:
             message = TaskMessage(record.offset() or 0, record.key(), record.value(),
                                   timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
                                   headers=read_headers(record))
+            if (skipped := self.partitions[partition].read(message.offset)) is not None:
+                self._skipped(partition, skipped, message.offset)
             if self._debug:
                 identity = peek_identity(message.value)  # never raises, whatever the bytes
                 log.debug("event received", extra={
@@ -274,6 +276,30 @@ class Bridge:
                                       "queue": queue_name(partition)})
         if progress.in_flight >= self.settings.max_in_flight_per_partition:
             self._pause(progress)
+
+    def _skipped(self, partition: int, first: int, offset: int) -> None:
+        """The reading of `partition` went from `first` on to `offset`. Offsets a log holds no
+        message at are no loss (a transaction's marker, a key compacted away); offsets below
+        the log's start are: Kafka deleted those events (the topic's retention) before the
+        bridge read them, and the Kafka client went on from the log's start
+        (`auto.offset.reset`). They were never applied and nothing here can bring them back:
+        said at once, counted (`bridge_events_lost_to_retention_total`), alerted on. The
+        log's start is the one the fetch that brought `offset` reported, which the client
+        keeps: no request to Kafka."""
+        try:
+            start, _ = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), cached=True)
+        except KafkaException:
+            return
+        lost = min(start, offset) - first
+        if lost <= 0:
+            return
+        metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
+        log.error("events lost: Kafka deleted offsets %d–%d of partition %d before the bridge "
+                  "read them (the topic's retention is shorter than the pipeline's lag); they "
+                  "were never applied", first, first + lost - 1, partition, extra={
+                      "partition": partition, "offsetFirst": first,
+                      "offsetLast": first + lost - 1, "events": lost})
 
     def _release_held(self, now: float) -> None:
         """Release the held partitions with messages waiting whose queue is empty now."""
@@ -415,7 +441,7 @@ class Bridge:
         self.batcher.drop(progress.partition)
         self.unsent.pop(progress.partition, None)
         self.held.discard(progress.partition)
-        progress.reset()
+        progress.reset(offset)
         self._resume(progress)
 
     def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
@@ -606,7 +632,9 @@ class Bridge:
         for partition in partitions:
             if (progress := self.partitions.get(partition)) is not None:
                 progress.vouched = True
-                progress.committed = known.get(partition)
+                progress.committed = progress.next_read = known.get(partition)
+                # At zero from the start: an alert sees the first loss as an increase.
+                metrics.LOST_TO_RETENTION.labels(self.topic, str(partition))
                 # Exported from the start, not from this bridge's first commit: a partition
                 # whose oldest event is stuck commits nothing, and its alert needs the series.
                 if progress.committed is not None:

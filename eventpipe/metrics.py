@@ -105,6 +105,10 @@ PAUSED = Gauge(
 REDELIVERIES = Counter(
     "bridge_redeliveries", "Times a partition was re-read from its committed offset", ["partition"]
 )
+LOST_TO_RETENTION = Counter(
+    "bridge_events_lost_to_retention", "Events Kafka deleted (the topic's retention) before the "
+    "bridge read them, per partition: never applied", ["topic", "partition"],
+)
 RETRIES = Counter(
     "event_retries", "Events scheduled for another try, by reason: transient (their whole "
     "batch met a failure of the world), error (an unforeseen error)",

@@ -62,9 +62,21 @@ def test_a_silent_partition_is_redelivered_after_the_timeout() -> None:
     progress.dispatched([1], now=100)
     assert progress.redelivery(now=100 + TIMEOUT - 1, timeout_s=TIMEOUT) is None
     assert progress.redelivery(now=100 + TIMEOUT, timeout_s=TIMEOUT) == 1
-    progress.reset()
+    progress.reset(1)
     assert progress.redelivery(now=1_000, timeout_s=TIMEOUT) is None
     assert progress.in_flight == 0 and progress.committable() is None
+    assert progress.read(1) is None  # read again from where it was set
+
+
+def test_a_read_that_goes_past_offsets_expected_first_says_the_first_it_skipped() -> None:
+    progress = PartitionProgress(0)
+    assert progress.read(40) is None  # where the reading starts is not known: no skip
+    assert progress.read(41) is None
+    assert progress.read(44) == 42  # 42 and 43 never came
+    progress.next_read = 10  # set where the reading starts (a commit, a re-read)
+    assert progress.read(10) is None
+    assert progress.read(3) is None  # read again from an earlier offset: nothing skipped
+    assert progress.next_read == 4
 
 
 def test_progress_elsewhere_in_the_partition_postpones_the_timeout() -> None:

@@ -37,9 +37,15 @@ class PartitionProgress:
     # Whether the ledger's marks of this partition are its own: False until marks left by an
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
+    # Until when tasks sent before the partition was last set to be read (by an earlier
+    # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`).
+    drain_until: float | None = None
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
+    # Offsets at or past a re-read's start that were done when it was set: applied, whatever
+    # the reading finds of them.
+    done_before_reread: frozenset[int] = frozenset()
 
     @property
     def in_flight(self) -> int:
@@ -54,11 +60,35 @@ class PartitionProgress:
         """The oldest offset whose fate the ledger can still tell us, if any."""
         return self.outstanding[0][0] if self.outstanding else None
 
+    @property
+    def draining(self) -> bool:
+        return self.drain_until is not None
+
+    def drain(self, queued: int | None, now: float, timeout_s: float) -> None:
+        """The partition is set to be read (assigned, or re-read) while `queued` tasks wait in
+        its queue: it is read once they are taken, so that the queue never holds two copies
+        of its offsets, beyond the bound on what is in flight; or once `timeout_s` passed,
+        whatever the queue holds (no worker serves it, or another pipeline's tasks keep
+        coming: the wait must end)."""
+        self.drain_until = now + timeout_s if queued else None
+
+    def drained(self, queued: int | None, now: float) -> bool:
+        """Whether the partition stops draining now: its queue seen empty, or its wait over."""
+        if self.drain_until is None or (queued != 0 and now < self.drain_until):
+            return False
+        self.drain_until = None
+        return True
+
     def read(self, offset: int) -> int | None:
         """A message at `offset` was read: the first offset it skipped (the read went past
         offsets expected first), else None."""
         expected, self.next_read = self.next_read, offset + 1
         return expected if expected is not None and offset > expected else None
+
+    def unapplied(self, first: int, end: int) -> int:
+        """How many of the offsets from `first` to `end` (excluded) no task applied: those done
+        before a re-read that skipped them are not among them."""
+        return max(0, end - first) - sum(1 for o in self.done_before_reread if first <= o < end)
 
     def dispatched(self, offsets: list[int], now: float) -> None:
         if not self.outstanding:
@@ -124,6 +154,7 @@ class PartitionProgress:
         """Forget everything handed out: the partition is about to be read again from
         `offset`."""
         self.next_read = offset
+        self.done_before_reread = frozenset(self.done_ahead)
         self.outstanding.clear()
         self.pending.clear()
         self.done_ahead.clear()

@@ -282,24 +282,36 @@ class Bridge:
         message at are no loss (a transaction's marker, a key compacted away); offsets below
         the log's start are: Kafka deleted those events (the topic's retention) before the
         bridge read them, and the Kafka client went on from the log's start
-        (`auto.offset.reset`). They were never applied and nothing here can bring them back:
-        said at once, counted (`bridge_events_lost_to_retention_total`), alerted on. The
-        log's start is the one the fetch that brought `offset` reported, which the client
-        keeps: no request to Kafka."""
+        (`auto.offset.reset`). Unless a task applied them before a re-read, they were never
+        applied and nothing here can bring them back: said at once, counted
+        (`bridge_events_lost_to_retention_total`), alerted on. The log's start is the one
+        the Kafka client keeps from its latest fetch: no request to Kafka."""
         try:
             start, _ = self.consumer.get_watermark_offsets(
                 TopicPartition(self.topic, partition), cached=True)
-        except KafkaException:
+        except KafkaException as exc:
+            log.debug("the start of the log of partition %d is not known: %s", partition, exc)
             return
-        lost = min(start, offset) - first
+        if start > offset:
+            # From a fetch later than the one that brought `offset`: whether the offsets
+            # skipped were deleted or never held a message cannot be told.
+            log.warning("%s of partition %d skipped, and Kafka's log now starts past them, at "
+                        "%d: deleted by its retention before the bridge read them, or holding "
+                        "no message (a transaction's marker); not counted",
+                        _span(first, offset - 1), partition, start, extra={
+                            "partition": partition, "offsetFirst": first,
+                            "offsetLast": offset - 1})
+            return
+        lost = self.partitions[partition].unapplied(first, start)
         if lost <= 0:
             return
         metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
-        log.error("events lost: Kafka deleted offsets %d–%d of partition %d before the bridge "
-                  "read them (the topic's retention is shorter than the pipeline's lag); they "
-                  "were never applied", first, first + lost - 1, partition, extra={
-                      "partition": partition, "offsetFirst": first,
-                      "offsetLast": first + lost - 1, "events": lost})
+        log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
+                  "bridge read them (the topic's retention passed them while the pipeline was "
+                  "behind or stopped); they were never applied", lost, partition,
+                  _span(first, start - 1), extra={
+                      "partition": partition, "offsetFirst": first, "offsetLast": start - 1,
+                      "events": lost})
 
     def _release_held(self, now: float) -> None:
         """Release the held partitions with messages waiting whose queue is empty now."""
@@ -350,6 +362,13 @@ class Bridge:
         # The queues first: a task seen gone from its queue was taken before the ledger is
         # read, so a lease its worker wrote at once is seen with it.
         self._queue_depths(chosen)
+        for partition, progress in chosen.items():
+            queued = self.queued.get(partition)
+            if progress.drained(queued, now):
+                log.info("reading the partition: %s", "the tasks sent before are gone from its "
+                         "queue" if queued == 0 else "tasks sent before still wait in its queue "
+                         "after REDELIVERY_TIMEOUT_S", extra={"partition": partition,
+                                                              "queued": queued})
         lows = {p: low for p, progress in chosen.items()
                 if (low := progress.low()) is not None}
         if lows:
@@ -371,8 +390,8 @@ class Bridge:
                 self._dispatch(partition, [])
                 progress.unobserved()
                 continue
-            if progress.paused and not self.stopping and progress.may_resume(
-                    self.settings.max_in_flight_per_partition):
+            if progress.paused and not self.stopping and not progress.draining \
+                    and progress.may_resume(self.settings.max_in_flight_per_partition):
                 self._resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
@@ -434,15 +453,23 @@ class Bridge:
         except KafkaException as exc:
             log.warning("seek failed, will retry: %s", exc)
             return
-        log.warning("events lost on the way; re-reading partition from offset %d", offset,
+        queued = self.queued.get(progress.partition, 0)
+        log.warning("events lost on the way; re-reading partition from offset %d%s", offset,
+                    f" once the {queued} task(s) still in its queue are taken" if queued else "",
                     extra={"partition": progress.partition, "offset": offset,
-                           "inFlight": progress.in_flight})
+                           "inFlight": progress.in_flight, "queued": queued})
         metrics.REDELIVERIES.labels(str(progress.partition)).inc()
         self.batcher.drop(progress.partition)
         self.unsent.pop(progress.partition, None)
         self.held.discard(progress.partition)
         progress.reset(offset)
-        self._resume(progress)
+        # The tasks behind the lost one still run: copies sent now would join them in the
+        # queue, beyond the bound on what is in flight.
+        progress.drain(queued, now, self.settings.redelivery_timeout_s)
+        if progress.draining:
+            self._pause(progress)
+        else:
+            self._resume(progress)
 
     def _queue_depths(self, chosen: dict[int, PartitionProgress]) -> None:
         if self.broker_queues is None or not chosen:
@@ -553,21 +580,22 @@ class Bridge:
         # (unless the bridge is stopping: its drain reads only what it already fetched). One
         # not vouched for stays paused until it is: the ledger's marks of events read before
         # would be forgotten with the stale ones.
-        vouched = [tp for tp in assigned if self._vouched(tp.partition)]
-        if vouched and not self.stopping:
-            consumer.resume(vouched)
+        readable = [tp for tp in assigned if self._readable(tp.partition)]
+        if readable and not self.stopping:
+            consumer.resume(readable)
         for tp in assigned:
             if (progress := self.partitions.get(tp.partition)) is not None \
-                    and not progress.vouched:
+                    and (not progress.vouched or progress.draining):
                 self._pause(progress)
         log.info("partitions assigned", extra={
             "partitions": [tp.partition for tp in assigned],
             "committed": {tp.partition: progress.committed for tp in assigned
                           if (progress := self.partitions.get(tp.partition)) is not None}})
 
-    def _vouched(self, partition: int) -> bool:
+    def _readable(self, partition: int) -> bool:
+        """Vouched for, and with no task of an earlier reading left in its queue."""
         progress = self.partitions.get(partition)
-        return progress is not None and progress.vouched
+        return progress is not None and progress.vouched and not progress.draining
 
     def _vouch(self, partitions: list[int], timeout_s: float = 10.0) -> None:
         """Trust what the ledger says of these partitions once it holds no marks of an earlier
@@ -629,9 +657,15 @@ class Bridge:
             except KafkaException as exc:  # not fetching yet, Kafka away: at a later sync
                 log.warning("could not read them from the start yet: %s", exc)
                 return
+        # Tasks an earlier owner sent (or this bridge, before a restart) may still wait in
+        # the queues: those partitions are read once they are taken (`PartitionProgress.drain`).
+        # Unknown, they are read at once.
+        waiting = self._measure_queues(partitions) if self.broker_queues is not None else None
         for partition in partitions:
             if (progress := self.partitions.get(partition)) is not None:
                 progress.vouched = True
+                progress.drain(waiting.get(partition) if waiting else None, self.clock(),
+                               self.settings.redelivery_timeout_s)
                 progress.committed = progress.next_read = known.get(partition)
                 # At zero from the start: an alert sees the first loss as an increase.
                 metrics.LOST_TO_RETENTION.labels(self.topic, str(partition))
@@ -640,7 +674,12 @@ class Bridge:
                 if progress.committed is not None:
                     metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(
                         progress.committed)
-                if not self.stopping:
+                if progress.draining:
+                    self._pause(progress)
+                    log.info("partition read once the %d task(s) an earlier reading sent are "
+                             "gone from its queue", self.queued.get(partition, 0),
+                             extra={"partition": partition})
+                elif not self.stopping:
                     self._resume(progress)
 
     def _served_or_stop(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
@@ -720,12 +759,18 @@ class Bridge:
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()
+        # Not the count of events lost to retention: a count, not a state, whose increase a
+        # removal could hide before it is scraped.
         for gauge, labels in ((metrics.CONSUMER_LAG, (self.topic, str(partition))),
                               (metrics.COMMITTED_OFFSET, (self.topic, str(partition))),
                               (metrics.QUEUE_DEPTH, (queue_name(partition),)),
                               (metrics.IN_FLIGHT, (str(partition),))):
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+
+
+def _span(first: int, last: int) -> str:
+    return f"offset {first}" if first == last else f"offsets {first}–{last}"
 
 
 def run(settings: Settings) -> None:

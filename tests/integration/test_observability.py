@@ -20,19 +20,18 @@ from typing import Any
 
 import pytest
 import redis
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.service import Bridge
-from eventpipe.queues import make_celery, queue_name
+from eventpipe.queues import make_celery
 from eventpipe.samples import Document, Story, user_created
 from eventpipe.status import FORGET_S, STALE_S, WORKER, Board
 from launcher.embedded import free_port
-from tests.support.broker import commit_offset, produce, settings_for
+from tests.support.broker import commit_offset, settings_for
 from tests.support.http import serving
 from tests.support.pipeline import BIN, Pipeline, wait_until
-from tests.support.services import REDIS_URL
 from web import create_app
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -289,115 +288,6 @@ def test_a_bridge_exports_the_committed_offset_of_a_partition_as_it_is_assigned(
         # Never committed: no offset to show.
         assert REGISTRY.get_sample_value("bridge_committed_offset",
                                          {"topic": topic, "partition": "1"}) is None
-
-
-class _LogStartsAt:
-    """The bridge's Kafka client, but for the start of the log, which it reports as Apache
-    Kafka would once retention deleted the log up to `start` (the broker here deletes
-    nothing)."""
-
-    def __init__(self, consumer: Consumer, start: int) -> None:
-        self._consumer, self._start = consumer, start
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
-
-    def get_watermark_offsets(self, partition: TopicPartition,
-                              *args: Any, **kwargs: Any) -> tuple[int, int]:
-        low, high = self._consumer.get_watermark_offsets(partition, *args, **kwargs)
-        return max(low, self._start), high
-
-
-@contextmanager
-def reading_bridge(kafka_broker: str, topic: str, committed: int,
-                   log_start: int = 0) -> Iterator[Bridge]:
-    """A bridge of a new group given partition 0 of `topic`, committed at `committed`, and
-    vouched for: it reads from there. Its tasks go to a Celery broker no worker serves."""
-    group = f"group-{uuid.uuid4().hex}"
-    settings = dataclasses.replace(settings_for(kafka_broker, topic, partitions=1),
-                                   kafka_group_id=group, redis_url=REDIS_URL,
-                                   celery_broker_url=REDIS_URL)
-    commit_offset(kafka_broker, group, topic, 0, committed)
-    bridge = Bridge(settings)
-    consumer = bridge.consumer
-    bridge.consumer = _LogStartsAt(consumer, log_start)  # type: ignore[assignment]
-    try:
-        bridge._on_assign(consumer, [TopicPartition(topic, 0)])
-
-        def vouched() -> bool:  # at a later sync if the client was not fetching it yet
-            bridge._next_vouch = 0.0
-            bridge._sync(bridge.clock(), redeliver=False)
-            return bridge.partitions[0].vouched
-
-        wait_until(vouched, 30, "the partition vouched for")
-        yield bridge
-    finally:
-        consumer.close()
-        redis.Redis.from_url(REDIS_URL).delete(queue_name(0))
-
-
-def _read_up_to(bridge: Bridge, offset: int) -> None:
-    def read() -> bool:
-        bridge._consume_once()
-        for partition, messages in bridge.batcher.due(bridge.clock()):  # as read, held or not
-            bridge._dispatch(partition, messages)
-        return (bridge.partitions[0].next_read or 0) > offset
-
-    wait_until(read, 30, f"offset {offset} read", interval_s=0)
-
-
-def _lost(topic: str) -> float | None:
-    return REGISTRY.get_sample_value("bridge_events_lost_to_retention_total",
-                                     {"topic": topic, "partition": "0"})
-
-
-def test_events_kafka_deleted_before_the_bridge_read_them_are_said_and_counted(
-        kafka_broker: str, kafka_topic: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """Before: a group whose committed offset Kafka's retention had passed (a bridge stopped
-    longer than the retention, or a lag beyond it) was read on from the log's start by the
-    Kafka client (`auto.offset.reset`), and the commits went past events never applied,
-    said only in librdkafka's log. They are said in one line, counted per partition, and
-    alerted on (EventpipeEventsLostToRetention)."""
-    topic = kafka_topic(partitions=1)
-    produce(kafka_broker, topic, [(b"k", b"{}", ()) for _ in range(10)])
-    with reading_bridge(kafka_broker, topic, committed=3, log_start=7) as bridge:
-        assert _lost(topic) == 0  # at zero from the start: the alert sees the first loss
-        # What the Kafka client does on Apache Kafka, told the committed offset is out of
-        # range: it goes on from the log's start.
-        wait_until(lambda: _seek(bridge, TopicPartition(topic, 0, 7)), 30, "the seek")
-        _read_up_to(bridge, 9)
-        assert _lost(topic) == 4
-        assert "events lost: Kafka deleted offsets 3–6 of partition 0 before the bridge read " \
-            "them" in caplog.text
-        bridge._sync(bridge.clock(), redeliver=False)
-        assert bridge.partitions[0].in_flight == 10 - 7
-
-
-def test_offsets_a_log_holds_no_message_at_are_no_loss(
-        kafka_broker: str, kafka_topic: Any) -> None:
-    """A transactional producer's commits take an offset each, which no message holds: the
-    reading goes past them, and nothing is lost."""
-    topic = kafka_topic(partitions=1)
-    producer = Producer({"bootstrap.servers": kafka_broker,
-                         "transactional.id": f"tx-{uuid.uuid4().hex}"})
-    producer.init_transactions(30)
-    for _ in range(3):
-        producer.begin_transaction()
-        for _ in range(2):
-            producer.produce(topic, b"{}", b"k", partition=0)
-        producer.commit_transaction(30)
-    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
-        _read_up_to(bridge, 7)  # 0, 1, 3, 4, 6, 7: the markers at 2, 5 and 8
-        assert bridge.partitions[0].in_flight == 6
-        assert _lost(topic) == 0
-
-
-def _seek(bridge: Bridge, position: TopicPartition) -> bool:
-    try:
-        bridge.consumer.seek(position)
-    except KafkaException:  # not fetching it yet
-        return False
-    return True
 
 
 def test_a_partition_never_committed_shows_the_whole_log_as_its_lag(

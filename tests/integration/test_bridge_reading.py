@@ -1,0 +1,234 @@
+"""What the bridge reads, and when, with a real broker and Redis: events Kafka deleted before
+the bridge read them are said and counted, offsets no message holds are no loss, and a
+partition whose queue still holds the tasks of an earlier reading is read again once they are
+gone, so that the queue never holds two copies of its offsets."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from prometheus_client import REGISTRY
+
+from bridge.service import Bridge
+from eventpipe.queues import queue_name
+from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
+from tests.support.pipeline import wait_until
+from tests.support.services import REDIS_URL
+
+QUEUE = queue_name(0)
+
+
+class _LogStartsAt:
+    """The bridge's Kafka client, but for the start of the log, which it reports as Apache
+    Kafka would once retention deleted the log up to `start` (the broker here deletes
+    nothing)."""
+
+    def __init__(self, consumer: Consumer, start: int) -> None:
+        self._consumer, self._start = consumer, start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    def get_watermark_offsets(self, partition: TopicPartition,
+                              *args: Any, **kwargs: Any) -> tuple[int, int]:
+        low, high = self._consumer.get_watermark_offsets(partition, *args, **kwargs)
+        return max(low, self._start), high
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def queue() -> Iterator[redis.Redis]:
+    """Partition 0's Celery queue, which no worker serves here: empty before and after."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(QUEUE)
+    yield client
+    client.delete(QUEUE)
+    client.close()
+
+
+@contextmanager
+def reading_bridge(kafka_broker: str, topic: str, committed: int, *, log_start: int = 0,
+                   group: str | None = None, clock: _Clock | None = None,
+                   **settings: Any) -> Iterator[Bridge]:
+    """A bridge of `group` (a new one by default) given partition 0 of `topic`, committed at
+    `committed`, and vouched for. Its tasks go to a Celery broker no worker serves."""
+    group = group or f"group-{uuid.uuid4().hex}"
+    chosen = dataclasses.replace(settings_for(kafka_broker, topic, partitions=1),
+                                 kafka_group_id=group, redis_url=REDIS_URL,
+                                 celery_broker_url=REDIS_URL, **settings)
+    commit_offset(kafka_broker, group, topic, 0, committed)
+    bridge = Bridge(chosen, clock=clock or _Clock())
+    consumer = bridge.consumer
+    bridge.consumer = _LogStartsAt(consumer, log_start)  # type: ignore[assignment]
+    try:
+        bridge._on_assign(consumer, [TopicPartition(topic, 0)])
+
+        def vouched() -> bool:  # at a later sync if the client was not fetching it yet
+            bridge._next_vouch = 0.0
+            bridge._sync(bridge.clock(), redeliver=False)
+            return bridge.partitions[0].vouched
+
+        wait_until(vouched, 30, "the partition vouched for")
+        yield bridge
+    finally:
+        consumer.close()
+
+
+def _read_once(bridge: Bridge) -> None:
+    bridge._consume_once()
+    for partition, messages in bridge.batcher.due(bridge.clock()):  # as read, held or not
+        bridge._dispatch(partition, messages)
+
+
+def _read_up_to(bridge: Bridge, offset: int) -> None:
+    def read() -> bool:
+        _read_once(bridge)
+        return (bridge.partitions[0].next_read or 0) > offset
+
+    wait_until(read, 30, f"offset {offset} read", interval_s=0)
+
+
+def _seek(bridge: Bridge, position: TopicPartition) -> bool:
+    try:
+        bridge.consumer.seek(position)
+    except KafkaException:  # not fetching it yet
+        return False
+    return True
+
+
+def _lost(topic: str) -> float | None:
+    return REGISTRY.get_sample_value("bridge_events_lost_to_retention_total",
+                                     {"topic": topic, "partition": "0"})
+
+
+def _events(count: int) -> list[tuple[bytes, bytes, tuple[()]]]:
+    return [(b"k", b"{}", ()) for _ in range(count)]
+
+
+def test_events_kafka_deleted_before_the_bridge_read_them_are_said_and_counted(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before: a group whose committed offset Kafka's retention had passed (a bridge stopped
+    longer than the retention, or a lag beyond it) was read on from the log's start by the
+    Kafka client (`auto.offset.reset`), and the commits went past events never applied,
+    said only in librdkafka's log. They are said in one line, counted per partition, and
+    alerted on (EventpipeEventsLostToRetention)."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    with reading_bridge(kafka_broker, topic, committed=3, log_start=7) as bridge:
+        assert _lost(topic) == 0  # at zero from the start: the alert sees the first loss
+        # What the Kafka client does on Apache Kafka, told the committed offset is out of
+        # range: it goes on from the log's start.
+        wait_until(lambda: _seek(bridge, TopicPartition(topic, 0, 7)), 30, "the seek")
+        _read_up_to(bridge, 9)
+        assert _lost(topic) == 4
+        assert "events lost: Kafka deleted 4 event(s) of partition 0, at offsets 3–6, before " \
+            "the bridge read them" in caplog.text
+        assert bridge.partitions[0].in_flight == 10 - 7
+
+
+def test_offsets_skipped_below_a_log_start_newer_than_the_read_are_not_counted(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A review's finding: the start the Kafka client keeps is from its latest fetch, which
+    may be ahead of the message read. Past that message, it cannot tell the offsets skipped
+    before it deleted from offsets that never held one (a transaction's marker): said, not
+    counted, so that no alert cries loss where there may be none."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    with reading_bridge(kafka_broker, topic, committed=3, log_start=9) as bridge:
+        wait_until(lambda: _seek(bridge, TopicPartition(topic, 0, 7)), 30, "the seek")
+        _read_up_to(bridge, 9)
+        assert _lost(topic) == 0
+        assert "offsets 3–6 of partition 0 skipped, and Kafka's log now starts past them, " \
+            "at 9" in caplog.text
+
+
+def test_offsets_a_log_holds_no_message_at_are_no_loss(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A transactional producer's commits take an offset each, which no message holds: the
+    reading goes past them, and nothing is lost."""
+    topic = kafka_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_broker,
+                         "transactional.id": f"tx-{uuid.uuid4().hex}"})
+    producer.init_transactions(30)
+    for _ in range(3):
+        producer.begin_transaction()
+        for _ in range(2):
+            producer.produce(topic, b"{}", b"k", partition=0)
+        producer.commit_transaction(30)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 7)  # 0, 1, 3, 4, 6, 7: the markers at 2, 5 and 8
+        assert bridge.partitions[0].in_flight == 6
+        assert _lost(topic) == 0
+
+
+def test_a_partition_given_with_tasks_of_an_earlier_reading_queued_is_read_once_they_are_gone(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """Before: a bridge given a partition (a rebalance, a restart) read it from the committed
+    offset at once, and its tasks joined those the earlier reading had sent: the queue held
+    two copies of the same events, beyond MAX_IN_FLIGHT_PER_PARTITION (Redis's memory), and
+    each applied twice. It waits until they are taken."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    group = f"group-{uuid.uuid4().hex}"
+    with reading_bridge(kafka_broker, topic, 0, group=group) as earlier:
+        _read_up_to(earlier, 5)
+    assert queue.llen(QUEUE) == 1  # its one task of six events, never taken
+    with reading_bridge(kafka_broker, topic, 0, group=group) as bridge:
+        progress = bridge.partitions[0]
+        assert progress.draining and progress.paused
+        for _ in range(5):
+            _read_once(bridge)
+            bridge._sync(bridge.clock())
+        assert queue.llen(QUEUE) == 1 and progress.next_read == 0
+        queue.rpop(QUEUE)  # a worker took it
+        bridge._sync(bridge.clock())
+        assert not progress.draining and not progress.paused
+        _read_up_to(bridge, 5)
+        assert queue.llen(QUEUE) == 1 and progress.in_flight == 6
+
+
+def test_a_reread_waits_for_the_tasks_still_queued_behind_the_lost_one(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A review's finding: re-reading a partition whose task was lost (a worker killed mid-
+    batch, a later task of the partition done) sent new copies at once beside the tasks still
+    queued behind the lost one: a queue beyond MAX_IN_FLIGHT_PER_PARTITION, growing at each
+    re-read (36,000 events against a bound of 5,000 in the review's model). The re-read
+    starts once they are taken."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    clock = _Clock()
+    with reading_bridge(kafka_broker, topic, 0, clock=clock, batch_max_events=2) as bridge:
+        _read_up_to(bridge, 5)
+        assert queue.llen(QUEUE) == 3  # 0-1, 2-3, 4-5
+        queue.rpop(QUEUE)  # taken by a worker killed mid-batch
+        queue.rpop(QUEUE)  # taken by a worker that applied it
+        bridge.ledger.settle(bridge._ledger_topic, 0, [2, 3])
+        bridge._sync(clock())
+        clock.now += bridge.settings.redelivery_timeout_s
+        bridge._sync(clock())
+        progress = bridge.partitions[0]
+        assert progress.draining and progress.paused and progress.next_read == 0
+        for _ in range(5):
+            _read_once(bridge)
+            bridge._sync(clock())
+        assert queue.llen(QUEUE) == 1  # 4-5 alone, no copy beside it
+        queue.rpop(QUEUE)  # a worker took it
+        bridge._sync(clock())
+        _read_up_to(bridge, 5)
+        assert queue.llen(QUEUE) == 3

@@ -6,12 +6,15 @@ offset ledger says is done or leased, and asks:
   offset is the next one to read), so a commit never moves past unfinished work;
 - `redelivery()`: the offset to re-read from, when the oldest unfinished offset was lost on
   the way (see `needs_redelivery`);
-- `read()`: whether a message read skipped offsets the bridge expected to read first.
+- `read()`: whether a message read skipped offsets the bridge expected to read first;
+- `drained()`: whether the tasks of an earlier reading (`drain()`) no longer keep the
+  partition from being read.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 # A worker takes a task off its queue a moment before it leases the task's offsets: for that
@@ -38,14 +41,13 @@ class PartitionProgress:
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
     # Until when tasks sent before the partition was last set to be read (by an earlier
-    # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`).
+    # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`),
+    # and how many were seen waiting last.
     drain_until: float | None = None
+    drain_depth: int = 0
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
-    # Offsets at or past a re-read's start that were done when it was set: applied, whatever
-    # the reading finds of them.
-    done_before_reread: frozenset[int] = frozenset()
 
     @property
     def in_flight(self) -> int:
@@ -66,15 +68,21 @@ class PartitionProgress:
 
     def drain(self, queued: int | None, now: float, timeout_s: float) -> None:
         """The partition is set to be read (assigned, or re-read) while `queued` tasks wait in
-        its queue: it is read once they are taken, so that the queue never holds two copies
-        of its offsets, beyond the bound on what is in flight; or once `timeout_s` passed,
-        whatever the queue holds (no worker serves it, or another pipeline's tasks keep
-        coming: the wait must end)."""
+        its queue: it is read once they are taken, so that a re-read adds no copies of its
+        offsets beside them, beyond the bound on what is in flight; or once none of them was
+        taken for `timeout_s`, whatever the queue holds (no worker serves it, or another
+        pipeline's tasks keep it full: the wait must end)."""
         self.drain_until = now + timeout_s if queued else None
+        self.drain_depth = queued or 0
 
-    def drained(self, queued: int | None, now: float) -> bool:
-        """Whether the partition stops draining now: its queue seen empty, or its wait over."""
-        if self.drain_until is None or (queued != 0 and now < self.drain_until):
+    def drained(self, queued: int | None, now: float, timeout_s: float) -> bool:
+        """Whether the partition stops draining now: its queue seen empty, or none of its
+        tasks taken for `timeout_s`."""
+        if self.drain_until is None:
+            return False
+        if queued is not None and queued < self.drain_depth:  # workers take them: wait on
+            self.drain_until, self.drain_depth = now + timeout_s, queued
+        if queued != 0 and now < self.drain_until:
             return False
         self.drain_until = None
         return True
@@ -84,11 +92,6 @@ class PartitionProgress:
         offsets expected first), else None."""
         expected, self.next_read = self.next_read, offset + 1
         return expected if expected is not None and offset > expected else None
-
-    def unapplied(self, first: int, end: int) -> int:
-        """How many of the offsets from `first` to `end` (excluded) no task applied: those done
-        before a re-read that skipped them are not among them."""
-        return max(0, end - first) - sum(1 for o in self.done_before_reread if first <= o < end)
 
     def dispatched(self, offsets: list[int], now: float) -> None:
         if not self.outstanding:
@@ -154,7 +157,6 @@ class PartitionProgress:
         """Forget everything handed out: the partition is about to be read again from
         `offset`."""
         self.next_read = offset
-        self.done_before_reread = frozenset(self.done_ahead)
         self.outstanding.clear()
         self.pending.clear()
         self.done_ahead.clear()
@@ -162,6 +164,11 @@ class PartitionProgress:
         self.last_dispatched = None
         self.overtaken_since = None
         self.unaccounted = None
+
+
+def unapplied(first: int, end: int, done: Collection[int]) -> int:
+    """How many of the offsets from `first` to `end` (excluded) are not `done`."""
+    return max(0, end - first) - sum(1 for offset in done if first <= offset < end)
 
 
 def needs_redelivery(

@@ -37,7 +37,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from bridge.batching import Batcher
-from bridge.offsets import PartitionProgress
+from bridge.offsets import PartitionProgress, unapplied
 from eventpipe import metrics, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.errors import TransientError
@@ -187,7 +187,9 @@ class Bridge:
             self.unsent.clear()
             deadline = self.clock() + self.settings.shutdown_drain_timeout_s
             for progress in self.partitions.values():
-                progress.paused = True
+                if not progress.paused:  # counted, as `_forget` counts it back
+                    progress.paused = True
+                    metrics.PAUSED.inc()
             self._pause_all()
             while self.clock() < deadline and any(p.in_flight
                                                   for p in self.partitions.values()):
@@ -282,8 +284,8 @@ class Bridge:
         message at are no loss (a transaction's marker, a key compacted away); offsets below
         the log's start are: Kafka deleted those events (the topic's retention) before the
         bridge read them, and the Kafka client went on from the log's start
-        (`auto.offset.reset`). Unless a task applied them before a re-read, they were never
-        applied and nothing here can bring them back: said at once, counted
+        (`auto.offset.reset`). Unless a task applied them before (the offset ledger says),
+        they were never applied and nothing here can bring them back: said at once, counted
         (`bridge_events_lost_to_retention_total`), alerted on. The log's start is the one
         the Kafka client keeps from its latest fetch: no request to Kafka."""
         try:
@@ -302,7 +304,19 @@ class Bridge:
                             "partition": partition, "offsetFirst": first,
                             "offsetLast": offset - 1})
             return
-        lost = self.partitions[partition].unapplied(first, start)
+        if start <= first:
+            return
+        try:  # rarely: once per skip below the log's start
+            [(done, _)] = self.ledger.read(self._ledger_topic, {partition: first}).values()
+        except redis.RedisError as exc:
+            log.warning("%s of partition %d skipped, below the start of Kafka's log; the offset "
+                        "ledger did not say which of them tasks applied (%s): not counted",
+                        _span(first, start - 1), partition, exc, extra={
+                            "partition": partition, "offsetFirst": first,
+                            "offsetLast": start - 1})
+            return
+        # Those a task applied before (a re-read's, a stopped bridge's tasks) are no loss.
+        lost = unapplied(first, start, done)
         if lost <= 0:
             return
         metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
@@ -362,13 +376,6 @@ class Bridge:
         # The queues first: a task seen gone from its queue was taken before the ledger is
         # read, so a lease its worker wrote at once is seen with it.
         self._queue_depths(chosen)
-        for partition, progress in chosen.items():
-            queued = self.queued.get(partition)
-            if progress.drained(queued, now):
-                log.info("reading the partition: %s", "the tasks sent before are gone from its "
-                         "queue" if queued == 0 else "tasks sent before still wait in its queue "
-                         "after REDELIVERY_TIMEOUT_S", extra={"partition": partition,
-                                                              "queued": queued})
         lows = {p: low for p, progress in chosen.items()
                 if (low := progress.low()) is not None}
         if lows:
@@ -390,6 +397,8 @@ class Bridge:
                 self._dispatch(partition, [])
                 progress.unobserved()
                 continue
+            if not final:
+                self._end_drain(progress, now)
             if progress.paused and not self.stopping and not progress.draining \
                     and progress.may_resume(self.settings.max_in_flight_per_partition):
                 self._resume(progress)
@@ -397,6 +406,14 @@ class Bridge:
                 self._maybe_redeliver(progress, now)
             else:
                 progress.unobserved()
+
+    def _end_drain(self, progress: PartitionProgress, now: float) -> None:
+        queued = self.queued.get(progress.partition)
+        if progress.drained(queued, now, self.settings.redelivery_timeout_s):
+            log.info("reading the partition: %s", "the tasks sent before are gone from its queue"
+                     if queued == 0 else "none of the tasks sent before was seen taken for "
+                     "REDELIVERY_TIMEOUT_S", extra={"partition": progress.partition,
+                                                     "queued": queued})
 
     def _still_ours(self, chosen: dict[int, PartitionProgress]) -> dict[int, PartitionProgress]:
         """Those of `chosen` this bridge still holds: a vouch or a commit that found the topic

@@ -176,12 +176,19 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
 def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position],
            now: datetime) -> list[DeadLetter]:
     """Another copy of held or dead-lettered events arrived (a duplicate, a redelivery): one
-    more attempt each, at that position."""
+    more attempt each, at that position. A replayed letter's copy is its new position only:
+    should its event be held still, the letter reopens there (`create_or_reopen`), where
+    Kafka keeps the message longest."""
     existing = load(conn, keys, lock=True)
-    return save_all(conn, [
-        (before, replace(before, attempts=before.attempts + 1, last_failure_at=now,
-                         position=position.get(key, before.position)))
-        for key, before in sorted(existing.items()) if before.state in (OPEN, WAITING)])
+    changes: list[tuple[DeadLetter | None, DeadLetter]] = []
+    for key, before in sorted(existing.items()):
+        at = position.get(key, before.position)
+        if before.state in (OPEN, WAITING):
+            changes.append((before, replace(before, attempts=before.attempts + 1,
+                                            last_failure_at=now, position=at)))
+        elif before.state == REPLAYED and at != before.position:
+            changes.append((before, replace(before, position=at)))
+    return save_all(conn, changes)
 
 
 def given_up_then_recorded(conn: Connection) -> list[str]:
@@ -274,7 +281,10 @@ def _reopened(before: DeadLetter, letter: DeadLetter,
             and last is not None and last.ended == REPLAYED
             and datetime.fromisoformat(last.ended_at) + park_timeout > letter.last_failure_at):
         letter = replace(letter, state=OPEN, deadline=None)
-    return replace(letter, history=before.history)
+    # At the latest copy of its message the letter knew (a replay's), not at the first one
+    # its event was recorded at: past Kafka's retention, that one is gone first.
+    latest = before.position if before.position.offset is not None else letter.position
+    return replace(letter, history=before.history, position=latest)
 
 
 def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.batching import Batcher
-from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery
+from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery, unapplied
 from eventpipe.queues import TaskMessage
 
 TIMEOUT = 60.0
@@ -68,15 +68,10 @@ def test_a_silent_partition_is_redelivered_after_the_timeout() -> None:
     assert progress.next_read == 1  # read again from there
 
 
-def test_offsets_done_before_a_reread_are_not_among_those_it_skipped_unapplied() -> None:
-    progress = PartitionProgress(0)
-    progress.dispatched([0, 1, 2, 3, 4, 5], now=0)
-    progress.observe({2, 3}, set(), now=1)  # the task of 0-1 was lost
-    progress.reset(0)
-    assert progress.read(6) == 0  # 0-5 gone from Kafka by the time they were read again
-    assert progress.unapplied(0, 6) == 4
-    assert progress.unapplied(3, 6) == 2
-    assert progress.unapplied(5, 3) == 0
+def test_offsets_skipped_that_a_task_applied_are_not_unapplied() -> None:
+    assert unapplied(0, 6, {2, 3, 9}) == 4
+    assert unapplied(3, 6, {2, 3, 9}) == 2
+    assert unapplied(5, 3, set()) == 0
 
 
 def test_a_read_that_goes_past_offsets_expected_first_says_the_first_it_skipped() -> None:
@@ -225,7 +220,7 @@ def test_a_partition_paused_at_its_bound_resumes_once_half_of_it_is_free(bound: 
     assert progress.in_flight == bound // 2 and progress.may_resume(bound)
 
 
-def test_a_partition_drains_until_its_queue_is_seen_empty_or_its_wait_is_over() -> None:
+def test_a_partition_drains_until_its_queue_is_seen_empty_or_no_task_is_taken_for_long() -> None:
     progress = PartitionProgress(0)
     progress.drain(0, now=0, timeout_s=60)
     assert not progress.draining  # nothing waits: read at once
@@ -233,9 +228,16 @@ def test_a_partition_drains_until_its_queue_is_seen_empty_or_its_wait_is_over() 
     assert not progress.draining  # unknown: read at once
     progress.drain(3, now=0, timeout_s=60)
     assert progress.draining
-    assert not progress.drained(2, now=10) and not progress.drained(None, now=10)
-    assert progress.drained(0, now=11) and not progress.draining
+    assert not progress.drained(2, now=10, timeout_s=60)
+    assert not progress.drained(None, now=10, timeout_s=60)
+    assert progress.drained(0, now=11, timeout_s=60) and not progress.draining
     progress.drain(3, now=100, timeout_s=60)
-    assert not progress.drained(3, now=159)
-    assert progress.drained(3, now=160) and not progress.draining  # the wait must end
-    assert not progress.drained(0, now=161)  # said once
+    assert not progress.drained(3, now=159, timeout_s=60)
+    assert progress.drained(3, now=160, timeout_s=60)  # none taken: the wait must end
+    assert not progress.draining and not progress.drained(0, now=161, timeout_s=60)
+    # Slow workers, still taking its tasks: it waits on, a wait from the last one taken.
+    progress.drain(5000, now=200, timeout_s=60)
+    assert not progress.drained(4000, now=250, timeout_s=60)
+    assert not progress.drained(4000, now=300, timeout_s=60)
+    assert not progress.drained(None, now=305, timeout_s=60)
+    assert progress.drained(4000, now=310, timeout_s=60)

@@ -14,7 +14,6 @@ offset ledger says is done or leased, and asks:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
 # A worker takes a task off its queue a moment before it leases the task's offsets: for that
@@ -41,10 +40,14 @@ class PartitionProgress:
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
     # Until when tasks sent before the partition was last set to be read (by an earlier
-    # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`),
-    # and how many were seen waiting last.
+    # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`);
+    # the queue's length last seen, and how many of those tasks may still be in it.
     drain_until: float | None = None
     drain_depth: int = 0
+    drain_left: int = 0
+    # Whether those tasks are known gone from the queue (taken by workers): then whatever the
+    # reading skips below the log's start, and no task applied, is lost (`Bridge._skipped`).
+    earlier_gone: bool = False
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
@@ -70,21 +73,33 @@ class PartitionProgress:
         """The partition is set to be read (assigned, or re-read) while `queued` tasks wait in
         its queue: it is read once they are taken, so that a re-read adds no copies of its
         offsets beside them, beyond the bound on what is in flight; or once none of them was
-        taken for `timeout_s`, whatever the queue holds (no worker serves it, or another
-        pipeline's tasks keep it full: the wait must end)."""
+        taken for `timeout_s`, whatever the queue holds (no worker serves it: the wait must
+        end). None: the length is not known, and it is read at once."""
         self.drain_until = now + timeout_s if queued else None
-        self.drain_depth = queued or 0
+        self.drain_depth = self.drain_left = queued or 0
+        self.earlier_gone = queued == 0
 
     def drained(self, queued: int | None, now: float, timeout_s: float) -> bool:
-        """Whether the partition stops draining now: its queue seen empty, or none of its
-        tasks taken for `timeout_s`."""
+        """Whether the partition stops draining now, the queue's length `queued`: the tasks
+        it waits for are gone (the queue is first in, first out, so they are once as many
+        were taken as it held; another pipeline's tasks may come in meanwhile), or none was
+        taken for `timeout_s`."""
+        if queued == 0:
+            self.earlier_gone = True
         if self.drain_until is None:
             return False
-        if queued is not None and queued < self.drain_depth:  # workers take them: wait on
-            self.drain_until, self.drain_depth = now + timeout_s, queued
-        if queued != 0 and now < self.drain_until:
+        if queued is not None:
+            # Taken at least: what the queue lost since last seen (more may have come).
+            taken = max(0, self.drain_depth - queued)
+            self.drain_depth = queued
+            if taken:
+                self.drain_left -= taken
+                self.drain_until = now + timeout_s
+        gone = queued == 0 or (queued is not None and self.drain_left <= 0)
+        if not gone and now < self.drain_until:
             return False
         self.drain_until = None
+        self.earlier_gone = gone
         return True
 
     def read(self, offset: int) -> int | None:
@@ -164,11 +179,6 @@ class PartitionProgress:
         self.last_dispatched = None
         self.overtaken_since = None
         self.unaccounted = None
-
-
-def unapplied(first: int, end: int, done: Collection[int]) -> int:
-    """How many of the offsets from `first` to `end` (excluded) are not `done`."""
-    return max(0, end - first) - sum(1 for offset in done if first <= offset < end)
 
 
 def needs_redelivery(

@@ -37,7 +37,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from bridge.batching import Batcher
-from bridge.offsets import PartitionProgress, unapplied
+from bridge.offsets import PartitionProgress
 from eventpipe import metrics, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.errors import TransientError
@@ -297,35 +297,40 @@ class Bridge:
         if start > offset:
             # From a fetch later than the one that brought `offset`: whether the offsets
             # skipped were deleted or never held a message cannot be told.
-            log.warning("%s of partition %d skipped, and Kafka's log now starts past them, at "
-                        "%d: deleted by its retention before the bridge read them, or holding "
-                        "no message (a transaction's marker); not counted",
-                        _span(first, offset - 1), partition, start, extra={
-                            "partition": partition, "offsetFirst": first,
-                            "offsetLast": offset - 1})
+            self._not_counted(partition, first, offset - 1, "and Kafka's log now starts past "
+                              f"them, at {start}: deleted by its retention before the bridge "
+                              "read them, or holding no message (a transaction's marker)")
             return
         if start <= first:
             return
-        try:  # rarely: once per skip below the log's start
-            [(done, _)] = self.ledger.read(self._ledger_topic, {partition: first}).values()
-        except redis.RedisError as exc:
-            log.warning("%s of partition %d skipped, below the start of Kafka's log; the offset "
-                        "ledger did not say which of them tasks applied (%s): not counted",
-                        _span(first, start - 1), partition, exc, extra={
-                            "partition": partition, "offsetFirst": first,
-                            "offsetLast": start - 1})
+        if not self.partitions[partition].earlier_gone:
+            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
+                              "tasks an earlier reading sent may still apply some of them "
+                              "(not seen gone from the queue)")
             return
-        # Those a task applied before (a re-read's, a stopped bridge's tasks) are no loss.
-        lost = unapplied(first, start, done)
+        try:  # rarely: once per skip below the log's start
+            # Those a task applied, or applies now, are no loss (a re-read's, the tasks of a
+            # bridge that was stopped).
+            lost = start - first - self.ledger.applied_or_held(self._ledger_topic, partition,
+                                                               first, start)
+        except redis.RedisError as exc:
+            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
+                              f"the offset ledger did not say which of them tasks applied ({exc})")
+            return
         if lost <= 0:
             return
+        span = _span(first, start - 1)
         metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
         log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
                   "bridge read them (the topic's retention passed them while the pipeline was "
-                  "behind or stopped); they were never applied", lost, partition,
-                  _span(first, start - 1), extra={
+                  "behind or stopped); they were never applied", lost, partition, span, extra={
                       "partition": partition, "offsetFirst": first, "offsetLast": start - 1,
                       "events": lost})
+
+    def _not_counted(self, partition: int, first: int, last: int, why: str) -> None:
+        log.warning("%s of partition %d skipped, %s: not counted", _span(first, last),
+                    partition, why, extra={"partition": partition, "offsetFirst": first,
+                                           "offsetLast": last})
 
     def _release_held(self, now: float) -> None:
         """Release the held partitions with messages waiting whose queue is empty now."""

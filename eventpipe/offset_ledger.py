@@ -236,6 +236,20 @@ def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
     return found
 
 
+def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
+    """How many offsets from `first` to `end` (excluded) these ranges cover, however they
+    overlap: counted on the ranges, never offset by offset."""
+    spans = sorted((max(int(low), first), min(int(high) + 1, end))
+                   for low, _, high in (_decoded(member).partition("-") for member in members))
+    count, reached = 0, first
+    for low, high in spans:
+        low = max(low, reached)
+        if high > low:
+            count += high - low
+            reached = high
+    return count
+
+
 @dataclass(frozen=True, slots=True)
 class Crashed:
     """A range of offsets whose processes died applying it, `deaths` times in a row."""
@@ -308,6 +322,14 @@ class OffsetLedger:
             # held any more.
             found[partition] = (done, offsets_of(leased_ranges, low) - done)
         return found
+
+    def applied_or_held(self, topic: str, partition: int, first: int, end: int) -> int:
+        """How many of the partition's offsets from `first` to `end` (excluded) are done, or
+        held by a live lease (a worker applying them, a retry waiting)."""
+        [(done, leased)] = self._read(keys=[self._key(_DONE_RANGES, topic, partition),
+                                            self._key(_LEASE_RANGES, topic, partition)],
+                                      args=[first])
+        return count_covered([*done, *leased], first, end)
 
     def forget(self, topic: str, partitions: Iterable[int]) -> None:
         """Drop everything known of these partitions (`topic` as `filed_under` names it):

@@ -161,6 +161,30 @@ def test_offsets_skipped_below_a_log_start_newer_than_the_read_are_not_counted(
             "at 9" in caplog.text
 
 
+def test_offsets_skipped_while_tasks_of_an_earlier_reading_may_still_apply_are_not_counted(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A review's finding: a partition read while the tasks of an earlier reading were not
+    seen gone from its queue (nobody took them for REDELIVERY_TIMEOUT_S) counted among the
+    lost the events those tasks may still apply."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    group = f"group-{uuid.uuid4().hex}"
+    with reading_bridge(kafka_broker, topic, 3, group=group) as earlier:
+        _read_up_to(earlier, 9)
+    clock = _Clock()
+    with reading_bridge(kafka_broker, topic, 3, log_start=7, group=group,
+                        clock=clock) as bridge:
+        clock.now += bridge.settings.redelivery_timeout_s
+        bridge._sync(clock())
+        assert not bridge.partitions[0].draining
+        wait_until(lambda: _seek(bridge, TopicPartition(topic, 0, 7)), 30, "the seek")
+        _read_up_to(bridge, 9)
+        assert _lost(topic) == 0
+        assert "offsets 3–6 of partition 0 skipped, below the start of Kafka's log; tasks an " \
+            "earlier reading sent may still apply some of them" in caplog.text
+
+
 def test_offsets_a_log_holds_no_message_at_are_no_loss(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
     """A transactional producer's commits take an offset each, which no message holds: the

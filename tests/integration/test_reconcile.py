@@ -168,13 +168,12 @@ def test_a_replayed_event_still_held_comes_back_to_the_dlq(
                             actions.Publisher(settings_for(kafka_broker, topic)))
     assert result.replayed == 1
     [copy] = received(document)  # the replayed message, read back from the topic
-    assert apply_batch(engine, [replace(copy, position=Position(topic, 0, 0))]).fates == [
-        Fate.DUPLICATE]
+    first = letter_at(engine, key).position  # where the copy went: its message's partition
+    further = Position(first.topic, first.partition, (first.offset or 0) + 1_000)
+    assert apply_batch(engine, [replace(copy, position=further)]).fates == [Fate.DUPLICATE]
     settle(engine)
     assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
-    with engine.connect() as conn:
-        [reopened] = records.load(conn, [key]).values()
-    assert reopened.position == Position(topic, 0, 0)
+    assert letter_at(engine, key).position == further
     assert shown(engine)["orders"] == []
     apply(engine, user_created("u1", occurred_at=at(0)))
     settle(engine)
@@ -184,6 +183,47 @@ def test_a_replayed_event_still_held_comes_back_to_the_dlq(
     assert found.state == "resolved"
     assert [e.ended for e in found.history] == ["replayed", "resolved"]
     assert shown(engine)["orders"] == [("o1", "u1", "EUR")]
+
+
+def letter_at(engine: Engine, key: str) -> DeadLetter:
+    with engine.connect() as conn:
+        [letter] = records.load(conn, [key]).values()
+    return letter
+
+
+def test_a_replayed_copy_read_before_its_replay_ends_is_where_the_letter_reopens(
+    engine: Engine,
+) -> None:
+    """A review's finding: the copy's duplicate can reach the letter before the replayer,
+    still flushing the rest of its chunk, marks it replayed; its position was not kept, and
+    the letter reopened at the first message's. A copy of the first message read again after
+    the replay's (a redelivery) does not take it back."""
+    document = order_placed("o1", "u1", occurred_at=at(1))
+    apply(engine, document)
+    settle(engine, datetime.now(UTC) + PARK + timedelta(seconds=1))
+    [key] = [letter.dlq_key for letter in records_of(engine)]
+    first = letter_at(engine, key).position
+    claim = datetime.now(UTC) + timedelta(minutes=5)
+    with engine.begin() as conn:
+        assert records.claim_for_replay(conn, [key], claim)
+    [copy] = received(document)
+    further = Position(first.topic, first.partition, (first.offset or 0) + 1_000)
+    assert apply_batch(engine, [replace(copy, position=further)]).fates == [Fate.DUPLICATE]
+    with engine.begin() as conn:  # as the replayer ends its claims
+        ended = records.finish_replay(conn, [key], datetime.now(UTC), published=True,
+                                      claim=claim)
+        reconciling.queue_entities(conn, ended.values(), datetime.now(UTC))
+    assert ended[key].position == further
+    assert apply_batch(engine, [replace(copy, position=first)]).fates == [Fate.DUPLICATE]
+    settle(engine)
+    assert live(engine) == {("order", "o1"): (OPEN, "MissingParent", "u1")}
+    assert letter_at(engine, key).position == further
+
+
+def records_of(engine: Engine) -> list[DeadLetter]:
+    with engine.connect() as conn:
+        return list(records.load(conn, list(conn.execute(
+            select(dead_letters.c.dlq_key)).scalars())).values())
 
 
 def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.batching import Batcher
-from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery, unapplied
+from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery
 from eventpipe.queues import TaskMessage
 
 TIMEOUT = 60.0
@@ -66,12 +66,6 @@ def test_a_silent_partition_is_redelivered_after_the_timeout() -> None:
     assert progress.redelivery(now=1_000, timeout_s=TIMEOUT) is None
     assert progress.in_flight == 0 and progress.committable() is None
     assert progress.next_read == 1  # read again from there
-
-
-def test_offsets_skipped_that_a_task_applied_are_not_unapplied() -> None:
-    assert unapplied(0, 6, {2, 3, 9}) == 4
-    assert unapplied(3, 6, {2, 3, 9}) == 2
-    assert unapplied(5, 3, set()) == 0
 
 
 def test_a_read_that_goes_past_offsets_expected_first_says_the_first_it_skipped() -> None:
@@ -223,21 +217,38 @@ def test_a_partition_paused_at_its_bound_resumes_once_half_of_it_is_free(bound: 
 def test_a_partition_drains_until_its_queue_is_seen_empty_or_no_task_is_taken_for_long() -> None:
     progress = PartitionProgress(0)
     progress.drain(0, now=0, timeout_s=60)
-    assert not progress.draining  # nothing waits: read at once
+    assert not progress.draining and progress.earlier_gone  # nothing waits: read at once
     progress.drain(None, now=0, timeout_s=60)
-    assert not progress.draining  # unknown: read at once
+    assert not progress.draining and not progress.earlier_gone  # unknown: read at once
+    assert not progress.drained(4, now=1, timeout_s=60) and not progress.earlier_gone
+    assert not progress.drained(0, now=2, timeout_s=60) and progress.earlier_gone  # seen gone
     progress.drain(3, now=0, timeout_s=60)
-    assert progress.draining
+    assert progress.draining and not progress.earlier_gone
     assert not progress.drained(2, now=10, timeout_s=60)
     assert not progress.drained(None, now=10, timeout_s=60)
-    assert progress.drained(0, now=11, timeout_s=60) and not progress.draining
+    assert progress.drained(0, now=11, timeout_s=60)
+    assert not progress.draining and progress.earlier_gone
     progress.drain(3, now=100, timeout_s=60)
     assert not progress.drained(3, now=159, timeout_s=60)
     assert progress.drained(3, now=160, timeout_s=60)  # none taken: the wait must end
-    assert not progress.draining and not progress.drained(0, now=161, timeout_s=60)
+    assert not progress.draining and not progress.earlier_gone
     # Slow workers, still taking its tasks: it waits on, a wait from the last one taken.
     progress.drain(5000, now=200, timeout_s=60)
     assert not progress.drained(4000, now=250, timeout_s=60)
     assert not progress.drained(4000, now=300, timeout_s=60)
     assert not progress.drained(None, now=305, timeout_s=60)
-    assert progress.drained(4000, now=310, timeout_s=60)
+    assert progress.drained(4000, now=310, timeout_s=60) and not progress.earlier_gone
+
+
+def test_a_drain_ends_once_as_many_tasks_were_taken_as_the_queue_held() -> None:
+    """A review's finding: another pipeline's tasks coming into the same queue kept it from
+    being seen empty, and each task taken put the wait off: the partition stayed unread for
+    hours. The queue is first in, first out: once as many were taken as it held, its own are
+    gone."""
+    progress = PartitionProgress(0)
+    progress.drain(10, now=0, timeout_s=60)
+    assert not progress.drained(15, now=1, timeout_s=60)  # 5 more came
+    assert not progress.drained(9, now=2, timeout_s=60)  # 6 taken
+    assert not progress.drained(12, now=3, timeout_s=60)  # more came
+    assert progress.drained(8, now=4, timeout_s=60)  # 4 more taken: the 10 are gone
+    assert progress.earlier_gone

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventpipe.offset_ledger import offsets_of, ranges
+from eventpipe.offset_ledger import count_covered, offsets_of, ranges
 
 
 @given(st.sets(st.integers(0, 2000), max_size=60))
@@ -24,3 +24,12 @@ def test_a_batch_of_consecutive_offsets_is_one_range() -> None:
     assert ranges([7, 3, 4, 3]) == ["3-4", "7-7"]
     assert offsets_of([b"0-2", "5-5"]) == {0, 1, 2, 5}
     assert offsets_of(["0-2", "5-9"], low=2) == {2, 5, 6, 7, 8, 9}
+
+
+def test_the_offsets_ranges_cover_are_counted_on_the_ranges() -> None:
+    assert count_covered([], 0, 10) == 0
+    assert count_covered(["0-4", "7-7"], 0, 10) == 6
+    assert count_covered(["0-4", "3-8"], 2, 6) == 4  # overlapping, clipped at both ends
+    assert count_covered([b"5-9", b"0-1"], 1, 7) == 3
+    assert count_covered(["0-1000000000"], 10, 20) == 10  # no set of a billion offsets
+    assert count_covered(["3-4"], 5, 3) == 0

@@ -46,8 +46,12 @@ class PartitionProgress:
     drain_depth: int = 0
     drain_left: int = 0
     # Whether those tasks are known gone from the queue (taken by workers): then whatever the
-    # reading skips below the log's start, and no task applied, is lost (`Bridge._skipped`).
+    # reading skips below the log's start, and no task applies, is lost (`Bridge._skipped`).
     earlier_gone: bool = False
+    # Spans the reading skipped below the log's start, not counted yet; and the tasks workers
+    # held when the earlier ones were known gone, which may still apply some of them.
+    below_start: list[tuple[int, int]] = field(default_factory=list)
+    held_then: set[bytes | str] | None = None
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
@@ -78,6 +82,7 @@ class PartitionProgress:
         self.drain_until = now + timeout_s if queued else None
         self.drain_depth = self.drain_left = queued or 0
         self.earlier_gone = queued == 0
+        self.held_then = None
 
     def drained(self, queued: int | None, now: float, timeout_s: float) -> bool:
         """Whether the partition stops draining now, the queue's length `queued`: the tasks
@@ -100,6 +105,23 @@ class PartitionProgress:
             return False
         self.drain_until = None
         self.earlier_gone = gone
+        return True
+
+    def may_count(self, held: set[bytes | str], queued: int | None) -> bool:
+        """Whether the spans skipped below the log's start (`below_start`) can be counted now,
+        `held` the tasks workers hold (took, and have not acknowledged) and `queued` those in
+        the partition's queue now: once the tasks of the earlier reading are gone from the
+        queue, none of those workers held then is held still, and the queue is seen empty
+        (a task a worker was killed with, or handed back, goes back to it), no task that
+        could apply a skipped offset is left (the offset ledger tells those that did)."""
+        if not self.earlier_gone:
+            self.held_then = None
+            return False
+        if self.held_then is None:
+            self.held_then = held
+        if self.held_then & held or queued != 0:
+            return False
+        self.held_then = None
         return True
 
     def read(self, offset: int) -> int | None:

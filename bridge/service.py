@@ -303,29 +303,44 @@ class Bridge:
             return
         if start <= first:
             return
-        if not self.partitions[partition].earlier_gone:
+        if self.broker_queues is None:
             self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
-                              "tasks an earlier reading sent may still apply some of them "
-                              "(not seen gone from the queue)")
+                              "tasks sent before may still apply some of them, and the Celery "
+                              "broker's queues cannot be read")
             return
-        try:  # rarely: once per skip below the log's start
+        self.partitions[partition].below_start.append((first, start))
+        if not self._count_lost(partition):
+            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
+                              "tasks sent before may still apply some of them: counted once "
+                              "they are done")
+
+    def _count_lost(self, partition: int) -> bool:
+        """Count what the spans the reading skipped below the log's start hold that no task
+        applied, once no task is left that could (`PartitionProgress.may_count`); whether it
+        could."""
+        progress = self.partitions[partition]
+        if self.broker_queues is None or not progress.earlier_gone:
+            return False
+        try:
+            if not progress.may_count(self.broker_queues.held(), self.queued.get(partition)):
+                return False
             # Those a task applied, or applies now, are no loss (a re-read's, the tasks of a
             # bridge that was stopped).
-            lost = start - first - self.ledger.applied_or_held(self._ledger_topic, partition,
-                                                               first, start)
-        except redis.RedisError as exc:
-            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
-                              f"the offset ledger did not say which of them tasks applied ({exc})")
-            return
-        if lost <= 0:
-            return
-        span = _span(first, start - 1)
-        metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
-        log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
-                  "bridge read them (the topic's retention passed them while the pipeline was "
-                  "behind or stopped); they were never applied", lost, partition, span, extra={
-                      "partition": partition, "offsetFirst": first, "offsetLast": start - 1,
-                      "events": lost})
+            counted = [(first, end, end - first - self.ledger.applied_or_held(
+                self._ledger_topic, partition, first, end)) for first, end in progress.below_start]
+        except (Unanswered, redis.RedisError):
+            return False  # at a later sync
+        progress.below_start.clear()
+        for first, end, lost in counted:
+            if lost > 0:
+                metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
+                log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before "
+                          "the bridge read them (the topic's retention passed them while the "
+                          "pipeline was behind or stopped); they were never applied", lost,
+                          partition, _span(first, end - 1), extra={
+                              "partition": partition, "offsetFirst": first,
+                              "offsetLast": end - 1, "events": lost})
+        return True
 
     def _not_counted(self, partition: int, first: int, last: int, why: str) -> None:
         log.warning("%s of partition %d skipped, %s: not counted", _span(first, last),
@@ -404,6 +419,8 @@ class Bridge:
                 continue
             if not final:
                 self._end_drain(progress, now)
+                if progress.below_start:
+                    self._count_lost(partition)
             if progress.paused and not self.stopping and not progress.draining \
                     and progress.may_resume(self.settings.max_in_flight_per_partition):
                 self._resume(progress)
@@ -416,9 +433,9 @@ class Bridge:
         queued = self.queued.get(progress.partition)
         if progress.drained(queued, now, self.settings.redelivery_timeout_s):
             log.info("reading the partition: %s", "the tasks sent before are gone from its queue"
-                     if queued == 0 else "none of the tasks sent before was seen taken for "
-                     "REDELIVERY_TIMEOUT_S", extra={"partition": progress.partition,
-                                                     "queued": queued})
+                     if progress.earlier_gone else "none of the tasks sent before was seen taken "
+                     "for REDELIVERY_TIMEOUT_S", extra={"partition": progress.partition,
+                                                        "queued": queued})
 
     def _still_ours(self, chosen: dict[int, PartitionProgress]) -> dict[int, PartitionProgress]:
         """Those of `chosen` this bridge still holds: a vouch or a commit that found the topic
@@ -459,8 +476,12 @@ class Bridge:
         for partition, offset in offsets.items():
             chosen[partition].committed = offset
             metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
+        # Not past a span skipped below the log's start that is not counted yet: its count
+        # needs the marks of what tasks applied of it.
+        kept = {p: min([offset, *(first for first, _ in chosen[p].below_start)])
+                for p, offset in offsets.items()}
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
-            self.ledger.trim(self._ledger_topic, offsets)
+            self.ledger.trim(self._ledger_topic, kept)
         log.debug("committed", extra={"offsets": offsets})
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
@@ -475,7 +496,7 @@ class Bridge:
         except KafkaException as exc:
             log.warning("seek failed, will retry: %s", exc)
             return
-        queued = self.queued.get(progress.partition, 0)
+        queued = self.queued.get(progress.partition)  # None: not known
         log.warning("events lost on the way; re-reading partition from offset %d%s", offset,
                     f" once the {queued} task(s) still in its queue are taken" if queued else "",
                     extra={"partition": progress.partition, "offset": offset,
@@ -781,6 +802,10 @@ class Bridge:
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()
+        for first, end in progress.below_start if progress is not None else ():
+            self._not_counted(partition, first, end - 1, "below the start of Kafka's log; the "
+                              "partition is no longer this bridge's before what tasks applied "
+                              "of them is known")
         # Not the count of events lost to retention: a count, not a state, whose increase a
         # removal could hide before it is scraped.
         for gauge, labels in ((metrics.CONSUMER_LAG, (self.topic, str(partition))),

@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from eventpipe.queues import make_celery, queue_depths, queue_name
+from eventpipe.queues import make_celery, queue_depths, queue_name, unacked_tags
 from eventpipe.settings import Settings
 
 _AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -43,6 +43,13 @@ class QueueDepths(Protocol):
         """Tasks waiting per partition queue; raises `Unanswered`."""
         ...
 
+    def held(self) -> set[bytes | str]:
+        """The tasks, of any queue, workers took and have not acknowledged, by delivery tag,
+        as far as the broker tells: a Redis one does; RabbitMQ gives the tasks a worker's
+        connection held back to their queue as it closes, and tells nothing of those live
+        workers hold (none). Raises `Unanswered`."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -53,6 +60,12 @@ class RedisDepths:
     def read(self, partitions: Iterable[int]) -> dict[int, int]:
         try:
             return queue_depths(self.client, partitions)
+        except redis.RedisError as exc:
+            raise Unanswered(exc) from exc
+
+    def held(self) -> set[bytes | str]:
+        try:
+            return unacked_tags(self.client)
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
@@ -85,6 +98,9 @@ class AmqpDepths:
                 self._channel = None
                 self.connection.collect()  # the next call connects afresh
                 raise Unanswered(exc) from exc
+
+    def held(self) -> set[bytes | str]:
+        return set()
 
     def _depth(self, queue: str) -> int:
         try:

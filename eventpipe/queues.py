@@ -42,6 +42,14 @@ def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, in
 _UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
 
 
+def unacked_tags(broker: redis.Redis) -> set[bytes | str]:
+    """The delivery tags of the messages, of every queue, a Redis Celery broker holds as
+    delivered and not acknowledged: a worker applies them, holds them for later (a retry, a
+    task taken ahead while it holds one), or was killed with them (kombu puts them back in
+    their queue after its visibility timeout). A tag names one message for good."""
+    return set(broker.hkeys(_UNACKED))
+
+
 def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:
     """Forget the messages of these queues a Redis Celery broker holds as delivered and not
     acknowledged (a worker killed with them, retries it held): how many. Others' are left."""

@@ -176,10 +176,10 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
 def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position],
            now: datetime) -> list[DeadLetter]:
     """Another copy of held or dead-lettered events arrived (a duplicate, a redelivery): one
-    more attempt each, at that position. A replay's copy, further on in its message's
-    partition, is only the letter's new position, whether the replay has ended or not:
-    should its event be held still, the letter reopens there (`create_or_reopen`), which
-    Kafka keeps longer than the first."""
+    more attempt each, at that position. A replay's copy, whether the replay has ended or
+    not, is only the letter's new position: should its event be held still, the letter
+    reopens there (`create_or_reopen`), which Kafka keeps longer than the first (and a
+    redelivery of the first message does not take it back)."""
     existing = load(conn, keys, lock=True)
     changes: list[tuple[DeadLetter | None, DeadLetter]] = []
     for key, before in sorted(existing.items()):
@@ -187,18 +187,19 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
         if before.state in (OPEN, WAITING):
             changes.append((before, replace(before, attempts=before.attempts + 1,
                                             last_failure_at=now, position=at)))
-        elif before.state in (REPLAYING, REPLAYED) and _further(at, before.position):
+        elif before.state in (REPLAYING, REPLAYED) and _later(at, before.position):
             changes.append((before, replace(before, position=at)))
     return save_all(conn, changes)
 
 
-def _further(position: Position, than: Position) -> bool:
-    """Whether `position` is further on in the partition of `than` (a replay sends its copy
-    back to the partition its message was read from), or `than` names none."""
-    if than.offset is None:
-        return position.offset is not None
-    return (position.topic, position.partition) == (than.topic, than.partition) \
-        and position.offset is not None and position.offset > than.offset
+def _later(position: Position, than: Position) -> bool:
+    """Whether a copy at `position` came after the message at `than`: further on in its
+    partition, or in another one (a replay sends its copy back to the partition its message
+    was read from, unless the topic no longer has it)."""
+    if position.offset is None or position == than:
+        return False
+    return than.offset is None or (position.topic, position.partition) != (
+        than.topic, than.partition) or position.offset > than.offset
 
 
 def given_up_then_recorded(conn: Connection) -> list[str]:

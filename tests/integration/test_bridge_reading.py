@@ -161,17 +161,19 @@ def test_offsets_skipped_below_a_log_start_newer_than_the_read_are_not_counted(
             "at 9" in caplog.text
 
 
-def test_offsets_skipped_while_tasks_of_an_earlier_reading_may_still_apply_are_not_counted(
+def test_offsets_skipped_while_tasks_may_still_apply_them_are_counted_once_they_are_done(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
         caplog: pytest.LogCaptureFixture) -> None:
-    """A review's finding: a partition read while the tasks of an earlier reading were not
-    seen gone from its queue (nobody took them for REDELIVERY_TIMEOUT_S) counted among the
-    lost the events those tasks may still apply."""
+    """Reviews' findings: a partition read while the tasks of an earlier reading were not
+    seen gone from its queue (nobody took them for REDELIVERY_TIMEOUT_S), or while workers
+    held some (taken, not acknowledged), counted among the lost the events those tasks would
+    still apply; and a skip not counted then was never counted. It is counted once no task
+    that could apply it is left, less what the tasks applied."""
     topic = kafka_topic(partitions=1)
     produce(kafka_broker, topic, _events(10))
     group = f"group-{uuid.uuid4().hex}"
     with reading_bridge(kafka_broker, topic, 3, group=group) as earlier:
-        _read_up_to(earlier, 9)
+        _read_up_to(earlier, 9)  # one task of 3-9, which nobody takes for long
     clock = _Clock()
     with reading_bridge(kafka_broker, topic, 3, log_start=7, group=group,
                         clock=clock) as bridge:
@@ -181,8 +183,28 @@ def test_offsets_skipped_while_tasks_of_an_earlier_reading_may_still_apply_are_n
         wait_until(lambda: _seek(bridge, TopicPartition(topic, 0, 7)), 30, "the seek")
         _read_up_to(bridge, 9)
         assert _lost(topic) == 0
-        assert "offsets 3–6 of partition 0 skipped, below the start of Kafka's log; tasks an " \
-            "earlier reading sent may still apply some of them" in caplog.text
+        assert "offsets 3–6 of partition 0 skipped, below the start of Kafka's log; tasks " \
+            "sent before may still apply some of them: counted once they are done" in caplog.text
+        # Workers take the earlier task (3-9) and the new one (7-9); the first is held still
+        # (delivered, not acknowledged, as kombu records it), the second is done.
+        queue.rpop(QUEUE)
+        queue.rpop(QUEUE)
+        tag = f"test-{uuid.uuid4().hex}"
+        queue.hset("unacked", tag, "{}")
+        try:
+            bridge.ledger.settle(bridge._ledger_topic, 0, [3, 4, 7, 8, 9])
+            bridge._sync(clock())
+            # Committed past them (a review's finding: that trimmed the ledger's marks of 3
+            # and 4, and all four were counted), not counted yet: the task is held.
+            assert bridge.partitions[0].committed == 10
+            assert _lost(topic) == 0
+            queue.hdel("unacked", tag)  # it was done: its worker died on 5
+            bridge._sync(clock())
+        finally:
+            queue.hdel("unacked", tag)
+        assert _lost(topic) == 2
+        assert "events lost: Kafka deleted 2 event(s) of partition 0, at offsets 3–6" \
+            in caplog.text
 
 
 def test_offsets_a_log_holds_no_message_at_are_no_loss(

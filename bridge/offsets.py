@@ -48,10 +48,9 @@ class PartitionProgress:
     # Whether those tasks are known gone from the queue (taken by workers): then whatever the
     # reading skips below the log's start, and no task applies, is lost (`Bridge._skipped`).
     earlier_gone: bool = False
-    # Spans the reading skipped below the log's start, not counted yet; and the tasks workers
-    # held when the earlier ones were known gone, which may still apply some of them.
-    below_start: list[tuple[int, int]] = field(default_factory=list)
-    held_then: set[bytes | str] | None = None
+    # Spans the reading skipped below the log's start, not counted yet, [first, end), each
+    # with the time it is counted at the latest (`skipped_below`, `due`).
+    below_start: list[tuple[int, int, float]] = field(default_factory=list)
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
@@ -82,7 +81,6 @@ class PartitionProgress:
         self.drain_until = now + timeout_s if queued else None
         self.drain_depth = self.drain_left = queued or 0
         self.earlier_gone = queued == 0
-        self.held_then = None
 
     def drained(self, queued: int | None, now: float, timeout_s: float) -> bool:
         """Whether the partition stops draining now, the queue's length `queued`: the tasks
@@ -107,22 +105,23 @@ class PartitionProgress:
         self.earlier_gone = gone
         return True
 
-    def may_count(self, held: set[bytes | str], queued: int | None) -> bool:
-        """Whether the spans skipped below the log's start (`below_start`) can be counted now,
-        `held` the tasks workers hold (took, and have not acknowledged) and `queued` those in
-        the partition's queue now: once the tasks of the earlier reading are gone from the
-        queue, none of those workers held then is held still, and the queue is seen empty
-        (a task a worker was killed with, or handed back, goes back to it), no task that
-        could apply a skipped offset is left (the offset ledger tells those that did)."""
-        if not self.earlier_gone:
-            self.held_then = None
-            return False
-        if self.held_then is None:
-            self.held_then = held
-        if self.held_then & held or queued != 0:
-            return False
-        self.held_then = None
-        return True
+    def skipped_below(self, first: int, end: int, count_by: float) -> None:
+        """The reading skipped [first, end) below the log's start: counted by `count_by` at
+        the latest, as one span with any it overlaps (each offset is counted once)."""
+        for span in list(self.below_start):
+            if span[0] <= end and first <= span[1]:
+                self.below_start.remove(span)
+                first, end, count_by = min(first, span[0]), max(end, span[1]), \
+                    max(count_by, span[2])
+        self.below_start.append((first, end, count_by))
+
+    def due(self, now: float, *, sure: bool) -> list[tuple[int, int]]:
+        """The spans to count now, taken out: all of them when `sure` that no task sent before
+        can still apply an offset of them, else those whose wait is over."""
+        chosen = [span for span in self.below_start if sure or now >= span[2]]
+        for span in chosen:
+            self.below_start.remove(span)
+        return [(first, end) for first, end, _ in chosen]
 
     def read(self, offset: int) -> int | None:
         """A message at `offset` was read: the first offset it skipped (the read went past

@@ -45,7 +45,7 @@ from eventpipe.events import peek_identity
 from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
 from eventpipe.messages import read_headers
 from eventpipe.offset_ledger import OffsetLedger, filed_under
-from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch
+from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
 
@@ -129,6 +129,8 @@ class Bridge:
         self._topic_said = False
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        # The longest a span skipped below the log's start waits to be counted.
+        self._count_wait_s = visibility_timeout_s(settings) + settings.task_time_limit_s
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class Bridge:
                 # Serve the group's callbacks while waiting; all partitions are paused.
                 self.consumer.consume(num_messages=1, timeout=0.2)
             self._sync(self.clock(), redeliver=False, final=True)
+            for progress in self.partitions.values():
+                self._uncounted(progress)
             left = sum(p.in_flight for p in self.partitions.values())
             log.info("bridge stopped", extra={"inFlightLeft": left})
         finally:
@@ -303,44 +307,62 @@ class Bridge:
             return
         if start <= first:
             return
-        if self.broker_queues is None:
-            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
-                              "tasks sent before may still apply some of them, and the Celery "
-                              "broker's queues cannot be read")
-            return
-        self.partitions[partition].below_start.append((first, start))
-        if not self._count_lost(partition):
-            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
-                              "tasks sent before may still apply some of them: counted once "
-                              "they are done")
+        now = self.clock()
+        # Tasks sent before (by an earlier reading, or before a re-read) may still apply some
+        # of them: counted once none can, at the latest once any could have been taken
+        # again (kombu's visibility timeout) and applied (the task's time limit).
+        self.partitions[partition].skipped_below(first, start, now + self._count_wait_s)
+        if not self._count_lost(partition, now):
+            log.warning("%s of partition %d skipped, below the start of Kafka's log: deleted by "
+                        "its retention before the bridge read them; counted once no task sent "
+                        "before can still apply them (in %.0f s at most)", _span(first, start - 1),
+                        partition, self._count_wait_s, extra={
+                            "partition": partition, "offsetFirst": first,
+                            "offsetLast": start - 1})
 
-    def _count_lost(self, partition: int) -> bool:
+    def _count_lost(self, partition: int, now: float, *, final: bool = False) -> bool:
         """Count what the spans the reading skipped below the log's start hold that no task
-        applied, once no task is left that could (`PartitionProgress.may_count`); whether it
-        could."""
+        applied (the offset ledger's marks, done or leased), once no task sent before can
+        still apply them: the earlier reading's tasks gone from the queue, none in it, none
+        held by any worker. Or once their wait is over, but not on a `final` sync. Whether
+        it counted any."""
         progress = self.partitions[partition]
-        if self.broker_queues is None or not progress.earlier_gone:
-            return False
+        sure = False
+        if progress.earlier_gone and self.queued.get(partition) == 0 \
+                and self.broker_queues is not None:
+            with contextlib.suppress(Unanswered):
+                sure = self.broker_queues.held() == 0
+        spans = progress.due(now if not final else float("-inf"), sure=sure)
         try:
-            if not progress.may_count(self.broker_queues.held(), self.queued.get(partition)):
-                return False
-            # Those a task applied, or applies now, are no loss (a re-read's, the tasks of a
-            # bridge that was stopped).
             counted = [(first, end, end - first - self.ledger.applied_or_held(
-                self._ledger_topic, partition, first, end)) for first, end in progress.below_start]
-        except (Unanswered, redis.RedisError):
-            return False  # at a later sync
-        progress.below_start.clear()
+                self._ledger_topic, partition, first, end)) for first, end in spans]
+        except redis.RedisError:  # at a later sync
+            for first, end in spans:
+                progress.skipped_below(first, end, now)
+            return False
         for first, end, lost in counted:
-            if lost > 0:
-                metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
-                log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before "
-                          "the bridge read them (the topic's retention passed them while the "
-                          "pipeline was behind or stopped); they were never applied", lost,
-                          partition, _span(first, end - 1), extra={
-                              "partition": partition, "offsetFirst": first,
-                              "offsetLast": end - 1, "events": lost})
-        return True
+            if lost <= 0:
+                log.info("%s of partition %d, deleted by Kafka, were applied by tasks sent "
+                         "before: no event lost", _span(first, end - 1), partition,
+                         extra={"partition": partition})
+                continue
+            metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
+            log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
+                      "bridge read them (the topic's retention passed them while the pipeline "
+                      "was behind or stopped); they were never applied", lost, partition,
+                      _span(first, end - 1), extra={
+                          "partition": partition, "offsetFirst": first,
+                          "offsetLast": end - 1, "events": lost})
+        return bool(counted)
+
+    def _uncounted(self, progress: PartitionProgress) -> None:
+        """Say the spans skipped below the log's start that leave with a partition uncounted:
+        its next reader starts past them."""
+        for first, end, _ in progress.below_start:
+            self._not_counted(progress.partition, first, end - 1, "below the start of Kafka's "
+                              "log; the partition left this bridge before tasks sent before "
+                              "could no longer apply them")
+        progress.below_start.clear()
 
     def _not_counted(self, partition: int, first: int, last: int, why: str) -> None:
         log.warning("%s of partition %d skipped, %s: not counted", _span(first, last),
@@ -419,8 +441,8 @@ class Bridge:
                 continue
             if not final:
                 self._end_drain(progress, now)
-                if progress.below_start:
-                    self._count_lost(partition)
+            if progress.below_start:
+                self._count_lost(partition, now, final=final)
             if progress.paused and not self.stopping and not progress.draining \
                     and progress.may_resume(self.settings.max_in_flight_per_partition):
                 self._resume(progress)
@@ -478,7 +500,7 @@ class Bridge:
             metrics.COMMITTED_OFFSET.labels(self.topic, str(partition)).set(offset)
         # Not past a span skipped below the log's start that is not counted yet: its count
         # needs the marks of what tasks applied of it.
-        kept = {p: min([offset, *(first for first, _ in chosen[p].below_start)])
+        kept = {p: min([offset, *(first for first, _, _ in chosen[p].below_start)])
                 for p, offset in offsets.items()}
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
             self.ledger.trim(self._ledger_topic, kept)
@@ -802,10 +824,8 @@ class Bridge:
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()
-        for first, end in progress.below_start if progress is not None else ():
-            self._not_counted(partition, first, end - 1, "below the start of Kafka's log; the "
-                              "partition is no longer this bridge's before what tasks applied "
-                              "of them is known")
+        if progress is not None:
+            self._uncounted(progress)
         # Not the count of events lost to retention: a count, not a state, whose increase a
         # removal could hide before it is scraped.
         for gauge, labels in ((metrics.CONSUMER_LAG, (self.topic, str(partition))),

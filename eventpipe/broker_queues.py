@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from eventpipe.queues import make_celery, queue_depths, queue_name, unacked_tags
+from eventpipe.queues import make_celery, queue_depths, queue_name, unacked_count
 from eventpipe.settings import Settings
 
 _AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -43,11 +43,11 @@ class QueueDepths(Protocol):
         """Tasks waiting per partition queue; raises `Unanswered`."""
         ...
 
-    def held(self) -> set[bytes | str]:
-        """The tasks, of any queue, workers took and have not acknowledged, by delivery tag,
-        as far as the broker tells: a Redis one does; RabbitMQ gives the tasks a worker's
-        connection held back to their queue as it closes, and tells nothing of those live
-        workers hold (none). Raises `Unanswered`."""
+    def held(self) -> int | None:
+        """How many tasks, of any queue, workers took and have not acknowledged; None where
+        the broker does not tell (RabbitMQ gives the tasks a worker's connection held back to
+        their queue as it closes, and tells nothing of those live workers hold). Raises
+        `Unanswered`."""
         ...
 
     def close(self) -> None: ...
@@ -63,9 +63,9 @@ class RedisDepths:
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
-    def held(self) -> set[bytes | str]:
+    def held(self) -> int | None:
         try:
-            return unacked_tags(self.client)
+            return unacked_count(self.client)
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
@@ -99,8 +99,8 @@ class AmqpDepths:
                 self.connection.collect()  # the next call connects afresh
                 raise Unanswered(exc) from exc
 
-    def held(self) -> set[bytes | str]:
-        return set()
+    def held(self) -> int | None:
+        return None
 
     def _depth(self, queue: str) -> int:
         try:

@@ -42,12 +42,19 @@ def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, in
 _UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
 
 
-def unacked_tags(broker: redis.Redis) -> set[bytes | str]:
-    """The delivery tags of the messages, of every queue, a Redis Celery broker holds as
-    delivered and not acknowledged: a worker applies them, holds them for later (a retry, a
-    task taken ahead while it holds one), or was killed with them (kombu puts them back in
-    their queue after its visibility timeout). A tag names one message for good."""
-    return set(broker.hkeys(_UNACKED))
+def unacked_count(broker: redis.Redis) -> int:
+    """The messages, of every queue, a Redis Celery broker holds as delivered and not
+    acknowledged: a worker applies them, holds them for later (a retry, a task taken ahead
+    while it holds one), or was killed with them (kombu puts them back in their queue after
+    its visibility timeout, `visibility_timeout_s`)."""
+    return int(broker.hlen(_UNACKED))
+
+
+def visibility_timeout_s(settings: Settings) -> float:
+    """How long kombu's Redis transport waits before it hands out again a message delivered
+    and not acknowledged: longer than any retry's countdown, so that a waiting retry is not
+    handed out twice."""
+    return float(max(900, int(settings.retry_backoff_max_s * 4)))
 
 
 def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:
@@ -159,8 +166,7 @@ def make_celery(settings: Settings, main: str = "eventpipe") -> Celery:
         task_default_queue=queue_name(0),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            # Longer than any retry countdown, so a waiting retry is not handed out twice.
-            "visibility_timeout": max(900, int(settings.retry_backoff_max_s * 4)),
+            "visibility_timeout": visibility_timeout_s(settings),
         },
         # Off until a monitor asks: three events a task are a third of Celery's own work per
         # task. Flower turns them on by itself (every 5 s while it runs), as does

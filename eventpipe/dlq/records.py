@@ -194,12 +194,13 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
 
 def _later(position: Position, than: Position) -> bool:
     """Whether a copy at `position` came after the message at `than`: further on in its
-    partition, or in another one (a replay sends its copy back to the partition its message
-    was read from, unless the topic no longer has it)."""
-    if position.offset is None or position == than:
+    partition (a replay sends its copy back to the partition its message was read from;
+    where the topic no longer has it, the copy goes elsewhere, and the letter keeps the
+    position it had, whose order with another partition's cannot be told)."""
+    if position.offset is None:
         return False
-    return than.offset is None or (position.topic, position.partition) != (
-        than.topic, than.partition) or position.offset > than.offset
+    return than.offset is None or ((position.topic, position.partition) == (
+        than.topic, than.partition) and position.offset > than.offset)
 
 
 def given_up_then_recorded(conn: Connection) -> list[str]:

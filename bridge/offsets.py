@@ -13,6 +13,7 @@ offset ledger says is done or leased, and asks:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -49,8 +50,10 @@ class PartitionProgress:
     # reading skips below the log's start, and no task applies, is lost (`Bridge._skipped`).
     earlier_gone: bool = False
     # Spans the reading skipped below the log's start, not counted yet, [first, end), each
-    # with the time it is counted at the latest (`skipped_below`, `due`).
+    # with the time it is counted at the latest (none until the queue is seen empty), and
+    # how many looks in a row found nothing that could still apply them (`queue_seen`, `due`).
     below_start: list[tuple[int, int, float]] = field(default_factory=list)
+    quiet_looks: int = 0
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
@@ -105,7 +108,7 @@ class PartitionProgress:
         self.earlier_gone = gone
         return True
 
-    def skipped_below(self, first: int, end: int, count_by: float) -> None:
+    def skipped_below(self, first: int, end: int, count_by: float = math.inf) -> None:
         """The reading skipped [first, end) below the log's start: counted by `count_by` at
         the latest, as one span with any it overlaps (each offset is counted once)."""
         for span in list(self.below_start):
@@ -115,13 +118,29 @@ class PartitionProgress:
                     max(count_by, span[2])
         self.below_start.append((first, end, count_by))
 
-    def due(self, now: float, *, sure: bool) -> list[tuple[int, int]]:
-        """The spans to count now, taken out: all of them when `sure` that no task sent before
-        can still apply an offset of them, else those whose wait is over."""
-        chosen = [span for span in self.below_start if sure or now >= span[2]]
+    def queue_seen(self, empty: bool, none_held: bool, now: float, wait_s: float) -> None:
+        """A look at the partition's queue (`empty` or not) and at the tasks any worker holds
+        (took, and has not acknowledged: `none_held`). A task sent before that could still
+        apply a skipped offset waits in the queue, or is held: once the earlier reading's
+        tasks are gone and the queue is empty, only those held then remain, which are
+        handed out again and applied within `wait_s` (kombu's visibility timeout and the
+        task's time limit); with none held either, nothing remains."""
+        if empty:
+            self.earlier_gone = True
+        quiet = self.earlier_gone and empty
+        self.quiet_looks = self.quiet_looks + 1 if quiet and none_held else 0
+        if quiet:
+            self.below_start = [(first, end, min(count_by, now + wait_s))
+                                for first, end, count_by in self.below_start]
+
+    def due(self, now: float) -> list[tuple[int, int, float]]:
+        """The spans to count now, taken out: all of them once two looks in a row (a worker
+        takes a task off the queue a moment before it is recorded as held) found nothing
+        that could still apply them, else those whose wait is over."""
+        chosen = [span for span in self.below_start if self.quiet_looks >= 2 or now >= span[2]]
         for span in chosen:
             self.below_start.remove(span)
-        return [(first, end) for first, end, _ in chosen]
+        return chosen
 
     def read(self, offset: int) -> int | None:
         """A message at `offset` was read: the first offset it skipped (the read went past

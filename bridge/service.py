@@ -307,39 +307,40 @@ class Bridge:
             return
         if start <= first:
             return
-        now = self.clock()
+        if self.broker_queues is None:
+            self._not_counted(partition, first, start - 1, "below the start of Kafka's log; "
+                              "tasks sent before may still apply some of them, and the Celery "
+                              "broker's queues cannot be read")
+            return
         # Tasks sent before (by an earlier reading, or before a re-read) may still apply some
-        # of them: counted once none can, at the latest once any could have been taken
-        # again (kombu's visibility timeout) and applied (the task's time limit).
-        self.partitions[partition].skipped_below(first, start, now + self._count_wait_s)
-        if not self._count_lost(partition, now):
-            log.warning("%s of partition %d skipped, below the start of Kafka's log: deleted by "
-                        "its retention before the bridge read them; counted once no task sent "
-                        "before can still apply them (in %.0f s at most)", _span(first, start - 1),
-                        partition, self._count_wait_s, extra={
-                            "partition": partition, "offsetFirst": first,
-                            "offsetLast": start - 1})
+        # of them: counted once none can (`_count_lost`).
+        self.partitions[partition].skipped_below(first, start)
+        log.warning("%s of partition %d skipped, below the start of Kafka's log: deleted by its "
+                    "retention before the bridge read them; counted once no task sent before "
+                    "can still apply them", _span(first, start - 1), partition, extra={
+                        "partition": partition, "offsetFirst": first, "offsetLast": start - 1})
 
-    def _count_lost(self, partition: int, now: float, *, final: bool = False) -> bool:
+    def _count_lost(self, partition: int, now: float) -> None:
         """Count what the spans the reading skipped below the log's start hold that no task
         applied (the offset ledger's marks, done or leased), once no task sent before can
-        still apply them: the earlier reading's tasks gone from the queue, none in it, none
-        held by any worker. Or once their wait is over, but not on a `final` sync. Whether
-        it counted any."""
+        still apply them (`PartitionProgress.queue_seen`)."""
         progress = self.partitions[partition]
-        sure = False
-        if progress.earlier_gone and self.queued.get(partition) == 0 \
-                and self.broker_queues is not None:
-            with contextlib.suppress(Unanswered):
-                sure = self.broker_queues.held() == 0
-        spans = progress.due(now if not final else float("-inf"), sure=sure)
+        assert self.broker_queues is not None  # spans are kept only where queues can be read
+        try:
+            depth = self.broker_queues.read([partition]).get(partition)
+            held = self.broker_queues.held() if depth == 0 else None
+        except Unanswered:
+            progress.quiet_looks = 0  # no look: at a later sync
+            return
+        progress.queue_seen(depth == 0, held == 0, now, self._count_wait_s)
+        spans = progress.due(now)
         try:
             counted = [(first, end, end - first - self.ledger.applied_or_held(
-                self._ledger_topic, partition, first, end)) for first, end in spans]
+                self._ledger_topic, partition, first, end)) for first, end, _ in spans]
         except redis.RedisError:  # at a later sync
-            for first, end in spans:
-                progress.skipped_below(first, end, now)
-            return False
+            for span in spans:
+                progress.skipped_below(*span)
+            return
         for first, end, lost in counted:
             if lost <= 0:
                 log.info("%s of partition %d, deleted by Kafka, were applied by tasks sent "
@@ -353,7 +354,6 @@ class Bridge:
                       _span(first, end - 1), extra={
                           "partition": partition, "offsetFirst": first,
                           "offsetLast": end - 1, "events": lost})
-        return bool(counted)
 
     def _uncounted(self, progress: PartitionProgress) -> None:
         """Say the spans skipped below the log's start that leave with a partition uncounted:
@@ -442,7 +442,7 @@ class Bridge:
             if not final:
                 self._end_drain(progress, now)
             if progress.below_start:
-                self._count_lost(partition, now, final=final)
+                self._count_lost(partition, now)
             if progress.paused and not self.stopping and not progress.draining \
                     and progress.may_resume(self.settings.max_in_flight_per_partition):
                 self._resume(progress)

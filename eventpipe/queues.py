@@ -50,11 +50,11 @@ def unacked_count(broker: redis.Redis) -> int:
     return int(broker.hlen(_UNACKED))
 
 
-def visibility_timeout_s(settings: Settings) -> float:
+def visibility_timeout_s(settings: Settings) -> int:
     """How long kombu's Redis transport waits before it hands out again a message delivered
     and not acknowledged: longer than any retry's countdown, so that a waiting retry is not
     handed out twice."""
-    return float(max(900, int(settings.retry_backoff_max_s * 4)))
+    return max(900, int(settings.retry_backoff_max_s * 4))
 
 
 def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:

@@ -53,6 +53,7 @@ class PartitionProgress:
     # with the time it is counted at the latest (none until the queue is seen empty), and
     # how many looks in a row found nothing that could still apply them (`queue_seen`, `due`).
     below_start: list[tuple[int, int, float]] = field(default_factory=list)
+    quiet: bool = False  # the last look found the earlier tasks gone and the queue empty
     quiet_looks: int = 0
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
@@ -117,6 +118,7 @@ class PartitionProgress:
                 first, end, count_by = min(first, span[0]), max(end, span[1]), \
                     max(count_by, span[2])
         self.below_start.append((first, end, count_by))
+        self.quiet_looks = 0  # its own looks, from now on
 
     def queue_seen(self, empty: bool, none_held: bool, now: float, wait_s: float) -> None:
         """A look at the partition's queue (`empty` or not) and at the tasks any worker holds
@@ -127,16 +129,19 @@ class PartitionProgress:
         task's time limit); with none held either, nothing remains."""
         if empty:
             self.earlier_gone = True
-        quiet = self.earlier_gone and empty
-        self.quiet_looks = self.quiet_looks + 1 if quiet and none_held else 0
-        if quiet:
+        self.quiet = self.earlier_gone and empty
+        self.quiet_looks = self.quiet_looks + 1 if self.quiet and none_held else 0
+        if self.quiet:
             self.below_start = [(first, end, min(count_by, now + wait_s))
                                 for first, end, count_by in self.below_start]
 
     def due(self, now: float) -> list[tuple[int, int, float]]:
-        """The spans to count now, taken out: all of them once two looks in a row (a worker
-        takes a task off the queue a moment before it is recorded as held) found nothing
-        that could still apply them, else those whose wait is over."""
+        """The spans to count now, taken out, the last look having found the queue empty (a
+        task a dead worker held goes back to it): all of them once two looks in a row (a
+        worker takes a task off the queue a moment before it is recorded as held) found no
+        task held either, else those whose wait is over."""
+        if not self.quiet:
+            return []
         chosen = [span for span in self.below_start if self.quiet_looks >= 2 or now >= span[2]]
         for span in chosen:
             self.below_start.remove(span)

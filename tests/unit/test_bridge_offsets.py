@@ -263,7 +263,11 @@ def test_a_skip_below_the_log_start_waits_until_nothing_sent_before_can_apply_it
     assert progress.due(10_000) == []  # they may wait in the queue for ever: no deadline
     progress.queue_seen(True, False, now=200, wait_s=1_000)  # gone; tasks held somewhere
     assert progress.earlier_gone and progress.due(1_199) == []
-    assert progress.due(1_200) == [(10, 20, 1_200)]  # those held then were handed out again
+    # A dead worker's task is handed back to the queue: not while it waits there.
+    progress.queue_seen(False, True, now=1_200, wait_s=1_000)
+    assert progress.due(1_200) == []
+    progress.queue_seen(True, False, now=1_300, wait_s=1_000)
+    assert progress.due(1_300) == [(10, 20, 1_200)]  # those held then were handed out again
 
 
 def test_a_skip_is_counted_after_two_looks_in_a_row_find_nothing_that_could_apply_it() -> None:
@@ -279,6 +283,11 @@ def test_a_skip_is_counted_after_two_looks_in_a_row_find_nothing_that_could_appl
     assert progress.due(3) == []
     progress.queue_seen(True, True, now=4, wait_s=1_000)
     assert progress.due(4) == [(10, 20, 1_001)]
+    progress.skipped_below(30, 40)  # a later skip: its own two looks
+    progress.queue_seen(True, True, now=5, wait_s=1_000)
+    assert progress.due(5) == []
+    progress.queue_seen(True, True, now=6, wait_s=1_000)
+    assert progress.due(6) == [(30, 40, 1_005)]
 
 
 def test_overlapping_spans_skipped_below_the_log_start_are_one() -> None:

@@ -17,6 +17,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+# Looks at a queue that count as two in a row are at least this far apart: a worker takes a
+# task off it a moment before kombu records the task as held.
+LOOK_GAP_S = 0.5
 # A worker takes a task off its queue a moment before it leases the task's offsets: for that
 # moment the head is neither queued nor leased. It is taken for lost only once seen so for
 # this long (or a quarter of the redelivery timeout, if shorter).
@@ -55,6 +58,7 @@ class PartitionProgress:
     below_start: list[tuple[int, int, float]] = field(default_factory=list)
     quiet: bool = False  # the last look found the earlier tasks gone and the queue empty
     quiet_looks: int = 0
+    last_quiet_look: float = -math.inf
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
@@ -130,7 +134,11 @@ class PartitionProgress:
         if empty:
             self.earlier_gone = True
         self.quiet = self.earlier_gone and empty
-        self.quiet_looks = self.quiet_looks + 1 if self.quiet and none_held else 0
+        if not (self.quiet and none_held):
+            self.quiet_looks = 0
+        elif now - self.last_quiet_look >= LOOK_GAP_S:  # looks apart, not two of one moment
+            self.quiet_looks += 1
+            self.last_quiet_look = now
         if self.quiet:
             self.below_start = [(first, end, min(count_by, now + wait_s))
                                 for first, end, count_by in self.below_start]

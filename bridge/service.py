@@ -129,8 +129,11 @@ class Bridge:
         self._topic_said = False
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
-        # The longest a span skipped below the log's start waits to be counted.
-        self._count_wait_s = visibility_timeout_s(settings) + settings.task_time_limit_s
+        # How long a task a worker died with stays held before it goes back to its queue, and
+        # how long a span skipped below the log's start may wait to be counted after its
+        # queue was seen empty.
+        self._visibility_s = visibility_timeout_s(settings)
+        self._count_wait_s = self._visibility_s + settings.task_time_limit_s
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -329,10 +332,13 @@ class Bridge:
         try:
             depth = self.broker_queues.read([partition]).get(partition)
             held = self.broker_queues.held() if depth == 0 else None
+            # A task a worker died with goes back to its queue only once a running worker
+            # sees its visibility timeout passed: until then it is as good as queued.
+            overdue = self.broker_queues.held(self._visibility_s) if depth == 0 else None
         except Unanswered:
             progress.quiet_looks = 0  # no look: at a later sync
             return
-        progress.queue_seen(depth == 0, held == 0, now, self._count_wait_s)
+        progress.queue_seen(depth == 0 and not overdue, held == 0, now, self._count_wait_s)
         spans = progress.due(now)
         try:
             counted = [(first, end, end - first - self.ledger.applied_or_held(

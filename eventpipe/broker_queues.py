@@ -43,11 +43,12 @@ class QueueDepths(Protocol):
         """Tasks waiting per partition queue; raises `Unanswered`."""
         ...
 
-    def held(self) -> int | None:
-        """How many tasks, of any queue, workers took and have not acknowledged; None where
-        the broker does not tell (RabbitMQ gives the tasks a worker's connection held back to
-        their queue as it closes, and tells nothing of those live workers hold). Raises
-        `Unanswered`."""
+    def held(self, longer_than_s: float = 0.0) -> int | None:
+        """How many tasks, of any queue, workers took and have not acknowledged (for longer
+        than `longer_than_s`: a dead worker's, which only a running worker hands back to its
+        queue once kombu's visibility timeout passed); None where the broker does not tell
+        (RabbitMQ gives the tasks a worker's connection held back to their queue as it
+        closes, and tells nothing of those live workers hold). Raises `Unanswered`."""
         ...
 
     def close(self) -> None: ...
@@ -63,9 +64,9 @@ class RedisDepths:
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
-    def held(self) -> int | None:
+    def held(self, longer_than_s: float = 0.0) -> int | None:
         try:
-            return unacked_count(self.client)
+            return unacked_count(self.client, longer_than_s)
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
@@ -99,7 +100,7 @@ class AmqpDepths:
                 self.connection.collect()  # the next call connects afresh
                 raise Unanswered(exc) from exc
 
-    def held(self) -> int | None:
+    def held(self, longer_than_s: float = 0.0) -> int | None:
         return None
 
     def _depth(self, queue: str) -> int:

@@ -7,6 +7,7 @@ here so the two can never disagree on broker, serializer or routing.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +43,15 @@ def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, in
 _UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
 
 
-def unacked_count(broker: redis.Redis) -> int:
+def unacked_count(broker: redis.Redis, longer_than_s: float = 0.0) -> int:
     """The messages, of every queue, a Redis Celery broker holds as delivered and not
-    acknowledged: a worker applies them, holds them for later (a retry, a task taken ahead
-    while it holds one), or was killed with them (kombu puts them back in their queue after
-    its visibility timeout, `visibility_timeout_s`)."""
-    return int(broker.hlen(_UNACKED))
+    acknowledged (for longer than `longer_than_s`, by kombu's index of their delivery
+    times): a worker applies them, holds them for later (a retry, a task taken ahead while
+    it holds one), or was killed with them (a running worker puts them back in their queue
+    once the visibility timeout passed, `visibility_timeout_s`)."""
+    if longer_than_s <= 0:
+        return int(broker.hlen(_UNACKED))
+    return int(broker.zcount(_UNACKED_INDEX, "-inf", time.time() - longer_than_s))
 
 
 def visibility_timeout_s(settings: Settings) -> int:

@@ -295,7 +295,7 @@ def _reopened(before: DeadLetter, letter: DeadLetter,
         letter = replace(letter, state=OPEN, deadline=None)
     # At the latest copy of its message the letter knew (a replay's), not at the first one
     # its event was recorded at: past Kafka's retention, that one is gone first.
-    latest = before.position if before.position.offset is not None else letter.position
+    latest = letter.position if _later(letter.position, before.position) else before.position
     return replace(letter, history=before.history, position=latest)
 
 

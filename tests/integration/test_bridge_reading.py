@@ -6,6 +6,7 @@ gone, so that the queue never holds two copies of its offsets."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import REGISTRY
 
 from bridge.service import Bridge
-from eventpipe.queues import queue_name
+from eventpipe.queues import queue_name, visibility_timeout_s
+from eventpipe.settings import Settings
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
@@ -102,6 +104,13 @@ def _read_up_to(bridge: Bridge, offset: int) -> None:
     wait_until(read, 30, f"offset {offset} read", interval_s=0)
 
 
+def _syncs_apart(bridge: Bridge, count: int) -> None:
+    """Syncs a second apart on the bridge's clock (a `_Clock`)."""
+    for _ in range(count):
+        bridge.clock.now += 1  # type: ignore[attr-defined]
+        bridge._sync(bridge.clock())
+
+
 def _read_from_the_log_start(bridge: Bridge, topic: str, start: int) -> None:
     """What the Kafka client does on Apache Kafka, told the committed offset is out of range:
     it goes on from the log's start. Read up to the last of ten messages."""
@@ -145,8 +154,7 @@ def test_events_kafka_deleted_before_the_bridge_read_them_are_said_and_counted(
         assert bridge.partitions[0].in_flight == 10 - 7
         assert _lost(topic) == 0  # its task of 7-9 is queued
         queue.delete(QUEUE)  # taken, and done
-        bridge._sync(bridge.clock())
-        bridge._sync(bridge.clock())  # two looks in a row: nothing can apply 3-6 any more
+        _syncs_apart(bridge, 2)  # two looks in a row: nothing can apply 3-6 any more
         assert _lost(topic) == 3
         assert "events lost: Kafka deleted 3 event(s) of partition 0, at offsets 3–6, before " \
             "the bridge read them" in caplog.text
@@ -206,8 +214,7 @@ def test_offsets_skipped_while_tasks_may_still_apply_them_are_counted_once_they_
             assert bridge.partitions[0].committed == 10
             assert _lost(topic) == 0
             queue.hdel("unacked", tag)  # it was done: its worker died on 5
-            bridge._sync(clock())
-            bridge._sync(clock())
+            _syncs_apart(bridge, 2)
         finally:
             queue.hdel("unacked", tag)
         assert _lost(topic) == 2
@@ -241,6 +248,33 @@ def test_a_skip_below_the_log_start_is_counted_once_its_wait_is_over_whatever_is
             assert _lost(topic) == 4
     finally:
         queue.hdel("unacked", tag)
+
+
+def test_a_task_a_dead_worker_held_past_its_visibility_timeout_keeps_a_skip_uncounted(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A review's finding: only a running worker hands a dead one's task back to its queue,
+    once kombu's visibility timeout passed; with none running, the wait ended and the skip
+    was counted while that task could still apply it. Such a task counts as queued."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    tag = f"test-{uuid.uuid4().hex}"
+    queue.hset("unacked", tag, "{}")
+    queue.zadd("unacked_index", {tag: time.time() - 2 * visibility_timeout_s(Settings())})
+    try:
+        with reading_bridge(kafka_broker, topic, committed=3, log_start=7) as bridge:
+            _read_from_the_log_start(bridge, topic, 7)
+            queue.delete(QUEUE)
+            _syncs_apart(bridge, 1)
+            bridge.clock.now += 10 * bridge._count_wait_s  # type: ignore[attr-defined]
+            _syncs_apart(bridge, 2)
+            assert _lost(topic) == 0
+            queue.hdel("unacked", tag)  # a worker started, handed it back, and it was done
+            queue.zrem("unacked_index", tag)
+            _syncs_apart(bridge, 2)
+            assert _lost(topic) == 4
+    finally:
+        queue.hdel("unacked", tag)
+        queue.zrem("unacked_index", tag)
 
 
 def test_offsets_a_log_holds_no_message_at_are_no_loss(

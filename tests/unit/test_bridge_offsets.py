@@ -281,6 +281,8 @@ def test_a_skip_is_counted_after_two_looks_in_a_row_find_nothing_that_could_appl
     progress.queue_seen(False, False, now=2, wait_s=1_000)  # the new reading's tasks
     progress.queue_seen(True, True, now=3, wait_s=1_000)
     assert progress.due(3) == []
+    progress.queue_seen(True, True, now=3.1, wait_s=1_000)  # the same moment: one look
+    assert progress.due(3.1) == []
     progress.queue_seen(True, True, now=4, wait_s=1_000)
     assert progress.due(4) == [(10, 20, 1_001)]
     progress.skipped_below(30, 40)  # a later skip: its own two looks

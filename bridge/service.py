@@ -326,11 +326,12 @@ class Bridge:
     def _count_lost(self, partition: int, now: float) -> None:
         """Count what the spans the reading skipped below the log's start hold that no task
         applied (the offset ledger's marks, done or leased), once no task sent before can
-        still apply them (`PartitionProgress.queue_seen`)."""
+        still apply them (`PartitionProgress.queue_seen`). Called by `_sync` once it has
+        measured the queues."""
         progress = self.partitions[partition]
         assert self.broker_queues is not None  # spans are kept only where queues can be read
+        depth = self.queued.get(partition)  # measured at the start of this sync
         try:
-            depth = self.broker_queues.read([partition]).get(partition)
             held = self.broker_queues.held() if depth == 0 else None
             # A task a worker died with goes back to its queue only once a running worker
             # sees its visibility timeout passed: until then it is as good as queued.

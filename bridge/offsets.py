@@ -8,7 +8,8 @@ offset ledger says is done or leased, and asks:
   the way (see `needs_redelivery`);
 - `read()`: whether a message read skipped offsets the bridge expected to read first;
 - `drained()`: whether the tasks of an earlier reading (`drain()`) no longer keep the
-  partition from being read.
+  partition from being read;
+- `paused_for()`: why it is paused, as the status board says.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class PartitionProgress:
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
+    lost: int = 0  # events counted lost to Kafka's retention since this bridge was given it
 
     @property
     def in_flight(self) -> int:
@@ -71,6 +73,26 @@ class PartitionProgress:
         """Whether a partition paused at `max_in_flight` has room again: half of it free
         (with a bound of 1, none in flight)."""
         return self.in_flight <= max_in_flight // 2
+
+    @property
+    def skipped(self) -> int:
+        """Offsets skipped below the log's start whose count waits (`due`)."""
+        return sum(end - first for first, end, _ in self.below_start)
+
+    def paused_for(self, *, unsent: bool, stopping: bool) -> str | None:
+        """Why the bridge keeps the partition unread (`eventpipe.status.PAUSE_CAUSES`), None
+        while it reads it. `unsent`: a batch the Celery broker refused waits to be sent again."""
+        if not self.paused:
+            return None
+        if stopping:
+            return "stopping"
+        if unsent:
+            return "broker"
+        if not self.vouched:
+            return "assigning"
+        if self.draining:
+            return "draining"
+        return "backpressure"
 
     def low(self) -> int | None:
         """The oldest offset whose fate the ledger can still tell us, if any."""

@@ -354,6 +354,7 @@ class Bridge:
                          "before: no event lost", _span(first, end - 1), partition,
                          extra={"partition": partition})
                 continue
+            progress.lost += lost
             metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
             log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
                       "bridge read them (the topic's retention passed them while the pipeline "
@@ -476,7 +477,9 @@ class Bridge:
         said = {"partitions": {str(p): {
             "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
             "inFlight": progress.in_flight, "paused": progress.paused,
-            "queued": self.queued.get(p)} for p, progress in self.partitions.items()}}
+            "pausedFor": progress.paused_for(unsent=p in self.unsent, stopping=self.stopping),
+            "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped}
+            for p, progress in self.partitions.items()}}
         try:
             self.board.publish(BRIDGE, self.name, said)
         except redis.RedisError as exc:

@@ -2,7 +2,8 @@
 
 Every process that moves events says what it is doing, about once a second, in one Redis hash
 per consumer group (`{group}:status`, a field per process): the bridge its partitions
-(committed offset, high watermark, events in flight, paused), each worker process the
+(committed offset, high watermark, events in flight, paused and why, events lost to Kafka's
+retention), each worker process the
 partition queues it consumes, how long ago it applied a batch of each, and its events per
 second by type. Each entry is stamped with the Redis server's clock (as the offset ledger's
 leases are) and ages are relative, so hosts whose clocks disagree look neither dead nor alive
@@ -11,7 +12,8 @@ for it. A process not heard from for `STALE_S` is out of the view, and out of th
 depth and the dead letters open, by error class and by event type.
 
 `assemble` is pure: the view, and the problems an operator must act on (no bridge, partitions
-no worker consumes, a partition consumed by two workers), from what was read.
+no worker consumes, a partition consumed by two workers, a batch the Celery broker refused,
+events lost to Kafka's retention), from what was read.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ PUBLISH_EVERY_S = 1.0
 STALE_S = 10.0
 FORGET_S = 300.0
 STUCK_S = 120.0  # tasks waiting and no batch for this long: the worker is stuck
+
+# Why a bridge keeps a partition unread (`pausedFor`), and what ends it.
+PAUSE_CAUSES = {
+    "backpressure": "MAX_IN_FLIGHT_PER_PARTITION events in flight; read again once half are done",
+    "draining": "tasks of an earlier reading still wait in its queue; read once workers take "
+                "them, or none was taken for REDELIVERY_TIMEOUT_S",
+    "assigning": "just assigned: read once its committed offset and the topic's id are known "
+                 "and the offset ledger holds no marks of an earlier topic",
+    "broker": "the Celery broker refused a batch; sent again at each sync, read once it is "
+              "taken",
+    "stopping": "the bridge is stopping",
+}
 
 # KEYS: the hash. ARGV: field, JSON. Stamps the entry with the server's clock.
 _PUBLISH = """
@@ -132,7 +146,7 @@ def _member(entry: str, value: str, now: float) -> Member | None:
 
 
 _BRIDGE_FIELDS = {"committed": int, "highWatermark": int, "inFlight": int, "queued": int,
-                  "paused": bool}
+                  "paused": bool, "pausedFor": str, "lost": int, "skipped": int}
 
 
 def _fits(name: str, value: Any) -> bool:
@@ -141,6 +155,8 @@ def _fits(name: str, value: Any) -> bool:
         return False
     if kind is int:
         return value is None or _count(value)
+    if kind is str:
+        return value is None or value in PAUSE_CAUSES
     return value is None or isinstance(value, bool)
 
 
@@ -163,7 +179,10 @@ class PartitionStatus:
     lag: int | None
     in_flight: int | None  # handed to Celery, not yet done
     queued: int | None  # tasks waiting in the partition's queue
-    paused: bool | None  # the bridge stopped reading it: too much in flight
+    paused: bool | None  # the bridge stopped reading it
+    paused_for: str | None  # why (`PAUSE_CAUSES`)
+    lost: int | None  # events Kafka deleted before the bridge read them, no task applied
+    skipped: int | None  # events skipped below Kafka's log start, whose count waits
     bridge: str | None
     workers: list[str]  # the worker processes consuming its queue
     last_batch_ago_s: float | None
@@ -242,6 +261,17 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
         if len(p.workers) > 1:
             found.append(f"partition {p.partition} is consumed by {len(p.workers)} workers "
                          f"({', '.join(p.workers)}): its batches may be applied out of order")
+        if p.paused_for == "broker":
+            found.append(f"partition {p.partition} is paused: the Celery broker refused its "
+                         "batch (is it up, or full?)")
+        if p.lost:
+            found.append(f"partition {p.partition}: {p.lost:,} event(s) lost: Kafka's retention "
+                         "deleted them before the bridge read them, and no task applied them "
+                         "(the bridge's log line 'events lost' names their offsets)")
+        if p.skipped:
+            found.append(f"partition {p.partition}: {p.skipped:,} offset(s) skipped below the "
+                         "start of Kafka's log (deleted by its retention); counted as lost "
+                         "once no task sent before can still apply them")
     return found
 
 
@@ -276,7 +306,8 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         lag=max(0, high - committed) if committed is not None and high is not None else None,
         in_flight=said.get("inFlight"),
         queued=queued.get(partition, said.get("queued")),
-        paused=said.get("paused"), bridge=bridge.name if bridge else None,
+        paused=said.get("paused"), paused_for=said.get("pausedFor"), lost=said.get("lost"),
+        skipped=said.get("skipped"), bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
 
@@ -344,7 +375,8 @@ def render(status: Status) -> str:
               "bridge", "worker", "last batch")
     rows = [(str(p.partition), _number(p.committed), _number(p.high_watermark),
              _number(p.lag), _number(p.in_flight), _number(p.queued),
-             "paused" if p.paused else "", p.bridge or "-", ", ".join(p.workers) or "-",
+             (p.paused_for or "paused") if p.paused else "", p.bridge or "-",
+             ", ".join(p.workers) or "-",
              f"{_ago(p.last_batch_ago_s)} by {p.last_batch_by}" if p.last_batch_by else "-")
             for p in status.partitions]
     lines += _table(header, rows, right=range(1, 6))

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from prometheus_client import REGISTRY
 from bridge.service import Bridge
 from eventpipe.queues import queue_name, visibility_timeout_s
 from eventpipe.settings import Settings
+from eventpipe.status import DlqStatus, PartitionStatus, assemble
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
@@ -131,6 +133,14 @@ def _lost(topic: str) -> float | None:
                                      {"topic": topic, "partition": "0"})
 
 
+def _shown(bridge: Bridge) -> PartitionStatus:
+    """Partition 0 as `eventpipe status` shows it, from what the bridge published."""
+    bridge._publish_status()
+    dlq = DlqStatus(open=0, in_stream=0, by_error_class={}, by_event_type={})
+    return assemble(datetime.now(UTC), bridge.topic, bridge.settings.kafka_group_id, 1,
+                    bridge.board.members(), {}, dlq).partitions[0]
+
+
 def _events(count: int) -> list[tuple[bytes, bytes, tuple[()]]]:
     return [(b"k", b"{}", ()) for _ in range(count)]
 
@@ -153,11 +163,13 @@ def test_events_kafka_deleted_before_the_bridge_read_them_are_said_and_counted(
         _read_from_the_log_start(bridge, topic, 7)
         assert bridge.partitions[0].in_flight == 10 - 7
         assert _lost(topic) == 0  # its task of 7-9 is queued
+        assert (_shown(bridge).skipped, _shown(bridge).lost) == (4, 0)
         queue.delete(QUEUE)  # taken, and done
         _syncs_apart(bridge, 2)  # two looks in a row: nothing can apply 3-6 any more
         assert _lost(topic) == 3
         assert "events lost: Kafka deleted 3 event(s) of partition 0, at offsets 3–6, before " \
             "the bridge read them" in caplog.text
+        assert (_shown(bridge).skipped, _shown(bridge).lost) == (0, 3)  # and in its problems
 
 
 def test_offsets_skipped_below_a_log_start_newer_than_the_read_are_not_counted(
@@ -311,6 +323,7 @@ def test_a_partition_given_with_tasks_of_an_earlier_reading_queued_is_read_once_
     with reading_bridge(kafka_broker, topic, 0, group=group) as bridge:
         progress = bridge.partitions[0]
         assert progress.draining and progress.paused
+        assert _shown(bridge).paused_for == "draining"
         for _ in range(5):
             _read_once(bridge)
             bridge._sync(bridge.clock())
@@ -318,6 +331,7 @@ def test_a_partition_given_with_tasks_of_an_earlier_reading_queued_is_read_once_
         queue.rpop(QUEUE)  # a worker took it
         bridge._sync(bridge.clock())
         assert not progress.draining and not progress.paused
+        assert _shown(bridge).paused_for is None
         _read_up_to(bridge, 5)
         assert queue.llen(QUEUE) == 1 and progress.in_flight == 6
 

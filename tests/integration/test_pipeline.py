@@ -388,6 +388,15 @@ def test_backpressure_pauses_partitions_and_bounds_queued_work(make_pipeline: An
                 if '"partition paused"' in line}
 
     wait_until(lambda: paused() == {0, 1, 2, 3}, 60, "every partition paused")
+
+    def paused_for() -> dict[int, str | None]:
+        # Exit 1: no worker runs, a problem it names.
+        shown = subprocess.run([str(BIN / "eventpipe"), "status", "--json"], env=pipeline.env,
+                               capture_output=True, text=True, timeout=60)
+        return {p["partition"]: p["pausedFor"] for p in json.loads(shown.stdout)["partitions"]}
+
+    wait_until(lambda: paused_for() == dict.fromkeys(range(4), "backpressure"), 30,
+               "the status saying why")
     queued = sum(_events_queued(pipeline, p) for p in range(4))
     # At most the bound plus one batch per partition was handed on.
     assert queued <= 4 * (150 + 100)

@@ -214,6 +214,20 @@ def test_a_partition_paused_at_its_bound_resumes_once_half_of_it_is_free(bound: 
     assert progress.in_flight == bound // 2 and progress.may_resume(bound)
 
 
+def test_a_paused_partition_says_why_one_cause_at_a_time() -> None:
+    progress = PartitionProgress(0, vouched=False)
+    assert progress.paused_for(unsent=True, stopping=True) is None  # read: no cause
+    progress.paused = True
+    progress.drain(3, now=0, timeout_s=60)
+    assert progress.paused_for(unsent=True, stopping=True) == "stopping"
+    assert progress.paused_for(unsent=True, stopping=False) == "broker"
+    assert progress.paused_for(unsent=False, stopping=False) == "assigning"
+    progress.vouched = True
+    assert progress.paused_for(unsent=False, stopping=False) == "draining"
+    assert progress.drained(0, now=1, timeout_s=60)
+    assert progress.paused_for(unsent=False, stopping=False) == "backpressure"
+
+
 def test_a_partition_drains_until_its_queue_is_seen_empty_or_no_task_is_taken_for_long() -> None:
     progress = PartitionProgress(0)
     progress.drain(0, now=0, timeout_s=60)
@@ -300,3 +314,4 @@ def test_overlapping_spans_skipped_below_the_log_start_are_one() -> None:
     progress.skipped_below(60, 250, count_by=20)
     progress.skipped_below(300, 310, count_by=5)
     assert sorted(progress.below_start) == [(60, 250, 20), (300, 310, 5)]
+    assert progress.skipped == 190 + 10  # as the status board says it

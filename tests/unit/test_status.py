@@ -69,6 +69,32 @@ def test_the_problems_an_operator_must_act_on_are_named() -> None:
         "order"]
 
 
+def test_why_a_partition_is_paused_and_what_retention_took_are_shown_and_named() -> None:
+    """Before: a paused partition said only "paused" (backpressure, draining an earlier
+    reading's tasks, a refused batch and a new assignment looked alike), and events lost to
+    Kafka's retention were in the bridge's log and metrics alone."""
+    members = [bridge("b:1", 0.1,
+                      p0={"paused": True, "pausedFor": "draining", "lost": 0, "skipped": 0},
+                      p1={"paused": True, "pausedFor": "broker"},
+                      p2={"paused": False, "pausedFor": None, "lost": 1200, "skipped": 0},
+                      p3={"paused": False, "lost": 0, "skipped": 4}),
+               worker("w:1", [0, 1, 2, 3])]
+    status = assemble(AT, "t", "g", 4, members, {}, NO_DLQ)
+    assert [(p.paused_for, p.lost, p.skipped) for p in status.partitions] == [
+        ("draining", 0, 0), ("broker", None, None), (None, 1200, 0), (None, 0, 4)]
+    assert status.problems == [
+        "partition 1 is paused: the Celery broker refused its batch (is it up, or full?)",
+        "partition 2: 1,200 event(s) lost: Kafka's retention deleted them before the bridge "
+        "read them, and no task applied them (the bridge's log line 'events lost' names their "
+        "offsets)",
+        "partition 3: 4 offset(s) skipped below the start of Kafka's log (deleted by its "
+        "retention); counted as lost once no task sent before can still apply them"]
+    rows = {line.split()[0]: line for line in render(status).splitlines()
+            if line[:1].isdigit()}
+    assert "draining" in rows["0"] and "broker" in rows["1"]
+    assert "paused" not in rows["2"] + rows["3"]
+
+
 def test_spans_spell_partitions_as_the_partitions_option_reads_them() -> None:
     assert spans([7, 0, 1, 2, 2, 4, 5]) == "0-2,4-5,7"
     assert spans([]) == "" and spans([3]) == "3"
@@ -120,7 +146,8 @@ def test_entries_no_version_of_the_code_wrote_are_dropped_field_by_field() -> No
     assert odd == Member(WORKER, "w:1", 0.5, {"queues": [], "served": {"1": 2.5},
                                               "rates": {"UserCreated": 3}})
     skewed = _member("bridge b:1", '999 {"partitions": {"0": {"committed": "5", '
-                     '"highWatermark": 9, "paused": "no", "extra": 1}, "x": {}}}', now)
+                     '"highWatermark": 9, "paused": "no", "pausedFor": "tired", "lost": -1, '
+                     '"extra": 1}, "x": {}}}', now)
     assert skewed is not None and skewed.said == {"partitions": {"0": {"highWatermark": 9}}}
     # What is left is enough for the view, never a crash.
     assemble(AT, "t", "g", 2, [odd, skewed], {}, NO_DLQ)

@@ -79,7 +79,7 @@ function showStatus(s) {
   $("dlq-open").textContent = s.dlq.open;
   fill($("partitions").tBodies[0], s.partitions.map((p) => [
     p.partition, p.committed, p.highWatermark, p.lag, p.inFlight, p.queued,
-    p.paused ? cell("paused", "paused") : (p.paused === false ? "" : null),
+    p.paused ? cell(p.pausedFor || "paused", "paused") : (p.paused === false ? "" : null),
     p.bridge, p.workers.length ? p.workers.join(", ") : null,
     p.lastBatchBy ? `${ago(p.lastBatchAgoS)} by ${p.lastBatchBy}` : null,
   ]));

@@ -3,8 +3,9 @@ the same document."""
 
 from __future__ import annotations
 
-from marshmallow import fields
+from marshmallow import fields, validate
 
+from eventpipe.status import PAUSE_CAUSES
 from web.schemas import CamelSchema, UtcDateTime
 
 
@@ -22,7 +23,20 @@ class PartitionStatusSchema(CamelSchema):
     queued = fields.Integer(required=True, allow_none=True, metadata={
         "description": "Tasks waiting in the partition's Celery queue"})
     paused = fields.Boolean(required=True, allow_none=True, metadata={
-        "description": "The bridge stopped reading it until the work in flight halves"})
+        "description": "The bridge stopped reading it; `pausedFor` says why"})
+    paused_for = fields.String(
+        required=True, allow_none=True, validate=validate.OneOf(list(PAUSE_CAUSES)),
+        metadata={"description": "Why the bridge keeps it unread, null while it reads it: "
+                                 + "; ".join(f"`{cause}`: {meaning}"
+                                             for cause, meaning in PAUSE_CAUSES.items())})
+    lost = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "Events Kafka's retention deleted before the bridge read them and no "
+                       "task applied, counted since this bridge was given the partition "
+                       "(Prometheus keeps the history: `bridge_events_lost_to_retention_total`"
+                       " and the alert EventpipeEventsLostToRetention)"})
+    skipped = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "Offsets the reading skipped below the start of Kafka's log whose "
+                       "count waits: lost unless a task sent before applies them"})
     bridge = fields.String(required=True, allow_none=True,
                            metadata={"description": "The bridge reading it (host:pid)"})
     workers = fields.List(fields.String(), required=True, metadata={

@@ -7,6 +7,7 @@ is the API's own schema, so a script sees the same document either way.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -52,6 +53,9 @@ def add_commands(commands: Any) -> None:
         if name == "purge":
             action.add_argument("--yes", action="store_true",
                                 help="do not ask before deleting everything (with --all)")
+        else:
+            action.add_argument("--limit", type=at_least(1),
+                                help="replay at most this many, oldest failure first")
     restore = dlq_commands.add_parser(
         "restore", help="rebuild the Redis stream from the SQL record (after Redis lost it), "
         "fetching each message's bytes from Kafka")
@@ -140,14 +144,15 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry]) -> int:
         # The selection is read lazily: the stream's depth bounds it until the end.
         total = len(entries) if isinstance(entries, list) else stream.depth()
-        bar = ProgressBar("replaying", total, "entries")
+        bar = ProgressBar("replaying", min(total, args.limit or total), "entries")
         try:
             result = actions.replay(engine, stream, entries, actions.Publisher(settings, 30.0),
-                                    progress=bar)
+                                    progress=bar, limit=args.limit)
         finally:
             bar.finish()
         print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
-              f"{result.skipped}; without bytes {result.no_bytes}", file=sys.stderr)
+              f"{result.skipped}; without bytes {result.no_bytes}"
+              + ("; more left (--limit)" if result.more else ""), file=sys.stderr)
         return 0 if result.refused == 0 and result.no_bytes == 0 else 1
 
     return _act(args, settings, "replay", replay)
@@ -185,7 +190,7 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
     if entries is None:
         return 2
     if args.dry_run:
-        chosen = list(entries)
+        chosen = list(itertools.islice(entries, getattr(args, "limit", None)))
         for entry in chosen:
             print(f"would {verb} " + _summary(entry))
         if not chosen:

@@ -97,7 +97,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register(api)
     # flask-smorest registers it for pagination, which this API does with a cursor instead.
     api.spec.components.schemas.pop("PaginationMetadata", None)
-    api.spec.components.schemas["Selection"]["anyOf"] = SelectionSchema.ANY_OF
+    for name in ("Selection", "ReplaySelection"):
+        api.spec.components.schemas[name]["anyOf"] = SelectionSchema.ANY_OF
     metrics.install(app, lambda: deps.dead_letters().depth(), settings.dlq_max_entries)
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)

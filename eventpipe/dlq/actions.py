@@ -56,6 +56,7 @@ class Replayed:
     skipped: int = 0  # not open any more (another replay has them, or they are gone)
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
     # answer): back in the DLQ
+    more: bool = False  # it stopped at its limit or deadline with entries left to replay
 
 
 class Publisher:
@@ -157,16 +158,30 @@ class Publisher:
 
 def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
            publisher: Publisher, *, now: Callable[[], datetime] = _utc_now,
-           progress: Callable[[int], None] | None = None) -> Replayed:
+           progress: Callable[[int], None] | None = None, limit: int | None = None,
+           deadline: float | None = None) -> Replayed:
+    """Replay `entries`, a chunk at a time: all of them, or the first `limit`, stopping
+    before a chunk that would begin past `deadline` (`time.monotonic()`; the first chunk
+    always runs, so that calls made again get through a DLQ of any size). `more` says
+    whether entries were left."""
     result = Replayed()
     chunk: list[StreamEntry] = []
+    taken = 0
     asked = False
     try:
         for entry in entries:
+            full = limit is not None and taken >= limit
+            # Looked at as a chunk would begin, and only past the first.
+            late = deadline is not None and taken > 0 and not chunk \
+                and time.monotonic() >= deadline
+            if full or late:
+                result.more = True
+                break
             if not asked:  # once, before anything is claimed
                 publisher.answers(entry.letter.position.topic)
                 asked = True
             chunk.append(entry)
+            taken += 1
             if len(chunk) >= CHUNK:
                 _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
                 chunk = []

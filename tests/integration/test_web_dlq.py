@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 from werkzeug.test import TestResponse
 
+from cli.main import _parser
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
@@ -39,6 +40,7 @@ from tests.support.http import fuzz, serving
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
 from web import create_app, services
+from web.resources.dlq import routes
 
 TOKEN = "s3cret-token"
 # Nothing listens on port 1 of the loopback: connections are refused at once.
@@ -361,7 +363,7 @@ def test_replay_one_publishes_it_and_it_leaves_the_dlq(
     other = queue.add(dead_letter(5, topic=topic))
 
     assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay")) == {
-        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0}
+        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0, "more": False}
 
     [message] = read_topic(kafka_broker, topic, 1)
     assert (message.key(), message.value()) == (b"k-4", b'{"n": 4}')
@@ -401,6 +403,56 @@ def test_replay_by_filter_publishes_only_what_matches_and_was_there(
         b'{"n": 1}', b'{"n": 2}', b'{"n": 4}', b'{"n": 5}']
     assert queue.offsets() == [0, 3, 101, 102]
     assert chunks == [2, 2]
+
+
+def test_a_replay_by_filter_stops_at_its_limit_or_deadline_and_says_more_are_left(
+    make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: one call replayed every entry that matched, however many, past the HTTP
+    server's 60 s timeout on a large DLQ or a slow Kafka (the server killed it halfway, the
+    client told nothing). A call stops at `limit`, or at the first chunk boundary past
+    its deadline, and `more` tells the client to call again."""
+    monkeypatch.setattr(actions, "CHUNK", 2)
+    topic = kafka_topic(partitions=1)
+    client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
+    for n in range(7):
+        queue.add(dead_letter(n, topic=topic))
+
+    def replay(**body: Any) -> tuple[int, bool]:
+        result = ok(call(client, "POST", "/dlq/replay", {"all": True, **body}))
+        return result["replayed"], result["more"]
+
+    assert replay(limit=3) == (3, True)
+    assert queue.offsets() == [3, 4, 5, 6]  # the oldest went first
+    monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 0.0)  # past it at once: one chunk
+    assert replay() == (2, True)
+    assert replay(limit=2) == (2, False)  # exactly the last two: none left
+    assert replay() == (0, False) and queue.offsets() == []
+    assert len(read_topic(kafka_broker, topic, 7)) == 7
+
+
+def test_the_command_line_replays_at_most_its_limit_and_says_more_are_left(
+    queue: Queue, sqlite_url: str, stream: str, kafka_broker: str, kafka_topic: TopicFactory,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    settings = settings_for(sqlite_url, stream, kafka_bootstrap_servers=kafka_broker,
+                            kafka_topic=topic)
+    for n in range(3):
+        queue.add(dead_letter(n, topic=topic))
+
+    def replay(*options: str) -> int:
+        args = _parser().parse_args(["dlq", "replay", "--all", *options])
+        return int(args.handler(args, settings))
+
+    assert replay("--limit", "2", "--dry-run") == 0
+    assert capsys.readouterr().out.count("would replay") == 2
+    assert replay("--limit", "2") == 0 and queue.offsets() == [2]
+    assert "replayed 2; refused by Kafka 0; skipped 0; without bytes 0; more left (--limit)" \
+        in capsys.readouterr().err
+    assert replay("--limit", "2") == 0 and queue.offsets() == []
+    assert "without bytes 0\n" in capsys.readouterr().err
 
 
 def test_replay_while_kafka_does_not_answer_claims_nothing(

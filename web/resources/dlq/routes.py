@@ -5,6 +5,7 @@ Every endpoint requires the bearer token (`DLQ_API_TOKEN`), checked before anyth
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -26,11 +27,16 @@ from web.resources.dlq.schemas import (
     ListArgsSchema,
     PageSchema,
     ReplayedSchema,
+    ReplaySelectionSchema,
     SelectionSchema,
     to_filter,
 )
 
 SECURITY_SCHEME = "bearerAuth"
+# A replay by filter stops taking chunks after this long, under the HTTP server's timeout
+# (60 s) less a chunk's wait for Kafka (`actions.FLUSH_TIMEOUT_S`): the client calls again
+# while `more` is true.
+REPLAY_REQUEST_S = 30.0
 
 blp = Blueprint("dlq", __name__, url_prefix="/dlq",
                 description="The dead-letter queue (bearer token required)")
@@ -58,9 +64,10 @@ def _entry(entry_id: str) -> StreamEntry:
     return entry
 
 
-def _replay(entries: Iterable[StreamEntry]) -> Replayed:
+def _replay(entries: Iterable[StreamEntry], limit: int | None = None) -> Replayed:
     deps = services.current()
-    result = actions.replay(deps.writer, _stream(), entries, actions.Publisher(deps.settings))
+    result = actions.replay(deps.writer, _stream(), entries, actions.Publisher(deps.settings),
+                            limit=limit, deadline=time.monotonic() + REPLAY_REQUEST_S)
     if result.refused and not result.replayed:
         raise TransientError(f"Kafka did not acknowledge {result.refused} replayed "
                              "message(s); they stay in the dead-letter queue")
@@ -128,13 +135,15 @@ class ReplayEntry(MethodView):
 @blp.route("/replay")
 class Replay(MethodView):
     @guarded
-    @blp.arguments(SelectionSchema)
+    @blp.arguments(ReplaySelectionSchema)
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.doc(operationId="replayDeadLetters")
     def post(self, selection: dict[str, Any]) -> Replayed:
-        """Publish every entry that matches back to Kafka (a filter, or all), in chunks"""
-        return _replay(actions.until_now(_stream(), to_filter(selection)))
+        """Publish the entries that match back to Kafka (a filter, or all), in chunks, up to
+        `limit` or about 30 s; call again while `more` is true"""
+        return _replay(actions.until_now(_stream(), to_filter(selection)),
+                       selection.get("limit"))
 
 
 @blp.route("/purge")

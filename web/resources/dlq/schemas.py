@@ -81,6 +81,14 @@ class SelectionSchema(FilterSchema):
                                   "all to true", "_schema")
 
 
+class ReplaySelectionSchema(SelectionSchema):
+    """Entries to replay: a filter, or `all`, and at most how many this call takes."""
+
+    limit = fields.Integer(validate=validate.Range(min=1), metadata={
+        "description": "Replay at most this many (oldest failure first); the rest are left "
+                       "for another call (`more`)"})
+
+
 class BytesSchema(ma.Schema):
     """Message bytes: `text` when they are UTF-8, else `base64`."""
 
@@ -180,6 +188,11 @@ class ReplayedSchema(CamelSchema):
         "description": "Their message bytes are neither in the stream nor in Kafka at the "
                        "entry's position (its retention passed), or Kafka did not answer "
                        "for them: still in the DLQ"})
+    more = fields.Boolean(required=True, metadata={
+        "description": "Entries that match were left for another call: a call stops after "
+                       "`limit` entries, or once about 30 s have passed (at the end of a "
+                       "chunk of 500), before the HTTP server's timeout. Call again while "
+                       "true"})
 
 
 class DeletedSchema(CamelSchema):

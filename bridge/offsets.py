@@ -64,6 +64,7 @@ class PartitionProgress:
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
     lost: int = 0  # events counted lost to Kafka's retention since this bridge was given it
+    lost_at: float | None = None  # when it last counted some
 
     @property
     def in_flight(self) -> int:

@@ -188,6 +188,7 @@ class Bridge:
     def _shutdown(self) -> None:
         """Drop what was read but not sent, wait (bounded) for what was sent, commit, leave."""
         try:
+            self.stopping = True  # also when serving ended with an error: nothing is resumed
             self.batcher.clear()
             self.unsent.clear()
             deadline = self.clock() + self.settings.shutdown_drain_timeout_s
@@ -196,11 +197,15 @@ class Bridge:
                     progress.paused = True
                     metrics.PAUSED.inc()
             self._pause_all()
+            self._publish_status()
             while self.clock() < deadline and any(p.in_flight
                                                   for p in self.partitions.values()):
                 self._sync(self.clock(), redeliver=False)
                 # Serve the group's callbacks while waiting; all partitions are paused.
                 self.consumer.consume(num_messages=1, timeout=0.2)
+                if self.clock() >= self._next_publish:  # seen stopping, not gone
+                    self._publish_status()
+                    self._next_publish = self.clock() + PUBLISH_EVERY_S
             self._sync(self.clock(), redeliver=False, final=True)
             for progress in self.partitions.values():
                 self._uncounted(progress)
@@ -355,6 +360,7 @@ class Bridge:
                          extra={"partition": partition})
                 continue
             progress.lost += lost
+            progress.lost_at = now
             metrics.LOST_TO_RETENTION.labels(self.topic, str(partition)).inc(lost)
             log.error("events lost: Kafka deleted %d event(s) of partition %d, at %s, before the "
                       "bridge read them (the topic's retention passed them while the pipeline "
@@ -446,18 +452,25 @@ class Bridge:
             if partition in self.unsent and not self.stopping:
                 self._dispatch(partition, [])
                 progress.unobserved()
+                self._maybe_resume(progress)  # sent now, unless refused again
                 continue
             if not final:
                 self._end_drain(progress, now)
             if progress.below_start:
                 self._count_lost(partition, now)
-            if progress.paused and not self.stopping and not progress.draining \
-                    and progress.may_resume(self.settings.max_in_flight_per_partition):
-                self._resume(progress)
+            self._maybe_resume(progress)
             if redeliver:
                 self._maybe_redeliver(progress, now)
             else:
                 progress.unobserved()
+
+    def _maybe_resume(self, progress: PartitionProgress) -> None:
+        """Read a paused partition again once nothing keeps it paused: its batch sent, its
+        earlier reading's tasks gone, half of its bound on what is in flight free."""
+        if progress.paused and not self.stopping and not progress.draining \
+                and progress.partition not in self.unsent \
+                and progress.may_resume(self.settings.max_in_flight_per_partition):
+            self._resume(progress)
 
     def _end_drain(self, progress: PartitionProgress, now: float) -> None:
         queued = self.queued.get(progress.partition)
@@ -474,11 +487,13 @@ class Bridge:
 
     def _publish_status(self) -> None:
         """Say on the status board what this bridge holds (`eventpipe.status`)."""
+        now = self.clock()
         said = {"partitions": {str(p): {
             "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
             "inFlight": progress.in_flight, "paused": progress.paused,
             "pausedFor": progress.paused_for(unsent=p in self.unsent, stopping=self.stopping),
-            "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped}
+            "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped,
+            "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1)}
             for p, progress in self.partitions.items()}}
         try:
             self.board.publish(BRIDGE, self.name, said)

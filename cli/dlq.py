@@ -55,7 +55,8 @@ def add_commands(commands: Any) -> None:
                                 help="do not ask before deleting everything (with --all)")
         else:
             action.add_argument("--limit", type=at_least(1),
-                                help="replay at most this many, oldest failure first")
+                                help="replay at most this many: the first ids named, or "
+                                     "the first matches in the stream's order")
     restore = dlq_commands.add_parser(
         "restore", help="rebuild the Redis stream from the SQL record (after Redis lost it), "
         "fetching each message's bytes from Kafka")

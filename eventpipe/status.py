@@ -45,6 +45,7 @@ PUBLISH_EVERY_S = 1.0
 STALE_S = 10.0
 FORGET_S = 300.0
 STUCK_S = 120.0  # tasks waiting and no batch for this long: the worker is stuck
+LOSS_NAMED_S = 3600.0  # events lost to retention are a problem this long (as the alert)
 
 # Why a bridge keeps a partition unread (`pausedFor`), and what ends it.
 PAUSE_CAUSES = {
@@ -146,7 +147,8 @@ def _member(entry: str, value: str, now: float) -> Member | None:
 
 
 _BRIDGE_FIELDS = {"committed": int, "highWatermark": int, "inFlight": int, "queued": int,
-                  "paused": bool, "pausedFor": str, "lost": int, "skipped": int}
+                  "paused": bool, "pausedFor": str, "lost": int, "skipped": int,
+                  "lostAgoS": float}
 
 
 def _fits(name: str, value: Any) -> bool:
@@ -157,6 +159,8 @@ def _fits(name: str, value: Any) -> bool:
         return value is None or _count(value)
     if kind is str:
         return value is None or value in PAUSE_CAUSES
+    if kind is float:
+        return value is None or _amount(value)
     return value is None or isinstance(value, bool)
 
 
@@ -182,7 +186,8 @@ class PartitionStatus:
     paused: bool | None  # the bridge stopped reading it
     paused_for: str | None  # why (`PAUSE_CAUSES`)
     lost: int | None  # events Kafka deleted before the bridge read them, no task applied
-    skipped: int | None  # events skipped below Kafka's log start, whose count waits
+    lost_ago_s: float | None  # since the last of them were counted
+    skipped: int | None  # offsets skipped below Kafka's log start, whose count waits
     bridge: str | None
     workers: list[str]  # the worker processes consuming its queue
     last_batch_ago_s: float | None
@@ -254,6 +259,10 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
         found.append("no worker is running: no event is applied")
     elif idle := [p.partition for p in partitions if not p.workers]:
         found.append(f"{_these(idle)} consumed by no worker: their events wait in the queue")
+    if refused := [p.partition for p in partitions if p.paused_for == "broker"]:
+        found.append(f"{_these(refused)} paused: the Celery broker refused "
+                     f"{'its batch' if len(refused) == 1 else 'their batches'} (is it up, or "
+                     "full?)")
     for p in partitions:
         if p.workers and p.queued and (p.last_batch_ago_s or 0) > STUCK_S:
             found.append(f"partition {p.partition} has {p.queued} task(s) queued and no batch "
@@ -261,17 +270,15 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
         if len(p.workers) > 1:
             found.append(f"partition {p.partition} is consumed by {len(p.workers)} workers "
                          f"({', '.join(p.workers)}): its batches may be applied out of order")
-        if p.paused_for == "broker":
-            found.append(f"partition {p.partition} is paused: the Celery broker refused its "
-                         "batch (is it up, or full?)")
-        if p.lost:
-            found.append(f"partition {p.partition}: {p.lost:,} event(s) lost: Kafka's retention "
-                         "deleted them before the bridge read them, and no task applied them "
-                         "(the bridge's log line 'events lost' names their offsets)")
+        if p.lost and p.lost_ago_s is not None and p.lost_ago_s < LOSS_NAMED_S:
+            found.append(f"partition {p.partition}: {p.lost:,} event(s) lost, the last within "
+                         "the hour: Kafka's retention deleted them before the bridge read "
+                         "them, and no task applied them (the bridge's log line 'events lost' "
+                         "names their offsets)")
         if p.skipped:
             found.append(f"partition {p.partition}: {p.skipped:,} offset(s) skipped below the "
-                         "start of Kafka's log (deleted by its retention); counted as lost "
-                         "once no task sent before can still apply them")
+                         "start of Kafka's log (deleted by its retention): lost unless a task "
+                         "sent before applies them, counted once none can")
     return found
 
 
@@ -295,6 +302,8 @@ def spans(numbers: Iterable[int]) -> str:
 def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None,
                workers: Sequence[Member], queued: Mapping[int, int]) -> PartitionStatus:
     bridge, said = reported if reported is not None else (None, {})
+    ago = said.get("lostAgoS")
+    lost_ago = round(ago + bridge.age_s, 1) if ago is not None and bridge else None
     committed, high = said.get("committed"), said.get("highWatermark")
     last: tuple[float, str] | None = None
     for worker in workers:
@@ -307,6 +316,7 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         in_flight=said.get("inFlight"),
         queued=queued.get(partition, said.get("queued")),
         paused=said.get("paused"), paused_for=said.get("pausedFor"), lost=said.get("lost"),
+        lost_ago_s=lost_ago,
         skipped=said.get("skipped"), bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)

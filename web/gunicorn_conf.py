@@ -23,7 +23,8 @@ bind = f"{_settings.web_host}:{_settings.web_port}"
 workers = _settings.web_workers or 2 * (os.cpu_count() or 1) + 1
 # Each worker must build its own engine and Redis pool after the fork, never share them.
 preload_app = False
-# A replay waits up to 10 s for Kafka; leave room above that before a worker is killed.
+# A replay by filter takes entries for 30 s, then its last chunk may wait 10 s for Kafka
+# (`web.resources.dlq.routes`): leave room above that before a worker is killed.
 timeout = 60
 accesslog = "-"
 # Nothing here uses gunicornc, and servers on one host would all claim its default socket.

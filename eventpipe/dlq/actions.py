@@ -12,6 +12,8 @@ others of its chunk are not held back. A replayer that dies leaves its claims to
 holds it still does (its parent still missing, its email still another's) comes back too:
 its copy is a duplicate, which changes nothing, and the next reconciler round, which every
 replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
+A replay can be bounded, by a number of entries or a deadline: it then says whether entries
+were left and which one it took last, for its caller (the API's cursor) to go on after it.
 
 Purge deletes entries for good (`purged` in SQL, kept there as the event's fate): Kafka
 handing the same message over again leaves it purged; only a new copy of it, at another
@@ -57,6 +59,8 @@ class Replayed:
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
     # answer): back in the DLQ
     more: bool = False  # it stopped at its limit or deadline with entries left to replay
+    last: str | None = None  # the id of the last entry it took
+    taken: int = 0
 
 
 class Publisher:
@@ -160,20 +164,17 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
            publisher: Publisher, *, now: Callable[[], datetime] = _utc_now,
            progress: Callable[[int], None] | None = None, limit: int | None = None,
            deadline: float | None = None) -> Replayed:
-    """Replay `entries`, a chunk at a time: all of them, or the first `limit`, stopping
-    before a chunk that would begin past `deadline` (`time.monotonic()`; the first chunk
-    always runs, so that calls made again get through a DLQ of any size). `more` says
-    whether entries were left."""
+    """Replay `entries`, in chunks of `CHUNK`: all of them, or the first `limit`, or those
+    taken before `deadline` (`time.monotonic()`), which ends the chunk being gathered. The
+    first is always taken, so that calls made again get through a DLQ of any size. `more`
+    says whether entries were left, `last` which one was taken last."""
     result = Replayed()
     chunk: list[StreamEntry] = []
-    taken = 0
     asked = False
     try:
         for entry in entries:
-            full = limit is not None and taken >= limit
-            # Looked at as a chunk would begin, and only past the first.
-            late = deadline is not None and taken > 0 and not chunk \
-                and time.monotonic() >= deadline
+            full = limit is not None and result.taken >= limit
+            late = deadline is not None and result.taken > 0 and time.monotonic() >= deadline
             if full or late:
                 result.more = True
                 break
@@ -181,7 +182,8 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
                 publisher.answers(entry.letter.position.topic)
                 asked = True
             chunk.append(entry)
-            taken += 1
+            result.taken += 1
+            result.last = entry.entry_id
             if len(chunk) >= CHUNK:
                 _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
                 chunk = []

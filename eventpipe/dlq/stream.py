@@ -422,6 +422,11 @@ class DeadLetterStream:
     def size_bytes(self) -> int:
         return int(self.client.hget(self.totals, "bytes") or 0)
 
+    def last_id(self) -> str | None:
+        """The id of the entry that entered the stream last; None when it is empty."""
+        found: Any = self.client.xrevrange(self.stream, count=1)
+        return _decoded(found[0][0]) if found else None
+
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""
         return {_decoded(key) for key in self.client.hkeys(self.index)}
@@ -457,14 +462,16 @@ class DeadLetterStream:
     def find_event(self, event_id: str) -> list[StreamEntry]:
         return [entry for entry in self.scan() if entry.letter.event_id == event_id]
 
-    def scan(self, where: Filter = Filter(), after: str | None = None) -> Iterator[StreamEntry]:
+    def scan(self, where: Filter = Filter(), after: str | None = None,
+             until: str | None = None) -> Iterator[StreamEntry]:
         """Entries in the order they entered the stream, matching `where`, after entry id
-        `after`. The times of `where` are the letters' last failures, read from each entry:
-        an entry's id is when it entered the stream, which a rebuild after Redis lost it
-        makes any time later, and the Redis server's clock besides."""
+        `after` and up to entry id `until`. The times of `where` are the letters' last
+        failures, read from each entry: an entry's id is when it entered the stream, which a
+        rebuild after Redis lost it makes any time later, and the Redis server's clock
+        besides."""
         low = f"({after}" if after else "-"
         while True:
-            chunk: Any = self.client.xrange(self.stream, min=low, max="+", count=500)
+            chunk: Any = self.client.xrange(self.stream, min=low, max=until or "+", count=500)
             if not chunk:
                 return
             for raw_id, fields in chunk:

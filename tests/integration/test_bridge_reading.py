@@ -6,6 +6,7 @@ gone, so that the queue never holds two copies of its offsets."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,10 +19,11 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import REGISTRY
 
+from bridge import service
 from bridge.service import Bridge
-from eventpipe.queues import queue_name, visibility_timeout_s
+from eventpipe.queues import queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
-from eventpipe.status import DlqStatus, PartitionStatus, assemble
+from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
@@ -388,3 +390,51 @@ def test_a_partition_whose_earlier_tasks_nobody_takes_is_read_all_the_same(
         assert not progress.draining and not progress.paused
         _read_up_to(bridge, 5)
         assert queue.llen(QUEUE) == 2
+
+
+def test_a_stopping_bridge_says_so_on_the_board_while_it_waits_for_what_it_sent(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A review's finding: a bridge stopping published nothing while it waited (up to
+    SHUTDOWN_DRAIN_TIMEOUT_S) for the tasks it had sent, so after 10 s the status said no
+    bridge was running, and never why its partitions were paused."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(3))
+    with reading_bridge(kafka_broker, topic, 0, clock=time.monotonic) as bridge:  # type: ignore[arg-type]
+        _read_up_to(bridge, 2)
+        board = bridge.board
+
+        def said() -> str | None:
+            members = board.members()
+            return members[0].said["partitions"]["0"].get("pausedFor") if members else None
+
+        stopping = threading.Thread(target=bridge._shutdown)
+        stopping.start()
+        wait_until(lambda: said() == "stopping", 10, "the bridge seen stopping")
+        board.leave(BRIDGE, bridge.name)
+        wait_until(lambda: said() == "stopping", 10, "the same said again while it waits")
+        bridge.ledger.settle(bridge._ledger_topic, 0, [0, 1, 2])  # what it sent is done
+        stopping.join(30)
+        assert not stopping.is_alive() and board.members() == []
+
+
+def test_a_batch_the_celery_broker_refused_pauses_its_partition_until_it_is_sent(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status says why; and once the batch is sent at a sync, that sync reads the
+    partition again (a review's finding: it stayed paused to the next, said to be for
+    backpressure with nothing in flight to speak of)."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(3))
+    with reading_bridge(kafka_broker, topic, 0) as bridge:
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("the Celery broker is away")
+
+        monkeypatch.setattr(service, "send_batch", refused)
+        _read_up_to(bridge, 2)
+        progress = bridge.partitions[0]
+        assert progress.paused and _shown(bridge).paused_for == "broker"
+        assert queue.llen(QUEUE) == 0
+        monkeypatch.setattr(service, "send_batch", send_batch)
+        bridge._sync(bridge.clock())
+        assert queue.llen(QUEUE) == 1 and progress.in_flight == 3
+        assert not progress.paused and _shown(bridge).paused_for is None

@@ -363,7 +363,7 @@ def test_replay_one_publishes_it_and_it_leaves_the_dlq(
     other = queue.add(dead_letter(5, topic=topic))
 
     assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay")) == {
-        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0, "more": False}
+        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0}
 
     [message] = read_topic(kafka_broker, topic, 1)
     assert (message.key(), message.value()) == (b"k-4", b'{"n": 4}')
@@ -405,31 +405,45 @@ def test_replay_by_filter_publishes_only_what_matches_and_was_there(
     assert chunks == [2, 2]
 
 
-def test_a_replay_by_filter_stops_at_its_limit_or_deadline_and_says_more_are_left(
+def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
     make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: one call replayed every entry that matched, however many, past the HTTP
     server's 60 s timeout on a large DLQ or a slow Kafka (the server killed it halfway, the
-    client told nothing). A call stops at `limit`, or at the first chunk boundary past
-    its deadline, and `more` tells the client to call again."""
+    client told nothing). A call takes at most `limit` entries, and none after its deadline
+    but the first; the client goes on with the cursor it is given, past the entries taken
+    (a review's finding: started again from the head, calls took the same entries that could
+    not be replayed for ever) and never past those of the first call (one that fails again
+    comes back at the end)."""
     monkeypatch.setattr(actions, "CHUNK", 2)
     topic = kafka_topic(partitions=1)
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
-    for n in range(7):
+    for n in range(6):
         queue.add(dead_letter(n, topic=topic))
+    with queue.engine.begin() as conn:  # another replay has the oldest
+        records.claim_for_replay(conn, [dead_letter(0).letter.dlq_key],
+                                 datetime.now(UTC) + timedelta(hours=1))
+    cursor: dict[str, str] = {}
 
-    def replay(**body: Any) -> tuple[int, bool]:
-        result = ok(call(client, "POST", "/dlq/replay", {"all": True, **body}))
-        return result["replayed"], result["more"]
+    def replay(**body: Any) -> tuple[int, int, bool]:
+        result = ok(call(client, "POST", "/dlq/replay", {"all": True, **cursor, **body}))
+        assert result["more"] is (result["cursor"] is not None)
+        cursor.clear()
+        if result["more"]:
+            cursor["cursor"] = result["cursor"]
+        return result["replayed"], result["skipped"], result["more"]
 
-    assert replay(limit=3) == (3, True)
-    assert queue.offsets() == [3, 4, 5, 6]  # the oldest went first
-    monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 0.0)  # past it at once: one chunk
-    assert replay() == (2, True)
-    assert replay(limit=2) == (2, False)  # exactly the last two: none left
-    assert replay() == (0, False) and queue.offsets() == []
-    assert len(read_topic(kafka_broker, topic, 7)) == 7
+    assert replay(limit=1) == (0, 1, True)
+    queue.add(dead_letter(100, topic=topic))  # failed after the replay began
+    assert replay(limit=2) == (2, 0, True)  # on from where it stopped: 1, 2
+    monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 0.0)  # past it at once: one entry
+    assert replay() == (1, 0, True)
+    monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 30.0)
+    assert replay() == (2, 0, False)  # 4, 5: done
+    assert queue.offsets() == [0, 100]
+    assert replay() == (1, 1, False)  # a new replay starts at the head
+    assert len(read_topic(kafka_broker, topic, 6)) == 6
 
 
 def test_the_command_line_replays_at_most_its_limit_and_says_more_are_left(

@@ -5,6 +5,7 @@ Every endpoint requires the bearer token (`DLQ_API_TOKEN`), checked before anyth
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -27,15 +28,16 @@ from web.resources.dlq.schemas import (
     ListArgsSchema,
     PageSchema,
     ReplayedSchema,
+    ReplayedSomeSchema,
     ReplaySelectionSchema,
     SelectionSchema,
     to_filter,
 )
 
 SECURITY_SCHEME = "bearerAuth"
-# A replay by filter stops taking chunks after this long, under the HTTP server's timeout
-# (60 s) less a chunk's wait for Kafka (`actions.FLUSH_TIMEOUT_S`): the client calls again
-# while `more` is true.
+# A replay by filter takes entries for this long, under the HTTP server's timeout (60 s) less
+# the last chunk's wait for Kafka (`actions.FLUSH_TIMEOUT_S`): the client goes on with the
+# cursor it is given.
 REPLAY_REQUEST_S = 30.0
 
 blp = Blueprint("dlq", __name__, url_prefix="/dlq",
@@ -136,14 +138,21 @@ class ReplayEntry(MethodView):
 class Replay(MethodView):
     @guarded
     @blp.arguments(ReplaySelectionSchema)
-    @blp.response(200, ReplayedSchema)
+    @blp.response(200, ReplayedSomeSchema)
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.doc(operationId="replayDeadLetters")
-    def post(self, selection: dict[str, Any]) -> Replayed:
-        """Publish the entries that match back to Kafka (a filter, or all), in chunks, up to
-        `limit` or about 30 s; call again while `more` is true"""
-        return _replay(actions.until_now(_stream(), to_filter(selection)),
-                       selection.get("limit"))
+    def post(self, selection: dict[str, Any]) -> dict[str, Any]:
+        """Publish the entries that match back to Kafka (a filter, or all), in chunks: up to
+        `limit`, or those it can in about 30 s; go on with the `cursor` it answers"""
+        stream = _stream()
+        # The entries that were in the stream when the first call began, by place: one that
+        # fails again comes back past them, for a later replay, so that calls made again end.
+        after, until = selection["cursor"].split(",") if "cursor" in selection \
+            else (None, stream.last_id())
+        result = _replay(stream.scan(to_filter(selection), after, until) if until else [],
+                         selection.get("limit"))
+        return {**dataclasses.asdict(result),
+                "cursor": f"{result.last},{until}" if result.more else None}
 
 
 @blp.route("/purge")

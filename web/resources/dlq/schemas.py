@@ -25,6 +25,10 @@ def _stream_id(value: str) -> None:
         raise ValidationError("must be a stream entry id such as 1764000000000-0")
 
 
+# Where a replay goes on: after this entry id, up to that one (the last when it began).
+CURSOR = r"^[0-9]{1,19}-[0-9]{1,19},[0-9]{1,19}-[0-9]{1,19}$"
+
+
 def entry_id_field(**kwargs: Any) -> fields.String:
     return fields.String(
         validate=_stream_id,
@@ -82,11 +86,15 @@ class SelectionSchema(FilterSchema):
 
 
 class ReplaySelectionSchema(SelectionSchema):
-    """Entries to replay: a filter, or `all`, and at most how many this call takes."""
+    """Entries to replay: a filter, or `all`; at most how many this call takes, and where an
+    earlier call of the same replay stopped."""
 
     limit = fields.Integer(validate=validate.Range(min=1), metadata={
-        "description": "Replay at most this many (oldest failure first); the rest are left "
-                       "for another call (`more`)"})
+        "description": "Replay at most this many, in the stream's order; the rest are left "
+                       "for another call (`cursor`)"})
+    cursor = fields.String(validate=validate.Regexp(CURSOR), metadata={
+        "description": "The `cursor` the last call answered: go on where it stopped, with the "
+                       "same filter"})
 
 
 class BytesSchema(ma.Schema):
@@ -188,11 +196,15 @@ class ReplayedSchema(CamelSchema):
         "description": "Their message bytes are neither in the stream nor in Kafka at the "
                        "entry's position (its retention passed), or Kafka did not answer "
                        "for them: still in the DLQ"})
+
+
+class ReplayedSomeSchema(ReplayedSchema):
     more = fields.Boolean(required=True, metadata={
-        "description": "Entries that match were left for another call: a call stops after "
-                       "`limit` entries, or once about 30 s have passed (at the end of a "
-                       "chunk of 500), before the HTTP server's timeout. Call again while "
-                       "true"})
+        "description": "Entries that match were left: the call took `limit` of them, or "
+                       "those it could in about 30 s, under the HTTP server's timeout"})
+    cursor = fields.String(required=True, allow_none=True, metadata={
+        "description": "While `more`: send it with the same selection to go on after the "
+                       "last entry this call took; null when the replay is done"})
 
 
 class DeletedSchema(CamelSchema):

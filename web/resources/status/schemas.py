@@ -34,6 +34,9 @@ class PartitionStatusSchema(CamelSchema):
                        "task applied, counted since this bridge was given the partition "
                        "(Prometheus keeps the history: `bridge_events_lost_to_retention_total`"
                        " and the alert EventpipeEventsLostToRetention)"})
+    lost_ago_s = fields.Float(required=True, allow_none=True, metadata={
+        "description": "Seconds since the last of them were counted; `problems` names them "
+                       "for an hour"})
     skipped = fields.Integer(required=True, allow_none=True, metadata={
         "description": "Offsets the reading skipped below the start of Kafka's log whose "
                        "count waits: lost unless a task sent before applies them"})

@@ -197,14 +197,17 @@ class Bridge:
                     progress.paused = True
                     metrics.PAUSED.inc()
             self._pause_all()
-            self._publish_status()
+            # Seen stopping, not gone; not again once Redis did not answer, whose waits
+            # would take the drain's time.
+            said = self._publish_status()
+            self._next_publish = self.clock() + PUBLISH_EVERY_S
             while self.clock() < deadline and any(p.in_flight
                                                   for p in self.partitions.values()):
                 self._sync(self.clock(), redeliver=False)
                 # Serve the group's callbacks while waiting; all partitions are paused.
                 self.consumer.consume(num_messages=1, timeout=0.2)
-                if self.clock() >= self._next_publish:  # seen stopping, not gone
-                    self._publish_status()
+                if said and self.clock() >= self._next_publish:
+                    said = self._publish_status()
                     self._next_publish = self.clock() + PUBLISH_EVERY_S
             self._sync(self.clock(), redeliver=False, final=True)
             for progress in self.partitions.values():
@@ -485,8 +488,9 @@ class Bridge:
         made again dropped them all (`_remade`)."""
         return {p: progress for p, progress in chosen.items() if p in self.partitions}
 
-    def _publish_status(self) -> None:
-        """Say on the status board what this bridge holds (`eventpipe.status`)."""
+    def _publish_status(self) -> bool:
+        """Say on the status board what this bridge holds (`eventpipe.status`); whether it
+        was said."""
         now = self.clock()
         said = {"partitions": {str(p): {
             "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
@@ -499,6 +503,8 @@ class Bridge:
             self.board.publish(BRIDGE, self.name, said)
         except redis.RedisError as exc:
             log.debug("status not published: %s", exc)
+            return False
+        return True
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
                 final: bool = False) -> None:

@@ -158,18 +158,23 @@ def _fits(name: str, value: Any) -> bool:
     if kind is int:
         return value is None or _count(value)
     if kind is str:
-        return value is None or value in PAUSE_CAUSES
+        return value is None or (isinstance(value, str) and value in PAUSE_CAUSES)
     if kind is float:
         return value is None or _amount(value)
     return value is None or isinstance(value, bool)
 
 
+# Kafka's offsets are 64-bit: a larger number, or an infinity, is none a process said.
+_LARGEST = 2**63
+
+
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _LARGEST
 
 
 def _amount(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and 0 <= value < _LARGEST
 
 
 # -- the view --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ holds it still does (its parent still missing, its email still another's) comes 
 its copy is a duplicate, which changes nothing, and the next reconciler round, which every
 replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
 A replay can be bounded, by a number of entries or a deadline: it then says whether entries
-were left and which one it took last, for its caller (the API's cursor) to go on after it.
+were left, and hands its caller the entries it is done with, chunk by chunk (the API's
+replays over several calls, `eventpipe.dlq.replays`, go on past them).
 
 Purge deletes entries for good (`purged` in SQL, kept there as the event's fate): Kafka
 handing the same message over again leaves it purged; only a new copy of it, at another
@@ -59,7 +60,6 @@ class Replayed:
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
     # answer): back in the DLQ
     more: bool = False  # it stopped at its limit or deadline with entries left to replay
-    last: str | None = None  # the id of the last entry it took
     taken: int = 0
 
 
@@ -163,11 +163,13 @@ class Publisher:
 def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEntry],
            publisher: Publisher, *, now: Callable[[], datetime] = _utc_now,
            progress: Callable[[int], None] | None = None, limit: int | None = None,
-           deadline: float | None = None) -> Replayed:
-    """Replay `entries`, in chunks of `CHUNK`: all of them, or the first `limit`, or those
-    taken before `deadline` (`time.monotonic()`), which ends the chunk being gathered. The
-    first is always taken, so that calls made again get through a DLQ of any size. `more`
-    says whether entries were left, `last` which one was taken last."""
+           deadline: float | None = None,
+           done: Callable[[list[StreamEntry]], None] | None = None) -> Replayed:
+    """Replay `entries`, in chunks of `CHUNK`: all of them, or the first `limit`, or those it
+    gets to before `deadline` (`time.monotonic()`): past it, it takes none but the first (so
+    that calls made again get through a DLQ of any size), and reads no message's bytes from
+    Kafka. `done` is handed each chunk's entries it is done with, replayed or not (refused,
+    without bytes, another replay's); `more` says whether entries were left."""
     result = Replayed()
     chunk: list[StreamEntry] = []
     asked = False
@@ -183,12 +185,13 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
                 asked = True
             chunk.append(entry)
             result.taken += 1
-            result.last = entry.entry_id
             if len(chunk) >= CHUNK:
-                _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+                _replay_chunk(engine, stream, chunk, publisher, now, result, progress,
+                              deadline, done)
                 chunk = []
         if chunk:
-            _replay_chunk(engine, stream, chunk, publisher, now, result, progress)
+            _replay_chunk(engine, stream, chunk, publisher, now, result, progress, deadline,
+                          done)
     finally:
         publisher.close()
     return result
@@ -196,20 +199,25 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
 
 def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
                   publisher: Publisher, now: Callable[[], datetime], result: Replayed,
-                  progress: Callable[[int], None] | None) -> None:
+                  progress: Callable[[int], None] | None, deadline: float | None = None,
+                  done: Callable[[list[StreamEntry]], None] | None = None) -> None:
     """Claim the chunk's letters in one transaction, publish them, then end the claims in
     one transaction per outcome: a transaction per letter made a large replay take minutes
-    on a database that syncs each commit to disk."""
+    on a database that syncs each commit to disk. Past `deadline`, the letters whose bytes
+    only Kafka has are left (back in the DLQ, for a later call)."""
     claim = now() + timedelta(seconds=REPLAY_CLAIM_S)
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
                                            claim)
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
+    left: dict[str, StreamEntry] = {}
     for entry in chunk:
         key = entry.letter.dlq_key
-        if key not in claimed or key in acknowledged or key in no_bytes:  # or named twice
-            result.skipped += 1
+        if key not in claimed or key in acknowledged or key in no_bytes or key in left:
+            result.skipped += 1  # another replay's, gone, or named twice
+        elif entry.raw is None and deadline is not None and time.monotonic() >= deadline:
+            left[key] = entry  # a read from Kafka may wait long: not in this call
         elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)
         else:
@@ -224,13 +232,17 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     for key in _end_claims(engine, published, now, claim, published=True):
         stream.remove(key)  # the others' claims lapsed, and their entries may be live again
     try:
-        _end_claims(engine, [*no_bytes, *refused], now, claim, published=False)
+        _end_claims(engine, [*no_bytes, *refused, *left], now, claim, published=False)
     except Exception as exc:
         log.warning("claims of %d letters not published not ended (they lapse in %.0f s): "
-                    "%s", len(no_bytes) + len(refused), REPLAY_CLAIM_S, exc)
+                    "%s", len(no_bytes) + len(refused) + len(left), REPLAY_CLAIM_S, exc)
     result.no_bytes += len(no_bytes)
     result.refused += len(refused)
     result.replayed += len(published)
+    result.taken -= len(left)
+    result.more = result.more or bool(left)
+    if done is not None:
+        done([entry for entry in chunk if entry.letter.dlq_key not in left])
     if progress is not None:
         progress(len(chunk))
 

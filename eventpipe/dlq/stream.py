@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -422,11 +422,6 @@ class DeadLetterStream:
     def size_bytes(self) -> int:
         return int(self.client.hget(self.totals, "bytes") or 0)
 
-    def last_id(self) -> str | None:
-        """The id of the entry that entered the stream last; None when it is empty."""
-        found: Any = self.client.xrevrange(self.stream, count=1)
-        return _decoded(found[0][0]) if found else None
-
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""
         return {_decoded(key) for key in self.client.hkeys(self.index)}
@@ -462,16 +457,28 @@ class DeadLetterStream:
     def find_event(self, event_id: str) -> list[StreamEntry]:
         return [entry for entry in self.scan() if entry.letter.event_id == event_id]
 
-    def scan(self, where: Filter = Filter(), after: str | None = None,
-             until: str | None = None) -> Iterator[StreamEntry]:
+    def get_keys(self, dlq_keys: Sequence[str]) -> list[StreamEntry]:
+        """The entries of these keys that the stream holds, in the order asked (two round
+        trips)."""
+        if not dlq_keys:
+            return []
+        ids = [_decoded(found).split(" ")[0]
+               for found in self.client.hmget(self.index, list(dlq_keys)) if found]
+        with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+            pages: list[Any] = pipe.execute()
+        return [entry for page in pages if page
+                and (entry := self._entry(page[0][0], page[0][1])) is not None]
+
+    def scan(self, where: Filter = Filter(), after: str | None = None) -> Iterator[StreamEntry]:
         """Entries in the order they entered the stream, matching `where`, after entry id
-        `after` and up to entry id `until`. The times of `where` are the letters' last
-        failures, read from each entry: an entry's id is when it entered the stream, which a
-        rebuild after Redis lost it makes any time later, and the Redis server's clock
-        besides."""
+        `after`. The times of `where` are the letters' last failures, read from each entry:
+        an entry's id is when it entered the stream, which a rebuild after Redis lost it
+        makes any time later, and the Redis server's clock besides."""
         low = f"({after}" if after else "-"
         while True:
-            chunk: Any = self.client.xrange(self.stream, min=low, max=until or "+", count=500)
+            chunk: Any = self.client.xrange(self.stream, min=low, max="+", count=500)
             if not chunk:
                 return
             for raw_id, fields in chunk:

@@ -412,10 +412,10 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
     """Before: one call replayed every entry that matched, however many, past the HTTP
     server's 60 s timeout on a large DLQ or a slow Kafka (the server killed it halfway, the
     client told nothing). A call takes at most `limit` entries, and none after its deadline
-    but the first; the client goes on with the cursor it is given, past the entries taken
-    (a review's finding: started again from the head, calls took the same entries that could
-    not be replayed for ever) and never past those of the first call (one that fails again
-    comes back at the end)."""
+    but the first; the client goes on with the cursor it is given. Reviews' findings: calls
+    begun again from the head took the same entries that could not be replayed for ever, and
+    a cursor by place in the stream ended a replay early once the stream was rebuilt (new
+    ids): the replay holds the keys it has left, past those taken whatever became of them."""
     monkeypatch.setattr(actions, "CHUNK", 2)
     topic = kafka_topic(partitions=1)
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
@@ -436,14 +436,37 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
 
     assert replay(limit=1) == (0, 1, True)
     queue.add(dead_letter(100, topic=topic))  # failed after the replay began
-    assert replay(limit=2) == (2, 0, True)  # on from where it stopped: 1, 2
+    assert replay(limit=2) == (2, 0, True)  # on past the first: 1, 2
+    queue.stream.remove(dead_letter(5).letter.dlq_key)  # put back at the end, as a rebuild
+    queue.add(dead_letter(5, topic=topic))  # would, with a new id
     monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 0.0)  # past it at once: one entry
     assert replay() == (1, 0, True)
     monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 30.0)
     assert replay() == (2, 0, False)  # 4, 5: done
     assert queue.offsets() == [0, 100]
-    assert replay() == (1, 1, False)  # a new replay starts at the head
+    assert replay() == (1, 1, False)  # a new replay: 0 is still another's, 100 goes
     assert len(read_topic(kafka_broker, topic, 6)) == 6
+
+
+def test_a_replay_cursor_that_is_not_one_or_not_of_this_selection_is_refused(
+    make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory
+) -> None:
+    topic = kafka_topic(partitions=1)
+    client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
+    for n in range(2):
+        queue.add(dead_letter(n, "OrderPlaced", topic=topic))
+    first = ok(call(client, "POST", "/dlq/replay", {"eventType": "OrderPlaced", "limit": 1}))
+    assert first["more"] and first["replayed"] == 1
+    replay = {"eventType": "OrderPlaced", "cursor": first["cursor"]}
+    assert ok(call(client, "POST", "/dlq/replay", {**replay, "eventType": "UserCreated"}),
+              409)["message"].startswith("the cursor is of a replay of another selection")
+    assert ok(call(client, "POST", "/dlq/replay", {**replay, "cursor": "A" * 22}), 404)[
+        "message"].startswith("no replay 'AAAAAAAAAAAAAAAAAAAAAA': it ended")
+    assert call(client, "POST", "/dlq/replay", {**replay, "cursor": "A" * 22 + "\n"}
+                ).status_code == 422
+    assert ok(call(client, "POST", "/dlq/replay", replay)) == {
+        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0, "more": False, "cursor": None}
+    assert ok(call(client, "POST", "/dlq/replay", replay), 404)  # ended
 
 
 def test_the_command_line_replays_at_most_its_limit_and_says_more_are_left(

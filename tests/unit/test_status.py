@@ -151,7 +151,9 @@ def test_entries_no_version_of_the_code_wrote_are_dropped_field_by_field() -> No
                                               "rates": {"UserCreated": 3}})
     skewed = _member("bridge b:1", '999 {"partitions": {"0": {"committed": "5", '
                      '"highWatermark": 9, "paused": "no", "pausedFor": "tired", "lost": -1, '
-                     '"extra": 1}, "x": {}}}', now)
-    assert skewed is not None and skewed.said == {"partitions": {"0": {"highWatermark": 9}}}
+                     '"extra": 1}, "1": {"pausedFor": [], "lostAgoS": Infinity, '
+                     f'"inFlight": {10**400}, "queued": NaN}}, "x": {{}}}}}}', now)
+    assert skewed is not None and skewed.said == {"partitions": {"0": {"highWatermark": 9},
+                                                                 "1": {}}}
     # What is left is enough for the view, never a crash.
     assemble(AT, "t", "g", 2, [odd, skewed], {}, NO_DLQ)

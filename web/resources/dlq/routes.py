@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import marshmallow as ma
@@ -16,6 +16,7 @@ from flask_smorest import Blueprint
 
 from eventpipe.dlq import actions
 from eventpipe.dlq.actions import Replayed
+from eventpipe.dlq.replays import KEEP_S, Replays
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.errors import TransientError
 from web import services
@@ -37,7 +38,7 @@ from web.resources.dlq.schemas import (
 SECURITY_SCHEME = "bearerAuth"
 # A replay by filter takes entries for this long, under the HTTP server's timeout (60 s) less
 # the last chunk's wait for Kafka (`actions.FLUSH_TIMEOUT_S`): the client goes on with the
-# cursor it is given.
+# cursor it is given (`eventpipe.dlq.replays`).
 REPLAY_REQUEST_S = 30.0
 
 blp = Blueprint("dlq", __name__, url_prefix="/dlq",
@@ -66,14 +67,8 @@ def _entry(entry_id: str) -> StreamEntry:
     return entry
 
 
-def _replay(entries: Iterable[StreamEntry], limit: int | None = None) -> Replayed:
-    deps = services.current()
-    result = actions.replay(deps.writer, _stream(), entries, actions.Publisher(deps.settings),
-                            limit=limit, deadline=time.monotonic() + REPLAY_REQUEST_S)
-    if result.refused and not result.replayed:
-        raise TransientError(f"Kafka did not acknowledge {result.refused} replayed "
-                             "message(s); they stay in the dead-letter queue")
-    return result
+def _publisher() -> actions.Publisher:
+    return actions.Publisher(services.current().settings)
 
 
 @blp.route("/entries")
@@ -131,7 +126,12 @@ class ReplayEntry(MethodView):
     @blp.doc(operationId="replayDeadLetter")
     def post(self, path: dict[str, str], **_: str) -> Replayed:
         """Publish one entry back to Kafka; it leaves the DLQ once Kafka acknowledged it"""
-        return _replay([_entry(path["entry_id"])])
+        result = actions.replay(services.current().writer, _stream(),
+                                [_entry(path["entry_id"])], _publisher())
+        if result.refused:
+            raise TransientError("Kafka did not acknowledge the replayed message; it stays in "
+                                 "the dead-letter queue")
+        return result
 
 
 @blp.route("/replay")
@@ -144,15 +144,30 @@ class Replay(MethodView):
     def post(self, selection: dict[str, Any]) -> dict[str, Any]:
         """Publish the entries that match back to Kafka (a filter, or all), in chunks: up to
         `limit`, or those it can in about 30 s; go on with the `cursor` it answers"""
-        stream = _stream()
-        # The entries that were in the stream when the first call began, by place: one that
-        # fails again comes back past them, for a later replay, so that calls made again end.
-        after, until = selection["cursor"].split(",") if "cursor" in selection \
-            else (None, stream.last_id())
-        result = _replay(stream.scan(to_filter(selection), after, until) if until else [],
-                         selection.get("limit"))
-        return {**dataclasses.asdict(result),
-                "cursor": f"{result.last},{until}" if result.more else None}
+        replays = Replays(_stream())
+        where = to_filter(selection)
+        cursor = selection.get("cursor")
+        if cursor is None:
+            cursor = replays.begin(where)
+        elif (begun := replays.of(cursor)) is None:
+            not_found(f"no replay {cursor!r}: it ended, or was not called for "
+                      f"{KEEP_S // 60} min; begin another (without a cursor)")
+        elif begun != repr(where):
+            conflict("the cursor is of a replay of another selection: send the same filter "
+                     "with it")
+        try:
+            result = actions.replay(
+                services.current().writer, replays.stream, replays.entries(cursor),
+                _publisher(), limit=selection.get("limit"),
+                deadline=time.monotonic() + REPLAY_REQUEST_S,
+                done=lambda entries: replays.taken(cursor, entries))
+        except TransientError:
+            if "cursor" not in selection:  # never answered: a call made again begins anew
+                replays.end(cursor)
+            raise
+        if not result.more:
+            replays.end(cursor)
+        return {**dataclasses.asdict(result), "cursor": cursor if result.more else None}
 
 
 @blp.route("/purge")

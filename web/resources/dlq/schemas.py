@@ -25,8 +25,13 @@ def _stream_id(value: str) -> None:
         raise ValidationError("must be a stream entry id such as 1764000000000-0")
 
 
-# Where a replay goes on: after this entry id, up to that one (the last when it began).
-CURSOR = r"^[0-9]{1,19}-[0-9]{1,19},[0-9]{1,19}-[0-9]{1,19}$"
+# A replay's cursor (`eventpipe.dlq.replays`): URL-safe base64 of 16 random bytes.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{22}$"
+
+
+def _cursor(value: str) -> None:
+    if re.fullmatch(CURSOR_PATTERN[1:-1], value) is None:  # as `_stream_id`
+        raise ValidationError("must be the cursor an earlier call answered")
 
 
 def entry_id_field(**kwargs: Any) -> fields.String:
@@ -92,9 +97,10 @@ class ReplaySelectionSchema(SelectionSchema):
     limit = fields.Integer(validate=validate.Range(min=1), metadata={
         "description": "Replay at most this many, in the stream's order; the rest are left "
                        "for another call (`cursor`)"})
-    cursor = fields.String(validate=validate.Regexp(CURSOR), metadata={
-        "description": "The `cursor` the last call answered: go on where it stopped, with the "
-                       "same filter"})
+    cursor = fields.String(validate=_cursor, metadata={
+        "pattern": CURSOR_PATTERN,
+        "description": "The `cursor` the last call answered, with the same filter: go on past "
+                       "the entries the calls before took"})
 
 
 class BytesSchema(ma.Schema):
@@ -203,8 +209,8 @@ class ReplayedSomeSchema(ReplayedSchema):
         "description": "Entries that match were left: the call took `limit` of them, or "
                        "those it could in about 30 s, under the HTTP server's timeout"})
     cursor = fields.String(required=True, allow_none=True, metadata={
-        "description": "While `more`: send it with the same selection to go on after the "
-                       "last entry this call took; null when the replay is done"})
+        "description": "While `more`: send it with the same selection to go on (for an hour "
+                       "after the last call); null when the replay is done"})
 
 
 class DeletedSchema(CamelSchema):

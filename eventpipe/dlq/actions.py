@@ -204,7 +204,8 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     """Claim the chunk's letters in one transaction, publish them, then end the claims in
     one transaction per outcome: a transaction per letter made a large replay take minutes
     on a database that syncs each commit to disk. Past `deadline`, the letters whose bytes
-    only Kafka has are left (back in the DLQ, for a later call)."""
+    only Kafka has are left (back in the DLQ, for a later call), once the replay has got
+    through one letter."""
     claim = now() + timedelta(seconds=REPLAY_CLAIM_S)
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
@@ -212,11 +213,13 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
     left: dict[str, StreamEntry] = {}
-    for entry in chunk:
+    before = result.taken - len(chunk)  # taken by the chunks before, and done
+    for handled, entry in enumerate(chunk, start=before):
         key = entry.letter.dlq_key
         if key not in claimed or key in acknowledged or key in no_bytes or key in left:
             result.skipped += 1  # another replay's, gone, or named twice
-        elif entry.raw is None and deadline is not None and time.monotonic() >= deadline:
+        elif entry.raw is None and handled and deadline is not None \
+                and time.monotonic() >= deadline:
             left[key] = entry  # a read from Kafka may wait long: not in this call
         elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)

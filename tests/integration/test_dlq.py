@@ -7,6 +7,7 @@ Kafka for replays and for fetching lost bytes.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -830,6 +831,33 @@ def test_an_entry_shown_without_its_bytes_is_replayed_with_kafkas(
     assert [m.value() for m in consume(consumer, 3)][2:] == [b"{bad 0"]
     consumer.close()
     assert [e.letter.position.offset for e in stream.scan()] == [other.offset]
+
+
+def test_a_replay_past_its_deadline_leaves_the_letters_whose_bytes_kafka_has(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """A review's finding: a chunk begun just before an HTTP call's deadline read each
+    letter's missing bytes from Kafka, each read waiting up to its timeout, past the HTTP
+    server's own. Past the deadline it reads none but the first letter's (a call makes
+    progress); the others are left in the DLQ, open, for the next call."""
+    topic = kafka_topic(partitions=1)
+    values = [b"{bad 0", b"{bad 1"]
+    messages = produce(kafka_broker, topic, [(b"k", value, []) for value in values])
+    saved = record(engine, *(failure(m.offset or 0, value, topic)
+                             for m, value in zip(messages, values, strict=True)))
+    for letter in saved:
+        stream.put(StreamEntry(letter, None, b"k"))
+    done: list[list[StreamEntry]] = []
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic)),
+                            deadline=time.monotonic(), done=done.append)
+    assert (result.replayed, result.no_bytes, result.more) == (1, 0, True)
+    assert [[e.letter.position.offset for e in chunk] for chunk in done] == [
+        [messages[0].offset]]
+    [left] = stream.scan()
+    assert left.letter.position.offset == messages[1].offset
+    with engine.connect() as conn:
+        assert records.load(conn, [left.letter.dlq_key])[left.letter.dlq_key].state == "open"
 
 
 def test_a_dlq_short_of_bytes_for_one_letter_still_takes_smaller_ones(

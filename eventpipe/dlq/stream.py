@@ -41,6 +41,21 @@ log = logging.getLogger(__name__)
 ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
 
+# KEYS: stream, index. ARGV: dlq keys. The entries of those the index names, as XRANGE gives
+# them, read at once: an entry put again meanwhile (under a new id) is never missed.
+_GET_KEYS = """
+local found = {}
+for _, key in ipairs(ARGV) do
+  local indexed = redis.call('HGET', KEYS[2], key)
+  if indexed then
+    local id = string.match(indexed, '^(%S+)')
+    local entry = redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1)[1]
+    if entry then found[#found + 1] = entry end
+  end
+end
+return found
+"""
+
 # KEYS: stream, index, totals. ARGV: dlq key, max entries, max bytes, size, revision,
 # field/value pairs. Replaces the key's entry if there is one; refuses a new entry beyond the
 # bounds. The index holds "<entry id> <size> <revision>" per key.
@@ -275,6 +290,7 @@ class DeadLetterStream:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
+        self._get_keys = client.register_script(_GET_KEYS)
         self._remove = client.register_script(_REMOVE)
         self._mend = client.register_script(_MEND)
         self._claimed = client.register_script(_CLAIMED)
@@ -458,18 +474,13 @@ class DeadLetterStream:
         return [entry for entry in self.scan() if entry.letter.event_id == event_id]
 
     def get_keys(self, dlq_keys: Sequence[str]) -> list[StreamEntry]:
-        """The entries of these keys that the stream holds, in the order asked (two round
-        trips)."""
+        """The entries of these keys that the stream holds, in the order asked (one round
+        trip)."""
         if not dlq_keys:
             return []
-        ids = [_decoded(found).split(" ")[0]
-               for found in self.client.hmget(self.index, list(dlq_keys)) if found]
-        with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in ids:
-                pipe.xrange(self.stream, min=entry_id, max=entry_id, count=1)
-            pages: list[Any] = pipe.execute()
-        return [entry for page in pages if page
-                and (entry := self._entry(page[0][0], page[0][1])) is not None]
+        found: Any = self._get_keys(keys=[self.stream, self.index], args=list(dlq_keys))
+        return [entry for raw_id, flat in found if (entry := self._entry(
+            raw_id, dict(zip(flat[::2], flat[1::2], strict=True)))) is not None]
 
     def scan(self, where: Filter = Filter(), after: str | None = None) -> Iterator[StreamEntry]:
         """Entries in the order they entered the stream, matching `where`, after entry id

@@ -5,6 +5,7 @@ Each test has its own DLQ stream (`test:dlq:<uuid>`), deleted afterwards.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from cli.main import _parser
 from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
+from eventpipe.dlq.replays import Replays
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
@@ -419,7 +421,7 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
     monkeypatch.setattr(actions, "CHUNK", 2)
     topic = kafka_topic(partitions=1)
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
-    for n in range(6):
+    for n in range(8):
         queue.add(dead_letter(n, topic=topic))
     with queue.engine.begin() as conn:  # another replay has the oldest
         records.claim_for_replay(conn, [dead_letter(0).letter.dlq_key],
@@ -439,13 +441,29 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
     assert replay(limit=2) == (2, 0, True)  # on past the first: 1, 2
     queue.stream.remove(dead_letter(5).letter.dlq_key)  # put back at the end, as a rebuild
     queue.add(dead_letter(5, topic=topic))  # would, with a new id
+    again = dead_letter(6, topic=topic)  # replayed by another, and failed again since
+    queue.add(replace(again, letter=replace(again.letter, last_failure_at=datetime.now(UTC))))
     monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 0.0)  # past it at once: one entry
-    assert replay() == (1, 0, True)
+    assert replay() == (1, 0, True)  # 3
     monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 30.0)
-    assert replay() == (2, 0, False)  # 4, 5: done
-    assert queue.offsets() == [0, 100]
-    assert replay() == (1, 1, False)  # a new replay: 0 is still another's, 100 goes
-    assert len(read_topic(kafka_broker, topic, 6)) == 6
+
+    replays = Replays(queue.stream)  # a call of it still running, or cut off
+    assert replays.hold(cursor["cursor"], 60)
+    assert ok(call(client, "POST", "/dlq/replay", {"all": True, **cursor}), 409)["message"] \
+        == "another call of this replay is running, or was cut off less than 6 min ago " \
+        "(its claims lapse then): retry later"
+    replays.release(cursor["cursor"])
+
+    publish = actions.Publisher.publish
+    monkeypatch.setattr(actions.Publisher, "publish",
+                        lambda _self, _entry, done: done(False))  # Kafka refuses them
+    assert ok(call(client, "POST", "/dlq/replay", {"all": True, **cursor, "limit": 1}), 503)[
+        "message"] == "Kafka did not acknowledge the 1 message(s) this call replayed; they " \
+        "stay in the dead-letter queue. The same cursor goes on past them"
+    monkeypatch.setattr(actions.Publisher, "publish", publish)
+    assert replay() == (2, 0, False)  # 5, 7; not 6, which failed again since it began
+    assert queue.offsets() == [0, 4, 100, 6]
+    assert len(read_topic(kafka_broker, topic, 5)) == 5
 
 
 def test_a_replay_cursor_that_is_not_one_or_not_of_this_selection_is_refused(
@@ -455,9 +473,12 @@ def test_a_replay_cursor_that_is_not_one_or_not_of_this_selection_is_refused(
     client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
     for n in range(2):
         queue.add(dead_letter(n, "OrderPlaced", topic=topic))
-    first = ok(call(client, "POST", "/dlq/replay", {"eventType": "OrderPlaced", "limit": 1}))
+    first = ok(call(client, "POST", "/dlq/replay", {
+        "eventType": "OrderPlaced", "since": "2020-01-01T01:00:00+01:00", "limit": 1}))
     assert first["more"] and first["replayed"] == 1
-    replay = {"eventType": "OrderPlaced", "cursor": first["cursor"]}
+    # The same time, spelt otherwise, is the same selection.
+    replay = {"eventType": "OrderPlaced", "since": "2020-01-01T00:00:00Z",
+              "cursor": first["cursor"]}
     assert ok(call(client, "POST", "/dlq/replay", {**replay, "eventType": "UserCreated"}),
               409)["message"].startswith("the cursor is of a replay of another selection")
     assert ok(call(client, "POST", "/dlq/replay", {**replay, "cursor": "A" * 22}), 404)[
@@ -467,6 +488,28 @@ def test_a_replay_cursor_that_is_not_one_or_not_of_this_selection_is_refused(
     assert ok(call(client, "POST", "/dlq/replay", replay)) == {
         "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0, "more": False, "cursor": None}
     assert ok(call(client, "POST", "/dlq/replay", replay), 404)  # ended
+
+
+def test_a_replay_redis_has_no_room_to_note_is_refused_and_leaves_nothing(
+    client: FlaskClient, queue: Queue, redis_client: redis.Redis, stream: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's finding: at Redis's memory bound, some of the keys were noted before the
+    rest were refused, and stayed for an hour, and the client got a 500."""
+    queue.add(dead_letter(1))
+
+    def full(_pipe: Any, *_args: Any, **_kwargs: Any) -> None:
+        redis_client.zadd(f"{stream}:replay:partly", {"k": 1})
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda _n: "partly")
+    monkeypatch.setattr(redis.client.Pipeline, "execute", full)
+    response = ok(call(client, "POST", "/dlq/replay", {"all": True}), 503)
+    assert response["message"].startswith("Redis is at its memory bound: the replay's entries "
+                                          "could not be noted")
+    monkeypatch.undo()
+    assert redis_client.keys(f"{stream}:replay:*") == []
+    assert queue.state(dead_letter(1)) == "open"
 
 
 def test_the_command_line_replays_at_most_its_limit_and_says_more_are_left(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import marshmallow as ma
@@ -16,7 +17,7 @@ from flask_smorest import Blueprint
 
 from eventpipe.dlq import actions
 from eventpipe.dlq.actions import Replayed
-from eventpipe.dlq.replays import KEEP_S, Replays
+from eventpipe.dlq.replays import KEEP_S, Replays, selection_of
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.errors import TransientError
 from web import services
@@ -40,6 +41,9 @@ SECURITY_SCHEME = "bearerAuth"
 # the last chunk's wait for Kafka (`actions.FLUSH_TIMEOUT_S`): the client goes on with the
 # cursor it is given (`eventpipe.dlq.replays`).
 REPLAY_REQUEST_S = 30.0
+# A replay's call holds it at most this long: a call the server killed holds it until the
+# claims it left lapse, so that the next call does not take them for another replay's.
+REPLAY_HELD_S = actions.REPLAY_CLAIM_S + 60.0
 
 blp = Blueprint("dlq", __name__, url_prefix="/dlq",
                 description="The dead-letter queue (bearer token required)")
@@ -144,27 +148,37 @@ class Replay(MethodView):
     def post(self, selection: dict[str, Any]) -> dict[str, Any]:
         """Publish the entries that match back to Kafka (a filter, or all), in chunks: up to
         `limit`, or those it can in about 30 s; go on with the `cursor` it answers"""
+        deadline = time.monotonic() + REPLAY_REQUEST_S  # noting the keys counts too
         replays = Replays(_stream())
         where = to_filter(selection)
-        cursor = selection.get("cursor")
-        if cursor is None:
-            cursor = replays.begin(where)
-        elif (begun := replays.of(cursor)) is None:
+        first = "cursor" not in selection
+        cursor = replays.begin(where, datetime.now(UTC)) if first else selection["cursor"]
+        begun = replays.begun(cursor)
+        if begun is None:
             not_found(f"no replay {cursor!r}: it ended, or was not called for "
                       f"{KEEP_S // 60} min; begin another (without a cursor)")
-        elif begun != repr(where):
+        if begun.selection != selection_of(where):
             conflict("the cursor is of a replay of another selection: send the same filter "
                      "with it")
+        if not replays.hold(cursor, REPLAY_HELD_S):
+            conflict("another call of this replay is running, or was cut off less than "
+                     f"{REPLAY_HELD_S / 60:.0f} min ago (its claims lapse then): retry later")
         try:
             result = actions.replay(
-                services.current().writer, replays.stream, replays.entries(cursor),
-                _publisher(), limit=selection.get("limit"),
-                deadline=time.monotonic() + REPLAY_REQUEST_S,
+                services.current().writer, replays.stream, replays.entries(cursor, begun.at),
+                _publisher(), limit=selection.get("limit"), deadline=deadline,
                 done=lambda entries: replays.taken(cursor, entries))
-        except TransientError:
-            if "cursor" not in selection:  # never answered: a call made again begins anew
+            if result.refused and not result.replayed:  # Kafka's trouble, not the letters'
+                raise TransientError(
+                    f"Kafka did not acknowledge the {result.refused} message(s) this call "
+                    "replayed; they stay in the dead-letter queue"
+                    + ("" if first else ". The same cursor goes on past them"))
+        except Exception:
+            if first:  # never answered: a call made again begins anew
                 replays.end(cursor)
             raise
+        finally:
+            replays.release(cursor)
         if not result.more:
             replays.end(cursor)
         return {**dataclasses.asdict(result), "cursor": cursor if result.more else None}

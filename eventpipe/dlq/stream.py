@@ -49,7 +49,7 @@ for _, key in ipairs(ARGV) do
   local indexed = redis.call('HGET', KEYS[2], key)
   if indexed then
     local id = string.match(indexed, '^(%S+)')
-    local entry = redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1)[1]
+    local entry = id and redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1)[1]
     if entry then found[#found + 1] = entry end
   end
 end

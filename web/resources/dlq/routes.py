@@ -18,7 +18,7 @@ from flask_smorest import Blueprint
 from eventpipe.dlq import actions
 from eventpipe.dlq.actions import Replayed
 from eventpipe.dlq.replays import KEEP_S, Replays, selection_of
-from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
+from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.errors import TransientError
 from web import services
 from web.errors import conflict, not_found
@@ -153,35 +153,49 @@ class Replay(MethodView):
         where = to_filter(selection)
         first = "cursor" not in selection
         cursor = replays.begin(where, datetime.now(UTC)) if first else selection["cursor"]
-        begun = replays.begun(cursor)
-        if begun is None:
-            not_found(f"no replay {cursor!r}: it ended, or was not called for "
-                      f"{KEEP_S // 60} min; begin another (without a cursor)")
-        if begun.selection != selection_of(where):
-            conflict("the cursor is of a replay of another selection: send the same filter "
-                     "with it")
-        if not replays.hold(cursor, REPLAY_HELD_S):
-            conflict("another call of this replay is running, or was cut off less than "
-                     f"{REPLAY_HELD_S / 60:.0f} min ago (its claims lapse then): retry later")
         try:
-            result = actions.replay(
-                services.current().writer, replays.stream, replays.entries(cursor, begun.at),
-                _publisher(), limit=selection.get("limit"), deadline=deadline,
-                done=lambda entries: replays.taken(cursor, entries))
+            result = _replay_call(replays, cursor, where, selection.get("limit"), deadline)
             if result.refused and not result.replayed:  # Kafka's trouble, not the letters'
                 raise TransientError(
                     f"Kafka did not acknowledge the {result.refused} message(s) this call "
-                    "replayed; they stay in the dead-letter queue"
-                    + ("" if first else ". The same cursor goes on past them"))
+                    "replayed; they stay in the dead-letter queue. "
+                    + ("Begin the replay again" if first else "The same cursor goes on past "
+                       "them"))
         except Exception:
             if first:  # never answered: a call made again begins anew
                 replays.end(cursor)
             raise
-        finally:
-            replays.release(cursor)
         if not result.more:
             replays.end(cursor)
         return {**dataclasses.asdict(result), "cursor": cursor if result.more else None}
+
+
+def _replay_call(replays: Replays, cursor: str, where: Filter, limit: int | None,
+                 deadline: float) -> Replayed:
+    """One call of a replay by filter, which it holds meanwhile: given back as the call ends,
+    but not when the HTTP server cut it off (`SystemExit`): then the claims it left lapse
+    before another call of the replay takes them for another replay's."""
+    begun = replays.begun(cursor)
+    if begun is None:
+        not_found(f"no replay {cursor!r}: it ended, or was not called for {KEEP_S // 60} "
+                  "min; begin another (without a cursor)")
+    if begun.selection != selection_of(where):
+        conflict("the cursor is of a replay of another selection: send the same filter with "
+                 "it")
+    held = replays.hold(cursor, REPLAY_HELD_S)
+    if held is None:
+        conflict("another call of this replay is running, or was cut off less than "
+                 f"{REPLAY_HELD_S / 60:.0f} min ago (its claims lapse then): retry later")
+    try:
+        result = actions.replay(
+            services.current().writer, replays.stream, replays.entries(cursor), _publisher(),
+            limit=limit, deadline=deadline, done=lambda entries: replays.taken(cursor, entries))
+    except Exception:
+        replays.release(cursor, held)
+        raise
+    replays.release(cursor, held)
+    result.skipped += replays.passed
+    return result
 
 
 @blp.route("/purge")

@@ -56,7 +56,8 @@ def add_commands(commands: Any) -> None:
         else:
             action.add_argument("--limit", type=at_least(1),
                                 help="replay at most this many: the first ids named, or "
-                                     "the first matches in the stream's order")
+                                     "the first matches in the stream's order (a run again "
+                                     "starts from the first match still in the DLQ)")
     restore = dlq_commands.add_parser(
         "restore", help="rebuild the Redis stream from the SQL record (after Redis lost it), "
         "fetching each message's bytes from Kafka")
@@ -153,7 +154,8 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
             bar.finish()
         print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
               f"{result.skipped}; without bytes {result.no_bytes}"
-              + ("; more left (--limit)" if result.more else ""), file=sys.stderr)
+              + ("; more match (a run again starts from the first still in the DLQ)"
+                 if result.more else ""), file=sys.stderr)
         return 0 if result.refused == 0 and result.no_bytes == 0 else 1
 
     return _act(args, settings, "replay", replay)

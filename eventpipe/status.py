@@ -3,7 +3,7 @@
 Every process that moves events says what it is doing, about once a second, in one Redis hash
 per consumer group (`{group}:status`, a field per process): the bridge its partitions
 (committed offset, high watermark, events in flight, paused and why, events lost to Kafka's
-retention), each worker process the
+retention and offsets skipped below its log start whose count waits), each worker process the
 partition queues it consumes, how long ago it applied a batch of each, and its events per
 second by type. Each entry is stamped with the Redis server's clock (as the offset ledger's
 leases are) and ages are relative, so hosts whose clocks disagree look neither dead nor alive
@@ -12,8 +12,9 @@ for it. A process not heard from for `STALE_S` is out of the view, and out of th
 depth and the dead letters open, by error class and by event type.
 
 `assemble` is pure: the view, and the problems an operator must act on (no bridge, partitions
-no worker consumes, a partition consumed by two workers, a batch the Celery broker refused,
-events lost to Kafka's retention), from what was read.
+no worker consumes, a partition consumed by two workers, batches the Celery broker refused,
+events lost to Kafka's retention in the last hour, skipped offsets whose count waits), from
+what was read.
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ class Replayed:
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
     # answer): back in the DLQ
     more: bool = False  # it stopped at its limit or deadline with entries left to replay
-    taken: int = 0
 
 
 class Publisher:
@@ -172,26 +171,25 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
     without bytes, another replay's); `more` says whether entries were left."""
     result = Replayed()
     chunk: list[StreamEntry] = []
-    asked = False
+    taken = 0
     try:
         for entry in entries:
-            full = limit is not None and result.taken >= limit
-            late = deadline is not None and result.taken > 0 and time.monotonic() >= deadline
+            full = limit is not None and taken >= limit
+            late = deadline is not None and taken > 0 and time.monotonic() >= deadline
             if full or late:
                 result.more = True
                 break
-            if not asked:  # once, before anything is claimed
+            if not taken:  # once, before anything is claimed
                 publisher.answers(entry.letter.position.topic)
-                asked = True
             chunk.append(entry)
-            result.taken += 1
+            taken += 1
             if len(chunk) >= CHUNK:
                 _replay_chunk(engine, stream, chunk, publisher, now, result, progress,
-                              deadline, done)
+                              deadline, done, first=taken == len(chunk))
                 chunk = []
         if chunk:
             _replay_chunk(engine, stream, chunk, publisher, now, result, progress, deadline,
-                          done)
+                          done, first=taken == len(chunk))
     finally:
         publisher.close()
     return result
@@ -200,12 +198,13 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
 def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
                   publisher: Publisher, now: Callable[[], datetime], result: Replayed,
                   progress: Callable[[int], None] | None, deadline: float | None = None,
-                  done: Callable[[list[StreamEntry]], None] | None = None) -> None:
+                  done: Callable[[list[StreamEntry]], None] | None = None, *,
+                  first: bool = True) -> None:
     """Claim the chunk's letters in one transaction, publish them, then end the claims in
     one transaction per outcome: a transaction per letter made a large replay take minutes
     on a database that syncs each commit to disk. Past `deadline`, the letters whose bytes
-    only Kafka has are left (back in the DLQ, for a later call), once the replay has got
-    through one letter."""
+    only Kafka has are left (back in the DLQ, for a later call), but the replay's first
+    (`first`: the chunk begins the replay), so that it gets through one."""
     claim = now() + timedelta(seconds=REPLAY_CLAIM_S)
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
@@ -213,12 +212,11 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
     left: dict[str, StreamEntry] = {}
-    before = result.taken - len(chunk)  # taken by the chunks before, and done
-    for handled, entry in enumerate(chunk, start=before):
+    for place, entry in enumerate(chunk):
         key = entry.letter.dlq_key
         if key not in claimed or key in acknowledged or key in no_bytes or key in left:
             result.skipped += 1  # another replay's, gone, or named twice
-        elif entry.raw is None and handled and deadline is not None \
+        elif entry.raw is None and (place or not first) and deadline is not None \
                 and time.monotonic() >= deadline:
             left[key] = entry  # a read from Kafka may wait long: not in this call
         elif (whole := publisher.with_bytes(entry)) is None:
@@ -242,7 +240,6 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     result.no_bytes += len(no_bytes)
     result.refused += len(refused)
     result.replayed += len(published)
-    result.taken -= len(left)
     result.more = result.more or bool(left)
     if done is not None:
         done([entry for entry in chunk if entry.letter.dlq_key not in left])

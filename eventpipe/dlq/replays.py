@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,12 +37,6 @@ return 0
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Begun:
-    selection: str  # `selection_of` the filter it was begun with
-    at: datetime
-
-
 def selection_of(where: Filter) -> str:
     """The filter as one text, its times in UTC: what a later call must send again."""
     def when(moment: datetime | None) -> str | None:
@@ -60,15 +53,14 @@ class Replays:
         self.passed = 0  # entries `entries` passed over: their last failure changed
         self._release = self.client.register_script(_RELEASE)
 
-    def begin(self, where: Filter, at: datetime) -> str:
+    def begin(self, where: Filter) -> str:
         """Note the keys of the entries matching `where` now; the new replay's cursor. A
         Redis at its memory bound refuses it (a `TransientError`), leaving nothing behind."""
         cursor = secrets.token_urlsafe(CURSOR_BYTES)
         keys = self._keys(cursor)
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(f"{keys}:of", json.dumps([selection_of(where), at.isoformat()]),
-                         ex=KEEP_S)
+                pipe.set(f"{keys}:of", selection_of(where), ex=KEEP_S)
                 places: dict[str, int] = {}
                 failed: dict[Any, Any] = {}  # redis-py's mapping type
                 for place, entry in enumerate(self.stream.scan(where)):
@@ -91,14 +83,11 @@ class Replays:
             raise
         return cursor
 
-    def begun(self, cursor: str) -> Begun | None:
-        """What the replay was begun with; None when there is no such replay (it ended, or
-        was forgotten)."""
+    def selection(self, cursor: str) -> str | None:
+        """The selection the replay was begun with (`selection_of`); None when there is no
+        such replay (it ended, or was forgotten)."""
         found = self.client.get(f"{self._keys(cursor)}:of")
-        if found is None:
-            return None
-        chosen, at = json.loads(found)
-        return Begun(chosen, datetime.fromisoformat(at))
+        return None if found is None else _text(found)
 
     def hold(self, cursor: str, for_s: float) -> str | None:
         """Take the replay for one call, for `for_s` at most; the token that gives it back,

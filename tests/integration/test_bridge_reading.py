@@ -399,7 +399,8 @@ def test_a_stopping_bridge_says_so_on_the_board_while_it_waits_for_what_it_sent(
     bridge was running, and never why its partitions were paused."""
     topic = kafka_topic(partitions=1)
     produce(kafka_broker, topic, _events(3))
-    with reading_bridge(kafka_broker, topic, 0, clock=time.monotonic) as bridge:  # type: ignore[arg-type]
+    with reading_bridge(kafka_broker, topic, 0, clock=time.monotonic,  # type: ignore[arg-type]
+                        shutdown_drain_timeout_s=120) as bridge:
         _read_up_to(bridge, 2)
         board = bridge.board
 
@@ -413,8 +414,9 @@ def test_a_stopping_bridge_says_so_on_the_board_while_it_waits_for_what_it_sent(
         board.leave(BRIDGE, bridge.name)
         wait_until(lambda: said() == "stopping", 10, "the same said again while it waits")
         bridge.ledger.settle(bridge._ledger_topic, 0, [0, 1, 2])  # what it sent is done
-        stopping.join(30)
-        assert not stopping.is_alive() and board.members() == []
+        stopping.join(30)  # well before its drain's time is over: it ended the wait
+        assert not stopping.is_alive() and bridge.partitions[0].in_flight == 0
+        assert board.members() == []
 
 
 def test_a_batch_the_celery_broker_refused_pauses_its_partition_until_it_is_sent(

@@ -7,11 +7,11 @@ Kafka for replays and for fetching lost bytes.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -835,6 +835,7 @@ def test_an_entry_shown_without_its_bytes_is_replayed_with_kafkas(
 
 def test_a_replay_past_its_deadline_leaves_the_letters_whose_bytes_kafka_has(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A review's finding: a chunk begun just before an HTTP call's deadline read each
     letter's missing bytes from Kafka, each read waiting up to its timeout, past the HTTP
@@ -847,10 +848,20 @@ def test_a_replay_past_its_deadline_leaves_the_letters_whose_bytes_kafka_has(
                              for m, value in zip(messages, values, strict=True)))
     for letter in saved:
         stream.put(StreamEntry(letter, None, b"k"))
+    clock = [0.0]
+    with_bytes = actions.Publisher.with_bytes
+
+    def slow_read(publisher: actions.Publisher, entry: StreamEntry) -> StreamEntry | None:
+        found = with_bytes(publisher, entry)
+        clock[0] = 100.0  # the read took long: the deadline passed meanwhile
+        return found
+
+    monkeypatch.setattr(actions.Publisher, "with_bytes", slow_read)
+    monkeypatch.setattr(actions, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     done: list[list[StreamEntry]] = []
     result = actions.replay(engine, stream, list(stream.scan()),
                             actions.Publisher(settings_for(kafka_broker, topic)),
-                            deadline=time.monotonic(), done=done.append)
+                            deadline=50.0, done=done.append)
     assert (result.replayed, result.no_bytes, result.more) == (1, 0, True)
     assert [[e.letter.position.offset for e in chunk] for chunk in done] == [
         [messages[0].offset]]

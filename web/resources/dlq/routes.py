@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import marshmallow as ma
@@ -152,7 +151,7 @@ class Replay(MethodView):
         replays = Replays(_stream())
         where = to_filter(selection)
         first = "cursor" not in selection
-        cursor = replays.begin(where, datetime.now(UTC)) if first else selection["cursor"]
+        cursor = replays.begin(where) if first else selection["cursor"]
         try:
             result = _replay_call(replays, cursor, where, selection.get("limit"), deadline)
             if result.refused and not result.replayed:  # Kafka's trouble, not the letters'
@@ -175,11 +174,11 @@ def _replay_call(replays: Replays, cursor: str, where: Filter, limit: int | None
     """One call of a replay by filter, which it holds meanwhile: given back as the call ends,
     but not when the HTTP server cut it off (`SystemExit`): then the claims it left lapse
     before another call of the replay takes them for another replay's."""
-    begun = replays.begun(cursor)
+    begun = replays.selection(cursor)
     if begun is None:
         not_found(f"no replay {cursor!r}: it ended, or was not called for {KEEP_S // 60} "
                   "min; begin another (without a cursor)")
-    if begun.selection != selection_of(where):
+    if begun != selection_of(where):
         conflict("the cursor is of a replay of another selection: send the same filter with "
                  "it")
     held = replays.hold(cursor, REPLAY_HELD_S)

@@ -206,8 +206,9 @@ class ReplayedSchema(CamelSchema):
 
 class ReplayedSomeSchema(ReplayedSchema):
     skipped = fields.Integer(required=True, metadata={
-        "description": "Not replayed: no longer open (another replay has them, or they are "
-                       "gone), or failed again since the replay began (left for a later one)"})
+        "description": "Not replayed: another replay has them, or they failed again since "
+                       "the replay began (left for a later one). Entries gone from the DLQ "
+                       "meanwhile are not counted"})
     more = fields.Boolean(required=True, metadata={
         "description": "Entries that match were left: the call took `limit` of them, or "
                        "those it could in about 30 s, under the HTTP server's timeout"})

@@ -384,9 +384,9 @@ def test_replay_by_filter_publishes_only_what_matches_and_was_there(
     real_chunk = actions._replay_chunk
 
     def counting_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
-                       *args: Any) -> None:
+                       *args: Any, **kwargs: Any) -> None:
         chunks.append(len(chunk))
-        real_chunk(engine, stream, chunk, *args)
+        real_chunk(engine, stream, chunk, *args, **kwargs)
         # As if a replayed message failed again at once: it is back, and must wait for the
         # next replay rather than be replayed again and again by this one.
         queue.add(dead_letter(100 + len(chunks), "OrderPlaced", topic=topic))
@@ -448,7 +448,7 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
     assert replay() == (1, 1, True)
     monkeypatch.setattr(routes, "REPLAY_REQUEST_S", 30.0)
 
-    def cut_off(*_args: Any) -> None:  # as gunicorn's timeout ends a call
+    def cut_off(*_args: Any, **_kwargs: Any) -> None:  # as gunicorn's timeout ends a call
         raise SystemExit(1)
 
     monkeypatch.setattr(actions, "_replay_chunk", cut_off)

@@ -154,7 +154,8 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
             bar.finish()
         print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
               f"{result.skipped}; without bytes {result.no_bytes}"
-              + ("; more match (a run again starts from the first still in the DLQ)"
+              + (("; more named: run again with those not replayed" if args.entry_ids else
+                  "; more match (a run again starts from the first still in the DLQ)")
                  if result.more else ""), file=sys.stderr)
         return 0 if result.refused == 0 and result.no_bytes == 0 else 1
 

@@ -167,8 +167,9 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
     """Replay `entries`, in chunks of `CHUNK`: all of them, or the first `limit`, or those it
     gets to before `deadline` (`time.monotonic()`): past it, it takes none but the first (so
     that calls made again get through a DLQ of any size), and reads no message's bytes from
-    Kafka. `done` is handed each chunk's entries it is done with, replayed or not (refused,
-    without bytes, another replay's); `more` says whether entries were left."""
+    Kafka but the first's. `done` is handed each chunk's entries it is done with, replayed
+    or not (refused, without bytes, another replay's); `more` says whether entries were
+    left."""
     result = Replayed()
     chunk: list[StreamEntry] = []
     taken = 0

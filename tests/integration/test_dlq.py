@@ -833,14 +833,16 @@ def test_an_entry_shown_without_its_bytes_is_replayed_with_kafkas(
     assert [e.letter.position.offset for e in stream.scan()] == [other.offset]
 
 
+@pytest.mark.parametrize("passed", ["reading the first's bytes", "claiming the chunk"])
 def test_a_replay_past_its_deadline_leaves_the_letters_whose_bytes_kafka_has(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, passed: str,
 ) -> None:
     """A review's finding: a chunk begun just before an HTTP call's deadline read each
     letter's missing bytes from Kafka, each read waiting up to its timeout, past the HTTP
     server's own. Past the deadline it reads none but the first letter's (a call makes
-    progress); the others are left in the DLQ, open, for the next call."""
+    progress, whenever the deadline passed); the others are left in the DLQ, open, for the
+    next call."""
     topic = kafka_topic(partitions=1)
     values = [b"{bad 0", b"{bad 1"]
     messages = produce(kafka_broker, topic, [(b"k", value, []) for value in values])
@@ -849,14 +851,18 @@ def test_a_replay_past_its_deadline_leaves_the_letters_whose_bytes_kafka_has(
     for letter in saved:
         stream.put(StreamEntry(letter, None, b"k"))
     clock = [0.0]
-    with_bytes = actions.Publisher.with_bytes
+    slow = actions.Publisher.with_bytes if passed.startswith("reading") \
+        else records.claim_for_replay
 
-    def slow_read(publisher: actions.Publisher, entry: StreamEntry) -> StreamEntry | None:
-        found = with_bytes(publisher, entry)
-        clock[0] = 100.0  # the read took long: the deadline passed meanwhile
+    def slowly(*args: Any) -> Any:
+        found = slow(*args)
+        clock[0] = 100.0  # it took long: the deadline passed meanwhile
         return found
 
-    monkeypatch.setattr(actions.Publisher, "with_bytes", slow_read)
+    if passed.startswith("reading"):
+        monkeypatch.setattr(actions.Publisher, "with_bytes", slowly)
+    else:
+        monkeypatch.setattr(records, "claim_for_replay", slowly)
     monkeypatch.setattr(actions, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     done: list[list[StreamEntry]] = []
     result = actions.replay(engine, stream, list(stream.scan()),

@@ -207,8 +207,8 @@ class ReplayedSchema(CamelSchema):
 class ReplayedSomeSchema(ReplayedSchema):
     skipped = fields.Integer(required=True, metadata={
         "description": "Not replayed: another replay has them, or they failed again since "
-                       "the replay began (left for a later one). Entries gone from the DLQ "
-                       "meanwhile are not counted"})
+                       "the replay began (left for a later one). Entries already gone from "
+                       "the DLQ when the call reached them are not counted"})
     more = fields.Boolean(required=True, metadata={
         "description": "Entries that match were left: the call took `limit` of them, or "
                        "those it could in about 30 s, under the HTTP server's timeout"})

@@ -212,14 +212,14 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
                                            claim)
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
-    left: dict[str, StreamEntry] = {}
+    left: set[str] = set()
     for place, entry in enumerate(chunk):
         key = entry.letter.dlq_key
         if key not in claimed or key in acknowledged or key in no_bytes or key in left:
             result.skipped += 1  # another replay's, gone, or named twice
         elif entry.raw is None and (place or not first) and deadline is not None \
                 and time.monotonic() >= deadline:
-            left[key] = entry  # a read from Kafka may wait long: not in this call
+            left.add(key)  # a read from Kafka may wait long: not in this call
         elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)
         else:

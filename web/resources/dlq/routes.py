@@ -142,6 +142,8 @@ class Replay(MethodView):
     @guarded
     @blp.arguments(ReplaySelectionSchema)
     @blp.response(200, ReplayedSomeSchema)
+    @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.doc(operationId="replayDeadLetters")
     def post(self, selection: dict[str, Any]) -> dict[str, Any]:

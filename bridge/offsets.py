@@ -41,6 +41,7 @@ class PartitionProgress:
     # (the head offset, when it was first seen neither leased nor queued)
     unaccounted: tuple[int, float] | None = None
     paused: bool = False
+    paused_at: float | None = None  # since when, while paused
     # Whether the ledger's marks of this partition are its own: False until marks left by an
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True

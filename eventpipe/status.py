@@ -2,19 +2,19 @@
 
 Every process that moves events says what it is doing, about once a second, in one Redis hash
 per consumer group (`{group}:status`, a field per process): the bridge its partitions
-(committed offset, high watermark, events in flight, paused and why, events lost to Kafka's
-retention and offsets skipped below its log start whose count waits), each worker process the
-partition queues it consumes, how long ago it applied a batch of each, and its events per
-second by type. Each entry is stamped with the Redis server's clock (as the offset ledger's
-leases are) and ages are relative, so hosts whose clocks disagree look neither dead nor alive
-for it. A process not heard from for `STALE_S` is out of the view, and out of the hash after
-`FORGET_S`. `collect` adds what only Redis and SQL know at the moment of asking: each queue's
-depth and the dead letters open, by error class and by event type.
+(committed offset, high watermark, events in flight, paused, why and since when, events lost
+to Kafka's retention and offsets skipped below its log start whose count waits), each worker
+process the partition queues it consumes, how long ago it applied a batch of each, and its
+events per second by type. Each entry is stamped with the Redis server's clock (as the offset
+ledger's leases are) and ages are relative, so hosts whose clocks disagree look neither dead
+nor alive for it. A process not heard from for `STALE_S` is out of the view, and out of the
+hash after `FORGET_S`. `collect` adds what only Redis and SQL know at the moment of asking:
+each queue's depth and the dead letters open, by error class and by event type.
 
 `assemble` is pure: the view, and the problems an operator must act on (no bridge, partitions
-no worker consumes, a partition consumed by two workers, batches the Celery broker refused,
-events lost to Kafka's retention in the last hour, skipped offsets whose count waits), from
-what was read.
+no worker consumes, a partition consumed by two workers, partitions still being assigned
+after a minute, batches the Celery broker refused, events lost to Kafka's retention in the
+last hour, skipped offsets whose count waits), from what was read.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ STALE_S = 10.0
 FORGET_S = 300.0
 STUCK_S = 120.0  # tasks waiting and no batch for this long: the worker is stuck
 LOSS_NAMED_S = 3600.0  # events lost to retention are a problem this long (as the alert)
+# A partition still being assigned after this long waits on something that does not answer.
+ASSIGNING_S = 60.0
 
 # Why a bridge keeps a partition unread (`pausedFor`), and what ends it.
 PAUSE_CAUSES = {
@@ -148,8 +150,8 @@ def _member(entry: str, value: str, now: float) -> Member | None:
 
 
 _BRIDGE_FIELDS = {"committed": int, "highWatermark": int, "inFlight": int, "queued": int,
-                  "paused": bool, "pausedFor": str, "lost": int, "skipped": int,
-                  "lostAgoS": float}
+                  "paused": bool, "pausedFor": str, "pausedS": float, "lost": int,
+                  "skipped": int, "lostAgoS": float}
 
 
 def _fits(name: str, value: Any) -> bool:
@@ -191,6 +193,7 @@ class PartitionStatus:
     queued: int | None  # tasks waiting in the partition's queue
     paused: bool | None  # the bridge stopped reading it
     paused_for: str | None  # why (`PAUSE_CAUSES`)
+    paused_s: float | None  # for how long
     lost: int | None  # events Kafka deleted before the bridge read them, no task applied
     lost_ago_s: float | None  # since the last of them were counted
     skipped: int | None  # offsets skipped below Kafka's log start, whose count waits
@@ -265,6 +268,11 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
         found.append("no worker is running: no event is applied")
     elif idle := [p.partition for p in partitions if not p.workers]:
         found.append(f"{_these(idle)} consumed by no worker: their events wait in the queue")
+    if assigning := [p.partition for p in partitions if p.paused_for == "assigning"
+                     and (p.paused_s or 0) > ASSIGNING_S]:
+        found.append(f"{_these(assigning)} not read for over {ASSIGNING_S:.0f} s since "
+                     "assigned: the bridge cannot learn the committed offsets or the topic's id "
+                     "from Kafka, or clear the offset ledger in Redis (its log says which)")
     if refused := [p.partition for p in partitions if p.paused_for == "broker"]:
         found.append(f"{_these(refused)} paused: the Celery broker refused "
                      f"{'its batch' if len(refused) == 1 else 'their batches'} (is it up, or "
@@ -308,8 +316,6 @@ def spans(numbers: Iterable[int]) -> str:
 def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None,
                workers: Sequence[Member], queued: Mapping[int, int]) -> PartitionStatus:
     bridge, said = reported if reported is not None else (None, {})
-    ago = said.get("lostAgoS")
-    lost_ago = round(ago + bridge.age_s, 1) if ago is not None and bridge else None
     committed, high = said.get("committed"), said.get("highWatermark")
     last: tuple[float, str] | None = None
     for worker in workers:
@@ -321,11 +327,17 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         lag=max(0, high - committed) if committed is not None and high is not None else None,
         in_flight=said.get("inFlight"),
         queued=queued.get(partition, said.get("queued")),
-        paused=said.get("paused"), paused_for=said.get("pausedFor"), lost=said.get("lost"),
-        lost_ago_s=lost_ago,
+        paused=said.get("paused"), paused_for=said.get("pausedFor"),
+        paused_s=_aged(said.get("pausedS"), bridge), lost=said.get("lost"),
+        lost_ago_s=_aged(said.get("lostAgoS"), bridge),
         skipped=said.get("skipped"), bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
+
+
+def _aged(seconds: float | None, member: Member | None) -> float | None:
+    """A duration a process said, as of now: its word is `age_s` old."""
+    return None if seconds is None or member is None else round(seconds + member.age_s, 1)
 
 
 def _process(member: Member, partitions: list[int], rate: float) -> ProcessStatus:

@@ -326,6 +326,8 @@ def test_a_partition_given_with_tasks_of_an_earlier_reading_queued_is_read_once_
         progress = bridge.partitions[0]
         assert progress.draining and progress.paused
         assert _shown(bridge).paused_for == "draining"
+        bridge.clock.now += 7  # type: ignore[attr-defined]
+        assert (_shown(bridge).paused_s or 0) >= 7  # how long, counted from the pause
         for _ in range(5):
             _read_once(bridge)
             bridge._sync(bridge.clock())
@@ -333,7 +335,7 @@ def test_a_partition_given_with_tasks_of_an_earlier_reading_queued_is_read_once_
         queue.rpop(QUEUE)  # a worker took it
         bridge._sync(bridge.clock())
         assert not progress.draining and not progress.paused
-        assert _shown(bridge).paused_for is None
+        assert (_shown(bridge).paused_for, _shown(bridge).paused_s) == (None, None)
         _read_up_to(bridge, 5)
         assert queue.llen(QUEUE) == 1 and progress.in_flight == 6
 

@@ -78,13 +78,21 @@ def test_why_a_partition_is_paused_and_what_retention_took_are_shown_and_named()
                       p1={"paused": True, "pausedFor": "broker"},
                       p2={"paused": True, "pausedFor": "broker", "lost": 1200,
                           "lostAgoS": 3599.0, "skipped": 0},
-                      p3={"paused": False, "lost": 7, "lostAgoS": 3600.0, "skipped": 4}),
-               worker("w:1", [0, 1, 2, 3])]
-    status = assemble(AT, "t", "g", 4, members, {}, NO_DLQ)
-    assert [(p.paused_for, p.lost, p.lost_ago_s, p.skipped) for p in status.partitions] == [
+                      p3={"paused": False, "lost": 7, "lostAgoS": 3600.0, "skipped": 4},
+                      p4={"paused": True, "pausedFor": "assigning", "pausedS": 59.5},
+                      p5={"paused": True, "pausedFor": "assigning", "pausedS": 60.0},
+                      p6={"paused": True, "pausedFor": "assigning", "pausedS": 80.0}),
+               worker("w:1", [0, 1, 2, 3, 4, 5, 6])]
+    status = assemble(AT, "t", "g", 7, members, {}, NO_DLQ)
+    assert [(p.paused_for, p.lost, p.lost_ago_s, p.skipped) for p in status.partitions[:4]] == [
         ("draining", 0, None, 0), ("broker", None, None, None), ("broker", 1200, 3599.5, 0),
         (None, 7, 3600.5, 4)]
+    assert [p.paused_s for p in status.partitions[4:]] == [60.0, 60.5, 80.5]
     assert status.problems == [
+        # Still being assigned after a minute: something the bridge asks does not answer.
+        "partitions 5-6 are not read for over 60 s since assigned: the bridge cannot learn the "
+        "committed offsets or the topic's id from Kafka, or clear the offset ledger in Redis "
+        "(its log says which)",
         "partitions 1-2 are paused: the Celery broker refused their batches (is it up, or "
         "full?)",
         "partition 2: 1,200 event(s) lost, the last within the hour: Kafka's retention deleted "

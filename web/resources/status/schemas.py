@@ -29,6 +29,9 @@ class PartitionStatusSchema(CamelSchema):
         metadata={"description": "Why the bridge keeps it unread, null while it reads it: "
                                  + "; ".join(f"`{cause}`: {meaning}"
                                              for cause, meaning in PAUSE_CAUSES.items())})
+    paused_s = fields.Float(required=True, allow_none=True, metadata={
+        "description": "Seconds it has been paused; `problems` names a partition still "
+                       "`assigning` after a minute"})
     lost = fields.Integer(required=True, allow_none=True, metadata={
         "description": "Events Kafka's retention deleted before the bridge read them and no "
                        "task applied, counted since this bridge was given the partition "

@@ -48,6 +48,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from eventpipe.redis_clients import decoded
+
 _NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
 # What the scripts share. ARGV[from..to] are ranges of offsets, "<first>-<last>", throughout.
@@ -212,9 +214,6 @@ def filed_under(topic: str, topic_id: str) -> str:
     return f"{topic}@{topic_id}" if topic_id else topic
 
 
-def _decoded(key: bytes | str) -> str:
-    return key.decode() if isinstance(key, bytes) else key
-
 
 def ranges(offsets: Iterable[int]) -> list[str]:
     """The offsets as the fewest ranges, `"<first>-<last>"`, in order."""
@@ -231,7 +230,7 @@ def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
     """Every offset of these ranges from `low` on."""
     found: set[int] = set()
     for member in members:
-        first, _, last = _decoded(member).partition("-")
+        first, _, last = decoded(member).partition("-")
         found.update(range(max(int(first), low), int(last) + 1))
     return found
 
@@ -240,7 +239,7 @@ def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
     """How many offsets from `first` to `end` (excluded) these ranges cover, however they
     overlap: counted on the ranges, never offset by offset."""
     spans = sorted((max(int(low), first), min(int(high) + 1, end))
-                   for low, _, high in (_decoded(member).partition("-") for member in members))
+                   for low, _, high in (decoded(member).partition("-") for member in members))
     count, reached = 0, first
     for low, high in spans:
         low = max(low, reached)
@@ -346,7 +345,7 @@ class OffsetLedger:
         chosen = list(partitions)
         if not chosen:
             return
-        filed = {name, *(filed_under(name, _decoded(i)) for i in self.client.smembers(ids))}
+        filed = {name, *(filed_under(name, decoded(i)) for i in self.client.smembers(ids))}
         self.client.delete(*(self._key(kind, where, p) for p in chosen for where in filed
                              for kind in (_DONE_RANGES, _LEASE_RANGES, "runs",
                                           *_BEFORE_RANGES)))

@@ -14,6 +14,11 @@ import redis
 _CONNECT_TIMEOUT_S = 2.0
 
 
+def decoded(raw: bytes | str) -> str:
+    """A key or value Redis answered, as text."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def pipeline(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
                                 socket_timeout=5.0, health_check_interval=30)

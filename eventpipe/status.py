@@ -34,6 +34,7 @@ from sqlalchemy import Engine, func, select
 from eventpipe.broker_queues import QueueDepths, Unanswered
 from eventpipe.dlq.letter import OPEN
 from eventpipe.metrics import event_type_label
+from eventpipe.redis_clients import decoded
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
 from eventpipe.times import utc_iso
@@ -109,8 +110,8 @@ class Board:
         now = seconds + micros / 1e6
         alive, forgotten = [], []
         for raw_field, raw_value in entries.items():
-            entry = _text(raw_field)
-            member = _member(entry, _text(raw_value), now)
+            entry = decoded(raw_field)
+            member = _member(entry, decoded(raw_value), now)
             if member is None or member.age_s > FORGET_S:
                 forgotten.append(entry)
             elif member.age_s <= STALE_S:
@@ -386,9 +387,6 @@ def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:
                      by_error_class=dict(sorted(by_class.items())),
                      by_event_type=dict(sorted(by_type.items())))
 
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 # -- for a terminal ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import redis
 
 from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.errors import TransientError
+from eventpipe.redis_clients import decoded
 
 KEEP_S = 3600
 CURSOR_BYTES = 16  # a cursor is their URL-safe base64: 22 characters
@@ -87,7 +88,7 @@ class Replays:
         """The selection the replay was begun with (`selection_of`); None when there is no
         such replay (it ended, or was forgotten)."""
         found = self.client.get(f"{self._keys(cursor)}:of")
-        return None if found is None else _text(found)
+        return None if found is None else decoded(found)
 
     def hold(self, cursor: str, for_s: float) -> str | None:
         """Take the replay for one call, for `for_s` at most; the token that gives it back,
@@ -113,12 +114,12 @@ class Replays:
                                                    withscores=True)
             if not found:
                 return
-            page = [_text(key) for key, _ in found]
+            page = [decoded(key) for key, _ in found]
             noted = dict(zip(page, self.client.hmget(f"{keys}:at", page), strict=True))
             entries = self.stream.get_keys(page)
             held = [entry for entry in entries
                     if (at := noted[entry.letter.dlq_key]) is not None
-                    and _text(at) == entry.letter.last_failure_at.isoformat()]
+                    and decoded(at) == entry.letter.last_failure_at.isoformat()]
             self.passed += len(entries) - len(held)
             if dropped := set(page) - {entry.letter.dlq_key for entry in held}:
                 self._drop(keys, dropped)
@@ -148,6 +149,3 @@ class Replays:
     def _keys(self, cursor: str) -> str:
         return f"{self.stream.stream}:replay:{cursor}"
 
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw

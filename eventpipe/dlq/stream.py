@@ -34,6 +34,7 @@ from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.messages import Headers, RawMessage
+from eventpipe.redis_clients import decoded
 from eventpipe.times import utc_iso
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ class DeadLetterStream:
         low = "-"
         while chunk := cast(Any, self.client.xrange(self.stream, min=low, max="+", count=500)):
             for raw_id, fields in chunk:
-                entry_id = _decoded(raw_id)
+                entry_id = decoded(raw_id)
                 entry = _dead_letter(entry_id, fields)
                 key = entry.letter.dlq_key if entry is not None else ""
                 if key:
@@ -369,10 +370,10 @@ class DeadLetterStream:
                                                for name, value in fields.items()))
                 else:
                     unread.append(entry_id)
-            low = f"({_decoded(chunk[-1][0])}"
+            low = f"({decoded(chunk[-1][0])}"
         if unread:
             self.client.xdel(self.stream, *unread)
-        named = {_decoded(value).split(" ")[0] for value in self.client.hvals(self.index)}
+        named = {decoded(value).split(" ")[0] for value in self.client.hvals(self.index)}
         # Newest first: of two entries of one key that no line names, the later is kept.
         lost = [str(part) for entry_id, (key, size) in reversed(read.items())
                 if entry_id not in named for part in (key, entry_id, size)]
@@ -416,7 +417,7 @@ class DeadLetterStream:
             log.warning("dead-letter queue near its bound", extra={
                 "dlqDepth": entries, "dlqBytes": total, "dlqMaxEntries": self.max_entries,
                 "dlqMaxBytes": self.max_bytes})
-        return _decoded(entry_id)
+        return decoded(entry_id)
 
     def holding(self, dlq_keys: list[str]) -> set[str]:
         """Those of these keys that have an entry (one round trip)."""
@@ -440,7 +441,7 @@ class DeadLetterStream:
 
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""
-        return {_decoded(key) for key in self.client.hkeys(self.index)}
+        return {decoded(key) for key in self.client.hkeys(self.index)}
 
     def sizes(self) -> tuple[int, int]:
         """Entries in the stream, keys in its index: equal unless someone edited one of them
@@ -456,8 +457,8 @@ class DeadLetterStream:
         the index held revisions)."""
         found: dict[str, int | None] = {}
         for key, value in self.client.hgetall(self.index).items():
-            parts = _decoded(value).split(" ")
-            found[_decoded(key)] = int(parts[2]) if len(parts) > 2 else None
+            parts = decoded(value).split(" ")
+            found[decoded(key)] = int(parts[2]) if len(parts) > 2 else None
         return found
 
     def get(self, entry_id: str) -> StreamEntry | None:
@@ -468,7 +469,7 @@ class DeadLetterStream:
 
     def get_key(self, dlq_key: str) -> StreamEntry | None:
         indexed = self.client.hget(self.index, dlq_key)
-        return self.get(_decoded(indexed).split(" ")[0]) if indexed else None
+        return self.get(decoded(indexed).split(" ")[0]) if indexed else None
 
     def find_event(self, event_id: str) -> list[StreamEntry]:
         return [entry for entry in self.scan() if entry.letter.event_id == event_id]
@@ -496,15 +497,15 @@ class DeadLetterStream:
                 entry = self._entry(raw_id, fields)
                 if entry is not None and where.matches(entry):
                     yield entry
-            low = f"({_decoded(chunk[-1][0])}"
+            low = f"({decoded(chunk[-1][0])}"
 
     def _entry(self, raw_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry | None:
         """The entry as a dead letter; None for one that is none (added with redis-cli's
         XADD), which is left out and has the stream rebuilt (`mend` takes it out)."""
-        entry = _dead_letter(_decoded(raw_id), fields)
+        entry = _dead_letter(decoded(raw_id), fields)
         if entry is None:
             log.warning("DLQ stream entry %s is no dead letter (added by hand?): left out, "
-                        "and the stream rebuilt", _decoded(raw_id))
+                        "and the stream rebuilt", decoded(raw_id))
             self.forget_intact()
         return entry
 
@@ -526,6 +527,3 @@ def _dead_letter(entry_id: str, fields: dict[bytes, bytes]) -> StreamEntry | Non
     except (ValueError, TypeError):
         return None
 
-
-def _decoded(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw

@@ -40,8 +40,7 @@ class PartitionProgress:
     overtaken_since: float | None = None
     # (the head offset, when it was first seen neither leased nor queued)
     unaccounted: tuple[int, float] | None = None
-    paused: bool = False
-    paused_at: float | None = None  # since when, while paused
+    paused_at: float | None = None  # since when the bridge keeps it unread; None: read
     # Whether the ledger's marks of this partition are its own: False until marks left by an
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
@@ -66,6 +65,10 @@ class PartitionProgress:
     next_read: int | None = None
     lost: int = 0  # events counted lost to Kafka's retention since this bridge was given it
     lost_at: float | None = None  # when it last counted some
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
 
     @property
     def in_flight(self) -> int:

@@ -194,7 +194,7 @@ class Bridge:
             deadline = self.clock() + self.settings.shutdown_drain_timeout_s
             for progress in self.partitions.values():
                 if not progress.paused:  # counted, as `_forget` counts it back
-                    progress.paused, progress.paused_at = True, self.clock()
+                    progress.paused_at = self.clock()
                     metrics.PAUSED.inc()
             self._pause_all()
             # Seen stopping, not gone; not again once Redis did not answer, whose waits
@@ -403,7 +403,7 @@ class Bridge:
     def _pause(self, progress: PartitionProgress) -> None:
         if not progress.paused:
             self.consumer.pause([TopicPartition(self.topic, progress.partition)])
-            progress.paused, progress.paused_at = True, self.clock()
+            progress.paused_at = self.clock()
             metrics.PAUSED.inc()
             log.info("partition paused", extra={"partition": progress.partition,
                                                 "inFlight": progress.in_flight})
@@ -411,7 +411,7 @@ class Bridge:
     def _resume(self, progress: PartitionProgress) -> None:
         if progress.paused:
             self.consumer.resume([TopicPartition(self.topic, progress.partition)])
-            progress.paused, progress.paused_at = False, None
+            progress.paused_at = None
             metrics.PAUSED.dec()
             log.info("partition resumed", extra={"partition": progress.partition,
                                                  "inFlight": progress.in_flight})

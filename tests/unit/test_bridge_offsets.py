@@ -217,7 +217,7 @@ def test_a_partition_paused_at_its_bound_resumes_once_half_of_it_is_free(bound: 
 def test_a_paused_partition_says_why_one_cause_at_a_time() -> None:
     progress = PartitionProgress(0, vouched=False)
     assert progress.paused_for(unsent=True, stopping=True) is None  # read: no cause
-    progress.paused = True
+    progress.paused_at = 0.0
     progress.drain(3, now=0, timeout_s=60)
     assert progress.paused_for(unsent=True, stopping=True) == "stopping"
     assert progress.paused_for(unsent=True, stopping=False) == "broker"

@@ -340,13 +340,13 @@ class Bridge:
         assert self.broker_queues is not None  # spans are kept only where queues can be read
         depth = self.queued.get(partition)  # measured at the start of this sync
         try:
-            held = self.broker_queues.held() if depth == 0 else None
             # A task a worker died with goes back to its queue only once a running worker
             # sees its visibility timeout passed: until then it is as good as queued.
-            overdue = self.broker_queues.held(self._visibility_s) if depth == 0 else None
+            found = self.broker_queues.held(self._visibility_s) if depth == 0 else None
         except Unanswered:
             progress.quiet_looks = 0  # no look: at a later sync
             return
+        held, overdue = found if found is not None else (None, None)
         progress.queue_seen(depth == 0 and not overdue, held == 0, now, self._count_wait_s)
         spans = progress.due(now)
         try:

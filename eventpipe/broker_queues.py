@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from eventpipe.queues import make_celery, queue_depths, queue_name, unacked_count
+from eventpipe.queues import make_celery, queue_depths, queue_name, unacked_counts
 from eventpipe.settings import Settings
 
 _AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -43,12 +43,13 @@ class QueueDepths(Protocol):
         """Tasks waiting per partition queue; raises `Unanswered`."""
         ...
 
-    def held(self, longer_than_s: float = 0.0) -> int | None:
-        """How many tasks, of any queue, workers took and have not acknowledged (for longer
-        than `longer_than_s`: a dead worker's, which only a running worker hands back to its
-        queue once kombu's visibility timeout passed); None where the broker does not tell
-        (RabbitMQ gives the tasks a worker's connection held back to their queue as it
-        closes, and tells nothing of those live workers hold). Raises `Unanswered`."""
+    def held(self, longer_than_s: float) -> tuple[int, int] | None:
+        """How many tasks, of any queue, workers took and have not acknowledged, and how many
+        of them for longer than `longer_than_s` (a dead worker's, which only a running worker
+        hands back to its queue once kombu's visibility timeout passed); None where the
+        broker does not tell (RabbitMQ gives the tasks a worker's connection held back to
+        their queue as it closes, and tells nothing of those live workers hold). Raises
+        `Unanswered`."""
         ...
 
     def close(self) -> None: ...
@@ -64,9 +65,9 @@ class RedisDepths:
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
-    def held(self, longer_than_s: float = 0.0) -> int | None:
+    def held(self, longer_than_s: float) -> tuple[int, int] | None:
         try:
-            return unacked_count(self.client, longer_than_s)
+            return unacked_counts(self.client, longer_than_s)
         except redis.RedisError as exc:
             raise Unanswered(exc) from exc
 
@@ -100,7 +101,7 @@ class AmqpDepths:
                 self.connection.collect()  # the next call connects afresh
                 raise Unanswered(exc) from exc
 
-    def held(self, longer_than_s: float = 0.0) -> int | None:
+    def held(self, longer_than_s: float) -> tuple[int, int] | None:
         return None
 
     def _depth(self, queue: str) -> int:

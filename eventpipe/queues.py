@@ -43,15 +43,18 @@ def queue_depths(broker: redis.Redis, partitions: Iterable[int]) -> dict[int, in
 _UNACKED, _UNACKED_INDEX = "unacked", "unacked_index"
 
 
-def unacked_count(broker: redis.Redis, longer_than_s: float = 0.0) -> int:
+def unacked_counts(broker: redis.Redis, longer_than_s: float) -> tuple[int, int]:
     """The messages, of every queue, a Redis Celery broker holds as delivered and not
-    acknowledged (for longer than `longer_than_s`, by kombu's index of their delivery
-    times): a worker applies them, holds them for later (a retry, a task taken ahead while
-    it holds one), or was killed with them (a running worker puts them back in their queue
-    once the visibility timeout passed, `visibility_timeout_s`)."""
-    if longer_than_s <= 0:
-        return int(broker.hlen(_UNACKED))
-    return int(broker.zcount(_UNACKED_INDEX, "-inf", time.time() - longer_than_s))
+    acknowledged, and those of them held for longer than `longer_than_s` (by kombu's index
+    of their delivery times), in one round trip: a worker applies them, holds them for later
+    (a retry, a task taken ahead while it holds one), or was killed with them (a running
+    worker puts them back in their queue once the visibility timeout passed,
+    `visibility_timeout_s`)."""
+    with broker.pipeline(transaction=False) as pipe:
+        pipe.hlen(_UNACKED)
+        pipe.zcount(_UNACKED_INDEX, "-inf", time.time() - longer_than_s)
+        held, overdue = pipe.execute()
+    return int(held), int(overdue)
 
 
 def visibility_timeout_s(settings: Settings) -> int:

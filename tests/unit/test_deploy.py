@@ -14,16 +14,19 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlglot
 import yaml
 from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_flask_exporter import PrometheusMetrics
+from sqlalchemy import make_url
 
 from eventpipe import metrics
 from eventpipe.settings import COMPOSE_VARIABLES, env_vars
@@ -180,11 +183,103 @@ def test_app_services_use_the_settings_names_and_in_network_addresses(
     for name, service in app.items():
         environment: dict[str, str] = service["environment"]
         assert set(environment) <= known, f"{name}: {sorted(set(environment) - known)}"
-        assert environment["DATABASE_URL"].startswith("mssql+pyodbc://sa:")
+        login = "sa" if name == "migrate" else "eventpipe"
+        assert environment["DATABASE_URL"].startswith(f"mssql+pyodbc://{login}:")
         assert "@sqlserver:1433/eventpipe?" in environment["DATABASE_URL"]
         assert environment["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
         assert environment["REDIS_URL"] == "redis://redis:6379/0"
         assert environment["CELERY_BROKER_URL"] == "redis://redis:6379/1"
+
+
+# --- SQL Server's logins and the published ports --------------------------------------------
+
+
+SQLSERVER_LOGIN = DEPLOY / "sqlserver"
+
+
+def test_only_the_migration_acts_as_sa_and_the_application_waits_for_its_own_login(
+    services: dict[str, Service],
+) -> None:
+    as_sa = {name for name, service in services.items()
+             if "sa:" in (service.get("environment") or {}).get("DATABASE_URL", "")
+             or "MSSQL_SA_PASSWORD" in (service.get("environment") or {})}
+    assert as_sa == {"migrate", "sqlserver", "sqlserver-login"}
+    login = services["sqlserver-login"]
+    assert login["depends_on"] == {
+        "migrate": {"condition": "service_completed_successfully", "required": True}}
+    for name, service in services.items():
+        if name in as_sa or "DATABASE_URL" not in (service.get("environment") or {}):
+            continue
+        url = make_url(service["environment"]["DATABASE_URL"])
+        assert (url.username, url.password) == (
+            login["environment"]["APP_LOGIN"], login["environment"]["APP_PASSWORD"]), name
+        assert url.database == login["environment"]["DATABASE"], name
+        if role_of(service) in ("bridge", "worker", "web"):
+            assert service["depends_on"]["sqlserver-login"]["condition"] == (
+                "service_completed_successfully"), name
+
+
+def test_a_changed_application_password_reaches_both_the_login_and_the_processes(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("MSSQL_APP_PASSWORD=Other_Pass_9\nMSSQL_SA_PASSWORD=Admin_Pass_9\n")
+    result = run_compose("config", env_files=(env_file,), tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resolved: dict[str, Service] = yaml.safe_load(result.stdout)["services"]
+    assert resolved["sqlserver-login"]["environment"]["APP_PASSWORD"] == "Other_Pass_9"
+    assert make_url(resolved["bridge"]["environment"]["DATABASE_URL"]).password == "Other_Pass_9"
+    assert make_url(resolved["migrate"]["environment"]["DATABASE_URL"]).password == "Admin_Pass_9"
+
+
+def _login_script_run(tmp_path: Path, password: str) -> list[str]:
+    """The arguments app-login.sh hands sqlcmd, through a stand-in that records them."""
+    record = tmp_path / "args.json"
+    sqlcmd = tmp_path / "sqlcmd"
+    sqlcmd.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                      f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    sqlcmd.chmod(0o755)
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SQLCMD": str(sqlcmd),
+                   "SQLSERVER": "sqlserver", "MSSQL_SA_PASSWORD": "Admin_Pass_9",
+                   "APP_LOGIN": "eventpipe", "APP_PASSWORD": password, "DATABASE": "eventpipe"}
+    subprocess.run(["/bin/sh", str(SQLSERVER_LOGIN / "app-login.sh")], env=environment,
+                   check=True, capture_output=True, timeout=30)
+    arguments: list[str] = json.loads(record.read_text())
+    return arguments
+
+
+@pytest.mark.parametrize("password", ["Eventpipe_App_2024", "It's_a_$(DATABASE)_pass", "''x'"])
+def test_the_login_script_sets_the_password_as_given_whatever_its_characters(
+    tmp_path: Path, password: str,
+) -> None:
+    arguments = _login_script_run(tmp_path, password)
+    assert arguments[arguments.index("-U") + 1] == "sa"
+    assert arguments[arguments.index("-i") + 1] == "/opt/eventpipe/app-login.sql"
+    variables = dict(a.split("=", 1) for a in arguments[arguments.index("-v") + 1:])
+    script = (SQLSERVER_LOGIN / "app-login.sql").read_text()
+    used = set(re.findall(r"\$\((\w+)\)", script))
+    assert used == set(variables), "the script's sqlcmd variables are the ones it is given"
+    # As sqlcmd does: each variable replaced once, its value not read again.
+    batches = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], script)
+    literals = []
+    for batch in re.split(r"^GO$", batches, flags=re.MULTILINE):
+        tokens = sqlglot.tokenize(batch, read="tsql")  # an unclosed literal raises
+        literals += [token.text for token in tokens
+                     if token.token_type == sqlglot.TokenType.NATIONAL_STRING]
+    assert literals.count(password) == 2, literals  # CREATE LOGIN, else ALTER LOGIN
+
+
+def test_what_asks_for_no_login_stays_on_the_operator_address(tmp_path: Path) -> None:
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("PUBLISH_ADDRESS=0.0.0.0\n")
+    result = run_compose("config", env_files=(env_file,), tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resolved: dict[str, Service] = yaml.safe_load(result.stdout)["services"]
+    published = {name: {port["host_ip"] for port in service["ports"]}
+                 for name, service in resolved.items() if service.get("ports")}
+    assert published == {"web": {"0.0.0.0"}, "grafana": {"0.0.0.0"},
+                         **{name: {"127.0.0.1"} for name in (
+                             "kafka", "sqlserver", "redis", "flower", "prometheus")}}
 
 
 def test_the_workers_are_one_replicated_pool(services: dict[str, Service]) -> None:

@@ -6,9 +6,9 @@ Loop, in order:
 2. send batches that are full, or have waited long enough while no earlier task of their
    partition waits in its queue (`bridge.batching`), as one task each, to `events.pN`;
 3. every `commit_interval_s`, read the offset ledger, commit each partition's offset up to
-   its oldest unfinished event, pause partitions with too much in flight (resume once half
-   of it is free), and re-read from Kafka any partition whose oldest unfinished event was
-   lost.
+   its oldest unfinished event (into the database, then to Kafka: `eventpipe.positions`),
+   pause partitions with too much in flight (resume once half of it is free), and re-read
+   from Kafka any partition whose oldest unfinished event was lost.
 Rebalances commit what is done for revoked partitions. SIGTERM stops consuming, waits up to
 `shutdown_drain_timeout_s` for work in flight, commits and leaves the group.
 """
@@ -21,6 +21,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -35,11 +36,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.batching import Batcher
 from bridge.offsets import PartitionProgress
-from eventpipe import metrics, redis_clients
+from eventpipe import metrics, positions, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
+from eventpipe.database import make_engine
 from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
 from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
@@ -68,6 +72,10 @@ VOUCH_TIMEOUT_S = 2.0
 # before a partition's last commit (revoked, or the bridge stopping): a topic deleted and
 # made again under its name must not take the offsets this bridge read of the earlier one.
 TOPIC_CHECK_S = 5.0
+# After the database failed to record a commit's offsets, nothing is committed for this long
+# (but a partition's last commit): a database that does not answer holds up the loop for the
+# connection's timeout at each try.
+POSITIONS_AGAIN_S = 5.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -90,10 +98,15 @@ class Bridge:
     def __init__(
         self, settings: Settings, *, celery: Celery | None = None,
         ledger: OffsetLedger | None = None, clock: Callable[[], float] = time.monotonic,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.kafka_topic
         self.celery = celery or make_celery(settings, main="bridge")
+        # Where each partition's offset is recorded before Kafka's commit (`eventpipe.positions`).
+        self.engine = engine or make_engine(settings)
+        self._positions_again = 0.0
+        self._written: dict[int, int] = {}  # the position it last recorded of each partition
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
         self.broker_queues = depth_reader(settings, redis_clients.pipeline)
@@ -219,6 +232,7 @@ class Bridge:
                 self.board.leave(BRIDGE, self.name)
             # Leaving the group at once hands the partitions over without a session timeout.
             self.consumer.close()
+            self.engine.dispose()
 
     def _pause_all(self) -> None:
         assigned = [TopicPartition(self.topic, p) for p in self.partitions]
@@ -484,9 +498,11 @@ class Bridge:
                                                         "queued": queued})
 
     def _still_ours(self, chosen: dict[int, PartitionProgress]) -> dict[int, PartitionProgress]:
-        """Those of `chosen` this bridge still holds: a vouch or a commit that found the topic
-        made again dropped them all (`_remade`)."""
-        return {p: progress for p, progress in chosen.items() if p in self.partitions}
+        """Those of `chosen` this bridge still holds as they were: a vouch or a commit that
+        found the topic made again dropped them all (`_remade`), one that found a position
+        lost took its partition again (`_taken_again`)."""
+        return {p: progress for p, progress in chosen.items()
+                if self.partitions.get(p) is progress}
 
     def _publish_status(self) -> bool:
         """Say on the status board what this bridge holds (`eventpipe.status`); whether it
@@ -511,7 +527,8 @@ class Bridge:
                 final: bool = False) -> None:
         offsets = {p: c for p, progress in chosen.items()
                    if (c := progress.committable()) is not None}
-        if not offsets or not self._same_topic(now, final=final):
+        if not offsets or not self._same_topic(now, final=final) \
+                or not self._recorded(offsets, now, final=final):
             return
         try:
             # Named with the topic's id: a commit landing on a topic made again since is
@@ -537,6 +554,43 @@ class Bridge:
         with contextlib.suppress(redis.RedisError):  # trimmed at the next commit instead
             self.ledger.trim(self._ledger_topic, kept)
         log.debug("committed", extra={"offsets": offsets})
+
+    def _recorded(self, offsets: dict[int, int], now: float, *, final: bool) -> bool:
+        """Record the offsets about to be committed in the database (`eventpipe.positions`),
+        but those of partitions whose position it lost (left out of `offsets`, and taken
+        again); whether any was. Kafka hears of none the database does not hold."""
+        if now < self._positions_again and not final:
+            return False
+        try:
+            lost = positions.save(self.engine, self.topic, self.topic_id or "", offsets,
+                                  datetime.now(UTC), written={
+                                      p: self._written[p] for p in offsets if p in self._written})
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("could not record the offsets in the database: nothing is committed "
+                        "until it can (tried again in %.0f s): %s", POSITIONS_AGAIN_S, exc,
+                        extra={"offsets": offsets})
+            self._positions_again = self.clock() + POSITIONS_AGAIN_S
+            return False
+        for partition in sorted(lost):
+            del offsets[partition]
+            self._taken_again(partition)
+        self._written.update(offsets)
+        return bool(offsets)
+
+    def _taken_again(self, partition: int) -> None:
+        """The database lost the position this bridge recorded of the partition, and the
+        work below it (a failover, or a restore, while the bridge ran): what the bridge knows
+        of the partition says done what the database does not hold. It starts again as one
+        just assigned, vouched for at the next sync, and so read again from the database's
+        position (`_vouch`)."""
+        log.warning("the database lost the position this bridge recorded (a failover, or a "
+                    "restore, while the bridge ran?): the partition is taken again from what "
+                    "the database holds", extra={"partition": partition,
+                                                 "recorded": self._written.get(partition)})
+        self._drop([partition])
+        progress = self.partitions[partition] = PartitionProgress(partition, vouched=False)
+        self._pause(progress)
+        self._next_vouch = 0.0
 
     def _maybe_redeliver(self, progress: PartitionProgress, now: float) -> None:
         offset = progress.redelivery(now, self.settings.redelivery_timeout_s,
@@ -710,7 +764,12 @@ class Bridge:
         Each commit names the topic's id (its metadata). An offset committed under another
         id was committed to an earlier topic of this name (by a bridge that had not yet seen
         it made again): it is not this topic's, and the partition is read from its start as
-        one never committed."""
+        one never committed.
+
+        A committed offset past what the database holds (`eventpipe.positions`: restored from
+        a backup, left behind by a failover, emptied) is not trusted either: the partition is
+        read again from the database's position, its ledger's marks forgotten, as they would
+        commit past work the database lost."""
         found = self._committed(self.consumer,
                                 [TopicPartition(self.topic, p) for p in partitions], timeout_s)
         if found is None:
@@ -730,8 +789,16 @@ class Bridge:
                          if under and self.topic_id and under != self.topic_id)
         known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
         try:
+            behind = positions.rewinds(self.engine, self.topic, self.topic_id,
+                                       {p: known[p] for p in partitions if p in known})
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("could not read what the database holds of new partitions: %s; they "
+                        "are read once it answers", exc, extra={"partitions": partitions})
+            return
+        try:
             # Records the topic's id even when no partition is new (`OffsetLedger.forget`).
-            self.ledger.forget(self._ledger_topic, [p for p in partitions if p not in known])
+            self.ledger.forget(self._ledger_topic,
+                               [p for p in partitions if p not in known or p in behind])
         except redis.RedisError as exc:
             log.warning("could not clear the ledger of new partitions: %s; nothing is "
                         "committed for them until it is", exc, extra={"partitions": partitions})
@@ -740,20 +807,32 @@ class Bridge:
             log.warning("offsets committed to an earlier topic of this name: read from the "
                         "start", extra={"partitions": earlier, "committed": {
                             p: found[p][0] for p in earlier}})
-            try:
-                for partition in earlier:
-                    low, _ = self.consumer.get_watermark_offsets(
+        # Where to read again from: None for the log's start.
+        again: dict[int, int | None] = {p: None for p in earlier}
+        again.update((p, rewind.offset) for p, rewind in behind.items())
+        starts: dict[int, int] = {}
+        try:
+            for partition, start in sorted(again.items()):
+                if start is None:
+                    start, _ = self.consumer.get_watermark_offsets(
                         TopicPartition(self.topic, partition), timeout=timeout_s)
-                    self.consumer.seek(TopicPartition(self.topic, partition, low))
-                    known[partition] = low
-                # In the earlier one's place, for whoever reads it (`eventpipe verify`, Kafka's
-                # tools), should nothing come to commit past it.
+                if partition in behind:
+                    # Not past Kafka's own offset: what retention deleted is counted lost there.
+                    start = min(start, known[partition])
+                self.consumer.seek(TopicPartition(self.topic, partition, start))
+                starts[partition] = start
+            if starts:
+                # In the place of the offsets not trusted, for whoever reads them (`eventpipe
+                # verify`, the lag, Kafka's tools), should nothing come to commit past them.
                 self.consumer.commit(offsets=[
-                    TopicPartition(self.topic, p, known[p], metadata=self.topic_id or None)
-                    for p in earlier], asynchronous=False)
-            except KafkaException as exc:  # not fetching yet, Kafka away: at a later sync
-                log.warning("could not read them from the start yet: %s", exc)
-                return
+                    TopicPartition(self.topic, p, start, metadata=self.topic_id or None)
+                    for p, start in starts.items()], asynchronous=False)
+        except KafkaException as exc:  # not fetching yet, Kafka away: at a later sync
+            log.warning("could not read them again yet: %s", exc)
+            return
+        for partition, rewind in behind.items():
+            self._rewound(partition, starts[partition], known[partition], rewind.why)
+        known.update(starts)
         # Tasks an earlier owner sent (or this bridge, before a restart) may still wait in
         # the queues: those partitions are read once they are taken (`PartitionProgress.drain`).
         # Unknown, they are read at once.
@@ -778,6 +857,14 @@ class Bridge:
                              extra={"partition": partition})
                 elif not self.stopping:
                     self._resume(progress)
+
+    def _rewound(self, partition: int, start: int, committed: int, why: str) -> None:
+        if start < committed:
+            log.warning("the database lacks messages Kafka counts as done (restored from a "
+                        "backup, or left behind by a failover?): reading offsets %d–%d again: "
+                        "%s", start, committed - 1, why, extra={
+                            "partition": partition, "offset": start, "committed": committed})
+            metrics.DATABASE_REWINDS.labels(self.topic, str(partition)).inc(committed - start)
 
     def _served_or_stop(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
         """The partitions whose queues workers serve (those below KAFKA_PARTITIONS). Any other
@@ -853,6 +940,7 @@ class Bridge:
         self.queued.pop(partition, None)
         self.high_watermarks.pop(partition, None)
         self.held.discard(partition)
+        self._written.pop(partition, None)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()

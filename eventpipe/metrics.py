@@ -109,6 +109,11 @@ LOST_TO_RETENTION = Counter(
     "bridge_events_lost_to_retention", "Events Kafka deleted (the topic's retention) before the "
     "bridge read them, per partition: never applied", ["topic", "partition"],
 )
+DATABASE_REWINDS = Counter(
+    "bridge_events_read_again_for_the_database", "Messages read again from Kafka because the "
+    "database held less than Kafka's committed offset (restored from a backup, left behind by a "
+    "failover, emptied), per partition", ["topic", "partition"],
+)
 RETRIES = Counter(
     "event_retries", "Events scheduled for another try, by reason: transient (their whole "
     "batch met a failure of the world), error (an unforeseen error)",

@@ -74,3 +74,10 @@ def event_id_type() -> TypeEngine[str]:
         .with_variant(String(64, collation="C"), "postgresql")
         .with_variant(mssql.NVARCHAR(64, collation="Latin1_General_BIN2"), "mssql")
     )
+
+
+def name_type(length: int) -> TypeEngine[str]:
+    """ASCII that names a thing of Kafka's (a topic, a topic's id): compared exactly on every
+    database, as Kafka does."""
+    return String(length).with_variant(
+        mssql.VARCHAR(length, collation="Latin1_General_BIN2"), "mssql")

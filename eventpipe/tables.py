@@ -13,6 +13,9 @@
   its state; the Redis stream the operators read is a projection of its open rows.
 - `reconcile_queue`: the keys each batch touched, for the reconciler to re-check the rules
   that span keys (`eventpipe.reconcile`).
+- `kafka_positions`: per partition, the offset below which this database holds the fate of
+  every message, as the bridge commits it (`eventpipe.positions`): what tells, when a
+  partition is assigned, that the database lost work Kafka counts as done.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from sqlalchemy import (
     UnicodeText,
 )
 
-from eventpipe.sqltypes import Money, UtcDateTime, event_id_type, key_type
+from eventpipe.sqltypes import Money, UtcDateTime, event_id_type, key_type, name_type
 
 # Stable constraint names on every dialect, so migrations can refer to them.
 NAMING_CONVENTION = {
@@ -179,4 +182,17 @@ reconcile_queue = Table(
     # JSON, the tables written and their keys: {"users": [...], "orders": [...], …}
     Column("keys", UnicodeText(), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
+)
+
+kafka_positions = Table(
+    "kafka_positions",
+    metadata,
+    Column("kafka_topic", name_type(255), primary_key=True),
+    Column("kafka_partition", Integer, primary_key=True, autoincrement=False),
+    # Kafka's id of the topic ("" from a broker with no topic ids): a topic deleted and made
+    # again under its name has a new one, and starts from no position.
+    Column("topic_id", name_type(64), nullable=False),
+    # The next offset to read: every message below it is applied or dead-lettered here.
+    Column("next_offset", BigInteger, nullable=False),
+    Column("committed_at", UtcDateTime(), nullable=False),
 )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.broker import TopicFactory, create_topic, running_kafka
+from tests.support.pipeline import Pipeline
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +28,19 @@ def kafka_topic(kafka_broker: str) -> TopicFactory:
         return create_topic(kafka_broker, partitions)
 
     return make
+
+
+@pytest.fixture
+def make_pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Any]:
+    """Call it for a pipeline of real processes on a topic, a Redis and a database of its
+    own (`tests.support.pipeline.Pipeline`); each is closed after the test."""
+    made: list[Pipeline] = []
+
+    def make(**overrides: Any) -> Pipeline:
+        pipeline = Pipeline(kafka_broker, tmp_path, **overrides)
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.close()

@@ -12,18 +12,22 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import REGISTRY
+from sqlalchemy import create_engine, update
 
 from bridge import service
 from bridge.service import Bridge
+from eventpipe import positions
 from eventpipe.queues import queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
+from eventpipe.tables import kafka_positions
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
@@ -442,3 +446,76 @@ def test_a_batch_the_celery_broker_refused_pauses_its_partition_until_it_is_sent
         bridge._sync(bridge.clock())
         assert queue.llen(QUEUE) == 1 and progress.in_flight == 3
         assert not progress.paused and _shown(bridge).paused_for is None
+
+
+def test_kafka_is_told_no_offset_the_database_has_not_recorded(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each commit's offsets go into the database first (`eventpipe.positions`): a database
+    that cannot record them holds the commit back, and it is made once the database can,
+    after POSITIONS_AGAIN_S."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _read_up_to(bridge, 9)
+        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))  # every task applied
+        recording = bridge.engine
+        bridge.engine = create_engine(f"sqlite:///{tmp_path / 'no-schema.db'}")
+        _syncs_apart(bridge, 1)
+        assert "could not record the offsets in the database" in caplog.text
+        assert _committed(bridge, topic) == 3
+        bridge.engine.dispose()
+        bridge.engine = recording
+        _syncs_apart(bridge, int(service.POSITIONS_AGAIN_S) - 1)
+        assert _committed(bridge, topic) == 3  # not asked again before then
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 10
+        with recording.connect() as conn:
+            assert positions.read(conn, topic, [0]) == {
+                0: positions.Position(bridge.topic_id or "", 10)}
+
+
+def _committed(bridge: Bridge, topic: str) -> int:
+    [found] = bridge.consumer.committed([TopicPartition(topic, 0)], timeout=10)
+    assert bridge.partitions[0].committed == found.offset
+    return int(found.offset)
+
+
+def test_a_position_the_database_lost_under_a_running_bridge_is_read_again(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A failover promotes a replica that had the position of offset 6, and the work below
+    it, not the 10 the bridge recorded on the old primary since. At its next commit the
+    bridge finds the position behind what it recorded: it takes the partition again, reads
+    offsets 6-9 again (their marks in the ledger forgotten) and commits 6 in Kafka's place."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(12))
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _read_up_to(bridge, 9)
+        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 10
+        queue.delete(QUEUE)  # the workers took the tasks, and applied them
+        with bridge.engine.begin() as conn:  # the failover
+            conn.execute(update(kafka_positions).where(kafka_positions.c.kafka_topic == topic)
+                         .values(next_offset=6))
+        _read_up_to(bridge, 11)
+        bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
+        _syncs_apart(bridge, 1)
+        assert "the database lost the position this bridge recorded" in caplog.text
+        assert not bridge.partitions[0].vouched and bridge.partitions[0].paused
+        _syncs_apart(bridge, 1)  # vouched for again
+        assert "reading offsets 6–9 again" in caplog.text
+        progress = bridge.partitions[0]
+        assert progress.committed == 6 and _committed(bridge, topic) == 6
+        queue.delete(QUEUE)
+        wait_until(lambda: _sync_read(bridge) and progress.next_read == 12, 30,
+                   "offsets 6-11 read again")
+        assert progress.in_flight == 6  # not done: the ledger's marks of them were forgotten
+
+
+def _sync_read(bridge: Bridge) -> bool:
+    bridge.clock.now += 1  # type: ignore[attr-defined]
+    bridge._sync(bridge.clock())
+    _read_once(bridge)
+    return True

@@ -34,59 +34,26 @@ from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, send_batch
 from eventpipe.samples import (
     Document,
-    Story,
     encode,
     inventory_adjusted,
     order_placed,
     payment_settled,
     user_created,
 )
-from eventpipe.verify import render
 from tests.support.databases import drop_database, new_database
 from tests.support.model import expected_state, stored_state
 from tests.support.pipeline import (
     BIN,
+    Message,
     Pipeline,
+    assert_state,
     describe,
+    drained,
+    stream,
     wait_until,
 )
 from tests.support.tcp_proxy import TcpProxy
 from web.resources.dlq.schemas import DeadLetterSchema
-
-Message = tuple[str, Document]
-
-
-@pytest.fixture
-def make_pipeline(kafka_broker: str, tmp_path: Path) -> Iterator[Any]:
-    made: list[Pipeline] = []
-
-    def make(**overrides: Any) -> Pipeline:
-        pipeline = Pipeline(kafka_broker, tmp_path, **overrides)
-        made.append(pipeline)
-        return pipeline
-
-    yield make
-    for pipeline in made:
-        pipeline.close()
-
-
-def stream(count: int, seed: int) -> list[Message]:
-    story = Story(seed=seed)
-    return [story.next() for _ in range(count)]
-
-
-def drained(pipeline: Pipeline, sent: int, timeout_s: float = 120) -> None:
-    """Wait until every partition's committed offset is past its last message."""
-    ends = pipeline.end_offsets()
-    assert sum(ends.values()) == sent
-    wait_until(lambda: pipeline.committed_offsets() == ends, timeout_s,
-               f"all {sent} messages done and committed")
-
-
-def assert_state(pipeline: Pipeline, documents: list[Document]) -> None:
-    assert stored_state(pipeline.engine) == expected_state(documents)
-    report = pipeline.verify()
-    assert report.clean, render(report)
 
 
 def test_every_event_type_with_disorder_duplicates_stale_and_poison(make_pipeline: Any) -> None:

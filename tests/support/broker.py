@@ -8,18 +8,27 @@ is wrong, so an end offset is read from delivery reports or a fetched high water
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
+from sqlalchemy import create_engine
 
+from eventpipe import positions
 from eventpipe.effects import Position
-from eventpipe.kafka import consumer_config, ensure_topic, make_producer
+from eventpipe.kafka import consumer_config, ensure_topic, make_producer, read_topic_id
+from eventpipe.migrations import upgrade
 from eventpipe.settings import Settings
 from launcher.embedded import EmbeddedServiceError, start_kafka
 
@@ -45,9 +54,21 @@ def running_kafka(log_path: Path | None = None) -> Iterator[str]:
         yield broker.bootstrap
 
 
+@cache
+def bridges_database() -> str:
+    """A migrated SQLite database, made once per test process, for the bridges a test makes
+    in its own process: they record their positions in it (`eventpipe.positions`)."""
+    directory = Path(tempfile.mkdtemp(prefix="eventpipe-bridges-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    url = f"sqlite:///{directory / 'positions.db'}"
+    upgrade(url)
+    return url
+
+
 def settings_for(bootstrap: str, topic: str = "events", partitions: int = 12) -> Settings:
     return Settings(kafka_bootstrap_servers=bootstrap, kafka_topic=topic,
-                    kafka_partitions=partitions, kafka_session_timeout_ms=SESSION_TIMEOUT_MS)
+                    kafka_partitions=partitions, kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
+                    database_url=bridges_database())
 
 
 def create_topic(bootstrap: str, partitions: int = 12, prefix: str = "test") -> str:
@@ -78,8 +99,18 @@ def produce(bootstrap: str, topic: str, records: Iterable[Record],
 
 
 def commit_offset(bootstrap: str, group_id: str, topic: str, partition: int,
-                  offset: int) -> None:
-    """Commit `offset` for the group, as a member that has since left would have."""
+                  offset: int, database_url: str | None = None) -> None:
+    """Commit `offset` for the group, as a member that has since left would have: recorded
+    first in the database a bridge of these settings records its positions in, under the
+    topic's id (`eventpipe.positions`)."""
+    engine = create_engine(database_url or bridges_database())
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        topic_id = read_topic_id(admin, topic, 10.0)
+        assert topic_id is not None, f"Kafka did not say which topic {topic} is"
+        positions.save(engine, topic, topic_id, {partition: offset}, datetime.now(UTC))
+    finally:
+        engine.dispose()
     committer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
     try:
         committer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)

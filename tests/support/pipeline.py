@@ -28,13 +28,14 @@ from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.kafka import ensure_topic
 from eventpipe.migrations import upgrade
 from eventpipe.queues import queue_name
-from eventpipe.samples import Document, encode
+from eventpipe.samples import Document, Story, encode
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters, reconcile_queue
-from eventpipe.verify import Report, verify
+from eventpipe.verify import Report, render, verify
 from launcher.children import terminate
 from launcher.embedded import start_redis
 from tests.support.databases import drop_database, new_database
+from tests.support.model import expected_state, stored_state
 from tests.support.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,3 +250,27 @@ def describe(entries: list[StreamEntry]) -> list[tuple[Any, ...]]:
     return sorted((e.letter.error_class,
                    e.letter.event_id or (e.value or b"").decode("utf-8", "replace"))
                   for e in entries)
+
+
+Message = tuple[str, Document]
+
+
+def stream(count: int, seed: int) -> list[Message]:
+    """A story of `count` valid events, keyed as the producer keys them."""
+    story = Story(seed=seed)
+    return [story.next() for _ in range(count)]
+
+
+def drained(pipeline: Pipeline, sent: int, timeout_s: float = 120) -> None:
+    """Wait until every partition's committed offset is past its last message."""
+    ends = pipeline.end_offsets()
+    assert sum(ends.values()) == sent
+    wait_until(lambda: pipeline.committed_offsets() == ends, timeout_s,
+               f"all {sent} messages done and committed")
+
+
+def assert_state(pipeline: Pipeline, documents: list[Document]) -> None:
+    """The database holds what the events make, and `eventpipe verify` finds it clean."""
+    assert stored_state(pipeline.engine) == expected_state(documents)
+    report = pipeline.verify()
+    assert report.clean, render(report)

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Table
 from sqlalchemy.dialects.mssql import pyodbc
 from sqlalchemy.schema import CreateTable
 
-from eventpipe import upserts
+from eventpipe import positions, upserts
 from eventpipe.dlq import records
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import (
@@ -166,3 +166,12 @@ def test_the_dead_letters_queries_are_tsql() -> None:
     for sql in conn.statements:
         parses_as_tsql(sql)
         assert re.search(r"\bIS (NOT )?(0|1|true|false)\b", sql, flags=re.IGNORECASE) is None, sql
+
+
+def test_a_position_is_recorded_by_a_merge_that_moves_it_only_forward() -> None:
+    sql = tsql(positions.saving("mssql"))
+    parses_as_tsql(sql)
+    assert sql.startswith("MERGE INTO kafka_positions WITH (HOLDLOCK) AS target ")
+    assert "THEN UPDATE SET next_offset = CASE WHEN target.topic_id = source.topic_id AND " \
+        "target.next_offset > source.next_offset THEN target.next_offset ELSE " \
+        "source.next_offset END" in sql

@@ -1,0 +1,135 @@
+"""What the database holds of each partition: the offset below which the fate of every message
+is recorded in it, written by the bridge before it commits the same offset to Kafka.
+
+Kafka's committed offsets say what the pipeline did; they cannot say what the database kept.
+A database restored from a backup, or a replica that a failover promoted before it had the
+primary's last commits, lacks work Kafka counts as done, and nothing would bring it back: the
+bridge reads on from Kafka's offsets. The positions roll back with the database. One is written
+only once the work below it is durable here, and before Kafka hears of it, so a snapshot of the
+database holds no position past its own work. As a partition is assigned, the bridge reads
+it from here when Kafka's committed offset is further (`rewinds`), as Kafka Connect's sinks
+keep their offsets in the database they write.
+
+A position moves only forward for the topic it names: a bridge that lost a partition may
+still write an older position after the new owner wrote a newer one. A topic deleted and made
+again has a new id in Kafka, and starts from no position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import Connection, Engine, and_, bindparam, case, literal, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Executable
+
+from eventpipe.sqltypes import UtcDateTime
+from eventpipe.tables import applied_events, dead_letters, kafka_positions
+
+_MERGE_TSQL = (
+    "MERGE INTO kafka_positions WITH (HOLDLOCK) AS target USING (SELECT :kafka_topic AS "
+    "kafka_topic, :kafka_partition AS kafka_partition, :topic_id AS topic_id, :next_offset AS "
+    "next_offset, :committed_at AS committed_at) AS source ON target.kafka_topic = "
+    "source.kafka_topic AND target.kafka_partition = source.kafka_partition "
+    "WHEN MATCHED THEN UPDATE SET next_offset = CASE WHEN target.topic_id = source.topic_id "
+    "AND target.next_offset > source.next_offset THEN target.next_offset ELSE "
+    "source.next_offset END, topic_id = source.topic_id, committed_at = source.committed_at "
+    "WHEN NOT MATCHED THEN INSERT (kafka_topic, kafka_partition, topic_id, next_offset, "
+    "committed_at) VALUES (source.kafka_topic, source.kafka_partition, source.topic_id, "
+    "source.next_offset, source.committed_at);")
+
+
+class Position(NamedTuple):
+    topic_id: str
+    next_offset: int
+
+
+def saving(dialect: str) -> Executable:
+    """The statement that records one partition's position, forward only within a topic."""
+    if dialect == "mssql":
+        return text(_MERGE_TSQL).bindparams(bindparam("committed_at", type_=UtcDateTime()))
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(kafka_positions)
+    stored, given = kafka_positions.c, statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[stored.kafka_topic, stored.kafka_partition],
+        set_={"next_offset": case((and_(stored.topic_id == given.topic_id,
+                                        stored.next_offset > given.next_offset),
+                                   stored.next_offset), else_=given.next_offset),
+              "topic_id": given.topic_id, "committed_at": given.committed_at})
+
+
+def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
+         at: datetime, *, written: Mapping[int, int] | None = None) -> set[int]:
+    """Record, in one transaction, the positions the bridge is about to commit to Kafka, but
+    those of partitions whose position is behind what the same bridge had `written` there:
+    the database lost it (a failover, a restore under a running bridge), and the work below
+    it. Those partitions are returned, and recorded no further."""
+    written = written or {}
+    with engine.begin() as conn:
+        kept = read(conn, topic, written) if written else {}
+        lost = {partition for partition, offset in written.items()
+                if (position := kept.get(partition)) is None
+                or position.topic_id != topic_id or position.next_offset < offset}
+        rows: list[dict[str, Any]] = [
+            {"kafka_topic": topic, "kafka_partition": partition, "topic_id": topic_id,
+             "next_offset": offset, "committed_at": at}
+            for partition, offset in sorted(offsets.items()) if partition not in lost]
+        if rows:
+            conn.execute(saving(engine.dialect.name), rows)
+    return lost
+
+
+def read(conn: Connection, topic: str, partitions: Collection[int]) -> dict[int, Position]:
+    query = select(kafka_positions.c.kafka_partition, kafka_positions.c.topic_id,
+                   kafka_positions.c.next_offset).where(
+        kafka_positions.c.kafka_topic == topic,
+        kafka_positions.c.kafka_partition.in_(sorted(partitions)))
+    return {row.kafka_partition: Position(row.topic_id, row.next_offset)
+            for row in conn.execute(query)}
+
+
+def holds_any(conn: Connection, topic: str, partition: int) -> bool:
+    """Whether the database records the fate of any message of the partition."""
+    for table in (applied_events, dead_letters):
+        query = select(literal(1)).select_from(table).where(
+            table.c.kafka_topic == topic, table.c.kafka_partition == partition).limit(1)
+        if conn.execute(query).first() is not None:
+            return True
+    return False
+
+
+class Rewind(NamedTuple):
+    """A partition to read again from `offset` (None: from the log's start), and why."""
+
+    offset: int | None
+    why: str
+
+
+def rewinds(engine: Engine, topic: str, topic_id: str,
+            committed: Mapping[int, int]) -> dict[int, Rewind]:
+    """The partitions whose committed offset in Kafka is past what the database holds: where
+    to read each from again. A partition whose position names this topic is read from its
+    position when Kafka's is further. One with no position (a database that holds no
+    positions yet, or those of an earlier topic of the name) is read from the start when the
+    database holds no fate of any of its messages at all: emptied, or made anew, while Kafka
+    says its messages are done. With fates recorded it is the database's first run with
+    positions, and Kafka's offset stands."""
+    found: dict[int, Rewind] = {}
+    with engine.connect() as conn:
+        kept = read(conn, topic, committed)
+        for partition, offset in sorted(committed.items()):
+            position = kept.get(partition)
+            if position is not None and position.topic_id == topic_id:
+                if position.next_offset < offset:
+                    found[partition] = Rewind(
+                        position.next_offset,
+                        f"the database holds its messages up to offset {position.next_offset}, "
+                        f"Kafka's committed offset is {offset}")
+            elif offset > 0 and not holds_any(conn, topic, partition):
+                found[partition] = Rewind(
+                    None, f"the database holds none of its messages, Kafka's committed offset "
+                          f"is {offset}")
+    return found

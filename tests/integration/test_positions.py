@@ -1,0 +1,60 @@
+"""What the database holds of each partition (`eventpipe.positions`), on each database the
+project supports live: positions only move forward within a topic, and the partitions to read
+again are those whose committed offset in Kafka is past what the database holds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+
+from eventpipe import positions
+from eventpipe.dlq import records
+from eventpipe.effects import Position
+from eventpipe.tables import applied_events
+from tests.support.factories import T0, dead_letter
+
+TOPIC = "events"
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def _read(engine: Engine, topic: str = TOPIC) -> dict[int, positions.Position]:
+    with engine.connect() as conn:
+        return positions.read(conn, topic, range(12))
+
+
+def test_a_position_moves_only_forward_within_a_topic(engine: Engine) -> None:
+    positions.save(engine, TOPIC, "id-1", {0: 10, 1: 4}, NOW)
+    # A bridge that has lost the partitions still commits what it knew: 7 after 10.
+    positions.save(engine, TOPIC, "id-1", {0: 7, 1: 6}, NOW)
+    assert _read(engine) == {0: positions.Position("id-1", 10), 1: positions.Position("id-1", 6)}
+    # A topic made again under the name starts from its own first commit.
+    positions.save(engine, TOPIC, "id-2", {0: 3}, NOW)
+    assert _read(engine)[0] == positions.Position("id-2", 3)
+    positions.save(engine, "other", "id-9", {0: 1}, NOW)
+    assert _read(engine, "other") == {0: positions.Position("id-9", 1)}
+    assert _read(engine)[0] == positions.Position("id-2", 3)
+
+
+def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says(
+        engine: Engine) -> None:
+    positions.save(engine, TOPIC, "id-1", {0: 5, 1: 20, 2: 8}, NOW)
+    positions.save(engine, TOPIC, "id-0", {3: 5}, NOW)  # an earlier topic of the name
+    with engine.begin() as conn:
+        for partition, offset in ((3, 1), (5, 2)):
+            conn.execute(applied_events.insert().values(
+                event_id=f"e-{partition}", event_type="UserCreated", outcome="applied",
+                kafka_topic=TOPIC, kafka_partition=partition, kafka_offset=offset,
+                occurred_at=T0, applied_at=T0))
+        # Partition 6 holds only a dead letter.
+        records.record_failures(conn, [replace(dead_letter(3).letter,
+                                               position=Position(TOPIC, 6, 3))])
+    committed = {0: 8, 1: 10, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 0}
+    found = positions.rewinds(engine, TOPIC, "id-1", committed)
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 4: None}
+    assert found[0].why == "the database holds its messages up to offset 5, Kafka's " \
+        "committed offset is 8"
+    assert found[4].why == "the database holds none of its messages, Kafka's committed " \
+        "offset is 8"
+

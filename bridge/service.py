@@ -104,9 +104,12 @@ class Bridge:
         self.topic = settings.kafka_topic
         self.celery = celery or make_celery(settings, main="bridge")
         # Where each partition's offset is recorded before Kafka's commit (`eventpipe.positions`).
-        self.engine = engine or make_engine(settings)
+        # A SQLite file that is not there is refused, not made empty: a bridge started in
+        # another directory than the pipeline's would read a relative path there.
+        self.engine = engine or make_engine(settings, create=False)
         self._positions_again = 0.0
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
+        self._retaken: set[int] = set()  # partitions taken again, to be read again (`_vouch`)
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
         self.broker_queues = depth_reader(settings, redis_clients.pipeline)
@@ -588,6 +591,7 @@ class Bridge:
                     "the database holds", extra={"partition": partition,
                                                  "recorded": self._written.get(partition)})
         self._drop([partition])
+        self._retaken.add(partition)
         progress = self.partitions[partition] = PartitionProgress(partition, vouched=False)
         self._pause(progress)
         self._next_vouch = 0.0
@@ -790,7 +794,8 @@ class Bridge:
         known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
         try:
             behind = positions.rewinds(self.engine, self.topic, self.topic_id,
-                                       {p: known[p] for p in partitions if p in known})
+                                       {p: known[p] for p in partitions if p in known},
+                                       [p for p in partitions if p in self._retaken])
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
                         "are read once it answers", exc, extra={"partitions": partitions})
@@ -816,7 +821,7 @@ class Bridge:
                 if start is None:
                     start, _ = self.consumer.get_watermark_offsets(
                         TopicPartition(self.topic, partition), timeout=timeout_s)
-                if partition in behind:
+                if partition in known:
                     # Not past Kafka's own offset: what retention deleted is counted lost there.
                     start = min(start, known[partition])
                 self.consumer.seek(TopicPartition(self.topic, partition, start))
@@ -831,7 +836,8 @@ class Bridge:
             log.warning("could not read them again yet: %s", exc)
             return
         for partition, rewind in behind.items():
-            self._rewound(partition, starts[partition], known[partition], rewind.why)
+            if partition in known:
+                self._rewound(partition, starts[partition], known[partition], rewind.why)
         known.update(starts)
         # Tasks an earlier owner sent (or this bridge, before a restart) may still wait in
         # the queues: those partitions are read once they are taken (`PartitionProgress.drain`).
@@ -840,6 +846,7 @@ class Bridge:
         for partition in partitions:
             if (progress := self.partitions.get(partition)) is not None:
                 progress.vouched = True
+                self._retaken.discard(partition)
                 progress.drain(waiting.get(partition) if waiting else None, self.clock(),
                                self.settings.redelivery_timeout_s)
                 progress.committed = progress.next_read = known.get(partition)
@@ -941,6 +948,7 @@ class Bridge:
         self.high_watermarks.pop(partition, None)
         self.held.discard(partition)
         self._written.pop(partition, None)
+        self._retaken.discard(partition)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()

@@ -2,17 +2,21 @@
 is recorded in it, written by the bridge before it commits the same offset to Kafka.
 
 Kafka's committed offsets say what the pipeline did; they cannot say what the database kept.
-A database restored from a backup, or a replica that a failover promoted before it had the
-primary's last commits, lacks work Kafka counts as done, and nothing would bring it back: the
-bridge reads on from Kafka's offsets. The positions roll back with the database. One is written
-only once the work below it is durable here, and before Kafka hears of it, so a snapshot of the
-database holds no position past its own work. As a partition is assigned, the bridge reads
-it from here when Kafka's committed offset is further (`rewinds`), as Kafka Connect's sinks
-keep their offsets in the database they write.
+A database restored from a backup, or lost and made anew, lacks work Kafka counts as done, and
+nothing would bring it back: the bridge would read on from Kafka's offsets. A position is
+written only once the work below it is durable in the database, and before Kafka hears of it,
+so a snapshot of the database holds no position past its own work. As a partition is
+assigned, the bridge reads it again from here where Kafka's committed offset is further
+(`rewinds`).
+
+The marks that tell the bridge what is done live in Redis, which does not roll back with the
+database: a failover, or a restore under a running bridge, is seen only where the database
+lost a position the bridge recorded (`save`), not where it lost only work done since
+(docs/architecture.md says what to do then).
 
 A position moves only forward for the topic it names: a bridge that lost a partition may
 still write an older position after the new owner wrote a newer one. A topic deleted and made
-again has a new id in Kafka, and starts from no position.
+again has a new id in Kafka, and its first position overwrites the earlier topic's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, case, literal, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
+from eventpipe.database import reading
 from eventpipe.sqltypes import UtcDateTime
 from eventpipe.tables import applied_events, dead_letters, kafka_positions
 
@@ -70,9 +75,11 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
     written = written or {}
     with engine.begin() as conn:
         kept = read(conn, topic, written) if written else {}
+        # Another id there is another topic's writer (a bridge of the topic before it was
+        # made again, not yet stopped): not a loss of this one's.
         lost = {partition for partition, offset in written.items()
                 if (position := kept.get(partition)) is None
-                or position.topic_id != topic_id or position.next_offset < offset}
+                or (position.topic_id == topic_id and position.next_offset < offset)}
         rows: list[dict[str, Any]] = [
             {"kafka_topic": topic, "kafka_partition": partition, "topic_id": topic_id,
              "next_offset": offset, "committed_at": at}
@@ -108,28 +115,38 @@ class Rewind(NamedTuple):
     why: str
 
 
-def rewinds(engine: Engine, topic: str, topic_id: str,
-            committed: Mapping[int, int]) -> dict[int, Rewind]:
-    """The partitions whose committed offset in Kafka is past what the database holds: where
-    to read each from again. A partition whose position names this topic is read from its
-    position when Kafka's is further. One with no position (a database that holds no
-    positions yet, or those of an earlier topic of the name) is read from the start when the
-    database holds no fate of any of its messages at all: emptied, or made anew, while Kafka
-    says its messages are done. With fates recorded it is the database's first run with
-    positions, and Kafka's offset stands."""
+def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, int],
+            again: Collection[int] = ()) -> dict[int, Rewind]:
+    """The partitions to read again, and from where: those whose committed offset in Kafka
+    is past what the database holds, and those of `again` (taken again by a bridge that found
+    its position lost) in any case.
+
+    A partition whose position names this topic is read from its position when Kafka's is
+    further. One with no position (a database that holds no positions yet, or those of an
+    earlier topic of the name) is read from the start when the database holds no fate of any
+    of its messages at all: emptied, or made anew, while Kafka says its messages are done.
+    With fates recorded it is the database's first run with positions, and Kafka's offset
+    stands. A partition of `again` is read from the lower of the two, Kafka's committed
+    offset where there is no position, the log's start where there is neither."""
     found: dict[int, Rewind] = {}
-    with engine.connect() as conn:
-        kept = read(conn, topic, committed)
-        for partition, offset in sorted(committed.items()):
-            position = kept.get(partition)
-            if position is not None and position.topic_id == topic_id:
-                if position.next_offset < offset:
-                    found[partition] = Rewind(
-                        position.next_offset,
-                        f"the database holds its messages up to offset {position.next_offset}, "
-                        f"Kafka's committed offset is {offset}")
-            elif offset > 0 and not holds_any(conn, topic, partition):
+    with reading(engine) as conn:
+        kept = {p: position for p, position in read(conn, topic, {*committed, *again}).items()
+                if position.topic_id == topic_id}
+        for partition in sorted({*committed, *again}):
+            position, offset = kept.get(partition), committed.get(partition)
+            if position is not None and offset is not None and position.next_offset < offset:
+                found[partition] = Rewind(
+                    position.next_offset,
+                    f"the database holds its messages up to offset {position.next_offset}, "
+                    f"Kafka's committed offset is {offset}")
+            elif position is None and offset and not holds_any(conn, topic, partition):
                 found[partition] = Rewind(
                     None, f"the database holds none of its messages, Kafka's committed offset "
                           f"is {offset}")
+            elif partition in again:
+                start = position.next_offset if position is not None else offset
+                if start is not None and offset is not None:
+                    start = min(start, offset)
+                found[partition] = Rewind(start, "the database lost the position the bridge "
+                                                 "recorded")
     return found

@@ -56,8 +56,9 @@ PAUSE_CAUSES = {
     "backpressure": "MAX_IN_FLIGHT_PER_PARTITION events in flight; read again once half are done",
     "draining": "tasks of an earlier reading still wait in its queue; read once workers take "
                 "them, or none was taken for REDELIVERY_TIMEOUT_S",
-    "assigning": "just assigned: read once its committed offset and the topic's id are known "
-                 "and the offset ledger holds no marks of an earlier topic",
+    "assigning": "just assigned: read once its committed offset, the topic's id and what the "
+                 "database holds of it are known and the offset ledger holds no marks of an "
+                 "earlier topic",
     "broker": "the Celery broker refused a batch; sent again at each sync, read once it is "
               "taken",
     "stopping": "the bridge is stopping",
@@ -273,7 +274,8 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
                      and (p.paused_s or 0) > ASSIGNING_S]:
         found.append(f"{_these(assigning)} not read for over {ASSIGNING_S:.0f} s since "
                      "assigned: the bridge cannot learn the committed offsets or the topic's id "
-                     "from Kafka, or clear the offset ledger in Redis (its log says which)")
+                     "from Kafka, what the database holds of them, or clear the offset ledger "
+                     "in Redis (its log says which)")
     if refused := [p.partition for p in partitions if p.paused_for == "broker"]:
         found.append(f"{_these(refused)} paused: the Celery broker refused "
                      f"{'its batch' if len(refused) == 1 else 'their batches'} (is it up, or "

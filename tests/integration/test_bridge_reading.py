@@ -19,7 +19,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import REGISTRY
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, delete, update
 
 from bridge import service
 from bridge.service import Bridge
@@ -519,3 +519,35 @@ def _sync_read(bridge: Bridge) -> bool:
     bridge._sync(bridge.clock())
     _read_once(bridge)
     return True
+
+
+def test_a_partition_taken_again_is_read_again_even_where_the_database_is_not_behind_kafka(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A review's finding: a partition taken again was sought back only where the database's
+    position was below Kafka's committed offset. Its position gone (a database that lost the
+    row, and here every fate of the topic), it went on from where it had read, past the
+    messages it had dropped, with its ledger's marks kept. It is read again from where the
+    database says, here from the log's start, its marks forgotten."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(12))
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _read_up_to(bridge, 9)
+        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 10
+        queue.delete(QUEUE)
+        with bridge.engine.begin() as conn:
+            conn.execute(delete(kafka_positions).where(kafka_positions.c.kafka_topic == topic))
+        _read_up_to(bridge, 11)
+        bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
+        _syncs_apart(bridge, 2)
+        assert "the database lost the position this bridge recorded" in caplog.text
+        assert "reading offsets 0–9 again: the database holds none of its messages" \
+            in caplog.text
+        progress = bridge.partitions[0]
+        assert progress.vouched and _committed(bridge, topic) == 0
+        queue.delete(QUEUE)
+        wait_until(lambda: _sync_read(bridge) and progress.next_read == 12, 30,
+                   "offsets 0-11 read again")
+        assert progress.in_flight == 12

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete, update
 
 from eventpipe import positions
 from eventpipe.dlq import records
 from eventpipe.effects import Position
-from eventpipe.tables import applied_events
+from eventpipe.tables import applied_events, kafka_positions
 from tests.support.factories import T0, dead_letter
 
 TOPIC = "events"
@@ -58,3 +58,26 @@ def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says
     assert found[4].why == "the database holds none of its messages, Kafka's committed " \
         "offset is 8"
 
+
+
+def test_a_position_behind_what_the_bridge_recorded_is_lost_unless_another_topic_wrote_it(
+        engine: Engine) -> None:
+    positions.save(engine, TOPIC, "id-1", {0: 10, 1: 10, 2: 10}, NOW)
+    with engine.begin() as conn:  # a failover that lost the last write of 0, and all of 1
+        conn.execute(update(kafka_positions).where(kafka_positions.c.kafka_partition == 0)
+                     .values(next_offset=6))
+        conn.execute(delete(kafka_positions).where(kafka_positions.c.kafka_partition == 1))
+    # The bridge of the topic before it was made again, not stopped yet.
+    positions.save(engine, TOPIC, "id-0", {2: 3}, NOW)
+    lost = positions.save(engine, TOPIC, "id-1", {0: 12, 1: 12, 2: 12, 3: 1}, NOW,
+                          written={0: 10, 1: 10, 2: 10})
+    assert lost == {0, 1}
+    assert _read(engine) == {0: positions.Position("id-1", 6), 2: positions.Position("id-1", 12),
+                             3: positions.Position("id-1", 1)}
+
+
+def test_a_partition_taken_again_is_read_from_the_lower_of_the_two_offsets(
+        engine: Engine) -> None:
+    positions.save(engine, TOPIC, "id-1", {0: 5, 1: 20, 3: 4}, NOW)
+    found = positions.rewinds(engine, TOPIC, "id-1", {0: 8, 1: 10}, again=[1, 2, 3])
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 1: 10, 2: None, 3: 4}

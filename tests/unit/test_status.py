@@ -91,8 +91,8 @@ def test_why_a_partition_is_paused_and_what_retention_took_are_shown_and_named()
     assert status.problems == [
         # Still being assigned after a minute: something the bridge asks does not answer.
         "partitions 5-6 are not read for over 60 s since assigned: the bridge cannot learn the "
-        "committed offsets or the topic's id from Kafka, or clear the offset ledger in Redis "
-        "(its log says which)",
+        "committed offsets or the topic's id from Kafka, what the database holds of them, or "
+        "clear the offset ledger in Redis (its log says which)",
         "partitions 1-2 are paused: the Celery broker refused their batches (is it up, or "
         "full?)",
         "partition 2: 1,200 event(s) lost, the last within the hour: Kafka's retention deleted "

@@ -263,8 +263,10 @@ class Bridge:
                         raise KafkaException(error)
                 continue
             partition = record.partition()
-            if partition not in self.partitions:
-                continue  # revoked while the message was on its way
+            if partition not in self.partitions or partition in self._retaken:
+                # Revoked while the message was on its way; or taken again, to be read
+                # again from where its vouch seeks it.
+                continue
             kind, timestamp = record.timestamp()
             message = TaskMessage(record.offset() or 0, record.key(), record.value(),
                                   timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
@@ -793,9 +795,9 @@ class Bridge:
                          if under and self.topic_id and under != self.topic_id)
         known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
         try:
-            behind = positions.rewinds(self.engine, self.topic, self.topic_id,
-                                       {p: known[p] for p in partitions if p in known},
-                                       [p for p in partitions if p in self._retaken])
+            behind, kept = positions.rewinds(self.engine, self.topic, self.topic_id,
+                                             {p: known[p] for p in partitions if p in known},
+                                             [p for p in partitions if p in self._retaken])
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
                         "are read once it answers", exc, extra={"partitions": partitions})
@@ -847,6 +849,8 @@ class Bridge:
             if (progress := self.partitions.get(partition)) is not None:
                 progress.vouched = True
                 self._retaken.discard(partition)
+                if partition in kept:  # checked at the first commit too (`_recorded`)
+                    self._written[partition] = kept[partition]
                 progress.drain(waiting.get(partition) if waiting else None, self.clock(),
                                self.settings.redelivery_timeout_s)
                 progress.committed = progress.next_read = known.get(partition)

@@ -51,6 +51,12 @@ class Position(NamedTuple):
     next_offset: int
 
 
+# The row migration 0005 adds to a database it makes the table in while the database holds
+# no fate: no topic has this name. There, a partition with no position holds nothing, whatever
+# fates tasks left in the queues wrote into it before a bridge came (`rewinds`).
+MADE_WITH_POSITIONS = ("", -1)
+
+
 def saving(dialect: str) -> Executable:
     """The statement that records one partition's position, forward only within a topic."""
     if dialect == "mssql":
@@ -71,31 +77,46 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
     """Record, in one transaction, the positions the bridge is about to commit to Kafka, but
     those of partitions whose position is behind what the same bridge had `written` there:
     the database lost it (a failover, a restore under a running bridge), and the work below
-    it. Those partitions are returned, and recorded no further."""
+    it. Those partitions are returned, and recorded no further; one whose row is gone gets
+    a position at 0, so that whoever reads it next reads it again from the start."""
     written = written or {}
     with engine.begin() as conn:
-        kept = read(conn, topic, written) if written else {}
+        kept = read(conn, topic, written, lock=True) if written else {}
         # Another id there is another topic's writer (a bridge of the topic before it was
         # made again, not yet stopped): not a loss of this one's.
         lost = {partition for partition, offset in written.items()
                 if (position := kept.get(partition)) is None
                 or (position.topic_id == topic_id and position.next_offset < offset)}
+        chosen = {**{p: o for p, o in offsets.items() if p not in lost},
+                  **{p: 0 for p in lost if p not in kept}}
         rows: list[dict[str, Any]] = [
             {"kafka_topic": topic, "kafka_partition": partition, "topic_id": topic_id,
              "next_offset": offset, "committed_at": at}
-            for partition, offset in sorted(offsets.items()) if partition not in lost]
+            for partition, offset in sorted(chosen.items())]
         if rows:
             conn.execute(saving(engine.dialect.name), rows)
     return lost
 
 
-def read(conn: Connection, topic: str, partitions: Collection[int]) -> dict[int, Position]:
+def read(conn: Connection, topic: str, partitions: Collection[int], *,
+         lock: bool = False) -> dict[int, Position]:
+    """`lock`: until the transaction ends, as one that will write them (no other writer may
+    change them between this read and its write)."""
     query = select(kafka_positions.c.kafka_partition, kafka_positions.c.topic_id,
                    kafka_positions.c.next_offset).where(
         kafka_positions.c.kafka_topic == topic,
         kafka_positions.c.kafka_partition.in_(sorted(partitions)))
+    if lock:
+        query = query.with_for_update()
     return {row.kafka_partition: Position(row.topic_id, row.next_offset)
             for row in conn.execute(query)}
+
+
+def _made_with_positions(conn: Connection) -> bool:
+    topic, partition = MADE_WITH_POSITIONS
+    query = select(literal(1)).select_from(kafka_positions).where(
+        kafka_positions.c.kafka_topic == topic, kafka_positions.c.kafka_partition == partition)
+    return conn.execute(query).first() is not None
 
 
 def holds_any(conn: Connection, topic: str, partition: int) -> bool:
@@ -109,44 +130,46 @@ def holds_any(conn: Connection, topic: str, partition: int) -> bool:
 
 
 class Rewind(NamedTuple):
-    """A partition to read again from `offset` (None: from the log's start), and why."""
+    """A partition to read again from `offset`, and why."""
 
-    offset: int | None
+    offset: int
     why: str
 
 
 def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, int],
-            again: Collection[int] = ()) -> dict[int, Rewind]:
+            again: Collection[int] = ()) -> tuple[dict[int, Rewind], dict[int, int]]:
     """The partitions to read again, and from where: those whose committed offset in Kafka
     is past what the database holds, and those of `again` (taken again by a bridge that found
-    its position lost) in any case.
+    its position lost) in any case; and the positions of this topic the database holds.
 
     A partition whose position names this topic is read from its position when Kafka's is
     further. One with no position (a database that holds no positions yet, or those of an
-    earlier topic of the name) is read from the start when the database holds no fate of any
-    of its messages at all: emptied, or made anew, while Kafka says its messages are done.
-    With fates recorded it is the database's first run with positions, and Kafka's offset
-    stands. A partition of `again` is read from the lower of the two, Kafka's committed
-    offset where there is no position, the log's start where there is neither."""
+    earlier topic of the name) is read from the start when the database was made with
+    positions (`MADE_WITH_POSITIONS`), or holds no fate of any of its messages at all: lost,
+    and made anew, while Kafka says its messages are done. With fates recorded in a database
+    from before positions, it is its first run with them, and Kafka's offset stands. A
+    partition of `again` is read from its position or Kafka's offset, the lower, and from the
+    start where it has no position: the bridge recorded one, and the database went back to
+    before it."""
     found: dict[int, Rewind] = {}
     with reading(engine) as conn:
-        kept = {p: position for p, position in read(conn, topic, {*committed, *again}).items()
+        kept = {p: position.next_offset
+                for p, position in read(conn, topic, {*committed, *again}).items()
                 if position.topic_id == topic_id}
+        fresh = _made_with_positions(conn)
         for partition in sorted({*committed, *again}):
             position, offset = kept.get(partition), committed.get(partition)
-            if position is not None and offset is not None and position.next_offset < offset:
+            if position is not None and offset is not None and position < offset:
                 found[partition] = Rewind(
-                    position.next_offset,
-                    f"the database holds its messages up to offset {position.next_offset}, "
-                    f"Kafka's committed offset is {offset}")
-            elif position is None and offset and not holds_any(conn, topic, partition):
+                    position, f"the database holds its messages up to offset {position}, "
+                              f"Kafka's committed offset is {offset}")
+            elif position is None and (partition in again or (offset and (
+                    fresh or not holds_any(conn, topic, partition)))):
                 found[partition] = Rewind(
-                    None, f"the database holds none of its messages, Kafka's committed offset "
-                          f"is {offset}")
-            elif partition in again:
-                start = position.next_offset if position is not None else offset
-                if start is not None and offset is not None:
-                    start = min(start, offset)
-                found[partition] = Rewind(start, "the database lost the position the bridge "
-                                                 "recorded")
-    return found
+                    0, "the database holds none of its messages"
+                       + (f", Kafka's committed offset is {offset}" if offset else ""))
+            elif partition in again and position is not None:
+                found[partition] = Rewind(
+                    position if offset is None else min(position, offset),
+                    "the database lost the position the bridge recorded")
+    return found, kept

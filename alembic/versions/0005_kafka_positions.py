@@ -13,6 +13,7 @@ Create Date: 2026-12-06
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -26,7 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table(
+    positions = op.create_table(
         "kafka_positions",
         sa.Column("kafka_topic", name_type(255), nullable=False),
         sa.Column("kafka_partition", sa.Integer(), autoincrement=False, nullable=False),
@@ -35,6 +36,14 @@ def upgrade() -> None:
         sa.Column("committed_at", UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("kafka_topic", "kafka_partition", name="pk_kafka_positions"),
     )
+    # A database that holds no fate yet is made with positions: a partition it has none of
+    # holds nothing, whatever fates tasks left in the queues write before a bridge comes
+    # (`eventpipe.positions.MADE_WITH_POSITIONS`, a name no topic has).
+    bind = op.get_bind()
+    if all(bind.execute(sa.select(sa.literal(1)).select_from(sa.table(name)).limit(1)).first()
+           is None for name in ("applied_events", "dead_letters")):
+        op.bulk_insert(positions, [{"kafka_topic": "", "kafka_partition": -1, "topic_id": "",
+                                    "next_offset": 0, "committed_at": datetime.now(UTC)}])
 
 
 def downgrade() -> None:

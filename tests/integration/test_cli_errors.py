@@ -18,7 +18,14 @@ from confluent_kafka import TopicPartition
 from bridge.service import Bridge
 from cli.errors import explain
 from eventpipe.errors import KEY_OF_ANOTHER_KIND, TransientError
-from tests.support.broker import TopicFactory, commit_offset, consume, produce, settings_for
+from tests.support.broker import (
+    TopicFactory,
+    bridges_database,
+    commit_offset,
+    consume,
+    produce,
+    settings_for,
+)
 from tests.support.pipeline import BIN, ROOT, wait_until
 from tests.support.services import REDIS_URL
 
@@ -54,6 +61,10 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
          "eventpipe: bad setting: WEB_HOST=192.0.2.1: "),
         # Run from another directory than the pipeline's: not made empty here.
         (["trace", "e-1", "--no-kafka"], {}, 2,
+         "never-migrated.db does not exist: run this where the pipeline runs, or `eventpipe "
+         "migrate` to make it"),
+        # The bridge records its positions there (`eventpipe.positions`).
+        (["bridge"], {}, 2,
          "never-migrated.db does not exist: run this where the pipeline runs, or `eventpipe "
          "migrate` to make it"),
         (["status"], {"DATABASE_URL": "sqlite:///var/eventpipe.db"}, 2,
@@ -224,10 +235,13 @@ def test_a_topic_with_partitions_no_worker_serves_is_refused_naming_the_setting(
     # Nothing may be written before the refusal: no Redis answers there (`up` probes it).
     redis = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
              "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/1"} if redis_down else {}
+    # The bridge records its positions in a database that must be there (`up` makes one).
+    database = {"DATABASE_URL": bridges_database()} if command == ["bridge"] else {}
     done = eventpipe(tmp_path, *command, KAFKA_BOOTSTRAP_SERVERS=kafka_broker,
                      KAFKA_TOPIC=topic, KAFKA_PARTITIONS="2",
                      KAFKA_GROUP_ID=f"group-{uuid.uuid4().hex}",
-                     BRIDGE_METRICS_PORT=str(free_port()), LOG_LEVEL="WARNING", **redis)
+                     BRIDGE_METRICS_PORT=str(free_port()), LOG_LEVEL="WARNING", **redis,
+                     **database)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [

@@ -51,12 +51,20 @@ def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says
         records.record_failures(conn, [replace(dead_letter(3).letter,
                                                position=Position(TOPIC, 6, 3))])
     committed = {0: 8, 1: 10, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 0}
-    found = positions.rewinds(engine, TOPIC, "id-1", committed)
-    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 4: None}
+    found, kept = positions.rewinds(engine, TOPIC, "id-1", committed)
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 4: 0}
     assert found[0].why == "the database holds its messages up to offset 5, Kafka's " \
         "committed offset is 8"
     assert found[4].why == "the database holds none of its messages, Kafka's committed " \
         "offset is 8"
+    assert kept == {0: 5, 1: 20, 2: 8}  # the positions of this topic, to check at commits
+    # A database made with positions (migration 0005 on one that held no fate) holds
+    # nothing of a partition it has no position of, whatever fates tasks left behind wrote.
+    with engine.begin() as conn:
+        conn.execute(kafka_positions.insert().values(
+            kafka_topic="", kafka_partition=-1, topic_id="", next_offset=0, committed_at=NOW))
+    found, _ = positions.rewinds(engine, TOPIC, "id-1", committed)
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 3: 0, 4: 0, 5: 0, 6: 0}
 
 
 
@@ -72,12 +80,13 @@ def test_a_position_behind_what_the_bridge_recorded_is_lost_unless_another_topic
     lost = positions.save(engine, TOPIC, "id-1", {0: 12, 1: 12, 2: 12, 3: 1}, NOW,
                           written={0: 10, 1: 10, 2: 10})
     assert lost == {0, 1}
-    assert _read(engine) == {0: positions.Position("id-1", 6), 2: positions.Position("id-1", 12),
-                             3: positions.Position("id-1", 1)}
+    # The row gone is made again at 0: whoever reads it next reads the partition again.
+    assert _read(engine) == {0: positions.Position("id-1", 6), 1: positions.Position("id-1", 0),
+                             2: positions.Position("id-1", 12), 3: positions.Position("id-1", 1)}
 
 
 def test_a_partition_taken_again_is_read_from_the_lower_of_the_two_offsets(
         engine: Engine) -> None:
     positions.save(engine, TOPIC, "id-1", {0: 5, 1: 20, 3: 4}, NOW)
-    found = positions.rewinds(engine, TOPIC, "id-1", {0: 8, 1: 10}, again=[1, 2, 3])
-    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 1: 10, 2: None, 3: 4}
+    found, _ = positions.rewinds(engine, TOPIC, "id-1", {0: 8, 1: 10}, again=[1, 2, 3])
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 1: 10, 2: 0, 3: 4}

@@ -23,14 +23,17 @@ _PG_NETWORK = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
 
 
-def make_engine(settings: Settings, *, writer: bool = True, create: bool = True) -> Engine:
+def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
+                synced: bool = True) -> Engine:
     """An engine for `settings.database_url`.
 
     `writer` engines on SQLite take their turn among the writers (`eventpipe.sqlite_turns`)
     and the write lock when a transaction begins, so the read-then-write of a batch never
     fails halfway on a lock upgrade; readers don't. Without `create`, a SQLite file that does
     not exist is a `SettingsError` rather than made empty: an operator's command run from
-    another directory than the pipeline's would read a relative path there.
+    another directory than the pipeline's would read a relative path there. Without `synced`,
+    a commit on SQLite or PostgreSQL returns before it is on disk (a crash may take back the
+    last ones, never part of one): for writes that a crash may lose, as the bridge's positions.
     """
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -66,6 +69,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True)
         # In UTC whatever the server's zone: psycopg gives times in the session's, and a time
         # the contract accepts (up to 9999-12-31T23:59:59Z) is past year 9999 east of it.
         server = f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms} -c timezone=UTC"
+        if not synced:
+            server += " -c synchronous_commit=off"
         if statement_ms:
             server += f" -c idle_in_transaction_session_timeout={statement_ms * 5}"
         options["connect_args"] = {"options": server,
@@ -80,7 +85,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True)
         options["fast_executemany"] = True
     engine = create_engine(url, **options)
     if backend == "sqlite":
-        _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000)
+        _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
     elif backend == "mssql":
         _configure_mssql(engine, statement_s=round(settings.database_statement_timeout_s),
                          lock_ms=lock_ms or -1)
@@ -97,7 +102,7 @@ def _configure_mssql(engine: Engine, *, statement_s: int, lock_ms: int) -> None:
         cursor.close()
 
 
-def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
+def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int, synced: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN instead of pysqlite's implicit one.
@@ -112,7 +117,8 @@ def _configure_sqlite(engine: Engine, *, writer: bool, busy_ms: int) -> None:
         # the shipped SQLite run went up in each of nine interleaved pairs, the workers' CPU
         # per message down; the WAL peaked at 42–46 MiB in its runs, however long
         # (docs/performance.md).
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
+        for pragma in ("journal_mode=WAL", f"synchronous={'FULL' if synced else 'NORMAL'}",
+                       "foreign_keys=ON",
                        f"busy_timeout={int(busy_ms)}", f"wal_autocheckpoint={WAL_PAGES}"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()

@@ -99,6 +99,21 @@ def test_sqlite_commits_are_durable_before_they_return(sqlite_url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.parametrize(("synced", "said"), [(True, ("2", "on")), (False, ("1", "off"))])
+def test_commits_wait_on_the_disk_unless_told_not_to(database_url: str, synced: bool,
+                                                     said: tuple[str, str]) -> None:
+    """Only the bridge's positions are written without (`eventpipe.positions`)."""
+    engine = make_engine(Settings(database_url=database_url), synced=synced)
+    try:
+        with engine.connect() as conn:
+            sqlite = engine.dialect.name == "sqlite"
+            found = conn.execute(text("PRAGMA synchronous" if sqlite
+                                      else "SHOW synchronous_commit")).scalar_one()
+            assert str(found) == said[0 if sqlite else 1]
+    finally:
+        engine.dispose()
+
+
 def test_sqlite_copies_its_wal_into_the_database_in_large_steps(sqlite_url: str) -> None:
     engine = make_engine(Settings(database_url=sqlite_url))
     try:

@@ -110,9 +110,11 @@ LOST_TO_RETENTION = Counter(
     "bridge read them, per partition: never applied", ["topic", "partition"],
 )
 DATABASE_REWINDS = Counter(
-    "bridge_events_read_again_for_the_database", "Messages read again from Kafka because the "
-    "database held less than Kafka's committed offset (restored from a backup, left behind by a "
-    "failover, emptied), per partition", ["topic", "partition"],
+    "bridge_events_read_again_for_the_database", "Messages the bridge went back for, as a "
+    "partition was assigned or taken again, because the database held less than Kafka's "
+    "committed offset (restored from a backup, left behind by a failover, emptied), per "
+    "partition; those Kafka no longer has are counted lost to retention too",
+    ["topic", "partition"],
 )
 RETRIES = Counter(
     "event_retries", "Events scheduled for another try, by reason: transient (their whole "

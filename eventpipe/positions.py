@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, and_, bindparam, case, literal, select, text
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, case, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
@@ -89,6 +89,12 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
                 or (position.topic_id == topic_id and position.next_offset < offset)}
         chosen = {**{p: o for p, o in offsets.items() if p not in lost},
                   **{p: 0 for p in lost if p not in kept}}
+        if (lost or not set(offsets) <= set(written)) and engine.dialect.name == "postgresql":
+            # The bridge's connections do not wait on the disk (`make_engine`'s `synced`),
+            # but a first position, or one made again at 0, is what tells whoever reads next
+            # where to read from: lost in a crash, the partition would be read from the start
+            # of its log, or Kafka's offset trusted.
+            conn.execute(text("SET LOCAL synchronous_commit = on"))
         rows: list[dict[str, Any]] = [
             {"kafka_topic": topic, "kafka_partition": partition, "topic_id": topic_id,
              "next_offset": offset, "committed_at": at}
@@ -98,18 +104,23 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
     return lost
 
 
-def read(conn: Connection, topic: str, partitions: Collection[int], *,
-         lock: bool = False) -> dict[int, Position]:
-    """`lock`: until the transaction ends, as one that will write them (no other writer may
-    change them between this read and its write)."""
+def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False) -> Select[Any]:
+    """The positions of these partitions; `lock`: held until the transaction ends, as by one
+    that will write them (no other writer changes them between this read and its write)."""
     query = select(kafka_positions.c.kafka_partition, kafka_positions.c.topic_id,
                    kafka_positions.c.next_offset).where(
         kafka_positions.c.kafka_topic == topic,
         kafka_positions.c.kafka_partition.in_(sorted(partitions)))
-    if lock:
-        query = query.with_for_update()
+    if lock:  # SQL Server renders no FOR UPDATE: its hint instead
+        query = query.order_by(kafka_positions.c.kafka_partition).with_for_update().with_hint(
+            kafka_positions, "WITH (UPDLOCK, HOLDLOCK, ROWLOCK)", "mssql")
+    return query
+
+
+def read(conn: Connection, topic: str, partitions: Collection[int], *,
+         lock: bool = False) -> dict[int, Position]:
     return {row.kafka_partition: Position(row.topic_id, row.next_offset)
-            for row in conn.execute(query)}
+            for row in conn.execute(reading_query(topic, partitions, lock=lock))}
 
 
 def _made_with_positions(conn: Connection) -> bool:
@@ -145,7 +156,8 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
     A partition whose position names this topic is read from its position when Kafka's is
     further. One with no position (a database that holds no positions yet, or those of an
     earlier topic of the name) is read from the start when the database was made with
-    positions (`MADE_WITH_POSITIONS`), or holds no fate of any of its messages at all: lost,
+    positions (`MADE_WITH_POSITIONS`) and holds no row of the partition at all, or holds no
+    fate of any of its messages: lost,
     and made anew, while Kafka says its messages are done. With fates recorded in a database
     from before positions, it is its first run with them, and Kafka's offset stands. A
     partition of `again` is read from its position or Kafka's offset, the lower, and from the
@@ -153,9 +165,11 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
     before it."""
     found: dict[int, Rewind] = {}
     with reading(engine) as conn:
-        kept = {p: position.next_offset
-                for p, position in read(conn, topic, {*committed, *again}).items()
+        rows = read(conn, topic, {*committed, *again})
+        kept = {p: position.next_offset for p, position in rows.items()
                 if position.topic_id == topic_id}
+        # Where only another id's row is (a topic made again, a broker that began or ceased
+        # to give ids), the database held positions of the name: the marker does not decide.
         fresh = _made_with_positions(conn)
         for partition in sorted({*committed, *again}):
             position, offset = kept.get(partition), committed.get(partition)
@@ -164,7 +178,7 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
                     position, f"the database holds its messages up to offset {position}, "
                               f"Kafka's committed offset is {offset}")
             elif position is None and (partition in again or (offset and (
-                    fresh or not holds_any(conn, topic, partition)))):
+                    (fresh and partition not in rows) or not holds_any(conn, topic, partition)))):
                 found[partition] = Rewind(
                     0, "the database holds none of its messages"
                        + (f", Kafka's committed offset is {offset}" if offset else ""))

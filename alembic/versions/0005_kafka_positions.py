@@ -39,6 +39,8 @@ def upgrade() -> None:
     # A database that holds no fate yet is made with positions: a partition it has none of
     # holds nothing, whatever fates tasks left in the queues write before a bridge comes
     # (`eventpipe.positions.MADE_WITH_POSITIONS`, a name no topic has).
+    if op.get_context().as_sql:  # a script for later (`alembic upgrade --sql`): no data read
+        return
     bind = op.get_bind()
     if all(bind.execute(sa.select(sa.literal(1)).select_from(sa.table(name)).limit(1)).first()
            is None for name in ("applied_events", "dead_letters")):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
 
+from eventpipe import positions
 from eventpipe.migrations import alembic_config
-from eventpipe.tables import metadata
+from eventpipe.tables import applied_events, kafka_positions, metadata
 from tests.support.databases import postgres_database
 from tests.unit.test_packaging import ROOT, TOP_LEVEL
 
@@ -104,3 +106,29 @@ def test_migrate_is_not_held_to_the_pipelines_statement_timeout(tmp_path: Path) 
                 assert set(inspect(conn).get_table_names()) >= TABLES
         finally:
             engine.dispose()
+
+
+def test_a_database_made_with_positions_is_marked_so_and_one_with_fates_is_not(
+        empty_database: str) -> None:
+    """Migration 0005 marks a database that holds no fate yet: there, a partition with no
+    position holds nothing (`eventpipe.positions.rewinds`). One upgraded with fates in it is
+    not: its positions start with the bridge's first commits."""
+    config = alembic_config(empty_database)
+    command.upgrade(config, "head")
+    engine = create_engine(empty_database)
+    marked = select(kafka_positions.c.kafka_topic, kafka_positions.c.kafka_partition)
+    try:
+        with engine.begin() as conn:
+            assert [tuple(row) for row in conn.execute(marked)] == [
+                positions.MADE_WITH_POSITIONS]
+        command.downgrade(config, "0004")
+        with engine.begin() as conn:
+            now = datetime.now(UTC)
+            conn.execute(applied_events.insert().values(
+                event_id="e-1", event_type="UserCreated", outcome="applied", occurred_at=now,
+                applied_at=now))
+        command.upgrade(config, "head")
+        with engine.begin() as conn:
+            assert conn.execute(marked).all() == []
+    finally:
+        engine.dispose()

@@ -175,3 +175,11 @@ def test_a_position_is_recorded_by_a_merge_that_moves_it_only_forward() -> None:
     assert "THEN UPDATE SET next_offset = CASE WHEN target.topic_id = source.topic_id AND " \
         "target.next_offset > source.next_offset THEN target.next_offset ELSE " \
         "source.next_offset END" in sql
+
+
+def test_a_bridge_reads_the_positions_it_will_write_under_an_update_lock() -> None:
+    sql = str(positions.reading_query("events", [3, 1], lock=True).compile(
+        dialect=DIALECT, compile_kwargs={"render_postcompile": True}))
+    parses_as_tsql(sql)
+    assert "FROM kafka_positions WITH (UPDLOCK, HOLDLOCK, ROWLOCK)" in sql
+    assert sql.endswith("ORDER BY kafka_positions.kafka_partition")

@@ -491,16 +491,11 @@ def test_a_position_the_database_lost_under_a_running_bridge_is_read_again(
     topic = kafka_topic(partitions=1)
     produce(kafka_broker, topic, _events(12))
     with reading_bridge(kafka_broker, topic, committed=3) as bridge:
-        _read_up_to(bridge, 9)
-        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
-        _syncs_apart(bridge, 1)
-        assert _committed(bridge, topic) == 10
-        queue.delete(QUEUE)  # the workers took the tasks, and applied them
+        _applied_and_committed_up_to_9(bridge, topic, queue)
         with bridge.engine.begin() as conn:  # the failover
             conn.execute(update(kafka_positions).where(kafka_positions.c.kafka_topic == topic)
                          .values(next_offset=6))
-        _read_up_to(bridge, 11)
-        bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
+        _applied_up_to_11(bridge)
         _syncs_apart(bridge, 1)
         assert "the database lost the position this bridge recorded" in caplog.text
         assert not bridge.partitions[0].vouched and bridge.partitions[0].paused
@@ -512,6 +507,20 @@ def test_a_position_the_database_lost_under_a_running_bridge_is_read_again(
         wait_until(lambda: _sync_read(bridge) and progress.next_read == 12, 30,
                    "offsets 6-11 read again")
         assert progress.in_flight == 6  # not done: the ledger's marks of them were forgotten
+
+
+def _applied_and_committed_up_to_9(bridge: Bridge, topic: str, queue: redis.Redis) -> None:
+    """Offsets 3-9 read, sent, applied (their task taken) and committed."""
+    _read_up_to(bridge, 9)
+    bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
+    _syncs_apart(bridge, 1)
+    assert _committed(bridge, topic) == 10
+    queue.delete(QUEUE)
+
+
+def _applied_up_to_11(bridge: Bridge) -> None:
+    _read_up_to(bridge, 11)
+    bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
 
 
 def _sync_read(bridge: Bridge) -> bool:
@@ -532,15 +541,10 @@ def test_a_partition_taken_again_is_read_again_even_where_the_database_is_not_be
     topic = kafka_topic(partitions=1)
     produce(kafka_broker, topic, _events(12))
     with reading_bridge(kafka_broker, topic, committed=3) as bridge:
-        _read_up_to(bridge, 9)
-        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
-        _syncs_apart(bridge, 1)
-        assert _committed(bridge, topic) == 10
-        queue.delete(QUEUE)
+        _applied_and_committed_up_to_9(bridge, topic, queue)
         with bridge.engine.begin() as conn:
             conn.execute(delete(kafka_positions).where(kafka_positions.c.kafka_topic == topic))
-        _read_up_to(bridge, 11)
-        bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
+        _applied_up_to_11(bridge)
         _syncs_apart(bridge, 2)
         assert "the database lost the position this bridge recorded" in caplog.text
         # The row gone was made again at 0 as the loss was found, for whoever reads it next.

@@ -107,8 +107,8 @@ class Bridge:
         # A SQLite file that is not there is refused, not made empty: a bridge started in
         # another directory than the pipeline's would read a relative path there. A position
         # need not wait on the disk: one a crash of the database takes back, while Kafka has
-        # its offset, only reads its partition again. Waiting on it cost the shipped run a
-        # tenth of its throughput or more (docs/performance.md).
+        # its offset, only reads its partition again (a first one does: `positions.save`).
+        # Waiting on each made every shipped run slower (docs/performance.md).
         self.engine = engine or make_engine(settings, create=False, synced=False)
         self._positions_again = 0.0
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
@@ -873,6 +873,7 @@ class Bridge:
                     self._resume(progress)
 
     def _rewound(self, partition: int, start: int, committed: int, why: str) -> None:
+        """Say and count a partition read again from `start` for the database."""
         if start < committed:
             log.warning("the database lacks messages Kafka counts as done (restored from a "
                         "backup, or left behind by a failover?): reading offsets %d–%d again: "

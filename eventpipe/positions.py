@@ -47,6 +47,8 @@ _MERGE_TSQL = (
 
 
 class Position(NamedTuple):
+    """A partition's row: the id of the topic it is of, and the next offset to read."""
+
     topic_id: str
     next_offset: int
 
@@ -157,12 +159,11 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
     further. One with no position (a database that holds no positions yet, or those of an
     earlier topic of the name) is read from the start when the database was made with
     positions (`MADE_WITH_POSITIONS`) and holds no row of the partition at all, or holds no
-    fate of any of its messages: lost,
-    and made anew, while Kafka says its messages are done. With fates recorded in a database
-    from before positions, it is its first run with them, and Kafka's offset stands. A
-    partition of `again` is read from its position or Kafka's offset, the lower, and from the
-    start where it has no position: the bridge recorded one, and the database went back to
-    before it."""
+    fate of any of its messages: lost, and made anew, while Kafka says its messages are done.
+    With fates recorded in a database from before positions, it is its first run with them,
+    and Kafka's offset stands. A partition of `again` is read from its position or Kafka's
+    offset, the lower, and from the start where it has no position: the bridge recorded one,
+    and the database went back to before it."""
     found: dict[int, Rewind] = {}
     with reading(engine) as conn:
         rows = read(conn, topic, {*committed, *again})

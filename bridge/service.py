@@ -73,9 +73,11 @@ VOUCH_TIMEOUT_S = 2.0
 # made again under its name must not take the offsets this bridge read of the earlier one.
 TOPIC_CHECK_S = 5.0
 # After the database failed to record a commit's offsets, nothing is committed for this long
-# (but a partition's last commit): a database that does not answer holds up the loop for the
-# connection's timeout at each try.
+# (but a partition's last commit), twice as long after each failure in a row, up to
+# POSITIONS_AGAIN_MAX_S: a database that does not answer holds the loop for up to
+# `eventpipe.database.BRIEF_S` at each try, and the loop sends the other partitions' batches.
 POSITIONS_AGAIN_S = 5.0
+POSITIONS_AGAIN_MAX_S = 30.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -109,8 +111,10 @@ class Bridge:
         # need not wait on the disk: one a crash of the database takes back, while Kafka has
         # its offset, only reads its partition again (a first one does: `positions.save`).
         # Waiting on each made every shipped run slower (docs/performance.md).
-        self.engine = engine or make_engine(settings, create=False, synced=False)
+        # And none may hold the loop long: `brief`.
+        self.engine = engine or make_engine(settings, create=False, synced=False, brief=True)
         self._positions_again = 0.0
+        self._positions_wait_s = POSITIONS_AGAIN_S
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
         self._retaken: set[int] = set()  # partitions taken again, to be read again (`_vouch`)
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
@@ -575,10 +579,12 @@ class Bridge:
                                       p: self._written[p] for p in offsets if p in self._written})
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not record the offsets in the database: nothing is committed "
-                        "until it can (tried again in %.0f s): %s", POSITIONS_AGAIN_S, exc,
+                        "until it can (tried again in %.0f s): %s", self._positions_wait_s, exc,
                         extra={"offsets": offsets})
-            self._positions_again = self.clock() + POSITIONS_AGAIN_S
+            self._positions_again = self.clock() + self._positions_wait_s
+            self._positions_wait_s = min(self._positions_wait_s * 2, POSITIONS_AGAIN_MAX_S)
             return False
+        self._positions_wait_s = POSITIONS_AGAIN_S
         for partition in sorted(lost):
             del offsets[partition]
             self._taken_again(partition)

@@ -21,10 +21,16 @@ WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
 # parameter of DATABASE_URL of the same name overrides each.
 _PG_NETWORK = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000}
+# A `brief` engine's caller cannot wait that long (the bridge's loop): a statement, a lock or a
+# silent network keep it at most about BRIEF_S. After a long silence, the kernel's next retry
+# of a connection may come a minute later: one given up on makes way for a new one.
+BRIEF_S = 5
+_PG_BRIEF = {"connect_timeout": BRIEF_S, "keepalives": 1, "keepalives_idle": 2,
+             "keepalives_interval": 1, "keepalives_count": 3, "tcp_user_timeout": BRIEF_S * 1000}
 
 
 def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
-                synced: bool = True) -> Engine:
+                synced: bool = True, brief: bool = False) -> Engine:
     """An engine for `settings.database_url`.
 
     `writer` engines on SQLite take their turn among the writers (`eventpipe.sqlite_turns`)
@@ -34,12 +40,17 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     another directory than the pipeline's would read a relative path there. Without `synced`,
     a commit on SQLite or PostgreSQL returns before it is on disk (a crash may take back the
     last ones, never part of one): for writes that a crash may lose, as the bridge's positions.
+    A `brief` engine gives up within about `BRIEF_S` on a statement, a lock or a database
+    that answers nothing (PostgreSQL, SQL Server).
     """
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
     backend = url.get_backend_name()
     statement_ms = round(settings.database_statement_timeout_s * 1000)
     lock_ms = round(settings.database_lock_timeout_s * 1000)
+    if brief:
+        statement_ms = min(statement_ms or BRIEF_S * 1000, BRIEF_S * 1000)
+        lock_ms = min(lock_ms or BRIEF_S * 1000, BRIEF_S * 1000)
     if backend == "sqlite":
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
                                    "check_same_thread": False}
@@ -78,7 +89,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
                                    # a prepared statement's generic plan, made while a table
                                    # was small, kept scanning it whole as it grew.
                                    "prepare_threshold": None,
-                                   **{name: value for name, value in _PG_NETWORK.items()
+                                   **{name: value for name, value in
+                                      (_PG_BRIEF if brief else _PG_NETWORK).items()
                                       if name not in url.query}}
     if backend == "mssql":
         # One round trip for a whole executemany instead of one per row.
@@ -87,7 +99,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     if backend == "sqlite":
         _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
     elif backend == "mssql":
-        _configure_mssql(engine, statement_s=round(settings.database_statement_timeout_s),
+        _configure_mssql(engine, statement_s=round(statement_ms / 1000),
                          lock_ms=lock_ms or -1)
     return engine
 

@@ -261,3 +261,17 @@ def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_zo
             assert row == (edge, edge)
         finally:
             engine.dispose()
+
+
+def test_a_brief_engine_waits_on_postgresql_for_seconds_not_a_minute(postgresql_url: str) -> None:
+    """The bridge's: its loop sends every partition's batches while the database is silent."""
+    engine = make_engine(Settings(database_url=postgresql_url), brief=True)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "5s"
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            said = driver.info.get_parameters()  # libpq's own
+            assert (said["connect_timeout"], said["tcp_user_timeout"]) == ("5", "5000")
+    finally:
+        engine.dispose()

@@ -44,6 +44,9 @@ class PartitionProgress:
     # Whether the ledger's marks of this partition are its own: False until marks left by an
     # earlier topic of the same name (recreated from offset 0) are known gone (`Bridge._vouch`).
     vouched: bool = True
+    # Taken again by a bridge that found its position lost in the database: read again from
+    # where its vouch seeks it, nothing read before that (`Bridge._taken_again`).
+    retaken: bool = False
     # Until when tasks sent before the partition was last set to be read (by an earlier
     # owner, or before a re-read) may keep it unread while they wait in its queue (`drain`);
     # the queue's length last seen, and how many of those tasks may still be in it.

@@ -116,7 +116,6 @@ class Bridge:
         self._positions_again = 0.0
         self._positions_wait_s = POSITIONS_AGAIN_S
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
-        self._retaken: set[int] = set()  # partitions taken again, to be read again (`_vouch`)
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
         self.broker_queues = depth_reader(settings, redis_clients.pipeline)
@@ -270,7 +269,8 @@ class Bridge:
                         raise KafkaException(error)
                 continue
             partition = record.partition()
-            if partition not in self.partitions or partition in self._retaken:
+            if partition is None or (progress := self.partitions.get(partition)) is None \
+                    or progress.retaken:
                 # Revoked while the message was on its way; or taken again, to be read
                 # again from where its vouch seeks it.
                 continue
@@ -278,7 +278,7 @@ class Bridge:
             message = TaskMessage(record.offset() or 0, record.key(), record.value(),
                                   timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
                                   headers=read_headers(record))
-            if (skipped := self.partitions[partition].read(message.offset)) is not None:
+            if (skipped := progress.read(message.offset)) is not None:
                 self._skipped(partition, skipped, message.offset)
             if self._debug:
                 identity = peek_identity(message.value)  # never raises, whatever the bytes
@@ -602,8 +602,8 @@ class Bridge:
                     "the database holds", extra={"partition": partition,
                                                  "recorded": self._written.get(partition)})
         self._drop([partition])
-        self._retaken.add(partition)
-        progress = self.partitions[partition] = PartitionProgress(partition, vouched=False)
+        progress = self.partitions[partition] = PartitionProgress(partition, vouched=False,
+                                                                  retaken=True)
         self._pause(progress)
         self._next_vouch = 0.0
 
@@ -806,7 +806,9 @@ class Bridge:
         try:
             behind, kept = positions.rewinds(self.engine, self.topic, self.topic_id,
                                              {p: known[p] for p in partitions if p in known},
-                                             [p for p in partitions if p in self._retaken])
+                                             [p for p in partitions
+                                              if (taken := self.partitions.get(p)) is not None
+                                              and taken.retaken])
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
                         "are read once it answers", exc, extra={"partitions": partitions})
@@ -856,8 +858,7 @@ class Bridge:
         waiting = self._measure_queues(partitions) if self.broker_queues is not None else None
         for partition in partitions:
             if (progress := self.partitions.get(partition)) is not None:
-                progress.vouched = True
-                self._retaken.discard(partition)
+                progress.vouched, progress.retaken = True, False
                 if partition in kept:  # checked at the first commit too (`_recorded`)
                     self._written[partition] = kept[partition]
                 progress.drain(waiting.get(partition) if waiting else None, self.clock(),
@@ -962,7 +963,6 @@ class Bridge:
         self.high_watermarks.pop(partition, None)
         self.held.discard(partition)
         self._written.pop(partition, None)
-        self._retaken.discard(partition)
         progress = self.partitions.pop(partition, None)
         if progress is not None and progress.paused:
             metrics.PAUSED.dec()

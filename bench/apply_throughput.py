@@ -16,6 +16,7 @@ from eventpipe.apply import apply_batch
 from eventpipe.database import make_engine
 from eventpipe.effects import Position, Received
 from eventpipe.events import parse_event
+from eventpipe.positions import Done
 from eventpipe.samples import Story, encode
 from eventpipe.settings import Settings
 
@@ -40,7 +41,9 @@ def _measure(url: str, label: str, count: int, batch_size: int) -> None:
     engine = make_engine(Settings(database_url=url))
     started = time.perf_counter()
     for start in range(0, count, batch_size):
-        apply_batch(engine, events[start : start + batch_size])
+        batch = events[start : start + batch_size]
+        # As a worker does: the batch's offsets recorded with its fates.
+        apply_batch(engine, batch, done=Done("bench", "", 0, range(start, start + len(batch))))
     elapsed = time.perf_counter() - started
     engine.dispose()
     print(f"apply: {label:10s} batch {batch_size:4d}: {count / elapsed:8,.0f} events/s")

@@ -3,7 +3,9 @@
 Pure bookkeeping, no I/O. The bridge records every dispatched offset, feeds in what the
 offset ledger says is done or leased, and asks:
 - `committable()`: the offset to commit — the oldest offset not yet done (Kafka's committed
-  offset is the next one to read), so a commit never moves past unfinished work;
+  offset is the next one to read), so a commit never moves past unfinished work; and
+  `settled`, the offsets it takes for done since the last commit was recorded, for the
+  database to vouch for (`eventpipe.positions.save`);
 - `redelivery()`: the offset to re-read from, when the oldest unfinished offset was lost on
   the way (see `needs_redelivery`);
 - `read()`: whether a message read skipped offsets the bridge expected to read first;
@@ -25,6 +27,10 @@ LOOK_GAP_S = 0.5
 # moment the head is neither queued nor leased. It is taken for lost only once seen so for
 # this long (or a quarter of the redelivery timeout, if shorter).
 TAKEN_GRACE_S = 1.0
+# The spans of offsets taken for done kept for the database to vouch for, at most: past it
+# (commits the database refused for a long while, on a topic whose offsets leave gaps), the
+# oldest are no longer looked for, rather than the bridge's memory grow without end.
+SETTLED_SPANS_MAX = 10_000
 
 
 @dataclass(slots=True)
@@ -34,6 +40,9 @@ class PartitionProgress:
     outstanding: deque[tuple[int, float]] = field(default_factory=deque)  # (offset, sent at)
     pending: set[int] = field(default_factory=set)  # outstanding offsets not yet done
     done_ahead: set[int] = field(default_factory=set)  # done, but behind an unfinished one
+    # Spans of offsets taken for done (first, last), in the order they were, since the
+    # database last recorded a position of the partition (the bridge empties it then).
+    settled: list[tuple[int, int]] = field(default_factory=list)
     leased: set[int] = field(default_factory=set)
     last_dispatched: int | None = None
     last_progress: float = 0.0
@@ -208,7 +217,13 @@ class PartitionProgress:
             self.pending -= newly_done
             self.done_ahead |= newly_done
         while self.outstanding and self.outstanding[0][0] in self.done_ahead:
-            self.done_ahead.discard(self.outstanding.popleft()[0])
+            offset = self.outstanding.popleft()[0]
+            self.done_ahead.discard(offset)
+            if self.settled and self.settled[-1][1] + 1 == offset:
+                self.settled[-1] = (self.settled[-1][0], offset)
+            else:
+                self.settled.append((offset, offset))
+                del self.settled[:-SETTLED_SPANS_MAX]
         self.leased = leased
         if self.done_ahead and self.outstanding:
             if self.overtaken_since is None:

@@ -511,8 +511,8 @@ class Bridge:
 
     def _still_ours(self, chosen: dict[int, PartitionProgress]) -> dict[int, PartitionProgress]:
         """Those of `chosen` this bridge still holds as they were: a vouch or a commit that
-        found the topic made again dropped them all (`_remade`), one that found a position
-        lost took its partition again (`_taken_again`)."""
+        found the topic made again dropped them all (`_remade`), one that found work the
+        database lost took its partition again (`_taken_again`)."""
         return {p: progress for p, progress in chosen.items()
                 if self.partitions.get(p) is progress}
 
@@ -540,7 +540,7 @@ class Bridge:
         offsets = {p: c for p, progress in chosen.items()
                    if (c := progress.committable()) is not None}
         if not offsets or not self._same_topic(now, final=final) \
-                or not self._recorded(offsets, now, final=final):
+                or not self._recorded(offsets, chosen, now, final=final):
             return
         try:
             # Named with the topic's id: a commit landing on a topic made again since is
@@ -567,16 +567,18 @@ class Bridge:
             self.ledger.trim(self._ledger_topic, kept)
         log.debug("committed", extra={"offsets": offsets})
 
-    def _recorded(self, offsets: dict[int, int], now: float, *, final: bool) -> bool:
+    def _recorded(self, offsets: dict[int, int], chosen: dict[int, PartitionProgress],
+                  now: float, *, final: bool) -> bool:
         """Record the offsets about to be committed in the database (`eventpipe.positions`),
-        but those of partitions whose position it lost (left out of `offsets`, and taken
-        again); whether any was. Kafka hears of none the database does not hold."""
+        but those of partitions where it lost work (left out of `offsets`, and taken again);
+        whether any was. Kafka hears of none the database does not hold."""
         if now < self._positions_again and not final:
             return False
         try:
-            lost = positions.save(self.engine, self.topic, self.topic_id or "", offsets,
-                                  datetime.now(UTC), written={
-                                      p: self._written[p] for p in offsets if p in self._written})
+            lost = positions.save(
+                self.engine, self.topic, self.topic_id or "", offsets, datetime.now(UTC),
+                written={p: self._written[p] for p in offsets if p in self._written},
+                settled={p: chosen[p].settled for p in offsets})
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not record the offsets in the database: nothing is committed "
                         "until it can (tried again in %.0f s): %s", self._positions_wait_s, exc,
@@ -585,22 +587,26 @@ class Bridge:
             self._positions_wait_s = min(self._positions_wait_s * 2, POSITIONS_AGAIN_MAX_S)
             return False
         self._positions_wait_s = POSITIONS_AGAIN_S
-        for partition in sorted(lost):
+        for partition, loss in sorted(lost.items()):
             del offsets[partition]
-            self._taken_again(partition)
-        self._written.update(offsets)
+            self._taken_again(partition, loss)
+        for partition, offset in offsets.items():
+            self._written[partition] = offset
+            chosen[partition].settled.clear()  # the position vouches for them now
         return bool(offsets)
 
-    def _taken_again(self, partition: int) -> None:
-        """The database lost the position this bridge recorded of the partition, and the
-        work below it (a failover, or a restore, while the bridge ran): what the bridge knows
-        of the partition says done what the database does not hold. It starts again as one
+    def _taken_again(self, partition: int, loss: positions.Lost) -> None:
+        """The database lost the position this bridge recorded of the partition, or work
+        done since (a failover, or a restore, while the bridge ran): what the bridge knows of
+        the partition says done what the database does not hold. It starts again as one
         just assigned, vouched for at the next sync, and so read again from the database's
         position (`_vouch`)."""
-        log.warning("the database lost the position this bridge recorded (a failover, or a "
-                    "restore, while the bridge ran?): the partition is taken again from what "
-                    "the database holds", extra={"partition": partition,
-                                                 "recorded": self._written.get(partition)})
+        log.warning("the database lost work this bridge took for done (a failover, or a "
+                    "restore, while the bridge ran?): %s; the partition is taken again from "
+                    "what the database holds", loss.why, extra={
+                        "partition": partition, "recorded": self._written.get(partition)})
+        if loss.offsets:  # a lost position is counted as its partition is read again
+            metrics.DATABASE_REWINDS.labels(self.topic, str(partition)).inc(loss.offsets)
         self._drop([partition])
         progress = self.partitions[partition] = PartitionProgress(partition, vouched=False,
                                                                   retaken=True)

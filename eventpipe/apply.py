@@ -12,7 +12,9 @@ In order, in one transaction:
    changed it (an event that wrote nothing is stale);
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
-5. add the claimed inventory deltas.
+5. add the claimed inventory deltas;
+6. record the offsets of the messages given their fates (`eventpipe.positions.record_done`),
+   which the bridge looks for before it commits past them.
 Failures of the database propagate: the caller classifies and retries them.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from eventpipe import upserts
+from eventpipe import positions, upserts
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import ID_REUSED, DeadLetter, event_key
 from eventpipe.effects import Fate, Plan, Received, plan_batch, sum_deltas
@@ -48,10 +50,15 @@ class BatchResult:
 def apply_batch(
     engine: Engine, batch: Sequence[Received], failures: Sequence[DeadLetter] = (), *,
     worker: str = "", now: Callable[[], datetime] = _utc_now,
+    done: positions.Done | None = None,
 ) -> BatchResult:
-    """Each event's fate, in batch order, and the dead letters written."""
+    """Each event's fate, in batch order, and the dead letters written. `done`: the offsets
+    of the messages these events and failures are, recorded with their fates."""
     with engine.begin() as conn:
-        return apply_in(conn, batch, failures, worker=worker, applied_at=now())
+        result = apply_in(conn, batch, failures, worker=worker, applied_at=now())
+        if done is not None:
+            positions.record_done(conn, done)
+        return result
 
 
 def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,

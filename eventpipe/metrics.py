@@ -110,10 +110,12 @@ LOST_TO_RETENTION = Counter(
     "bridge read them, per partition: never applied", ["topic", "partition"],
 )
 DATABASE_REWINDS = Counter(
-    "bridge_events_read_again_for_the_database", "Messages the bridge went back for, as a "
-    "partition was assigned or taken again, because the database held less than Kafka's "
-    "committed offset (restored from a backup, left behind by a failover, emptied), per "
-    "partition; those Kafka no longer has are counted lost to retention too",
+    "bridge_events_read_again_for_the_database", "Messages the bridge went back for because "
+    "the database held less than it took for done: as a partition was assigned or taken again, "
+    "the database's position behind Kafka's committed offset (restored from a backup, left "
+    "behind by a failover, emptied); as the bridge recorded a position, offsets done since "
+    "the last one missing from the database (a failover or a restore while it ran); per "
+    "partition. Those Kafka no longer has are counted lost to retention too",
     ["topic", "partition"],
 )
 RETRIES = Counter(

@@ -1,5 +1,6 @@
 """What the database holds of each partition: the offset below which the fate of every message
-is recorded in it, written by the bridge before it commits the same offset to Kafka.
+is recorded in it, written by the bridge before it commits the same offset to Kafka, and the
+ranges of offsets whose fates were recorded since.
 
 Kafka's committed offsets say what the pipeline did; they cannot say what the database kept.
 A database restored from a backup, or lost and made anew, lacks work Kafka counts as done, and
@@ -10,9 +11,11 @@ assigned, the bridge reads it again from here where Kafka's committed offset is 
 (`rewinds`).
 
 The marks that tell the bridge what is done live in Redis, which does not roll back with the
-database: a failover, or a restore under a running bridge, is seen only where the database
-lost a position the bridge recorded (`save`), not where it lost only work done since
-(docs/architecture.md says what to do then).
+database. So each transaction that records fates records the ranges of their offsets too
+(`record_done`), and the bridge, as it records a position (`save`), checks that the database
+holds every offset it takes for done since the one before: a failover, or a restore under a
+running bridge, that lost a position or only work done since, is seen at the next commit,
+and the partition read again.
 
 A position moves only forward for the topic it names: a bridge that lost a partition may
 still write an older position after the new owner wrote a newer one. A topic deleted and made
@@ -21,17 +24,30 @@ again has a new id in Kafka, and its first position overwrites the earlier topic
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, Select, and_, bindparam, case, literal, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    literal,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
 from eventpipe.database import reading
 from eventpipe.sqltypes import UtcDateTime
-from eventpipe.tables import applied_events, dead_letters, kafka_positions
+from eventpipe.tables import applied_events, dead_letters, kafka_done_ranges, kafka_positions
 
 _MERGE_TSQL = (
     "MERGE INTO kafka_positions WITH (HOLDLOCK) AS target USING (SELECT :kafka_topic AS "
@@ -74,21 +90,36 @@ def saving(dialect: str) -> Executable:
               "topic_id": given.topic_id, "committed_at": given.committed_at})
 
 
+class Lost(NamedTuple):
+    """A partition whose position `save` found the database lost, or work below the offset to
+    record: why, and how many offsets the bridge took for done that it lacks (0: the lost
+    position says, as the partition is read again, `rewinds`)."""
+
+    why: str
+    offsets: int = 0
+
+
 def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
-         at: datetime, *, written: Mapping[int, int] | None = None) -> set[int]:
+         at: datetime, *, written: Mapping[int, int] | None = None,
+         settled: Mapping[int, Sequence[Span]] | None = None) -> dict[int, Lost]:
     """Record, in one transaction, the positions the bridge is about to commit to Kafka, but
-    those of partitions whose position is behind what the same bridge had `written` there:
-    the database lost it (a failover, a restore under a running bridge), and the work below
-    it. Those partitions are returned, and recorded no further; one whose row is gone gets
-    a position at 0, so that whoever reads it next reads it again from the start."""
-    written = written or {}
+    those of partitions where the database lost work: a position behind what the same
+    bridge had `written` there, or offsets `settled` (taken for done since) past its position
+    whose ranges it does not hold (a failover, a restore under a running bridge). Those
+    partitions are returned, and recorded no further; one whose row is gone gets a position
+    at 0, so that whoever reads it next reads it again from the start. The ranges below the
+    positions recorded are deleted: the positions hold them now."""
+    written, settled = written or {}, settled or {}
     with engine.begin() as conn:
-        kept = read(conn, topic, written, lock=True) if written else {}
+        kept = read(conn, topic, {*offsets, *written}, lock=True)
         # Another id there is another topic's writer (a bridge of the topic before it was
         # made again, not yet stopped): not a loss of this one's.
-        lost = {partition for partition, offset in written.items()
+        lost = {partition: Lost("the database lost the position this bridge recorded")
+                for partition, offset in written.items()
                 if (position := kept.get(partition)) is None
                 or (position.topic_id == topic_id and position.next_offset < offset)}
+        lost.update(_unheld(conn, topic, topic_id, {
+            p: spans for p, spans in settled.items() if p in offsets and p not in lost}, kept))
         chosen = {**{p: o for p, o in offsets.items() if p not in lost},
                   **{p: 0 for p in lost if p not in kept}}
         if (lost or not set(offsets) <= set(written)) and engine.dialect.name == "postgresql":
@@ -103,7 +134,109 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
             for partition, offset in sorted(chosen.items())]
         if rows:
             conn.execute(saving(engine.dialect.name), rows)
+            conn.execute(pruning(), [
+                {"topic": topic, "partition": row["kafka_partition"], "topic_id": topic_id,
+                 "below": row["next_offset"]} for row in rows])
     return lost
+
+
+Span = tuple[int, int]  # offsets from the first to the last, both included
+
+
+class Done(NamedTuple):
+    """The offsets of one partition's messages a transaction gave their fates, as the task
+    that carried them names the topic (its id in Kafka: `eventpipe.offset_ledger.filed_under`)."""
+
+    topic: str
+    topic_id: str
+    partition: int
+    offsets: Sequence[int]
+
+
+def spans(offsets: Iterable[int]) -> list[Span]:
+    """The offsets as the fewest spans of consecutive ones, in order."""
+    return _merged((offset, offset) for offset in offsets)
+
+
+def record_done(conn: Connection, done: Done) -> None:
+    """In the transaction that records their fates: the offsets whose fates it records, which
+    the bridge looks for before it records a position past them (`save`)."""
+    rows = [(done.topic, done.topic_id, done.partition, first, last)
+            for first, last in spans(done.offsets)]
+    if not rows:
+        return
+    # The driver's own statement: SQLAlchemy's insert cost a batch of a few events on
+    # PostgreSQL a fifth more of the worker's CPU (it asks for the new row's id back).
+    marker = "%s" if conn.dialect.paramstyle in ("format", "pyformat") else "?"
+    sql = (f"INSERT INTO kafka_done_ranges (kafka_topic, topic_id, kafka_partition, "
+           f"first_offset, last_offset) VALUES ({', '.join([marker] * 5)})")
+    conn.exec_driver_sql(sql, rows[0] if len(rows) == 1 else rows)
+
+
+def uncovered(needed: Iterable[Span], held: Iterable[Span]) -> int:
+    """How many offsets of the `needed` spans none of the `held` spans covers."""
+    merged = _merged(held)
+    missing = 0
+    for first, last in needed:
+        covered = sum(max(0, min(last, end) - max(first, start) + 1) for start, end in merged)
+        missing += last - first + 1 - covered
+    return missing
+
+
+def _merged(held: Iterable[Span]) -> list[Span]:
+    """Spans that overlap or touch, as one."""
+    merged: list[Span] = []
+    for first, last in sorted(held):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, Sequence[Span]],
+            kept: Mapping[int, Position]) -> dict[int, Lost]:
+    """The partitions some of whose `settled` offsets past their position the database holds
+    no range of. Not one with no position of this topic yet: its ranges are looked for from
+    its first position on (the workers of a version before them wrote none)."""
+    needed: dict[int, list[Span]] = {}
+    for partition, taken in settled.items():
+        position = kept.get(partition)
+        if position is None or position.topic_id != topic_id:
+            continue
+        # The position vouches for what is below it: the ranges there are deleted.
+        floor = position.next_offset
+        if clipped := [(max(first, floor), last) for first, last in taken if last >= floor]:
+            needed[partition] = clipped
+    if not needed:
+        return {}
+    held: dict[int, list[Span]] = {}
+    for row in conn.execute(ranges_query(topic, topic_id, needed)):
+        held.setdefault(row.kafka_partition, []).append((row.first_offset, row.last_offset))
+    lost: dict[int, Lost] = {}
+    for partition, wanted in needed.items():
+        if missing := uncovered(wanted, held.get(partition, [])):
+            lost[partition] = Lost(
+                f"the database lacks {missing} message(s) the workers recorded as done since "
+                f"its position", missing)
+    return lost
+
+
+def ranges_query(topic: str, topic_id: str, partitions: Collection[int]) -> Select[Any]:
+    """The ranges of offsets recorded done of these partitions of the topic."""
+    ranges = kafka_done_ranges.c
+    return select(ranges.kafka_partition, ranges.first_offset, ranges.last_offset).where(
+        ranges.kafka_topic == topic, ranges.topic_id == topic_id,
+        ranges.kafka_partition.in_(sorted(partitions)))
+
+
+@cache
+def pruning() -> Executable:
+    """Delete a partition's ranges below its new position, and those of another topic id."""
+    ranges = kafka_done_ranges.c
+    return delete(kafka_done_ranges).where(
+        ranges.kafka_topic == bindparam("topic"), ranges.kafka_partition == bindparam("partition"),
+        or_(ranges.last_offset < bindparam("below"), ranges.topic_id != bindparam("topic_id")))
 
 
 def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False) -> Select[Any]:

@@ -16,6 +16,9 @@
 - `kafka_positions`: per partition, the offset below which this database holds the fate of
   every message, as the bridge commits it (`eventpipe.positions`): what tells, when a
   partition is assigned, that the database lost work Kafka counts as done.
+- `kafka_done_ranges`: the ranges of offsets whose fates each transaction recorded, written in
+  that transaction, until the bridge records a position past them: what tells a running
+  bridge that the database lost work done since its last position (a failover, a restore).
 """
 
 from __future__ import annotations
@@ -195,4 +198,20 @@ kafka_positions = Table(
     # The next offset to read: every message below it is applied or dead-lettered here.
     Column("next_offset", BigInteger, nullable=False),
     Column("committed_at", UtcDateTime(), nullable=False),
+)
+
+kafka_done_ranges = Table(
+    "kafka_done_ranges",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("kafka_topic", name_type(255), nullable=False),
+    # Kafka's id of the topic the task's messages were read from (as in `kafka_positions`).
+    Column("topic_id", name_type(64), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    # Inclusive: every offset from the first to the last was given its fate.
+    Column("first_offset", BigInteger, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    # Serves the bridge's reading of a partition's ranges past its position, and their pruning.
+    Index("ix_kafka_done_ranges_partition", "kafka_topic", "kafka_partition", "last_offset"),
 )

@@ -8,7 +8,9 @@
    killed its worker `CRASH_MAX_ATTEMPTS` times is dead-lettered
    (`eventpipe.failures.after_crashes`);
 2. parses each message: bytes that are not a valid event become a dead letter at once;
-3. applies the events and records the failures in one transaction (`eventpipe.apply`);
+3. applies the events and records the failures in one transaction (`eventpipe.apply`), with
+   the offsets of the messages it gives their fates (`eventpipe.positions.record_done`), which
+   the bridge looks for before it records a position past them;
 4. on a failure, carries out `eventpipe.failures.decide`: retry the rest later (the world
    failed), split the part in two (something in it is bad), dead-letter a single message, or
    retry it alone later;
@@ -56,6 +58,7 @@ from eventpipe.failures import (
 )
 from eventpipe.messages import RawMessage
 from eventpipe.offset_ledger import Crashed, OffsetLedger, filed_under
+from eventpipe.positions import Done
 from eventpipe.queues import TaskMessage
 from eventpipe.settings import Settings
 from eventpipe.times import from_kafka_millis
@@ -107,6 +110,7 @@ class Processor:
         self.keeper = LeaseKeeper(ledger)
         self._run = ""  # the run in progress, as the offset ledger names it
         self._ledger_topic = ""  # its topic, as the offset ledger names it (`filed_under`)
+        self._topic_id = ""  # Kafka's id of its topic, as the bridge read it
         self._next = 0  # the first offset it has not given a fate yet
         self.retries = 0
         # The last run whose end the ledger did not answer (or the one it was asked to
@@ -121,6 +125,7 @@ class Processor:
         topic the bridge read them from, whose ledger their marks go to."""
         report = Report()
         self._ledger_topic = filed_under(topic, topic_id)
+        self._topic_id = topic_id
         self.retries = retries
         self.unended = forgive  # the run the next attempt must forgive, if any
         first, last = messages[0].offset, messages[-1].offset
@@ -277,7 +282,8 @@ class Processor:
             traceback=_trace(exc) if exc is not None else None,
             attempts=message.attempts + 1)
         try:
-            result = apply_batch(self.engine, [], [letter], worker=self.worker)
+            result = apply_batch(self.engine, [], [letter], worker=self.worker,
+                                 done=self._done_of(topic, partition, [message]))
         except Exception as refused:
             if classify(refused) is FailureKind.TRANSIENT:
                 raise  # the world, not the letter: the message waits (`_give_up`)
@@ -288,7 +294,8 @@ class Processor:
             letter = replace(letter, event_id=None, event_type=None, traceback=None,
                              reason=f"{letter.error_class}; its dead letter as first written "
                              f"was refused by the database: {type(refused).__name__}")
-            result = apply_batch(self.engine, [], [letter], worker=self.worker)
+            result = apply_batch(self.engine, [], [letter], worker=self.worker,
+                                 done=self._done_of(topic, partition, [message]))
         metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
                                         "dead_lettered").inc()
         self._done(topic, partition, [message], result, report,
@@ -321,7 +328,8 @@ class Processor:
             raw.append(message)
         started = time.perf_counter()
         try:
-            result = apply_batch(self.engine, received, failures, worker=self.worker)
+            result = apply_batch(self.engine, received, failures, worker=self.worker,
+                                 done=self._done_of(topic, partition, messages))
         finally:
             metrics.DB_OPERATION.labels("apply_batch").observe(time.perf_counter() - started)
         applied_at = result.applied_at.timestamp()
@@ -374,6 +382,10 @@ class Processor:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
+
+    def _done_of(self, topic: str, partition: int, messages: list[TaskMessage]) -> Done:
+        """What the transaction that gives these messages their fates records of them."""
+        return Done(topic, self._topic_id, partition, [m.offset for m in messages])
 
 
 def count_retries(messages: Iterable[TaskMessage], reason: str) -> None:

@@ -9,7 +9,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from eventpipe import positions
 from eventpipe.queues import queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
-from eventpipe.tables import kafka_positions
+from eventpipe.tables import kafka_done_ranges, kafka_positions
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
 from tests.support.services import REDIS_URL
@@ -98,6 +98,16 @@ def reading_bridge(kafka_broker: str, topic: str, committed: int, *, log_start: 
         consumer.close()
 
 
+def _applied(bridge: Bridge, offsets: Iterable[int]) -> None:
+    """What a worker does of partition 0's offsets it gave their fates: their ranges
+    recorded in the database, in the fates' transaction, then marked done in the ledger."""
+    offsets = list(offsets)
+    with bridge.engine.begin() as conn:
+        positions.record_done(conn, positions.Done(bridge.topic, bridge.topic_id or "", 0,
+                                                   offsets))
+    bridge.ledger.settle(bridge._ledger_topic, 0, offsets)
+
+
 def _read_once(bridge: Bridge) -> None:
     bridge._consume_once()
     for partition, messages in bridge.batcher.due(bridge.clock()):  # as read, held or not
@@ -165,7 +175,7 @@ def test_events_kafka_deleted_before_the_bridge_read_them_are_said_and_counted(
         assert _lost(topic) == 0  # at zero from the start: the alert sees the first loss
         # Workers applied the tasks the bridge sent of 4 before it stopped (a review's
         # finding: they were counted among the lost).
-        bridge.ledger.settle(bridge._ledger_topic, 0, [4])
+        _applied(bridge, [4])
         _read_from_the_log_start(bridge, topic, 7)
         assert bridge.partitions[0].in_flight == 10 - 7
         assert _lost(topic) == 0  # its task of 7-9 is queued
@@ -225,7 +235,7 @@ def test_offsets_skipped_while_tasks_may_still_apply_them_are_counted_once_they_
         tag = f"test-{uuid.uuid4().hex}"
         queue.hset("unacked", tag, "{}")
         try:
-            bridge.ledger.settle(bridge._ledger_topic, 0, [3, 4, 7, 8, 9])
+            _applied(bridge, [3, 4, 7, 8, 9])
             bridge._sync(clock())
             # Committed past them (a review's finding: that trimmed the ledger's marks of 3
             # and 4, and all four were counted), not counted yet: the task is held.
@@ -359,7 +369,7 @@ def test_a_reread_waits_for_the_tasks_still_queued_behind_the_lost_one(
         assert queue.llen(QUEUE) == 3  # 0-1, 2-3, 4-5
         queue.rpop(QUEUE)  # taken by a worker killed mid-batch
         queue.rpop(QUEUE)  # taken by a worker that applied it
-        bridge.ledger.settle(bridge._ledger_topic, 0, [2, 3])
+        _applied(bridge, [2, 3])
         bridge._sync(clock())
         clock.now += bridge.settings.redelivery_timeout_s
         bridge._sync(clock())
@@ -419,7 +429,7 @@ def test_a_stopping_bridge_says_so_on_the_board_while_it_waits_for_what_it_sent(
         wait_until(lambda: said() == "stopping", 10, "the bridge seen stopping")
         board.leave(BRIDGE, bridge.name)
         wait_until(lambda: said() == "stopping", 10, "the same said again while it waits")
-        bridge.ledger.settle(bridge._ledger_topic, 0, [0, 1, 2])  # what it sent is done
+        _applied(bridge, [0, 1, 2])  # what it sent is done
         stopping.join(30)  # well before its drain's time is over: it ended the wait
         assert not stopping.is_alive() and bridge.partitions[0].in_flight == 0
         assert board.members() == []
@@ -458,7 +468,7 @@ def test_kafka_is_told_no_offset_the_database_has_not_recorded(
     produce(kafka_broker, topic, _events(10))
     with reading_bridge(kafka_broker, topic, committed=3) as bridge:
         _read_up_to(bridge, 9)
-        bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))  # every task applied
+        _applied(bridge, range(3, 10))  # every task applied
         recording = bridge.engine
         bridge.engine = create_engine(f"sqlite:///{tmp_path / 'no-schema.db'}")
         _syncs_apart(bridge, 1)
@@ -509,10 +519,48 @@ def test_a_position_the_database_lost_under_a_running_bridge_is_read_again(
         assert progress.in_flight == 6  # not done: the ledger's marks of them were forgotten
 
 
+def test_work_the_database_lost_since_its_last_position_is_read_again(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A failover promotes a replica that had the position of offset 10, and the work below
+    it, but not the batch of 10 and 11 the workers applied since, which the ledger in Redis
+    still says done. (Before: the position was all the bridge looked at; it committed 12,
+    and 10 and 11 were never in the database.) At its next commit it finds their ranges
+    missing, and takes the partition again: 10 and 11 are read again, their marks forgotten,
+    and counted."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(12))
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _applied_and_committed_up_to_9(bridge, topic, queue)
+        read_again = REGISTRY.get_sample_value(
+            "bridge_events_read_again_for_the_database_total",
+            {"topic": topic, "partition": "0"}) or 0.0
+        _applied_up_to_11(bridge)
+        with bridge.engine.begin() as conn:  # the failover
+            conn.execute(delete(kafka_done_ranges).where(kafka_done_ranges.c.kafka_topic == topic,
+                                                        kafka_done_ranges.c.last_offset >= 10))
+        _syncs_apart(bridge, 1)
+        assert "the database lacks 2 message(s) the workers recorded as done since its " \
+            "position" in caplog.text
+        assert REGISTRY.get_sample_value("bridge_events_read_again_for_the_database_total", {
+            "topic": topic, "partition": "0"}) == read_again + 2
+        assert not bridge.partitions[0].vouched and bridge.partitions[0].paused
+        _syncs_apart(bridge, 1)  # vouched for again
+        progress = bridge.partitions[0]
+        assert progress.vouched and progress.committed == 10
+        queue.delete(QUEUE)
+        wait_until(lambda: _sync_read(bridge) and progress.next_read == 12, 30,
+                   "offsets 10-11 read again")
+        assert progress.in_flight == 2  # not done: the ledger's marks of them were forgotten
+        assert _committed(bridge, topic) == 10
+        with bridge.engine.connect() as conn:
+            assert positions.read(conn, topic, [0])[0].next_offset == 10
+
+
 def _applied_and_committed_up_to_9(bridge: Bridge, topic: str, queue: redis.Redis) -> None:
     """Offsets 3-9 read, sent, applied (their task taken) and committed."""
     _read_up_to(bridge, 9)
-    bridge.ledger.settle(bridge._ledger_topic, 0, range(3, 10))
+    _applied(bridge, range(3, 10))
     _syncs_apart(bridge, 1)
     assert _committed(bridge, topic) == 10
     queue.delete(QUEUE)
@@ -520,7 +568,7 @@ def _applied_and_committed_up_to_9(bridge: Bridge, topic: str, queue: redis.Redi
 
 def _applied_up_to_11(bridge: Bridge) -> None:
     _read_up_to(bridge, 11)
-    bridge.ledger.settle(bridge._ledger_topic, 0, [10, 11])
+    _applied(bridge, [10, 11])
 
 
 def _sync_read(bridge: Bridge) -> bool:

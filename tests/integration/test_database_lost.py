@@ -1,6 +1,7 @@
-"""A database that lost work Kafka counts as done: restored from a backup, or lost and made
-anew. Kafka's committed offsets are past messages the database no longer holds; the bridge
-reads them again (`eventpipe.positions`), and the database ends as if it had lost nothing.
+"""A database that lost work Kafka counts as done: restored from a backup, lost and made
+anew, or failed over under running bridges. Kafka's committed offsets, or the ledger's marks,
+are past messages the database no longer holds; the bridge reads them again
+(`eventpipe.positions`), and the database ends as if it had lost nothing.
 Real parts: Tansu, the bridge and worker processes, Redis, SQLite and PostgreSQL.
 """
 
@@ -11,8 +12,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.samples import Document
+from eventpipe.tables import kafka_positions, metadata
 from tests.support.databases import drop_database
 from tests.support.model import expected_state, stored_state
 from tests.support.pipeline import Pipeline, assert_state, drained, stream, wait_until
@@ -105,3 +109,45 @@ def test_a_bridge_stopped_and_started_again_reads_nothing_again(make_pipeline: A
     assert "the database lacks messages" not in said
     assert "the database holds none" not in said
     pipeline.stop(worker)
+
+
+def test_a_failover_that_lost_only_work_since_the_last_position_is_read_again(
+        make_pipeline: Any) -> None:
+    """A failover promotes a replica that holds the bridge's last position and the work below
+    it, not the batches the workers committed since, which the offset ledger in Redis still
+    says done. (Before: the running bridge found its position where it had left it, and
+    committed past those batches: the database never held them.) The ranges of offsets each
+    batch records with its fates are missing: the bridge reads them again.
+
+    PostgreSQL. The bridge cannot record a position while the test holds `kafka_positions`
+    locked: the database at the lock is the replica, what workers commit after it is what
+    the failover loses, and its end (every other table put back as it was) is the failover."""
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(2000, seed=149)
+    worker, bridge = pipeline.start_worker(), pipeline.start_bridge()
+    sent = pipeline.send(messages[:1000])
+    drained(pipeline, sent)
+    held = pipeline.applied_count()
+    tables = [table.name for table in metadata.sorted_tables if table is not kafka_positions]
+    with pipeline.engine.connect() as replica:
+        replica.execute(text("LOCK TABLE kafka_positions IN EXCLUSIVE MODE"))
+        for name in tables:
+            replica.execute(text(f"CREATE TABLE replica_{name} AS TABLE {name}"))
+        sent += pipeline.send(messages[1000:])
+        everything = len({doc["eventId"] for _, doc in messages})
+        wait_until(lambda: pipeline.applied_count() == everything, 60,
+                   "the rest applied, on the primary")
+        replica.execute(text(f"TRUNCATE {', '.join(tables)}"))
+        for name in tables:
+            replica.execute(text(f"INSERT INTO {name} SELECT * FROM replica_{name}"))
+            replica.execute(text(f"DROP TABLE replica_{name}"))
+        replica.commit()
+    assert pipeline.applied_count() == held  # the database lacks what came after the lock
+
+    caught_up(pipeline, [doc for _, doc in messages], sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    said = pipeline.log_of("bridge").read_text()
+    assert "the database lost work this bridge took for done" in said
+    assert "the workers recorded as done since its position" in said
+    for process in (bridge, worker):
+        assert pipeline.stop(process) == 0

@@ -7,13 +7,17 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, update
+import pytest
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from eventpipe import positions
+from eventpipe.apply import apply_batch
 from eventpipe.dlq import records
 from eventpipe.effects import Position
-from eventpipe.tables import applied_events, kafka_positions
-from tests.support.factories import T0, dead_letter
+from eventpipe.samples import user_created
+from eventpipe.tables import applied_events, kafka_done_ranges, kafka_positions
+from tests.support.factories import T0, dead_letter, received
 
 TOPIC = "events"
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -81,7 +85,7 @@ def test_a_position_behind_what_the_bridge_recorded_is_lost_unless_another_topic
     positions.save(engine, TOPIC, "id-0", {2: 3}, NOW)
     lost = positions.save(engine, TOPIC, "id-1", {0: 12, 1: 12, 2: 12, 3: 1}, NOW,
                           written={0: 10, 1: 10, 2: 10})
-    assert lost == {0, 1}
+    assert set(lost) == {0, 1}
     # The row gone is made again at 0: whoever reads it next reads the partition again.
     assert _read(engine) == {0: positions.Position("id-1", 6), 1: positions.Position("id-1", 0),
                              2: positions.Position("id-1", 12), 3: positions.Position("id-1", 1)}
@@ -92,3 +96,60 @@ def test_a_partition_taken_again_is_read_from_the_lower_of_the_two_offsets(
     positions.save(engine, TOPIC, "id-1", {0: 5, 1: 20, 3: 4}, NOW)
     found, _ = positions.rewinds(engine, TOPIC, "id-1", {0: 8, 1: 10}, again=[1, 2, 3])
     assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 1: 10, 2: 0, 3: 4}
+
+
+def _ranges(engine: Engine) -> list[tuple[int, str, int, int]]:
+    with engine.connect() as conn:
+        return sorted((row.kafka_partition, row.topic_id, row.first_offset, row.last_offset)
+                      for row in conn.execute(select(kafka_done_ranges)))
+
+
+def _record(engine: Engine, partition: int, offsets: list[int], topic_id: str = "id-1") -> None:
+    with engine.begin() as conn:
+        positions.record_done(conn, positions.Done(TOPIC, topic_id, partition, offsets))
+
+
+def test_offsets_taken_for_done_whose_ranges_the_database_lost_are_lost(engine: Engine) -> None:
+    """A failover, or a restore under a running bridge, that kept the last position but lost
+    work done since: the ledger in Redis still says done, the database holds no range of it.
+    (Before: nothing but the position was looked at, and the bridge committed past the loss.)"""
+    positions.save(engine, TOPIC, "id-1", {0: 10, 1: 10, 2: 10, 3: 10}, NOW)
+    _record(engine, 0, [10, 11, 12, 14, 15])  # 13: a gap in the log (a transaction's marker)
+    _record(engine, 1, [10, 11])  # the failover kept 10 and 11 of partition 1, not 12–19
+    _record(engine, 2, [10, 11, 12, 13], topic_id="id-0")  # a task of the topic before
+    _record(engine, 3, [5, 6, 10, 11])  # 5 and 6 again: below the position, as a redelivery
+    lost = positions.save(
+        engine, TOPIC, "id-1", {0: 16, 1: 20, 2: 14, 3: 12}, NOW, written={p: 10 for p in range(4)},
+        # What the ledger said done since: 3's 5–6 are below the position, which vouches for them.
+        settled={0: [(10, 12), (14, 15)], 1: [(10, 19)], 2: [(10, 13)], 3: [(5, 6), (10, 11)]})
+    assert {p: loss.offsets for p, loss in lost.items()} == {1: 8, 2: 4}
+    assert "lacks 8 message(s)" in lost[1].why
+    # The partitions whose work is held move on, and their ranges below it go; the others
+    # keep theirs, and their positions, for the partition read again.
+    assert _read(engine) == {0: positions.Position("id-1", 16), 1: positions.Position("id-1", 10),
+                             2: positions.Position("id-1", 10), 3: positions.Position("id-1", 12)}
+    assert _ranges(engine) == [(1, "id-1", 10, 11), (2, "id-0", 10, 13)]
+
+
+def test_a_first_position_is_not_held_to_ranges_nor_are_another_topics_ranges_kept(
+        engine: Engine) -> None:
+    """Workers of a version before the ranges recorded none: the offsets of a partition with
+    no position of the topic yet are taken as the ledger says."""
+    _record(engine, 0, [0, 1, 2], topic_id="id-0")
+    assert positions.save(engine, TOPIC, "id-1", {0: 40}, NOW, settled={0: [(3, 39)]}) == {}
+    assert _ranges(engine) == []  # another topic's ranges go with the first position
+    assert _read(engine) == {0: positions.Position("id-1", 40)}
+
+
+def test_a_batch_records_the_offsets_it_gives_their_fates_in_its_transaction(
+        engine: Engine) -> None:
+    done = positions.Done(TOPIC, "id-1", 4, [7, 8, 9, 11])
+    apply_batch(engine, received(user_created("u-1", event_id="e-1")), [], done=done)
+    assert _ranges(engine) == [(4, "id-1", 7, 9), (4, "id-1", 11, 11)]
+    # Ranges the database refuses take the batch's fates with them: neither is without the other.
+    refused = positions.Done(TOPIC, None, 4, [12])  # type: ignore[arg-type]  # NOT NULL
+    with pytest.raises(IntegrityError):
+        apply_batch(engine, received(user_created("u-2", event_id="e-2")), [], done=refused)
+    with engine.connect() as conn:
+        assert conn.execute(select(applied_events.c.event_id)).scalars().all() == ["e-1"]
+    assert _ranges(engine) == [(4, "id-1", 7, 9), (4, "id-1", 11, 11)]

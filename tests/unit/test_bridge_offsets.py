@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from bridge.batching import Batcher
-from bridge.offsets import TAKEN_GRACE_S, PartitionProgress, needs_redelivery
+from bridge.offsets import (
+    SETTLED_SPANS_MAX,
+    TAKEN_GRACE_S,
+    PartitionProgress,
+    needs_redelivery,
+)
 from eventpipe.queues import TaskMessage
 
 TIMEOUT = 60.0
@@ -32,6 +37,28 @@ def test_offsets_may_have_gaps() -> None:
     progress.dispatched([3, 7, 8], now=0)  # e.g. transaction markers between them
     progress.observe({3, 7}, set(), now=1)
     assert progress.committable() == 8
+
+
+def test_what_is_taken_for_done_is_kept_as_spans_for_the_database_to_vouch_for() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([3, 4, 7, 8, 9], now=0)  # 5 and 6: a gap in the log
+    progress.observe({3, 4, 8}, set(), now=1)  # 8 waits behind 7: not taken for done yet
+    assert progress.settled == [(3, 4)]
+    progress.observe({7, 9}, set(), now=2)
+    assert progress.settled == [(3, 4), (7, 9)]
+    progress.reset(4)  # read again from 4: what was taken for done stays so
+    progress.dispatched([4, 5], now=3)
+    progress.observe({4, 5}, set(), now=4)
+    assert progress.settled == [(3, 4), (7, 9), (4, 5)]
+
+
+def test_the_spans_kept_for_the_database_are_bounded() -> None:
+    progress = PartitionProgress(0)
+    offsets = list(range(0, 2 * (SETTLED_SPANS_MAX + 5), 2))  # each its own span
+    progress.dispatched(offsets, now=0)
+    progress.observe(set(offsets), set(), now=1)
+    assert len(progress.settled) == SETTLED_SPANS_MAX
+    assert progress.settled[-1] == (offsets[-1], offsets[-1])  # the oldest go first
 
 
 def test_done_marks_for_offsets_not_dispatched_here_are_ignored() -> None:

@@ -21,6 +21,7 @@ from eventpipe.tables import (
     applied_events,
     dead_letters,
     inventory,
+    kafka_done_ranges,
     order_items,
     orders,
     payments,
@@ -183,3 +184,14 @@ def test_a_bridge_reads_the_positions_it_will_write_under_an_update_lock() -> No
     parses_as_tsql(sql)
     assert "FROM kafka_positions WITH (UPDLOCK, HOLDLOCK, ROWLOCK)" in sql
     assert sql.endswith("ORDER BY kafka_positions.kafka_partition")
+
+
+def test_the_ranges_of_offsets_done_are_read_and_pruned_in_t_sql() -> None:
+    written = tsql(kafka_done_ranges.insert())
+    read = str(positions.ranges_query("events", "id-1", [3, 1]).compile(
+        dialect=DIALECT, compile_kwargs={"render_postcompile": True}))
+    pruned = tsql(positions.pruning())
+    for sql in (written, read, pruned):
+        parses_as_tsql(sql)
+    assert pruned.startswith("DELETE FROM kafka_done_ranges WHERE")
+    assert "kafka_done_ranges.last_offset < ? OR kafka_done_ranges.topic_id != ?" in pruned

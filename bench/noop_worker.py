@@ -24,4 +24,4 @@ ledger = OffsetLedger(redis_clients.pipeline(settings.redis_url), settings.kafka
 @app.task(name=APPLY_TASK, bind=True)
 def apply_events(self: Any, topic: str, partition: int, messages: list[list[Any]]) -> None:
     ledger.settle(filed_under(topic, self.request.get(TOPIC_ID_HEADER) or ""), partition,
-                  [TaskMessage.from_wire(m).offset for m in messages])
+                  [TaskMessage.from_wire(m).offset for m in messages], recorded=False)

@@ -40,9 +40,13 @@ class PartitionProgress:
     outstanding: deque[tuple[int, float]] = field(default_factory=deque)  # (offset, sent at)
     pending: set[int] = field(default_factory=set)  # outstanding offsets not yet done
     done_ahead: set[int] = field(default_factory=set)  # done, but behind an unfinished one
+    # Of those, the ones workers of a version before `kafka_done_ranges` did: not looked for.
+    unrecorded: set[int] = field(default_factory=set)
     # Spans of offsets taken for done (first, last), in the order they were, since the
-    # database last recorded a position of the partition (the bridge empties it then).
-    settled: list[tuple[int, int]] = field(default_factory=list)
+    # database last recorded a position of the partition (the bridge empties it then); at
+    # most SETTLED_SPANS_MAX, the newest.
+    settled: deque[tuple[int, int]] = field(
+        default_factory=lambda: deque(maxlen=SETTLED_SPANS_MAX))
     leased: set[int] = field(default_factory=set)
     last_dispatched: int | None = None
     last_progress: float = 0.0
@@ -209,21 +213,26 @@ class PartitionProgress:
         if offsets:
             self.last_dispatched = offsets[-1]
 
-    def observe(self, done: set[int], leased: set[int], now: float) -> None:
-        """Take in the ledger's view: offsets done, offsets with a live lease."""
+    def observe(self, done: set[int], leased: set[int], now: float,
+                unrecorded: set[int] | None = None) -> None:
+        """Take in the ledger's view: offsets done, offsets with a live lease, and which of
+        the done ones the database records no range of (`OffsetLedger.read`)."""
         newly_done = done & self.pending
         if newly_done:
             self.last_progress = now
             self.pending -= newly_done
             self.done_ahead |= newly_done
+            if unrecorded:
+                self.unrecorded |= newly_done & unrecorded
         while self.outstanding and self.outstanding[0][0] in self.done_ahead:
             offset = self.outstanding.popleft()[0]
             self.done_ahead.discard(offset)
-            if self.settled and self.settled[-1][1] + 1 == offset:
+            if offset in self.unrecorded:
+                self.unrecorded.discard(offset)
+            elif self.settled and self.settled[-1][1] + 1 == offset:
                 self.settled[-1] = (self.settled[-1][0], offset)
             else:
                 self.settled.append((offset, offset))
-                del self.settled[:-SETTLED_SPANS_MAX]
         self.leased = leased
         if self.done_ahead and self.outstanding:
             if self.overtaken_since is None:
@@ -273,6 +282,7 @@ class PartitionProgress:
         self.outstanding.clear()
         self.pending.clear()
         self.done_ahead.clear()
+        self.unrecorded.clear()
         self.leased = set()
         self.last_dispatched = None
         self.overtaken_since = None

@@ -472,8 +472,9 @@ class Bridge:
                 for progress in chosen.values():
                     progress.unobserved()
                 return
-            for partition, (done, leased) in progress_by_partition.items():
-                chosen[partition].observe(done, leased, now)
+            for partition, marks in progress_by_partition.items():
+                chosen[partition].observe(marks.done, marks.leased, now,
+                                          unrecorded=marks.unrecorded)
         self._commit(chosen, now, final=final)
         chosen = self._still_ours(chosen)
         for partition, progress in chosen.items():

@@ -12,9 +12,9 @@ In order, in one transaction:
    changed it (an event that wrote nothing is stale);
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
-5. add the claimed inventory deltas;
-6. record the offsets of the messages given their fates (`eventpipe.positions.record_done`),
-   which the bridge looks for before it commits past them.
+5. add the claimed inventory deltas.
+`apply_batch` records with them the offsets of the messages given their fates
+(`eventpipe.positions.record_done`), which the bridge looks for before it commits past them.
 Failures of the database propagate: the caller classifies and retries them.
 """
 
@@ -55,10 +55,10 @@ def apply_batch(
     """Each event's fate, in batch order, and the dead letters written. `done`: the offsets
     of the messages these events and failures are, recorded with their fates."""
     with engine.begin() as conn:
-        result = apply_in(conn, batch, failures, worker=worker, applied_at=now())
+        # First: the stock rows' locks, taken last, are held no longer for it.
         if done is not None:
             positions.record_done(conn, done)
-        return result
+        return apply_in(conn, batch, failures, worker=worker, applied_at=now())
 
 
 def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,

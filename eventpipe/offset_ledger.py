@@ -22,7 +22,12 @@ partition are applied, until a run takes its messages up again.
 
 Keys, per consumer group, topic and partition: `{prefix}:{group}:done-ranges:{topic}:{p}`
 and `…:lease-ranges:…` (sorted sets of ranges of offsets, `"<first>-<last>"`, scored by the
-last offset and by the lease deadline in Redis time), `…:runs:…` (a hash: `"<first> <last>
+last offset and by the lease deadline in Redis time); `…:recorded-ranges:…`, the same done
+ranges again, marked by workers that record the ranges of offsets they give fates in the
+database too (`eventpipe.positions.record_done`): a bridge looks there for those it takes
+for done, and takes those of workers of a version before for done unchecked, so that an
+upgrade is never taken for work the database lost (a bridge of that version reads
+`done-ranges` alone, and commits on as before); `…:runs:…` (a hash: `"<first> <last>
 <run>"` → deaths before that run); `{prefix}:{group}:topic-ids:{topic}`, the ids the topic's
 ledger was filed under (for `forget`). The topic is named with Kafka's id of it (`filed_under`),
 which the bridge reads as it is given partitions and sends with each task: a topic deleted
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -65,7 +70,7 @@ local function hold(lease, until_time, from)
   end
 end
 
-local function mark_done(done, lease, from, to)
+local function mark_done(done, recorded, lease, from, to)
   for i = from, to, 500 do
     local members, scores = {}, {}
     for j = i, math.min(i + 499, to) do
@@ -74,6 +79,7 @@ local function mark_done(done, lease, from, to)
       members[#members + 1] = ARGV[j]
     end
     redis.call('ZADD', done, unpack(scores))
+    redis.call('ZADD', recorded, unpack(scores))
     redis.call('ZREM', lease, unpack(members))
   end
 end
@@ -99,34 +105,38 @@ end
 return now
 """
 
-# KEYS: done zset, lease zset. ARGV[1] = number of done ranges, then the done ranges, then
-# pairs (range, seconds to live) of leases to renew.
+# KEYS: done zset, recorded zset, lease zset. ARGV[1] = number of done ranges, then the done
+# ranges, then pairs (range, seconds to live) of leases to renew.
 _SETTLE = _STEPS + """
 local count = tonumber(ARGV[1])
-mark_done(KEYS[1], KEYS[2], 2, count + 1)
+mark_done(KEYS[1], KEYS[2], KEYS[3], 2, count + 1)
 for i = count + 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[i + 1]), ARGV[i])
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[i + 1]), ARGV[i])
 end
 return now
 """
 
-# KEYS: pairs (done zset, lease zset) per partition. ARGV: the low mark of each partition.
-# Returns, per partition, {done ranges ending at or after low, ranges with a live lease}.
+# KEYS: triples (done zset, recorded zset, lease zset) per partition. ARGV: the low mark of
+# each partition. Returns, per partition, {done ranges ending at or after low, recorded ones,
+# ranges with a live lease}.
 _READ = _NOW + """
 local result = {}
 for i = 1, #ARGV do
-  local done = redis.call('ZRANGEBYSCORE', KEYS[2 * i - 1], ARGV[i], '+inf')
-  local leased = redis.call('ZRANGEBYSCORE', KEYS[2 * i], now, '+inf')
-  result[i] = {done, leased}
+  local done = redis.call('ZRANGEBYSCORE', KEYS[3 * i - 2], ARGV[i], '+inf')
+  local recorded = redis.call('ZRANGEBYSCORE', KEYS[3 * i - 1], ARGV[i], '+inf')
+  local leased = redis.call('ZRANGEBYSCORE', KEYS[3 * i], now, '+inf')
+  result[i] = {done, recorded, leased}
 end
 return result
 """
 
-# KEYS: pairs (done zset, lease zset). ARGV: the committed offset of each partition.
+# KEYS: triples (done zset, recorded zset, lease zset). ARGV: the committed offset of each
+# partition.
 _TRIM = _NOW + """
 for i = 1, #ARGV do
-  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i - 1], '-inf', '(' .. ARGV[i])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', '(' .. now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 2], '-inf', '(' .. ARGV[i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 1], '-inf', '(' .. ARGV[i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 * i], '-inf', '(' .. now)
 end
 return now
 """
@@ -189,11 +199,11 @@ record(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 return 0
 """
 
-# KEYS: runs hash, done zset, lease zset. ARGV: the run, a record to leave in its place ('' for
-# none), its deaths, seconds it lives, then the ranges done. Marks them done and removes the
-# run's record: only the run's own, not one another process wrote since.
+# KEYS: runs hash, done zset, recorded zset, lease zset. ARGV: the run, a record to leave in
+# its place ('' for none), its deaths, seconds it lives, then the ranges done. Marks them done
+# and removes the run's record: only the run's own, not one another process wrote since.
 _FINISH = _STEPS + _RUNS + """
-mark_done(KEYS[2], KEYS[3], 5, #ARGV)
+mark_done(KEYS[2], KEYS[3], KEYS[4], 5, #ARGV)
 drop_run(KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then
   record(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
@@ -203,7 +213,7 @@ return 0
 
 RUNNING_TTL_S = 86_400
 _BLIP_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3)
-_DONE_RANGES, _LEASE_RANGES = "done-ranges", "lease-ranges"
+_DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES = "done-ranges", "recorded-ranges", "lease-ranges"
 _BEFORE_RANGES = ("done", "lease")  # the keys of a member per offset, of earlier versions
 
 
@@ -249,6 +259,16 @@ def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
     return count
 
 
+class Marks(NamedTuple):
+    """What the ledger says of a partition's offsets from a low mark on."""
+
+    done: set[int]
+    leased: set[int]  # held by a live lease, and not done
+    # Done, by workers of a version before the ranges of offsets recorded in the database
+    # (`eventpipe.positions.record_done`): the database cannot vouch for them.
+    unrecorded: set[int]
+
+
 @dataclass(frozen=True, slots=True)
 class Crashed:
     """A range of offsets whose processes died applying it, `deaths` times in a row."""
@@ -292,8 +312,10 @@ class OffsetLedger:
             self._extend(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])
 
     def settle(self, topic: str, partition: int, done: Iterable[int],
-               leases: Mapping[int, float] | None = None) -> None:
-        """Mark `done` offsets and renew `leases` (offset → seconds to live), atomically."""
+               leases: Mapping[int, float] | None = None, *, recorded: bool = True) -> None:
+        """Mark `done` offsets and renew `leases` (offset → seconds to live), atomically.
+        `recorded`: the ranges of the offsets are recorded in the database with their fates;
+        False only for a worker with no database (`bench.noop_worker`)."""
         done_members = ranges(done)
         by_ttl: dict[float, list[int]] = {}
         for offset, ttl in (leases or {}).items():
@@ -301,33 +323,37 @@ class OffsetLedger:
         renewals: list[Any] = [value for ttl, offsets in by_ttl.items()
                                for member in ranges(offsets) for value in (member, ttl)]
         if done_members or renewals:
-            self._settle(keys=[self._key(_DONE_RANGES, topic, partition),
-                               self._key(_LEASE_RANGES, topic, partition)],
+            self._settle(keys=self._keys(topic, partition, _DONE_RANGES,
+                                         _RECORDED_RANGES if recorded else _DONE_RANGES,
+                                         _LEASE_RANGES),
                          args=[len(done_members), *done_members, *renewals])
 
-    def read(self, topic: str, lows: Mapping[int, int]) -> dict[int, tuple[set[int], set[int]]]:
-        """For each partition → (done offsets ≥ its low mark, offsets ≥ it held by a live
-        lease and not done)."""
+    def _keys(self, topic: str, partition: int, *kinds: str) -> list[str]:
+        return [self._key(kind, topic, partition) for kind in kinds]
+
+    def read(self, topic: str, lows: Mapping[int, int]) -> dict[int, Marks]:
+        """For each partition, what the ledger says of its offsets from its low mark on."""
         if not lows:
             return {}
-        keys = [key for p in lows for key in (self._key(_DONE_RANGES, topic, p),
-                                               self._key(_LEASE_RANGES, topic, p))]
+        keys = [key for p in lows
+                for key in self._keys(topic, p, _DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES)]
         replies: Any = self._read(keys=keys, args=list(lows.values()))
         found = {}
-        for (partition, low), (done_ranges, leased_ranges) in zip(lows.items(), replies,
-                                                                    strict=True):
+        for (partition, low), (done_ranges, recorded_ranges, leased_ranges) in zip(
+                lows.items(), replies, strict=True):
             done = offsets_of(done_ranges, low)
             # A lease is released as the range it was taken for: what of it is done is not
             # held any more.
-            found[partition] = (done, offsets_of(leased_ranges, low) - done)
+            found[partition] = Marks(done, offsets_of(leased_ranges, low) - done,
+                                     done - offsets_of(recorded_ranges, low))
         return found
 
     def applied_or_held(self, topic: str, partition: int, first: int, end: int) -> int:
         """How many of the partition's offsets from `first` to `end` (excluded) are done, or
         held by a live lease (a worker applying them, a retry waiting)."""
-        [(done, leased)] = self._read(keys=[self._key(_DONE_RANGES, topic, partition),
-                                            self._key(_LEASE_RANGES, topic, partition)],
-                                      args=[first])
+        [(done, _, leased)] = self._read(
+            keys=self._keys(topic, partition, _DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES),
+            args=[first])
         return count_covered([*done, *leased], first, end)
 
     def forget(self, topic: str, partitions: Iterable[int]) -> None:
@@ -347,15 +373,15 @@ class OffsetLedger:
             return
         filed = {name, *(filed_under(name, decoded(i)) for i in self.client.smembers(ids))}
         self.client.delete(*(self._key(kind, where, p) for p in chosen for where in filed
-                             for kind in (_DONE_RANGES, _LEASE_RANGES, "runs",
-                                          *_BEFORE_RANGES)))
+                             for kind in (_DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES,
+                                          "runs", *_BEFORE_RANGES)))
 
     def trim(self, topic: str, committed: Mapping[int, int]) -> None:
         """Forget the done ranges that end below each committed offset (Kafka remembers
         those offsets for us) and leases that have expired."""
         if committed:
-            keys = [key for p in committed for key in (self._key(_DONE_RANGES, topic, p),
-                                                        self._key(_LEASE_RANGES, topic, p))]
+            keys = [key for p in committed for key in self._keys(
+                topic, p, _DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES)]
             self._trim(keys=keys, args=list(committed.values()))
 
     def begin(self, topic: str, partition: int, offsets: Sequence[int], ttl_s: float, *,
@@ -389,7 +415,7 @@ class OffsetLedger:
         the attempt that takes up the messages left. Being idempotent, it is tried again over
         a blip of the connection: lost, the marks would cost the whole batch again as
         duplicates."""
-        keys = [self._key(kind, topic, partition) for kind in ("runs", _DONE_RANGES, _LEASE_RANGES)]
+        keys = self._keys(topic, partition, "runs", _DONE_RANGES, _RECORDED_RANGES, _LEASE_RANGES)
         left = (f"{owed.first} {owed.last} owed", owed.deaths - 1) if owed else ("", 0)
         args: list[int | str] = [run, *left, RUNNING_TTL_S, *ranges(done)]
         _BLIP_RETRY.call_with_retry(lambda: self._finish(keys=keys, args=args),

@@ -135,8 +135,8 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
         if rows:
             conn.execute(saving(engine.dialect.name), rows)
             conn.execute(pruning(), [
-                {"topic": topic, "partition": row["kafka_partition"], "topic_id": topic_id,
-                 "below": row["next_offset"]} for row in rows])
+                {"topic": topic, "partition": row["kafka_partition"], "below": row["next_offset"]}
+                for row in rows])
     return lost
 
 
@@ -174,12 +174,22 @@ def record_done(conn: Connection, done: Done) -> None:
 
 
 def uncovered(needed: Iterable[Span], held: Iterable[Span]) -> int:
-    """How many offsets of the `needed` spans none of the `held` spans covers."""
+    """How many offsets of the `needed` spans none of the `held` spans covers: one pass over
+    both, in order (a topic whose offsets leave gaps has thousands of each)."""
     merged = _merged(held)
-    missing = 0
-    for first, last in needed:
-        covered = sum(max(0, min(last, end) - max(first, start) + 1) for start, end in merged)
-        missing += last - first + 1 - covered
+    missing, at = 0, 0
+    for first, last in _merged(needed):
+        while at < len(merged) and merged[at][1] < first:
+            at += 1
+        reached = first  # the first offset of the span not yet known covered
+        for start, end in merged[at:]:
+            if start > last:
+                break
+            missing += max(0, start - reached)
+            reached = max(reached, end + 1)
+            if reached > last:
+                break
+        missing += max(0, last + 1 - reached)
     return missing
 
 
@@ -206,12 +216,14 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
             continue
         # The position vouches for what is below it: the ranges there are deleted.
         floor = position.next_offset
-        if clipped := [(max(first, floor), last) for first, last in taken if last >= floor]:
+        if clipped := _merged((max(first, floor), last) for first, last in taken
+                              if last >= floor):
             needed[partition] = clipped
     if not needed:
         return {}
     held: dict[int, list[Span]] = {}
-    for row in conn.execute(ranges_query(topic, topic_id, needed)):
+    floors = {partition: spans[0][0] for partition, spans in needed.items()}
+    for row in conn.execute(ranges_query(topic, topic_id, floors)):
         held.setdefault(row.kafka_partition, []).append((row.first_offset, row.last_offset))
     lost: dict[int, Lost] = {}
     for partition, wanted in needed.items():
@@ -222,21 +234,25 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
     return lost
 
 
-def ranges_query(topic: str, topic_id: str, partitions: Collection[int]) -> Select[Any]:
-    """The ranges of offsets recorded done of these partitions of the topic."""
+def ranges_query(topic: str, topic_id: str, floors: Mapping[int, int]) -> Select[Any]:
+    """The ranges of offsets recorded done of these partitions of the topic that end at or
+    past each one's floor (an index range each: rows the bridge has not pruned yet, workers
+    of a bridge of a version before, are not read)."""
     ranges = kafka_done_ranges.c
     return select(ranges.kafka_partition, ranges.first_offset, ranges.last_offset).where(
         ranges.kafka_topic == topic, ranges.topic_id == topic_id,
-        ranges.kafka_partition.in_(sorted(partitions)))
+        or_(*(and_(ranges.kafka_partition == partition, ranges.last_offset >= floor)
+              for partition, floor in sorted(floors.items()))))
 
 
 @cache
 def pruning() -> Executable:
-    """Delete a partition's ranges below its new position, and those of another topic id."""
+    """Delete a partition's ranges below its new position, whatever topic id they name: those
+    of an earlier topic of the name go as the new one passes them."""
     ranges = kafka_done_ranges.c
     return delete(kafka_done_ranges).where(
         ranges.kafka_topic == bindparam("topic"), ranges.kafka_partition == bindparam("partition"),
-        or_(ranges.last_offset < bindparam("below"), ranges.topic_id != bindparam("topic_id")))
+        ranges.last_offset < bindparam("below"))
 
 
 def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False) -> Select[Any]:

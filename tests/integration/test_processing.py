@@ -106,7 +106,7 @@ def test_an_unforeseen_error_is_isolated_then_dead_lettered_and_its_neighbours_a
     assert applied_ids(engine) == {f"ev-{n}" for n in range(40) if n != 17}
     [later] = report.later  # the poison alone, to be tried again later
     assert [m.offset for m in later.messages] == [17] and not later.transient
-    done, leased = ledger.read(TOPIC, {0: 0})[0]
+    done, leased, _ = ledger.read(TOPIC, {0: 0})[0]
     assert done == set(range(40)) - {17} and leased == {17}
     # Its attempts run out: dead-lettered with the error and its traceback, offset done.
     for _ in range(2):
@@ -135,7 +135,7 @@ def test_a_table_not_there_is_waited_for_not_blamed_on_the_events(
             assert [m.offset for m in later.messages] == list(range(5))
             report = processor.run(TOPIC, 0, later.messages, retries=1)
         assert letters(engine) == [] and applied_ids(engine) == set()
-        assert ledger.read(TOPIC, {0: 0})[0] == (set(), set(range(5)))  # kept, not done
+        assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(), set(range(5)))  # kept, not done
     finally:
         inventory.create(engine, checkfirst=True)
     report = processor.run(TOPIC, 0, report.later[0].messages, retries=2)
@@ -317,12 +317,12 @@ def test_leases_are_judged_by_the_redis_clock(parts: tuple[Processor, OffsetLedg
     _, ledger = parts
     ledger.lease(TOPIC, 1, [7, 8], ttl_s=60)
     ledger.lease(TOPIC, 1, [9], ttl_s=0.2)
-    assert ledger.read(TOPIC, {1: 0})[1] == (set(), {7, 8, 9})
+    assert ledger.read(TOPIC, {1: 0})[1][:2] == (set(), {7, 8, 9})
     ledger.settle(TOPIC, 1, [7], {})
     deadline = time.monotonic() + 5
     while ledger.read(TOPIC, {1: 0})[1][1] != {8} and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert ledger.read(TOPIC, {1: 0})[1] == ({7}, {8})
+    assert ledger.read(TOPIC, {1: 0})[1][:2] == ({7}, {8})
 
 
 def test_a_renewal_extends_a_lease_never_shortens_one_nor_makes_one(
@@ -338,7 +338,29 @@ def test_a_renewal_extends_a_lease_never_shortens_one_nor_makes_one(
     ledger.extend(TOPIC, 1, [5], ttl_s=60)  # a renewal late for it does not bring it back
     ledger.extend(TOPIC, 1, [20], ttl_s=60)  # nor makes one that never was
     time.sleep(0.4)  # past the short leases: what is leased now is what the renewal kept
-    assert ledger.read(TOPIC, {1: 0})[1] == ({5}, {7, 8, 9})
+    assert ledger.read(TOPIC, {1: 0})[1][:2] == ({5}, {7, 8, 9})
+
+
+def test_marks_of_workers_that_record_no_ranges_are_told_apart(
+        redis_client: redis.Redis) -> None:
+    """A worker of a version before the ranges of offsets in the database marks its offsets
+    done under `done-ranges` alone: the bridge takes them for done, unchecked. A worker of
+    this version marks both, which bridges of either version read."""
+    ledger = OffsetLedger(redis_client, f"group-{uuid.uuid4().hex}")
+    before = f"{ledger.base}:done-ranges:{TOPIC}:0"
+    try:
+        redis_client.zadd(before, {"1-2": 2})  # as the script of a version before writes it
+        ledger.settle(TOPIC, 0, [3, 4], {})
+        ledger.settle(TOPIC, 0, [5], {}, recorded=False)  # a worker with no database
+        assert ledger.read(TOPIC, {0: 0})[0] == ({1, 2, 3, 4, 5}, set(), {1, 2, 5})
+        ledger.finish(TOPIC, 0, [1, 6], run="r")  # 1 again, now recorded too
+        assert ledger.read(TOPIC, {0: 0})[0] == ({1, 2, 3, 4, 5, 6}, set(), {2, 5})
+        ledger.trim(TOPIC, {0: 5})
+        assert ledger.read(TOPIC, {0: 0})[0] == ({5, 6}, set(), {5})
+        assert redis_client.zrange(before, 0, -1) == [b"5-5", b"6-6"]  # read by those bridges
+    finally:
+        ledger.forget(TOPIC, [0])
+    assert not list(redis_client.scan_iter(f"{ledger.base}:*:{TOPIC}:0"))
 
 
 def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) -> None:
@@ -346,8 +368,8 @@ def test_offset_marks_belong_to_one_consumer_group(redis_client: redis.Redis) ->
     mine = OffsetLedger(redis_client, f"group-a-{uuid.uuid4().hex}")
     theirs = OffsetLedger(redis_client, f"group-b-{uuid.uuid4().hex}")
     mine.settle(TOPIC, 0, [1, 2, 3], {})
-    assert theirs.read(TOPIC, {0: 0})[0] == (set(), set())
-    assert mine.read(TOPIC, {0: 0})[0] == ({1, 2, 3}, set())
+    assert theirs.read(TOPIC, {0: 0})[0][:2] == (set(), set())
+    assert mine.read(TOPIC, {0: 0})[0][:2] == ({1, 2, 3}, set())
     mine.forget(TOPIC, [0])
     theirs.forget(TOPIC, [0])
 
@@ -369,15 +391,15 @@ def test_the_ledger_keeps_a_member_per_range_of_offsets_not_per_offset(
         return int(redis_client.zcard(f"eventpipe:{group}:{kind}:{TOPIC}:0"))
 
     assert (members("done-ranges"), members("lease-ranges")) == (3, 2)
-    done, leased = ledger.read(TOPIC, {0: 100})[0]
+    done, leased, _ = ledger.read(TOPIC, {0: 100})[0]
     assert done == set(range(100, 1100)) - {300} and leased == {300}
     ledger.trim(TOPIC, {0: 300})  # ranges wholly below the committed offset go
     assert members("done-ranges") == 2
-    assert ledger.read(TOPIC, {0: 300})[0] == (set(range(301, 1100)), {300})
+    assert ledger.read(TOPIC, {0: 300})[0][:2] == (set(range(301, 1100)), {300})
     # Renewals too go as ranges, one per run of offsets with the same time to live.
     ledger.settle(TOPIC, 0, [], {1100: 30, 1101: 30, 1102: 30, 1104: 60})
     assert members("lease-ranges") == 4
-    assert ledger.read(TOPIC, {0: 1100})[0] == (set(), {1100, 1101, 1102, 1104})
+    assert ledger.read(TOPIC, {0: 1100})[0][:2] == (set(), {1100, 1101, 1102, 1104})
     ledger.forget(TOPIC, [0])
 
 
@@ -395,7 +417,7 @@ def test_forgetting_a_partition_drops_the_marks_of_earlier_ledgers_too(
     ledger.settle(TOPIC, 0, [5])
     ledger.forget(TOPIC, [0])
     assert not redis_client.exists(*legacy)
-    assert ledger.read(TOPIC, {0: 0})[0] == (set(), set())
+    assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(), set())
 
 
 def test_forgetting_a_partition_forgets_it_under_every_id_of_its_topic(
@@ -416,8 +438,8 @@ def test_forgetting_a_partition_forgets_it_under_every_id_of_its_topic(
         other.settle(name, 0, [5])
     ledger.forget(filed_under(TOPIC, "now"), [0])
     assert [ledger.read(name, {0: 0, 1: 0}) for name in names] == [
-        {0: (set(), set()), 1: ({5}, set())}] * 3
-    assert [other.read(name, {0: 0}) for name in names] == [{0: ({5}, set())}] * 3
+        {0: (set(), set(), set()), 1: ({5}, set(), set())}] * 3
+    assert [other.read(name, {0: 0}) for name in names] == [{0: ({5}, set(), set())}] * 3
 
 
 def test_a_long_isolation_keeps_the_bridge_informed(
@@ -434,7 +456,7 @@ def test_a_long_isolation_keeps_the_bridge_informed(
     def slow_on_poison(engine: Engine, batch: Sequence[Received],
                        failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
         if any(item.event.event_id == POISON for item in batch):
-            seen.append(ledger.read(TOPIC, {0: 0})[0])
+            seen.append(ledger.read(TOPIC, {0: 0})[0][:2])
             time.sleep(0.4)  # the database takes its time to fail
             raise ValueError("a bug nobody foresaw")
         return real(engine, batch, failures, **kwargs)
@@ -470,7 +492,7 @@ def test_a_batch_that_takes_longer_than_a_lease_stays_leased_while_it_runs(
     report = processor.run(TOPIC, 0, messages(10))
     assert report.later == [] and len(seen) > 40
     assert [leased for leased in seen if leased != set(range(10))] == []
-    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(10)), set())
+    assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(range(10)), set())
 
 
 def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(
@@ -495,7 +517,7 @@ def test_a_failure_of_the_world_while_isolating_is_not_taken_for_a_crash(
     report = processor.run(TOPIC, 0, later.messages, retries=1)
     assert report.later == [] and letters(engine) == []
     assert applied_ids(engine) == {f"ev-{n}" for n in range(12)}
-    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(12)), set())
+    assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(range(12)), set())
 
 
 @pytest.mark.parametrize("died_before", [0, 1])
@@ -587,7 +609,7 @@ def test_done_marks_survive_a_redis_hiccup_at_the_end(
     monkeypatch.setattr(ledger, "_finish", finish)
     processor.run(TOPIC, 0, messages(5))
     assert hiccups == []
-    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(5)), set())
+    assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(range(5)), set())
 
 
 def test_a_message_waiting_to_retry_stays_leased_while_its_run_goes_on(
@@ -664,7 +686,7 @@ def test_a_failed_progress_mark_is_not_taken_for_a_failure_of_the_part(
     assert [m.offset for later in report.later for m in later.messages] == [7]
     assert letters(engine) == [] and report.fates["duplicate"] == 0
     assert applied_ids(engine) == {f"ev-{n}" for n in range(20) if n != 7}
-    assert ledger.read(TOPIC, {0: 0})[0] == (set(range(20)) - {7}, {7})
+    assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(range(20)) - {7}, {7})
 
 
 def test_deaths_found_at_the_start_are_kept_when_an_error_ends_the_run(

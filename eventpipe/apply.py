@@ -55,10 +55,12 @@ def apply_batch(
     """Each event's fate, in batch order, and the dead letters written. `done`: the offsets
     of the messages these events and failures are, recorded with their fates."""
     with engine.begin() as conn:
-        # First: the stock rows' locks, taken last, are held no longer for it.
+        result = apply_in(conn, batch, failures, worker=worker, applied_at=now())
+        # Last, just before the commit: SQL Server's bridge reads the ranges with locks, and
+        # would wait on a batch's row for as long as the batch runs.
         if done is not None:
             positions.record_done(conn, done)
-        return apply_in(conn, batch, failures, worker=worker, applied_at=now())
+        return result
 
 
 def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,

@@ -135,8 +135,8 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
         if rows:
             conn.execute(saving(engine.dialect.name), rows)
             conn.execute(pruning(), [
-                {"topic": topic, "partition": row["kafka_partition"], "below": row["next_offset"]}
-                for row in rows])
+                {"topic": topic, "partition": row["kafka_partition"], "topic_id": topic_id,
+                 "below": row["next_offset"]} for row in rows])
     return lost
 
 
@@ -181,14 +181,12 @@ def uncovered(needed: Iterable[Span], held: Iterable[Span]) -> int:
     for first, last in _merged(needed):
         while at < len(merged) and merged[at][1] < first:
             at += 1
-        reached = first  # the first offset of the span not yet known covered
-        for start, end in merged[at:]:
-            if start > last:
-                break
+        reached, next_held = first, at  # the first offset not known covered yet
+        while next_held < len(merged) and merged[next_held][0] <= last:
+            start, end = merged[next_held]
             missing += max(0, start - reached)
-            reached = max(reached, end + 1)
-            if reached > last:
-                break
+            reached = end + 1
+            next_held += 1
         missing += max(0, last + 1 - reached)
     return missing
 
@@ -207,8 +205,9 @@ def _merged(held: Iterable[Span]) -> list[Span]:
 def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, Sequence[Span]],
             kept: Mapping[int, Position]) -> dict[int, Lost]:
     """The partitions some of whose `settled` offsets past their position the database holds
-    no range of. Not one with no position of this topic yet: its ranges are looked for from
-    its first position on (the workers of a version before them wrote none)."""
+    no range of. Not one with no position of this topic yet: taken again, it would be read
+    from the start of its log (`rewinds`), for at most the work of its first commit interval;
+    its ranges are looked for from its first position on."""
     needed: dict[int, list[Span]] = {}
     for partition, taken in settled.items():
         position = kept.get(partition)
@@ -245,14 +244,24 @@ def ranges_query(topic: str, topic_id: str, floors: Mapping[int, int]) -> Select
               for partition, floor in sorted(floors.items()))))
 
 
+# Ranges deleted per partition and save, at most: a backlog that bridges of a version before
+# the ranges left (they delete none) goes over a few saves, each brief, rather than in one
+# that passes the bridge's statement timeout, or on SQL Server takes the table's lock (past
+# 5,000 rows) and holds every batch's insert.
+PRUNE_ROWS_MAX = 1000
+
+
 @cache
 def pruning() -> Executable:
-    """Delete a partition's ranges below its new position, whatever topic id they name: those
-    of an earlier topic of the name go as the new one passes them."""
+    """Delete a partition's ranges of this topic id below its new position, a bounded number
+    at a time. Those of another id (an earlier topic of the name) are left: its bridge, not
+    yet stopped, may still write, and deleting the new topic's ranges would hide a loss."""
     ranges = kafka_done_ranges.c
-    return delete(kafka_done_ranges).where(
+    chosen = select(ranges.id).where(
         ranges.kafka_topic == bindparam("topic"), ranges.kafka_partition == bindparam("partition"),
-        ranges.last_offset < bindparam("below"))
+        ranges.topic_id == bindparam("topic_id"), ranges.last_offset < bindparam("below"),
+    ).limit(PRUNE_ROWS_MAX)
+    return delete(kafka_done_ranges).where(ranges.id.in_(chosen.scalar_subquery()))
 
 
 def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False) -> Select[Any]:

@@ -344,8 +344,11 @@ class OffsetLedger:
             done = offsets_of(done_ranges, low)
             # A lease is released as the range it was taken for: what of it is done is not
             # held any more.
-            found[partition] = Marks(done, offsets_of(leased_ranges, low) - done,
-                                     done - offsets_of(recorded_ranges, low))
+            # Compared as members first: a worker of this version marks the same in both.
+            legacy = set(done_ranges) - set(recorded_ranges)
+            unrecorded = offsets_of(legacy, low) - offsets_of(recorded_ranges, low) \
+                if legacy else set()
+            found[partition] = Marks(done, offsets_of(leased_ranges, low) - done, unrecorded)
         return found
 
     def applied_or_held(self, topic: str, partition: int, first: int, end: int) -> int:

@@ -107,8 +107,8 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
     bridge had `written` there, or offsets `settled` (taken for done since) past its position
     whose ranges it does not hold (a failover, a restore under a running bridge). Those
     partitions are returned, and recorded no further; one whose row is gone gets a position
-    at 0, so that whoever reads it next reads it again from the start. The ranges below the
-    positions recorded are deleted: the positions hold them now."""
+    at 0, so that whoever reads it next reads it again from the start. The topic's ranges
+    below the positions recorded are deleted (`pruning`): the positions vouch for them now."""
     written, settled = written or {}, settled or {}
     with engine.begin() as conn:
         kept = read(conn, topic, {*offsets, *written}, lock=True)
@@ -235,8 +235,8 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
 
 def ranges_query(topic: str, topic_id: str, floors: Mapping[int, int]) -> Select[Any]:
     """The ranges of offsets recorded done of these partitions of the topic that end at or
-    past each one's floor (an index range each: rows the bridge has not pruned yet, workers
-    of a bridge of a version before, are not read)."""
+    past each one's floor: an index range each, so that rows below it not deleted yet (those
+    bridges of a version before left) are not read."""
     ranges = kafka_done_ranges.c
     return select(ranges.kafka_partition, ranges.first_offset, ranges.last_offset).where(
         ranges.kafka_topic == topic, ranges.topic_id == topic_id,

@@ -12,9 +12,9 @@ In order, in one transaction:
    changed it (an event that wrote nothing is stale);
 4. record the batch's failures in `dead_letters` (messages that are not events, reused ids)
    and one more attempt on the live dead letters of duplicates;
-5. add the claimed inventory deltas.
-`apply_batch` records with them the offsets of the messages given their fates
-(`eventpipe.positions.record_done`), which the bridge looks for before it commits past them.
+5. record the offsets of the messages given their fates (`done`:
+   `eventpipe.positions.record_done`), which the bridge looks for before it commits past them;
+6. add the claimed inventory deltas.
 Failures of the database propagate: the caller classifies and retries them.
 """
 
@@ -55,16 +55,12 @@ def apply_batch(
     """Each event's fate, in batch order, and the dead letters written. `done`: the offsets
     of the messages these events and failures are, recorded with their fates."""
     with engine.begin() as conn:
-        result = apply_in(conn, batch, failures, worker=worker, applied_at=now())
-        # Last, just before the commit: SQL Server's bridge reads the ranges with locks, and
-        # would wait on a batch's row for as long as the batch runs.
-        if done is not None:
-            positions.record_done(conn, done)
-        return result
+        return apply_in(conn, batch, failures, worker=worker, applied_at=now(), done=done)
 
 
 def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[DeadLetter], *,
-             worker: str, applied_at: datetime) -> BatchResult:
+             worker: str, applied_at: datetime,
+             done: positions.Done | None = None) -> BatchResult:
     # The claim comes first, as the batch alone plans it: the statement that records the
     # new ids also says which were recorded before, and the batch is planned again with that.
     plan = plan_batch(batch, {})
@@ -86,6 +82,10 @@ def apply_in(conn: Connection, batch: Sequence[Received], failures: Sequence[Dea
     duplicates = {event_key(batch[i].fingerprint): batch[i].position
                   for i, fate in enumerate(plan.fates) if fate is Fate.DUPLICATE}
     letters += records.repeat(conn, duplicates, duplicates, applied_at)
+    # Late: SQL Server's bridge reads the ranges with locks, and waits on a batch's row until
+    # the batch commits. Not last: the stock rows' locks are.
+    if done is not None:
+        positions.record_done(conn, done)
     # Last: every batch touches some of the few stock rows, and their locks are held until
     # the commit; taken here, concurrent batches wait on each other the least.
     deltas = [batch[i].event for i in plan.inventory if plan.fates[i] is None]

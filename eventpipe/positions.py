@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import cache
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
+    Delete,
     Engine,
     Select,
+    TextClause,
     and_,
     bindparam,
     case,
@@ -108,7 +109,8 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
     whose ranges it does not hold (a failover, a restore under a running bridge). Those
     partitions are returned, and recorded no further; one whose row is gone gets a position
     at 0, so that whoever reads it next reads it again from the start. The topic's ranges
-    below the positions recorded are deleted (`pruning`): the positions vouch for them now."""
+    below the positions recorded are deleted (`pruning`, `pruning_backlog`): the positions
+    vouch for them now."""
     written, settled = written or {}, settled or {}
     with engine.begin() as conn:
         kept = read(conn, topic, {*offsets, *written}, lock=True)
@@ -134,10 +136,20 @@ def save(engine: Engine, topic: str, topic_id: str, offsets: Mapping[int, int],
             for partition, offset in sorted(chosen.items())]
         if rows:
             conn.execute(saving(engine.dialect.name), rows)
-            conn.execute(pruning(), [
-                {"topic": topic, "partition": row["kafka_partition"], "topic_id": topic_id,
-                 "below": row["next_offset"]} for row in rows])
+            pruned = [{"topic": topic, "partition": partition, "topic_id": topic_id,
+                       "floor": _floor(kept.get(partition), topic_id, offset), "below": offset}
+                      for partition, offset in sorted(chosen.items())]
+            conn.execute(pruning(), pruned)
+            conn.execute(pruning_backlog(engine.dialect.name), pruned)
     return lost
+
+
+def _floor(position: Position | None, topic_id: str, below: int) -> int:
+    """Where the ranges a save deletes of a partition begin: its last position of this topic,
+    if any; else everything below goes as backlog."""
+    if position is None or position.topic_id != topic_id:
+        return below
+    return min(position.next_offset, below)
 
 
 Span = tuple[int, int]  # offsets from the first to the last, both included
@@ -244,24 +256,36 @@ def ranges_query(topic: str, topic_id: str, floors: Mapping[int, int]) -> Select
               for partition, floor in sorted(floors.items()))))
 
 
-# Ranges deleted per partition and save, at most: a backlog that bridges of a version before
-# the ranges left (they delete none) goes over a few saves, each brief, rather than in one
-# that passes the bridge's statement timeout, or on SQL Server takes the table's lock (past
-# 5,000 rows) and holds every batch's insert.
-PRUNE_ROWS_MAX = 1000
+# The ranges below a partition's last position deleted at each save, at most: a backlog that
+# bridges of a version before the ranges left (they delete none) goes over a few saves, each
+# brief, rather than in one that passes the bridge's statement timeout, or on SQL Server takes
+# the table's lock (past 5,000 rows) and holds every batch's insert.
+PRUNE_BACKLOG_ROWS = 1000
+_BACKLOG = ("kafka_topic = :topic AND kafka_partition = :partition AND topic_id = :topic_id "
+            "AND last_offset < :floor")
 
 
-@cache
-def pruning() -> Executable:
-    """Delete a partition's ranges of this topic id below its new position, a bounded number
-    at a time. Those of another id (an earlier topic of the name) are left: its bridge, not
-    yet stopped, may still write, and deleting the new topic's ranges would hide a loss."""
+def pruning() -> Delete:
+    """Delete a partition's ranges of this topic id from its last position (`floor`) to its
+    new one (`below`): the work since, which the check just read. Those of another id (an
+    earlier topic of the name) are left: its bridge, not yet stopped, may still write, and
+    deleting the new topic's ranges would hide a loss."""
     ranges = kafka_done_ranges.c
-    chosen = select(ranges.id).where(
+    return delete(kafka_done_ranges).where(
         ranges.kafka_topic == bindparam("topic"), ranges.kafka_partition == bindparam("partition"),
-        ranges.topic_id == bindparam("topic_id"), ranges.last_offset < bindparam("below"),
-    ).limit(PRUNE_ROWS_MAX)
-    return delete(kafka_done_ranges).where(ranges.id.in_(chosen.scalar_subquery()))
+        ranges.topic_id == bindparam("topic_id"), ranges.last_offset >= bindparam("floor"),
+        ranges.last_offset < bindparam("below"))
+
+
+def pruning_backlog(dialect: str) -> TextClause:
+    """Delete up to PRUNE_BACKLOG_ROWS of a partition's ranges of this topic id below its last
+    position (`floor`). The count is in the text: SQLAlchemy's bound `LIMIT` is rendered into
+    SQL Server's `TOP` as the statement runs, which it refuses for a statement run with rows
+    of parameters."""
+    if dialect == "mssql":
+        return text(f"DELETE TOP ({PRUNE_BACKLOG_ROWS}) FROM kafka_done_ranges WHERE {_BACKLOG}")
+    return text(f"DELETE FROM kafka_done_ranges WHERE id IN (SELECT id FROM kafka_done_ranges "
+                f"WHERE {_BACKLOG} LIMIT {PRUNE_BACKLOG_ROWS})")
 
 
 def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False) -> Select[Any]:

@@ -40,10 +40,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.batching import Batcher
+from bridge.bounded import Bounded
 from bridge.offsets import PartitionProgress
 from eventpipe import metrics, positions, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
-from eventpipe.database import make_engine
+from eventpipe.database import BRIEF_S, make_engine
 from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
 from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
@@ -113,6 +114,8 @@ class Bridge:
         # Waiting on each made every shipped run slower (docs/performance.md).
         # And none may hold the loop long: `brief`.
         self.engine = engine or make_engine(settings, create=False, synced=False, brief=True)
+        # And none is waited for longer, whatever answers for the database (`bridge.bounded`).
+        self._database = Bounded(BRIEF_S, name="bridge-database")
         self._positions_again = 0.0
         self._positions_wait_s = POSITIONS_AGAIN_S
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
@@ -576,10 +579,13 @@ class Bridge:
         if now < self._positions_again and not final:
             return False
         try:
-            lost = positions.save(
-                self.engine, self.topic, self.topic_id or "", offsets, datetime.now(UTC),
-                written={p: self._written[p] for p in offsets if p in self._written},
-                settled={p: chosen[p].settled for p in offsets})
+            # Copies: the call may outlive the wait, and the loop goes on changing these.
+            asked, written = dict(offsets), {p: self._written[p] for p in offsets
+                                            if p in self._written}
+            settled = {p: list(chosen[p].settled) for p in offsets}
+            lost = self._database.call(lambda: positions.save(
+                self.engine, self.topic, self.topic_id or "", asked, datetime.now(UTC),
+                written=written, settled=settled))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not record the offsets in the database: nothing is committed "
                         "until it can (tried again in %.0f s): %s", self._positions_wait_s, exc,
@@ -811,11 +817,11 @@ class Bridge:
                          if under and self.topic_id and under != self.topic_id)
         known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
         try:
-            behind, kept = positions.rewinds(self.engine, self.topic, self.topic_id,
-                                             {p: known[p] for p in partitions if p in known},
-                                             [p for p in partitions
-                                              if (taken := self.partitions.get(p)) is not None
-                                              and taken.retaken])
+            topic_id, committed = self.topic_id, {p: known[p] for p in partitions if p in known}
+            retaken = [p for p in partitions
+                       if (taken := self.partitions.get(p)) is not None and taken.retaken]
+            behind, kept = self._database.call(lambda: positions.rewinds(
+                self.engine, self.topic, topic_id, committed, retaken))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
                         "are read once it answers", exc, extra={"partitions": partitions})

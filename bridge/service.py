@@ -580,12 +580,12 @@ class Bridge:
             return False
         try:
             # Copies: the call may outlive the wait, and the loop goes on changing these.
-            asked, written = dict(offsets), {p: self._written[p] for p in offsets
-                                            if p in self._written}
+            engine, topic_id, asked = self.engine, self.topic_id or "", dict(offsets)
+            written = {p: self._written[p] for p in offsets if p in self._written}
             settled = {p: list(chosen[p].settled) for p in offsets}
             lost = self._database.call(lambda: positions.save(
-                self.engine, self.topic, self.topic_id or "", asked, datetime.now(UTC),
-                written=written, settled=settled))
+                engine, self.topic, topic_id, asked, datetime.now(UTC), written=written,
+                settled=settled))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not record the offsets in the database: nothing is committed "
                         "until it can (tried again in %.0f s): %s", self._positions_wait_s, exc,
@@ -817,11 +817,12 @@ class Bridge:
                          if under and self.topic_id and under != self.topic_id)
         known = {p: offset for p, (offset, _) in found.items() if p not in earlier}
         try:
-            topic_id, committed = self.topic_id, {p: known[p] for p in partitions if p in known}
+            engine, topic_id = self.engine, self.topic_id
+            committed = {p: known[p] for p in partitions if p in known}
             retaken = [p for p in partitions
                        if (taken := self.partitions.get(p)) is not None and taken.retaken]
             behind, kept = self._database.call(lambda: positions.rewinds(
-                self.engine, self.topic, topic_id, committed, retaken))
+                engine, self.topic, topic_id, committed, retaken))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
                         "are read once it answers", exc, extra={"partitions": partitions})

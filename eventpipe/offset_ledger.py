@@ -54,6 +54,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from eventpipe.redis_clients import decoded
+from eventpipe.spans import spans, uncovered
 
 _NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
 
@@ -227,13 +228,7 @@ def filed_under(topic: str, topic_id: str) -> str:
 
 def ranges(offsets: Iterable[int]) -> list[str]:
     """The offsets as the fewest ranges, `"<first>-<last>"`, in order."""
-    spans: list[list[int]] = []
-    for offset in sorted(set(offsets)):
-        if spans and offset == spans[-1][1] + 1:
-            spans[-1][1] = offset
-        else:
-            spans.append([offset, offset])
-    return [f"{first}-{last}" for first, last in spans]
+    return [f"{first}-{last}" for first, last in spans(offsets)]
 
 
 def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
@@ -248,15 +243,11 @@ def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
 def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
     """How many offsets from `first` to `end` (excluded) these ranges cover, however they
     overlap: counted on the ranges, never offset by offset."""
-    spans = sorted((max(int(low), first), min(int(high) + 1, end))
-                   for low, _, high in (decoded(member).partition("-") for member in members))
-    count, reached = 0, first
-    for low, high in spans:
-        low = max(low, reached)
-        if high > low:
-            count += high - low
-            reached = high
-    return count
+    if end <= first:
+        return 0
+    held = [(int(low), int(high))
+            for low, _, high in (decoded(member).partition("-") for member in members)]
+    return end - first - uncovered([(first, end - 1)], held)
 
 
 class Marks(NamedTuple):

@@ -24,8 +24,9 @@ again has a new id in Kafka, and its first position overwrites the earlier topic
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -47,6 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
 from eventpipe.database import reading
+from eventpipe.spans import Span, merged, spans, uncovered
 from eventpipe.sqltypes import UtcDateTime
 from eventpipe.tables import applied_events, dead_letters, kafka_done_ranges, kafka_positions
 
@@ -152,9 +154,6 @@ def _floor(position: Position | None, topic_id: str, below: int) -> int:
     return min(position.next_offset, below)
 
 
-Span = tuple[int, int]  # offsets from the first to the last, both included
-
-
 class Done(NamedTuple):
     """The offsets of one partition's messages a transaction gave their fates, as the task
     that carried them names the topic (its id in Kafka: `eventpipe.offset_ledger.filed_under`)."""
@@ -165,53 +164,23 @@ class Done(NamedTuple):
     offsets: Sequence[int]
 
 
-def spans(offsets: Iterable[int]) -> list[Span]:
-    """The offsets as the fewest spans of consecutive ones, in order."""
-    return _merged((offset, offset) for offset in offsets)
-
-
 def record_done(conn: Connection, done: Done) -> None:
     """In the transaction that records their fates: the offsets whose fates it records, which
     the bridge looks for before it records a position past them (`save`)."""
     rows = [(done.topic, done.topic_id, done.partition, first, last)
             for first, last in spans(done.offsets)]
-    if not rows:
-        return
-    # The driver's own statement: SQLAlchemy's insert cost a batch of a few events on
-    # PostgreSQL a fifth more of the worker's CPU (it asks for the new row's id back).
-    marker = "%s" if conn.dialect.paramstyle in ("format", "pyformat") else "?"
-    sql = (f"INSERT INTO kafka_done_ranges (kafka_topic, topic_id, kafka_partition, "
-           f"first_offset, last_offset) VALUES ({', '.join([marker] * 5)})")
-    conn.exec_driver_sql(sql, rows[0] if len(rows) == 1 else rows)
+    if rows:
+        conn.exec_driver_sql(_recording(conn.dialect.paramstyle),
+                             rows[0] if len(rows) == 1 else rows)
 
 
-def uncovered(needed: Iterable[Span], held: Iterable[Span]) -> int:
-    """How many offsets of the `needed` spans none of the `held` spans covers: one pass over
-    both, in order (a topic whose offsets leave gaps has thousands of each)."""
-    merged = _merged(held)
-    missing, at = 0, 0
-    for first, last in _merged(needed):
-        while at < len(merged) and merged[at][1] < first:
-            at += 1
-        reached, next_held = first, at  # the first offset not known covered yet
-        while next_held < len(merged) and merged[next_held][0] <= last:
-            start, end = merged[next_held]
-            missing += max(0, start - reached)
-            reached = end + 1
-            next_held += 1
-        missing += max(0, last + 1 - reached)
-    return missing
-
-
-def _merged(held: Iterable[Span]) -> list[Span]:
-    """Spans that overlap or touch, as one."""
-    merged: list[Span] = []
-    for first, last in sorted(held):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return merged
+@cache
+def _recording(paramstyle: str) -> str:
+    """The driver's own statement: SQLAlchemy's insert cost a batch of a few events on
+    PostgreSQL a fifth more of the worker's CPU (it asks for the new row's id back)."""
+    marker = "%s" if paramstyle in ("format", "pyformat") else "?"
+    return (f"INSERT INTO kafka_done_ranges (kafka_topic, topic_id, kafka_partition, "
+            f"first_offset, last_offset) VALUES ({', '.join([marker] * 5)})")
 
 
 def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, Sequence[Span]],
@@ -227,7 +196,7 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
             continue
         # The position vouches for what is below it: the ranges there are deleted.
         floor = position.next_offset
-        if clipped := _merged((max(first, floor), last) for first, last in taken
+        if clipped := merged((max(first, floor), last) for first, last in taken
                               if last >= floor):
             needed[partition] = clipped
     if not needed:

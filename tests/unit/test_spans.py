@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from eventpipe.positions import spans, uncovered
+from eventpipe.spans import spans, uncovered
 
 
 def test_offsets_are_the_fewest_spans_of_consecutive_ones() -> None:

@@ -48,6 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
 from eventpipe.database import reading
+from eventpipe.keysets import chunked
 from eventpipe.spans import Span, merged, spans, uncovered
 from eventpipe.sqltypes import UtcDateTime
 from eventpipe.tables import applied_events, dead_letters, kafka_done_ranges, kafka_positions
@@ -71,6 +72,11 @@ class Position(NamedTuple):
     topic_id: str
     next_offset: int
 
+
+# The partitions a statement names at most: a topic may have thousands, and one bridge hold
+# them all. SQL Server takes at most 2,100 parameters a statement (the ranges' check has two a
+# partition), and SQLite an expression at most 1,000 deep (that check's `OR`s).
+PARTITIONS_AT_ONCE = 500
 
 # The row migration 0005 adds to a database it makes the table in while the database holds
 # no fate: no topic has this name. There, a partition with no position holds nothing, whatever
@@ -202,9 +208,10 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
     if not needed:
         return {}
     held: dict[int, list[Span]] = {}
-    floors = {partition: spans[0][0] for partition, spans in needed.items()}
-    for row in conn.execute(ranges_query(topic, topic_id, floors)):
-        held.setdefault(row.kafka_partition, []).append((row.first_offset, row.last_offset))
+    for chosen in chunked(needed, PARTITIONS_AT_ONCE):
+        floors = {partition: needed[partition][0][0] for partition in chosen}
+        for row in conn.execute(ranges_query(topic, topic_id, floors)):
+            held.setdefault(row.kafka_partition, []).append((row.first_offset, row.last_offset))
     lost: dict[int, Lost] = {}
     for partition, wanted in needed.items():
         if missing := uncovered(wanted, held.get(partition, [])):
@@ -272,8 +279,11 @@ def reading_query(topic: str, partitions: Collection[int], *, lock: bool = False
 
 def read(conn: Connection, topic: str, partitions: Collection[int], *,
          lock: bool = False) -> dict[int, Position]:
+    """A statement per PARTITIONS_AT_ONCE partitions, in order: locked, as one statement
+    locks them (two writers wait on each other's first lock, never in a cycle)."""
     return {row.kafka_partition: Position(row.topic_id, row.next_offset)
-            for row in conn.execute(reading_query(topic, partitions, lock=lock))}
+            for chosen in chunked(partitions, PARTITIONS_AT_ONCE)
+            for row in conn.execute(reading_query(topic, chosen, lock=lock))}
 
 
 def _made_with_positions(conn: Connection) -> bool:

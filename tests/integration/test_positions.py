@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 
 from eventpipe import positions
@@ -178,3 +179,42 @@ def test_a_batch_records_the_offsets_it_gives_their_fates_in_its_transaction(
     with engine.connect() as conn:
         assert conn.execute(select(applied_events.c.event_id)).scalars().all() == ["e-1"]
     assert _ranges(engine) == [(4, "id-1", 7, 9), (4, "id-1", 11, 11)]
+
+
+# SQL Server refuses a statement with more parameters than this.
+SQL_SERVER_PARAMETERS = 2100
+
+
+def test_a_topic_of_thousands_of_partitions_is_read_and_saved_in_statements_sql_server_takes(
+        engine: Engine) -> None:
+    """One bridge holding 3,000 partitions: every statement of `save` and `rewinds` stays under
+    SQL Server's 2,100 parameters, and what they find is the same as for a few partitions.
+    (Before: a parameter per partition in the positions' read, two and an `OR` per partition
+    in the check of the ranges. Past about a thousand partitions SQL Server would have refused
+    every save, and SQLite, the embedded default, did: "Expression tree is too large (maximum
+    depth 1000)". The bridge committed nothing again.)"""
+    partitions = range(3000)
+    widest: list[int] = []
+
+    def count(_conn: object, _cursor: object, _statement: str, parameters: Any,
+              _context: object, executemany: bool) -> None:
+        rows = parameters if executemany else [parameters]
+        widest.append(max((len(row) for row in rows), default=0))
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert positions.save(engine, TOPIC, "id-1", dict.fromkeys(partitions, 10), NOW) == {}
+        for partition in partitions:
+            if partition != 2999:  # the last partition's work since its position is lost
+                _record(engine, partition, [10, 11])
+        lost = positions.save(engine, TOPIC, "id-1", dict.fromkeys(partitions, 12), NOW,
+                              written=dict.fromkeys(partitions, 10),
+                              settled={partition: [(10, 11)] for partition in partitions})
+        behind, kept = positions.rewinds(engine, TOPIC, "id-1", dict.fromkeys(partitions, 12))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert {p: loss.offsets for p, loss in lost.items()} == {2999: 2}
+    assert kept == {**dict.fromkeys(partitions, 12), 2999: 10}
+    assert set(behind) == {2999} and behind[2999].offset == 10
+    assert _ranges(engine) == []  # the positions vouch for the work below them now
+    assert max(widest) <= SQL_SERVER_PARAMETERS

@@ -74,9 +74,10 @@ class Position(NamedTuple):
 
 
 # The partitions a statement names at most: a topic may have thousands, and one bridge hold
-# them all. SQL Server takes at most 2,100 parameters a statement (the ranges' check has two a
-# partition), and SQLite an expression at most 1,000 deep (that check's `OR`s).
-PARTITIONS_AT_ONCE = 500
+# them all. The ranges' check binds two parameters a partition and joins them with `OR`s:
+# SQLite takes an expression at most 1,000 deep, and before 3.32 at most 999 parameters a
+# statement; SQL Server 2,100.
+PARTITIONS_AT_ONCE = 400
 
 # The row migration 0005 adds to a database it makes the table in while the database holds
 # no fate: no topic has this name. There, a partition with no position holds nothing, whatever

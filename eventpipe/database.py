@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 
 from eventpipe import sqlite_turns
+from eventpipe.errors import read_only
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
@@ -96,12 +97,22 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         # One round trip for a whole executemany instead of one per row.
         options["fast_executemany"] = True
     engine = create_engine(url, **options)
+    event.listen(engine, "handle_error", _standby_means_new_connections)
     if backend == "sqlite":
         _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
     elif backend == "mssql":
         _configure_mssql(engine, statement_s=round(statement_ms / 1000),
                          lock_ms=lock_ms or -1)
     return engine
+
+
+def _standby_means_new_connections(context: ExceptionContext) -> None:
+    """A server that takes no writes (a standby, a secondary) is one a failover left the
+    pool's connections on, or a name not moved yet: every connection to it fails the same way,
+    and passes the pool's ping. Taken as a disconnect, the error makes the pool drop them all;
+    new ones go where the database's name leads now."""
+    if context.original_exception is not None and read_only(context.original_exception):
+        context.is_disconnect = True
 
 
 def _configure_mssql(engine: Engine, *, statement_s: int, lock_ms: int) -> None:

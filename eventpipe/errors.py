@@ -69,6 +69,9 @@ _TRANSIENT_SQLSTATES = frozenset({
     "40P01",  # PostgreSQL: deadlock detected
     "55P03",  # PostgreSQL: lock not available (lock_timeout)
     "55006",  # object in use
+    # PostgreSQL: a read-only transaction: a standby (a failover that left connections on the
+    # old primary, or a name not moved yet)
+    "25006",
 })
 # SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
 _TRANSIENT_MSSQL_ERRORS = frozenset({
@@ -77,7 +80,16 @@ _TRANSIENT_MSSQL_ERRORS = frozenset({
     1205,  # deadlock victim
     1222,  # lock request time out (LOCK_TIMEOUT)
     4060, 40197, 40501, 40613, 49918, 49919, 49920,  # database unavailable / busy (Azure)
+    121, 4221, 40540, 41301, 41302, 41305, 41325, 41839,  # the rest of Microsoft's list
+    10928, 10929, 10936,  # a resource limit of the database or its pool (Azure)
+    3906,  # the database is read-only: a failover that left connections on a secondary
+    9002, 1105, 40544,  # the log, a filegroup or the database's size quota is full
+    701, 8645,  # out of memory
 })
+# Errors of a server that takes no writes: whatever connections reach it, none will (a
+# failover that left them on a standby), so the pool makes new ones (`eventpipe.database`).
+_READ_ONLY_SQLSTATES = frozenset({"25006"})
+_READ_ONLY_MSSQL_ERRORS = frozenset({3906})
 # pyodbc ends each diagnostic record with "(<native error>) (<ODBC function>)".
 _MSSQL_ERROR_NUMBER = re.compile(r"\((-?\d+)\) \(SQL\w+\)")
 
@@ -110,6 +122,12 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, sqlalchemy.exc.IntegrityError):
         return FailureKind.CONSTRAINT
     return FailureKind.UNKNOWN
+
+
+def read_only(orig: BaseException) -> bool:
+    """Whether a driver's error says the server takes no writes: a standby, a secondary."""
+    return sqlstate(orig) in _READ_ONLY_SQLSTATES \
+        or bool(_mssql_error_numbers(orig) & _READ_ONLY_MSSQL_ERRORS)
 
 
 def unresponsive(exc: BaseException) -> bool:

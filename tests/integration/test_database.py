@@ -8,11 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 
 from eventpipe.database import WAL_PAGES, make_engine
@@ -273,5 +274,34 @@ def test_a_brief_engine_waits_on_postgresql_for_seconds_not_a_minute(postgresql_
             assert driver is not None
             said = driver.info.get_parameters()  # libpq's own
             assert (said["connect_timeout"], said["tcp_user_timeout"]) == ("5", "5000")
+    finally:
+        engine.dispose()
+
+
+def test_writes_refused_by_a_standby_are_retried_on_new_connections(postgresql_url: str) -> None:
+    """A failover that left the pool's connections on the old primary, a standby now (or a
+    DNS name not moved yet): each write there fails with "cannot execute INSERT in a read-only
+    transaction", and each of those connections passes the pool's ping. The failure is the
+    world's, and the pool makes new connections, which reach the new primary. (Before: an
+    unforeseen error, so the events were retried alone a few times and then dead-lettered,
+    while the pool kept its connections to the standby.)"""
+    engine = make_engine(Settings(database_url=postgresql_url))
+    standby = [True]  # where a new connection lands: the standby until the failover is over
+
+    @event.listens_for(engine, "connect")
+    def _land(dbapi_connection: Any, _record: Any) -> None:
+        if standby[0]:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            dbapi_connection.commit()
+
+    write = users.delete().where(users.c.user_id == "standby-probe")
+    try:
+        with pytest.raises(Exception) as caught, engine.begin() as conn:
+            conn.execute(write)
+        assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+        standby[0] = False  # the failover is over: the name now leads to the new primary
+        with engine.begin() as conn:
+            conn.execute(write)
     finally:
         engine.dispose()

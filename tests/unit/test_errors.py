@@ -100,6 +100,30 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
             "database is locked")), FailureKind.TRANSIENT),
         (wrapped(sqlalchemy.exc.IntegrityError, sqlite3.IntegrityError("UNIQUE failed")),
          FailureKind.CONSTRAINT),
+        # A server that takes no writes, or no more of them for now: a failover that left
+        # connections on a standby, a database made read-only, a full log or disk, no memory
+        # left, a cloud database's resource limits. (Before: unforeseen, so retried alone a
+        # few times, then the events were dead-lettered.)
+        (wrapped(sqlalchemy.exc.InternalError,
+                 postgres(psycopg.errors.ReadOnlySqlTransaction)), FailureKind.TRANSIENT),
+        *((wrapped(sqlalchemy.exc.ProgrammingError, mssql("42000", text, number)),
+           FailureKind.TRANSIENT) for number, text in (
+            (3906, 'Failed to update database "events" because the database is read-only.'),
+            (9002, "The transaction log for database 'events' is full due to 'LOG_BACKUP'."),
+            (1105, "Could not allocate space for object 'dbo.applied_events' in database "
+                   "'events' because the 'PRIMARY' filegroup is full."),
+            (701, "There is insufficient system memory in resource pool 'default' to run this "
+                  "query."),
+            (10928, "Resource ID : 1. The request limit for the database is 60 and has been "
+                    "reached."),
+            (10929, "Resource ID : 1. The request limit for the database is 60 and has been "
+                    "reached."),
+            (10936, "Resource ID : 1. The request limit for the elastic pool is 200 and has "
+                    "been reached."),
+            (40544, "The database 'events' has reached its size quota."),
+            *((number, "Microsoft's list of transient errors") for number in (
+                121, 4221, 8645, 40540, 41301, 41302, 41305, 41325, 41839)),
+        )),
         # Not the database.
         (ConnectionResetError(), FailureKind.TRANSIENT),
         (KeyError("x"), FailureKind.UNKNOWN),

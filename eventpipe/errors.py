@@ -46,12 +46,20 @@ class ServiceUnanswered(PipelineError):
     to do. Every command says it in one line and exits with status 3 (`cli.errors`)."""
 
 
+# Redis took no write, for now: it does not answer, or answers as a replica (a failover left
+# the client on the old primary) or at its memory bound.
+REDIS_UNAVAILABLE: tuple[type[redis_exceptions.RedisError], ...] = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    redis_exceptions.ReadOnlyError,
+    redis_exceptions.OutOfMemoryError,
+)
+
 _TRANSIENT: tuple[type[BaseException], ...] = (
     TransientError,
     sqlalchemy.exc.TimeoutError,  # the connection pool is exhausted
     sqlalchemy.exc.DisconnectionError,
-    redis_exceptions.ConnectionError,
-    redis_exceptions.TimeoutError,
+    *REDIS_UNAVAILABLE,
     ConnectionError,
     TimeoutError,
 )

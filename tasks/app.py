@@ -21,7 +21,6 @@ from functools import cache
 from types import FrameType
 from typing import Any
 
-import redis
 from celery import Task
 from celery.signals import (
     celeryd_init,
@@ -36,7 +35,7 @@ from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
-from eventpipe.errors import DatabaseUnresponsive
+from eventpipe.errors import REDIS_UNAVAILABLE, DatabaseUnresponsive
 from eventpipe.kafka import MessageReader
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
@@ -317,17 +316,18 @@ def apply_events(self: Task, topic: str, partition: int,
             report = processor().run(topic, partition, decoded, retries=self.request.retries,
                                      forgive=self.request.get(FORGIVE_HEADER) or "",
                                      topic_id=topic_id)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        # The offset ledger did not answer, after its own retries: the world failed, not the
-        # batch, which is retried whole as one whose database failed is (what it committed
-        # comes back as duplicates; nothing it did not commit was marked done), forgiving
-        # this run, whose record would pass for a death if the retry came before the keeper
-        # ends it. Raised on, Celery would log a traceback, drop the batch's planned retries
-        # and leave it to the bridge to read again, minutes later once their leases lapsed.
+    except REDIS_UNAVAILABLE as exc:
+        # The offset ledger did not answer, after its own retries, or refused the write (a
+        # replica, its memory bound): the world failed, not the batch, which is retried whole
+        # as one whose database failed is (what it committed comes back as duplicates; nothing
+        # it did not commit was marked done), forgiving this run, whose record would pass for
+        # a death if the retry came before the keeper ends it. Raised on, Celery would log a
+        # traceback, drop the batch's planned retries and leave it to the bridge to read
+        # again, minutes later once their leases lapsed.
         delay = processor().policy.backoff(self.request.retries + 1)
         count_retries(decoded, "transient")
-        log.warning("batch retried in %.1fs: the offset ledger does not answer (REDIS_URL): "
-                    "%s", delay, exc, extra={
+        log.warning("batch retried in %.1fs: the offset ledger does not answer, or takes no "
+                    "writes (REDIS_URL): %s", delay, exc, extra={
                         "topic": topic, "partition": partition, "taskId": self.request.id,
                         "attempt": self.request.retries + 1, "events": len(decoded),
                         "offsetFirst": decoded[0].offset, "offsetLast": decoded[-1].offset})

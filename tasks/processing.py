@@ -44,7 +44,7 @@ from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, key_of, m
 from eventpipe.dlq.projection import Fetch, project
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Fate, Position, Received
-from eventpipe.errors import FailureKind, InvalidEvent, classify, unresponsive
+from eventpipe.errors import REDIS_UNAVAILABLE, FailureKind, InvalidEvent, classify, unresponsive
 from eventpipe.events import EventType, parse_event, peek_identity
 from eventpipe.failures import (
     GiveUp,
@@ -156,7 +156,7 @@ class Processor:
             try:
                 self.ledger.finish(self._ledger_topic, partition, report.done, run=self._run,
                                    owed=owed)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_UNAVAILABLE:
                 # This process lives: its run must not pass for dead once the ledger answers
                 # again. The keeper ends it then, and the batch's retry forgives it.
                 self.keeper.finish_later(self._ledger_topic, partition, list(report.done),

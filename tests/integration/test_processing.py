@@ -29,7 +29,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq.letter import DeadLetter
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Received
-from eventpipe.errors import TransientError
+from eventpipe.errors import TransientError, is_transient
 from eventpipe.failures import SCHEMA_OUT_OF_STEP
 from eventpipe.offset_ledger import Crashed, OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage
@@ -588,6 +588,39 @@ def test_a_run_the_ledger_could_not_end_is_no_death(
         processor.run(TOPIC, 0, batch)
     assert processor.unended  # what the batch's retry forgives
     # Once the ledger answers, the keeper ends the run: the next one finds no death.
+    wait_until(lambda: not processor.ledger.client.hlen(ledger._key("runs", TOPIC, 0)), 10,
+               "the run ended by the keeper")
+    assert ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30, run="next") is None
+    ledger.finish(TOPIC, 0, run="next")
+
+
+@pytest.mark.parametrize("refusal", [
+    redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+], ids=["a replica after a failover", "at its memory bound"])
+def test_a_ledger_that_refuses_writes_is_no_death_either(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+    refusal: redis.RedisError,
+) -> None:
+    """Redis answers, and refuses the write that ends the run: a failover left the client on a
+    replica, or Redis is at its memory bound. (Before: only a ledger that did not answer was
+    the world's failure; this one escaped the task, whose retries were dropped, and the run's
+    record stayed, to pass for a death of the batch's next attempt.)"""
+    processor, ledger = parts
+    script = ledger._finish
+    refusals = [refusal]
+
+    def finish(*args: Any, **kwargs: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "_finish", finish)
+    batch = messages(4)
+    with pytest.raises(type(refusal)):
+        processor.run(TOPIC, 0, batch)
+    assert processor.unended  # what the batch's retry forgives
+    assert is_transient(refusal)
     wait_until(lambda: not processor.ledger.client.hlen(ledger._key("runs", TOPIC, 0)), 10,
                "the run ended by the keeper")
     assert ledger.begin(TOPIC, 0, [m.offset for m in batch], ttl_s=30, run="next") is None

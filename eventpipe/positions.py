@@ -194,8 +194,9 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
             kept: Mapping[int, Position]) -> dict[int, Lost]:
     """The partitions some of whose `settled` offsets past their position the database holds
     no range of. Not one with no position of this topic yet: taken again, it would be read
-    from the start of its log (`rewinds`), for at most the work of its first commit interval;
-    its ranges are looked for from its first position on."""
+    from the start of its log (`rewinds`). What goes unchecked is the work done before its
+    first position: a commit interval's, or more while the database refused the saves; its
+    ranges are looked for from its first position on."""
     needed: dict[int, list[Span]] = {}
     for partition, taken in settled.items():
         position = kept.get(partition)
@@ -295,8 +296,11 @@ def _made_with_positions(conn: Connection) -> bool:
 
 
 def holds_any(conn: Connection, topic: str, partition: int) -> bool:
-    """Whether the database records the fate of any message of the partition."""
-    for table in (applied_events, dead_letters):
+    """Whether the database records the fate of any message of the partition. Neither table
+    has an index for it (this is asked only of a database from before positions, once a
+    partition): the dead letters, far fewer, are looked at first, so that a partition whose
+    messages were all dead-lettered is not a scan of every event applied."""
+    for table in (dead_letters, applied_events):
         query = select(literal(1)).select_from(table).where(
             table.c.kafka_topic == topic, table.c.kafka_partition == partition).limit(1)
         if conn.execute(query).first() is not None:

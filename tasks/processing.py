@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import redis
 from sqlalchemy import Engine
@@ -78,6 +79,18 @@ class Later:
     delay_s: float
     reason: str
     transient: bool  # a failure of the world (the whole rest of the batch), not of a message
+
+
+class _Committed(NamedTuple):
+    """A part whose messages have their fates: the events received (each with its message),
+    the messages that are no event, and what the transaction did."""
+
+    messages: list[TaskMessage]
+    received: list[Received]
+    raw: list[TaskMessage]
+    failures: list[DeadLetter]
+    payloads: dict[str, RawMessage]
+    result: BatchResult
 
 
 @dataclass(slots=True)
@@ -187,7 +200,7 @@ class Processor:
                     self._progress(topic, partition, parts, report)
                     continue
             try:
-                self._apply(topic, partition, part, report)
+                committed = self._apply(topic, partition, part)
             except Exception as exc:
                 if unresponsive(exc):
                     # Interrupted mid-exchange, a connection would answer the next batch out
@@ -197,6 +210,7 @@ class Processor:
                                   retries=self.retries, policy=self.policy, rng=self.rng)
                 failure = exc
             else:  # committed: nothing from here on is a failure of the part
+                self._account(topic, partition, committed, report)
                 self._progress(topic, partition, parts, report)
                 continue
             if isinstance(decision, RetryLater):
@@ -303,8 +317,8 @@ class Processor:
 
     # -- the happy path ------------------------------------------------------------------------
 
-    def _apply(self, topic: str, partition: int, messages: list[TaskMessage],
-               report: Report) -> None:
+    def _apply(self, topic: str, partition: int, messages: list[TaskMessage]) -> _Committed:
+        """Give the part's messages their fates, in one transaction; what `_account` needs."""
         received: list[Received] = []
         raw: list[TaskMessage] = []  # the message of each event received, for its dead letter
         failures: list[DeadLetter] = []
@@ -332,6 +346,13 @@ class Processor:
                                  done=self._done_of(topic, partition, messages))
         finally:
             metrics.DB_OPERATION.labels("apply_batch").observe(time.perf_counter() - started)
+        return _Committed(messages, received, raw, failures, payloads, result)
+
+    def _account(self, topic: str, partition: int, committed: _Committed,
+                 report: Report) -> None:
+        """Count what a committed part did, project its dead letters, mark it done (`_done`).
+        Apart from `_apply`: an error here (the task's time limit, say) is none of its events'."""
+        messages, received, raw, failures, payloads, result = committed
         applied_at = result.applied_at.timestamp()
         # Counted by enum member, spelled once per kind: `.value` is slow on every event.
         by_kind: Counter[tuple[EventType, Fate]] = Counter()

@@ -118,6 +118,31 @@ def test_an_unforeseen_error_is_isolated_then_dead_lettered_and_its_neighbours_a
     assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(40))
 
 
+def test_what_fails_after_a_part_committed_is_no_failure_of_its_events(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The part committed, then its bookkeeping failed (the task's time limit came between the
+    commit and the offsets marked done, say): its events have their fates. (Before: the part
+    was taken for failed; a message on its last attempt was dead-lettered though applied, and
+    its dead letter stayed, for no later copy of it is ever applied.)"""
+    processor, ledger = parts
+    [message] = messages(1)
+    last_try = replace(message, attempts=processor.policy.max_attempts - 1)
+
+    class TaskTimeLimitExceeded(Exception):
+        """As `tasks.app` raises it: an unforeseen error of the batch's messages."""
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise TaskTimeLimitExceeded("batch still running after 300 s")
+
+    monkeypatch.setattr(processor, "_done", interrupted)
+    with pytest.raises(TaskTimeLimitExceeded):
+        processor.run(TOPIC, 0, [last_try])
+    assert applied_ids(engine) == {"ev-0"} and letters(engine) == []
+    # Its offset was not marked done: read again, it is a duplicate.
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set()
+
+
 def test_a_table_not_there_is_waited_for_not_blamed_on_the_events(
     engine: Engine, parts: tuple[Processor, OffsetLedger],
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError
 
 from eventpipe import sqlite_turns
 from eventpipe.errors import read_only
@@ -111,7 +112,8 @@ def _standby_means_new_connections(context: ExceptionContext) -> None:
     pool's connections on, or a name not moved yet: every connection to it fails the same way,
     and passes the pool's ping. Taken as a disconnect, the error makes the pool drop them all;
     new ones go where the database's name leads now."""
-    if context.original_exception is not None and read_only(context.original_exception):
+    if isinstance(context.sqlalchemy_exception, DBAPIError) \
+            and read_only(context.original_exception):
         context.is_disconnect = True
 
 

@@ -88,7 +88,8 @@ _TRANSIENT_MSSQL_ERRORS = frozenset({
     1205,  # deadlock victim
     1222,  # lock request time out (LOCK_TIMEOUT)
     4060, 40197, 40501, 40613, 49918, 49919, 49920,  # database unavailable / busy (Azure)
-    121, 4221, 40540, 41301, 41302, 41305, 41325, 41839,  # the rest of Microsoft's list
+    121, 1204, 4221, 40143, 40540, 41301, 41302, 41305, 41325, 41839, 42108, 42109,  # more
+    # of the errors Microsoft's clients retry
     10928, 10929, 10936,  # a resource limit of the database or its pool (Azure)
     3906,  # the database is read-only: a failover that left connections on a secondary
     9002, 1105, 40544,  # the log, a filegroup or the database's size quota is full

@@ -295,17 +295,24 @@ def _made_with_positions(conn: Connection) -> bool:
     return conn.execute(query).first() is not None
 
 
-def holds_any(conn: Connection, topic: str, partition: int) -> bool:
-    """Whether the database records the fate of any message of the partition. Neither table
+def holding(conn: Connection, topic: str, partitions: Collection[int]) -> set[int]:
+    """Those of the partitions of whose messages the database records any fate. Neither table
     has an index for it (this is asked only of a database from before positions, once a
-    partition): the dead letters, far fewer, are looked at first, so that a partition whose
-    messages were all dead-lettered is not a scan of every event applied."""
-    for table in (dead_letters, applied_events):
-        query = select(literal(1)).select_from(table).where(
-            table.c.kafka_topic == topic, table.c.kafka_partition == partition).limit(1)
+    partition): the dead letters, far fewer, are read once for them all, so that a partition
+    whose messages were all dead-lettered is not a scan of every event applied; then the
+    events applied, a partition at a time, each scan ending at its first row."""
+    if not partitions:
+        return set()
+    lettered = dead_letters.c
+    held = set(conn.execute(select(lettered.kafka_partition).distinct().where(
+        lettered.kafka_topic == topic)).scalars()) & set(partitions)
+    applied = applied_events.c
+    for partition in sorted(set(partitions) - held):
+        query = select(literal(1)).select_from(applied_events).where(
+            applied.kafka_topic == topic, applied.kafka_partition == partition).limit(1)
         if conn.execute(query).first() is not None:
-            return True
-    return False
+            held.add(partition)
+    return held
 
 
 class Rewind(NamedTuple):
@@ -338,6 +345,12 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
         # Where only another id's row is (a topic made again, a broker that began or ceased
         # to give ids), the database held positions of the name: the marker does not decide.
         fresh = _made_with_positions(conn)
+        # Asked only where a partition's fate rests on it: no position, not to be read again
+        # anyway, a committed offset, and a database that may hold its messages.
+        held = holding(conn, topic, [
+            partition for partition, offset in committed.items()
+            if offset and partition not in kept and partition not in again
+            and not (fresh and partition not in rows)])
         for partition in sorted({*committed, *again}):
             position, offset = kept.get(partition), committed.get(partition)
             if position is not None and offset is not None and position < offset:
@@ -345,7 +358,7 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
                     position, f"the database holds its messages up to offset {position}, "
                               f"Kafka's committed offset is {offset}")
             elif position is None and (partition in again or (offset and (
-                    (fresh and partition not in rows) or not holds_any(conn, topic, partition)))):
+                    (fresh and partition not in rows) or partition not in held))):
                 found[partition] = Rewind(
                     0, "the database holds none of its messages"
                        + (f", Kafka's committed offset is {offset}" if offset else ""))

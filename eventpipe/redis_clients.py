@@ -12,6 +12,10 @@ from __future__ import annotations
 import redis
 
 _CONNECT_TIMEOUT_S = 2.0
+# A write a replica refused is tried again, on a new connection: a failover that moved the name
+# Redis is reached by (DNS, a virtual address) left the old primary up as a replica, which
+# answers the health check's PING. Nothing was written, so trying again is safe.
+_FAILOVER = {"retry_on_error": [redis.exceptions.ReadOnlyError]}
 
 
 def decoded(raw: bytes | str) -> str:
@@ -21,15 +25,15 @@ def decoded(raw: bytes | str) -> str:
 
 def pipeline(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
-                                socket_timeout=5.0, health_check_interval=30)
+                                socket_timeout=5.0, health_check_interval=30, **_FAILOVER)
 
 
 def request(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
-                                socket_timeout=5.0)
+                                socket_timeout=5.0, **_FAILOVER)
 
 
 def operator(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
-                                socket_timeout=30.0)
+                                socket_timeout=30.0, **_FAILOVER)
 

@@ -34,7 +34,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
 
 import redis
 from sqlalchemy import Engine
@@ -81,7 +80,8 @@ class Later:
     transient: bool  # a failure of the world (the whole rest of the batch), not of a message
 
 
-class _Committed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class _Committed:
     """A part whose messages have their fates: the events received (each with its message),
     the messages that are no event, and what the transaction did."""
 
@@ -210,7 +210,8 @@ class Processor:
                                   retries=self.retries, policy=self.policy, rng=self.rng)
                 failure = exc
             else:  # committed: nothing from here on is a failure of the part
-                self._account(topic, partition, committed, report)
+                if not self._account(topic, partition, committed, parts, report):
+                    return False
                 self._progress(topic, partition, parts, report)
                 continue
             if isinstance(decision, RetryLater):
@@ -349,10 +350,27 @@ class Processor:
         return _Committed(messages, received, raw, failures, payloads, result)
 
     def _account(self, topic: str, partition: int, committed: _Committed,
-                 report: Report) -> None:
-        """Count what a committed part did, project its dead letters, mark it done (`_done`).
-        Apart from `_apply`: an error here (the task's time limit, say) is none of its events'."""
-        messages, received, raw, failures, payloads, result = committed
+                 parts: list[list[TaskMessage]], report: Report) -> bool:
+        """Mark a committed part done, count what it did, project its dead letters. An error
+        here (the task's time limit, say) is none of its events': said, and the rest of the
+        run waits for a retry, as after a failure of the world (False)."""
+        self._settled(committed.messages, committed.result, report)
+        try:
+            self._counted(topic, partition, committed)
+        except Exception as exc:
+            log.warning("part applied, then its bookkeeping failed: %s", describe(exc), extra={
+                "topic": topic, "partition": partition,
+                "offsetFirst": committed.messages[0].offset,
+                "offsetLast": committed.messages[-1].offset})
+            if rest := [m for p in parts for m in p]:
+                self._later(topic, partition, Later(
+                    rest, self.policy.backoff(self.retries + 1, self.rng), describe(exc),
+                    transient=True), report)
+                return False
+        return True
+
+    def _counted(self, topic: str, partition: int, committed: _Committed) -> None:
+        received, result, payloads = committed.received, committed.result, committed.payloads
         applied_at = result.applied_at.timestamp()
         # Counted by enum member, spelled once per kind: `.value` is slow on every event.
         by_kind: Counter[tuple[EventType, Fate]] = Counter()
@@ -372,7 +390,7 @@ class Processor:
             metrics.observe_all(metrics.END_TO_END.labels(kind.value), latencies)
         counted: Counter[tuple[str, str]] = Counter(
             {(kind.value, fate.value): number for (kind, fate), number in by_kind.items()})
-        for failure in failures:
+        for failure in committed.failures:
             counted[(metrics.event_type_label(failure.event_type), "dead_lettered")] += 1
         for (event_type, fate_name), number in counted.items():
             metrics.EVENTS_PROCESSED.labels(event_type, fate_name).inc(number)
@@ -380,26 +398,37 @@ class Processor:
                 metrics.RATE.add(event_type, number)
         if result.dead_letters:  # their projection carries the messages' bytes
             payloads.update((event_key(item.fingerprint), message.raw)
-                            for item, message in zip(received, raw, strict=True))
-        self._done(topic, partition, messages, result, report, payloads)
+                            for item, message in zip(received, committed.raw, strict=True))
+        self._announced(topic, partition, result, payloads)
 
     def _done(self, topic: str, partition: int, messages: list[TaskMessage],
               result: BatchResult, report: Report,
               payloads: dict[str, RawMessage]) -> None:
-        """The part's fates are committed: project its dead letters, mark its offsets done."""
+        """The part's fates are committed: mark its offsets done, project its dead letters."""
+        self._settled(messages, result, report)
+        self._announced(topic, partition, result, payloads)
+
+    @staticmethod
+    def _settled(messages: list[TaskMessage], result: BatchResult, report: Report) -> None:
+        """The part's fates, and its offsets to mark done, in the report."""
         for fate, number in Counter(result.fates).items():
             report.fates[fate.value] += number
-        if result.dead_letters:
-            try:
-                project(self.engine, self.stream, self.fetch, payloads)
-            except Exception as exc:  # the SQL record stands; the reconciler projects it
-                log.warning("dead letters not put in the stream yet: %s", exc, extra={
-                    "topic": topic, "partition": partition})
-            letters_said.say(result.dead_letters)
         # The messages that are no event, or were given up, have no fate but their dead letter.
         if unfated := len(messages) - len(result.fates):
             report.fates["dead_lettered"] += unfated
         report.done += (m.offset for m in messages)
+
+    def _announced(self, topic: str, partition: int, result: BatchResult,
+                   payloads: dict[str, RawMessage]) -> None:
+        """The part's new dead letters in the operators' stream, and said."""
+        if not result.dead_letters:
+            return
+        try:
+            project(self.engine, self.stream, self.fetch, payloads)
+        except Exception as exc:  # the SQL record stands; the reconciler projects it
+            log.warning("dead letters not put in the stream yet: %s", exc, extra={
+                "topic": topic, "partition": partition})
+        letters_said.say(result.dead_letters)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)

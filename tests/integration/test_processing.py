@@ -24,6 +24,7 @@ from sqlalchemy import Engine, select, text
 
 import eventpipe.reconcile
 import tasks.processing
+from eventpipe import metrics
 from eventpipe.apply import BatchResult, apply_batch
 from eventpipe.database import make_engine
 from eventpipe.dlq.letter import DeadLetter
@@ -122,25 +123,38 @@ def test_what_fails_after_a_part_committed_is_no_failure_of_its_events(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The part committed, then its bookkeeping failed (the task's time limit came between the
-    commit and the offsets marked done, say): its events have their fates. (Before: the part
-    was taken for failed; a message on its last attempt was dead-lettered though applied, and
-    its dead letter stayed, for no later copy of it is ever applied.)"""
+    commit and the offsets marked done, say): its events have their fates, its offsets are
+    done, and the rest of the run waits for a retry. (Before: the part was taken for failed; a
+    message on its last attempt was dead-lettered though applied, and its dead letter stayed,
+    for no later copy of it is ever applied.)"""
     processor, ledger = parts
-    [message] = messages(1)
-    last_try = replace(message, attempts=processor.policy.max_attempts - 1)
 
     class TaskTimeLimitExceeded(Exception):
-        """As `tasks.app` raises it: an unforeseen error of the batch's messages."""
+        """As `tasks.app` raises it: an error nobody foresaw."""
 
-    def interrupted(*_args: Any, **_kwargs: Any) -> None:
-        raise TaskTimeLimitExceeded("batch still running after 300 s")
+    limits = [TaskTimeLimitExceeded("batch still running after 300 s")] * 2
+    observe_all = metrics.observe_all  # what a batch counts once it committed
 
-    monkeypatch.setattr(processor, "_done", interrupted)
-    with pytest.raises(TaskTimeLimitExceeded):
-        processor.run(TOPIC, 0, [last_try])
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        if limits:
+            raise limits.pop()
+        observe_all(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "observe_all", interrupted)
+    [message] = messages(1)
+    report = processor.run(TOPIC, 0, [replace(message, attempts=processor.policy.max_attempts - 1)])
+    assert report.later == [] and report.fates == {"applied": 1}
     assert applied_ids(engine) == {"ev-0"} and letters(engine) == []
-    # Its offset was not marked done: read again, it is a duplicate.
-    assert ledger.read(TOPIC, {0: 0})[0][0] == set()
+    # Split by a bad message, the first half applied, its bookkeeping cut short: the second
+    # half waits, as after a failure of the world.
+    monkeypatch.setattr(tasks.processing, "apply_batch",
+                        failing_on_poison(ValueError("a bug nobody foresaw")))
+    report = processor.run(TOPIC, 0, messages(5, poison_at=4)[1:])
+    [later] = report.later
+    assert later.transient and [m.offset for m in later.messages] == [3, 4]
+    assert applied_ids(engine) == {"ev-0", "ev-1", "ev-2"} and letters(engine) == []
+    done, leased, _ = ledger.read(TOPIC, {0: 0})[0]
+    assert done == {0, 1, 2} and leased == {3, 4}
 
 
 def test_a_table_not_there_is_waited_for_not_blamed_on_the_events(

@@ -14,6 +14,7 @@ from eventpipe.errors import (
     FailureKind,
     classify,
     is_transient,
+    read_only,
     sqlstate,
 )
 
@@ -116,13 +117,16 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
                   "query."),
             (10928, "Resource ID : 1. The request limit for the database is 60 and has been "
                     "reached."),
-            (10929, "Resource ID : 1. The request limit for the database is 60 and has been "
-                    "reached."),
+            (10929, "Resource ID : 1. The min guarantee is 10, max limit is 60 and the "
+                    "current usage for the database is 60."),
             (10936, "Resource ID : 1. The request limit for the elastic pool is 200 and has "
                     "been reached."),
             (40544, "The database 'events' has reached its size quota."),
-            *((number, "Microsoft's list of transient errors") for number in (
-                121, 4221, 8645, 40540, 41301, 41302, 41305, 41325, 41839)),
+            (8645, "A timeout occurred while waiting for memory resources to execute the "
+                   "query."),
+            *((number, "one of the errors Microsoft's clients retry") for number in (
+                121, 1204, 4221, 40143, 40540, 41301, 41302, 41305, 41325, 41839, 42108,
+                42109)),
         )),
         # Not the database.
         (ConnectionResetError(), FailureKind.TRANSIENT),
@@ -168,6 +172,18 @@ def test_whatever_a_driver_raises_as_it_cleans_up_after_the_database_stalled_is_
         assert classify(interrupted_then(cleanup)) is FailureKind.TRANSIENT
     assert classify(psycopg.ProgrammingError("can't change 'autocommit' now")) \
         is FailureKind.UNKNOWN
+
+
+def test_a_server_that_takes_no_writes_is_told_apart() -> None:
+    """What makes the pool drop its connections (`eventpipe.database`): a standby, a read-only
+    secondary; not a deadlock, nor a full log."""
+    assert read_only(postgres(psycopg.errors.ReadOnlySqlTransaction))
+    assert read_only(mssql("42000", 'Failed to update database "events" because the database '
+                           "is read-only.", 3906))
+    assert not read_only(mssql("40001", "Transaction was deadlocked", 1205))
+    assert not read_only(mssql("42000", "The transaction log for database 'events' is full.",
+                               9002))
+    assert not read_only(postgres(psycopg.errors.DeadlockDetected))
 
 
 def test_sqlstate_of_each_driver() -> None:

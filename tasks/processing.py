@@ -363,6 +363,7 @@ class Processor:
                 "offsetFirst": committed.messages[0].offset,
                 "offsetLast": committed.messages[-1].offset})
             if rest := [m for p in parts for m in p]:
+                self._next = rest[0].offset  # the part has its fates: no death owed for it
                 self._later(topic, partition, Later(
                     rest, self.policy.backoff(self.retries + 1, self.rng), describe(exc),
                     transient=True), report)

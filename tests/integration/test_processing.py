@@ -85,6 +85,20 @@ def letters(engine: Engine) -> list[Any]:
         return list(conn.execute(select(dead_letters)))
 
 
+def ending_refused(monkeypatch: pytest.MonkeyPatch, ledger: OffsetLedger,
+                   errors: list[Exception]) -> list[Exception]:
+    """The ledger's script that ends a run raises `errors`, one a call, before it runs again."""
+    script = ledger._finish
+
+    def finish(*args: Any, **kwargs: Any) -> Any:
+        if errors:
+            raise errors.pop()
+        return script(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "_finish", finish)
+    return errors
+
+
 def failing_on_poison(error: Exception, poison: Collection[str] = (POISON,)) -> Any:
     real = apply_batch
 
@@ -613,15 +627,9 @@ def test_a_run_the_ledger_could_not_end_is_no_death(
                         forgive="again") == Crashed(5, 5, 1)
     ledger.finish(TOPIC, 0, run="then")
 
-    cut = [redis.ConnectionError("Connection closed by server.")] * 4  # blips retried: 3
-    script = ledger._finish
-
-    def finish(*args: Any, **kwargs: Any) -> Any:
-        if cut:
-            raise cut.pop()
-        return script(*args, **kwargs)
-
-    monkeypatch.setattr(ledger, "_finish", finish)
+    # Blips are retried three times.
+    ending_refused(monkeypatch, ledger,
+                   [redis.ConnectionError("Connection closed by server.")] * 4)
     batch = messages(4)
     with pytest.raises(redis.ConnectionError):
         processor.run(TOPIC, 0, batch)
@@ -646,15 +654,7 @@ def test_a_ledger_that_refuses_writes_is_no_death_either(
     the world's failure; this one escaped the task, whose retries were dropped, and the run's
     record stayed, to pass for a death of the batch's next attempt.)"""
     processor, ledger = parts
-    script = ledger._finish
-    refusals = [refusal]
-
-    def finish(*args: Any, **kwargs: Any) -> Any:
-        if refusals:
-            raise refusals.pop()
-        return script(*args, **kwargs)
-
-    monkeypatch.setattr(ledger, "_finish", finish)
+    ending_refused(monkeypatch, ledger, [refusal])
     batch = messages(4)
     with pytest.raises(type(refusal)):
         processor.run(TOPIC, 0, batch)
@@ -670,15 +670,8 @@ def test_done_marks_survive_a_redis_hiccup_at_the_end(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     processor, ledger = parts
-    script = ledger._finish
-    hiccups = [redis.ConnectionError("Connection reset by peer")]
-
-    def finish(*args: Any, **kwargs: Any) -> Any:
-        if hiccups:
-            raise hiccups.pop()
-        return script(*args, **kwargs)
-
-    monkeypatch.setattr(ledger, "_finish", finish)
+    hiccups = ending_refused(monkeypatch, ledger,
+                             [redis.ConnectionError("Connection reset by peer")])
     processor.run(TOPIC, 0, messages(5))
     assert hiccups == []
     assert ledger.read(TOPIC, {0: 0})[0][:2] == (set(range(5)), set())

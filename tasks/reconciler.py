@@ -79,7 +79,10 @@ class Reconciler:
 
     def run_once(self) -> None:
         if self._my_turn():
-            reconcile(self.engine, _utc_now, self.park_timeout, said=letters_said.say)
+            # On its own too: a round that fails each time must not keep the stream's steps
+            # below from running (new dead letters projected, a stream Redis lost rebuilt).
+            with _carry_on("reconciler round"):
+                reconcile(self.engine, _utc_now, self.park_timeout, said=letters_said.say)
         self._resolve_recorded_copies()
         fetch = self.fetch()
         # Each step on its own: Redis at its memory bound refuses the rebuild's marker and

@@ -19,6 +19,7 @@ import redis
 import sqlalchemy.exc
 from sqlalchemy import Engine, select
 
+import tasks.reconciler
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, REPLAYING, DeadLetter, message_key
@@ -918,3 +919,21 @@ def test_a_replayer_whose_claim_was_taken_by_another_replay_ends_none_of_it(
         assert records.load(conn, [key])[key].state == REPLAYING
         assert key in records.finish_replay(conn, [key], now, published=True, claim=second)
         assert records.load(conn, [key])[key].state == REPLAYED
+
+
+def test_a_reconciler_round_that_fails_leaves_the_stream_s_steps_to_run(
+    engine: Engine, stream: DeadLetterStream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's loop runs the rules' round, then keeps the DLQ stream in step: a round that
+    fails each time (a bug, a row it cannot read) must not keep new dead letters out of the
+    stream, nor the stream from being rebuilt. (Before: the first failure ended the loop's
+    turn, every time.)"""
+    def failing(*_args: object, **_kwargs: object) -> list[DeadLetter]:
+        raise ValueError("a round that fails every time")
+
+    monkeypatch.setattr(tasks.reconciler, "reconcile", failing)
+    record(engine, failure(0, b"{first"))
+    reconciler = Reconciler(engine, stream, lambda: lambda position: None, timedelta(hours=1),
+                            min_gap_s=0)
+    reconciler.run_once()
+    assert stream.depth() == 1 and stream.intact()

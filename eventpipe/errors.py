@@ -64,6 +64,11 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# Errors of a server that takes no writes: whatever connections reach it, none will (a
+# failover that left them on a standby, a name not moved yet), so the pool makes new ones
+# (`eventpipe.database`). The world's failures too.
+_READ_ONLY_SQLSTATES = frozenset({"25006"})  # PostgreSQL: a read-only transaction
+_READ_ONLY_MSSQL_ERRORS = frozenset({3906})  # SQL Server: the database is read-only
 # SQLSTATEs (PostgreSQL, SQL Server through ODBC) that say the world failed, not the event.
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({
     "08",  # connection exception
@@ -72,33 +77,25 @@ _TRANSIENT_SQLSTATE_CLASSES = frozenset({
     "58",  # system error (I/O)
     "HYT",  # ODBC: timeout expired (HYT00, HYT01)
 })
-_TRANSIENT_SQLSTATES = frozenset({
+_TRANSIENT_SQLSTATES = _READ_ONLY_SQLSTATES | frozenset({
     "40001",  # serialization failure; SQL Server's deadlock victim (1205)
     "40P01",  # PostgreSQL: deadlock detected
     "55P03",  # PostgreSQL: lock not available (lock_timeout)
     "55006",  # object in use
-    # PostgreSQL: a read-only transaction: a standby (a failover that left connections on the
-    # old primary, or a name not moved yet)
-    "25006",
 })
 # SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
-_TRANSIENT_MSSQL_ERRORS = frozenset({
+_TRANSIENT_MSSQL_ERRORS = _READ_ONLY_MSSQL_ERRORS | frozenset({
     -2,  # client-side timeout
     233, 10053, 10054, 10060, 64,  # the connection was broken
     1205,  # deadlock victim
     1222,  # lock request time out (LOCK_TIMEOUT)
     4060, 40197, 40501, 40613, 49918, 49919, 49920,  # database unavailable / busy (Azure)
-    121, 1204, 4221, 40143, 40540, 41301, 41302, 41305, 41325, 41839, 42108, 42109,  # more
-    # of the errors Microsoft's clients retry
+    # More of the errors Microsoft's clients retry.
+    121, 1204, 4221, 40143, 40540, 41301, 41302, 41305, 41325, 41839, 42108, 42109,
     10928, 10929, 10936,  # a resource limit of the database or its pool (Azure)
-    3906,  # the database is read-only: a failover that left connections on a secondary
     9002, 1105, 40544,  # the log, a filegroup or the database's size quota is full
     701, 8645,  # out of memory
 })
-# Errors of a server that takes no writes: whatever connections reach it, none will (a
-# failover that left them on a standby), so the pool makes new ones (`eventpipe.database`).
-_READ_ONLY_SQLSTATES = frozenset({"25006"})
-_READ_ONLY_MSSQL_ERRORS = frozenset({3906})
 # pyodbc ends each diagnostic record with "(<native error>) (<ODBC function>)".
 _MSSQL_ERROR_NUMBER = re.compile(r"\((-?\d+)\) \(SQL\w+\)")
 

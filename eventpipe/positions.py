@@ -205,7 +205,7 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
         # The position vouches for what is below it: the ranges there are deleted.
         floor = position.next_offset
         if clipped := merged((max(first, floor), last) for first, last in taken
-                              if last >= floor):
+                             if last >= floor):
             needed[partition] = clipped
     if not needed:
         return {}

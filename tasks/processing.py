@@ -313,8 +313,8 @@ class Processor:
                                  done=self._done_of(topic, partition, [message]))
         metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
                                         "dead_lettered").inc()
-        self._done(topic, partition, [message], result, report,
-                   {letter.dlq_key: message.raw})
+        self._settled([message], result, report)
+        self._announced(topic, partition, result, {letter.dlq_key: message.raw})
 
     # -- the happy path ------------------------------------------------------------------------
 
@@ -400,13 +400,6 @@ class Processor:
         if result.dead_letters:  # their projection carries the messages' bytes
             payloads.update((event_key(item.fingerprint), message.raw)
                             for item, message in zip(received, committed.raw, strict=True))
-        self._announced(topic, partition, result, payloads)
-
-    def _done(self, topic: str, partition: int, messages: list[TaskMessage],
-              result: BatchResult, report: Report,
-              payloads: dict[str, RawMessage]) -> None:
-        """The part's fates are committed: mark its offsets done, project its dead letters."""
-        self._settled(messages, result, report)
         self._announced(topic, partition, result, payloads)
 
     @staticmethod

@@ -12,7 +12,7 @@ reconciler round are then written together (held children can be thousands a rou
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import cache
@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Insert,
     Select,
     Update,
     and_,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -56,6 +58,8 @@ from eventpipe.times import utc_iso
 
 MAX_REASON = 1000
 MAX_HISTORY = 20
+
+Change = tuple[DeadLetter | None, DeadLetter]  # a letter as read (None: new), and as it becomes
 
 
 def _row(letter: DeadLetter) -> dict[str, Any]:
@@ -90,9 +94,14 @@ def letter_of(row: Any) -> DeadLetter:
 
 def _locked(conn: Connection, query: Select[Any]) -> Select[Any]:
     """Lock the rows read, always in key order, so two writers cannot deadlock on them.
-    SQLite's writer already holds the database lock."""
+    SQLite's writer already holds the database lock. SQL Server renders no FOR UPDATE: its
+    hint instead, whose HOLDLOCK also holds the keys no row has yet, so a writer of a new
+    letter waits for another that is inserting it."""
     query = query.order_by(dead_letters.c.dlq_key)
-    return query if conn.dialect.name == "sqlite" else query.with_for_update()
+    if conn.dialect.name == "sqlite":
+        return query
+    return query.with_for_update().with_hint(dead_letters, "WITH (UPDLOCK, HOLDLOCK, ROWLOCK)",
+                                             "mssql")
 
 
 def load(conn: Connection, keys: Collection[str], *, lock: bool = False) -> dict[str, DeadLetter]:
@@ -112,11 +121,11 @@ def save(conn: Connection, before: DeadLetter | None, after: DeadLetter) -> Dead
     return save_all(conn, [(before, after)])[0]
 
 
-def save_all(conn: Connection,
-             changes: Sequence[tuple[DeadLetter | None, DeadLetter]]) -> list[DeadLetter]:
+def save_all(conn: Connection, changes: Sequence[Change]) -> list[DeadLetter]:
     """`save` for many letters: one INSERT for the new ones, one UPDATE statement (executed
     for each row) for the others, in key order. The letters as saved (each with the state it
-    had before, `was`), in the order given."""
+    had before, `was`), in the order given. A new letter another writer inserted since this
+    one's read found none is not saved (`_inserted`): `_decided` reads it and decides again."""
     saved = [replace(after, revision=1 if before is None else before.revision + 1,
                      was=None if before is None else before.state)
              for before, after in changes]
@@ -127,17 +136,52 @@ def save_all(conn: Connection,
                       if before is not None), key=lambda row: row["key"])
     for row in updated:
         del row["dlq_key"]
-    if new:
-        conn.execute(dead_letters.insert(), new)
+    inserted = _inserted(conn, new) if new else set()
     if updated:
         conn.execute(_update_by_key(), updated)
-    return saved
+    return [letter for (before, _), letter in zip(changes, saved, strict=True)
+            if before is not None or letter.dlq_key in inserted]
+
+
+def _inserted(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert new letters; the keys inserted. On PostgreSQL the read's row locks cannot hold
+    a row that is not there yet: a letter another writer inserted since is skipped (its
+    insert is waited for, then met). SQL Server's read holds the keys (`_locked`), and
+    SQLite has one writer at a time."""
+    if conn.dialect.name != "postgresql":
+        conn.execute(dead_letters.insert(), rows)
+        return {row["dlq_key"] for row in rows}
+    return set(conn.execute(_insert_unless_there(), rows).scalars())
+
+
+@cache
+def _insert_unless_there() -> Insert:
+    return postgresql.insert(dead_letters).on_conflict_do_nothing(
+        index_elements=[dead_letters.c.dlq_key]).returning(dead_letters.c.dlq_key)
 
 
 @cache
 def _update_by_key() -> Update:
     """Sets the columns each row names (all but the key)."""
     return update(dead_letters).where(dead_letters.c.dlq_key == bindparam("key"))
+
+
+def _decided(conn: Connection, keys: Collection[str],
+             decide: Callable[[Collection[str], Mapping[str, DeadLetter]], list[Change]],
+             ) -> list[DeadLetter]:
+    """Read the letters of `keys` under their locks and save what `decide` makes of them
+    (given the keys and the letters found). A new letter another writer inserted meanwhile
+    (the same bad bytes on two partitions, a redelivered batch beside the original) is read
+    and decided again: the failure folds into that letter, as into one committed before the
+    read, rather than fail the batch on its key."""
+    saved: list[DeadLetter] = []
+    while keys:
+        changes = decide(keys, load(conn, keys, lock=True))
+        written = save_all(conn, changes)
+        saved += written
+        keys = {after.dlq_key for before, after in changes if before is None} \
+            - {letter.dlq_key for letter in written}
+    return saved
 
 
 def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[DeadLetter]:
@@ -147,30 +191,34 @@ def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[De
     again by Kafka (a worker died before marking it done, a rebalance): purged stays purged.
     Returns the rows as saved."""
     chosen = {failure.dlq_key: failure for failure in failures}
-    existing = load(conn, chosen, lock=True)
-    changes: list[tuple[DeadLetter | None, DeadLetter]] = []
-    for key in sorted(chosen):
-        failure, before = chosen[key], existing.get(key)
-        if before is None:
-            changes.append((None, failure))
-            continue
-        if before.state in CLOSED and failure.position.offset is not None \
-                and before.position == failure.position:
-            continue
-        if before.state == REPLAYING and before.position != failure.position:
-            # The replayed copy failed before its replayer marked the letter replayed (it
-            # then leaves the letter as it finds it): the replay is an episode all the same.
-            before = _transitioned(before, REPLAYED, failure.last_failure_at)
-        # A dead letter that had left the DLQ starts a new life; the old one is an episode
-        # already (written when it left).
-        first = before.first_failure_at if before.state not in CLOSED else failure.first_failure_at
-        attempts = before.attempts + failure.attempts if before.state not in CLOSED \
-            else failure.attempts
-        changes.append((before, replace(
-            failure, first_failure_at=first, attempts=attempts, history=before.history,
-            state=OPEN if failure.state == OPEN or before.state == OPEN else failure.state)))
+
+    def decide(keys: Collection[str], existing: Mapping[str, DeadLetter]) -> list[Change]:
+        return [change for key in sorted(keys)
+                if (change := _folded(chosen[key], existing.get(key))) is not None]
+
     # Together: a flood of poison is written a batch at a time, not a statement per message.
-    return save_all(conn, changes)
+    return _decided(conn, chosen, decide)
+
+
+def _folded(failure: DeadLetter, before: DeadLetter | None) -> Change | None:
+    """`failure` as a change of the letter of its key (`record_failures`); None for none."""
+    if before is None:
+        return None, failure
+    if before.state in CLOSED and failure.position.offset is not None \
+            and before.position == failure.position:
+        return None
+    if before.state == REPLAYING and before.position != failure.position:
+        # The replayed copy failed before its replayer marked the letter replayed (it then
+        # leaves the letter as it finds it): the replay is an episode all the same.
+        before = _transitioned(before, REPLAYED, failure.last_failure_at)
+    # A dead letter that had left the DLQ starts a new life; the old one is an episode
+    # already (written when it left).
+    first = before.first_failure_at if before.state not in CLOSED else failure.first_failure_at
+    attempts = before.attempts + failure.attempts if before.state not in CLOSED \
+        else failure.attempts
+    return before, replace(
+        failure, first_failure_at=first, attempts=attempts, history=before.history,
+        state=OPEN if failure.state == OPEN or before.state == OPEN else failure.state)
 
 
 def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position],
@@ -181,7 +229,7 @@ def repeat(conn: Connection, keys: Collection[str], position: dict[str, Position
     reopens there (`create_or_reopen`), which Kafka keeps longer than the first (and a
     redelivery of the first message does not take it back)."""
     existing = load(conn, keys, lock=True)
-    changes: list[tuple[DeadLetter | None, DeadLetter]] = []
+    changes: list[Change] = []
     for key, before in sorted(existing.items()):
         at = position.get(key, before.position)
         if before.state in (OPEN, WAITING):
@@ -273,12 +321,14 @@ def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter],
     duplicate, which leaves a purged letter as it is too (`repeat`). One a replay has is
     left to it: the replay's end queues its entity for the round that decides it then."""
     chosen = {letter.dlq_key: letter for letter in letters}
-    before = load(conn, chosen, lock=True)
-    return save_all(conn, [
-        (before.get(key), _reopened(before[key], letter, park_timeout)
-         if key in before else letter)
-        for key, letter in chosen.items()
-        if key not in before or before[key].state not in (PURGED, REPLAYING)])
+
+    def decide(keys: Collection[str], before: Mapping[str, DeadLetter]) -> list[Change]:
+        return [(before[key], _reopened(before[key], chosen[key], park_timeout))
+                if key in before else (None, chosen[key])
+                for key in keys if key not in before or before[key].state not in (PURGED,
+                                                                                   REPLAYING)]
+
+    return _decided(conn, chosen, decide)
 
 
 def _reopened(before: DeadLetter, letter: DeadLetter,

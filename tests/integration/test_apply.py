@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from sqlalchemy import Engine, func, select, text
 from eventpipe import readmodel, upserts
 from eventpipe.apply import BatchResult, applied_row, apply_batch, apply_in
 from eventpipe.database import make_engine
-from eventpipe.effects import Fate
+from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, message_key
+from eventpipe.effects import Fate, Position, Received
 from eventpipe.samples import (
     Document,
     Story,
@@ -25,7 +27,15 @@ from eventpipe.samples import (
     user_created,
 )
 from eventpipe.settings import Settings
-from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
+from eventpipe.tables import (
+    applied_events,
+    dead_letters,
+    inventory,
+    order_items,
+    orders,
+    payments,
+    users,
+)
 from tests.support.factories import at, received
 from tests.support.services import migrate
 
@@ -249,6 +259,25 @@ def test_an_id_reused_by_a_concurrent_writer_is_dead_lettered_not_a_duplicate(
     assert [r["quantity"] for r in rows(engine, inventory)] == [5]
 
 
+def test_two_writers_of_one_new_dead_letter_both_fold_into_it(engine: Engine) -> None:
+    """The same bad bytes on two partitions, applied at once (or a redelivered batch beside
+    the original): the second writer's read finds no letter to lock, and its insert meets the
+    first one's. It must fold its failure into that letter once it commits, as into one
+    committed before its read; failing on the key instead split its batch, and its message
+    alone was dead-lettered with the database's error in place of its own."""
+    value = b'{"eventId": "e1", not json'
+    first = DeadLetter(dlq_key=message_key(None, value), error_class=INVALID_EVENT,
+                       reason="value: malformed JSON", first_failure_at=at(1),
+                       last_failure_at=at(1), worker="w1", position=Position("events", 0, 10))
+    second = replace(first, worker="w2", last_failure_at=at(2),
+                     position=Position("events", 5, 42))
+    [letter] = behind_a_writer(engine, first, second).dead_letters
+    assert (letter.error_class, letter.reason, letter.attempts, letter.position) == (
+        INVALID_EVENT, "value: malformed JSON", 2, Position("events", 5, 42))
+    assert [(row["dlq_key"], row["attempts"], row["revision"]) for row in rows(
+        engine, dead_letters)] == [(first.dlq_key, 2, 2)]
+
+
 def test_an_event_behind_a_reused_id_in_its_batch_applies(engine: Engine) -> None:
     """The batch's newest event of an entity reuses a recorded id, so it is dead-lettered:
     the next newest is the one to write, and the ledger records it applied."""
@@ -332,17 +361,22 @@ def test_sqlite_writes_a_batch_in_as_many_statements_as_its_parameters_need(
     assert states[0] == states[1] and len(states[0]["order_items"]) > 199
 
 
-def behind_a_writer(engine: Engine, first: tuple[str, Document],
-                    second: tuple[str, Document] | list[tuple[str, Document]]) -> BatchResult:
-    """`second` (one message or a batch) applied while another transaction holds `first`
-    written but not committed yet: on PostgreSQL it waits on the rows until that one
+def behind_a_writer(engine: Engine, first: tuple[str, Document] | DeadLetter,
+                    second: tuple[str, Document] | list[tuple[str, Document]] | DeadLetter,
+                    ) -> BatchResult:
+    """`second` (one message, a batch, or a failure) applied while another transaction holds
+    `first` written but not committed yet: on PostgreSQL it waits on the rows until that one
     commits."""
+    def parts(of: Any) -> tuple[list[Received], list[DeadLetter]]:
+        if isinstance(of, DeadLetter):
+            return [], [of]
+        return (received(*of) if isinstance(of, list) else received(of)), []
+
     with engine.connect() as holder:
         transaction = holder.begin()
-        apply_in(holder, received(first), [], worker="w1", applied_at=at(10))
+        apply_in(holder, *parts(first), worker="w1", applied_at=at(10))
         with ThreadPoolExecutor(1) as pool:
-            batch = received(*second) if isinstance(second, list) else received(second)
-            waiting = pool.submit(apply_batch, engine, batch)
+            waiting = pool.submit(apply_batch, engine, *parts(second))
             if engine.dialect.name == "postgresql":
                 wait_for_lock_waiter(engine)
             transaction.commit()

@@ -169,6 +169,19 @@ def test_the_dead_letters_queries_are_tsql() -> None:
         assert re.search(r"\bIS (NOT )?(0|1|true|false)\b", sql, flags=re.IGNORECASE) is None, sql
 
 
+def test_dead_letters_are_read_for_a_change_under_locks_that_hold_keys_with_no_row() -> None:
+    """SQL Server renders no FOR UPDATE: without the hint two writers read a letter unlocked
+    and one's change is lost, and two writers of a new letter both insert it."""
+    conn = _Recording()
+    records.load(cast(Connection, conn), ["e:1", "m:2"], lock=True)
+    records.by_entity(cast(Connection, conn), "orders", ["o1"])
+    assert len(conn.statements) == 2
+    for sql in conn.statements:
+        parses_as_tsql(sql)
+        assert "FROM dead_letters WITH (UPDLOCK, HOLDLOCK, ROWLOCK)" in sql, sql
+        assert sql.endswith("ORDER BY dead_letters.dlq_key"), sql
+
+
 def test_a_position_is_recorded_by_a_merge_that_moves_it_only_forward() -> None:
     sql = tsql(positions.saving("mssql"))
     parses_as_tsql(sql)

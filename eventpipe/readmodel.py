@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import Connection, Select, case, exists, select
 
 from eventpipe.keysets import rows_in
+from eventpipe.sqltypes import by_code_point
 from eventpipe.tables import inventory, order_items, orders, payments, users
 from eventpipe.visibility import (
     Standing,
@@ -60,11 +61,12 @@ class PaymentRow:
 
 def _email_owner() -> Any:
     """Per users row, the user whose current event claims its email with the smallest version
-    (`occurredAt`, then `eventId` by code point: the columns' collations order them as Python
-    does; the user id breaks the tie a reused event id could cause)."""
+    (`occurredAt`, then `eventId` by code point, as Python orders them; the user id breaks the
+    tie a reused event id could cause)."""
     claimant = users.alias("claimant")
     return (select(claimant.c.user_id).where(claimant.c.email == users.c.email)
-            .order_by(claimant.c.version_at, claimant.c.version_event_id, claimant.c.user_id)
+            .order_by(claimant.c.version_at, by_code_point(claimant.c.version_event_id),
+                      by_code_point(claimant.c.user_id))
             .limit(1).correlate(users).scalar_subquery())
 
 

@@ -3,7 +3,8 @@
 Times are stored as UTC (timestamptz on PostgreSQL, DATETIME2 on SQL Server, ISO text on
 SQLite) and always come back aware. Money is an exact NUMERIC(18, 4); SQLite has no exact
 decimal, so there it is kept as text rather than let a float round it.
-Event ids used as version tie-breakers compare byte-wise everywhere, as Python compares them.
+Event ids used as version tie-breakers compare by code point everywhere, as Python compares
+them (`by_code_point` where SQL Server would not).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Numeric, String, Unicode
+from sqlalchemy import ColumnElement, DateTime, Dialect, Numeric, String, Unicode
 from sqlalchemy.dialects import mssql, postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
@@ -81,3 +85,33 @@ def name_type(length: int) -> TypeEngine[str]:
     database, as Kafka does."""
     return String(length).with_variant(
         mssql.VARCHAR(length, collation="Latin1_General_BIN2"), "mssql")
+
+
+class by_code_point(FunctionElement[str]):
+    """A key or an id, ordered by code point, as Python orders text. SQL Server's binary
+    collations compare NVARCHAR by UTF-16 code unit: a character above U+FFFF (a surrogate
+    pair, D800–DFFF) comes before one of U+E000–U+FFFF there, after it everywhere else; so
+    there the text is compared as UTF-8, whose bytes are in code point order."""
+
+    type = String()
+    inherit_cache = True
+    name = "by_code_point"
+
+    def __init__(self, text: ColumnElement[str]) -> None:
+        super().__init__(text)
+
+
+def code_point_tsql(text: str) -> str:
+    """T-SQL of `text` (an NVARCHAR expression of at most 64 code units) in UTF-8, compared
+    and ordered by code point (SQL Server 2019 and later)."""
+    return f"CONVERT(VARCHAR(256), {text} COLLATE Latin1_General_100_BIN2_UTF8)"
+
+
+@compiles(by_code_point)
+def _as_is(element: by_code_point, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(by_code_point, "mssql")
+def _in_utf8(element: by_code_point, compiler: SQLCompiler, **kw: Any) -> str:
+    return code_point_tsql(compiler.process(element.clauses, **kw))

@@ -51,7 +51,7 @@ from sqlalchemy.schema import CreateTable
 
 from eventpipe.keysets import in_keys, rows_in
 from eventpipe.pg_arrays import pg_array_text
-from eventpipe.sqltypes import Money, UtcDateTime
+from eventpipe.sqltypes import Money, UtcDateTime, code_point_tsql
 from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
 
 Rows = Sequence[dict[str, Any]]
@@ -88,9 +88,10 @@ _INVENTORY_CONFLICT = ("ON CONFLICT (sku) DO UPDATE SET quantity = inventory.qua
                        "excluded.quantity, updated_at = {latest}(inventory.updated_at, "
                        "excluded.updated_at)")
 
-# The same guard in SQL Server's MERGE.
+# The same guard in SQL Server's MERGE, the ids compared by code point as elsewhere.
 _GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = source.version_at "
-               "AND target.version_event_id < source.version_event_id)")
+               f"AND {code_point_tsql('target.version_event_id')} < "
+               f"{code_point_tsql('source.version_event_id')})")
 
 
 @cache

@@ -198,6 +198,25 @@ def test_children_are_stored_before_their_parents_and_appear_with_them(engine: E
     assert visible(engine) == {"users": {"ghost"}, "orders": {"o1"}, "payments": {"p1"}}
 
 
+def test_event_ids_above_the_basic_plane_order_by_code_point_in_every_batching(
+        engine: Engine) -> None:
+    """U+1F600 comes after U+E000 by code point, before it by UTF-16 code unit: on every
+    database, as in Python, the emoji's event is the newer, in one batch or two, and the
+    earlier claimant of an email is the other's."""
+    low, high = "\ue000", "\U0001f600"
+    apply(engine, user_created("u1", name="low", occurred_at=at(1), event_id=low))
+    assert apply(engine, user_created("u1", name="high", occurred_at=at(1),
+                                      event_id=high)) == [Fate.APPLIED]
+    assert apply(engine, user_created("u2", name="high", occurred_at=at(1), event_id=high + "2"),
+                 user_created("u2", name="low", occurred_at=at(1), event_id=low + "2")) == [
+        Fate.APPLIED, Fate.STALE]
+    assert user_names(engine) == {"u1": "high", "u2": "high"}
+    apply(engine, user_created("u3", email="same@example.com", occurred_at=at(2),
+                               event_id=high + "3"),
+          user_created("u4", email="same@example.com", occurred_at=at(2), event_id=low + "4"))
+    assert {"u3", "u4"} & visible(engine)["users"] == {"u4"}
+
+
 def test_an_email_belongs_to_its_earliest_claimant_whatever_the_arrival(engine: Engine) -> None:
     apply(engine, user_created("late", email="same@example.com", occurred_at=at(5)))
     assert visible(engine)["users"] == {"late"}

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Table
 from sqlalchemy.dialects.mssql import pyodbc
 from sqlalchemy.schema import CreateTable
 
-from eventpipe import positions, upserts
+from eventpipe import positions, readmodel, upserts
 from eventpipe.dlq import records
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import (
@@ -115,6 +115,27 @@ def test_every_key_column_compares_by_code_point() -> None:
             if column in table.c:
                 assert re.search(rf"{column} NVARCHAR\(\d+\) COLLATE Latin1_General_BIN2",
                                  ddl), (table.name, column, ddl)
+
+
+def test_event_ids_and_user_ids_are_ordered_by_code_point_as_utf8() -> None:
+    """SQL Server's binary collations compare NVARCHAR by UTF-16 code unit, which orders a
+    character above U+FFFF before one of U+E000–U+FFFF, unlike Python, PostgreSQL and
+    SQLite: the version guard and an email's earliest claimant compare the text as UTF-8,
+    whose bytes are in code point order."""
+    ids = ["\U0001f600", "\ue000", "a", "\uffff", "z\U00010000", "z"]
+    assert sorted(ids, key=lambda text: text.encode("utf-16-be")) != sorted(ids)
+    assert sorted(ids, key=lambda text: text.encode("utf-8")) == sorted(ids)
+    guard = upserts.entity_merge(users)
+    owner = str(readmodel.users_query().compile(
+        dialect=DIALECT, compile_kwargs={"render_postcompile": True}))
+    for sql in (guard, owner):
+        parses_as_tsql(sql)
+    utf8 = "CONVERT(VARCHAR(256), {} COLLATE Latin1_General_100_BIN2_UTF8)"
+    assert (f"target.version_at = source.version_at AND "
+            f"{utf8.format('target.version_event_id')} < "
+            f"{utf8.format('source.version_event_id')})") in guard
+    assert (f"ORDER BY claimant.version_at, {utf8.format('claimant.version_event_id')}, "
+            f"{utf8.format('claimant.user_id')})") in owner
 
 
 def test_the_collation_revision_rebuilds_keys_around_the_change() -> None:

@@ -6,7 +6,7 @@ document that describes it, so the formats below carry their pattern and format 
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -73,13 +73,22 @@ class Money(fields.String):
 
 
 class UtcDateTime(fields.AwareDateTime):
-    """Sent as ISO-8601 UTC with a 'Z'; read as ISO-8601, naive times taken as UTC."""
+    """Sent as ISO-8601 UTC with a 'Z'; read as ISO-8601, naive times taken as UTC, and
+    given in UTC: a time that leaves the calendar there (`0001-01-01T00:00:00+05:00`) is
+    refused, as the event contract refuses it."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(format="iso", default_timezone=UTC, **kwargs)
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else utc_iso(value)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ma.ValidationError("not a time in UTC: it leaves the calendar there") from None
 
 
 def _within_the_contract(value: str) -> None:

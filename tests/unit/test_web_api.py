@@ -122,6 +122,17 @@ def test_list_arguments_have_defaults_and_bounds() -> None:
     assert since == datetime(2026, 11, 24, 10, tzinfo=UTC)  # a naive time is UTC
 
 
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00"])
+def test_a_time_that_leaves_the_calendar_in_utc_is_refused_by_name(moment: str) -> None:
+    """Taken as it came, such a time broke the replay's selection (a 500) and nothing else."""
+    assert ListArgsSchema().validate({"since": moment}) == {
+        "since": ["not a time in UTC: it leaves the calendar there"]}
+    assert SelectionSchema().validate({"until": moment}) == {
+        "until": ["not a time in UTC: it leaves the calendar there"]}
+    in_utc = ListArgsSchema().load({"since": "2026-11-24T10:00:00+05:00"})["since"]
+    assert (in_utc, in_utc.tzinfo) == (datetime(2026, 11, 24, 5, tzinfo=UTC), UTC)
+
+
 def test_a_selection_must_name_something() -> None:
     assert SelectionSchema().validate({}) == {
         "_schema": ["name a filter (eventType, errorClass, since, until) or set all to true"]}

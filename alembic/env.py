@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy.engine import make_url
 
 from eventpipe.database import make_engine
-from eventpipe.settings import get_settings
+from eventpipe.settings import settings_or_exit
 from eventpipe.tables import metadata
 
 config = context.config
@@ -23,7 +23,7 @@ def _url() -> str:
     return (
         context.get_x_argument(as_dictionary=True).get("url")
         or config.get_main_option("sqlalchemy.url")
-        or get_settings().database_url
+        or settings_or_exit("alembic").database_url
     )
 
 
@@ -44,7 +44,7 @@ def run_migrations_online() -> None:
     # No statement timeout: a migration may rebuild an index of a table of millions of rows,
     # which the time a batch's statement may take says nothing of. The lock timeout stays: a
     # migration queued behind a long transaction would hold up every batch queued behind it.
-    settings = dataclasses.replace(get_settings(), database_url=_url(),
+    settings = dataclasses.replace(settings_or_exit("alembic"), database_url=_url(),
                                    database_statement_timeout_s=0)
     engine = make_engine(settings, writer=False)
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from kombu.transport import TRANSPORT_ALIASES
@@ -42,7 +43,8 @@ class Settings:
     # Database
     database_url: str = _field(
         "DATABASE_URL", "sqlite:///var/eventpipe.db",
-        "SQLAlchemy URL: mssql+pyodbc://…, postgresql+psycopg://… or sqlite:///path",
+        "SQLAlchemy URL: mssql+pyodbc://… (SQL Server 2019 or later: event ids are compared "
+        "as UTF-8 there), postgresql+psycopg://… or sqlite:///path",
     )
     database_pool_size: int = _field("DATABASE_POOL_SIZE", 5, "Connections kept per process")
     database_max_overflow: int = _field(
@@ -179,7 +181,7 @@ class Settings:
                                 f"{', '.join(LOG_FORMATS)}")
         try:
             url = make_url(self.database_url)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a port that is no number
             raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
                                 "(e.g. postgresql+psycopg://user@host/db)") from None
         if url.get_backend_name() not in DATABASES:
@@ -194,6 +196,7 @@ class Settings:
         if scheme not in REDIS_SCHEMES:  # the URL itself may hold a password: not repeated
             raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
                                 "redis://, rediss:// or unix://")
+        _check_server_url("REDIS_URL", self.redis_url)
         for broker in self.celery_broker_url.split(";"):  # Celery's brokers to fail over to
             transport = broker.partition("://")[0].partition("+")[0].lower()
             # (a dotted name is a transport class of one's own)
@@ -201,6 +204,7 @@ class Settings:
                 raise SettingsError(f"CELERY_BROKER_URL: {transport!r} is not a transport "
                                     "Celery knows: use redis://, rediss:// or amqp:// "
                                     "(RabbitMQ)")
+            _check_server_url("CELERY_BROKER_URL", broker)
         # No setting is a count, a size or a time below 0 (MAX_FUTURE_SKEW_S=-3600 would
         # dead-letter every event of the last hour), nor NaN, which passes every comparison
         # below.
@@ -250,6 +254,21 @@ class Settings:
         return cls(**values)
 
 
+def _check_server_url(env: str, url: str) -> None:
+    """A port that is a number, and a Redis database that is one: redis-py takes
+    `redis://host/abc` for database 0 without a word, which may be another program's. Said
+    without the URL, which may hold a password."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - read for the ValueError of a port that is no number
+    except ValueError as exc:
+        raise SettingsError(f"{env}: {exc}") from None
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise SettingsError(f"{env}: the database {database!r} is not a number (redis://host:"
+                            "6379/0)")
+
+
 def _convert(env: str, raw: str, convert: Callable[[str], Any]) -> Any:
     try:
         return convert(raw.strip())
@@ -281,7 +300,11 @@ def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | Non
     ignored and its default used without a word (`DATABSE_URL` in `.env`: the embedded
     SQLite). Said, not refused: the file may be shared with other programs, whose names
     (`DATABASE_USER`) may be near ours."""
-    file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
+    try:
+        file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{dotenv}: not UTF-8 text (byte {exc.start}); save it as "
+                            "UTF-8") from None
     known = [env for env, _, _ in env_vars()]
     for name in file_values:
         if name in known or name in COMPOSE_VARIABLES:

@@ -57,6 +57,15 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("REDIS_URL", "http://:secret@x", "REDIS_URL: 'http' is not a Redis URL's scheme"),
     ("CELERY_BROKER_URL", "foo://:secret@x", "CELERY_BROKER_URL: 'foo' is not a transport"),
     ("CELERY_BROKER_URL", "redis://a:6379/1;bar://b", "CELERY_BROKER_URL: 'bar' is not a"),
+    # Each was a traceback where it was first used, or (a database that is no number)
+    # database 0 without a word, which may be another program's.
+    ("REDIS_URL", "redis://:secret@h:abc/0", "REDIS_URL: Port could not be cast to integer"),
+    ("REDIS_URL", "redis://h:99999/0", "REDIS_URL: Port out of range"),
+    ("REDIS_URL", "redis://h:6379/abc", "REDIS_URL: the database 'abc' is not a number"),
+    ("CELERY_BROKER_URL", "redis://a:6379/1;redis://b:x/1", "CELERY_BROKER_URL: Port could"),
+    ("CELERY_BROKER_URL", "amqp://u:p@h:5672x/vhost", "CELERY_BROKER_URL: Port could"),
+    ("DATABASE_URL", "postgresql+psycopg://u@h:abc/db", "DATABASE_URL='postgresql+psycopg://u@"
+                                                        "h:abc/db': not a SQLAlchemy URL"),
 ])
 def test_values_no_process_runs_with_are_refused(env: str, value: str, said: str) -> None:
     with pytest.raises(SettingsError) as caught:
@@ -126,6 +135,13 @@ def test_a_misspelt_setting_in_the_env_file_is_named_not_ignored_in_silence(
                       "HTTP_PROXY=http://proxy\n")
     assert environment(dotenv, {"PATH": "/bin"})["PUBLISH_ADDRESS"] == "0.0.0.0"
     assert capsys.readouterr().err == ""
+
+
+def test_an_env_file_that_is_not_utf8_is_a_bad_setting_not_a_traceback(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes("DLQ_API_TOKEN=p\u00e4ss\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match=r"\.env: not UTF-8 text \(byte 15\)"):
+        environment(dotenv, {})
 
 
 def test_a_blank_variable_is_not_provided() -> None:

@@ -69,6 +69,12 @@ DLQ_DEPTH = Gauge("dlq_depth", "Entries in the dead-letter queue now",
                   multiprocess_mode="mostrecent")
 DLQ_MAX_ENTRIES = Gauge("dlq_max_entries", "The dead-letter queue's bound (DLQ_MAX_ENTRIES)",
                         multiprocess_mode="max")
+# The other bound: large messages (a poison of deep nesting, a traceback each) fill the bytes
+# long before the entries.
+DLQ_BYTES = Gauge("dlq_bytes", "Bytes the dead-letter queue's entries hold now",
+                  multiprocess_mode="mostrecent")
+DLQ_MAX_BYTES = Gauge("dlq_max_bytes", "The dead-letter queue's bound in bytes (DLQ_MAX_BYTES)",
+                      multiprocess_mode="max")
 DB_OPERATION = Histogram(
     "db_operation_duration_seconds", "Duration of database operations", ["operation"],
     buckets=_DB_BUCKETS,

@@ -4,7 +4,8 @@ prometheus-flask-exporter counts and times requests by route template (`url_rule
 in paths do not become label values). Its endpoint serves one registry per app in a single
 process; with `PROMETHEUS_MULTIPROC_DIR` set (gunicorn, see `web/gunicorn_conf.py`) it reads
 every worker's files instead, so whichever worker is scraped reports the whole server.
-`dlq_depth` is read from Redis at each scrape, just before the text is written.
+`dlq_depth` and `dlq_bytes` are read from Redis at each scrape, just before the text is
+written.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
-from eventpipe.metrics import DLQ_DEPTH, DLQ_MAX_ENTRIES
+from eventpipe.dlq.projection import show_fill
+from eventpipe.dlq.stream import DeadLetterStream
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,15 @@ class _Everything(Collector):
         return self.source.collect()
 
 
-def install(app: Flask, dlq_depth: Callable[[], int], dlq_max_entries: int) -> PrometheusMetrics:
-    DLQ_MAX_ENTRIES.set(dlq_max_entries)  # beside the depth, for its alert
+def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetrics:
     registry = CollectorRegistry()
     registry.register(_Everything(REGISTRY))
 
-    def refresh_dlq_depth(view: Callable[..., Any]) -> Callable[..., Any]:
+    def refresh_dlq_fill(view: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(view)
         def scrape(*args: Any, **kwargs: Any) -> Any:
             try:
-                DLQ_DEPTH.set(dlq_depth())
+                show_fill(dlq())
             except redis.RedisError as exc:
                 # The scrape still answers: Redis being down must not hide the other metrics.
                 log.warning("dlq depth unavailable", extra={"error": f"{type(exc).__name__}"})
@@ -58,4 +59,4 @@ def install(app: Flask, dlq_depth: Callable[[], int], dlq_max_entries: int) -> P
         return scrape
 
     return PrometheusMetrics(app, path=PATH, registry=registry, group_by="url_rule",
-                             metrics_decorator=refresh_dlq_depth)
+                             metrics_decorator=refresh_dlq_fill)

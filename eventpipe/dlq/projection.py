@@ -104,9 +104,16 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         with reading(engine) as conn:
             waiting = records.count_unprojected(conn)
         log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
-    metrics.DLQ_DEPTH.set(stream.depth())
-    metrics.DLQ_MAX_ENTRIES.set(stream.max_entries)  # beside the depth, for its alert
+    show_fill(stream)
     return report
+
+
+def show_fill(stream: DeadLetterStream) -> None:
+    """How full the DLQ is, in entries and in bytes, beside its bounds (for their alert)."""
+    metrics.DLQ_MAX_ENTRIES.set(stream.max_entries)
+    metrics.DLQ_MAX_BYTES.set(stream.max_bytes)
+    metrics.DLQ_DEPTH.set(stream.depth())
+    metrics.DLQ_BYTES.set(stream.size_bytes())
 
 
 def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:

@@ -594,10 +594,16 @@ def test_metrics_report_requests_and_the_dlq_depth_at_each_scrape(
     assert response.status_code == 200
     assert response.mimetype == "text/plain"
     assert metric(client, "dlq_depth ") == ["dlq_depth 3.0"]
+    # The other bound, which large messages reach first: its alert reads both.
+    [held] = metric(client, "dlq_bytes ")
+    assert float(held.split()[1]) == queue.stream.size_bytes() > 0
+    [bound] = metric(client, "dlq_max_bytes ")
+    assert float(bound.split()[1]) == Settings().dlq_max_bytes
     assert any('url_rule="/health"' in line
                for line in metric(client, "flask_http_request_duration_seconds_count"))
     actions.purge(queue.engine, queue.stream, queue.stream.scan())
     assert metric(client, "dlq_depth ") == ["dlq_depth 0.0"]
+    assert metric(client, "dlq_bytes ") == ["dlq_bytes 0.0"]
 
 
 def test_metrics_still_answer_when_redis_is_down(make_app: Any) -> None:

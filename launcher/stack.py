@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ from launcher.embedded import (
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
+_PROBE_BODY_LIMIT = 1 << 16
 # Stopped in this order: the bridge commits first, the API and Flower go last.
 _STOP_ORDER = ("bridge", "worker", "web", "flower")
 # The URLs an embedded redis-server stands in for, and the database number each gets.
@@ -90,12 +92,20 @@ class Stack:
         """The ports the children will listen on, free before anything starts (a child that
         cannot listen would exit and leave the reason in its log)."""
         s = self.settings
+        named: dict[int, str] = {}
         for setting, port in (("WEB_PORT", s.web_port), ("FLOWER_PORT", s.flower_port),
                               ("BRIDGE_METRICS_PORT", s.bridge_metrics_port),
                               ("WORKER_METRICS_PORT", s.worker_metrics_port)):
             if port == 0:  # `up` probes and shows each one: it must know where it is
                 raise SettingsError(f"{setting}=0: `eventpipe up` needs a port it can name; "
                                     "set a free one")
+            # Free for each alone, yet the child that starts second could not listen, and
+            # the probe of its port would be answered by the first.
+            if port in named:
+                raise SettingsError(f"{named[port]}={port} and {setting}={port}: `eventpipe up` "
+                                    "starts a process listening on each; give each its own "
+                                    "port")
+            named[port] = setting
         ensure_free("WEB_PORT", s.web_port, s.web_host, host_setting="WEB_HOST")
         ensure_free("FLOWER_PORT", s.flower_port, "127.0.0.1")
         ensure_free("BRIDGE_METRICS_PORT", s.bridge_metrics_port)
@@ -217,14 +227,14 @@ class Stack:
     def wait_ready(self) -> None:
         s = self.settings
         probes = {
-            "web API": f"http://{_in_url(s.web_host)}:{s.web_port}/ready",
-            "bridge metrics": f"http://127.0.0.1:{s.bridge_metrics_port}/metrics",
-            "worker metrics": f"http://127.0.0.1:{s.worker_metrics_port}/metrics",
-            "Flower": f"http://127.0.0.1:{s.flower_port}/healthcheck",
+            "web API": (f"http://{_in_url(s.web_host)}:{s.web_port}/ready", _api_ready),
+            "bridge metrics": (f"http://127.0.0.1:{s.bridge_metrics_port}/metrics", _any),
+            "worker metrics": (f"http://127.0.0.1:{s.worker_metrics_port}/metrics", _any),
+            "Flower": (f"http://127.0.0.1:{s.flower_port}/healthcheck", _any),
         }
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for name, url in probes.items():
-            while not _http_ok(url):
+        for name, (url, answered) in probes.items():
+            while not _http_ok(url, answered):
                 self.check_children()
                 if time.monotonic() > deadline:
                     raise ChildFailed(f"{name} not ready at {url} after {READY_TIMEOUT_S:.0f}s"
@@ -345,12 +355,28 @@ def _default_port(bootstrap: str) -> int | None:
     return int(port) if port.isdigit() else None
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, answered: Callable[[bytes], bool]) -> bool:
+    """Whether `url` answers 200 with a body `answered` takes."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
+            # Bounded: the answers probed are short, and what answers may be another server.
+            return response.status == 200 and answered(response.read(_PROBE_BODY_LIMIT))
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _api_ready(body: bytes) -> bool:
+    """The API's own readiness, `{"ready": true, ...}`: another server on WEB_PORT may answer
+    200 to /ready too (a Prometheus metrics server answers any path)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and answer.get("ready") is True
+
+
+def _any(_body: bytes) -> bool:
+    return True
 
 
 def _eventpipe() -> str:

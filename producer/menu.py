@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TextIO
+from decimal import Decimal, InvalidOperation, Overflow, getcontext
+from typing import TextIO, TypeVar
 
 from confluent_kafka import Producer
 
@@ -26,6 +27,7 @@ MENU = """
   1) UserCreated         3) PaymentSettled       5) generate a sample stream
   2) OrderPlaced         4) InventoryAdjusted    q) quit
 """
+Parsed = TypeVar("Parsed")
 
 
 class Menu:
@@ -41,6 +43,16 @@ class Menu:
     def ask(self, label: str, default: str) -> str:
         answer = self.read(f"  {label} [{default}]: ").strip()
         return answer or default
+
+    def ask_number(self, label: str, default: str, parse: Callable[[str], Parsed]) -> Parsed:
+        """Ask until `parse` takes the answer: a typo costs one line naming what the question
+        wants and the question again, not the session (the end of input still ends it)."""
+        while True:
+            answer = self.ask(label, default)
+            try:
+                return parse(answer)
+            except ValueError as exc:
+                self.out.write(f"  {label}: {answer!r} {exc}\n")
 
     def run(self) -> int:
         actions: dict[str, Callable[[], tuple[str, Document] | None]] = {
@@ -89,8 +101,8 @@ class Menu:
         order_id = self.ask("orderId", f"order-{uuid.uuid4().hex[:8]}")
         user_id = self.ask("userId", self.last_user)
         sku = self.ask("sku", "SKU-0001")
-        quantity = int(self.ask("quantity", "2"))
-        price = self.ask("unitPrice", "19.99")
+        quantity = self.ask_number("quantity", "2", _whole)
+        price = self.ask_number("unitPrice", "19.99", _unit_price(quantity))
         currency = self.ask("currency", "EUR")
         key, document = order_placed(order_id, user_id, items=[(sku, quantity, price)],
                                      currency=currency)
@@ -105,13 +117,52 @@ class Menu:
                                currency=self.ask("currency", currency))
 
     def stock(self) -> tuple[str, Document]:
-        return inventory_adjusted(self.ask("sku", "SKU-0001"), int(self.ask("delta", "10")),
-                                  reason=self.ask("reason", "restock"))
+        sku = self.ask("sku", "SKU-0001")
+        delta = self.ask_number("delta", "10", _whole)
+        return inventory_adjusted(sku, delta, reason=self.ask("reason", "restock"))
 
     def generate(self) -> None:
-        count = int(self.ask("how many events", "200"))
+        count = self.ask_number("how many events", "200", _count)
         plan = plan_stream(count, duplicates=0.05, out_of_order=0.05,
                            seed=int(datetime.now(UTC).timestamp()))
         result = publish(self.producer, self.topic, plan.messages, total=count)
         self.out.write(f"  sent {result.delivered} ({dict(plan.counts)})\n")
         return None
+
+
+# The parsers `Menu.ask_number` takes: each raises ValueError saying what the question wants.
+# A number the contract refuses (a quantity of 0, a negative price) is taken: the menu sends
+# invalid events on purpose, to be dead-lettered; only what no event can carry is asked again.
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("is not a whole number") from None
+
+
+def _unit_price(quantity: int) -> Callable[[str], str]:
+    """The price as typed (the event carries it as text), if the order's total can be computed
+    from it: a signalling NaN parses, and so does an exponent that overflows, yet the total's
+    arithmetic raises on each."""
+    def parse(text: str) -> str:
+        try:
+            getcontext().multiply(Decimal(text), quantity)
+        except InvalidOperation:
+            raise ValueError("is not a decimal number") from None
+        except Overflow:
+            raise ValueError(f"times {quantity} is too large a total") from None
+        return text
+    return parse
+
+
+def _count(text: str) -> int:
+    """At least one, as `produce generate --count` takes: fewer would send nothing."""
+    wants = "is not a whole number above 0"
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(wants) from None
+    if count < 1:
+        raise ValueError(wants)
+    return count

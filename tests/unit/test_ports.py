@@ -1,13 +1,22 @@
-"""Ports a process is to listen on, checked before it starts: IPv4 and IPv6 alike."""
+"""Ports a process is to listen on, checked before it starts: IPv4 and IPv6 alike; under
+`eventpipe up`, each port its own, and only the API's own answer on WEB_PORT taken as the API."""
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from eventpipe.ports import ensure_free
-from eventpipe.settings import SettingsError
+from eventpipe.settings import Settings, SettingsError
+from launcher import stack
+from launcher.embedded import free_port
 
 
 @pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"),
@@ -28,3 +37,58 @@ def test_a_host_that_is_no_address_of_this_machine_is_the_hosts_setting() -> Non
     with pytest.raises(SettingsError, match=r"^WEB_HOST=192\.0\.2\.1: .*no address of this "
                                             r"machine"):
         ensure_free("WEB_PORT", 8000, "192.0.2.1", host_setting="WEB_HOST")
+
+
+def test_up_names_two_of_its_port_settings_that_are_equal(tmp_path: Path) -> None:
+    # Each free on its own: the second process to start would find it taken by the first.
+    shared, flower, worker = free_port(), free_port(), free_port()
+    settings = Settings(web_port=shared, flower_port=flower, bridge_metrics_port=shared,
+                        worker_metrics_port=worker)
+    with pytest.raises(SettingsError, match=rf"^WEB_PORT={shared} and BRIDGE_METRICS_PORT="
+                                            rf"{shared}: .*give each its own port$"):
+        stack.Stack(settings, frozenset(), tmp_path).check_ports()
+
+
+@contextmanager
+def _answering(body: bytes) -> Iterator[int]:
+    """An HTTP server on a free port that answers 200 and `body` to every path."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _on_one_port(port: int) -> Settings:
+    return Settings(web_host="127.0.0.1", web_port=port, flower_port=port,
+                    bridge_metrics_port=port, worker_metrics_port=port)
+
+
+def test_another_server_on_the_apis_port_is_not_the_api_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack, "READY_TIMEOUT_S", 0.3)
+    # What a Prometheus metrics server (the bridge's, the workers') answers to any path.
+    with _answering(b"# HELP python_info Python platform information\n") as port, \
+            pytest.raises(stack.ChildFailed,
+                          match=rf"^web API not ready at http://127\.0\.0\.1:{port}/ready "):
+        stack.Stack(_on_one_port(port), frozenset(), tmp_path).wait_ready()
+
+
+def test_the_apis_own_ready_answer_is_ready(tmp_path: Path) -> None:
+    ready = json.dumps({"ready": True, "failed": [], "checks": []}).encode()
+    with _answering(ready) as port:
+        stack.Stack(_on_one_port(port), frozenset(), tmp_path).wait_ready()

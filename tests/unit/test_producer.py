@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -99,6 +100,49 @@ def test_the_menu_prompts_with_defaults_and_sends_valid_events() -> None:
     assert events[0].key == "u-menu" and events[1].data.user_id == "u-menu"  # type: ignore[union-attr]
     assert events[1].data.items[0].quantity == 3  # type: ignore[union-attr]
     assert "sent: UserCreated" in out.getvalue()
+
+
+def _typed(*answers: str) -> Callable[[str], str]:
+    """The answers in turn, then the end of input, as `input` raises it."""
+    remaining = iter(answers)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(remaining)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_a_mistyped_number_is_named_and_asked_again() -> None:
+    producer = _Producer()
+    out = io.StringIO()
+    read = _typed("2", "", "", "", "two", "0", "1,99", "1.99", "",  # 0: invalid on purpose
+                  "4", "", "ten", "-2", "",
+                  "5", "many", "0", "3",
+                  "q")
+    menu = Menu(producer, "events", read, out)  # type: ignore[arg-type]
+    assert menu.run() == 0
+    said = out.getvalue().splitlines()
+    assert "  quantity: 'two' is not a whole number" in said
+    assert "  unitPrice: '1,99' is not a decimal number" in said
+    assert "  delta: 'ten' is not a whole number" in said
+    assert "  how many events: 'many' is not a whole number above 0" in said
+    assert "  how many events: '0' is not a whole number above 0" in said
+    order, stock = (json.loads(value)["data"] for _key, value in producer.sent[:2])
+    assert order["items"] == [{"sku": "SKU-0001", "quantity": 0, "unitPrice": "1.99"}]
+    assert any(line.startswith("  note: this event is invalid") for line in said)
+    assert stock["delta"] == -2
+    assert len(producer.sent) == 2 + 3
+
+
+def test_the_end_of_input_while_a_number_is_asked_again_ends_the_session() -> None:
+    producer = _Producer()
+    out = io.StringIO()
+    menu = Menu(producer, "events", _typed("2", "", "", "", "two"), out)  # type: ignore[arg-type]
+    assert menu.run() == 0
+    assert out.getvalue().endswith("  quantity: 'two' is not a whole number\n")
+    assert producer.sent == []
 
 
 def test_the_same_seed_and_clock_give_the_same_stream() -> None:

@@ -11,14 +11,17 @@ written.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Collection, Iterable
 from functools import wraps
 from typing import Any
 
 import redis
-from flask import Flask
+from flask import Flask, request
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
@@ -42,6 +45,35 @@ class _Everything(Collector):
         return self.source.collect()
 
 
+class _Named(Collector):
+    """The samples of `source` named in `names` (`name[]`, as Prometheus's federation asks)."""
+
+    def __init__(self, source: Collector | CollectorRegistry, names: Collection[str]) -> None:
+        self.source = source
+        self.names = names
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.source.collect():
+            samples = [sample for sample in family.samples if sample.name in self.names]
+            if samples:
+                named = Metric(family.name, family.documentation, family.type, family.unit)
+                named.samples = samples
+                yield named
+
+
+def _named(registry: CollectorRegistry, names: Collection[str]) -> tuple[bytes, str]:
+    """The exposition of the series `names`. The exporter's own choice of series fails: under
+    gunicorn it registers the workers' files into a registry that takes none (a 500), and in
+    one process it finds none of the pipeline's metrics (an empty answer)."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    chosen = CollectorRegistry()
+    chosen.register(_Named(registry, names))
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return encode(chosen), content_type
+
+
 def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetrics:
     registry = CollectorRegistry()
     registry.register(_Everything(REGISTRY))
@@ -54,6 +86,9 @@ def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetric
             except redis.RedisError as exc:
                 # The scrape still answers: Redis being down must not hide the other metrics.
                 log.warning("dlq depth unavailable", extra={"error": f"{type(exc).__name__}"})
+            if names := request.args.getlist("name[]"):
+                text, content_type = _named(registry, set(names))
+                return text, 200, {"Content-Type": content_type}
             return view(*args, **kwargs)
 
         return scrape

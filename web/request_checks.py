@@ -6,7 +6,7 @@
   looked up as the id "\ufffd" and answered "not found".
 - A query parameter given twice is a 422: webargs would take the first and drop the other
   without a word, as unknown parameters are refused for the same reason. Not on `/metrics`,
-  whose exporter reads `name[]` repeated to choose the series.
+  which reads `name[]` repeated to choose the series (`web.metrics`).
 - A body that is not declared JSON is a 415: webargs would not read it, and the view would
   answer as if none had been sent.
 """

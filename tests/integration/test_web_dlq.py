@@ -606,6 +606,22 @@ def test_metrics_report_requests_and_the_dlq_depth_at_each_scrape(
     assert metric(client, "dlq_bytes ") == ["dlq_bytes 0.0"]
 
 
+def test_metrics_named_in_the_request_are_the_ones_served(
+    client: FlaskClient, queue: Queue
+) -> None:
+    """`name[]`, as Prometheus's federation asks: the exporter's own choice found none of the
+    pipeline's series in one process (an empty answer)."""
+    queue.add(dead_letter(1))
+    assert client.get("/health").status_code == 200
+    text = client.get("/metrics?name[]=dlq_depth&name[]=flask_http_request_total"
+                      ).get_data(as_text=True)
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert "dlq_depth 1.0" in lines
+    assert any(line.startswith("flask_http_request_total{") for line in lines)
+    assert {line.partition("{")[0].partition(" ")[0] for line in lines} == {
+        "dlq_depth", "flask_http_request_total"}
+
+
 def test_metrics_still_answer_when_redis_is_down(make_app: Any) -> None:
     client = make_app(redis_url=f"redis://{NOWHERE}/0")
     assert client.get("/metrics").status_code == 200

@@ -110,3 +110,11 @@ def test_every_scrape_reports_all_workers(server: str, dlq_stream: str) -> None:
         assert samples(text, "flask_http_request_duration_seconds_count",
                        url_rule="/openapi.json", status="200") == 20
         assert samples(text, "dlq_depth") == len(entries)
+    # The series a federation names (`name[]`): the exporter's own choice was a 500 here.
+    chosen = requests.get(f"{server}/metrics", timeout=5, params={
+        "name[]": ["dlq_depth", "flask_http_request_duration_seconds_count"]})
+    assert chosen.status_code == 200
+    assert samples(chosen.text, "dlq_depth") == len(entries)
+    assert samples(chosen.text, "flask_http_request_duration_seconds_count",
+                   url_rule="/openapi.json", status="200") == 20
+    assert "flask_http_request_duration_seconds_bucket" not in chosen.text

@@ -116,8 +116,8 @@ def episode(letter: DeadLetter, ended: str, ended_at: datetime) -> Episode:
                    letter.worker, ended, utc_iso(ended_at))
 
 
-def save(conn: Connection, before: DeadLetter | None, after: DeadLetter) -> DeadLetter:
-    """Insert `after`, or update `before` into it; bumps the revision, marks it unprojected."""
+def save(conn: Connection, before: DeadLetter, after: DeadLetter) -> DeadLetter:
+    """Update `before` into `after`; bumps the revision, marks it unprojected."""
     return save_all(conn, [(before, after)])[0]
 
 

@@ -7,7 +7,9 @@ brings the Redis stream in line and marks the revision it wrote.
 
 Each change reads the rows first (to keep their history), under row locks taken in key order,
 so two writers can neither lose each other's update nor deadlock; the rows of a batch or a
-reconciler round are then written together (held children can be thousands a round).
+reconciler round are then written together (held children can be thousands a round). A lock
+cannot hold a row not there yet: two writers of one new letter meet at its insert, and the
+second reads it and decides again (`_decided`).
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def save(conn: Connection, before: DeadLetter, after: DeadLetter) -> DeadLetter:
 def save_all(conn: Connection, changes: Sequence[Change]) -> list[DeadLetter]:
     """`save` for many letters: one INSERT for the new ones, one UPDATE statement (executed
     for each row) for the others, in key order. The letters as saved (each with the state it
-    had before, `was`), in the order given. A new letter another writer inserted since this
-    one's read found none is not saved (`_inserted`): `_decided` reads it and decides again."""
+    had before, `was`), in the order given; a new letter another writer inserted since this
+    one's read found none is left out (`_inserted`)."""
     saved = [replace(after, revision=1 if before is None else before.revision + 1,
                      was=None if before is None else before.state)
              for before, after in changes]
@@ -170,18 +172,24 @@ def _decided(conn: Connection, keys: Collection[str],
              decide: Callable[[Collection[str], Mapping[str, DeadLetter]], list[Change]],
              ) -> list[DeadLetter]:
     """Read the letters of `keys` under their locks and save what `decide` makes of them
-    (given the keys and the letters found). A new letter another writer inserted meanwhile
-    (the same bad bytes on two partitions, a redelivered batch beside the original) is read
-    and decided again: the failure folds into that letter, as into one committed before the
-    read, rather than fail the batch on its key."""
-    saved: list[DeadLetter] = []
-    while keys:
+    (given the keys and the letters found). On PostgreSQL a new letter another writer
+    inserted since the read (the same bad bytes on two partitions, a redelivered batch beside
+    the original) is not saved (`_inserted`): the pass is undone to its savepoint, releasing
+    what it locked and inserted, and taken again, reading that letter too. The failure folds
+    into it, as into one committed before the read, rather than fail the batch on its key;
+    and every pass takes its locks in key order, from none held (a second read that locked
+    the other writer's letter after this pass's inserts would deadlock with a third writer).
+    Each pass again follows another writer's commit of one of these keys."""
+    while True:
+        savepoint = conn.begin_nested() if conn.dialect.name == "postgresql" else None
         changes = decide(keys, load(conn, keys, lock=True))
         written = save_all(conn, changes)
-        saved += written
-        keys = {after.dlq_key for before, after in changes if before is None} \
-            - {letter.dlq_key for letter in written}
-    return saved
+        if savepoint is None:
+            return written
+        if len(written) == len(changes):
+            savepoint.commit()
+            return written
+        savepoint.rollback()
 
 
 def record_failures(conn: Connection, failures: Iterable[DeadLetter]) -> list[DeadLetter]:
@@ -323,10 +331,13 @@ def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter],
     chosen = {letter.dlq_key: letter for letter in letters}
 
     def decide(keys: Collection[str], before: Mapping[str, DeadLetter]) -> list[Change]:
-        return [(before[key], _reopened(before[key], chosen[key], park_timeout))
-                if key in before else (None, chosen[key])
-                for key in keys if key not in before or before[key].state not in (PURGED,
-                                                                                   REPLAYING)]
+        changes: list[Change] = []
+        for key in keys:
+            if key not in before:
+                changes.append((None, chosen[key]))
+            elif before[key].state not in (PURGED, REPLAYING):
+                changes.append((before[key], _reopened(before[key], chosen[key], park_timeout)))
+        return changes
 
     return _decided(conn, chosen, decide)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ from sqlalchemy import Engine, func, select, text
 from eventpipe import readmodel, upserts
 from eventpipe.apply import BatchResult, applied_row, apply_batch, apply_in
 from eventpipe.database import make_engine
+from eventpipe.dlq import records
 from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, message_key
 from eventpipe.effects import Fate, Position, Received
 from eventpipe.samples import (
@@ -295,6 +298,36 @@ def test_two_writers_of_one_new_dead_letter_both_fold_into_it(engine: Engine) ->
         INVALID_EVENT, "value: malformed JSON", 2, Position("events", 5, 42))
     assert [(row["dlq_key"], row["attempts"], row["revision"]) for row in rows(
         engine, dead_letters)] == [(first.dlq_key, 2, 2)]
+
+
+def test_writers_of_overlapping_new_dead_letters_all_commit_every_attempt_counted(
+        engine: Engine) -> None:
+    """Several writers at once, each with new letters some others also write: each must
+    commit, with no deadlock (a writer that read again the letter another one inserted,
+    while holding its own inserts, locked out of key order: three such writers deadlocked)
+    and no attempt lost."""
+    writers, rounds, keys = 4, 40, [f"m:{n:02d}" for n in range(8)]
+
+    def write(writer: int) -> list[str]:
+        chosen, failed = random.Random(writer), []
+        for round_ in range(rounds):
+            start.wait(timeout=30)
+            letters = [DeadLetter(dlq_key=f"{key}:{round_}", error_class=INVALID_EVENT,
+                                  reason="bad", first_failure_at=at(1), last_failure_at=at(1),
+                                  worker=f"w{writer}", position=Position("events", 0, round_))
+                       for key in chosen.sample(keys, 4)]
+            try:
+                with engine.begin() as conn:
+                    records.record_failures(conn, letters)
+            except Exception as exc:
+                failed.append(type(getattr(exc, "orig", exc)).__name__)
+        return failed
+
+    start = threading.Barrier(writers)
+    with ThreadPoolExecutor(writers) as pool:
+        failed = [name for names in pool.map(write, range(writers)) for name in names]
+    assert failed == []
+    assert sum(row["attempts"] for row in rows(engine, dead_letters)) == writers * rounds * 4
 
 
 def test_an_event_behind_a_reused_id_in_its_batch_applies(engine: Engine) -> None:

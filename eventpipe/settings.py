@@ -182,8 +182,10 @@ class Settings:
         try:
             url = make_url(self.database_url)
         except (ArgumentError, ValueError):  # ValueError: a port that is no number
-            raise SettingsError(f"DATABASE_URL={self.database_url!r}: not a SQLAlchemy URL "
-                                "(e.g. postgresql+psycopg://user@host/db)") from None
+            # Not repeated: the URL may hold a password.
+            raise SettingsError("DATABASE_URL: not a SQLAlchemy URL, or its port is no number "
+                                "(e.g. postgresql+psycopg://user@host:5432/db; URL-encode "
+                                f"{_URL_SPECIALS} in a password)") from None
         if url.get_backend_name() not in DATABASES:
             raise SettingsError(f"DATABASE_URL: {url.get_backend_name()!r} is not a supported "
                                 f"database: use {SUPPORTED_URLS}")
@@ -257,16 +259,21 @@ class Settings:
 def _check_server_url(env: str, url: str) -> None:
     """A port that is a number, and a Redis database that is one: redis-py takes
     `redis://host/abc` for database 0 without a word, which may be another program's. Said
-    without the URL, which may hold a password."""
+    without any of the URL, which may hold a password (one not URL-encoded is what moves
+    text into the port or the path)."""
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - read for the ValueError of a port that is no number
-    except ValueError as exc:
-        raise SettingsError(f"{env}: {exc}") from None
+    except ValueError:
+        raise SettingsError(f"{env}: its port is not a number from 0 to 65535 (URL-encode "
+                            f"{_URL_SPECIALS} in a password)") from None
     database = parts.path.strip("/")
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
-        raise SettingsError(f"{env}: the database {database!r} is not a number (redis://host:"
-                            "6379/0)")
+        raise SettingsError(f"{env}: its database, after the host, is not a number (redis://"
+                            f"host:6379/0; URL-encode {_URL_SPECIALS} in a password)")
+
+
+_URL_SPECIALS = "':', '@', '/', '#', '?'"
 
 
 def _convert(env: str, raw: str, convert: Callable[[str], Any]) -> Any:

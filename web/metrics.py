@@ -25,8 +25,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
-from eventpipe.dlq.projection import show_fill
 from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.metrics import DLQ_BYTES, DLQ_DEPTH, DLQ_MAX_BYTES, DLQ_MAX_ENTRIES
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,23 @@ def _named(registry: CollectorRegistry, names: Collection[str]) -> tuple[bytes, 
     """The exposition of the series `names`. The exporter's own choice of series fails: under
     gunicorn it registers the workers' files into a registry that takes none (a 500), and in
     one process it finds none of the pipeline's metrics (an empty answer)."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # prometheus_client's switch, as the exporter's
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     chosen = CollectorRegistry()
     chosen.register(_Named(registry, names))
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return encode(chosen), content_type
+
+
+def _show_fill(stream: DeadLetterStream) -> None:
+    """How full the DLQ is, in entries and in bytes, beside its bounds (for their alert). Only
+    the API says it, read at each scrape: a figure a worker set as it last projected would
+    stay as it was after the DLQ emptied, and keep the alert on."""
+    DLQ_MAX_ENTRIES.set(stream.max_entries)
+    DLQ_MAX_BYTES.set(stream.max_bytes)
+    DLQ_DEPTH.set(stream.depth())
+    DLQ_BYTES.set(stream.size_bytes())
 
 
 def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetrics:
@@ -82,11 +92,13 @@ def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetric
         @wraps(view)
         def scrape(*args: Any, **kwargs: Any) -> Any:
             try:
-                show_fill(dlq())
+                _show_fill(dlq())
             except redis.RedisError as exc:
                 # The scrape still answers: Redis being down must not hide the other metrics.
                 log.warning("dlq depth unavailable", extra={"error": f"{type(exc).__name__}"})
             if names := request.args.getlist("name[]"):
+                # As the exporter's own view: a scrape is not the API's traffic.
+                request.prom_do_not_track = True  # type: ignore[attr-defined]
                 text, content_type = _named(registry, set(names))
                 return text, 200, {"Content-Type": content_type}
             return view(*args, **kwargs)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy import Engine, func, select, update
 
-from eventpipe import metrics
 from eventpipe.database import reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
@@ -104,16 +103,7 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         with reading(engine) as conn:
             waiting = records.count_unprojected(conn)
         log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
-    show_fill(stream)
     return report
-
-
-def show_fill(stream: DeadLetterStream) -> None:
-    """How full the DLQ is, in entries and in bytes, beside its bounds (for their alert)."""
-    metrics.DLQ_MAX_ENTRIES.set(stream.max_entries)
-    metrics.DLQ_MAX_BYTES.set(stream.max_bytes)
-    metrics.DLQ_DEPTH.set(stream.depth())
-    metrics.DLQ_BYTES.set(stream.size_bytes())
 
 
 def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:

@@ -17,9 +17,11 @@ from typing import Any, cast
 import pytest
 import redis
 import sqlalchemy.exc
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select
 
 import tasks.reconciler
+from eventpipe import metrics
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, REPLAYING, DeadLetter, message_key
@@ -188,6 +190,19 @@ def test_a_failure_is_recorded_in_sql_and_projected_with_its_bytes(
     assert entry.value == b"{oops" and entry.letter.dlq_key == saved.dlq_key
     with engine.connect() as conn:
         assert records.unprojected(conn, 10) == []
+
+
+def test_a_workers_projection_says_nothing_of_how_full_the_dlq_is(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """The API says it, read at each scrape: a worker's figure, set as it last projected,
+    stayed after the DLQ emptied, and kept the nearly-full alert on."""
+    metrics.DLQ_DEPTH.set(-1)
+    metrics.DLQ_BYTES.set(-1)
+    [saved] = record(engine, failure(4, b"{oops"))
+    assert projection.project(engine, stream, None, {
+        saved.dlq_key: RawMessage(b"k", b"{oops")}).put == 1
+    assert [REGISTRY.get_sample_value(name) for name in ("dlq_depth", "dlq_bytes")] == [-1, -1]
 
 
 def test_the_same_message_failing_again_updates_its_dead_letter(engine: Engine) -> None:

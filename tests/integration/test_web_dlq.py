@@ -620,6 +620,9 @@ def test_metrics_named_in_the_request_are_the_ones_served(
     assert any(line.startswith("flask_http_request_total{") for line in lines)
     assert {line.partition("{")[0].partition(" ")[0] for line in lines} == {
         "dlq_depth", "flask_http_request_total"}
+    # A scrape, chosen or not, is none of the API's traffic.
+    assert not [line for line in metric(client, "flask_http_request")
+                if 'url_rule="/metrics"' in line]
 
 
 def test_metrics_still_answer_when_redis_is_down(make_app: Any) -> None:

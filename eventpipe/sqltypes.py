@@ -88,10 +88,12 @@ def name_type(length: int) -> TypeEngine[str]:
 
 
 class by_code_point(FunctionElement[str]):
-    """A key or an id, ordered by code point, as Python orders text. SQL Server's binary
-    collations compare NVARCHAR by UTF-16 code unit: a character above U+FFFF (a surrogate
-    pair, D800–DFFF) comes before one of U+E000–U+FFFF there, after it everywhere else; so
-    there the text is compared as UTF-8, whose bytes are in code point order."""
+    """A key or an id, ordered by code point, as Python orders text. On PostgreSQL a column
+    without a collation of its own orders by the database's, which may be a language's
+    (`a` before `B`): "C" orders by code point. SQL Server's binary collations compare
+    NVARCHAR by UTF-16 code unit: a character above U+FFFF (a surrogate pair, D800–DFFF)
+    comes before one of U+E000–U+FFFF there, after it everywhere else; so there the text is
+    compared as UTF-8, whose bytes are in code point order. SQLite's is byte order."""
 
     type = String()
     inherit_cache = True
@@ -110,6 +112,11 @@ def code_point_tsql(text: str) -> str:
 @compiles(by_code_point)
 def _as_is(element: by_code_point, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(element.clauses, **kw)
+
+
+@compiles(by_code_point, "postgresql")
+def _in_c(element: by_code_point, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'{compiler.process(element.clauses, **kw)} COLLATE "C"'
 
 
 @compiles(by_code_point, "mssql")

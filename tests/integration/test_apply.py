@@ -39,6 +39,7 @@ from eventpipe.tables import (
     payments,
     users,
 )
+from tests.support.databases import postgres_database
 from tests.support.factories import at, received
 from tests.support.services import migrate
 
@@ -218,6 +219,27 @@ def test_event_ids_above_the_basic_plane_order_by_code_point_in_every_batching(
                                event_id=high + "3"),
           user_created("u4", email="same@example.com", occurred_at=at(2), event_id=low + "4"))
     assert {"u3", "u4"} & visible(engine)["users"] == {"u4"}
+
+
+def test_claimants_tied_in_version_are_ordered_by_code_point_whatever_the_collation() -> None:
+    """On a PostgreSQL database whose default collation is a language's, `a` comes before
+    `B`; by code point, as Python orders them, `B` comes first. Two users whose current
+    versions tie (one event id recorded for both) give the email to the first user id."""
+    with postgres_database("eventpipe_collated", icu_locale="en-US") as url:
+        migrate(url)
+        engine = make_engine(Settings(database_url=url))
+        try:
+            with engine.begin() as conn:
+                conn.execute(users.insert(), [
+                    {"user_id": user_id, "email": "same@example.com", "name": user_id,
+                     "created_at": at(0), "version_at": at(1), "version_event_id": "e1",
+                     "updated_at": at(2)} for user_id in ("a", "B")])
+                assert conn.execute(text("SELECT 'a' < 'B'")).scalar_one()  # the language's
+                owners = {user_id: row.email_owner
+                          for user_id, row in readmodel.load_users(conn, ["a", "B"]).items()}
+        finally:
+            engine.dispose()
+    assert owners == {"a": "B", "B": "B"}
 
 
 def test_an_email_belongs_to_its_earliest_claimant_whatever_the_arrival(engine: Engine) -> None:

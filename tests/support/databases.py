@@ -12,14 +12,17 @@ from sqlalchemy.engine import make_url
 from tests.support.services import require_postgres
 
 
-def new_database(prefix: str = "eventpipe_test") -> str:
-    """A fresh, empty PostgreSQL database; its URL. Drop it with `drop_database`."""
+def new_database(prefix: str = "eventpipe_test", *, icu_locale: str | None = None) -> str:
+    """A fresh, empty PostgreSQL database; its URL. Drop it with `drop_database`.
+    `icu_locale`: its default collation a language's (`en-US`), not the server's."""
     admin_url = require_postgres()
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    collated = (f" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{icu_locale}'"
+                if icu_locale else "")
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"{collated}'))
     finally:
         admin.dispose()
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
@@ -35,9 +38,10 @@ def drop_database(url: str) -> None:
 
 
 @contextmanager
-def postgres_database(prefix: str = "eventpipe_test") -> Iterator[str]:
+def postgres_database(prefix: str = "eventpipe_test", *,
+                      icu_locale: str | None = None) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for the duration of the block; yields its URL."""
-    url = new_database(prefix)
+    url = new_database(prefix, icu_locale=icu_locale)
     try:
         yield url
     finally:

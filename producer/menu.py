@@ -147,11 +147,13 @@ def _unit_price(quantity: int) -> Callable[[str], str]:
     arithmetic raises on each."""
     def parse(text: str) -> str:
         try:
-            getcontext().multiply(Decimal(text), quantity)
+            price = Decimal(text)
         except InvalidOperation:
             raise ValueError("is not a decimal number") from None
-        except Overflow:
-            raise ValueError(f"times {quantity} is too large a total") from None
+        try:
+            getcontext().multiply(price, quantity)
+        except (InvalidOperation, Overflow):
+            raise ValueError(f"times {quantity} gives no total") from None
         return text
     return parse
 

@@ -117,7 +117,7 @@ def _typed(*answers: str) -> Callable[[str], str]:
 def test_a_mistyped_number_is_named_and_asked_again() -> None:
     producer = _Producer()
     out = io.StringIO()
-    read = _typed("2", "", "", "", "two", "0", "1,99", "1.99", "",  # 0: invalid on purpose
+    read = _typed("2", "", "", "", "two", "0", "1,99", "Infinity", "1.99", "",  # 0: invalid
                   "4", "", "ten", "-2", "",
                   "5", "many", "0", "3",
                   "q")
@@ -126,6 +126,7 @@ def test_a_mistyped_number_is_named_and_asked_again() -> None:
     said = out.getvalue().splitlines()
     assert "  quantity: 'two' is not a whole number" in said
     assert "  unitPrice: '1,99' is not a decimal number" in said
+    assert "  unitPrice: 'Infinity' times 0 gives no total" in said
     assert "  delta: 'ten' is not a whole number" in said
     assert "  how many events: 'many' is not a whole number above 0" in said
     assert "  how many events: '0' is not a whole number above 0" in said

@@ -329,34 +329,46 @@ def rewinds(engine: Engine, topic: str, topic_id: str, committed: Mapping[int, i
     its position lost) in any case; and the positions of this topic the database holds.
 
     A partition whose position names this topic is read from its position when Kafka's is
-    further. One with no position (a database that holds no positions yet, or those of an
-    earlier topic of the name) is read from the start when the database was made with
-    positions (`MADE_WITH_POSITIONS`) and holds no row of the partition at all, or holds no
-    fate of any of its messages: lost, and made anew, while Kafka says its messages are done.
-    With fates recorded in a database from before positions, it is its first run with them,
-    and Kafka's offset stands. A partition of `again` is read from its position or Kafka's
-    offset, the lower, and from the start where it has no position: the bridge recorded one,
-    and the database went back to before it."""
+    further. One whose position names another topic id is read from the start: a bridge
+    records a topic's position before it commits, so the commit is the earlier topic's of the
+    name, sent by a bridge that had not seen the topic made again (on a broker that keeps no
+    commit's metadata, `_vouch` cannot tell), and the fates recorded under the name are that
+    topic's too. One with no position (a database that holds no positions yet, or one of a
+    topic from a broker that gave no ids) is read from the start when the database was made
+    with positions (`MADE_WITH_POSITIONS`) and holds no row of the partition at all, or holds
+    no fate of any of its messages: lost, and made anew, while Kafka says its messages are
+    done. With fates recorded in a database from before positions, it is its first run with
+    them, and Kafka's offset stands. A partition of `again` is read from its position or
+    Kafka's offset, the lower, and from the start where it has no position: the bridge
+    recorded one, and the database went back to before it."""
     found: dict[int, Rewind] = {}
     with reading(engine) as conn:
         rows = read(conn, topic, {*committed, *again})
         kept = {p: position.next_offset for p, position in rows.items()
                 if position.topic_id == topic_id}
-        # Where only another id's row is (a topic made again, a broker that began or ceased
-        # to give ids), the database held positions of the name: the marker does not decide.
+        earlier = {p: position.topic_id for p, position in rows.items()
+                   if topic_id and position.topic_id and position.topic_id != topic_id}
+        # Where only the row of a broker that began or ceased to give ids is, the database
+        # held positions of the name: the marker does not decide.
         fresh = _made_with_positions(conn)
         # Asked only where a partition's fate rests on it: no position, not to be read again
         # anyway, a committed offset, and a database that may hold its messages.
         held = holding(conn, topic, [
             partition for partition, offset in committed.items()
             if offset and partition not in kept and partition not in again
-            and not (fresh and partition not in rows)])
+            and partition not in earlier and not (fresh and partition not in rows)])
         for partition in sorted({*committed, *again}):
             position, offset = kept.get(partition), committed.get(partition)
             if position is not None and offset is not None and position < offset:
                 found[partition] = Rewind(
                     position, f"the database holds its messages up to offset {position}, "
                               f"Kafka's committed offset is {offset}")
+            elif position is None and offset and partition in earlier \
+                    and partition not in again:
+                found[partition] = Rewind(
+                    0, f"the database's position of it is of an earlier topic of the name "
+                       f"(id {earlier[partition]}): Kafka's committed offset {offset} is that "
+                       "topic's")
             elif position is None and (partition in again or (offset and (
                     (fresh and partition not in rows) or partition not in held))):
                 found[partition] = Rewind(

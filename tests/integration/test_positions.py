@@ -46,6 +46,7 @@ def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says
         engine: Engine) -> None:
     positions.save(engine, TOPIC, "id-1", {0: 5, 1: 20, 2: 8}, NOW)
     positions.save(engine, TOPIC, "id-0", {3: 5}, NOW)  # an earlier topic of the name
+    positions.save(engine, TOPIC, "", {5: 1}, NOW)  # from a broker that gave no ids
     with engine.begin() as conn:
         for partition, offset in ((3, 1), (5, 2)):
             conn.execute(applied_events.insert().values(
@@ -57,9 +58,14 @@ def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says
                                                position=Position(TOPIC, 6, 3))])
     committed = {0: 8, 1: 10, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 0}
     found, kept = positions.rewinds(engine, TOPIC, "id-1", committed)
-    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 4: 0}
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 3: 0, 4: 0}
     assert found[0].why == "the database holds its messages up to offset 5, Kafka's " \
         "committed offset is 8"
+    # 3's fates and position are the earlier topic's, and so is Kafka's offset: committed by a
+    # bridge that had not seen the topic made again, on a broker that keeps no commit's
+    # metadata (Tansu), and taken for this topic's, it skipped the new topic's first events.
+    assert found[3].why == "the database's position of it is of an earlier topic of the " \
+        "name (id id-0): Kafka's committed offset 8 is that topic's"
     assert found[4].why == "the database holds none of its messages, Kafka's committed " \
         "offset is 8"
     assert kept == {0: 5, 1: 20, 2: 8}  # the positions of this topic, to check at commits
@@ -69,9 +75,9 @@ def test_a_partition_is_read_again_where_the_database_holds_less_than_kafka_says
         conn.execute(kafka_positions.insert().values(
             kafka_topic="", kafka_partition=-1, topic_id="", next_offset=0, committed_at=NOW))
     found, _ = positions.rewinds(engine, TOPIC, "id-1", committed)
-    # Not 3, which holds another id's row (a topic made again, or a broker that began to give
-    # ids): there the marker does not decide, its fates do.
-    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 4: 0, 5: 0, 6: 0}
+    # Not 5, whose row is of a broker that gave no ids (this one began to): there the marker
+    # does not decide, its fates do.
+    assert {p: rewind.offset for p, rewind in found.items()} == {0: 5, 3: 0, 4: 0, 6: 0}
 
 
 

@@ -225,4 +225,8 @@ def _restore(_args: argparse.Namespace, settings: Settings) -> int:
         print("the stream is full: replay or purge entries, then run restore again",
               file=sys.stderr)
         return 1
+    if report.stopped:
+        print("the rebuild stopped before the end: Redis restarted, or another rebuild began; "
+              "run restore again", file=sys.stderr)
+        return 1
     return 0

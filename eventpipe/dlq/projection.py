@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,7 +31,12 @@ from sqlalchemy import Engine, func, select, update
 from eventpipe.database import reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
-from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, StreamEntry
+from eventpipe.dlq.stream import (
+    REBUILD_LEASE_S,
+    DeadLetterQueueFull,
+    DeadLetterStream,
+    StreamEntry,
+)
 from eventpipe.effects import Position
 from eventpipe.messages import RawMessage
 from eventpipe.tables import dead_letters
@@ -37,8 +44,8 @@ from eventpipe.tables import dead_letters
 log = logging.getLogger(__name__)
 
 HEAL_EVERY_S = 2.0
-# Dead letters put back per step of a rebuild, each fetched from Kafka: a step stays well
-# within the rebuild's lease (`REBUILD_LEASE_S`), extended between steps.
+# Dead letters put back per step of a rebuild, each fetched from Kafka; the rebuild's lease
+# (`REBUILD_LEASE_S`) is extended between steps, and between fetches as they take time.
 REBUILD_STEP = 100
 SWEEP_EVERY_S = 60.0
 
@@ -53,6 +60,7 @@ class Projected:
     removed: int = 0
     missing_bytes: list[str] = field(default_factory=list)  # dlq keys shown without value
     full: bool = False
+    stopped: bool = False  # a rebuild that lost its claim before the end
 
 
 def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
@@ -135,12 +143,13 @@ def open_count(engine: Engine) -> int:
 
 def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             progress: Callable[[int], None] | None = None,
-            claim: str | None = None) -> Projected:
+            claim: str | None = None, lease_s: int = REBUILD_LEASE_S) -> Projected:
     """Rebuild the stream from SQL: every open dead letter put back, strays removed;
     `progress` is told how many were put back at each step. The rebuild holds `claim` in the
-    marker (extended at each step, so a long rebuild keeps it) and stops if it loses it; the
-    stream is marked intact at the end only if the claim held (see `mark_intact`)."""
-    claim = claim or stream.begin_rebuild()
+    marker for `lease_s` (extended as it works, so a long rebuild keeps it) and stops if it
+    loses it; the stream is marked intact at the end only if the claim held (see
+    `mark_intact`)."""
+    claim = claim or stream.begin_rebuild(lease_s)
     stream.mend()  # after a hand edit the index may no longer say what the stream holds
     shown = stream.keys()  # before SQL: a key put after this is no stray
     with engine.begin() as conn:
@@ -151,12 +160,14 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             select(dead_letters.c.dlq_key).where(dead_letters.c.state.in_((OPEN, REPLAYING))))}
     report = Projected()
     report.removed = stream.remove(*(shown - kept))
+    held = _Holding(stream, claim, lease_s)
     while _pending(engine):
-        if not stream.hold_rebuild(claim):
+        if not held.hold():
             log.warning("the DLQ rebuild stopped: Redis restarted again, or another rebuild "
                         "began")
+            report.stopped = True
             return report
-        step = project(engine, stream, fetch, limit=REBUILD_STEP)
+        step = project(engine, stream, held.fetching(fetch), limit=REBUILD_STEP)
         if progress is not None:
             progress(step.put)
         report.put += step.put
@@ -169,6 +180,30 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
         log.warning("the DLQ rebuild was overtaken: Redis restarted again, or another rebuild "
                     "began; it is rebuilt once more")
     return report
+
+
+class _Holding:
+    """A rebuild's claim, extended at each step and between the fetches of one: a step's
+    fetches may each wait for Kafka (`MessageReader.fetch`, seconds where the position holds
+    nothing), so a step of them could outlast the lease, and the rebuild would stop there at
+    every attempt."""
+
+    def __init__(self, stream: DeadLetterStream, claim: str, lease_s: int) -> None:
+        self.stream = stream
+        self.claim = claim
+        self.lease_s = lease_s
+        self.held_at = -math.inf
+
+    def hold(self) -> bool:
+        self.held_at = time.monotonic()
+        return self.stream.hold_rebuild(self.claim, self.lease_s)
+
+    def fetching(self, fetch: Fetch) -> Fetch:
+        def fetched(position: Position) -> RawMessage | None:
+            if time.monotonic() - self.held_at > self.lease_s / 3:
+                self.hold()  # a claim lost meanwhile is seen at the step's end
+            return fetch(position)
+        return fetched
 
 
 def repair_if_lost(engine: Engine, stream: DeadLetterStream, fetch: Fetch) -> Projected | None:

@@ -7,6 +7,7 @@ Kafka for replays and for fetching lost bytes.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -234,6 +235,28 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
         reader.close()
     assert (report.put, report.removed, report.missing_bytes) == (2, 1, [])
     assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
+
+
+def test_a_rebuild_whose_fetches_outlast_its_lease_keeps_its_claim_to_the_end(
+    engine: Engine, redis_client: redis.Redis,
+) -> None:
+    """A step's fetches each wait for Kafka (seconds where the position holds nothing): with
+    the claim extended only between steps, a step longer than the lease lost it, and every
+    restore stopped after its first step, blaming a Redis restart."""
+    stream = DeadLetterStream(redis_client, f"test:dlq:{uuid.uuid4().hex}", 100, 10**7)
+    values = [f"{{bad {n}".encode() for n in range(6)]
+    record(engine, *(failure(offset, value) for offset, value in enumerate(values)))
+
+    def slow_kafka(position: Position) -> RawMessage | None:
+        time.sleep(0.4)  # Kafka's answer, slow: six of them outlast the lease of 1 s
+        return RawMessage(b"k", values[position.offset or 0])
+
+    try:
+        report = projection.restore(engine, stream, slow_kafka, lease_s=1)
+        assert (report.put, report.stopped) == (6, False)
+        assert stream.intact()
+    finally:
+        redis_client.delete(stream.stream, stream.index, stream.totals, stream.marker)
 
 
 def test_bytes_read_back_by_position_are_the_dead_letters_own_or_none(

@@ -83,7 +83,7 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
          "has no schema yet: run `eventpipe migrate`"),
         (["status"], {"LOG_FORMAT": "pretty"}, 2,
          "eventpipe: bad setting: LOG_FORMAT='pretty': use one of auto, json, text"),
-        (["dlq", "list"], {"DATABASE_URL": "garbage"}, 2, "DATABASE_URL='garbage'"),
+        (["dlq", "list"], {"DATABASE_URL": "garbage"}, 2, "DATABASE_URL: not a SQLAlchemy URL"),
         (["bridge"], {"CELERY_BROKER_URL": "foo://127.0.0.1/0"}, 2,
          "eventpipe: bad setting: CELERY_BROKER_URL: 'foo' is not a transport Celery knows"),
         (["dlq", "list"], {"KAFKA_PARTITIONS": "0"}, 2, "KAFKA_PARTITIONS=0: must be at least 1"),

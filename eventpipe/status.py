@@ -111,10 +111,12 @@ class Board:
         now = seconds + micros / 1e6
         alive, forgotten = [], []
         for raw_field, raw_value in entries.items():
-            entry = decoded(raw_field)
-            member = _member(entry, decoded(raw_value), now)
+            try:
+                member = _member(decoded(raw_field), decoded(raw_value), now)
+            except UnicodeDecodeError:  # not ours either: deleted by its bytes
+                member = None
             if member is None or member.age_s > FORGET_S:
-                forgotten.append(entry)
+                forgotten.append(raw_field)
             elif member.age_s <= STALE_S:
                 alive.append(member)
         if forgotten:

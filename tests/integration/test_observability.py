@@ -255,6 +255,12 @@ def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
             WORKER, "live:1", {"queues": [0], "served": {}, "rates": {}})
         assert 0 <= member.age_s < 1
         assert set(redis_client.hkeys(board.key)) == {b"worker live:1", b"worker silent:2"}
+        # Entries that are not text at all (another program's, a hand edit): not ours, and
+        # gone, where they broke every reading of the board until deleted by hand.
+        redis_client.hset(board.key, mapping={b"worker h:\xff": b"1 {}",
+                                              b"bridge h:1": b"1 {\xff}"})
+        assert [member.name for member in board.members()] == ["live:1"]
+        assert set(redis_client.hkeys(board.key)) == {b"worker live:1", b"worker silent:2"}
         board.leave(WORKER, "live:1")
         assert board.members() == []
     finally:

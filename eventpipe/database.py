@@ -31,6 +31,23 @@ _PG_BRIEF = {"connect_timeout": BRIEF_S, "keepalives": 1, "keepalives_idle": 2,
              "keepalives_interval": 1, "keepalives_count": 3, "tcp_user_timeout": BRIEF_S * 1000}
 
 
+def require_database(settings: Settings) -> None:
+    """A SQLite file `DATABASE_URL` names that does not exist is a `SettingsError`, rather than
+    made empty: a program run from another directory than the pipeline's would read a
+    relative path there, and find nothing of it."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or not _is_file(url.database):
+        return
+    path = Path(str(url.database))
+    if not path.exists():
+        relative = "" if path.is_absolute() else \
+            " (a relative path is read from the working directory)"
+        raise SettingsError(
+            f"DATABASE_URL={redacted(settings.database_url)} names no database here: "
+            f"{path.absolute()} does not exist{relative}: run this where the pipeline "
+            f"runs, or `eventpipe migrate` to make it")
+
+
 def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
                 synced: bool = True, brief: bool = False) -> Engine:
     """An engine for `settings.database_url`.
@@ -38,8 +55,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     `writer` engines on SQLite take their turn among the writers (`eventpipe.sqlite_turns`)
     and the write lock when a transaction begins, so the read-then-write of a batch never
     fails halfway on a lock upgrade; readers don't. Without `create`, a SQLite file that does
-    not exist is a `SettingsError` rather than made empty: an operator's command run from
-    another directory than the pipeline's would read a relative path there. Without `synced`,
+    not exist is a `SettingsError` (`require_database`). Without `synced`,
     a commit on SQLite or PostgreSQL returns before it is on disk (a crash may take back the
     last ones, never part of one): for writes that a crash may lose, as the bridge's positions.
     A `brief` engine gives up within about `BRIEF_S` on a statement, a lock or a database
@@ -58,13 +74,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
                                    "check_same_thread": False}
         if _is_file(url.database):
             path = Path(str(url.database))
-            if not create and not path.exists():
-                relative = "" if path.is_absolute() else \
-                    " (a relative path is read from the working directory)"
-                raise SettingsError(
-                    f"DATABASE_URL={redacted(settings.database_url)} names no database here: "
-                    f"{path.absolute()} does not exist{relative}: run this where the pipeline "
-                    f"runs, or `eventpipe migrate` to make it")
+            if not create:
+                require_database(settings)
             path.parent.mkdir(parents=True, exist_ok=True)
             if writer:
                 options["connect_args"]["factory"] = TakesTurns

@@ -334,12 +334,17 @@ def get_settings() -> Settings:
     return Settings.from_env(_environment())
 
 
-def settings_or_exit(program: str) -> Settings:
+def settings_or_exit(program: str,
+                     check: Callable[[Settings], None] | None = None) -> Settings:
     """The process's settings, for a program started other than by `eventpipe` (gunicorn,
     `celery -A tasks`): a bad setting is one line naming it and exit status 2, as with
-    `eventpipe`, rather than the traceback of a module that failed to load."""
+    `eventpipe`, rather than the traceback of a module that failed to load. `check`: what
+    else the program refuses, by raising `SettingsError`."""
     try:
-        return get_settings()
+        settings = get_settings()
+        if check is not None:
+            check(settings)
+        return settings
     except SettingsError as exc:
         print(f"{program}: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

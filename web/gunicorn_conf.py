@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from eventpipe.database import require_database
 from eventpipe.settings import settings_or_exit
 
-_settings = settings_or_exit("gunicorn")
+# A database file that is not there is said here, once, not as each worker fails to boot.
+_settings = settings_or_exit("gunicorn", check=require_database)
 
 bind = f"{_settings.web_host}:{_settings.web_port}"
 # Reads wait on the database, not the CPU: a few processes per core keep the cores busy.

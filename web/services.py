@@ -35,7 +35,8 @@ class Services:
     def from_settings(cls, settings: Settings) -> Services:
         client = redis_clients.request(settings.redis_url)
         broker = depth_reader(settings, redis_clients.request)
-        return cls(settings, make_engine(settings, writer=False), client, broker)
+        # Never made empty: run from elsewhere, the API would serve a database of nothing.
+        return cls(settings, make_engine(settings, writer=False, create=False), client, broker)
 
     @property
     def writer(self) -> Engine:

@@ -390,7 +390,11 @@ def test_a_bridge_given_a_topic_id_where_kafka_gave_none_stops(
     # By its module name the configuration is loaded after prometheus_client: too late to
     # choose its multiprocess mode.
     (["gunicorn", "--config", "python:web.gunicorn_conf", "--check-config", "web.wsgi:app"],
-     {}, "needs PROMETHEUS_MULTIPROC_DIR set"),
+     {"DATABASE_URL": "sqlite://"}, "needs PROMETHEUS_MULTIPROC_DIR set"),
+    # Not made empty, and then served: the API of another directory than the pipeline's.
+    (["gunicorn", "-c", "web/gunicorn_conf.py", "--check-config", "web.wsgi:app"],
+     {"DATABASE_URL": "sqlite:////nonexistent/eventpipe.db"},
+     "gunicorn: bad setting: DATABASE_URL=sqlite:////nonexistent/eventpipe.db names no database"),
 ])
 def test_the_servers_started_without_eventpipe_say_a_bad_setting_in_one_line(
         command: list[str], env: dict[str, str], says: str) -> None:

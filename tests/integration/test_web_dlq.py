@@ -32,7 +32,7 @@ from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from eventpipe.messages import RawMessage
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, SettingsError
 from eventpipe.tables import dead_letters, reconcile_queue
 from tests.support.broker import TopicFactory
 from tests.support.databases import drop_database, new_database
@@ -658,6 +658,7 @@ def test_not_ready_while_the_database_has_no_schema(
     make_app: Any, kafka_broker: str, tmp_path: Path
 ) -> None:
     """Every read would fail: `/ready` says so, and what to run, rather than 200."""
+    (tmp_path / "never-migrated.db").touch()
     client = make_app(kafka_bootstrap_servers=kafka_broker,
                       database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}")
     body = ok(client.get("/ready"), 503)
@@ -666,12 +667,22 @@ def test_not_ready_while_the_database_has_no_schema(
         "the database has no schema yet: run `eventpipe migrate`"
 
 
+def test_the_api_makes_no_database_where_none_is(make_app: Any, tmp_path: Path) -> None:
+    """Run from another directory than the pipeline's, the API made an empty SQLite file
+    there, and said to migrate it: an API of nothing."""
+    missing = tmp_path / "elsewhere" / "eventpipe.db"
+    with pytest.raises(SettingsError, match=rf"names no database here: {missing} does not"):
+        make_app(database_url=f"sqlite:///{missing}")
+    assert not missing.parent.exists()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_read_of_a_database_without_schema_says_what_to_run(
     make_app: Any, tmp_path: Path, kind: str,
 ) -> None:
     """Not a bare 500 (PostgreSQL's missing table is no transient failure), nor a 503 that
     says to retry (SQLite's is taken for one): a 503 naming the command that fixes it."""
+    (tmp_path / "never-migrated.db").touch()
     url = new_database("eventpipe_test") if kind == "postgresql" else \
         f"sqlite:///{tmp_path / 'never-migrated.db'}"
     try:

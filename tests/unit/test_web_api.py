@@ -38,7 +38,7 @@ from web.schemas import ID_PATTERN, camel_case, money
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
     # Engines and Redis clients connect lazily: building the app touches nothing.
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+    app = create_app(Settings(database_url="sqlite://",
                               redis_url="redis://127.0.0.1:1/0"))
     yield app
     services.of(app).close()
@@ -267,7 +267,7 @@ def ok(response: Any, status: int) -> Any:
 
 
 def test_requests_of_the_wrong_shape_are_refused_before_any_view(tmp_path: Path) -> None:
-    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+    app = create_app(Settings(database_url="sqlite://",
                               redis_url="redis://127.0.0.1:1/0", dlq_api_token="t"))
     client = app.test_client()
     token = {"Authorization": "Bearer t"}

@@ -409,9 +409,9 @@ class DeadLetterStream:
                   entry.letter.revision, *flat])
         if not entry_id:
             raise DeadLetterQueueFull(
-                f"dead-letter queue {self.stream} is full ({entries} entries, {total} bytes; "
-                f"bounds {self.max_entries} entries, {self.max_bytes} bytes): replay or purge "
-                "entries, or raise DLQ_MAX_ENTRIES / DLQ_MAX_BYTES",
+                f"dead-letter queue {self.stream} is full: this entry would make it {entries} "
+                f"entries, {total} bytes (bounds {self.max_entries} entries, {self.max_bytes} "
+                "bytes): replay or purge entries, or raise DLQ_MAX_ENTRIES / DLQ_MAX_BYTES",
                 by_count=int(entries) > self.max_entries)
         if entries >= self.max_entries * WARN_RATIO or total >= self.max_bytes * WARN_RATIO:
             log.warning("dead-letter queue near its bound", extra={

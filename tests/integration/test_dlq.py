@@ -83,6 +83,8 @@ def test_the_bounds_in_entries_and_bytes_refuse_loudly_and_drop_nothing(
         stream.put(dead_letter(99))
     assert isinstance(caught.value, TransientError)
     assert stream.depth() == 5
+    # The entry refused is counted as what it would make, not as what the stream holds.
+    assert "is full: this entry would make it 6 entries" in str(caught.value)
     stream.put(dead_letter(4))  # replacing an entry adds none
     for offset in range(5):
         stream.remove(dead_letter(offset).letter.dlq_key)

@@ -29,7 +29,12 @@ from eventpipe.schemas import schemas
 from eventpipe.settings import Settings
 from eventpipe.times import utc_iso
 from web import create_app, services
-from web.resources.dlq.schemas import EntryPathSchema, ListArgsSchema, SelectionSchema
+from web.resources.dlq.schemas import (
+    EntryPathSchema,
+    ListArgsSchema,
+    ReplaySelectionSchema,
+    SelectionSchema,
+)
 from web.resources.health.checks import run_checks
 from web.resources.users.schemas import UserPathSchema
 from web.schemas import ID_PATTERN, camel_case, money
@@ -131,6 +136,14 @@ def test_a_time_that_leaves_the_calendar_in_utc_is_refused_by_name(moment: str) 
         "until": ["not a time in UTC: it leaves the calendar there"]}
     in_utc = ListArgsSchema().load({"since": "2026-11-24T10:00:00+05:00"})["since"]
     assert (in_utc, in_utc.tzinfo) == (datetime(2026, 11, 24, 5, tzinfo=UTC), UTC)
+
+
+def test_a_replays_limit_is_an_integer_as_the_document_says() -> None:
+    """1.9 was taken for 1, and "1" for 1."""
+    for limit in (1.9, "1", True):
+        assert ReplaySelectionSchema().validate({"all": True, "limit": limit}) == {
+            "limit": ["Not a valid integer."]}, limit
+    assert ReplaySelectionSchema().load({"all": True, "limit": 2})["limit"] == 2
 
 
 def test_a_selection_must_name_something() -> None:

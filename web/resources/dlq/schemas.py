@@ -94,7 +94,9 @@ class ReplaySelectionSchema(SelectionSchema):
     """Entries to replay: a filter, or `all`; at most how many this call takes, and where an
     earlier call of the same replay stopped."""
 
-    limit = fields.Integer(validate=validate.Range(min=1), metadata={
+    # Strict: in a JSON body 1.9 would be taken for 1 and "1" for 1, where the document says
+    # an integer.
+    limit = fields.Integer(strict=True, validate=validate.Range(min=1), metadata={
         "description": "Replay at most this many, in the stream's order; the rest are left "
                        "for another call (`cursor`)"})
     cursor = fields.String(validate=_cursor, metadata={

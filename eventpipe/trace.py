@@ -19,6 +19,7 @@ from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.records import letter_of
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Position
+from eventpipe.errors import TransientError
 from eventpipe.messages import RawMessage
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import utc_iso
@@ -31,6 +32,7 @@ class Trace:
     dead_letters: list[DeadLetter]
     in_stream: set[str]  # DLQ keys of this event the operators' stream shows
     message: RawMessage | None
+    unfetched: str | None = None  # why the message could not be fetched from Kafka
 
     @property
     def found(self) -> bool:
@@ -47,11 +49,14 @@ def gather(event_id: str, engine: Engine, stream: DeadLetterStream,
             .order_by(dead_letters.c.first_failure_at))]
     applied = dict(row._mapping) if row is not None else None
     shown = {entry.letter.dlq_key for entry in stream.find_event(event_id)}
-    message = None
+    message, unfetched = None, None
     position = _position(applied, letters)
     if fetch is not None and position is not None:
-        message = fetch(position)
-    return Trace(event_id, applied, letters, shown, message)
+        try:
+            message = fetch(position)
+        except TransientError as exc:  # what SQL and the stream hold is still the story
+            unfetched = str(exc)
+    return Trace(event_id, applied, letters, shown, message, unfetched)
 
 
 def _position(applied: dict[str, Any] | None, letters: list[DeadLetter]) -> Position | None:
@@ -101,4 +106,6 @@ def render(trace: Trace) -> str:
             body = repr(value)
         lines.append("  message:")
         lines.extend(f"    {line}" for line in body.splitlines())
+    elif trace.unfetched is not None:
+        lines.append(f"  message:  not fetched: {trace.unfetched} (`--no-kafka` does without)")
     return "\n".join(lines)

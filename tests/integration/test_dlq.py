@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select
 
 import tasks.reconciler
-from eventpipe import metrics
+from eventpipe import metrics, trace
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, REPLAYING, DeadLetter, message_key
@@ -31,10 +31,11 @@ from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader
 from eventpipe.messages import RawMessage
+from eventpipe.samples import user_created
 from eventpipe.tables import dead_letters
 from tasks.reconciler import Reconciler
 from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
-from tests.support.factories import T0, dead_letter
+from tests.support.factories import T0, dead_letter, received
 
 
 @pytest.fixture
@@ -259,6 +260,23 @@ def test_a_rebuild_whose_fetches_outlast_its_lease_keeps_its_claim_to_the_end(
         assert stream.intact()
     finally:
         redis_client.delete(stream.stream, stream.index, stream.totals, stream.marker)
+
+
+def test_a_trace_kafka_does_not_answer_for_still_tells_what_sql_holds(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """`eventpipe trace` with Kafka away failed whole (exit 3), where the event's fate and
+    dead letters were there to tell."""
+    [event] = received(user_created("u1", event_id="e-traced"))
+    apply_batch(engine, [event])
+
+    def away(position: Position) -> RawMessage | None:
+        raise TransientError(f"Kafka did not answer for {position.topic}")
+
+    traced = trace.gather("e-traced", engine, stream, away)
+    assert traced.found and traced.unfetched == "Kafka did not answer for events"
+    assert trace.render(traced).splitlines()[-1] == (
+        "  message:  not fetched: Kafka did not answer for events (`--no-kafka` does without)")
 
 
 def test_bytes_read_back_by_position_are_the_dead_letters_own_or_none(

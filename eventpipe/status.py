@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -112,9 +113,11 @@ class Board:
         alive, forgotten = [], []
         for raw_field, raw_value in entries.items():
             try:
-                member = _member(decoded(raw_field), decoded(raw_value), now)
+                entry, value = decoded(raw_field), decoded(raw_value)
             except UnicodeDecodeError:  # not ours either: deleted by its bytes
-                member = None
+                forgotten.append(raw_field)
+                continue
+            member = _member(entry, value, now)
             if member is None or member.age_s > FORGET_S:
                 forgotten.append(raw_field)
             elif member.age_s <= STALE_S:
@@ -124,29 +127,36 @@ class Board:
         return sorted(alive, key=lambda m: (m.role, m.name))
 
 
+def _numbered(key: object) -> bool:
+    """A partition's number as the bridges write it: ASCII digits (`"²".isdigit()` too)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit()
+
+
 def _member(entry: str, value: str, now: float) -> Member | None:
     """An entry read back, its word checked field by field: None if it is not one."""
     role, _, name = entry.partition(" ")
     stamp, _, raw = value.partition(" ")
     try:
-        age = max(0.0, now - float(stamp))
+        stamped = float(stamp)
         said = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
         return None
-    if role not in (BRIDGE, WORKER) or not isinstance(said, dict):
+    # A stamp of `inf` would be no age at all: never stale, never forgotten.
+    if role not in (BRIDGE, WORKER) or not isinstance(said, dict) or not math.isfinite(stamped):
         return None
+    age = max(0.0, now - stamped)
     checked: dict[str, Any] = {}
     if role == BRIDGE:
         partitions = said.get("partitions")
         checked["partitions"] = {
             str(p): {k: v for k, v in fields.items() if _fits(k, v)}
             for p, fields in (partitions.items() if isinstance(partitions, dict) else ())
-            if str(p).isdigit() and isinstance(fields, dict)}
+            if _numbered(p) and isinstance(fields, dict)}
     else:
         queues, served, rates = said.get("queues"), said.get("served"), said.get("rates")
         checked["queues"] = [p for p in queues if _count(p)] if isinstance(queues, list) else []
         checked["served"] = {str(p): ago for p, ago in served.items()
-                             if str(p).isdigit() and _amount(ago)} if isinstance(
+                             if _numbered(p) and _amount(ago)} if isinstance(
                                  served, dict) else {}
         checked["rates"] = {str(kind): rate for kind, rate in rates.items()
                             if _amount(rate)} if isinstance(rates, dict) else {}

@@ -258,8 +258,16 @@ def test_the_board_ages_entries_by_the_redis_clock_and_forgets_the_silent(
         # Entries that are not text at all (another program's, a hand edit): not ours, and
         # gone, where they broke every reading of the board until deleted by hand.
         redis_client.hset(board.key, mapping={b"worker h:\xff": b"1 {}",
-                                              b"bridge h:1": b"1 {\xff}"})
-        assert [member.name for member in board.members()] == ["live:1"]
+                                              b"bridge h:1": b"1 {\xff}",
+                                              b"bridge deep:2": f"{seconds} {'[' * 100_000}",
+                                              b"worker forever:3": b"inf {}"})
+        # A partition that is a digit to Python and no number to `int` is not one either.
+        redis_client.hset(board.key, "bridge odd:4", f"{seconds} " + json.dumps(
+            {"partitions": {"\u00b2": {"committed": 1}, "0": {"committed": 2}}}))
+        assert [member.name for member in board.members()] == ["odd:4", "live:1"]  # by role
+        [odd] = [member for member in board.members() if member.name == "odd:4"]
+        assert odd.said["partitions"] == {"0": {"committed": 2}}
+        redis_client.hdel(board.key, "bridge odd:4")
         assert set(redis_client.hkeys(board.key)) == {b"worker live:1", b"worker silent:2"}
         board.leave(WORKER, "live:1")
         assert board.members() == []

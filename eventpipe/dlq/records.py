@@ -177,9 +177,12 @@ def _decided(conn: Connection, keys: Collection[str],
     the original) is not saved (`_inserted`): the pass is undone to its savepoint, releasing
     what it locked and inserted, and taken again, reading that letter too. The failure folds
     into it, as into one committed before the read, rather than fail the batch on its key;
-    and every pass takes its locks in key order, from none held (a second read that locked
-    the other writer's letter after this pass's inserts would deadlock with a third writer).
-    Each pass again follows another writer's commit of one of these keys."""
+    and every pass takes its locks in key order, holding none of its own before (a second
+    read that locked the other writer's letter after this pass's inserts would deadlock with
+    a third writer). Each pass again follows another writer's commit of one of these keys.
+    No keys, no statement: most batches and rounds have none."""
+    if not keys:
+        return []
     while True:
         savepoint = conn.begin_nested() if conn.dialect.name == "postgresql" else None
         changes = decide(keys, load(conn, keys, lock=True))

@@ -11,7 +11,6 @@ written.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Collection, Iterable
 from functools import wraps
@@ -96,10 +95,8 @@ def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetric
                 _show_fill(dlq())
             except redis.RedisError as exc:
                 # The scrape still answers: Redis being down must not hide the other metrics.
-                # Its figures are unknown (NaN), not the last ones read, nor 0 in a new
-                # process, which the DLQ's alerts would take for measured.
-                DLQ_DEPTH.set(math.nan)
-                DLQ_BYTES.set(math.nan)
+                # The figures stay the last read (the stream is Redis's: it cannot grow
+                # meanwhile); NaN would reset every alert over them at each failed read.
                 log.warning("dlq depth unavailable", extra={"error": f"{type(exc).__name__}"})
             if names := request.args.getlist("name[]"):
                 # As the exporter's own view: a scrape is not the API's traffic.

@@ -60,7 +60,7 @@ class Projected:
     removed: int = 0
     missing_bytes: list[str] = field(default_factory=list)  # dlq keys shown without value
     full: bool = False
-    stopped: bool = False  # a rebuild that lost its claim before the end
+    stopped: bool = False  # a rebuild that lost its claim before its end
 
 
 def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
@@ -179,14 +179,15 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
     if not stream.mark_intact(claim):
         log.warning("the DLQ rebuild was overtaken: Redis restarted again, or another rebuild "
                     "began; it is rebuilt once more")
+        report.stopped = True
     return report
 
 
 class _Holding:
-    """A rebuild's claim, extended at each step and between the fetches of one: a step's
-    fetches may each wait for Kafka (`MessageReader.fetch`, seconds where the position holds
-    nothing), so a step of them could outlast the lease, and the rebuild would stop there at
-    every attempt."""
+    """A rebuild's claim on the stream's marker, extended at each step and between the
+    fetches of one: a step's fetches may each wait for Kafka (`MessageReader.fetch`, seconds
+    where the position holds nothing), so a step of them could outlast the lease, and the
+    rebuild would stop there at every attempt."""
 
     def __init__(self, stream: DeadLetterStream, claim: str, lease_s: int) -> None:
         self.stream = stream

@@ -262,6 +262,23 @@ def test_a_rebuild_whose_fetches_outlast_its_lease_keeps_its_claim_to_the_end(
         redis_client.delete(stream.stream, stream.index, stream.totals, stream.marker)
 
 
+def test_a_rebuild_overtaken_in_its_last_step_says_it_stopped(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Its end found the claim gone, said so in a log line, and `dlq restore` exited 0."""
+    record(engine, failure(0, b"{bad"))
+
+    def overtaken(_position: Position) -> RawMessage | None:
+        stream.begin_rebuild()  # another operator's restore begins meanwhile
+        return RawMessage(b"k", b"{bad")
+
+    try:
+        report = projection.restore(engine, stream, overtaken)
+        assert (report.put, report.stopped) == (1, True)
+    finally:
+        stream.client.delete(stream.marker)
+
+
 def test_a_trace_kafka_does_not_answer_for_still_tells_what_sql_holds(
     engine: Engine, stream: DeadLetterStream,
 ) -> None:

@@ -4,7 +4,7 @@ Times are stored as UTC (timestamptz on PostgreSQL, DATETIME2 on SQL Server, ISO
 SQLite) and always come back aware. Money is an exact NUMERIC(18, 4); SQLite has no exact
 decimal, so there it is kept as text rather than let a float round it.
 Event ids used as version tie-breakers compare by code point everywhere, as Python compares
-them (`by_code_point` where SQL Server would not).
+them (`by_code_point` where a column's collation would not).
 """
 
 from __future__ import annotations

@@ -263,6 +263,13 @@ class Processor:
         report.later.append(later)
         count_retries(later.messages, "transient" if later.transient else "error")
 
+    def _world_failed(self, topic: str, partition: int, parts: list[list[TaskMessage]],
+                      exc: BaseException, report: Report) -> None:
+        """The rest of the run waits for the world, as one task, after the next backoff."""
+        self._later(topic, partition, Later(
+            [m for p in parts for m in p], self.policy.backoff(self.retries + 1, self.rng),
+            describe(exc), transient=True), report)
+
     def _give_up(self, topic: str, partition: int, part: list[TaskMessage],
                  parts: list[list[TaskMessage]], decision: GiveUp, report: Report,
                  exc: BaseException | None = None) -> bool:
@@ -274,10 +281,7 @@ class Processor:
         except Exception as failure:
             if classify(failure) is not FailureKind.TRANSIENT:
                 raise
-            rest = [m for p in (part, *parts) for m in p]
-            self._later(topic, partition, Later(
-                rest, self.policy.backoff(self.retries + 1, self.rng), describe(failure),
-                transient=True), report)
+            self._world_failed(topic, partition, [part, *parts], failure, report)
             return False
         return True
 
@@ -362,11 +366,9 @@ class Processor:
                 "topic": topic, "partition": partition,
                 "offsetFirst": committed.messages[0].offset,
                 "offsetLast": committed.messages[-1].offset})
-            if rest := [m for p in parts for m in p]:
-                self._next = rest[0].offset  # the part has its fates: no death owed for it
-                self._later(topic, partition, Later(
-                    rest, self.policy.backoff(self.retries + 1, self.rng), describe(exc),
-                    transient=True), report)
+            if parts:
+                self._next = parts[0][0].offset  # the part has its fates: no death owed for it
+                self._world_failed(topic, partition, parts, exc, report)
                 return False
         return True
 

@@ -48,7 +48,7 @@ class _Everything(Collector):
 class _Named(Collector):
     """The samples of `source` named in `names` (`name[]`, as Prometheus's federation asks)."""
 
-    def __init__(self, source: Collector | CollectorRegistry, names: Collection[str]) -> None:
+    def __init__(self, source: CollectorRegistry, names: Collection[str]) -> None:
         self.source = source
         self.names = names
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -193,7 +192,7 @@ class _Holding:
         self.stream = stream
         self.claim = claim
         self.lease_s = lease_s
-        self.held_at = -math.inf
+        self.held_at = time.monotonic()  # claimed just now
 
     def hold(self) -> bool:
         self.held_at = time.monotonic()

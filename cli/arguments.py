@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An integer of `minimum` or more."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer of `minimum` or more, and of `maximum` or less if given."""
     def parse(text: str) -> int:
         try:
             number = int(text)
@@ -16,6 +16,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f"{number}: must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            raise argparse.ArgumentTypeError(f"{number}: must be at most {maximum:,}")
         return number
     return parse
 

@@ -15,6 +15,7 @@ from cli import dlq, errors, status, verify
 from cli.arguments import at_least, positive, ratio
 from eventpipe import logs
 from eventpipe.settings import Settings, SettingsError, get_settings
+from producer.stream import MAX_COUNT
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -75,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     produce.set_defaults(handler=_produce_menu)
     produce_commands = produce.add_subparsers(dest="produce_command", metavar="ACTION")
     generate = produce_commands.add_parser("generate", help="send a realistic stream")
-    generate.add_argument("--count", type=at_least(1), default=1000, help="messages to send")
+    generate.add_argument("--count", type=at_least(1, MAX_COUNT), default=1000,
+                          help="messages to send")
     generate.add_argument("--rate", type=positive, default=None, help="messages per second")
     generate.add_argument("--duplicates", type=ratio, default=0.0, help="ratio, 0-1")
     generate.add_argument("--out-of-order", type=ratio, default=0.0, help="ratio, 0-1")
@@ -161,31 +163,36 @@ def _produce_menu(_args: argparse.Namespace, settings: Settings) -> int:
 
 def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
     import time
+    from collections import Counter
 
     from eventpipe.kafka import ensure_topic, make_producer
     from producer.publish import publish
-    from producer.stream import plan_stream
+    from producer.stream import generate, tally
 
     try:
-        plan = plan_stream(args.count, duplicates=args.duplicates,
-                           out_of_order=args.out_of_order, poison=args.poison, seed=args.seed)
+        messages = generate(args.count, duplicates=args.duplicates,
+                            out_of_order=args.out_of_order, poison=args.poison, seed=args.seed)
     except ValueError as exc:
         print(f"eventpipe produce generate: {exc}", file=sys.stderr)
         return 2
     ensure_topic(settings)
+    counts: Counter[str] = Counter()
     started = time.monotonic()
-    result = publish(make_producer(settings), settings.kafka_topic, plan.messages,
-                     total=len(plan.messages), rate=args.rate)
+    result = publish(make_producer(settings), settings.kafka_topic, tally(messages, counts),
+                     total=args.count, rate=args.rate)
     elapsed = time.monotonic() - started
-    print(f"sent {result.delivered} of {len(plan.messages)} messages to "
+    print(f"sent {result.delivered} of {args.count} messages to "
           f"{settings.kafka_topic} in {elapsed:.1f}s ({result.delivered / elapsed:,.0f}/s); "
-          f"failed {result.failed}")
-    for kind, number in sorted(plan.counts.items()):
+          f"failed {result.failed}"
+          + (f"; unconfirmed {result.unconfirmed}" if result.unconfirmed else ""))
+    for error, number in result.errors.most_common():
+        print(f"  failed {number}: {error}", file=sys.stderr)
+    for kind, number in sorted(counts.items()):
         print(f"  {kind:20s} {number}")
     print(f"produce latency: p50 {result.percentile(0.5) * 1000:.1f} ms, "
           f"p95 {result.percentile(0.95) * 1000:.1f} ms, "
           f"p99 {result.percentile(0.99) * 1000:.1f} ms")
-    return 0 if result.failed == 0 else 1
+    return 0 if result.delivered == args.count else 1
 
 
 def _trace(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,12 +11,13 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from eventpipe.events import EventType
 from eventpipe.times import utc_iso
 
 Document = dict[str, Any]
+T = TypeVar("T")
 _FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Margaret", "Linus", "Radia")
 _LAST = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson", "Hamilton", "Perlman")
 _SKUS = tuple(f"SKU-{n:04d}" for n in range(1, 41))
@@ -99,14 +100,24 @@ class Story:
     caller's to add, so what a stream should produce stays computable.
     """
 
+    KEPT = 100_000
+
     def __init__(self, seed: int = 7, start: datetime | None = None) -> None:
         self.random = random.Random(seed)
         # A day back: events are at most 0.9 s apart, so a story of up to ~96,000 events
         # stays in the past (the contract refuses events from the future).
         self.clock = start or datetime.now(UTC) - timedelta(days=1)
+        # At most `KEPT` of each, the oldest replaced in turn: a story of any length fits in
+        # memory, and one under that size is the same as it always was.
         self.users: list[str] = []
         self.unpaid: list[tuple[str, str, str]] = []  # (order_id, amount, currency)
         self._serial = 0
+
+    def _keep(self, kept: list[T], item: T) -> None:
+        if len(kept) < self.KEPT:
+            kept.append(item)
+        else:
+            kept[self._serial % self.KEPT] = item
 
     def _id(self, prefix: str) -> str:
         self._serial += 1
@@ -123,7 +134,7 @@ class Story:
         roll = self.random.random()
         if not self.users or roll < 0.2:
             user_id = self._id("user")
-            self.users.append(user_id)
+            self._keep(self.users, user_id)
             name = f"{self.random.choice(_FIRST)} {self.random.choice(_LAST)}"
             return user_created(user_id, email=f"{user_id}@example.com", name=name,
                                 occurred_at=self._tick(), event_id=self._event_id())
@@ -141,7 +152,7 @@ class Story:
             key, document = order_placed(order_id, self.random.choice(self.users), items=lines,
                                          currency=currency, occurred_at=self._tick(),
                                          event_id=self._event_id())
-            self.unpaid.append((order_id, document["data"]["totalAmount"], currency))
+            self._keep(self.unpaid, (order_id, document["data"]["totalAmount"], currency))
             return key, document
         delta = self.random.choice((-3, -2, -1, 1, 2, 5, 10, 20))
         return inventory_adjusted(self.random.choice(_SKUS), delta,

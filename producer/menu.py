@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation, Overflow, getcontext
@@ -20,8 +21,8 @@ from eventpipe.samples import (
     payment_settled,
     user_created,
 )
-from producer.publish import publish
-from producer.stream import Planned, plan_stream
+from producer.publish import FLUSH_TIMEOUT_S, publish
+from producer.stream import MAX_COUNT, Planned, generate, tally
 
 MENU = """
   1) UserCreated         3) PaymentSettled       5) generate a sample stream
@@ -86,7 +87,8 @@ class Menu:
             self.out.write(f"  note: this event is invalid and will be dead-lettered: {exc}\n")
         result = publish(self.producer, self.topic, [Planned(key.encode(), value, "manual")],
                          total=1, progress=False)
-        status = "sent" if result.delivered else f"FAILED ({'; '.join(result.errors)})"
+        why = "; ".join(result.errors) or f"unconfirmed after {FLUSH_TIMEOUT_S:.0f} s"
+        status = "sent" if result.delivered else f"FAILED ({why})"
         self.out.write(f"  {status}: {document['eventType']} {document['eventId']} "
                        f"key={key}\n")
 
@@ -123,10 +125,11 @@ class Menu:
 
     def generate(self) -> None:
         count = self.ask_number("how many events", "200", _count)
-        plan = plan_stream(count, duplicates=0.05, out_of_order=0.05,
-                           seed=int(datetime.now(UTC).timestamp()))
-        result = publish(self.producer, self.topic, plan.messages, total=count)
-        self.out.write(f"  sent {result.delivered} ({dict(plan.counts)})\n")
+        counts: Counter[str] = Counter()
+        messages = generate(count, duplicates=0.05, out_of_order=0.05,
+                            seed=int(datetime.now(UTC).timestamp()))
+        result = publish(self.producer, self.topic, tally(messages, counts), total=count)
+        self.out.write(f"  sent {result.delivered} of {count} ({dict(counts)})\n")
         return None
 
 
@@ -159,12 +162,13 @@ def _unit_price(quantity: int) -> Callable[[str], str]:
 
 
 def _count(text: str) -> int:
-    """At least one, as `produce generate --count` takes: fewer would send nothing."""
-    wants = "is not a whole number above 0"
+    """From one to `MAX_COUNT`, as `produce generate --count` takes: fewer would send
+    nothing."""
+    wants = f"is not a whole number from 1 to {MAX_COUNT:,}"
     try:
         count = int(text)
     except ValueError:
         raise ValueError(wants) from None
-    if count < 1:
+    if not 1 <= count <= MAX_COUNT:
         raise ValueError(wants)
     return count

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,16 +15,30 @@ from eventpipe import metrics
 from eventpipe.progress import ProgressBar
 from producer.stream import Planned
 
+# Latencies kept for the percentiles: all of them up to this many, then a uniform sample of
+# this size (reservoir sampling), so a run of any length fits in memory.
+LATENCIES_KEPT = 100_000
+FLUSH_TIMEOUT_S = 60.0
+
 
 @dataclass(slots=True)
 class Delivery:
     delivered: int = 0
     failed: int = 0
+    # Still unacknowledged when the final flush gave up: neither delivered nor refused.
+    unconfirmed: int = 0
     latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)  # each distinct error, how often
     # Per partition, the offset after the last delivered message: where a consumer that has
     # read everything sent stands (the broker's own "latest offset" answer is not trusted).
     ends: dict[int, int] = field(default_factory=dict)
+    _sampler: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def timed(self, latency: float) -> None:
+        if len(self.latencies) < LATENCIES_KEPT:
+            self.latencies.append(latency)
+        elif (slot := self._sampler.randrange(self.delivered)) < LATENCIES_KEPT:
+            self.latencies[slot] = latency
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -45,11 +61,11 @@ def publish(
                 result.delivered += 1
                 partition, offset = message.partition() or 0, message.offset() or 0
                 result.ends[partition] = max(result.ends.get(partition, 0), offset + 1)
-                result.latencies.append(elapsed)
+                result.timed(elapsed)
                 metrics.KAFKA_PRODUCE.observe(elapsed)
             else:
                 result.failed += 1
-                result.errors.append(str(error))
+                result.errors[str(error)] += 1
         return callback
 
     for index, message in enumerate(messages, start=1):
@@ -68,7 +84,7 @@ def publish(
         producer.poll(0)
         if bar is not None:
             bar.update(index)
-    producer.flush(60)
+    result.unconfirmed = producer.flush(FLUSH_TIMEOUT_S)
     if bar is not None:
         bar.close()
     return result

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +27,13 @@ POISON_KINDS = ("malformed", "not-utf8", "random-bytes", "random-json", "deep-ne
                 "nul-text", "lone-surrogate", "astral-id", "quantity-overflow", "orphan-order",
                 "email-clash", "reused-id")
 
+# Duplicates and the poison that reuses an event draw on this many of the latest events.
+RECENT = 500
+# The story starts a second per message before now, so that it ends in the past: 32 years
+# back at most.
+MAX_COUNT = 1_000_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Planned:
     key: bytes | None
@@ -39,7 +47,7 @@ class Plan:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def _poison(rng: random.Random, serial: int, sent: list[Planned], now: datetime) -> Planned:
+def _poison(rng: random.Random, serial: int, sent: deque[Planned], now: datetime) -> Planned:
     kind = rng.choice(POISON_KINDS)
     name = f"poison-{serial}"
     # Ids and times from the seed and the stream's clock: the same stream, the same poison.
@@ -112,47 +120,69 @@ def plan_stream(
     count: int, *, duplicates: float = 0.0, out_of_order: float = 0.0, poison: float = 0.0,
     seed: int | None = None, now: datetime | None = None,
 ) -> Plan:
-    """`count` messages; the ratios are probabilities per message, from 0 to 1. The same
-    `seed` and `now` give the same messages."""
+    """The whole of `generate`'s stream, in memory, with its counts by kind."""
+    plan = Plan(list(generate(count, duplicates=duplicates, out_of_order=out_of_order,
+                              poison=poison, seed=seed, now=now)))
+    plan.counts.update(message.kind for message in plan.messages)
+    return plan
+
+
+def generate(
+    count: int, *, duplicates: float = 0.0, out_of_order: float = 0.0, poison: float = 0.0,
+    seed: int | None = None, now: datetime | None = None,
+) -> Iterator[Planned]:
+    """`count` messages, made as they are taken: memory stays bounded however many are asked.
+    The ratios are probabilities per message, from 0 to 1; the same `seed` and `now` give the
+    same messages."""
     for name, ratio in (("duplicates", duplicates), ("out-of-order", out_of_order),
                         ("poison", poison)):
         if not 0 <= ratio <= 1:
             raise ValueError(f"--{name} must be between 0 and 1, got {ratio}")
-    rng = random.Random(seed)
+    if count > MAX_COUNT:
+        raise ValueError(f"--count must be at most {MAX_COUNT:,}, got {count:,}")
+    return _generate(count, duplicates, out_of_order, poison, random.Random(seed),
+                     now or datetime.now(UTC))
+
+
+def _generate(count: int, duplicates: float, out_of_order: float, poison: float,
+              rng: random.Random, now: datetime) -> Iterator[Planned]:
     # Events are about a second apart at most: the story ends before now, so no valid event
     # is in the future of its Kafka timestamp however long the stream.
-    now = now or datetime.now(UTC)
-    start = now - timedelta(hours=1, seconds=count)
-    story = Story(seed=rng.randrange(2**32), start=start)
-    plan = Plan()
-    sent: list[Planned] = []
+    story = Story(seed=rng.randrange(2**32), start=now - timedelta(hours=1, seconds=count))
+    recent: deque[Planned] = deque(maxlen=RECENT)  # what duplicates and poison draw on
     held: list[tuple[int, Planned]] = []  # (release at, message)
-    while len(plan.messages) < count:
-        position = len(plan.messages)
+    sent = 0
+    while sent < count:
+        position = sent
         due = [m for at, m in held if at <= position]
         held = [(at, m) for at, m in held if at > position]
-        for message in due[: count - position]:
-            plan.messages.append(message)
-        if len(plan.messages) >= count:
-            break
+        for message in due[: count - sent]:
+            yield message
+            sent += 1
+        if sent >= count:
+            return
         roll = rng.random()
         if roll < poison:
-            message = _poison(rng, position, sent[-500:], now)
-        elif roll < poison + duplicates and sent:
-            original = rng.choice(sent[-500:])
+            message = _poison(rng, position, recent, now)
+        elif roll < poison + duplicates and recent:
+            original = rng.choice(recent)
             message = Planned(original.key, original.value, "duplicate")
         else:
             key, doc = story.next()
             message = Planned(key.encode(), encode(doc), doc["eventType"])
-            sent.append(message)
+            recent.append(message)
             if rng.random() < out_of_order:
                 held.append((position + rng.randint(2, 50), message))
                 continue
-        plan.messages.append(message)
-    plan.messages.extend(m for _, m in held[: max(0, count - len(plan.messages))])
-    for message in plan.messages:
-        plan.counts[message.kind] += 1
-    return plan
+        yield message
+        sent += 1
+
+
+def tally(messages: Iterable[Planned], counts: Counter[str]) -> Iterator[Planned]:
+    """`messages` as they are taken, each counted by kind into `counts`."""
+    for message in messages:
+        counts[message.kind] += 1
+        yield message
 
 
 def describe(message: Planned) -> str:

@@ -200,6 +200,8 @@ def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path)
 @pytest.mark.parametrize(("args", "says"), [
     (["worker", "--processes", "0"], "argument --processes: 0: must be at least 1"),
     (["produce", "generate", "--count", "-5"], "argument --count: -5: must be at least 1"),
+    (["produce", "generate", "--count", "1000000001"],
+     "argument --count: 1000000001: must be at most 1,000,000,000"),
     (["produce", "generate", "--rate", "0"], "argument --rate: 0: must be a number above 0"),
     (["produce", "generate", "--rate", "nan"],
      "argument --rate: nan: must be a number above 0"),

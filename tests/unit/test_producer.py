@@ -12,8 +12,11 @@ import pytest
 
 from eventpipe.errors import InvalidEvent
 from eventpipe.events import parse_event
+from eventpipe.samples import Story, encode
+from producer import publish as publish_module
 from producer.menu import Menu
-from producer.stream import POISON_KINDS, plan_stream
+from producer.publish import publish
+from producer.stream import MAX_COUNT, POISON_KINDS, Planned, generate, plan_stream
 
 
 def test_a_clean_stream_is_all_valid_events_with_their_keys() -> None:
@@ -128,8 +131,8 @@ def test_a_mistyped_number_is_named_and_asked_again() -> None:
     assert "  unitPrice: '1,99' is not a decimal number" in said
     assert "  unitPrice: 'Infinity' times 0 gives no total" in said
     assert "  delta: 'ten' is not a whole number" in said
-    assert "  how many events: 'many' is not a whole number above 0" in said
-    assert "  how many events: '0' is not a whole number above 0" in said
+    assert "  how many events: 'many' is not a whole number from 1 to 1,000,000,000" in said
+    assert "  how many events: '0' is not a whole number from 1 to 1,000,000,000" in said
     order, stock = (json.loads(value)["data"] for _key, value in producer.sent[:2])
     assert order["items"] == [{"sku": "SKU-0001", "quantity": 0, "unitPrice": "1.99"}]
     assert any(line.startswith("  note: this event is invalid") for line in said)
@@ -153,3 +156,51 @@ def test_the_same_seed_and_clock_give_the_same_stream() -> None:
     assert first.messages == again.messages
     other = plan_stream(2000, duplicates=0.1, out_of_order=0.1, poison=0.1, seed=6, now=now)
     assert first.messages != other.messages
+
+
+def test_a_stream_is_made_as_it_is_taken_however_long() -> None:
+    now = datetime.now(UTC)
+    longest = generate(MAX_COUNT, duplicates=0.1, out_of_order=0.1, poison=0.1, seed=5,
+                       now=now)
+    first = list(itertools.islice(longest, 300))
+    assert len(first) == 300 and all(isinstance(m, Planned) for m in first)
+    with pytest.raises(ValueError, match="--count must be at most 1,000,000,000"):
+        generate(MAX_COUNT + 1)
+
+
+def test_a_long_story_keeps_a_bounded_cast_and_stays_valid() -> None:
+    story = Story(seed=3)
+    story.KEPT = 40
+    for _ in range(3000):
+        key, document = story.next()
+        parse_event(encode(document), key.encode())
+    # Payments take unpaid orders away; new users and orders replace the oldest in turn.
+    assert len(set(story.users)) == 40 and 0 < len(story.unpaid) <= 40
+
+
+def test_a_long_run_keeps_a_bounded_sample_of_its_latencies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish_module, "LATENCIES_KEPT", 25)
+    producer = _Producer()
+    messages = (Planned(b"k", b"v", "manual") for _ in range(2000))
+    result = publish(producer, "events", messages, total=2000,  # type: ignore[arg-type]
+                     progress=False)
+    assert result.delivered == 2000 and len(result.latencies) == 25
+
+
+class _Silent(_Producer):
+    """A broker that never answers: every message stays unconfirmed at the final flush."""
+
+    def flush(self, _timeout: float = 0) -> int:
+        return len(self._callbacks)
+
+
+def test_messages_left_unconfirmed_by_the_final_flush_are_counted() -> None:
+    messages = [Planned(b"k", b"v", "manual")] * 3
+    result = publish(_Silent(), "events", messages, total=3,  # type: ignore[arg-type]
+                     progress=False)
+    assert (result.delivered, result.failed, result.unconfirmed) == (0, 0, 3)
+    out = io.StringIO()
+    menu = Menu(_Silent(), "events", _typed("4", "", "", ""), out)  # type: ignore[arg-type]
+    assert menu.run() == 0
+    assert "FAILED (unconfirmed after 60 s)" in out.getvalue()

@@ -20,7 +20,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -79,6 +79,10 @@ TOPIC_CHECK_S = 5.0
 # `eventpipe.database.BRIEF_S` at each try, and the loop sends the other partitions' batches.
 POSITIONS_AGAIN_S = 5.0
 POSITIONS_AGAIN_MAX_S = 30.0
+# A partition with nothing new to commit records no position, so a loss there (a restore, a
+# failover under the running bridge) would wait for its next message: the positions recorded
+# of such partitions are read back this often, in the transaction of a commit if there is one.
+POSITIONS_RECHECK_S = 10.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -118,6 +122,7 @@ class Bridge:
         self._database = Bounded(BRIEF_S, name="bridge-database")
         self._positions_again = 0.0
         self._positions_wait_s = POSITIONS_AGAIN_S
+        self._next_recheck = 0.0
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
@@ -543,8 +548,9 @@ class Bridge:
                 final: bool = False) -> None:
         offsets = {p: c for p, progress in chosen.items()
                    if (c := progress.committable()) is not None}
-        if not offsets or not self._same_topic(now, final=final) \
-                or not self._recorded(offsets, chosen, now, final=final):
+        idle = self._idle_to_recheck(chosen, offsets, now)
+        if not (offsets or idle) or not self._same_topic(now, final=final) \
+                or not self._recorded(offsets, chosen, now, final=final, idle=idle):
             return
         try:
             # Named with the topic's id: a commit landing on a topic made again since is
@@ -571,17 +577,27 @@ class Bridge:
             self.ledger.trim(self._ledger_topic, kept)
         log.debug("committed", extra={"offsets": offsets})
 
+    def _idle_to_recheck(self, chosen: dict[int, PartitionProgress], offsets: dict[int, int],
+                         now: float) -> list[int]:
+        """Those of `chosen` with nothing to commit whose recorded positions are due to be
+        read back (every POSITIONS_RECHECK_S)."""
+        if now < self._next_recheck:
+            return []
+        self._next_recheck = now + POSITIONS_RECHECK_S
+        return [p for p in chosen if p not in offsets and p in self._written]
+
     def _recorded(self, offsets: dict[int, int], chosen: dict[int, PartitionProgress],
-                  now: float, *, final: bool) -> bool:
+                  now: float, *, final: bool, idle: Sequence[int] = ()) -> bool:
         """Record the offsets about to be committed in the database (`eventpipe.positions`),
         but those of partitions where it lost work (left out of `offsets`, and taken again);
-        whether any was. Kafka hears of none the database does not hold."""
+        whether any was. Kafka hears of none the database does not hold. The positions of
+        the `idle` partitions are read back in the same transaction, for the same losses."""
         if now < self._positions_again and not final:
             return False
         try:
             # Copies: the call may outlive the wait, and the loop goes on changing these.
             engine, topic_id, asked = self.engine, self.topic_id or "", dict(offsets)
-            written = {p: self._written[p] for p in offsets if p in self._written}
+            written = {p: self._written[p] for p in (*offsets, *idle) if p in self._written}
             settled = {p: list(chosen[p].settled) for p in offsets}
             lost = self._database.call(lambda: positions.save(
                 engine, self.topic, topic_id, asked, datetime.now(UTC), written=written,
@@ -595,7 +611,7 @@ class Bridge:
             return False
         self._positions_wait_s = POSITIONS_AGAIN_S
         for partition, loss in sorted(lost.items()):
-            del offsets[partition]
+            offsets.pop(partition, None)
             self._taken_again(partition, loss)
         for partition, offset in offsets.items():
             self._written[partition] = offset

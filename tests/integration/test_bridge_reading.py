@@ -519,6 +519,30 @@ def test_a_position_the_database_lost_under_a_running_bridge_is_read_again(
         assert progress.in_flight == 6  # not done: the ledger's marks of them were forgotten
 
 
+def test_a_position_lost_on_a_partition_with_nothing_new_is_found_within_the_recheck(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A review's finding: the database restored from a backup under a running bridge, on a
+    partition that gets no new message. Only a commit looked at the positions, and an idle
+    partition has none to make: the read model went on missing offsets 6-9 with nothing to
+    say so. Its position is read back every POSITIONS_RECHECK_S, and the loss found."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(10))
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _applied_and_committed_up_to_9(bridge, topic, queue)
+        with bridge.engine.begin() as conn:  # the restore
+            conn.execute(update(kafka_positions).where(kafka_positions.c.kafka_topic == topic)
+                         .values(next_offset=6))
+        _syncs_apart(bridge, int(service.POSITIONS_RECHECK_S) + 1)
+        assert "the database lost the position this bridge recorded" in caplog.text
+        _syncs_apart(bridge, 1)  # vouched for again
+        assert "reading offsets 6–9 again" in caplog.text
+        progress = bridge.partitions[0]
+        assert progress.committed == 6 and _committed(bridge, topic) == 6
+        wait_until(lambda: _sync_read(bridge) and progress.next_read == 10, 30,
+                   "offsets 6-9 read again")
+
+
 def test_work_the_database_lost_since_its_last_position_is_read_again(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
         caplog: pytest.LogCaptureFixture) -> None:

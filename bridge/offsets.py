@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Looks at a queue that count as two in a row are at least this far apart: a worker takes a
 # task off it a moment before kombu records the task as held.
@@ -31,6 +32,17 @@ TAKEN_GRACE_S = 1.0
 # (commits the database refused for a long while, on a topic whose offsets leave gaps), the
 # oldest are no longer looked for, rather than the bridge's memory grow without end.
 SETTLED_SPANS_MAX = 10_000
+
+
+class Unreadable(NamedTuple):
+    """A record batch Kafka cannot hand over, beginning at `batch`: the reading goes on from
+    `end` (None while it is not known); `why`, as the Kafka client said it; the next try to
+    find its end not before `again_at`."""
+
+    batch: int
+    end: int | None
+    why: str
+    again_at: float
 
 
 @dataclass(slots=True)
@@ -81,6 +93,10 @@ class PartitionProgress:
     next_read: int | None = None
     lost: int = 0  # events counted lost to Kafka's retention since this bridge was given it
     lost_at: float | None = None  # when it last counted some
+    unreadable: Unreadable | None = None  # the last batch Kafka could not hand over
+    # Since when Kafka has handed none of it over while holding messages past its reading
+    # (`Bridge._stuck_s`); None while it hands them over.
+    stuck_since: float | None = None
 
     @property
     def paused(self) -> bool:

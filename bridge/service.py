@@ -41,18 +41,27 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.batching import Batcher
 from bridge.bounded import Bounded
-from bridge.offsets import PartitionProgress
+from bridge.offsets import PartitionProgress, Unreadable
 from eventpipe import metrics, positions, redis_clients
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.database import BRIEF_S, make_engine
 from eventpipe.errors import TransientError
 from eventpipe.events import peek_identity
-from eventpipe.kafka import client_config, consumer_config, read_topic_id, unserved
+from eventpipe.kafka import (
+    MessageReader,
+    client_config,
+    consumer_config,
+    read_topic_id,
+    said,
+    unreadable,
+    unreadable_end,
+    unserved,
+)
 from eventpipe.messages import read_headers
 from eventpipe.offset_ledger import OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings, SettingsError
-from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, Board, process_name
+from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, WHY_MAX, Board, process_name
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,8 @@ POSITIONS_AGAIN_MAX_S = 30.0
 # failover under the running bridge) would wait for its next message: the positions recorded
 # of such partitions are read back this often, in the transaction of a commit if there is one.
 POSITIONS_RECHECK_S = 10.0
+# After the end of a record batch Kafka cannot hand over could not be found, the next try.
+UNREADABLE_AGAIN_S = 10.0
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -159,6 +170,8 @@ class Bridge:
         self._topic_said = False
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
+        # Finds where a record batch Kafka cannot hand over ends (`_unreadable`); made then.
+        self._unreadable_reader: MessageReader | None = None
         # How long a task a worker died with stays held before it goes back to its queue, and
         # how long a span skipped below the log's start may wait to be counted after its
         # queue was seen empty.
@@ -249,6 +262,8 @@ class Bridge:
                 self.board.leave(BRIDGE, self.name)
             # Leaving the group at once hands the partitions over without a session timeout.
             self.consumer.close()
+            if self._unreadable_reader is not None:
+                self._unreadable_reader.close()
             self.engine.dispose()
 
     def _pause_all(self) -> None:
@@ -271,30 +286,85 @@ class Bridge:
         for record in messages:
             error = record.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.error("consumer error: %s", error)
-                    if error.fatal():
-                        raise KafkaException(error)
+                self._consumer_error(record, error, now)
                 continue
             partition = record.partition()
-            if partition is None or (progress := self.partitions.get(partition)) is None \
-                    or progress.retaken:
-                # Revoked while the message was on its way; or taken again, to be read
-                # again from where its vouch seeks it.
+            if partition is None or (progress := self._reading(partition)) is None:
                 continue
             kind, timestamp = record.timestamp()
-            message = TaskMessage(record.offset() or 0, record.key(), record.value(),
-                                  timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
-                                  headers=read_headers(record))
-            if (skipped := progress.read(message.offset)) is not None:
-                self._skipped(partition, skipped, message.offset)
-            if self._debug:
-                identity = peek_identity(message.value)  # never raises, whatever the bytes
-                log.debug("event received", extra={
-                    "eventId": identity.event_id, "eventType": identity.event_type,
-                    "partition": partition, "offset": message.offset})
-            for full in self.batcher.add(partition, message, now):
-                self._dispatch(partition, full)
+            self._take(progress, TaskMessage(
+                record.offset() or 0, record.key(), record.value(),
+                timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
+                headers=read_headers(record)), now)
+
+    def _reading(self, partition: int | None) -> PartitionProgress | None:
+        """The partition's progress, unless it was revoked while its messages were on their
+        way, or taken again, to be read again from where its vouch seeks it."""
+        progress = self.partitions.get(partition) if partition is not None else None
+        return None if progress is None or progress.retaken else progress
+
+    def _take(self, progress: PartitionProgress, message: TaskMessage, now: float) -> None:
+        partition = progress.partition
+        progress.stuck_since = None
+        if (skipped := progress.read(message.offset)) is not None:
+            self._skipped(partition, skipped, message.offset)
+        if self._debug:
+            identity = peek_identity(message.value)  # never raises, whatever the bytes
+            log.debug("event received", extra={
+                "eventId": identity.event_id, "eventType": identity.event_type,
+                "partition": partition, "offset": message.offset})
+        for full in self.batcher.add(partition, message, now):
+            self._dispatch(partition, full)
+
+    def _consumer_error(self, record: Message, error: KafkaError, now: float) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if unreadable(error) and (progress := self._reading(record.partition())) is not None:
+            self._unreadable(progress, record.offset() or 0, said(error), now)
+            return
+        log.error("consumer error: %s", error)
+        if error.fatal():
+            raise KafkaException(error)
+
+    def _unreadable(self, progress: PartitionProgress, batch: int, why: str,
+                    now: float) -> None:
+        """Kafka cannot hand over the record batch that begins at `batch`, and would fetch it
+        again forever: its offsets from where the reading stands to its end are sent on as
+        messages without bytes, which the workers dead-letter (`UnreadableMessage`), and the
+        reading goes on past it. While its end cannot be found (Kafka not answering), the
+        partition waits, said in the status, and the next fetch's error tries again."""
+        partition, start = progress.partition, max(batch, progress.next_read or 0)
+        known = progress.unreadable
+        if known is not None and known.batch == batch and known.end is not None \
+                and start >= known.end:
+            return  # said again by a fetch from before the reading went past it
+        if known is not None and now < known.again_at:
+            return
+        try:
+            end = unreadable_end(self._reader(), self.topic, partition, batch, start)
+        except TransientError as exc:
+            log.warning("Kafka cannot hand over offset %d of partition %d (%s), and its "
+                        "batch's end could not be found: tried again in %.0f s: %s", start,
+                        partition, why, UNREADABLE_AGAIN_S, exc, extra={"partition": partition})
+            progress.unreadable = Unreadable(batch, None, why, now + UNREADABLE_AGAIN_S)
+            return
+        if end is None:
+            return  # the reading is past the batch already
+        progress.unreadable = Unreadable(batch, end, why, now)
+        log.error("Kafka cannot hand over %s of partition %d: %s; they are "
+                  "dead-lettered (UnreadableMessage) and the reading goes on from offset %d",
+                  _span(start, end - 1), partition, why, end, extra={
+                      "partition": partition, "offsetFirst": start, "offsetLast": end - 1})
+        reason = (f"Kafka cannot hand this message over: its record batch (offsets from "
+                  f"{batch} to {end - 1}) cannot be read: {why}")
+        for offset in range(start, end):
+            self._take(progress, TaskMessage(offset, None, None, unreadable=reason), now)
+        self.consumer.seek(TopicPartition(self.topic, partition, end))
+
+    def _reader(self) -> MessageReader:
+        if self._unreadable_reader is None:
+            self._unreadable_reader = MessageReader(self.settings, timeout_s=VOUCH_TIMEOUT_S)
+        return self._unreadable_reader
 
     def _dispatch(self, partition: int, messages: list[TaskMessage]) -> None:
         progress = self.partitions.get(partition)
@@ -535,7 +605,8 @@ class Bridge:
             "pausedFor": progress.paused_for(unsent=p in self.unsent, stopping=self.stopping),
             "pausedS": None if progress.paused_at is None else round(now - progress.paused_at, 1),
             "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped,
-            "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1)}
+            "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1),
+            "stuckS": self._stuck_s(progress, now), **self._unreadable_said(progress)}
             for p, progress in self.partitions.items()}}
         try:
             self.board.publish(BRIDGE, self.name, said)
@@ -543,6 +614,28 @@ class Bridge:
             log.debug("status not published: %s", exc)
             return False
         return True
+
+    def _stuck_s(self, progress: PartitionProgress, now: float) -> float | None:
+        """For how long Kafka has handed over nothing of a partition being read while its
+        high watermark is past the reading: a batch it cannot hand over and says nothing of
+        (a record cut short makes the client grow its fetches, silently), or whose end
+        cannot be found."""
+        high = self.high_watermarks.get(progress.partition)
+        if progress.paused or progress.next_read is None or high is None \
+                or high <= progress.next_read:
+            progress.stuck_since = None
+            return None
+        if progress.stuck_since is None:
+            progress.stuck_since = now
+        return round(now - progress.stuck_since, 1)
+
+    @staticmethod
+    def _unreadable_said(progress: PartitionProgress) -> dict[str, Any]:
+        known = progress.unreadable
+        if known is None or known.end is not None:
+            return {}
+        return {"unreadableAt": max(known.batch, progress.next_read or 0),
+                "unreadableWhy": known.why[:WHY_MAX]}
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
                 final: bool = False) -> None:

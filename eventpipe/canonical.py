@@ -10,7 +10,8 @@ The rules it implements (DESIGN.md, "The contract rules"):
 1. Parse. Every message is parsed with `parse_event(value, key, received_at=<its Kafka
    timestamp>, max_future=...)`. One that does not parse is poison: dead letter `InvalidEvent`
    under `m:<message_fingerprint(key, value)>`. Any exception counts, not only `InvalidEvent`,
-   as it does in the pipeline.
+   as it does in the pipeline. A message Kafka cannot hand over (its record batch cannot be
+   decoded) has no bytes: dead letter `UnreadableMessage` under `u:<position_fingerprint>`.
 2. Event identity. Valid messages are grouped by `eventId`; copies with one fingerprint are one
    event (the rest are duplicates). The first copy is the one at the lowest offset of its
    partition; every copy whose fingerprint differs from the first's is dead-lettered `IdReused`
@@ -82,6 +83,8 @@ class TopicMessage:
     key: bytes | None
     value: bytes | None  # None: a tombstone
     timestamp: datetime | None
+    # For a message Kafka cannot hand over: its position's fingerprint, and why.
+    unreadable: tuple[str, str] | None = None
 
     @property
     def position(self) -> PartitionOffset:
@@ -91,6 +94,7 @@ class TopicMessage:
 class ErrorClass(StrEnum):
     INVALID_EVENT = "InvalidEvent"
     ID_REUSED = "IdReused"
+    UNREADABLE_MESSAGE = "UnreadableMessage"
     EMAIL_TAKEN = "EmailTaken"
     MISSING_PARENT = "MissingParent"
     CURRENCY_MISMATCH = "CurrencyMismatch"
@@ -153,7 +157,7 @@ class InventoryRow:
 
 @dataclass(frozen=True, slots=True)
 class ExpectedDeadLetter:
-    key: str  # "e:<event fingerprint>" or "m:<message fingerprint>"
+    key: str  # "e:<event fingerprint>", "m:<message fingerprint>" or "u:<position fingerprint>"
     error_class: ErrorClass
     event_id: str | None  # None for poison: nothing valid can be said about it
     positions: tuple[PartitionOffset, ...]  # every message carrying it, sorted
@@ -223,6 +227,7 @@ class _Poison:
     positions: list[PartitionOffset]
     first: PartitionOffset
     reason: str  # the first position's, so the result does not depend on reading order
+    error_class: ErrorClass = ErrorClass.INVALID_EVENT
 
 
 @dataclass(slots=True)
@@ -261,8 +266,7 @@ def fold(messages: Iterable[TopicMessage], *, max_future: timedelta | None = Non
         _group(message, max_future, poison, by_id, tally)
 
     dead_letters: dict[str, ExpectedDeadLetter] = {
-        key: ExpectedDeadLetter(key, ErrorClass.INVALID_EVENT, None,
-                                tuple(sorted(p.positions)), p.reason)
+        key: ExpectedDeadLetter(key, p.error_class, None, tuple(sorted(p.positions)), p.reason)
         for key, p in poison.items()
     }
     events, ambiguous = _identify(by_id, dead_letters, tally, arrived_first)
@@ -319,6 +323,12 @@ def _group(
 ) -> None:
     """Rule 1, and the grouping half of rule 2."""
     position = message.position
+    if message.unreadable is not None:
+        fingerprint, why = message.unreadable
+        tally.invalid += 1
+        poison["u:" + fingerprint] = _Poison([position], position, why,
+                                             ErrorClass.UNREADABLE_MESSAGE)
+        return
     try:
         event = parse_event(message.value, message.key, received_at=message.timestamp,
                             max_future=max_future)

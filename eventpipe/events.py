@@ -204,6 +204,13 @@ def message_fingerprint(key: bytes | None, value: bytes | None) -> str:
     return digest.hexdigest()
 
 
+def position_fingerprint(topic: str, topic_id: str, partition: int, offset: int) -> str:
+    """A digest of where a message is, for one Kafka could not hand over: it has no bytes to
+    be named by. The topic's id is in it: a topic made again holds other messages there."""
+    where = f"{topic}\0{topic_id}\0{partition}\0{offset}".encode()
+    return hashlib.blake2b(where, digest_size=16).hexdigest()
+
+
 class Identity(NamedTuple):
     """What could be read of a message that may not be a valid event (for the DLQ and logs)."""
 

@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import (
     Consumer,
@@ -69,6 +69,13 @@ def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
             **overrides}
 
 
+def reader_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """What every consumer of ours shares: only the messages of committed transactions
+    (librdkafka's default, said here: an aborted transaction's events must never be applied,
+    nor expected by `verify`)."""
+    return client_config(settings, **{"isolation.level": "read_committed", **overrides})
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return {
         **client_config(settings),
@@ -82,7 +89,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return {
-        **client_config(settings),
+        **reader_config(settings),
         "group.id": settings.kafka_group_id,
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": max(500, settings.kafka_session_timeout_ms // 3),
@@ -183,6 +190,30 @@ def read_topic_id(admin: AdminClient, topic: str, timeout_s: float) -> str | Non
 _GONE = frozenset({KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET,
                    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
                    KafkaError._UNKNOWN_TOPIC})
+# What the Kafka client says of a record batch it cannot decode (its compression or its
+# records corrupt, as written by a faulty producer or broker): it hands none of the batch's
+# messages over and fetches the batch again and again, each time with this error, which names
+# the batch's first offset. Nothing past the batch is read until the reader seeks past it
+# (`unreadable_end`).
+UNREADABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG,
+                        KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD})
+
+
+def unreadable(error: KafkaError | None) -> bool:
+    return error is not None and error.code() in UNREADABLE
+
+
+def said(error: KafkaError) -> str:
+    """The client's error in a line: its text, then its name."""
+    return f"{error.str()} ({error.name()})"
+
+
+class Handed(NamedTuple):
+    """What Kafka hands over first, read from an offset: a message at `offset`, or, when
+    `why` says why, a record batch it cannot read, whose first offset is `offset`."""
+
+    offset: int
+    why: str | None = None
 
 
 class MessageReader:
@@ -192,7 +223,7 @@ class MessageReader:
     def __init__(self, settings: Settings, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
         self.brokers = settings.kafka_bootstrap_servers
-        self.consumer = Consumer(client_config(settings, **{
+        self.consumer = Consumer(reader_config(settings, **{
             "group.id": f"{settings.kafka_group_id}.reader",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -201,7 +232,9 @@ class MessageReader:
             # crawl).
             "fetch.wait.max.ms": 10,
             # An offset Kafka no longer has is an error to read, not a jump to another one.
-            "auto.offset.reset": "error"}))
+            "auto.offset.reset": "error",
+            # The end of a partition said at once, not after a read's whole wait.
+            "enable.partition.eof": True}))
 
     def fetch(self, position: Position) -> RawMessage | None:
         """The message at `position`; None when Kafka no longer has it (its
@@ -229,15 +262,63 @@ class MessageReader:
                                      f"{exc}") from exc
             return None
         error = record.error()
-        if error is not None and error.code() not in _GONE:
+        if error is not None and error.code() not in _GONE \
+                and error.code() != KafkaError._PARTITION_EOF and not unreadable(error):
             raise TransientError(f"Kafka at KAFKA_BOOTSTRAP_SERVERS={self.brokers} could not "
                                  f"hand over {position.topic} "
                                  f"[{position.partition}] offset {position.offset}: {error}")
         if error is not None or record.offset() != position.offset:
-            return None  # gone, or compacted away (the next offset came instead)
+            # Gone, past the end, compacted away (the next offset came instead), or in a
+            # batch Kafka cannot hand over.
+            return None
         key, value = record.key(), record.value()
         return RawMessage(key if isinstance(key, bytes) else None,
                        value if isinstance(value, bytes) else None, read_headers(record))
 
+    def first_from(self, topic: str, partition: int, offset: int) -> Handed | None:
+        """What Kafka hands over first reading the partition from `offset`; None at its end.
+        `TransientError` if it hands over nothing."""
+        self.consumer.assign([TopicPartition(topic, partition, offset)])
+        try:
+            record = self.consumer.poll(self.timeout_s)
+        finally:
+            self.consumer.unassign()
+        error = None if record is None else record.error()
+        if record is None or (error is not None and error.code() != KafkaError._PARTITION_EOF
+                              and not unreadable(error)):
+            raise TransientError(f"Kafka at KAFKA_BOOTSTRAP_SERVERS={self.brokers} handed "
+                                 f"nothing over from {topic} [{partition}] offset {offset}: "
+                                 f"{error or 'no answer'}")
+        if error is not None and error.code() == KafkaError._PARTITION_EOF:
+            return None
+        return Handed(record.offset() or 0, None if error is None else said(error))
+
     def close(self) -> None:
         self.consumer.close()
+
+
+def unreadable_end(reader: MessageReader, topic: str, partition: int, batch: int,
+                   inside: int) -> int | None:
+    """The first offset past the record batch Kafka cannot hand over that begins at `batch`,
+    if `inside` is one of its offsets (else None: the reading is past it already). Read from
+    inside, the batch comes whole and fails again, naming its first offset; read from past
+    it, the next message comes (or the partition's end). Doubling steps, then halving: a
+    batch of n records costs about 2·log2(n) reads. `TransientError` if Kafka hands nothing
+    over meanwhile."""
+    def within(offset: int) -> bool:
+        handed = reader.first_from(topic, partition, offset)
+        return handed is not None and handed.why is not None and handed.offset == batch
+
+    if inside != batch and not within(inside):
+        return None
+    known, step = inside, 1
+    while within(inside + step):
+        known, step = inside + step, step * 2
+    past = inside + step
+    while past - known > 1:
+        middle = (known + past) // 2
+        if within(middle):
+            known = middle
+        else:
+            past = middle
+    return past

@@ -29,12 +29,15 @@ def headers_of(raw: Any) -> Headers:
 
 
 def read_headers(record: Any) -> Headers:
-    """A consumed message's headers. The Kafka client decodes their names as UTF-8 and raises
-    for one that is not (a producer of another client may send any bytes): the message is then
-    kept without them, said in the log, rather than never read."""
+    """A consumed message's headers. The Kafka client decodes their names as UTF-8 and fails
+    for one that is not (Kafka's protocol has them as bytes: a producer of another client may
+    send any): the message is then kept without them, said in the log, rather than never
+    read. It fails with `SystemError` (the decoding's error set under it), so whatever it
+    raises is taken so; and it is asked once only: asked again, it hands back a name it
+    could not make."""
     try:
         raw = record.headers()
-    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+    except Exception as exc:
         log.warning("headers of %s [%s] offset %s cannot be read: kept without them: %s",
                     record.topic(), record.partition(), record.offset(), exc)
         return ()

@@ -94,7 +94,9 @@ class TaskMessage:
     """One Kafka message as a task carries it: raw bytes (msgpack keeps them binary), a null
     value as null, the Kafka timestamp (the contract's clock for `occurredAt` in the future),
     how many times it was already tried alone after an unforeseen error, and its headers,
-    kept for its dead letter."""
+    kept for its dead letter. `unreadable`: why Kafka could not hand the message over (its
+    record batch cannot be decoded), which has then neither key nor value: it is
+    dead-lettered so (`eventpipe.kafka.UNREADABLE`)."""
 
     offset: int
     key: bytes | None
@@ -102,17 +104,21 @@ class TaskMessage:
     timestamp_ms: int | None = None
     attempts: int = 0
     headers: Headers = ()
+    unreadable: str | None = None
 
     def to_wire(self) -> list[Any]:
         wire = [self.offset, self.key, self.value, self.timestamp_ms, self.attempts]
         # Only when there are any: a worker of before them reads five parts.
+        if self.unreadable is not None:
+            return [*wire, [list(header) for header in self.headers], self.unreadable]
         return [*wire, [list(header) for header in self.headers]] if self.headers else wire
 
     @classmethod
     def from_wire(cls, raw: list[Any]) -> TaskMessage:
         offset, key, value, timestamp_ms, attempts, *rest = raw
         return cls(int(offset), key, value, timestamp_ms, int(attempts),
-                   headers_of(rest[0]) if rest else ())
+                   headers_of(rest[0]) if rest else (),
+                   str(rest[1]) if len(rest) > 1 and rest[1] is not None else None)
 
     @property
     def size(self) -> int:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -163,22 +163,24 @@ def _member(entry: str, value: str, now: float) -> Member | None:
     return Member(role, name, round(age, 3), checked)
 
 
-_BRIDGE_FIELDS = {"committed": int, "highWatermark": int, "inFlight": int, "queued": int,
-                  "paused": bool, "pausedFor": str, "pausedS": float, "lost": int,
-                  "skipped": int, "lostAgoS": float}
-
-
 def _fits(name: str, value: Any) -> bool:
-    kind = _BRIDGE_FIELDS.get(name)
-    if kind is None:
-        return False
-    if kind is int:
-        return value is None or _count(value)
-    if kind is str:
-        return value is None or (isinstance(value, str) and value in PAUSE_CAUSES)
-    if kind is float:
-        return value is None or _amount(value)
-    return value is None or isinstance(value, bool)
+    check = _BRIDGE_FIELDS.get(name)
+    return check is not None and (value is None or check(value))
+
+
+def _cause(value: Any) -> bool:
+    return isinstance(value, str) and value in PAUSE_CAUSES
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+WHY_MAX = 500  # characters of a Kafka client's error a bridge says
+
+
+def _why(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= WHY_MAX
 
 
 # Kafka's offsets are 64-bit: a larger number, or an infinity, is none a process said.
@@ -192,6 +194,12 @@ def _count(value: Any) -> bool:
 def _amount(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) \
         and 0 <= value < _LARGEST
+
+
+_BRIDGE_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "committed": _count, "highWatermark": _count, "inFlight": _count, "queued": _count,
+    "paused": _flag, "pausedFor": _cause, "pausedS": _amount, "lost": _count, "skipped": _count,
+    "lostAgoS": _amount, "stuckS": _amount, "unreadableAt": _count, "unreadableWhy": _why}
 
 
 # -- the view --------------------------------------------------------------------------------
@@ -211,6 +219,11 @@ class PartitionStatus:
     lost: int | None  # events Kafka deleted before the bridge read them, no task applied
     lost_ago_s: float | None  # since the last of them were counted
     skipped: int | None  # offsets skipped below Kafka's log start, whose count waits
+    # For how long Kafka has handed over nothing of it while holding messages past its
+    # reading; and a record batch it cannot hand over whose end is not found yet, and why.
+    stuck_s: float | None
+    unreadable_at: int | None
+    unreadable_why: str | None
     bridge: str | None
     workers: list[str]  # the worker processes consuming its queue
     last_batch_ago_s: float | None
@@ -308,6 +321,15 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
             found.append(f"partition {p.partition}: {p.skipped:,} offset(s) skipped below the "
                          "start of Kafka's log (deleted by its retention): lost unless a task "
                          "sent before applies them, counted once none can")
+        if p.stuck_s is not None and p.stuck_s > STUCK_S:
+            found.append(f"partition {p.partition}: Kafka holds messages up to offset "
+                         f"{_number(None if p.high_watermark is None else p.high_watermark - 1)}"
+                         f" but has handed none over for {p.stuck_s:.0f} s: " + (
+                             f"it cannot hand over the record batch at offset "
+                             f"{p.unreadable_at} ({p.unreadable_why}), whose end it does not "
+                             "say" if p.unreadable_at is not None else
+                             "a message larger than the consumer may fetch, or a record batch "
+                             "the Kafka client cannot read? (docs/operations.md)"))
     return found
 
 
@@ -345,7 +367,9 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         paused=said.get("paused"), paused_for=said.get("pausedFor"),
         paused_s=_aged(said.get("pausedS"), bridge), lost=said.get("lost"),
         lost_ago_s=_aged(said.get("lostAgoS"), bridge),
-        skipped=said.get("skipped"), bridge=bridge.name if bridge else None,
+        skipped=said.get("skipped"), stuck_s=_aged(said.get("stuckS"), bridge),
+        unreadable_at=said.get("unreadableAt"), unreadable_why=said.get("unreadableWhy"),
+        bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
 

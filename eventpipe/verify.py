@@ -26,9 +26,11 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    KafkaError,
     KafkaException,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 from sqlalchemy import Engine, select
 
 from eventpipe import readmodel, upserts
@@ -39,9 +41,18 @@ from eventpipe.canonical import (
     TopicMessage,
     fold,
 )
-from eventpipe.dlq.letter import OPEN, RESOLVED
+from eventpipe.dlq.letter import OPEN, PURGED, REPLAYED, RESOLVED
 from eventpipe.dlq.stream import DeadLetterStream
-from eventpipe.kafka import client_config
+from eventpipe.events import position_fingerprint
+from eventpipe.kafka import (
+    MessageReader,
+    client_config,
+    read_topic_id,
+    reader_config,
+    said,
+    unreadable,
+    unreadable_end,
+)
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.times import from_kafka_millis
@@ -72,6 +83,12 @@ class Report:
     # partitions, or a partition applied out of order after a redelivery): the comparison
     # takes the copy the pipeline applied.
     ambiguous: list[str] = field(default_factory=list)
+    # Open dead letters the DLQ stream has never shown (SQL says so): they wait in SQL, as
+    # they should while the stream is at its bounds, and are shown as room is made.
+    waiting_to_be_shown: int = 0
+    # Letters an operator replayed or purged whose event the rules no longer hold (its
+    # condition cleared since): history, not a difference.
+    closed_since_cleared: int = 0
 
     @property
     def clean(self) -> bool:
@@ -84,7 +101,7 @@ class Report:
 
 def committed_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, int]:
     """The group's committed offset of every partition of the topic that has one."""
-    consumer = Consumer(client_config(settings, **{
+    consumer = Consumer(reader_config(settings, **{
         "group.id": settings.kafka_group_id, "enable.auto.commit": False}))
     try:
         metadata = consumer.list_topics(settings.kafka_topic, timeout=timeout_s)
@@ -98,27 +115,60 @@ def committed_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, 
     return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
 
+# A partition's reading gives up after this many errors of the Kafka client in a row (other
+# than its end, or a batch it cannot hand over), rather than loop on one that will not pass.
+ERRORS_IN_A_ROW = 100
+
+
 def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                progress: Progress | None = None, poll_s: float = 10.0) -> Iterator[TopicMessage]:
     """Every message below the committed offsets, partition by partition, without joining
-    the group (nothing of the group's is touched)."""
-    consumer = Consumer(client_config(settings, **{
+    the group (nothing of the group's is touched). Those of a record batch Kafka cannot hand
+    over come without bytes, as the bridge sends them on (`eventpipe.kafka.UNREADABLE`)."""
+    topic = settings.kafka_topic
+    consumer = Consumer(reader_config(settings, **{
         "group.id": f"{settings.kafka_group_id}.verify", "enable.auto.commit": False,
         "enable.auto.offset.store": False, "auto.offset.reset": "earliest"}))
+    reader: MessageReader | None = None
+    topic_id: str | None = None  # asked for once a batch Kafka cannot hand over is met
     try:
         for partition, end in sorted(committed.items()):
             if end <= 0:
                 continue
-            consumer.assign([TopicPartition(settings.kafka_topic, partition,
-                                            OFFSET_BEGINNING)])
-            while True:
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            next_read = failed = 0
+            while next_read < end:
                 record = consumer.poll(poll_s)
                 if record is None:
                     raise KafkaException(f"partition {partition}: nothing read for {poll_s}s "
                                          f"before the committed offset {end}")
-                if record.error() is not None:
+                error = record.error()
+                if error is not None and unreadable(error):
+                    reader = reader or MessageReader(settings)
+                    batch, start = record.offset() or 0, max(record.offset() or 0, next_read)
+                    past = unreadable_end(reader, topic, partition, batch, start)
+                    if past is None:
+                        continue  # said again by a fetch from before the seek past it
+                    report.first_offsets.setdefault(partition, start)
+                    topic_id = _topic_id(settings) if topic_id is None else topic_id
+                    for offset in range(start, min(past, end)):
+                        yield TopicMessage(partition, offset, None, None, None, (
+                            position_fingerprint(topic, topic_id, partition, offset),
+                            said(error)))
+                        if progress is not None:
+                            progress(1)
+                    next_read = past
+                    consumer.seek(TopicPartition(topic, partition, past))
                     continue
-                offset = record.offset() or 0
+                if error is not None:
+                    failed += error.code() != KafkaError._PARTITION_EOF
+                    if failed >= ERRORS_IN_A_ROW:
+                        raise KafkaException(f"partition {partition}: Kafka said {error} "
+                                             f"{failed} times in a row before the committed "
+                                             f"offset {end}")
+                    continue
+                failed = 0
+                offset = next_read = record.offset() or 0
                 report.first_offsets.setdefault(partition, offset)
                 if offset >= end:
                     break
@@ -126,12 +176,21 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                 yield TopicMessage(
                     partition, offset, record.key(), record.value(),
                     None if kind == TIMESTAMP_NOT_AVAILABLE else from_kafka_millis(millis))
+                next_read = offset + 1
                 if progress is not None:
                     progress(1)
-                if offset == end - 1:
-                    break
     finally:
         consumer.close()
+        if reader is not None:
+            reader.close()
+
+
+def _topic_id(settings: Settings) -> str:
+    """Kafka's id of the topic, as the bridge files its tasks under it ("" if it has none)."""
+    found = read_topic_id(AdminClient(client_config(settings)), settings.kafka_topic, 10.0)
+    if found is None:
+        raise KafkaException(f"Kafka did not say the id of topic {settings.kafka_topic}")
+    return found
 
 
 def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
@@ -152,7 +211,7 @@ def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
         recorded = {row.event_id for row in conn.execute(select(applied_events.c.event_id))}
         letters = {row.dlq_key: row for row in conn.execute(select(
             dead_letters.c.dlq_key, dead_letters.c.state, dead_letters.c.error_class,
-            dead_letters.c.event_id))}
+            dead_letters.c.event_id, dead_letters.c.in_stream))}
     _compare_read_model(expected, model, report)
     _compare_fates(expected, recorded, letters, report)
     _compare_stream(letters, stream.keys(), report)
@@ -221,7 +280,8 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
                    report: Report) -> None:
     live = {key for key, row in letters.items() if row.state != RESOLVED}
     held = {key for key, letter in expected.dead_letters.items()
-            if letter.error_class not in (ErrorClass.INVALID_EVENT, ErrorClass.ID_REUSED)}
+            if letter.error_class not in (ErrorClass.INVALID_EVENT, ErrorClass.ID_REUSED,
+                                          ErrorClass.UNREADABLE_MESSAGE)}
     by_event_key = {letter.event_id: key for key, letter in expected.dead_letters.items()
                     if key in held}
     for event_id in sorted(expected.fates):
@@ -235,7 +295,11 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
                     "resolved" if key in letters else "not dead-lettered", letter.positions)
     for key in sorted(live - set(expected.dead_letters)):
         row = letters[key]
-        if row.error_class in _PREDICTABLE:
+        if row.state in (REPLAYED, PURGED):
+            # Taken out of the DLQ by an operator while its event was held; the condition
+            # cleared since and the event applied: the letter keeps that history.
+            report.closed_since_cleared += 1
+        elif row.error_class in _PREDICTABLE:
             _differ(report, f"dead letter {key}", "not dead-lettered",
                     f"{row.state} {row.error_class} (event {row.event_id})")
         else:
@@ -245,6 +309,9 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
 def _compare_stream(letters: Mapping[str, Any], shown: set[str], report: Report) -> None:
     open_keys = {key for key, row in letters.items() if row.state == OPEN}
     for key in sorted(open_keys - shown):
+        if not letters[key].in_stream:  # never shown, not lost: a full stream keeps it out
+            report.waiting_to_be_shown += 1
+            continue
         _differ(report, f"DLQ stream entry {key}", "shown (it is open in SQL)",
                 "missing: run `eventpipe dlq restore`")
     for key in sorted(shown - open_keys):
@@ -263,6 +330,13 @@ def render(report: Report, limit: int = 50) -> str:
         lines.append(f"  {len(report.pipeline_only)} dead letter(s) only the pipeline could "
                      "know (refused by the database, or crashed a worker):")
         lines.extend(f"    {line}" for line in report.pipeline_only[:limit])
+    if report.waiting_to_be_shown:
+        lines.append(f"  {report.waiting_to_be_shown} open dead letter(s) wait in SQL to be "
+                     "shown in the DLQ stream: it is full (DLQ_MAX_ENTRIES / DLQ_MAX_BYTES: "
+                     "replay or purge entries), or the workers are showing them")
+    if report.closed_since_cleared:
+        lines.append(f"  {report.closed_since_cleared} dead letter(s) replayed or purged whose "
+                     "event applied since (its condition cleared): their history is kept")
     if report.ambiguous:
         lines.append(f"  eventIds reused with different payloads, where which copy was applied "
                      f"first was a matter of timing (the pipeline's choice is taken): "

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from eventpipe import redis_clients
 from eventpipe.dlq.stream import DeadLetterStream
-from eventpipe.kafka import client_config, make_producer
+from eventpipe.kafka import make_producer, reader_config
 from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
 from producer.publish import publish
@@ -47,7 +47,7 @@ def run_demo(settings: Settings, check: Callable[[], None]) -> None:
 
 
 def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], None]) -> None:
-    consumer = Consumer(client_config(settings, **{
+    consumer = Consumer(reader_config(settings, **{
         "group.id": settings.kafka_group_id, "enable.auto.commit": False}))
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     bar = ProgressBar("demo: done", sum(ends.values()), "events")

@@ -40,7 +40,15 @@ from sqlalchemy import Engine
 
 from eventpipe import metrics
 from eventpipe.apply import BatchResult, apply_batch
-from eventpipe.dlq.letter import INVALID_EVENT, DeadLetter, event_key, key_of, message_key
+from eventpipe.dlq.letter import (
+    INVALID_EVENT,
+    UNREADABLE_MESSAGE,
+    DeadLetter,
+    event_key,
+    key_of,
+    message_key,
+    unreadable_key,
+)
 from eventpipe.dlq.projection import Fetch, project
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Fate, Position, Received
@@ -294,7 +302,9 @@ class Processor:
             event = None
         identity = peek_identity(message.value)
         letter = DeadLetter(
-            dlq_key=key_of(event, message.key, message.value), error_class=decision.error_class,
+            dlq_key=key_of(event, message.key, message.value) if message.unreadable is None
+            else unreadable_key(topic, self._topic_id, partition, message.offset),
+            error_class=decision.error_class,
             reason=decision.reason, first_failure_at=now, last_failure_at=now,
             worker=self.worker, event_id=identity.event_id, event_type=identity.event_type,
             position=Position(topic, partition, message.offset),
@@ -331,6 +341,13 @@ class Processor:
         now = self._now()
         for message in messages:
             position = Position(topic, partition, message.offset)
+            if message.unreadable is not None:  # no bytes: named by its position
+                failures.append(DeadLetter(
+                    dlq_key=unreadable_key(topic, self._topic_id, partition, message.offset),
+                    error_class=UNREADABLE_MESSAGE, reason=message.unreadable,
+                    first_failure_at=now, last_failure_at=now, worker=self.worker,
+                    position=position))
+                continue
             try:
                 event = parse_event(message.value, message.key, max_future=self.max_future,
                                     received_at=from_kafka_millis(message.timestamp_ms))

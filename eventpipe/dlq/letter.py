@@ -2,8 +2,9 @@
 
 One dead letter per failed event, named by its DLQ key: `e:<fingerprint>` for a message that
 is a valid event (its fingerprint covers the event id and the payload), `m:<fingerprint>` for
-bytes that are not. The same event failing again — a duplicate message, a redelivery, a
-replay — updates its dead letter instead of adding another.
+bytes that are not, `u:<fingerprint of its position>` for a message Kafka could not hand over
+(its record batch cannot be decoded: no bytes name it). The same event failing again — a
+duplicate message, a redelivery, a replay — updates its dead letter instead of adding another.
 
 States:
 - `waiting`: held by a rule that waits (an order for its user), not shown yet; it enters the
@@ -26,7 +27,7 @@ from typing import Any
 
 from eventpipe.effects import Position
 from eventpipe.errors import InvalidEvent
-from eventpipe.events import Event, message_fingerprint, parse_event
+from eventpipe.events import Event, message_fingerprint, parse_event, position_fingerprint
 
 WAITING = "waiting"
 OPEN = "open"
@@ -41,6 +42,7 @@ CLOSED = frozenset({REPLAYED, PURGED, RESOLVED})
 INVALID_EVENT = "InvalidEvent"
 ID_REUSED = "IdReused"
 WORKER_CRASHED = "WorkerCrashed"
+UNREADABLE_MESSAGE = "UnreadableMessage"
 
 
 def event_key(fingerprint: str) -> str:
@@ -49,6 +51,10 @@ def event_key(fingerprint: str) -> str:
 
 def message_key(key: bytes | None, value: bytes | None) -> str:
     return f"m:{message_fingerprint(key, value)}"
+
+
+def unreadable_key(topic: str, topic_id: str, partition: int, offset: int) -> str:
+    return f"u:{position_fingerprint(topic, topic_id, partition, offset)}"
 
 
 def key_of(event: Event | None, key: bytes | None, value: bytes | None) -> str:

@@ -29,7 +29,7 @@ from sqlalchemy import Engine, func, select, update
 
 from eventpipe.database import reading
 from eventpipe.dlq import records
-from eventpipe.dlq.letter import OPEN, REPLAYING, DeadLetter, made_of
+from eventpipe.dlq.letter import OPEN, REPLAYING, UNREADABLE_MESSAGE, DeadLetter, made_of
 from eventpipe.dlq.stream import (
     REBUILD_LEASE_S,
     DeadLetterQueueFull,
@@ -124,7 +124,10 @@ def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:
 
 
 def fetched(fetch: Fetch, letter: DeadLetter) -> RawMessage | None:
-    """The message at the letter's position, if Kafka still has it and it is the letter's."""
+    """The message at the letter's position, if Kafka still has it and it is the letter's
+    (never for one Kafka could not hand over: it has no bytes to be known by)."""
+    if letter.error_class == UNREADABLE_MESSAGE:
+        return None
     message = fetch(letter.position)
     if message is not None and not made_of(letter.dlq_key, message.key, message.value):
         log.warning("the message now at %s is not the dead letter's: shown without its bytes",

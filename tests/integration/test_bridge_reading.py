@@ -24,12 +24,21 @@ from sqlalchemy import create_engine, delete, update
 from bridge import service
 from bridge.service import Bridge
 from eventpipe import positions
-from eventpipe.queues import queue_name, send_batch, visibility_timeout_s
+from eventpipe.effects import Position
+from eventpipe.kafka import MessageReader
+from eventpipe.messages import RawMessage
+from eventpipe.queues import TaskMessage, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
 from eventpipe.tables import kafka_done_ranges, kafka_positions
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
+from tests.support.raw_kafka import (
+    batch_with_header,
+    cut_short_batch,
+    produce_batch,
+    undecodable_batch,
+)
 from tests.support.services import REDIS_URL
 
 QUEUE = queue_name(0)
@@ -456,6 +465,89 @@ def test_a_batch_the_celery_broker_refused_pauses_its_partition_until_it_is_sent
         bridge._sync(bridge.clock())
         assert queue.llen(QUEUE) == 1 and progress.in_flight == 3
         assert not progress.paused and _shown(bridge).paused_for is None
+
+
+def test_a_batch_kafka_cannot_hand_over_is_sent_on_from_where_the_reading_stands(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The committed offset inside a record batch Kafka cannot hand over (offsets 1-5): the
+    offsets of it from there to its end go to the workers without bytes, to be dead-lettered
+    with why; none before the committed offset, none past the batch, and the reading goes on
+    after it, nothing taken for skipped."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    assert produce_batch(kafka_broker, topic, 0, undecodable_batch(5)) == 1
+    produce(kafka_broker, topic, _events(2))
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    with reading_bridge(kafka_broker, topic, committed=3) as bridge:
+        _read_up_to(bridge, 7)
+        assert [(m.offset, m.value is None, m.unreadable is not None) for m in sent] == [
+            (3, True, True), (4, True, True), (5, True, True), (6, False, False),
+            (7, False, False)]
+        assert "offsets from 1 to 5) cannot be read: Decompression" in (sent[0].unreadable or "")
+        assert "Kafka cannot hand over offsets 3–5 of partition 0" in caplog.text
+        assert bridge.partitions[0].skipped == 0 and bridge.partitions[0].in_flight == 5
+
+
+def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A record cut short: the Kafka client says nothing, takes it for a message not received
+    whole and grows its fetches for ever. What the bridge can see is Kafka's high watermark
+    past its reading, and for how long (the status names it past STUCK_S)."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    produce_batch(kafka_broker, topic, 0, cut_short_batch())
+    produce(kafka_broker, topic, _events(2))
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 0)
+        def high_watermark_known() -> bool:
+            _read_once(bridge)
+            return bridge.high_watermarks.get(0) == 4
+
+        wait_until(high_watermark_known, 30, "Kafka's high watermark, from its statistics")
+        progress = bridge.partitions[0]
+        assert bridge._stuck_s(progress, bridge.clock()) == 0.0
+        bridge.clock.now += 200  # type: ignore[attr-defined]
+        _read_once(bridge)
+        assert progress.next_read == 1
+        assert bridge._publish_status()
+        [said] = [m.said for m in bridge.board.members() if m.name == bridge.name]
+        assert said["partitions"]["0"]["stuckS"] == 200.0
+
+
+def test_a_header_whose_name_is_not_utf8_leaves_its_message_without_headers(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: Kafka's protocol has header names as bytes, and the Kafka client
+    raises `SystemError` (not the `UnicodeDecodeError` it wraps) for one that is not UTF-8.
+    It escaped the bridge's loop: the bridge stopped, and stopped again at every restart. The
+    message goes on without its headers, and the reader of single messages reads it so."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    produce_batch(kafka_broker, topic, 0, batch_with_header(b"k", b"{}", b"\xff\xfe-trace", b"x"))
+    produce(kafka_broker, topic, _events(1))
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 2)
+        assert [(m.offset, m.value, m.headers) for m in sent] == [
+            (0, b"{}", ()), (1, b"{}", ()), (2, b"{}", ())]
+    reader = MessageReader(settings_for(kafka_broker, topic, partitions=1))
+    try:
+        assert reader.fetch(Position(topic, 0, 1)) == RawMessage(b"k", b"{}", ())
+    finally:
+        reader.close()
 
 
 def test_kafka_is_told_no_offset_the_database_has_not_recorded(

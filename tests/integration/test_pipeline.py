@@ -40,6 +40,7 @@ from eventpipe.samples import (
     payment_settled,
     user_created,
 )
+from eventpipe.verify import render
 from tests.support.databases import drop_database, new_database
 from tests.support.model import expected_state, stored_state
 from tests.support.pipeline import (
@@ -52,6 +53,7 @@ from tests.support.pipeline import (
     stream,
     wait_until,
 )
+from tests.support.raw_kafka import produce_batch, undecodable_batch
 from tests.support.tcp_proxy import TcpProxy
 from web.resources.dlq.schemas import DeadLetterSchema
 
@@ -742,3 +744,41 @@ def test_a_ledger_that_stops_answering_mid_batch_is_a_retry_not_a_failed_task(
     assert "raised unexpected" not in worker_log.read_text()
     assert_state(pipeline, [doc for _, doc in documents])
     assert pipeline.dead_letters() == []
+
+
+def test_a_record_batch_kafka_cannot_hand_over_is_dead_lettered_and_the_reading_goes_on(
+        make_pipeline: Any) -> None:
+    """A review's finding: a record batch the Kafka client cannot decode (a faulty producer
+    or broker wrote it; the broker takes one whose gzip payload is not gzip) was fetched
+    again forever. Its partition stalled behind it with no dead letter and no word in the
+    status, and `eventpipe verify` looped. Each of its offsets is now dead-lettered
+    (`UnreadableMessage`), the reading goes on past it, and verify is clean."""
+    pipeline: Pipeline = make_pipeline(partitions=2)
+    bootstrap = pipeline.settings.kafka_bootstrap_servers
+
+    def stock(sku: str, partition: int) -> None:
+        key, document = inventory_adjusted(sku, 2)
+        pipeline.producer.produce(pipeline.name, key=key, value=encode(document),
+                                  partition=partition)
+        assert pipeline.producer.flush(15) == 0
+
+    stock("SKU-A", 0)
+    stock("SKU-B", 0)
+    first = produce_batch(bootstrap, pipeline.name, 0, undecodable_batch(3))
+    stock("SKU-A", 0)
+    stock("SKU-C", 1)
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    wait_until(lambda: pipeline.committed_offsets() == {0: first + 4, 1: 1}, 60,
+               "the partition read and committed past the batch")
+    wait_until(lambda: len(pipeline.dead_letters()) == 3, 60, "the batch's dead letters")
+    letters = sorted((entry.letter for entry in pipeline.dead_letters()),
+                     key=lambda letter: letter.position.offset or 0)
+    assert [(letter.error_class, letter.position.offset) for letter in letters] == [
+        ("UnreadableMessage", offset) for offset in range(first, first + 3)]
+    assert all(f"offsets from {first} to {first + 2}) cannot be read" in letter.reason
+               for letter in letters)
+    assert pipeline.applied_count() == 4
+    report = pipeline.verify()
+    assert report.clean, render(report)
+    assert report.dead_lettered == 3

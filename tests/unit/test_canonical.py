@@ -25,7 +25,7 @@ from eventpipe.canonical import (
     UserRow,
     fold,
 )
-from eventpipe.events import message_fingerprint, parse_event
+from eventpipe.events import message_fingerprint, parse_event, position_fingerprint
 from eventpipe.samples import (
     Document,
     encode,
@@ -137,6 +137,24 @@ def test_the_same_poison_twice_is_one_dead_letter_with_both_positions() -> None:
     assert result.dead_letters[m_key(first)].positions == (PartitionOffset(0, 0),
                                                            PartitionOffset(2, 0))
     assert result.dead_letters[m_key(other_key)].positions == (PartitionOffset(2, 1),)
+    assert result.counts == Counts(messages=3, invalid=3)
+
+
+def test_each_offset_kafka_cannot_hand_over_is_a_dead_letter_of_its_own() -> None:
+    topic = Topic()
+    topic.raw(b"not json", key=b"k")
+    for offset in (1, 2):
+        topic.messages.append(TopicMessage(
+            0, offset, None, None, None,
+            (position_fingerprint("t", "id", 0, offset), "its record batch cannot be read")))
+
+    result = topic.fold()
+
+    unreadable = {key: letter for key, letter in result.dead_letters.items()
+                  if letter.error_class is ErrorClass.UNREADABLE_MESSAGE}
+    assert sorted(letter.positions for letter in unreadable.values()) == [
+        (PartitionOffset(0, 1),), (PartitionOffset(0, 2),)]
+    assert set(unreadable) == {f"u:{position_fingerprint('t', 'id', 0, o)}" for o in (1, 2)}
     assert result.counts == Counts(messages=3, invalid=3)
 
 

@@ -160,8 +160,31 @@ def test_entries_no_version_of_the_code_wrote_are_dropped_field_by_field() -> No
     skewed = _member("bridge b:1", '999 {"partitions": {"0": {"committed": "5", '
                      '"highWatermark": 9, "paused": "no", "pausedFor": "tired", "lost": -1, '
                      '"extra": 1}, "1": {"pausedFor": [], "lostAgoS": Infinity, '
-                     f'"inFlight": {10**400}, "queued": NaN}}, "x": {{}}}}}}', now)
+                     f'"inFlight": {10**400}, "queued": NaN, "unreadableWhy": "{"x" * 501}", '
+                     '"unreadableAt": -5, "stuckS": -1}, "x": {}}}', now)
     assert skewed is not None and skewed.said == {"partitions": {"0": {"highWatermark": 9},
                                                                  "1": {}}}
     # What is left is enough for the view, never a crash.
     assemble(AT, "t", "g", 2, [odd, skewed], {}, NO_DLQ)
+
+
+def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_named() -> None:
+    """A review's finding: a record batch the Kafka client cannot read and says nothing of
+    (a record cut short: it grows its fetches, silently) stalled its partition with no word
+    in the status; one it cannot hand over, whose end the bridge cannot find, likewise."""
+    why = "Decompression (codec 0x1) of message at 5 failed (_BAD_COMPRESSION)"
+    members = [bridge("b:1", 0.5,
+                      p0={"committed": 3, "highWatermark": 9, "stuckS": 130.0},
+                      p1={"committed": 5, "highWatermark": 9, "stuckS": 121.0,
+                          "unreadableAt": 5, "unreadableWhy": why},
+                      p2={"committed": 5, "highWatermark": 9, "stuckS": 100.0}),
+               worker("w:1", [0, 1, 2])]
+    status = assemble(AT, "t", "g", 3, members, {}, NO_DLQ)
+    assert [(p.stuck_s, p.unreadable_at) for p in status.partitions] == [
+        (130.5, None), (121.5, 5), (100.5, None)]
+    assert status.problems == [
+        "partition 0: Kafka holds messages up to offset 8 but has handed none over for 130 s: "
+        "a message larger than the consumer may fetch, or a record batch the Kafka client "
+        "cannot read? (docs/operations.md)",
+        "partition 1: Kafka holds messages up to offset 8 but has handed none over for 122 s: "
+        f"it cannot hand over the record batch at offset 5 ({why}), whose end it does not say"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from eventpipe.kafka import client_config, consumer_config, reader_config
 from eventpipe.messages import read_headers
 from eventpipe.queues import TaskMessage, queue_name, task_summary
+from eventpipe.settings import Settings
 from launcher.workers import parse_partitions, share
 
 
@@ -50,6 +52,13 @@ def test_a_tombstone_and_headers_travel_as_they_came() -> None:
     assert len(TaskMessage(8, b"k", b"{}").to_wire()) == 5
 
 
+def test_a_message_kafka_could_not_hand_over_travels_with_why() -> None:
+    unreadable = TaskMessage(9, None, None, unreadable="its record batch cannot be read")
+    wire = msgpack.unpackb(msgpack.packb(unreadable.to_wire()))
+    assert TaskMessage.from_wire(wire) == unreadable
+    assert TaskMessage.from_wire(TaskMessage(9, None, None).to_wire()).unreadable is None
+
+
 def test_headers_the_kafka_client_cannot_decode_leave_the_message_without_them() -> None:
     class Record:  # the client's message, whose headers' names are not UTF-8
         def headers(self) -> None:
@@ -73,3 +82,12 @@ def test_flower_sees_where_the_messages_are_not_what_they_say() -> None:
     assert summary == "events p3 offsets 100–599, 3 events"
     assert "ada" not in summary
     assert task_summary("events", 0, messages[:1]) == "events p0 offset 100, 1 events"
+
+
+def test_every_consumer_reads_only_committed_transactions() -> None:
+    """An aborted transaction's events are never applied, nor expected by `verify`: said, not
+    left to the client's default."""
+    settings = Settings()
+    assert consumer_config(settings)["isolation.level"] == "read_committed"
+    assert reader_config(settings, **{"group.id": "g"})["isolation.level"] == "read_committed"
+    assert "isolation.level" not in client_config(settings)  # producers and admins: not theirs

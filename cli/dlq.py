@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from cli.arguments import at_least
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
-from eventpipe.dlq import actions, projection
+from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import ENTRY_ID, DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import MessageReader
 from eventpipe.progress import ProgressBar
@@ -202,9 +202,33 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
         return 0
     engine = make_engine(settings, create=False)
     try:
-        return act(engine, stream, entries)
+        intact = stream.intact()
+        status = act(engine, stream, entries)
+        if args.entry_ids:
+            return status
+        lost, said = left_out(engine, stream, intact)
+        for line in said:
+            print(line, file=sys.stderr)
+        return 1 if lost else status
     finally:
         engine.dispose()
+
+
+def left_out(engine: Engine, stream: DeadLetterStream, intact: bool) -> tuple[bool, list[str]]:
+    """What a run over the stream's entries (a filter, --all) could not reach: open dead
+    letters the stream does not show, or the whole stream, lost during the run (`intact`:
+    whether it was whole at its start); and whether it was lost."""
+    if intact and not stream.intact():
+        return True, ["the DLQ stream was lost during the run (Redis restarted or flushed?): "
+                      "the workers rebuild it from SQL; run again once `eventpipe dlq list` "
+                      "shows it"]
+    with engine.connect() as conn:
+        waiting = records.count_waiting_to_be_shown(conn)
+    if not waiting:
+        return False, []
+    return False, [f"{waiting} more open dead letter(s) wait in SQL, not in the stream (it is "
+                   "full, or was rebuilt): the workers show them as room is made; run again "
+                   "once they have"]
 
 
 def _restore(_args: argparse.Namespace, settings: Settings) -> int:

@@ -397,6 +397,13 @@ def unprojected(conn: Connection, limit: int,
     return [letter_of(row) for row in conn.execute(query)]
 
 
+def count_waiting_to_be_shown(conn: Connection) -> int:
+    """Open dead letters the stream does not show: held back while it was full, or lost with
+    Redis and marked so (`unshown`), until the projection shows them."""
+    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
+        dead_letters.c.state == OPEN, dead_letters.c.in_stream == false())).scalar_one())
+
+
 def count_unprojected(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(dead_letters)
                             .where(*_UNPROJECTED)).scalar_one())

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select
 
 import tasks.reconciler
+from cli.dlq import left_out
 from eventpipe import metrics, trace
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
@@ -764,6 +765,27 @@ def test_purge_removes_the_entry_and_keeps_the_fate(
     with engine.connect() as conn:
         [row] = conn.execute(select(dead_letters)).all()
     assert row.state == "purged"
+
+
+def test_a_run_over_the_whole_stream_says_what_it_could_not_reach(
+    engine: Engine, stream: DeadLetterStream, redis_client: redis.Redis,
+) -> None:
+    """A review's finding: `dlq purge --all` (or replay) acts on the stream's entries; with
+    the stream full, the letters waiting in SQL were left with a summary that said nothing of
+    them, and a stream Redis lost during the run ended it early, silently."""
+    stream.mark_intact(stream.begin_rebuild())
+    entries = _open_entries(engine, stream, "events", 8)  # the stream holds 5
+    assert len(entries) == 5
+    assert left_out(engine, stream, stream.intact()) == (False, [
+        "3 more open dead letter(s) wait in SQL, not in the stream (it is full, or was "
+        "rebuilt): the workers show them as room is made; run again once they have"])
+    actions.purge(engine, stream, entries)
+    redis_client.delete(stream.marker)  # Redis lost the stream meanwhile
+    lost, said = left_out(engine, stream, True)
+    assert lost and said == [
+        "the DLQ stream was lost during the run (Redis restarted or flushed?): the workers "
+        "rebuild it from SQL; run again once `eventpipe dlq list` shows it"]
+    assert left_out(engine, stream, False)[0] is False  # not whole at its start: not this run's
 
 
 def test_a_redelivery_of_a_purged_message_leaves_it_purged_a_new_copy_reopens_it(

@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.spec.components.schemas.pop("PaginationMetadata", None)
     for name in ("Selection", "ReplaySelection"):
         api.spec.components.schemas[name]["anyOf"] = SelectionSchema.ANY_OF
-    metrics.install(app, deps.dead_letters)
+    metrics.install(app, deps.scraped_dead_letters)
     app.add_url_rule(f"{SWAGGER_UI_ASSETS}<path:filename>", "swagger_ui_assets",
                      _swagger_ui_asset)
     app.add_url_rule("/console", "console", _console_page)

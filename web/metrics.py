@@ -80,8 +80,9 @@ def _show_fill(stream: DeadLetterStream) -> None:
     stay as it was after the DLQ emptied, and keep the alert on."""
     DLQ_MAX_ENTRIES.set(stream.max_entries)
     DLQ_MAX_BYTES.set(stream.max_bytes)
-    DLQ_DEPTH.set(stream.depth())
-    DLQ_BYTES.set(stream.size_bytes())
+    depth, size = stream.fill()
+    DLQ_DEPTH.set(depth)
+    DLQ_BYTES.set(size)
 
 
 def install(app: Flask, dlq: Callable[[], DeadLetterStream]) -> PrometheusMetrics:

@@ -2,8 +2,9 @@
 
 One SQLAlchemy engine (a reader: its pool is sized by `make_engine` from the settings; the
 DLQ's changes take its connections as a writer would, `writer`), one Redis client for the
-dead-letter queue and the status board, one reader of the Celery broker's queue depths
-(`eventpipe.broker_queues`, for the status). A request borrows one database connection,
+dead-letter queue and the status board, one with shorter waits for what a metrics scrape
+reads, one reader of the Celery broker's queue depths (`eventpipe.broker_queues`, for the
+status). A request borrows one database connection,
 opened on first use and handed back to the pool when the app context ends.
 """
 
@@ -29,6 +30,7 @@ class Services:
     settings: Settings
     engine: Engine
     redis: Redis
+    scrape: Redis
     broker: QueueDepths | None
 
     @classmethod
@@ -36,7 +38,8 @@ class Services:
         client = redis_clients.request(settings.redis_url)
         broker = depth_reader(settings, redis_clients.request)
         # Never made empty: run from elsewhere, the API would serve a database of nothing.
-        return cls(settings, make_engine(settings, writer=False, create=False), client, broker)
+        return cls(settings, make_engine(settings, writer=False, create=False), client,
+                   redis_clients.scrape(settings.redis_url), broker)
 
     @property
     def writer(self) -> Engine:
@@ -44,13 +47,21 @@ class Services:
         return writes(self.engine)
 
     def dead_letters(self) -> DeadLetterStream:
-        return DeadLetterStream(self.redis, self.settings.dlq_stream,
+        return self._stream(self.redis)
+
+    def scraped_dead_letters(self) -> DeadLetterStream:
+        """The DLQ as a metrics scrape reads it."""
+        return self._stream(self.scrape)
+
+    def _stream(self, client: Redis) -> DeadLetterStream:
+        return DeadLetterStream(client, self.settings.dlq_stream,
                                 self.settings.dlq_max_entries, self.settings.dlq_max_bytes)
 
     def close(self) -> None:
         """Close the pools: for tests and embedders that create apps and throw them away."""
         self.engine.dispose()
         self.redis.close()
+        self.scrape.close()
         if self.broker is not None:
             self.broker.close()
 

@@ -439,6 +439,14 @@ class DeadLetterStream:
     def size_bytes(self) -> int:
         return int(self.client.hget(self.totals, "bytes") or 0)
 
+    def fill(self) -> tuple[int, int]:
+        """`depth` and `size_bytes`, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.stream)
+        pipe.hget(self.totals, "bytes")
+        depth, size = pipe.execute()
+        return int(depth), int(size or 0)
+
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""
         return {decoded(key) for key in self.client.hkeys(self.index)}

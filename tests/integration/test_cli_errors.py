@@ -7,6 +7,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,21 @@ def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path)
                          WORKER_METRICS_PORT=str(taken.getsockname()[1]), TMPDIR=str(scratch))
     assert done.returncode == 2, done.stderr
     assert list(scratch.iterdir()) == []
+
+
+def test_a_redis_that_takes_connections_and_answers_nothing_is_named_within_seconds(
+        tmp_path: Path) -> None:
+    """A review's finding: a tool waited 30 s on each Redis command, twice, before it said
+    Redis does not answer: `eventpipe status`, which health checks run, took a minute."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: nothing answers
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        done = eventpipe(tmp_path, "dlq", "list", REDIS_URL=f"redis://127.0.0.1:{port}/0")
+        elapsed = time.monotonic() - started
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip() == "eventpipe: Redis does not answer at REDIS_URL=redis://" \
+        f"127.0.0.1:{port}/0: Timeout reading from 127.0.0.1:{port}"
+    assert elapsed < 15
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -6,6 +6,7 @@ Each test has its own DLQ stream (`test:dlq:<uuid>`), deleted afterwards.
 from __future__ import annotations
 
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -628,6 +629,17 @@ def test_metrics_named_in_the_request_are_the_ones_served(
 def test_metrics_still_answer_when_redis_is_down(make_app: Any) -> None:
     client = make_app(redis_url=f"redis://{NOWHERE}/0")
     assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_answer_within_a_scrape_when_redis_answers_nothing(make_app: Any) -> None:
+    """A review's finding: with a Redis that takes connections and answers nothing, each
+    scrape waited 10 s on the DLQ's fill, Prometheus' whole scrape timeout: the scrape failed,
+    and the alert named the API down. The fill is read in one round trip, given a second."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: nothing answers
+        client = make_app(redis_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        started = time.monotonic()
+        assert client.get("/metrics").status_code == 200
+        assert time.monotonic() - started < 3.0
 
 
 def test_ready_when_every_dependency_answers(make_app: Any, kafka_broker: str) -> None:

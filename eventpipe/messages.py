@@ -7,6 +7,8 @@ topic read them.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from typing import Any, NamedTuple
 
@@ -42,6 +44,18 @@ def read_headers(record: Any) -> Headers:
                     record.topic(), record.partition(), record.offset(), exc)
         return ()
     return headers_of(raw) if raw else ()
+
+
+def headers_json(headers: Headers) -> str:
+    """As the DLQ keeps them: JSON, `[[name, base64 or null], …]` in Kafka's order."""
+    return json.dumps([[name, None if value is None else base64.b64encode(value).decode()]
+                       for name, value in headers])
+
+
+def headers_from_json(raw: str) -> Headers:
+    """What `headers_json` wrote; ValueError or TypeError for anything else."""
+    return tuple((str(name), None if value is None else base64.b64decode(value))
+                 for name, value in json.loads(raw))
 
 
 def headers_size(headers: Headers) -> int:

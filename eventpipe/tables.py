@@ -30,6 +30,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -175,6 +176,19 @@ dead_letters = Table(
     Index("ix_dead_letters_parent", "parent_kind", "parent_key"),
     Index("ix_dead_letters_state_deadline", "state", "deadline"),
     Index("ix_dead_letters_in_stream", "in_stream"),
+)
+
+# The message of each dead letter, kept as the DLQ stream first showed it: a rebuild puts it
+# back, and a replay publishes it, after Redis lost the stream and Kafka's retention passed
+# its offset. Kept for as long as the letter.
+dead_letter_messages = Table(
+    "dead_letter_messages",
+    metadata,
+    Column("dlq_key", String(40), primary_key=True),
+    Column("message_key", LargeBinary(), nullable=True),
+    Column("message_value", LargeBinary(), nullable=True),  # None: a tombstone
+    # JSON, [[name, base64 or null], …] in Kafka's order; None: none.
+    Column("headers", UnicodeText(), nullable=True),
 )
 
 reconcile_queue = Table(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -39,6 +39,7 @@ from eventpipe.dlq.stream import DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader, make_producer
+from eventpipe.messages import RawMessage
 from eventpipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,13 @@ def replay(engine: Engine, stream: DeadLetterStream, entries: Iterable[StreamEnt
     return result
 
 
+def _with_kept(entry: StreamEntry, kept: Mapping[str, RawMessage]) -> StreamEntry:
+    message = kept.get(entry.letter.dlq_key)
+    if entry.raw is not None or message is None:
+        return entry
+    return StreamEntry.of(entry.letter, message)
+
+
 def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEntry],
                   publisher: Publisher, now: Callable[[], datetime], result: Replayed,
                   progress: Callable[[int], None] | None, deadline: float | None = None,
@@ -210,6 +218,11 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     with engine.begin() as conn:
         claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
                                            claim)
+        # Entries shown without their bytes: SQL may keep them (`records.keep_messages`),
+        # where Kafka's retention may have passed.
+        kept = records.kept_messages(conn, [e.letter.dlq_key for e in chunk if e.raw is None])
+    if kept:
+        chunk = [_with_kept(entry, kept) for entry in chunk]
     acknowledged: dict[str, bool] = {}
     no_bytes: list[str] = []
     left: set[str] = set()

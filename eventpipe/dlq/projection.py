@@ -69,7 +69,9 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     report = Projected()
     with reading(engine) as conn:  # marked below only where the revision read still holds
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
+        kept = records.kept_messages(conn, [p.dlq_key for p in pending if p.state == OPEN])
     written: list[DeadLetter] = []
+    to_keep: dict[str, RawMessage] = {}  # messages shown that SQL does not keep yet
     refused: DeadLetterQueueFull | None = None
     try:
         # Out of the DLQ first (one round trip; it also makes room), then into it.
@@ -85,13 +87,15 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
                     present = stream.holding([p.dlq_key for p in pending if p.state == OPEN])
                 if letter.dlq_key not in present:
                     continue
-            message = (payloads or {}).get(letter.dlq_key)
+            message = (payloads or {}).get(letter.dlq_key) or kept.get(letter.dlq_key)
             if message is None and fetch is not None:
                 message = _shown(stream, letter) or fetched(fetch, letter)
             elif message is None:
                 continue
             if message is None:
                 report.missing_bytes.append(letter.dlq_key)
+            elif letter.dlq_key not in kept:
+                to_keep[letter.dlq_key] = message
             try:
                 stream.put(StreamEntry.of(letter, message))
             except DeadLetterQueueFull as exc:  # a letter it shows may still be replaced
@@ -100,11 +104,12 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             report.put += 1
             written.append(letter)
     finally:
-        if written:
+        if written or to_keep:
             if report.put:
                 stream.sync_to_disk()
             with engine.begin() as conn:
                 records.mark_projected(conn, written)
+                records.keep_messages(conn, to_keep)
     if refused is not None:
         report.full = True
         with reading(engine) as conn:

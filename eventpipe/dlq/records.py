@@ -14,6 +14,7 @@ second reads it and decides again (`_decided`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from sqlalchemy import (
     case,
     false,
     func,
+    insert,
     literal_column,
     or_,
     select,
@@ -37,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 
 from eventpipe.dlq.letter import (
     CLOSED,
@@ -55,8 +58,11 @@ from eventpipe.dlq.letter import (
 from eventpipe.effects import Position
 from eventpipe.events import utf16_prefix
 from eventpipe.keysets import rows_in
-from eventpipe.tables import applied_events, dead_letters
+from eventpipe.messages import Headers, RawMessage, headers_from_json, headers_json
+from eventpipe.tables import applied_events, dead_letter_messages, dead_letters
 from eventpipe.times import utc_iso
+
+log = logging.getLogger(__name__)
 
 MAX_REASON = 1000
 MAX_HISTORY = 20
@@ -395,6 +401,49 @@ def unprojected(conn: Connection, limit: int,
                                 else_=literal_column("2")),
                            dead_letters.c.last_failure_at).limit(limit)
     return [letter_of(row) for row in conn.execute(query)]
+
+
+def kept_messages(conn: Connection, dlq_keys: Collection[str]) -> dict[str, RawMessage]:
+    """The messages SQL keeps of these letters (`keep_messages`)."""
+    table = dead_letter_messages
+    found = rows_in(conn, select(table.c.dlq_key, table.c.message_key, table.c.message_value,
+                                 table.c.headers), table.c.dlq_key, dlq_keys)
+    return {row.dlq_key: RawMessage(_bytes(row.message_key), _bytes(row.message_value),
+                                    _kept_headers(row.headers, row.dlq_key))
+            for row in found}
+
+
+def keep_messages(conn: Connection, messages: Mapping[str, RawMessage]) -> None:
+    """Keep in SQL the messages of these letters that it does not keep yet. Two projections
+    may keep one at once: each row goes in under a savepoint, and the second one's, refused
+    by the key, is let go (the message is the same: the letter's key names its bytes, or the
+    message at its position)."""
+    table = dead_letter_messages
+    have = {row.dlq_key for row in rows_in(conn, select(table.c.dlq_key), table.c.dlq_key,
+                                           list(messages))}
+    for dlq_key, message in sorted(messages.items()):
+        if dlq_key in have:
+            continue
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(table).values(
+                    dlq_key=dlq_key, message_key=message.key, message_value=message.value,
+                    headers=headers_json(message.headers) if message.headers else None))
+        except IntegrityError:
+            continue
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)  # a memoryview from some drivers
+
+
+def _kept_headers(raw: str | None, dlq_key: str) -> Headers:
+    try:
+        return headers_from_json(raw) if raw else ()
+    except (ValueError, TypeError):
+        log.warning("the headers SQL keeps of a dead letter cannot be read: kept without them",
+                    extra={"dlqKey": dlq_key})
+        return ()
 
 
 def count_waiting_to_be_shown(conn: Connection) -> int:

@@ -18,8 +18,6 @@ worker, the earlier episodes and the DLQ key. It is a projection of the `dead_le
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import re
 import uuid
@@ -33,7 +31,7 @@ import redis
 from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
-from eventpipe.messages import Headers, RawMessage
+from eventpipe.messages import Headers, RawMessage, headers_from_json, headers_json
 from eventpipe.redis_clients import decoded
 from eventpipe.times import utc_iso
 
@@ -212,9 +210,7 @@ class StreamEntry:
         if self.tombstone:
             fields["value_null"] = "1"
         if self.headers:
-            fields["headers"] = json.dumps(
-                [[name, None if value is None else base64.b64encode(value).decode()]
-                 for name, value in self.headers])
+            fields["headers"] = headers_json(self.headers)
         return fields
 
     @classmethod
@@ -250,8 +246,7 @@ def _headers(raw: str, dlq_key: str) -> Headers:
     if not raw:
         return ()
     try:
-        return tuple((str(name), None if value is None else base64.b64decode(value))
-                     for name, value in json.loads(raw))
+        return headers_from_json(raw)
     except (ValueError, TypeError):
         log.warning("the headers of a DLQ entry cannot be read: shown without them",
                     extra={"dlqKey": dlq_key})

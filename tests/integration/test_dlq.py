@@ -19,7 +19,7 @@ import pytest
 import redis
 import sqlalchemy.exc
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 
 import tasks.reconciler
 from cli.dlq import left_out
@@ -33,7 +33,7 @@ from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader
 from eventpipe.messages import RawMessage
 from eventpipe.samples import user_created
-from eventpipe.tables import dead_letters
+from eventpipe.tables import dead_letter_messages, dead_letters
 from tasks.reconciler import Reconciler
 from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
 from tests.support.factories import T0, dead_letter, received
@@ -241,6 +241,45 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
     assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
 
 
+def test_a_lost_stream_comes_back_with_its_bytes_after_kafkas_retention_passed(
+    engine: Engine, stream: DeadLetterStream, kafka_topic: TopicFactory,
+) -> None:
+    """A review's finding: the SQL record of a dead letter held no bytes. Once Kafka's
+    retention had passed its offset, a Redis that lost the stream lost the only copy: the
+    letter came back without its message, and could not be replayed. SQL keeps the message
+    the stream first showed; a rebuild and a replay read it there before Kafka."""
+    topic = kafka_topic(partitions=1)
+    headers = (("trace", b"\xff\x00"), ("empty", None))
+    first, tombstone = failure(1, b"{first", topic), failure(0, b"", topic)
+    record(engine, first, tombstone)
+    payloads = {first.dlq_key: RawMessage(b"k", b"{first", headers),
+                tombstone.dlq_key: RawMessage(b"k", None)}
+    projection.project(engine, stream, None, payloads)
+    stream.client.delete(stream.stream, stream.index, stream.totals)  # Redis lost it
+
+    def retention_passed(_position: Position) -> RawMessage | None:
+        return None  # Kafka no longer has anything at these offsets
+
+    report = projection.restore(engine, stream, retention_passed)
+    assert (report.put, report.missing_bytes) == (2, [])
+    assert {entry.letter.dlq_key: entry.raw for entry in stream.scan()} == payloads
+    entries = sorted(stream.scan(), key=lambda entry: entry.letter.position.offset or 0)
+    stream.client.delete(stream.stream, stream.index, stream.totals)  # lost again, and
+    for entry in entries:  # shown without bytes, as a rebuild while Kafka was away shows it
+        stream.put(StreamEntry.of(entry.letter, None))
+    published: list[RawMessage | None] = []
+
+    class Kafka(_Kafka):
+        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+            published.append(entry.raw)
+            done(True)
+
+    result = actions.replay(engine, stream, list(stream.scan()), Kafka())  # type: ignore[arg-type]
+    assert result.replayed == 2 and result.no_bytes == 0
+    assert sorted(published, key=lambda m: m.value or b"") == [  # type: ignore[union-attr]
+        RawMessage(b"k", None), RawMessage(b"k", b"{first", headers)]
+
+
 def test_a_rebuild_whose_fetches_outlast_its_lease_keeps_its_claim_to_the_end(
     engine: Engine, redis_client: redis.Redis,
 ) -> None:
@@ -326,6 +365,9 @@ def test_a_restore_kafka_does_not_answer_fails_and_strips_no_bytes(
     have."""
     kept, bare = _open_entries(engine, stream, "events", 2)
     stream.put(replace(bare, value=None))
+    with engine.begin() as conn:  # shown before SQL kept the messages of dead letters
+        conn.execute(delete(dead_letter_messages)
+                     .where(dead_letter_messages.c.dlq_key == bare.letter.dlq_key))
     reader = MessageReader(settings_for("127.0.0.1:1", "events"), timeout_s=1)
     try:
         with pytest.raises(TransientError):
@@ -359,8 +401,8 @@ def test_an_entry_deleted_by_hand_costs_the_others_none_of_their_bytes(
 ) -> None:
     """An operator deletes one entry with redis-cli's XDEL, and adds two with XADD: the
     stream and its index disagree and the stream is rebuilt. The other entries keep the bytes
-    they show, past Kafka's retention the only copy; the one deleted comes back without
-    them, and the ones added, of no dead letter SQL holds, go."""
+    they show; the one deleted comes back with those SQL keeps (past Kafka's retention), and
+    the ones added, of no dead letter SQL holds, go."""
     topic = kafka_topic(partitions=1)  # holds nothing: the messages are past its retention
     deleted, kept = _open_entries(engine, stream, topic, 2)
     assert deleted.entry_id is not None
@@ -372,9 +414,9 @@ def test_an_entry_deleted_by_hand_costs_the_others_none_of_their_bytes(
         report = projection.restore(engine, stream, reader.fetch)
     finally:
         reader.close()
-    assert report.missing_bytes == [deleted.letter.dlq_key]
+    assert report.missing_bytes == []
     assert {e.letter.dlq_key: e.value for e in stream.scan()} == {
-        deleted.letter.dlq_key: None, kept.letter.dlq_key: kept.value}
+        deleted.letter.dlq_key: deleted.value, kept.letter.dlq_key: kept.value}
     assert stream.sizes() == (2, 2)
     assert stream.size_bytes() == _bytes_of(stream)
 

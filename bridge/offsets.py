@@ -35,9 +35,9 @@ SETTLED_SPANS_MAX = 10_000
 
 
 class Unreadable(NamedTuple):
-    """A record batch Kafka cannot hand over, beginning at `batch`: the reading goes on from
-    `end` (None while it is not known); `why`, as the Kafka client said it; the next try to
-    find its end not before `again_at`."""
+    """A record batch Kafka cannot hand over, beginning at `batch`: the reading went on from
+    `end` (None while it is not known: the next try to find it not before `again_at`); `why`,
+    as the Kafka client said it."""
 
     batch: int
     end: int | None
@@ -256,12 +256,15 @@ class PartitionProgress:
         else:
             self.overtaken_since = None
 
-    def committable(self) -> int | None:
-        """Offset to commit now, or None when there is nothing new to commit."""
+    def committable(self, read_to: int | None = None) -> int | None:
+        """Offset to commit now, or None when there is nothing new to commit. `read_to`:
+        where the Kafka client's reading stands, every message below it sent: with nothing
+        outstanding, the offsets between the last sent and it hold no message."""
         if self.outstanding:
             candidate = self.outstanding[0][0]
-        elif self.last_dispatched is not None:
-            candidate = self.last_dispatched + 1
+        elif self.last_dispatched is not None or read_to is not None:
+            candidate = max(-1 if self.last_dispatched is None else self.last_dispatched + 1,
+                            -1 if read_to is None else read_to)
         else:
             return None
         if self.committed is not None and candidate <= self.committed:

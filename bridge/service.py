@@ -334,11 +334,7 @@ class Bridge:
         reading goes on past it. While its end cannot be found (Kafka not answering), the
         partition waits, said in the status, and the next fetch's error tries again."""
         partition, start = progress.partition, max(batch, progress.next_read or 0)
-        known = progress.unreadable
-        if known is not None and known.batch == batch and known.end is not None \
-                and start >= known.end:
-            return  # said again by a fetch from before the reading went past it
-        if known is not None and now < known.again_at:
+        if (known := progress.unreadable) is not None and now < known.again_at:
             return
         try:
             end = unreadable_end(self._reader(), self.topic, partition, batch, start)
@@ -349,7 +345,7 @@ class Bridge:
             progress.unreadable = Unreadable(batch, None, why, now + UNREADABLE_AGAIN_S)
             return
         if end is None:
-            return  # the reading is past the batch already
+            return  # said again by a fetch from before the reading went past the batch
         progress.unreadable = Unreadable(batch, end, why, now)
         log.error("Kafka cannot hand over %s of partition %d: %s; they are "
                   "dead-lettered (UnreadableMessage) and the reading goes on from offset %d",
@@ -599,6 +595,7 @@ class Bridge:
         """Say on the status board what this bridge holds (`eventpipe.status`); whether it
         was said."""
         now = self.clock()
+        reading = self._positions(list(self.partitions))
         said = {"partitions": {str(p): {
             "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
             "inFlight": progress.in_flight, "paused": progress.paused,
@@ -606,7 +603,8 @@ class Bridge:
             "pausedS": None if progress.paused_at is None else round(now - progress.paused_at, 1),
             "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped,
             "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1),
-            "stuckS": self._stuck_s(progress, now), **self._unreadable_said(progress)}
+            "stuckS": self._stuck_s(progress, reading.get(p), now),
+            **self._unreadable_said(progress)}
             for p, progress in self.partitions.items()}}
         try:
             self.board.publish(BRIDGE, self.name, said)
@@ -615,19 +613,31 @@ class Bridge:
             return False
         return True
 
-    def _stuck_s(self, progress: PartitionProgress, now: float) -> float | None:
+    def _stuck_s(self, progress: PartitionProgress, position: int | None,
+                 now: float) -> float | None:
         """For how long Kafka has handed over nothing of a partition being read while its
-        high watermark is past the reading: a batch it cannot hand over and says nothing of
-        (a record cut short makes the client grow its fetches, silently), or whose end
-        cannot be found."""
+        high watermark is past the reading (`position`: the Kafka client's, past offsets that
+        hold no message, such as a transaction's marker): a batch it cannot hand over and
+        says nothing of (a record cut short makes the client grow its fetches, silently), or
+        whose end cannot be found."""
         high = self.high_watermarks.get(progress.partition)
-        if progress.paused or progress.next_read is None or high is None \
-                or high <= progress.next_read:
+        read = max(progress.next_read or 0, position or 0)
+        if progress.paused or progress.next_read is None or high is None or high <= read:
             progress.stuck_since = None
             return None
         if progress.stuck_since is None:
             progress.stuck_since = now
         return round(now - progress.stuck_since, 1)
+
+    def _positions(self, partitions: list[int]) -> dict[int, int]:
+        """Where the Kafka client's reading of each stands: past the last message handed
+        over, and past the offsets after it that hold none (a transaction's marker, records
+        of an aborted one). A local answer; none for a partition it does not know yet."""
+        try:
+            found = self.consumer.position([TopicPartition(self.topic, p) for p in partitions])
+        except KafkaException:
+            return {}
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
     @staticmethod
     def _unreadable_said(progress: PartitionProgress) -> dict[str, Any]:
@@ -639,8 +649,12 @@ class Bridge:
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
                 final: bool = False) -> None:
+        # Past the offsets at the end that hold no message (a transaction's marker), once
+        # every message read of the partition is sent: none would ever be committed past.
+        sending = self.batcher.partitions() | set(self.unsent)
+        reading = self._positions([p for p in chosen if p not in sending])
         offsets = {p: c for p, progress in chosen.items()
-                   if (c := progress.committable()) is not None}
+                   if (c := progress.committable(reading.get(p))) is not None}
         idle = self._idle_to_recheck(chosen, offsets, now)
         if not (offsets or idle) or not self._same_topic(now, final=final) \
                 or not self._recorded(offsets, chosen, now, final=final, idle=idle):

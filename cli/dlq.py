@@ -223,7 +223,8 @@ def left_out(engine: Engine, stream: DeadLetterStream, intact: bool) -> tuple[bo
                       "the workers rebuild it from SQL; run again once `eventpipe dlq list` "
                       "shows it"]
     with engine.connect() as conn:
-        waiting = records.count_waiting_to_be_shown(conn)
+        unshown = records.unshown(conn)
+    waiting = len(set(unshown) - stream.holding(unshown)) if unshown else 0
     if not waiting:
         return False, []
     return False, [f"{waiting} more open dead letter(s) wait in SQL, not in the stream (it is "

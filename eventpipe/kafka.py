@@ -190,6 +190,9 @@ def read_topic_id(admin: AdminClient, topic: str, timeout_s: float) -> str | Non
 _GONE = frozenset({KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET,
                    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
                    KafkaError._UNKNOWN_TOPIC})
+# What the Kafka client says reading from the end of a partition, or past it.
+_PAST = frozenset({KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE,
+                   KafkaError._AUTO_OFFSET_RESET})
 # What the Kafka client says of a record batch it cannot decode (its compression or its
 # records corrupt, as written by a faulty producer or broker): it hands none of the batch's
 # messages over and fetches the batch again and again, each time with this error, which names
@@ -210,10 +213,12 @@ def said(error: KafkaError) -> str:
 
 class Handed(NamedTuple):
     """What Kafka hands over first, read from an offset: a message at `offset`, or, when
-    `why` says why, a record batch it cannot read, whose first offset is `offset`."""
+    `why` says why, a record batch it cannot read, whose first offset is `offset`; and the
+    partition's high watermark, as the fetch said it (None if it did not)."""
 
     offset: int
     why: str | None = None
+    high: int | None = None
 
 
 class MessageReader:
@@ -276,22 +281,26 @@ class MessageReader:
                        value if isinstance(value, bytes) else None, read_headers(record))
 
     def first_from(self, topic: str, partition: int, offset: int) -> Handed | None:
-        """What Kafka hands over first reading the partition from `offset`; None at its end.
-        `TransientError` if it hands over nothing."""
-        self.consumer.assign([TopicPartition(topic, partition, offset)])
+        """What Kafka hands over first reading the partition from `offset`; None at its end
+        or past it. `TransientError` if it hands over nothing (which is also what Tansu says
+        of an offset past the end: ask only below the high watermark a first read gave)."""
+        where = TopicPartition(topic, partition, offset)
+        self.consumer.assign([where])
         try:
             record = self.consumer.poll(self.timeout_s)
+            _, high = self.consumer.get_watermark_offsets(where, cached=True)
         finally:
             self.consumer.unassign()
         error = None if record is None else record.error()
-        if record is None or (error is not None and error.code() != KafkaError._PARTITION_EOF
+        if record is None or (error is not None and error.code() not in _PAST
                               and not unreadable(error)):
             raise TransientError(f"Kafka at KAFKA_BOOTSTRAP_SERVERS={self.brokers} handed "
                                  f"nothing over from {topic} [{partition}] offset {offset}: "
                                  f"{error or 'no answer'}")
-        if error is not None and error.code() == KafkaError._PARTITION_EOF:
+        if error is not None and error.code() in _PAST:
             return None
-        return Handed(record.offset() or 0, None if error is None else said(error))
+        return Handed(record.offset() or 0, None if error is None else said(error),
+                      high if high >= 0 else None)
 
     def close(self) -> None:
         self.consumer.close()
@@ -303,10 +312,17 @@ def unreadable_end(reader: MessageReader, topic: str, partition: int, batch: int
     if `inside` is one of its offsets (else None: the reading is past it already). Read from
     inside, the batch comes whole and fails again, naming its first offset; read from past
     it, the next message comes (or the partition's end). Doubling steps, then halving: a
-    batch of n records costs about 2·log2(n) reads. `TransientError` if Kafka hands nothing
-    over meanwhile."""
+    batch of n records costs about 2·log2(n) reads, none at or past the high watermark the
+    reads give. `TransientError` if Kafka hands nothing over meanwhile."""
+    high: int | None = None
+
     def within(offset: int) -> bool:
+        nonlocal high
+        if high is not None and offset >= high:
+            return False
         handed = reader.first_from(topic, partition, offset)
+        if handed is not None and handed.high is not None:
+            high = handed.high
         return handed is not None and handed.why is not None and handed.offset == batch
 
     if inside != batch and not within(inside):
@@ -314,7 +330,7 @@ def unreadable_end(reader: MessageReader, topic: str, partition: int, batch: int
     known, step = inside, 1
     while within(inside + step):
         known, step = inside + step, step * 2
-    past = inside + step
+    past = inside + step if high is None else min(inside + step, max(high, known + 1))
     while past - known > 1:
         middle = (known + past) // 2
         if within(middle):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import operator
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,13 @@ def headers_of(raw: Any) -> Headers:
     return tuple((str(name), None if value is None else bytes(value)) for name, value in raw or ())
 
 
+# `record.headers()` written as a call: CPython's specialised method calls (3.11+) skip the
+# check that turns "a result with an exception set" into SystemError, so the client's
+# decoding error would surface later, outside any handler, or the list it hands back (a
+# header holding no name) be touched: a crash. Called through `methodcaller`, it is checked.
+_HEADERS = operator.methodcaller("headers")
+
+
 def read_headers(record: Any) -> Headers:
     """A consumed message's headers. The Kafka client decodes their names as UTF-8 and fails
     for one that is not (Kafka's protocol has them as bytes: a producer of another client may
@@ -38,12 +46,12 @@ def read_headers(record: Any) -> Headers:
     raises is taken so; and it is asked once only: asked again, it hands back a name it
     could not make."""
     try:
-        raw = record.headers()
+        raw = _HEADERS(record)
+        return headers_of(raw) if raw else ()
     except Exception as exc:
         log.warning("headers of %s [%s] offset %s cannot be read: kept without them: %s",
                     record.topic(), record.partition(), record.offset(), exc)
         return ()
-    return headers_of(raw) if raw else ()
 
 
 def headers_json(headers: Headers) -> str:

@@ -11,6 +11,8 @@ Responses stay bytes (`decode_responses` off): dead letters hold the original me
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -22,12 +24,14 @@ _CONNECT_TIMEOUT_S = 2.0
 _FAILOVER = {"retry_on_error": [redis.exceptions.ReadOnlyError]}
 
 
-def _failover_not_timeouts() -> Retry:
+def _failover_not_timeouts() -> dict[str, Any]:
     """The same for the API and the tools, but for a command that timed out: tried again, it
-    would double the wait before the answer that Redis does not answer. One per client: a
-    client may change its own."""
-    return Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ReadOnlyError,
-                                                    redis.exceptions.ConnectionError))
+    would double the wait before the answer that Redis does not answer. Both spellings:
+    redis-py 5 retries what `retry_on_error` names, later ones what the `Retry` supports. One
+    `Retry` per client: a client may change its own."""
+    errors = [redis.exceptions.ReadOnlyError, redis.exceptions.ConnectionError]
+    return {"retry": Retry(NoBackoff(), 1, supported_errors=tuple(errors)),
+            "retry_on_error": errors}
 
 
 def decoded(raw: bytes | str) -> str:
@@ -42,7 +46,7 @@ def pipeline(url: str) -> redis.Redis:
 
 def request(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
-                                socket_timeout=5.0, retry=_failover_not_timeouts())
+                                socket_timeout=5.0, **_failover_not_timeouts())
 
 
 def scrape(url: str) -> redis.Redis:
@@ -53,5 +57,5 @@ def operator(url: str) -> redis.Redis:
     # Each of a tool's commands reads a page or a hash at most: 10 s is ample for one, and
     # the most a Redis that takes connections and answers nothing holds a tool per command.
     return redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S,
-                                socket_timeout=10.0, retry=_failover_not_timeouts())
+                                socket_timeout=10.0, **_failover_not_timeouts())
 

@@ -83,8 +83,8 @@ class Report:
     # partitions, or a partition applied out of order after a redelivery): the comparison
     # takes the copy the pipeline applied.
     ambiguous: list[str] = field(default_factory=list)
-    # Open dead letters the DLQ stream has never shown (SQL says so): they wait in SQL, as
-    # they should while the stream is at its bounds, and are shown as room is made.
+    # Open dead letters the DLQ stream, at its bounds, has never shown (SQL says so): they
+    # wait in SQL, as they should, and are shown as room is made.
     waiting_to_be_shown: int = 0
     # Letters an operator replayed or purged whose event the rules no longer hold (its
     # condition cleared since): history, not a difference.
@@ -214,7 +214,7 @@ def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
             dead_letters.c.event_id, dead_letters.c.in_stream))}
     _compare_read_model(expected, model, report)
     _compare_fates(expected, recorded, letters, report)
-    _compare_stream(letters, stream.keys(), report)
+    _compare_stream(letters, stream.keys(), stream.nearly_full(), report)
     return report
 
 
@@ -306,10 +306,11 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
             report.pipeline_only.append(f"{key} {row.error_class} (event {row.event_id})")
 
 
-def _compare_stream(letters: Mapping[str, Any], shown: set[str], report: Report) -> None:
+def _compare_stream(letters: Mapping[str, Any], shown: set[str], full: bool,
+                    report: Report) -> None:
     open_keys = {key for key, row in letters.items() if row.state == OPEN}
     for key in sorted(open_keys - shown):
-        if not letters[key].in_stream:  # never shown, not lost: a full stream keeps it out
+        if full and not letters[key].in_stream:  # never shown, not lost: kept out, it waits
             report.waiting_to_be_shown += 1
             continue
         _differ(report, f"DLQ stream entry {key}", "shown (it is open in SQL)",
@@ -332,8 +333,8 @@ def render(report: Report, limit: int = 50) -> str:
         lines.extend(f"    {line}" for line in report.pipeline_only[:limit])
     if report.waiting_to_be_shown:
         lines.append(f"  {report.waiting_to_be_shown} open dead letter(s) wait in SQL to be "
-                     "shown in the DLQ stream: it is full (DLQ_MAX_ENTRIES / DLQ_MAX_BYTES: "
-                     "replay or purge entries), or the workers are showing them")
+                     "shown in the DLQ stream, which is full (DLQ_MAX_ENTRIES / DLQ_MAX_BYTES): "
+                     "replay or purge entries")
     if report.closed_since_cleared:
         lines.append(f"  {report.closed_since_cleared} dead letter(s) replayed or purged whose "
                      "event applied since (its condition cleared): their history is kept")

@@ -446,11 +446,11 @@ def _kept_headers(raw: str | None, dlq_key: str) -> Headers:
         return ()
 
 
-def count_waiting_to_be_shown(conn: Connection) -> int:
-    """Open dead letters the stream does not show: held back while it was full, or lost with
-    Redis and marked so (`unshown`), until the projection shows them."""
-    return int(conn.execute(select(func.count()).select_from(dead_letters).where(
-        dead_letters.c.state == OPEN, dead_letters.c.in_stream == false())).scalar_one())
+def unshown(conn: Connection) -> list[str]:
+    """The open dead letters the stream has not shown since they last changed: held back
+    while it was full, marked lost with Redis, or not projected yet."""
+    return [row.dlq_key for row in conn.execute(select(dead_letters.c.dlq_key).where(
+        dead_letters.c.state == OPEN, dead_letters.c.in_stream == false())).all()]
 
 
 def count_unprojected(conn: Connection) -> int:

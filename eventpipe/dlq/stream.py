@@ -434,6 +434,12 @@ class DeadLetterStream:
     def size_bytes(self) -> int:
         return int(self.client.hget(self.totals, "bytes") or 0)
 
+    def nearly_full(self) -> bool:
+        """At its bound of entries, or past `WARN_RATIO` of its bytes (where the alert says
+        so): where a dead letter may be kept out, to wait in SQL."""
+        depth, size = self.fill()
+        return depth >= self.max_entries or size >= self.max_bytes * WARN_RATIO
+
     def fill(self) -> tuple[int, int]:
         """`depth` and `size_bytes`, in one round trip."""
         pipe = self.client.pipeline(transaction=False)

@@ -495,6 +495,30 @@ def test_a_batch_kafka_cannot_hand_over_is_sent_on_from_where_the_reading_stands
         assert bridge.partitions[0].skipped == 0 and bridge.partitions[0].in_flight == 5
 
 
+def test_a_batch_kafka_cannot_hand_over_near_the_end_of_its_partition_is_read_past(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: the search for the batch's end doubled its steps past the
+    partition's end, where Tansu answers nothing: the search failed, and the partition
+    waited for more messages to come after the batch. No read goes past the high watermark
+    the first one gives."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    produce_batch(kafka_broker, topic, 0, undecodable_batch(5))  # offsets 1-5
+    produce(kafka_broker, topic, _events(1))  # offset 6: the partition ends at 7
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 6)
+        assert [(m.offset, m.unreadable is not None) for m in sent] == [
+            (0, False), (1, True), (2, True), (3, True), (4, True), (5, True), (6, False)]
+
+
 def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
     """A record cut short: the Kafka client says nothing, takes it for a message not received
@@ -506,19 +530,49 @@ def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(
     produce(kafka_broker, topic, _events(2))
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 0)
+
         def high_watermark_known() -> bool:
             _read_once(bridge)
             return bridge.high_watermarks.get(0) == 4
 
         wait_until(high_watermark_known, 30, "Kafka's high watermark, from its statistics")
         progress = bridge.partitions[0]
-        assert bridge._stuck_s(progress, bridge.clock()) == 0.0
+        assert bridge._stuck_s(progress, bridge._positions([0]).get(0), bridge.clock()) == 0.0
         bridge.clock.now += 200  # type: ignore[attr-defined]
         _read_once(bridge)
         assert progress.next_read == 1
         assert bridge._publish_status()
         [said] = [m.said for m in bridge.board.members() if m.name == bridge.name]
         assert said["partitions"]["0"]["stuckS"] == 200.0
+
+
+def test_a_partition_ending_in_a_transactions_marker_is_committed_past_it_not_stuck(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A review's finding: a transaction's commit marker takes an offset no message holds.
+    The bridge committed up to the last message, so an idle partition ending in a marker
+    showed a lag of 1 for ever (the alert that its oldest event is not done fired), and the
+    status took it for a partition Kafka hands nothing of. The Kafka client's reading is past
+    the marker: the commit, and the status, follow it."""
+    topic = kafka_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_broker,
+                         "transactional.id": f"tx-{uuid.uuid4().hex}"})
+    producer.init_transactions(15)
+    producer.begin_transaction()
+    producer.produce(topic, key=b"k", value=b"{}", partition=0)
+    producer.commit_transaction(15)  # offset 0 the message, offset 1 the marker
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 0)
+
+        def high_watermark_known() -> bool:
+            _read_once(bridge)
+            return bridge.high_watermarks.get(0) == 2
+
+        wait_until(high_watermark_known, 30, "Kafka's high watermark, from its statistics")
+        _applied(bridge, [0])
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 2
+        progress = bridge.partitions[0]
+        assert bridge._stuck_s(progress, bridge._positions([0]).get(0), bridge.clock()) is None
 
 
 def test_a_header_whose_name_is_not_utf8_leaves_its_message_without_headers(

@@ -32,6 +32,17 @@ def test_commit_stops_at_the_oldest_unfinished_offset() -> None:
     assert progress.in_flight == 0
 
 
+def test_with_nothing_outstanding_the_commit_follows_the_reading_past_offsets_with_no_message(
+        ) -> None:
+    progress = PartitionProgress(0, committed=5)
+    assert progress.committable(5) is None
+    assert progress.committable(7) == 7  # a transaction's marker at 5 and 6, read past
+    progress.dispatched([7, 8], now=0)
+    assert progress.committable(12) == 7  # something outstanding: not past it
+    progress.observe({7, 8}, set(), now=1)
+    assert progress.committable(10) == 10 and progress.committable() == 9
+
+
 def test_offsets_may_have_gaps() -> None:
     progress = PartitionProgress(0)
     progress.dispatched([3, 7, 8], now=0)  # e.g. transaction markers between them

@@ -94,6 +94,8 @@ POSITIONS_AGAIN_MAX_S = 30.0
 POSITIONS_RECHECK_S = 10.0
 # After the end of a record batch Kafka cannot hand over could not be found, the next try.
 UNREADABLE_AGAIN_S = 10.0
+# The most offsets of one such batch dead-lettered one by one (its header says how many).
+UNREADABLE_MAX_OFFSETS = 100_000
 
 
 def read_ready(consumer: Consumer, limit: int, wait_s: float) -> list[Message]:
@@ -346,6 +348,16 @@ class Bridge:
             return
         if end is None:
             return  # said again by a fetch from before the reading went past the batch
+        if end - start > UNREADABLE_MAX_OFFSETS:
+            # A batch's header says how many offsets it takes, whatever it holds: so many
+            # messages could not be held. It waits, named in the status, for an operator.
+            why = (f"{why}; its header claims {end - batch:,} offsets, more than "
+                   f"{UNREADABLE_MAX_OFFSETS:,} to dead-letter one by one: skip it on purpose")
+            if progress.unreadable is None or progress.unreadable.why != why:
+                log.error("Kafka cannot hand over offsets from %d of partition %d: %s", start,
+                          partition, why, extra={"partition": partition, "offsetFirst": start})
+            progress.unreadable = Unreadable(batch, None, why, now + UNREADABLE_AGAIN_S)
+            return
         progress.unreadable = Unreadable(batch, end, why, now)
         log.error("Kafka cannot hand over %s of partition %d: %s; they are "
                   "dead-lettered (UnreadableMessage) and the reading goes on from offset %d",
@@ -355,7 +367,10 @@ class Bridge:
                   f"{batch} to {end - 1}) cannot be read: {why}")
         for offset in range(start, end):
             self._take(progress, TaskMessage(offset, None, None, unreadable=reason), now)
-        self.consumer.seek(TopicPartition(self.topic, partition, end))
+        # The Kafka client fetches a batch it cannot decode again and again, but skips one of
+        # a format it does not know by itself: moved on, it hands over what follows already.
+        if self._positions([partition]).get(partition, 0) < end:
+            self.consumer.seek(TopicPartition(self.topic, partition, end))
 
     def _reader(self) -> MessageReader:
         if self._unreadable_reader is None:

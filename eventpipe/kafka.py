@@ -198,8 +198,11 @@ _PAST = frozenset({KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE,
 # messages over and fetches the batch again and again, each time with this error, which names
 # the batch's first offset. Nothing past the batch is read until the reader seeks past it
 # (`unreadable_end`).
+# A batch of a format it does not know (its magic byte) it skips by itself, after the error:
+# the same, or its offsets would be taken for ones that hold no message.
 UNREADABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG,
-                        KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD})
+                        KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD,
+                        KafkaError._NOT_IMPLEMENTED})
 
 
 def unreadable(error: KafkaError | None) -> bool:

@@ -38,6 +38,7 @@ from tests.support.raw_kafka import (
     cut_short_batch,
     produce_batch,
     undecodable_batch,
+    unknown_format_batch,
 )
 from tests.support.services import REDIS_URL
 
@@ -517,6 +518,55 @@ def test_a_batch_kafka_cannot_hand_over_near_the_end_of_its_partition_is_read_pa
         _read_up_to(bridge, 6)
         assert [(m.offset, m.unreadable is not None) for m in sent] == [
             (0, False), (1, True), (2, True), (3, True), (4, True), (5, True), (6, False)]
+
+
+def test_a_batch_of_a_format_the_client_does_not_know_is_dead_lettered_not_skipped(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: a batch of a format (magic byte) the Kafka client does not know
+    it reports once and skips by itself; the bridge took its offset for one that holds no
+    message, and a valid event was lost with no fate, `verify` clean. It is dead-lettered,
+    each message read once."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    produce_batch(kafka_broker, topic, 0, unknown_format_batch(b"k", b"{}"))  # offset 1
+    produce(kafka_broker, topic, _events(2))
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 3)
+        assert [(m.offset, m.unreadable is not None) for m in sent] == [
+            (0, False), (1, True), (2, False), (3, False)]
+        assert "MagicByte 3" in (sent[1].unreadable or "")
+        assert bridge.partitions[0].skipped == 0
+
+
+def test_a_batch_whose_header_claims_too_many_offsets_waits_named_not_held_in_memory(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: a batch's header says how many offsets it takes, whatever it
+    holds; a few bytes claiming billions would have the bridge make a message of each. Past
+    UNREADABLE_MAX_OFFSETS it is not sent on: the partition waits, and the status says why."""
+    monkeypatch.setattr(service, "UNREADABLE_MAX_OFFSETS", 50)
+    topic = kafka_topic(partitions=1)
+    produce_batch(kafka_broker, topic, 0, undecodable_batch(60))
+    produce(kafka_broker, topic, _events(1))
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        def said_why() -> bool:
+            _read_once(bridge)
+            return bridge.partitions[0].unreadable is not None
+
+        wait_until(said_why, 30, "the batch met")
+        progress = bridge.partitions[0]
+        assert progress.in_flight == 0 and progress.unreadable is not None
+        assert progress.unreadable.end is None
+        assert "its header claims 60 offsets, more than 50" in progress.unreadable.why
+        assert bridge._unreadable_said(progress)["unreadableAt"] == 0
 
 
 def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(

@@ -43,6 +43,11 @@ def cut_short_batch() -> bytes:
     return _batch(0, 1, _record(b"k", b"x" * 20)[:-3])
 
 
+def unknown_format_batch(key: bytes, value: bytes) -> bytes:
+    """A batch of one record under a format (magic byte) no Kafka client knows yet."""
+    return _batch(0, 1, _record(key, value), magic=3)
+
+
 def batch_with_header(key: bytes, value: bytes, name: bytes, header: bytes) -> bytes:
     """A batch of one record with one header whose name is any bytes: Kafka's protocol has
     them as bytes, the Kafka client as text."""
@@ -57,11 +62,11 @@ def _record(key: bytes, value: bytes, headers: tuple[tuple[bytes, bytes], ...] =
     return _varint(len(body)) + body
 
 
-def _batch(attributes: int, records: int, payload: bytes) -> bytes:
+def _batch(attributes: int, records: int, payload: bytes, magic: int = 2) -> bytes:
     now = int(time.time() * 1000)
     after_crc = struct.pack(">hiqqqhii", attributes, records - 1, now, now, -1, -1, -1,
                             records) + payload
-    after_length = struct.pack(">ibI", 0, 2, crc32c(after_crc)) + after_crc
+    after_length = struct.pack(">ibI", 0, magic, crc32c(after_crc)) + after_crc
     return struct.pack(">qi", 0, len(after_length)) + after_length
 
 

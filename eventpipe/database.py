@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from eventpipe import sqlite_turns
 from eventpipe.errors import read_only
@@ -207,6 +209,20 @@ def _is_file(database: str | None) -> bool:
     return database not in (None, "", ":memory:") and not str(database).startswith("file:")
 
 
+# Where a URL's query may carry a secret: libpq's `password`, redis-py's, an ODBC string's
+# `PWD=` (`odbc_connect`), case aside.
+_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd)=)[^&;]*")
+
+
 def redacted(url: str) -> str:
-    """A database URL fit for logs and messages: the password masked."""
-    return make_url(url).render_as_string(hide_password=True)
+    """A service URL fit for logs and messages: the password masked, in the user part and in
+    the query (`?password=…`, an `odbc_connect` string's `PWD=…`)."""
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not SQLAlchemy's form (a Redis URL of an odd shape)
+        shown = url
+    head, mark, query = shown.partition("?")
+    if not mark:
+        return shown
+    query = _SECRET_QUERY.sub(r"\1***", unquote_plus(query))
+    return f"{head}?{query}"

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 import sqlalchemy.exc
 
+from eventpipe.database import redacted
 from eventpipe.errors import (
     DatabaseUnresponsive,
     FailureKind,
@@ -190,3 +191,20 @@ def test_sqlstate_of_each_driver() -> None:
     assert sqlstate(postgres(psycopg.errors.DeadlockDetected)) == "40P01"
     assert sqlstate(mssql("40001", "deadlocked", 1205)) == "40001"
     assert sqlstate(sqlite3.OperationalError("database is locked")) is None
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg://postgres:hunter2@db:5432/x", "postgresql+psycopg://postgres:***@db:5432/x"),
+    # A review's finding: a password in the query was echoed by every error line.
+    ("postgresql+psycopg://postgres@db:5432/x?password=Sup3r&sslmode=require",
+     "postgresql+psycopg://postgres@db:5432/x?password=***&sslmode=require"),
+    ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC+Driver+18%7D%3BSERVER%3Ddb%3BUID%3Dsa"
+     "%3BPWD%3DSup3r%3BEncrypt%3Dyes",
+     "mssql+pyodbc:///?odbc_connect=DRIVER={ODBC Driver 18};SERVER=db;UID=sa;PWD=***;"
+     "Encrypt=yes"),
+    ("redis://db:6379/12?Password=Sup3r", "redis://db:6379/12?Password=***"),
+    ("redis://:Sup3r@db:6379/0", "redis://:***@db:6379/0"),
+    ("sqlite:///var/eventpipe.db", "sqlite:///var/eventpipe.db"),
+])
+def test_a_url_in_a_message_shows_no_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown

@@ -24,6 +24,7 @@ from eventpipe.dlq.stream import ENTRY_ID, DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import MessageReader
 from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
+from eventpipe.terminal import printable
 from web.resources.dlq.schemas import DeadLetterSchema
 
 _SCHEMA = DeadLetterSchema()
@@ -98,10 +99,10 @@ def _where(args: argparse.Namespace) -> Filter:
 
 def _summary(entry: StreamEntry) -> str:
     letter = entry.letter
-    return (f"{entry.entry_id}  {letter.last_failure_at:%Y-%m-%d %H:%M:%S}  "
-            f"{letter.event_type or '-':18s} {letter.error_class:16s} "
-            f"p{letter.position.partition}@{letter.position.offset}  {letter.event_id or '-'}  "
-            f"{letter.reason[:80]}")
+    return printable(f"{entry.entry_id}  {letter.last_failure_at:%Y-%m-%d %H:%M:%S}  "
+                     f"{letter.event_type or '-':18s} {letter.error_class:16s} "
+                     f"p{letter.position.partition}@{letter.position.offset}  "
+                     f"{letter.event_id or '-'}  {letter.reason[:80]}")
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

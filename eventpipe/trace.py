@@ -22,6 +22,7 @@ from eventpipe.effects import Position
 from eventpipe.errors import TransientError
 from eventpipe.messages import RawMessage
 from eventpipe.tables import applied_events, dead_letters
+from eventpipe.terminal import printable
 from eventpipe.times import utc_iso
 
 
@@ -74,7 +75,7 @@ def render(trace: Trace) -> str:
     if not trace.found:
         lines.append("  neither applied nor dead-lettered: not yet consumed, waiting for a "
                      "retry, or never sent")
-        return "\n".join(lines)
+        return printable("\n".join(lines))
     if trace.applied:
         a = trace.applied
         lines.append(f"  kafka     {a['kafka_topic']} partition {a['kafka_partition']} "
@@ -108,4 +109,4 @@ def render(trace: Trace) -> str:
         lines.extend(f"    {line}" for line in body.splitlines())
     elif trace.unfetched is not None:
         lines.append(f"  message:  not fetched: {trace.unfetched} (`--no-kafka` does without)")
-    return "\n".join(lines)
+    return printable("\n".join(lines))

@@ -55,6 +55,7 @@ from eventpipe.kafka import (
 )
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
+from eventpipe.terminal import printable
 from eventpipe.times import from_kafka_millis
 
 Progress = Callable[[int], None]
@@ -344,7 +345,7 @@ def render(report: Report, limit: int = 50) -> str:
                      f"{', '.join(report.ambiguous[:limit])}")
     if report.clean:
         lines.append("clean: the database holds exactly what the topic says")
-        return "\n".join(lines)
+        return printable("\n".join(lines))
     lines.append(f"{len(report.differences)} difference(s):")
     for difference in report.differences[:limit]:
         where = ", ".join(f"p{p.partition}@{p.offset}" for p in difference.positions[:5])
@@ -352,4 +353,4 @@ def render(report: Report, limit: int = 50) -> str:
                      f"{difference.found}" + (f"  [{where}]" if where else ""))
     if len(report.differences) > limit:
         lines.append(f"  … and {len(report.differences) - limit} more")
-    return "\n".join(lines)
+    return printable("\n".join(lines))

@@ -1,0 +1,30 @@
+"""Text from the data, as an operator's terminal gets it (`eventpipe.terminal`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cli.dlq import _summary
+from eventpipe.terminal import printable
+from eventpipe.trace import Trace, render
+from tests.support.factories import dead_letter
+
+# A review's finding: an eventId that erases the line printed before it, retitles the window
+# and rings the bell, then writes right to left.
+HOSTILE = "esc-1\x1b[31mRED\x1b[0m\x1b]0;pwned\x07\r\x1b[2K\u202eevil"
+
+
+def test_what_a_terminal_acts_on_is_spelled_out_and_the_rest_kept() -> None:
+    assert printable(HOSTILE) == (
+        "esc-1\\x1b[31mRED\\x1b[0m\\x1b]0;pwned\\x07\\r\\x1b[2K\\u202eevil")
+    assert printable("tab\there\nnext line: é, 😀, 中文") == "tab\there\nnext line: é, 😀, 中文"
+
+
+def test_the_dlq_listing_and_a_trace_print_no_control_character() -> None:
+    entry = dead_letter(7)
+    hostile = replace(entry, letter=replace(entry.letter, event_id=HOSTILE,
+                                            event_type=HOSTILE))
+    for text in (_summary(hostile), render(Trace(HOSTILE, None, [hostile.letter], set(),
+                                                 None))):
+        assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+        assert "esc-1\\x1b[31mRED" in text

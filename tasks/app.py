@@ -87,12 +87,19 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
     pool = options.get("pool") or options.get("pool_cls")
     name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
     concurrency = options.get("concurrency")
-    if name == "solo" or concurrency == 1:
+    if concurrency in (None, 0, 1):
         return
-    print(f"celery -A tasks worker: the {name} pool with concurrency {concurrency or 'auto'} "
-          "would apply a partition's batches in parallel and out of order; use the solo pool "
-          "(the default here) and more processes: eventpipe worker --processes N",
-          file=sys.stderr)
+    if name == "solo":
+        # `-P prefork` (Celery's default, so Celery cannot tell it was asked) gives way to
+        # the solo pool set here; a concurrency asked with it would be shown, not had.
+        print(f"celery -A tasks worker: the solo pool runs one batch at a time, so a "
+              f"concurrency of {concurrency} would be shown, not had; for more, run more "
+              "processes: eventpipe worker --processes N", file=sys.stderr)
+    else:
+        print(f"celery -A tasks worker: the {name} pool with concurrency {concurrency} would "
+              "apply a partition's batches in parallel and out of order; use the solo pool "
+              "(the default here) and more processes: eventpipe worker --processes N",
+              file=sys.stderr)
     raise SystemExit(2)
 
 

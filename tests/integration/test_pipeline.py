@@ -167,6 +167,12 @@ def test_a_bare_celery_worker_serves_every_partition_in_order(make_pipeline: Any
     assert refused.wait(timeout=60) == 2
     said = (pipeline.log_dir / f"{pipeline.name}-threads.log").read_text().strip().splitlines()
     assert said[-1].startswith("celery -A tasks worker: the thread pool with concurrency 4")
+    # A review's finding: `-P prefork -c 4` ran the solo pool, its banner saying 4.
+    refused = pipeline.start_celery_worker("--pool", "prefork", "--concurrency", "4",
+                                           name="prefork")
+    assert refused.wait(timeout=60) == 2
+    said = (pipeline.log_dir / f"{pipeline.name}-prefork.log").read_text().strip().splitlines()
+    assert said[-1].startswith("celery -A tasks worker: the solo pool runs one batch at a time")
     messages = stream(1500, seed=33)
     sent = pipeline.send(messages)
     pipeline.start_celery_worker()

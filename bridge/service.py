@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.batching import Batcher
 from bridge.bounded import Bounded
 from bridge.offsets import PartitionProgress, Unreadable
-from eventpipe import metrics, positions, redis_clients
+from eventpipe import metrics, positions, redis_clients, sqlite_file
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.database import BRIEF_S, make_engine
 from eventpipe.errors import TransientError
@@ -136,6 +136,10 @@ class Bridge:
         self._positions_again = 0.0
         self._positions_wait_s = POSITIONS_AGAIN_S
         self._next_recheck = 0.0
+        # The embedded database's file as the bridge found it: looked at before each record.
+        self._database_file = sqlite_file.path_of(settings.database_url)
+        self._database_identity = None if self._database_file is None \
+            else sqlite_file.identity(self._database_file)
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
@@ -699,6 +703,23 @@ class Bridge:
             self.ledger.trim(self._ledger_topic, kept)
         log.debug("committed", extra={"offsets": offsets})
 
+    def _database_replaced(self) -> bool:
+        """Whether the embedded database's file was deleted, or another put in its place,
+        since the bridge started: what it would record goes where nobody reads, and Kafka's
+        offsets would move past work no database holds. It stops, committing nothing more."""
+        if self._database_file is None \
+                or sqlite_file.identity(self._database_file) == self._database_identity:
+            return False
+        if self.must_stop is None:
+            self.must_stop = TransientError(
+                f"the database file {self._database_file.absolute()} was deleted or replaced "
+                "while the bridge ran: it stops and commits nothing more; stop every process "
+                "of the pipeline (they keep writing to the file they opened), then start "
+                "them again")
+            log.error("%s", self.must_stop)
+        self.stopping = True
+        return True
+
     def _idle_to_recheck(self, chosen: dict[int, PartitionProgress], offsets: dict[int, int],
                          now: float) -> list[int]:
         """Those of `chosen` with nothing to commit whose recorded positions are due to be
@@ -715,6 +736,8 @@ class Bridge:
         whether any was. Kafka hears of none the database does not hold. The positions of
         the `idle` partitions are read back in the same transaction, for the same losses."""
         if now < self._positions_again and not final:
+            return False
+        if self._database_replaced():
             return False
         try:
             # Copies: the call may outlive the wait, and the loop goes on changing these.

@@ -27,6 +27,7 @@ from eventpipe import positions
 from eventpipe.effects import Position
 from eventpipe.kafka import MessageReader
 from eventpipe.messages import RawMessage
+from eventpipe.migrations import upgrade
 from eventpipe.queues import TaskMessage, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
 from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
@@ -737,6 +738,31 @@ def test_a_position_lost_on_a_partition_with_nothing_new_is_found_within_the_rec
         assert progress.committed == 6 and _committed(bridge, topic) == 6
         wait_until(lambda: _sync_read(bridge) and progress.next_read == 10, 30,
                    "offsets 6-9 read again")
+
+
+def test_an_embedded_database_file_deleted_under_the_bridge_stops_it_committing_nothing(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        tmp_path: Path) -> None:
+    """A review's finding: the SQLite file deleted under running processes, they wrote on to
+    the file they had open, and Kafka's offsets moved past work no file held. The bridge
+    looks at the file before each record of its positions: gone, or another in its place, it
+    stops, committing nothing more."""
+    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
+    upgrade(url)
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+        _read_up_to(bridge, 2)
+        _applied(bridge, range(0, 3))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 3
+        for leftover in tmp_path.glob("eventpipe.db*"):
+            leftover.unlink()
+        _read_up_to(bridge, 5)
+        _applied(bridge, range(3, 6))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 3 and bridge.stopping
+        assert "was deleted or replaced while the bridge ran" in str(bridge.must_stop)
 
 
 def test_work_the_database_lost_since_its_last_position_is_read_again(

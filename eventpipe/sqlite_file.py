@@ -1,0 +1,35 @@
+"""The embedded SQLite database as a file: a process keeps the file it opened, even once it
+is deleted or another is put in its place, and would go on writing where nobody reads.
+What it opened is told apart from what the path names now by the file's identity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from sqlalchemy.engine import make_url
+
+
+class FileIdentity(NamedTuple):
+    device: int
+    inode: int
+
+
+def path_of(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, or one in memory."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or database in (None, "", ":memory:") \
+            or str(database).startswith("file:"):
+        return None
+    return Path(str(database))
+
+
+def identity(path: Path) -> FileIdentity | None:
+    """The file at `path` now; None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return FileIdentity(found.st_dev, found.st_ino)

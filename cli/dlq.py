@@ -107,7 +107,7 @@ def _summary(entry: StreamEntry) -> str:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     stream = _stream(settings)
-    entries = stream.page(_where(args), args.after, args.limit)
+    entries = stream.page(_where(args), args.after, args.limit).entries
     for entry in entries:
         print(json.dumps(_SCHEMA.dump(entry)) if args.json else _summary(entry))
     if not args.json:

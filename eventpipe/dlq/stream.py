@@ -24,14 +24,20 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
 from eventpipe.dlq.letter import DeadLetter, history_from_json, history_json
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
-from eventpipe.messages import Headers, RawMessage, headers_from_json, headers_json
+from eventpipe.messages import (
+    Headers,
+    RawMessage,
+    headers_from_json,
+    headers_json,
+    headers_size,
+)
 from eventpipe.redis_clients import decoded
 from eventpipe.times import utc_iso
 
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
+# The most bytes of messages a page of entries shows (`page`): past it, the next page.
+PAGE_MAX_BYTES = 8 * 1024 * 1024
 
 # KEYS: stream, index. ARGV: dlq keys. The entries of those the index names, as XRANGE gives
 # them, read at once: an entry put again meanwhile (under a new id) is never missed.
@@ -177,6 +185,11 @@ class StreamEntry:
             return cls(letter, None, None)
         return cls(letter, message.value or b"", message.key, tombstone=message.value is None,
                    headers=message.headers)
+
+    @property
+    def size(self) -> int:
+        """The bytes of its message it shows."""
+        return len(self.value or b"") + len(self.key or b"") + headers_size(self.headers)
 
     @property
     def raw(self) -> RawMessage | None:
@@ -518,14 +531,24 @@ class DeadLetterStream:
             self.forget_intact()
         return entry
 
-    def page(self, where: Filter = Filter(), after: str | None = None,
-             limit: int = 50) -> list[StreamEntry]:
-        page: list[StreamEntry] = []
+    def page(self, where: Filter = Filter(), after: str | None = None, limit: int = 50,
+             max_bytes: int = PAGE_MAX_BYTES) -> Page:
+        """Up to `limit` entries after `after`, and no more once their messages passed
+        `max_bytes` (the first whatever its size): a page of large poison messages must not
+        make an answer of hundreds of megabytes."""
+        entries: list[StreamEntry] = []
+        size = 0
         for entry in self.scan(where, after):
-            page.append(entry)
-            if len(page) >= limit:
-                break
-        return page
+            if len(entries) >= limit or (entries and size + entry.size > max_bytes):
+                return Page(entries, more=True)
+            entries.append(entry)
+            size += entry.size
+        return Page(entries, more=False)
+
+
+class Page(NamedTuple):
+    entries: list[StreamEntry]
+    more: bool  # entries follow that the page left out
 
 
 def _dead_letter(entry_id: str, fields: dict[bytes, bytes]) -> StreamEntry | None:

@@ -127,13 +127,29 @@ def test_filters_and_pagination(stream: DeadLetterStream) -> None:
     stream.put(dead_letter(1, "OrderPlaced", "InvalidEvent"))
     stream.put(dead_letter(2, "UserCreated", "EmailTaken"))
     stream.put(dead_letter(3, "OrderPlaced", "MissingParent"))
-    assert [e.letter.position.offset for e in stream.page(Filter(event_type="OrderPlaced"))] \
-        == [1, 3]
-    assert [e.letter.position.offset for e in stream.page(Filter(error_class="EmailTaken"))] \
-        == [2]
+    assert [e.letter.position.offset
+            for e in stream.page(Filter(event_type="OrderPlaced")).entries] == [1, 3]
+    assert [e.letter.position.offset
+            for e in stream.page(Filter(error_class="EmailTaken")).entries] == [2]
     first = stream.page(limit=2)
-    rest = stream.page(after=first[-1].entry_id)
-    assert [e.letter.position.offset for e in first + rest] == [1, 2, 3]
+    rest = stream.page(after=first.entries[-1].entry_id)
+    assert first.more and not rest.more
+    assert [e.letter.position.offset for e in first.entries + rest.entries] == [1, 2, 3]
+
+
+def test_a_page_of_large_messages_stops_at_its_bytes_and_says_more_follow(
+    stream: DeadLetterStream,
+) -> None:
+    """A review's finding: a page was bounded by its count alone, and 50 large poison
+    messages made a listing of 32 MB. Past `max_bytes` the page ends; the next goes on."""
+    for offset in range(4):
+        stream.put(dead_letter(offset, value=b"x" * 1000))
+    page = stream.page(limit=10, max_bytes=2500)
+    assert [e.letter.position.offset for e in page.entries] == [0, 1] and page.more
+    alone = stream.page(limit=10, max_bytes=10)  # the first whatever its size
+    assert len(alone.entries) == 1 and alone.more
+    rest = stream.page(after=page.entries[-1].entry_id, limit=10, max_bytes=2500)
+    assert [e.letter.position.offset for e in rest.entries] == [2, 3] and not rest.more
 
 
 def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
@@ -145,7 +161,6 @@ def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
     once. A letter that failed only after the call began is not, nor one the call already
     took that comes back (its replayed copy failed)."""
     stream.max_entries = 2_000
-    stream.max_bytes = 10**7
     offsets = range(1, 1_201)  # more than the stream is read at once
     for offset in offsets:
         stream.put(dead_letter(offset))

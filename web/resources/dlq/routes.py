@@ -84,12 +84,9 @@ class Entries(MethodView):
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Entries, oldest failure first, a page at a time, optionally filtered"""
         stream = _stream()
-        limit: int = args["limit"]
-        # One more than asked tells whether another page follows.
-        found = stream.page(to_filter(args), args.get("after"), limit + 1)
-        page = found[:limit]
-        more = len(found) > limit
-        return {"items": page, "next_cursor": page[-1].entry_id if more else None,
+        page = stream.page(to_filter(args), args.get("after"), args["limit"])
+        return {"items": page.entries,
+                "next_cursor": page.entries[-1].entry_id if page.more else None,
                 "depth": stream.depth()}
 
 

@@ -91,6 +91,10 @@ class PartitionProgress:
     # The offset the bridge expects to read next: where it set the reading (the committed
     # offset, a re-read), then past the last message read; None until known.
     next_read: int | None = None
+    # Whether a message was read since the reading was last set (assigned, or sought back):
+    # until one is, the Kafka client's position may be the one from before the seek, which
+    # it makes in the background.
+    read_since_set: bool = False
     lost: int = 0  # events counted lost to Kafka's retention since this bridge was given it
     lost_at: float | None = None  # when it last counted some
     unreadable: Unreadable | None = None  # the last batch Kafka could not hand over
@@ -218,6 +222,7 @@ class PartitionProgress:
         """A message at `offset` was read: the first offset it skipped (the read went past
         offsets expected first), else None."""
         expected, self.next_read = self.next_read, offset + 1
+        self.read_since_set = True
         return expected if expected is not None and offset > expected else None
 
     def dispatched(self, offsets: list[int], now: float) -> None:
@@ -259,7 +264,10 @@ class PartitionProgress:
     def committable(self, read_to: int | None = None) -> int | None:
         """Offset to commit now, or None when there is nothing new to commit. `read_to`:
         where the Kafka client's reading stands, every message below it sent: with nothing
-        outstanding, the offsets between the last sent and it hold no message."""
+        outstanding, the offsets between the last sent and it hold no message (taken only
+        once a message was read since the reading was last set)."""
+        if not self.read_since_set:
+            read_to = None
         if self.outstanding:
             candidate = self.outstanding[0][0]
         elif self.last_dispatched is not None or read_to is not None:
@@ -298,6 +306,7 @@ class PartitionProgress:
         """Forget everything handed out: the partition is about to be read again from
         `offset`."""
         self.next_read = offset
+        self.read_since_set = False
         self.outstanding.clear()
         self.pending.clear()
         self.done_ahead.clear()

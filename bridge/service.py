@@ -1039,6 +1039,7 @@ class Bridge:
                 progress.drain(waiting.get(partition) if waiting else None, self.clock(),
                                self.settings.redelivery_timeout_s)
                 progress.committed = progress.next_read = known.get(partition)
+                progress.read_since_set = False
                 # At zero from the start: an alert sees the first loss as an increase.
                 metrics.LOST_TO_RETENTION.labels(self.topic, str(partition))
                 # Exported from the start, not from this bridge's first commit: a partition

@@ -35,8 +35,12 @@ def test_commit_stops_at_the_oldest_unfinished_offset() -> None:
 def test_with_nothing_outstanding_the_commit_follows_the_reading_past_offsets_with_no_message(
         ) -> None:
     progress = PartitionProgress(0, committed=5)
+    progress.read(4)
     assert progress.committable(5) is None
     assert progress.committable(7) == 7  # a transaction's marker at 5 and 6, read past
+    progress.reset(5)  # sought back: the client's position may still be the one before
+    assert progress.committable(7) is None
+    progress.read(7)
     progress.dispatched([7, 8], now=0)
     assert progress.committable(12) == 7  # something outstanding: not past it
     progress.observe({7, 8}, set(), now=1)

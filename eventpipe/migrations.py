@@ -9,8 +9,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
+
+from eventpipe.database import make_engine, redacted
+from eventpipe.settings import Settings, SettingsError
 
 
 def scripts() -> Path:
@@ -62,10 +65,14 @@ def schema_behind(conn: Connection) -> str | None:
 
 def create_database_if_missing(url: str) -> None:
     """SQL Server and PostgreSQL: create the URL's database through the server's default one.
-    SQLite creates its file on first connection."""
+    SQLite creates its file on first connection, in a directory made here."""
     parsed = make_url(url)
     backend, name = parsed.get_backend_name(), parsed.database
-    if backend == "sqlite" or not name:
+    if backend == "sqlite":
+        if name and name != ":memory:" and not name.startswith("file:"):  # a file of its own
+            _make_directory(Path(name).parent, url)
+        return
+    if not name:
         return
     if backend == "mssql":
         admin_url = parsed.set(database="master")
@@ -77,10 +84,26 @@ def create_database_if_missing(url: str) -> None:
         create = f'CREATE DATABASE "{name.replace(chr(34), chr(34) * 2)}"'
     else:
         return
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    # Through the same network timeouts as every engine, not the driver's own (130 s with
+    # psycopg for a server that answers nothing); no statement timeout, as for Alembic.
+    admin = Settings(database_url=admin_url.render_as_string(hide_password=False),
+                     database_statement_timeout_s=0)
+    engine = make_engine(admin, writer=False)
     try:
         with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")  # CREATE DATABASE needs it
             if conn.execute(text(exists), {"name": name}).first() is None:
                 conn.execute(text(create))
     finally:
         engine.dispose()
+
+
+def _make_directory(directory: Path, url: str) -> None:
+    """The directory of a SQLite file, made if missing: one that cannot be (a file of its name
+    in the way, a read-only working directory) is DATABASE_URL's, said in one line."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"DATABASE_URL={redacted(url)}: cannot create the directory "
+                            f"{directory.absolute()}: {exc.strerror or exc}; run from a "
+                            "writable directory or set DATABASE_URL") from None

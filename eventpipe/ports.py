@@ -30,8 +30,13 @@ def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = Fal
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
-        if host_setting and (isinstance(exc, socket.gaierror)
-                             or exc.errno == errno.EADDRNOTAVAIL):
+        if host_setting and (_unresolved(exc) or exc.errno == errno.EADDRNOTAVAIL):
             raise SettingsError(f"{host_setting}={host}: {exc.strerror or exc}: no address of "
                                 "this machine to listen on") from None
         raise unusable(setting, port, exc, any_port=any_port) from None
+
+
+def _unresolved(exc: OSError) -> bool:
+    """The host named no address: socket.create_server gives the resolver's error as a plain
+    OSError, its errno one of getaddrinfo's EAI_* codes, which are negative."""
+    return isinstance(exc, socket.gaierror) or (exc.errno is not None and exc.errno < 0)

@@ -9,16 +9,46 @@ them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from eventpipe.database import require_database
-from eventpipe.settings import settings_or_exit
+from gunicorn.config import Config  # type: ignore[import-untyped]
 
-# A database file that is not there is said here, once, not as each worker fails to boot.
-_settings = settings_or_exit("gunicorn", check=require_database)
+from eventpipe.database import require_database
+from eventpipe.ports import ensure_free
+from eventpipe.settings import Settings, settings_or_exit
+
+# The names prometheus_client gives its files in multiprocess mode (`values.py`): the metric's
+# type, a gauge's mode, the process id.
+_METRIC_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|"
+                          r"mostrecent))_\d+\.db")
+
+
+def _binds_elsewhere() -> bool:
+    """Whether WEB_HOST:WEB_PORT is not where this server listens: a bind (or a shared port)
+    given on the command line replaces it, and a configuration loaded again, by a HUP or a
+    master started by USR2 (gunicorn's arbiter set SERVER_SOFTWARE), or under systemd's socket
+    activation, finds its own listener there."""
+    if {"SERVER_SOFTWARE", "GUNICORN_FD", "LISTEN_FDS"} & os.environ.keys():
+        return True
+    given = [*shlex.split(os.environ.get("GUNICORN_CMD_ARGS", "")), *sys.argv[1:]]
+    args, _ = Config().parser().parse_known_args(given)
+    return bool(args.bind or args.reuse_port)
+
+
+def _check(settings: Settings) -> None:
+    # A database file that is not there is said here, once, not as each worker fails to boot;
+    # a port another process holds in one line, not as gunicorn's retries over 5 s.
+    require_database(settings)
+    if not _binds_elsewhere():
+        ensure_free("WEB_PORT", settings.web_port, settings.web_host, host_setting="WEB_HOST")
+
+
+_settings = settings_or_exit("gunicorn", check=_check)
 
 bind = f"{_settings.web_host}:{_settings.web_port}"
 # Reads wait on the database, not the CPU: a few processes per core keep the cores busy.
@@ -51,9 +81,11 @@ _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 def on_starting(_server: Any) -> None:
     """Start without the metric files of a previous run, which would still be counted."""
     _metrics_dir.mkdir(parents=True, exist_ok=True)
-    # Only prometheus_client's own files: the directory may have been given by an operator.
+    # Only prometheus_client's own files: the directory may have been given by an operator,
+    # and hold a SQLite database (var/ holds the embedded one).
     for leftover in _metrics_dir.glob("*.db"):
-        leftover.unlink()
+        if _METRIC_FILE.fullmatch(leftover.name):
+            leftover.unlink()
 
 
 def child_exit(_server: Any, worker: Any) -> None:

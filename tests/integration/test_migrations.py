@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,3 +134,41 @@ def test_a_database_made_with_positions_is_marked_so_and_one_with_fates_is_not(
             assert conn.execute(marked).all() == []
     finally:
         engine.dispose()
+
+
+EVENTPIPE = Path(sys.executable).parent / "eventpipe"
+
+
+def test_migrate_says_in_one_line_that_var_cannot_be_made(tmp_path: Path) -> None:
+    """A review's finding: with a file named `var` where the default SQLite database's
+    directory goes (or a read-only working directory), a traceback."""
+    (tmp_path / "var").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    done = subprocess.run([str(EVENTPIPE), "migrate"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**env, "EVENTPIPE_ENV_FILE": "/nonexistent"})
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"eventpipe: bad setting: DATABASE_URL=sqlite:///var/eventpipe.db: "
+                           f"cannot create the directory {tmp_path / 'var'}: "), line
+    assert line.endswith("run from a writable directory or set DATABASE_URL"), line
+
+
+def test_migrate_gives_up_on_a_postgresql_that_answers_nothing_as_soon_as_other_commands(
+        tmp_path: Path) -> None:
+    """A review's finding: creating the database if missing waited for psycopg's own timeout,
+    130 s, where every other command gives up after DATABASE_URL's connect_timeout (10 s)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: never answers
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/silent"
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                [str(EVENTPIPE), "migrate"], cwd=tmp_path, capture_output=True, text=True,
+                timeout=30, env={**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent",
+                                 "DATABASE_URL": url})
+        except subprocess.TimeoutExpired:
+            pytest.fail("no answer within 30 s")
+    assert time.monotonic() - started < 30
+    assert done.returncode == 3, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"eventpipe: the database at DATABASE_URL={url} cannot be used: "), \
+        line

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,15 @@ def test_a_host_that_is_no_address_of_this_machine_is_the_hosts_setting() -> Non
     with pytest.raises(SettingsError, match=r"^WEB_HOST=192\.0\.2\.1: .*no address of this "
                                             r"machine"):
         ensure_free("WEB_PORT", 8000, "192.0.2.1", host_setting="WEB_HOST")
+
+
+@pytest.mark.parametrize("host", ["nonexistent.invalid", "999.1.1.1"])
+def test_a_host_that_names_no_address_is_the_hosts_setting(host: str) -> None:
+    # socket.create_server gives the resolver's error as a plain OSError, its errno an EAI_*
+    # code. (Before: blamed on WEB_PORT.)
+    with pytest.raises(SettingsError, match=rf"^WEB_HOST={re.escape(host)}: .*no address of "
+                                            r"this machine"):
+        ensure_free("WEB_PORT", free_port(), host, host_setting="WEB_HOST")
 
 
 def test_up_names_two_of_its_port_settings_that_are_equal(tmp_path: Path) -> None:

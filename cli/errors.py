@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import redis.exceptions
 import sqlalchemy.exc
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from eventpipe.database import redacted
 from eventpipe.errors import (
     KEY_OF_ANOTHER_KIND,
+    NO_REDIS_DATABASE,
     ServiceUnanswered,
     TransientError,
     key_of_another_kind,
+    no_redis_database,
+    not_a_sqlite_database,
+    redis_database_missing,
+    redis_refuses_writes,
     schema_missing,
     sqlstate,
 )
@@ -24,6 +29,13 @@ from eventpipe.settings import Settings
 
 BAD_SETTING = 2
 SERVICE = 3
+# How a line of a bad setting begins, as `eventpipe` says those the settings refuse.
+BAD = "bad setting: "
+# The settings librdkafka is handed, by the name it gives them in its complaints.
+_KAFKA_PROPERTIES = {"bootstrap.servers": "KAFKA_BOOTSTRAP_SERVERS",
+                     "group.id": "KAFKA_GROUP_ID",
+                     "session.timeout.ms": "KAFKA_SESSION_TIMEOUT_MS",
+                     "fetch.wait.max.ms": "KAFKA_FETCH_WAIT_MAX_MS"}
 
 
 def explain(exc: BaseException, settings: Settings) -> str | None:
@@ -33,6 +45,13 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return (f"Redis does not answer at REDIS_URL={redacted(settings.redis_url)}: "
                 f"{_first_line(exc)}")
+    if no_redis_database(exc):
+        setting, number = redis_database_missing(settings)
+        url = getattr(settings, setting.lower())
+        return f"{BAD}{setting}={redacted(url)}: {NO_REDIS_DATABASE.format(number=number)}"
+    refused = redis_refuses_writes(exc)
+    if refused is not None:
+        return f"Redis at REDIS_URL={redacted(settings.redis_url)} refuses writes: {refused}"
     if key_of_another_kind(exc):
         return (f"{KEY_OF_ANOTHER_KIND} (DLQ_STREAM={settings.dlq_stream}, "
                 f"KAFKA_GROUP_ID={settings.kafka_group_id} at "
@@ -42,15 +61,36 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         orig = exc.orig
         if schema_missing(exc):
             return f"the database at {where} has no schema yet: run `eventpipe migrate`"
+        if not_a_sqlite_database(exc):
+            return (f"the database at {where} is not a SQLite database, or is damaged: "
+                    f"{_first_line(orig or exc)}")
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) \
                 or _odbc_driver_missing(orig):
             return f"the database at {where} cannot be used: {_first_line(orig or exc)}"
     if isinstance(exc, TransientError):  # the pipeline's own, written for operators
         return _first_line(exc)
     if isinstance(exc, KafkaException):
-        return (f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: "
-                f"{_first_line(exc)}")
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        said = (_first_line_of(error.str()) or error.name()) if error is not None \
+            else _first_line(exc)
+        if error is not None and error.code() in (KafkaError._INVALID_ARG,
+                                                  KafkaError.INVALID_CONFIG):
+            return f"{BAD}{_kafka_settings(said, settings)}: Kafka's client refuses it: {said}"
+        return f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}: {said}"
     return None
+
+
+def status_of(line: str) -> int:
+    """The exit status of a line of `explain`: a bad setting's says so first."""
+    return BAD_SETTING if line.startswith(BAD) else SERVICE
+
+
+def _kafka_settings(said: str, settings: Settings) -> str:
+    """The settings, with their values, whose librdkafka properties the client's complaint
+    names; all it is handed when it names none of them (a property derived from them)."""
+    named = [env for prop, env in _KAFKA_PROPERTIES.items() if prop in said] \
+        or list(_KAFKA_PROPERTIES.values())
+    return ", ".join(f"{env}={getattr(settings, env.lower())}" for env in named)
 
 
 def _odbc_driver_missing(orig: BaseException | None) -> bool:
@@ -61,5 +101,9 @@ def _odbc_driver_missing(orig: BaseException | None) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _first_line_of(str(exc)) or type(exc).__name__
+
+
+def _first_line_of(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else ""

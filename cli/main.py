@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = errors.explain(exc, settings)
         if line is None:
             raise
-        return _fail(line, errors.SERVICE)
+        return _fail(line, errors.status_of(line))
 
 
 def _fail(line: str, status: int) -> int:

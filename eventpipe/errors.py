@@ -10,9 +10,12 @@ from __future__ import annotations
 import enum
 import re
 import sqlite3
+from urllib.parse import parse_qs, urlsplit
 
 import sqlalchemy.exc
 from redis import exceptions as redis_exceptions
+
+from eventpipe.settings import REDIS_SCHEMES, Settings
 
 
 class PipelineError(Exception):
@@ -231,3 +234,73 @@ def _mssql_error_numbers(orig: BaseException) -> set[int]:
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same work later can succeed."""
     return classify(exc) is FailureKind.TRANSIENT
+
+
+# -- what Redis and SQLite say that no retry mends: an operator's to fix ---------------------
+
+# Said by Redis as a client selects a database its `databases` setting does not count.
+_NO_SUCH_DATABASE = "DB index is out of range"
+# redis-py's words before what Redis answered to a command of a pipeline.
+_OF_PIPELINE = " of pipeline caused error: "
+
+
+def redis_said(exc: BaseException) -> str | None:
+    """What a Redis server answered instead of doing a command (an error reply), without
+    redis-py's words about the pipeline it was in; None for any other failure."""
+    if not isinstance(exc, redis_exceptions.ResponseError):
+        return None
+    # The last: the command's arguments, quoted before, are anyone's.
+    return str(exc).rpartition(_OF_PIPELINE)[2]
+
+
+def no_redis_database(exc: BaseException) -> bool:
+    """Whether Redis said it has no database of the number a URL names."""
+    return redis_said(exc) == _NO_SUCH_DATABASE
+
+
+def redis_database_missing(settings: Settings) -> tuple[str, int]:
+    """The setting, and its database number, that Redis said it does not have. The error
+    does not say which of the two URLs' servers said it: the larger number is beyond the
+    server's databases if either is (numbered from 0), REDIS_URL's on a tie."""
+    urls = [("REDIS_URL", settings.redis_url)] + [
+        ("CELERY_BROKER_URL", url) for url in settings.celery_broker_url.split(";")
+        if url.partition("://")[0] in REDIS_SCHEMES]
+    numbers = [(name, redis_database(url)) for name, url in urls]
+    return max(numbers, key=lambda named: named[1])  # max keeps the first of equals
+
+
+def redis_database(url: str) -> int:
+    """The database number a Redis URL names, read as redis-py reads it: `?db=` first, then
+    the path but of a socket's URL; 0 when it names none."""
+    parts = urlsplit(url)
+    path = "" if parts.scheme == "unix" else parts.path.strip("/")
+    number = parse_qs(parts.query).get("db", [path])[0]
+    return int(number) if number.isdigit() else 0
+
+
+NO_REDIS_DATABASE = ("the Redis server there has no database {number} (a server has 16, "
+                     "0 to 15, unless its `databases` setting says more)")
+
+
+def redis_refuses_writes(exc: BaseException) -> str | None:
+    """Why Redis refuses every write for now, when it is its state and not the command:
+    memory, or a snapshot it failed to save. An operator's to fix; it then passes."""
+    said = redis_said(exc)
+    if said is None:
+        return None
+    if isinstance(exc, redis_exceptions.OutOfMemoryError) or said.startswith("OOM "):
+        return ("it is at its memory bound (maxmemory) and evicts nothing: free memory, or "
+                "raise the bound")
+    if said.startswith("MISCONF "):
+        return "it cannot save its snapshot to disk (MISCONF): see its log"
+    return None
+
+
+def not_a_sqlite_database(exc: BaseException) -> bool:
+    """Whether SQLite found the file DATABASE_URL names is none of its databases, or is
+    damaged (SQLITE_NOTADB, SQLITE_CORRUPT and its extended codes): no retry mends it."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return False
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return isinstance(exc.orig, sqlite3.DatabaseError) and isinstance(code, int) \
+        and code & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)

@@ -219,6 +219,11 @@ class Settings:
         if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
             raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "
                                 "must be between 0 and 59000")
+        # librdkafka's bound, which it says only as a consumer is made (the bridge's, the
+        # worker pool's): an hour.
+        if self.kafka_session_timeout_ms > 3_600_000:
+            raise SettingsError(f"KAFKA_SESSION_TIMEOUT_MS={self.kafka_session_timeout_ms!r}: "
+                                "must be between 1 and 3600000")
         for env, value in (("KAFKA_PARTITIONS", self.kafka_partitions),
                            ("BATCH_MAX_EVENTS", self.batch_max_events),
                            ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):

@@ -290,10 +290,14 @@ def _accepts_tcp(port: int) -> bool:
 
 
 def redis_answers(url: str) -> bool:
-    """Whether a Redis server at `url` answers PING within a second."""
+    """Whether a Redis server at `url` answers PING within a second. What it answers instead
+    (a database it does not have, said as the client selects it) is raised as redis-py's
+    `ResponseError`: the server is there, and said what is wrong."""
     client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
     try:
         return bool(client.ping())
+    except redis.ResponseError:
+        raise
     except redis.RedisError:
         return False
     finally:

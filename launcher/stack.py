@@ -30,12 +30,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import redis
 from sqlalchemy import select
 
 from eventpipe import redis_clients
 from eventpipe.broker_queues import Unanswered, is_amqp, purge_amqp
 from eventpipe.database import make_engine, redacted
-from eventpipe.errors import ServiceUnanswered
+from eventpipe.errors import (
+    NO_REDIS_DATABASE,
+    ServiceUnanswered,
+    no_redis_database,
+    redis_database,
+    redis_said,
+)
 from eventpipe.kafka import broker_reachable, ensure_topic
 from eventpipe.migrations import create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
@@ -145,7 +152,7 @@ class Stack:
         for name, url in (("REDIS_URL", self.settings.redis_url),
                           ("CELERY_BROKER_URL", self.settings.celery_broker_url)):
             if name in self.provided and url.split("://", 1)[0] in REDIS_SCHEMES \
-                    and not redis_answers(url):
+                    and not _redis_answers(name, url):
                 raise ServiceUnanswered(f"no Redis answers at {name}={redacted(url)}; start "
                                         f"it, or unset {name} to run an embedded one")
         if "REDIS_URL" in self.provided:
@@ -294,7 +301,12 @@ class Stack:
 
 def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
     run_dir = Path("var") / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file named var in the way, a read-only working directory
+        raise SettingsError(f"cannot create the directory {run_dir.absolute()} for the logs of "
+                            f"`eventpipe up`: {exc.strerror or exc}; run it from a writable "
+                            "directory") from None
     stack = Stack(settings, provided, run_dir)
     stack.install_signal_handlers()
     if isinstance(sys.stdout, io.TextIOWrapper):  # its lines as they come, piped or not
@@ -383,4 +395,14 @@ def _eventpipe() -> str:
     return str(Path(sys.executable).with_name("eventpipe"))
 
 
-
+def _redis_answers(name: str, url: str) -> bool:
+    """Whether the Redis the setting `name` names answers PING; what it answers instead is
+    said naming the setting: a database it does not have is a bad setting."""
+    try:
+        return redis_answers(url)
+    except redis.ResponseError as exc:
+        if no_redis_database(exc):
+            raise SettingsError(f"{name}={redacted(url)}: " + NO_REDIS_DATABASE.format(
+                number=redis_database(url))) from None
+        raise ServiceUnanswered(f"Redis at {name}={redacted(url)} answers PING with an "
+                                f"error: {redis_said(exc)}") from None

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import flask_smorest
 import redis
 import sqlalchemy.exc
-from flask import Flask, request
+from flask import Flask, current_app, request
 from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
@@ -27,11 +27,16 @@ from eventpipe.errors import (
     PipelineError,
     is_transient,
     key_of_another_kind,
+    no_redis_database,
+    not_a_sqlite_database,
+    redis_database_missing,
+    redis_refuses_writes,
     schema_missing,
     schema_out_of_step,
 )
 from eventpipe.failures import SCHEMA_OUT_OF_STEP
 from eventpipe.migrations import SCHEMA_MISSING
+from web import services
 from web.schemas import ErrorSchema
 
 log = logging.getLogger(__name__)
@@ -81,12 +86,14 @@ def dependency_error(exc: Exception) -> ErrorResponse:
     """A failure raised below the views (SQL, Redis, Kafka, the pipeline's own errors). A
     database never migrated, or behind the code, is unavailable too (`errors.classify` calls
     it transient), until an operator runs the migration."""
-    if key_of_another_kind(exc):
-        # Not the client's, nor passing: an operator must free the keys. Hosts stay in the log.
-        log.error("a Redis key of the pipeline holds another kind of value",
-                  extra={"path": request.path, "error": f"{type(exc).__name__}: {exc}"})
-        return http_error(ServiceUnavailable(KEY_OF_ANOTHER_KIND))
-    if is_transient(exc):
+    # Not the client's, nor passing: an operator must change a setting or free the keys.
+    # Hosts and paths stay in the log.
+    lasting = _operators_to_fix(exc)
+    if lasting is not None:
+        log.error(lasting, extra={"path": request.path,
+                                  "error": f"{type(exc).__name__}: {exc}"})
+        return http_error(ServiceUnavailable(lasting))
+    if is_transient(exc) or redis_refuses_writes(exc):
         message = _unavailable(exc)
         log.warning("dependency unavailable", extra={"path": request.path, "reason": message,
                                                      "error": f"{type(exc).__name__}: {exc}"})
@@ -96,6 +103,18 @@ def dependency_error(exc: Exception) -> ErrorResponse:
     return http_error(InternalServerError())
 
 
+def _operators_to_fix(exc: Exception) -> str | None:
+    """What no retry mends, said without a host or a path."""
+    if key_of_another_kind(exc):
+        return KEY_OF_ANOTHER_KIND
+    if no_redis_database(exc):
+        setting, number = redis_database_missing(services.of(current_app).settings)
+        return f"Redis has no database {number}: {setting} names one the server does not have"
+    if not_a_sqlite_database(exc):
+        return "DATABASE_URL names a file that is not a SQLite database, or is damaged"
+    return None
+
+
 def _unavailable(exc: Exception) -> str:
     if schema_missing(exc):
         return SCHEMA_MISSING
@@ -103,6 +122,9 @@ def _unavailable(exc: Exception) -> str:
         return SCHEMA_OUT_OF_STEP
     if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
         return "the database is unavailable; retry later"
+    refused = redis_refuses_writes(exc)
+    if refused is not None:
+        return f"Redis refuses writes: {refused}"
     if isinstance(exc, redis.RedisError):
         return "Redis is unavailable; retry later"
     # The pipeline's own errors are written for operators (e.g. a replay Kafka did not take);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +20,7 @@ from confluent_kafka import TopicPartition
 from bridge.service import Bridge
 from cli.errors import explain
 from eventpipe.errors import KEY_OF_ANOTHER_KIND, TransientError
+from launcher.embedded import start_redis
 from tests.support.broker import (
     TopicFactory,
     bridges_database,
@@ -28,7 +30,10 @@ from tests.support.broker import (
     settings_for,
 )
 from tests.support.pipeline import BIN, ROOT, wait_until
-from tests.support.services import REDIS_URL
+from tests.support.services import REDIS_URL, migrate
+
+# Nothing listens on port 1 of the loopback: connections are refused at once.
+NOWHERE = "127.0.0.1:1"
 
 
 def free_port() -> int:
@@ -104,17 +109,41 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["produce", "generate", "--count", "1"],
          {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:{port}", "LOG_LEVEL": "ERROR"}, 3,
          "eventpipe: Kafka at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}: "),
+        # A database the server does not have: Redis says so as the client selects it.
+        (["dlq", "list"], {"REDIS_URL": f"{REDIS_URL}/99"}, 2,
+         f"eventpipe: bad setting: REDIS_URL={REDIS_URL}/99: the Redis server there has no "
+         "database 99"),
+        (["status"], {"REDIS_URL": f"{REDIS_URL}/99", "DATABASE_URL": "sqlite:///empty.db"}, 2,
+         f"eventpipe: bad setting: REDIS_URL={REDIS_URL}/99: the Redis server there has no "
+         "database 99"),
+        # A file that is not SQLite's (or is damaged): read, never written.
+        *[(command, {"DATABASE_URL": "sqlite:///notdb.db",
+                     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:{port}"}, 3,
+           "eventpipe: the database at DATABASE_URL=sqlite:///notdb.db is not a SQLite "
+           "database, or is damaged: file is not a database")
+          for command in (["status"], ["trace", "e-1", "--no-kafka"])],
+        # Beyond what librdkafka takes; and one it refuses with another of its settings.
+        (["bridge"], {"KAFKA_SESSION_TIMEOUT_MS": "99999999"}, 2,
+         "eventpipe: bad setting: KAFKA_SESSION_TIMEOUT_MS=99999999: must be between 1 and "
+         "3600000"),
+        (["bridge"], {"KAFKA_SESSION_TIMEOUT_MS": "400000", "BRIDGE_METRICS_PORT": "{port}",
+                      "KAFKA_BOOTSTRAP_SERVERS": NOWHERE, "DATABASE_URL": "sqlite:///empty.db"},
+         2, "eventpipe: bad setting: KAFKA_SESSION_TIMEOUT_MS=400000: Kafka's client refuses "
+            "it: Failed to create consumer: `max.poll.interval.ms`must be >= "
+            "`session.timeout.ms`"),
     ],
 )
 def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[str, str],
                                      status: int, says: str) -> None:
     port = str(free_port())
     (tmp_path / "empty.db").touch()
+    (tmp_path / "notdb.db").write_bytes(b"garbage, not SQLite")
     done = eventpipe(tmp_path, *args, **{k: v.replace("{port}", port) for k, v in env.items()})
     assert done.returncode == status, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says.replace("{port}", port) in lines[0], done.stderr
     assert not (tmp_path / "never-migrated.db").exists()  # no command made it empty
+    assert (tmp_path / "notdb.db").read_bytes() == b"garbage, not SQLite"
 
 
 @pytest.mark.parametrize("args", [["dlq", "list"], ["dlq", "show", "1-0"],
@@ -136,6 +165,61 @@ def test_a_dlq_key_another_program_holds_is_named_in_one_line(
         f"eventpipe: {KEY_OF_ANOTHER_KIND} (DLQ_STREAM={stream}, KAFKA_GROUP_ID=eventpipe at "
         f"REDIS_URL={REDIS_URL}/0)"]
     assert held == b"another program's value"
+
+
+@pytest.mark.parametrize(("refusal", "says"), [
+    ("maxmemory", "it is at its memory bound (maxmemory) and evicts nothing: free memory, or "
+                  "raise the bound"),
+    ("MISCONF", "it cannot save its snapshot to disk (MISCONF): see its log"),
+])
+def test_a_redis_that_refuses_writes_is_named_in_one_line(
+        tmp_path: Path, kafka_broker: str, refusal: str, says: str) -> None:
+    """A review's finding: a Redis at its memory bound with a policy that evicts nothing, or
+    one that failed to save its snapshot, gave a traceback (a ResponseError of redis-py)."""
+    database = f"sqlite:///{tmp_path / 'migrated.db'}"
+    migrate(database)
+    with start_redis() as server, redis.Redis.from_url(server.url) as client:
+        if refusal == "maxmemory":
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)
+        else:  # its directory gone, a snapshot fails, and it takes no write until one saves
+            assert server.scratch_dir is not None
+            shutil.rmtree(server.scratch_dir)
+            client.config_set("save", "3600 1")
+            client.bgsave()
+            wait_until(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err",
+                       10, "the snapshot failed")
+        done = eventpipe(tmp_path, "dlq", "restore", REDIS_URL=f"{server.url}/0",
+                         DATABASE_URL=database, KAFKA_BOOTSTRAP_SERVERS=kafka_broker)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"eventpipe: Redis at REDIS_URL={server.url}/0 refuses writes: {says}"]
+
+
+def test_verify_names_a_file_that_is_not_a_sqlite_database_in_one_line(
+        tmp_path: Path, kafka_broker: str, kafka_topic: TopicFactory) -> None:
+    """As `status` and `trace` do: `verify` reads the topic first, then the database."""
+    (tmp_path / "notdb.db").write_bytes(b"garbage, not SQLite")
+    done = eventpipe(tmp_path, "verify", DATABASE_URL="sqlite:///notdb.db",
+                     KAFKA_BOOTSTRAP_SERVERS=kafka_broker, KAFKA_TOPIC=kafka_topic(partitions=2),
+                     KAFKA_PARTITIONS="2", KAFKA_GROUP_ID=f"group-{uuid.uuid4().hex}")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "eventpipe: the database at DATABASE_URL=sqlite:///notdb.db is not a SQLite database, "
+        "or is damaged: file is not a database"]
+    assert (tmp_path / "notdb.db").read_bytes() == b"garbage, not SQLite"
+
+
+def test_up_names_a_redis_database_the_server_does_not_have(tmp_path: Path) -> None:
+    """Not "no Redis answers": it answered, that it has no such database."""
+    free = {name: str(free_port()) for name in (
+        "WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")}
+    done = eventpipe(tmp_path, "up", KAFKA_PARTITIONS="2", REDIS_URL=f"{REDIS_URL}/99", **free)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"eventpipe: bad setting: REDIS_URL={REDIS_URL}/99: the Redis server there has no "
+        "database 99 (a server has 16, 0 to 15, unless its `databases` setting says more)")
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(("env", "says"), [

@@ -42,6 +42,23 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def test_up_says_in_one_line_that_its_run_directory_cannot_be_made(tmp_path: Path) -> None:
+    """A review's finding: with a file named `var` where its logs go (or a read-only working
+    directory), a traceback."""
+    (tmp_path / "var").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({name: str(free_port()) for name in ("WEB_PORT", "FLOWER_PORT",
+                                                    "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")})
+    done = subprocess.run([str(BIN / "eventpipe"), "up"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**env, "EVENTPIPE_ENV_FILE": "/nonexistent"})
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # before anything starts
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"eventpipe: bad setting: cannot create the directory "
+                           f"{tmp_path / 'var' / 'run'} for the logs of `eventpipe up`: "), line
+    assert line.endswith("run it from a writable directory"), line
+
+
 @pytest.mark.parametrize("redis_kind", ["embedded", "running", "half", "rabbitmq"])
 def test_up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: str) -> None:
     with contextlib.ExitStack() as cleanup:

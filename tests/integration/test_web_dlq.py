@@ -6,6 +6,7 @@ Each test has its own DLQ stream (`test:dlq:<uuid>`), deleted afterwards.
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ from eventpipe.errors import KEY_OF_ANOTHER_KIND
 from eventpipe.messages import RawMessage
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.tables import dead_letters, reconcile_queue
+from launcher.embedded import start_redis
 from tests.support.broker import TopicFactory
 from tests.support.databases import drop_database, new_database
 from tests.support.factories import T0, dead_letter
@@ -716,6 +718,35 @@ def test_a_dlq_key_another_program_holds_is_named_not_a_500(
         assert answer.status_code == 503, (method, path, answer.get_data(as_text=True))
         assert answer.get_json()["message"] == KEY_OF_ANOTHER_KIND
     assert redis_client.get(stream) == b"another program's value"  # left as it was
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [("GET", "/status", None), *ENDPOINTS])
+def test_a_redis_database_the_server_does_not_have_is_a_503_naming_the_setting(
+    make_app: Any, method: str, path: str, body: dict[str, Any] | None,
+) -> None:
+    """A review's finding: Redis's "DB index is out of range", said as the client selects the
+    database, was an "unexpected error" and a bare 500 on every request that used Redis."""
+    answer = call(make_app(redis_url=f"{REDIS_URL}/99"), method, path, body)
+    assert ok(answer, 503)["message"] == ("Redis has no database 99: REDIS_URL names one the "
+                                          "server does not have")
+    assert "Retry-After" not in answer.headers  # an operator's to fix: retrying cannot help
+
+
+def test_a_redis_that_cannot_save_its_snapshot_is_a_503_saying_so(make_app: Any) -> None:
+    """A review's finding: a Redis refusing writes after a failed snapshot (MISCONF) was a
+    bare 500; at its memory bound it was "unavailable" without saying why."""
+    with start_redis() as server, redis.Redis.from_url(server.url) as client:
+        assert server.scratch_dir is not None
+        shutil.rmtree(server.scratch_dir)  # its directory gone, a snapshot fails
+        client.config_set("save", "3600 1")
+        client.bgsave()
+        wait_until(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err",
+                   10, "the snapshot failed")
+        answer = call(make_app(redis_url=f"{server.url}/0"), "POST", "/dlq/replay",
+                      {"all": True})
+    assert ok(answer, 503)["message"] == ("Redis refuses writes: it cannot save its snapshot "
+                                          "to disk (MISCONF): see its log")
+    assert answer.headers["Retry-After"] == "5"
 
 
 def test_the_status_names_a_broker_that_does_not_answer_not_where_it_is(

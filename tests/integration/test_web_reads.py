@@ -228,6 +228,23 @@ def test_a_database_that_is_down_is_a_503(database_url: str, tmp_path: Path) -> 
         "message": "the database is unavailable; retry later", "errors": {}}
 
 
+def test_a_file_that_is_not_a_sqlite_database_is_a_503_saying_so(tmp_path: Path) -> None:
+    """A review's finding: SQLite's "file is not a database" (or "database disk image is
+    malformed") was an unexpected error and a bare 500 on every read."""
+    (tmp_path / "notdb.db").write_bytes(b"garbage, not SQLite")
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'notdb.db'}",
+                              redis_url=REDIS_URL))
+    try:
+        for path in ("/users/u1", "/orders/o1", "/inventory/SKU-1", "/status"):
+            response = app.test_client().get(path)
+            assert response.status_code == 503, (path, response.get_data(as_text=True))
+            assert response.get_json()["message"] == (
+                "DATABASE_URL names a file that is not a SQLite database, or is damaged")
+    finally:
+        services.of(app).close()
+    assert (tmp_path / "notdb.db").read_bytes() == b"garbage, not SQLite"
+
+
 @pytest.fixture
 def live_server(app: Flask) -> Iterator[str]:
     with serving(app) as base_url:

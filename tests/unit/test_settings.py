@@ -51,6 +51,9 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("RETRY_BACKOFF_BASE_S", "-1", "RETRY_BACKOFF_BASE_S=-1.0: must be a number, 0 or more"),
     ("CRASH_MAX_ATTEMPTS", "-2", "CRASH_MAX_ATTEMPTS=-2: must be a number, 0 or more"),
     ("KAFKA_SESSION_TIMEOUT_MS", "0", "KAFKA_SESSION_TIMEOUT_MS=0: must be greater than 0"),
+    # librdkafka's bound: said by the client only as the bridge starts, as Kafka's failure.
+    ("KAFKA_SESSION_TIMEOUT_MS", "99999999",
+     "KAFKA_SESSION_TIMEOUT_MS=99999999: must be between 1 and 3600000"),
     ("DLQ_MAX_BYTES", "0", "DLQ_MAX_BYTES=0: must be greater than 0"),
     ("WEB_PORT", "99999", "WEB_PORT=99999: must be a port, 0 to 65535"),
     ("DATABASE_URL", "mysql://u@h/db", "DATABASE_URL: 'mysql' is not a supported database"),

@@ -263,10 +263,12 @@ class PartitionProgress:
 
     def committable(self, read_to: int | None = None) -> int | None:
         """Offset to commit now, or None when there is nothing new to commit. `read_to`:
-        where the Kafka client's reading stands, every message below it sent: with nothing
-        outstanding, the offsets between the last sent and it hold no message (taken only
-        once a message was read since the reading was last set)."""
-        if not self.read_since_set:
+        where the Kafka client's reading stands: with nothing outstanding, the offsets
+        between the last sent and it hold no message. Taken only once a message was read
+        since the reading was last set, and every message read was sent: one read and
+        dropped unsent (the bridge stopping, the partition revoked) is below it too."""
+        if not self.read_since_set or self.last_dispatched is None \
+                or self.last_dispatched + 1 != self.next_read:
             read_to = None
         if self.outstanding:
             candidate = self.outstanding[0][0]

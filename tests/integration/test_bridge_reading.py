@@ -626,6 +626,31 @@ def test_a_partition_ending_in_a_transactions_marker_is_committed_past_it_not_st
         assert bridge._stuck_s(progress, bridge._positions([0]).get(0), bridge.clock()) is None
 
 
+def test_a_final_commit_goes_no_further_than_what_was_sent(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A review's finding: stopping (or a revocation) drops what waits to be sent, then
+    commits one last time; the commit followed the Kafka client's reading, past those
+    messages, which no task ever carried. It goes no further than what was sent."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(3))
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        _read_up_to(bridge, 2)
+        _applied(bridge, range(0, 3))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 3
+        produce(kafka_broker, topic, _events(5))
+
+        def read_not_sent() -> bool:  # offsets 3-7 read, waiting for their batch
+            bridge._consume_once()
+            return bridge.partitions[0].next_read == 8
+
+        wait_until(read_not_sent, 30, "offsets 3-7 read")
+        assert bridge.batcher.partitions() == {0}
+        bridge.batcher.clear()  # as stopping, or a revocation, drops them
+        bridge._sync(bridge.clock(), redeliver=False, final=True)
+        assert _committed(bridge, topic) == 3
+
+
 def test_a_header_whose_name_is_not_utf8_leaves_its_message_without_headers(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
         monkeypatch: pytest.MonkeyPatch) -> None:

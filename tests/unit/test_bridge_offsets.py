@@ -36,11 +36,16 @@ def test_with_nothing_outstanding_the_commit_follows_the_reading_past_offsets_wi
         ) -> None:
     progress = PartitionProgress(0, committed=5)
     progress.read(4)
+    progress.dispatched([4], now=0)
+    progress.observe({4}, set(), now=0)
     assert progress.committable(5) is None
     assert progress.committable(7) == 7  # a transaction's marker at 5 and 6, read past
+    progress.read(7)  # read, not sent: waiting for its batch, or dropped as the bridge stops
+    assert progress.committable(9) is None
     progress.reset(5)  # sought back: the client's position may still be the one before
     assert progress.committable(7) is None
     progress.read(7)
+    progress.read(8)
     progress.dispatched([7, 8], now=0)
     assert progress.committable(12) == 7  # something outstanding: not past it
     progress.observe({7, 8}, set(), now=1)

@@ -35,14 +35,19 @@ SETTLED_SPANS_MAX = 10_000
 
 
 class Unreadable(NamedTuple):
-    """A record batch Kafka cannot hand over, beginning at `batch`: the reading went on from
-    `end` (None while it is not known: the next try to find it not before `again_at`); `why`,
-    as the Kafka client said it."""
+    """A record batch Kafka cannot hand over, beginning at `batch`, met where the reading
+    stood at `at`: the reading went on from `end`, or, while that is not known, is held at
+    `at` (the next try to find it not before `again_at`); `why`, as the Kafka client said it."""
 
     batch: int
+    at: int
     end: int | None
     why: str
     again_at: float
+
+    @property
+    def holding(self) -> bool:
+        return self.end is None
 
 
 @dataclass(slots=True)

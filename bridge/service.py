@@ -289,6 +289,7 @@ class Bridge:
         if messages:
             metrics.KAFKA_CONSUME.observe(time.perf_counter() - started)
         now = self.clock()
+        held: set[int] = set()
         for record in messages:
             error = record.error()
             if error is not None:
@@ -297,11 +298,18 @@ class Bridge:
             partition = record.partition()
             if partition is None or (progress := self._reading(partition)) is None:
                 continue
+            if (known := progress.unreadable) is not None and known.holding \
+                    and (record.offset() or 0) >= known.at:
+                held.add(partition)  # past a batch not yet sent on: read again once it is
+                continue
             kind, timestamp = record.timestamp()
             self._take(progress, TaskMessage(
                 record.offset() or 0, record.key(), record.value(),
                 timestamp if kind != TIMESTAMP_NOT_AVAILABLE else None,
                 headers=read_headers(record)), now)
+        for partition in held:  # the client went past the batch by itself: back to it
+            if (known := self.partitions[partition].unreadable) is not None:
+                self.consumer.seek(TopicPartition(self.topic, partition, known.at))
 
     def _reading(self, partition: int | None) -> PartitionProgress | None:
         """The partition's progress, unless it was revoked while its messages were on their
@@ -340,7 +348,9 @@ class Bridge:
         reading goes on past it. While its end cannot be found (Kafka not answering), the
         partition waits, said in the status, and the next fetch's error tries again."""
         partition, start = progress.partition, max(batch, progress.next_read or 0)
-        if (known := progress.unreadable) is not None and now < known.again_at:
+        if (known := progress.unreadable) is not None and known.holding \
+                and now < known.again_at:
+            self._hold(progress, known.at)
             return
         try:
             end = unreadable_end(self._reader(), self.topic, partition, batch, start)
@@ -348,7 +358,8 @@ class Bridge:
             log.warning("Kafka cannot hand over offset %d of partition %d (%s), and its "
                         "batch's end could not be found: tried again in %.0f s: %s", start,
                         partition, why, UNREADABLE_AGAIN_S, exc, extra={"partition": partition})
-            progress.unreadable = Unreadable(batch, None, why, now + UNREADABLE_AGAIN_S)
+            progress.unreadable = Unreadable(batch, start, None, why, now + UNREADABLE_AGAIN_S)
+            self._hold(progress, start)
             return
         if end is None:
             return  # said again by a fetch from before the reading went past the batch
@@ -360,9 +371,10 @@ class Bridge:
             if progress.unreadable is None or progress.unreadable.why != why:
                 log.error("Kafka cannot hand over offsets from %d of partition %d: %s", start,
                           partition, why, extra={"partition": partition, "offsetFirst": start})
-            progress.unreadable = Unreadable(batch, None, why, now + UNREADABLE_AGAIN_S)
+            progress.unreadable = Unreadable(batch, start, None, why, now + UNREADABLE_AGAIN_S)
+            self._hold(progress, start)
             return
-        progress.unreadable = Unreadable(batch, end, why, now)
+        progress.unreadable = Unreadable(batch, start, end, why, now)
         log.error("Kafka cannot hand over %s of partition %d: %s; they are "
                   "dead-lettered (UnreadableMessage) and the reading goes on from offset %d",
                   _span(start, end - 1), partition, why, end, extra={
@@ -375,6 +387,14 @@ class Bridge:
         # a format it does not know by itself: moved on, it hands over what follows already.
         if self._positions([partition]).get(partition, 0) < end:
             self.consumer.seek(TopicPartition(self.topic, partition, end))
+
+    def _hold(self, progress: PartitionProgress, at: int) -> None:
+        """Keep the reading of the partition at `at`, a batch Kafka cannot hand over not yet
+        sent on: the Kafka client fetches a batch it cannot decode again and again, but goes
+        past one of a format it does not know by itself, and what follows it would be taken
+        for offsets after a gap."""
+        if self._positions([progress.partition]).get(progress.partition, at) > at:
+            self.consumer.seek(TopicPartition(self.topic, progress.partition, at))
 
     def _reader(self) -> MessageReader:
         if self._unreadable_reader is None:
@@ -661,10 +681,9 @@ class Bridge:
     @staticmethod
     def _unreadable_said(progress: PartitionProgress) -> dict[str, Any]:
         known = progress.unreadable
-        if known is None or known.end is not None:
+        if known is None or not known.holding:
             return {}
-        return {"unreadableAt": max(known.batch, progress.next_read or 0),
-                "unreadableWhy": known.why[:WHY_MAX]}
+        return {"unreadableAt": known.at, "unreadableWhy": known.why[:WHY_MAX]}
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
                 final: bool = False) -> None:

@@ -25,7 +25,8 @@ from bridge import service
 from bridge.service import Bridge
 from eventpipe import positions
 from eventpipe.effects import Position
-from eventpipe.kafka import MessageReader
+from eventpipe.errors import TransientError
+from eventpipe.kafka import MessageReader, unreadable_end
 from eventpipe.messages import RawMessage
 from eventpipe.migrations import upgrade
 from eventpipe.queues import TaskMessage, queue_name, send_batch, visibility_timeout_s
@@ -545,6 +546,47 @@ def test_a_batch_of_a_format_the_client_does_not_know_is_dead_lettered_not_skipp
             (0, False), (1, True), (2, False), (3, False)]
         assert "MagicByte 3" in (sent[1].unreadable or "")
         assert bridge.partitions[0].skipped == 0
+
+
+def test_a_batch_the_client_goes_past_by_itself_holds_the_reading_while_its_end_is_unknown(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: the Kafka client goes past a batch of a format it does not know
+    by itself; while the bridge could not find the batch's end (Kafka not answering), what
+    followed was read and the batch's offset taken for a gap: lost. The reading is held at
+    the batch until its end is found."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(1))
+    produce_batch(kafka_broker, topic, 0, unknown_format_batch(b"k", b"{}"))  # offset 1
+    produce(kafka_broker, topic, _events(2))
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    answers = [TransientError("Kafka did not answer")]
+
+    def end_once_kafka_answers(*args: Any) -> int | None:
+        if answers:
+            raise answers.pop()
+        return unreadable_end(*args)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    monkeypatch.setattr(service, "unreadable_end", end_once_kafka_answers)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        def met() -> bool:
+            _read_once(bridge)
+            return not answers
+
+        wait_until(met, 30, "the batch met")
+        for _ in range(20):  # the client goes on fetching; nothing past the batch is taken
+            _read_once(bridge)
+        assert [m.offset for m in sent] == [0] and bridge.partitions[0].skipped == 0
+        bridge.clock.now += service.UNREADABLE_AGAIN_S + 1  # type: ignore[attr-defined]
+        _read_up_to(bridge, 3)
+        assert [(m.offset, m.unreadable is not None) for m in sent] == [
+            (0, False), (1, True), (2, False), (3, False)]
 
 
 def test_a_batch_whose_header_claims_too_many_offsets_waits_named_not_held_in_memory(

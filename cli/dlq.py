@@ -102,7 +102,7 @@ def _summary(entry: StreamEntry) -> str:
     return printable(f"{entry.entry_id}  {letter.last_failure_at:%Y-%m-%d %H:%M:%S}  "
                      f"{letter.event_type or '-':18s} {letter.error_class:16s} "
                      f"p{letter.position.partition}@{letter.position.offset}  "
-                     f"{letter.event_id or '-'}  {letter.reason[:80]}")
+                     f"{letter.event_id or '-'}  {letter.reason[:80]}", one_line=True)
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

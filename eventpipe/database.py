@@ -209,14 +209,15 @@ def _is_file(database: str | None) -> bool:
     return database not in (None, "", ":memory:") and not str(database).startswith("file:")
 
 
-# Where a URL's query may carry a secret: libpq's `password`, redis-py's, an ODBC string's
-# `PWD=` (`odbc_connect`), case aside.
-_SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd)=)[^&;]*")
+# The query parameters that are a password (libpq's, redis-py's), and an ODBC string's
+# attribute that is one (`odbc_connect`: `PWD=secret` or `PWD={se;cret}`), case aside.
+_SECRET_PARAMETERS = frozenset({"password", "passwd", "pwd"})
+_ODBC_SECRET = re.compile(r"(?i)((?:^|;)\s*(?:pwd|password)\s*=\s*)(?:\{(?:[^}]|\}\})*\}|[^;]*)")
 
 
 def redacted(url: str) -> str:
     """A service URL fit for logs and messages: the password masked, in the user part and in
-    the query (`?password=…`, an `odbc_connect` string's `PWD=…`)."""
+    the query (`?password=…`, an `odbc_connect` string's `PWD=…`); the rest as it was."""
     try:
         shown = make_url(url).render_as_string(hide_password=True)
     except ArgumentError:  # not SQLAlchemy's form (a Redis URL of an odd shape)
@@ -224,5 +225,14 @@ def redacted(url: str) -> str:
     head, mark, query = shown.partition("?")
     if not mark:
         return shown
-    query = _SECRET_QUERY.sub(r"\1***", unquote_plus(query))
-    return f"{head}?{query}"
+    return f"{head}?{'&'.join(_masked(parameter) for parameter in query.split('&'))}"
+
+
+def _masked(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    key = unquote_plus(name).lower()
+    if equals and key in _SECRET_PARAMETERS:
+        return f"{name}=***"
+    if equals and key == "odbc_connect":  # shown decoded: an ODBC string reads so
+        return f"{name}=" + _ODBC_SECRET.sub(r"\1***", unquote_plus(value))
+    return parameter

@@ -203,6 +203,11 @@ def test_sqlstate_of_each_driver() -> None:
      "mssql+pyodbc:///?odbc_connect=DRIVER={ODBC Driver 18};SERVER=db;UID=sa;PWD=***;"
      "Encrypt=yes"),
     ("redis://db:6379/12?Password=Sup3r", "redis://db:6379/12?Password=***"),
+    # A second review's: an encoded `&` in the password, a braced ODBC value, first in line.
+    ("postgresql+psycopg://postgres@db/x?password=Sup%26rSecret&sslmode=require",
+     "postgresql+psycopg://postgres@db/x?password=***&sslmode=require"),
+    ("mssql+pyodbc:///?odbc_connect=PWD%3D%7Bab%3Bsecret%7D%3BUID%3Dsa",
+     "mssql+pyodbc:///?odbc_connect=PWD=***;UID=sa"),
     ("redis://:Sup3r@db:6379/0", "redis://:***@db:6379/0"),
     ("sqlite:///var/eventpipe.db", "sqlite:///var/eventpipe.db"),
 ])

@@ -18,6 +18,7 @@ def test_what_a_terminal_acts_on_is_spelled_out_and_the_rest_kept() -> None:
     assert printable(HOSTILE) == (
         "esc-1\\x1b[31mRED\\x1b[0m\\x1b]0;pwned\\x07\\r\\x1b[2K\\u202eevil")
     assert printable("tab\there\nnext line: é, 😀, 中文") == "tab\there\nnext line: é, 😀, 中文"
+    assert printable("one\nforged line", one_line=True) == "one\\nforged line"
 
 
 def test_the_dlq_listing_and_a_trace_print_no_control_character() -> None:
@@ -28,3 +29,5 @@ def test_the_dlq_listing_and_a_trace_print_no_control_character() -> None:
                                                  None))):
         assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
         assert "esc-1\\x1b[31mRED" in text
+    forged = replace(entry, letter=replace(entry.letter, event_id="e-1\n1-0  a forged entry"))
+    assert "\n" not in _summary(forged)

@@ -71,7 +71,11 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
         kept = records.kept_messages(conn, [p.dlq_key for p in pending if p.state == OPEN])
     written: list[DeadLetter] = []
-    to_keep: dict[str, RawMessage] = {}  # messages shown that SQL does not keep yet
+    # Messages SQL does not keep yet: those handed over are kept whatever the stream does
+    # (full, or Redis away); those the stream or Kafka gives, as they are shown.
+    to_keep = {letter.dlq_key: message for letter in pending
+               if letter.state == OPEN and letter.dlq_key not in kept
+               and (message := (payloads or {}).get(letter.dlq_key)) is not None}
     refused: DeadLetterQueueFull | None = None
     try:
         # Out of the DLQ first (one round trip; it also makes room), then into it.

@@ -6,6 +6,7 @@ Kafka for replays and for fetching lost bytes.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -161,6 +162,7 @@ def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
     once. A letter that failed only after the call began is not, nor one the call already
     took that comes back (its replayed copy failed)."""
     stream.max_entries = 2_000
+    stream.max_bytes = 10**7
     offsets = range(1, 1_201)  # more than the stream is read at once
     for offset in offsets:
         stream.put(dead_letter(offset))
@@ -293,6 +295,36 @@ def test_a_lost_stream_comes_back_with_its_bytes_after_kafkas_retention_passed(
     assert result.replayed == 2 and result.no_bytes == 0
     assert sorted(published, key=lambda m: m.value or b"") == [  # type: ignore[union-attr]
         RawMessage(b"k", None), RawMessage(b"k", b"{first", headers)]
+
+
+def test_the_messages_handed_over_are_kept_in_sql_whatever_the_stream_does(
+    engine: Engine, redis_client: redis.Redis,
+) -> None:
+    """A review's finding: SQL kept a letter's message only once the stream took the letter:
+    those a full stream held back, or all of them while Redis was away, had no copy but
+    Kafka's, lost with its retention."""
+    letters = [failure(n, b"{bad %d" % n) for n in range(3)]
+    record(engine, *letters)
+    payloads = {letter.dlq_key: RawMessage(b"k", b"{bad %d" % n)
+                for n, letter in enumerate(letters)}
+    full = DeadLetterStream(redis_client, f"test:dlq:{uuid.uuid4().hex}", 1, 10**6)
+    try:
+        projection.project(engine, full, None, payloads)
+        assert full.depth() == 1
+    finally:
+        redis_client.delete(full.stream, full.index, full.totals)
+    with engine.connect() as conn:
+        assert records.kept_messages(conn, list(payloads)) == payloads
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]  # closed below: nothing listens there
+    away = DeadLetterStream(redis.Redis(port=port, socket_connect_timeout=1), "dlq", 10, 10**6)
+    other = failure(9, b"{other")
+    record(engine, other)
+    with pytest.raises(redis.ConnectionError):
+        projection.project(engine, away, None, {other.dlq_key: RawMessage(b"k", b"{other")})
+    with engine.connect() as conn:
+        assert records.kept_messages(conn, [other.dlq_key]) == {
+            other.dlq_key: RawMessage(b"k", b"{other")}
 
 
 def test_a_rebuild_whose_fetches_outlast_its_lease_keeps_its_claim_to_the_end(

@@ -215,7 +215,7 @@ def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
             dead_letters.c.event_id, dead_letters.c.in_stream))}
     _compare_read_model(expected, model, report)
     _compare_fates(expected, recorded, letters, report)
-    _compare_stream(letters, stream.keys(), stream.nearly_full(), report)
+    _compare_stream(letters, stream.keys(), stream.refusing(), report)
     return report
 
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 WARN_RATIO = 0.8
+# How long a refused dead letter says the stream is full (`refusing`).
+REFUSAL_KEPT_S = 300
 # The most bytes of messages a page of entries shows (`page`): past it, the next page.
 PAGE_MAX_BYTES = 8 * 1024 * 1024
 
@@ -296,6 +298,7 @@ class DeadLetterStream:
         self.totals = f"{stream}:totals"
         # Set once the stream is known to match SQL; Redis losing its data loses this too.
         self.marker = f"{stream}:intact"
+        self.refusal = f"{stream}:refused"  # set as a letter is kept out (`refusing`)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._put = client.register_script(_PUT)
@@ -416,6 +419,7 @@ class DeadLetterStream:
             args=[entry.letter.dlq_key, self.max_entries, self.max_bytes, size,
                   entry.letter.revision, *flat])
         if not entry_id:
+            self.client.set(self.refusal, "1", ex=REFUSAL_KEPT_S)
             raise DeadLetterQueueFull(
                 f"dead-letter queue {self.stream} is full: this entry would make it {entries} "
                 f"entries, {total} bytes (bounds {self.max_entries} entries, {self.max_bytes} "
@@ -447,11 +451,10 @@ class DeadLetterStream:
     def size_bytes(self) -> int:
         return int(self.client.hget(self.totals, "bytes") or 0)
 
-    def nearly_full(self) -> bool:
-        """At its bound of entries, or past `WARN_RATIO` of its bytes (where the alert says
-        so): where a dead letter may be kept out, to wait in SQL."""
-        depth, size = self.fill()
-        return depth >= self.max_entries or size >= self.max_bytes * WARN_RATIO
+    def refusing(self) -> bool:
+        """Whether it kept a dead letter out, its bounds reached, within `REFUSAL_KEPT_S`:
+        the projection tries again at each round, so while it is full this holds."""
+        return bool(self.client.exists(self.refusal))
 
     def fill(self) -> tuple[int, int]:
         """`depth` and `size_bytes`, in one round trip."""

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from eventpipe import sqlite_turns
 from eventpipe.errors import read_only
 from eventpipe.settings import Settings, SettingsError
+from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
 WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
@@ -38,7 +39,7 @@ def require_database(settings: Settings) -> None:
     made empty: a program run from another directory than the pipeline's would read a
     relative path there, and find nothing of it."""
     url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite" or not _is_file(url.database):
+    if url.get_backend_name() != "sqlite" or not in_a_file(url.database):
         return
     path = Path(str(url.database))
     if not path.exists():
@@ -74,7 +75,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     if backend == "sqlite":
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
                                    "check_same_thread": False}
-        if _is_file(url.database):
+        if in_a_file(url.database):
             path = Path(str(url.database))
             if not create:
                 require_database(settings)
@@ -199,14 +200,9 @@ def alone(engine: Engine, name: str) -> AbstractContextManager[bool]:
     spans transactions: on a SQLite file, a file lock beside it (`<database>-<name>`) taken at
     once or not at all; elsewhere always True (callers lock within each transaction)."""
     database = engine.url.database
-    if engine.dialect.name == "sqlite" and _is_file(database):
+    if engine.dialect.name == "sqlite" and in_a_file(database):
         return sqlite_turns.alone(f"{database}-{name}")
     return nullcontext(True)
-
-
-def _is_file(database: str | None) -> bool:
-    """A database in a file of its own name (not in memory, not a `file:` URI)."""
-    return database not in (None, "", ":memory:") and not str(database).startswith("file:")
 
 
 # The query parameters that are a password (libpq's, redis-py's), and an ODBC string's

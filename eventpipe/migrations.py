@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from eventpipe.database import make_engine, redacted
 from eventpipe.settings import Settings, SettingsError
+from eventpipe.sqlite_file import in_a_file
 
 
 def scripts() -> Path:
@@ -69,8 +70,8 @@ def create_database_if_missing(url: str) -> None:
     parsed = make_url(url)
     backend, name = parsed.get_backend_name(), parsed.database
     if backend == "sqlite":
-        if name and name != ":memory:" and not name.startswith("file:"):  # a file of its own
-            _make_directory(Path(name).parent, url)
+        if in_a_file(name):
+            _make_directory(Path(str(name)).parent, url)
         return
     if not name:
         return

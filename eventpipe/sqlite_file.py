@@ -16,14 +16,18 @@ class FileIdentity(NamedTuple):
     inode: int
 
 
+def in_a_file(database: str | None) -> bool:
+    """Whether a SQLite URL's database is a file of its own name (not in memory, not a
+    `file:` URI)."""
+    return database not in (None, "", ":memory:") and not str(database).startswith("file:")
+
+
 def path_of(url: str) -> Path | None:
     """The file a SQLite URL names; None for another database, or one in memory."""
     parsed = make_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or database in (None, "", ":memory:") \
-            or str(database).startswith("file:"):
+    if parsed.get_backend_name() != "sqlite" or not in_a_file(parsed.database):
         return None
-    return Path(str(database))
+    return Path(str(parsed.database))
 
 
 def identity(path: Path) -> FileIdentity | None:

@@ -169,6 +169,27 @@ def _shown(bridge: Bridge) -> PartitionStatus:
                     bridge.board.members(), {}, dlq).partitions[0]
 
 
+def _sent(monkeypatch: pytest.MonkeyPatch) -> list[TaskMessage]:
+    """The messages the bridge sends, as it sends them."""
+    sent: list[TaskMessage] = []
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        sent.extend(args[3])
+        send_batch(*args, **kwargs)
+
+    monkeypatch.setattr(service, "send_batch", capture)
+    return sent
+
+
+def _until_high_watermark(bridge: Bridge, high: int) -> None:
+    """Read on until the Kafka client's statistics give partition 0's high watermark."""
+    def known() -> bool:
+        _read_once(bridge)
+        return bridge.high_watermarks.get(0) == high
+
+    wait_until(known, 30, "Kafka's high watermark, from the client's statistics")
+
+
 def _events(count: int) -> list[tuple[bytes, bytes, tuple[()]]]:
     return [(b"k", b"{}", ()) for _ in range(count)]
 
@@ -481,13 +502,7 @@ def test_a_batch_kafka_cannot_hand_over_is_sent_on_from_where_the_reading_stands
     produce(kafka_broker, topic, _events(1))
     assert produce_batch(kafka_broker, topic, 0, undecodable_batch(5)) == 1
     produce(kafka_broker, topic, _events(2))
-    sent: list[TaskMessage] = []
-
-    def capture(*args: Any, **kwargs: Any) -> None:
-        sent.extend(args[3])
-        send_batch(*args, **kwargs)
-
-    monkeypatch.setattr(service, "send_batch", capture)
+    sent = _sent(monkeypatch)
     with reading_bridge(kafka_broker, topic, committed=3) as bridge:
         _read_up_to(bridge, 7)
         assert [(m.offset, m.value is None, m.unreadable is not None) for m in sent] == [
@@ -509,13 +524,7 @@ def test_a_batch_kafka_cannot_hand_over_near_the_end_of_its_partition_is_read_pa
     produce(kafka_broker, topic, _events(1))
     produce_batch(kafka_broker, topic, 0, undecodable_batch(5))  # offsets 1-5
     produce(kafka_broker, topic, _events(1))  # offset 6: the partition ends at 7
-    sent: list[TaskMessage] = []
-
-    def capture(*args: Any, **kwargs: Any) -> None:
-        sent.extend(args[3])
-        send_batch(*args, **kwargs)
-
-    monkeypatch.setattr(service, "send_batch", capture)
+    sent = _sent(monkeypatch)
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 6)
         assert [(m.offset, m.unreadable is not None) for m in sent] == [
@@ -533,13 +542,7 @@ def test_a_batch_of_a_format_the_client_does_not_know_is_dead_lettered_not_skipp
     produce(kafka_broker, topic, _events(1))
     produce_batch(kafka_broker, topic, 0, unknown_format_batch(b"k", b"{}"))  # offset 1
     produce(kafka_broker, topic, _events(2))
-    sent: list[TaskMessage] = []
-
-    def capture(*args: Any, **kwargs: Any) -> None:
-        sent.extend(args[3])
-        send_batch(*args, **kwargs)
-
-    monkeypatch.setattr(service, "send_batch", capture)
+    sent = _sent(monkeypatch)
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 3)
         assert [(m.offset, m.unreadable is not None) for m in sent] == [
@@ -559,12 +562,7 @@ def test_a_batch_the_client_goes_past_by_itself_holds_the_reading_while_its_end_
     produce(kafka_broker, topic, _events(1))
     produce_batch(kafka_broker, topic, 0, unknown_format_batch(b"k", b"{}"))  # offset 1
     produce(kafka_broker, topic, _events(2))
-    sent: list[TaskMessage] = []
-
-    def capture(*args: Any, **kwargs: Any) -> None:
-        sent.extend(args[3])
-        send_batch(*args, **kwargs)
-
+    sent = _sent(monkeypatch)
     answers = [TransientError("Kafka did not answer")]
 
     def end_once_kafka_answers(*args: Any) -> int | None:
@@ -572,7 +570,6 @@ def test_a_batch_the_client_goes_past_by_itself_holds_the_reading_while_its_end_
             raise answers.pop()
         return unreadable_end(*args)
 
-    monkeypatch.setattr(service, "send_batch", capture)
     monkeypatch.setattr(service, "unreadable_end", end_once_kafka_answers)
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         def met() -> bool:
@@ -623,12 +620,7 @@ def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(
     produce(kafka_broker, topic, _events(2))
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 0)
-
-        def high_watermark_known() -> bool:
-            _read_once(bridge)
-            return bridge.high_watermarks.get(0) == 4
-
-        wait_until(high_watermark_known, 30, "Kafka's high watermark, from its statistics")
+        _until_high_watermark(bridge, 4)
         progress = bridge.partitions[0]
         assert bridge._stuck_s(progress, bridge._positions([0]).get(0), bridge.clock()) == 0.0
         bridge.clock.now += 200  # type: ignore[attr-defined]
@@ -655,12 +647,7 @@ def test_a_partition_ending_in_a_transactions_marker_is_committed_past_it_not_st
     producer.commit_transaction(15)  # offset 0 the message, offset 1 the marker
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 0)
-
-        def high_watermark_known() -> bool:
-            _read_once(bridge)
-            return bridge.high_watermarks.get(0) == 2
-
-        wait_until(high_watermark_known, 30, "Kafka's high watermark, from its statistics")
+        _until_high_watermark(bridge, 2)
         _applied(bridge, [0])
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 2
@@ -704,13 +691,7 @@ def test_a_header_whose_name_is_not_utf8_leaves_its_message_without_headers(
     produce(kafka_broker, topic, _events(1))
     produce_batch(kafka_broker, topic, 0, batch_with_header(b"k", b"{}", b"\xff\xfe-trace", b"x"))
     produce(kafka_broker, topic, _events(1))
-    sent: list[TaskMessage] = []
-
-    def capture(*args: Any, **kwargs: Any) -> None:
-        sent.extend(args[3])
-        send_batch(*args, **kwargs)
-
-    monkeypatch.setattr(service, "send_batch", capture)
+    sent = _sent(monkeypatch)
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
         _read_up_to(bridge, 2)
         assert [(m.offset, m.value, m.headers) for m in sent] == [

@@ -405,6 +405,8 @@ def unprojected(conn: Connection, limit: int,
 
 def kept_messages(conn: Connection, dlq_keys: Collection[str]) -> dict[str, RawMessage]:
     """The messages SQL keeps of these letters (`keep_messages`)."""
+    if not dlq_keys:
+        return {}
     table = dead_letter_messages
     found = rows_in(conn, select(table.c.dlq_key, table.c.message_key, table.c.message_value,
                                  table.c.headers), table.c.dlq_key, dlq_keys)
@@ -418,6 +420,8 @@ def keep_messages(conn: Connection, messages: Mapping[str, RawMessage]) -> None:
     may keep one at once: each row goes in under a savepoint, and the second one's, refused
     by the key, is let go (the message is the same: the letter's key names its bytes, or the
     message at its position)."""
+    if not messages:
+        return
     table = dead_letter_messages
     have = {row.dlq_key for row in rows_in(conn, select(table.c.dlq_key), table.c.dlq_key,
                                            list(messages))}

@@ -687,10 +687,9 @@ class Bridge:
 
     def _commit(self, chosen: dict[int, PartitionProgress], now: float, *,
                 final: bool = False) -> None:
-        # Past the offsets at the end that hold no message (a transaction's marker), once
-        # every message read of the partition is sent: none would ever be committed past.
-        sending = self.batcher.partitions() | set(self.unsent)
-        reading = self._positions([p for p in chosen if p not in sending])
+        # Past the offsets at the end that hold no message (a transaction's marker): none
+        # would ever be committed past (`PartitionProgress.committable` says when it may).
+        reading = self._positions(list(chosen))
         offsets = {p: c for p, progress in chosen.items()
                    if (c := progress.committable(reading.get(p))) is not None}
         idle = self._idle_to_recheck(chosen, offsets, now)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from kombu.transport import TRANSPORT_ALIASES
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -312,11 +314,7 @@ def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | Non
     ignored and its default used without a word (`DATABSE_URL` in `.env`: the embedded
     SQLite). Said, not refused: the file may be shared with other programs, whose names
     (`DATABASE_USER`) may be near ours."""
-    try:
-        file_values = dotenv_values(dotenv) if dotenv.is_file() else {}
-    except UnicodeDecodeError as exc:
-        raise SettingsError(f"{dotenv}: not UTF-8 text (byte {exc.start}); save it as "
-                            "UTF-8") from None
+    file_values = _dotenv_values(dotenv) if dotenv.is_file() else {}
     known = [env for env, _, _ in env_vars()]
     for name in file_values:
         if name in known or name in COMPOSE_VARIABLES:
@@ -325,6 +323,26 @@ def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | Non
             print(f"eventpipe: {name} in {dotenv} is no setting, and is ignored: did you mean "
                   f"{close[0]}?", file=sys.stderr)
     return {**file_values, **environ}
+
+
+def _dotenv_values(dotenv: Path) -> dict[str, str | None]:
+    """The file's values, refused whole if a line is not `NAME=value` (a comment, a blank):
+    python-dotenv only logs such a line and leaves it out, so that its setting, and with an
+    unclosed quote every one after it, would keep its default."""
+    try:
+        text = dotenv.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{dotenv}: not UTF-8 text (byte {exc.start}); save it as "
+                            "UTF-8") from None
+    except OSError as exc:
+        raise SettingsError(f"{dotenv}: cannot be read ({exc.strerror})") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:  # the line itself is not repeated: it may hold a password
+            read = binding.original.string  # from the blank lines before it
+            line = binding.original.line + read[:len(read) - len(read.lstrip())].count("\n")
+            raise SettingsError(f"{dotenv}, line {line}: not NAME=value (a quote left open, "
+                                "or no '='?)")
+    return dotenv_values(stream=io.StringIO(text))
 
 
 @cache
@@ -397,7 +415,8 @@ def render_markdown() -> str:
            "environment and from `.env` in the working directory (the environment wins). "
            "A variable given no value (`WEB_HOST=`) keeps its default. A name in `.env` that "
            "is nearly a setting's (`DATABSE_URL`) is said on stderr, naming the setting, "
-           "rather than ignored in silence. "
+           "rather than ignored in silence, and a line that is not `NAME=value` (a quote "
+           "left open) stops the program, naming the line. "
            "`.env.example` lists them all with their defaults. This page is generated from "
            "`eventpipe/settings.py` by `make config-docs`; a test keeps it in step."]
     sections: dict[str, list[str]] = {}

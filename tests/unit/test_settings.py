@@ -162,6 +162,38 @@ def test_an_env_file_that_is_not_utf8_is_a_bad_setting_not_a_traceback(tmp_path:
         environment(dotenv, {})
 
 
+@pytest.mark.parametrize(("text", "line"), [
+    ("DATABASE_URL=postgresql+psycopg://db/events\nLOG_LEVEL=\"DEBUG\n", 2),
+    ("# the pipeline\nKAFKA_TOPIC events\n", 2),
+    ("WEB_PORT=8080\n\nDLQ_API_TOKEN='s3cret\nREDIS_URL=redis://r\n", 3),
+])
+def test_an_env_file_line_that_is_not_name_value_is_a_bad_setting_not_dropped(
+        tmp_path: Path, text: str, line: int) -> None:
+    """Before: python-dotenv logged a warning and left the line out, so its setting kept its
+    default (an unclosed quote sent `DLQ_API_TOKEN` and every line after it nowhere)."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    with pytest.raises(SettingsError) as caught:
+        environment(dotenv, {})
+    said = str(caught.value)
+    assert said.startswith(f"{dotenv}, line {line}: ") and "NAME=value" in said
+    assert "s3cret" not in said and "\n" not in said  # one line, and no value repeated
+
+
+def test_an_env_file_that_cannot_be_read_is_a_bad_setting_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `.env` of mode 600 owned by another user (the tests run as root, who reads it)."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WEB_PORT=8080\n")
+
+    def refused(path: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(SettingsError, match=r"\.env: cannot be read \(Permission denied\)$"):
+        environment(dotenv, {})
+
+
 def test_a_blank_variable_is_not_provided() -> None:
     assert provided({"KAFKA_BOOTSTRAP_SERVERS": " ", "DATABASE_URL": "\t"}) == frozenset()
 

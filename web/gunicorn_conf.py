@@ -8,16 +8,20 @@ them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from gunicorn.config import Config  # type: ignore[import-untyped]
+from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
+from eventpipe import logs
 from eventpipe.database import require_database
 from eventpipe.ports import ensure_free
 from eventpipe.settings import Settings, settings_or_exit
@@ -26,6 +30,44 @@ from eventpipe.settings import Settings, settings_or_exit
 # type, a gauge's mode, the process id.
 _METRIC_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|"
                           r"mostrecent))_\d+\.db")
+
+
+class JsonLogs(Logger):  # type: ignore[misc]
+    """gunicorn's records as the lines of every other process (`eventpipe.logs`): JSON, or
+    text at a terminal, at LOG_LEVEL. gunicorn's own formats are plain text a collector
+    reading JSON cannot parse: its own records (starting, a worker booted or timed out, a
+    request refused before the app saw it) and an access line per request, here a record
+    with the request's fields: method, path, query, status, bytes, durationMs, remote,
+    userAgent. (Here, not in the `web` package, whose import would load prometheus_client
+    before its directory is set, below.)"""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)  # its handlers, replaced below; run again by a reload
+        logs.configure("web", _settings.log_level, _settings.log_format)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+            log.setLevel(logging.NOTSET)  # LOG_LEVEL, the root's, decides for both
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any],
+               request_time: timedelta) -> None:
+        if not self.access_log_enabled:
+            return
+        status = str(resp.status).split(None, 1)[0]
+        line: dict[str, Any] = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": int(status) if status.isdigit() else status,
+            "bytes": getattr(resp, "sent", None),
+            "durationMs": round(request_time.total_seconds() * 1000, 1),
+            "remote": environ.get("REMOTE_ADDR"),
+        }
+        if query := environ.get("QUERY_STRING"):
+            line["query"] = query
+        if agent := environ.get("HTTP_USER_AGENT"):
+            line["userAgent"] = agent
+        self.access_log.info("request", extra=line)
 
 
 def _binds_elsewhere() -> bool:
@@ -59,6 +101,7 @@ preload_app = False
 # (`web.resources.dlq.routes`): leave room above that before a worker is killed.
 timeout = 60
 accesslog = "-"
+logger_class = JsonLogs
 # Nothing here uses gunicornc, and servers on one host would all claim its default socket.
 control_socket_disable = True
 

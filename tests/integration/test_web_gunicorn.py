@@ -6,6 +6,7 @@ through prometheus_client's multiprocess directory set up by `web/gunicorn_conf.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -223,3 +224,30 @@ def test_a_reload_keeps_serving_on_the_port_it_holds(sqlite_url: str, tmp_path: 
         serving(f"http://127.0.0.1:{port}/health", process, log)
     finally:
         stop(process)
+
+
+def test_every_line_the_server_writes_is_json_each_request_a_record(sqlite_url: str,
+                                                                    tmp_path: Path) -> None:
+    """Before: gunicorn's own lines (starting, a worker booted, a request refused before the
+    app saw it) and its access lines were plain text among the app's JSON lines, lines a log
+    collector reading JSON cannot parse."""
+    log = tmp_path / "gunicorn.log"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    process = start(environment(sqlite_url, tmp_path, port, workers=1), log)
+    try:
+        serving(f"{base}/health", process, log)
+        assert requests.get(f"{base}/users/nobody", params={"x": "1"},
+                            timeout=5).status_code == 404
+        assert requests.get(f"{base}/users/{'a' * 9000}", timeout=5).status_code == 414
+    finally:
+        stop(process)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(line["role"] == "web" for line in lines)
+    [access] = [line for line in lines if line.get("path") == "/users/nobody"]
+    assert access["logger"] == "gunicorn.access" and access["msg"] == "request"
+    assert (access["method"], access["status"], access["query"]) == ("GET", 404, "x=1")
+    assert access["bytes"] > 0 and access["durationMs"] >= 0 and access["remote"] == "127.0.0.1"
+    assert any(line["level"] == "WARNING" and "Request Line is too large" in line["msg"]
+               for line in lines)
+    assert any(line["msg"] == "Shutting down: Master" for line in lines)

@@ -22,10 +22,10 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 COPY . .
-# gunicorn serves the web API in this image only; the local run uses `eventpipe web`.
+# gunicorn serves the web API (`eventpipe web` runs it too, with the same configuration).
 RUN pip install --upgrade pip \
     && pip wheel --no-deps --wheel-dir /wheels . \
-    && pip install /wheels/*.whl "gunicorn>=22"
+    && pip install /wheels/*.whl
 
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -90,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--no-kafka", action="store_true", help="don't fetch the message")
     trace.set_defaults(handler=_trace)
 
-    web = commands.add_parser("web", help="serve the read API (development server; "
-                              "production: gunicorn -c web/gunicorn_conf.py web.wsgi:app)")
+    web = commands.add_parser("web", help="serve the read API: gunicorn -c "
+                              "web/gunicorn_conf.py web.wsgi:app, WEB_WORKERS processes")
     web.set_defaults(handler=_web)
 
     dlq.add_commands(commands)
@@ -137,12 +137,26 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _web(_args: argparse.Namespace, settings: Settings) -> int:
+    """gunicorn with the project's configuration, as production runs the API: JSON lines,
+    WEB_WORKERS processes, and at SIGTERM the requests in flight finished before it exits."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from cli import SERVER_METRICS_DIR
     from eventpipe.ports import ensure_free
-    from web import create_app
+    from eventpipe.settings import child_environment
 
     ensure_free("WEB_PORT", settings.web_port, settings.web_host, host_setting="WEB_HOST")
-    create_app(settings).run(host=settings.web_host, port=settings.web_port, threaded=True)
-    return 0
+    web = importlib.util.find_spec("web")  # found, not imported: gunicorn's workers import it
+    assert web is not None and web.submodule_search_locations
+    conf = Path(web.submodule_search_locations[0]) / "gunicorn_conf.py"
+    env = child_environment({"PROMETHEUS_MULTIPROC_DIR": SERVER_METRICS_DIR}
+                            if SERVER_METRICS_DIR else {})
+    command = [sys.executable, "-m", "gunicorn", "-c", str(conf), "web.wsgi:app"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)  # signals reach gunicorn's arbiter itself
 
 
 def _migrate(_args: argparse.Namespace, settings: Settings) -> int:

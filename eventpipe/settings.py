@@ -167,7 +167,8 @@ class Settings:
     web_host: str = _field("WEB_HOST", "127.0.0.1", "Address the API listens on")
     web_port: int = _field("WEB_PORT", 8000, "Port the API listens on")
     web_workers: int = _field(
-        "WEB_WORKERS", 0, "gunicorn worker processes for the API; 0: two per core, plus one"
+        "WEB_WORKERS", 0, "gunicorn worker processes for the API; 0: two per core, plus one "
+        "(`eventpipe up`: as many as its worker processes)"
     )
     flower_port: int = _field("FLOWER_PORT", 5555, "Flower's port under `eventpipe up`")
     bridge_metrics_port: int = _field("BRIDGE_METRICS_PORT", 9101, "Bridge /metrics port")

@@ -222,11 +222,14 @@ class Stack:
             "flower": [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower",
                        f"--port={self.settings.flower_port}", "--address=127.0.0.1"],
         }
+        # As many API processes as worker processes: gunicorn's default (2 × cores + 1) is
+        # for a host that serves nothing else.
+        own_env = {"web": {} if "WEB_WORKERS" in self.provided else {"WEB_WORKERS": processes}}
         for name, command in commands.items():
             output = (self.run_dir / f"{name}.log").open("ab")
             self.children[name] = subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT,
+                command, env={**env, **own_env.get(name, {})}, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT,
                 # A session of their own: Ctrl-C reaches us only, and we stop them in order.
                 start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
             output.close()

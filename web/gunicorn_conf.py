@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from datetime import timedelta
@@ -26,6 +27,7 @@ from eventpipe.database import require_database
 from eventpipe.ports import ensure_free
 from eventpipe.settings import Settings, settings_or_exit
 
+_PRIVATE_DIR = "eventpipe-web-metrics-"  # the prefix of a run's own directory, when given none
 # The names prometheus_client gives its files in multiprocess mode (`values.py`): the metric's
 # type, a gauge's mode, the process id.
 _METRIC_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|"
@@ -117,7 +119,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
               "PROMETHEUS_MULTIPROC_DIR set to a directory (or load it by its path: "
               "-c web/gunicorn_conf.py)", file=sys.stderr)
         raise SystemExit(2)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="eventpipe-web-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_PRIVATE_DIR)
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 
@@ -136,3 +138,11 @@ def child_exit(_server: Any, worker: Any) -> None:
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 
     GunicornPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+
+
+def on_exit(_server: Any) -> None:
+    """Remove the private directory of a run given none (known by its name: a reload, which
+    runs this file again, finds the variable set)."""
+    if (_metrics_dir.parent == Path(tempfile.gettempdir())
+            and _metrics_dir.name.startswith(_PRIVATE_DIR)):
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -282,6 +282,19 @@ def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path)
     assert list(scratch.iterdir()) == []
 
 
+def test_a_command_beside_a_metrics_server_writes_nothing_into_its_directory(
+        tmp_path: Path) -> None:
+    """Before: with PROMETHEUS_MULTIPROC_DIR set (a shell in the API's container), every
+    command wrote its samples there, which the API's /metrics then counted for ever; where
+    the directory was not made yet, every command failed with a traceback, `--help` too."""
+    metrics = tmp_path / "metrics"
+    for _ in range(2):
+        done = eventpipe(tmp_path, "--version", PROMETHEUS_MULTIPROC_DIR=str(metrics))
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        metrics.mkdir(exist_ok=True)
+    assert list(metrics.iterdir()) == []
+
+
 def test_a_redis_that_takes_connections_and_answers_nothing_is_named_within_seconds(
         tmp_path: Path) -> None:
     """A review's finding: a tool waited 30 s on each Redis command, twice, before it said

@@ -185,6 +185,10 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
             time.sleep(0.2)
         assert _processes_with(marker) == []
         assert "stopped" in text()
+        # The API's server is production's: JSON lines only, a record per request.
+        served = [json.loads(line) for line in
+                  (tmp_path / "var" / "run" / "web.log").read_text().splitlines()]
+        assert any(line.get("path") == "/ready" and line["status"] == 200 for line in served)
     finally:
         if up.poll() is None:
             up.kill()

@@ -251,3 +251,30 @@ def test_every_line_the_server_writes_is_json_each_request_a_record(sqlite_url: 
     assert any(line["level"] == "WARNING" and "Request Line is too large" in line["msg"]
                for line in lines)
     assert any(line["msg"] == "Shutting down: Master" for line in lines)
+
+
+def test_eventpipe_web_is_this_server_and_stops_at_sigterm_with_status_0(sqlite_url: str,
+                                                                        tmp_path: Path) -> None:
+    """Before: `eventpipe web`, which `eventpipe up` runs, was werkzeug's development server.
+    It said so in red (colour codes inside the JSON lines, as in each request's line), and
+    SIGTERM killed it with status 143 and whatever request it was serving."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "web.log"
+    with log.open("wb") as out:  # from another directory: the configuration is found anyway
+        process = subprocess.Popen([str(Path(sys.executable).parent / "eventpipe"), "web"],
+                                   cwd=tmp_path, env=environment(sqlite_url, tmp_path, port),
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        serving(f"{base}/health", process, log)
+        assert requests.get(f"{base}/users/nobody", timeout=5).status_code == 404
+    finally:
+        process.terminate()
+        status = process.wait(timeout=40)
+    assert status == 0, log.read_text()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    booted = {line["pid"] for line in lines if line["msg"].startswith("Booting worker")}
+    assert len(booted) == WORKERS  # GUNICORN_CMD_ARGS's
+    assert any(line.get("path") == "/users/nobody" and line["status"] == 404 for line in lines)
+    assert not any("\x1b" in line["msg"] or "development server" in line["msg"].lower()
+                   for line in lines)

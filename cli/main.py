@@ -118,7 +118,7 @@ def _bridge(_args: argparse.Namespace, settings: Settings) -> int:
     from bridge.service import run
     from eventpipe import metrics
 
-    metrics.serve(settings.bridge_metrics_port, "BRIDGE_METRICS_PORT")
+    metrics.serve(settings.bridge_metrics_port, "BRIDGE_METRICS_PORT", settings.metrics_host)
     run(settings)
     return 0
 

@@ -195,10 +195,12 @@ class RateMeter:
 RATE = RateMeter()
 
 
-def serve(port: int, setting: str, registry: CollectorRegistry = REGISTRY) -> None:
-    """Serve /metrics on `port` (0: any free one); a port another process holds is a bad
-    setting, named, rather than a traceback."""
+def serve(port: int, setting: str, host: str, registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve /metrics on `host`:`port` (0: any free one; `host` is METRICS_HOST's); a port
+    another process holds, or an address not this machine's, is a bad setting, named, rather
+    than a traceback."""
     try:
-        start_http_server(port, registry=registry)
+        start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise unusable(setting, port, exc, any_port=True) from None
+        raise unusable(setting, port, exc, any_port=True, host=host,
+                       host_setting="METRICS_HOST") from None

@@ -10,8 +10,13 @@ import socket
 from eventpipe.settings import SettingsError
 
 
-def unusable(setting: str, port: int, exc: OSError, *, any_port: bool = False) -> SettingsError:
-    """The bad setting a failed bind makes of `setting`=`port`."""
+def unusable(setting: str, port: int, exc: OSError, *, any_port: bool = False,
+             host: str = "", host_setting: str | None = None) -> SettingsError:
+    """The bad setting a failed bind on `host`:`setting`=`port` makes: a host that is no
+    address of this machine is `host_setting`'s."""
+    if host_setting and (_unresolved(exc) or exc.errno == errno.EADDRNOTAVAIL):
+        return SettingsError(f"{host_setting}={host}: {exc.strerror or exc}: no address of "
+                             "this machine to listen on")
     if exc.errno != errno.EADDRINUSE:
         return SettingsError(f"{setting}={port}: {exc.strerror or exc}: cannot listen there")
     hint = f"set {setting} to a free port" + (" (0: any)" if any_port else "")
@@ -22,7 +27,7 @@ def unusable(setting: str, port: int, exc: OSError, *, any_port: bool = False) -
 def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = False,
                 host_setting: str | None = None) -> None:
     """Raise the bad setting if nothing could listen on `host`:`port` now (0 is always free:
-    the process picks one); a host that is no address of this machine is `host_setting`'s."""
+    the process picks one)."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as werkzeug chooses
@@ -30,10 +35,8 @@ def ensure_free(setting: str, port: int, host: str = "", *, any_port: bool = Fal
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
-        if host_setting and (_unresolved(exc) or exc.errno == errno.EADDRNOTAVAIL):
-            raise SettingsError(f"{host_setting}={host}: {exc.strerror or exc}: no address of "
-                                "this machine to listen on") from None
-        raise unusable(setting, port, exc, any_port=any_port) from None
+        raise unusable(setting, port, exc, any_port=any_port, host=host,
+                       host_setting=host_setting) from None
 
 
 def _unresolved(exc: OSError) -> bool:

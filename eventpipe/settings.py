@@ -171,6 +171,11 @@ class Settings:
         "(`eventpipe up`: as many as its worker processes)"
     )
     flower_port: int = _field("FLOWER_PORT", 5555, "Flower's port under `eventpipe up`")
+    metrics_host: str = _field(
+        "METRICS_HOST", "127.0.0.1", "Address the bridge's and the worker hosts' /metrics "
+        "listen on, as WEB_HOST for the API (0.0.0.0: every interface, for a Prometheus on "
+        "another host)"
+    )
     bridge_metrics_port: int = _field("BRIDGE_METRICS_PORT", 9101, "Bridge /metrics port")
     worker_metrics_port: int = _field("WORKER_METRICS_PORT", 9102, "Worker host /metrics port")
 

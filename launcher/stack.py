@@ -115,8 +115,9 @@ class Stack:
             named[port] = setting
         ensure_free("WEB_PORT", s.web_port, s.web_host, host_setting="WEB_HOST")
         ensure_free("FLOWER_PORT", s.flower_port, "127.0.0.1")
-        ensure_free("BRIDGE_METRICS_PORT", s.bridge_metrics_port)
-        ensure_free("WORKER_METRICS_PORT", s.worker_metrics_port)
+        for setting, port in (("BRIDGE_METRICS_PORT", s.bridge_metrics_port),
+                              ("WORKER_METRICS_PORT", s.worker_metrics_port)):
+            ensure_free(setting, port, s.metrics_host, host_setting="METRICS_HOST")
 
     def start_brokers(self) -> None:
         overrides: dict[str, Any] = {}
@@ -236,10 +237,11 @@ class Stack:
 
     def wait_ready(self) -> None:
         s = self.settings
+        metrics = _in_url(s.metrics_host)
         probes = {
             "web API": (f"http://{_in_url(s.web_host)}:{s.web_port}/ready", _api_ready),
-            "bridge metrics": (f"http://127.0.0.1:{s.bridge_metrics_port}/metrics", _any),
-            "worker metrics": (f"http://127.0.0.1:{s.worker_metrics_port}/metrics", _any),
+            "bridge metrics": (f"http://{metrics}:{s.bridge_metrics_port}/metrics", _any),
+            "worker metrics": (f"http://{metrics}:{s.worker_metrics_port}/metrics", _any),
             "Flower": (f"http://127.0.0.1:{s.flower_port}/healthcheck", _any),
         }
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -267,6 +269,7 @@ class Stack:
     def urls(self) -> dict[str, str]:
         s = self.settings
         api = f"http://{_in_url(s.web_host)}:{s.web_port}"
+        metrics = _in_url(s.metrics_host)
         token = ("" if "DLQ_API_TOKEN" in self.provided
                  else f" (DLQ token for this run: {s.dlq_api_token})")
         return {
@@ -276,8 +279,8 @@ class Stack:
             "OpenAPI": f"{api}/openapi.json",
             "API metrics": f"{api}/metrics",
             "Flower": f"http://127.0.0.1:{s.flower_port}",
-            "bridge metrics": f"http://127.0.0.1:{s.bridge_metrics_port}/metrics",
-            "worker metrics": f"http://127.0.0.1:{s.worker_metrics_port}/metrics",
+            "bridge metrics": f"http://{metrics}:{s.bridge_metrics_port}/metrics",
+            "worker metrics": f"http://{metrics}:{s.worker_metrics_port}/metrics",
             "logs": str(self.run_dir),
         }
 

@@ -143,7 +143,8 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        metrics.serve(self.settings.worker_metrics_port, "WORKER_METRICS_PORT", registry)
+        metrics.serve(self.settings.worker_metrics_port, "WORKER_METRICS_PORT",
+                      self.settings.metrics_host, registry)
 
     def run(self) -> int:
         try:

@@ -131,7 +131,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
     try:
-        start_http_server(settings.worker_metrics_port)
+        start_http_server(settings.worker_metrics_port, addr=settings.metrics_host)
     except OSError as exc:
         log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from eventpipe.metrics import RateMeter, event_type_label, observe_all
+from eventpipe.metrics import RateMeter, event_type_label, observe_all, serve
+from eventpipe.settings import Settings, SettingsError
 
 
 def test_rate_is_events_over_the_last_full_window_and_decays() -> None:
@@ -78,3 +82,29 @@ def test_latencies_observed_at_once_read_as_observed_one_by_one(
                 child.observe(latency)
     at_once, one_by_one = (_samples(reader) for reader in readers)
     assert at_once == pytest.approx(one_by_one)
+
+
+def _listening_on(port: int) -> set[str]:
+    """The IPv4 addresses a socket of this machine listens on at `port` (/proc/net/tcp)."""
+    found = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = row.split()[1], row.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def test_metrics_listen_on_metrics_host_only() -> None:
+    """Before: the bridge's and the worker hosts' /metrics listened on every interface, the
+    API on WEB_HOST's 127.0.0.1 only. METRICS_HOST says where, 127.0.0.1 unless set."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    serve(port, "BRIDGE_METRICS_PORT", Settings().metrics_host, CollectorRegistry())
+    assert _listening_on(port) == {"127.0.0.1"}
+
+
+def test_a_metrics_host_not_of_this_machine_is_named() -> None:
+    with pytest.raises(SettingsError, match=r"^METRICS_HOST=192\.0\.2\.1: .*no address of "
+                                            r"this machine to listen on$"):
+        serve(0, "BRIDGE_METRICS_PORT", "192.0.2.1", CollectorRegistry())

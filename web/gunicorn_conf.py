@@ -94,7 +94,9 @@ def _check(settings: Settings) -> None:
 
 _settings = settings_or_exit("gunicorn", check=_check)
 
-bind = f"{_settings.web_host}:{_settings.web_port}"
+# An IPv6 address in brackets, as gunicorn reads a bind ("::1:8000" is no port of "::1").
+_host = _settings.web_host
+bind = f"[{_host}]:{_settings.web_port}" if ":" in _host else f"{_host}:{_settings.web_port}"
 # Reads wait on the database, not the CPU: a few processes per core keep the cores busy.
 workers = _settings.web_workers or 2 * (os.cpu_count() or 1) + 1
 # Each worker must build its own engine and Redis pool after the fork, never share them.

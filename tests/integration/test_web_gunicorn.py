@@ -278,3 +278,16 @@ def test_eventpipe_web_is_this_server_and_stops_at_sigterm_with_status_0(sqlite_
     assert any(line.get("path") == "/users/nobody" and line["status"] == 404 for line in lines)
     assert not any("\x1b" in line["msg"] or "development server" in line["msg"].lower()
                    for line in lines)
+
+
+def test_an_ipv6_web_host_is_served(sqlite_url: str, tmp_path: Path) -> None:
+    """Before: WEB_HOST=::1 made the bind "::1:8000", which gunicorn refused ("'' is not a
+    valid port number")."""
+    port = free_port()
+    env = {**environment(sqlite_url, tmp_path, port, workers=1), "WEB_HOST": "::1"}
+    log = tmp_path / "gunicorn.log"
+    process = start(env, log)
+    try:
+        serving(f"http://[::1]:{port}/health", process, log)
+    finally:
+        stop(process)

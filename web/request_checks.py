@@ -8,7 +8,8 @@
   without a word, as unknown parameters are refused for the same reason. Not on `/metrics`,
   which reads `name[]` repeated to choose the series (`web.metrics`).
 - A body that is not declared JSON is a 415: webargs would not read it, and the view would
-  answer as if none had been sent.
+  answer as if none had been sent. One sent chunked past MAX_CONTENT_LENGTH is a 413, as one
+  of a stated length.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 
 import flask_smorest
 from flask import Flask, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from web.metrics import PATH as METRICS
 
@@ -41,6 +43,14 @@ def check() -> None:
         "Transfer-Encoding", "").lower()
     if sends_body and not request.is_json:
         flask_smorest.abort(415, message="send the body as application/json")
+    limit = request.max_content_length
+    # Sent chunked, the body is read cut at MAX_CONTENT_LENGTH without a word (werkzeug's
+    # stream), and the cut JSON answered "invalid": a byte past it makes the 413 a body of a
+    # stated length gets.
+    if (sends_body and request.content_length is None and limit
+            and len(request.get_data(cache=True)) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
 
 
 def _raw_path() -> bytes:

@@ -291,3 +291,28 @@ def test_an_ipv6_web_host_is_served(sqlite_url: str, tmp_path: Path) -> None:
         serving(f"http://[::1]:{port}/health", process, log)
     finally:
         stop(process)
+
+
+def test_a_chunked_body_past_the_limit_is_a_413_as_one_with_a_length(sqlite_url: str,
+                                                                     tmp_path: Path) -> None:
+    """Before: sent chunked (no Content-Length), a body past the API's 64 KiB was cut there
+    and answered 400 "Invalid JSON body", as if the client had sent broken JSON."""
+    port = free_port()
+    env = {**environment(sqlite_url, tmp_path, port, workers=1), "DLQ_API_TOKEN": "t0ken"}
+    log = tmp_path / "gunicorn.log"
+    process = start(env, log)
+    body = json.dumps({"all": True, "note": " " * 100_000}).encode()
+
+    def chunked() -> Iterator[bytes]:  # requests sends a generator chunked
+        yield body[:1000]
+        yield body[1000:]
+
+    try:
+        serving(f"http://127.0.0.1:{port}/health", process, log)
+        for data in (body, chunked()):
+            response = requests.post(f"http://127.0.0.1:{port}/dlq/replay", data=data,
+                                     headers={"Authorization": "Bearer t0ken",
+                                              "Content-Type": "application/json"}, timeout=10)
+            assert (response.status_code, response.json()["code"]) == (413, 413), response.text
+    finally:
+        stop(process)

@@ -115,10 +115,25 @@ class TaskMessage:
 
     @classmethod
     def from_wire(cls, raw: list[Any]) -> TaskMessage:
+        """The message a bridge's task carries; ValueError for anything else (a task sent by
+        hand, another program's), whose offsets would enter the ledger as marks."""
+        if not isinstance(raw, list | tuple) or not 5 <= len(raw) <= 7:
+            raise ValueError("not a message of a bridge's task: not 5 to 7 parts")
         offset, key, value, timestamp_ms, attempts, *rest = raw
-        return cls(int(offset), key, value, timestamp_ms, int(attempts),
-                   headers_of(rest[0]) if rest else (),
-                   str(rest[1]) if len(rest) > 1 and rest[1] is not None else None)
+        headers = rest[0] if rest else []
+        unreadable = rest[1] if len(rest) > 1 else None
+        if not (_count(offset) and _count(attempts)
+                and all(part is None or isinstance(part, bytes) for part in (key, value))
+                # Any the Kafka client gave: a producer may set one before 1970.
+                and (timestamp_ms is None or type(timestamp_ms) is int)
+                and isinstance(headers, list | tuple)
+                and all(isinstance(header, list | tuple) and len(header) == 2
+                        and isinstance(header[0], str)
+                        and (header[1] is None or isinstance(header[1], bytes))
+                        for header in headers)
+                and (unreadable is None or isinstance(unreadable, str))):
+            raise ValueError(f"not a message of a bridge's task: offset {str(offset)[:20]!r}")
+        return cls(offset, key, value, timestamp_ms, attempts, headers_of(headers), unreadable)
 
     @property
     def size(self) -> int:
@@ -128,6 +143,11 @@ class TaskMessage:
     @property
     def raw(self) -> RawMessage:
         return RawMessage(self.key, self.value, self.headers)
+
+
+def _count(value: Any) -> bool:
+    """An int of zero or more, as msgpack gives one (bool is an int to Python, not here)."""
+    return type(value) is int and value >= 0
 
 
 def task_summary(topic: str, partition: int, messages: list[TaskMessage]) -> str:

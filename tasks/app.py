@@ -289,15 +289,22 @@ def time_limit(seconds: float) -> Iterator[None]:
 _FOREIGN_SAID = logs.Repeats(window_s=60.0)  # per topic
 
 
-def _not_ours(topic: str, group: str | None, queue: str | None) -> None:
+def _not_ours(topic: str, group: str | None, queue: str | None, why: str = "") -> None:
     """A task of another topic, or of the same topic for another consumer group: another
     pipeline was given the same Celery broker, whose queues bear the same names. Applied
     here, its events would enter this pipeline's database. Acknowledged and not applied, it
     is lost to the pipeline that sent it the way a flushed queue's tasks are: its bridge
     reads the events again from Kafka once REDELIVERY_TIMEOUT_S passes (nothing lost there,
-    nothing foreign here). Said once a minute per topic, and counted."""
-    metrics.FOREIGN_TASKS.labels(topic).inc()
-    if _FOREIGN_SAID.let_through(topic) is None:
+    nothing foreign here). So is a task that is no bridge's batch (`why`: sent by hand, or
+    by another program): its offsets would enter the ledger as marks of Kafka's. Said once
+    a minute per topic, and counted."""
+    metrics.FOREIGN_TASKS.labels(str(topic)[:100]).inc()
+    if _FOREIGN_SAID.let_through(str(topic)) is None:
+        return
+    if why:
+        log.error("a task on queue %s is no bridge's batch (%s): not applied; whatever sent "
+                  "it to this pipeline's Celery broker (CELERY_BROKER_URL) is not a bridge",
+                  queue, why, extra={"topic": topic, "group": group, "queue": queue})
         return
     log.error("a task of topic %r (consumer group %r) came on queue %s, but this worker "
               "serves KAFKA_TOPIC=%r, KAFKA_GROUP_ID=%r: another pipeline uses the same Celery "
@@ -305,6 +312,15 @@ def _not_ours(topic: str, group: str | None, queue: str | None) -> None:
               "(CELERY_BROKER_URL). Its tasks are not applied here", topic, group, queue,
               settings.kafka_topic, settings.kafka_group_id,
               extra={"topic": topic, "group": group, "queue": queue})
+
+
+def _batch(partition: Any, messages: Any) -> list[TaskMessage]:
+    """A bridge's batch, as its task carries it; ValueError for anything else."""
+    if type(partition) is not int or partition < 0:
+        raise ValueError(f"partition {str(partition)[:20]!r}")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("no list of messages")
+    return [TaskMessage.from_wire(m) for m in messages]
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)
@@ -315,7 +331,12 @@ def apply_events(self: Task, topic: str, partition: int,
     if topic != settings.kafka_topic or group not in (None, settings.kafka_group_id):
         _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"))
         return {}
-    decoded = [TaskMessage.from_wire(m) for m in messages]
+    try:
+        decoded = _batch(partition, messages)
+    except ValueError as exc:
+        _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"),
+                  why=str(exc))
+        return {}
     # A task from a bridge of before the header: its marks go where such a bridge reads.
     topic_id = self.request.get(TOPIC_ID_HEADER) or ""
     try:

@@ -31,7 +31,15 @@ from eventpipe.effects import Position
 from eventpipe.kafka import MessageReader, read_topic_id
 from eventpipe.messages import RawMessage
 from eventpipe.offset_ledger import OffsetLedger, filed_under
-from eventpipe.queues import TaskMessage, make_celery, send_batch
+from eventpipe.queues import (
+    APPLY_TASK,
+    GROUP_HEADER,
+    TOPIC_ID_HEADER,
+    TaskMessage,
+    make_celery,
+    queue_name,
+    send_batch,
+)
 from eventpipe.samples import (
     Document,
     encode,
@@ -596,6 +604,31 @@ def test_a_task_of_an_earlier_topic_of_the_same_name_marks_nothing_of_the_new_on
                60, "the earlier topic's tasks applied")
     drained(pipeline, sent)
     assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+
+
+def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: Any) -> None:
+    """Before: a task sent by hand with a negative offset was applied, and the mark it left
+    in the offset ledger ("-1000000--1000000") stopped the bridge with a traceback, at each
+    start (a review's finding)."""
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(200, seed=119)
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    sent = pipeline.send(messages[:100])
+    drained(pipeline, sent)
+    celery = make_celery(pipeline.settings, main="by-hand")
+    headers = {GROUP_HEADER: pipeline.settings.kafka_group_id,
+               TOPIC_ID_HEADER: _filed(pipeline).partition("@")[2]}
+    for partition, wire in ((0, [[-1_000_000, b"k", b"{}", None, 0]]), ("0", []), (0, []),
+                            (0, [[5, "k", b"{}", None, 0]]), (0, "messages")):
+        celery.send_task(APPLY_TASK, args=[pipeline.name, partition, wire],
+                         queue=queue_name(0), headers=headers)
+    wait_until(lambda: pipeline.broker.llen(queue_name(0)) == 0, 60, "the tasks taken")
+    sent += pipeline.send(messages[100:])
+    drained(pipeline, sent)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+    assert pipeline.dead_letters() == []
+    assert "is no bridge's batch" in pipeline.log_of("worker").read_text()
 
 
 def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:

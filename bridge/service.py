@@ -576,9 +576,13 @@ class Bridge:
         self._queue_depths(chosen)
         lows = {p: low for p, progress in chosen.items()
                 if (low := progress.low()) is not None}
+        # Only what each partition awaits: a mark past it (a hand edit) is not read as a set
+        # of offsets that could be billions long.
+        highs = {p: high for p, progress in chosen.items()
+                 if (high := progress.high()) is not None}
         if lows:
             try:
-                progress_by_partition = self.ledger.read(self._ledger_topic, lows)
+                progress_by_partition = self.ledger.read(self._ledger_topic, lows, highs)
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
                 log.warning("offset ledger unreachable: %s", exc)

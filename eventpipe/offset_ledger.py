@@ -45,7 +45,7 @@ sees the other's marks, which costs redeliveries (duplicates), never a commit pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -171,7 +171,9 @@ local mine = redis.call('HGET', KEYS[1], ARGV[3])
 if mine then
   -- This run began already and its answer was lost: say again what it found (over its own
   -- range: the dead run's record is gone), and count no death for its own record.
-  if tonumber(mine) > 0 then return {first, last, tonumber(mine)} end
+  -- A count that is no number (a hand edit) is none: never an error for every batch.
+  local found = tonumber(mine) or 0
+  if found > 0 then return {first, last, found} end
   return {}
 end
 local result = {}
@@ -180,8 +182,10 @@ local names = redis.call('HGETALL', KEYS[1])
 for i = 1, #names, 2 do
   local f, l, r = string.match(names[i], '^(%d+) (%d+) (.+)$')
   if f and first <= tonumber(l) and last >= tonumber(f) then
-    -- The forgiven run's deaths are the ones it had found, no more.
-    local deaths = tonumber(names[i + 1]) + (r == ARGV[6] and 0 or 1)
+    -- The forgiven run's deaths are the ones it had found, no more; a record whose count is
+    -- no number is of no run of ours: it goes, and counts no death.
+    local before = tonumber(names[i + 1])
+    local deaths = before and before + (r == ARGV[6] and 0 or 1) or 0
     if deaths > count then
       count = deaths
       result = {tonumber(f), tonumber(l), deaths}
@@ -231,13 +235,24 @@ def ranges(offsets: Iterable[int]) -> list[str]:
     return [f"{first}-{last}" for first, last in spans(offsets)]
 
 
-def offsets_of(members: Iterable[bytes | str], low: int = 0) -> set[int]:
-    """Every offset of these ranges from `low` on."""
+def offsets_of(members: Iterable[bytes | str], low: int = 0,
+               high: int | None = None) -> set[int]:
+    """Every offset of these ranges from `low` to `high` (included: the last the reader waits
+    for; past it nothing is its business, and a range any longer would be only memory)."""
     found: set[int] = set()
+    for first, last in _spans_of(members):
+        found.update(range(max(first, low), (last if high is None else min(last, high)) + 1))
+    return found
+
+
+def _spans_of(members: Iterable[bytes | str]) -> Iterator[tuple[int, int]]:
+    """The ranges as (first, last). A member that is none (written by hand, or by something
+    that is no worker: "abc", "-5--5") marks nothing: left out, never read as a number."""
     for member in members:
         first, _, last = decoded(member).partition("-")
-        found.update(range(max(int(first), low), int(last) + 1))
-    return found
+        if first.isascii() and first.isdigit() and last.isascii() and last.isdigit() \
+                and int(first) <= int(last):
+            yield int(first), int(last)
 
 
 def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
@@ -245,8 +260,7 @@ def count_covered(members: Iterable[bytes | str], first: int, end: int) -> int:
     overlap: counted on the ranges, never offset by offset."""
     if end <= first:
         return 0
-    held = [(int(low), int(high))
-            for low, _, high in (decoded(member).partition("-") for member in members)]
+    held = list(_spans_of(members))
     return end - first - uncovered([(first, end - 1)], held)
 
 
@@ -322,8 +336,10 @@ class OffsetLedger:
     def _keys(self, topic: str, partition: int, *kinds: str) -> list[str]:
         return [self._key(kind, topic, partition) for kind in kinds]
 
-    def read(self, topic: str, lows: Mapping[int, int]) -> dict[int, Marks]:
-        """For each partition, what the ledger says of its offsets from its low mark on."""
+    def read(self, topic: str, lows: Mapping[int, int],
+             highs: Mapping[int, int] | None = None) -> dict[int, Marks]:
+        """For each partition, what the ledger says of its offsets from its low mark on, to
+        its high one (included) if given."""
         if not lows:
             return {}
         keys = [key for p in lows
@@ -332,14 +348,16 @@ class OffsetLedger:
         found = {}
         for (partition, low), (done_ranges, recorded_ranges, leased_ranges) in zip(
                 lows.items(), replies, strict=True):
-            done = offsets_of(done_ranges, low)
+            high = highs.get(partition) if highs else None
+            done = offsets_of(done_ranges, low, high)
             # A lease is released as the range it was taken for: what of it is done is not
             # held any more.
             # Compared as members first: a worker of this version marks the same in both.
             legacy = set(done_ranges) - set(recorded_ranges)
-            unrecorded = offsets_of(legacy, low) - offsets_of(recorded_ranges, low) \
+            unrecorded = offsets_of(legacy, low, high) - offsets_of(recorded_ranges, low, high) \
                 if legacy else set()
-            found[partition] = Marks(done, offsets_of(leased_ranges, low) - done, unrecorded)
+            found[partition] = Marks(done, offsets_of(leased_ranges, low, high) - done,
+                                     unrecorded)
         return found
 
     def applied_or_held(self, topic: str, partition: int, first: int, end: int) -> int:

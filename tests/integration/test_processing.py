@@ -794,6 +794,22 @@ def test_deaths_outlive_the_batches_applied_before_their_messages_come_back(
     assert ledger.begin(TOPIC, 0, list(range(12)), ttl_s=30, run="again") == Crashed(0, 11, 1)
 
 
+def test_a_run_record_whose_count_is_no_number_counts_no_death(
+    parts: tuple[Processor, OffsetLedger],
+) -> None:
+    """Before: a record of the runs whose count was not a number (a hand edit) failed every
+    batch of its partition with a Lua error, a traceback each, for the record's 24 h (a
+    review's finding)."""
+    processor, ledger = parts
+    runs = ledger._key("runs", TOPIC, 0)
+    ledger.client.hset(runs, mapping={"0 99 edited": "abc", "0 99 dead": "1"})
+    assert ledger.begin(TOPIC, 0, list(range(5, 12)), ttl_s=30, run="next") == Crashed(0, 99, 2)
+    ledger.client.hset(runs, "5 11 next", "abc")  # as if this run's own record was edited
+    assert ledger.begin(TOPIC, 0, list(range(5, 12)), ttl_s=30, run="next") is None
+    processor.run(TOPIC, 0, messages(20))
+    assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(20))
+
+
 def test_a_dead_letter_is_said_by_its_event_id_and_counted_once_when_it_enters_the_dlq(
     engine: Engine, parts: tuple[Processor, OffsetLedger], caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -33,3 +33,15 @@ def test_the_offsets_ranges_cover_are_counted_on_the_ranges() -> None:
     assert count_covered([b"5-9", b"0-1"], 1, 7) == 3
     assert count_covered(["0-1000000000"], 10, 20) == 10  # no set of a billion offsets
     assert count_covered(["3-4"], 5, 3) == 0
+
+
+def test_a_mark_that_is_no_range_is_left_out_and_none_reaches_past_what_is_awaited() -> None:
+    """Before: a member written by hand ("abc", "-5--5" of a task with a negative offset)
+    stopped the bridge with a ValueError at each sync and each start, and "0-3000000000" made
+    it a set of three billion offsets (1.9 GB within 15 s: a review's finding)."""
+    members: list[bytes | str] = [b"abc", "-5--5", b"7-", "9-3", b"0-3000000000",
+                                  "\u0661-\u0662", b"2-4"]
+    assert offsets_of(members, low=1, high=10) == set(range(1, 11))
+    assert offsets_of([b"abc", b"2-4"]) == {2, 3, 4}
+    assert count_covered(members, 0, 10) == 10
+    assert count_covered([b"abc", b"2-4"], 0, 10) == 3

@@ -144,5 +144,6 @@ def history_from_json(raw: str | None) -> tuple[Episode, ...]:
     """Episodes written by this module; anything else reads as no history, never an error."""
     try:
         return tuple(Episode.from_json(item) for item in json.loads(raw or "[]"))
-    except (ValueError, TypeError, KeyError):
+    # Overflow: a count of 1e400; recursion: arrays nested past the interpreter's bound.
+    except (ValueError, TypeError, KeyError, ArithmeticError, RecursionError):
         return ()

@@ -238,7 +238,10 @@ class StreamEntry:
             return int(raw) if raw.isdigit() else None
 
         def moment(name: str) -> datetime:
-            return datetime.fromisoformat(text(name).replace("Z", "+00:00"))
+            found = datetime.fromisoformat(text(name).replace("Z", "+00:00"))
+            if found.utcoffset() is None:  # no worker writes one: not comparable with others
+                raise ValueError(f"{name} has no offset from UTC")
+            return found
 
         letter = DeadLetter(
             dlq_key=text("dlq_key"), error_class=text("error_class"),

@@ -3,9 +3,18 @@ a replay sends must be the message as it came."""
 
 from __future__ import annotations
 
-from eventpipe.dlq.stream import StreamEntry
+import json
+
+import pytest
+
+from eventpipe.dlq.stream import StreamEntry, _dead_letter
 from eventpipe.messages import RawMessage
 from tests.support.factories import dead_letter
+
+# An episode as `eventpipe.dlq.letter.history_json` writes one.
+EPISODE = {"error_class": "InvalidEvent", "reason": "r", "attempts": 1,
+           "first_failure_at": "2024-01-01T00:00:00Z", "last_failure_at": "2024-01-01T00:00:00Z",
+           "worker": "w", "ended": "replayed", "ended_at": "2024-01-01T00:00:01Z"}
 
 
 def _fields(entry: StreamEntry) -> dict[bytes, bytes]:
@@ -41,3 +50,22 @@ def test_headers_an_entry_keeps_but_that_cannot_be_read_leave_its_value() -> Non
 def test_an_entry_shown_without_its_bytes_is_no_tombstone() -> None:
     back = _through_redis(StreamEntry.of(dead_letter(6).letter, None))
     assert back.raw is None and not back.tombstone
+
+
+@pytest.mark.parametrize("name", ["first_failure_at", "last_failure_at"])
+def test_an_entry_added_by_hand_with_a_time_of_no_offset_is_none(name: str) -> None:
+    """Before: such an entry failed `dlq list --since` and `GET /dlq/entries?since=` (500)
+    as its time was compared, where docs/operations.md says an entry no worker writes is
+    left out (a review's finding)."""
+    fields = {**_fields(dead_letter(5)), name.encode(): b"2024-01-01T00:00:00"}
+    assert _dead_letter("1-0", fields) is None
+    assert _dead_letter("1-0", _fields(dead_letter(5))) is not None
+
+
+@pytest.mark.parametrize("history", [json.dumps([{**EPISODE, "attempts": 1e400}]).encode(),
+                                     b"[" * 100_000 + b"]" * 100_000])
+def test_a_history_added_by_hand_that_no_worker_writes_is_none(history: bytes) -> None:
+    """Before: attempts of 1e400 (an overflow), or a history nested past the interpreter's
+    bound, failed every listing of the DLQ, `dlq list` and `GET /dlq/entries` (500)."""
+    entry = _dead_letter("1-0", {**_fields(dead_letter(5)), b"history": history})
+    assert entry is not None and entry.letter.history == ()

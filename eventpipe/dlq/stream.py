@@ -65,20 +65,32 @@ end
 return found
 """
 
+# The total of bytes, counted again from the index where it is no number (a hand edit: HSET
+# from redis-cli), rather than an error for every put. KEYS: index, totals.
+_TOTAL = """
+local function total(index, totals)
+  local bytes = tonumber(redis.call('HGET', totals, 'bytes') or '0')
+  if bytes then return bytes end
+  bytes = 0
+  for _, line in ipairs(redis.call('HVALS', index)) do
+    bytes = bytes + (tonumber(string.match(line, '^%S+ (%d+)')) or 0)
+  end
+  redis.call('HSET', totals, 'bytes', bytes)
+  return bytes
+end
+"""
+
 # KEYS: stream, index, totals. ARGV: dlq key, max entries, max bytes, size, revision,
 # field/value pairs. Replaces the key's entry if there is one; refuses a new entry beyond the
-# bounds. The index holds "<entry id> <size> <revision>" per key.
-_PUT = """
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-local old_id, old_size = nil, 0
-if old then
-  old_id, old_size = string.match(old, '^(%S+) (%d+)')
-  old_size = tonumber(old_size)
-end
+# bounds. The index holds "<entry id> <size> <revision>" per key; a line that is none (a
+# hand edit) is taken as no line, its entry, if any, left to `mend` as one no line names.
+_PUT = _TOTAL + """
+local old_id, old_size = string.match(redis.call('HGET', KEYS[2], ARGV[1]) or '', '^(%S+) (%d+)')
+old_size = tonumber(old_size) or 0
 local size = tonumber(ARGV[4])
-local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0') - old_size + size
+local bytes = total(KEYS[2], KEYS[3]) - old_size + size
 local entries = redis.call('XLEN', KEYS[1])
-if not old then entries = entries + 1 end
+if not old_id then entries = entries + 1 end
 if entries > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3]) then
   return {false, entries, bytes}
 end
@@ -96,10 +108,12 @@ for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old then
     local old_id, size = string.match(old, '^(%S+) (%d+)')
-    redis.call('XDEL', KEYS[1], old_id)
     redis.call('HDEL', KEYS[2], ARGV[i])
-    redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
-    removed = removed + 1
+    if old_id then  -- else a line that is none (a hand edit): only it goes
+      redis.call('XDEL', KEYS[1], old_id)
+      redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(size))
+      removed = removed + 1
+    end
   end
 end
 return removed
@@ -131,7 +145,7 @@ local index = redis.call('HGETALL', KEYS[2])
 local bytes = 0
 for i = 1, #index, 2 do
   local id, size = string.match(index[i + 1], '^(%S+) (%d+)')
-  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+  if not id or #redis.call('XRANGE', KEYS[1], id, id) == 0 then  -- none, or its entry gone
     redis.call('HDEL', KEYS[2], index[i])
     changed = changed + 1
   else
@@ -140,6 +154,17 @@ for i = 1, #index, 2 do
 end
 redis.call('HSET', KEYS[3], 'bytes', bytes)
 return changed
+"""
+
+# KEYS: the turn. ARGV: how long it lasts, in ms. A turn kept for ever (set by hand, or
+# copied without its time) or of another kind would be no one's again: taken all the same.
+_TURN = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+if redis.call('PTTL', KEYS[1]) >= 0 and redis.call('TYPE', KEYS[1]).ok == 'string' then
+  return 0
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
 """
 
 # KEYS: marker. ARGV: the rebuild's claim, then 'intact' to mark the stream intact,
@@ -308,7 +333,9 @@ class DeadLetterStream:
         self._get_keys = client.register_script(_GET_KEYS)
         self._remove = client.register_script(_REMOVE)
         self._mend = client.register_script(_MEND)
+        self._total = client.register_script(_TOTAL + "return total(KEYS[1], KEYS[2])")
         self._claimed = client.register_script(_CLAIMED)
+        self._turn = client.register_script(_TURN)
         self._waitaof: bool | None = None  # unknown until tried
 
     def sync_to_disk(self, timeout_ms: int = 1000) -> bool:
@@ -396,8 +423,7 @@ class DeadLetterStream:
 
     def take_turn(self, task: str, every_s: float) -> bool:
         """True for one caller per `every_s` across every process: who does `task` now."""
-        return bool(self.client.set(f"{self.stream}:turn:{task}", "1", nx=True,
-                                    px=int(every_s * 1000)))
+        return bool(self._turn(keys=[f"{self.stream}:turn:{task}"], args=[int(every_s * 1000)]))
 
     def put(self, entry: StreamEntry) -> str:
         """Add or replace the entry of `entry.letter.dlq_key`; its entry id."""
@@ -452,7 +478,7 @@ class DeadLetterStream:
         return int(self.client.xlen(self.stream))
 
     def size_bytes(self) -> int:
-        return int(self.client.hget(self.totals, "bytes") or 0)
+        return self._bytes(self.client.hget(self.totals, "bytes"))
 
     def refusing(self) -> bool:
         """Whether it kept a dead letter out, its bounds reached, within `REFUSAL_KEPT_S`:
@@ -465,7 +491,14 @@ class DeadLetterStream:
         pipe.xlen(self.stream)
         pipe.hget(self.totals, "bytes")
         depth, size = pipe.execute()
-        return int(depth), int(size or 0)
+        return int(depth), self._bytes(size)
+
+    def _bytes(self, total: bytes | str | None) -> int:
+        """The total of bytes read; counted again from the index where it is no number."""
+        try:
+            return int(total or 0)
+        except ValueError:
+            return int(self._total(keys=[self.index, self.totals]))
 
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""

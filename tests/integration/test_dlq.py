@@ -492,6 +492,48 @@ def test_an_index_lost_by_hand_costs_no_entry_its_bytes_nor_the_dlq_its_room(
     assert stream.size_bytes() == _bytes_of(stream)
 
 
+def test_a_total_or_an_index_line_edited_by_hand_is_counted_again_not_an_error(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Before: a total of bytes that was no number (`HSET …:totals bytes abc`) stopped every
+    new dead letter from reaching the stream, and `/metrics` answered 500; an index line
+    that was none (`HSET …:index <key> garbage`) failed each put of its key and `eventpipe
+    dlq restore`, the repair, with a Lua error (a review's finding)."""
+    first, second = _open_entries(engine, stream, "events", 2)
+    stream.client.hset(stream.totals, "bytes", "abc")
+    assert stream.fill() == (2, _bytes_of(stream))  # counted again from the index
+    stream.client.hset(stream.index, first.letter.dlq_key, "garbage")
+    stream.client.hset(stream.totals, "bytes", "abc")
+    stream.put(dead_letter(3))
+    stream.put(replace(second, value=b"{again"))
+    stream.put(first)  # the line that was none is taken for none: the key is put anew
+    assert stream.sizes() == (4, 3)  # first's earlier entry is named by no line now
+    projection.restore(engine, stream, lambda position: None)  # what SQL holds: two
+    assert stream.sizes() == (2, 2)
+    assert stream.size_bytes() == _bytes_of(stream)
+    stream.client.hset(stream.index, second.letter.dlq_key, "garbage")
+    assert stream.remove(second.letter.dlq_key) == 0  # only the line that was none goes
+    stream.mend()  # its entry indexed again
+    assert stream.sizes() == (2, 2) and stream.size_bytes() == _bytes_of(stream)
+
+
+def test_a_turn_kept_for_ever_by_a_hand_edit_is_taken_all_the_same(
+    stream: DeadLetterStream,
+) -> None:
+    """Before: `SET …:turn:reconcile 1` with no expiry (by hand, or a copy of the keys
+    without their times) gave no worker that turn again: held events were never parked,
+    opened nor resolved, and nothing said so (a review's finding)."""
+    turn = f"{stream.stream}:turn:reconcile"
+    stream.client.set(turn, "1")
+    assert stream.take_turn("reconcile", 5.0)
+    assert not stream.take_turn("reconcile", 5.0)
+    assert 0 < stream.client.pttl(turn) <= 5000
+    stream.client.delete(turn)
+    stream.client.hset(turn, "a", "b")  # of another kind
+    assert stream.take_turn("reconcile", 5.0)
+    stream.client.delete(turn)
+
+
 def _bytes_of(stream: DeadLetterStream) -> int:
     """The stream's entries' bytes, as `put` counts them."""
     return sum(len(name) + len(value.encode() if isinstance(value, str) else value)

@@ -144,6 +144,10 @@ class PartitionProgress:
         """The oldest offset whose fate the ledger can still tell us, if any."""
         return self.outstanding[0][0] if self.outstanding else None
 
+    def stalled_s(self, now: float) -> float | None:
+        """For how long none of its offsets in flight was done, while some are."""
+        return round(now - self.last_progress, 1) if self.outstanding else None
+
     def high(self) -> int | None:
         """The newest offset whose fate is awaited, if any."""
         return self.outstanding[-1][0] if self.outstanding else None

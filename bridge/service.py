@@ -647,6 +647,7 @@ class Bridge:
             "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped,
             "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1),
             "stuckS": self._stuck_s(progress, reading.get(p), now),
+            "stalledS": progress.stalled_s(now),
             **self._unreadable_said(progress)}
             for p, progress in self.partitions.items()}}
         try:

@@ -199,7 +199,8 @@ def _amount(value: Any) -> bool:
 _BRIDGE_FIELDS: dict[str, Callable[[Any], bool]] = {
     "committed": _count, "highWatermark": _count, "inFlight": _count, "queued": _count,
     "paused": _flag, "pausedFor": _cause, "pausedS": _amount, "lost": _count, "skipped": _count,
-    "lostAgoS": _amount, "stuckS": _amount, "unreadableAt": _count, "unreadableWhy": _why}
+    "lostAgoS": _amount, "stuckS": _amount, "unreadableAt": _count, "unreadableWhy": _why,
+    "stalledS": _amount}
 
 
 # -- the view --------------------------------------------------------------------------------
@@ -224,6 +225,8 @@ class PartitionStatus:
     stuck_s: float | None
     unreadable_at: int | None
     unreadable_why: str | None
+    # For how long none of its events in flight was done, while some are.
+    stalled_s: float | None
     bridge: str | None
     workers: list[str]  # the worker processes consuming its queue
     last_batch_ago_s: float | None
@@ -321,6 +324,11 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
             found.append(f"partition {p.partition}: {p.skipped:,} offset(s) skipped below the "
                          "start of Kafka's log (deleted by its retention): lost unless a task "
                          "sent before applies them, counted once none can")
+        if p.in_flight and p.stalled_s is not None and p.stalled_s > STUCK_S:
+            found.append(f"partition {p.partition}: {p.in_flight:,} event(s) in flight and "
+                         f"none done for {p.stalled_s:.0f} s: their batches fail again and "
+                         "again (the database?), or the offset ledger in Redis cannot be read "
+                         "(the workers' and the bridge's logs say which)")
         if p.stuck_s is not None and p.stuck_s > STUCK_S:
             found.append(f"partition {p.partition}: Kafka holds messages up to offset "
                          f"{_number(None if p.high_watermark is None else p.high_watermark - 1)}"
@@ -369,7 +377,7 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         lost_ago_s=_aged(said.get("lostAgoS"), bridge),
         skipped=said.get("skipped"), stuck_s=_aged(said.get("stuckS"), bridge),
         unreadable_at=said.get("unreadableAt"), unreadable_why=said.get("unreadableWhy"),
-        bridge=bridge.name if bridge else None,
+        stalled_s=_aged(said.get("stalledS"), bridge), bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
 

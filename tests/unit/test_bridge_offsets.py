@@ -373,3 +373,14 @@ def test_overlapping_spans_skipped_below_the_log_start_are_one() -> None:
     progress.skipped_below(300, 310, count_by=5)
     assert sorted(progress.below_start) == [(60, 250, 20), (300, 310, 5)]
     assert progress.skipped == 190 + 10  # as the status board says it
+
+
+def test_a_partition_is_stalled_from_its_last_event_done_while_some_are_in_flight() -> None:
+    progress = PartitionProgress(0)
+    assert progress.stalled_s(100.0) is None  # nothing in flight
+    progress.dispatched([0, 1, 2], 100.0)
+    assert progress.stalled_s(130.0) == 30.0
+    progress.observe({0}, set(), 140.0)
+    assert progress.stalled_s(150.0) == 10.0
+    progress.observe({1, 2}, set(), 160.0)
+    assert progress.stalled_s(500.0) is None

@@ -188,3 +188,20 @@ def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_named() -> Non
         "cannot read? (docs/operations.md)",
         "partition 1: Kafka holds messages up to offset 8 but has handed none over for 122 s: "
         f"it cannot hand over the record batch at offset 5 ({why}), whose end it does not say"]
+
+
+def test_a_partition_whose_events_in_flight_none_of_which_is_done_is_named() -> None:
+    """A review's finding: one key of the offset ledger of another kind (a hand edit) kept
+    every partition's commits still while `eventpipe status` said there was no problem; so
+    does a database that fails every batch. Whatever the cause, events in flight of which
+    none was done for so long is the operator's to look at."""
+    members = [bridge("b:1", 0.5,
+                      p0={"committed": 3, "highWatermark": 90, "inFlight": 40, "stalledS": 130.0},
+                      p1={"committed": 5, "highWatermark": 9, "inFlight": 4, "stalledS": 100.0}),
+               worker("w:1", [0, 1])]
+    status = assemble(AT, "t", "g", 2, members, {}, NO_DLQ)
+    assert [p.stalled_s for p in status.partitions] == [130.5, 100.5]
+    assert status.problems == [
+        "partition 0: 40 event(s) in flight and none done for 130 s: their batches fail again "
+        "and again (the database?), or the offset ledger in Redis cannot be read (the workers' "
+        "and the bridge's logs say which)"]

@@ -43,6 +43,17 @@ class PartitionStatusSchema(CamelSchema):
     skipped = fields.Integer(required=True, allow_none=True, metadata={
         "description": "Offsets the reading skipped below the start of Kafka's log whose "
                        "count waits: lost unless a task sent before applies them"})
+    stuck_s = fields.Float(required=True, allow_none=True, metadata={
+        "description": "Seconds Kafka has handed over nothing of it while holding messages "
+                       "past its reading; `problems` names it past two minutes"})
+    unreadable_at = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "The offset of a record batch Kafka cannot hand over, whose end the "
+                       "bridge has not found yet"})
+    unreadable_why = fields.String(required=True, allow_none=True, metadata={
+        "description": "Why Kafka's client cannot hand that batch over"})
+    stalled_s = fields.Float(required=True, allow_none=True, metadata={
+        "description": "Seconds none of its events in flight was done, while some are; "
+                       "`problems` names it past two minutes"})
     bridge = fields.String(required=True, allow_none=True,
                            metadata={"description": "The bridge reading it (host:pid)"})
     workers = fields.List(fields.String(), required=True, metadata={

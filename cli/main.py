@@ -147,16 +147,24 @@ def _web(_args: argparse.Namespace, settings: Settings) -> int:
     from eventpipe.ports import ensure_free
     from eventpipe.settings import child_environment
 
-    ensure_free("WEB_PORT", settings.web_port, settings.web_host, host_setting="WEB_HOST")
+    # The port first, as every command says it; with options for gunicorn (a bind of its
+    # own?) or a socket from systemd, the configuration decides (`_binds_elsewhere`).
+    if not {"GUNICORN_CMD_ARGS", "LISTEN_FDS"} & os.environ.keys():
+        ensure_free("WEB_PORT", settings.web_port, settings.web_host, host_setting="WEB_HOST")
     web = importlib.util.find_spec("web")  # found, not imported: gunicorn's workers import it
     assert web is not None and web.submodule_search_locations
     conf = Path(web.submodule_search_locations[0]) / "gunicorn_conf.py"
     env = child_environment({"PROMETHEUS_MULTIPROC_DIR": SERVER_METRICS_DIR}
                             if SERVER_METRICS_DIR else {})
-    command = [sys.executable, "-m", "gunicorn", "-c", str(conf), "web.wsgi:app"]
+    # Its own script where there is one: a binary upgrade (USR2) runs the command again, and
+    # `python -m gunicorn` run again puts gunicorn's package first on the path, whose `http`
+    # hides the standard library's.
+    script = Path(sys.executable).with_name("gunicorn")
+    command = ([str(script)] if script.is_file() else [sys.executable, "-m", "gunicorn"])
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, command, env)  # signals reach gunicorn's arbiter itself
+    # Signals reach gunicorn's arbiter itself, and a socket systemd passes finds its process.
+    os.execve(command[0], [*command, "-c", str(conf), "web.wsgi:app"], env)
 
 
 def _migrate(_args: argparse.Namespace, settings: Settings) -> int:

@@ -103,12 +103,18 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def formatter(role: str, style: str, stream: Any) -> logging.Formatter:
+    """Lines for `stream`: text lines (`style` "text", or "auto" when it is a terminal), else
+    JSON lines tagged with `role` (a file, a pipe, a socket, no stream at all)."""
+    isatty = getattr(stream, "isatty", None)
+    text = style == "text" or (style == "auto" and isatty is not None and isatty())
+    return TextFormatter() if text else JsonFormatter(role)
+
+
 def configure(role: str, level: str = "INFO", style: str = "auto") -> None:
-    """Send every logger's records to stderr: JSON lines tagged with `role`, or text lines
-    (`style` "text", or "auto" when stderr is a terminal)."""
+    """Send every logger's records to stderr, as `formatter` writes them for it."""
     handler = logging.StreamHandler(sys.stderr)
-    text = style == "text" or (style == "auto" and sys.stderr.isatty())
-    handler.setFormatter(TextFormatter() if text else JsonFormatter(role))
+    handler.setFormatter(formatter(role, style, sys.stderr))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

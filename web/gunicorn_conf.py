@@ -8,7 +8,6 @@ them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
@@ -35,33 +34,35 @@ _METRIC_FILE = re.compile(r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|m
 
 
 class JsonLogs(Logger):  # type: ignore[misc]
-    """gunicorn's records as the lines of every other process (`eventpipe.logs`): JSON, or
-    text at a terminal, at LOG_LEVEL. gunicorn's own formats are plain text a collector
-    reading JSON cannot parse: its own records (starting, a worker booted or timed out, a
-    request refused before the app saw it) and an access line per request, here a record
-    with the request's fields: method, path, query, status, bytes, durationMs, remote,
-    userAgent. (Here, not in the `web` package, whose import would load prometheus_client
-    before its directory is set, below.)"""
+    """gunicorn's records in the form of every other process's (`eventpipe.logs`): JSON
+    lines, or text at a terminal. gunicorn's own forms are plain text a collector reading
+    JSON cannot parse: its records (starting, a worker booted or timed out, a request refused
+    before the app saw it) and an access line per request, here a record with the request's
+    fields: method, path, query, status, bytes, durationMs, remote, userAgent. Where they go
+    and at what level stay gunicorn's to say (`--access-logfile`, `--error-logfile`,
+    `--log-level`; the access records at INFO whatever LOG_LEVEL, which is the app's). (Here,
+    not in the `web` package, whose import would load prometheus_client before its directory
+    is set, below.)"""
 
     def setup(self, cfg: Any) -> None:
-        super().setup(cfg)  # its handlers, replaced below; run again by a reload
-        logs.configure("web", _settings.log_level, _settings.log_format)
+        super().setup(cfg)  # its handlers, as its options say; run again by a reload
+        logs.configure("web", _settings.log_level, _settings.log_format)  # the app's records
         for log in (self.error_log, self.access_log):
-            for handler in list(log.handlers):
-                log.removeHandler(handler)
-            log.propagate = True
-            log.setLevel(logging.NOTSET)  # LOG_LEVEL, the root's, decides for both
+            for handler in log.handlers:
+                handler.setFormatter(logs.formatter("web", _settings.log_format,
+                                                    getattr(handler, "stream", None)))
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any],
                request_time: timedelta) -> None:
-        if not self.access_log_enabled:
-            return
+        if not self.access_log.handlers and not self.access_log.propagate:
+            return  # no access log asked for (gunicorn's `access_log_enabled`, not in 22-23)
         status = str(resp.status).split(None, 1)[0]
         line: dict[str, Any] = {
             "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
+            # A request gunicorn refused before the app has no PATH_INFO.
+            "path": environ.get("PATH_INFO") or environ.get("RAW_URI", "").split("?")[0] or None,
             "status": int(status) if status.isdigit() else status,
-            "bytes": getattr(resp, "sent", None),
+            "bytes": getattr(resp, "sent", None) or getattr(resp, "response_length", None),
             "durationMs": round(request_time.total_seconds() * 1000, 1),
             "remote": environ.get("REMOTE_ADDR"),
         }
@@ -104,6 +105,11 @@ preload_app = False
 # A replay by filter takes entries for 30 s, then its last chunk may wait 10 s for Kafka
 # (`web.resources.dlq.routes`): leave room above that before a worker is killed.
 timeout = 60
+# Threads, which poll their connections: a sync worker waits on the first it takes until a
+# request comes, so connections a browser opens ahead of time and leaves idle would hold
+# every worker for `timeout`.
+worker_class = "gthread"
+threads = 4
 accesslog = "-"
 logger_class = JsonLogs
 # Nothing here uses gunicornc, and servers on one host would all claim its default socket.

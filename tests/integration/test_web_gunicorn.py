@@ -93,6 +93,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def server(sqlite_url: str, dlq_stream: str, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env = environment(sqlite_url, tmp_path, port, dlq_stream)
+    # A request at a time per process: requests sent together are served by as many.
+    env["GUNICORN_CMD_ARGS"] += " --worker-class sync"
     log = (tmp_path / "gunicorn.log").open("wb")
     process = subprocess.Popen([str(GUNICORN), "-c", "web/gunicorn_conf.py", "web.wsgi:app"],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -316,3 +318,40 @@ def test_a_chunked_body_past_the_limit_is_a_413_as_one_with_a_length(sqlite_url:
             assert (response.status_code, response.json()["code"]) == (413, 413), response.text
     finally:
         stop(process)
+
+
+def test_connections_left_idle_leave_the_api_answering(sqlite_url: str, tmp_path: Path) -> None:
+    """Before: gunicorn's sync workers each waited on the first connection they took until a
+    request came or 60 s passed: two left idle (a browser opens such ahead of time) stopped
+    the API of `eventpipe up`, whose two workers were then killed (a review's finding)."""
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    process = start(environment(sqlite_url, tmp_path, port, workers=1), log)
+    idle: list[socket.socket] = []
+    try:
+        serving(f"http://127.0.0.1:{port}/health", process, log)
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        for connection in idle:
+            connection.close()
+        stop(process)
+
+
+def test_gunicorns_log_options_keep_their_say(sqlite_url: str, tmp_path: Path) -> None:
+    """Before, once its lines were JSON: `--access-logfile` was left empty, and with
+    LOG_LEVEL=WARNING no request had a record anywhere (a review's finding). The lines keep
+    the project's form wherever gunicorn's options send them."""
+    port = free_port()
+    log, access = tmp_path / "gunicorn.log", tmp_path / "access.log"
+    env = {**environment(sqlite_url, tmp_path, port, workers=1), "LOG_LEVEL": "WARNING"}
+    process = start(env, log, "--access-logfile", str(access))
+    try:
+        serving(f"http://127.0.0.1:{port}/health", process, log)
+        assert requests.get(f"http://127.0.0.1:{port}/users/nobody", timeout=5).status_code == 404
+    finally:
+        stop(process)
+    records = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [(r["path"], r["status"]) for r in records if r["path"] == "/users/nobody"] == [
+        ("/users/nobody", 404)]
+    assert all(json.loads(line)["role"] == "web" for line in log.read_text().splitlines())

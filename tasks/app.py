@@ -133,7 +133,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     try:
         start_http_server(settings.worker_metrics_port, addr=settings.metrics_host)
     except OSError as exc:
-        log.warning("metrics not served: port %d: %s", settings.worker_metrics_port, exc)
+        log.warning("metrics not served: METRICS_HOST=%s, WORKER_METRICS_PORT=%d: %s",
+                    settings.metrics_host, settings.worker_metrics_port, exc)
 
 
 class _Stop:

@@ -83,6 +83,28 @@ def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:
     return len(mine)
 
 
+def drop_unreadable_unacked(broker: redis.Redis) -> list[str]:
+    """Remove the entries of kombu's record of unacknowledged messages that are none it
+    wrote (not JSON `[message, exchange, routing key]`: another program's, a hand edit), and
+    say which. kombu hands each entry back once the visibility timeout passes, and fails on
+    such a one with an error that stops its worker, at every start after."""
+    unreadable = []
+    for tag, entry in broker.hgetall(_UNACKED).items():
+        try:
+            found = json.loads(entry)
+        except ValueError:
+            found = None
+        if not (isinstance(found, list) and len(found) == 3 and isinstance(found[0], dict)):
+            unreadable.append(tag)
+    if unreadable:
+        with broker.pipeline() as pipe:
+            pipe.hdel(_UNACKED, *unreadable)
+            pipe.zrem(_UNACKED_INDEX, *unreadable)
+            pipe.execute()
+    return [(tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag)[:100]
+            for tag in unreadable]
+
+
 def partition_of(queue: str) -> int | None:
     """The partition a queue serves; None for a queue that is not a partition's."""
     number = queue.removeprefix(QUEUE_PREFIX)

@@ -21,6 +21,7 @@ from functools import cache
 from types import FrameType
 from typing import Any
 
+import redis
 from celery import Task
 from celery.signals import (
     celeryd_init,
@@ -44,12 +45,13 @@ from eventpipe.queues import (
     GROUP_HEADER,
     TOPIC_ID_HEADER,
     TaskMessage,
+    drop_unreadable_unacked,
     make_celery,
     queue_name,
     send_batch,
     task_summary,
 )
-from eventpipe.settings import settings_or_exit
+from eventpipe.settings import REDIS_SCHEMES, settings_or_exit
 from eventpipe.status import Board, process_name
 from tasks.heartbeat import Heartbeat
 from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
@@ -101,6 +103,26 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
               "(the default here) and more processes: eventpipe worker --processes N",
               file=sys.stderr)
     raise SystemExit(2)
+
+
+@celeryd_init.connect
+def _drop_what_kombu_cannot_read(**_: Any) -> None:
+    """Before the consumer starts, whose transport would hand back the entries of its record
+    of unacknowledged tasks and stop at one it cannot read."""
+    if settings.celery_broker_url.partition("://")[0] not in REDIS_SCHEMES:
+        return
+    client = redis_clients.operator(settings.celery_broker_url)
+    try:
+        dropped = drop_unreadable_unacked(client)
+    except redis.RedisError:
+        return  # the consumer says it, connecting
+    finally:
+        client.close()
+    if dropped:
+        log.error("kombu's record of unacknowledged tasks (`unacked`, CELERY_BROKER_URL) held "
+                  "%d entr(ies) that are no task kombu wrote: removed (another program "
+                  "writes into the Celery broker's database?)", len(dropped),
+                  extra={"tags": dropped[:10]})
 
 
 @celeryd_init.connect

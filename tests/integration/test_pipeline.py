@@ -606,6 +606,24 @@ def test_a_task_of_an_earlier_topic_of_the_same_name_marks_nothing_of_the_new_on
     assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
 
 
+def test_a_record_of_kombus_that_kombu_cannot_read_stops_no_worker(make_pipeline: Any) -> None:
+    """Before: one entry of kombu's record of unacknowledged tasks that was not one it wrote
+    (`HSET unacked tag garbage` in the Celery broker's database) stopped every worker a few
+    seconds after its start, at each start: kombu hands such tasks back and failed on it
+    (a review's finding)."""
+    pipeline: Pipeline = make_pipeline()
+    pipeline.broker.hset("unacked", mapping={"tag-garbage": "not json", "tag-short": "[1, 2]"})
+    pipeline.broker.zadd("unacked_index", {"tag-garbage": 1, "tag-short": 1})
+    messages = stream(100, seed=121)
+    sent = pipeline.send(messages)
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    drained(pipeline, sent)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+    assert not pipeline.broker.hexists("unacked", "tag-garbage")
+    assert "no task kombu wrote" in pipeline.log_of("worker").read_text()
+
+
 def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: Any) -> None:
     """Before: a task sent by hand with a negative offset was applied, and the mark it left
     in the offset ledger ("-1000000--1000000") stopped the bridge with a traceback, at each

@@ -71,33 +71,36 @@ def _position(applied: dict[str, Any] | None, letters: list[DeadLetter]) -> Posi
 
 
 def render(trace: Trace) -> str:
-    lines = [f"event {trace.event_id}"]
+    def one(value: object) -> str:  # a field from the data: its newlines forge no line
+        return printable(str(value), one_line=True)
+
+    lines = [f"event {one(trace.event_id)}"]
     if not trace.found:
         lines.append("  neither applied nor dead-lettered: not yet consumed, waiting for a "
                      "retry, or never sent")
         return printable("\n".join(lines))
     if trace.applied:
         a = trace.applied
-        lines.append(f"  kafka     {a['kafka_topic']} partition {a['kafka_partition']} "
+        lines.append(f"  kafka     {one(a['kafka_topic'])} partition {a['kafka_partition']} "
                      f"offset {a['kafka_offset']}")
         lines.append(f"  occurred  {utc_iso(a['occurred_at'])}")
-        lines.append(f"  {a['outcome']:9s} {utc_iso(a['applied_at'])}  ({a['event_type']}, "
-                     f"by {a['worker'] or 'an unnamed worker'})")
+        lines.append(f"  {a['outcome']:9s} {utc_iso(a['applied_at'])}  "
+                     f"({one(a['event_type'])}, by {one(a['worker'] or 'an unnamed worker')})")
     for letter in trace.dead_letters:
         shown = "in the DLQ" if letter.dlq_key in trace.in_stream else "not in the DLQ stream"
-        lines.append(f"  {letter.state:9s} {letter.error_class}: {letter.reason}")
-        lines.append(f"    {letter.dlq_key}; {letter.attempts} attempt(s) from "
+        lines.append(f"  {letter.state:9s} {one(letter.error_class)}: {one(letter.reason)}")
+        lines.append(f"    {one(letter.dlq_key)}; {letter.attempts} attempt(s) from "
                      f"{utc_iso(letter.first_failure_at)} to {utc_iso(letter.last_failure_at)}"
-                     f" on {letter.worker}; {shown}")
+                     f" on {one(letter.worker)}; {shown}")
         if letter.position.topic is not None:
-            lines.append(f"    at {letter.position.topic} partition {letter.position.partition}"
-                         f" offset {letter.position.offset}")
+            lines.append(f"    at {one(letter.position.topic)} partition "
+                         f"{letter.position.partition} offset {letter.position.offset}")
         if letter.deadline is not None:
             lines.append(f"    until {utc_iso(letter.deadline)}")
         for episode in letter.history:
-            lines.append(f"    earlier: {episode.error_class}: {episode.reason} "
-                         f"({episode.attempts} attempt(s); {episode.ended} at "
-                         f"{episode.ended_at})")
+            lines.append(f"    earlier: {one(episode.error_class)}: {one(episode.reason)} "
+                         f"({episode.attempts} attempt(s); {one(episode.ended)} at "
+                         f"{one(episode.ended_at)})")
     if trace.message is not None:
         value = trace.message.value
         try:

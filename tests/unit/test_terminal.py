@@ -31,3 +31,16 @@ def test_the_dlq_listing_and_a_trace_print_no_control_character() -> None:
         assert "esc-1\\x1b[31mRED" in text
     forged = replace(entry, letter=replace(entry.letter, event_id="e-1\n1-0  a forged entry"))
     assert "\n" not in _summary(forged)
+
+
+def test_a_trace_forges_no_line_from_the_data() -> None:
+    """A review's finding: an eventId or a reason holding a newline printed lines of its
+    own in `eventpipe trace` (`event evil` then `second`), as a forged report."""
+    entry = dead_letter(7)
+    letter = replace(entry.letter, event_id="evil\nsecond", reason="bad\n  kafka  forged",
+                     worker="w\n1")
+    text = render(Trace("evil\nsecond", None, [letter], set(), None))
+    assert text.splitlines()[0] == "event evil\\nsecond"
+    assert "bad\\n  kafka  forged" in text and "on w\\n1;" in text
+    assert len(text.splitlines()) == len(render(Trace("e", None, [entry.letter], set(),
+                                                      None)).splitlines())

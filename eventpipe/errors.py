@@ -116,7 +116,8 @@ def classify(exc: BaseException) -> FailureKind:
     """The one place that decides. Database errors are judged by SQLSTATE and native error
     number first, since a driver's exception class does not say enough: pyodbc raises a
     deadlock as a plain `Error`, and an `OperationalError` may be a value the database refused."""
-    if isinstance(exc, _TRANSIENT) or unresponsive(exc) or schema_out_of_step(exc):
+    if isinstance(exc, _TRANSIENT) or unresponsive(exc) or schema_out_of_step(exc) \
+            or privilege_missing(exc):
         return FailureKind.TRANSIENT
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
@@ -202,6 +203,29 @@ def _said(exc: BaseException, states: frozenset[str], sqlite_says: tuple[str, ..
     return sqlstate(exc.orig) in states
 
 
+# A login refused something for want of a grant: PostgreSQL's insufficient_privilege; SQL
+# Server's, which its ODBC driver reports under the generic 42000, by native number: 229 and
+# 230 (on an object, a column), 262 (a statement in a database: CREATE TABLE, CREATE
+# DATABASE), 300 (on a server-level object), 297 and 15247 (the user may not do this), 916 (a
+# database the login has no user in), 2760 (a schema missing or not usable by the login).
+_PRIVILEGE_SQLSTATES = frozenset({"42501"})
+_PRIVILEGE_MSSQL_ERRORS = frozenset({229, 230, 262, 297, 300, 916, 2760, 15247})
+
+
+def privilege_missing(exc: BaseException) -> bool:
+    """Whether the database refused the login a privilege (a table, a schema, creating a
+    database), or SQLite could not write its file (SQLITE_READONLY and its extended codes).
+    The grants, not the events, are at fault, whichever the events: the world's failure, to
+    wait for an operator to grant it, never a reason to dead-letter."""
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError) or exc.orig is None:
+        return False
+    if isinstance(exc.orig, sqlite3.Error):
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_READONLY
+    return sqlstate(exc.orig) in _PRIVILEGE_SQLSTATES \
+        or bool(_mssql_error_numbers(exc.orig) & _PRIVILEGE_MSSQL_ERRORS)
+
+
 KEY_OF_ANOTHER_KIND = ("a Redis key of this pipeline holds a value of another kind: another "
                        "program writes there; give the pipeline a Redis database of its own")
 
@@ -210,7 +234,9 @@ def key_of_another_kind(exc: BaseException) -> bool:
     """Whether Redis refused a command for a key holding another kind of value (WRONGTYPE):
     a key the pipeline names (the DLQ stream, the offset ledger, the status board) was
     written by something else. Retrying cannot help, nor is any event at fault."""
-    return isinstance(exc, redis_exceptions.ResponseError) and "WRONGTYPE" in str(exc)
+    # By what Redis answered, not the whole text: a pipeline's error quotes the command's
+    # arguments, a DLQ key among them, which an event chose.
+    return "WRONGTYPE" in (redis_said(exc) or "")
 
 
 def sqlstate(orig: BaseException) -> str | None:

@@ -34,6 +34,7 @@ from sqlalchemy import Engine, func, select
 
 from eventpipe.broker_queues import QueueDepths, Unanswered
 from eventpipe.dlq.letter import OPEN
+from eventpipe.errors import NO_REDIS_DATABASE, no_redis_database, redis_database
 from eventpipe.metrics import event_type_label
 from eventpipe.redis_clients import decoded
 from eventpipe.settings import Settings
@@ -407,13 +408,22 @@ def collect(settings: Settings, engine: Engine, client: redis.Redis,
             queued = broker.read(range(settings.kafka_partitions))
         except Unanswered as exc:
             log.warning("the Celery broker does not answer: %s", exc)
-            unanswered.append(f"the Celery broker does not answer ({exc.kind}): "
-                              "queue depths are the bridge's last measure")
+            unanswered.append(f"{_broker_unanswered(exc, settings)}: queue depths are the "
+                              "bridge's last measure")
     status = assemble(datetime.now(UTC), settings.kafka_topic, settings.kafka_group_id,
                       settings.kafka_partitions, members, queued,
                       dlq_status(engine, client, settings.dlq_stream))
     status.problems[:0] = unanswered
     return status
+
+
+def _broker_unanswered(exc: Unanswered, settings: Settings) -> str:
+    """Why the broker could not be asked, as the other commands say it. Its URL stays out:
+    `GET /status` asks no token, and the URL holds the broker's host and password."""
+    if exc.__cause__ is not None and no_redis_database(exc.__cause__):
+        number = max(redis_database(url) for url in settings.celery_broker_url.split(";"))
+        return f"CELERY_BROKER_URL: {NO_REDIS_DATABASE.format(number=number)}"
+    return f"the Celery broker does not answer ({exc.kind})"
 
 
 def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:

@@ -3,21 +3,28 @@ number on every supported driver, not by the driver's exception class alone (iss
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 import psycopg
 import pytest
+import redis.exceptions
 import sqlalchemy.exc
+from confluent_kafka import KafkaError, KafkaException
 
+from cli.errors import BAD_SETTING, SERVICE, explain, status_of
 from eventpipe.database import redacted
 from eventpipe.errors import (
     DatabaseUnresponsive,
     FailureKind,
     classify,
     is_transient,
+    key_of_another_kind,
+    privilege_missing,
     read_only,
     sqlstate,
 )
+from eventpipe.settings import Settings
 
 
 class PyodbcError(Exception):
@@ -213,3 +220,141 @@ def test_sqlstate_of_each_driver() -> None:
 ])
 def test_a_url_in_a_message_shows_no_password(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+# -- a login without a privilege (review of the CLI, finding 1) ------------------------------
+
+
+def sqlite_readonly() -> sqlite3.OperationalError:
+    """What SQLite raises writing a file it opened read-only (SQLITE_READONLY), as a file the
+    process may not write is opened."""
+    conn = sqlite3.connect("file::memory:?mode=ro", uri=True)
+    try:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    except sqlite3.OperationalError as exc:
+        return exc
+    finally:
+        conn.close()
+    raise AssertionError("SQLite wrote a read-only database")
+
+
+PRIVILEGES_MISSING = [
+    wrapped(sqlalchemy.exc.ProgrammingError, postgres(
+        psycopg.errors.InsufficientPrivilege, "permission denied for table dead_letters")),
+    wrapped(sqlalchemy.exc.ProgrammingError, postgres(
+        psycopg.errors.InsufficientPrivilege, "permission denied for schema public\n"
+        "LINE 2: CREATE TABLE alembic_version (")),
+    wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+        "42000", "The INSERT permission was denied on the object 'entities', database "
+        "'events', schema 'dbo'.", 229)),
+    wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+        "42000", "CREATE TABLE permission denied in database 'events'.", 262)),
+    wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+        "42000", "The specified schema name \"dbo\" either does not exist or you do not have "
+        "permission to use it.", 2760)),
+    wrapped(sqlalchemy.exc.DBAPIError, mssql(
+        "42000", "VIEW SERVER STATE permission was denied on object 'server', database "
+        "'master'.", 300)),
+    wrapped(sqlalchemy.exc.OperationalError, sqlite_readonly()),
+]
+
+
+@pytest.mark.parametrize("exc", PRIVILEGES_MISSING, ids=lambda exc: str(exc.orig)[:40])
+def test_a_privilege_missing_is_the_worlds_failure(exc: BaseException) -> None:
+    """The grants are at fault whichever the events: the batch waits for an operator to grant
+    it, and no event is dead-lettered for it. (Before: unforeseen, so each message was
+    retried alone a few times, then dead-lettered.)"""
+    assert privilege_missing(exc)
+    assert classify(exc) is FailureKind.TRANSIENT
+
+
+def test_a_refusal_of_the_events_is_no_privilege_missing() -> None:
+    for exc in (wrapped(sqlalchemy.exc.IntegrityError, postgres(psycopg.errors.UniqueViolation)),
+                wrapped(sqlalchemy.exc.ProgrammingError, postgres(psycopg.errors.SyntaxError)),
+                wrapped(sqlalchemy.exc.ProgrammingError, mssql(
+                    "42000", "Incorrect syntax near 'MERGE'.", 102)),
+                wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
+                    "database is locked"))):
+        assert not privilege_missing(exc)
+
+
+SETTINGS = Settings(database_url="postgresql+psycopg://app:hunter2@db:5432/events",
+                    redis_url="redis://127.0.0.1:6379/15", kafka_topic="events",
+                    kafka_bootstrap_servers="kafka:9092")
+
+
+@pytest.mark.parametrize(("exc", "line"), [
+    (PRIVILEGES_MISSING[0],
+     "the database login at DATABASE_URL=postgresql+psycopg://app:***@db:5432/events lacks a "
+     "privilege: permission denied for table dead_letters; grant it, or run `eventpipe "
+     "migrate` with the migration's login"),
+    (PRIVILEGES_MISSING[1],
+     "the database login at DATABASE_URL=postgresql+psycopg://app:***@db:5432/events lacks a "
+     "privilege: permission denied for schema public; grant it, or run `eventpipe migrate` "
+     "with the migration's login"),
+    # The server's words, without the ODBC driver's brackets and the error's number.
+    (PRIVILEGES_MISSING[2],
+     "the database login at DATABASE_URL=postgresql+psycopg://app:***@db:5432/events lacks a "
+     "privilege: The INSERT permission was denied on the object 'entities', database "
+     "'events', schema 'dbo'.; grant it, or run `eventpipe migrate` with the migration's "
+     "login"),
+])
+def test_a_privilege_missing_is_one_line_naming_the_login(exc: BaseException,
+                                                          line: str) -> None:
+    assert explain(exc, SETTINGS) == line
+    assert status_of(line) == SERVICE
+
+
+def test_a_sqlite_file_this_process_may_not_write_is_one_line() -> None:
+    settings = Settings(database_url="sqlite:////srv/eventpipe.db")
+    line = explain(PRIVILEGES_MISSING[-1], settings)
+    assert line == ("the database at DATABASE_URL=sqlite:////srv/eventpipe.db is read-only to "
+                    "this process: attempt to write a readonly database; open it read-write, "
+                    "as a user that may write the file and its directory")
+    assert status_of(line) == SERVICE
+
+
+# -- what the review found said wrongly (finding 17) -------------------------------------------
+
+
+def test_redis_that_refuses_the_login_is_not_said_not_to_answer() -> None:
+    said = redis.exceptions.AuthenticationError(
+        "invalid username-password pair or user is disabled.")
+    named = dataclasses.replace(SETTINGS, redis_url="redis://user:pw@127.0.0.1:6379/15")
+    assert explain(said, named) == (
+        "Redis at REDIS_URL=redis://user:***@127.0.0.1:6379/15 refuses the credentials it "
+        "names: invalid username-password pair or user is disabled.")
+    asked = redis.exceptions.AuthenticationError("Authentication required.")
+    assert explain(asked, SETTINGS) == (
+        "Redis at REDIS_URL=redis://127.0.0.1:6379/15 asks for credentials it does not name: "
+        "Authentication required.")
+
+
+@pytest.mark.parametrize("exc", [
+    KafkaException("topic 'events' not found"),  # as `eventpipe.verify` says it
+    KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART,
+                              "Broker: Unknown topic or partition")),
+    KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "Local: Unknown topic")),
+])
+def test_a_topic_kafka_does_not_have_names_kafka_topic(exc: KafkaException) -> None:
+    line = explain(exc, SETTINGS)
+    assert line == ("bad setting: KAFKA_TOPIC=events: Kafka at "
+                    "KAFKA_BOOTSTRAP_SERVERS=kafka:9092 has no such topic")
+    assert status_of(line) == BAD_SETTING
+
+
+def test_another_topic_not_found_is_not_said_to_be_kafka_topics() -> None:
+    line = explain(KafkaException("topic 'other' not found"), SETTINGS)
+    assert line == "Kafka at KAFKA_BOOTSTRAP_SERVERS=kafka:9092: topic 'other' not found"
+
+
+def test_a_key_of_another_kind_is_told_by_what_redis_said_not_by_the_command() -> None:
+    """A pipeline's error quotes its command, and a DLQ key, which an event chose, with it."""
+    wrong = redis.exceptions.ResponseError(
+        "Command # 1 (XLEN dlq) of pipeline caused error: WRONGTYPE Operation against a key "
+        "holding the wrong kind of value")
+    assert key_of_another_kind(wrong)
+    chosen = redis.exceptions.ResponseError(
+        "Command # 2 (HGET dlq:index WRONGTYPE-by-an-event) of pipeline caused error: ERR "
+        "unknown command")
+    assert not key_of_another_kind(chosen)

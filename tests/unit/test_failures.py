@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import psycopg
 import sqlalchemy.exc
 
 from eventpipe.dlq.letter import WORKER_CRASHED
@@ -39,6 +40,19 @@ def test_a_failure_of_the_world_retries_the_whole_batch_for_ever() -> None:
     late = decide(lost, size=1, attempts=9, retries=40, policy=POLICY)
     assert isinstance(first, RetryLater) and first.delay_s <= 1.0
     assert isinstance(late, RetryLater) and 30.0 <= late.delay_s <= 60.0
+
+
+def test_a_privilege_the_login_lacks_is_waited_for_never_dead_lettered() -> None:
+    """A grant revoked, or the app's login short of one: the batch waits whole, whatever its
+    size and however often it was tried, until an operator grants it."""
+    refused = sqlalchemy.exc.ProgrammingError("INSERT …", {},
+                                              psycopg.errors.InsufficientPrivilege(
+                                                  "permission denied for table entities"))
+    for size, attempts, retries in ((500, 0, 0), (1, POLICY.max_attempts, 40)):
+        decision = decide(refused, size=size, attempts=attempts, retries=retries,
+                          policy=POLICY)
+        assert isinstance(decision, RetryLater)
+        assert "permission denied for table entities" in decision.reason
 
 
 def test_anything_else_in_a_batch_splits_it() -> None:

@@ -45,7 +45,7 @@ from bridge.offsets import PartitionProgress, Unreadable
 from eventpipe import metrics, positions, redis_clients, sqlite_file
 from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.database import BRIEF_S, make_engine
-from eventpipe.errors import TransientError
+from eventpipe.errors import TransientError, key_of_another_kind
 from eventpipe.events import peek_identity
 from eventpipe.kafka import (
     MessageReader,
@@ -57,8 +57,9 @@ from eventpipe.kafka import (
     unreadable_end,
     unserved,
 )
+from eventpipe.logs import Repeats
 from eventpipe.messages import read_headers
-from eventpipe.offset_ledger import OffsetLedger, filed_under
+from eventpipe.offset_ledger import Marks, OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, WHY_MAX, Board, process_name
@@ -174,6 +175,7 @@ class Bridge:
         # before commits (`_same_topic`), which wait while Kafka does not say.
         self.topic_id: str | None = None
         self._topic_said = False
+        self._ledger_said = Repeats(window_s=60.0)  # per partition
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Finds where a record batch Kafka cannot hand over ends (`_unreadable`); made then.
@@ -582,13 +584,15 @@ class Bridge:
                  if (high := progress.high()) is not None}
         if lows:
             try:
-                progress_by_partition = self.ledger.read(self._ledger_topic, lows, highs)
+                progress_by_partition = self._marks(lows, highs)
             except redis.RedisError as exc:
                 # Without the ledger nothing is known to be done: commit nothing, wait.
                 log.warning("offset ledger unreachable: %s", exc)
                 for progress in chosen.values():
                     progress.unobserved()
                 return
+            for partition in lows.keys() - progress_by_partition.keys():
+                chosen[partition].unobserved()
             for partition, marks in progress_by_partition.items():
                 chosen[partition].observe(marks.done, marks.leased, now,
                                           unrecorded=marks.unrecorded)
@@ -610,6 +614,31 @@ class Bridge:
                 self._maybe_redeliver(progress, now)
             else:
                 progress.unobserved()
+
+    def _marks(self, lows: dict[int, int], highs: dict[int, int]) -> dict[int, Marks]:
+        """What the ledger says of these partitions. A key of one holding a value of another
+        kind (a hand edit) fails the script that reads them all: each is read alone then, so
+        that only that one waits (its commits, named in the log and by `status` as stalled),
+        not every partition."""
+        try:
+            return self.ledger.read(self._ledger_topic, lows, highs)
+        except redis.ResponseError as exc:
+            if not key_of_another_kind(exc):
+                raise
+        found: dict[int, Marks] = {}
+        for partition, low in lows.items():
+            try:
+                found |= self.ledger.read(self._ledger_topic, {partition: low},
+                                          {partition: highs[partition]})
+            except redis.ResponseError as exc:
+                if not key_of_another_kind(exc):
+                    raise
+                if self._ledger_said.let_through(str(partition)) is not None:
+                    log.error("the offset ledger's keys of partition %d (under %s:…:%d, "
+                              "REDIS_URL) hold a value of another kind: its commits wait "
+                              "until the key is deleted (%s)", partition, self.ledger.base,
+                              partition, exc, extra={"partition": partition})
+        return found
 
     def _maybe_resume(self, progress: PartitionProgress) -> None:
         """Read a paused partition again once nothing keeps it paused: its batch sent, its

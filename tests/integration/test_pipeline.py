@@ -624,6 +624,31 @@ def test_a_record_of_kombus_that_kombu_cannot_read_stops_no_worker(make_pipeline
     assert "no task kombu wrote" in pipeline.log_of("worker").read_text()
 
 
+def test_a_ledger_key_of_another_kind_keeps_back_its_own_partition_only(
+        make_pipeline: Any) -> None:
+    """Before: one key of the offset ledger holding a value of another kind (a hand edit:
+    `SET …:lease-ranges:…:2 oops`) failed the script that reads every partition's marks, and
+    no partition committed anything more, while the log said only that the ledger did not
+    answer (a review's finding)."""
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(400, seed=123)
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    sent = pipeline.send(messages[:100])
+    drained(pipeline, sent)
+    ledger = OffsetLedger(pipeline.redis, pipeline.settings.kafka_group_id)
+    broken = ledger._key("lease-ranges", _filed(pipeline), 2)
+    pipeline.redis.set(broken, "oops")
+    sent += pipeline.send(messages[100:])
+    ends = pipeline.end_offsets()
+    wait_until(lambda: all(pipeline.committed_offsets().get(p) == ends[p]
+                           for p in ends if p != 2), 120, "every other partition committed")
+    assert "hold a value of another kind" in pipeline.log_of("bridge").read_text()
+    pipeline.redis.delete(broken)
+    drained(pipeline, sent)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+
+
 def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: Any) -> None:
     """Before: a task sent by hand with a negative offset was applied, and the mark it left
     in the offset ledger ("-1000000--1000000") stopped the bridge with a traceback, at each

@@ -47,6 +47,7 @@ from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.database import BRIEF_S, make_engine
 from eventpipe.errors import TransientError, key_of_another_kind
 from eventpipe.events import peek_identity
+from eventpipe.failures import describe
 from eventpipe.kafka import (
     MessageReader,
     client_config,
@@ -1038,7 +1039,8 @@ class Bridge:
                 engine, self.topic, topic_id, committed, retaken))
         except (SQLAlchemyError, OSError) as exc:
             log.warning("could not read what the database holds of new partitions: %s; they "
-                        "are read once it answers", exc, extra={"partitions": partitions})
+                        "are read once it answers", describe(exc),
+                        extra={"partitions": partitions})
             return
         try:
             # Records the topic's id even when no partition is new (`OffsetLedger.forget`).

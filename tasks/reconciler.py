@@ -31,6 +31,7 @@ from eventpipe.database import reading
 from eventpipe.dlq import records
 from eventpipe.dlq.projection import HEAL_EVERY_S, Fetch, heal, project, repair_if_lost
 from eventpipe.dlq.stream import DeadLetterStream
+from eventpipe.failures import describe
 from eventpipe.reconcile import reconcile
 from tasks import letters_said
 
@@ -51,7 +52,7 @@ def _carry_on(step: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        log.warning("%s failed: %s", step, exc)
+        log.warning("%s failed: %s", step, describe(exc))
 
 
 class Reconciler:
@@ -134,5 +135,6 @@ class Reconciler:
             try:
                 self.run_once()
             except Exception as exc:  # the database or Redis is away: next time
-                log.warning("reconciler round failed: %s", exc)
+                # One line, naming `eventpipe migrate` where the schema is behind or missing.
+                log.warning("reconciler round failed: %s", describe(exc))
             time.sleep(self.min_gap_s)

@@ -669,7 +669,7 @@ class Bridge:
         was said."""
         now = self.clock()
         reading = self._positions(list(self.partitions))
-        said = {"partitions": {str(p): {
+        said = {"topic": self.topic, "partitions": {str(p): {
             "committed": progress.committed, "highWatermark": self.high_watermarks.get(p),
             "inFlight": progress.in_flight, "paused": progress.paused,
             "pausedFor": progress.paused_for(unsent=p in self.unsent, stopping=self.stopping),

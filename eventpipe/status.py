@@ -148,6 +148,9 @@ def _member(entry: str, value: str, now: float) -> Member | None:
     age = max(0.0, now - stamped)
     checked: dict[str, Any] = {}
     if role == BRIDGE:
+        topic = said.get("topic")
+        if isinstance(topic, str) and len(topic) <= _TOPIC_MAX:
+            checked["topic"] = topic
         partitions = said.get("partitions")
         checked["partitions"] = {
             str(p): {k: v for k, v in fields.items() if _fits(k, v)}
@@ -178,6 +181,7 @@ def _flag(value: Any) -> bool:
 
 
 WHY_MAX = 500  # characters of a Kafka client's error a bridge says
+_TOPIC_MAX = 249  # Kafka's longest topic name
 
 
 def _why(value: Any) -> bool:
@@ -272,7 +276,10 @@ def assemble(at: datetime, topic: str, group: str, partition_count: int,
     for bridge in sorted(bridges, key=lambda m: -m.age_s):  # the freshest word wins
         for key, said in bridge.said.get("partitions", {}).items():
             reported[int(key)] = (bridge, said)
-    partitions = [_partition(p, reported.get(p), workers, queued) for p in range(partition_count)]
+    # Those a bridge reads beyond the count this host was given too (a stale KAFKA_PARTITIONS
+    # here): shown, and named among the problems.
+    partitions = [_partition(p, reported.get(p), workers, queued)
+                  for p in sorted(set(range(partition_count)) | reported.keys())]
     rates: dict[str, float] = {}
     for worker in workers:
         for kind, rate in worker.said.get("rates", {}).items():
@@ -284,7 +291,25 @@ def assemble(at: datetime, topic: str, group: str, partition_count: int,
         workers=[_process(m, sorted(m.said.get("queues", [])),
                           sum(m.said.get("rates", {}).values())) for m in workers],
         events_per_second=dict(sorted(rates.items())), dlq=dlq,
-        problems=problems(partitions, bridges, workers))
+        problems=_elsewhere(bridges, topic, partition_count) + problems(partitions, bridges,
+                                                                        workers))
+
+
+def _elsewhere(bridges: Sequence[Member], topic: str, partition_count: int) -> list[str]:
+    """Bridges that read another topic than this host's settings name, or partitions past
+    their count: the view's figures are theirs, not what the settings say."""
+    found = []
+    for bridge in bridges:
+        read = bridge.said.get("topic")
+        if read is not None and read != topic:
+            found.append(f"bridge {bridge.name} reads topic {read!r}, not KAFKA_TOPIC={topic!r} "
+                         "as here: the figures are its topic's")
+        if beyond := sorted(p for p in map(int, bridge.said.get("partitions", {}))
+                            if p >= partition_count):
+            found.append(f"bridge {bridge.name} reads partition{'s' * (len(beyond) > 1)} "
+                         f"{spans(beyond)}, beyond KAFKA_PARTITIONS={partition_count} here: "
+                         "set it to the topic's count")
+    return found
 
 
 def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],

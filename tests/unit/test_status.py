@@ -205,3 +205,31 @@ def test_a_partition_whose_events_in_flight_none_of_which_is_done_is_named() -> 
         "partition 0: 40 event(s) in flight and none done for 130 s: their batches fail again "
         "and again (the database?), or the offset ledger in Redis cannot be read (the workers' "
         "and the bridge's logs say which)"]
+
+
+def test_what_the_bridges_read_beyond_this_hosts_settings_is_shown_and_named() -> None:
+    """A review's finding: `eventpipe status` with KAFKA_PARTITIONS=2 (a stale `.env`) showed
+    2 of the 4 partitions a bridge read, and with another KAFKA_TOPIC labelled the bridge's
+    figures with that topic, saying "no problems" both times."""
+    reading = Member(BRIDGE, "b:1", 0.5, {"topic": "orders", "partitions": {
+        str(p): {"committed": 5, "highWatermark": 5} for p in range(4)}})
+    status = assemble(AT, "orders", "g", 2, [reading, worker("w:1", [0, 1, 2, 3])], {},
+                      NO_DLQ)
+    assert [p.partition for p in status.partitions] == [0, 1, 2, 3]
+    assert status.problems == [
+        "bridge b:1 reads partitions 2-3, beyond KAFKA_PARTITIONS=2 here: set it to the "
+        "topic's count"]
+    elsewhere = assemble(AT, "events", "g", 4, [reading, worker("w:1", [0, 1, 2, 3])], {},
+                         NO_DLQ)
+    assert elsewhere.problems == [
+        "bridge b:1 reads topic 'orders', not KAFKA_TOPIC='events' as here: the figures are "
+        "its topic's"]
+    from eventpipe.status import _member
+
+    one = Member(BRIDGE, "b:2", 0.5, {"partitions": {"2": {"committed": 5}}})
+    assert assemble(AT, "orders", "g", 2, [one], {}, NO_DLQ).problems[0].startswith(
+        "bridge b:2 reads partition 2, beyond KAFKA_PARTITIONS=2 here")
+    said = _member("bridge b:2", '999 {"topic": "orders", "partitions": {}}', 1000.0)
+    assert said is not None and said.said["topic"] == "orders"
+    assert _member("bridge b:3", '999 {"topic": 5, "partitions": {}}', 1000.0) == Member(
+        BRIDGE, "b:3", 1.0, {"partitions": {}})

@@ -43,3 +43,21 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def text(value: str) -> str:
+    """Text as given, if it is UTF-8: bytes of argv that are not reach Python as lone
+    surrogates, which no database driver, Redis or Kafka client can encode."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text") from None
+    return value
+
+
+def some_text(value: str) -> str:
+    """Text of at least one character, as a filter's value: an empty one would match
+    nothing, rather than leave the filter out."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty: name a value, or leave the option out")
+    return text(value)

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cli.arguments import at_least
+from cli.arguments import at_least, some_text
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
@@ -66,8 +66,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--event-type")
-    parser.add_argument("--error-class")
+    # An empty value is refused, as `replay` and `purge` take it for no filter at all.
+    parser.add_argument("--event-type", type=some_text)
+    parser.add_argument("--error-class", type=some_text)
     parser.add_argument("--since", type=iso_time,
                         help="entries whose last failure was at or after this ISO-8601 time "
                              "(UTC unless it names an offset)")
@@ -84,7 +85,11 @@ def _entry_id(text: str) -> str:
 
 def iso_time(text: str) -> datetime:
     """An ISO-8601 time, UTC unless it names an offset (as the API reads it)."""
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time such as 2026-01-31T12:00:00Z") from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 

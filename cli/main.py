@@ -7,12 +7,17 @@ to the package that owns the role; nothing here holds pipeline logic.
 from __future__ import annotations
 
 import argparse
+import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
+from sqlalchemy.engine import make_url
+
 from cli import dlq, errors, status, verify
-from cli.arguments import at_least, positive, ratio
+from cli.arguments import at_least, positive, ratio, text
 from eventpipe import logs
 from eventpipe.settings import Settings, SettingsError, get_settings
 from producer.stream import MAX_COUNT
@@ -21,16 +26,40 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stdout is None:
+        # Descriptor 1 closed (`>&-`): the next file or socket opened would take it, and what
+        # this process or its children write to standard output would go into it.
+        return _fail("standard output is closed", errors.BAD_SETTING)
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise  # a socket's, not the output's: a bug, with its traceback
+        # The reader of the output went away (`| head`): end quietly, as a shell's tools do,
+        # with what is still buffered written nowhere rather than failing again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         settings = get_settings()
     except SettingsError as exc:
         return _fail(f"bad setting: {exc}", errors.BAD_SETTING)
+    if _in_memory(settings.database_url):
+        return _fail(f"bad setting: DATABASE_URL={settings.database_url} is a database in "
+                     "memory, gone when the process ends: name a file (sqlite:///path/"
+                     "eventpipe.db) or a server's database", errors.BAD_SETTING)
     logs.configure(args.command, settings.log_level, settings.log_format)
     handler: Handler = args.handler
     try:
-        return handler(args, settings)
+        status = handler(args, settings)
+        sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
+        return status
     except KeyboardInterrupt:
         return 130
     except SettingsError as exc:  # a setting the services contradict (a topic's partitions)
@@ -40,6 +69,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if line is None:
             raise
         return _fail(line, errors.status_of(line))
+
+
+def _reader_gone() -> bool:
+    """Whether standard output or error is a pipe whose reader closed it (Linux says so by
+    POLLERR on the writing end), rather than the BrokenPipeError a socket's."""
+    if not hasattr(select, "poll"):
+        return True
+    poll = select.poll()
+    for stream in (sys.stdout, sys.stderr):
+        poll.register(stream.fileno(), 0)  # POLLERR is reported whether asked or not
+    return any(events & select.POLLERR for _fd, events in poll.poll(0))
+
+
+def _in_memory(url: str) -> bool:
+    """A SQLite database in memory: each process, and each command, would have its own,
+    empty, lost at its end. Refused here rather than by the settings, on which the API's
+    unit tests build apps over one."""
+    parsed = make_url(url)
+    database = str(parsed.database or "")
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or database.startswith("file::memory:")
+        or "mode=memory" in database or parsed.query.get("mode") == "memory")
 
 
 def _fail(line: str, status: int) -> int:
@@ -86,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_produce_generate)
 
     trace = commands.add_parser("trace", help="show an event's life by its eventId")
-    trace.add_argument("event_id")
+    trace.add_argument("event_id", type=text)
     trace.add_argument("--no-kafka", action="store_true", help="don't fetch the message")
     trace.set_defaults(handler=_trace)
 
@@ -124,15 +175,16 @@ def _bridge(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from launcher.workers import Supervisor, parse_partitions
+    from launcher.workers import Supervisor, check_processes, parse_partitions
 
     partitions = None
-    if args.partitions is not None:
-        try:
+    try:
+        if args.partitions is not None:
             partitions = parse_partitions(args.partitions, settings.kafka_partitions)
-        except ValueError as exc:
-            print(f"eventpipe worker: {exc}", file=sys.stderr)
-            return 2
+        check_processes(args.processes, partitions, settings.kafka_partitions)
+    except ValueError as exc:
+        print(f"eventpipe worker: {exc}", file=sys.stderr)
+        return 2
     return Supervisor(settings, partitions, args.processes).run()
 
 
@@ -168,10 +220,21 @@ def _web(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
-    from eventpipe.migrations import create_database_if_missing, upgrade
+    from alembic.util.exc import CommandError
+
+    from eventpipe.database import redacted
+    from eventpipe.migrations import SchemaAhead, create_database_if_missing, upgrade
 
     create_database_if_missing(settings.database_url)
-    upgrade(settings.database_url)
+    where = f"the database at DATABASE_URL={redacted(settings.database_url)}"
+    try:
+        upgrade(settings.database_url)
+    except SchemaAhead as exc:
+        return _fail(f"{where} {exc}", errors.BAD_SETTING)
+    except CommandError as exc:  # Alembic's own word on the scripts or the version table
+        first = str(exc).strip().splitlines()
+        return _fail(f"{where} cannot be migrated: {first[0] if first else 'CommandError'}",
+                     errors.BAD_SETTING)
     return 0
 
 
@@ -203,6 +266,9 @@ def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
     result = publish(make_producer(settings), settings.kafka_topic, tally(messages, counts),
                      total=args.count, rate=args.rate)
     elapsed = time.monotonic() - started
+    if result.interrupted:
+        print(f"interrupted after handing {result.handed} of {args.count} messages to "
+              "Kafka's client:", end=" ")
     print(f"sent {result.delivered} of {args.count} messages to "
           f"{settings.kafka_topic} in {elapsed:.1f}s ({result.delivered / elapsed:,.0f}/s); "
           f"failed {result.failed}"
@@ -214,6 +280,8 @@ def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
     print(f"produce latency: p50 {result.percentile(0.5) * 1000:.1f} ms, "
           f"p95 {result.percentile(0.95) * 1000:.1f} ms, "
           f"p99 {result.percentile(0.99) * 1000:.1f} ms")
+    if result.interrupted:
+        return 130
     return 0 if result.delivered == args.count else 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cli.arguments import at_least
@@ -11,7 +12,7 @@ from eventpipe.database import make_engine
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.progress import ProgressBar
 from eventpipe.settings import Settings
-from eventpipe.verify import committed_offsets, render, verify
+from eventpipe.verify import committed_offsets, holds_events, render, verify
 
 
 def add_command(commands: Any) -> None:
@@ -26,13 +27,26 @@ def add_command(commands: Any) -> None:
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     committed = committed_offsets(settings)
     engine = make_engine(settings, writer=False, create=False)
-    stream = DeadLetterStream(redis_clients.operator(settings.redis_url), settings.dlq_stream,
-                              settings.dlq_max_entries, settings.dlq_max_bytes)
-    bar = ProgressBar("reading the topic", sum(committed.values()), "messages")
     try:
-        report = verify(settings, engine, stream, bar, committed)
+        if not committed and holds_events(engine):
+            # Not the thousands of differences of a topic read up to nothing: the group of
+            # another pipeline, or a typo, is the likelier cause.
+            print(f"eventpipe: consumer group KAFKA_GROUP_ID={settings.kafka_group_id} has "
+                  f"committed no offset of topic {settings.kafka_topic!r}: is it the "
+                  "bridges' group?", file=sys.stderr)
+            return 2
+        stream = DeadLetterStream(redis_clients.operator(settings.redis_url),
+                                  settings.dlq_stream, settings.dlq_max_entries,
+                                  settings.dlq_max_bytes)
+        # Read once first: a DLQ_STREAM key of another kind is then the one line every command
+        # gives (its index alone, which verify reads, could not say it).
+        stream.sizes()
+        bar = ProgressBar("reading the topic", sum(committed.values()), "messages")
+        try:
+            report = verify(settings, engine, stream, bar, committed)
+        finally:
+            bar.close()
     finally:
         engine.dispose()
-        bar.close()
     print(render(report, args.limit))
     return 0 if report.clean else 1

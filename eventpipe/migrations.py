@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
 
 from eventpipe.database import make_engine, redacted
@@ -34,8 +34,45 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+class SchemaAhead(Exception):
+    """The database is at a revision this release does not know: a newer one migrated it
+    (and an older one's migration runs after a rollback)."""
+
+    def __init__(self, found: str, head: str) -> None:
+        super().__init__(f"is at revision {found}, newer than this release knows (its head "
+                         f"is {head}): nothing to migrate; migrate it with the release that "
+                         "made it")
+        self.found = found
+        self.head = head
+
+
 def upgrade(url: str, revision: str = "head") -> None:
+    """Raises `SchemaAhead` for a database a newer release migrated, rather than Alembic's
+    "Can't locate revision", said with a traceback."""
+    head, known = _revisions()
+    ahead = [found for found in current_revisions(url) if found not in known]
+    if ahead:
+        raise SchemaAhead(", ".join(ahead), head)
     command.upgrade(alembic_config(url), revision)
+
+
+def current_revisions(url: str) -> tuple[str, ...]:
+    """The revisions the database's version table holds (none for a database without one),
+    read through the same network timeouts as every engine, and without Alembic's context,
+    which logs its set-up a second time."""
+    engine = make_engine(Settings(database_url=url, database_statement_timeout_s=0),
+                         writer=False)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(VERSION_TABLE):
+                return ()
+            return tuple(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))
+                         .scalars())
+    finally:
+        engine.dispose()
+
+
+VERSION_TABLE = "alembic_version"  # Alembic's default, which alembic/env.py keeps
 
 
 @cache

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from confluent_kafka import (
@@ -56,7 +56,7 @@ from eventpipe.kafka import (
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, dead_letters
 from eventpipe.terminal import printable
-from eventpipe.times import from_kafka_millis
+from eventpipe.times import from_kafka_millis, utc_iso
 
 Progress = Callable[[int], None]
 _PREDICTABLE = frozenset(error.value for error in ErrorClass)
@@ -229,7 +229,26 @@ def _recorded_fingerprints(engine: Engine, event_ids: Collection[str]) -> dict[s
 
 def _differ(report: Report, what: str, expected: Any, found: Any,
             positions: tuple[PartitionOffset, ...] = ()) -> None:
-    report.differences.append(Difference(what, str(expected), str(found), positions))
+    report.differences.append(Difference(what, _shown(expected), _shown(found), positions))
+
+
+def _shown(value: Any) -> str:
+    """A value as an operator reads it: times in ISO-8601 UTC, rows in parentheses, no
+    Python reprs (`datetime.datetime(…)`, `Decimal('1.00')`)."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(_shown(item) for item in value) + ")"
+    return str(value)
+
+
+def holds_events(engine: Engine) -> bool:
+    """Whether the database records any event applied or dead-lettered."""
+    with engine.connect() as conn:
+        return any(conn.execute(select(table.c.event_id).limit(1)).first() is not None
+                   for table in (applied_events, dead_letters))
 
 
 def _compare_read_model(expected: Expected, model: readmodel.ReadModel, report: Report) -> None:

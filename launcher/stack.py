@@ -44,7 +44,7 @@ from eventpipe.errors import (
     redis_said,
 )
 from eventpipe.kafka import broker_reachable, ensure_topic
-from eventpipe.migrations import create_database_if_missing, upgrade
+from eventpipe.migrations import SchemaAhead, create_database_if_missing, upgrade
 from eventpipe.ports import ensure_free
 from eventpipe.queues import drop_unacked, queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
@@ -205,7 +205,11 @@ class Stack:
 
     def prepare_database(self) -> None:
         create_database_if_missing(self.settings.database_url)
-        upgrade(self.settings.database_url)
+        try:
+            upgrade(self.settings.database_url)
+        except SchemaAhead as exc:  # a newer release's database: nothing this one may do
+            raise SettingsError(f"DATABASE_URL={redacted(self.settings.database_url)}: the "
+                                f"database {exc}") from None
         self.say(f"  database  {redacted(self.settings.database_url)} (migrated)")
         if "KAFKA_BOOTSTRAP_SERVERS" not in self.provided and _holds_events(self.settings):
             self.say("            it holds events of earlier runs, which the new embedded Kafka "
@@ -214,7 +218,9 @@ class Stack:
 
     def start_children(self) -> None:
         env = child_environment(_environment_of(self.settings))
-        processes = str(max(1, min(2, os.cpu_count() or 1)))
+        # Two, or fewer on one core or of a topic of one partition (a process more would
+        # serve none: `eventpipe worker` refuses it).
+        processes = str(max(1, min(2, os.cpu_count() or 1, self.settings.kafka_partitions)))
         commands = {
             "bridge": [_eventpipe(), "bridge"],
             # Processes of the worker pool: more hosts started by hand join it.

@@ -62,6 +62,20 @@ def parse_partitions(spec: str, count: int | None = None) -> list[int]:
     return sorted(chosen)
 
 
+def check_processes(processes: int, partitions: Sequence[int] | None, count: int) -> None:
+    """A process more than the partitions it would serve would serve none: `partitions`
+    given, there are as many; in the pool, at most the topic's `count` (KAFKA_PARTITIONS).
+    Refused, rather than started idle (or, with a typo, by the thousand)."""
+    if partitions is not None and processes > len(partitions):
+        raise ValueError(f"--processes {processes}: more than the {len(partitions)} "
+                         "partition(s) given to serve (--partitions); at most one process "
+                         "serves a partition")
+    if partitions is None and processes > count:
+        raise ValueError(f"--processes {processes}: more than the topic's {count} "
+                         "partition(s) (KAFKA_PARTITIONS); at most one process serves a "
+                         "partition")
+
+
 def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
     """Deal partitions round-robin over `processes` (never more processes than partitions)."""
     count = max(1, min(processes, len(partitions)))

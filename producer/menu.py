@@ -42,8 +42,19 @@ class Menu:
         self.last_order: tuple[str, str, str] | None = None  # id, amount, currency
 
     def ask(self, label: str, default: str) -> str:
-        answer = self.read(f"  {label} [{default}]: ").strip()
-        return answer or default
+        return self._line(f"  {label} [{default}]: ", label) or default
+
+    def _line(self, prompt: str, label: str) -> str:
+        """An answer, asked again until it is UTF-8 text: bytes that are not reach Python as
+        a decoding error or as lone surrogates, which no key or event can carry."""
+        while True:
+            try:
+                answer = self.read(prompt).strip()
+                answer.encode()
+            except UnicodeError:
+                self.out.write(f"  {label}: not UTF-8 text\n")
+                continue
+            return answer
 
     def ask_number(self, label: str, default: str, parse: Callable[[str], Parsed]) -> Parsed:
         """Ask until `parse` takes the answer: a typo costs one line naming what the question
@@ -63,7 +74,7 @@ class Menu:
         while True:
             self.out.write(MENU)
             try:
-                choice = self.read("choose: ").strip().lower()
+                choice = self._line("choose: ", "choice").lower()
             except EOFError:
                 return 0
             if choice in ("q", "quit", "exit"):
@@ -87,7 +98,8 @@ class Menu:
             self.out.write(f"  note: this event is invalid and will be dead-lettered: {exc}\n")
         result = publish(self.producer, self.topic, [Planned(key.encode(), value, "manual")],
                          total=1, progress=False)
-        why = "; ".join(result.errors) or f"unconfirmed after {FLUSH_TIMEOUT_S:.0f} s"
+        why = "; ".join(result.errors) or ("interrupted" if result.interrupted else
+                                            f"unconfirmed after {FLUSH_TIMEOUT_S:.0f} s")
         status = "sent" if result.delivered else f"FAILED ({why})"
         self.out.write(f"  {status}: {document['eventType']} {document['eventId']} "
                        f"key={key}\n")
@@ -129,7 +141,8 @@ class Menu:
         messages = generate(count, duplicates=0.05, out_of_order=0.05,
                             seed=int(datetime.now(UTC).timestamp()))
         result = publish(self.producer, self.topic, tally(messages, counts), total=count)
-        self.out.write(f"  sent {result.delivered} of {count} ({dict(counts)})\n")
+        stopped = "interrupted: " if result.interrupted else ""
+        self.out.write(f"  {stopped}sent {result.delivered} of {count} ({dict(counts)})\n")
         return None
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,8 @@ from producer.stream import Planned
 # this size (reservoir sampling), so a run of any length fits in memory.
 LATENCIES_KEPT = 100_000
 FLUSH_TIMEOUT_S = 60.0
+# Once interrupted, how long the messages the client still holds get to be confirmed.
+INTERRUPTED_FLUSH_S = 5.0
 
 
 @dataclass(slots=True)
@@ -27,6 +32,8 @@ class Delivery:
     failed: int = 0
     # Still unacknowledged when the final flush gave up: neither delivered nor refused.
     unconfirmed: int = 0
+    handed: int = 0  # taken by the client, to be delivered or refused
+    interrupted: bool = False  # by SIGINT: the messages after `handed` were not sent
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)  # each distinct error, how often
     # Per partition, the offset after the last delivered message: where a consumer that has
@@ -49,7 +56,11 @@ def publish(
     producer: Producer, topic: str, messages: Iterable[Planned], *, total: int,
     rate: float | None = None, progress: bool = True,
 ) -> Delivery:
-    """Send every message; `rate` in messages per second (None: as fast as possible)."""
+    """Send every message; `rate` in messages per second (None: as fast as possible).
+
+    An interruption (SIGINT, Ctrl-C) ends it early: no message more is handed to the client,
+    those it holds get `INTERRUPTED_FLUSH_S` to be confirmed, and the result says
+    `interrupted`."""
     result = Delivery()
     started = time.monotonic()
     bar = ProgressBar("sending", total, "messages") if progress else None
@@ -68,23 +79,75 @@ def publish(
                 result.errors[str(error)] += 1
         return callback
 
-    for index, message in enumerate(messages, start=1):
-        if rate:
-            # Pace against the schedule, not the previous send, so the rate holds on average.
-            ahead = started + index / rate - time.monotonic()
-            if ahead > 0:
-                producer.poll(ahead)
-        while True:
-            try:
-                producer.produce(topic, value=message.value, key=message.key,
-                                 on_delivery=acknowledged(time.monotonic()))
-                break
-            except BufferError:
-                producer.poll(0.1)  # the local queue is full: let deliveries drain
-        producer.poll(0)
-        if bar is not None:
-            bar.update(index)
-    result.unconfirmed = producer.flush(FLUSH_TIMEOUT_S)
+    with _interruptible() as stop:
+        try:
+            for index, message in enumerate(messages, start=1):
+                if rate:
+                    # Pace against the schedule, not the previous send, so the rate holds on
+                    # average. A message taken is sent even if the wait is interrupted (the
+                    # caller's tally counted it), unless the client's queue stays full.
+                    _wait(producer, started + index / rate, stop)
+                while True:
+                    try:
+                        producer.produce(topic, value=message.value, key=message.key,
+                                         on_delivery=acknowledged(time.monotonic()))
+                        result.handed += 1
+                        break
+                    except BufferError:  # the local queue is full: let deliveries drain
+                        if stop.is_set():
+                            break
+                        producer.poll(0.1)
+                producer.poll(0)
+                if bar is not None:
+                    bar.update(index)
+                if stop.is_set():
+                    break
+        except KeyboardInterrupt:  # raised in Python code: not in the main thread's handler
+            stop.set()
+        result.unconfirmed = _flush(producer, stop)
+        result.interrupted = stop.is_set()
     if bar is not None:
         bar.close()
     return result
+
+
+# Slices of a wait in the Kafka client's C code, between which an interruption is seen.
+WAIT_SLICE_S = 0.2
+
+
+def _wait(producer: Producer, until: float, stop: threading.Event) -> None:
+    """Serve deliveries until `until` (the monotonic clock), or an interruption."""
+    while not stop.is_set() and (left := until - time.monotonic()) > 0:
+        producer.poll(min(left, WAIT_SLICE_S))
+
+
+def _flush(producer: Producer, stop: threading.Event) -> int:
+    """Wait for the messages the client holds to be confirmed, up to `FLUSH_TIMEOUT_S`, or
+    `INTERRUPTED_FLUSH_S` once interrupted; those still held then."""
+    deadline = time.monotonic() + FLUSH_TIMEOUT_S
+    cut = False
+    while True:
+        held = producer.flush(min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+        if not held:
+            return 0
+        if stop.is_set() and not cut:
+            deadline, cut = min(deadline, time.monotonic() + INTERRUPTED_FLUSH_S), True
+        if time.monotonic() >= deadline:
+            return held
+
+
+@contextmanager
+def _interruptible() -> Iterator[threading.Event]:
+    """An event SIGINT sets while the block runs, in the main thread, instead of raising
+    KeyboardInterrupt where it lands: in the Kafka client's poll, which then returns NULL
+    without an exception (a SystemError), or in a delivery callback."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop  # another handler is someone else's choice: left as it is
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -180,8 +180,8 @@ def test_status_names_a_broker_database_the_redis_server_does_not_have(tmp_path:
 
 
 def test_the_dlq_stream_of_another_kind_is_one_line_once_read(tmp_path: Path) -> None:
-    """What `eventpipe verify` needs to say it as the other commands do: read the stream
-    itself (it reads only its index today), and the error it raises is explained."""
+    """As `eventpipe verify` says it, as the other commands do: it reads the stream itself
+    first (before, only its index, and reported differences instead)."""
     key = f"{PREFIX}:{uuid.uuid4().hex}:dlq"
     client = redis.Redis.from_url(REDIS_DB)
     client.set(key, "another program's value")

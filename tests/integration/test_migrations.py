@@ -3,6 +3,7 @@ scripts travel in the wheel."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from sqlalchemy import create_engine, inspect, select, text
 from eventpipe import positions
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import applied_events, kafka_positions, metadata
+from launcher.embedded import free_port
 from tests.support.databases import postgres_database
 from tests.unit.test_packaging import ROOT, TOP_LEVEL
 
@@ -172,3 +174,68 @@ def test_migrate_gives_up_on_a_postgresql_that_answers_nothing_as_soon_as_other_
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"eventpipe: the database at DATABASE_URL={url} cannot be used: "), \
         line
+
+
+def _migrate(url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EVENTPIPE), "migrate"], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent",
+                                           "DATABASE_URL": url})
+
+
+def _versions(url: str, *revisions: str) -> None:
+    """The version table holds `revisions`, as a release that has them would leave it."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
+            for revision in revisions:
+                conn.execute(text("INSERT INTO alembic_version VALUES (:r)"), {"r": revision})
+    finally:
+        engine.dispose()
+
+
+def test_migrate_on_a_database_a_newer_release_migrated_says_so_in_one_line(
+        empty_database: str, tmp_path: Path) -> None:
+    """A review's finding: an older release's migration run after a rollback gave Alembic's
+    "Can't locate revision" with a traceback."""
+    assert _migrate(empty_database, tmp_path).returncode == 0
+    _versions(empty_database, "0099")
+    done = _migrate(empty_database, tmp_path)
+    assert done.returncode == 2, done.stderr
+    head = ScriptDirectory.from_config(alembic_config(empty_database)).get_current_head()
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("eventpipe: the database at DATABASE_URL=") and line.endswith(
+        f" is at revision 0099, newer than this release knows (its head is {head}): nothing "
+        "to migrate; migrate it with the release that made it"), line
+
+
+def test_migrate_says_alembics_refusal_in_one_line(empty_database: str, tmp_path: Path) -> None:
+    assert _migrate(empty_database, tmp_path).returncode == 0
+    head = ScriptDirectory.from_config(alembic_config(empty_database)).get_current_head()
+    assert head is not None
+    _versions(empty_database, head, "0003")  # two heads, one the other's ancestor
+    done = _migrate(empty_database, tmp_path)
+    assert done.returncode == 2, done.stderr
+    # Before it, only Alembic's log records of its set-up (JSON lines: not a terminal).
+    *logged, line = done.stderr.strip().splitlines()
+    assert all(json.loads(record)["logger"].startswith("alembic.") for record in logged)
+    assert line.startswith("eventpipe: the database at DATABASE_URL=") and line.endswith(
+        f" cannot be migrated: Requested revision {head} overlaps with other requested "
+        "revisions 0003"), line
+
+
+def test_up_on_a_database_a_newer_release_migrated_says_so_in_one_line(tmp_path: Path) -> None:
+    """As `eventpipe migrate` does (a review's finding: `eventpipe up` gave Alembic's traceback)."""
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    assert _migrate(url, tmp_path).returncode == 0
+    _versions(url, "0099")
+    ports = {name: str(free_port()) for name in ("WEB_PORT", "FLOWER_PORT",
+                                                  "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")}
+    done = subprocess.run([str(EVENTPIPE), "up"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **ports, "DATABASE_URL": url,
+                                            "EVENTPIPE_ENV_FILE": "/nonexistent"})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"eventpipe: bad setting: DATABASE_URL={url}: the database is at "
+                           "revision 0099, newer than this release knows"), done.stderr
+    assert "Traceback" not in done.stderr

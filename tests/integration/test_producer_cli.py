@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import uuid
 from datetime import datetime, timedelta
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from eventpipe.errors import InvalidEvent
 from eventpipe.events import parse_event
 from eventpipe.times import from_kafka_millis
-from tests.support.pipeline import BIN
+from tests.support.pipeline import BIN, wait_until
 
 
 def test_generate_sends_the_stream_it_reports(kafka_broker: str) -> None:
@@ -57,3 +58,44 @@ def test_generate_sends_the_stream_it_reports(kafka_broker: str) -> None:
         except InvalidEvent:
             invalid += 1
     assert invalid == poison_reported - cross_key
+
+
+def _in_topic(bootstrap: str, topic: str, partitions: int) -> int:
+    """The messages in the topic; 0 before the command made it."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-count"})
+    try:
+        return sum(high for _low, high in (
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in range(partitions)))
+    except KafkaException:  # Unknown partition
+        return 0
+    finally:
+        consumer.close()
+
+
+def test_an_interrupted_paced_generate_says_what_it_sent_and_exits_130(
+        kafka_broker: str) -> None:
+    """A review's finding: Ctrl-C during a paced run gave a SystemError traceback (the Kafka
+    client's poll returned NULL on the pending signal), or ended it without a word."""
+    topic = f"produce-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent", "KAFKA_TOPIC": topic,
+           "KAFKA_PARTITIONS": "2", "KAFKA_BOOTSTRAP_SERVERS": kafka_broker}
+    run = subprocess.Popen(
+        [str(BIN / "eventpipe"), "produce", "generate", "--count", "1000", "--rate", "5",
+         "--seed", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Sending, paced: the signal lands while it waits in the client's poll.
+        wait_until(lambda: run.poll() is None and _in_topic(kafka_broker, topic, 2) >= 2, 60,
+                   "the first messages in the topic")
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    said = re.search(r"^interrupted after handing (\d+) of 1000 messages to Kafka's client: "
+                     rf"sent (\d+) of 1000 messages to {topic} in ", stdout, re.MULTILINE)
+    assert said is not None, stdout
+    handed, sent = int(said[1]), int(said[2])
+    assert 2 <= handed < 1000 and sent == handed == _in_topic(kafka_broker, topic, 2)
+    assert "produce latency: p50" in stdout

@@ -3,9 +3,12 @@ of disagreement named with the positions of its messages."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -27,6 +30,8 @@ from eventpipe.times import utc_iso
 from eventpipe.verify import render, verify
 from tests.support.broker import TopicFactory, produce
 from tests.support.factories import T0, at
+from tests.support.pipeline import BIN
+from tests.support.services import REDIS_URL
 
 
 @pytest.fixture
@@ -151,8 +156,9 @@ def test_verify_names_every_difference_with_its_positions(
     taken = event_key(parse_event(value, key).fingerprint)  # u2's email belongs to u1
     junk = message_key(b"junk", b"{not json")
     assert {d.what: (d.expected, d.found) for d in report.differences} == {
-        "user u1": ("('u1@example.com', 'Ada Lovelace', " + repr(at(0)) + ")",
-                    "('u1@example.com', 'Mallory', " + repr(at(0)) + ")"),
+        # Values as an operator reads them, not Python's reprs (`datetime.datetime(…)`).
+        "user u1": (f"(u1@example.com, Ada Lovelace, {utc_iso(at(0))})",
+                    f"(u1@example.com, Mallory, {utc_iso(at(0))})"),
         "fate of event e-s1": ("recorded", "no record"),
         f"dead letter {taken}": (
             "EmailTaken: email 'u1@example.com' belongs to user 'u1', whose claim "
@@ -166,3 +172,30 @@ def test_verify_names_every_difference_with_its_positions(
     assert positions["user u1"] and positions["fate of event e-s1"]
     assert positions[f"dead letter {taken}"]
     assert not report.clean and "5 difference(s)" in render(report)
+
+
+def test_verify_with_a_group_that_committed_nothing_says_so_in_one_line(
+    engine: Engine, world: tuple[Settings, DeadLetterStream], tmp_path: Path,
+) -> None:
+    """A review's finding: a KAFKA_GROUP_ID of another pipeline, or a typo, read the topic up
+    to nothing and reported every row of the database as a difference."""
+    settings, stream = world
+    run_pipeline_by_hand(engine, settings, stream, stream_of_events())
+    wrong = f"{settings.kafka_group_id}-typo"
+    env = {**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent",
+           "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+           "REDIS_URL": REDIS_URL, "DLQ_STREAM": stream.stream,
+           "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+           "KAFKA_TOPIC": settings.kafka_topic, "KAFKA_PARTITIONS": "2"}
+    done = subprocess.run([str(BIN / "eventpipe"), "verify"], env={**env, "KAFKA_GROUP_ID": wrong},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr == (f"eventpipe: consumer group KAFKA_GROUP_ID={wrong} has committed no "
+                           f"offset of topic '{settings.kafka_topic}': is it the bridges' "
+                           "group?\n")
+    # The bridges' group: verified, clean.
+    done = subprocess.run([str(BIN / "eventpipe"), "verify"],
+                          env={**env, "KAFKA_GROUP_ID": settings.kafka_group_id},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "clean: the database holds exactly what the topic says" in done.stdout

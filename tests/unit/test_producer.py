@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -195,7 +198,10 @@ class _Silent(_Producer):
         return len(self._callbacks)
 
 
-def test_messages_left_unconfirmed_by_the_final_flush_are_counted() -> None:
+def test_messages_left_unconfirmed_by_the_final_flush_are_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The final flush waits in slices until FLUSH_TIMEOUT_S: a stand-in's return at once.
+    monkeypatch.setattr(publish_module, "FLUSH_TIMEOUT_S", 0.3)
     messages = [Planned(b"k", b"v", "manual")] * 3
     result = publish(_Silent(), "events", messages, total=3,  # type: ignore[arg-type]
                      progress=False)
@@ -204,3 +210,76 @@ def test_messages_left_unconfirmed_by_the_final_flush_are_counted() -> None:
     menu = Menu(_Silent(), "events", _typed("4", "", "", ""), out)  # type: ignore[arg-type]
     assert menu.run() == 0
     assert "FAILED (unconfirmed after 60 s)" in out.getvalue()
+
+
+def _taken(count: int, drawn: list[int]) -> Iterator[Planned]:
+    for index in range(count):
+        drawn.append(index)
+        yield Planned(b"k", b"v", "manual")
+
+
+class _InterruptedAt(_Producer):
+    """Ctrl-C as the `at`-th message is handed over."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: object) -> None:
+        super().produce(topic, value, key, on_delivery)
+        if len(self.sent) == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interruption_ends_a_publish_with_what_was_handed_over_confirmed() -> None:
+    """A review's finding: Ctrl-C landed in the Kafka client's poll, which returned NULL (a
+    SystemError), or ended the command in silence with the client's queue dropped."""
+    drawn: list[int] = []
+    result = publish(_InterruptedAt(3), "events", _taken(1000, drawn),  # type: ignore[arg-type]
+                     total=1000, progress=False)
+    assert result.interrupted and (result.handed, result.delivered, len(drawn)) == (3, 3, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _InterruptedWaiting(_Producer):
+    """Ctrl-C while the paced publish waits in the client's poll."""
+
+    def poll(self, timeout: float = 0) -> int:
+        if timeout > 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return 0
+
+
+def test_an_interruption_of_a_paced_publish_is_seen_within_a_slice_of_its_wait() -> None:
+    drawn: list[int] = []
+    started = time.monotonic()
+    result = publish(_InterruptedWaiting(), "events", _taken(10, drawn),  # type: ignore[arg-type]
+                     total=10, rate=0.01, progress=False)  # 100 s between messages
+    assert time.monotonic() - started < 5
+    # The message taken for the slot it waited for is sent: the caller's tally counted it.
+    assert result.interrupted and (result.handed, result.delivered, len(drawn)) == (1, 1, 1)
+
+
+def _answers(*answers: str | Exception) -> Callable[[str], str]:
+    remaining = iter(answers)
+
+    def read(_prompt: str) -> str:
+        answer = next(remaining, EOFError())
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    return read
+
+
+def test_an_answer_that_is_not_utf8_is_named_and_asked_again() -> None:
+    """A review's finding: bytes that are not UTF-8 (lone surrogates from a POSIX locale's
+    stdin, a decoding error from a UTF-8 one) ended the session with a traceback."""
+    producer = _Producer()
+    out = io.StringIO()
+    undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    read = _answers(undecodable, "1", "u-\udcff\udcfe", "u-ok", "", "", "q")
+    assert Menu(producer, "events", read, out).run() == 0  # type: ignore[arg-type]
+    said = out.getvalue().splitlines()
+    assert said.count("  choice: not UTF-8 text") == 1
+    assert said.count("  userId: not UTF-8 text") == 1
+    assert [parse_event(value, key).key for key, value in producer.sent] == ["u-ok"]

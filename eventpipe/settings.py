@@ -30,6 +30,7 @@ LOG_FORMATS = ("auto", "json", "text")
 DATABASES = ("postgresql", "mssql", "sqlite")  # SQLAlchemy's backend names
 SUPPORTED_URLS = "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+MAX_PARTITIONS = 10_000
 
 
 class SettingsError(ValueError):
@@ -197,6 +198,13 @@ class Settings:
         if url.get_backend_name() not in DATABASES:
             raise SettingsError(f"DATABASE_URL: {url.get_backend_name()!r} is not a supported "
                                 f"database: use {SUPPORTED_URLS}")
+        # libpq, given no database, takes the one named after the login: `eventpipe migrate`
+        # would make the tables there (the server's `postgres`, say). A service file or a
+        # `dbname` parameter may name it instead.
+        if url.get_backend_name() == "postgresql" and not url.database \
+                and not {"dbname", "service"} & url.query.keys():
+            raise SettingsError("DATABASE_URL names no database: name it after the host "
+                                "(postgresql+psycopg://user@host:5432/dbname)")
         try:  # here, not as the first connection fails with a traceback
             url.get_dialect().import_dbapi()
         except (ImportError, ArgumentError) as exc:
@@ -237,6 +245,11 @@ class Settings:
                            ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):
             if value < 1:
                 raise SettingsError(f"{env}={value!r}: must be at least 1")
+        # A queue, a row of the status and a series per partition: a typo of a few digits
+        # more would take the memory (`eventpipe status` of 10**11 partitions), not a topic.
+        if self.kafka_partitions > MAX_PARTITIONS:
+            raise SettingsError(f"KAFKA_PARTITIONS={self.kafka_partitions!r}: at most "
+                                f"{MAX_PARTITIONS}")
         # Values no process runs with: a task limit of 0 or less fails every batch, a port
         # beyond 65535 is silently some other one.
         for env, amount in (("TASK_TIME_LIMIT_S", self.task_time_limit_s),
@@ -346,8 +359,9 @@ def _dotenv_values(dotenv: Path) -> dict[str, str | None]:
         if binding.error:  # the line itself is not repeated: it may hold a password
             read = binding.original.string  # from the blank lines before it
             line = binding.original.line + read[:len(read) - len(read.lstrip())].count("\n")
-            raise SettingsError(f"{dotenv}, line {line}: not NAME=value (a quote left open, "
-                                "or no '='?)")
+            raise SettingsError(f"{dotenv}, line {line}: not NAME=value (a quote left open? "
+                                "`NAME: value`, which compose reads, is no line of a .env "
+                                "here)")
     return dotenv_values(stream=io.StringIO(text))
 
 

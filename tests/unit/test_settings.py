@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eventpipe.settings import (
+    MAX_PARTITIONS,
     Settings,
     SettingsError,
     env_vars,
@@ -165,6 +166,7 @@ def test_an_env_file_that_is_not_utf8_is_a_bad_setting_not_a_traceback(tmp_path:
 @pytest.mark.parametrize(("text", "line"), [
     ("DATABASE_URL=postgresql+psycopg://db/events\nLOG_LEVEL=\"DEBUG\n", 2),
     ("# the pipeline\nKAFKA_TOPIC events\n", 2),
+    ("LOG_LEVEL: DEBUG\n", 1),
     ("WEB_PORT=8080\n\nDLQ_API_TOKEN='s3cret\nREDIS_URL=redis://r\n", 3),
 ])
 def test_an_env_file_line_that_is_not_name_value_is_a_bad_setting_not_dropped(
@@ -194,6 +196,16 @@ def test_an_env_file_that_cannot_be_read_is_a_bad_setting_not_a_traceback(
         environment(dotenv, {})
 
 
+def test_a_partition_count_of_a_typo_is_refused_not_tried() -> None:
+    """A review's finding: KAFKA_PARTITIONS=99999999999 made `eventpipe status` a MemoryError
+    (a row and a queue a partition), 5000000 a command still running after minutes."""
+    assert Settings.from_env({"KAFKA_PARTITIONS": str(MAX_PARTITIONS)}).kafka_partitions \
+        == MAX_PARTITIONS
+    with pytest.raises(SettingsError, match=rf"^KAFKA_PARTITIONS=99999999999: at most "
+                                            rf"{MAX_PARTITIONS}$"):
+        Settings.from_env({"KAFKA_PARTITIONS": "99999999999"})
+
+
 def test_a_blank_variable_is_not_provided() -> None:
     assert provided({"KAFKA_BOOTSTRAP_SERVERS": " ", "DATABASE_URL": "\t"}) == frozenset()
 
@@ -204,3 +216,23 @@ def test_a_blank_variable_is_not_provided() -> None:
 def test_a_database_url_whose_driver_is_not_installed_is_refused(url: str) -> None:
     with pytest.raises(SettingsError, match=r"DATABASE_URL: the driver .* cannot be loaded"):
         Settings.from_env({"DATABASE_URL": url})
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://app@db:5432/",
+                                 "postgresql+psycopg://app:S3cretPw@db:5432",
+                                 "postgresql+psycopg://app:S3cretPw@db/?sslmode=require"])
+def test_a_postgresql_url_that_names_no_database_is_refused(url: str) -> None:
+    """libpq would use the database named after the login (the server's `postgres`), and
+    `eventpipe migrate` make the tables there."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"DATABASE_URL": url})
+    assert str(caught.value).startswith("DATABASE_URL names no database: name it after the "
+                                        "host (postgresql+psycopg://user@host:5432/dbname)")
+    assert "S3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://app@db:5432/events",
+                                 "postgresql+psycopg://app@/?host=/run/pg&dbname=events",
+                                 "postgresql+psycopg://?service=events"])
+def test_a_postgresql_database_named_by_a_parameter_or_service_is_taken(url: str) -> None:
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url

@@ -75,11 +75,7 @@ def drop_unacked(broker: redis.Redis, queues: Collection[str]) -> int:
             continue  # not kombu's: not ours to judge
         if routed_to in queues:
             mine.append(tag)
-    if mine:
-        with broker.pipeline() as pipe:
-            pipe.hdel(_UNACKED, *mine)
-            pipe.zrem(_UNACKED_INDEX, *mine)
-            pipe.execute()
+    _forget_unacked(broker, mine)
     return len(mine)
 
 
@@ -96,13 +92,18 @@ def drop_unreadable_unacked(broker: redis.Redis) -> list[str]:
             found = None
         if not (isinstance(found, list) and len(found) == 3 and isinstance(found[0], dict)):
             unreadable.append(tag)
-    if unreadable:
-        with broker.pipeline() as pipe:
-            pipe.hdel(_UNACKED, *unreadable)
-            pipe.zrem(_UNACKED_INDEX, *unreadable)
-            pipe.execute()
+    _forget_unacked(broker, unreadable)
     return [(tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag)[:100]
             for tag in unreadable]
+
+
+def _forget_unacked(broker: redis.Redis, tags: list[Any]) -> None:
+    """Out of kombu's record of unacknowledged messages and its index, in one transaction."""
+    if tags:
+        with broker.pipeline() as pipe:
+            pipe.hdel(_UNACKED, *tags)
+            pipe.zrem(_UNACKED_INDEX, *tags)
+            pipe.execute()
 
 
 def partition_of(queue: str) -> int | None:

@@ -624,6 +624,15 @@ def test_a_record_of_kombus_that_kombu_cannot_read_stops_no_worker(make_pipeline
     assert "no task kombu wrote" in pipeline.log_of("worker").read_text()
 
 
+def _running_with(pipeline: Pipeline, first: list[Message]) -> int:
+    """A worker and a bridge started, and `first` sent and done: how many were sent."""
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    sent = pipeline.send(first)
+    drained(pipeline, sent)
+    return sent
+
+
 def test_a_ledger_key_of_another_kind_keeps_back_its_own_partition_only(
         make_pipeline: Any) -> None:
     """Before: one key of the offset ledger holding a value of another kind (a hand edit:
@@ -632,10 +641,7 @@ def test_a_ledger_key_of_another_kind_keeps_back_its_own_partition_only(
     answer (a review's finding)."""
     pipeline: Pipeline = make_pipeline()
     messages = stream(400, seed=123)
-    pipeline.start_worker()
-    pipeline.start_bridge()
-    sent = pipeline.send(messages[:100])
-    drained(pipeline, sent)
+    sent = _running_with(pipeline, messages[:100])
     ledger = OffsetLedger(pipeline.redis, pipeline.settings.kafka_group_id)
     broken = ledger._key("lease-ranges", _filed(pipeline), 2)
     pipeline.redis.set(broken, "oops")
@@ -655,10 +661,7 @@ def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: 
     start (a review's finding)."""
     pipeline: Pipeline = make_pipeline()
     messages = stream(200, seed=119)
-    pipeline.start_worker()
-    pipeline.start_bridge()
-    sent = pipeline.send(messages[:100])
-    drained(pipeline, sent)
+    sent = _running_with(pipeline, messages[:100])
     celery = make_celery(pipeline.settings, main="by-hand")
     headers = {GROUP_HEADER: pipeline.settings.kafka_group_id,
                TOPIC_ID_HEADER: _filed(pipeline).partition("@")[2]}

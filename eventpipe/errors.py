@@ -209,6 +209,7 @@ def _said(exc: BaseException, states: frozenset[str], sqlite_says: tuple[str, ..
 # DATABASE), 300 (on a server-level object), 297 and 15247 (the user may not do this), 916 (a
 # database the login has no user in), 2760 (a schema missing or not usable by the login).
 _PRIVILEGE_SQLSTATES = frozenset({"42501"})
+_PRIVILEGE_SAID = ("permission denied", "must be owner")
 _PRIVILEGE_MSSQL_ERRORS = frozenset({229, 230, 262, 297, 300, 916, 2760, 15247})
 
 
@@ -222,7 +223,11 @@ def privilege_missing(exc: BaseException) -> bool:
     if isinstance(exc.orig, sqlite3.Error):
         code = getattr(exc.orig, "sqlite_errorcode", None)
         return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_READONLY
-    return sqlstate(exc.orig) in _PRIVILEGE_SQLSTATES \
+    # PostgreSQL says a row-level security policy's refusal of a row under the same SQLSTATE:
+    # the row's values, hence the event, are at fault there. A grant's want is known by how
+    # the server's message begins (never by what it holds further on: a row's values).
+    return (sqlstate(exc.orig) in _PRIVILEGE_SQLSTATES
+            and str(exc.orig).startswith(_PRIVILEGE_SAID)) \
         or bool(_mssql_error_numbers(exc.orig) & _PRIVILEGE_MSSQL_ERRORS)
 
 

@@ -65,13 +65,17 @@ end
 return found
 """
 
+_DIGITS = re.compile(r"-?[0-9]+")
+
 # The total of bytes, counted again from the index where it is no number (a hand edit: HSET
 # from redis-cli), rather than an error for every put. KEYS: index, totals.
 _TOTAL = """
 local function total(index, totals)
-  local bytes = tonumber(redis.call('HGET', totals, 'bytes') or '0')
-  if bytes then return bytes end
-  bytes = 0
+  -- Digits only: Lua's tonumber takes '1.5', '0x10' or 'nan', which HINCRBY then refuses,
+  -- and against which no bound holds.
+  local said = redis.call('HGET', totals, 'bytes') or '0'
+  if string.match(said, '^%-?%d+$') then return tonumber(said) end
+  local bytes = 0
   for _, line in ipairs(redis.call('HVALS', index)) do
     bytes = bytes + (tonumber(string.match(line, '^%S+ (%d+)')) or 0)
   end
@@ -102,7 +106,8 @@ return {id, entries, bytes}
 """
 
 # KEYS: stream, index, totals. ARGV: dlq keys. Removes their entries; how many there were.
-_REMOVE = """
+_REMOVE = _TOTAL + """
+total(KEYS[2], KEYS[3])  -- a number HINCRBY takes, counted again if it was none
 local removed = 0
 for i = 1, #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
@@ -494,11 +499,12 @@ class DeadLetterStream:
         return int(depth), self._bytes(size)
 
     def _bytes(self, total: bytes | str | None) -> int:
-        """The total of bytes read; counted again from the index where it is no number."""
-        try:
-            return int(total or 0)
-        except ValueError:
-            return int(self._total(keys=[self.index, self.totals]))
+        """The total of bytes read; counted again from the index where it is no number (as
+        the scripts take one: digits only)."""
+        said = decoded(total or b"0")
+        if _DIGITS.fullmatch(said):
+            return int(said)
+        return int(self._total(keys=[self.index, self.totals]))
 
     def keys(self) -> set[str]:
         """The DLQ keys the stream holds."""

@@ -500,8 +500,11 @@ def test_a_total_or_an_index_line_edited_by_hand_is_counted_again_not_an_error(
     that was none (`HSET …:index <key> garbage`) failed each put of its key and `eventpipe
     dlq restore`, the repair, with a Lua error (a review's finding)."""
     first, second = _open_entries(engine, stream, "events", 2)
-    stream.client.hset(stream.totals, "bytes", "abc")
-    assert stream.fill() == (2, _bytes_of(stream))  # counted again from the index
+    for edited in ("abc", "1.5", "nan", "0x10"):  # Lua's tonumber takes the last three
+        stream.client.hset(stream.totals, "bytes", edited)
+        assert stream.fill() == (2, _bytes_of(stream))  # counted again from the index
+        stream.client.hset(stream.totals, "bytes", edited)
+        assert stream.remove("m:no-such-key") == 0  # HINCRBY given a number again
     stream.client.hset(stream.index, first.letter.dlq_key, "garbage")
     stream.client.hset(stream.totals, "bytes", "abc")
     stream.put(dead_letter(3))

@@ -592,8 +592,10 @@ class Bridge:
                 for progress in chosen.values():
                     progress.unobserved()
                 return
+            # Those whose marks could not be read wait, as all do when the ledger does not
+            # answer: neither committed nor read again (which would only add copies).
             for partition in lows.keys() - progress_by_partition.keys():
-                chosen[partition].unobserved()
+                chosen.pop(partition).unobserved()
             for partition, marks in progress_by_partition.items():
                 chosen[partition].observe(marks.done, marks.leased, now,
                                           unrecorded=marks.unrecorded)

@@ -110,6 +110,12 @@ def create_database_if_missing(url: str) -> None:
         if in_a_file(name):
             _make_directory(Path(str(name)).parent, url)
         return
+    if backend == "postgresql" and not name:
+        # libpq's `dbname` parameter names it as well as the path does: taken out of the
+        # server's default database's URL.
+        given = parsed.query.get("dbname")
+        name = given if isinstance(given, str) else None
+        parsed = parsed.difference_update_query(["dbname"])
     if not name:
         return
     if backend == "mssql":

@@ -20,12 +20,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy.engine import make_url
 
 from eventpipe import positions
 from eventpipe.migrations import alembic_config
 from eventpipe.tables import applied_events, kafka_positions, metadata
 from launcher.embedded import free_port
-from tests.support.databases import postgres_database
+from tests.support.databases import drop_database, postgres_database
 from tests.unit.test_packaging import ROOT, TOP_LEVEL
 
 TABLES = {"users", "orders", "order_items", "payments", "inventory", "applied_events"}
@@ -239,3 +240,26 @@ def test_up_on_a_database_a_newer_release_migrated_says_so_in_one_line(tmp_path:
     assert last.startswith(f"eventpipe: bad setting: DATABASE_URL={url}: the database is at "
                            "revision 0099, newer than this release knows"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_migrate_makes_a_database_named_by_libpqs_dbname_parameter(tmp_path: Path) -> None:
+    """A review's finding: such a URL is taken as naming its database, as libpq reads it, but
+    `migrate` looked only at its path, and failed where the path form makes the database."""
+    with postgres_database("eventpipe_dbname") as made:
+        name = make_url(made).database
+    # Dropped again by the block: made anew by `migrate`, then dropped by hand.
+    rendered = make_url(made)._replace(database=None).update_query_dict(
+        {"dbname": str(name)}).render_as_string(hide_password=False)
+    assert "?dbname=" in rendered and make_url(rendered).database is None
+    try:
+        done = _migrate(rendered, tmp_path)
+        assert done.returncode == 0, done.stderr
+        engine = create_engine(rendered)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT current_database()")).scalar_one() == name
+                assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one()
+        finally:
+            engine.dispose()
+    finally:
+        drop_database(made)

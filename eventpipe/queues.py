@@ -140,8 +140,10 @@ class TaskMessage:
     def from_wire(cls, raw: list[Any]) -> TaskMessage:
         """The message a bridge's task carries; ValueError for anything else (a task sent by
         hand, another program's), whose offsets would enter the ledger as marks."""
-        if not isinstance(raw, list | tuple) or not 5 <= len(raw) <= 7:
-            raise ValueError("not a message of a bridge's task: not 5 to 7 parts")
+        # Parts past those known are a later bridge's (each part was added so, in a rolling
+        # upgrade): not this worker's to judge.
+        if not isinstance(raw, list | tuple) or len(raw) < 5:
+            raise ValueError("not a message of a bridge's task: fewer than 5 parts")
         offset, key, value, timestamp_ms, attempts, *rest = raw
         headers = rest[0] if rest else []
         unreadable = rest[1] if len(rest) > 1 else None

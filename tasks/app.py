@@ -111,7 +111,9 @@ def _drop_what_kombu_cannot_read(**_: Any) -> None:
     of unacknowledged tasks and stop at one it cannot read."""
     if settings.celery_broker_url.partition("://")[0] not in REDIS_SCHEMES:
         return
-    client = redis_clients.operator(settings.celery_broker_url)
+    # The first of a failover list (`url1;url2`), as Celery connects first: given the whole,
+    # redis-py would leave out its database number.
+    client = redis_clients.operator(settings.celery_broker_url.split(";")[0])
     try:
         dropped = drop_unreadable_unacked(client)
     except redis.RedisError:

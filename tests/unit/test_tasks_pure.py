@@ -75,6 +75,8 @@ def test_what_no_bridge_sends_is_no_message(wire: list[Any]) -> None:
     # What a bridge may send: any timestamp a producer set, an offset of 0.
     assert TaskMessage.from_wire([0, None, None, -62_000_000_000_000, 0]).timestamp_ms == \
         -62_000_000_000_000
+    # A part a later bridge adds: not this worker's to judge (a review's finding).
+    assert TaskMessage.from_wire([3, b"k", b"{}", None, 0, [], None, "later"]).offset == 3
 
 
 def test_a_message_kafka_could_not_hand_over_travels_with_why() -> None:

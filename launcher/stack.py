@@ -31,7 +31,6 @@ from types import FrameType
 from typing import Any
 
 import redis
-from sqlalchemy import select
 
 from eventpipe import redis_clients
 from eventpipe.broker_queues import Unanswered, is_amqp, purge_amqp
@@ -48,7 +47,7 @@ from eventpipe.migrations import SchemaAhead, create_database_if_missing, upgrad
 from eventpipe.ports import ensure_free
 from eventpipe.queues import drop_unacked, queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
-from eventpipe.tables import applied_events
+from eventpipe.verify import holds_events
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
     EmbeddedProcess,
@@ -357,8 +356,7 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
 def _holds_events(settings: Settings) -> bool:
     engine = make_engine(settings)
     try:
-        with engine.connect() as conn:
-            return conn.execute(select(applied_events.c.event_id).limit(1)).first() is not None
+        return holds_events(engine)
     finally:
         engine.dispose()
 

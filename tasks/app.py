@@ -53,6 +53,7 @@ from eventpipe.queues import (
 )
 from eventpipe.settings import REDIS_SCHEMES, settings_or_exit
 from eventpipe.status import Board, process_name
+from tasks import transport
 from tasks.heartbeat import Heartbeat
 from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
 from tasks.processing import Processor, count_retries
@@ -108,13 +109,16 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
 @celeryd_init.connect
 def _drop_what_kombu_cannot_read(**_: Any) -> None:
     """Before the consumer starts, whose transport would hand back the entries of its record
-    of unacknowledged tasks and stop at one it cannot read."""
+    of unacknowledged tasks and stop at one it cannot read, or at that record held in a key of
+    another kind; and which, from now on, reads a Redis broker through `tasks.transport`."""
     if settings.celery_broker_url.partition("://")[0] not in REDIS_SCHEMES:
         return
+    transport.read_redis_brokers_here()
     # The first of a failover list (`url1;url2`), as Celery connects first: given the whole,
     # redis-py would leave out its database number.
     client = redis_clients.operator(settings.celery_broker_url.split(";")[0])
     try:
+        transport.set_aside(client, {"unacked": "hash", "unacked_index": "zset"})
         dropped = drop_unreadable_unacked(client)
     except redis.RedisError:
         return  # the consumer says it, connecting

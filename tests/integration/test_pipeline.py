@@ -677,6 +677,40 @@ def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: 
     assert "is no bridge's batch" in pipeline.log_of("worker").read_text()
 
 
+def test_what_no_kombu_wrote_in_a_partition_queue_stops_no_worker(make_pipeline: Any) -> None:
+    """Before: an item pushed onto a partition's queue by another program or a hand edit
+    (`LPUSH events.p0 oops`) stopped the worker that popped it, with every partition it
+    served; a queue key of another kind (`SET events.p1 oops`) stopped it at each start
+    (a review's finding); so did kombu's record of unacknowledged tasks of another kind."""
+    pipeline: Pipeline = make_pipeline()
+    pipeline.broker.set("unacked", "oops")
+    messages = stream(300, seed=127)
+    sent = _running_with(pipeline, messages[:100])
+    envelope = {"body": "!!not base64", "content-encoding": "binary",
+                "content-type": "application/x-msgpack", "headers": {},
+                "properties": {"delivery_tag": "t-1", "body_encoding": "base64"}}
+    garbage = [b"oops", b"\xff\xfe", b"[1, 2]", b"{}", b'{"properties": []}',
+               json.dumps(envelope).encode(),
+               json.dumps({**envelope, "properties": {"delivery_tag": "t-2",
+                                                      "body_encoding": "rot13"}}).encode()]
+    for item in garbage:
+        pipeline.broker.lpush(queue_name(0), item)
+    wait_until(lambda: pipeline.broker.llen(queue_name(0)) == 0, 60, "the items taken")
+    sent += pipeline.send(messages[100:200])
+    drained(pipeline, sent)
+    pipeline.broker.set(queue_name(1), "oops")
+    sent += pipeline.send(messages[200:])
+    drained(pipeline, sent)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+    assert [process.poll() for process in pipeline.processes] == [None, None]
+    log = pipeline.log_of("worker").read_text()
+    assert "no message kombu wrote" in log
+    assert "events.p1 held a value of another kind" in log
+    for key in (queue_name(1), "unacked"):
+        [aside] = pipeline.broker.keys(f"{key}.set-aside.*")
+        assert pipeline.broker.get(aside) == b"oops"
+
+
 def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:
     """Before: a null value (a tombstone) was dead-lettered as an empty value, shown as one
     and replayed as one, and a dead-lettered message's Kafka headers were dropped: a replay

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500
 FLUSH_TIMEOUT_S = 10.0
+# How long a replay waits for Kafka to tell a topic's partitions, whatever its publisher's
+# wait for acknowledgements (the command line's is longer): "does not answer" comes this soon.
+ANSWER_TIMEOUT_S = 10.0
 REPLAY_CLAIM_S = 300.0
 
 
@@ -144,7 +147,8 @@ class Publisher:
         answer would otherwise cost every entry the whole wait."""
         if topic not in self._partitions:
             try:
-                found = self.producer.list_topics(topic, timeout=self.timeout_s).topics.get(topic)
+                found = self.producer.list_topics(
+                    topic, timeout=min(self.timeout_s, ANSWER_TIMEOUT_S)).topics.get(topic)
             except KafkaException:
                 self._partitions[topic] = None
             else:

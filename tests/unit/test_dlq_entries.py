@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
+from eventpipe.dlq.actions import ANSWER_TIMEOUT_S, Publisher
 from eventpipe.dlq.stream import StreamEntry, _dead_letter
+from eventpipe.errors import TransientError
 from eventpipe.messages import RawMessage
+from eventpipe.settings import Settings
 from tests.support.factories import dead_letter
 
 # An episode as `eventpipe.dlq.letter.history_json` writes one.
@@ -69,3 +73,21 @@ def test_a_history_added_by_hand_that_no_worker_writes_is_none(history: bytes) -
     bound, failed every listing of the DLQ, `dlq list` and `GET /dlq/entries` (500)."""
     entry = _dead_letter("1-0", {**_fields(dead_letter(5)), b"history": history})
     assert entry is not None and entry.letter.history == ()
+
+
+def test_a_replay_asks_kafka_for_the_topic_no_longer_than_ten_seconds() -> None:
+    """Before: `eventpipe dlq replay`, whose publisher waits 30 s for Kafka's acknowledgements,
+    waited as long for Kafka to tell the topic's partitions before it said that Kafka does not
+    answer (and for as long ignored Ctrl-C); the docs say 10 s."""
+    asked: list[float] = []
+
+    class Silent:
+        def list_topics(self, topic: str, timeout: float) -> None:
+            asked.append(timeout)
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    publisher = Publisher(Settings(kafka_bootstrap_servers="127.0.0.1:9"), timeout_s=30.0)
+    publisher.producer = Silent()  # type: ignore[assignment]
+    with pytest.raises(TransientError, match="Kafka does not answer"):
+        publisher.answers("events")
+    assert asked == [ANSWER_TIMEOUT_S] and ANSWER_TIMEOUT_S <= 10

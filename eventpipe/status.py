@@ -39,6 +39,7 @@ from eventpipe.metrics import event_type_label
 from eventpipe.redis_clients import decoded
 from eventpipe.settings import Settings
 from eventpipe.tables import dead_letters
+from eventpipe.terminal import printable
 from eventpipe.times import utc_iso
 
 log = logging.getLogger(__name__)
@@ -474,32 +475,41 @@ def dlq_status(engine: Engine, client: redis.Redis, stream: str) -> DlqStatus:
 
 
 def render(status: Status) -> str:
-    """The status as `eventpipe status` prints it to a terminal."""
-    lines = [f"topic {status.topic}, group {status.group}, at {utc_iso(status.at, 'seconds')}"]
-    lines += [f"problem: {problem}" for problem in status.problems] or ["no problems"]
+    """The status as `eventpipe status` prints it to a terminal. Names, problems and kinds
+    come from what other processes wrote into Redis: each is shown on its one line, escapes
+    spelled out (`eventpipe.terminal`)."""
+    lines = [f"topic {_shown(status.topic)}, group {_shown(status.group)}, "
+             f"at {utc_iso(status.at, 'seconds')}"]
+    lines += [f"problem: {_shown(problem)}" for problem in status.problems] or ["no problems"]
     lines.append("")
     header = ("partition", "committed", "high", "lag", "in flight", "queued", "paused",
               "bridge", "worker", "last batch")
-    rows = [(str(p.partition), _number(p.committed), _number(p.high_watermark),
-             _number(p.lag), _number(p.in_flight), _number(p.queued),
-             (p.paused_for or "paused") if p.paused else "", p.bridge or "-",
-             ", ".join(p.workers) or "-",
-             f"{_ago(p.last_batch_ago_s)} by {p.last_batch_by}" if p.last_batch_by else "-")
+    rows = [tuple(_shown(cell) for cell in (
+                str(p.partition), _number(p.committed), _number(p.high_watermark),
+                _number(p.lag), _number(p.in_flight), _number(p.queued),
+                (p.paused_for or "paused") if p.paused else "", p.bridge or "-",
+                ", ".join(p.workers) or "-",
+                f"{_ago(p.last_batch_ago_s)} by {p.last_batch_by}" if p.last_batch_by else "-"))
             for p in status.partitions]
     lines += _table(header, rows, right=range(1, 6))
     lines.append("")
     for role, processes in (("bridge", status.bridges), ("worker", status.workers)):
-        lines += [f"{role:6}  {p.name}  seen {_ago(p.seen_ago_s)}, partitions "
+        lines += [f"{role:6}  {_shown(p.name)}  seen {_ago(p.seen_ago_s)}, partitions "
                   f"{spans(p.partitions) or '-'}"
                   + (f", {p.events_per_second:g} events/s" if role == "worker" else "")
                   for p in processes]
-    rates = ", ".join(f"{kind} {rate:g}" for kind, rate in status.events_per_second.items())
+    rates = ", ".join(f"{_shown(kind)} {rate:g}"
+                      for kind, rate in status.events_per_second.items())
     lines.append(f"events/s: {rates or 'none'}")
     dlq = status.dlq
     lines.append(f"dead letters: {dlq.open} open ({dlq.in_stream} in the stream)"
-                 + (": " + ", ".join(f"{k} {n}" for k, n in dlq.by_error_class.items())
+                 + (": " + ", ".join(f"{_shown(k)} {n}" for k, n in dlq.by_error_class.items())
                     if dlq.open else ""))
     return "\n".join(lines)
+
+
+def _shown(text: str) -> str:
+    return printable(text, one_line=True)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]],

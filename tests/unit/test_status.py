@@ -125,6 +125,23 @@ def test_the_terminal_view_shows_every_partition_and_the_problems() -> None:
     assert [row.split()[0] for row in rows] == ["0", "1"]
 
 
+def test_the_terminal_view_forges_no_line_and_acts_on_no_escape_from_the_board() -> None:
+    """Before: names and error classes read from Redis (the status board, the DLQ) were
+    printed as they were: a newline forged a line of `eventpipe status`, an escape sequence
+    acted on the operator's terminal (a review's finding)."""
+    forged = "w:1\nproblem: none\x1b[2J"
+    dlq = DlqStatus(open=1, in_stream=1, by_error_class={"Bad\nclass": 1},
+                    by_event_type={"unknown": 1})
+    members = [bridge(forged, 0.2, p0={"committed": 1}),
+               worker(forged, [0], served={"0": 1.0}, rates={"Odd\ntype": 1.0})]
+    text = render(assemble(AT, "events", "g", 1, members, {}, dlq))
+    assert "\x1b" not in text and "\nproblem: none" not in text and "\nclass" not in text
+    assert text.count("\n") == render(assemble(AT, "events", "g", 1, [
+        bridge("b:1", 0.2, p0={"committed": 1}),
+        worker("w:1", [0], served={"0": 1.0}, rates={"T": 1.0})], {}, dlq)).count("\n")
+    assert "w:1\\nproblem: none\\x1b[2J" in text
+
+
 def test_a_worker_says_what_it_consumes_and_how_long_ago_it_served_each_partition() -> None:
     now = [100.0]
     heartbeat = Heartbeat(board=None, name="w:1",  # type: ignore[arg-type]  # not published

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
@@ -64,12 +63,15 @@ def current_revisions(url: str) -> tuple[str, ...]:
                          writer=False)
     try:
         with engine.connect() as conn:
-            if not inspect(conn).has_table(VERSION_TABLE):
-                return ()
-            return tuple(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))
-                         .scalars())
+            return _versions(conn)
     finally:
         engine.dispose()
+
+
+def _versions(conn: Connection) -> tuple[str, ...]:
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return ()
+    return tuple(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
 
 
 VERSION_TABLE = "alembic_version"  # Alembic's default, which alembic/env.py keeps
@@ -91,13 +93,14 @@ def schema_behind(conn: Connection) -> str | None:
     """Why the database's schema is older than this code needs, naming the fix; None when
     it is the head, or a revision this code does not know (a newer release migrated it, and
     its schema still serves this one while the release rolls out)."""
-    current = MigrationContext.configure(conn).get_current_revision()
+    versions = _versions(conn)  # as `current_revisions`: Alembic's context logs its set-up
     head, known = _revisions()
-    if current is None:
+    if not versions:
         return SCHEMA_MISSING
-    if current != head and current in known:
-        return f"the database's schema is at {current}, this code needs {head}: run " \
-               "`eventpipe migrate`"
+    older = [version for version in versions if version != head and version in known]
+    if older:
+        return f"the database's schema is at {', '.join(older)}, this code needs {head}: " \
+               "run `eventpipe migrate`"
     return None
 
 

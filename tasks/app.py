@@ -31,6 +31,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 from prometheus_client import start_http_server
+from sqlalchemy.exc import SQLAlchemyError
 
 from eventpipe import logs, metrics, redis_clients
 from eventpipe.database import make_engine
@@ -38,6 +39,7 @@ from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.errors import REDIS_UNAVAILABLE, DatabaseUnresponsive
 from eventpipe.kafka import MessageReader
+from eventpipe.migrations import schema_behind
 from eventpipe.offset_ledger import OffsetLedger
 from eventpipe.queues import (
     APPLY_TASK,
@@ -60,6 +62,8 @@ from tasks.processing import Processor, count_retries
 from tasks.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
+
+SCHEMA_WAIT_S = 2.0
 
 settings = settings_or_exit("celery")
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
@@ -138,6 +142,28 @@ def _join_the_pool_without_queues(options: dict[str, Any], **_: Any) -> None:
         return
     _elastic.append(True)
     app.amqp.queues.deselect(list(app.amqp.queues))
+
+
+@celeryd_init.connect
+def _wait_for_the_schema(**_: Any) -> None:
+    """Consume nothing from a database whose schema is missing or older than this code needs
+    (`eventpipe migrate` not run yet, or DATABASE_URL naming the wrong database): every batch
+    would fail and wait there, and in the worker pool this worker would take partitions from
+    workers that apply them. Waits until the schema is there, said once a minute. A database
+    that does not answer is left to the batches, which wait for it as for any outage."""
+    said = logs.Repeats(window_s=60.0)
+    while True:
+        try:
+            with _engine().connect() as conn:
+                behind = schema_behind(conn)
+        except SQLAlchemyError:
+            return
+        if behind is None:
+            return
+        if said.let_through("schema") is not None:
+            log.error("%s (DATABASE_URL=%s): this worker consumes nothing until then", behind,
+                      _engine().url.render_as_string(hide_password=True))
+        time.sleep(SCHEMA_WAIT_S)
 
 
 @setup_logging.connect

@@ -11,6 +11,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +50,7 @@ from eventpipe.samples import (
     user_created,
 )
 from eventpipe.verify import render
-from tests.support.databases import drop_database, new_database
+from tests.support.databases import drop_database, new_database, postgres_database
 from tests.support.model import expected_state, stored_state
 from tests.support.pipeline import (
     BIN,
@@ -709,6 +710,29 @@ def test_what_no_kombu_wrote_in_a_partition_queue_stops_no_worker(make_pipeline:
     for key in (queue_name(1), "unacked"):
         [aside] = pipeline.broker.keys(f"{key}.set-aside.*")
         assert pipeline.broker.get(aside) == b"oops"
+
+
+def test_a_worker_on_a_database_never_migrated_takes_no_partition_from_the_pool(
+        make_pipeline: Any) -> None:
+    """Before: a worker given a DATABASE_URL whose database was never migrated (a typo, a
+    fresh database) joined the worker pool, took a share of the partitions, and held their
+    events, failing each batch, while the workers on the right database idled (a review's
+    finding)."""
+    pipeline: Pipeline = make_pipeline()
+    with postgres_database() as empty:
+        options = ("--without-mingle", "--without-gossip", "--loglevel", "INFO")
+        pipeline.start_celery_worker(*options, name="right")
+        wrong = pipeline.spawn("wrong", [sys.executable, "-m", "celery", "-A", "tasks",
+                                         "worker", *options], DATABASE_URL=empty)
+        pipeline.start_bridge()
+        said = pipeline.log_of("wrong").read_text
+        wait_until(lambda: "consumes nothing until then" in said() or " ready." in said(), 60,
+                   "the wrong worker waiting, or ready")
+        messages = stream(200, seed=129)
+        drained(pipeline, pipeline.send(messages))
+        assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+        assert wrong.poll() is None
+        assert "run `eventpipe migrate`" in said() and " ready." not in said()
 
 
 def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:

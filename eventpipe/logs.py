@@ -119,6 +119,8 @@ def configure(role: str, level: str = "INFO", style: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings too become JSON records, not stray stderr text
-    # celery.app.trace logs every task with its full arguments: event payloads, at INFO.
-    for noisy in ("kombu", "celery.app.trace", "celery.worker.strategy", "urllib3", "redis"):
+    # celery.app.trace logs every task with its full arguments: event payloads, at INFO;
+    # Alembic a line for each of its plugins wherever its commands are imported (the API's).
+    for noisy in ("kombu", "celery.app.trace", "celery.worker.strategy", "urllib3", "redis",
+                  "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

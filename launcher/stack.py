@@ -225,7 +225,7 @@ class Stack:
             # Processes of the worker pool: more hosts started by hand join it.
             "worker": [_eventpipe(), "worker", "--processes", processes],
             "web": [_eventpipe(), "web"],
-            "flower": [sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "flower",
+            "flower": [sys.executable, "-P", "-m", "tasks", "--quiet", "flower",
                        f"--port={self.settings.flower_port}", "--address=127.0.0.1"],
         }
         # As many API processes as worker processes: gunicorn's default (2 × cores + 1) is

@@ -88,7 +88,7 @@ def celery_command(partitions: Sequence[int] | None, index: int, log_level: str)
                                                                   for p in partitions)]
     return [
         # --quiet: no banner on stdout, so every line of output is a log record.
-        sys.executable, "-m", "celery", "-A", "tasks", "--quiet", "worker",
+        sys.executable, "-P", "-m", "tasks", "--quiet", "worker",  # `tasks/__main__.py`
         "--pool", "solo", *queues,
         "--hostname", f"eventpipe-{index}-{uuid.uuid4().hex[:6]}@%h",
         "--without-mingle", "--without-gossip",

@@ -141,6 +141,19 @@ def on_starting(_server: Any) -> None:
             leftover.unlink()
 
 
+def post_fork(_server: Any, _worker: Any) -> None:
+    """Import the API from this package, whatever the working directory holds. gunicorn puts
+    that directory first on the path, and the worker imports `web.wsgi` next: another
+    project's `web` there (`eventpipe up` run from its root) would take this one's place. It
+    leaves the path then, unless it is where this package is found from (a checkout run
+    without installing)."""
+    here = Path(__file__).resolve().parent
+    cwd = Path.cwd()
+    shadows = (cwd / "web").exists() or (cwd / "web.py").exists()
+    if shadows and (cwd / "web").resolve() != here:
+        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != cwd]
+
+
 def child_exit(_server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauges; its counters and histograms still count."""
     from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics

@@ -282,6 +282,27 @@ def test_eventpipe_web_is_this_server_and_stops_at_sigterm_with_status_0(sqlite_
                    for line in lines)
 
 
+def test_eventpipe_web_serves_its_api_from_a_directory_with_a_web_package_of_its_own(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """Before: gunicorn puts its working directory first on the path, so `eventpipe web` (and
+    `eventpipe up`) run from a project holding a `web` package of its own imported that one,
+    and no worker booted (`No module named 'web.wsgi'`)."""
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "__init__.py").write_text("")
+    port = free_port()
+    log = tmp_path / "web.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "eventpipe"), "web"],
+                                   cwd=tmp_path,
+                                   env=environment(sqlite_url, tmp_path, port, workers=1),
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        serving(f"http://127.0.0.1:{port}/health", process, log)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=40) == 0, log.read_text()
+
+
 def test_an_ipv6_web_host_is_served(sqlite_url: str, tmp_path: Path) -> None:
     """Before: WEB_HOST=::1 made the bind "::1:8000", which gunicorn refused ("'' is not a
     valid port number")."""

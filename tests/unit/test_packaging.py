@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tomllib
 from pathlib import Path
+
+from launcher.workers import celery_command
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_LEVEL = ("bridge", "cli", "eventpipe", "launcher", "producer", "tasks", "web")
@@ -16,3 +20,17 @@ def test_the_wheel_lists_every_package_and_the_migrations() -> None:
     migrations = {"eventpipe.alembic", "eventpipe.alembic.versions"}
     assert set(setuptools["packages"]) == in_tree | migrations
     assert setuptools["package-dir"] == {"eventpipe.alembic": "alembic"}
+
+
+def test_the_celery_processes_the_launcher_starts_take_this_projects_tasks_wherever_run(
+        tmp_path: Path) -> None:
+    """Before: `eventpipe worker` and `eventpipe up` started `python -m celery -A tasks`,
+    which imports `tasks` with the working directory first on the path: run from a project
+    holding a `tasks.py` (Celery's own guide names it so), every worker process failed to
+    start ("Module 'tasks' has no attribute 'celery'")."""
+    (tmp_path / "tasks.py").write_text("raise SystemExit('the wrong tasks')\n")
+    command = [*celery_command(None, 0, "INFO"), "--help"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "EVENTPIPE_ENV_FILE": str(tmp_path / "none.env")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: celery worker")

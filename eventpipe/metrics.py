@@ -133,7 +133,7 @@ FOREIGN_TASKS = Counter(
     "foreign_tasks", "Tasks of another topic than KAFKA_TOPIC, or another consumer group than "
     "KAFKA_GROUP_ID, taken off this pipeline's queues "
     "and not applied: another pipeline shares the Celery broker; and tasks that are no "
-    "bridge's batch (items on a queue that are no message kombu wrote: an empty topic)",
+    "bridge's batch (items on a queue that are no task a bridge wrote: an empty topic)",
     ["topic"],
 )
 POOL_PARTITIONS = Gauge(

@@ -113,16 +113,21 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
 @celeryd_init.connect
 def _drop_what_kombu_cannot_read(**_: Any) -> None:
     """Before the consumer starts, whose transport would hand back the entries of its record
-    of unacknowledged tasks and stop at one it cannot read, or at that record held in a key of
-    another kind; and which, from now on, reads a Redis broker through `tasks.transport`."""
-    if settings.celery_broker_url.partition("://")[0] not in REDIS_SCHEMES:
+    of unacknowledged tasks and stop at one it cannot read, or at a key of its own held in a
+    key of another kind; and which, from now on, reads a Redis broker through
+    `tasks.transport`."""
+    transport.read_redis_brokers_here()  # whatever the URL: none but a Redis one takes it
+    if settings.celery_broker_url.partition("://")[0].lower() not in REDIS_SCHEMES:
         return
-    transport.read_redis_brokers_here()
     # The first of a failover list (`url1;url2`), as Celery connects first: given the whole,
-    # redis-py would leave out its database number.
+    # redis-py would leave out its database number. (On another, `tasks.transport` sets
+    # kombu's record aside as it meets it.)
     client = redis_clients.operator(settings.celery_broker_url.split(";")[0])
     try:
-        transport.set_aside(client, {"unacked": "hash", "unacked_index": "zset"})
+        transport.set_aside(client, {
+            "unacked": "hash", "unacked_index": "zset",
+            # Where kombu notes each queue's binding, at each start.
+            **{f"_kombu.binding.{queue}": "set" for queue in app.conf.task_queues}})
         dropped = drop_unreadable_unacked(client)
     except redis.RedisError:
         return  # the consumer says it, connecting

@@ -1,39 +1,47 @@
 """The Celery broker's Redis transport as the workers read it: kombu's, except that what no
-kombu wrote into a queue stops no worker.
+kombu or bridge wrote into a queue stops no worker.
 
 kombu's worker pops a queue's next item and, on one that is no message kombu wrote (not
 JSON, or JSON of another shape: another program's `LPUSH`, a hand edit), fails with an error
-that stops the worker and with it every partition it serves. On a queue key of another kind
-(`SET events.p1 …`) every wait fails, at each start. Here such an item is said, counted
-(`foreign_tasks_total`, with no topic) and dropped: it was popped, and no bridge wrote it. Such
-a key is renamed aside, kept for whoever looks into it, and the queue is a list again for the
-bridge's next task; a task the key's overwriting took with it is one the bridge reads again
-from Kafka, as the tasks of a flushed queue (`REDELIVERY_TIMEOUT_S`).
+that stops the worker and with it every partition it serves; so does Celery, on a message of
+kombu's shape that is no task it can read (no task id, a body of another shape), or it puts
+the item back and takes it again for ever. On a queue key, or kombu's record of the messages
+it delivered, of another kind (`SET events.p1 …`), every wait or delivery fails.
 
-The check builds kombu's own message from the item, as kombu is about to, so it refuses
-exactly what kombu would fail on; what kombu takes and Celery refuses (no task's headers, a
-body of no known format) Celery itself drops and says. Where kombu's client is not redis-py's
-own (`global_keyprefix`), the worker reads as kombu does.
+Here such an item is said, counted (`foreign_tasks_total`, with no topic) and dropped: it was
+popped, and no bridge wrote it. On a partition's queue, where only bridges' tasks belong, an
+item must be one a bridge writes (Celery's message protocol 2 in msgpack, `_task_shape`);
+elsewhere (a reply to a control command) what kombu can deliver is delivered. A key of
+another kind is renamed aside as it is met, kept for whoever looks into it, so the queue or
+the record is one of kombu's again; a task an overwritten queue held is one the bridge reads
+again from Kafka, as those of a flushed queue (`REDELIVERY_TIMEOUT_S`).
+
+The checks build kombu's own message from the item, as kombu is about to, so what kombu would
+fail on they refuse. Where kombu's client is not redis-py's own (`global_keyprefix`), the
+worker reads as kombu does.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
-from kombu.transport import TRANSPORT_ALIASES
+from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from eventpipe import logs, metrics
+from eventpipe.queues import partition_of
 
 log = logging.getLogger(__name__)
 
-_SAID = logs.Repeats(window_s=60.0)  # per queue
+_SAID = logs.Repeats(window_s=60.0)  # per queue, and per key set aside
 
 # Each key not of its kind (nor missing) renamed to itself + ARGV[1], in one step, so a key
 # made anew of the right kind meanwhile is never the one moved.
@@ -49,30 +57,64 @@ end
 return moved
 """
 
+MSGPACK = "application/x-msgpack"
 
-def set_aside(client: redis.Redis, kinds: dict[str, str]) -> list[tuple[str, str, str]]:
+
+def set_aside(client: redis.Redis, kinds: Mapping[str, str]) -> list[tuple[str, str]]:
     """Rename aside each of these keys that holds a value of another kind than its own
-    (`kinds`: key → `list`, `hash`, `zset`…): (key, the kind it held, its new name) of each."""
-    suffix = f".set-aside.{time.time_ns() // 1_000_000}"
+    (`kinds`: key → `list`, `hash`, `zset`…), to `<key>.set-aside.<ms>.<random>`: the key and
+    the kind it held of each."""
+    if not kinds:
+        return []
+    suffix = f".set-aside.{time.time_ns() // 1_000_000}.{secrets.token_hex(3)}"
     moved = client.eval(_SET_ASIDE, len(kinds), *kinds, suffix, *kinds.values())
     found = [(bytes_to_str(key), bytes_to_str(kind)) for key, kind in moved]
     for key, kind in found:
-        log.error("Celery broker key %s held a value of another kind (%s), not kombu's %s: "
-                  "renamed to %s (another program writes into the Celery broker's database, "
-                  "CELERY_BROKER_URL?)", key, kind, kinds[key], key + suffix,
-                  extra={"key": key, "kind": kind, "renamedTo": key + suffix})
-    return [(key, kind, key + suffix) for key, kind in found]
+        if _SAID.let_through(f"key {key}") is not None:
+            log.error("Celery broker key %s held a value of another kind (%s), not kombu's %s: "
+                      "renamed to %s (another program writes into the Celery broker's "
+                      "database, CELERY_BROKER_URL?)", key, kind, kinds[key], key + suffix,
+                      extra={"key": key, "kind": kind, "renamedTo": key + suffix})
+    return found
 
 
-class Channel(kombu_redis.Channel):
+def _task_shape(message: Any) -> str | None:
+    """Why a message of a partition's queue is no task a bridge sends (`send_batch`: Celery's
+    protocol 2 in msgpack), in what Celery reads of it before the task's own checks; None if
+    it is one. Its body is decoded as msgpack only, never by what it says it is."""
+    headers = message.headers
+    if message.content_type != MSGPACK or message.content_encoding != "binary":
+        return f"content {str(message.content_type)[:40]!r}, not {MSGPACK}"
+    if not (isinstance(headers, dict) and isinstance(headers.get("task"), str)
+            and isinstance(headers.get("id"), str)
+            and isinstance(headers.get("shadow"), str | None)
+            and (headers.get("timelimit") is None
+                 or (isinstance(headers["timelimit"], list | tuple)
+                     and len(headers["timelimit"]) == 2))):
+        return "no task's headers"
+    if message.errors or not isinstance(message.body, bytes) or not message.body:
+        return "no body, or one that does not decompress"
+    message.accept = {MSGPACK}
+    body = message.decode()
+    if not (isinstance(body, list | tuple) and len(body) == 3
+            and isinstance(body[0], list | tuple) and isinstance(body[1], dict)
+            and isinstance(body[2], dict | None)):
+        return "a body of no task's shape"
+    return None
+
+
+class _Checks(kombu_redis.Channel):
+    """What the checking channels add to kombu's (`Channel`, `SentinelChannel`)."""
+
     def _get_client(self) -> Any:
         made = super()._get_client()
         if made is not redis.Redis:
             return made
         return functools.partial(_CheckingClient, channel=self)
 
-    def unreadable(self, item: bytes) -> str | None:
-        """Why kombu, about to deliver `item`, would fail on it; None if it would not."""
+    def unreadable(self, queue: str, item: bytes) -> str | None:
+        """Why kombu and Celery, about to deliver `item` of `queue`, would fail on it; None
+        if they would not."""
         try:
             message = self.Message(loads(bytes_to_str(item)), channel=self)
             delivery = message.delivery_info
@@ -81,22 +123,45 @@ class Channel(kombu_redis.Channel):
                     and isinstance(delivery.get("exchange"), str)
                     and isinstance(delivery.get("routing_key"), str)):
                 return "no delivery tag, exchange and routing key"
+            if partition_of(queue) is not None:
+                return _task_shape(message)
         except Exception as exc:  # whatever kombu would raise: its own checks are these
             return f"{type(exc).__name__}: {str(exc)[:100]}"
         return None
+
+    def drop(self, dest: bytes, item: bytes, why: str) -> None:
+        queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+        # As kombu does after a delivery, so that one queue's items do not keep the next
+        # from its turn.
+        self._queue_cycle.rotate(queue)
+        metrics.FOREIGN_TASKS.labels("").inc()
+        held = _SAID.let_through(f"queue {queue}")
+        if held is not None:
+            log.error("an item on queue %s is no message a bridge wrote (%s): dropped; "
+                      "whatever wrote it into this pipeline's Celery broker "
+                      "(CELERY_BROKER_URL) is not a bridge%s", queue, why,
+                      f" ({held} more since the last such line)" if held else "",
+                      extra={"queue": queue, "item": repr(item[:100])})
 
     def set_aside_queues_of_another_kind(self) -> bool:
         """Rename aside the keys of this channel's queues that are no lists: whether any."""
         keys = {self._q_for_pri(queue, step): "list"
                 for queue in self.active_queues for step in self.priority_steps}
         with self.conn_or_acquire() as client:
-            return bool(keys and set_aside(client, keys))
+            return bool(set_aside(client, keys))
+
+    def set_aside_records_of_another_kind(self) -> bool:
+        """Rename aside kombu's record of delivered messages, and its index, where either is
+        no longer of its kind: whether either was."""
+        with self.conn_or_acquire() as client:
+            return bool(set_aside(client, {self.unacked_key: "hash",
+                                           self.unacked_index_key: "zset"}))
 
 
 class _CheckingClient(redis.Redis):
-    """kombu's client, its waits for a queue's next item checked (`Channel`)."""
+    """kombu's client, its waits for a queue's next item checked (`_Checks`)."""
 
-    def __init__(self, *args: Any, channel: Channel, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, channel: _Checks, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._channel = channel
 
@@ -106,38 +171,61 @@ class _CheckingClient(redis.Redis):
         try:
             reply = super().parse_response(connection, command_name, **options)
         except redis.ResponseError as exc:
-            if not (str(exc).startswith("WRONGTYPE")
-                    and self._channel.set_aside_queues_of_another_kind()):
+            if not (_wrong_type(exc) and self._channel.set_aside_queues_of_another_kind()):
                 raise
             return None  # nothing popped: kombu waits again
         if reply:
-            queue, item = reply
-            why = self._channel.unreadable(item)
+            dest, item = reply
+            why = self._channel.unreadable(bytes_to_str(dest).rsplit(self._channel.sep, 1)[0],
+                                           item)
             if why is not None:
-                _dropped(bytes_to_str(queue), item, why)
+                self._channel.drop(dest, item, why)
                 return None  # as a wait that timed out
         return reply
 
 
-def _dropped(queue: str, item: bytes, why: str) -> None:
-    metrics.FOREIGN_TASKS.labels("").inc()
-    held = _SAID.let_through(queue)
-    if held is None:
-        return
-    log.error("an item on queue %s is no message kombu wrote (%s): dropped; whatever wrote it "
-              "into this pipeline's Celery broker (CELERY_BROKER_URL) is not a bridge%s",
-              queue, why, f" ({held} more since the last such line)" if held else "",
-              extra={"queue": queue, "item": repr(item[:100])})
+class _QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """kombu's, once more after its record of the message fails on a key of another kind
+        renamed aside meanwhile (the message was popped: else it would be lost to Redis)."""
+        try:
+            super().append(message, delivery_tag)
+        except redis.ResponseError as exc:
+            if not (_wrong_type(exc) and self.channel.set_aside_records_of_another_kind()):
+                raise
+            super().append(message, delivery_tag)
+
+
+def _wrong_type(exc: redis.ResponseError) -> bool:
+    # Said alone, or after the place of the command in a pipeline ("Command # 2 (…) …").
+    return "WRONGTYPE Operation against a key holding the wrong kind of value" in str(exc)
+
+
+class Channel(_Checks, kombu_redis.Channel):
+    QoS = _QoS
+
+
+class SentinelChannel(_Checks, kombu_redis.SentinelChannel):
+    QoS = _QoS
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def read_redis_brokers_here() -> None:
-    """Have kombu read `redis://` and `rediss://` brokers through this transport in this
-    process (a worker's: Flower and `celery inspect`, which take no items, keep kombu's).
-    Through its table of aliases, not Celery's `broker_transport`, so that what the worker
-    shows of its broker is still the URL, and a failover to another URL of a list keeps it."""
-    for scheme in ("redis", "rediss"):
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+    """Have kombu read Redis brokers (`redis://`, `rediss://`, `redis+socket://`,
+    `sentinel://`) through these transports in this process (a worker's: Flower and `celery
+    inspect`, which take no tasks, keep kombu's). Through its table of aliases, not Celery's
+    `broker_transport`, so that what the worker shows of its broker is still the URL, and a
+    failover to another URL of a list keeps them."""
+    for scheme, transport in (("redis", Transport), ("rediss", Transport),
+                              ("sentinel", SentinelTransport)):
+        kombu_transports.TRANSPORT_ALIASES[scheme] = f"{__name__}:{transport.__name__}"
+        # kombu keeps what it resolved by name: had this process connected already, the
+        # name would still give kombu's own.
+        kombu_transports._transport_cache.pop(scheme, None)

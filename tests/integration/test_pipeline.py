@@ -678,38 +678,66 @@ def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: 
     assert "is no bridge's batch" in pipeline.log_of("worker").read_text()
 
 
-def test_what_no_kombu_wrote_in_a_partition_queue_stops_no_worker(make_pipeline: Any) -> None:
+def _a_bridges_task(pipeline: Pipeline) -> dict[str, Any]:
+    """A task as a bridge sends it, as the Celery broker holds it (kombu's envelope)."""
+    celery = make_celery(pipeline.settings, main="by-hand")
+    send_batch(celery, pipeline.name, 0, [TaskMessage(0, b"k", b"{}")],
+               group=pipeline.settings.kafka_group_id, topic_id="t")
+    item = pipeline.broker.rpop(queue_name(0))
+    assert isinstance(item, bytes)
+    return dict(json.loads(item))
+
+
+def _edited(task: dict[str, Any], headers: dict[str, Any] | None = None,
+            fields: dict[str, Any] | None = None) -> bytes:
+    edited = {**task, "headers": {**task["headers"], **(headers or {})}, **(fields or {})}
+    return json.dumps({name: value for name, value in edited.items()
+                       if value is not None}).encode()
+
+
+def test_what_no_bridge_wrote_in_a_partition_queue_stops_no_worker(make_pipeline: Any) -> None:
     """Before: an item pushed onto a partition's queue by another program or a hand edit
-    (`LPUSH events.p0 oops`) stopped the worker that popped it, with every partition it
-    served; a queue key of another kind (`SET events.p1 oops`) stopped it at each start
-    (a review's finding); so did kombu's record of unacknowledged tasks of another kind."""
+    (`LPUSH events.p0 oops`), or a bridge's task with a field edited (no task id, a time limit
+    of one number, a body of another shape), stopped the worker that popped it, with every
+    partition it served, or kept it taking the item again for ever; a queue key of another
+    kind (`SET events.p1 oops`) stopped it at each start, as kombu's record of delivered
+    tasks of another kind did, at each start or as the worker ran (reviews' findings)."""
     pipeline: Pipeline = make_pipeline()
-    pipeline.broker.set("unacked", "oops")
+    pipeline.broker.set("unacked", "at start")
+    pipeline.broker.set("_kombu.binding.events.p2", "at start")
+    task = _a_bridges_task(pipeline)
     messages = stream(300, seed=127)
     sent = _running_with(pipeline, messages[:100])
-    envelope = {"body": "!!not base64", "content-encoding": "binary",
-                "content-type": "application/x-msgpack", "headers": {},
-                "properties": {"delivery_tag": "t-1", "body_encoding": "base64"}}
+    properties = {**task["properties"], "body_encoding": "rot13"}
     garbage = [b"oops", b"\xff\xfe", b"[1, 2]", b"{}", b'{"properties": []}',
-               json.dumps(envelope).encode(),
-               json.dumps({**envelope, "properties": {"delivery_tag": "t-2",
-                                                      "body_encoding": "rot13"}}).encode()]
+               _edited(task, fields={"body": "!!not base64"}),
+               _edited(task, fields={"properties": properties}),
+               _edited(task, headers={"id": None}), _edited(task, headers={"timelimit": 5}),
+               _edited(task, headers={"task": ["x"]}), _edited(task, headers={"shadow": [1]}),
+               _edited(task, fields={"body": base64.b64encode(msgpack.packb([1])).decode()}),
+               _edited(task, fields={"body": ""}), _edited(task, fields={"content-type": [1]}),
+               _edited(task, fields={"content-type": "application/json",
+                                     "body": base64.b64encode(b"[[], {}, {}]").decode()})]
     for item in garbage:
         pipeline.broker.lpush(queue_name(0), item)
     wait_until(lambda: pipeline.broker.llen(queue_name(0)) == 0, 60, "the items taken")
     sent += pipeline.send(messages[100:200])
     drained(pipeline, sent)
     pipeline.broker.set(queue_name(1), "oops")
+    pipeline.broker.set("unacked", "as it runs")
     sent += pipeline.send(messages[200:])
     drained(pipeline, sent)
     assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
     assert [process.poll() for process in pipeline.processes] == [None, None]
     log = pipeline.log_of("worker").read_text()
-    assert "no message kombu wrote" in log
+    assert "no message a bridge wrote" in log
     assert "events.p1 held a value of another kind" in log
-    for key in (queue_name(1), "unacked"):
-        [aside] = pipeline.broker.keys(f"{key}.set-aside.*")
-        assert pipeline.broker.get(aside) == b"oops"
+    assert "Unrecoverable error" not in log and "Connection to broker lost" not in log
+    aside = {key: sorted(str(pipeline.broker.get(found))
+                         for found in pipeline.broker.keys(f"{key}.set-aside.*"))
+             for key in (queue_name(1), "unacked", "_kombu.binding.events.p2")}
+    assert aside == {queue_name(1): ["b'oops'"], "unacked": ["b'as it runs'", "b'at start'"],
+                     "_kombu.binding.events.p2": ["b'at start'"]}
 
 
 def test_a_worker_on_a_database_never_migrated_takes_no_partition_from_the_pool(

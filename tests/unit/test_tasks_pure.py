@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import kombu
 import msgpack
 import pytest
+from kombu.transport import redis as kombu_redis
 
 from eventpipe.kafka import client_config, consumer_config, reader_config
 from eventpipe.messages import read_headers
 from eventpipe.queues import TaskMessage, queue_name, task_summary
 from eventpipe.settings import Settings
 from launcher.workers import parse_partitions, share
+from tasks import transport
 
 
 def test_partition_specs() -> None:
@@ -118,3 +121,24 @@ def test_every_consumer_reads_only_committed_transactions() -> None:
     assert consumer_config(settings)["isolation.level"] == "read_committed"
     assert reader_config(settings, **{"group.id": "g"})["isolation.level"] == "read_committed"
     assert "isolation.level" not in client_config(settings)  # producers and admins: not theirs
+
+
+def test_a_worker_reads_every_form_of_redis_broker_url_through_its_checking_transport(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: only `redis://` and `rediss://` in lower case took the checking transport;
+    `REDIS://…`, `redis+socket://…` and `sentinel://…` stopped the worker on an item no bridge
+    wrote, as did any URL resolved once before the worker installed it (kombu's cache)."""
+    for scheme in ("redis", "rediss", "sentinel"):
+        monkeypatch.setitem(kombu.transport.TRANSPORT_ALIASES, scheme,
+                            kombu.transport.TRANSPORT_ALIASES[scheme])
+    monkeypatch.setattr(kombu.transport, "_transport_cache", {})
+    assert kombu.Connection("redis://127.0.0.1/1").transport_cls == "redis"
+    kombu.Connection("redis://127.0.0.1/1").get_transport_cls()  # cached, as a send would
+    transport.read_redis_brokers_here()
+    for url in ("redis://127.0.0.1/1", "REDIS://127.0.0.1/1", "rediss://127.0.0.1/1",
+                "redis+socket:///tmp/redis.sock"):
+        assert kombu.Connection(url).get_transport_cls() is transport.Transport, url
+    assert (kombu.Connection("sentinel://127.0.0.1:26379").get_transport_cls()
+            is transport.SentinelTransport)
+    assert issubclass(transport.SentinelTransport.Channel, kombu_redis.SentinelChannel)
+    assert kombu.Connection("amqp://127.0.0.1//").get_transport_cls() is not transport.Transport

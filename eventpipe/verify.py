@@ -121,6 +121,13 @@ def committed_offsets(settings: Settings, timeout_s: float = 10.0) -> dict[int, 
 ERRORS_IN_A_ROW = 100
 
 
+def _position(consumer: Consumer, topic: str, partition: int) -> int:
+    """The offset the reading of `partition` is at: past the last message handed over, and
+    past the markers and aborted messages after it."""
+    [at] = consumer.position([TopicPartition(topic, partition)])
+    return max(at.offset, 0)  # OFFSET_INVALID (-1001) before anything was read
+
+
 def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                progress: Progress | None = None, poll_s: float = 10.0) -> Iterator[TopicMessage]:
     """Every message below the committed offsets, partition by partition, without joining
@@ -129,7 +136,8 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
     topic = settings.kafka_topic
     consumer = Consumer(reader_config(settings, **{
         "group.id": f"{settings.kafka_group_id}.verify", "enable.auto.commit": False,
-        "enable.auto.offset.store": False, "auto.offset.reset": "earliest"}))
+        "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+        "enable.partition.eof": True}))
     reader: MessageReader | None = None
     topic_id: str | None = None  # asked for once a batch Kafka cannot hand over is met
     try:
@@ -140,10 +148,18 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
             next_read = failed = 0
             while next_read < end:
                 record = consumer.poll(poll_s)
-                if record is None:
-                    raise KafkaException(f"partition {partition}: nothing read for {poll_s}s "
-                                         f"before the committed offset {end}")
-                error = record.error()
+                error = None if record is None else record.error()
+                if record is None or (error is not None
+                                      and error.code() == KafkaError._PARTITION_EOF):
+                    # The offsets left below the committed one may hold no message: a
+                    # transaction's markers (a transactional producer's every commit), or an
+                    # aborted transaction's messages, which the reading passes as the bridge's.
+                    if _position(consumer, topic, partition) >= end:
+                        break
+                    if record is None:
+                        raise KafkaException(f"partition {partition}: nothing read for "
+                                             f"{poll_s}s before the committed offset {end}")
+                    continue
                 if error is not None and unreadable(error):
                     reader = reader or MessageReader(settings)
                     batch, start = record.offset() or 0, max(record.offset() or 0, next_read)
@@ -162,7 +178,7 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                     consumer.seek(TopicPartition(topic, partition, past))
                     continue
                 if error is not None:
-                    failed += error.code() != KafkaError._PARTITION_EOF
+                    failed += 1
                     if failed >= ERRORS_IN_A_ROW:
                         raise KafkaException(f"partition {partition}: Kafka said {error} "
                                              f"{failed} times in a row before the committed "

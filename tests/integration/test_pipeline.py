@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from sqlalchemy.engine import make_url
 
@@ -761,6 +762,29 @@ def test_a_worker_on_a_database_never_migrated_takes_no_partition_from_the_pool(
         assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
         assert wrong.poll() is None
         assert "run `eventpipe migrate`" in said() and " ready." not in said()
+
+
+def test_verify_reads_a_topic_a_transactional_producer_wrote_to_its_end(
+        make_pipeline: Any) -> None:
+    """Before: `eventpipe verify` on a topic whose partitions end in a transaction's marker
+    (Java's exactly-once producers, Kafka Streams, Flink) waited for a message at the marker's
+    offset, and failed after 10 s blaming Kafka; the bridge commits past markers (a review's
+    finding)."""
+    pipeline: Pipeline = make_pipeline(partitions=1)
+    producer = Producer({"bootstrap.servers": pipeline.settings.kafka_bootstrap_servers,
+                         "transactional.id": f"tx-{pipeline.name}"})
+    producer.init_transactions(30)
+    messages = stream(6, seed=131)
+    for pair in (messages[:3], messages[3:]):
+        producer.begin_transaction()
+        for key, doc in pair:
+            producer.produce(pipeline.name, key=key, value=encode(doc), partition=0)
+        producer.commit_transaction(30)  # a marker after each three: offsets 3 and 7
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    wait_until(lambda: pipeline.committed_offsets().get(0) == 8, 60, "committed past the marker")
+    report = pipeline.verify()
+    assert report.clean and report.messages == 6, render(report)
 
 
 def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:

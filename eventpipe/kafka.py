@@ -72,8 +72,13 @@ def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 def reader_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """What every consumer of ours shares: only the messages of committed transactions
     (librdkafka's default, said here: an aborted transaction's events must never be applied,
-    nor expected by `verify`)."""
-    return client_config(settings, **{"isolation.level": "read_committed", **overrides})
+    nor expected by `verify`), and answers up to KAFKA_RECEIVE_MAX_BYTES, which bounds what a
+    record batch may decompress to as well (librdkafka's default, 100 MB, refuses valid zstd
+    batches of repetitive events: their every message would be dead-lettered unread)."""
+    return client_config(settings, **{"isolation.level": "read_committed",
+                                       "receive.message.max.bytes":
+                                           settings.kafka_receive_max_bytes,
+                                       **overrides})
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -210,8 +215,13 @@ def unreadable(error: KafkaError | None) -> bool:
 
 
 def said(error: KafkaError) -> str:
-    """The client's error in a line: its text, then its name."""
-    return f"{error.str()} ({error.name()})"
+    """The client's error in a line: its text, then its name; for a batch that does not
+    decompress, the limit that may be the cause rather than the batch."""
+    line = f"{error.str()} ({error.name()})"
+    if error.code() == KafkaError._BAD_COMPRESSION:
+        line += ("; a batch that decompresses to more than KAFKA_RECEIVE_MAX_BYTES is said so "
+                 "too: raise it, then read these offsets again")
+    return line
 
 
 class Handed(NamedTuple):

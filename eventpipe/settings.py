@@ -85,6 +85,12 @@ class Settings:
         "of an idle topic; a broker that holds every fetch this long (Tansu, the embedded one) "
         "adds up to it to each event's latency, and a lower value costs it more requests and CPU"
     )
+    kafka_receive_max_bytes: int = _field(
+        "KAFKA_RECEIVE_MAX_BYTES", 268_435_456, "Largest answer of Kafka's a reader takes: a "
+        "message larger, or a compressed record batch that decompresses to more, is not read "
+        "(at most 2147483647). At least the topic's max.message.bytes; zstd batches of highly "
+        "repetitive events may decompress to 100 times their size"
+    )
     max_future_skew_s: float = _field(
         "MAX_FUTURE_SKEW_S", 300.0,
         "An occurredAt later than its message's Kafka timestamp by more than this is invalid",
@@ -235,6 +241,10 @@ class Settings:
         if not 0 <= self.kafka_fetch_wait_max_ms <= 59_000:
             raise SettingsError(f"KAFKA_FETCH_WAIT_MAX_MS={self.kafka_fetch_wait_max_ms!r}: "
                                 "must be between 0 and 59000")
+        # librdkafka's bounds, and room for its fetches' default size (50 MB) under it.
+        if not 60_000_000 <= self.kafka_receive_max_bytes <= 2_147_483_647:
+            raise SettingsError(f"KAFKA_RECEIVE_MAX_BYTES={self.kafka_receive_max_bytes!r}: "
+                                "must be between 60000000 and 2147483647")
         # librdkafka's bound, which it says only as a consumer is made (the bridge's, the
         # worker pool's): an hour.
         if self.kafka_session_timeout_ms > 3_600_000:

@@ -787,6 +787,30 @@ def test_verify_reads_a_topic_a_transactional_producer_wrote_to_its_end(
     assert report.clean and report.messages == 6, render(report)
 
 
+def test_a_zstd_batch_that_decompresses_past_a_hundred_megabytes_is_read(
+        make_pipeline: Any) -> None:
+    """Before: a valid zstd record batch of repetitive events (another client's, a large
+    `batch.size`) that decompresses to more than librdkafka's default answer size (100 MB)
+    was taken for a corrupt one: its every event was dead-lettered, without its bytes, and
+    none applied (a review's finding)."""
+    pipeline: Pipeline = make_pipeline(partitions=1)
+    producer = Producer({"bootstrap.servers": pipeline.settings.kafka_bootstrap_servers,
+                         "compression.type": "zstd", "linger.ms": 2000,
+                         "batch.size": 1_000_000_000, "batch.num.messages": 1_000_000,
+                         "message.max.bytes": 1_000_000_000,
+                         "queue.buffering.max.kbytes": 1_000_000})
+    events = [inventory_adjusted(f"SKU-{n % 7}", 1) for n in range(130)]
+    for key, doc in events:  # unknown fields are the contract's to allow
+        producer.produce(pipeline.name, key=key, value=encode({**doc, "note": "a" * 900_000}),
+                         partition=0)
+    assert producer.flush(60) == 0
+    pipeline.start_worker()
+    pipeline.start_bridge()
+    drained(pipeline, len(events))
+    assert pipeline.dead_letters() == []
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in events])
+
+
 def test_a_tombstone_and_headers_leave_the_dlq_as_they_came(make_pipeline: Any) -> None:
     """Before: a null value (a tombstone) was dead-lettered as an empty value, shown as one
     and replayed as one, and a dead-lettered message's Kafka headers were dropped: a replay

@@ -221,7 +221,9 @@ class Pipeline:
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
                              "group.id": f"{self.name}-reader", "enable.auto.commit": False,
                              "auto.offset.reset": "earliest", "enable.partition.eof": True,
-                             "session.timeout.ms": 6000})
+                             "session.timeout.ms": 6000,
+                             # As the pipeline's readers: record batches of any size it reads.
+                             "receive.message.max.bytes": self.settings.kafka_receive_max_bytes})
         ends: dict[int, int] = {}
         consumer.assign([TopicPartition(self.name, p, 0) for p in range(self.partitions)])
         eof: set[int] = set()

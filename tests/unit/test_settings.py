@@ -206,6 +206,15 @@ def test_a_partition_count_of_a_typo_is_refused_not_tried() -> None:
         Settings.from_env({"KAFKA_PARTITIONS": "99999999999"})
 
 
+def test_the_largest_answer_readers_take_is_within_the_kafka_clients_bounds() -> None:
+    """KAFKA_RECEIVE_MAX_BYTES (new): librdkafka refuses one under its fetches' size, or past
+    2 GiB, only as a consumer is made."""
+    assert Settings.from_env({}).kafka_receive_max_bytes == 256 * 1024 * 1024
+    for bad in ("1000", "2147483648"):
+        with pytest.raises(SettingsError, match=rf"^KAFKA_RECEIVE_MAX_BYTES={bad}: must be "):
+            Settings.from_env({"KAFKA_RECEIVE_MAX_BYTES": bad})
+
+
 def test_a_blank_variable_is_not_provided() -> None:
     assert provided({"KAFKA_BOOTSTRAP_SERVERS": " ", "DATABASE_URL": "\t"}) == frozenset()
 

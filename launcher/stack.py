@@ -56,6 +56,7 @@ from launcher.embedded import (
     start_kafka,
     start_redis,
 )
+from launcher.workers import tasks_main
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 90.0
@@ -225,7 +226,7 @@ class Stack:
             # Processes of the worker pool: more hosts started by hand join it.
             "worker": [_eventpipe(), "worker", "--processes", processes],
             "web": [_eventpipe(), "web"],
-            "flower": [sys.executable, "-P", "-m", "tasks", "--quiet", "flower",
+            "flower": [sys.executable, tasks_main(), "--quiet", "flower",
                        f"--port={self.settings.flower_port}", "--address=127.0.0.1"],
         }
         # As many API processes as worker processes: gunicorn's default (2 × cores + 1) is

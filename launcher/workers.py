@@ -10,6 +10,7 @@ shutdown, and serves the metrics of all its processes, aggregated, on one port.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import signal
@@ -82,13 +83,22 @@ def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
     return [list(partitions[i::count]) for i in range(count)]
 
 
+def tasks_main() -> str:
+    """`tasks/__main__.py` by its path, found as this process finds the package (neither
+    imported here nor looked for in the working directory, which Celery's `-A tasks` would
+    search first)."""
+    spec = importlib.util.find_spec("tasks")
+    assert spec is not None and spec.submodule_search_locations
+    return str(Path(spec.submodule_search_locations[0]) / "__main__.py")
+
+
 def celery_command(partitions: Sequence[int] | None, index: int, log_level: str) -> list[str]:
     """One worker process: of the pool (`partitions` None), or serving these partitions."""
     queues = [] if partitions is None else ["--queues", ",".join(queue_name(p)
                                                                   for p in partitions)]
     return [
         # --quiet: no banner on stdout, so every line of output is a log record.
-        sys.executable, "-P", "-m", "tasks", "--quiet", "worker",  # `tasks/__main__.py`
+        sys.executable, tasks_main(), "--quiet", "worker",
         "--pool", "solo", *queues,
         "--hostname", f"eventpipe-{index}-{uuid.uuid4().hex[:6]}@%h",
         "--without-mingle", "--without-gossip",

@@ -34,10 +34,11 @@ from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 
 from eventpipe import logs, metrics, redis_clients
-from eventpipe.database import make_engine
+from eventpipe.database import make_engine, redacted, require_database
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.errors import REDIS_UNAVAILABLE, DatabaseUnresponsive
+from eventpipe.failures import describe
 from eventpipe.kafka import MessageReader
 from eventpipe.migrations import schema_behind
 from eventpipe.offset_ledger import OffsetLedger
@@ -53,7 +54,7 @@ from eventpipe.queues import (
     send_batch,
     task_summary,
 )
-from eventpipe.settings import REDIS_SCHEMES, settings_or_exit
+from eventpipe.settings import REDIS_SCHEMES, SettingsError, settings_or_exit
 from eventpipe.status import Board, process_name
 from tasks import transport
 from tasks.heartbeat import Heartbeat
@@ -63,7 +64,7 @@ from tasks.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
-SCHEMA_WAIT_S = 2.0
+DATABASE_WAIT_S = 2.0
 
 settings = settings_or_exit("celery")
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
@@ -150,25 +151,29 @@ def _join_the_pool_without_queues(options: dict[str, Any], **_: Any) -> None:
 
 
 @celeryd_init.connect
-def _wait_for_the_schema(**_: Any) -> None:
-    """Consume nothing from a database whose schema is missing or older than this code needs
-    (`eventpipe migrate` not run yet, or DATABASE_URL naming the wrong database): every batch
-    would fail and wait there, and in the worker pool this worker would take partitions from
-    workers that apply them. Waits until the schema is there, said once a minute. A database
-    that does not answer is left to the batches, which wait for it as for any outage."""
+def _wait_for_the_database(**_: Any) -> None:
+    """Consume nothing until the database answers with the schema this code needs: every
+    batch would fail and wait meanwhile, and in the worker pool this worker would take
+    partitions from workers that apply them (DATABASE_URL naming another database, a login
+    it refuses, `eventpipe migrate` not run yet). Said once a minute. A SQLite file that is
+    not there is waited for, never made here (`require_database`)."""
     said = logs.Repeats(window_s=60.0)
     while True:
+        why: str | None
         try:
+            require_database(settings)
             with _engine().connect() as conn:
-                behind = schema_behind(conn)
-        except SQLAlchemyError:
+                why = schema_behind(conn)
+        except SettingsError as exc:
+            why = str(exc)
+        except SQLAlchemyError as exc:
+            why = f"the database does not answer: {describe(exc)}"
+        if why is None:
             return
-        if behind is None:
-            return
-        if said.let_through("schema") is not None:
-            log.error("%s (DATABASE_URL=%s): this worker consumes nothing until then", behind,
-                      _engine().url.render_as_string(hide_password=True))
-        time.sleep(SCHEMA_WAIT_S)
+        if said.let_through("database") is not None:
+            log.error("%s (DATABASE_URL=%s): this worker consumes nothing until then", why,
+                      redacted(settings.database_url))
+        time.sleep(DATABASE_WAIT_S)
 
 
 @setup_logging.connect

@@ -742,26 +742,32 @@ def test_what_no_bridge_wrote_in_a_partition_queue_stops_no_worker(make_pipeline
 
 
 def test_a_worker_on_a_database_never_migrated_takes_no_partition_from_the_pool(
-        make_pipeline: Any) -> None:
-    """Before: a worker given a DATABASE_URL whose database was never migrated (a typo, a
-    fresh database) joined the worker pool, took a share of the partitions, and held their
-    events, failing each batch, while the workers on the right database idled (a review's
-    finding)."""
+        make_pipeline: Any, tmp_path: Path) -> None:
+    """Before: a worker given a DATABASE_URL whose database was never migrated (a fresh
+    database), does not exist (a typo) or is a SQLite file not there (made empty, then) joined
+    the worker pool, took a share of the partitions, and held their events, failing each
+    batch, while the workers on the right database idled (reviews' findings)."""
     pipeline: Pipeline = make_pipeline()
+    no_file = tmp_path / "none.db"
     with postgres_database() as empty:
+        wrong = {"empty": empty, "missing": f"{empty}_missing", "no-file": f"sqlite:///{no_file}"}
         options = ("--without-mingle", "--without-gossip", "--loglevel", "INFO")
         pipeline.start_celery_worker(*options, name="right")
-        wrong = pipeline.spawn("wrong", [sys.executable, "-m", "celery", "-A", "tasks",
-                                         "worker", *options], DATABASE_URL=empty)
+        waiting = [pipeline.spawn(name, [sys.executable, "-m", "celery", "-A", "tasks",
+                                         "worker", *options], DATABASE_URL=url)
+                   for name, url in wrong.items()]
         pipeline.start_bridge()
-        said = pipeline.log_of("wrong").read_text
-        wait_until(lambda: "consumes nothing until then" in said() or " ready." in said(), 60,
-                   "the wrong worker waiting, or ready")
+        said = {name: pipeline.log_of(name).read_text for name in wrong}
+        wait_until(lambda: all("consumes nothing until then" in log() or " ready." in log()
+                               for log in said.values()), 60, "the wrong workers waiting, or ready")
         messages = stream(200, seed=129)
         drained(pipeline, pipeline.send(messages))
         assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
-        assert wrong.poll() is None
-        assert "run `eventpipe migrate`" in said() and " ready." not in said()
+        assert [worker.poll() for worker in waiting] == [None, None, None]
+        assert not any(" ready." in log() for log in said.values())
+        assert "run `eventpipe migrate`" in said["empty"]()
+        assert "does not exist" in said["missing"]() and not no_file.exists()
+        assert "names no database here" in said["no-file"]()
 
 
 def test_verify_reads_a_topic_a_transactional_producer_wrote_to_its_end(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
-from launcher.workers import celery_command
+from launcher.workers import celery_command, tasks_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_LEVEL = ("bridge", "cli", "eventpipe", "launcher", "producer", "tasks", "web")
@@ -34,3 +35,14 @@ def test_the_celery_processes_the_launcher_starts_take_this_projects_tasks_where
                           env={**os.environ, "EVENTPIPE_ENV_FILE": str(tmp_path / "none.env")})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: celery worker")
+
+
+def test_celerys_detach_which_would_start_a_worker_without_this_app_is_refused(
+        tmp_path: Path) -> None:
+    """Review: `python -P -m tasks worker --detach` started `python -m celery worker`, whose
+    default app discards every task of the queues it serves as unregistered."""
+    done = subprocess.run([sys.executable, tasks_main(), "--quiet", "worker", "--detach"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "EVENTPIPE_ENV_FILE": str(tmp_path / "none.env")})
+    assert done.returncode == 1
+    assert "--detach and multi would start `python -m celery`" in done.stderr

@@ -129,8 +129,11 @@ class _Checks(kombu_redis.Channel):
             return f"{type(exc).__name__}: {str(exc)[:100]}"
         return None
 
-    def drop(self, dest: bytes, item: bytes, why: str) -> None:
-        queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+    def queue_of(self, key: bytes) -> str:
+        """The queue a key of it serves (past the priority's suffix)."""
+        return str(bytes_to_str(key)).rsplit(self.sep, 1)[0]
+
+    def drop(self, queue: str, item: bytes, why: str) -> None:
         # As kombu does after a delivery, so that one queue's items do not keep the next
         # from its turn.
         self._queue_cycle.rotate(queue)
@@ -175,11 +178,11 @@ class _CheckingClient(redis.Redis):
                 raise
             return None  # nothing popped: kombu waits again
         if reply:
-            dest, item = reply
-            why = self._channel.unreadable(bytes_to_str(dest).rsplit(self._channel.sep, 1)[0],
-                                           item)
+            key, item = reply
+            queue = self._channel.queue_of(key)
+            why = self._channel.unreadable(queue, item)
             if why is not None:
-                self._channel.drop(dest, item, why)
+                self._channel.drop(queue, item, why)
                 return None  # as a wait that timed out
         return reply
 
@@ -201,7 +204,7 @@ def _wrong_type(exc: redis.ResponseError) -> bool:
     return "WRONGTYPE Operation against a key holding the wrong kind of value" in str(exc)
 
 
-class Channel(_Checks, kombu_redis.Channel):
+class Channel(_Checks):
     QoS = _QoS
 
 

@@ -154,7 +154,9 @@ def read_topic(settings: Settings, committed: Mapping[int, int], report: Report,
                     # The offsets left below the committed one may hold no message: a
                     # transaction's markers (a transactional producer's every commit), or an
                     # aborted transaction's messages, which the reading passes as the bridge's.
-                    if _position(consumer, topic, partition) >= end:
+                    if (at := _position(consumer, topic, partition)) >= end:
+                        if at > 0:  # nothing read: what is left of the log starts there
+                            report.first_offsets.setdefault(partition, at)
                         break
                     if record is None:
                         raise KafkaException(f"partition {partition}: nothing read for "

@@ -10,7 +10,6 @@ shutdown, and serves the metrics of all its processes, aggregated, on one port.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import signal
@@ -84,12 +83,10 @@ def share(partitions: Sequence[int], processes: int) -> list[list[int]]:
 
 
 def tasks_main() -> str:
-    """`tasks/__main__.py` by its path, found as this process finds the package (neither
-    imported here nor looked for in the working directory, which Celery's `-A tasks` would
+    """`tasks/__main__.py` by its path: beside this package, as every package of the project
+    is installed (never looked for in the working directory, which Celery's `-A tasks` would
     search first)."""
-    spec = importlib.util.find_spec("tasks")
-    assert spec is not None and spec.submodule_search_locations
-    return str(Path(spec.submodule_search_locations[0]) / "__main__.py")
+    return str(Path(__file__).resolve().parents[1] / "tasks" / "__main__.py")
 
 
 def celery_command(partitions: Sequence[int] | None, index: int, log_level: str) -> list[str]:

@@ -21,8 +21,24 @@ from celery.bin.celery import celery
 
 import tasks  # noqa: F401  # before Celery looks in the working directory
 
+
+def _detaches(args: list[str]) -> bool:
+    """Whether Celery would detach (`--detach`, `-D`, however grouped: `-DE`) or run `multi`,
+    as its command line parses `args`, with nothing of theirs run."""
+    group = celery.make_context("celery", list(args), resilient_parsing=True)
+    # The group's options, then its command, then what is left (`group.args`).
+    name = args[len(args) - len(group.args) - 1] if args else None
+    if name == "multi":
+        return True
+    command = celery.get_command(group, name) if name else None
+    if command is None:
+        return False
+    given = command.make_context(name, list(group.args), parent=group, resilient_parsing=True)
+    return bool(given.params.get("detach"))
+
+
 _ARGS = sys.argv[1:]
-if {"--detach", "-D", "multi"} & set(_ARGS):
+if _detaches(_ARGS):
     sys.exit("python -m tasks: Celery's --detach and multi would start `python -m celery` "
              "without this app; run the worker under a supervisor (eventpipe worker, systemd)")
 sys.exit(celery(["-A", "tasks", *_ARGS], prog_name="celery", auto_envvar_prefix="CELERY"))

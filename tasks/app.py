@@ -158,22 +158,27 @@ def _wait_for_the_database(**_: Any) -> None:
     it refuses, `eventpipe migrate` not run yet). Said once a minute. A SQLite file that is
     not there is waited for, never made here (`require_database`)."""
     said = logs.Repeats(window_s=60.0)
-    while True:
-        why: str | None
-        try:
-            require_database(settings)
-            with _engine().connect() as conn:
-                why = schema_behind(conn)
-        except SettingsError as exc:
-            why = str(exc)
-        except SQLAlchemyError as exc:
-            why = f"the database does not answer: {describe(exc)}"
-        if why is None:
-            return
-        if said.let_through("database") is not None:
-            log.error("%s (DATABASE_URL=%s): this worker consumes nothing until then", why,
-                      redacted(settings.database_url))
-        time.sleep(DATABASE_WAIT_S)
+    # Celery's restart at SIGHUP comes later: one meanwhile would end the worker.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        while True:
+            why: str | None
+            try:
+                require_database(settings)
+                with _engine().connect() as conn:
+                    why = schema_behind(conn)
+            except SettingsError as exc:
+                why = str(exc)
+            except SQLAlchemyError as exc:
+                why = f"the database does not answer: {describe(exc)}"
+            if why is None:
+                return
+            if said.let_through("database") is not None:
+                log.error("%s (DATABASE_URL=%s): this worker consumes nothing until then", why,
+                          redacted(settings.database_url))
+            time.sleep(DATABASE_WAIT_S)
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
 
 
 @setup_logging.connect

@@ -760,6 +760,7 @@ def test_a_worker_on_a_database_never_migrated_takes_no_partition_from_the_pool(
         said = {name: pipeline.log_of(name).read_text for name in wrong}
         wait_until(lambda: all("consumes nothing until then" in log() or " ready." in log()
                                for log in said.values()), 60, "the wrong workers waiting, or ready")
+        waiting[0].send_signal(signal.SIGHUP)  # a reload meanwhile ends none (a review's)
         messages = stream(200, seed=129)
         drained(pipeline, pipeline.send(messages))
         assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])

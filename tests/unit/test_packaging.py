@@ -40,9 +40,15 @@ def test_the_celery_processes_the_launcher_starts_take_this_projects_tasks_where
 def test_celerys_detach_which_would_start_a_worker_without_this_app_is_refused(
         tmp_path: Path) -> None:
     """Review: `python -P -m tasks worker --detach` started `python -m celery worker`, whose
-    default app discards every task of the queues it serves as unregistered."""
-    done = subprocess.run([sys.executable, tasks_main(), "--quiet", "worker", "--detach"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "EVENTPIPE_ENV_FILE": str(tmp_path / "none.env")})
-    assert done.returncode == 1
-    assert "--detach and multi would start `python -m celery`" in done.stderr
+    default app discards every task of the queues it serves as unregistered; a later review:
+    so did `-DE`, while `-Q multi` was refused."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, tasks_main(), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "EVENTPIPE_ENV_FILE": str(tmp_path / "none")})
+
+    for refused in (["worker", "--detach"], ["--quiet", "worker", "-DE"], ["multi", "start"]):
+        done = run(*refused)
+        assert done.returncode == 1, refused
+        assert "--detach and multi would start `python -m celery`" in done.stderr
+    assert run("worker", "-Q", "multi", "-lDEBUG", "--help").returncode == 0

@@ -1,7 +1,7 @@
 """Where a machine's cores go during a run: CPU time by role, read from /proc.
 
 Processes are told apart by their command line: the workers (`celery -A tasks`, `eventpipe
-worker`), the bridge, PostgreSQL (every `postgres` process of the machine: its server is
+worker` and the processes it starts by the path of `tasks/__main__.py`), the bridge, PostgreSQL (every `postgres` process of the machine: its server is
 shared), the pipeline's own Redis (by its port) and the Kafka broker (Tansu). The time of
 processes that exit between two readings is lost; the benchmark reads while everything runs.
 """
@@ -20,7 +20,8 @@ BROKER = ("tansu",)  # the Kafka broker's mark, for a run that watches the broke
 
 def roles(redis_port: int) -> dict[str, tuple[str, ...]]:
     """Role → substrings of the command line that mark its processes."""
-    return {"workers": ("celery -A tasks", "celery -A bench.noop_worker", "eventpipe worker"),
+    return {"workers": ("celery -A tasks", "celery -A bench.noop_worker", "eventpipe worker",
+                        "tasks/__main__.py"),
             "bridge": ("eventpipe bridge",),
             "PostgreSQL": ("postgres",),
             "Redis": (f"redis-server 127.0.0.1:{redis_port}", f"--port {redis_port} "),

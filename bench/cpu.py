@@ -1,9 +1,10 @@
 """Where a machine's cores go during a run: CPU time by role, read from /proc.
 
 Processes are told apart by their command line: the workers (`celery -A tasks`, `eventpipe
-worker` and the processes it starts by the path of `tasks/__main__.py`), the bridge, PostgreSQL (every `postgres` process of the machine: its server is
-shared), the pipeline's own Redis (by its port) and the Kafka broker (Tansu). The time of
-processes that exit between two readings is lost; the benchmark reads while everything runs.
+worker` and the processes it starts by the path of `tasks/__main__.py`), the bridge,
+PostgreSQL (every `postgres` process of the machine: its server is shared), the pipeline's
+own Redis (by its port) and the Kafka broker (Tansu). The time of processes that exit between
+two readings is lost; the benchmark reads while everything runs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ them all. The worker count comes from WEB_WORKERS (or `-w N` on the command line
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from gunicorn import util  # type: ignore[import-untyped]
 from gunicorn.config import Config  # type: ignore[import-untyped]
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
@@ -71,6 +73,22 @@ class JsonLogs(Logger):  # type: ignore[misc]
         if agent := environ.get("HTTP_USER_AGENT"):
             line["userAgent"] = agent
         self.access_log.info("request", extra=line)
+
+
+def refused_in_json(sock: Any, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it refuses before the app sees it (a request line or
+    headers past its limits, bytes that are no HTTP), in the body every other error of the
+    API has (`web.errors`: code, status, message, errors), not gunicorn's HTML page. gunicorn
+    has no hook for these answers: its workers write them through this one function of its
+    `util` module, which is replaced below, before the workers are forked."""
+    body = json.dumps({"code": status, "status": reason, "message": message,
+                       "errors": {}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = refused_in_json
 
 
 def _binds_elsewhere() -> bool:

@@ -341,6 +341,34 @@ def test_a_chunked_body_past_the_limit_is_a_413_as_one_with_a_length(sqlite_url:
         stop(process)
 
 
+def test_a_request_gunicorn_refuses_is_answered_in_the_apis_json(sqlite_url: str,
+                                                                  tmp_path: Path) -> None:
+    """Before: a request line or headers past gunicorn's limits, or bytes that are no HTTP,
+    were answered with gunicorn's HTML page, where every other error of the API is JSON."""
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    process = start(environment(sqlite_url, tmp_path, port, workers=1), log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        serving(f"{base}/health", process, log)
+        too_long = requests.get(f"{base}/users", params={"q": "a" * 5000}, timeout=10)
+        too_large = requests.get(f"{base}/users", headers={"X-Large": "a" * 9000}, timeout=10)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"NOT HTTP\r\n\r\n")
+            head, _, body = b"".join(iter(lambda: conn.recv(4096), b"")).partition(b"\r\n\r\n")
+        raw_type = re.search(rb"Content-Type: (\S+)", head)
+        for status, content_type, payload in (
+                (too_long.status_code, too_long.headers["Content-Type"], too_long.json()),
+                (too_large.status_code, too_large.headers["Content-Type"], too_large.json()),
+                (int(head.split()[1]), raw_type and raw_type[1].decode(), json.loads(body))):
+            assert content_type == "application/json", payload
+            assert payload["code"] == status and payload["message"], payload
+        assert [too_long.status_code, too_large.status_code, int(head.split()[1])] == [
+            414, 431, 400]
+    finally:
+        stop(process)
+
+
 def test_connections_left_idle_leave_the_api_answering(sqlite_url: str, tmp_path: Path) -> None:
     """Before: gunicorn's sync workers each waited on the first connection they took until a
     request came or 60 s passed: two left idle (a browser opens such ahead of time) stopped

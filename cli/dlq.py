@@ -17,13 +17,14 @@ from typing import Any
 from sqlalchemy import Engine
 
 from cli.arguments import at_least, some_text
+from cli.errors import explain
 from eventpipe import redis_clients
 from eventpipe.database import make_engine
 from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import ENTRY_ID, DeadLetterStream, Filter, StreamEntry
 from eventpipe.kafka import MessageReader
 from eventpipe.progress import ProgressBar
-from eventpipe.settings import Settings
+from eventpipe.settings import Settings, SettingsError
 from eventpipe.terminal import printable
 from web.resources.dlq.schemas import DeadLetterSchema
 
@@ -117,7 +118,35 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(_SCHEMA.dump(entry)) if args.json else _summary(entry))
     if not args.json:
         print(f"-- {len(entries)} shown, {stream.depth()} in the queue", file=sys.stderr)
+    if behind := not_shown(settings, stream):
+        print(behind, file=sys.stderr)
     return 0
+
+
+def not_shown(settings: Settings, stream: DeadLetterStream) -> str:
+    """What the stream lacks of the DLQ the SQL record holds, in a line ("" for nothing): a
+    stream Redis lost (restarted empty, flushed) lists nothing while the dead letters are
+    there, and the workers that rebuild it may be down. The SQL record is asked briefly; a
+    database that does not answer leaves the listing as the stream has it, and says so."""
+    try:
+        engine = make_engine(settings, writer=False, create=False, brief=True)
+        try:
+            keys = projection.open_keys(engine)
+        finally:
+            engine.dispose()
+    except SettingsError as exc:  # a SQLite file not here: the stream is listed all the same
+        return f"not compared with the SQL record of dead letters: {exc}"
+    except Exception as exc:
+        said = explain(exc, settings)
+        if said is None:  # a bug: its traceback
+            raise
+        return f"not compared with the SQL record of dead letters: {said}"
+    missing = len(keys) - len(stream.holding(keys))
+    if not missing:
+        return ""
+    return (f"{missing} of the {len(keys)} open dead letter(s) the SQL record holds are not in "
+            "the stream (Redis lost it, or it is full): the workers put them back as they can, "
+            "`eventpipe dlq restore` at once")
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:

@@ -152,6 +152,13 @@ def open_count(engine: Engine) -> int:
                                 .where(dead_letters.c.state == OPEN)).scalar_one())
 
 
+def open_keys(engine: Engine) -> list[str]:
+    """The keys of the dead letters in the DLQ, as SQL records them."""
+    with reading(engine) as conn:
+        return list(conn.execute(select(dead_letters.c.dlq_key)
+                                 .where(dead_letters.c.state == OPEN)).scalars())
+
+
 def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             progress: Callable[[int], None] | None = None,
             claim: str | None = None, lease_s: int = REBUILD_LEASE_S) -> Projected:

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, delete, select
 
 import tasks.reconciler
-from cli.dlq import left_out
+from cli.dlq import left_out, not_shown
 from eventpipe import metrics, trace
 from eventpipe.apply import apply_batch
 from eventpipe.dlq import actions, projection, records
@@ -34,6 +34,7 @@ from eventpipe.errors import TransientError
 from eventpipe.kafka import MessageReader
 from eventpipe.messages import RawMessage
 from eventpipe.samples import user_created
+from eventpipe.settings import Settings
 from eventpipe.tables import dead_letter_messages, dead_letters
 from tasks.reconciler import Reconciler
 from tests.support.broker import TopicFactory, consume, make_consumer, produce, settings_for
@@ -256,6 +257,25 @@ def test_restore_rebuilds_a_lost_stream_from_sql_and_kafka(
         reader.close()
     assert (report.put, report.removed, report.missing_bytes) == (2, 1, [])
     assert sorted(e.value or b"" for e in stream.scan()) == [b"{first", b"{second"]
+
+
+def test_a_listing_says_what_the_stream_lacks_of_the_sql_record(
+    engine: Engine, database_url: str, stream: DeadLetterStream,
+) -> None:
+    """Before: with the stream lost (Redis restarted empty, flushed) and no worker to rebuild
+    it, `eventpipe dlq list` said "0 shown, 0 in the queue" over dead letters SQL holds."""
+    settings = Settings(database_url=database_url)
+    saved = record(engine, failure(0, b"{first"), failure(1, b"{second"))
+    assert not_shown(settings, stream).startswith("2 of the 2 open dead letter(s)")
+    projection.project(engine, stream, None, {saved[0].dlq_key: RawMessage(b"k", b"{first")})
+    assert not_shown(settings, stream).startswith("1 of the 2 open dead letter(s)")
+    projection.project(engine, stream, None, {saved[1].dlq_key: RawMessage(b"k", b"{second")})
+    assert not_shown(settings, stream) == ""
+    with socket.socket() as held:  # a port no server listens on
+        held.bind(("127.0.0.1", 0))
+        down = f"postgresql+psycopg://postgres@127.0.0.1:{held.getsockname()[1]}/x"
+        assert not_shown(replace(settings, database_url=down), stream).startswith(
+            "not compared with the SQL record of dead letters: ")
 
 
 def test_a_lost_stream_comes_back_with_its_bytes_after_kafkas_retention_passed(

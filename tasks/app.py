@@ -91,10 +91,20 @@ class TaskTimeLimitExceeded(Exception):
 
 @celeryd_init.connect
 def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
-    """Refuse a pool that would apply one partition's batches side by side."""
+    """Refuse a pool that would apply one partition's batches side by side, or off the main
+    thread, where a batch's time limit (an alarm signal) cannot reach it."""
     pool = options.get("pool") or options.get("pool_cls")
     name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
     concurrency = options.get("concurrency")
+    if name not in ("solo", "prefork"):
+        # threads, gevent, eventlet, or a pool of someone's: with no concurrency asked
+        # Celery gives them as many as there are cores.
+        print(f"celery -A tasks worker: the {name} pool runs batches elsewhere than on the "
+              "worker's main thread, where a batch's time limit reaches them, and beyond one "
+              "at a time applies a partition's batches side by side, out of order; use the "
+              "solo pool (the default here) and more processes: eventpipe worker --processes N",
+              file=sys.stderr)
+        raise SystemExit(2)
     if concurrency in (None, 0, 1):
         return
     if name == "solo":

@@ -406,9 +406,12 @@ def _batch(partition: Any, messages: Any) -> list[TaskMessage]:
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)
 def apply_events(self: Task, topic: str, partition: int,
                  messages: list[list[Any]]) -> dict[str, int]:
-    # A task from a bridge of before the header names no group: taken as ours.
     group = self.request.get(GROUP_HEADER)
-    if topic != settings.kafka_topic or group not in (None, settings.kafka_group_id):
+    if group is None:  # every bridge names it: sent by hand (`celery call`), or by a program
+        _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"),
+                  why="it names no consumer group")
+        return {}
+    if topic != settings.kafka_topic or group != settings.kafka_group_id:
         _not_ours(topic, group, (self.request.delivery_info or {}).get("routing_key"))
         return {}
     try:

@@ -26,6 +26,7 @@ from celery import Task
 from celery.signals import (
     celeryd_init,
     setup_logging,
+    task_revoked,
     worker_ready,
     worker_shutdown,
     worker_shutting_down,
@@ -401,6 +402,25 @@ def _batch(partition: Any, messages: Any) -> list[TaskMessage]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("no list of messages")
     return [TaskMessage.from_wire(m) for m in messages]
+
+
+@task_revoked.connect
+def _revoked(request: Any = None, **_: Any) -> None:
+    """A batch of this pipeline revoked before it ran: its offsets are let go at once."""
+    args = getattr(request, "args", None)
+    if getattr(request, "task", None) != APPLY_TASK or not isinstance(args, list | tuple) \
+            or len(args) != 3 or args[0] != settings.kafka_topic \
+            or request.get(GROUP_HEADER) != settings.kafka_group_id:
+        return
+    try:
+        decoded = _batch(args[1], args[2])
+    except ValueError:
+        return  # no bridge's batch: nothing of it was leased
+    try:
+        processor().revoked(args[0], args[1], decoded, request.get(TOPIC_ID_HEADER) or "")
+    except redis.RedisError as exc:  # the lease lapses by itself then, a time limit later
+        log.warning("a revoked batch's lease not ended: %s", exc,
+                    extra={"topic": args[0], "partition": args[1]})
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)

@@ -72,11 +72,8 @@ class LeaseKeeper:
         """A run begins with `offsets`, just leased for `ttl_s`: renew them until `release`,
         for `for_s` at most (its time limit: a run past it is stuck, and so is its worker).
         The retries it takes up are its own now."""
-        taken = set(offsets)
         with self._lock:
-            self._waiting = [held for held in self._waiting if not (
-                (held.topic, held.partition) == (topic, partition)
-                and taken.intersection(held.offsets))]
+            self._stop_renewing(topic, partition, offsets)
             self._running = _Held(topic, partition, offsets, ttl_s, self.clock() + for_s)
         self._wake()
 
@@ -92,6 +89,19 @@ class LeaseKeeper:
         with self._lock:
             self._waiting.append(_Held(topic, partition, offsets, ttl_s, self.clock() + for_s))
         self._wake()
+
+    def drop(self, topic: str, partition: int, offsets: Sequence[int]) -> None:
+        """Messages set aside to retry that no run will take up (their task was revoked):
+        renew them no more."""
+        with self._lock:
+            self._stop_renewing(topic, partition, offsets)
+
+    def _stop_renewing(self, topic: str, partition: int, offsets: Sequence[int]) -> None:
+        """The retries waiting with any of these offsets (under the lock)."""
+        taken = set(offsets)
+        self._waiting = [held for held in self._waiting if not (
+            (held.topic, held.partition) == (topic, partition)
+            and taken.intersection(held.offsets))]
 
     def finish_later(self, topic: str, partition: int, done: Sequence[int], run: str) -> None:
         """End `run` (`OffsetLedger.finish`: its record goes, its `done` offsets are marked)

@@ -186,6 +186,20 @@ class Processor:
                 raise
         return report
 
+    def revoked(self, topic: str, partition: int, messages: list[TaskMessage],
+                topic_id: str) -> None:
+        """A batch Celery dropped unapplied (`celery control revoke`, Flower's revoke): a
+        retry of it, which keeps its task's id, is dropped too. Its lease ends now, where it
+        would otherwise be renewed for the retry's wait and time limit: the bridge reads the
+        messages again from Kafka, as any lost batch."""
+        ledger_topic = filed_under(topic, topic_id)
+        offsets = [m.offset for m in messages]
+        self.keeper.drop(ledger_topic, partition, offsets)
+        self.ledger.release(ledger_topic, partition, offsets)
+        log.warning("batch revoked, not applied: its events are read again from Kafka",
+                    extra={"topic": topic, "partition": partition, "events": len(messages),
+                           "offsetFirst": offsets[0], "offsetLast": offsets[-1]})
+
     # -- the failure path ---------------------------------------------------------------------
 
     def _work(self, topic: str, partition: int, parts: list[list[TaskMessage]],

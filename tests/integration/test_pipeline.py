@@ -684,6 +684,31 @@ def test_a_task_no_bridge_sent_is_refused_and_the_bridge_goes_on(make_pipeline: 
     assert "is no bridge's batch" in pipeline.log_of("worker").read_text()
 
 
+def test_a_revoked_retry_is_read_again_once_its_lease_lapses(make_pipeline: Any) -> None:
+    """Before: revoking a batch that waited to retry (`celery control revoke`, Flower) made
+    Celery drop the retry, which keeps the task's id, while its worker renewed the lease for
+    the retry's wait and TASK_TIME_LIMIT_S: its partition stood still for 300 s, not
+    REDELIVERY_TIMEOUT_S (a review's finding)."""
+    pipeline: Pipeline = make_pipeline(DATABASE_LOCK_TIMEOUT_S="0.5", RETRY_BACKOFF_BASE_S="2",
+                                       RETRY_BACKOFF_MAX_S="2")
+    messages = stream(300, seed=127)
+    sent = _running_with(pipeline, messages[:100])
+    log = pipeline.log_of("worker")
+    with pipeline.engine.begin() as conn:  # every batch waits on the lock, then retries
+        conn.exec_driver_sql("LOCK TABLE applied_events IN ACCESS EXCLUSIVE MODE")
+        sent += pipeline.send(messages[100:])
+        def retried() -> list[str]:
+            return [json.loads(line)["taskId"] for line in log.read_text().splitlines()
+                    if '"batch retried in' in line]
+
+        wait_until(lambda: bool(retried()), 60, "a batch retried")
+        make_celery(pipeline.settings, main="operator").control.revoke(retried())
+        wait_until(lambda: "Tasks flagged as revoked" in log.read_text(), 60, "revoked")
+    drained(pipeline, sent, timeout_s=90)  # TASK_TIME_LIMIT_S is 300
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+    assert "batch revoked, not applied" in log.read_text()
+
+
 def _a_bridges_task(pipeline: Pipeline) -> dict[str, Any]:
     """A task as a bridge sends it, as the Celery broker holds it (kombu's envelope)."""
     celery = make_celery(pipeline.settings, main="by-hand")

@@ -83,6 +83,7 @@ class CeleryQueues:
         self.consumer = consumer
         self.timeout_s = timeout_s
         self._wanted: set[str] = set()
+        self._changing = 0  # changes of the queues under way (`want`)
         self._lock = threading.Lock()
 
     def want(self, queues: Iterable[str]) -> bool:
@@ -93,6 +94,14 @@ class CeleryQueues:
         once, the queues let go would have had no consumer until `timeout_s` ended."""
         with self._lock:
             self._wanted = set(queues)
+            self._changing += 1
+        try:
+            return self._until_taken()
+        finally:
+            with self._lock:
+                self._changing -= 1
+
+    def _until_taken(self) -> bool:
         deadline = time.monotonic() + self.timeout_s
         while True:
             outcome = _Outcome()
@@ -117,10 +126,36 @@ class CeleryQueues:
         self._after_earlier_brpop(lambda: self._take_wanted(outcome))
 
     def answers(self) -> threading.Event:
-        """Set once Celery's thread runs again: a batch may hold it, nothing else should."""
+        """Set once Celery's thread runs again: a batch may hold it, nothing else should.
+        There, first, a queue this process should consume and Celery stopped consuming
+        unasked (Celery's `cancel_consumer` control command, Flower's button) is consumed
+        again: the pool gives its partition to this process, so no other would ever take it."""
         answered = threading.Event()
-        self.consumer.call_soon(answered.set)
+
+        def run() -> None:
+            try:
+                self._consume_cancelled()
+            finally:
+                answered.set()
+
+        self.consumer.call_soon(run)
         return answered
+
+    def _consume_cancelled(self) -> None:
+        with self._lock:
+            if self._changing:  # `want` is making Celery's queues what it should
+                return
+            wanted = set(self._wanted)
+        for name in sorted(wanted - self._consuming()):
+            log.warning("queue %s of a partition the pool gives this worker was cancelled "
+                        "(celery control cancel_consumer?): consumed again; to move partitions "
+                        "away from a worker, stop it and the pool gives them to the others",
+                        name, extra={"queue": name})
+            try:
+                self.consumer.add_task_queue(name)
+            except Exception as exc:  # the broker is away: at the next watch
+                log.warning("queue %s not consumed again yet: %s", name, exc)
+                return
 
     def _wanted_now(self) -> set[str]:
         with self._lock:

@@ -709,6 +709,27 @@ def test_a_revoked_retry_is_read_again_once_its_lease_lapses(make_pipeline: Any)
     assert "batch revoked, not applied" in log.read_text()
 
 
+def test_a_pool_workers_queue_cancelled_by_hand_is_consumed_again(make_pipeline: Any) -> None:
+    """Before: `celery control cancel_consumer events.p0` (or Flower's button) on the worker
+    the pool gave partition 0 left it unconsumed for good: the pool still gave it to that
+    worker, so no other took it (a review's finding)."""
+    pipeline: Pipeline = make_pipeline()
+    messages = stream(400, seed=131)
+    sent = pipeline.send(messages[:100])
+    worker = pipeline.start_celery_worker()
+    pipeline.start_bridge()
+    drained(pipeline, sent)
+    replies = make_celery(pipeline.settings, main="operator").control.cancel_consumer(
+        queue_name(0), reply=True, timeout=10)
+    assert replies and all("no longer consuming" in str(r) for r in replies), replies
+    sent += pipeline.send(messages[100:])
+    drained(pipeline, sent, timeout_s=60)
+    assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
+    assert "queue events.p0 of a partition the pool gives this worker was cancelled" in \
+        pipeline.log_dir.joinpath(f"{pipeline.name}-celery.log").read_text()
+    assert worker.poll() is None
+
+
 def _a_bridges_task(pipeline: Pipeline) -> dict[str, Any]:
     """A task as a bridge sends it, as the Celery broker holds it (kombu's envelope)."""
     celery = make_celery(pipeline.settings, main="by-hand")

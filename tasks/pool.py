@@ -47,7 +47,6 @@ from typing import Any
 
 from celery.worker import state as worker_state
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from kombu.transport import virtual
 from kombu.transport.redis import Channel as RedisChannel
 
 from eventpipe import metrics, redis_clients
@@ -55,6 +54,8 @@ from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.kafka import consumer_config, ensure_topic
 from eventpipe.queues import partition_of, queue_name
 from eventpipe.settings import Settings
+from tasks import transport
+from tasks.transport import requeue_next
 
 log = logging.getLogger(__name__)
 
@@ -215,24 +216,6 @@ class _Outcome:
     done: bool = False
 
 
-def requeue_next(message: Any) -> None:
-    """Put an unacknowledged task message of kombu's Redis transport back where its queue's
-    next consumer takes it first: where it came from, since a partition's queue is taken
-    oldest first.
-
-    That is the list's right end (kombu LPUSHes and BRPOPs from the right), where kombu's own
-    visibility restore puts it. kombu's reject with requeue pushes it at the left end instead
-    (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch of the
-    partition queued since, which would then be applied before it."""
-    channel = message.channel
-    # One transaction: out of kombu's unacked hash and index, RPUSHed.
-    channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
-    # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
-    # record of it any more, and its next consumer may hold one under the same tag already.
-    virtual.QoS.ack(channel.qos, message.delivery_tag)  # type: ignore[no-untyped-call]
-    message._state = "REQUEUED"  # as kombu's own Message.requeue() leaves it
-
-
 def requeue_request(request: Any) -> None:
     """Give a task Celery holds back to its queue, in front, as Celery's own reject with
     requeue would (the message's state, Flower's `task-rejected`) but for the place. Other
@@ -249,18 +232,11 @@ def requeue_request(request: Any) -> None:
 def requeue_late_pops(channel: Any, queue: str) -> None:
     """Messages that a BRPOP sent before `queue` was cancelled still takes from it go back in
     front. Without a consumer kombu would push them behind the queue
-    (`Transport._deliver` → `_reject_inbound_message` → `QoS.reject`); this is the
-    transport's per-queue delivery callback, which consuming the queue again replaces."""
+    (`Transport._deliver` → `_reject_inbound_message` → `QoS.reject`), as it does still
+    where the worker does not read Redis through `tasks.transport`; this is the transport's
+    per-queue delivery callback, which consuming the queue again replaces."""
 
-    def deliver(raw: dict[str, Any]) -> None:
-        message = channel.Message(raw, channel=channel)
-        # Recorded as kombu records a delivery: the requeue takes it from that record.
-        channel.qos.append(message, message.delivery_tag)
-        requeue_next(message)
-        log.info("a task taken as its queue was let go is back in front of it",
-                 extra={"queue": queue})
-
-    channel.connection._callbacks[queue] = deliver
+    channel.connection._callbacks[queue] = partial(transport.back_in_front, channel)
 
 
 def hand_back(consumer: Any, consumed: Collection[str],

@@ -1,5 +1,6 @@
 """The Celery broker's Redis transport as the workers read it: kombu's, except that what no
-kombu or bridge wrote into a queue stops no worker.
+kombu or bridge wrote into a queue stops no worker, and that a task popped for a queue no
+longer consumed goes back in front of it (`_InFront`), not behind its partition's later batches.
 
 kombu's worker pops a queue's next item and, on one that is no message kombu wrote (not
 JSON, or JSON of another shape: another program's `LPUSH`, a hand edit), fails with an error
@@ -33,6 +34,7 @@ from typing import Any
 import redis
 from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
@@ -199,6 +201,50 @@ class _QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
 
 
+def requeue_next(message: Any) -> None:
+    """Put an unacknowledged task message of kombu's Redis transport back where its queue's
+    next consumer takes it first: where it came from, since a partition's queue is taken
+    oldest first.
+
+    That is the list's right end (kombu LPUSHes and BRPOPs from the right), where kombu's own
+    visibility restore puts it. kombu's reject with requeue pushes it at the left end instead
+    (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch of the
+    partition queued since, which would then be applied before it."""
+    channel = message.channel
+    # One transaction: out of kombu's unacked hash and index, RPUSHed.
+    channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
+    # record of it any more, and its next consumer may hold one under the same tag already.
+    virtual.QoS.ack(channel.qos, message.delivery_tag)
+    message._state = "REQUEUED"  # as kombu's own Message.requeue() leaves it
+
+
+def back_in_front(channel: Any, raw: dict[str, Any]) -> None:
+    """A message popped from a queue after it was let go (a BRPOP sent before, answered
+    after): back where it came from, in front, for the queue's next consumer."""
+    message = channel.Message(raw, channel=channel)
+    # Recorded as kombu records a delivery: the requeue takes it from that record.
+    channel.qos.append(message, message.delivery_tag)
+    requeue_next(message)
+    log.info("a task taken as its queue was let go is back in front of it",
+             extra={"queue": message.delivery_info.get("routing_key")})
+
+
+class _InFront:
+    """kombu's transport, but that a message popped for a queue no longer consumed here goes
+    back in front (`back_in_front`), where kombu's rejection pushes it behind the batches of
+    its partition queued since, to be applied after them: the worker stopping (Celery cancels
+    its queues, then the BRPOP in flight answers), or a queue cancelled by hand."""
+
+    channels: list[Any]
+
+    def _reject_inbound_message(self, raw_message: dict[str, Any]) -> None:
+        for channel in self.channels:
+            if channel:
+                back_in_front(channel, raw_message)
+                return
+
+
 def _wrong_type(exc: redis.ResponseError) -> bool:
     # Said alone, or after the place of the command in a pipeline ("Command # 2 (…) …").
     return "WRONGTYPE Operation against a key holding the wrong kind of value" in str(exc)
@@ -212,11 +258,11 @@ class SentinelChannel(_Checks, kombu_redis.SentinelChannel):
     QoS = _QoS
 
 
-class Transport(kombu_redis.Transport):
+class Transport(_InFront, kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_InFront, kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 

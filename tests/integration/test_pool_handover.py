@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from celery.worker import state as worker_state
 
 from eventpipe.queues import queue_name
 from launcher.embedded import start_redis
+from tasks import transport
 from tasks.pool import CeleryQueues
 from tests.support.pipeline import wait_until
 from tests.support.thread_worker import ThreadWorker
@@ -134,3 +136,29 @@ def test_retries_held_for_a_moving_queue_go_back_first_in_the_order_they_fall_du
     assert rig.unacked() == (0, 0)
     assert not worker_state.scheduled_requests and rig.ran == []
     assert rig.worker.consumer.qos.value == 1  # the prefetch the retries raised is given back
+
+
+def test_a_task_popped_for_a_queue_no_longer_consumed_goes_back_in_front() -> None:
+    """Before: a task a BRPOP took after its queue stopped being consumed otherwise than by
+    the pool's hand-over (the worker stopping: `celery control shutdown`, Flower's, SIGTERM;
+    `cancel_consumer`) went behind its queue (kombu's reject), and was applied after the
+    batches of its partition queued since (a review's finding). The workers read Redis through
+    `tasks.transport`, whose delivery to no consumer puts it back in front."""
+    server = start_redis()
+    app = Celery("front", broker=f"{server.url}/1", set_as_current=False)
+    app.conf.broker_transport = f"{transport.__name__}:Transport"
+    broker = redis.Redis.from_url(f"{server.url}/1")
+    try:
+        with app.connection_for_write() as connection:
+            for number in (1, 2):
+                app.send_task("record", args=[number], queue=QUEUE, connection=connection)
+            channel = connection.default_channel
+            popped = broker.brpop([QUEUE], timeout=5)  # what the worker's BRPOP took
+            assert popped is not None
+            channel.connection._deliver(json.loads(popped[1]), QUEUE)  # no consumer here
+        assert [json.loads(raw)["headers"]["argsrepr"]
+                for raw in reversed(broker.lrange(QUEUE, 0, -1))] == ["[1]", "[2]"]
+        assert (broker.hlen("unacked"), broker.zcard("unacked_index")) == (0, 0)
+    finally:
+        broker.close()
+        server.stop()

@@ -24,8 +24,12 @@ DEMO_EVENTS = 600
 DRAIN_TIMEOUT_S = 120.0
 
 
-def run_demo(settings: Settings, check: Callable[[], None]) -> None:
-    plan = plan_stream(DEMO_EVENTS, duplicates=0.05, out_of_order=0.05, poison=0.01, seed=2026)
+def run_demo(settings: Settings, check: Callable[[], None], reach: str = "") -> None:
+    """`reach`: what a command in another shell needs before it to reach this pipeline
+    (`Stack.exports`), as `VAR=value … `."""
+    # Events of their own at each run: a database kept from an earlier run holds the ids of
+    # its events, with payloads of another time, which would all be ids reused.
+    plan = plan_stream(DEMO_EVENTS, duplicates=0.05, out_of_order=0.05, poison=0.01)
     print(f"demo: sending {len(plan.messages)} events "
           f"({', '.join(f'{n} {k}' for k, n in sorted(plan.counts.items()))})")
     sent = publish(make_producer(settings), settings.kafka_topic, plan.messages,
@@ -42,7 +46,9 @@ def run_demo(settings: Settings, check: Callable[[], None]) -> None:
     depth = DeadLetterStream(client, settings.dlq_stream, settings.dlq_max_entries,
                              settings.dlq_max_bytes).depth()
     client.close()
-    print(f"\ndemo: {depth} poison message(s) in the dead-letter queue: `eventpipe dlq list`")
+    poison = sum(n for kind, n in plan.counts.items() if kind.startswith("poison"))
+    print(f"\ndemo: {poison} poison message(s) sent; {depth} in the dead-letter queue: "
+          f"`{reach}eventpipe dlq list`")
     print(f"demo: a user to look at: {base}/users/{user_id}\n")
 
 

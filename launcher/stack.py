@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -272,6 +273,15 @@ class Stack:
         while time.monotonic() < deadline and not self.stopping:
             time.sleep(min(0.05, seconds))
 
+    def exports(self) -> dict[str, str]:
+        """The settings of the brokers this run started, which a command run in another
+        shell (`eventpipe status`, `dlq`, `verify`, `trace`) needs to reach this pipeline
+        rather than the defaults' (another Redis may answer on 6379)."""
+        s = self.settings
+        return {name: value for name, value in (
+            ("KAFKA_BOOTSTRAP_SERVERS", s.kafka_bootstrap_servers), ("REDIS_URL", s.redis_url),
+            ("CELERY_BROKER_URL", s.celery_broker_url)) if name not in self.provided}
+
     def urls(self) -> dict[str, str]:
         s = self.settings
         api = f"http://{_in_url(s.web_host)}:{s.web_port}"
@@ -333,10 +343,14 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         print("ready:")
         for name, url in stack.urls().items():
             print(f"  {name:15s} {url}")
+        reach = "".join(f"{name}={shlex.quote(value)} " for name, value in stack.exports().items())
+        if reach:
+            print("the commands reach this pipeline from another shell with:\n"
+                  f"  export {reach.rstrip()}")
         if demo:
             from launcher.demo import run_demo
 
-            run_demo(stack.settings, stack.check_children)
+            run_demo(stack.settings, stack.check_children, reach)
         print("running; Ctrl-C stops everything")
         stack.serve_until_stopped()
         return 0

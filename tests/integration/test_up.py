@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -155,7 +156,18 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
         ready = f"http://127.0.0.1:{ports['WEB_PORT']}/ready"
         with urllib.request.urlopen(ready, timeout=5) as response:
             assert response.status == 200
-        assert "poison message(s) in the dead-letter queue" in shown
+        assert re.search(r"poison message\(s\) sent; [1-9]\d* in the dead-letter queue", shown)
+        # A review's finding: the commands the demo points at, run in another shell, read
+        # the defaults' Redis and Kafka, not the ones this run started.
+        exports = re.search(r"^  export (.+)$", shown, re.MULTILINE)
+        assert exports is not None, shown  # Kafka is the embedded one in every case
+        reach = dict(pair.split("=", 1) for pair in shlex.split(exports.group(1)))
+        assert "KAFKA_BOOTSTRAP_SERVERS" in reach
+        assert ("REDIS_URL" in reach) == (redis_kind == "embedded"), reach
+        listed = subprocess.run([str(BIN / "eventpipe"), "dlq", "list"], cwd=tmp_path,
+                                env={**env, **reach}, capture_output=True, text=True, timeout=60)
+        depth = re.search(r"-- \d+ shown, (\d+) in the queue", listed.stderr)
+        assert depth is not None and int(depth.group(1)) > 0, listed.stderr
         # The console, and a token made for the run that opens its dead-letter view.
         console = re.search(r"console\s+(\S+/console) \(DLQ token for this run: (\S+)\)",
                             shown)

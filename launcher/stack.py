@@ -333,9 +333,9 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
     stack.install_signal_handlers()
     if isinstance(sys.stdout, io.TextIOWrapper):  # its lines as they come, piped or not
         sys.stdout.reconfigure(line_buffering=True)
+    stack.check_ports()  # a port taken is one line: nothing started, nothing to stop
     print("starting the pipeline:")
     try:
-        stack.check_ports()
         stack.start_brokers()
         stack.prepare_database()
         stack.start_children()

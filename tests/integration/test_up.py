@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -58,6 +59,25 @@ def test_up_says_in_one_line_that_its_run_directory_cannot_be_made(tmp_path: Pat
     assert line.startswith(f"eventpipe: bad setting: cannot create the directory "
                            f"{tmp_path / 'var' / 'run'} for the logs of `eventpipe up`: "), line
     assert line.endswith("run it from a writable directory"), line
+
+
+def test_up_says_in_one_line_that_a_port_is_taken_and_starts_nothing(tmp_path: Path) -> None:
+    """A review's finding: the line came between `starting the pipeline:` and `stopping…`,
+    `stopped`."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({name: str(free_port()) for name in ("WEB_PORT", "FLOWER_PORT",
+                                                    "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env["FLOWER_PORT"] = str(taken.getsockname()[1])
+        done = subprocess.run([str(BIN / "eventpipe"), "up"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60,
+                              env={**env, "EVENTPIPE_ENV_FILE": "/nonexistent"})
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"eventpipe: bad setting: FLOWER_PORT={env['FLOWER_PORT']}"), line
 
 
 @pytest.mark.parametrize("redis_kind", ["embedded", "running", "half", "rabbitmq"])

@@ -63,12 +63,15 @@ class Projected:
 
 
 def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
-            payloads: Payloads | None = None, *, limit: int = 500) -> Projected:
+            payloads: Payloads | None = None, *, limit: int = 500,
+            rebuilding: bool = False) -> Projected:
     """Bring up to `limit` unprojected dead letters into the stream. Without `fetch`, only
-    those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka)."""
+    those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka).
+    `rebuilding`: every letter is being put anew (`restore`), in the stream's order."""
     report = Projected()
     with reading(engine) as conn:  # marked below only where the revision read still holds
-        pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()))
+        pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()),
+                                      rebuilding=rebuilding)
         kept = records.kept_messages(conn, [p.dlq_key for p in pending if p.state == OPEN])
     written: list[DeadLetter] = []
     # Messages SQL does not keep yet: those handed over are kept whatever the stream does
@@ -162,7 +165,8 @@ def open_keys(engine: Engine) -> list[str]:
 def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
             progress: Callable[[int], None] | None = None,
             claim: str | None = None, lease_s: int = REBUILD_LEASE_S) -> Projected:
-    """Rebuild the stream from SQL: every open dead letter put back, strays removed;
+    """Rebuild the stream from SQL: every open dead letter put back (under a new entry id),
+    oldest failure first, strays removed;
     `progress` is told how many were put back at each step. The rebuild holds `claim` in the
     marker for `lease_s` (extended as it works, so a long rebuild keeps it) and stops if it
     loses it; the stream is marked intact at the end only if the claim held (see
@@ -185,7 +189,8 @@ def restore(engine: Engine, stream: DeadLetterStream, fetch: Fetch,
                         "began")
             report.stopped = True
             return report
-        step = project(engine, stream, held.fetching(fetch), limit=REBUILD_STEP)
+        step = project(engine, stream, held.fetching(fetch), limit=REBUILD_STEP,
+                       rebuilding=True)
         if progress is not None:
             progress(step.put)
         report.put += step.put

@@ -382,12 +382,14 @@ def due(conn: Connection, now: datetime, limit: int) -> list[DeadLetter]:
 _UNPROJECTED = (dead_letters.c.in_stream == false(), dead_letters.c.state != REPLAYING)
 
 
-def unprojected(conn: Connection, limit: int,
-                keys: Collection[str] | None = None) -> list[DeadLetter]:
+def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = None, *,
+                rebuilding: bool = False) -> list[DeadLetter]:
     """Dead letters whose latest revision the stream does not show (of `keys`, if given):
     those that left the DLQ first, then those saved before (most of which the stream shows),
     then new ones. Taking an entry out needs no room and makes some; replacing one needs
-    none: a full DLQ must not keep them waiting behind new letters. A letter a replay holds
+    none: a full DLQ must not keep them waiting behind new letters. While the stream is
+    `rebuilding`, every letter is put anew, in the order they last failed, which is the
+    stream's own (oldest failure first), whatever their revision. A letter a replay holds
     is left out: its entry stays as it is until the replay ends (past Kafka's retention the
     entry has the only copy of its bytes, which the letter needs should it come back)."""
     query = select(dead_letters).where(*_UNPROJECTED)
@@ -396,10 +398,11 @@ def unprojected(conn: Connection, limit: int,
             return []
         query = query.where(dead_letters.c.dlq_key.in_(sorted(keys)[:limit]))
     # Literal ranks, not bound parameters: SQL Server is wary of parameters in ORDER BY.
+    saved_before = "2" if rebuilding else "1"
     query = query.order_by(case((dead_letters.c.state != OPEN, literal_column("0")),
-                                (dead_letters.c.revision > 1, literal_column("1")),
+                                (dead_letters.c.revision > 1, literal_column(saved_before)),
                                 else_=literal_column("2")),
-                           dead_letters.c.last_failure_at).limit(limit)
+                           dead_letters.c.last_failure_at, dead_letters.c.dlq_key).limit(limit)
     return [letter_of(row) for row in conn.execute(query)]
 
 

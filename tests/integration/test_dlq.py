@@ -199,6 +199,25 @@ def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_th
     assert stream.depth() == 3
 
 
+def test_a_rebuilt_stream_lists_the_oldest_failure_first_whatever_failed_again(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """A review's finding: `eventpipe dlq restore` put the letters that had failed again
+    before the others, so the stream, which lists in its own order, no longer showed the
+    oldest failure first."""
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+
+    def failed(offset: int, seconds: int) -> DeadLetter:
+        return replace(failure(offset, f"{{bad {offset}".encode()), first_failure_at=hour_ago,
+                       last_failure_at=hour_ago + timedelta(seconds=seconds))
+
+    record(engine, failed(0, 0), failed(1, 1), failed(2, 10))
+    [again] = record(engine, failed(0, 5))  # the first fails again, between the others
+    assert again.revision > 1
+    projection.restore(engine, stream, lambda position: RawMessage(b"k", b"{bad"))
+    assert [e.letter.position.offset for e in stream.scan()] == [1, 0, 2]
+
+
 # -- the SQL record is the truth, the stream its projection -------------------------------------
 
 

@@ -230,7 +230,7 @@ def verify(settings: Settings, engine: Engine, stream: DeadLetterStream,
         recorded = {row.event_id for row in conn.execute(select(applied_events.c.event_id))}
         letters = {row.dlq_key: row for row in conn.execute(select(
             dead_letters.c.dlq_key, dead_letters.c.state, dead_letters.c.error_class,
-            dead_letters.c.event_id, dead_letters.c.in_stream))}
+            dead_letters.c.reason, dead_letters.c.event_id, dead_letters.c.in_stream))}
     _compare_read_model(expected, model, report)
     _compare_fates(expected, recorded, letters, report)
     _compare_stream(letters, stream.keys(), stream.refusing(), report)
@@ -331,6 +331,11 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
             _differ(report, f"dead letter {key}",
                     f"{letter.error_class.value}: {letter.reason}",
                     "resolved" if key in letters else "not dead-lettered", letter.positions)
+        elif letters[key].error_class != letter.error_class.value:
+            # Its reason is said in words of the pipeline's own: the class is what must agree.
+            _differ(report, f"dead letter {key}",
+                    f"{letter.error_class.value}: {letter.reason}",
+                    f"{letters[key].error_class}: {letters[key].reason}", letter.positions)
     for key in sorted(live - set(expected.dead_letters)):
         row = letters[key]
         if row.state in (REPLAYED, PURGED):

@@ -141,6 +141,23 @@ def test_a_held_event_a_replay_or_purge_took_out_of_the_dlq_that_applied_since_i
     assert report.closed_since_cleared == 1
 
 
+def test_a_dead_letter_of_another_class_than_the_topic_says_is_a_difference(
+    engine: Engine, world: tuple[Settings, DeadLetterStream],
+) -> None:
+    """A review's finding: verify looked only at whether each expected dead letter was
+    there, so one of the wrong class (a rule between keys gone wrong) passed as clean."""
+    settings, stream = world
+    run_pipeline_by_hand(engine, settings, stream, stream_of_events())
+    key, value = stream_of_events()[2]
+    taken = event_key(parse_event(value, key).fingerprint)  # u2's email belongs to u1
+    with engine.begin() as conn:
+        conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == taken)
+                     .values(error_class="MissingParent", reason="bogus"))
+    report = verify(settings, engine, stream)
+    assert [(d.what, d.found) for d in report.differences] == [
+        (f"dead letter {taken}", "MissingParent: bogus")]
+
+
 def test_verify_names_every_difference_with_its_positions(
     engine: Engine, world: tuple[Settings, DeadLetterStream],
 ) -> None:

@@ -67,6 +67,8 @@ class PartitionProgress:
     leased: set[int] = field(default_factory=set)
     last_dispatched: int | None = None
     last_progress: float = 0.0
+    # Read again since its last event done (`reset`): what it sends again is no progress.
+    rereading: bool = False
     overtaken_since: float | None = None
     # (the head offset, when it was first seen neither leased nor queued)
     unaccounted: tuple[int, float] | None = None
@@ -239,7 +241,7 @@ class PartitionProgress:
         return expected if expected is not None and offset > expected else None
 
     def dispatched(self, offsets: list[int], now: float) -> None:
-        if not self.outstanding:
+        if not self.outstanding and not self.rereading:
             self.last_progress = now
         for offset in offsets:
             self.outstanding.append((offset, now))
@@ -254,6 +256,7 @@ class PartitionProgress:
         newly_done = done & self.pending
         if newly_done:
             self.last_progress = now
+            self.rereading = False
             self.pending -= newly_done
             self.done_ahead |= newly_done
             if unrecorded:
@@ -319,7 +322,9 @@ class PartitionProgress:
 
     def reset(self, offset: int) -> None:
         """Forget everything handed out: the partition is about to be read again from
-        `offset`."""
+        `offset`. Its stall goes on from its last event done: a partition whose events are
+        lost on the way again and again (workers that fail every batch) is no less stuck."""
+        self.rereading = bool(self.outstanding)
         self.next_read = offset
         self.read_since_set = False
         self.outstanding.clear()

@@ -384,3 +384,21 @@ def test_a_partition_is_stalled_from_its_last_event_done_while_some_are_in_fligh
     assert progress.stalled_s(150.0) == 10.0
     progress.observe({1, 2}, set(), 160.0)
     assert progress.stalled_s(500.0) is None
+
+
+def test_a_partition_read_again_and_again_stays_stalled_from_its_last_event_done() -> None:
+    """A review's finding: workers failing every batch (a pool that cannot run them) made
+    the bridge read the partition again each REDELIVERY_TIMEOUT_S, and each time it sent the
+    events again the stall started afresh, so `eventpipe status` never called it stuck."""
+    progress = PartitionProgress(0)
+    progress.dispatched([0, 1, 2], 100.0)
+    for now in (160.0, 220.0, 280.0):  # lost, read again from 0, sent again
+        progress.reset(0)
+        progress.dispatched([0, 1, 2], now)
+    assert progress.stalled_s(290.0) == 190.0
+    progress.observe({0}, set(), 300.0)
+    assert progress.stalled_s(310.0) == 10.0
+    progress.observe({1, 2}, set(), 320.0)
+    progress.reset(3)  # nothing in flight: a new start
+    progress.dispatched([3], 400.0)
+    assert progress.stalled_s(410.0) == 10.0

@@ -88,7 +88,7 @@ class Settings:
     kafka_receive_max_bytes: int = _field(
         "KAFKA_RECEIVE_MAX_BYTES", 268_435_456, "Largest answer of Kafka's a reader takes: a "
         "message larger, or a compressed record batch that decompresses to more, is not read "
-        "(at most 2147483647). At least the topic's max.message.bytes; zstd batches of highly "
+        "(60000000 to 2147483647). At least the topic's max.message.bytes; zstd batches of highly "
         "repetitive events may decompress to 100 times their size"
     )
     max_future_skew_s: float = _field(
@@ -319,7 +319,21 @@ def _convert(env: str, raw: str, convert: Callable[[str], Any]) -> Any:
         raise SettingsError(f"{env}={raw!r}: {exc}") from exc
 
 
-_CONVERTERS: dict[Any, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+def _whole(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def _number(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
+_CONVERTERS: dict[Any, Callable[[str], Any]] = {"str": str, "int": _whole, "float": _number}
 
 
 def env_vars() -> list[tuple[str, Any, str]]:

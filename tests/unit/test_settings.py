@@ -44,6 +44,9 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("env", "value", "said"), [
+    # A review's finding: Python's own words, "invalid literal for int() with base 10".
+    ("BATCH_MAX_EVENTS", "1.5", "BATCH_MAX_EVENTS='1.5': not a whole number"),
+    ("RETRY_BACKOFF_BASE_S", "soon", "RETRY_BACKOFF_BASE_S='soon': not a number"),
     ("TASK_TIME_LIMIT_S", "-1", "TASK_TIME_LIMIT_S=-1.0: must be a number, 0 or more"),
     ("TASK_TIME_LIMIT_S", "0", "TASK_TIME_LIMIT_S=0.0: must be greater than 0"),
     ("TASK_TIME_LIMIT_S", "nan", "TASK_TIME_LIMIT_S=nan: must be a number, 0 or more"),

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from sqlalchemy import Engine, select
 
 from eventpipe.dlq.letter import DeadLetter
@@ -31,7 +32,9 @@ class Trace:
     event_id: str
     applied: dict[str, Any] | None
     dead_letters: list[DeadLetter]
-    in_stream: set[str]  # DLQ keys of this event the operators' stream shows
+    # The entry id of each DLQ key of this event the operators' stream shows; None if Redis
+    # did not answer (SQL holds the story, the stream only shows it).
+    in_stream: dict[str, str] | None
     message: RawMessage | None
     unfetched: str | None = None  # why the message could not be fetched from Kafka
 
@@ -49,7 +52,11 @@ def gather(event_id: str, engine: Engine, stream: DeadLetterStream,
             select(dead_letters).where(dead_letters.c.event_id == event_id)
             .order_by(dead_letters.c.first_failure_at))]
     applied = dict(row._mapping) if row is not None else None
-    shown = {entry.letter.dlq_key for entry in stream.find_event(event_id)}
+    try:
+        shown: dict[str, str] | None = {entry.letter.dlq_key: entry.entry_id or "?"
+                                        for entry in stream.find_event(event_id)}
+    except redis.RedisError:
+        shown = None
     message, unfetched = None, None
     position = _position(applied, letters)
     if fetch is not None and position is not None:
@@ -87,7 +94,12 @@ def render(trace: Trace) -> str:
         lines.append(f"  {a['outcome']:9s} {utc_iso(a['applied_at'])}  "
                      f"({one(a['event_type'])}, by {one(a['worker'] or 'an unnamed worker')})")
     for letter in trace.dead_letters:
-        shown = "in the DLQ" if letter.dlq_key in trace.in_stream else "not in the DLQ stream"
+        if trace.in_stream is None:
+            shown = "the DLQ stream did not answer"
+        elif letter.dlq_key in trace.in_stream:
+            shown = f"in the DLQ as entry {trace.in_stream[letter.dlq_key]}"
+        else:
+            shown = "not in the DLQ stream"
         lines.append(f"  {letter.state:9s} {one(letter.error_class)}: {one(letter.reason)}")
         lines.append(f"    {one(letter.dlq_key)}; {letter.attempts} attempt(s) from "
                      f"{utc_iso(letter.first_failure_at)} to {utc_iso(letter.last_failure_at)}"

@@ -422,6 +422,26 @@ def test_a_trace_kafka_does_not_answer_for_still_tells_what_sql_holds(
         "  message:  not fetched: Kafka did not answer for events (`--no-kafka` does without)")
 
 
+def test_a_trace_names_the_dlq_entry_and_tells_what_sql_holds_with_redis_away(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """A review's finding: `eventpipe trace` said a dead letter was "in the DLQ" without its
+    entry id, which `dlq show` and `dlq replay` take; and with Redis away it failed whole
+    (exit 3), where SQL held the event's story."""
+    [saved] = record(engine, replace(failure(0, b"{bad"), event_id="e-dead"))
+    projection.project(engine, stream, None, {saved.dlq_key: RawMessage(b"k", b"{bad")})
+    [entry] = stream.scan()
+    shown = trace.render(trace.gather("e-dead", engine, stream))
+    assert f"in the DLQ as entry {entry.entry_id}" in shown, shown
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # no server listens there
+        away = DeadLetterStream(redis.Redis(port=closed.getsockname()[1],
+                                            socket_connect_timeout=1), "dlq", 10, 10**6)
+        traced = trace.gather("e-dead", engine, away)
+    assert traced.found and traced.in_stream is None
+    assert "the DLQ stream did not answer" in trace.render(traced)
+
+
 def test_bytes_read_back_by_position_are_the_dead_letters_own_or_none(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:

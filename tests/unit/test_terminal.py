@@ -25,7 +25,7 @@ def test_the_dlq_listing_and_a_trace_print_no_control_character() -> None:
     entry = dead_letter(7)
     hostile = replace(entry, letter=replace(entry.letter, event_id=HOSTILE,
                                             event_type=HOSTILE))
-    for text in (_summary(hostile), render(Trace(HOSTILE, None, [hostile.letter], set(),
+    for text in (_summary(hostile), render(Trace(HOSTILE, None, [hostile.letter], {},
                                                  None))):
         assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
         assert "esc-1\\x1b[31mRED" in text
@@ -39,8 +39,8 @@ def test_a_trace_forges_no_line_from_the_data() -> None:
     entry = dead_letter(7)
     letter = replace(entry.letter, event_id="evil\nsecond", reason="bad\n  kafka  forged",
                      worker="w\n1")
-    text = render(Trace("evil\nsecond", None, [letter], set(), None))
+    text = render(Trace("evil\nsecond", None, [letter], {}, None))
     assert text.splitlines()[0] == "event evil\\nsecond"
     assert "bad\\n  kafka  forged" in text and "on w\\n1;" in text
-    assert len(text.splitlines()) == len(render(Trace("e", None, [entry.letter], set(),
+    assert len(text.splitlines()) == len(render(Trace("e", None, [entry.letter], {},
                                                       None)).splitlines())

@@ -264,9 +264,9 @@ def left_out(engine: Engine, stream: DeadLetterStream, intact: bool) -> tuple[bo
     waiting = len(set(unshown) - stream.holding(unshown)) if unshown else 0
     if not waiting:
         return False, []
-    return False, [f"{waiting} more open dead letter(s) wait in SQL, not in the stream (it is "
-                   "full, or was rebuilt): the workers show them as room is made; run again "
-                   "once they have"]
+    return False, [f"{waiting} more open dead letter(s) wait in SQL, not in the stream yet (it "
+                   "is full, was rebuilt, or they failed again just now): the workers show "
+                   "them as they can; run again once they have"]
 
 
 def _restore(_args: argparse.Namespace, settings: Settings) -> int:

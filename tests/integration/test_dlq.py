@@ -970,8 +970,9 @@ def test_a_run_over_the_whole_stream_says_what_it_could_not_reach(
     entries = _open_entries(engine, stream, "events", 8)  # the stream holds 5
     assert len(entries) == 5
     assert left_out(engine, stream, stream.intact()) == (False, [
-        "3 more open dead letter(s) wait in SQL, not in the stream (it is full, or was "
-        "rebuilt): the workers show them as room is made; run again once they have"])
+        "3 more open dead letter(s) wait in SQL, not in the stream yet (it is full, was "
+        "rebuilt, or they failed again just now): the workers show them as they can; run "
+        "again once they have"])
     actions.purge(engine, stream, entries)
     redis_client.delete(stream.marker)  # Redis lost the stream meanwhile
     lost, said = left_out(engine, stream, True)

@@ -7,6 +7,7 @@ to the package that owns the role; nothing here holds pipeline logic.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import signal
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+# The commands that end by themselves, with a line for what went wrong.
+_ONE_SHOT = frozenset({"dlq", "migrate", "status", "trace", "verify"})
+
+
 def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -55,6 +60,10 @@ def _run(argv: Sequence[str] | None) -> int:
                      "memory, gone when the process ends: name a file (sqlite:///path/"
                      "eventpipe.db) or a server's database", errors.BAD_SETTING)
     logs.configure(args.command, settings.log_level, settings.log_format)
+    if args.command in _ONE_SHOT:
+        # What such a command meets of Kafka its last line says (`errors.explain`); the
+        # Kafka client's own lines before it (a connection refused, again) say the same.
+        logging.getLogger("librdkafka").setLevel(logging.CRITICAL)
     handler: Handler = args.handler
     try:
         status = handler(args, settings)

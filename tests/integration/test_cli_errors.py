@@ -146,6 +146,18 @@ def test_one_line_naming_what_to_fix(tmp_path: Path, args: list[str], env: dict[
     assert (tmp_path / "notdb.db").read_bytes() == b"garbage, not SQLite"
 
 
+def test_kafka_away_is_one_line_with_no_line_of_the_kafka_client_before_it(
+    tmp_path: Path, sqlite_url: str,
+) -> None:
+    """A review's finding: `verify` (as `trace`) wrote a line of librdkafka's, then its own."""
+    port = free_port()
+    done = eventpipe(tmp_path, "verify", DATABASE_URL=sqlite_url, REDIS_URL=f"{REDIS_URL}/0",
+                     KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}")
+    assert done.returncode == 3, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"eventpipe: Kafka at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}: ")
+
+
 @pytest.mark.parametrize("args", [["dlq", "list"], ["dlq", "show", "1-0"],
                                   ["dlq", "purge", "--all", "--yes"]])
 def test_a_dlq_key_another_program_holds_is_named_in_one_line(

@@ -68,9 +68,11 @@ log = logging.getLogger(__name__)
 DATABASE_WAIT_S = 2.0
 
 settings = settings_or_exit("celery")
+# Flower, a Celery command of this app too (`celery -A tasks flower`), says so in its records.
+ROLE = "flower" if "flower" in sys.argv[1:] else "worker"
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
 # logging (e.g. the warning about running as root) is formatted as every other record.
-logs.configure("worker", settings.log_level, settings.log_format)
+logs.configure(ROLE, settings.log_level, settings.log_format)
 app = make_celery(settings, main="tasks")
 # `celery -A tasks worker`, as Celery users type it, joins the worker pool (`tasks.pool`): the
 # live workers share the partition queues, each consumed by one of them, and run the solo
@@ -194,7 +196,7 @@ def _wait_for_the_database(**_: Any) -> None:
 
 @setup_logging.connect
 def _configure_logs(**_: Any) -> None:
-    logs.configure("worker", settings.log_level, settings.log_format)
+    logs.configure(ROLE, settings.log_level, settings.log_format)
 
 
 @worker_ready.connect

@@ -221,6 +221,10 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
         served = [json.loads(line) for line in
                   (tmp_path / "var" / "run" / "web.log").read_text().splitlines()]
         assert any(line.get("path") == "/ready" and line["status"] == 200 for line in served)
+        # A review's finding: Flower's records said role "worker".
+        flower = (tmp_path / "var" / "run" / "flower.log").read_text().splitlines()
+        assert {json.loads(line)["role"] for line in flower if line.startswith("{")} \
+            == {"flower"}
     finally:
         if up.poll() is None:
             up.kill()

@@ -160,22 +160,24 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _selected(args: argparse.Namespace, stream: DeadLetterStream) -> Iterable[StreamEntry] | None:
+def _selected(args: argparse.Namespace, stream: DeadLetterStream) -> Iterable[StreamEntry] | int:
+    """The entries selected, or the exit status of a selection that is none: 2 for arguments
+    that select nothing, 1 for an entry id the DLQ does not hold (as `show`)."""
     filtered = any((args.event_type, args.error_class, args.since, args.until))
     if args.entry_ids and (args.all or filtered):
         print("name entry ids, or a filter or --all, not both", file=sys.stderr)
-        return None
+        return 2
     if args.entry_ids:
         found = [stream.get(entry_id) for entry_id in args.entry_ids]
         missing = [i for i, e in zip(args.entry_ids, found, strict=True) if e is None]
         if missing:
             print(f"no dead letter {', '.join(missing)}", file=sys.stderr)
-            return None
+            return 1
         return [entry for entry in found if entry is not None]
     if not (args.all or filtered):
         print("name entry ids, a filter (--event-type, --error-class, --since, --until) "
               "or --all", file=sys.stderr)
-        return None
+        return 2
     return actions.until_now(stream, _where(args))
 
 
@@ -228,8 +230,8 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str,
     """The entries the arguments select: listed under --dry-run, else acted on."""
     stream = _stream(settings)
     entries = _selected(args, stream)
-    if entries is None:
-        return 2
+    if isinstance(entries, int):
+        return entries
     if args.dry_run:
         chosen = list(itertools.islice(entries, getattr(args, "limit", None)))
         for entry in chosen:

@@ -60,6 +60,9 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
         (["dlq", "replay", "1-0", "--all"], {}, 2, "name entry ids, or a filter or --all, "
                                                    "not both"),
         (["dlq", "purge", "1-0", "--event-type", "UserCreated"], {}, 2, "not both"),
+        # A review's finding: 2, where `dlq show` of an id not there is 1.
+        (["dlq", "purge", "1-0", "--yes"], {"DLQ_STREAM": "test:dlq:none"}, 1,
+         "no dead letter 1-0"),
         # Refused before the range is made, which would take gigabytes.
         (["worker", "--partitions", "0-1000000000"], {"KAFKA_PARTITIONS": "12"}, 2,
          "partition 1000000000 does not exist: the topic has 12"),

@@ -99,9 +99,10 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
     pool = options.get("pool") or options.get("pool_cls")
     name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
     concurrency = options.get("concurrency")
-    if name not in ("solo", "prefork"):
-        # threads, gevent, eventlet, or a pool of someone's: with no concurrency asked
-        # Celery gives them as many as there are cores.
+    if name != "solo":
+        # threads, gevent, eventlet, prefork (`-P processes`: only `prefork` itself, Celery's
+        # default, gives way to the solo pool set here), or a pool of someone's: with no
+        # concurrency asked Celery gives them as many as there are cores.
         print(f"celery -A tasks worker: the {name} pool runs batches elsewhere than on the "
               "worker's main thread, where a batch's time limit reaches them, and beyond one "
               "at a time applies a partition's batches side by side, out of order; use the "
@@ -110,17 +111,11 @@ def _keep_partitions_in_order(options: dict[str, Any], **_: Any) -> None:
         raise SystemExit(2)
     if concurrency in (None, 0, 1):
         return
-    if name == "solo":
-        # `-P prefork` (Celery's default, so Celery cannot tell it was asked) gives way to
-        # the solo pool set here; a concurrency asked with it would be shown, not had.
-        print(f"celery -A tasks worker: the solo pool runs one batch at a time, so a "
-              f"concurrency of {concurrency} would be shown, not had; for more, run more "
-              "processes: eventpipe worker --processes N", file=sys.stderr)
-    else:
-        print(f"celery -A tasks worker: the {name} pool with concurrency {concurrency} would "
-              "apply a partition's batches in parallel and out of order; use the solo pool "
-              "(the default here) and more processes: eventpipe worker --processes N",
-              file=sys.stderr)
+    # `-P prefork` (Celery's default, so Celery cannot tell it was asked) gives way to the
+    # solo pool set here; a concurrency asked with it would be shown, not had.
+    print(f"celery -A tasks worker: the solo pool runs one batch at a time, so a concurrency "
+          f"of {concurrency} would be shown, not had; for more, run more processes: "
+          "eventpipe worker --processes N", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -408,7 +403,7 @@ def _batch(partition: Any, messages: Any) -> list[TaskMessage]:
 
 @task_revoked.connect
 def _revoked(request: Any = None, **_: Any) -> None:
-    """A batch of this pipeline revoked before it ran: its offsets are let go at once."""
+    """A batch of this pipeline revoked before it ran: its offsets are let go."""
     args = getattr(request, "args", None)
     if getattr(request, "task", None) != APPLY_TASK or not isinstance(args, list | tuple) \
             or len(args) != 3 or args[0] != settings.kafka_topic \
@@ -418,11 +413,7 @@ def _revoked(request: Any = None, **_: Any) -> None:
         decoded = _batch(args[1], args[2])
     except ValueError:
         return  # no bridge's batch: nothing of it was leased
-    try:
-        processor().revoked(args[0], args[1], decoded, request.get(TOPIC_ID_HEADER) or "")
-    except redis.RedisError as exc:  # the lease lapses by itself then, a time limit later
-        log.warning("a revoked batch's lease not ended: %s", exc,
-                    extra={"topic": args[0], "partition": args[1]})
+    processor().revoked(args[0], args[1], decoded, request.get(TOPIC_ID_HEADER) or "")
 
 
 @app.task(name=APPLY_TASK, bind=True, max_retries=None)

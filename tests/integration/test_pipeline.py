@@ -174,10 +174,13 @@ def test_a_bare_celery_worker_serves_every_partition_in_order(make_pipeline: Any
     pipeline: Pipeline = make_pipeline()
     # A review's finding: with no concurrency asked, Celery gave the threads pool one thread
     # a core, side by side on one partition.
-    refused = pipeline.start_celery_worker("--pool", "threads", name="threads")
-    assert refused.wait(timeout=60) == 2
-    said = (pipeline.log_dir / f"{pipeline.name}-threads.log").read_text().strip().splitlines()
-    assert said[-1].startswith("celery -A tasks worker: the thread pool runs batches elsewhere")
+    # And `-P processes`, Celery's other name of prefork, was a prefork pool of as many.
+    for pool, name in (("threads", "thread"), ("processes", "prefork")):
+        refused = pipeline.start_celery_worker("--pool", pool, name=pool)
+        assert refused.wait(timeout=60) == 2
+        said = (pipeline.log_dir / f"{pipeline.name}-{pool}.log").read_text().splitlines()
+        assert said[-1].startswith(f"celery -A tasks worker: the {name} pool runs batches "
+                                   "elsewhere"), said
     # A review's finding: `-P prefork -c 4` ran the solo pool, its banner saying 4.
     refused = pipeline.start_celery_worker("--pool", "prefork", "--concurrency", "4",
                                            name="prefork")
@@ -725,7 +728,7 @@ def test_a_pool_workers_queue_cancelled_by_hand_is_consumed_again(make_pipeline:
     sent += pipeline.send(messages[100:])
     drained(pipeline, sent, timeout_s=60)
     assert stored_state(pipeline.engine) == expected_state([doc for _, doc in messages])
-    assert "queue events.p0 of a partition the pool gives this worker was cancelled" in \
+    assert "the partition queues this worker consumes were changed by hand" in \
         pipeline.log_dir.joinpath(f"{pipeline.name}-celery.log").read_text()
     assert worker.poll() is None
 

@@ -308,13 +308,6 @@ class OffsetLedger:
         if members:
             self._lease(keys=[self._key(_LEASE_RANGES, topic, partition)], args=[ttl_s, *members])
 
-    def release(self, topic: str, partition: int, offsets: Iterable[int]) -> None:
-        """End the lease `lease` gave `offsets` (the same offsets) now: no renewal makes it
-        again, and the bridge reads what is not done again."""
-        members = ranges(offsets)
-        if members:
-            self.client.zrem(self._key(_LEASE_RANGES, topic, partition), *members)
-
     def extend(self, topic: str, partition: int, offsets: Iterable[int], ttl_s: float) -> None:
         """Make the lease `lease` gave `offsets` (the same offsets) last at least `ttl_s`
         seconds of Redis time: one that lasts longer already is kept, and one that is gone

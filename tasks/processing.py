@@ -189,13 +189,13 @@ class Processor:
     def revoked(self, topic: str, partition: int, messages: list[TaskMessage],
                 topic_id: str) -> None:
         """A batch Celery dropped unapplied (`celery control revoke`, Flower's revoke): a
-        retry of it, which keeps its task's id, is dropped too. Its lease ends now, where it
-        would otherwise be renewed for the retry's wait and time limit: the bridge reads the
-        messages again from Kafka, as any lost batch."""
-        ledger_topic = filed_under(topic, topic_id)
+        retry of it, which keeps its task's id, is dropped too. Its lease is renewed no more,
+        where it would otherwise be for the retry's wait and time limit: it lapses within
+        REDELIVERY_TIMEOUT_S past the wait, and the bridge reads the messages again from
+        Kafka, as any lost batch. (Ended at once, it could be the lease of another copy of
+        the same offsets, which a redelivery queued, running elsewhere.)"""
         offsets = [m.offset for m in messages]
-        self.keeper.drop(ledger_topic, partition, offsets)
-        self.ledger.release(ledger_topic, partition, offsets)
+        self.keeper.drop(filed_under(topic, topic_id), partition, offsets)
         log.warning("batch revoked, not applied: its events are read again from Kafka",
                     extra={"topic": topic, "partition": partition, "events": len(messages),
                            "offsetFirst": offsets[0], "offsetLast": offsets[-1]})

@@ -128,35 +128,36 @@ class CeleryQueues:
 
     def answers(self) -> threading.Event:
         """Set once Celery's thread runs again: a batch may hold it, nothing else should.
-        There, first, a queue this process should consume and Celery stopped consuming
-        unasked (Celery's `cancel_consumer` control command, Flower's button) is consumed
-        again: the pool gives its partition to this process, so no other would ever take it."""
+        There, first, the partition queues Celery consumes are made the pool's again if they
+        were changed by hand (Celery's `cancel_consumer` and `add_consumer` control commands,
+        Flower's buttons): a queue cancelled would wait for good, since the pool gives its
+        partition to this process and no other takes it; a queue added would have two
+        consumers, applying its partition's batches side by side."""
         answered = threading.Event()
 
         def run() -> None:
             try:
-                self._consume_cancelled()
+                self._undo_changes_by_hand()
             finally:
                 answered.set()
 
         self.consumer.call_soon(run)
         return answered
 
-    def _consume_cancelled(self) -> None:
+    def _undo_changes_by_hand(self) -> None:
         with self._lock:
-            if self._changing:  # `want` is making Celery's queues what it should
+            if self._changing:  # `want` is making Celery's queues what they should be
                 return
             wanted = set(self._wanted)
-        for name in sorted(wanted - self._consuming()):
-            log.warning("queue %s of a partition the pool gives this worker was cancelled "
-                        "(celery control cancel_consumer?): consumed again; to move partitions "
-                        "away from a worker, stop it and the pool gives them to the others",
-                        name, extra={"queue": name})
-            try:
-                self.consumer.add_task_queue(name)
-            except Exception as exc:  # the broker is away: at the next watch
-                log.warning("queue %s not consumed again yet: %s", name, exc)
-                return
+        consuming = self._consuming()
+        if consuming == wanted:
+            return
+        log.warning("the partition queues this worker consumes were changed by hand (celery "
+                    "control add_consumer or cancel_consumer?): made the pool's again; to "
+                    "move partitions between workers, stop one and the pool hands them over",
+                    extra={"added": sorted(consuming - wanted),
+                           "cancelled": sorted(wanted - consuming)})
+        self._sync(_Outcome())  # a failure is said there, and the next watch tries again
 
     def _wanted_now(self) -> set[str]:
         with self._lock:

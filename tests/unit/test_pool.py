@@ -90,6 +90,22 @@ def test_late_changes_end_on_the_latest_wish_whatever_their_order() -> None:
     assert celery.consumed == ["events.p7"]
 
 
+def test_queues_changed_by_hand_are_made_the_pools_again_at_the_next_watch() -> None:
+    """A review's finding: a queue cancelled by hand (`celery control cancel_consumer`) on the
+    process the pool gives its partition to waited for good; one added by hand
+    (`add_consumer`) had two consumers."""
+    celery = CeleryThread()
+    queues = CeleryQueues(celery, timeout_s=5)
+    assert queues.want(["events.p1", "events.p4"])
+    def by_hand() -> None:
+        celery.cancel_task_queue("events.p1")
+        celery.add_task_queue("events.p9")
+
+    celery.call_soon(by_hand)
+    assert queues.answers().wait(5)
+    assert celery.consumed == ["events.p1", "events.p4"]
+
+
 def test_a_member_fetches_its_empty_topic_with_a_long_wait_whatever_the_bridges() -> None:
     member = PoolMember(Settings(kafka_fetch_wait_max_ms=5), CeleryQueues(Stuck(), 1), "w:1",
                         on_stuck=lambda _reason: None)

@@ -67,8 +67,9 @@ class PartitionProgress:
     leased: set[int] = field(default_factory=set)
     last_dispatched: int | None = None
     last_progress: float = 0.0
-    # Read again since its last event done (`reset`): what it sends again is no progress.
-    rereading: bool = False
+    # Read again since its last event done (`reset`): sending again the offsets below this
+    # one, in flight when it was, is no progress.
+    resend_below: int | None = None
     overtaken_since: float | None = None
     # (the head offset, when it was first seen neither leased nor queued)
     unaccounted: tuple[int, float] | None = None
@@ -241,7 +242,8 @@ class PartitionProgress:
         return expected if expected is not None and offset > expected else None
 
     def dispatched(self, offsets: list[int], now: float) -> None:
-        if not self.outstanding and not self.rereading:
+        if not self.outstanding and not (offsets and self.resend_below is not None
+                                         and offsets[0] < self.resend_below):
             self.last_progress = now
         for offset in offsets:
             self.outstanding.append((offset, now))
@@ -256,7 +258,7 @@ class PartitionProgress:
         newly_done = done & self.pending
         if newly_done:
             self.last_progress = now
-            self.rereading = False
+            self.resend_below = None
             self.pending -= newly_done
             self.done_ahead |= newly_done
             if unrecorded:
@@ -322,9 +324,11 @@ class PartitionProgress:
 
     def reset(self, offset: int) -> None:
         """Forget everything handed out: the partition is about to be read again from
-        `offset`. Its stall goes on from its last event done: a partition whose events are
-        lost on the way again and again (workers that fail every batch) is no less stuck."""
-        self.rereading = bool(self.outstanding)
+        `offset`. Its stall goes on from its last event done while it sends again what was
+        in flight: a partition whose events are lost on the way again and again (workers that
+        fail every batch) is no less stuck."""
+        if self.outstanding:
+            self.resend_below = max(self.resend_below or 0, self.outstanding[-1][0] + 1)
         self.next_read = offset
         self.read_since_set = False
         self.outstanding.clear()

@@ -402,3 +402,7 @@ def test_a_partition_read_again_and_again_stays_stalled_from_its_last_event_done
     progress.reset(3)  # nothing in flight: a new start
     progress.dispatched([3], 400.0)
     assert progress.stalled_s(410.0) == 10.0
+    # Read again from offsets Kafka's retention took since: what comes next is new work.
+    progress.reset(3)
+    progress.dispatched([9], 3770.0)
+    assert progress.stalled_s(3771.0) == 1.0

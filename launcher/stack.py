@@ -48,6 +48,7 @@ from eventpipe.migrations import SchemaAhead, create_database_if_missing, upgrad
 from eventpipe.ports import ensure_free
 from eventpipe.queues import drop_unacked, queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
+from eventpipe.sqlite_file import path_of
 from eventpipe.verify import holds_events
 from launcher.children import die_with_parent, terminate
 from launcher.embedded import (
@@ -278,9 +279,14 @@ class Stack:
         shell (`eventpipe status`, `dlq`, `verify`, `trace`) needs to reach this pipeline
         rather than the defaults' (another Redis may answer on 6379)."""
         s = self.settings
-        return {name: value for name, value in (
+        exports = {name: value for name, value in (
             ("KAFKA_BOOTSTRAP_SERVERS", s.kafka_bootstrap_servers), ("REDIS_URL", s.redis_url),
             ("CELERY_BROKER_URL", s.celery_broker_url)) if name not in self.provided}
+        sqlite = path_of(s.database_url)
+        if "DATABASE_URL" not in self.provided and sqlite is not None:
+            # The embedded file, named whatever the other shell's working directory.
+            exports["DATABASE_URL"] = f"sqlite:///{sqlite.resolve()}"
+        return exports
 
     def urls(self) -> dict[str, str]:
         s = self.settings

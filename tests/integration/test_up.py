@@ -184,10 +184,13 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
         reach = dict(pair.split("=", 1) for pair in shlex.split(exports.group(1)))
         assert "KAFKA_BOOTSTRAP_SERVERS" in reach
         assert ("REDIS_URL" in reach) == (redis_kind == "embedded"), reach
-        listed = subprocess.run([str(BIN / "eventpipe"), "dlq", "list"], cwd=tmp_path,
+        elsewhere = tmp_path / "elsewhere"  # the embedded database found from anywhere
+        elsewhere.mkdir()
+        listed = subprocess.run([str(BIN / "eventpipe"), "dlq", "list"], cwd=elsewhere,
                                 env={**env, **reach}, capture_output=True, text=True, timeout=60)
         depth = re.search(r"-- \d+ shown, (\d+) in the queue", listed.stderr)
         assert depth is not None and int(depth.group(1)) > 0, listed.stderr
+        assert "not compared" not in listed.stderr, listed.stderr  # it found the database
         # The console, and a token made for the run that opens its dead-letter view.
         console = re.search(r"console\s+(\S+/console) \(DLQ token for this run: (\S+)\)",
                             shown)

@@ -82,6 +82,15 @@ def stream_of_events() -> list[tuple[bytes, bytes]]:
     return [(key.encode(), encode(doc)) for key, doc in messages] + [(b"junk", b"{not json")]
 
 
+def edit_email_taken(engine: Engine, **values: str) -> str:
+    """Edit in SQL the dead letter of u2, whose email belongs to u1 (`EmailTaken`); its key."""
+    key, value = stream_of_events()[2]
+    taken = event_key(parse_event(value, key).fingerprint)
+    with engine.begin() as conn:
+        conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == taken).values(**values))
+    return taken
+
+
 def test_verify_is_clean_when_the_database_holds_what_the_topic_says(
     engine: Engine, world: tuple[Settings, DeadLetterStream],
 ) -> None:
@@ -125,11 +134,7 @@ def test_a_held_event_a_replay_or_purge_took_out_of_the_dlq_that_applied_since_i
     ever, though the read model is right. The letter keeps its history; verify counts it."""
     settings, stream = world
     run_pipeline_by_hand(engine, settings, stream, stream_of_events())
-    key, value = stream_of_events()[2]
-    taken = event_key(parse_event(value, key).fingerprint)  # u2's email belongs to u1
-    with engine.begin() as conn:
-        conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == taken)
-                     .values(state="purged"))
+    taken = edit_email_taken(engine, state="purged")
     stream.remove(taken)
     moved = user_created("u1", email="elsewhere@example.com", occurred_at=at(9), event_id="e-u1b")
     run_pipeline_by_hand(engine, settings, stream, [(moved[0].encode(), encode(moved[1]))])
@@ -148,18 +153,12 @@ def test_a_dead_letter_of_another_class_than_the_topic_says_is_a_difference(
     there, so one of the wrong class (a rule between keys gone wrong) passed as clean."""
     settings, stream = world
     run_pipeline_by_hand(engine, settings, stream, stream_of_events())
-    key, value = stream_of_events()[2]
-    taken = event_key(parse_event(value, key).fingerprint)  # u2's email belongs to u1
-    with engine.begin() as conn:
-        conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == taken)
-                     .values(error_class="MissingParent", reason="bogus"))
+    taken = edit_email_taken(engine, error_class="MissingParent", reason="bogus")
     report = verify(settings, engine, stream)
     assert [(d.what, d.found) for d in report.differences] == [
         (f"dead letter {taken}", "MissingParent: bogus")]
     # One an operator took out keeps the class it had then (the review of the check).
-    with engine.begin() as conn:
-        conn.execute(update(dead_letters).where(dead_letters.c.dlq_key == taken)
-                     .values(state="purged"))
+    edit_email_taken(engine, state="purged")
     stream.remove(taken)
     assert verify(settings, engine, stream).clean
 

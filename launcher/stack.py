@@ -32,6 +32,7 @@ from types import FrameType
 from typing import Any
 
 import redis
+from sqlalchemy.engine import make_url
 
 from eventpipe import redis_clients
 from eventpipe.broker_queues import Unanswered, is_amqp, purge_amqp
@@ -284,8 +285,10 @@ class Stack:
             ("CELERY_BROKER_URL", s.celery_broker_url)) if name not in self.provided}
         sqlite = path_of(s.database_url)
         if "DATABASE_URL" not in self.provided and sqlite is not None:
-            # The embedded file, named whatever the other shell's working directory.
-            exports["DATABASE_URL"] = f"sqlite:///{sqlite.resolve()}"
+            # The embedded file, named whatever the other shell's working directory (escaped
+            # as a URL: a `?` or `%` in a directory's name).
+            exports["DATABASE_URL"] = make_url(s.database_url).set(
+                database=str(sqlite.resolve())).render_as_string(hide_password=False)
         return exports
 
     def urls(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ import pytest
 
 from eventpipe.ports import ensure_free
 from eventpipe.settings import Settings, SettingsError
+from eventpipe.sqlite_file import path_of
 from launcher import stack
 from launcher.embedded import free_port
 
@@ -57,6 +58,20 @@ def test_up_names_two_of_its_port_settings_that_are_equal(tmp_path: Path) -> Non
     with pytest.raises(SettingsError, match=rf"^WEB_PORT={shared} and BRIDGE_METRICS_PORT="
                                             rf"{shared}: .*give each its own port$"):
         stack.Stack(settings, frozenset(), tmp_path).check_ports()
+
+
+@pytest.mark.parametrize("directory", ["plain", "a%20b", "q?x"])
+def test_ups_export_line_names_its_database_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, directory: str,
+) -> None:
+    """The embedded SQLite file, by its absolute path escaped as a URL (a review's finding:
+    a `?` or `%` in a directory's name named another file)."""
+    (tmp_path / directory).mkdir()
+    monkeypatch.chdir(tmp_path / directory)
+    exported = stack.Stack(Settings(), frozenset(), tmp_path).exports()
+    assert path_of(exported["DATABASE_URL"]) == tmp_path / directory / "var" / "eventpipe.db"
+    given = stack.Stack(Settings(), frozenset({"DATABASE_URL", "REDIS_URL"}), tmp_path)
+    assert sorted(given.exports()) == ["CELERY_BROKER_URL", "KAFKA_BOOTSTRAP_SERVERS"]
 
 
 @contextmanager

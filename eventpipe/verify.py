@@ -41,7 +41,7 @@ from eventpipe.canonical import (
     TopicMessage,
     fold,
 )
-from eventpipe.dlq.letter import OPEN, PURGED, REPLAYED, RESOLVED, WAITING
+from eventpipe.dlq.letter import OPEN, PURGED, REPLAYED, REPLAYING, RESOLVED, WAITING
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.events import position_fingerprint
 from eventpipe.kafka import (
@@ -331,7 +331,7 @@ def _compare_fates(expected: Expected, recorded: set[str], letters: Mapping[str,
             _differ(report, f"dead letter {key}",
                     f"{letter.error_class.value}: {letter.reason}",
                     "resolved" if key in letters else "not dead-lettered", letter.positions)
-        elif letters[key].state in (OPEN, WAITING) \
+        elif letters[key].state in (OPEN, WAITING, REPLAYING) \
                 and letters[key].error_class != letter.error_class.value:
             # Its reason is said in words of the pipeline's own: the class is what must agree.
             # A letter an operator took out (replayed, purged) keeps the class it had then.

@@ -20,8 +20,8 @@ Failure modes, and why they are safe:
   partition may have two consumers.
 - A retry scheduled with a countdown, which Celery holds in memory until due, is handed back
   to its queue when the queue is cancelled (`hand_back`), for the new consumer; so is a
-  message that a BRPOP sent before the cancel still takes from the queue
-  (`requeue_late_pops`). Both go back in front, where they came from (kombu's reject would
+  message that a BRPOP sent before the cancel still takes from the queue (the workers'
+  transport, `tasks.transport`). Both go back in front, where they came from (kombu's reject would
   push them behind the batches queued since), and the revocation returns once they are back:
   an orderly hand-over keeps the partition's order.
 - A process whose Celery thread stops answering (a batch past `TASK_TIME_LIMIT_S` plus a
@@ -54,7 +54,6 @@ from eventpipe.broker_queues import Unanswered, depth_reader
 from eventpipe.kafka import consumer_config, ensure_topic
 from eventpipe.queues import partition_of, queue_name
 from eventpipe.settings import Settings
-from tasks import transport
 from tasks.transport import requeue_next
 
 log = logging.getLogger(__name__)
@@ -168,16 +167,13 @@ class CeleryQueues:
                 if partition_of(queue.name) is not None}
 
     def _cancel_unwanted(self) -> None:
-        channel = getattr(self.consumer.task_consumer, "channel", None)
         for name in sorted(self._consuming() - self._wanted_now()):
             self.consumer.cancel_task_queue(name)
-            if isinstance(channel, RedisChannel):
-                requeue_late_pops(channel, name)
 
     def _after_earlier_brpop(self, then: Callable[[], None], until: float | None = None) -> None:
         """Run `then` on Celery's thread once the BRPOP that was waiting when queues were
         cancelled is answered: it may still take a message from one of them (which goes back
-        in front, `requeue_late_pops`), and held retries must go back in front of that one.
+        in front, `tasks.transport`), and held retries must go back in front of that one.
         Celery's loop runs these callbacks before it sends a new BRPOP, so one pending here is
         the earlier one; a callback queued from the loop waits for its next turn. Redis answers
         within the BRPOP's timeout; past it and a margin, go on (a paused BRPOP is read only
@@ -228,16 +224,6 @@ def requeue_request(request: Any) -> None:
     requeue_next(request.message)
     request.acknowledged = True  # no longer this process's to acknowledge
     request.send_event("task-rejected", requeue=True)
-
-
-def requeue_late_pops(channel: Any, queue: str) -> None:
-    """Messages that a BRPOP sent before `queue` was cancelled still takes from it go back in
-    front. Without a consumer kombu would push them behind the queue
-    (`Transport._deliver` → `_reject_inbound_message` → `QoS.reject`), as it does still
-    where the worker does not read Redis through `tasks.transport`; this is the transport's
-    per-queue delivery callback, which consuming the queue again replaces."""
-
-    channel.connection._callbacks[queue] = partial(transport.back_in_front, channel)
 
 
 def hand_back(consumer: Any, consumed: Collection[str],

@@ -2,8 +2,8 @@
 steps of its event loop: hold the loop as a long batch would, look at its consumer.
 
 It runs the project's Celery settings (`eventpipe.queues.make_celery`: late acks, prefetch 1),
-the solo pool and kombu's Redis transport, against the Redis server the test gives it; only its
-tasks are the test's. A worker process would do the same; only a thread lets a test stand
+the solo pool and the workers' Redis transport (`tasks.transport`), against the Redis server
+the test gives it; only its tasks are the test's. A worker process would do the same; only a thread lets a test stand
 between Redis answering a BRPOP and the worker reading that answer.
 """
 
@@ -20,6 +20,7 @@ from celery.worker import state as worker_state
 
 from eventpipe.queues import make_celery
 from eventpipe.settings import Settings
+from tasks import transport
 
 READY_S = 30.0
 
@@ -28,6 +29,7 @@ class ThreadWorker:
     def __init__(self, broker_url: str, queues: list[str],
                  brpop_timeout_s: float | None = None) -> None:
         self.app: Celery = make_celery(Settings(celery_broker_url=broker_url), main="thread")
+        self.app.conf.broker_transport = f"{transport.__name__}:Transport"  # as a worker reads
         if brpop_timeout_s is not None:
             # kombu's Redis transport takes `polling_interval` as BRPOP's timeout.
             self.app.conf.broker_transport_options = {

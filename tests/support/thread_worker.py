@@ -3,8 +3,8 @@ steps of its event loop: hold the loop as a long batch would, look at its consum
 
 It runs the project's Celery settings (`eventpipe.queues.make_celery`: late acks, prefetch 1),
 the solo pool and the workers' Redis transport (`tasks.transport`), against the Redis server
-the test gives it; only its tasks are the test's. A worker process would do the same; only a thread lets a test stand
-between Redis answering a BRPOP and the worker reading that answer.
+the test gives it; only its tasks are the test's. A worker process would do the same; only a
+thread lets a test stand between Redis answering a BRPOP and the worker reading that answer.
 """
 
 from __future__ import annotations

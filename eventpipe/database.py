@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -19,7 +21,17 @@ from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
+log = logging.getLogger(__name__)
+
 WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
+# Execution options of the statements PostgreSQL may plan once per connection (`_prepared`):
+# those whose plan cannot depend on how large the tables are, as they read no table but
+# through a unique key's conflict check (writes from arrays, `INSERT … SELECT * FROM
+# unnest(…) ON CONFLICT …`). Planned at each execution, they cost PostgreSQL a quarter of
+# its CPU for a batch of a few events. The rest are planned each time (`make_engine`).
+PREPARED = {"prepared": True}
+# psycopg prepares a statement after this many executions, or when asked: only when asked.
+_ONLY_WHEN_ASKED = 2**62
 # libpq's own defaults leave a connection to a server that answers nothing (packets dropped, no
 # reset) waiting for as long as the kernel's TCP retries last, a quarter of an hour and more:
 # here it fails within about a minute, an error `eventpipe.errors` calls transient. A query
@@ -103,8 +115,9 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         options["connect_args"] = {"options": server,
                                    # Planned for the tables as they are at each execution:
                                    # a prepared statement's generic plan, made while a table
-                                   # was small, kept scanning it whole as it grew.
-                                   "prepare_threshold": None,
+                                   # was small, kept scanning it whole as it grew. Only the
+                                   # statements marked `PREPARED` are prepared.
+                                   "prepare_threshold": _ONLY_WHEN_ASKED,
                                    **{name: value for name, value in
                                       (_PG_BRIEF if brief else _PG_NETWORK).items()
                                       if name not in url.query}}
@@ -115,10 +128,32 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     event.listen(engine, "handle_error", _standby_means_new_connections)
     if backend == "sqlite":
         _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
+    elif backend == "postgresql":
+        event.listen(engine, "do_execute", _prepared)
     elif backend == "mssql":
         _configure_mssql(engine, statement_s=round(statement_ms / 1000),
                          lock_ms=lock_ms or -1)
     return engine
+
+
+def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """Execute a statement marked `PREPARED` as a prepared one (psycopg): parsed and planned
+    once per connection rather than at every execution."""
+    if not context.execution_options.get("prepared"):
+        return False
+    try:
+        cursor.execute(statement, parameters, prepare=True)
+    except psycopg.errors.InvalidSqlStatementName:
+        # The server does not hold what this connection prepared: a pooler between gave the
+        # statement to another server connection (PgBouncer in transaction mode, before 1.21
+        # or with max_prepared_statements = 0). This connection prepares nothing more, and
+        # the error is transient (`eventpipe.errors`): the work is retried.
+        cursor.connection.prepare_threshold = None
+        log.warning("PostgreSQL lost a prepared statement of this connection (a connection "
+                    "pooler in transaction mode that does not keep them?); its statements "
+                    "are no longer prepared")
+        raise
+    return True
 
 
 def _standby_means_new_connections(context: ExceptionContext) -> None:

@@ -85,6 +85,8 @@ _TRANSIENT_SQLSTATES = _READ_ONLY_SQLSTATES | frozenset({
     "40P01",  # PostgreSQL: deadlock detected
     "55P03",  # PostgreSQL: lock not available (lock_timeout)
     "55006",  # object in use
+    # PostgreSQL: a prepared statement the server lost (a pooler between; `eventpipe.database`)
+    "26000",
 })
 # SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
 _TRANSIENT_MSSQL_ERRORS = _READ_ONLY_MSSQL_ERRORS | frozenset({

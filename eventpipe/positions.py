@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import Executable
 
-from eventpipe.database import reading
+from eventpipe.database import PREPARED, reading
 from eventpipe.keysets import chunked
 from eventpipe.spans import Span, merged, spans, uncovered
 from eventpipe.sqltypes import UtcDateTime
@@ -178,7 +178,7 @@ def record_done(conn: Connection, done: Done) -> None:
             for first, last in spans(done.offsets)]
     if rows:
         conn.exec_driver_sql(_recording(conn.dialect.paramstyle),
-                             rows[0] if len(rows) == 1 else rows)
+                             rows[0] if len(rows) == 1 else rows, execution_options=PREPARED)
 
 
 @cache

@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateTable
 
+from eventpipe.database import PREPARED
 from eventpipe.keysets import in_keys, rows_in
 from eventpipe.pg_arrays import pg_array_text
 from eventpipe.sqltypes import Money, UtcDateTime, code_point_tsql
@@ -280,7 +281,7 @@ def _pg_arrays(table: Table, rows: Rows) -> list[Any]:
 
 def _pg_write(conn: Connection, table: Table, rows: Rows, conflict: str) -> None:
     conn.exec_driver_sql(pg_unnest_insert(table, conflict, returning=False),
-                         tuple(_pg_arrays(table, rows)))
+                         tuple(_pg_arrays(table, rows)), execution_options=PREPARED)
 
 
 # -- SQLite -----------------------------------------------------------------------------------
@@ -403,7 +404,8 @@ def _pg_write_entities(conn: Connection, chosen: Mapping[Table, list[dict[str, A
     written: dict[str, set[str]] = {table.name: set() for table in chosen}
     arrays = [array for table, ordered in chosen.items() for array in _pg_arrays(table, ordered)]
     for table_name, key in conn.exec_driver_sql(pg_write_entities(tuple(chosen)),
-                                                (*arrays, queued_at)).all():
+                                                (*arrays, queued_at),
+                                                execution_options=PREPARED).all():
         written[table_name].add(key)
     order_ids = written.get(orders.name, set())
     if order_ids:

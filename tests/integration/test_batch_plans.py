@@ -10,7 +10,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, Engine, text
 
 from eventpipe.apply import apply_batch, apply_in
 from eventpipe.database import make_engine
@@ -55,36 +55,77 @@ def test_a_batch_reaches_the_rows_of_its_keys_by_index(analysed: bool) -> None:
         engine = make_engine(Settings(database_url=url))
         try:
             if not analysed:  # however long the run, no statistics come in the middle of it
-                with engine.begin() as conn:
-                    for table in GROWING:
-                        conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = off)"))
-            for start in range(0, EARLIER, BATCH):
-                apply_batch(engine, received(*earlier[start:start + BATCH]))
+                _without_statistics(engine)
+            _apply(engine, earlier)
             if analysed:
                 with engine.connect() as conn:
                     conn.execute(text("COMMIT"))
                     conn.execute(text("ANALYZE"))
+            _observe(engine, story, earlier)
         finally:
             engine.dispose()
-        # A connection of its own: a backend's counts of earlier transactions may be unsent.
-        engine = make_engine(Settings(database_url=url))
+
+
+def test_statements_prepared_while_the_tables_were_empty_still_reach_rows_by_index() -> None:
+    """The writes PostgreSQL plans once per connection (`eventpipe.database.PREPARED`),
+    planned here while the tables were empty, on the one connection every batch takes: the
+    batch that comes after thousands of events still reaches each row through its key."""
+    with postgres_database() as url:
+        migrate(url, "head")
+        story = Story(seed=11)
+        early = [story.next() for _ in range(40)]
+        earlier = [story.next() for _ in range(EARLIER)]
+        engine = make_engine(Settings(database_url=url, database_pool_size=1,
+                                      database_max_overflow=0))
         try:
-            rewritten, stale = newer_orders(earlier, 40), older_users(earlier, 50)
-            fresh = [story.next() for _ in range(BATCH - 40 - 50 - 50)]
-            batch = received(*fresh, *rewritten, *stale, *earlier[::EARLIER // 50])
-            with engine.begin() as conn:
-                fates = apply_in(conn, batch, [], worker="test", applied_at=datetime.now(UTC)
-                                 ).fates
-                scans: dict[str, int] = dict(conn.execute(text(
-                    "SELECT relname, seq_scan FROM pg_stat_xact_user_tables")).all())
-                lines = conn.execute(text(
-                    "SELECT count(*) FROM order_items WHERE order_id = ANY(:ids)"),
-                    {"ids": [key for key, _ in rewritten]}).scalar_one()
-                outcomes = conn.execute(text(
-                    "SELECT outcome FROM applied_events WHERE event_id = ANY(:ids)"),
-                    {"ids": [doc["eventId"] for _, doc in stale]}).scalars().all()
+            _without_statistics(engine)
+            for start in range(0, len(early), 2):  # more than the 5 custom plans of each
+                apply_batch(engine, received(*early[start:start + 2]))
+            _apply(engine, earlier)
+            assert _observe(engine, story, [*early, *earlier]) > 0
         finally:
             engine.dispose()
+
+
+def _without_statistics(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for table in GROWING:
+            conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = off)"))
+
+
+def _apply(engine: Engine, events: list[tuple[str, Document]]) -> None:
+    for start in range(0, len(events), BATCH):
+        apply_batch(engine, received(*events[start:start + BATCH]))
+
+
+def _observe(engine: Engine, story: Story, earlier: list[tuple[str, Document]]) -> int:
+    """A batch of new events, new versions, stale ones and duplicates of `earlier`: each of
+    its keys' rows reached through an index, none of the growing tables read whole. The
+    statements its connection holds prepared with a generic plan."""
+    rewritten, stale = newer_orders(earlier, 40), older_users(earlier, 50)
+    fresh = [story.next() for _ in range(BATCH - 40 - 50 - 50)]
+    batch = received(*fresh, *rewritten, *stale, *earlier[::len(earlier) // 50][:50])
+    with engine.begin() as conn:
+        # The counts of the backend's earlier transactions may be unsent, and show here too.
+        before = _table_scans(conn)
+        fates = apply_in(conn, batch, [], worker="test", applied_at=datetime.now(UTC)).fates
+        scans = {table: count - before.get(table, 0)
+                 for table, count in _table_scans(conn).items()}
+        lines = conn.execute(text(
+            "SELECT count(*) FROM order_items WHERE order_id = ANY(:ids)"),
+            {"ids": [key for key, _ in rewritten]}).scalar_one()
+        outcomes = conn.execute(text(
+            "SELECT outcome FROM applied_events WHERE event_id = ANY(:ids)"),
+            {"ids": [doc["eventId"] for _, doc in stale]}).scalars().all()
+        generic = conn.execute(text(
+            "SELECT count(*) FROM pg_prepared_statements WHERE generic_plans > 0")).scalar_one()
     assert fates.count(Fate.DUPLICATE) == 50 and fates.count(Fate.STALE) == 50
     assert lines == 40 and outcomes == [Fate.STALE.value] * 50
     assert {table: scans[table] for table in GROWING if scans[table]} == {}
+    return int(generic)
+
+
+def _table_scans(conn: Connection) -> dict[str, int]:
+    """Sequential scans of each table this transaction made."""
+    return dict(conn.execute(text("SELECT relname, seq_scan FROM pg_stat_xact_user_tables"))
+                .tuples().all())

@@ -13,15 +13,18 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 
+from eventpipe.apply import apply_batch
 from eventpipe.database import WAL_PAGES, make_engine
 from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
+from eventpipe.samples import Story
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, users
 from tests.support.databases import postgres_database
+from tests.support.factories import received
 from tests.support.pipeline import wait_until
 from tests.support.services import migrate
 
@@ -185,7 +188,8 @@ def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str
 def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url: str) -> None:
     """psycopg prepares a statement run five times, and PostgreSQL may then keep a generic
     plan made while a table was small: key lookups of a fast-growing table (`= ANY(keys)`)
-    stayed sequential scans, each slower than the last. No statement is kept prepared."""
+    stayed sequential scans, each slower than the last. No lookup is kept prepared (the writes
+    that read no table are: `eventpipe.database.PREPARED`)."""
     engine = make_engine(Settings(database_url=postgresql_url))
     try:
         with engine.connect() as conn:
@@ -305,3 +309,39 @@ def test_writes_refused_by_a_standby_are_retried_on_new_connections(postgresql_u
             conn.execute(write)
     finally:
         engine.dispose()
+
+
+def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A pooler between the pipeline and PostgreSQL that does not keep prepared statements
+    (PgBouncer in transaction mode before 1.21) hands a statement prepared on one server
+    connection to another, which does not know it. The batch fails as the world's failure
+    and is retried; the connection prepares nothing more, so the retry is applied. (Here the
+    server forgets the connection's statements behind psycopg's back.)"""
+    story = Story(seed=5)
+    with postgres_database() as url:
+        migrate(url, "head")
+        engine = make_engine(Settings(database_url=url, database_pool_size=1,
+                                      database_max_overflow=0))
+        try:
+            apply_batch(engine, received(*(story.next() for _ in range(20))))
+            with engine.begin() as conn:
+                assert conn.execute(text("SELECT count(*) FROM pg_prepared_statements")
+                                    ).scalar_one() > 0
+                conn.execute(text("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
+            batch = received(*(story.next() for _ in range(20)))
+            with pytest.raises(Exception) as caught:
+                apply_batch(engine, batch)
+            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+            apply_batch(engine, batch)
+            with engine.begin() as conn:
+                prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements")
+                                        ).scalar_one()
+                recorded = conn.execute(select(func.count()).select_from(applied_events)
+                                        ).scalar_one()
+        finally:
+            engine.dispose()
+    assert (prepared, recorded) == (0, 40)
+    assert [record.message for record in caplog.records if "prepared" in record.message] == [
+        "PostgreSQL lost a prepared statement of this connection (a connection pooler in "
+        "transaction mode that does not keep them?); its statements are no longer prepared"]

@@ -115,6 +115,9 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
         # few times, then the events were dead-lettered.)
         (wrapped(sqlalchemy.exc.InternalError,
                  postgres(psycopg.errors.ReadOnlySqlTransaction)), FailureKind.TRANSIENT),
+        # A prepared statement the server lost: a pooler between (`eventpipe.database`).
+        (wrapped(sqlalchemy.exc.ProgrammingError,
+                 postgres(psycopg.errors.InvalidSqlStatementName)), FailureKind.TRANSIENT),
         *((wrapped(sqlalchemy.exc.ProgrammingError, mssql("42000", text, number)),
            FailureKind.TRANSIENT) for number, text in (
             (3906, 'Failed to update database "events" because the database is read-only.'),

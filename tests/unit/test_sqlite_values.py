@@ -16,7 +16,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import sqlite
 
 from eventpipe.tables import applied_events, inventory, order_items, orders, payments, users
-from eventpipe.upserts import _SQLITE_CONVERT, sqlite_insert, sqlite_values
+from eventpipe.upserts import _SQLITE_CONVERT, sqlite_insert, sqlite_page, sqlite_values
 
 DIALECT = sqlite.dialect()
 
@@ -102,3 +102,15 @@ def test_rows_sharing_values_are_each_stored_as_alone(picks: list[tuple[Decimal,
             for n, (total, which) in enumerate(picks)]
     alone = [value for row in rows for value in as_sqlalchemy_stores(orders, row)]
     assert typed(sqlite_values(orders, rows)) == typed(tuple(alone))
+
+
+@given(st.integers(min_value=1, max_value=5000), st.integers(min_value=1, max_value=1000))
+def test_a_batch_s_rows_go_in_pages_of_a_few_sizes(rows: int, largest: int) -> None:
+    """Every row once, in order, no page larger than a statement takes, and each page of at
+    most 16 rows or a power of two: a table's statements have a few texts, which SQLite
+    compiles once per connection."""
+    pages: list[int] = []
+    while (left := rows - sum(pages)) > 0:
+        pages.append(sqlite_page(left, largest))
+    assert sum(pages) == rows
+    assert all(1 <= page <= largest and (page <= 16 or page & (page - 1) == 0) for page in pages)

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
-import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from eventpipe import sqlite_turns
-from eventpipe.errors import read_only
+from eventpipe.errors import read_only, sqlstate
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
@@ -143,15 +142,17 @@ def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> boo
         return False
     try:
         cursor.execute(statement, parameters, prepare=True)
-    except psycopg.errors.InvalidSqlStatementName:
-        # The server does not hold what this connection prepared: a pooler between gave the
-        # statement to another server connection (PgBouncer in transaction mode, before 1.21
-        # or with max_prepared_statements = 0). This connection prepares nothing more, and
-        # the error is transient (`eventpipe.errors`): the work is retried.
-        cursor.connection.prepare_threshold = None
-        log.warning("PostgreSQL lost a prepared statement of this connection (a connection "
-                    "pooler in transaction mode that does not keep them?); its statements "
-                    "are no longer prepared")
+    except Exception as exc:
+        if sqlstate(exc) == "26000":  # invalid_sql_statement_name
+            # The server does not hold what this connection prepared: a pooler between gave
+            # the statement to another server connection (PgBouncer in transaction mode,
+            # before 1.21 or with max_prepared_statements = 0). This connection prepares
+            # nothing more, and the error is transient (`eventpipe.errors`): the work is
+            # retried.
+            cursor.connection.prepare_threshold = None
+            log.warning("PostgreSQL lost a prepared statement of this connection (a "
+                        "connection pooler in transaction mode that does not keep them?); its "
+                        "statements are no longer prepared")
         raise
     return True
 

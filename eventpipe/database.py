@@ -15,7 +15,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from eventpipe import sqlite_turns
-from eventpipe.errors import read_only, sqlstate
+from eventpipe.errors import lost_prepared_statement, read_only, sqlstate
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
@@ -23,14 +23,17 @@ from eventpipe.sqlite_turns import TakesTurns, begin_writing
 log = logging.getLogger(__name__)
 
 WAL_PAGES = 8_000  # SQLite's `wal_autocheckpoint` (see `_configure_sqlite`)
-# Execution options of the statements PostgreSQL may plan once per connection (`_prepared`):
-# those whose plan cannot depend on how large the tables are, as they read no table but
-# through a unique key's conflict check (writes from arrays, `INSERT … SELECT * FROM
-# unnest(…) ON CONFLICT …`). Planned at each execution, they cost PostgreSQL a quarter of
-# its CPU for a batch of a few events. The rest are planned each time (`make_engine`).
+# Execution options of the statements PostgreSQL may plan once per connection (`_prepared`,
+# unless DATABASE_PREPARED_STATEMENTS=off): those whose plan cannot depend on how large the
+# tables are, as they read no table but through a unique key's conflict check (writes from
+# arrays, `INSERT … SELECT * FROM unnest(…) ON CONFLICT …`). Planned at each execution, they
+# cost PostgreSQL a quarter of its CPU for a batch of a few events. The rest are planned each
+# time (`make_engine`).
 PREPARED = {"prepared": True}
-# psycopg prepares a statement after this many executions, or when asked: only when asked.
+# psycopg's threshold while such a statement runs: it prepares a statement after this many
+# executions, or when asked. Only when asked.
 _ONLY_WHEN_ASKED = 2**62
+_GAVE_UP = "eventpipe.prepared_statements_lost"  # set in a connection's `info`
 # libpq's own defaults leave a connection to a server that answers nothing (packets dropped, no
 # reset) waiting for as long as the kernel's TCP retries last, a quarter of an hour and more:
 # here it fails within about a minute, an error `eventpipe.errors` calls transient. A query
@@ -114,9 +117,10 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         options["connect_args"] = {"options": server,
                                    # Planned for the tables as they are at each execution:
                                    # a prepared statement's generic plan, made while a table
-                                   # was small, kept scanning it whole as it grew. Only the
-                                   # statements marked `PREPARED` are prepared.
-                                   "prepare_threshold": _ONLY_WHEN_ASKED,
+                                   # was small, kept scanning it whole as it grew. Only those
+                                   # marked `PREPARED` are prepared (`_prepared`); with any
+                                   # other threshold an `executemany` prepares what it runs.
+                                   "prepare_threshold": None,
                                    **{name: value for name, value in
                                       (_PG_BRIEF if brief else _PG_NETWORK).items()
                                       if name not in url.query}}
@@ -127,7 +131,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     event.listen(engine, "handle_error", _standby_means_new_connections)
     if backend == "sqlite":
         _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
-    elif backend == "postgresql":
+    elif backend == "postgresql" and settings.database_prepared_statements == "on":
         event.listen(engine, "do_execute", _prepared)
     elif backend == "mssql":
         _configure_mssql(engine, statement_s=round(statement_ms / 1000),
@@ -140,20 +144,28 @@ def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> boo
     once per connection rather than at every execution."""
     if not context.execution_options.get("prepared"):
         return False
+    info = context.root_connection.info  # the DBAPI connection's, cleared when it is closed
+    if info.get(_GAVE_UP):
+        return False
+    driver = cursor.connection
+    driver.prepare_threshold = _ONLY_WHEN_ASKED
     try:
         cursor.execute(statement, parameters, prepare=True)
     except Exception as exc:
-        if sqlstate(exc) == "26000":  # invalid_sql_statement_name
-            # The server does not hold what this connection prepared: a pooler between gave
-            # the statement to another server connection (PgBouncer in transaction mode,
-            # before 1.21 or with max_prepared_statements = 0). This connection prepares
-            # nothing more, and the error is transient (`eventpipe.errors`): the work is
+        if lost_prepared_statement(exc):
+            # A pooler between hands this client's statements to server connections that
+            # do not know them, or know another client's by that name. This connection
+            # prepares nothing more; the error is transient (`eventpipe.errors`): the work is
             # retried.
-            cursor.connection.prepare_threshold = None
-            log.warning("PostgreSQL lost a prepared statement of this connection (a "
-                        "connection pooler in transaction mode that does not keep them?); its "
-                        "statements are no longer prepared")
+            info[_GAVE_UP] = True
+            log.warning("PostgreSQL could not run a prepared statement of this connection "
+                        "(%s): a connection pooler in transaction mode that does not keep "
+                        "them? This connection prepares no more statements; set "
+                        "DATABASE_PREPARED_STATEMENTS=off behind such a pooler",
+                        sqlstate(exc))
         raise
+    finally:
+        driver.prepare_threshold = None
     return True
 
 

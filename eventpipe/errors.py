@@ -85,9 +85,12 @@ _TRANSIENT_SQLSTATES = _READ_ONLY_SQLSTATES | frozenset({
     "40P01",  # PostgreSQL: deadlock detected
     "55P03",  # PostgreSQL: lock not available (lock_timeout)
     "55006",  # object in use
-    # PostgreSQL: a prepared statement the server lost (a pooler between; `eventpipe.database`)
-    "26000",
 })
+# PostgreSQL: what a pooler in transaction mode that does not keep each client's prepared
+# statements makes of them (`eventpipe.database`): one the server connection does not have
+# (26000), one another client prepared under the same name (42P05), or that one bound to this
+# client's parameters (08P01, transient by its class).
+_LOST_PREPARED_SQLSTATES = frozenset({"26000", "42P05"})
 # SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
 _TRANSIENT_MSSQL_ERRORS = _READ_ONLY_MSSQL_ERRORS | frozenset({
     -2,  # client-side timeout
@@ -161,6 +164,8 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
     if orig is None:
         return None
     state = sqlstate(orig)
+    if lost_prepared_statement(orig) or _plan_out_of_step(orig):
+        return FailureKind.TRANSIENT
     if state is not None and (state in _TRANSIENT_SQLSTATES
                               or state[:2] in _TRANSIENT_SQLSTATE_CLASSES
                               or state[:3] in _TRANSIENT_SQLSTATE_CLASSES):
@@ -172,6 +177,20 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
     if state is not None and state.startswith("23"):
         return FailureKind.CONSTRAINT
     return None
+
+
+def lost_prepared_statement(orig: BaseException) -> bool:
+    """Whether PostgreSQL could not run a statement this connection prepared as prepared."""
+    state = sqlstate(orig)
+    return state in _LOST_PREPARED_SQLSTATES \
+        or (state == "08P01" and "prepared statement" in str(orig))
+
+
+def _plan_out_of_step(orig: BaseException) -> bool:
+    """A prepared statement whose result a migration changed meanwhile: the retry, on a
+    connection that dropped its prepared statements as the transaction rolled back, plans it
+    again."""
+    return sqlstate(orig) == "0A000" and "cached plan must not change result type" in str(orig)
 
 
 # "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).

@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("auto", "json", "text")
+SWITCH = ("on", "off")
 DATABASES = ("postgresql", "mssql", "sqlite")  # SQLAlchemy's backend names
 SUPPORTED_URLS = "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -63,6 +64,12 @@ class Settings:
     database_lock_timeout_s: float = _field(
         "DATABASE_LOCK_TIMEOUT_S", 20.0,
         "Longest wait for a row or table lock before the work is retried (0: no limit)",
+    )
+    database_prepared_statements: str = _field(
+        "DATABASE_PREPARED_STATEMENTS", "on",
+        "PostgreSQL: the batches' writes as prepared statements, planned once per connection "
+        "(on, off). Off behind a pooler in transaction mode that does not keep them (PgBouncer "
+        "before 1.22, or without max_prepared_statements)",
     )
     # Kafka
     kafka_bootstrap_servers: str = _field(
@@ -194,6 +201,10 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"LOG_FORMAT={self.log_format!r}: use one of "
                                 f"{', '.join(LOG_FORMATS)}")
+        prepared = self.database_prepared_statements
+        if prepared not in SWITCH:
+            raise SettingsError(f"DATABASE_PREPARED_STATEMENTS={prepared!r}: use one of "
+                                f"{', '.join(SWITCH)}")
         try:
             url = make_url(self.database_url)
         except (ArgumentError, ValueError):  # ValueError: a port that is no number

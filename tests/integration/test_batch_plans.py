@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 
 from eventpipe.apply import apply_batch, apply_in
 from eventpipe.database import make_engine
 from eventpipe.effects import Fate
 from eventpipe.events import EventType
-from eventpipe.samples import Document, Story, order_placed, user_created
+from eventpipe.samples import (
+    Document,
+    Story,
+    inventory_adjusted,
+    order_placed,
+    payment_settled,
+    user_created,
+)
 from eventpipe.settings import Settings
 from tests.support.databases import postgres_database
 from tests.support.factories import received
@@ -68,23 +76,37 @@ def test_a_batch_reaches_the_rows_of_its_keys_by_index(analysed: bool) -> None:
 
 def test_statements_prepared_while_the_tables_were_empty_still_reach_rows_by_index() -> None:
     """The writes PostgreSQL plans once per connection (`eventpipe.database.PREPARED`),
-    planned here while the tables were empty, on the one connection every batch takes: the
-    batch that comes after thousands of events still reaches each row through its key."""
+    planned here on the empty tables, on the one connection every batch takes, each with
+    the one plan it keeps (`force_generic_plan`): the batch that comes after thousands of
+    events, through those very plans, still reaches each row through its key."""
     with postgres_database() as url:
         migrate(url, "head")
         story = Story(seed=11)
-        early = [story.next() for _ in range(40)]
         earlier = [story.next() for _ in range(EARLIER)]
         engine = make_engine(Settings(database_url=url, database_pool_size=1,
                                       database_max_overflow=0))
+
+        @event.listens_for(engine, "connect")
+        def _one_plan_each(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET plan_cache_mode = force_generic_plan")
+            dbapi_connection.commit()
+
         try:
             _without_statistics(engine)
-            for start in range(0, len(early), 2):  # more than the 5 custom plans of each
-                apply_batch(engine, received(*early[start:start + 2]))
+            for number in range(3):  # every table a batch writes, in one batch
+                user, order, payment = (f"early-{kind}-{number}" for kind in "uop")
+                apply_batch(engine, received(
+                    user_created(user), order_placed(order, user),
+                    payment_settled(payment, order, "10.00"),
+                    inventory_adjusted(f"SKU-EARLY-{number}", 3)))
+            with engine.begin() as conn:
+                planned_early = _prepared(conn)
             _apply(engine, earlier)
-            assert _observe(engine, story, [*early, *earlier]) > 0
+            used = _observe(engine, story, earlier)
         finally:
             engine.dispose()
+    assert used and used.items() <= planned_early.items()
 
 
 def _without_statistics(engine: Engine) -> None:
@@ -98,10 +120,12 @@ def _apply(engine: Engine, events: list[tuple[str, Document]]) -> None:
         apply_batch(engine, received(*events[start:start + BATCH]))
 
 
-def _observe(engine: Engine, story: Story, earlier: list[tuple[str, Document]]) -> int:
+def _observe(engine: Engine, story: Story, earlier: list[tuple[str, Document]]
+             ) -> dict[str, datetime]:
     """A batch of new events, new versions, stale ones and duplicates of `earlier`: each of
     its keys' rows reached through an index, none of the growing tables read whole. The
-    statements its connection holds prepared with a generic plan."""
+    statements its connection holds prepared and ran with their generic plan, and when each
+    was prepared."""
     rewritten, stale = newer_orders(earlier, 40), older_users(earlier, 50)
     fresh = [story.next() for _ in range(BATCH - 40 - 50 - 50)]
     batch = received(*fresh, *rewritten, *stale, *earlier[::len(earlier) // 50][:50])
@@ -117,12 +141,17 @@ def _observe(engine: Engine, story: Story, earlier: list[tuple[str, Document]]) 
         outcomes = conn.execute(text(
             "SELECT outcome FROM applied_events WHERE event_id = ANY(:ids)"),
             {"ids": [doc["eventId"] for _, doc in stale]}).scalars().all()
-        generic = conn.execute(text(
-            "SELECT count(*) FROM pg_prepared_statements WHERE generic_plans > 0")).scalar_one()
+        generic = _prepared(conn, "generic_plans > 0")
     assert fates.count(Fate.DUPLICATE) == 50 and fates.count(Fate.STALE) == 50
     assert lines == 40 and outcomes == [Fate.STALE.value] * 50
     assert {table: scans[table] for table in GROWING if scans[table]} == {}
-    return int(generic)
+    return generic
+
+
+def _prepared(conn: Connection, where: str = "true") -> dict[str, datetime]:
+    """The statements the connection holds prepared, and when each was."""
+    return dict(conn.execute(text(f"SELECT statement, prepare_time FROM pg_prepared_statements "
+                                  f"WHERE {where}")).tuples().all())
 
 
 def _table_scans(conn: Connection) -> dict[str, int]:

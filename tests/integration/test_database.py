@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 
 from eventpipe.apply import apply_batch
 from eventpipe.database import WAL_PAGES, make_engine
+from eventpipe.effects import Fate
 from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.samples import Story
@@ -186,16 +187,18 @@ def test_a_sqlite_writer_that_dies_in_its_turn_holds_up_no_other(sqlite_url: str
 
 
 def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url: str) -> None:
-    """psycopg prepares a statement run five times, and PostgreSQL may then keep a generic
-    plan made while a table was small: key lookups of a fast-growing table (`= ANY(keys)`)
-    stayed sequential scans, each slower than the last. No lookup is kept prepared (the writes
-    that read no table are: `eventpipe.database.PREPARED`)."""
+    """psycopg prepares a statement run five times, and an `executemany`'s at once, and
+    PostgreSQL may then keep a generic plan made while a table was small: key lookups of a
+    fast-growing table (`= ANY(keys)`) stayed sequential scans, each slower than the last.
+    Neither is kept prepared (only the writes that read no table are:
+    `eventpipe.database.PREPARED`)."""
     engine = make_engine(Settings(database_url=postgresql_url))
     try:
         with engine.connect() as conn:
             for _ in range(10):
                 conn.execute(select(applied_events.c.event_id).where(
                     *in_keys(conn, applied_events.c.event_id, ["a", "b"]))).all()
+            conn.exec_driver_sql("SELECT %s::text WHERE false", [("a",), ("b",)])
             prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements"))
             assert prepared.scalar_one() == 0
     finally:
@@ -314,10 +317,11 @@ def test_writes_refused_by_a_standby_are_retried_on_new_connections(postgresql_u
 def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more(
         caplog: pytest.LogCaptureFixture) -> None:
     """A pooler between the pipeline and PostgreSQL that does not keep prepared statements
-    (PgBouncer in transaction mode before 1.21) hands a statement prepared on one server
+    (PgBouncer in transaction mode before 1.22) hands a statement prepared on one server
     connection to another, which does not know it. The batch fails as the world's failure
-    and is retried; the connection prepares nothing more, so the retry is applied. (Here the
-    server forgets the connection's statements behind psycopg's back.)"""
+    and is retried; the connection prepares nothing more, so the retry is applied, and the
+    warning names the setting that turns them off. (Here the server forgets the connection's
+    statements behind psycopg's back.)"""
     story = Story(seed=5)
     with postgres_database() as url:
         migrate(url, "head")
@@ -326,22 +330,76 @@ def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more
         try:
             apply_batch(engine, received(*(story.next() for _ in range(20))))
             with engine.begin() as conn:
-                assert conn.execute(text("SELECT count(*) FROM pg_prepared_statements")
-                                    ).scalar_one() > 0
+                assert _prepared_statements(conn) > 0
                 conn.execute(text("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
             batch = received(*(story.next() for _ in range(20)))
             with pytest.raises(Exception) as caught:
                 apply_batch(engine, batch)
             assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
             apply_batch(engine, batch)
+            apply_batch(engine, received(*(story.next() for _ in range(20))))
             with engine.begin() as conn:
-                prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements")
-                                        ).scalar_one()
+                prepared = _prepared_statements(conn)
                 recorded = conn.execute(select(func.count()).select_from(applied_events)
                                         ).scalar_one()
         finally:
             engine.dispose()
-    assert (prepared, recorded) == (0, 40)
+    assert (prepared, recorded) == (0, 60)
     assert [record.message for record in caplog.records if "prepared" in record.message] == [
-        "PostgreSQL lost a prepared statement of this connection (a connection pooler in "
-        "transaction mode that does not keep them?); its statements are no longer prepared"]
+        "PostgreSQL could not run a prepared statement of this connection (26000): a "
+        "connection pooler in transaction mode that does not keep them? This connection "
+        "prepares no more statements; set DATABASE_PREPARED_STATEMENTS=off behind such a "
+        "pooler"]
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_prepared_statements_can_be_turned_off(setting: str) -> None:
+    """DATABASE_PREPARED_STATEMENTS=off (behind a pooler that does not keep them): nothing is
+    prepared."""
+    story = Story(seed=6)
+    with postgres_database() as url:
+        migrate(url, "head")
+        engine = make_engine(Settings(database_url=url, database_pool_size=1,
+                                      database_max_overflow=0,
+                                      database_prepared_statements=setting))
+        try:
+            apply_batch(engine, received(*(story.next() for _ in range(20))))
+            with engine.begin() as conn:
+                prepared = _prepared_statements(conn)
+        finally:
+            engine.dispose()
+    assert (prepared > 0) == (setting == "on")
+
+
+def _prepared_statements(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one())
+
+
+def test_a_migration_that_changes_what_a_prepared_write_returns_costs_one_retry() -> None:
+    """A migration run while workers apply batches may change the type of a column a
+    prepared write returns (the entity's key): PostgreSQL refuses the statement as prepared
+    ("cached plan must not change result type"). That is the world's failure, not the
+    events': the retry, on a connection that dropped its prepared statements as the
+    transaction rolled back, prepares it again. (Before: an unforeseen error, so the batch's
+    events were retried alone and could be dead-lettered.)"""
+    story = Story(seed=7)
+    with postgres_database() as url:
+        migrate(url, "head")
+        engine = make_engine(Settings(database_url=url, database_pool_size=1,
+                                      database_max_overflow=0))
+        try:
+            apply_batch(engine, received(*(story.next() for _ in range(20))))
+            migration = create_engine(url)  # another process's connection
+            try:
+                with migration.begin() as conn:
+                    conn.execute(text("ALTER TABLE users ALTER COLUMN user_id TYPE varchar(300)"))
+            finally:
+                migration.dispose()
+            batch = received(*(story.next() for _ in range(40)))
+            with pytest.raises(Exception) as caught:
+                apply_batch(engine, batch)
+            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+            assert "cached plan must not change result type" in str(caught.value)
+            assert Fate.APPLIED in apply_batch(engine, batch).fates
+        finally:
+            engine.dispose()

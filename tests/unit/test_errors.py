@@ -115,9 +115,18 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
         # few times, then the events were dead-lettered.)
         (wrapped(sqlalchemy.exc.InternalError,
                  postgres(psycopg.errors.ReadOnlySqlTransaction)), FailureKind.TRANSIENT),
-        # A prepared statement the server lost: a pooler between (`eventpipe.database`).
+        # A prepared statement a pooler between lost or mixed up (`eventpipe.database`).
         (wrapped(sqlalchemy.exc.ProgrammingError,
                  postgres(psycopg.errors.InvalidSqlStatementName)), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.ProgrammingError,
+                 postgres(psycopg.errors.DuplicatePreparedStatement)), FailureKind.TRANSIENT),
+        # A migration changed what a prepared statement returns: planned again on the retry.
+        (wrapped(sqlalchemy.exc.NotSupportedError, postgres(
+            psycopg.errors.FeatureNotSupported, "cached plan must not change result type")),
+         FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.NotSupportedError, postgres(
+            psycopg.errors.FeatureNotSupported, "cannot use SELECT FOR UPDATE with UNION")),
+         FailureKind.UNKNOWN),
         *((wrapped(sqlalchemy.exc.ProgrammingError, mssql("42000", text, number)),
            FailureKind.TRANSIENT) for number, text in (
             (3906, 'Failed to update database "events" because the database is read-only.'),

@@ -218,6 +218,15 @@ def test_the_largest_answer_readers_take_is_within_the_kafka_clients_bounds() ->
             Settings.from_env({"KAFKA_RECEIVE_MAX_BYTES": bad})
 
 
+def test_prepared_statements_are_on_or_off() -> None:
+    assert Settings.from_env({}).database_prepared_statements == "on"
+    assert Settings.from_env({"DATABASE_PREPARED_STATEMENTS": "off"}
+                             ).database_prepared_statements == "off"
+    with pytest.raises(SettingsError, match=r"^DATABASE_PREPARED_STATEMENTS='no': use one of "
+                                            r"on, off$"):
+        Settings.from_env({"DATABASE_PREPARED_STATEMENTS": "no"})
+
+
 def test_a_blank_variable_is_not_provided() -> None:
     assert provided({"KAFKA_BOOTSTRAP_SERVERS": " ", "DATABASE_URL": "\t"}) == frozenset()
 

@@ -503,10 +503,14 @@ def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
     """SQLite and SQL Server: the items of the orders written, deleted then inserted."""
     if not order_ids:
         return
-    ordered = sorted(order_ids)
     chosen = _items_of(order_ids, rows)
-    for start in range(0, len(ordered), 500):
-        conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
+    if conn.dialect.name == "sqlite":  # one text whatever the count (`keysets`): kept compiled
+        for where in in_keys(conn, order_items.c.order_id, order_ids):
+            conn.execute(delete(order_items).where(where))
+    else:
+        ordered = sorted(order_ids)
+        for start in range(0, len(ordered), 500):
+            conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
     if chosen and conn.dialect.name == "sqlite":
         _sqlite_write(conn, order_items, chosen)
     elif chosen:

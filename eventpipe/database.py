@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -15,7 +16,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from eventpipe import sqlite_turns
-from eventpipe.errors import lost_prepared_statement, read_only, sqlstate
+from eventpipe.errors import prepared_statement_failed, read_only, sqlstate
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
@@ -88,7 +89,10 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         lock_ms = min(lock_ms or BRIEF_S * 1000, BRIEF_S * 1000)
     if backend == "sqlite":
         options["connect_args"] = {"timeout": lock_ms / 1000 if lock_ms else 3600.0,
-                                   "check_same_thread": False}
+                                   "check_same_thread": False,
+                                   # Compiled statements kept: a batch's writes use some
+                                   # 120 texts (`upserts.sqlite_page`), the rest room.
+                                   "cached_statements": 256}
         if in_a_file(url.database):
             path = Path(str(url.database))
             if not create:
@@ -132,11 +136,24 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     if backend == "sqlite":
         _configure_sqlite(engine, writer=writer, busy_ms=lock_ms or 3_600_000, synced=synced)
     elif backend == "postgresql" and settings.database_prepared_statements == "on":
+        event.listen(engine, "connect", _names_of_its_own)
         event.listen(engine, "do_execute", _prepared)
     elif backend == "mssql":
         _configure_mssql(engine, statement_s=round(statement_ms / 1000),
                          lock_ms=lock_ms or -1)
     return engine
+
+
+def _names_of_its_own(dbapi_connection: Any, _record: Any) -> None:
+    """Give the connection's prepared statements names no other connection uses. psycopg
+    names them `_pg3_0`, `_pg3_1` … on every connection: behind a pooler in transaction mode
+    that does not keep each client's statements apart, a server connection holding another
+    client's `_pg3_0` ran it in place of this one's, or refused this one's as a duplicate. By
+    names of its own, a connection's statement is the one it prepared or none (26000, and
+    `_prepared` gives up). psycopg never names two statements of a connection alike."""
+    manager: Any = getattr(dbapi_connection, "_prepared", None)  # psycopg's own (3.1 to 3.3)
+    if isinstance(getattr(manager, "_prepared_idx", None), int):
+        manager._prepared_idx = secrets.randbits(60)
 
 
 def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -152,17 +169,16 @@ def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> boo
     try:
         cursor.execute(statement, parameters, prepare=True)
     except Exception as exc:
-        if lost_prepared_statement(exc):
-            # A pooler between hands this client's statements to server connections that
-            # do not know them, or know another client's by that name. This connection
-            # prepares nothing more; the error is transient (`eventpipe.errors`): the work is
-            # retried.
+        if prepared_statement_failed(exc):
+            # A pooler between that does not keep this connection's statements, or a
+            # migration that changed what one returns (which a pooler keeping them would
+            # go on answering from its own). The error is transient (`eventpipe.errors`):
+            # the work is retried, on a connection that prepares nothing more.
             info[_GAVE_UP] = True
             log.warning("PostgreSQL could not run a prepared statement of this connection "
-                        "(%s): a connection pooler in transaction mode that does not keep "
-                        "them? This connection prepares no more statements; set "
-                        "DATABASE_PREPARED_STATEMENTS=off behind such a pooler",
-                        sqlstate(exc))
+                        "(SQLSTATE %s: a migration changed what it returns, or a connection "
+                        "pooler in transaction mode does not keep prepared statements); this "
+                        "connection prepares no more statements", sqlstate(exc))
         raise
     finally:
         driver.prepare_threshold = None

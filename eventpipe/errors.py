@@ -86,11 +86,14 @@ _TRANSIENT_SQLSTATES = _READ_ONLY_SQLSTATES | frozenset({
     "55P03",  # PostgreSQL: lock not available (lock_timeout)
     "55006",  # object in use
 })
-# PostgreSQL: what a pooler in transaction mode that does not keep each client's prepared
-# statements makes of them (`eventpipe.database`): one the server connection does not have
-# (26000), one another client prepared under the same name (42P05), or that one bound to this
-# client's parameters (08P01, transient by its class).
-_LOST_PREPARED_SQLSTATES = frozenset({"26000", "42P05"})
+# PostgreSQL could not run a statement a connection prepared (`eventpipe.database`): the
+# server connection does not have it (26000) or has another by its name (42P05), as a pooler
+# in transaction mode that does not keep them gives; or has one whose parameters or result
+# no longer fit (08P01 at the Bind, 0A000 as it checks the plan: a migration meanwhile). Told
+# by where the server raised it, not by its message, which may be in another language.
+_PREPARED_FAILED = frozenset({("26000", None), ("42P05", None),
+                              ("08P01", "exec_bind_message"),
+                              ("0A000", "RevalidateCachedQuery")})
 # SQL Server's native error numbers, for drivers that report a generic SQLSTATE (HY000).
 _TRANSIENT_MSSQL_ERRORS = _READ_ONLY_MSSQL_ERRORS | frozenset({
     -2,  # client-side timeout
@@ -164,7 +167,7 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
     if orig is None:
         return None
     state = sqlstate(orig)
-    if lost_prepared_statement(orig) or _plan_out_of_step(orig):
+    if prepared_statement_failed(orig):
         return FailureKind.TRANSIENT
     if state is not None and (state in _TRANSIENT_SQLSTATES
                               or state[:2] in _TRANSIENT_SQLSTATE_CLASSES
@@ -179,18 +182,12 @@ def _by_codes(orig: BaseException | None) -> FailureKind | None:
     return None
 
 
-def lost_prepared_statement(orig: BaseException) -> bool:
-    """Whether PostgreSQL could not run a statement this connection prepared as prepared."""
+def prepared_statement_failed(orig: BaseException) -> bool:
+    """Whether PostgreSQL could not run a statement this connection prepared, as prepared:
+    the world's failure, whatever the statement's values."""
     state = sqlstate(orig)
-    return state in _LOST_PREPARED_SQLSTATES \
-        or (state == "08P01" and "prepared statement" in str(orig))
-
-
-def _plan_out_of_step(orig: BaseException) -> bool:
-    """A prepared statement whose result a migration changed meanwhile: the retry, on a
-    connection that dropped its prepared statements as the transaction rolled back, plans it
-    again."""
-    return sqlstate(orig) == "0A000" and "cached plan must not change result type" in str(orig)
+    where = getattr(getattr(orig, "diag", None), "source_function", None)
+    return (state, None) in _PREPARED_FAILED or (state, where) in _PREPARED_FAILED
 
 
 # "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).

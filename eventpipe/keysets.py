@@ -2,8 +2,8 @@
 
 PostgreSQL gets one `column = ANY(:keys)` with the keys as one parameter, an array in
 PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter whatever the
-set's size, planned at each execution for the set it is given (`eventpipe.database` keeps no
-prepared statements). SQLite gets one `column IN (SELECT value FROM json_each(:keys))`, the
+set's size, planned at each execution for the set it is given (`eventpipe.database` prepares
+none of these). SQLite gets one `column IN (SELECT value FROM json_each(:keys))`, the
 keys as one JSON array, which it looks up one by one in the column's index. SQL Server gets
 `IN (…)` lists in chunks, under its 2,100 parameters per statement, and so does SQLite for
 keys holding a NUL, which its JSON cuts short.

@@ -68,8 +68,9 @@ class Settings:
     database_prepared_statements: str = _field(
         "DATABASE_PREPARED_STATEMENTS", "on",
         "PostgreSQL: the batches' writes as prepared statements, planned once per connection "
-        "(on, off). Off behind a pooler in transaction mode that does not keep them (PgBouncer "
-        "before 1.22, or without max_prepared_statements)",
+        "(on, off). Behind a pooler in transaction mode that does not keep them (PgBouncer "
+        "before 1.22, or without max_prepared_statements) each connection retries one batch, "
+        "then prepares nothing: off spares that",
     )
     # Kafka
     kafka_bootstrap_servers: str = _field(

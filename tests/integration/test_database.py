@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 
+from eventpipe import upserts
 from eventpipe.apply import apply_batch
 from eventpipe.database import WAL_PAGES, make_engine
 from eventpipe.effects import Fate
@@ -23,7 +25,7 @@ from eventpipe.errors import FailureKind, classify
 from eventpipe.keysets import in_keys
 from eventpipe.samples import Story
 from eventpipe.settings import Settings
-from eventpipe.tables import applied_events, users
+from eventpipe.tables import applied_events, orders, payments, users
 from tests.support.databases import postgres_database
 from tests.support.factories import received
 from tests.support.pipeline import wait_until
@@ -346,10 +348,65 @@ def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more
             engine.dispose()
     assert (prepared, recorded) == (0, 60)
     assert [record.message for record in caplog.records if "prepared" in record.message] == [
-        "PostgreSQL could not run a prepared statement of this connection (26000): a "
-        "connection pooler in transaction mode that does not keep them? This connection "
-        "prepares no more statements; set DATABASE_PREPARED_STATEMENTS=off behind such a "
-        "pooler"]
+        "PostgreSQL could not run a prepared statement of this connection (SQLSTATE 26000: a "
+        "migration changed what it returns, or a connection pooler in transaction mode does "
+        "not keep prepared statements); this connection prepares no more statements"]
+
+
+def test_behind_a_pooler_that_mixes_up_clients_each_writes_its_own_rows() -> None:
+    """A pooler in transaction mode that does not keep each client's prepared statements
+    apart (PgBouncer before 1.22, or without max_prepared_statements) gives a client's
+    transaction whichever server connection is free. Simulated: two server connections, and
+    two clients' records of what they prepared (psycopg's), each put on the server connection
+    its transaction runs on. A client's statements have names of their own, so what runs is
+    its own statement or none: an order written where another client prepared a payment is
+    refused as the world's failure, and written as an order on the retry. (Before: psycopg
+    named both clients' first statements `_pg3_0`, and the order's row went into payments.)"""
+    when = datetime.now(UTC)
+    with postgres_database() as url:
+        migrate(url, "head")
+        engine = make_engine(Settings(database_url=url, database_pool_size=2,
+                                      database_max_overflow=0))
+        first, second = engine.connect(), engine.connect()
+        # Each client's record, as its connection made it.
+        clients = [_driver(connection)._prepared for connection in (first, second)]
+
+        def write(server: Connection, client: Any, table: Any, row: dict[str, Any]) -> None:
+            _driver(server)._prepared = client
+            with server.begin():
+                upserts.write_entities(server, {table: [row]}, [], when)
+
+        try:
+            write(first, clients[0], orders, _order("o1", when))
+            write(second, clients[1], payments, _payment("p1", when))
+            with pytest.raises(Exception) as caught:
+                write(second, clients[0], orders, _order("o2", when))
+            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+            write(second, clients[0], orders, _order("o2", when))
+            with first.begin():
+                written = {table.name: set(first.execute(select(table.c[0])).scalars())
+                           for table in (orders, payments)}
+        finally:
+            first.close()
+            second.close()
+            engine.dispose()
+    assert written == {"orders": {"o1", "o2"}, "payments": {"p1"}}
+
+
+def _driver(connection: Connection) -> Any:
+    return connection.connection.driver_connection
+
+
+def _order(order_id: str, when: datetime) -> dict[str, Any]:
+    return {"order_id": order_id, "user_id": "u1", "total_amount": Decimal("9.99"),
+            "currency": "EUR", "placed_at": when, "version_at": when,
+            "version_event_id": f"ev-{order_id}", "updated_at": when}
+
+
+def _payment(payment_id: str, when: datetime) -> dict[str, Any]:
+    return {"payment_id": payment_id, "order_id": "o1", "amount": Decimal("9.99"),
+            "currency": "EUR", "settled_at": when, "version_at": when,
+            "version_event_id": f"ev-{payment_id}", "updated_at": when}
 
 
 @pytest.mark.parametrize("setting", ["on", "off"])
@@ -375,13 +432,14 @@ def _prepared_statements(conn: Connection) -> int:
     return int(conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one())
 
 
-def test_a_migration_that_changes_what_a_prepared_write_returns_costs_one_retry() -> None:
+def test_a_migration_that_changes_what_a_prepared_write_returns_is_retried() -> None:
     """A migration run while workers apply batches may change the type of a column a
     prepared write returns (the entity's key): PostgreSQL refuses the statement as prepared
     ("cached plan must not change result type"). That is the world's failure, not the
-    events': the retry, on a connection that dropped its prepared statements as the
-    transaction rolled back, prepares it again. (Before: an unforeseen error, so the batch's
-    events were retried alone and could be dead-lettered.)"""
+    events': the retry runs it unprepared, on a connection that prepares nothing more (a
+    pooler keeping prepared statements would answer from its own again). (Before: an
+    unforeseen error, so the batch's events were retried alone and could be
+    dead-lettered.)"""
     story = Story(seed=7)
     with postgres_database() as url:
         migrate(url, "head")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -43,6 +44,16 @@ def mssql(state: str, text: str, number: int) -> PyodbcError:
 
 def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error:
     return error(message)
+
+
+class PostgresSaid(Exception):
+    """An error as psycopg gives it from a server's answer: its SQLSTATE, and the function
+    of the server's that raised it (`diag.source_function`)."""
+
+    def __init__(self, sqlstate: str, source_function: str) -> None:
+        super().__init__(f"{sqlstate} in {source_function}")
+        self.sqlstate = sqlstate
+        self.diag = SimpleNamespace(source_function=source_function)
 
 
 @pytest.mark.parametrize(
@@ -120,13 +131,12 @@ def postgres(error: type[psycopg.Error], message: str = "boom") -> psycopg.Error
                  postgres(psycopg.errors.InvalidSqlStatementName)), FailureKind.TRANSIENT),
         (wrapped(sqlalchemy.exc.ProgrammingError,
                  postgres(psycopg.errors.DuplicatePreparedStatement)), FailureKind.TRANSIENT),
-        # A migration changed what a prepared statement returns: planned again on the retry.
-        (wrapped(sqlalchemy.exc.NotSupportedError, postgres(
-            psycopg.errors.FeatureNotSupported, "cached plan must not change result type")),
-         FailureKind.TRANSIENT),
-        (wrapped(sqlalchemy.exc.NotSupportedError, postgres(
-            psycopg.errors.FeatureNotSupported, "cannot use SELECT FOR UPDATE with UNION")),
-         FailureKind.UNKNOWN),
+        # A migration changed what a prepared statement returns: run unprepared on the retry.
+        # Told by where the server raised it, whatever the language of its message.
+        (wrapped(sqlalchemy.exc.NotSupportedError,
+                 PostgresSaid("0A000", "RevalidateCachedQuery")), FailureKind.TRANSIENT),
+        (wrapped(sqlalchemy.exc.NotSupportedError,
+                 PostgresSaid("0A000", "transformLockingClause")), FailureKind.UNKNOWN),
         *((wrapped(sqlalchemy.exc.ProgrammingError, mssql("42000", text, number)),
            FailureKind.TRANSIENT) for number, text in (
             (3906, 'Failed to update database "events" because the database is read-only.'),

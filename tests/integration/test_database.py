@@ -321,14 +321,13 @@ def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more
     """A pooler between the pipeline and PostgreSQL that does not keep prepared statements
     (PgBouncer in transaction mode before 1.22) hands a statement prepared on one server
     connection to another, which does not know it. The batch fails as the world's failure
-    and is retried; the connection prepares nothing more, so the retry is applied, and the
-    warning names the setting that turns them off. (Here the server forgets the connection's
-    statements behind psycopg's back.)"""
+    and is retried; the connection prepares nothing more, so the retry is applied, and a
+    warning says why. (Here the server forgets the connection's statements behind psycopg's
+    back.)"""
     story = Story(seed=5)
     with postgres_database() as url:
         migrate(url, "head")
-        engine = make_engine(Settings(database_url=url, database_pool_size=1,
-                                      database_max_overflow=0))
+        engine = _one_connection(url)
         try:
             apply_batch(engine, received(*(story.next() for _ in range(20))))
             with engine.begin() as conn:
@@ -416,9 +415,7 @@ def test_prepared_statements_can_be_turned_off(setting: str) -> None:
     story = Story(seed=6)
     with postgres_database() as url:
         migrate(url, "head")
-        engine = make_engine(Settings(database_url=url, database_pool_size=1,
-                                      database_max_overflow=0,
-                                      database_prepared_statements=setting))
+        engine = _one_connection(url, database_prepared_statements=setting)
         try:
             apply_batch(engine, received(*(story.next() for _ in range(20))))
             with engine.begin() as conn:
@@ -426,6 +423,12 @@ def test_prepared_statements_can_be_turned_off(setting: str) -> None:
         finally:
             engine.dispose()
     assert (prepared > 0) == (setting == "on")
+
+
+def _one_connection(url: str, **settings: Any) -> Engine:
+    """An engine whose batches all take one connection, as its prepared statements are."""
+    return make_engine(Settings(database_url=url, database_pool_size=1, database_max_overflow=0,
+                                **settings))
 
 
 def _prepared_statements(conn: Connection) -> int:
@@ -443,8 +446,7 @@ def test_a_migration_that_changes_what_a_prepared_write_returns_is_retried() -> 
     story = Story(seed=7)
     with postgres_database() as url:
         migrate(url, "head")
-        engine = make_engine(Settings(database_url=url, database_pool_size=1,
-                                      database_max_overflow=0))
+        engine = _one_connection(url)
         try:
             apply_batch(engine, received(*(story.next() for _ in range(20))))
             migration = create_engine(url)  # another process's connection

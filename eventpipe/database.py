@@ -151,7 +151,7 @@ def _names_of_its_own(dbapi_connection: Any, _record: Any) -> None:
     client's `_pg3_0` ran it in place of this one's, or refused this one's as a duplicate. By
     names of its own, a connection's statement is the one it prepared or none (26000, and
     `_prepared` gives up). psycopg never names two statements of a connection alike."""
-    manager: Any = getattr(dbapi_connection, "_prepared", None)  # psycopg's own (3.1 to 3.3)
+    manager: Any = getattr(dbapi_connection, "_prepared", None)  # what psycopg prepared
     if isinstance(getattr(manager, "_prepared_idx", None), int):
         manager._prepared_idx = secrets.randbits(60)
 

@@ -144,16 +144,19 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     return engine
 
 
-def _names_of_its_own(dbapi_connection: Any, _record: Any) -> None:
+def _names_of_its_own(dbapi_connection: Any, record: Any) -> None:
     """Give the connection's prepared statements names no other connection uses. psycopg
     names them `_pg3_0`, `_pg3_1` … on every connection: behind a pooler in transaction mode
     that does not keep each client's statements apart, a server connection holding another
     client's `_pg3_0` ran it in place of this one's, or refused this one's as a duplicate. By
     names of its own, a connection's statement is the one it prepared or none (26000, and
-    `_prepared` gives up). psycopg never names two statements of a connection alike."""
+    `_prepared` gives up). psycopg never names two statements of a connection alike. A psycopg
+    whose record is not as this knows it gets no prepared statements."""
     manager: Any = getattr(dbapi_connection, "_prepared", None)  # what psycopg prepared
     if isinstance(getattr(manager, "_prepared_idx", None), int):
         manager._prepared_idx = secrets.randbits(60)
+    else:
+        record.info[_GAVE_UP] = True
 
 
 def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -175,10 +178,11 @@ def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> boo
             # go on answering from its own). The error is transient (`eventpipe.errors`):
             # the work is retried, on a connection that prepares nothing more.
             info[_GAVE_UP] = True
+            state = sqlstate(exc)
             log.warning("PostgreSQL could not run a prepared statement of this connection "
-                        "(SQLSTATE %s: a migration changed what it returns, or a connection "
-                        "pooler in transaction mode does not keep prepared statements); this "
-                        "connection prepares no more statements", sqlstate(exc))
+                        "(SQLSTATE %s: %s); this connection prepares no more statements", state,
+                        "a migration changed what it returns" if state == "0A000" else
+                        "a connection pooler in transaction mode does not keep them")
         raise
     finally:
         driver.prepare_threshold = None

@@ -370,7 +370,7 @@ def sqlite_page(left: int, largest: int) -> int:
     largest power of two of them the statement takes (`largest` rows: as many as this SQLite
     takes parameters in a statement, a thousand at most). A table's statements thus have at
     most 21 texts whatever the batches' sizes, which SQLite compiles once per connection and
-    the driver keeps (128 a connection): compiled for each count of rows, a statement of 500
+    the driver keeps (`eventpipe.database`): compiled for each count of rows, a statement of 500
     rows took as long to compile as to run."""
     if left <= 16:
         return min(left, largest)

@@ -7,6 +7,7 @@ import fcntl
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -325,26 +326,21 @@ def test_a_connection_whose_prepared_statements_the_server_lost_prepares_no_more
     warning says why. (Here the server forgets the connection's statements behind psycopg's
     back.)"""
     story = Story(seed=5)
-    with postgres_database() as url:
-        migrate(url, "head")
-        engine = _one_connection(url)
-        try:
-            apply_batch(engine, received(*(story.next() for _ in range(20))))
-            with engine.begin() as conn:
-                assert _prepared_statements(conn) > 0
-                conn.execute(text("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
-            batch = received(*(story.next() for _ in range(20)))
-            with pytest.raises(Exception) as caught:
-                apply_batch(engine, batch)
-            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+    with _new_database() as engine:
+        apply_batch(engine, received(*(story.next() for _ in range(20))))
+        with engine.begin() as conn:
+            assert _prepared_statements(conn) > 0
+            conn.execute(text("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
+        batch = received(*(story.next() for _ in range(20)))
+        with pytest.raises(Exception) as caught:
             apply_batch(engine, batch)
-            apply_batch(engine, received(*(story.next() for _ in range(20))))
-            with engine.begin() as conn:
-                prepared = _prepared_statements(conn)
-                recorded = conn.execute(select(func.count()).select_from(applied_events)
-                                        ).scalar_one()
-        finally:
-            engine.dispose()
+        assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+        apply_batch(engine, batch)
+        apply_batch(engine, received(*(story.next() for _ in range(20))))
+        with engine.begin() as conn:
+            prepared = _prepared_statements(conn)
+            recorded = conn.execute(select(func.count()).select_from(applied_events)
+                                    ).scalar_one()
     assert (prepared, recorded) == (0, 60)
     assert [record.message for record in caplog.records if "prepared" in record.message] == [
         "PostgreSQL could not run a prepared statement of this connection (SQLSTATE 26000: a "
@@ -363,33 +359,25 @@ def test_behind_a_pooler_that_mixes_up_clients_each_writes_its_own_rows() -> Non
     named both clients' first statements `_pg3_0`: the order's write ran the payment's
     statement, its row into payments, and the batch failed on the unforeseen result.)"""
     when = datetime.now(UTC)
-    with postgres_database() as url:
-        migrate(url, "head")
-        engine = make_engine(Settings(database_url=url, database_pool_size=2,
-                                      database_max_overflow=0))
-        first, second = engine.connect(), engine.connect()
+
+    def write(server: Connection, client: Any, table: Any, row: dict[str, Any]) -> None:
+        _driver(server)._prepared = client
+        with server.begin():
+            upserts.write_entities(server, {table: [row]}, [], when)
+
+    with _new_database(connections=2) as engine, engine.connect() as first, \
+            engine.connect() as second:
         # Each client's record, as its connection made it.
         clients = [_driver(connection)._prepared for connection in (first, second)]
-
-        def write(server: Connection, client: Any, table: Any, row: dict[str, Any]) -> None:
-            _driver(server)._prepared = client
-            with server.begin():
-                upserts.write_entities(server, {table: [row]}, [], when)
-
-        try:
-            write(first, clients[0], orders, _order("o1", when))
-            write(second, clients[1], payments, _payment("p1", when))
-            with pytest.raises(Exception) as caught:
-                write(second, clients[0], orders, _order("o2", when))
-            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+        write(first, clients[0], orders, _order("o1", when))
+        write(second, clients[1], payments, _payment("p1", when))
+        with pytest.raises(Exception) as caught:
             write(second, clients[0], orders, _order("o2", when))
-            with first.begin():
-                written = {table.name: set(first.execute(select(table.c[0])).scalars())
-                           for table in (orders, payments)}
-        finally:
-            first.close()
-            second.close()
-            engine.dispose()
+        assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+        write(second, clients[0], orders, _order("o2", when))
+        with first.begin():
+            written = {table.name: set(first.execute(select(table.c[0])).scalars())
+                       for table in (orders, payments)}
     assert written == {"orders": {"o1", "o2"}, "payments": {"p1"}}
 
 
@@ -414,22 +402,25 @@ def test_prepared_statements_can_be_turned_off(setting: str) -> None:
     """DATABASE_PREPARED_STATEMENTS=off (behind a pooler that does not keep them): nothing is
     prepared."""
     story = Story(seed=6)
-    with postgres_database() as url:
-        migrate(url, "head")
-        engine = _one_connection(url, database_prepared_statements=setting)
-        try:
-            apply_batch(engine, received(*(story.next() for _ in range(20))))
-            with engine.begin() as conn:
-                prepared = _prepared_statements(conn)
-        finally:
-            engine.dispose()
+    with _new_database(database_prepared_statements=setting) as engine:
+        apply_batch(engine, received(*(story.next() for _ in range(20))))
+        with engine.begin() as conn:
+            prepared = _prepared_statements(conn)
     assert (prepared > 0) == (setting == "on")
 
 
-def _one_connection(url: str, **settings: Any) -> Engine:
-    """An engine whose batches all take one connection, as its prepared statements are."""
-    return make_engine(Settings(database_url=url, database_pool_size=1, database_max_overflow=0,
-                                **settings))
+@contextmanager
+def _new_database(connections: int = 1, **settings: Any) -> Iterator[Engine]:
+    """An engine on a database of its own, migrated, with that many connections (one: every
+    batch takes the connection its prepared statements are on)."""
+    with postgres_database() as url:
+        migrate(url, "head")
+        engine = make_engine(Settings(database_url=url, database_pool_size=connections,
+                                      database_max_overflow=0, **settings))
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def _prepared_statements(conn: Connection) -> int:
@@ -446,26 +437,21 @@ def test_a_migration_that_changes_what_a_prepared_write_returns_is_retried(
     unforeseen error, so the batch's events were retried alone and could be
     dead-lettered.)"""
     story = Story(seed=7)
-    with postgres_database() as url:
-        migrate(url, "head")
-        engine = _one_connection(url)
+    with _new_database() as engine:
+        apply_batch(engine, received(*(story.next() for _ in range(20))))
+        migration = create_engine(engine.url)  # another process's connection
         try:
-            apply_batch(engine, received(*(story.next() for _ in range(20))))
-            migration = create_engine(url)  # another process's connection
-            try:
-                with migration.begin() as conn:
-                    conn.execute(text("ALTER TABLE users ALTER COLUMN user_id TYPE varchar(300)"))
-            finally:
-                migration.dispose()
-            batch = received(*(story.next() for _ in range(40)))
-            with pytest.raises(Exception) as caught:
-                apply_batch(engine, batch)
-            assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
-            assert Fate.APPLIED in apply_batch(engine, batch).fates
-            with engine.begin() as conn:
-                prepared = _prepared_statements(conn)
+            with migration.begin() as conn:
+                conn.execute(text("ALTER TABLE users ALTER COLUMN user_id TYPE varchar(300)"))
         finally:
-            engine.dispose()
+            migration.dispose()
+        batch = received(*(story.next() for _ in range(40)))
+        with pytest.raises(Exception) as caught:
+            apply_batch(engine, batch)
+        assert classify(caught.value) is FailureKind.TRANSIENT, caught.value
+        assert Fate.APPLIED in apply_batch(engine, batch).fates
+        with engine.begin() as conn:
+            prepared = _prepared_statements(conn)
     assert sqlstate(getattr(caught.value, "orig", None) or caught.value) == "0A000"
     assert prepared == 0
     assert [record.message for record in caplog.records if "prepared" in record.message] == [

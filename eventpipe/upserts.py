@@ -36,11 +36,11 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Connection,
     Delete,
     MetaData,
     Table,
-    bindparam,
     delete,
     insert,
     select,
@@ -95,10 +95,9 @@ _GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = so
                f"{code_point_tsql('source.version_event_id')})")
 
 
-@cache
-def delete_items() -> Delete:
-    return delete(order_items).where(order_items.c.order_id.in_(bindparam("order_ids",
-                                                                           expanding=True)))
+def delete_items(where: ColumnElement[bool]) -> Delete:
+    """The items of the orders `where` selects (a condition of `keysets.in_keys`)."""
+    return delete(order_items).where(where)
 
 
 # -- SQL Server -------------------------------------------------------------------------------
@@ -504,13 +503,9 @@ def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
     if not order_ids:
         return
     chosen = _items_of(order_ids, rows)
-    if conn.dialect.name == "sqlite":  # one text whatever the count (`keysets`): kept compiled
-        for where in in_keys(conn, order_items.c.order_id, order_ids):
-            conn.execute(delete(order_items).where(where))
-    else:
-        ordered = sorted(order_ids)
-        for start in range(0, len(ordered), 500):
-            conn.execute(delete_items(), {"order_ids": ordered[start:start + 500]})
+    # On SQLite one text whatever the count of orders, which the driver keeps compiled.
+    for where in in_keys(conn, order_items.c.order_id, order_ids):
+        conn.execute(delete_items(where))
     if chosen and conn.dialect.name == "sqlite":
         _sqlite_write(conn, order_items, chosen)
     elif chosen:

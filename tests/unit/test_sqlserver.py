@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 import sqlglot
 from alembic import command
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Table, bindparam
 from sqlalchemy.dialects.mssql import pyodbc
 from sqlalchemy.schema import CreateTable
 
@@ -75,7 +75,8 @@ def test_staging_tables_are_session_temporary_tables(table: Table) -> None:
 
 
 def test_item_replacement_parses() -> None:
-    sql = str(upserts.delete_items().compile(dialect=DIALECT))
+    expanding = order_items.c.order_id.in_(bindparam("order_ids", expanding=True))
+    sql = str(upserts.delete_items(expanding).compile(dialect=DIALECT))
     # An expanding IN list is rendered at execution, by its size: give it two values.
     sql = sql.replace("(__[POSTCOMPILE_order_ids])", "(?, ?)")
     parses_as_tsql(sql)

@@ -1,16 +1,18 @@
 """`column IN (keys)` for sets of any size, written the way each database takes it best.
 
-PostgreSQL gets one `column = ANY(:keys)` with the keys as one parameter, an array in
+PostgreSQL gets one `column = ANY(:keyset)` with the keys as one parameter, an array in
 PostgreSQL's text form (`eventpipe.pg_arrays`): one statement and one parameter whatever the
 set's size, planned at each execution for the set it is given (`eventpipe.database` prepares
-none of these). SQLite gets one `column IN (SELECT value FROM json_each(:keys))`, the
+none of these). SQLite gets one `column IN (SELECT value FROM json_each(:keyset))`, the
 keys as one JSON array, which it looks up one by one in the column's index. SQL Server gets
 `IN (…)` lists in chunks, under its 2,100 parameters per statement, and so does SQLite for
 keys holding a NUL, which its JSON cuts short.
 
-One parameter whatever the set's size also keeps the statement in SQLAlchemy's cache: an
-`IN (…)` list is rendered anew at each execution, a bound parameter per key, which cost a
-SQLite worker more than the lookups themselves (docs/performance.md).
+A `Keyed` statement is built once for each database, the keys given at each execution: an
+`IN (…)` list is rendered anew at each execution, a bound parameter per key, and even one
+parameter in a statement built anew costs SQLAlchemy its cache key. Both cost a SQLite
+worker more than the lookups themselves (docs/performance.md): a statement built for four
+keys, a hundred microseconds; built once, a tenth of that.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Delete,
     Dialect,
+    Executable,
     Row,
     Select,
     String,
     TypeDecorator,
+    Update,
     any_,
     bindparam,
     func,
@@ -38,6 +43,9 @@ from sqlalchemy.types import TypeEngine
 from eventpipe.pg_arrays import pg_array_text
 
 CHUNK = 500
+KEYSET = "keyset"  # the parameter that carries the keys where they go as one
+
+Restrictable = Select[Any] | Delete | Update
 
 
 def chunked(values: Collection[Any], size: int = CHUNK) -> Iterator[list[Any]]:
@@ -46,37 +54,75 @@ def chunked(values: Collection[Any], size: int = CHUNK) -> Iterator[list[Any]]:
         yield ordered[start:start + size]
 
 
-def in_keys(conn: Connection, column: Any, keys: Collection[Any]) -> list[ColumnElement[bool]]:
-    """Conditions that together select `column IN keys`: run one statement per condition."""
-    if not keys:
-        return []
-    dialect = conn.dialect.name
+class Keyed:
+    """`statement` restricted to `column IN keys`, the keys given at each execution, with
+    any other parameters the statement names. Hold one where it runs often: the statement
+    for each database is built once."""
+
+    def __init__(self, statement: Restrictable, column: ColumnElement[Any]) -> None:
+        self.statement = statement
+        self.column = column
+        self._built: dict[str, Executable] = {}
+
+    def execute(self, conn: Connection, keys: Collection[Any], **params: Any) -> None:
+        for statement, values in self._executions(conn, keys, params):
+            conn.execute(statement, values)
+
+    def rows(self, conn: Connection, keys: Collection[Any], **params: Any) -> list[Row[Any]]:
+        """The rows of each execution, each taken in one fetch before the next runs
+        (iterating a result fetches its rows from the driver one at a time, half a
+        microsecond more a row; and SQL Server serves one result at a time)."""
+        return [row for statement, values in self._executions(conn, keys, params)
+                for row in conn.execute(statement, values).all()]
+
+    def _executions(self, conn: Connection, keys: Collection[Any],
+                    params: dict[str, Any]) -> Iterator[tuple[Executable, dict[str, Any]]]:
+        if not keys:
+            return
+        dialect = conn.dialect.name
+        keyset = _as_one_parameter(dialect, keys)
+        if keyset is None:
+            for part in chunked(keys):
+                yield self.statement.where(self.column.in_(part)), params
+            return
+        built = self._built.get(dialect)
+        if built is None:
+            built = self._built[dialect] = self.statement.where(
+                _one_parameter_condition(dialect, self.column))
+        yield built, {**params, KEYSET: keyset}
+
+
+def rows_in(conn: Connection, query: Select[Any], column: ColumnElement[Any],
+            keys: Collection[Any]) -> list[Row[Any]]:
+    """`query`'s rows whose `column` is one of `keys`, for a query run now and then (one run
+    often is a `Keyed`)."""
+    return Keyed(query, column).rows(conn, keys)
+
+
+def _as_one_parameter(dialect: str, keys: Collection[Any]) -> str | None:
+    """The keys as the one parameter this database takes them in; None where they go as
+    lists."""
     if dialect == "postgresql":
-        array = bindparam(None, pg_array_text(sorted(keys)), type_=_ArrayText(column.type))
-        return [column == any_(array)]
+        return pg_array_text(sorted(keys))
     if dialect == "sqlite":
         listed = json.dumps(list(keys))
         # SQLite's JSON ends a string at an escaped NUL ("a\u0000b" reads as "a"): keys
         # holding one (no valid event carries one) go as lists, like SQL Server's.
-        if "\\u0000" not in listed:
-            each = func.json_each(bindparam(None, listed, type_=String))
-            return [column.in_(select(each.table_valued("value").c.value))]
-    return [column.in_(part) for part in chunked(keys)]
+        return listed if "\\u0000" not in listed else None
+    return None
 
 
-def rows_in(conn: Connection, query: Select[Any], column: Any,
-            keys: Collection[Any]) -> list[Row[Any]]:
-    """`query`'s rows whose `column` is one of `keys`: a statement per condition of
-    `in_keys`, each result taken in one fetch (iterating a result fetches its rows from the
-    driver one at a time, half a microsecond more a row)."""
-    return [row for where in in_keys(conn, column, keys)
-            for row in conn.execute(query.where(where)).all()]
+def _one_parameter_condition(dialect: str, column: ColumnElement[Any]) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        return column == any_(bindparam(KEYSET, type_=_ArrayText(column.type)))
+    each = func.json_each(bindparam(KEYSET, type_=String))
+    return column.in_(select(each.table_valued("value").c.value))
 
 
 class _ArrayText(TypeDecorator[str]):
     """An array of the column's type, as a parameter already in PostgreSQL's text form: sent
-    as it is, with the statement's cast to the array type (`%(p)s::VARCHAR(64)[]`), so that
-    PostgreSQL reads it as it binds the parameter and plans for the keys it holds."""
+    as it is, with the statement's cast to the array type (`%(keyset)s::VARCHAR(64)[]`), so
+    that PostgreSQL reads it as it binds the parameter and plans for the keys it holds."""
 
     impl = ARRAY
     cache_ok = True

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Select, case, exists, select
 
-from eventpipe.keysets import rows_in
+from eventpipe.keysets import Keyed
 from eventpipe.sqltypes import by_code_point
 from eventpipe.tables import inventory, order_items, orders, payments, users
 from eventpipe.visibility import (
@@ -89,13 +89,16 @@ def _payment(row: Any) -> PaymentRow:
                       (row.version_at, row.version_event_id), row.updated_at)
 
 
+_USERS = Keyed(users_query(), users.c.user_id)
+_ORDERS = Keyed(select(orders), orders.c.order_id)
+
+
 def load_users(conn: Connection, ids: Collection[str]) -> dict[str, UserRow]:
-    return {row.user_id: _user(row) for row in rows_in(conn, users_query(), users.c.user_id, ids)}
+    return {row.user_id: _user(row) for row in _USERS.rows(conn, ids)}
 
 
 def load_orders(conn: Connection, ids: Collection[str]) -> dict[str, OrderRow]:
-    return {row.order_id: _order(row)
-            for row in rows_in(conn, select(orders), orders.c.order_id, ids)}
+    return {row.order_id: _order(row) for row in _ORDERS.rows(conn, ids)}
 
 
 def user_standings(rows: Mapping[str, UserRow | UserFacts]) -> dict[str, Standing]:
@@ -143,24 +146,18 @@ class Lookup:
 
     def users(self, ids: Collection[str]) -> dict[str, UserFacts]:
         missing = [key for key in ids if key not in self._users]
-        query = select(users.c.user_id, users.c.email, _email_owner().label("email_owner"),
-                       users.c.version_event_id)
-        found = _facts(self.conn, query, users.c.user_id, missing, UserFacts)
+        found = _facts(self.conn, _USER_FACTS, missing, UserFacts)
         self._users.update((key, found.get(key)) for key in missing)
         return {key: row for key in ids if (row := self._users[key]) is not None}
 
     def orders(self, ids: Collection[str]) -> dict[str, OrderFacts]:
         missing = [key for key in ids if key not in self._orders]
-        query = select(orders.c.order_id, orders.c.user_id, orders.c.currency,
-                       orders.c.version_event_id)
-        found = _facts(self.conn, query, orders.c.order_id, missing, OrderFacts)
+        found = _facts(self.conn, _ORDER_FACTS, missing, OrderFacts)
         self._orders.update((key, found.get(key)) for key in missing)
         return {key: row for key in ids if (row := self._orders[key]) is not None}
 
     def payments(self, ids: Collection[str]) -> dict[str, PaymentFacts]:
-        query = select(payments.c.payment_id, payments.c.order_id, payments.c.currency,
-                       payments.c.version_event_id)
-        return _facts(self.conn, query, payments.c.payment_id, ids, PaymentFacts)
+        return _facts(self.conn, _PAYMENT_FACTS, ids, PaymentFacts)
 
     def order_standings(self, rows: Mapping[str, OrderRow | OrderFacts]) -> dict[str, Standing]:
         parents = self.users({row.user_id for row in rows.values()})
@@ -185,10 +182,19 @@ Facts = UserFacts | OrderFacts | PaymentFacts
 _Facts = TypeVar("_Facts", UserFacts, OrderFacts, PaymentFacts)
 
 
-def _facts(conn: Connection, query: Select[Any], key: Any, ids: Collection[str],
+# What `Lookup` reads of each kind: the key first, then the fields of its facts.
+_USER_FACTS = Keyed(select(users.c.user_id, users.c.email, _email_owner().label("email_owner"),
+                           users.c.version_event_id), users.c.user_id)
+_ORDER_FACTS = Keyed(select(orders.c.order_id, orders.c.user_id, orders.c.currency,
+                            orders.c.version_event_id), orders.c.order_id)
+_PAYMENT_FACTS = Keyed(select(payments.c.payment_id, payments.c.order_id, payments.c.currency,
+                              payments.c.version_event_id), payments.c.payment_id)
+
+
+def _facts(conn: Connection, query: Keyed, ids: Collection[str],
            kind: type[_Facts]) -> dict[str, _Facts]:
     """`query`'s rows of these keys: the key first, then `kind`'s fields."""
-    return {row[0]: kind._make(row[1:]) for row in rows_in(conn, query, key, ids)}
+    return {row[0]: kind._make(row[1:]) for row in query.rows(conn, ids)}
 
 
 def visible_user(conn: Connection, user_id: str) -> UserRow | None:
@@ -237,18 +243,21 @@ def settled_payment(conn: Connection, order: OrderRow) -> PaymentRow | None:
     return _payment(row) if row is not None else None
 
 
+_ORDERS_OF_USERS = Keyed(select(orders.c.order_id), orders.c.user_id)
+_PAYMENTS_OF_ORDERS = Keyed(select(payments.c.payment_id), payments.c.order_id)
+_USERS_CLAIMING = Keyed(select(users.c.user_id), users.c.email)
+
+
 def orders_of_users(conn: Connection, user_ids: Collection[str]) -> set[str]:
-    return {row.order_id
-            for row in rows_in(conn, select(orders.c.order_id), orders.c.user_id, user_ids)}
+    return {row.order_id for row in _ORDERS_OF_USERS.rows(conn, user_ids)}
 
 
 def payments_of_orders(conn: Connection, order_ids: Collection[str]) -> set[str]:
-    return {row.payment_id for row in rows_in(conn, select(payments.c.payment_id),
-                                              payments.c.order_id, order_ids)}
+    return {row.payment_id for row in _PAYMENTS_OF_ORDERS.rows(conn, order_ids)}
 
 
 def users_claiming(conn: Connection, emails: Collection[str]) -> set[str]:
-    return {row.user_id for row in rows_in(conn, select(users.c.user_id), users.c.email, emails)}
+    return {row.user_id for row in _USERS_CLAIMING.rows(conn, emails)}
 
 
 @dataclass(frozen=True, slots=True)

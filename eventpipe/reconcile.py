@@ -52,7 +52,7 @@ from eventpipe.database import alone, reading
 from eventpipe.dlq import records
 from eventpipe.dlq.letter import OPEN, REPLAYING, WAITING, DeadLetter, event_key
 from eventpipe.effects import Position
-from eventpipe.keysets import in_keys, rows_in
+from eventpipe.keysets import Keyed
 from eventpipe.tables import applied_events, reconcile_queue
 from eventpipe.visibility import Held, Standing
 
@@ -139,8 +139,7 @@ def run_round(conn: Connection, now: datetime, park_timeout: timedelta, surveyed
     if len(keys):
         done.evaluated = len(keys)
         _evaluate(conn, keys, _Sync(conn, now, park_timeout, worker, done.changed))
-    for where in in_keys(conn, reconcile_queue.c.id, surveyed.ids):
-        conn.execute(reconcile_queue.delete().where(where))
+    _DELETE_QUEUE_ROWS.execute(conn, surveyed.ids)
     return done
 
 
@@ -309,8 +308,12 @@ class _Current:
     worker: str | None
 
 
+_DELETE_QUEUE_ROWS = Keyed(reconcile_queue.delete(), reconcile_queue.c.id)
+_APPLIED = Keyed(select(applied_events), applied_events.c.event_id)
+
+
 def _current_events(conn: Connection, event_ids: Collection[str]) -> dict[str, _Current]:
-    rows = rows_in(conn, select(applied_events), applied_events.c.event_id, event_ids)
+    rows = _APPLIED.rows(conn, event_ids)
     return {row.event_id: _Current(row.event_id, row.event_type, row.fingerprint or "",
                                    Position(row.kafka_topic, row.kafka_partition,
                                             row.kafka_offset), row.worker)

@@ -36,11 +36,10 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
-    ColumnElement,
     Connection,
-    Delete,
     MetaData,
     Table,
+    bindparam,
     delete,
     insert,
     select,
@@ -50,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 
 from eventpipe.database import PREPARED
-from eventpipe.keysets import in_keys, rows_in
+from eventpipe.keysets import Keyed
 from eventpipe.pg_arrays import pg_array_text
 from eventpipe.sqltypes import Money, UtcDateTime, code_point_tsql
 from eventpipe.tables import applied_events, inventory, order_items, orders, reconcile_queue
@@ -95,9 +94,8 @@ _GUARD_TSQL = ("target.version_at < source.version_at OR (target.version_at = so
                f"{code_point_tsql('source.version_event_id')})")
 
 
-def delete_items(where: ColumnElement[bool]) -> Delete:
-    """The items of the orders `where` selects (a condition of `keysets.in_keys`)."""
-    return delete(order_items).where(where)
+# The items of a batch's orders, replaced (`_replace_items`) on SQLite and SQL Server.
+DELETE_ITEMS = Keyed(delete(order_items), order_items.c.order_id)
 
 
 # -- SQL Server -------------------------------------------------------------------------------
@@ -403,10 +401,13 @@ def write_entities(conn: Connection, rows: Mapping[Table, Rows], items: Rows,
     return written
 
 
+_QUEUE_KEYS = reconcile_queue.insert()  # built once: SQLAlchemy's cache key is then kept
+
+
 def queue_keys(conn: Connection, keys: Mapping[str, Collection[str]], queued_at: datetime) -> None:
     """Queue these keys, by table name, for the reconciler (nothing when there are none)."""
     if any(keys.values()):
-        conn.execute(reconcile_queue.insert(), {
+        conn.execute(_QUEUE_KEYS, {
             "keys": json.dumps({name: sorted(chosen) for name, chosen in keys.items() if chosen}),
             "created_at": queued_at})
 
@@ -469,20 +470,25 @@ def claim_events(conn: Connection, rows: Rows) -> Claim:
     return Claim(claimed, recorded(conn, {row["event_id"] for row in rows} - claimed))
 
 
+_SET_OUTCOME = Keyed(update(applied_events).values(outcome=bindparam("fate")),
+                     applied_events.c.event_id)
+
+
 def set_outcome(conn: Connection, outcome: str, event_ids: Collection[str]) -> None:
     """Record `outcome` as the fate of the events of these ids, claimed by this transaction."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(pg_set_outcome(), (outcome, pg_array_text(sorted(event_ids))))
         return
-    for where in in_keys(conn, applied_events.c.event_id, event_ids):
-        conn.execute(update(applied_events).where(where).values(outcome=outcome))
+    _SET_OUTCOME.execute(conn, event_ids, fate=outcome)
+
+
+_RECORDED = Keyed(select(applied_events.c.event_id, applied_events.c.fingerprint),
+                  applied_events.c.event_id)
 
 
 def recorded(conn: Connection, event_ids: Collection[str]) -> dict[str, str | None]:
     """The fingerprints recorded for those of these ids that are recorded."""
-    query = select(applied_events.c.event_id, applied_events.c.fingerprint)
-    return {row.event_id: row.fingerprint
-            for row in rows_in(conn, query, applied_events.c.event_id, event_ids)}
+    return {row.event_id: row.fingerprint for row in _RECORDED.rows(conn, event_ids)}
 
 
 def add_deltas(conn: Connection, rows: Rows) -> None:
@@ -504,8 +510,7 @@ def _replace_items(conn: Connection, order_ids: set[str], rows: Rows) -> None:
         return
     chosen = _items_of(order_ids, rows)
     # On SQLite one text whatever the count of orders, which the driver keeps compiled.
-    for where in in_keys(conn, order_items.c.order_id, order_ids):
-        conn.execute(delete_items(where))
+    DELETE_ITEMS.execute(conn, order_ids)
     if chosen and conn.dialect.name == "sqlite":
         _sqlite_write(conn, order_items, chosen)
     elif chosen:

@@ -57,7 +57,7 @@ from eventpipe.dlq.letter import (
 )
 from eventpipe.effects import Position
 from eventpipe.events import utf16_prefix
-from eventpipe.keysets import rows_in
+from eventpipe.keysets import Keyed, rows_in
 from eventpipe.messages import Headers, RawMessage, headers_from_json, headers_json
 from eventpipe.tables import applied_events, dead_letter_messages, dead_letters
 from eventpipe.times import utc_iso
@@ -100,22 +100,22 @@ def letter_of(row: Any) -> DeadLetter:
     )
 
 
-def _locked(conn: Connection, query: Select[Any]) -> Select[Any]:
+def _locked(query: Select[Any]) -> Select[Any]:
     """Lock the rows read, always in key order, so two writers cannot deadlock on them.
-    SQLite's writer already holds the database lock. SQL Server renders no FOR UPDATE: its
-    hint instead, whose HOLDLOCK also holds the keys no row has yet, so a writer of a new
-    letter waits for another that is inserting it."""
-    query = query.order_by(dead_letters.c.dlq_key)
-    if conn.dialect.name == "sqlite":
-        return query
-    return query.with_for_update().with_hint(dead_letters, "WITH (UPDLOCK, HOLDLOCK, ROWLOCK)",
-                                             "mssql")
+    SQLite renders no FOR UPDATE: its writer already holds the database lock. SQL Server
+    renders its hint instead, whose HOLDLOCK also holds the keys no row has yet, so a writer
+    of a new letter waits for another that is inserting it."""
+    return (query.order_by(dead_letters.c.dlq_key).with_for_update()
+            .with_hint(dead_letters, "WITH (UPDLOCK, HOLDLOCK, ROWLOCK)", "mssql"))
+
+
+_BY_KEY = Keyed(select(dead_letters), dead_letters.c.dlq_key)
+_BY_KEY_LOCKED = Keyed(_locked(select(dead_letters)), dead_letters.c.dlq_key)
 
 
 def load(conn: Connection, keys: Collection[str], *, lock: bool = False) -> dict[str, DeadLetter]:
-    query = _locked(conn, select(dead_letters)) if lock else select(dead_letters)
-    return {row.dlq_key: letter_of(row)
-            for row in rows_in(conn, query, dead_letters.c.dlq_key, keys)}
+    by_key = _BY_KEY_LOCKED if lock else _BY_KEY
+    return {row.dlq_key: letter_of(row) for row in by_key.rows(conn, keys)}
 
 
 def episode(letter: DeadLetter, ended: str, ended_at: datetime) -> Episode:
@@ -310,23 +310,29 @@ def by_entity(conn: Connection, kind: str, keys: Collection[str], *,
     have a redelivery bumping one of them meanwhile (`repeat`) wait rather than make that
     decision miss its row."""
     found: dict[str, list[DeadLetter]] = {}
-    query = select(dead_letters).where(
-        dead_letters.c.entity_kind == kind, dead_letters.c.state.in_((WAITING, OPEN)))
-    query = _locked(conn, query) if lock else query
-    for row in rows_in(conn, query, dead_letters.c.entity_key, keys):
+    of_entities = _LIVE_OF_ENTITIES_LOCKED if lock else _LIVE_OF_ENTITIES
+    for row in of_entities.rows(conn, keys, kind=kind):
         found.setdefault(row.entity_key, []).append(letter_of(row))
     return found
+
+
+_LIVE = dead_letters.c.state.in_((WAITING, OPEN))
+_LIVE_OF_KIND = select(dead_letters).where(dead_letters.c.entity_kind == bindparam("kind"), _LIVE)
+_LIVE_OF_ENTITIES = Keyed(_LIVE_OF_KIND, dead_letters.c.entity_key)
+_LIVE_OF_ENTITIES_LOCKED = Keyed(_locked(_LIVE_OF_KIND), dead_letters.c.entity_key)
+_HELD_BY_PARENTS = Keyed(
+    select(dead_letters.c.entity_kind, dead_letters.c.entity_key).where(
+        dead_letters.c.parent_kind == bindparam("parent_kind"), _LIVE,
+        dead_letters.c.entity_key.is_not(None)),
+    dead_letters.c.parent_key)
 
 
 def waiting_on(conn: Connection, parent_kind: str,
                keys: Collection[str]) -> set[tuple[str, str]]:
     """(kind, key) of the entities whose live dead letters are held because of these
     parents."""
-    query = select(dead_letters.c.entity_kind, dead_letters.c.entity_key).where(
-        dead_letters.c.parent_kind == parent_kind, dead_letters.c.state.in_((WAITING, OPEN)),
-        dead_letters.c.entity_key.is_not(None))
     return {(row.entity_kind, row.entity_key)
-            for row in rows_in(conn, query, dead_letters.c.parent_key, keys)}
+            for row in _HELD_BY_PARENTS.rows(conn, keys, parent_kind=parent_kind)}
 
 
 def create_or_reopen(conn: Connection, letters: Sequence[DeadLetter],

@@ -23,7 +23,7 @@ from eventpipe.apply import apply_batch
 from eventpipe.database import WAL_PAGES, make_engine
 from eventpipe.effects import Fate
 from eventpipe.errors import FailureKind, classify, sqlstate
-from eventpipe.keysets import in_keys
+from eventpipe.keysets import Keyed, rows_in
 from eventpipe.samples import Story
 from eventpipe.settings import Settings
 from eventpipe.tables import applied_events, orders, payments, users
@@ -196,11 +196,11 @@ def test_postgresql_plans_each_lookup_for_the_table_as_it_is_now(postgresql_url:
     Neither is kept prepared (only the writes that read no table are:
     `eventpipe.database.PREPARED`)."""
     engine = make_engine(Settings(database_url=postgresql_url))
+    lookup = Keyed(select(applied_events.c.event_id), applied_events.c.event_id)
     try:
         with engine.connect() as conn:
             for _ in range(10):
-                conn.execute(select(applied_events.c.event_id).where(
-                    *in_keys(conn, applied_events.c.event_id, ["a", "b"]))).all()
+                lookup.rows(conn, ["a", "b"])
             conn.exec_driver_sql("SELECT %s::text WHERE false", [("a",), ("b",)])
             prepared = conn.execute(text("SELECT count(*) FROM pg_prepared_statements"))
             assert prepared.scalar_one() == 0
@@ -214,25 +214,28 @@ def _users(user_ids: Iterable[str]) -> list[dict[str, object]]:
             for user_id in user_ids]
 
 
-def test_in_keys_on_sqlite_keeps_a_key_holding_a_nul_whole(sqlite_url: str) -> None:
+def test_keysets_on_sqlite_keep_a_key_holding_a_nul_whole(sqlite_url: str) -> None:
     """SQLite's JSON ends a string at an escaped NUL: a key holding one must not select the
     row of the key it would be cut down to."""
     engine = make_engine(Settings(database_url=sqlite_url))
     try:
         with engine.connect() as conn:  # rolled back when it closes
             conn.execute(users.insert(), _users(("nul-a", "nul-a\x00b")))
-            found = conn.execute(select(users.c.user_id).where(
-                *in_keys(conn, users.c.user_id, ["nul-a\x00b", "nul-c"]))).scalars().all()
-            assert found == ["nul-a\x00b"]
+            found = rows_in(conn, select(users.c.user_id), users.c.user_id,
+                            ["nul-a\x00b", "nul-c"])
+            assert [row.user_id for row in found] == ["nul-a\x00b"]
     finally:
         engine.dispose()
+
+
+_BY_USER_ID = Keyed(select(users.c.user_id), users.c.user_id)  # one statement for every example
 
 
 @given(st.lists(st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]),
                         max_size=20), min_size=1, max_size=12))
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_in_keys_selects_exactly_its_keys(database_url: str, keys: list[str]) -> None:
+def test_keysets_select_exactly_their_keys(database_url: str, keys: list[str]) -> None:
     """The keys go as one parameter, an array in PostgreSQL's text form
     (`eventpipe.pg_arrays`), a JSON array on SQLite: the rows of exactly those keys are
     selected, whatever characters the keys hold."""
@@ -241,9 +244,8 @@ def test_in_keys_selects_exactly_its_keys(database_url: str, keys: list[str]) ->
         with engine.connect() as conn:  # rolled back when it closes
             asked = [f"k{number}:{key}" for number, key in enumerate(sorted(set(keys)))]
             conn.execute(users.insert(), _users([*asked, "not-asked"]))
-            found = conn.execute(select(users.c.user_id).where(
-                *in_keys(conn, users.c.user_id, asked))).scalars().all()
-            assert sorted(found) == sorted(asked)
+            found = _BY_USER_ID.rows(conn, asked)
+            assert sorted(row.user_id for row in found) == sorted(asked)
     finally:
         engine.dispose()
 

@@ -70,7 +70,7 @@ def test_a_value_the_text_cannot_hold_is_refused_not_split() -> None:
 
 
 def test_the_keys_parameter_compiles_with_its_values_and_caches_by_its_type() -> None:
-    """`in_keys` sends the text as it is, with a cast to the column's array type; compiled
+    """A keyset sends the text as it is, with a cast to the column's array type; compiled
     with its values (as offline migrations do) it is one SQL string literal, and statements
     that differ only in the keys' type never share a cached compilation."""
     dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]

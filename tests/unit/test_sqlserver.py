@@ -76,7 +76,7 @@ def test_staging_tables_are_session_temporary_tables(table: Table) -> None:
 
 def test_item_replacement_parses() -> None:
     expanding = order_items.c.order_id.in_(bindparam("order_ids", expanding=True))
-    sql = str(upserts.delete_items(expanding).compile(dialect=DIALECT))
+    sql = str(upserts.DELETE_ITEMS.statement.where(expanding).compile(dialect=DIALECT))
     # An expanding IN list is rendered at execution, by its size: give it two values.
     sql = sql.replace("(__[POSTCOMPILE_order_ids])", "(?, ?)")
     parses_as_tsql(sql)
@@ -157,7 +157,9 @@ class _Recording:
         self.dialect = DIALECT
         self.statements: list[str] = []
 
-    def execute(self, statement: Any, *_args: Any) -> Any:
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if parameters:  # the values of the statement's own parameters, as a driver takes them
+            statement = statement.params(parameters)
         self.statements.append(str(statement.compile(
             dialect=DIALECT, compile_kwargs={"render_postcompile": True})))
         return self

@@ -10,9 +10,9 @@ keys holding a NUL, which its JSON cuts short.
 
 A `Keyed` statement is built once for each database, the keys given at each execution: an
 `IN (…)` list is rendered anew at each execution, a bound parameter per key, and even one
-parameter in a statement built anew costs SQLAlchemy its cache key. Both cost a SQLite
-worker more than the lookups themselves (docs/performance.md): a statement built for four
-keys, a hundred microseconds; built once, a tenth of that.
+parameter in a statement built anew costs SQLAlchemy its expression and its cache key. Both
+cost a SQLite worker more than the lookups themselves (docs/performance.md): a statement
+built for four keys, a hundred microseconds; built once, a tenth of that.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from sqlalchemy import (
     Connection,
     Delete,
     Dialect,
-    Executable,
     Row,
     Select,
     String,
@@ -57,12 +56,14 @@ def chunked(values: Collection[Any], size: int = CHUNK) -> Iterator[list[Any]]:
 class Keyed:
     """`statement` restricted to `column IN keys`, the keys given at each execution, with
     any other parameters the statement names. Hold one where it runs often: the statement
-    for each database is built once."""
+    for each database is built once. Parameters of an update named like a column of its
+    table join its SET clause, as SQLAlchemy's do: name its own values otherwise (`fate`
+    for `outcome`)."""
 
     def __init__(self, statement: Restrictable, column: ColumnElement[Any]) -> None:
         self.statement = statement
         self.column = column
-        self._built: dict[str, Executable] = {}
+        self._built: dict[tuple[str, bool], Restrictable] = {}
 
     def execute(self, conn: Connection, keys: Collection[Any], **params: Any) -> None:
         for statement, values in self._executions(conn, keys, params):
@@ -75,21 +76,27 @@ class Keyed:
         return [row for statement, values in self._executions(conn, keys, params)
                 for row in conn.execute(statement, values).all()]
 
+    def built(self, dialect: str, as_one: bool) -> Restrictable:
+        """The statement this database runs: with the keys as one parameter, or as a list
+        (`IN (…)`, rendered at each execution for the keys of a chunk)."""
+        built = self._built.get((dialect, as_one))
+        if built is None:
+            condition = (_one_parameter_condition(dialect, self.column) if as_one
+                         else self.column.in_(bindparam(KEYSET, expanding=True)))
+            built = self._built[dialect, as_one] = self.statement.where(condition)
+        return built
+
     def _executions(self, conn: Connection, keys: Collection[Any],
-                    params: dict[str, Any]) -> Iterator[tuple[Executable, dict[str, Any]]]:
+                    params: dict[str, Any]) -> Iterator[tuple[Restrictable, dict[str, Any]]]:
         if not keys:
             return
         dialect = conn.dialect.name
         keyset = _as_one_parameter(dialect, keys)
-        if keyset is None:
-            for part in chunked(keys):
-                yield self.statement.where(self.column.in_(part)), params
+        if keyset is not None:
+            yield self.built(dialect, True), {**params, KEYSET: keyset}
             return
-        built = self._built.get(dialect)
-        if built is None:
-            built = self._built[dialect] = self.statement.where(
-                _one_parameter_condition(dialect, self.column))
-        yield built, {**params, KEYSET: keyset}
+        for part in chunked(keys):
+            yield self.built(dialect, False), {**params, KEYSET: part}
 
 
 def rows_in(conn: Connection, query: Select[Any], column: ColumnElement[Any],

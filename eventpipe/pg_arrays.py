@@ -1,7 +1,7 @@
 """Arrays as parameters of PostgreSQL statements, in PostgreSQL's text form.
 
 A batch's statements pass their values as one array per column (`unnest(%s::text[], …)`),
-and `eventpipe.keysets` its sets of keys as one array (`key = ANY(%(keys)s::VARCHAR(64)[])`).
+and `eventpipe.keysets` its sets of keys as one array (`key = ANY(%(keyset)s::VARCHAR(64)[])`).
 psycopg builds such an array value by value in Python, 0.15 µs a value in its binary form
 and 0.7 µs in its text form; written here, strings are escaped by three replacements over
 all of them joined by NUL (a character no PostgreSQL text holds), numbers joined as they

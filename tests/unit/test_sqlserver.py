@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 import sqlglot
 from alembic import command
-from sqlalchemy import Connection, Table, bindparam
+from sqlalchemy import Connection, Table
 from sqlalchemy.dialects.mssql import pyodbc
 from sqlalchemy.schema import CreateTable
 
@@ -75,12 +75,23 @@ def test_staging_tables_are_session_temporary_tables(table: Table) -> None:
 
 
 def test_item_replacement_parses() -> None:
-    expanding = order_items.c.order_id.in_(bindparam("order_ids", expanding=True))
-    sql = str(upserts.DELETE_ITEMS.statement.where(expanding).compile(dialect=DIALECT))
+    sql = str(upserts.DELETE_ITEMS.built("mssql", as_one=False).compile(dialect=DIALECT))
     # An expanding IN list is rendered at execution, by its size: give it two values.
-    sql = sql.replace("(__[POSTCOMPILE_order_ids])", "(?, ?)")
+    sql = sql.replace("(__[POSTCOMPILE_keyset])", "(?, ?)")
     parses_as_tsql(sql)
     assert sql.endswith("order_items.order_id IN (?, ?)")
+
+
+def test_a_fate_is_corrected_by_an_update_of_only_the_outcome() -> None:
+    """The keys go as IN lists, in chunks; the fate as its own parameter, which only the
+    outcome column takes."""
+    conn = _Recording()
+    upserts.set_outcome(cast(Connection, conn), "stale", [f"e{number}" for number in range(501)])
+    assert len(conn.statements) == 2  # 500 keys, then 1
+    for sql in conn.statements:
+        parses_as_tsql(sql)
+        assert sql.startswith("UPDATE applied_events SET outcome=? WHERE "
+                              "applied_events.event_id IN (?"), sql
 
 
 def offline_tsql(revisions: str) -> str:
@@ -158,10 +169,9 @@ class _Recording:
         self.statements: list[str] = []
 
     def execute(self, statement: Any, parameters: Any = None) -> Any:
-        if parameters:  # the values of the statement's own parameters, as a driver takes them
-            statement = statement.params(parameters)
-        self.statements.append(str(statement.compile(
-            dialect=DIALECT, compile_kwargs={"render_postcompile": True})))
+        # As the driver gets it: the IN lists rendered for the values given.
+        compiled = statement.compile(dialect=DIALECT)
+        self.statements.append(compiled.construct_expanded_state(parameters or {}).statement)
         return self
 
     def all(self) -> list[Any]:

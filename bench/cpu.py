@@ -90,3 +90,13 @@ class Sampler:
         (start, first), (end, last) = inside[0], inside[-1]
         return {role: max(0.0, used - first.get(role, 0.0)) / (end - start)
                 for role, used in last.items()}
+
+
+def reference_seconds(additions: int = 10_000_000) -> float:
+    """CPU seconds a fixed pure-Python loop takes on this core now: this VM ran it at speeds
+    up to twice apart from one minute to the next, so runs are told apart by it."""
+    started = time.process_time()
+    total = 0
+    for number in range(additions):
+        total += number
+    return time.process_time() - started

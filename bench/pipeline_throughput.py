@@ -333,6 +333,8 @@ def _database(kind: str, tmp: str, name: str) -> str:
 
 def run(count: int = 48_000, naive_count: int = 3_000) -> None:
     messages = _stream(count)
+    print(f"this machine's speed: a reference loop took {cpu.reference_seconds():.2f} s of CPU "
+          "(again at the end)")
     with running_kafka() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         floor = _broker_latency(bootstrap)
         print(f"the broker alone, the latency runs' events at {RATE:,}/s produced → consumed "
@@ -360,6 +362,8 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
                         drop_database(url)
             _report(kind, count, naive_count, shipped, naive, top, latency, bare)
             _report_partitions({**by_partitions, PARTITIONS: latency})
+    print(f"this machine's speed at the end: the reference loop took "
+          f"{cpu.reference_seconds():.2f} s of CPU")
 
 
 def _report(kind: str, count: int, naive_count: int, shipped: Run, naive: Run, top: float,

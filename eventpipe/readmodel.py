@@ -191,10 +191,10 @@ _PAYMENT_FACTS = Keyed(select(payments.c.payment_id, payments.c.order_id, paymen
                               payments.c.version_event_id), payments.c.payment_id)
 
 
-def _facts(conn: Connection, query: Keyed, ids: Collection[str],
+def _facts(conn: Connection, read: Keyed, ids: Collection[str],
            kind: type[_Facts]) -> dict[str, _Facts]:
-    """`query`'s rows of these keys: the key first, then `kind`'s fields."""
-    return {row[0]: kind._make(row[1:]) for row in query.rows(conn, ids)}
+    """`read`'s rows of these keys: the key first, then `kind`'s fields."""
+    return {row[0]: kind._make(row[1:]) for row in read.rows(conn, ids)}
 
 
 def visible_user(conn: Connection, user_id: str) -> UserRow | None:

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 ROUND_KEYS = 5000
 QUEUE_ROWS = 200
 _LOCK_ID = 0x65766E74  # "evnt": the PostgreSQL advisory lock of the reconciler
+_DELETE_QUEUE_ROWS = Keyed(reconcile_queue.delete(), reconcile_queue.c.id)
 
 
 @dataclass(slots=True)
@@ -308,7 +309,6 @@ class _Current:
     worker: str | None
 
 
-_DELETE_QUEUE_ROWS = Keyed(reconcile_queue.delete(), reconcile_queue.c.id)
 _APPLIED = Keyed(select(applied_events), applied_events.c.event_id)
 
 

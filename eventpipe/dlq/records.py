@@ -303,6 +303,17 @@ def _transitioned(letter: DeadLetter, state: str, now: datetime, **changes: Any)
     return replace(letter, state=state, history=history, **changes)
 
 
+_LIVE = dead_letters.c.state.in_((WAITING, OPEN))
+_LIVE_OF_KIND = select(dead_letters).where(dead_letters.c.entity_kind == bindparam("kind"), _LIVE)
+_LIVE_OF_ENTITIES = Keyed(_LIVE_OF_KIND, dead_letters.c.entity_key)
+_LIVE_OF_ENTITIES_LOCKED = Keyed(_locked(_LIVE_OF_KIND), dead_letters.c.entity_key)
+_HELD_BY_PARENTS = Keyed(
+    select(dead_letters.c.entity_kind, dead_letters.c.entity_key).where(
+        dead_letters.c.parent_kind == bindparam("parent_kind"), _LIVE,
+        dead_letters.c.entity_key.is_not(None)),
+    dead_letters.c.parent_key)
+
+
 def by_entity(conn: Connection, kind: str, keys: Collection[str], *,
               lock: bool = True) -> dict[str, list[DeadLetter]]:
     """Live (waiting or open) dead letters of these entities, by entity key, locked unless
@@ -314,17 +325,6 @@ def by_entity(conn: Connection, kind: str, keys: Collection[str], *,
     for row in of_entities.rows(conn, keys, kind=kind):
         found.setdefault(row.entity_key, []).append(letter_of(row))
     return found
-
-
-_LIVE = dead_letters.c.state.in_((WAITING, OPEN))
-_LIVE_OF_KIND = select(dead_letters).where(dead_letters.c.entity_kind == bindparam("kind"), _LIVE)
-_LIVE_OF_ENTITIES = Keyed(_LIVE_OF_KIND, dead_letters.c.entity_key)
-_LIVE_OF_ENTITIES_LOCKED = Keyed(_locked(_LIVE_OF_KIND), dead_letters.c.entity_key)
-_HELD_BY_PARENTS = Keyed(
-    select(dead_letters.c.entity_kind, dead_letters.c.entity_key).where(
-        dead_letters.c.parent_kind == bindparam("parent_kind"), _LIVE,
-        dead_letters.c.entity_key.is_not(None)),
-    dead_letters.c.parent_key)
 
 
 def waiting_on(conn: Connection, parent_kind: str,

@@ -93,8 +93,9 @@ class Sampler:
 
 
 def reference_seconds(additions: int = 10_000_000) -> float:
-    """CPU seconds a fixed pure-Python loop takes on this core now: this VM ran it at speeds
-    up to twice apart from one minute to the next, so runs are told apart by it."""
+    """CPU seconds a fixed pure-Python loop takes on this core now: this VM ran such a loop
+    at speeds up to twice apart from one minute to the next, so runs are told apart by it.
+    Time the hypervisor takes from the VM is not CPU time, and goes unseen here."""
     started = time.process_time()
     total = 0
     for number in range(additions):

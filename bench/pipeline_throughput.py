@@ -333,8 +333,6 @@ def _database(kind: str, tmp: str, name: str) -> str:
 
 def run(count: int = 48_000, naive_count: int = 3_000) -> None:
     messages = _stream(count)
-    print(f"this machine's speed: a reference loop took {cpu.reference_seconds():.2f} s of CPU "
-          "(again at the end)")
     with running_kafka() as bootstrap, tempfile.TemporaryDirectory() as tmp:
         floor = _broker_latency(bootstrap)
         print(f"the broker alone, the latency runs' events at {RATE:,}/s produced → consumed "
@@ -344,6 +342,8 @@ def run(count: int = 48_000, naive_count: int = 3_000) -> None:
               f"{STRETCH_S:.0f} s of them, {floor.broker_last:.0%} in the last")
         fewer = {partitions: f"latency{partitions}" for partitions in FEWER_PARTITIONS}
         for kind in ("postgresql", "sqlite"):
+            print(f"this machine's speed before the {kind} runs: a reference loop took "
+                  f"{cpu.reference_seconds():.2f} s of CPU (again at the end)")
             urls = {name: _database(kind, tmp, name)
                     for name in ("shipped", "naive", "ceiling", "latency", *fewer.values())}
             try:

@@ -42,7 +42,7 @@ from sqlalchemy.types import TypeEngine
 from eventpipe.pg_arrays import pg_array_text
 
 CHUNK = 500
-KEYSET = "keyset"  # the parameter that carries the keys where they go as one
+KEYSET = "keyset"  # the parameter that carries the keys: one value, or a chunk's list
 
 Restrictable = Select[Any] | Delete | Update
 
@@ -81,6 +81,8 @@ class Keyed:
         (`IN (…)`, rendered at each execution for the keys of a chunk)."""
         built = self._built.get((dialect, as_one))
         if built is None:
+            if as_one and dialect not in _AS_ONE:
+                raise ValueError(f"{dialect} takes no set of keys as one parameter")
             condition = (_one_parameter_condition(dialect, self.column) if as_one
                          else self.column.in_(bindparam(KEYSET, expanding=True)))
             built = self._built[dialect, as_one] = self.statement.where(condition)
@@ -104,6 +106,9 @@ def rows_in(conn: Connection, query: Select[Any], column: ColumnElement[Any],
     """`query`'s rows whose `column` is one of `keys`, for a query run now and then (one run
     often is a `Keyed`)."""
     return Keyed(query, column).rows(conn, keys)
+
+
+_AS_ONE = ("postgresql", "sqlite")  # the databases that take a set of keys as one parameter
 
 
 def _as_one_parameter(dialect: str, keys: Collection[Any]) -> str | None:

@@ -82,12 +82,17 @@ def test_item_replacement_parses() -> None:
     assert sql.endswith("order_items.order_id IN (?, ?)")
 
 
+def test_sql_server_takes_no_set_of_keys_as_one_parameter() -> None:
+    with pytest.raises(ValueError, match="mssql"):
+        upserts.DELETE_ITEMS.built("mssql", as_one=True)
+
+
 def test_a_fate_is_corrected_by_an_update_of_only_the_outcome() -> None:
     """The keys go as IN lists, in chunks; the fate as its own parameter, which only the
     outcome column takes."""
     conn = _Recording()
     upserts.set_outcome(cast(Connection, conn), "stale", [f"e{number}" for number in range(501)])
-    assert len(conn.statements) == 2  # 500 keys, then 1
+    assert len(conn.statements) == 2  # under SQL Server's 2,100 parameters a statement
     for sql in conn.statements:
         parses_as_tsql(sql)
         assert sql.startswith("UPDATE applied_events SET outcome=? WHERE "

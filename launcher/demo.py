@@ -13,6 +13,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from eventpipe import redis_clients
+from eventpipe.database import make_engine, reading
+from eventpipe.dlq import records
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.kafka import make_producer, reader_config
 from eventpipe.progress import ProgressBar
@@ -22,6 +24,7 @@ from producer.stream import plan_stream
 
 DEMO_EVENTS = 600
 DRAIN_TIMEOUT_S = 120.0
+PROJECTED_TIMEOUT_S = 15.0
 
 
 def run_demo(settings: Settings, check: Callable[[], None], reach: str = "") -> None:
@@ -42,14 +45,46 @@ def run_demo(settings: Settings, check: Callable[[], None], reach: str = "") -> 
     for path in (f"/users/{user_id}", f"/orders/{order_id}", f"/inventory/{sku}"):
         print(f"\nGET {base}{path}")
         print(json.dumps(_get(base + path), indent=2))
+    left = _wait_projected(settings, check)
     client = redis_clients.operator(settings.redis_url)
     depth = DeadLetterStream(client, settings.dlq_stream, settings.dlq_max_entries,
                              settings.dlq_max_bytes).depth()
     client.close()
     poison = sum(n for kind, n in plan.counts.items() if kind.startswith("poison"))
-    print(f"\ndemo: {poison} poison message(s) sent; {depth} in the dead-letter queue: "
+    print(f"\ndemo: {poison} poison message(s) sent; {depth} in the dead-letter queue"
+          f"{f' ({left} more on their way to it)' if left else ''}: "
           f"`{reach}eventpipe dlq list`")
     print(f"demo: a user to look at: {base}/users/{user_id}\n")
+
+
+def _wait_projected(settings: Settings, check: Callable[[], None]) -> int:
+    """Wait until the DLQ stream shows every dead letter SQL holds; how many it does not yet,
+    after `PROJECTED_TIMEOUT_S`. A batch's dead letters are written with its fates, and so
+    its offsets may be committed before the workers' projection puts them in the stream (a
+    second or so later): read at once, the stream's depth could say none."""
+    engine = make_engine(settings, writer=False)
+
+    def unprojected() -> int:
+        with reading(engine) as conn:
+            return records.count_unprojected(conn)
+
+    try:
+        return until_none_left(unprojected, check, PROJECTED_TIMEOUT_S)
+    finally:
+        engine.dispose()
+
+
+def until_none_left(left: Callable[[], int], check: Callable[[], None], timeout_s: float, *,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> int:
+    """Ask `left` until it says 0 or `timeout_s` passed, `check`ing between; its last answer."""
+    deadline = clock() + timeout_s
+    while True:
+        check()
+        found = left()
+        if found == 0 or clock() >= deadline:
+            return found
+        sleep(0.2)
 
 
 def _wait_drained(settings: Settings, ends: dict[int, int], check: Callable[[], None]) -> None:

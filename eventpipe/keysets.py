@@ -81,8 +81,6 @@ class Keyed:
         (`IN (…)`, rendered at each execution for the keys of a chunk)."""
         built = self._built.get((dialect, as_one))
         if built is None:
-            if as_one and dialect not in _AS_ONE:
-                raise ValueError(f"{dialect} takes no set of keys as one parameter")
             condition = (_one_parameter_condition(dialect, self.column) if as_one
                          else self.column.in_(bindparam(KEYSET, expanding=True)))
             built = self._built[dialect, as_one] = self.statement.where(condition)
@@ -108,9 +106,6 @@ def rows_in(conn: Connection, query: Select[Any], column: ColumnElement[Any],
     return Keyed(query, column).rows(conn, keys)
 
 
-_AS_ONE = ("postgresql", "sqlite")  # the databases that take a set of keys as one parameter
-
-
 def _as_one_parameter(dialect: str, keys: Collection[Any]) -> str | None:
     """The keys as the one parameter this database takes them in; None where they go as
     lists."""
@@ -127,8 +122,10 @@ def _as_one_parameter(dialect: str, keys: Collection[Any]) -> str | None:
 def _one_parameter_condition(dialect: str, column: ColumnElement[Any]) -> ColumnElement[bool]:
     if dialect == "postgresql":
         return column == any_(bindparam(KEYSET, type_=_ArrayText(column.type)))
-    each = func.json_each(bindparam(KEYSET, type_=String))
-    return column.in_(select(each.table_valued("value").c.value))
+    if dialect == "sqlite":
+        each = func.json_each(bindparam(KEYSET, type_=String))
+        return column.in_(select(each.table_valued("value").c.value))
+    raise ValueError(f"{dialect} takes no set of keys as one parameter")
 
 
 class _ArrayText(TypeDecorator[str]):

@@ -109,6 +109,7 @@ def _locked(query: Select[Any]) -> Select[Any]:
             .with_hint(dead_letters, "WITH (UPDLOCK, HOLDLOCK, ROWLOCK)", "mssql"))
 
 
+_LIVE = dead_letters.c.state.in_((WAITING, OPEN))  # a letter held or in the DLQ
 _BY_KEY = Keyed(select(dead_letters), dead_letters.c.dlq_key)
 _BY_KEY_LOCKED = Keyed(_locked(select(dead_letters)), dead_letters.c.dlq_key)
 
@@ -282,7 +283,7 @@ def given_up_then_recorded(conn: Connection) -> list[str]:
         select(dead_letters.c.dlq_key, dead_letters.c.first_failure_at,
                applied_events.c.fingerprint, applied_events.c.applied_at)
         .join(applied_events, applied_events.c.event_id == dead_letters.c.event_id)
-        .where(dead_letters.c.state.in_((OPEN, WAITING)), dead_letters.c.entity_kind.is_(None),
+        .where(_LIVE, dead_letters.c.entity_kind.is_(None),
                dead_letters.c.dlq_key.startswith("e:")))
     # Compared here: in SQL the two columns' collations may differ (SQL Server).
     return [row.dlq_key for row in rows
@@ -303,7 +304,6 @@ def _transitioned(letter: DeadLetter, state: str, now: datetime, **changes: Any)
     return replace(letter, state=state, history=history, **changes)
 
 
-_LIVE = dead_letters.c.state.in_((WAITING, OPEN))
 _LIVE_OF_KIND = select(dead_letters).where(dead_letters.c.entity_kind == bindparam("kind"), _LIVE)
 _LIVE_OF_ENTITIES = Keyed(_LIVE_OF_KIND, dead_letters.c.entity_key)
 _LIVE_OF_ENTITIES_LOCKED = Keyed(_locked(_LIVE_OF_KIND), dead_letters.c.entity_key)

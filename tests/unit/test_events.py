@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -492,6 +493,42 @@ def test_how_deep_a_message_may_nest_does_not_depend_on_its_reader(depth: int) -
     verdicts = {_called_from(frames, lambda: _parsed(value)) for frames in (0, 150, 300)}
     assert verdicts == {"valid" if depth < events.MAX_NESTING else
                         f"value: nested more than {events.MAX_NESTING} deep"}
+
+
+@contextlib.contextmanager
+def _int_max_str_digits(limit: int) -> Any:
+    previous = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(limit)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(previous)
+
+
+@pytest.mark.parametrize("digits", [19, 21, 640, 641, 4301, 200_000])
+def test_how_long_an_integer_may_be_does_not_depend_on_the_interpreter(digits: int) -> None:
+    """Before: `json` took an integer of more digits than the interpreter converts
+    (`sys.get_int_max_str_digits()`: 4300 unless a process sets it otherwise, down to 640)
+    for malformed JSON, so a valid event with one in a field the contract ignores was
+    dead-lettered, or applied by a process whose setting differed (`verify` then disagreed
+    with the workers), and its dead letter named no event."""
+    document = user_created("u-1", event_id="e-1")[1]
+    value = encode(document)[:-1] + b',"traceId":-' + b"7" * digits + b"}"
+    seen = set()
+    for limit in (0, 640, 4300):
+        with _int_max_str_digits(limit):
+            seen.add((_parsed(value), peek_identity(value)))
+    assert seen == {("valid", ("e-1", "UserCreated"))}
+
+
+@pytest.mark.parametrize("digits", [641, 4301])
+def test_an_integer_too_long_for_any_column_is_out_of_range(digits: int) -> None:
+    _, document = inventory_adjusted("SKU-1", 1)
+    value = encode(document).replace(b'"delta":1', b'"delta":' + b"9" * digits)
+    for limit in (0, 640, 4300):
+        with _int_max_str_digits(limit), pytest.raises(InvalidEvent) as caught:
+            parse_event(value)
+        assert (caught.value.field, caught.value.reason) == ("data.delta", "is out of range")
 
 
 def test_an_unclosed_string_full_of_escapes_is_read_in_one_pass() -> None:

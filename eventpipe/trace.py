@@ -118,7 +118,7 @@ def render(trace: Trace) -> str:
         try:
             body = json.dumps(json.loads(value), indent=2) if value is not None else \
                 "null (a tombstone)"
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the stack's depth
             body = repr(value)
         lines.append("  message:")
         lines.extend(f"    {line}" for line in body.splitlines())

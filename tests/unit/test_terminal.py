@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cli.dlq import _summary
+from eventpipe.messages import RawMessage
 from eventpipe.terminal import printable
 from eventpipe.trace import Trace, render
 from tests.support.factories import dead_letter
@@ -44,3 +45,12 @@ def test_a_trace_forges_no_line_from_the_data() -> None:
     assert "bad\\n  kafka  forged" in text and "on w\\n1;" in text
     assert len(text.splitlines()) == len(render(Trace("e", None, [entry.letter], {},
                                                       None)).splitlines())
+
+
+def test_a_trace_shows_a_message_no_json_reader_takes_as_its_bytes() -> None:
+    """A review's finding: a message nesting deeper than the interpreter's stack (a poison
+    the DLQ holds) stopped `eventpipe trace` with a RecursionError."""
+    entry = dead_letter(7)
+    value = b"[" * 100_000 + b"]" * 100_000
+    text = render(Trace("e", None, [entry.letter], {}, RawMessage(None, value)))
+    assert text.splitlines()[-1] == f"    {value!r}"

@@ -45,9 +45,9 @@ class IdConverter(BaseConverter):
 class KeyConverter(BaseConverter):
     """An entity's key: the rest of the path, even empty (a 422 naming it) or holding '/',
     which the contract allows in an id: a client sends `tenant/42` as `tenant%2F42`, which
-    the server has decoded by the time it routes."""
+    the server has decoded by the time it routes. Line breaks too (`.` matches none)."""
 
-    regex = ".*"
+    regex = r"[\s\S]*"
     part_isolating = False
 
 

@@ -144,7 +144,7 @@ def test_unknown_ids_are_404(client: FlaskClient, path: str, message: str) -> No
 
 
 @pytest.mark.parametrize("resource", ["users", "orders", "inventory"])
-@pytest.mark.parametrize("bad_id", ["", "x" * 65, "%20%20"])
+@pytest.mark.parametrize("bad_id", ["", "x" * 65, "%20%20", "%0A", "%0D%0A"])
 def test_invalid_ids_are_422_naming_the_parameter(
     client: FlaskClient, resource: str, bad_id: str
 ) -> None:
@@ -168,6 +168,20 @@ def test_an_id_holding_a_slash_is_served_at_its_encoded_path(
     assert get_json(client, "/orders/order%2F7")["items"][0]["sku"] == "SKU/9"
     assert get_json(client, "/inventory/SKU%2F9")["quantity"] == 3
     assert get_json(client, "/users/tenant%2F43", 404)["message"] == "no user 'tenant/43'"
+
+
+def test_an_id_holding_a_line_break_is_served_at_its_encoded_path(
+        engine: Engine, client: FlaskClient) -> None:
+    """A review's finding: the contract lets an id hold a line feed, and the pipeline applies
+    its events, but the API answered 404 "the requested URL was not found" (the keys' route
+    matched no line break)."""
+    apply(engine, user_created("a\nb", email="ab@example.com", occurred_at=at(0)),
+          order_placed("ord\r\n1", "a\nb", items=[("line\nfeed", 1, "1.00")],
+                       occurred_at=at(1)),
+          inventory_adjusted("line\nfeed", 4, occurred_at=at(2)))
+    assert get_json(client, "/users/a%0Ab")["orders"][0]["orderId"] == "ord\r\n1"
+    assert get_json(client, "/orders/ord%0D%0A1")["items"][0]["sku"] == "line\nfeed"
+    assert get_json(client, "/inventory/line%0Afeed")["quantity"] == 4
 
 
 def test_an_id_of_64_characters_is_valid(client: FlaskClient) -> None:

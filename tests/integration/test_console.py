@@ -8,16 +8,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from eventpipe.samples import Story
+from eventpipe.settings import Settings
 from tests.support.http import serving
 from tests.support.pipeline import Pipeline, wait_until
+from tests.support.services import REDIS_URL
 from web import create_app, services
 
 TOKEN = "console-test-token"
@@ -105,3 +108,32 @@ def test_the_console_shows_the_status_and_replays_and_deletes_dead_letters(
     expect(page.locator("#dlq-message")).to_contain_text("deleted")
     expect(rows).to_have_count(0)
     assert pipeline.dlq.depth() == 0
+
+
+@pytest.fixture
+def served(sqlite_url: str) -> Iterator[str]:
+    app = create_app(Settings(database_url=sqlite_url, redis_url=REDIS_URL))
+    try:
+        with serving(app) as url:
+            yield url
+    finally:
+        services.of(app).close()
+
+
+def test_the_status_view_asks_again_only_once_answered(served: str, browser: Browser) -> None:
+    """A review's finding: the console asked for /status every two seconds whether the last
+    answer had come or not. While the database does not answer, each takes up to ten
+    seconds: the requests queued up in the tab, and what it showed fell further behind."""
+    page: Page = browser.new_page()
+    held: list[Route] = []
+    page.route("**/status", lambda route: held.append(route))  # answered when the test says
+    page.goto(f"{served}/console")
+    # Three refreshes' time with the first still unanswered: no second request.
+    page.wait_for_timeout(3 * 2_000)
+    assert len(held) == 1
+    held[0].continue_()
+    deadline = time.monotonic() + 10
+    while len(held) == 1 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)  # the route handler runs while Playwright is called
+    assert len(held) == 2  # and the next, once the first is answered
+    held[1].continue_()

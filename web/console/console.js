@@ -1,6 +1,6 @@
-// The eventpipe console: GET /status every two seconds, and the dead-letter queue through
-// the DLQ API with the operator's token. Everything shown is set as text, never as markup:
-// dead letters hold whatever bytes producers sent.
+// The eventpipe console: GET /status two seconds after each answer, and the dead-letter
+// queue through the DLQ API with the operator's token. Everything shown is set as text, never
+// as markup: dead letters hold whatever bytes producers sent.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -168,7 +168,8 @@ async function showEntry(id) {
       ["Error class", entry.errorClass], ["Error", entry.errorMessage],
       ["Attempts", entry.attempts], ["First failure", entry.firstFailureAt],
       ["Last failure", entry.lastFailureAt], ["Worker", entry.worker],
-      ["Position", `${entry.topic} p${entry.partition} offset ${entry.offset}`],
+      ["Position", entry.partition === null ? null
+        : `${entry.topic} p${entry.partition} offset ${entry.offset}`],
       ["Key", entry.key === null ? "(none)" : bytes(entry.key)],
       ...(entry.headers || []).map((header) => [
         `Header ${header.name}`, header.value === null ? "(null)" : bytes(header.value)]),
@@ -241,6 +242,14 @@ function closeEntry() {
 // -- navigation ---------------------------------------------------------------------------
 
 let timer = null;
+let shown = 0; // which showing of the status view a pending refresh belongs to
+
+// The next refresh two seconds after the last answer, never beside it: while the database
+// does not answer, /status takes up to ten seconds, and requests sent every two would queue.
+async function pollStatus(showing) {
+  await refreshStatus();
+  if (showing === shown) timer = setTimeout(() => pollStatus(showing), REFRESH_MS);
+}
 
 function route() {
   const view = location.hash === "#dlq" ? "dlq" : "status";
@@ -248,10 +257,10 @@ function route() {
   $("view-dlq").hidden = view !== "dlq";
   $("tab-status").classList.toggle("current", view === "status");
   $("tab-dlq").classList.toggle("current", view === "dlq");
-  clearInterval(timer);
+  clearTimeout(timer);
+  shown += 1;
   if (view === "status") {
-    refreshStatus();
-    timer = setInterval(refreshStatus, REFRESH_MS);
+    pollStatus(shown);
   } else {
     loadEntries();
   }

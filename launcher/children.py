@@ -43,3 +43,10 @@ def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def restart_delay(lived_s: float, last_delay_s: float) -> float:
+    """How long to wait before starting again a child that exited after `lived_s` seconds:
+    at once if it had run a while, else twice the last wait, from 1 s up to 30 s (one that
+    dies right after starting would die again, and its log fill with the same lines)."""
+    return 0.0 if lived_s > 30 else min(30.0, max(1.0, 2 * last_delay_s))

@@ -8,11 +8,18 @@ DLQ_API_TOKEN, one is made for the run and printed, so the console's DLQ view wo
 until everything is ready, prints where to look, and on Ctrl-C or SIGTERM stops the children
 in order (the bridge first, so it commits what is done; the brokers last) so that no process
 is left behind.
+
+Once ready it supervises them: a child that exits is started again, as `eventpipe worker`
+starts its processes again (a bridge or a worker killed costs duplicates, nothing else); so is
+the embedded redis-server, empty on its port, as a Redis that lost its data, which the
+pipeline rebuilds what it needs from. The embedded Kafka keeps its events in memory: if it
+exits they are gone, and the run ends saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -29,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import redis
 from sqlalchemy.engine import make_url
@@ -51,7 +58,7 @@ from eventpipe.queues import drop_unacked, queue_depths, queue_name
 from eventpipe.settings import REDIS_SCHEMES, Settings, SettingsError, child_environment
 from eventpipe.sqlite_file import path_of
 from eventpipe.verify import holds_events
-from launcher.children import die_with_parent, terminate
+from launcher.children import die_with_parent, restart_delay, terminate
 from launcher.embedded import (
     EmbeddedProcess,
     EmbeddedServiceError,
@@ -95,6 +102,10 @@ class Stack:
     services: list[EmbeddedProcess] = field(default_factory=list)
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopping: bool = False
+    # Each child's command and environment, when it was last started, and its last wait.
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)
+    restart_delays: dict[str, float] = field(default_factory=dict)
 
     # -- the parts ---------------------------------------------------------------------------
 
@@ -236,13 +247,21 @@ class Stack:
         # for a host that serves nothing else.
         own_env = {"web": {} if "WEB_WORKERS" in self.provided else {"WEB_WORKERS": processes}}
         for name, command in commands.items():
-            output = (self.run_dir / f"{name}.log").open("ab")
-            self.children[name] = subprocess.Popen(
-                command, env={**env, **own_env.get(name, {})}, stdin=subprocess.DEVNULL,
-                stdout=output, stderr=subprocess.STDOUT,
-                # A session of their own: Ctrl-C reaches us only, and we stop them in order.
-                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
-            output.close()
+            self.commands[name] = command, {**env, **own_env.get(name, {})}
+            self._start(name)
+
+    def _start(self, name: str) -> None:
+        command, env = self.commands[name]
+        output = self._log_of(name).open("ab")
+        self.children[name] = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            # A session of their own: Ctrl-C reaches us only, and we stop them in order.
+            start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+        output.close()
+        self.started_at[name] = time.monotonic()
+
+    def _log_of(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
 
     def wait_ready(self) -> None:
         s = self.settings
@@ -268,7 +287,7 @@ class Stack:
         for name, child in self.children.items():
             if child.poll() is not None:
                 raise ChildFailed(f"{name} exited with {child.returncode}; "
-                                  f"see {self.run_dir / (name + '.log')}")
+                                  f"see {self._log_of(name)}")
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -326,8 +345,34 @@ class Stack:
 
     def serve_until_stopped(self) -> None:
         while not self.stopping:
-            self.check_children()
+            self._check_services()
+            for name, child in list(self.children.items()):
+                if child.poll() is not None and not self.stopping:
+                    self._start_again(name, child.returncode)
             self._pause(0.5)
+
+    def _start_again(self, name: str, code: int) -> None:
+        delay = self.restart_delays[name] = restart_delay(
+            time.monotonic() - self.started_at[name], self.restart_delays.get(name, 0))
+        when = f" in {delay:.0f}s" if delay else ""
+        print(f"eventpipe up: {name} exited with {code}; started again{when} "
+              f"(see {self._log_of(name)})", file=sys.stderr)
+        self._pause(delay)
+        if not self.stopping:
+            self._start(name)
+
+    def _check_services(self) -> None:
+        for index, service in enumerate(self.services):
+            code = service.process.poll()
+            if code is None:
+                continue
+            if service.name != "redis":
+                raise ChildFailed(f"the embedded Kafka (Tansu) exited with {code}: the events "
+                                  f"it held in memory are gone; see {self.run_dir / 'kafka.log'}")
+            service.stop()
+            print(f"eventpipe up: the embedded redis-server exited with {code}; started again, "
+                  "empty, on its port", file=sys.stderr)
+            self.services[index] = start_redis(service.port)
 
 
 def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
@@ -338,6 +383,11 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         raise SettingsError(f"cannot create the directory {run_dir.absolute()} for the logs of "
                             f"`eventpipe up`: {exc.strerror or exc}; run it from a writable "
                             "directory") from None
+    held = _hold(run_dir)
+    if isinstance(held, int):
+        raise SettingsError(f"another `eventpipe up` (pid {held}) runs in this directory, with "
+                            f"its database and logs in {run_dir.parent.absolute()}: stop it, "
+                            "or start this one from another directory")
     stack = Stack(settings, provided, run_dir)
     stack.install_signal_handlers()
     if isinstance(sys.stdout, io.TextIOWrapper):  # its lines as they come, piped or not
@@ -375,6 +425,24 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
         print("stopping…")
         stack.stop()
         print("stopped")
+
+
+def _hold(run_dir: Path) -> IO[str] | int:
+    """The run's lock on its directory, held as long as this process lives (the kernel lets
+    go of it however the process ends); or the pid of the run that holds it. Two runs in one
+    directory would write one SQLite read model from two Kafkas, and the same logs."""
+    lock = (run_dir / "up.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        return int(holder) if holder.isdigit() else 0
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _holds_events(settings: Settings) -> bool:

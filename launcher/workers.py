@@ -30,7 +30,7 @@ from eventpipe import redis_clients
 from eventpipe.queues import queue_name
 from eventpipe.settings import Settings, child_environment
 from eventpipe.status import WORKER, Board
-from launcher.children import die_with_parent
+from launcher.children import die_with_parent, restart_delay
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,8 @@ class Supervisor:
     def _restart(self, index: int, child: subprocess.Popen[bytes], code: int) -> None:
         multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
         self._off_the_board(child.pid)
-        # A process that dies right after starting would die again: back off, up to 30 s.
-        lived = time.monotonic() - self.started_at[index]
-        delay = 0.0 if lived > 30 else min(30.0, max(1.0, 2 * self.restart_delay.get(index, 0)))
-        self.restart_delay[index] = delay
+        delay = self.restart_delay[index] = restart_delay(
+            time.monotonic() - self.started_at[index], self.restart_delay.get(index, 0))
         log.error("worker process %d exited with %s; restarting in %.0fs", child.pid, code,
                   delay)
         deadline = time.monotonic() + delay

@@ -233,3 +233,109 @@ def _up_runs_the_whole_pipeline_and_stops_cleanly(tmp_path: Path, redis_kind: st
             up.kill()
         for pid in _processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def _started_by(parent: int, word: str) -> list[int]:
+    """The live processes `parent` started whose command line holds `word`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # gone, not a process, or not ours to read
+        if stat[1] == str(parent) and stat[0] != "Z" \
+                and any(word.encode() in part for part in command):
+            found.append(int(entry.name))
+    return found
+
+
+def test_up_starts_again_what_dies_and_ends_when_its_kafka_does(tmp_path: Path) -> None:
+    """A review's finding: a bridge killed under `eventpipe up` made it stop everything, the
+    embedded Kafka with the events it held in memory; and its own redis-server or Tansu
+    killed went unnoticed, the pipeline stalled and `up` still said it was running."""
+    marker = f"/nonexistent/{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PROMETHEUS_MULTIPROC_DIR", "REDIS_URL", "CELERY_BROKER_URL")}
+    env.update({name: str(free_port()) for name in (
+        "WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")})
+    env.update(EVENTPIPE_ENV_FILE=marker, KAFKA_PARTITIONS="2")
+    output = (tmp_path / "up.out").open("w+")
+    up = subprocess.Popen([str(BIN / "eventpipe"), "up"], cwd=tmp_path, env=env,
+                          stdout=output, stderr=subprocess.STDOUT, text=True)
+    ready = f"http://127.0.0.1:{env['WEB_PORT']}/ready"
+
+    def text() -> str:
+        return (tmp_path / "up.out").read_text()
+
+    def answers_ready() -> bool:
+        try:
+            with urllib.request.urlopen(ready, timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_until(lambda: "running; Ctrl-C stops everything" in text() or up.poll() is not None,
+                   240, "the pipeline up")
+        assert up.poll() is None, text()
+        for word, said in (("bridge", "bridge exited with -9; started again"),
+                           ("redis-server", "the embedded redis-server exited with -9; "
+                                            "started again")):
+            [before] = _started_by(up.pid, word)
+            os.kill(before, signal.SIGKILL)
+            wait_until(lambda said=said: said in text() or up.poll() is not None, 60,
+                       f"{word} again")
+            assert up.poll() is None, text()
+            wait_until(lambda word=word, before=before: [
+                pid for pid in _started_by(up.pid, word) if pid != before], 60, f"another {word}")
+            wait_until(answers_ready, 60, "the API ready again")
+        [tansu] = _started_by(up.pid, "tansu")
+        os.kill(tansu, signal.SIGKILL)
+        assert up.wait(timeout=120) == 1
+        assert "the embedded Kafka (Tansu) exited with -9" in text()
+        deadline = time.monotonic() + 10
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(marker) == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_up_refuses_a_directory_another_up_runs_in(tmp_path: Path) -> None:
+    """A review's finding: a second `eventpipe up` in the directory of a first started a Kafka
+    of its own and said nothing: both wrote the one SQLite read model (and its logs), and
+    `verify` against either Kafka found hundreds of differences."""
+    marker = f"/nonexistent/{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(EVENTPIPE_ENV_FILE=marker, KAFKA_PARTITIONS="2")
+
+    def ports() -> dict[str, str]:
+        return {name: str(free_port()) for name in (
+            "WEB_PORT", "FLOWER_PORT", "BRIDGE_METRICS_PORT", "WORKER_METRICS_PORT")}
+
+    output = (tmp_path / "up.out").open("w+")
+    first = subprocess.Popen([str(BIN / "eventpipe"), "up"], cwd=tmp_path, env={**env, **ports()},
+                             stdout=output, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "running; Ctrl-C stops everything" in (tmp_path / "up.out").read_text()
+                   or first.poll() is not None, 240, "the first pipeline up")
+        second = subprocess.run([str(BIN / "eventpipe"), "up"], cwd=tmp_path,
+                                env={**env, **ports()}, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip() == (
+            f"eventpipe: bad setting: another `eventpipe up` (pid {first.pid}) runs in this "
+            f"directory, with its database and logs in {tmp_path / 'var'}: stop it, or start "
+            "this one from another directory")
+        assert "starting" not in second.stdout
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)

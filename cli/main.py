@@ -290,7 +290,7 @@ def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
           f"p95 {result.percentile(0.95) * 1000:.1f} ms, "
           f"p99 {result.percentile(0.99) * 1000:.1f} ms")
     if result.interrupted:
-        return 130
+        return 128 + result.signal_number
     return 0 if result.delivered == args.count else 1
 
 

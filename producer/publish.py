@@ -33,7 +33,8 @@ class Delivery:
     # Still unacknowledged when the final flush gave up: neither delivered nor refused.
     unconfirmed: int = 0
     handed: int = 0  # taken by the client, to be delivered or refused
-    interrupted: bool = False  # by SIGINT: the messages after `handed` were not sent
+    interrupted: bool = False  # by SIGINT or SIGTERM: the messages after `handed` were not sent
+    signal_number: int = 0  # the one that interrupted it
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)  # each distinct error, how often
     # Per partition, the offset after the last delivered message: where a consumer that has
@@ -58,9 +59,9 @@ def publish(
 ) -> Delivery:
     """Send every message; `rate` in messages per second (None: as fast as possible).
 
-    An interruption (SIGINT, Ctrl-C) ends it early: no message more is handed to the client,
-    those it holds get `INTERRUPTED_FLUSH_S` to be confirmed, and the result says
-    `interrupted`."""
+    An interruption (SIGINT, Ctrl-C, or SIGTERM) ends it early: no message more is handed to
+    the client, those it holds get `INTERRUPTED_FLUSH_S` to be confirmed, and the result says
+    `interrupted`, and by which signal."""
     result = Delivery()
     started = time.monotonic()
     bar = ProgressBar("sending", total, "messages") if progress else None
@@ -103,9 +104,10 @@ def publish(
                 if stop.is_set():
                     break
         except KeyboardInterrupt:  # raised in Python code: not in the main thread's handler
+            stop.signal_number = signal.SIGINT
             stop.set()
         result.unconfirmed = _flush(producer, stop)
-        result.interrupted = stop.is_set()
+        result.interrupted, result.signal_number = stop.is_set(), stop.signal_number
     if bar is not None:
         bar.close()
     return result
@@ -136,18 +138,36 @@ def _flush(producer: Producer, stop: threading.Event) -> int:
             return held
 
 
+class _Stop(threading.Event):
+    """Set by the signal that interrupts a run, which it names."""
+
+    signal_number: int = 0
+
+
+# Each with the handler a Python program starts with: SIGTERM (an orchestrator's stop, and
+# `timeout`'s) ends a run as Ctrl-C does, rather than at once with nothing said.
+_STOPPING = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 @contextmanager
-def _interruptible() -> Iterator[threading.Event]:
-    """An event SIGINT sets while the block runs, in the main thread, instead of raising
-    KeyboardInterrupt where it lands: in the Kafka client's poll, which then returns NULL
-    without an exception (a SystemError), or in a delivery callback."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield stop  # another handler is someone else's choice: left as it is
+def _interruptible() -> Iterator[_Stop]:
+    """An event SIGINT or SIGTERM sets while the block runs, in the main thread, instead of
+    raising KeyboardInterrupt where it lands (in the Kafka client's poll, which then returns
+    NULL without an exception, a SystemError; or in a delivery callback), or ending the
+    process. A signal given another handler is someone else's choice: left as it is."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
         return
-    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+
+    def stopped(signum: int, _frame: object) -> None:
+        stop.signal_number = signum
+        stop.set()
+
+    previous = {signum: signal.signal(signum, stopped) for signum, default in _STOPPING.items()
+                if signal.getsignal(signum) is default}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -279,17 +279,18 @@ def test_up_starts_again_what_dies_and_ends_when_its_kafka_does(tmp_path: Path) 
         wait_until(lambda: "running; Ctrl-C stops everything" in text() or up.poll() is not None,
                    240, "the pipeline up")
         assert up.poll() is None, text()
-        for word, said in (("bridge", "bridge exited with -9; started again"),
-                           ("redis-server", "the embedded redis-server exited with -9; "
-                                            "started again")):
+        def killed_and_started_again(word: str, said: str) -> None:
             [before] = _started_by(up.pid, word)
             os.kill(before, signal.SIGKILL)
-            wait_until(lambda said=said: said in text() or up.poll() is not None, 60,
-                       f"{word} again")
+            wait_until(lambda: said in text() or up.poll() is not None, 60, f"{word} again")
             assert up.poll() is None, text()
-            wait_until(lambda word=word, before=before: [
-                pid for pid in _started_by(up.pid, word) if pid != before], 60, f"another {word}")
+            wait_until(lambda: any(pid != before for pid in _started_by(up.pid, word)), 60,
+                       f"another {word}")
             wait_until(answers_ready, 60, "the API ready again")
+
+        killed_and_started_again("bridge", "bridge exited with -9; started again")
+        killed_and_started_again("redis-server", "the embedded redis-server exited with -9; "
+                                                 "started again")
         [tansu] = _started_by(up.pid, "tansu")
         os.kill(tansu, signal.SIGKILL)
         assert up.wait(timeout=120) == 1

@@ -12,7 +12,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -364,20 +364,26 @@ COMPOSE_VARIABLES = frozenset({
 
 
 def environment(dotenv: Path, environ: Mapping[str, str]) -> dict[str, str | None]:
-    """`environ` over the values of the file `dotenv`, if there is one. A name in the file
-    that is nearly a setting's is said on stderr, naming the setting: misspelt, it would be
-    ignored and its default used without a word (`DATABSE_URL` in `.env`: the embedded
-    SQLite). Said, not refused: the file may be shared with other programs, whose names
+    """`environ` over the values of the file `dotenv`, if there is one. A name in either that
+    is nearly a setting's is said on stderr, naming the setting: misspelt, it would be
+    ignored and its default used without a word (`DATABSE_URL`: the embedded SQLite). Said,
+    not refused: the file and the environment may be shared with other programs, whose names
     (`DATABASE_USER`) may be near ours."""
     file_values = _dotenv_values(dotenv) if dotenv.is_file() else {}
+    _say_near_misses(file_values, f"in {dotenv}", 0.85)
+    # Nearer there: the environment holds more programs' names (`DATABASE_USER`, 0.88).
+    _say_near_misses(environ, "in the environment", 0.9)
+    return {**file_values, **environ}
+
+
+def _say_near_misses(names: Iterable[str], where: str, cutoff: float) -> None:
     known = [env for env, _, _ in env_vars()]
-    for name in file_values:
+    for name in names:
         if name in known or name in COMPOSE_VARIABLES:
             continue
-        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
-            print(f"eventpipe: {name} in {dotenv} is no setting, and is ignored: did you mean "
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=cutoff):
+            print(f"eventpipe: {name} {where} is no setting, and is ignored: did you mean "
                   f"{close[0]}?", file=sys.stderr)
-    return {**file_values, **environ}
 
 
 def _dotenv_values(dotenv: Path) -> dict[str, str | None]:
@@ -469,9 +475,10 @@ def render_markdown() -> str:
     out = ["# Configuration", "",
            "Every setting is an environment variable, read once at start-up from the "
            "environment and from `.env` in the working directory (the environment wins). "
-           "A variable given no value (`WEB_HOST=`) keeps its default. A name in `.env` that "
-           "is nearly a setting's (`DATABSE_URL`) is said on stderr, naming the setting, "
-           "rather than ignored in silence, and a line that is not `NAME=value` (a quote "
+           "A variable given no value (`WEB_HOST=`) keeps its default. A name in `.env` or "
+           "the environment that is nearly a setting's (`DATABSE_URL`) is said on stderr, "
+           "naming the setting, rather than ignored in silence (nearer in the environment, "
+           "which other programs' names share), and a line that is not `NAME=value` (a quote "
            "left open) stops the program, naming the line. "
            "`.env.example` lists them all with their defaults. This page is generated from "
            "`eventpipe/settings.py` by `make config-docs`; a test keeps it in step."]

@@ -144,6 +144,20 @@ def test_a_misspelt_setting_in_the_env_file_is_named_not_ignored_in_silence(
     assert capsys.readouterr().err == ""
 
 
+def test_a_misspelt_setting_in_the_environment_is_named_not_ignored_in_silence(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A review's finding: `DATABSE_URL=… eventpipe migrate` migrated a new SQLite file
+    instead, and `REDIS_URLL=… eventpipe dlq list` read the default Redis, without a word:
+    only `.env` was looked at for names nearly a setting's."""
+    environ = {"DATABSE_URL": "postgresql+psycopg://db/events", "PATH": "/bin",
+               "HTTP_PROXY": "http://proxy", "PUBLISH_ADDRESS": "0.0.0.0",
+               "DATABASE_USER": "another program's"}
+    assert environment(tmp_path / ".env", environ)["DATABSE_URL"] == environ["DATABSE_URL"]
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["eventpipe: DATABSE_URL in the environment is no setting, and is ignored: "
+                    "did you mean DATABASE_URL?"]
+
+
 @pytest.mark.parametrize(("env", "url"), [
     ("DATABASE_URL", "postgresql+psycopg://app:S3cretPw@db:54x2/app"),
     ("REDIS_URL", "redis://:s3cr#etPw@host:6379/0"),

@@ -23,6 +23,7 @@ offset, is a new dead letter. An entry a replay has claimed is the replay's, and
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -288,18 +289,25 @@ def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]
 
 
 def until_now(stream: DeadLetterStream, where: Filter) -> Iterable[StreamEntry]:
-    """The entries matching `where` of the letters in the DLQ when this began, each once. The
-    stream is read as the caller goes (for minutes, on a large DLQ), and an entry changes its
-    place meanwhile: a letter that fails again (a duplicate of its message, the replayed copy
-    of one this call took) comes back at the stream's end. Taken by key, not by place, such
-    a letter still comes once, and one that failed only after this began not at all."""
-    wanted = stream.keys()
-    for entry in stream.scan(where):
-        if not wanted:
-            return
-        if entry.letter.dlq_key in wanted:
-            wanted.discard(entry.letter.dlq_key)
-            yield entry
+    """The entries matching `where` of the letters in the DLQ when this began, as they were
+    then, each once. The stream is read as the caller goes (for minutes, on a large DLQ),
+    and an entry changes its place meanwhile: put again (the stream rebuilt), it comes once;
+    a letter that failed again since this began (a duplicate of its message, the replayed
+    copy of one this or another replay took) comes back at the stream's end with another
+    revision, and is passed over, left for a later replay, as the API's replays leave it:
+    two replays at once would otherwise publish it twice. One that failed only after this
+    began does not come at all."""
+    wanted = stream.revisions()
+    scanned = iter(stream.scan(where))
+    while wanted and (part := list(itertools.islice(scanned, CHUNK))):
+        # An entry does not hold its letter's revision: the index does, as it is now.
+        now = stream.revisions([entry.letter.dlq_key for entry in part])
+        for entry in part:
+            key = entry.letter.dlq_key
+            if key in wanted:
+                then = wanted.pop(key)
+                if then is None or then == now.get(key):  # None: an index of before
+                    yield entry
 
 
 @dataclass(slots=True)

@@ -519,13 +519,16 @@ class DeadLetterStream:
             entries, indexed = pipe.execute()
         return int(entries), int(indexed)
 
-    def revisions(self) -> dict[str, int | None]:
-        """The revision of each key's entry, from the index (None for an entry put before
-        the index held revisions)."""
+    def revisions(self, keys: Sequence[str] | None = None) -> dict[str, int | None]:
+        """The revision of each key's entry, or of those of `keys` the stream holds, from the
+        index (None for an entry put before the index held revisions)."""
+        lines = (self.client.hgetall(self.index).items() if keys is None else
+                 zip(keys, self.client.hmget(self.index, keys) if keys else (), strict=True))
         found: dict[str, int | None] = {}
-        for key, value in self.client.hgetall(self.index).items():
-            parts = decoded(value).split(" ")
-            found[decoded(key)] = int(parts[2]) if len(parts) > 2 else None
+        for key, value in lines:
+            if value is not None:
+                parts = decoded(value).split(" ")
+                found[decoded(key)] = int(parts[2]) if len(parts) > 2 else None
         return found
 
     def get(self, entry_id: str) -> StreamEntry | None:

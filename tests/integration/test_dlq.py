@@ -158,10 +158,12 @@ def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
     stream: DeadLetterStream,
 ) -> None:
     """A replay of a filter or `--all` reads the stream as it goes, chunk by chunk, for
-    minutes on a large DLQ. A letter in the DLQ when it began but failed again meanwhile (a
-    duplicate of its poison sent) enters the stream anew at its end: it is still selected,
-    once. A letter that failed only after the call began is not, nor one the call already
-    took that comes back (its replayed copy failed)."""
+    minutes on a large DLQ. A letter in the DLQ when it began and put in the stream again
+    meanwhile, as it was (a rebuild), enters it anew at its end: it is still selected, once.
+    One that failed again meanwhile, or that the call (or another replay: a review's finding,
+    two replays at once published such letters twice) already took and that came back, its
+    replayed copy failing, is left for a later replay, as the API's replays leave it; one
+    that failed only after the call began is not selected."""
     stream.max_entries = 2_000
     stream.max_bytes = 10**7
     offsets = range(1, 1_201)  # more than the stream is read at once
@@ -169,11 +171,18 @@ def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
         stream.put(dead_letter(offset))
     selected = iter(actions.until_now(stream, Filter()))
     taken = [next(selected)]
-    stream.put(dead_letter(1_100))  # failed again before the call came to it
-    stream.put(dead_letter(1))  # taken already, and failed again after its replay
+    stream.put(dead_letter(1_100))  # put again as it was, before the call came to it
+
+    def failed_again(offset: int) -> StreamEntry:
+        entry = dead_letter(offset)
+        return replace(entry, letter=replace(entry.letter, attempts=2, revision=1))
+
+    stream.put(failed_again(1_000))  # failed again before the call came to it
+    stream.put(failed_again(1))  # taken already, and failed again after its replay
     stream.put(dead_letter(5_000))  # failed for the first time after the call began
     taken += list(selected)
-    assert sorted(entry.letter.position.offset or 0 for entry in taken) == list(offsets)
+    assert sorted(entry.letter.position.offset or 0 for entry in taken) == [
+        offset for offset in offsets if offset != 1_000]
 
 
 def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_the_stream(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -288,26 +288,47 @@ def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]
     return record
 
 
-def until_now(stream: DeadLetterStream, where: Filter) -> Iterable[StreamEntry]:
-    """The entries matching `where` of the letters in the DLQ when this began, as they were
-    then, each once. The stream is read as the caller goes (for minutes, on a large DLQ),
-    and an entry changes its place meanwhile: put again (the stream rebuilt), it comes once;
-    a letter that failed again since this began (a duplicate of its message, the replayed
-    copy of one this or another replay took) comes back at the stream's end with another
-    revision, and is passed over, left for a later replay, as the API's replays leave it:
-    two replays at once would otherwise publish it twice. One that failed only after this
-    began does not come at all."""
-    wanted = stream.revisions()
-    scanned = iter(stream.scan(where))
-    while wanted and (part := list(itertools.islice(scanned, CHUNK))):
-        # An entry does not hold its letter's revision: the index does, as it is now.
-        now = stream.revisions([entry.letter.dlq_key for entry in part])
-        for entry in part:
-            key = entry.letter.dlq_key
-            if key in wanted:
+@dataclass(slots=True)
+class UntilNow:
+    """The entries matching `where` of the letters in the DLQ when this began, each once.
+    The stream is read as the caller goes (for minutes, on a large DLQ), and an entry
+    changes its place meanwhile: put again (the stream rebuilt, a claim given back), or a
+    letter failing again (a duplicate of its message, the replayed copy of one a replay
+    took), it comes back at the stream's end. Taken by key, not by place, such a letter
+    comes once, and one that failed only after this began not at all.
+
+    With `fresh_only`, for a replay, a letter that failed again since this began is passed
+    over and counted (`passed_over`), left for a later replay, as the API's replays leave it:
+    two replays at once would otherwise both publish it, the second its copy that failed
+    after the first's. Failed again: another revision than when this began, and a last
+    failure since then (by the Redis server's clock: a claim given back changes the one,
+    not the other)."""
+
+    stream: DeadLetterStream
+    where: Filter
+    fresh_only: bool = False
+    passed_over: int = 0
+
+    def __iter__(self) -> Iterator[StreamEntry]:
+        began = self.stream.server_time()
+        wanted = self.stream.revisions()
+        scanned = iter(self.stream.scan(self.where))
+        while part := list(itertools.islice(scanned, CHUNK)):
+            # An entry does not hold its letter's revision: the index does, as it is now.
+            now = self.stream.revisions([entry.letter.dlq_key for entry in part]) \
+                if self.fresh_only else {}
+            for entry in part:
+                key = entry.letter.dlq_key
+                if key not in wanted:
+                    continue
                 then = wanted.pop(key)
-                if then is None or then == now.get(key):  # None: an index of before
-                    yield entry
+                if self.fresh_only and then is not None and then != now.get(key) \
+                        and entry.letter.last_failure_at >= began:
+                    self.passed_over += 1
+                    continue
+                yield entry
+            if not wanted:
+                return
 
 
 @dataclass(slots=True)

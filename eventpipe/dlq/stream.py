@@ -23,7 +23,7 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
 import redis
@@ -518,6 +518,11 @@ class DeadLetterStream:
             pipe.hlen(self.index)
             entries, indexed = pipe.execute()
         return int(entries), int(indexed)
+
+    def server_time(self) -> datetime:
+        """The Redis server's clock: the one reference every worker and operator shares."""
+        seconds, microseconds = self.client.time()
+        return datetime.fromtimestamp(seconds + microseconds / 1e6, UTC)
 
     def revisions(self, keys: Sequence[str] | None = None) -> dict[str, int | None]:
         """The revision of each key's entry, or of those of `keys` the stream holds, from the

@@ -154,35 +154,44 @@ def test_a_page_of_large_messages_stops_at_its_bytes_and_says_more_follow(
     assert [e.letter.position.offset for e in rest.entries] == [2, 3] and not rest.more
 
 
+@pytest.mark.parametrize("fresh_only", [False, True])
 def test_a_selection_takes_each_letter_that_was_in_the_dlq_when_it_began_once(
-    stream: DeadLetterStream,
+    stream: DeadLetterStream, fresh_only: bool,
 ) -> None:
-    """A replay of a filter or `--all` reads the stream as it goes, chunk by chunk, for
-    minutes on a large DLQ. A letter in the DLQ when it began and put in the stream again
-    meanwhile, as it was (a rebuild), enters it anew at its end: it is still selected, once.
-    One that failed again meanwhile, or that the call (or another replay: a review's finding,
-    two replays at once published such letters twice) already took and that came back, its
-    replayed copy failing, is left for a later replay, as the API's replays leave it; one
-    that failed only after the call began is not selected."""
+    """A replay or a purge of a filter or `--all` reads the stream as it goes, chunk by
+    chunk, for minutes on a large DLQ. A letter in the DLQ when it began and put in the
+    stream again meanwhile (a rebuild; a claim given back, its revision changed and its last
+    failure not) enters it anew at its end: it is still selected, once. So is one that failed
+    again meanwhile, but by a replay (a review's finding: two replays at once published it
+    twice, the second its copy that failed after the first's): a replay passes it over and
+    counts it, left for a later replay, as the API's replays leave it. One that failed only
+    after the call began is not selected, nor one it already took that came back."""
     stream.max_entries = 2_000
     stream.max_bytes = 10**7
     offsets = range(1, 1_201)  # more than the stream is read at once
     for offset in offsets:
         stream.put(dead_letter(offset))
-    selected = iter(actions.until_now(stream, Filter()))
+    selection = actions.UntilNow(stream, Filter(), fresh_only=fresh_only)
+    selected = iter(selection)
     taken = [next(selected)]
-    stream.put(dead_letter(1_100))  # put again as it was, before the call came to it
 
-    def failed_again(offset: int) -> StreamEntry:
+    def changed(offset: int, *, failed: bool) -> StreamEntry:
         entry = dead_letter(offset)
-        return replace(entry, letter=replace(entry.letter, attempts=2, revision=1))
+        when = datetime.now(UTC) + timedelta(seconds=1) if failed else \
+            entry.letter.last_failure_at
+        return replace(entry, letter=replace(entry.letter, last_failure_at=when,
+                                             attempts=2 if failed else 1, revision=2))
 
-    stream.put(failed_again(1_000))  # failed again before the call came to it
-    stream.put(failed_again(1))  # taken already, and failed again after its replay
+    stream.put(dead_letter(1_100))  # put again as it was, before the call came to it
+    stream.put(changed(1_050, failed=False))  # a claim given back
+    stream.put(changed(1_000, failed=True))  # failed again before the call came to it
+    stream.put(changed(1, failed=True))  # taken already, and failed again after its replay
     stream.put(dead_letter(5_000))  # failed for the first time after the call began
     taken += list(selected)
+    left = [1_000] if fresh_only else []
     assert sorted(entry.letter.position.offset or 0 for entry in taken) == [
-        offset for offset in offsets if offset != 1_000]
+        offset for offset in offsets if offset not in left]
+    assert selection.passed_over == len(left)
 
 
 def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_the_stream(
@@ -204,7 +213,7 @@ def test_since_and_until_select_by_when_the_letter_failed_whenever_it_entered_th
         letter.dlq_key for letter in saved)
     middle = Filter(since=week_ago + timedelta(seconds=1), until=week_ago + timedelta(seconds=1))
     assert [e.letter.position.offset for e in stream.scan(middle)] == [1]
-    assert actions.purge(engine, stream, actions.until_now(stream, last_hour)).deleted == 0
+    assert actions.purge(engine, stream, actions.UntilNow(stream, last_hour)).deleted == 0
     assert stream.depth() == 3
 
 

@@ -273,7 +273,7 @@ def _produce_generate(args: argparse.Namespace, settings: Settings) -> int:
     counts: Counter[str] = Counter()
     started = time.monotonic()
     result = publish(make_producer(settings), settings.kafka_topic, tally(messages, counts),
-                     total=args.count, rate=args.rate)
+                     total=args.count, rate=args.rate, stop_on=(signal.SIGINT, signal.SIGTERM))
     elapsed = time.monotonic() - started
     if result.interrupted:
         print(f"interrupted after handing {result.handed} of {args.count} messages to "

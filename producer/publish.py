@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +56,14 @@ class Delivery:
 def publish(
     producer: Producer, topic: str, messages: Iterable[Planned], *, total: int,
     rate: float | None = None, progress: bool = True,
+    stop_on: Collection[signal.Signals] = (signal.SIGINT,),
 ) -> Delivery:
     """Send every message; `rate` in messages per second (None: as fast as possible).
 
-    An interruption (SIGINT, Ctrl-C, or SIGTERM) ends it early: no message more is handed to
-    the client, those it holds get `INTERRUPTED_FLUSH_S` to be confirmed, and the result says
-    `interrupted`, and by which signal."""
+    An interruption by a signal of `stop_on` (SIGINT: Ctrl-C; SIGTERM too for a run that is
+    the whole program, which an orchestrator or `timeout` stops so) ends it early: no message
+    more is handed to the client, those it holds get `INTERRUPTED_FLUSH_S` to be confirmed,
+    and the result says `interrupted`, and by which signal."""
     result = Delivery()
     started = time.monotonic()
     bar = ProgressBar("sending", total, "messages") if progress else None
@@ -80,7 +82,7 @@ def publish(
                 result.errors[str(error)] += 1
         return callback
 
-    with _interruptible() as stop:
+    with _interruptible(stop_on) as stop:
         try:
             for index, message in enumerate(messages, start=1):
                 if rate:
@@ -144,17 +146,17 @@ class _Stop(threading.Event):
     signal_number: int = 0
 
 
-# Each with the handler a Python program starts with: SIGTERM (an orchestrator's stop, and
-# `timeout`'s) ends a run as Ctrl-C does, rather than at once with nothing said.
-_STOPPING = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+# The handler a Python program starts with, for each signal a run may stop on.
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 @contextmanager
-def _interruptible() -> Iterator[_Stop]:
-    """An event SIGINT or SIGTERM sets while the block runs, in the main thread, instead of
-    raising KeyboardInterrupt where it lands (in the Kafka client's poll, which then returns
-    NULL without an exception, a SystemError; or in a delivery callback), or ending the
-    process. A signal given another handler is someone else's choice: left as it is."""
+def _interruptible(stop_on: Collection[signal.Signals]) -> Iterator[_Stop]:
+    """An event the signals of `stop_on` set while the block runs, in the main thread,
+    instead of raising KeyboardInterrupt where it lands (in the Kafka client's poll, which
+    then returns NULL without an exception, a SystemError; or in a delivery callback), or
+    ending the process at once. A signal given another handler is someone else's choice:
+    left as it is."""
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -164,8 +166,8 @@ def _interruptible() -> Iterator[_Stop]:
         stop.signal_number = signum
         stop.set()
 
-    previous = {signum: signal.signal(signum, stopped) for signum, default in _STOPPING.items()
-                if signal.getsignal(signum) is default}
+    previous = {signum: signal.signal(signum, stopped) for signum in stop_on
+                if signal.getsignal(signum) is _DEFAULT_HANDLERS[signum]}
     try:
         yield stop
     finally:

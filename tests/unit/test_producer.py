@@ -283,3 +283,22 @@ def test_an_answer_that_is_not_utf8_is_named_and_asked_again() -> None:
     assert said.count("  choice: not UTF-8 text") == 1
     assert said.count("  userId: not UTF-8 text") == 1
     assert [parse_event(value, key).key for key, value in producer.sent] == ["u-ok"]
+
+
+class _Watching(_Producer):
+    """Notes the SIGTERM handler while a publish runs."""
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: object) -> None:
+        super().produce(topic, value, key, on_delivery)
+        self.sigterm = signal.getsignal(signal.SIGTERM)
+
+
+def test_only_a_publish_that_is_the_whole_program_stops_on_sigterm() -> None:
+    """A review's finding: the interactive menu, whose publish stopped on SIGTERM as well,
+    went back to its prompt when an orchestrator stopped it."""
+    for stop_on, taken in (((signal.SIGINT,), False), ((signal.SIGINT, signal.SIGTERM), True)):
+        producer = _Watching()
+        publish(producer, "events", _taken(1, []), total=1,  # type: ignore[arg-type]
+                progress=False, stop_on=stop_on)
+        assert (producer.sigterm is not signal.SIG_DFL) == taken
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

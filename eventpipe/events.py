@@ -315,8 +315,10 @@ _LONGEST_INTEGER: Final = sys.int_info.str_digits_check_threshold
 
 
 # A run of more digits: msgspec reads an integer that long, or refuses it, as that bound says.
-_LONG_DIGITS_TEXT = re.compile(f"[0-9]{{{_LONGEST_INTEGER + 1}}}")
+# Looked for from the start of each run only, once a message holds that many digits at all.
+_LONG_DIGITS_TEXT = re.compile(f"(?<![0-9])[0-9]{{{_LONGEST_INTEGER + 1}}}")
 _LONG_DIGITS_BYTES = re.compile(_LONG_DIGITS_TEXT.pattern.encode())
+_DIGITS = "0123456789"
 
 
 def _integer_literal(text: str) -> int | float:
@@ -331,13 +333,17 @@ def _long_digits(value: bytes | str) -> bool:
     if len(value) <= _LONGEST_INTEGER:
         return False
     if isinstance(value, bytes):
-        return _LONG_DIGITS_BYTES.search(value) is not None
-    return _LONG_DIGITS_TEXT.search(value) is not None
+        return len(value) - len(value.translate(None, _DIGITS.encode())) > _LONGEST_INTEGER \
+            and _LONG_DIGITS_BYTES.search(value) is not None
+    return sum(map(value.count, _DIGITS)) > _LONGEST_INTEGER \
+        and _LONG_DIGITS_TEXT.search(value) is not None
 
 
-# One decoder for every message: `json.loads` with options builds a new one per call.
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant,
-                                parse_int=_integer_literal).decode
+# One decoder for every message: `json.loads` with options builds a new one per call. Its
+# integers are read in C but for a message with a long run of digits (`_integer_literal`).
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+_decode_json_long = json.JSONDecoder(parse_constant=_reject_constant,
+                                     parse_int=_integer_literal).decode
 # msgspec's decoder, in C, reads the benchmark's events in a third of the time `json` takes
 # (1.2 against 3.3 µs an event). Whatever it refuses, for whatever reason (a byte order mark,
 # an escaped lone surrogate, a number beyond a double, bytes that are not UTF-8), `json` reads
@@ -408,7 +414,7 @@ def decode_json(value: bytes | str) -> Any:
         text = value.decode("utf-8") if isinstance(value, bytes) else value
         if text.startswith("\ufeff"):  # as `json.loads` refuses it
             raise ValueError("unexpected UTF-8 BOM")
-        return _decode_json(text)
+        return (_decode_json_long if _long_digits(text) else _decode_json)(text)
     except UnicodeDecodeError as exc:
         raise InvalidEvent("value", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
     except ValueError as exc:

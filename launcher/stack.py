@@ -106,6 +106,7 @@ class Stack:
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     started_at: dict[str, float] = field(default_factory=dict)
     restart_delays: dict[str, float] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)  # when each exited child starts again
 
     # -- the parts ---------------------------------------------------------------------------
 
@@ -352,13 +353,18 @@ class Stack:
             self._pause(0.5)
 
     def _start_again(self, name: str, code: int) -> None:
-        delay = self.restart_delays[name] = restart_delay(
-            time.monotonic() - self.started_at[name], self.restart_delays.get(name, 0))
-        when = f" in {delay:.0f}s" if delay else ""
-        print(f"eventpipe up: {name} exited with {code}; started again{when} "
-              f"(see {self._log_of(name)})", file=sys.stderr)
-        self._pause(delay)
-        if not self.stopping:
+        """Start again a child that exited, once its wait is over (the others are looked
+        after meanwhile)."""
+        due = self.due.get(name)
+        if due is None:
+            delay = self.restart_delays[name] = restart_delay(
+                time.monotonic() - self.started_at[name], self.restart_delays.get(name, 0))
+            when = f" in {delay:.0f}s" if delay else ""
+            print(f"eventpipe up: {name} exited with {code}; started again{when} "
+                  f"(see {self._log_of(name)})", file=sys.stderr)
+            due = self.due[name] = time.monotonic() + delay
+        if time.monotonic() >= due:
+            del self.due[name]
             self._start(name)
 
     def _check_services(self) -> None:
@@ -385,9 +391,10 @@ def run(settings: Settings, provided: frozenset[str], demo: bool) -> int:
                             "directory") from None
     held = _hold(run_dir)
     if isinstance(held, int):
-        raise SettingsError(f"another `eventpipe up` (pid {held}) runs in this directory, with "
-                            f"its database and logs in {run_dir.parent.absolute()}: stop it, "
-                            "or start this one from another directory")
+        pid = f" (pid {held})" if held else ""  # 0: it has not written its pid yet
+        raise SettingsError(f"another `eventpipe up`{pid} runs in this directory, with its "
+                            f"database and logs in {run_dir.parent.absolute()}: stop it, or "
+                            "start this one from another directory")
     stack = Stack(settings, provided, run_dir)
     stack.install_signal_handlers()
     if isinstance(sys.stdout, io.TextIOWrapper):  # its lines as they come, piped or not

@@ -4,6 +4,7 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+const STATUS_TIMEOUT_MS = 15000; // the API answers /status within about 10 s, or 503
 const PAGE = 50;
 const TOKEN_KEY = "eventpipe.dlqToken";
 
@@ -56,7 +57,8 @@ async function call(path, options = {}) {
 
 async function refreshStatus() {
   try {
-    const status = await call("/status");
+    // Bounded: an answer that never comes would end the refreshes, each waiting for the last.
+    const status = await call("/status", { signal: AbortSignal.timeout(STATUS_TIMEOUT_MS) });
     $("status-error").hidden = true;
     showStatus(status);
   } catch (error) {

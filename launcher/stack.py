@@ -137,7 +137,7 @@ class Stack:
     def start_brokers(self) -> None:
         overrides: dict[str, Any] = {}
         if "KAFKA_BOOTSTRAP_SERVERS" not in self.provided:
-            log_path = self.run_dir / "kafka.log"
+            log_path = self._log_of("kafka")
             try:
                 kafka = start_kafka(_default_port(self.settings.kafka_bootstrap_servers),
                                     log_path=log_path)
@@ -374,7 +374,7 @@ class Stack:
                 continue
             if service.name != "redis":
                 raise ChildFailed(f"the embedded Kafka (Tansu) exited with {code}: the events "
-                                  f"it held in memory are gone; see {self.run_dir / 'kafka.log'}")
+                                  f"it held in memory are gone; see {self._log_of(service.name)}")
             service.stop()
             print(f"eventpipe up: the embedded redis-server exited with {code}; started again, "
                   "empty, on its port", file=sys.stderr)

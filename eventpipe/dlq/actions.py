@@ -3,12 +3,13 @@
 Replay publishes an entry's original key and value back to the topic and partition it was
 read from; the pipeline then decides the message afresh (a dead letter that fails again
 reopens with its earlier life kept as an episode: the SQL record holds the history, no
-message header carries it). It works in
-chunks: each entry is claimed in SQL first (`open` → `replaying`), so two replays running at
-once never publish the same entry twice; each entry leaves the stream, and becomes `replayed`,
-once Kafka acknowledged its own message; one that Kafka refused goes back to `open`, and the
-others of its chunk are not held back. A replayer that dies leaves its claims to lapse
-(`REPLAY_CLAIM_S`): the reconciler returns them to the DLQ. A held event replayed while what
+message header carries it). It works in chunks: each entry is claimed in SQL first (`open` →
+`replaying`), and only if its letter last failed when the entry says, so two replays running
+at once never publish the same entry twice, nor the second the first's copy that failed
+again; each entry leaves the stream, and becomes `replayed`, once Kafka acknowledged its own
+message; one that Kafka refused goes back to `open`, and the others of its chunk are not held
+back. A replayer that dies leaves its claims to lapse (`REPLAY_CLAIM_S`): the reconciler
+returns them to the DLQ. A held event replayed while what
 holds it still does (its parent still missing, its email still another's) comes back too:
 its copy is a duplicate, which changes nothing, and the next reconciler round, which every
 replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
@@ -61,7 +62,8 @@ def _utc_now() -> datetime:
 class Replayed:
     replayed: int = 0
     refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
-    skipped: int = 0  # not open any more (another replay has them, or they are gone)
+    skipped: int = 0  # not open any more (another replay has them, or they are gone), or
+    # failed again since they were read: left in the DLQ for a later replay
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
     # answer): back in the DLQ
     more: bool = False  # it stopped at its limit or deadline with entries left to replay
@@ -221,8 +223,9 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     (`first`: the chunk begins the replay), so that it gets through one."""
     claim = now() + timedelta(seconds=REPLAY_CLAIM_S)
     with engine.begin() as conn:
-        claimed = records.claim_for_replay(conn, [entry.letter.dlq_key for entry in chunk],
-                                           claim)
+        # Each letter as its entry showed it (the first, for a key named twice).
+        shown = {entry.letter.dlq_key: entry.letter.last_failure_at for entry in reversed(chunk)}
+        claimed = records.claim_for_replay(conn, list(shown), claim, shown)
         # Entries shown without their bytes: SQL may keep them (`records.keep_messages`),
         # where Kafka's retention may have passed.
         kept = records.kept_messages(conn, [e.letter.dlq_key for e in chunk if e.raw is None])

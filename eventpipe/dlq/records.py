@@ -511,14 +511,19 @@ def _mark(conn: Connection, revisions: Mapping[str, int], *, in_stream: bool) ->
                      [{"key": key, "at_revision": revisions[key]} for key in sorted(revisions)])
 
 
-def claim_for_replay(conn: Connection, keys: Collection[str],
-                     lease_until: datetime) -> dict[str, DeadLetter]:
+def claim_for_replay(conn: Connection, keys: Collection[str], lease_until: datetime,
+                     shown: Mapping[str, datetime] | None = None) -> dict[str, DeadLetter]:
     """Claim the open dead letters of `keys` for one replay: those claimed, by key. A letter
     not open (another replay has it, or it is gone) is left out. A claim lapses at
-    `lease_until` if the replayer dies; that time also names the claim (`finish_replay`)."""
+    `lease_until` if the replayer dies; that time also names the claim (`finish_replay`).
+    `shown`: the last failure each letter's entry showed the replay; one that failed again
+    since is left out too, open, for a later replay to take as it is then (the copy another
+    replay published, failed again: published once more, it would go out twice)."""
     found = load(conn, keys, lock=True)
+    shown = shown or {}
     claims = [(letter, replace(letter, state=REPLAYING, deadline=lease_until))
-              for letter in found.values() if letter.state == OPEN]
+              for letter in found.values() if letter.state == OPEN
+              and shown.get(letter.dlq_key, letter.last_failure_at) == letter.last_failure_at]
     return {letter.dlq_key: letter for letter in save_all(conn, claims)}
 
 

@@ -177,6 +177,7 @@ class Bridge:
         self.topic_id: str | None = None
         self._topic_said = False
         self._ledger_said = Repeats(window_s=60.0)  # per partition
+        self._backwards_said = Repeats(window_s=60.0)  # per partition
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Finds where a record batch Kafka cannot hand over ends (`_unreadable`); made then.
@@ -323,8 +324,16 @@ class Bridge:
     def _take(self, progress: PartitionProgress, message: TaskMessage, now: float) -> None:
         partition = progress.partition
         progress.stuck_since = None
+        furthest = progress.next_read
         if (skipped := progress.read(message.offset)) is not None:
             self._skipped(partition, skipped, message.offset)
+        elif furthest is not None and message.offset < furthest - 1 \
+                and self._backwards_said.let_through(str(partition)) is not None:
+            log.warning("Kafka handed over offset %d of partition %d after offset %d: a record "
+                        "batch lists its offsets out of order (a broker that does not check "
+                        "what producers write?); each is applied, and no commit passes one "
+                        "not done", message.offset, partition, furthest - 1,
+                        extra={"partition": partition, "offset": message.offset})
         if self._debug:
             identity = peek_identity(message.value)  # never raises, whatever the bytes
             log.debug("event received", extra={
@@ -413,6 +422,9 @@ class Bridge:
             messages = waiting + messages
         if not messages:
             return
+        # In offset order, as a worker takes a task's messages (a run's range is its first
+        # and last): only a record batch listing its offsets out of order changes it.
+        messages.sort(key=_offset_of)
         try:
             send_batch(self.celery, self.topic, partition, messages,
                        group=self.settings.kafka_group_id, topic_id=self.topic_id or "")
@@ -1208,6 +1220,10 @@ class Bridge:
                               (metrics.IN_FLIGHT, (str(partition),))):
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+
+
+def _offset_of(message: TaskMessage) -> int:
+    return message.offset
 
 
 def _span(first: int, last: int) -> str:

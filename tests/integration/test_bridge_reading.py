@@ -38,6 +38,7 @@ from tests.support.pipeline import wait_until
 from tests.support.raw_kafka import (
     batch_with_header,
     cut_short_batch,
+    out_of_order_batch,
     produce_batch,
     undecodable_batch,
     unknown_format_batch,
@@ -677,6 +678,35 @@ def test_a_final_commit_goes_no_further_than_what_was_sent(
         assert bridge.batcher.partitions() == {0}
         bridge.batcher.clear()  # as stopping, or a revocation, drops them
         bridge._sync(bridge.clock(), redeliver=False, final=True)
+        assert _committed(bridge, topic) == 3
+
+
+def test_a_batch_listing_its_offsets_backwards_is_committed_past_only_once_all_are_done(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile test's finding: a record batch whose records list offsets 2, 1, 0 (Apache
+    Kafka refuses it; the broker here takes it). The bridge took the first offset it sent,
+    2, for the oldest not done: it committed 2 with nothing done, and 0 and 1, were their
+    task lost, were never read again. They go in one task, in offset order, and nothing is
+    committed past one not done."""
+    topic = kafka_topic(partitions=1)
+    produce_batch(kafka_broker, topic, 0, out_of_order_batch(
+        [(b"k", f'{{"n": {n}}}'.encode()) for n in range(3)]))
+    sent = _sent(monkeypatch)
+    with reading_bridge(kafka_broker, topic, committed=0) as bridge:
+        wait_until(lambda: _read_once(bridge) or len(sent) == 3, 30, "the batch sent",
+                   interval_s=0)
+        assert [(m.offset, m.value) for m in sent] == [
+            (0, b'{"n": 2}'), (1, b'{"n": 1}'), (2, b'{"n": 0}')]
+        assert bridge.partitions[0].next_read == 3
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 0
+        _applied(bridge, [2])
+        _applied(bridge, [1])
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 0
+        _applied(bridge, [0])
+        _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3
 
 

@@ -54,8 +54,18 @@ def batch_with_header(key: bytes, value: bytes, name: bytes, header: bytes) -> b
     return _batch(0, 1, _record(key, value, ((name, header),)))
 
 
-def _record(key: bytes, value: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    body = b"\x00" + _varint(0) + _varint(0)  # attributes, timestamp and offset deltas
+def out_of_order_batch(records: list[tuple[bytes, bytes]]) -> bytes:
+    """A batch whose records list their offsets backwards (the last first): its header
+    counts them and ends at the largest, as a well-formed one does. Apache Kafka refuses
+    it; a broker that does not check what producers write keeps it as it comes."""
+    payload = b"".join(_record(key, value, delta=len(records) - 1 - at)
+                       for at, (key, value) in enumerate(records))
+    return _batch(0, len(records), payload)
+
+
+def _record(key: bytes, value: bytes, headers: tuple[tuple[bytes, bytes], ...] = (), *,
+            delta: int = 0) -> bytes:
+    body = b"\x00" + _varint(0) + _varint(delta)  # attributes, timestamp and offset deltas
     body += _varint(len(key)) + key + _varint(len(value)) + value + _varint(len(headers))
     for name, header in headers:
         body += _varint(len(name)) + name + _varint(len(header)) + header

@@ -52,6 +52,64 @@ def test_with_nothing_outstanding_the_commit_follows_the_reading_past_offsets_wi
     assert progress.committable(10) == 10 and progress.committable() == 9
 
 
+def test_offsets_read_out_of_order_commit_nothing_past_one_not_done() -> None:
+    """A record batch whose records list their offsets backwards (2, 1, 0: Apache Kafka
+    refuses such a batch, a broker may take it): the commit stopped at the first offset sent,
+    2, though nothing was done, and 0 and 1, lost on the way, were never read again (a
+    hostile test's finding). The oldest offset not done is the lowest, whatever the order
+    they came in."""
+    progress = PartitionProgress(0, committed=0)
+    progress.next_read = 0
+    assert [progress.read(offset) for offset in (2, 1, 0)] == [0, None, None]
+    assert progress.next_read == 3  # the reading stands past the furthest message read
+    progress.dispatched([2, 1, 0], now=0)
+    assert (progress.low(), progress.high(), progress.committable()) == (0, 2, None)
+    progress.observe({2}, set(), now=1)
+    progress.observe({1}, set(), now=2)
+    assert progress.committable() is None
+    progress.observe({0}, set(), now=3)
+    assert progress.committable() == 3 and progress.in_flight == 0
+
+
+def test_a_batch_with_offsets_below_those_sent_before_is_awaited_in_order() -> None:
+    progress = PartitionProgress(0)
+    progress.dispatched([5, 6], now=0)
+    progress.dispatched([3, 4], now=1)
+    assert (progress.low(), progress.high()) == (3, 6)
+    progress.observe({5, 6}, set(), now=2)
+    assert progress.committable() == 3
+    progress.observe({3, 4}, set(), now=3)
+    assert progress.committable() == 7
+    assert list(progress.settled) == [(3, 6)]
+
+
+def test_an_offset_sent_twice_is_awaited_once() -> None:
+    """Two messages at one offset (records of a batch that claim the same one): awaited as
+    one, so that its mark done lets the commit past it, rather than the second copy keep
+    the partition at it for ever."""
+    progress = PartitionProgress(0)
+    progress.dispatched([7, 7], now=0)
+    progress.dispatched([7, 8], now=1)
+    assert progress.in_flight == 2
+    progress.observe({7, 8}, set(), now=2)
+    assert progress.committable() == 9 and not progress.outstanding
+
+
+def test_an_offset_committed_past_that_comes_again_holds_nothing_back() -> None:
+    progress = PartitionProgress(0, committed=10)
+    progress.dispatched([10, 11], now=0)
+    progress.dispatched([4], now=1)  # below the commit when sent: not awaited
+    assert (progress.low(), progress.in_flight) == (10, 2)
+    progress.dispatched([12], now=2)
+    progress.dispatched([11], now=3)  # sent again while 11 is awaited: once
+    progress.observe({10}, set(), now=4)
+    progress.dispatched([10], now=5)  # done, not committed past when sent: awaited …
+    assert progress.low() == 10
+    progress.committed = 11  # … until the commit passes it
+    progress.observe({11, 12}, set(), now=6)
+    assert progress.committable() == 13 and not progress.outstanding
+
+
 def test_offsets_may_have_gaps() -> None:
     progress = PartitionProgress(0)
     progress.dispatched([3, 7, 8], now=0)  # e.g. transaction markers between them
@@ -133,8 +191,8 @@ def test_a_read_that_goes_past_offsets_expected_first_says_the_first_it_skipped(
     assert progress.read(44) == 42  # 42 and 43 never came
     progress.next_read = 10  # set where the reading starts (a commit, a re-read)
     assert progress.read(10) is None
-    assert progress.read(3) is None  # read again from an earlier offset: nothing skipped
-    assert progress.next_read == 4
+    assert progress.read(3) is None  # an earlier offset than one read: nothing skipped
+    assert progress.next_read == 11  # and the reading still stands past the furthest
 
 
 def test_progress_elsewhere_in_the_partition_postpones_the_timeout() -> None:

@@ -694,8 +694,11 @@ def test_a_batch_listing_its_offsets_backwards_is_committed_past_only_once_all_a
         [(b"k", f'{{"n": {n}}}'.encode()) for n in range(3)]))
     sent = _sent(monkeypatch)
     with reading_bridge(kafka_broker, topic, committed=0) as bridge:
-        wait_until(lambda: _read_once(bridge) or len(sent) == 3, 30, "the batch sent",
-                   interval_s=0)
+        def all_sent() -> bool:
+            _read_once(bridge)
+            return len(sent) == 3
+
+        wait_until(all_sent, 30, "the batch sent", interval_s=0)
         assert [(m.offset, m.value) for m in sent] == [
             (0, b'{"n": 2}'), (1, b'{"n": 1}'), (2, b'{"n": 0}')]
         assert bridge.partitions[0].next_read == 3

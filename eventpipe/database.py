@@ -112,8 +112,10 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         # is one whose worker froze or lost its host: the server ends it, and the locks it
         # held, which held up the partition's next owner, go with it.
         # In UTC whatever the server's zone: psycopg gives times in the session's, and a time
-        # the contract accepts (up to 9999-12-31T23:59:59Z) is past year 9999 east of it.
-        server = f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms} -c timezone=UTC"
+        # the contract accepts (up to 9999-12-31T23:59:59Z) is past year 9999 east of it. In
+        # ISO whatever the server's date style: psycopg reads times in no other.
+        server = (f"-c statement_timeout={statement_ms} -c lock_timeout={lock_ms} "
+                  "-c timezone=UTC -c datestyle=ISO")
         if not synced:
             server += " -c synchronous_commit=off"
         if statement_ms:
@@ -125,6 +127,9 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
                                    # marked `PREPARED` are prepared (`_prepared`); with any
                                    # other threshold an `executemany` prepares what it runs.
                                    "prepare_threshold": None,
+                                   # Any text the contract takes, whatever the database's
+                                   # default (`ALTER DATABASE … SET client_encoding`).
+                                   "client_encoding": "UTF8",
                                    **{name: value for name, value in
                                       (_PG_BRIEF if brief else _PG_NETWORK).items()
                                       if name not in url.query}}

@@ -279,17 +279,21 @@ def test_keysets_select_exactly_their_keys(database_url: str, keys: list[str]) -
         engine.dispose()
 
 
-def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_zone() -> None:
+@pytest.mark.parametrize("setting", ["timezone TO 'Europe/Paris'", "datestyle TO 'SQL, DMY'"])
+def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_settings(
+        setting: str) -> None:
     """Before: the session kept the server's zone, and psycopg gives times in it. In
     Europe/Paris a time stored as 9999-12-31T23:59:59Z (which the contract accepts) read as
-    a year past 9999 and failed every read of its row: the API, `verify`, the reconciler."""
+    a year past 9999 and failed every read of its row: the API, `verify`, the reconciler.
+    So did every time under a date style other than ISO (a hostile test's finding: psycopg
+    reads no other), while `/ready` said ready."""
     with postgres_database() as url:
         migrate(url, "head")
         admin = create_engine(url, isolation_level="AUTOCOMMIT")
         try:
             with admin.connect() as conn:
                 name = make_url(url).database
-                conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Europe/Paris'"))
+                conn.execute(text(f"ALTER DATABASE \"{name}\" SET {setting}"))
         finally:
             admin.dispose()
         engine = make_engine(Settings(database_url=url))
@@ -301,6 +305,26 @@ def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_zo
             with engine.connect() as conn:
                 row = conn.execute(select(users.c.created_at, users.c.version_at)).one()
             assert row == (edge, edge)
+        finally:
+            engine.dispose()
+
+
+def test_postgresql_takes_any_text_whatever_the_database_s_client_encoding() -> None:
+    """A hostile test's kin: a database whose sessions default to another client encoding
+    (`ALTER DATABASE … SET client_encoding TO 'LATIN1'`) refused every name, email or id
+    beyond it, as values the database cannot hold."""
+    with postgres_database() as url:
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                name = make_url(url).database
+                conn.execute(text(f"ALTER DATABASE \"{name}\" SET client_encoding TO 'LATIN1'"))
+        finally:
+            admin.dispose()
+        engine = make_engine(Settings(database_url=url))
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT :t"), {"t": "é 😀 中"}).scalar_one() == "é 😀 中"
         finally:
             engine.dispose()
 

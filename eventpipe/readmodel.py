@@ -210,12 +210,13 @@ def visible_order(conn: Connection, order_id: str) -> OrderRow | None:
 def recent_orders_query(user_id: str, limit: int) -> Select[Any]:
     """A user's newest orders, each with whether it has a visible payment (one in its
     currency); an index range scan on `ix_orders_user_id_placed_at`. The order id breaks
-    ties, so equal times still list in a stable order."""
+    ties, by code point, so equal times list in one order on every database."""
     # CASE WHEN EXISTS because T-SQL has no boolean expressions in a select list.
     settled = case((exists().where(payments.c.order_id == orders.c.order_id,
                                    payments.c.currency == orders.c.currency), 1), else_=0)
     return (select(orders, settled.label("settled")).where(orders.c.user_id == user_id)
-            .order_by(orders.c.placed_at.desc(), orders.c.order_id.desc()).limit(limit))
+            .order_by(orders.c.placed_at.desc(), by_code_point(orders.c.order_id).desc())
+            .limit(limit))
 
 
 def recent_orders(conn: Connection, user_id: str, limit: int) -> list[tuple[OrderRow, bool]]:
@@ -232,10 +233,12 @@ def order_items_of(conn: Connection, order_id: str) -> list[Any]:
 
 
 def settled_payment_query(order_id: str, currency: str) -> Select[Any]:
-    """The visible payment of a visible order: one in its currency, the latest if several."""
+    """The visible payment of a visible order: one in its currency, the latest if several
+    (of those settled at one time, the last payment id by code point)."""
     return (select(payments)
             .where(payments.c.order_id == order_id, payments.c.currency == currency)
-            .order_by(payments.c.settled_at.desc(), payments.c.payment_id.desc()).limit(1))
+            .order_by(payments.c.settled_at.desc(), by_code_point(payments.c.payment_id).desc())
+            .limit(1))
 
 
 def settled_payment(conn: Connection, order: OrderRow) -> PaymentRow | None:

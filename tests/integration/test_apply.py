@@ -243,6 +243,39 @@ def test_claimants_tied_in_version_are_ordered_by_code_point_whatever_the_collat
     assert owners == {"a": "B", "B": "B"}
 
 
+def test_ties_in_time_list_by_code_point_whatever_the_collation() -> None:
+    """A hostile test's finding: a user's newest orders, and an order's payment, tied in
+    time, were ordered by their ids in the database's collation. On a database whose default
+    is a language's the API listed other orders, and another payment, than SQLite does for
+    the same events. By code point, as Python orders them: `e c a F D` of `a B c D e F`, and
+    `pa` of `pa pB`."""
+    ids = ["a", "B", "c", "D", "e", "F"]
+    versioned = {"version_at": at(1), "version_event_id": "e1", "updated_at": at(2)}
+    with postgres_database("eventpipe_collated", icu_locale="en-US") as url:
+        migrate(url)
+        engine = make_engine(Settings(database_url=url))
+        try:
+            with engine.begin() as conn:
+                conn.execute(users.insert(), [{"user_id": "u", "email": "u@example.com",
+                                               "name": "u", "created_at": at(0), **versioned}])
+                conn.execute(orders.insert(), [
+                    {"order_id": order_id, "user_id": "u", "total_amount": Decimal("1.00"),
+                     "currency": "EUR", "placed_at": at(1), **versioned} for order_id in ids])
+                conn.execute(payments.insert(), [
+                    {"payment_id": f"p{order_id}", "order_id": "a", "amount": Decimal("1.00"),
+                     "currency": "EUR", "settled_at": at(1), **versioned}
+                    for order_id in ("a", "B")])
+                assert conn.execute(text("SELECT 'a' < 'B'")).scalar_one()  # the language's
+                listed = [row.order_id for row, _ in readmodel.recent_orders(conn, "u", 5)]
+                [order] = [row for row, _ in readmodel.recent_orders(conn, "u", 6)
+                           if row.order_id == "a"]
+                payment = readmodel.settled_payment(conn, order)
+        finally:
+            engine.dispose()
+    assert listed == sorted(ids, reverse=True)[:5] == ["e", "c", "a", "F", "D"]
+    assert payment is not None and payment.payment_id == "pa"
+
+
 def test_an_email_belongs_to_its_earliest_claimant_whatever_the_arrival(engine: Engine) -> None:
     apply(engine, user_created("late", email="same@example.com", occurred_at=at(5)))
     assert visible(engine)["users"] == {"late"}

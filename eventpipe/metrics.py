@@ -33,6 +33,24 @@ def event_type_label(name: str | None) -> str:
     return name if name in _EVENT_TYPES else "unknown"
 
 
+class FewValues:
+    """A label whose values come from outside (what another program writes into the Celery
+    broker): the first `limit` distinct ones, at most 100 characters each, as they are; the
+    rest "(other)", which no Kafka topic is called, so that no input creates series without
+    bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+
+    def of(self, value: object) -> str:
+        name = str(value)[:100]
+        if name in self._named or len(self._named) < self.limit:
+            self._named.add(name)
+            return name
+        return "(other)"
+
+
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
     """`histogram.observe(value)` for each of `values` (a labelled histogram), with one write
     per bucket touched and one to the sum, where `observe` makes two writes a value: in a
@@ -133,9 +151,11 @@ FOREIGN_TASKS = Counter(
     "foreign_tasks", "Tasks of another topic than KAFKA_TOPIC, or another consumer group than "
     "KAFKA_GROUP_ID, taken off this pipeline's queues "
     "and not applied: another pipeline shares the Celery broker; and tasks that are no "
-    "bridge's batch (items on a queue that are no task a bridge wrote: an empty topic)",
+    "bridge's batch (items on a queue that are no task a bridge wrote: an empty topic); "
+    "past the first 10 topics a process meets, \"(other)\"",
     ["topic"],
 )
+FOREIGN_TOPICS = FewValues(10)  # FOREIGN_TASKS' topic label
 POOL_PARTITIONS = Gauge(
     "worker_pool_partitions", "Partition queues the worker pool gave this worker host's "
     "processes", multiprocess_mode="livesum",

@@ -375,9 +375,10 @@ def _not_ours(topic: str, group: str | None, queue: str | None, why: str = "") -
     reads the events again from Kafka once REDELIVERY_TIMEOUT_S passes (nothing lost there,
     nothing foreign here). So is a task that is no bridge's batch (`why`: sent by hand, or
     by another program): its offsets would enter the ledger as marks of Kafka's. Said once
-    a minute per topic, and counted."""
-    metrics.FOREIGN_TASKS.labels(str(topic)[:100]).inc()
-    if _FOREIGN_SAID.let_through(str(topic)) is None:
+    a minute per topic, and counted (the topics past the first ten as one)."""
+    named = metrics.FOREIGN_TOPICS.of(topic)  # never without bound, whatever is sent
+    metrics.FOREIGN_TASKS.labels(named).inc()
+    if _FOREIGN_SAID.let_through(named) is None:
         return
     if why:
         log.error("a task on queue %s is no bridge's batch (%s): not applied; whatever sent "

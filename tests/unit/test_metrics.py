@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from eventpipe.metrics import RateMeter, event_type_label, observe_all, serve
+from eventpipe.metrics import FewValues, RateMeter, event_type_label, observe_all, serve
 from eventpipe.settings import Settings, SettingsError
 
 
@@ -108,3 +108,14 @@ def test_a_metrics_host_not_of_this_machine_is_named() -> None:
     with pytest.raises(SettingsError, match=r"^METRICS_HOST=192\.0\.2\.1: .*no address of "
                                             r"this machine to listen on$"):
         serve(0, "BRIDGE_METRICS_PORT", "192.0.2.1", CollectorRegistry())
+
+
+def test_a_label_whose_values_come_from_outside_has_few_of_them() -> None:
+    """A hostile test's finding: 500 tasks of 500 made-up topics sent into the Celery broker
+    made 500 series of `foreign_tasks_total` in the worker's metrics, and 500 error lines."""
+    topics = FewValues(3)
+    assert [topics.of(name) for name in ("a", "b", "a", "c", "d", "e", "b")] == [
+        "a", "b", "a", "c", "(other)", "(other)", "b"]
+    assert {topics.of(f"made-up-{n}") for n in range(500)} == {"(other)"}
+    assert topics.of("x" * 500) == "(other)"
+    assert FewValues(1).of("y" * 500) == "y" * 100

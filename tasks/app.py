@@ -43,6 +43,7 @@ from eventpipe.failures import describe
 from eventpipe.kafka import MessageReader
 from eventpipe.migrations import schema_behind
 from eventpipe.offset_ledger import OffsetLedger
+from eventpipe.ports import ensure_free
 from eventpipe.queues import (
     APPLY_TASK,
     FORGIVE_HEADER,
@@ -70,6 +71,27 @@ DATABASE_WAIT_S = 2.0
 settings = settings_or_exit("celery")
 # Flower, a Celery command of this app too (`celery -A tasks flower`), says so in its records.
 ROLE = "flower" if "flower" in sys.argv[1:] else "worker"
+
+
+def _flowers_port_free(argv: list[str]) -> None:
+    """Exit in one line, not tornado's traceback once Flower starts, if another process holds
+    the port Flower is to listen on: its `--port=` (tornado's options are given so), else
+    the FLOWER_PORT Flower reads from the environment itself, else its 5555."""
+    named = {arg.partition("=")[0]: arg.partition("=")[2] for arg in argv if "=" in arg}
+    setting, port = ("--port", named["--port"]) if "--port" in named \
+        else ("FLOWER_PORT", os.environ.get("FLOWER_PORT", "5555"))
+    host = named.get("--address", os.environ.get("FLOWER_ADDRESS", ""))
+    if not port.isdigit():
+        return  # not a port: Flower says so itself
+    try:
+        ensure_free(setting, int(port), host, host_setting="--address")
+    except SettingsError as exc:
+        print(f"celery -A tasks flower: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if ROLE == "flower":
+    _flowers_port_free(sys.argv[1:])
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
 # logging (e.g. the warning about running as root) is formatted as every other record.
 logs.configure(ROLE, settings.log_level, settings.log_format)

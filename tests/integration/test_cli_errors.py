@@ -287,6 +287,32 @@ def test_a_port_another_process_holds_is_named_in_one_line(
                              f"{hint}")
 
 
+@pytest.mark.parametrize(("start", "env", "setting"), [
+    (["--port={port}"], {}, "--port"),  # as docker-compose.yml starts it
+    ([], {"FLOWER_PORT": "{port}"}, "FLOWER_PORT"),  # Flower reads its FLOWER_ settings too
+])
+def test_flower_on_a_port_another_process_holds_says_so_in_one_line(
+    tmp_path: Path, start: list[str], env: dict[str, str], setting: str
+) -> None:
+    """A hostile test's finding: Flower, started as Celery's users start it, ended in 35
+    lines of tornado's traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        environment = {**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent",
+                       "DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.db'}",
+                       **{name: value.replace("{port}", port) for name, value in env.items()}}
+        done = subprocess.run([str(BIN / "celery"), "-A", "tasks", "flower",
+                               "--address=127.0.0.1",
+                               *(arg.replace("{port}", port) for arg in start)],
+                              env=environment, cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"celery -A tasks flower: bad setting: {setting}={port}: ")
+    assert lines[0].endswith(f"another process listens there; set {setting} to a free port")
+
+
 def test_a_worker_host_that_stops_leaves_no_metrics_files_behind(tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -109,6 +109,9 @@ class PartitionProgress:
     # Since when Kafka has handed none of it over while holding messages past its reading
     # (`Bridge._stuck_s`); None while it hands them over.
     stuck_since: float | None = None
+    # Since when its committed offset has been past the end of Kafka's log
+    # (`Bridge._past_end_s`); None while it is not.
+    past_end_since: float | None = None
 
     @property
     def paused(self) -> bool:

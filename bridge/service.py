@@ -63,7 +63,7 @@ from eventpipe.messages import read_headers
 from eventpipe.offset_ledger import Marks, OffsetLedger, filed_under
 from eventpipe.queues import TaskMessage, make_celery, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings, SettingsError
-from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, WHY_MAX, Board, process_name
+from eventpipe.status import BRIDGE, PUBLISH_EVERY_S, STUCK_S, WHY_MAX, Board, process_name
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class Bridge:
         self._topic_said = False
         self._ledger_said = Repeats(window_s=60.0)  # per partition
         self._backwards_said = Repeats(window_s=60.0)  # per partition
+        self._past_end_said = Repeats(window_s=600.0)  # per partition
         self._next_topic_check = 0.0
         self._debug = log.isEnabledFor(logging.DEBUG)
         # Finds where a record batch Kafka cannot hand over ends (`_unreadable`); made then.
@@ -691,6 +692,7 @@ class Bridge:
             "queued": self.queued.get(p), "lost": progress.lost, "skipped": progress.skipped,
             "lostAgoS": None if progress.lost_at is None else round(now - progress.lost_at, 1),
             "stuckS": self._stuck_s(progress, reading.get(p), now),
+            "pastEndS": self._past_end_s(progress, now),
             "stalledS": progress.stalled_s(now),
             **self._unreadable_said(progress)}
             for p, progress in self.partitions.items()}}
@@ -716,6 +718,32 @@ class Bridge:
         if progress.stuck_since is None:
             progress.stuck_since = now
         return round(now - progress.stuck_since, 1)
+
+    def _past_end_s(self, progress: PartitionProgress, now: float) -> float | None:
+        """For how long the partition's committed offset has been past the end of Kafka's log
+        (its high watermark, as its fetches report it). The log was cut (an unclean leader
+        election, a restore), or the offset set by hand: Apache Kafka answers such a fetch
+        with an error, and the Kafka client reads from the log's start; a broker that answers
+        with nothing leaves the events it takes below that offset unread. Said once it lasts
+        STUCK_S (a report of the watermark from before a burst of writes lasts seconds), for
+        an operator to lower the partition's position."""
+        high = self.high_watermarks.get(progress.partition)
+        committed = progress.committed
+        if high is None or committed is None or high >= committed:
+            progress.past_end_since = None
+            return None
+        if progress.past_end_since is None:
+            progress.past_end_since = now
+        elapsed = now - progress.past_end_since
+        if elapsed > STUCK_S \
+                and self._past_end_said.let_through(str(progress.partition)) is not None:
+            log.error("partition %d: its committed offset %d is past the end of Kafka's log "
+                      "(offset %d): the log was cut (an unclean leader election, a restore), "
+                      "or the offset set by hand; events Kafka writes below it are not read "
+                      "until its position is lowered (docs/operations.md)", progress.partition,
+                      committed, high, extra={"partition": progress.partition,
+                                              "committed": committed, "highWatermark": high})
+        return round(elapsed, 1)
 
     def _positions(self, partitions: list[int]) -> dict[int, int]:
         """Where the Kafka client's reading of each stands: past the last message handed

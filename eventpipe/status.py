@@ -206,7 +206,7 @@ _BRIDGE_FIELDS: dict[str, Callable[[Any], bool]] = {
     "committed": _count, "highWatermark": _count, "inFlight": _count, "queued": _count,
     "paused": _flag, "pausedFor": _cause, "pausedS": _amount, "lost": _count, "skipped": _count,
     "lostAgoS": _amount, "stuckS": _amount, "unreadableAt": _count, "unreadableWhy": _why,
-    "stalledS": _amount}
+    "stalledS": _amount, "pastEndS": _amount}
 
 
 # -- the view --------------------------------------------------------------------------------
@@ -233,6 +233,8 @@ class PartitionStatus:
     unreadable_why: str | None
     # For how long none of its events in flight was done, while some are.
     stalled_s: float | None
+    # For how long its committed offset has been past the end of Kafka's log.
+    past_end_s: float | None
     bridge: str | None
     workers: list[str]  # the worker processes consuming its queue
     last_batch_ago_s: float | None
@@ -365,6 +367,13 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
                              "say" if p.unreadable_at is not None else
                              "a message larger than the consumer may fetch, or a record batch "
                              "the Kafka client cannot read? (docs/operations.md)"))
+        if p.past_end_s is not None and p.past_end_s > STUCK_S:
+            found.append(f"partition {p.partition}: its committed offset {_number(p.committed)} "
+                         f"is past the end of Kafka's log (offset {_number(p.high_watermark)}) "
+                         f"for {p.past_end_s:.0f} s: the log was cut (an unclean leader "
+                         "election, a restore), or the offset set by hand; the events Kafka "
+                         "writes below it are not read until its position is lowered "
+                         "(docs/operations.md)")
     return found
 
 
@@ -404,7 +413,8 @@ def _partition(partition: int, reported: tuple[Member, Mapping[str, Any]] | None
         lost_ago_s=_aged(said.get("lostAgoS"), bridge),
         skipped=said.get("skipped"), stuck_s=_aged(said.get("stuckS"), bridge),
         unreadable_at=said.get("unreadableAt"), unreadable_why=said.get("unreadableWhy"),
-        stalled_s=_aged(said.get("stalledS"), bridge), bridge=bridge.name if bridge else None,
+        stalled_s=_aged(said.get("stalledS"), bridge),
+        past_end_s=_aged(said.get("pastEndS"), bridge), bridge=bridge.name if bridge else None,
         workers=[w.name for w in workers if partition in w.said.get("queues", [])],
         last_batch_ago_s=last[0] if last else None, last_batch_by=last[1] if last else None)
 

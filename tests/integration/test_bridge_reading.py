@@ -31,7 +31,14 @@ from eventpipe.messages import RawMessage
 from eventpipe.migrations import upgrade
 from eventpipe.queues import TaskMessage, queue_name, send_batch, visibility_timeout_s
 from eventpipe.settings import Settings
-from eventpipe.status import BRIDGE, DlqStatus, PartitionStatus, assemble
+from eventpipe.status import (
+    BRIDGE,
+    STUCK_S,
+    DlqStatus,
+    PartitionStatus,
+    assemble,
+    problems,
+)
 from eventpipe.tables import kafka_done_ranges, kafka_positions
 from tests.support.broker import TopicFactory, commit_offset, produce, settings_for
 from tests.support.pipeline import wait_until
@@ -630,6 +637,26 @@ def test_a_partition_kafka_hands_nothing_of_while_holding_more_is_said_stuck(
         assert bridge._publish_status()
         [said] = [m.said for m in bridge.board.members() if m.name == bridge.name]
         assert said["partitions"]["0"]["stuckS"] == 200.0
+
+
+def test_a_partition_committed_past_the_end_of_kafkas_log_is_said_not_silent(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis) -> None:
+    """A hostile test's finding: a committed offset past the end of Kafka's log (a log cut by
+    an unclean leader election, or a restore; an offset set by hand). Apache Kafka answers the
+    fetch with an error, and the Kafka client reads from the log's start; the broker here
+    answers with nothing, and the events it then took below that offset were never read,
+    while the status said nothing was wrong and the lag was 0. It is said, past STUCK_S."""
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(3))
+    with reading_bridge(kafka_broker, topic, committed=10) as bridge:
+        _until_high_watermark(bridge, 3)
+        assert _shown(bridge).past_end_s == 0.0
+        bridge.clock.now += STUCK_S + 1  # type: ignore[attr-defined]
+        shown = _shown(bridge)
+        assert shown.past_end_s == STUCK_S + 1
+        [said] = [line for line in problems([shown], [], []) if line.startswith("partition")]
+        assert said.startswith("partition 0: its committed offset 10 is past the end of "
+                               "Kafka's log (offset 3) for ")
 
 
 def test_a_partition_ending_in_a_transactions_marker_is_committed_past_it_not_stuck(

@@ -54,6 +54,10 @@ class PartitionStatusSchema(CamelSchema):
     stalled_s = fields.Float(required=True, allow_none=True, metadata={
         "description": "Seconds none of its events in flight was done, while some are; "
                        "`problems` names it past two minutes"})
+    past_end_s = fields.Float(required=True, allow_none=True, metadata={
+        "description": "Seconds its committed offset has been past the end of Kafka's log (a "
+                       "log cut, or an offset set by hand: the events written below it are not "
+                       "read); `problems` names it past two minutes"})
     bridge = fields.String(required=True, allow_none=True,
                            metadata={"description": "The bridge reading it (host:pid)"})
     workers = fields.List(fields.String(), required=True, metadata={

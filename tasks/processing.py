@@ -52,7 +52,14 @@ from eventpipe.dlq.letter import (
 from eventpipe.dlq.projection import Fetch, project
 from eventpipe.dlq.stream import DeadLetterStream
 from eventpipe.effects import Fate, Position, Received
-from eventpipe.errors import REDIS_UNAVAILABLE, FailureKind, InvalidEvent, classify, unresponsive
+from eventpipe.errors import (
+    REDIS_UNAVAILABLE,
+    FailureKind,
+    InvalidEvent,
+    TransientError,
+    classify,
+    unresponsive,
+)
 from eventpipe.events import EventType, parse_event, peek_identity
 from eventpipe.failures import (
     GiveUp,
@@ -337,8 +344,18 @@ class Processor:
             letter = replace(letter, event_id=None, event_type=None, traceback=None,
                              reason=f"{letter.error_class}; its dead letter as first written "
                              f"was refused by the database: {type(refused).__name__}")
-            result = apply_batch(self.engine, [], [letter], worker=self.worker,
-                                 done=self._done_of(topic, partition, [message]))
+            try:
+                result = apply_batch(self.engine, [], [letter], worker=self.worker,
+                                     done=self._done_of(topic, partition, [message]))
+            except Exception as again:
+                if classify(again) is FailureKind.TRANSIENT:
+                    raise
+                # Refused with nothing of the message in it: the table takes no dead letter
+                # (a column or a trigger added by hand). A failure of the world, said as such,
+                # for the message and the rest of its batch to wait on, rather than an error
+                # the bridge would take for a batch lost and read again for ever.
+                raise TransientError(f"the database refuses dead letters (the table "
+                                     f"dead_letters): {describe(again)}") from again
         metrics.EVENTS_PROCESSED.labels(metrics.event_type_label(identity.event_type),
                                         "dead_lettered").inc()
         self._settled([message], result, report)

@@ -324,6 +324,44 @@ def test_a_message_whose_dead_letter_the_database_refuses_still_ends_dead_letter
     assert ledger.read(TOPIC, {0: 0})[0][0] == set(range(10))
 
 
+def test_a_database_that_refuses_every_dead_letter_holds_the_rest_as_the_world_failing(
+    engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hostile test's finding: a `dead_letters` table that refuses every row (a column
+    added by hand, a trigger) refused the letter stripped of the message's identity too. The
+    run ended in an unforeseen error; the bridge took the batch for lost and read it again
+    every minute, saying events were lost on the way. Now the message, and the rest of its
+    batch, wait as for a database that fails, said in the retry's line, and end
+    dead-lettered once the table takes letters again."""
+    processor, _ = parts
+    with engine.connect() as conn:
+        try:
+            conn.execute(text({"postgresql": "SELECT 1 / 0",
+                               "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]))
+        except Exception as exc:
+            refused = exc
+    real = apply_batch
+    table_fixed = False
+
+    def refusing(engine: Engine, batch: Sequence[Received],
+                 failures: Sequence[DeadLetter] = (), **kwargs: Any) -> BatchResult:
+        if any(item.event.event_id == POISON for item in batch) or (
+                failures and not table_fixed):
+            raise refused
+        return real(engine, batch, failures, **kwargs)
+
+    monkeypatch.setattr(tasks.processing, "apply_batch", refusing)
+    report = processor.run(TOPIC, 0, messages(10, poison_at=3))
+    [later] = report.later
+    assert later.transient and [m.offset for m in later.messages] == list(range(3, 10))
+    assert "the database refuses dead letters" in later.reason
+    assert letters(engine) == [] and applied_ids(engine) == {"ev-0", "ev-1", "ev-2"}
+    table_fixed = True
+    report = processor.run(TOPIC, 0, later.messages, retries=1)
+    assert report.later == [] and [row.kafka_offset for row in letters(engine)] == [3]
+    assert len(applied_ids(engine)) == 9
+
+
 def _die_on_poison(database_url: str, group: str, batch: list[list[Any]]) -> None:
     """A worker process that dies (like a segfault or the OOM killer) on the poison."""
     settings = Settings(database_url=database_url, crash_max_attempts=2)

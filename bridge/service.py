@@ -800,17 +800,22 @@ class Bridge:
 
     def _database_replaced(self) -> bool:
         """Whether the embedded database's file was deleted, or another put in its place,
-        since the bridge started: what it would record goes where nobody reads, and Kafka's
-        offsets would move past work no database holds. It stops, committing nothing more."""
-        if self._database_file is None \
-                or sqlite_file.identity(self._database_file) == self._database_identity:
+        since the bridge started, or the WAL it writes into was deleted: what it would record
+        goes where nobody reads, and Kafka's offsets would move past work no database holds.
+        It stops, committing nothing more."""
+        if self._database_file is None:
+            return False
+        if sqlite_file.identity(self._database_file) != self._database_identity:
+            lost = f"the database file {self._database_file.absolute()} was deleted or replaced"
+        elif sqlite_file.holds_deleted(wal := sqlite_file.wal_of(self._database_file)):
+            lost = f"the database's write-ahead log {wal.absolute()} was deleted"
+        else:
             return False
         if self.must_stop is None:
             self.must_stop = TransientError(
-                f"the database file {self._database_file.absolute()} was deleted or replaced "
-                "while the bridge ran: it stops and commits nothing more; stop every process "
-                "of the pipeline (they keep writing to the file they opened), then start "
-                "them again")
+                f"{lost} while the bridge ran: it stops and commits nothing more; stop every "
+                "process of the pipeline (they keep writing to the file they opened), then "
+                "start them again")
             log.error("%s", self.must_stop)
         self.stopping = True
         return True

@@ -1,6 +1,7 @@
 """The embedded SQLite database as a file: a process keeps the file it opened, even once it
 is deleted or another is put in its place, and would go on writing where nobody reads.
-What it opened is told apart from what the path names now by the file's identity."""
+What it opened is told apart from what the path names now by the file's identity; its WAL,
+which SQLite makes and deletes as connections come and go, by what the process holds open."""
 
 from __future__ import annotations
 
@@ -37,3 +38,27 @@ def identity(path: Path) -> FileIdentity | None:
     except FileNotFoundError:
         return None
     return FileIdentity(found.st_dev, found.st_ino)
+
+
+def holds_deleted(path: Path) -> bool:
+    """Whether this process holds open a file that was at `path` and is deleted now (a WAL
+    deleted by hand: the commits written into it go where no new connection reads, and
+    nothing copies them into the database). On Linux, from what its descriptors name;
+    False where that cannot be told."""
+    deleted = f"{path.resolve()} (deleted)"
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(f"/proc/self/fd/{descriptor}") == deleted:
+                return True
+        except OSError:  # closed since it was listed
+            continue
+    return False
+
+
+def wal_of(path: Path) -> Path:
+    """The file SQLite keeps a database's write-ahead log in."""
+    return path.with_name(f"{path.name}-wal")

@@ -873,6 +873,31 @@ def test_an_embedded_database_file_deleted_under_the_bridge_stops_it_committing_
         assert "was deleted or replaced while the bridge ran" in str(bridge.must_stop)
 
 
+def test_an_embedded_database_s_wal_deleted_under_the_bridge_stops_it_committing_nothing(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
+        tmp_path: Path) -> None:
+    """A hostile test's finding: the SQLite file's WAL deleted under running processes
+    (`rm eventpipe.db-wal`), they committed on into the WAL they had open, which no new
+    connection sees and nothing copies into the database, and Kafka's offsets moved past
+    all of it, with no word said. The bridge stops, committing nothing more, as when the
+    file itself is deleted."""
+    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
+    upgrade(url)
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+        _read_up_to(bridge, 2)
+        _applied(bridge, range(0, 3))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 3
+        (tmp_path / "eventpipe.db-wal").unlink()
+        _read_up_to(bridge, 5)
+        _applied(bridge, range(3, 6))
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 3 and bridge.stopping
+        assert "eventpipe.db-wal" in str(bridge.must_stop)
+
+
 def test_work_the_database_lost_since_its_last_position_is_read_again(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -17,8 +17,9 @@ from eventpipe.verify import committed_offsets, holds_events, render, verify
 
 def add_command(commands: Any) -> None:
     command = commands.add_parser(
-        "verify", help="read the topic up to the committed offsets, fold it with the "
-        "contract's rules and compare with the database; exit 1 on any difference")
+        "verify", help="read the topic's messages the database records as done, fold them "
+        "with the contract's rules and compare with the database, read in one snapshot; "
+        "exit 1 on any difference")
     command.add_argument("--limit", type=at_least(0), default=50,
                          help="differences to print (default 50)")
     command.set_defaults(handler=_verify)
@@ -42,8 +43,12 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         # gives (its index alone, which verify reads, could not say it).
         stream.sizes()
         bar = ProgressBar("reading the topic", sum(committed.values()), "messages")
+
+        def planned(total: int) -> None:
+            bar.total = total  # what the database's snapshot records as done
+
         try:
-            report = verify(settings, engine, stream, bar, committed)
+            report = verify(settings, engine, stream, bar, committed, planned)
         finally:
             bar.close()
     finally:

@@ -288,6 +288,12 @@ def read(conn: Connection, topic: str, partitions: Collection[int], *,
             for row in conn.execute(reading_query(topic, chosen, lock=lock))}
 
 
+def made_with_positions(conn: Connection) -> bool:
+    """Whether migration 0005 made the table in this database while it held no fate
+    (`MADE_WITH_POSITIONS`): there, a partition with no position holds nothing."""
+    return _made_with_positions(conn)
+
+
 def _made_with_positions(conn: Connection) -> bool:
     topic, partition = MADE_WITH_POSITIONS
     query = select(literal(1)).select_from(kafka_positions).where(

@@ -239,30 +239,29 @@ class PartitionProgress:
 
     def read(self, offset: int) -> int | None:
         """A message at `offset` was read: the first offset it skipped (the read went past
-        offsets expected first), else None. One below a message read already (a record batch
-        that lists its offsets out of order: Apache Kafka refuses one, another broker may
-        not) leaves the reading where it stands, past the furthest."""
-        expected = self.next_read
+        offsets expected first), else None."""
+        expected, self.next_read = self.next_read, offset + 1
         self.read_since_set = True
-        if expected is None or offset >= expected:
-            self.next_read = offset + 1
         return expected if expected is not None and offset > expected else None
 
     def dispatched(self, offsets: list[int], now: float) -> None:
         """Offsets sent, in any order: they are awaited lowest first, each once (two
-        messages at one offset, records that claim the same one, are marked done as one)."""
+        messages at one offset, records that claim the same one, are marked done as one).
+        Below those sent before come the records of a batch that lists its offsets out of
+        order, and what the Kafka client reads again from the log's start by itself (a
+        committed offset past the end of a log cut since): awaited all the same, however
+        far below the commit, so that none is passed over lost."""
         if not self.outstanding and not (offsets and self.resend_below is not None
                                          and offsets[0] < self.resend_below):
             self.last_progress = now
         top = -1 if self.last_dispatched is None else self.last_dispatched
-        below: list[int] = []  # below one sent already: only from out-of-order batches
+        below: list[int] = []  # below one sent already (seldom: as said above)
         for offset in offsets:
             if offset > top:
                 self.outstanding.append((offset, now))
                 self.pending.add(offset)
                 top = offset
-            elif offset not in self.pending and offset not in self.done_ahead \
-                    and (self.committed is None or offset >= self.committed):
+            elif offset not in self.pending and offset not in self.done_ahead:
                 below.append(offset)
                 self.pending.add(offset)
         if below:
@@ -282,17 +281,8 @@ class PartitionProgress:
             self.done_ahead |= newly_done
             if unrecorded:
                 self.unrecorded |= newly_done & unrecorded
-        while self.outstanding:
-            offset = self.outstanding[0][0]
-            if offset not in self.done_ahead:
-                if self.committed is None or offset >= self.committed:
-                    break
-                # Another message at an offset committed past since it was sent (records
-                # that claim the same offset): the commit cannot wait for it.
-                self.outstanding.popleft()
-                self.pending.discard(offset)
-                continue
-            self.outstanding.popleft()
+        while self.outstanding and self.outstanding[0][0] in self.done_ahead:
+            offset = self.outstanding.popleft()[0]
             self.done_ahead.discard(offset)
             if offset in self.unrecorded:
                 self.unrecorded.discard(offset)

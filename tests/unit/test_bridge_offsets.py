@@ -61,7 +61,6 @@ def test_offsets_read_out_of_order_commit_nothing_past_one_not_done() -> None:
     progress = PartitionProgress(0, committed=0)
     progress.next_read = 0
     assert [progress.read(offset) for offset in (2, 1, 0)] == [0, None, None]
-    assert progress.next_read == 3  # the reading stands past the furthest message read
     progress.dispatched([2, 1, 0], now=0)
     assert (progress.low(), progress.high(), progress.committable()) == (0, 2, None)
     progress.observe({2}, set(), now=1)
@@ -95,19 +94,21 @@ def test_an_offset_sent_twice_is_awaited_once() -> None:
     assert progress.committable() == 9 and not progress.outstanding
 
 
-def test_an_offset_committed_past_that_comes_again_holds_nothing_back() -> None:
-    progress = PartitionProgress(0, committed=10)
-    progress.dispatched([10, 11], now=0)
-    progress.dispatched([4], now=1)  # below the commit when sent: not awaited
-    assert (progress.low(), progress.in_flight) == (10, 2)
-    progress.dispatched([12], now=2)
-    progress.dispatched([11], now=3)  # sent again while 11 is awaited: once
-    progress.observe({10}, set(), now=4)
-    progress.dispatched([10], now=5)  # done, not committed past when sent: awaited …
-    assert progress.low() == 10
-    progress.committed = 11  # … until the commit passes it
-    progress.observe({11, 12}, set(), now=6)
-    assert progress.committable() == 13 and not progress.outstanding
+def test_offsets_below_the_commit_read_again_from_the_log_s_start_are_awaited() -> None:
+    """A review's finding: a committed offset past the end of a log cut since (an unclean
+    leader election): Apache Kafka refuses the fetch, and the Kafka client reads from the
+    log's start by itself. The events written since sit below the commit: they are awaited
+    as any, so that one lost on the way is read again, and no commit passes them undone."""
+    progress = PartitionProgress(0, committed=1000)
+    progress.dispatched(list(range(990, 1000)), now=0)  # sent before the log was cut
+    progress.observe(set(range(990, 1000)), set(), now=1)
+    progress.dispatched(list(range(676, 681)), now=2)  # read again from the log's start
+    assert (progress.low(), progress.in_flight, progress.committable()) == (676, 5, None)
+    assert progress.redelivery(now=2 + TIMEOUT, timeout_s=TIMEOUT, queued=0) is None  # grace
+    assert progress.redelivery(now=4 + TIMEOUT, timeout_s=TIMEOUT, queued=0) == 676
+    progress.dispatched(list(range(681, 1005)), now=3)
+    progress.observe(set(range(681, 1005)), set(), now=4)
+    assert progress.committable() is None  # 676–680 not done: nothing past them
 
 
 def test_offsets_may_have_gaps() -> None:
@@ -191,8 +192,8 @@ def test_a_read_that_goes_past_offsets_expected_first_says_the_first_it_skipped(
     assert progress.read(44) == 42  # 42 and 43 never came
     progress.next_read = 10  # set where the reading starts (a commit, a re-read)
     assert progress.read(10) is None
-    assert progress.read(3) is None  # an earlier offset than one read: nothing skipped
-    assert progress.next_read == 11  # and the reading still stands past the furthest
+    assert progress.read(3) is None  # read again from an earlier offset: nothing skipped
+    assert progress.next_read == 4
 
 
 def test_progress_elsewhere_in_the_partition_postpones_the_timeout() -> None:

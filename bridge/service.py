@@ -325,15 +325,16 @@ class Bridge:
     def _take(self, progress: PartitionProgress, message: TaskMessage, now: float) -> None:
         partition = progress.partition
         progress.stuck_since = None
-        furthest = progress.next_read
+        expected = progress.next_read
         if (skipped := progress.read(message.offset)) is not None:
             self._skipped(partition, skipped, message.offset)
-        elif furthest is not None and message.offset < furthest - 1 \
+        elif expected is not None and message.offset < expected - 1 \
                 and self._backwards_said.let_through(str(partition)) is not None:
-            log.warning("Kafka handed over offset %d of partition %d after offset %d: a record "
-                        "batch lists its offsets out of order (a broker that does not check "
-                        "what producers write?); each is applied, and no commit passes one "
-                        "not done", message.offset, partition, furthest - 1,
+            log.warning("Kafka handed over offset %d of partition %d after offset %d: its "
+                        "client read again from an earlier offset by itself (the committed "
+                        "offset past the end of a log cut since?), or a record batch lists "
+                        "its offsets out of order; each is applied, and no commit passes one "
+                        "not done", message.offset, partition, expected - 1,
                         extra={"partition": partition, "offset": message.offset})
         if self._debug:
             identity = peek_identity(message.value)  # never raises, whatever the bytes
@@ -739,8 +740,10 @@ class Bridge:
                 and self._past_end_said.let_through(str(progress.partition)) is not None:
             log.error("partition %d: its committed offset %d is past the end of Kafka's log "
                       "(offset %d): the log was cut (an unclean leader election, a restore), "
-                      "or the offset set by hand; events Kafka writes below it are not read "
-                      "until its position is lowered (docs/operations.md)", progress.partition,
+                      "or the offset set by hand; Apache Kafka's client reads it again from "
+                      "the log's start, but on a broker that answers with nothing the events "
+                      "written below it are not read until its position is lowered "
+                      "(docs/operations.md)", progress.partition,
                       committed, high, extra={"partition": progress.partition,
                                               "committed": committed, "highWatermark": high})
         return round(elapsed, 1)
@@ -800,15 +803,17 @@ class Bridge:
 
     def _database_replaced(self) -> bool:
         """Whether the embedded database's file was deleted, or another put in its place,
-        since the bridge started, or the WAL it writes into was deleted: what it would record
-        goes where nobody reads, and Kafka's offsets would move past work no database holds.
-        It stops, committing nothing more."""
+        since the bridge started, or a file beside it it writes through (the WAL, its index)
+        was deleted: what it would record goes where nobody reads, and Kafka's offsets would
+        move past work no database holds. It stops, committing nothing more."""
         if self._database_file is None:
             return False
         if sqlite_file.identity(self._database_file) != self._database_identity:
             lost = f"the database file {self._database_file.absolute()} was deleted or replaced"
-        elif sqlite_file.holds_deleted(wal := sqlite_file.wal_of(self._database_file)):
-            lost = f"the database's write-ahead log {wal.absolute()} was deleted"
+        elif deleted := [f"{what} {path.absolute()}" for what, path
+                         in sqlite_file.beside(self._database_file).items()
+                         if sqlite_file.holds_deleted(path)]:
+            lost = f"the database's {' and '.join(deleted)} deleted"
         else:
             return False
         if self.must_stop is None:

@@ -1,7 +1,8 @@
 """The embedded SQLite database as a file: a process keeps the file it opened, even once it
 is deleted or another is put in its place, and would go on writing where nobody reads.
-What it opened is told apart from what the path names now by the file's identity; its WAL,
-which SQLite makes and deletes as connections come and go, by what the process holds open."""
+What it opened is told apart from what the path names now by the file's identity; the
+files beside it (its WAL), which SQLite makes and deletes as connections come and go, by
+what the process holds open."""
 
 from __future__ import annotations
 
@@ -42,9 +43,8 @@ def identity(path: Path) -> FileIdentity | None:
 
 def holds_deleted(path: Path) -> bool:
     """Whether this process holds open a file that was at `path` and is deleted now (a WAL
-    deleted by hand: the commits written into it go where no new connection reads, and
-    nothing copies them into the database). On Linux, from what its descriptors name;
-    False where that cannot be told."""
+    or its index deleted by hand: the commits written through it go where no new connection
+    reads). On Linux, from what its descriptors name; False where that cannot be told."""
     deleted = f"{path.resolve()} (deleted)"
     try:
         descriptors = os.listdir("/proc/self/fd")
@@ -59,6 +59,8 @@ def holds_deleted(path: Path) -> bool:
     return False
 
 
-def wal_of(path: Path) -> Path:
-    """The file SQLite keeps a database's write-ahead log in."""
-    return path.with_name(f"{path.name}-wal")
+def beside(path: Path) -> dict[str, Path]:
+    """The files SQLite keeps beside a database in WAL mode, by what they hold: a process
+    that holds either deleted commits where no process started since reads."""
+    return {"write-ahead log": path.with_name(f"{path.name}-wal"),
+            "shared-memory index": path.with_name(f"{path.name}-shm")}

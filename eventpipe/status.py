@@ -371,9 +371,10 @@ def problems(partitions: Sequence[PartitionStatus], bridges: Sequence[Member],
             found.append(f"partition {p.partition}: its committed offset {_number(p.committed)} "
                          f"is past the end of Kafka's log (offset {_number(p.high_watermark)}) "
                          f"for {p.past_end_s:.0f} s: the log was cut (an unclean leader "
-                         "election, a restore), or the offset set by hand; the events Kafka "
-                         "writes below it are not read until its position is lowered "
-                         "(docs/operations.md)")
+                         "election, a restore), or the offset set by hand; Apache Kafka's "
+                         "client reads it again from the log's start, but on a broker that "
+                         "answers with nothing the events written below it are not read "
+                         "until its position is lowered (docs/operations.md)")
     return found
 
 

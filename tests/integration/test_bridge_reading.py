@@ -728,7 +728,6 @@ def test_a_batch_listing_its_offsets_backwards_is_committed_past_only_once_all_a
         wait_until(all_sent, 30, "the batch sent", interval_s=0)
         assert [(m.offset, m.value) for m in sent] == [
             (0, b'{"n": 2}'), (1, b'{"n": 1}'), (2, b'{"n": 0}')]
-        assert bridge.partitions[0].next_read == 3
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 0
         _applied(bridge, [2])
@@ -873,14 +872,16 @@ def test_an_embedded_database_file_deleted_under_the_bridge_stops_it_committing_
         assert "was deleted or replaced while the bridge ran" in str(bridge.must_stop)
 
 
-def test_an_embedded_database_s_wal_deleted_under_the_bridge_stops_it_committing_nothing(
+@pytest.mark.parametrize("beside", ["-wal", "-shm"])
+def test_a_file_beside_the_embedded_database_deleted_under_the_bridge_stops_its_commits(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
-        tmp_path: Path) -> None:
+        tmp_path: Path, beside: str) -> None:
     """A hostile test's finding: the SQLite file's WAL deleted under running processes
     (`rm eventpipe.db-wal`), they committed on into the WAL they had open, which no new
     connection sees and nothing copies into the database, and Kafka's offsets moved past
-    all of it, with no word said. The bridge stops, committing nothing more, as when the
-    file itself is deleted."""
+    all of it, with no word said; a review's: its index (`-shm`) deleted, processes started
+    since commit into the WAL without seeing the others' commits, which vanish. The bridge
+    stops, committing nothing more, as when the file itself is deleted."""
     url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
     upgrade(url)
     topic = kafka_topic(partitions=1)
@@ -890,12 +891,12 @@ def test_an_embedded_database_s_wal_deleted_under_the_bridge_stops_it_committing
         _applied(bridge, range(0, 3))
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3
-        (tmp_path / "eventpipe.db-wal").unlink()
+        (tmp_path / f"eventpipe.db{beside}").unlink()
         _read_up_to(bridge, 5)
         _applied(bridge, range(3, 6))
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3 and bridge.stopping
-        assert "eventpipe.db-wal" in str(bridge.must_stop)
+        assert f"eventpipe.db{beside} deleted while the bridge ran" in str(bridge.must_stop)
 
 
 def test_work_the_database_lost_since_its_last_position_is_read_again(

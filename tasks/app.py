@@ -69,18 +69,30 @@ log = logging.getLogger(__name__)
 DATABASE_WAIT_S = 2.0
 
 settings = settings_or_exit("celery")
-# Flower, a Celery command of this app too (`celery -A tasks flower`), says so in its records.
-ROLE = "flower" if "flower" in sys.argv[1:] else "worker"
 
 
-def _flowers_port_free(argv: list[str]) -> None:
+def role(argv: list[str]) -> str:
+    """What Celery's command line runs of this app: Flower, a Celery command of it too
+    (`celery -A tasks flower`), says so in its records; else a worker. The first of the two
+    commands the line names, not an option's value (`worker -n flower`)."""
+    return next((arg for arg in argv if arg in ("worker", "flower")), "worker")
+
+
+ROLE = role(sys.argv[1:])
+
+
+def flowers_port_free(argv: list[str]) -> None:
     """Exit in one line, not tornado's traceback once Flower starts, if another process holds
     the port Flower is to listen on: its `--port=` (tornado's options are given so), else
-    the FLOWER_PORT Flower reads from the environment itself, else its 5555."""
-    named = {arg.partition("=")[0]: arg.partition("=")[2] for arg in argv if "=" in arg}
-    setting, port = ("--port", named["--port"]) if "--port" in named \
+    the FLOWER_PORT Flower reads from the environment itself, else its 5555; none on a Unix
+    socket. (One set in a `flowerconfig.py` is Flower's to say.)"""
+    named = {arg.partition("=")[0].replace("-", "_"): arg.partition("=")[2]
+             for arg in argv if "=" in arg}
+    if named.get("__unix_socket") or os.environ.get("FLOWER_UNIX_SOCKET"):
+        return
+    setting, port = ("--port", named["__port"]) if "__port" in named \
         else ("FLOWER_PORT", os.environ.get("FLOWER_PORT", "5555"))
-    host = named.get("--address", os.environ.get("FLOWER_ADDRESS", ""))
+    host = named.get("__address", os.environ.get("FLOWER_ADDRESS", ""))
     if not port.isdigit():
         return  # not a port: Flower says so itself
     try:
@@ -91,7 +103,7 @@ def _flowers_port_free(argv: list[str]) -> None:
 
 
 if ROLE == "flower":
-    _flowers_port_free(sys.argv[1:])
+    flowers_port_free(sys.argv[1:])
 # Configured on import, not only when Celery asks, so what Celery says before it sets up
 # logging (e.g. the warning about running as root) is formatted as every other record.
 logs.configure(ROLE, settings.log_level, settings.log_format)

@@ -288,8 +288,8 @@ def test_a_port_another_process_holds_is_named_in_one_line(
 
 
 @pytest.mark.parametrize(("start", "env", "setting"), [
-    (["--port={port}"], {}, "--port"),  # as docker-compose.yml starts it
-    ([], {"FLOWER_PORT": "{port}"}, "FLOWER_PORT"),  # Flower reads its FLOWER_ settings too
+    (["flower", "--port={port}"], {}, "--port"),  # as docker-compose.yml starts it
+    (["flower"], {"FLOWER_PORT": "{port}"}, "FLOWER_PORT"),  # Flower reads FLOWER_ settings
 ])
 def test_flower_on_a_port_another_process_holds_says_so_in_one_line(
     tmp_path: Path, start: list[str], env: dict[str, str], setting: str
@@ -301,11 +301,10 @@ def test_flower_on_a_port_another_process_holds_says_so_in_one_line(
         environment = {**os.environ, "EVENTPIPE_ENV_FILE": "/nonexistent",
                        "DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.db'}",
                        **{name: value.replace("{port}", port) for name, value in env.items()}}
-        done = subprocess.run([str(BIN / "celery"), "-A", "tasks", "flower",
-                               "--address=127.0.0.1",
-                               *(arg.replace("{port}", port) for arg in start)],
-                              env=environment, cwd=ROOT, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run([str(BIN / "celery"), "-A", "tasks", "--quiet",
+                               *(arg.replace("{port}", port) for arg in start),
+                               "--address=127.0.0.1"], env=environment, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import kombu.transport
@@ -16,6 +17,7 @@ from eventpipe.queues import TaskMessage, queue_name, task_summary
 from eventpipe.settings import Settings
 from launcher.workers import parse_partitions, share
 from tasks import transport
+from tasks.app import flowers_port_free, role
 
 
 def test_partition_specs() -> None:
@@ -145,3 +147,24 @@ def test_a_worker_reads_every_form_of_redis_broker_url_through_its_checking_tran
 
 def _transport_of(url: str) -> Any:
     return Connection(url).get_transport_cls()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-A", "tasks", "flower", "--port=5555"], "flower"),
+    (["-A", "tasks", "worker", "-n", "flower"], "worker"),  # a review's finding
+    (["-A", "tasks", "inspect", "ping"], "worker"),
+])
+def test_what_celery_s_command_line_runs_is_its_command_not_an_option_s_value(
+        argv: list[str], expected: str) -> None:
+    assert role(argv) == expected
+
+
+def test_flower_on_a_unix_socket_takes_no_port_nor_asks_for_one() -> None:
+    """A review's finding: Flower told to listen on a Unix socket was refused when another
+    process held the port it does not listen on."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        flowers_port_free(["--unix-socket=/tmp/f.sock", f"--port={port}",
+                           "--address=127.0.0.1"])
+        with pytest.raises(SystemExit):
+            flowers_port_free([f"--port={port}", "--address=127.0.0.1"])

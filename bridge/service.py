@@ -813,7 +813,8 @@ class Bridge:
         elif deleted := [f"{what} {path.absolute()}" for what, path
                          in sqlite_file.beside(self._database_file).items()
                          if sqlite_file.holds_deleted(path)]:
-            lost = f"the database's {' and '.join(deleted)} deleted"
+            lost = f"the database's {' and '.join(deleted)} " + (
+                "were deleted" if len(deleted) > 1 else "was deleted")
         else:
             return False
         if self.must_stop is None:

@@ -61,6 +61,6 @@ def holds_deleted(path: Path) -> bool:
 
 def beside(path: Path) -> dict[str, Path]:
     """The files SQLite keeps beside a database in WAL mode, by what they hold: a process
-    that holds either deleted commits where no process started since reads."""
+    holding either once it is deleted commits where processes started since do not read."""
     return {"write-ahead log": path.with_name(f"{path.name}-wal"),
             "shared-memory index": path.with_name(f"{path.name}-shm")}

@@ -896,7 +896,7 @@ def test_a_file_beside_the_embedded_database_deleted_under_the_bridge_stops_its_
         _applied(bridge, range(3, 6))
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3 and bridge.stopping
-        assert f"eventpipe.db{beside} deleted while the bridge ran" in str(bridge.must_stop)
+        assert f"eventpipe.db{beside} was deleted while the bridge ran" in str(bridge.must_stop)
 
 
 def test_work_the_database_lost_since_its_last_position_is_read_again(

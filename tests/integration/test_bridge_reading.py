@@ -847,14 +847,23 @@ def test_a_position_lost_on_a_partition_with_nothing_new_is_found_within_the_rec
                    "offsets 6-9 read again")
 
 
-def test_an_embedded_database_file_deleted_under_the_bridge_stops_it_committing_nothing(
+@pytest.mark.parametrize(("deleted", "said"), [
+    ("eventpipe.db*", "the database file {path} was deleted or replaced"),
+    ("eventpipe.db-wal", "the database's write-ahead log {path}-wal was deleted"),
+    ("eventpipe.db-shm", "the database's shared-memory index {path}-shm was deleted"),
+])
+def test_an_embedded_database_deleted_under_the_bridge_stops_it_committing_nothing(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
-        tmp_path: Path) -> None:
+        tmp_path: Path, deleted: str, said: str) -> None:
     """A review's finding: the SQLite file deleted under running processes, they wrote on to
     the file they had open, and Kafka's offsets moved past work no file held. The bridge
     looks at the file before each record of its positions: gone, or another in its place, it
-    stops, committing nothing more."""
-    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
+    stops, committing nothing more. A hostile test's: the file's WAL deleted (`rm
+    eventpipe.db-wal`), they committed on into the WAL they had open, which no new connection
+    reads, with no word said; a review's: its index (`-shm`) deleted, processes started since
+    commit into the WAL without seeing the others' commits, which vanish. So it stops then."""
+    path = tmp_path / "eventpipe.db"
+    url = f"sqlite:///{path}"
     upgrade(url)
     topic = kafka_topic(partitions=1)
     produce(kafka_broker, topic, _events(6))
@@ -863,40 +872,14 @@ def test_an_embedded_database_file_deleted_under_the_bridge_stops_it_committing_
         _applied(bridge, range(0, 3))
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3
-        for leftover in tmp_path.glob("eventpipe.db*"):
+        for leftover in tmp_path.glob(deleted):
             leftover.unlink()
         _read_up_to(bridge, 5)
         _applied(bridge, range(3, 6))
         _syncs_apart(bridge, 1)
         assert _committed(bridge, topic) == 3 and bridge.stopping
-        assert "was deleted or replaced while the bridge ran" in str(bridge.must_stop)
-
-
-@pytest.mark.parametrize("beside", ["-wal", "-shm"])
-def test_a_file_beside_the_embedded_database_deleted_under_the_bridge_stops_its_commits(
-        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
-        tmp_path: Path, beside: str) -> None:
-    """A hostile test's finding: the SQLite file's WAL deleted under running processes
-    (`rm eventpipe.db-wal`), they committed on into the WAL they had open, which no new
-    connection sees and nothing copies into the database, and Kafka's offsets moved past
-    all of it, with no word said; a review's: its index (`-shm`) deleted, processes started
-    since commit into the WAL without seeing the others' commits, which vanish. The bridge
-    stops, committing nothing more, as when the file itself is deleted."""
-    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
-    upgrade(url)
-    topic = kafka_topic(partitions=1)
-    produce(kafka_broker, topic, _events(6))
-    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
-        _read_up_to(bridge, 2)
-        _applied(bridge, range(0, 3))
-        _syncs_apart(bridge, 1)
-        assert _committed(bridge, topic) == 3
-        (tmp_path / f"eventpipe.db{beside}").unlink()
-        _read_up_to(bridge, 5)
-        _applied(bridge, range(3, 6))
-        _syncs_apart(bridge, 1)
-        assert _committed(bridge, topic) == 3 and bridge.stopping
-        assert f"eventpipe.db{beside} was deleted while the bridge ran" in str(bridge.must_stop)
+        assert f"{said.format(path=path.absolute())} while the bridge ran" \
+            in str(bridge.must_stop)
 
 
 def test_work_the_database_lost_since_its_last_position_is_read_again(

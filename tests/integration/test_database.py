@@ -279,6 +279,16 @@ def test_keysets_select_exactly_their_keys(database_url: str, keys: list[str]) -
         engine.dispose()
 
 
+def _defaults_to(url: str, setting: str) -> None:
+    """Give the database's sessions `setting` by default (`ALTER DATABASE … SET`)."""
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"ALTER DATABASE \"{make_url(url).database}\" SET {setting}"))
+    finally:
+        admin.dispose()
+
+
 @pytest.mark.parametrize("setting", ["timezone TO 'Europe/Paris'", "datestyle TO 'SQL, DMY'"])
 def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_settings(
         setting: str) -> None:
@@ -289,13 +299,7 @@ def test_postgresql_reads_times_at_the_calendar_s_edges_whatever_the_server_s_se
     reads no other), while `/ready` said ready."""
     with postgres_database() as url:
         migrate(url, "head")
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                name = make_url(url).database
-                conn.execute(text(f"ALTER DATABASE \"{name}\" SET {setting}"))
-        finally:
-            admin.dispose()
+        _defaults_to(url, setting)
         engine = make_engine(Settings(database_url=url))
         edge = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
         try:
@@ -314,13 +318,7 @@ def test_postgresql_takes_any_text_whatever_the_database_s_client_encoding() -> 
     (`ALTER DATABASE … SET client_encoding TO 'LATIN1'`) refused every name, email or id
     beyond it, as values the database cannot hold."""
     with postgres_database() as url:
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                name = make_url(url).database
-                conn.execute(text(f"ALTER DATABASE \"{name}\" SET client_encoding TO 'LATIN1'"))
-        finally:
-            admin.dispose()
+        _defaults_to(url, "client_encoding TO 'LATIN1'")
         engine = make_engine(Settings(database_url=url))
         try:
             with engine.connect() as conn:

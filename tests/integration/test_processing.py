@@ -292,6 +292,17 @@ def test_a_dead_letter_the_world_keeps_from_being_written_waits_with_its_message
     assert len(applied_ids(engine)) == 9
 
 
+def _a_refusal(engine: Engine) -> Exception:
+    """An error the database raises for a value it refuses, as the driver raises it."""
+    with engine.connect() as conn:
+        try:
+            conn.execute(text({"postgresql": "SELECT 1 / 0",
+                               "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]))
+        except Exception as exc:
+            return exc
+    raise AssertionError("the database took what it should refuse")
+
+
 def test_a_message_whose_dead_letter_the_database_refuses_still_ends_dead_lettered(
     engine: Engine, parts: tuple[Processor, OffsetLedger], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -299,12 +310,7 @@ def test_a_message_whose_dead_letter_the_database_refuses_still_ends_dead_letter
     beyond the Basic Multilingual Plane is 128 of NVARCHAR(64)'s units) left the run, the
     bridge read the message again, and the same happened for ever: the partition stuck."""
     processor, ledger = parts
-    with engine.connect() as conn:
-        try:
-            conn.execute(text({"postgresql": "SELECT 1 / 0",
-                               "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]))
-        except Exception as exc:
-            refused = exc
+    refused = _a_refusal(engine)
     real = apply_batch
 
     def refusing(engine: Engine, batch: Sequence[Received],
@@ -334,12 +340,7 @@ def test_a_database_that_refuses_every_dead_letter_holds_the_rest_as_the_world_f
     batch, wait as for a database that fails, said in the retry's line, and end
     dead-lettered once the table takes letters again."""
     processor, _ = parts
-    with engine.connect() as conn:
-        try:
-            conn.execute(text({"postgresql": "SELECT 1 / 0",
-                               "sqlite": "SELECT zeroblob(2000000000)"}[engine.dialect.name]))
-        except Exception as exc:
-            refused = exc
+    refused = _a_refusal(engine)
     real = apply_batch
     table_fixed = False
 

@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -810,9 +811,7 @@ class Bridge:
             return False
         if sqlite_file.identity(self._database_file) != self._database_identity:
             lost = f"the database file {self._database_file.absolute()} was deleted or replaced"
-        elif deleted := [f"{what} {path.absolute()}" for what, path
-                         in sqlite_file.beside(self._database_file).items()
-                         if sqlite_file.holds_deleted(path)]:
+        elif deleted := self._deleted_beside(self._database_file):
             lost = f"the database's {' and '.join(deleted)} " + (
                 "were deleted" if len(deleted) > 1 else "was deleted")
         else:
@@ -825,6 +824,14 @@ class Bridge:
             log.error("%s", self.must_stop)
         self.stopping = True
         return True
+
+    @staticmethod
+    def _deleted_beside(database: Path) -> list[str]:
+        """The files beside the database this process writes through though they are
+        deleted, as the bridge names them."""
+        files = sqlite_file.beside(database)
+        held = sqlite_file.held_deleted(files.values())
+        return [f"{what} {path.absolute()}" for what, path in files.items() if path in held]
 
     def _idle_to_recheck(self, chosen: dict[int, PartitionProgress], offsets: dict[int, int],
                          now: float) -> list[int]:

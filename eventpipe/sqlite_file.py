@@ -7,6 +7,7 @@ what the process holds open."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,22 +42,25 @@ def identity(path: Path) -> FileIdentity | None:
     return FileIdentity(found.st_dev, found.st_ino)
 
 
-def holds_deleted(path: Path) -> bool:
-    """Whether this process holds open a file that was at `path` and is deleted now (a WAL
-    or its index deleted by hand: the commits written through it go where no new connection
-    reads). On Linux, from what its descriptors name; False where that cannot be told."""
-    deleted = f"{path.resolve()} (deleted)"
+def held_deleted(paths: Iterable[Path]) -> set[Path]:
+    """Those of `paths` whose file this process holds open though it is deleted now (a WAL or
+    its index deleted by hand: the commits written through it go where no new connection
+    reads). On Linux, from what its descriptors name, read once; none where that cannot be
+    told."""
+    wanted = {f"{path.resolve()} (deleted)": path for path in paths}
     try:
         descriptors = os.listdir("/proc/self/fd")
     except OSError:
-        return False
+        return set()
+    found: set[Path] = set()
     for descriptor in descriptors:
         try:
-            if os.readlink(f"/proc/self/fd/{descriptor}") == deleted:
-                return True
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
         except OSError:  # closed since it was listed
             continue
-    return False
+        if target in wanted:
+            found.add(wanted[target])
+    return found
 
 
 def beside(path: Path) -> dict[str, Path]:

@@ -645,10 +645,11 @@ def _compare_stream(letters: Mapping[str, Any], shown: set[str], full: bool, rep
 
 def _offsets(report: Report) -> str:
     """Which offsets of each partition were verified, as the summary says them."""
-    by_position = [f"p{p}<{done.below}" + (f"+{done.past}" if done.past else "")
-                   for p, done in sorted(report.done.items()) if done.source == POSITION]
-    by_commit = [f"p{p}<{done.below}" + (f"+{done.past}" if done.past else "")
-                 for p, done in sorted(report.done.items()) if done.source == COMMITTED]
+    def listed(source: str) -> list[str]:
+        return [f"p{p}<{done.below}" + (f"+{done.past}" if done.past else "")
+                for p, done in sorted(report.done.items()) if done.source == source]
+
+    by_position, by_commit = listed(POSITION), listed(COMMITTED)
     if by_position and by_commit:
         return (f"below the database's positions ({', '.join(by_position)}) and, where it "
                 f"holds none, the committed offsets ({', '.join(by_commit)})")

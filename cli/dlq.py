@@ -197,10 +197,12 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         passed = entries.passed_over if isinstance(entries, actions.UntilNow) else 0
         print(f"replayed {result.replayed}; refused by Kafka {result.refused}; skipped "
               f"{result.skipped + passed}; without bytes {result.no_bytes}"
+              + (f"; rejected by Kafka {result.rejected}, a replay again fails alike (the "
+                 f"first: {result.why_rejected})" if result.rejected else "")
               + (("; more named: run again with those not replayed" if args.entry_ids else
                   "; more match (a run again starts from the first still in the DLQ)")
                  if result.more else ""), file=sys.stderr)
-        return 0 if result.refused == 0 and result.no_bytes == 0 else 1
+        return 0 if result.refused == result.rejected == result.no_bytes == 0 else 1
 
     return _act(args, settings, "replay", replay, fresh_only=True)
 

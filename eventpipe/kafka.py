@@ -86,6 +86,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         **client_config(settings),
         # A message counts as sent only once every in-sync replica has it.
         "acks": "all",
+        # Whatever a reader of ours takes, a producer of ours sends back (a replay): Kafka's
+        # own bound, the topic's max.message.bytes, judges, not librdkafka's default of 1 MB
+        # below it (an event may be 1 MiB, with its key and headers besides).
+        "message.max.bytes": min(settings.kafka_receive_max_bytes, 1_000_000_000),
         "linger.ms": 5,
         "compression.type": "none",
         **overrides,

@@ -8,8 +8,10 @@ message header carries it). It works in chunks: each entry is claimed in SQL fir
 at once never publish the same entry twice, nor the second the first's copy that failed
 again; each entry leaves the stream, and becomes `replayed`, once Kafka acknowledged its own
 message; one that Kafka refused goes back to `open`, and the others of its chunk are not held
-back. A replayer that dies leaves its claims to lapse (`REPLAY_CLAIM_S`): the reconciler
-returns them to the DLQ. A held event replayed while what
+back. Kafka refusing a message itself (larger than the topic takes, a topic it refuses) is told
+apart from Kafka not acknowledging in time: a replay of it again fails alike, so it is said with
+Kafka's reason, never as a wait to retry. A replayer that dies leaves its claims to lapse
+(`REPLAY_CLAIM_S`): the reconciler returns them to the DLQ. A held event replayed while what
 holds it still does (its parent still missing, its email still another's) comes back too:
 its copy is a duplicate, which changes nothing, and the next reconciler round, which every
 replay's end queues its entity for, finds it still held and its letter gone, and reopens it.
@@ -52,6 +54,14 @@ FLUSH_TIMEOUT_S = 10.0
 # wait for acknowledgements (the command line's is longer): "does not answer" comes this soon.
 ANSWER_TIMEOUT_S = 10.0
 REPLAY_CLAIM_S = 300.0
+# What Kafka, or its client before sending, answers about the message itself: the same message
+# is refused alike however often it is sent again.
+# A message's answer until Kafka's comes (`Publisher.flush` serves every one it waited out).
+_UNANSWERED = KafkaError(KafkaError._MSG_TIMED_OUT)
+_REFUSED_FOR_GOOD = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.INVALID_REQUIRED_ACKS, KafkaError._INVALID_ARG})
 
 
 def _utc_now() -> datetime:
@@ -62,6 +72,9 @@ def _utc_now() -> datetime:
 class Replayed:
     replayed: int = 0
     refused: int = 0  # Kafka did not acknowledge them: back in the DLQ
+    rejected: int = 0  # Kafka refuses the messages themselves: back in the DLQ, and a replay
+    # again fails alike (`why_rejected`: the first one's reason)
+    why_rejected: str | None = None
     skipped: int = 0  # not open any more (another replay has them, or they are gone), or
     # failed again since they were read: left in the DLQ for a later replay
     no_bytes: int = 0  # in neither the stream nor Kafka (its retention passed, or it did not
@@ -116,13 +129,14 @@ class Publisher:
             self._reader.close()
             self._reader = None
 
-    def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+    def publish(self, entry: StreamEntry, done: Callable[[KafkaError | None], None]) -> None:
+        """Send the entry's message; `done` is told Kafka's error, or None once it took it."""
         sent_at = time.monotonic()
 
         def report(error: KafkaError | None, _message: Message) -> None:
             if error is None:
                 metrics.KAFKA_PRODUCE.observe(time.monotonic() - sent_at)
-            done(error is None)
+            done(error)
 
         topic = entry.letter.position.topic or self.settings.kafka_topic
         try:
@@ -133,7 +147,8 @@ class Publisher:
                                   partition=self._partition(topic, entry.letter.position))
         except (KafkaException, BufferError) as exc:  # refused before it left: not sent
             log.warning("replay of %s not sent: %s", entry.letter.dlq_key, exc)
-            done(False)
+            done(exc.args[0] if isinstance(exc, KafkaException)
+                 else KafkaError(KafkaError._QUEUE_FULL))
         self.producer.poll(0)
 
     def _partition(self, topic: str, position: Position) -> int:
@@ -231,12 +246,12 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         kept = records.kept_messages(conn, [e.letter.dlq_key for e in chunk if e.raw is None])
     if kept:
         chunk = [_with_kept(entry, kept) for entry in chunk]
-    acknowledged: dict[str, bool] = {}
+    answers: dict[str, KafkaError | None] = {}  # Kafka's error, None once it took it
     no_bytes: list[str] = []
     left: set[str] = set()
     for place, entry in enumerate(chunk):
         key = entry.letter.dlq_key
-        if key not in claimed or key in acknowledged or key in no_bytes or key in left:
+        if key not in claimed or key in answers or key in no_bytes or key in left:
             result.skipped += 1  # another replay's, gone, or named twice
         elif entry.raw is None and (place or not first) and deadline is not None \
                 and time.monotonic() >= deadline:
@@ -244,23 +259,33 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)
         else:
-            acknowledged[key] = False
-            publisher.publish(whole, _recorder(acknowledged, key))
+            answers[key] = _UNANSWERED
+            publisher.publish(whole, _recorder(answers, key))
     publisher.flush()
-    refused = [key for key, ok in acknowledged.items() if not ok]
-    published = [key for key, ok in acknowledged.items() if ok]
+    published = [key for key, error in answers.items() if error is None]
+    rejected = {key: error for key, error in answers.items()
+                if error is not None and error.code() in _REFUSED_FOR_GOOD}
+    refused = [key for key, error in answers.items() if error is not None and key not in rejected]
     # What Kafka took first: a failure there is the caller's (those claims lapse, and the
     # reconciler returns the letters to the DLQ though their copies are out), while the
     # others' claims lapse back to the DLQ anyway, as if the replayer had died.
     for key in _end_claims(engine, published, now, claim, published=True):
         stream.remove(key)  # the others' claims lapsed, and their entries may be live again
     try:
-        _end_claims(engine, [*no_bytes, *refused, *left], now, claim, published=False)
+        _end_claims(engine, [*no_bytes, *refused, *rejected, *left], now, claim,
+                    published=False)
     except Exception as exc:
         log.warning("claims of %d letters not published not ended (they lapse in %.0f s): "
-                    "%s", len(no_bytes) + len(refused) + len(left), REPLAY_CLAIM_S, exc)
+                    "%s", len(no_bytes) + len(refused) + len(rejected) + len(left),
+                    REPLAY_CLAIM_S, exc)
+    for key, error in rejected.items():
+        log.error("replay of %s refused by Kafka for the message itself, which stays in the "
+                  "DLQ (a replay again fails alike): %s", key, error.str(),
+                  extra={"dlqKey": key, "kafkaError": error.name()})
+        result.why_rejected = result.why_rejected or error.str()
     result.no_bytes += len(no_bytes)
     result.refused += len(refused)
+    result.rejected += len(rejected)
     result.replayed += len(published)
     result.more = result.more or bool(left)
     if done is not None:
@@ -284,9 +309,10 @@ def _end_claims(engine: Engine, keys: list[str], now: Callable[[], datetime],
     return list(ended)
 
 
-def _recorder(acknowledged: dict[str, bool], key: str) -> Callable[[bool], None]:
-    def record(ok: bool) -> None:
-        acknowledged[key] = ok
+def _recorder(answers: dict[str, KafkaError | None],
+              key: str) -> Callable[[KafkaError | None], None]:
+    def record(error: KafkaError | None) -> None:
+        answers[key] = error
 
     return record
 

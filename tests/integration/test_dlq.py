@@ -19,6 +19,7 @@ from typing import Any, cast
 import pytest
 import redis
 import sqlalchemy.exc
+from confluent_kafka import KafkaError
 from prometheus_client import REGISTRY
 from sqlalchemy import Engine, delete, select
 
@@ -31,6 +32,7 @@ from eventpipe.dlq.letter import INVALID_EVENT, OPEN, REPLAYED, REPLAYING, DeadL
 from eventpipe.dlq.stream import DeadLetterQueueFull, DeadLetterStream, Filter, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import TransientError
+from eventpipe.events import MAX_MESSAGE_BYTES
 from eventpipe.kafka import MessageReader
 from eventpipe.messages import RawMessage
 from eventpipe.samples import user_created
@@ -344,9 +346,10 @@ def test_a_lost_stream_comes_back_with_its_bytes_after_kafkas_retention_passed(
     published: list[RawMessage | None] = []
 
     class Kafka(_Kafka):
-        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
             published.append(entry.raw)
-            done(True)
+            done(None)  # Kafka took it
 
     result = actions.replay(engine, stream, list(stream.scan()), Kafka())  # type: ignore[arg-type]
     assert result.replayed == 2 and result.no_bytes == 0
@@ -852,8 +855,10 @@ def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_
         return real(conn, keys, now, published=published, claim=claim)
 
     class HalfTaken(_Kafka):
-        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
-            done(entry.letter.dlq_key == taken.letter.dlq_key)
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
+            done(None if entry.letter.dlq_key == taken.letter.dlq_key
+                 else KafkaError(KafkaError._MSG_TIMED_OUT))
 
     monkeypatch.setattr(records, "finish_replay", busy_for_the_refused)
     result = actions.replay(engine, stream, [taken, refused], cast(actions.Publisher, HalfTaken()))
@@ -950,6 +955,28 @@ def test_a_message_from_a_partition_the_topic_no_longer_has_is_replayed_all_the_
     consumer.close()
 
 
+def test_a_message_as_large_as_an_event_may_be_is_replayed(
+    engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
+) -> None:
+    """Up to 1 MiB of value is an event's (`MAX_MESSAGE_BYTES`), with a key and headers
+    besides: Kafka took it once, and its replay must not be refused before it leaves, by a
+    client's bound below Kafka's (librdkafka's default, 1,000,000 bytes)."""
+    topic = kafka_topic(partitions=1)
+    value = b"{" + b"x" * (MAX_MESSAGE_BYTES - 1)
+    message = RawMessage(b"k" * 20_000, value, (("h", b"v" * 20_000),))
+    [letter] = record(engine, replace(failure(0, value, topic),
+                                      dlq_key=message_key(message.key, value)))
+    projection.project(engine, stream, None, {letter.dlq_key: message})
+    result = actions.replay(engine, stream, list(stream.scan()),
+                            actions.Publisher(settings_for(kafka_broker, topic), timeout_s=20))
+    assert (result.replayed, result.refused) == (1, 0)
+    consumer = make_consumer(kafka_broker, f"check-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    [copy] = consume(consumer, 1)
+    consumer.close()
+    assert (copy.key(), copy.value(), copy.headers()) == (message.key, value, list(message.headers))
+
+
 def test_an_entry_kafka_refuses_stays_and_its_neighbours_still_leave(
     engine: Engine, stream: DeadLetterStream, kafka_broker: str, kafka_topic: TopicFactory,
 ) -> None:
@@ -1028,9 +1055,10 @@ def test_a_replayed_copy_failing_before_its_replay_is_marked_starts_a_new_life(
     [entry] = _open_entries(engine, stream, "events", 1)
 
     class FastPipeline(_Kafka):
-        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
             record(engine, replace(failure(0, b"{bad 0"), position=Position("events", 0, 9)))
-            done(True)
+            done(None)  # Kafka took it
 
     result = actions.replay(engine, stream, [entry], cast(actions.Publisher, FastPipeline()))
     assert result.replayed == 1
@@ -1056,9 +1084,10 @@ def test_a_replay_publishes_the_failure_it_was_shown_not_one_that_came_after(
     published: list[str] = []
 
     class Counting(_Kafka):
-        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
             published.append(entry.letter.dlq_key)
-            done(True)
+            done(None)  # Kafka took it
 
     result = actions.replay(engine, stream, [entry], cast(actions.Publisher, Counting()))
     assert (result.replayed, result.skipped, published) == (0, 1, [])

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from confluent_kafka import KafkaError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
@@ -240,7 +241,8 @@ def test_a_replay_kafka_refuses_goes_back_with_its_entity_queued_for_a_round(
                               max_bytes=10_000)
 
     class ParentFirst(actions.Publisher):
-        def publish(self, entry: StreamEntry, done: Callable[[bool], None]) -> None:
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
             apply(engine, user_created("u1", occurred_at=at(0)))
             super().publish(entry, done)
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 import schemathesis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
@@ -33,6 +33,7 @@ from eventpipe.dlq import actions, projection, records
 from eventpipe.dlq.stream import DeadLetterStream, StreamEntry
 from eventpipe.effects import Position
 from eventpipe.errors import KEY_OF_ANOTHER_KIND
+from eventpipe.kafka import make_producer
 from eventpipe.messages import RawMessage
 from eventpipe.settings import Settings, SettingsError
 from eventpipe.tables import dead_letters, reconcile_queue
@@ -367,7 +368,8 @@ def test_replay_one_publishes_it_and_it_leaves_the_dlq(
     other = queue.add(dead_letter(5, topic=topic))
 
     assert ok(call(client, "POST", f"/dlq/entries/{entry_id}/replay")) == {
-        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0}
+        "replayed": 1, "refused": 0, "rejected": 0, "whyRejected": None, "skipped": 0,
+        "noBytes": 0}
 
     [message] = read_topic(kafka_broker, topic, 1)
     assert (message.key(), message.value()) == (b"k-4", b'{"n": 4}')
@@ -465,7 +467,8 @@ def test_a_replay_by_filter_goes_on_from_its_cursor_until_it_is_done(
 
     publish = actions.Publisher.publish
     monkeypatch.setattr(actions.Publisher, "publish",
-                        lambda _self, _entry, done: done(False))  # Kafka refuses them
+                        lambda _self, _entry, done: done(  # Kafka does not acknowledge them
+                            KafkaError(KafkaError._MSG_TIMED_OUT)))
     assert ok(call(client, "POST", "/dlq/replay", {"all": True, **cursor, "limit": 1}), 503)[
         "message"] == "Kafka did not acknowledge the 1 message(s) this call replayed; they " \
         "stay in the dead-letter queue. The same cursor goes on past them"
@@ -495,7 +498,8 @@ def test_a_replay_cursor_that_is_not_one_or_not_of_this_selection_is_refused(
     assert call(client, "POST", "/dlq/replay", {**replay, "cursor": "A" * 22 + "\n"}
                 ).status_code == 422
     assert ok(call(client, "POST", "/dlq/replay", replay)) == {
-        "replayed": 1, "refused": 0, "skipped": 0, "noBytes": 0, "more": False, "cursor": None}
+        "replayed": 1, "refused": 0, "rejected": 0, "whyRejected": None, "skipped": 0,
+        "noBytes": 0, "more": False, "cursor": None}
     assert ok(call(client, "POST", "/dlq/replay", replay), 404)  # ended
 
 
@@ -547,12 +551,45 @@ def test_the_command_line_replays_at_most_its_limit_and_says_more_are_left(
     assert "without bytes 0\n" in capsys.readouterr().err
 
 
+def test_a_message_kafka_refuses_itself_is_said_with_its_reason_not_as_a_wait(
+    make_app: Any, queue: Queue, kafka_broker: str, kafka_topic: TopicFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: a dead letter whose message Kafka's client refused for its size (librdkafka's
+    bound of 1,000,000 bytes, under an event's 1 MiB) answered 503 with Retry-After at every
+    call, for ever: a client that obeys it loops. Refused for the message itself, it is a
+    409 with Kafka's reason, and a replay of many counts it apart, with no 503."""
+    topic = kafka_topic(partitions=1)
+    client = make_app(kafka_bootstrap_servers=kafka_broker, kafka_topic=topic)
+
+    def refusing_above_2000_bytes() -> actions.Publisher:
+        publisher = actions.Publisher(services.current().settings)
+        publisher.producer = make_producer(services.current().settings,
+                                           **{"message.max.bytes": 2000})
+        return publisher
+
+    monkeypatch.setattr(routes, "_publisher", refusing_above_2000_bytes)
+    large = queue.add(dead_letter(1, topic=topic, value=b"{" + b"x" * 5000))
+    answer = ok(call(client, "POST", f"/dlq/entries/{large}/replay"), 409)
+    assert answer["message"].startswith("Kafka refuses this entry's message: ")
+    assert "Message size too large" in answer["message"]
+    small = queue.add(dead_letter(2, topic=topic))
+    assert ok(call(client, "POST", "/dlq/replay", {"all": True})) == {
+        "replayed": 1, "refused": 0, "rejected": 1, "whyRejected": answer["message"].split(
+            ": ", 1)[1].split("; it stays")[0], "skipped": 0, "noBytes": 0, "more": False,
+        "cursor": None}
+    assert queue.stream.get(large) is not None and queue.stream.get(small) is None
+    assert queue.state(dead_letter(1, topic=topic)) == "open"
+
+
 def test_replay_while_kafka_does_not_answer_claims_nothing(
     client: FlaskClient, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Said before any letter is claimed, rather than after each chunk waited out Kafka's
     timeout (past the HTTP server's own, on a large DLQ), its letters claimed meanwhile."""
-    monkeypatch.setattr(actions, "FLUSH_TIMEOUT_S", 1.0)
+    # A wait of 1 s for Kafka, not 10 (a default argument: patching the constant is too late).
+    monkeypatch.setattr(routes, "_publisher", lambda: actions.Publisher(
+        services.current().settings, timeout_s=1.0))
     entry_id = queue.add(dead_letter(1))
     with queue.engine.connect() as conn:
         revision = conn.execute(select(dead_letters.c.revision)).scalar_one()

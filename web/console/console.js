@@ -209,6 +209,7 @@ async function replay(id) {
                                  { method: "POST" });
     say(result.replayed ? `replayed ${id}: published to Kafka, out of the DLQ`
                         : `${id} was not replayed (refused ${result.refused}, ` +
+                          `rejected ${result.rejected}, ` +
                           `skipped ${result.skipped}, without bytes ${result.noBytes})`,
         !result.replayed);
     afterChange(id);

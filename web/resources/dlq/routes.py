@@ -122,12 +122,18 @@ class ReplayEntry(MethodView):
     @blp.arguments(EntryPathSchema, location="path")
     @blp.response(200, ReplayedSchema)
     @blp.alt_response(404, response="NOT_FOUND")
+    @blp.alt_response(409, response="CONFLICT")
     @blp.alt_response(503, response="SERVICE_UNAVAILABLE")
     @blp.doc(operationId="replayDeadLetter")
     def post(self, path: dict[str, str], **_: str) -> Replayed:
-        """Publish one entry back to Kafka; it leaves the DLQ once Kafka acknowledged it"""
+        """Publish one entry back to Kafka; it leaves the DLQ once Kafka acknowledged it; 409
+        when Kafka refuses its message itself (a replay again fails alike)"""
         result = actions.replay(services.current().writer, _stream(),
                                 [_entry(path["entry_id"])], _publisher())
+        if result.rejected:
+            conflict(f"Kafka refuses this entry's message: {result.why_rejected}; it stays in "
+                     "the dead-letter queue (a replay again fails alike: purge it, or change "
+                     "what Kafka refuses, the topic's max.message.bytes say)")
         if result.refused:
             raise TransientError("Kafka did not acknowledge the replayed message; it stays in "
                                  "the dead-letter queue")

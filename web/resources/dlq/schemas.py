@@ -198,6 +198,11 @@ class ReplayedSchema(CamelSchema):
         "description": "Published and acknowledged by Kafka: out of the DLQ"})
     refused = fields.Integer(required=True, metadata={
         "description": "Kafka did not acknowledge them: still in the DLQ"})
+    rejected = fields.Integer(required=True, metadata={
+        "description": "Kafka refuses the messages themselves (larger than the topic takes, a "
+                       "topic it refuses): still in the DLQ, and a replay again fails alike"})
+    why_rejected = fields.String(required=True, allow_none=True, metadata={
+        "description": "Kafka's reason for the first of them; null when none was rejected"})
     skipped = fields.Integer(required=True, metadata={
         "description": "No longer open (another replay has them, or they are gone)"})
     no_bytes = fields.Integer(required=True, metadata={

@@ -327,9 +327,9 @@ def test_dead_letters_the_reconciler_has_yet_to_decide_are_counted_not_compared(
 
 
 class SteadyTraffic(threading.Thread):
-    """A story sent at `per_second` for `seconds`, children before parents (each chunk of 60
-    reversed), with a malformed message every 150 events and a user claiming a taken email
-    every 500; `sent` counts the messages Kafka was handed so far."""
+    """A story sent at `per_second` until stopped, or for `seconds` at most, children before
+    parents (each chunk of 60 reversed), with a malformed message every 150 events and a user
+    claiming a taken email every 500; `sent` counts the messages Kafka was handed so far."""
 
     def __init__(self, pipeline: Pipeline, seconds: float, per_second: int) -> None:
         super().__init__(daemon=True)
@@ -382,7 +382,8 @@ def test_verify_is_clean_while_events_are_applied(
     pipeline: Pipeline = make_pipeline(database_url=url, PARK_TIMEOUT_S="2")
     pipeline.start_worker()
     pipeline.start_bridge()
-    traffic = SteadyTraffic(pipeline, 20, 400)
+    # Until the last verify ends, however slow the machine: stopped below.
+    traffic = SteadyTraffic(pipeline, 180, 400)
     traffic.start()
     engine = make_engine(pipeline.settings, writer=False, create=False)
     reports: list[Report] = []

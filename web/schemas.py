@@ -15,14 +15,12 @@ from marshmallow import fields, validate
 
 from eventpipe.errors import InvalidEvent
 from eventpipe.events import MAX_ID_LENGTH, check_text
+from eventpipe.schemas import SPACE
 from eventpipe.times import utc_iso
 
 # An id as the event contract allows it (1 to 64 characters, not only whitespace, not ending
-# with a space, no NUL). Whitespace is spelt out, as what Python's str.strip() removes (the
-# contract's test), since `\s` means a different set in Python and in the ECMA regexes
-# OpenAPI tools use.
-_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-ID_PATTERN = rf"^[^\x00]*[^\x00{_SPACE}]([^\x00]*[^\x00 ])?$"
+# with a space, no NUL), whitespace spelt out as the contract's schemas spell it.
+ID_PATTERN = rf"^[^\x00]*[^\x00{SPACE}]([^\x00]*[^\x00 ])?$"
 
 # Money as the event contract writes it: fixed point, 2 to 4 decimals here (see `money`).
 MONEY_PATTERN = r"^(0|[1-9][0-9]*)\.[0-9]{2,4}$"

@@ -120,6 +120,50 @@ def test_broken_events_are_rejected_by_both(event_type: str, path: str, value: A
         assert list(validator("envelope").iter_errors(document))
 
 
+# Whitespace to Python (the parser's test, `str.isspace`) and to ECMA-262 (the regexes of
+# JSON Schema's validators and OpenAPI tools: WhiteSpace and LineTerminator), which differ.
+PYTHON_SPACE = {chr(c) for c in range(0x110000) if chr(c).isspace()}
+ECMA_SPACE = {*"\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff",
+              *map(chr, range(0x2000, 0x200B))}
+# Regex escapes whose set differs between those dialects.
+DIALECT_ESCAPES = ("\\s", "\\S", "\\d", "\\D", "\\w", "\\W", "\\b", "\\B")
+
+
+def patterns(schema: Any) -> list[str]:
+    if isinstance(schema, dict):
+        return [p for key, value in schema.items()
+                for p in ([value] if key == "pattern" else patterns(value))]
+    return [p for value in schema for p in patterns(value)] if isinstance(schema, list) else []
+
+
+def test_no_pattern_of_the_contract_means_another_set_to_another_regex_dialect() -> None:
+    """Before: texts had to match `\\S`, which an ECMA validator reads otherwise (the
+    adversarial tester's finding): a name of U+001F passed the schema and was dead-lettered,
+    one of U+FEFF failed it and was applied."""
+    found = [p for schema in schemas().values() for p in patterns(schema)
+             if any(escape in p for escape in DIALECT_ESCAPES)]
+    assert found == []
+
+
+@pytest.mark.parametrize("space", sorted(PYTHON_SPACE | ECMA_SPACE), ids=lambda c: hex(ord(c)))
+@pytest.mark.parametrize(("event_type", "path", "around"), [
+    ("UserCreated", "data.name", "{}"), ("UserCreated", "data.userId", "{}"),
+    ("UserCreated", "data.email", "a{}b@example.com"), ("OrderPlaced", "items.0.sku", "{}")])
+def test_a_space_alone_or_in_an_email_is_judged_alike_by_the_schema_and_the_parser(
+    space: str, event_type: str, path: str, around: str,
+) -> None:
+    path = f"data.{path}" if path.startswith("items") else path
+    document = mutated(SAMPLES[event_type], path, around.format(space))
+    try:
+        parse_event(json.dumps(document).encode())
+    except InvalidEvent:
+        parsed = False
+    else:
+        parsed = True
+    assert parsed is (space not in PYTHON_SPACE)
+    assert (not list(validator(event_type).iter_errors(document))) is parsed
+
+
 def test_a_type_schema_rejects_another_types_event() -> None:
     assert list(validator("UserCreated").iter_errors(SAMPLES["OrderPlaced"]))
 

@@ -67,7 +67,14 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             rebuilding: bool = False) -> Projected:
     """Bring up to `limit` unprojected dead letters into the stream. Without `fetch`, only
     those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka).
-    `rebuilding`: every letter is being put anew (`restore`), in the stream's order."""
+    `rebuilding`: every letter is being put anew (`restore`), in the stream's order.
+
+    Room goes in the order the letters failed: changes to entries the stream shows need
+    none and go first; then letters it does not show, whatever their revision (a replay's
+    copy failing again is a letter the DLQ no longer shows: else it would take back at once
+    the room its replay freed, for ever, ahead of letters that never had any). While the
+    stream refuses letters for want of room (`refusing`), a batch's new letters (no `fetch`)
+    wait for the reconciler's rounds, which take every waiting letter in that order."""
     report = Projected()
     with reading(engine) as conn:  # marked below only where the revision read still holds
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()),
@@ -85,13 +92,12 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
         gone = [letter for letter in pending if letter.state != OPEN]
         report.removed = stream.remove(*(letter.dlq_key for letter in gone))
         written += gone
-        present: set[str] | None = None  # pending keys it shows, once no new entry fits
-        for letter in pending:
-            if letter.state != OPEN:
-                continue
+        ahead, present = _in_turn([p for p in pending if p.state == OPEN], stream,
+                                  rebuilding=rebuilding, batch=fetch is None)
+        for letter in ahead:
             if refused is not None and refused.by_count:  # only a replacement may go in
                 if present is None:
-                    present = stream.holding([p.dlq_key for p in pending if p.state == OPEN])
+                    present = stream.holding([p.dlq_key for p in ahead])
                 if letter.dlq_key not in present:
                     continue
             message = (payloads or {}).get(letter.dlq_key) or kept.get(letter.dlq_key)
@@ -123,6 +129,19 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
             waiting = records.count_unprojected(conn)
         log.error("%s; %d dead letter(s) wait in SQL", refused, waiting)
     return report
+
+
+def _in_turn(letters: list[DeadLetter], stream: DeadLetterStream, *, rebuilding: bool,
+             batch: bool) -> tuple[list[DeadLetter], set[str] | None]:
+    """The open letters in the order they take room (`project`), and those the stream shows
+    (None: not asked)."""
+    if rebuilding or not letters:
+        return letters, None
+    present, refusing = stream.standing([letter.dlq_key for letter in letters])
+    if batch and refusing:
+        letters = [letter for letter in letters if letter.dlq_key in present]
+    return sorted(letters, key=lambda letter: (letter.dlq_key not in present,
+                                               letter.last_failure_at, letter.dlq_key)), present
 
 
 def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:

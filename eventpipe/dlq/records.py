@@ -392,8 +392,11 @@ def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = Non
                 rebuilding: bool = False) -> list[DeadLetter]:
     """Dead letters whose latest revision the stream does not show (of `keys`, if given):
     those that left the DLQ first, then those saved before (most of which the stream shows),
-    then new ones. Taking an entry out needs no room and makes some; replacing one needs
-    none: a full DLQ must not keep them waiting behind new letters. While the stream is
+    then new ones; and besides, up to `limit` more, the open letters that failed first (the
+    projection gives room in that order: those that waited longest must be among those it
+    reads, however many letters were saved before). Taking an entry out needs no room and
+    makes some; replacing one needs none: a full DLQ must not keep them waiting behind new
+    letters. While the stream is
     `rebuilding`, every letter is put anew, in the order they last failed, which is the
     stream's own (oldest failure first), whatever their revision. A letter a replay holds
     is left out: its entry stays as it is until the replay ends (past Kafka's retention the
@@ -405,11 +408,17 @@ def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = Non
         query = query.where(dead_letters.c.dlq_key.in_(sorted(keys)[:limit]))
     # Literal ranks, not bound parameters: SQL Server is wary of parameters in ORDER BY.
     saved_before = "2" if rebuilding else "1"
-    query = query.order_by(case((dead_letters.c.state != OPEN, literal_column("0")),
-                                (dead_letters.c.revision > 1, literal_column(saved_before)),
-                                else_=literal_column("2")),
-                           dead_letters.c.last_failure_at, dead_letters.c.dlq_key).limit(limit)
-    return [letter_of(row) for row in conn.execute(query)]
+    ranked = query.order_by(case((dead_letters.c.state != OPEN, literal_column("0")),
+                                 (dead_letters.c.revision > 1, literal_column(saved_before)),
+                                 else_=literal_column("2")),
+                            dead_letters.c.last_failure_at, dead_letters.c.dlq_key).limit(limit)
+    found = {row.dlq_key: letter_of(row) for row in conn.execute(ranked)}
+    if not rebuilding and len(found) == limit:  # else it holds them all already
+        first = query.where(dead_letters.c.state == OPEN).order_by(
+            dead_letters.c.last_failure_at, dead_letters.c.dlq_key).limit(limit)
+        for row in conn.execute(first):
+            found.setdefault(row.dlq_key, letter_of(row))
+    return list(found.values())
 
 
 def kept_messages(conn: Connection, dlq_keys: Collection[str]) -> dict[str, RawMessage]:

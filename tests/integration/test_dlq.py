@@ -1160,6 +1160,44 @@ def test_a_full_dlq_still_lets_out_what_left_it_and_updates_what_it_shows(
         assert len(records.unprojected(conn, 10)) == 2
 
 
+def test_letters_that_waited_for_room_take_it_before_replayed_copies_failing_again(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """Before (the adversarial tester's finding): the DLQ full, more letters waiting in SQL,
+    a replay of all freed the room, the copies failed again at once and took it back, as
+    changes to letters the DLQ showed: every replay replayed the same entries, and the
+    letters waiting never entered the DLQ, to be shown or replayed. A letter the stream does
+    not show takes room in the order the letters failed, whatever its revision."""
+    shown = _open_entries(engine, stream, "events", 5)  # the bound of `stream`
+    waiting = record(engine, *(failure(n, f"{{wait {n}".encode()) for n in range(10, 13)))
+    kafka = {n: RawMessage(b"k", f"{{wait {n}".encode()) for n in range(10, 13)}
+    assert projection.project(engine, stream, lambda at: kafka.get(at.offset or 0)).full
+
+    class Taken(_Kafka):
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
+            done(None)
+
+    assert actions.replay(engine, stream, shown, cast(actions.Publisher, Taken())).replayed == 5
+    assert stream.depth() == 0
+    # Each copy, at its own offset, fails again, later than the letters waiting failed.
+    copies = {100 + n: entry.value or b"" for n, entry in enumerate(shown)}
+    again = record(engine, *(replace(failure(offset, value), first_failure_at=T0 + timedelta(1),
+                                     last_failure_at=T0 + timedelta(1))
+                             for offset, value in copies.items()))
+    assert {letter.state for letter in again} == {OPEN}
+    with engine.connect() as conn:  # however few it reads, the letters that waited longest
+        read = {letter.dlq_key for letter in records.unprojected(conn, 2)}
+    assert len(read & {letter.dlq_key for letter in waiting}) == 2
+    projection.project(engine, stream, None, {
+        letter.dlq_key: RawMessage(b"k", copies[letter.position.offset or 0])
+        for letter in again})  # as the worker projects its batch's letters
+    projection.project(engine, stream, lambda at: kafka.get(at.offset or 0))  # as rounds do
+    in_stream = {e.letter.dlq_key for e in stream.scan()}
+    assert {letter.dlq_key for letter in waiting} <= in_stream
+    assert len(in_stream) == 5
+
+
 def test_a_rebuild_check_redis_refuses_still_lets_the_projection_free_room(
     engine: Engine, stream: DeadLetterStream, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

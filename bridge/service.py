@@ -22,7 +22,6 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -140,9 +139,7 @@ class Bridge:
         self._positions_wait_s = POSITIONS_AGAIN_S
         self._next_recheck = 0.0
         # The embedded database's file as the bridge found it: looked at before each record.
-        self._database_file = sqlite_file.path_of(settings.database_url)
-        self._database_identity = None if self._database_file is None \
-            else sqlite_file.identity(self._database_file)
+        self._database_file = sqlite_file.Watch(settings.database_url)
         self._written: dict[int, int] = {}  # the position it last recorded of each partition
         self.ledger = ledger or OffsetLedger(redis_clients.pipeline(settings.redis_url),
                                              settings.kafka_group_id)
@@ -807,14 +804,8 @@ class Bridge:
         since the bridge started, or a file beside it it writes through (the WAL, its index)
         was deleted: what it would record goes where nobody reads, and Kafka's offsets would
         move past work no database holds. It stops, committing nothing more."""
-        if self._database_file is None:
-            return False
-        if sqlite_file.identity(self._database_file) != self._database_identity:
-            lost = f"the database file {self._database_file.absolute()} was deleted or replaced"
-        elif deleted := self._deleted_beside(self._database_file):
-            lost = f"the database's {' and '.join(deleted)} " + (
-                "were deleted" if len(deleted) > 1 else "was deleted")
-        else:
+        lost = self._database_file.lost()
+        if lost is None:
             return False
         if self.must_stop is None:
             self.must_stop = TransientError(
@@ -824,14 +815,6 @@ class Bridge:
             log.error("%s", self.must_stop)
         self.stopping = True
         return True
-
-    @staticmethod
-    def _deleted_beside(database: Path) -> list[str]:
-        """The files beside the database this process writes through though they are
-        deleted, as the bridge names them."""
-        files = sqlite_file.beside(database)
-        held = sqlite_file.held_deleted(files.values())
-        return [f"{what} {path.absolute()}" for what, path in files.items() if path in held]
 
     def _idle_to_recheck(self, chosen: dict[int, PartitionProgress], offsets: dict[int, int],
                          now: float) -> list[int]:

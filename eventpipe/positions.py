@@ -193,17 +193,18 @@ def _recording(paramstyle: str) -> str:
 def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, Sequence[Span]],
             kept: Mapping[int, Position]) -> dict[int, Lost]:
     """The partitions some of whose `settled` offsets past their position the database holds
-    no range of. Not one with no position of this topic yet: taken again, it would be read
-    from the start of its log (`rewinds`). What goes unchecked is the work done before its
-    first position: a commit interval's, or more while the database refused the saves; its
-    ranges are looked for from its first position on."""
+    no range of. With no position of this topic yet, every offset settled is looked for: the
+    first position must vouch for what it passes too. (Before, it went unchecked, as a
+    partition taken again with no position is read from its log's start: but a database
+    made anew under workers that still wrote to the file they had open, a SQLite file
+    replaced, got its first position past every event, none of which it held, and was never
+    read again.)"""
     needed: dict[int, list[Span]] = {}
     for partition, taken in settled.items():
         position = kept.get(partition)
-        if position is None or position.topic_id != topic_id:
-            continue
         # The position vouches for what is below it: the ranges there are deleted.
-        floor = position.next_offset
+        floor = position.next_offset if position is not None \
+            and position.topic_id == topic_id else 0
         if clipped := merged((max(first, floor), last) for first, last in taken
                              if last >= floor):
             needed[partition] = clipped
@@ -217,9 +218,11 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
     lost: dict[int, Lost] = {}
     for partition, wanted in needed.items():
         if missing := uncovered(wanted, held.get(partition, [])):
-            lost[partition] = Lost(
-                f"the database lacks {missing} message(s) the workers recorded as done since "
-                f"its position", missing)
+            position = kept.get(partition)
+            since = " since its position" if position is not None \
+                and position.topic_id == topic_id else ", and holds no position of it"
+            lost[partition] = Lost(f"the database lacks {missing} message(s) the workers "
+                                   f"recorded as done{since}", missing)
     return lost
 
 

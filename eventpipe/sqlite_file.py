@@ -7,7 +7,8 @@ what the process holds open."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,3 +69,36 @@ def beside(path: Path) -> dict[str, Path]:
     holding either once it is deleted commits where processes started since do not read."""
     return {"write-ahead log": path.with_name(f"{path.name}-wal"),
             "shared-memory index": path.with_name(f"{path.name}-shm")}
+
+
+class Watch:
+    """The embedded database's file as a process found it (`url`'s, none for another
+    database): `lost` says when what the process writes goes where no process started since
+    reads, the file deleted or another in its place, or a file beside it it writes through
+    deleted (looked for at most every `beside_every_s`: it reads the process's descriptors)."""
+
+    def __init__(self, url: str, *, beside_every_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path_of(url)
+        self.identity = None if self.path is None else identity(self.path)
+        self.beside_every_s = beside_every_s
+        self.clock = clock
+        self._next_beside = 0.0
+
+    def lost(self) -> str | None:
+        """What happened to the file, in words; None if nothing did."""
+        if self.path is None:
+            return None
+        if identity(self.path) != self.identity:
+            return f"the database file {self.path.absolute()} was deleted or replaced"
+        now = self.clock()
+        if now < self._next_beside:
+            return None
+        self._next_beside = now + self.beside_every_s
+        files = beside(self.path)
+        held = held_deleted(files.values())
+        if not (deleted := [f"{what} {path.absolute()}" for what, path in files.items()
+                            if path in held]):
+            return None
+        return f"the database's {' and '.join(deleted)} " + (
+            "were deleted" if len(deleted) > 1 else "was deleted")

@@ -34,7 +34,7 @@ from celery.signals import (
 from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventpipe import logs, metrics, redis_clients
+from eventpipe import logs, metrics, redis_clients, sqlite_file
 from eventpipe.database import make_engine, redacted, require_database
 from eventpipe.dlq.projection import Fetch
 from eventpipe.dlq.stream import DeadLetterStream
@@ -60,7 +60,7 @@ from eventpipe.settings import REDIS_SCHEMES, SettingsError, settings_or_exit
 from eventpipe.status import Board, process_name
 from tasks import transport
 from tasks.heartbeat import Heartbeat
-from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember
+from tasks.pool import STUCK_MARGIN_S, CeleryQueues, PoolMember, exit_to_start_again
 from tasks.processing import Processor, count_retries
 from tasks.reconciler import Reconciler
 
@@ -301,6 +301,11 @@ def _queues_consumed() -> list[str]:
     return list(app.amqp.queues.consume_from)
 
 
+# How often a worker looks for the files beside the embedded database (its descriptors, read
+# from /proc): the file itself is looked at before every batch.
+DATABASE_FILE_EVERY_S = 1.0
+
+
 @cache
 def _stream() -> DeadLetterStream:
     return DeadLetterStream(redis_clients.pipeline(settings.redis_url), settings.dlq_stream,
@@ -323,7 +328,14 @@ def heartbeat() -> Heartbeat:
 
 
 @cache
+def _database_file() -> sqlite_file.Watch:
+    """The embedded database's file as this process found it, before it opened it."""
+    return sqlite_file.Watch(settings.database_url, beside_every_s=DATABASE_FILE_EVERY_S)
+
+
+@cache
 def _engine() -> Any:
+    _database_file()
     return make_engine(settings)
 
 
@@ -470,6 +482,11 @@ def apply_events(self: Task, topic: str, partition: int,
         return {}
     # A task from a bridge of before the header: its marks go where such a bridge reads.
     topic_id = self.request.get(TOPIC_ID_HEADER) or ""
+    if (lost := _database_file().lost()) is not None:
+        # What it applied would go where no process started since reads, its offsets marked
+        # done all the same. Unapplied, the batch's lease lapses and the bridge reads it again;
+        # the process started in this one's place opens the file there now.
+        exit_to_start_again(f"{lost} while this worker ran")
     try:
         with time_limit(settings.task_time_limit_s):
             report = processor().run(topic, partition, decoded, retries=self.request.retries,

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.worker import state as worker_state
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -253,7 +253,7 @@ def _moved(routing_key: str | None, consumed: Collection[str]) -> bool:
             and routing_key not in consumed)
 
 
-def _exit(reason: str) -> None:
+def exit_to_start_again(reason: str) -> NoReturn:
     log.critical("%s: this worker process stops, so that its supervisor starts it again and "
                  "the pool gives its partitions to the others", reason)
     os._exit(70)
@@ -278,7 +278,7 @@ def _broker_answers(settings: Settings) -> Callable[[], bool]:
 
 class PoolMember:
     def __init__(self, settings: Settings, queues: CeleryQueues, name: str,
-                 on_stuck: Callable[[str], None] = _exit,
+                 on_stuck: Callable[[str], None] = exit_to_start_again,
                  broker_answers: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.queues = queues

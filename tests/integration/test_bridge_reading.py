@@ -882,6 +882,40 @@ def test_an_embedded_database_deleted_under_the_bridge_stops_it_committing_nothi
             in str(bridge.must_stop)
 
 
+def test_the_first_position_of_a_partition_vouches_for_what_it_passes_too(
+        kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The adversarial tester's finding: under `eventpipe up`, a SQLite file replaced by a
+    new one, the bridge stopped and was started again, read every partition from the start
+    (no position in the new file), and the workers, still writing to the file they had open,
+    marked it all done: the first position, which nothing checked, passed every event, none
+    of which the new file held, and Kafka's offsets followed. The first commit of a
+    partition now needs the ranges of what it passes too."""
+    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
+    upgrade(url)
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+        _read_up_to(bridge, 5)
+        # Done, as the ledger says, by workers whose ranges went to another file.
+        bridge.ledger.settle(bridge._ledger_topic, 0, list(range(6)))
+        _syncs_apart(bridge, 1)
+        assert "the database lacks 6 message(s) the workers recorded as done, and holds no " \
+            "position of it" in caplog.text
+        [kafkas] = bridge.consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        assert kafkas.offset == 0 and not bridge.partitions[0].vouched
+        with bridge.engine.connect() as conn:
+            assert [p.next_offset for p in positions.read(conn, topic, [0]).values()] in ([], [0])
+        queue.delete(QUEUE)
+        progress = bridge.partitions[0]
+        wait_until(lambda: _sync_read(bridge) and progress.next_read == 6, 30,
+                   "offsets 0-5 read again")
+        assert progress.in_flight == 6  # the ledger's marks of them were forgotten
+        _applied(bridge, range(6))  # by workers of this file
+        _syncs_apart(bridge, 1)
+        assert _committed(bridge, topic) == 6
+
+
 def test_work_the_database_lost_since_its_last_position_is_read_again(
         kafka_broker: str, kafka_topic: TopicFactory, queue: redis.Redis,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -91,6 +91,40 @@ def test_a_database_lost_and_made_anew_gets_the_whole_topic_again(make_pipeline:
     assert "the database holds none of its messages" in said
 
 
+def test_a_sqlite_file_replaced_under_a_worker_stops_it_and_loses_nothing(
+        make_pipeline: Any, tmp_path: Path) -> None:
+    """The adversarial tester's finding: under `eventpipe up`, the SQLite file replaced by a
+    new one (deleted, `eventpipe migrate`), the bridge stopped as it should and was started
+    again, read the topic again into the new file, but the workers applied it into the file
+    they had open, and marked it done: the new file's first position passed every event,
+    none of which it held. A worker now looks at the file before each batch: another in its
+    place, it stops (exit 70) and its successor applies into the new file. (The bridge's
+    first position is checked too: `test_bridge_reading`.)"""
+    database = tmp_path / "pipeline.db"
+    pipeline: Pipeline = make_pipeline(database_url=f"sqlite:///{database}")
+    messages = stream(400, seed=139)
+    worker, bridge = pipeline.start_worker(), pipeline.start_bridge()
+    sent = pipeline.send(messages[:200])
+    drained(pipeline, sent)
+    assert pipeline.stop(bridge) == 0  # as it stops by itself on the file replaced
+    pipeline.engine.dispose()
+    fresh = tmp_path / "fresh.db"
+    upgrade(f"sqlite:///{fresh}")  # `eventpipe migrate` of a new file
+    for leftover in (Path(f"{database}-wal"), Path(f"{database}-shm")):
+        leftover.unlink(missing_ok=True)
+    fresh.replace(database)
+
+    pipeline.start_bridge(name="bridge-2")
+    sent += pipeline.send(messages[200:])
+    wait_until(lambda: worker.poll() is not None, 60, "the worker to stop")
+    assert worker.returncode == 70
+    assert f"the database file {database} was deleted or replaced while this worker ran" \
+        in pipeline.log_of("worker").read_text()
+    pipeline.start_worker(name="worker-2")
+    caught_up(pipeline, [doc for _, doc in messages], sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+
+
 def test_a_bridge_stopped_and_started_again_reads_nothing_again(make_pipeline: Any) -> None:
     """The positions follow Kafka's commits: a database that lost nothing is never taken for
     one that did."""

@@ -138,13 +138,18 @@ def test_offsets_taken_for_done_whose_ranges_the_database_lost_are_lost(engine: 
     assert _ranges(engine) == [(1, "id-1", 10, 11), (2, "id-0", 10, 13)]
 
 
-def test_a_first_position_is_not_held_to_ranges_nor_are_another_topics_ranges_deleted(
+def test_a_first_position_is_held_to_ranges_too_nor_are_another_topics_ranges_deleted(
         engine: Engine) -> None:
-    """A partition with no position of the topic yet would be read from the start of its log
-    if taken again: its ranges are looked for from its first position on. The ranges of an
-    earlier topic of the name are its bridge's to delete (a review's finding: one not yet
-    stopped deleted the new topic's, and hid a loss)."""
+    """A partition with no position of the topic yet: its first position vouches for what it
+    passes too (before, unchecked, it passed the whole log of a SQLite file made anew under
+    workers that wrote on to the file they had open: the adversarial tester's finding). The
+    ranges of an earlier topic of the name are its bridge's to delete (a review's finding:
+    one not yet stopped deleted the new topic's, and hid a loss)."""
     _record(engine, 0, [0, 1, 2], topic_id="id-0")
+    lost = positions.save(engine, TOPIC, "id-1", {0: 40}, NOW, settled={0: [(3, 39)]})
+    assert list(lost) == [0] and lost[0].offsets == 37
+    assert _read(engine) == {0: positions.Position("id-1", 0)}  # read from the start
+    _record(engine, 0, list(range(3, 40)))
     assert positions.save(engine, TOPIC, "id-1", {0: 40}, NOW, settled={0: [(3, 39)]}) == {}
     assert _ranges(engine) == [(0, "id-0", 0, 2)]
     assert _read(engine) == {0: positions.Position("id-1", 40)}

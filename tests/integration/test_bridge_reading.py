@@ -847,6 +847,18 @@ def test_a_position_lost_on_a_partition_with_nothing_new_is_found_within_the_rec
                    "offsets 6-9 read again")
 
 
+@contextmanager
+def _on_a_new_file(kafka_broker: str, kafka_topic: TopicFactory,
+                   path: Path) -> Iterator[tuple[Bridge, str]]:
+    """A bridge of a new topic of six events, committed at 0, on a new SQLite file."""
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    topic = kafka_topic(partitions=1)
+    produce(kafka_broker, topic, _events(6))
+    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+        yield bridge, topic
+
+
 @pytest.mark.parametrize(("deleted", "said"), [
     ("eventpipe.db*", "the database file {path} was deleted or replaced"),
     ("eventpipe.db-wal", "the database's write-ahead log {path}-wal was deleted"),
@@ -863,11 +875,7 @@ def test_an_embedded_database_deleted_under_the_bridge_stops_it_committing_nothi
     reads, with no word said; a review's: its index (`-shm`) deleted, processes started since
     commit into the WAL without seeing the others' commits, which vanish. So it stops then."""
     path = tmp_path / "eventpipe.db"
-    url = f"sqlite:///{path}"
-    upgrade(url)
-    topic = kafka_topic(partitions=1)
-    produce(kafka_broker, topic, _events(6))
-    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+    with _on_a_new_file(kafka_broker, kafka_topic, path) as (bridge, topic):
         _read_up_to(bridge, 2)
         _applied(bridge, range(0, 3))
         _syncs_apart(bridge, 1)
@@ -891,11 +899,7 @@ def test_the_first_position_of_a_partition_vouches_for_what_it_passes_too(
     marked it all done: the first position, which nothing checked, passed every event, none
     of which the new file held, and Kafka's offsets followed. The first commit of a
     partition now needs the ranges of what it passes too."""
-    url = f"sqlite:///{tmp_path / 'eventpipe.db'}"
-    upgrade(url)
-    topic = kafka_topic(partitions=1)
-    produce(kafka_broker, topic, _events(6))
-    with reading_bridge(kafka_broker, topic, committed=0, database_url=url) as bridge:
+    with _on_a_new_file(kafka_broker, kafka_topic, tmp_path / "eventpipe.db") as (bridge, topic):
         _read_up_to(bridge, 5)
         # Done, as the ledger says, by workers whose ranges went to another file.
         bridge.ledger.settle(bridge._ledger_topic, 0, list(range(6)))

@@ -69,10 +69,11 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     those whose bytes are in `payloads` (the rest wait for a caller that can read Kafka).
     `rebuilding`: every letter is being put anew (`restore`), in the stream's order.
 
-    Room goes in the order the letters failed: changes to entries the stream shows need
-    none and go first; then letters it does not show, whatever their revision (a replay's
-    copy failing again is a letter the DLQ no longer shows: else it would take back at once
-    the room its replay freed, for ever, ahead of letters that never had any). While the
+    Room goes in the order the letters began to fail: changes to entries the stream shows
+    need none and go first; then letters it does not show, whatever their revision (a
+    replay's copy failing again is a letter the DLQ no longer shows, begun anew: else it
+    would take back at once the room its replay freed, for ever, ahead of letters that never
+    had any). While the
     stream refuses letters for want of room (`refusing`), a batch's new letters (no `fetch`)
     wait for the reconciler's rounds, which take every waiting letter in that order."""
     report = Projected()
@@ -140,8 +141,10 @@ def _in_turn(letters: list[DeadLetter], stream: DeadLetterStream, *, rebuilding:
     present, refusing = stream.standing([letter.dlq_key for letter in letters])
     if batch and refusing:
         letters = [letter for letter in letters if letter.dlq_key in present]
+    # By when each began to fail: the same message handed over again (a redelivery, a
+    # duplicate) moves its last failure, not its place.
     return sorted(letters, key=lambda letter: (letter.dlq_key not in present,
-                                               letter.last_failure_at, letter.dlq_key)), present
+                                               letter.first_failure_at, letter.dlq_key)), present
 
 
 def _shown(stream: DeadLetterStream, letter: DeadLetter) -> RawMessage | None:

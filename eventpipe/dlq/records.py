@@ -392,8 +392,8 @@ def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = Non
                 rebuilding: bool = False) -> list[DeadLetter]:
     """Dead letters whose latest revision the stream does not show (of `keys`, if given):
     those that left the DLQ first, then those saved before (most of which the stream shows),
-    then new ones; and besides, up to `limit` more, the open letters that failed first (the
-    projection gives room in that order: those that waited longest must be among those it
+    then new ones; and besides, up to `limit` more, the open letters that began to fail first
+    (the projection gives room in that order: those that waited longest must be among those it
     reads, however many letters were saved before). Taking an entry out needs no room and
     makes some; replacing one needs none: a full DLQ must not keep them waiting behind new
     letters. While the stream is
@@ -415,7 +415,7 @@ def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = Non
     found = {row.dlq_key: letter_of(row) for row in conn.execute(ranked)}
     if not rebuilding and len(found) == limit:  # else it holds them all already
         first = query.where(dead_letters.c.state == OPEN).order_by(
-            dead_letters.c.last_failure_at, dead_letters.c.dlq_key).limit(limit)
+            dead_letters.c.first_failure_at, dead_letters.c.dlq_key).limit(limit)
         for row in conn.execute(first):
             found.setdefault(row.dlq_key, letter_of(row))
     return list(found.values())

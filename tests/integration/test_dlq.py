@@ -870,6 +870,34 @@ def test_what_kafka_took_is_marked_replayed_even_if_the_refused_cannot_be_given_
     assert [entry.letter.dlq_key for entry in stream.scan()] == [refused.letter.dlq_key]
 
 
+def test_messages_refused_as_a_batch_too_large_are_sent_again_one_at_a_time(
+    engine: Engine, stream: DeadLetterStream,
+) -> None:
+    """A review's finding: Kafka refuses a record batch larger than the topic takes whole,
+    and librdkafka batches a replay's messages: each small message of it was counted
+    rejected for good. Sent again alone, only one too large on its own is."""
+    entries = _open_entries(engine, stream, "events", 3)
+    too_large = entries[2].letter.dlq_key
+
+    class BatchingKafka(_Kafka):  # takes a message sent alone, unless it is the large one
+        def __init__(self) -> None:
+            self.waiting: list[tuple[str, Callable[[KafkaError | None], None]]] = []
+
+        def publish(self, entry: StreamEntry,
+                    done: Callable[[KafkaError | None], None]) -> None:
+            self.waiting.append((entry.letter.dlq_key, done))
+
+        def flush(self) -> None:
+            batch, self.waiting = self.waiting, []
+            for key, done in batch:
+                done(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+                     if len(batch) > 1 or key == too_large else None)
+
+    result = actions.replay(engine, stream, entries, cast(actions.Publisher, BatchingKafka()))
+    assert (result.replayed, result.rejected, result.refused) == (2, 1, 0)
+    assert [entry.letter.dlq_key for entry in stream.scan()] == [too_large]
+
+
 def test_a_purge_leaves_an_entry_a_replay_holds_to_the_replay(
     engine: Engine, stream: DeadLetterStream,
 ) -> None:
@@ -1167,7 +1195,7 @@ def test_letters_that_waited_for_room_take_it_before_replayed_copies_failing_aga
     a replay of all freed the room, the copies failed again at once and took it back, as
     changes to letters the DLQ showed: every replay replayed the same entries, and the
     letters waiting never entered the DLQ, to be shown or replayed. A letter the stream does
-    not show takes room in the order the letters failed, whatever its revision."""
+    not show takes room in the order the letters began to fail, whatever its revision."""
     shown = _open_entries(engine, stream, "events", 5)  # the bound of `stream`
     waiting = record(engine, *(failure(n, f"{{wait {n}".encode()) for n in range(10, 13)))
     kafka = {n: RawMessage(b"k", f"{{wait {n}".encode()) for n in range(10, 13)}
@@ -1186,6 +1214,11 @@ def test_letters_that_waited_for_room_take_it_before_replayed_copies_failing_aga
                                      last_failure_at=T0 + timedelta(1))
                              for offset, value in copies.items()))
     assert {letter.state for letter in again} == {OPEN}
+    # A waiting letter's message handed over again, later still: it keeps its place (a
+    # review's finding: by its last failure, it went behind the copies).
+    [handed_again] = record(engine, replace(failure(10, b"{wait 10"),
+                                            last_failure_at=T0 + timedelta(2)))
+    assert handed_again.last_failure_at == T0 + timedelta(2)
     with engine.connect() as conn:  # however few it reads, the letters that waited longest
         read = {letter.dlq_key for letter in records.unprojected(conn, 2)}
     assert len(read & {letter.dlq_key for letter in waiting}) == 2

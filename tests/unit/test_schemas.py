@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -162,6 +163,8 @@ def test_a_space_alone_or_in_an_email_is_judged_alike_by_the_schema_and_the_pars
         parsed = True
     assert parsed is (space not in PYTHON_SPACE)
     assert (not list(validator(event_type).iter_errors(document))) is parsed
+    # A validator whose regexes are ECMA-262's, as JSON Schema says they are.
+    assert jsonschema_rs.Draft202012Validator(schemas()[event_type]).is_valid(document) is parsed
 
 
 def test_a_type_schema_rejects_another_types_event() -> None:

@@ -333,6 +333,16 @@ def _database_file() -> sqlite_file.Watch:
     return sqlite_file.Watch(settings.database_url, beside_every_s=DATABASE_FILE_EVERY_S)
 
 
+def _writing_where_it_is_read() -> None:
+    """Before a batch, and a reconciler round: once the embedded database's file is not the
+    one this process found (deleted, another in its place), what it wrote would go where no
+    process started since reads, a batch's offsets marked done all the same, and a round's
+    dead letters put in the stream. It stops (exit 70), and the process started in its place
+    opens the file there now; a batch it did not apply is read again once its lease lapses."""
+    if (lost := _database_file().lost()) is not None:
+        exit_to_start_again(f"{lost} while this worker ran")
+
+
 @cache
 def _engine() -> Any:
     _database_file()
@@ -342,7 +352,8 @@ def _engine() -> Any:
 @cache
 def reconciler() -> Reconciler:
     return Reconciler(_engine(), _stream(), _kafka_reader,
-                      timedelta(seconds=settings.park_timeout_s))
+                      timedelta(seconds=settings.park_timeout_s),
+                      before_round=_writing_where_it_is_read)
 
 
 @cache
@@ -482,11 +493,7 @@ def apply_events(self: Task, topic: str, partition: int,
         return {}
     # A task from a bridge of before the header: its marks go where such a bridge reads.
     topic_id = self.request.get(TOPIC_ID_HEADER) or ""
-    if (lost := _database_file().lost()) is not None:
-        # What it applied would go where no process started since reads, its offsets marked
-        # done all the same. Unapplied, the batch's lease lapses and the bridge reads it again;
-        # the process started in this one's place opens the file there now.
-        exit_to_start_again(f"{lost} while this worker ran")
+    _writing_where_it_is_read()
     try:
         with time_limit(settings.task_time_limit_s):
             report = processor().run(topic, partition, decoded, retries=self.request.retries,

@@ -59,7 +59,9 @@ class Reconciler:
     def __init__(self, engine: Engine, stream: DeadLetterStream, fetch: Callable[[], Fetch],
                  park_timeout: timedelta, interval_s: float = INTERVAL_S,
                  min_gap_s: float = MIN_GAP_S, heal_every_s: float = HEAL_EVERY_S,
-                 copies_every_s: float = COPIES_EVERY_S) -> None:
+                 copies_every_s: float = COPIES_EVERY_S,
+                 before_round: Callable[[], None] = lambda: None) -> None:
+        """`before_round`: called as each round begins (what the worker checks first)."""
         self.engine = engine
         self.stream = stream
         self.fetch = fetch
@@ -68,6 +70,7 @@ class Reconciler:
         self.min_gap_s = min_gap_s
         self.heal_every_s = heal_every_s
         self.copies_every_s = copies_every_s
+        self.before_round = before_round
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
 
@@ -79,6 +82,7 @@ class Reconciler:
         self._wake.set()
 
     def run_once(self) -> None:
+        self.before_round()
         if self._my_turn():
             # On its own too: a round that fails each time must not keep the stream's steps
             # below from running (new dead letters projected, a stream Redis lost rebuilt).

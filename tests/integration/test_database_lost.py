@@ -104,8 +104,12 @@ def test_a_sqlite_file_replaced_under_a_worker_stops_it_and_loses_nothing(
     pipeline: Pipeline = make_pipeline(database_url=f"sqlite:///{database}")
     messages = stream(400, seed=139)
     worker, bridge = pipeline.start_worker(), pipeline.start_bridge()
+    # One that takes no batch, and runs reconciler rounds all the same (a review's finding).
+    idle = pipeline.start_worker([pipeline.partitions], name="idle-worker")
     sent = pipeline.send(messages[:200])
     drained(pipeline, sent)
+    wait_until(lambda: " ready." in pipeline.log_of("idle-worker").read_text(), 60,
+               "the idle worker to start")
     assert pipeline.stop(bridge) == 0  # as it stops by itself on the file replaced
     pipeline.engine.dispose()
     fresh = tmp_path / "fresh.db"
@@ -116,10 +120,12 @@ def test_a_sqlite_file_replaced_under_a_worker_stops_it_and_loses_nothing(
 
     pipeline.start_bridge(name="bridge-2")
     sent += pipeline.send(messages[200:])
-    wait_until(lambda: worker.poll() is not None, 60, "the worker to stop")
-    assert worker.returncode == 70
-    assert f"the database file {database} was deleted or replaced while this worker ran" \
-        in pipeline.log_of("worker").read_text()
+    wait_until(lambda: worker.poll() is not None and idle.poll() is not None, 60,
+               "the workers to stop")
+    assert (worker.returncode, idle.returncode) == (70, 70)
+    for name in ("worker", "idle-worker"):
+        assert f"the database file {database} was deleted or replaced while this worker ran" \
+            in pipeline.log_of(name).read_text()
     pipeline.start_worker(name="worker-2")
     caught_up(pipeline, [doc for _, doc in messages], sent)
     assert_state(pipeline, [doc for _, doc in messages])

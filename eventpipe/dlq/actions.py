@@ -56,6 +56,8 @@ ANSWER_TIMEOUT_S = 10.0
 REPLAY_CLAIM_S = 300.0
 # What Kafka, or its client before sending, answers about the message itself: the same message
 # is refused alike however often it is sent again.
+# Kafka refuses a record batch too large for the topic whole, each of its messages with it.
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 # A message's answer until Kafka's comes (`Publisher.flush` serves every one it waited out).
 _UNANSWERED = KafkaError(KafkaError._MSG_TIMED_OUT)
 _REFUSED_FOR_GOOD = frozenset({
@@ -88,7 +90,10 @@ class Publisher:
     def __init__(self, settings: Settings, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
-        self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000)})
+        # Compressed: Kafka bounds a topic's messages as they are sent (max.message.bytes), and
+        # a message its producer compressed must come back within the bound it was taken in.
+        self.producer = make_producer(settings, **{"message.timeout.ms": int(timeout_s * 1000),
+                                                   "compression.type": "zstd"})
         self._partitions: dict[str, int | None] = {}  # topic → partitions now (`_count`)
         self._reader: MessageReader | None = None  # made when an entry lacks its bytes
         self._unread = False  # Kafka did not answer a read: the rest go without theirs
@@ -247,6 +252,7 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
     if kept:
         chunk = [_with_kept(entry, kept) for entry in chunk]
     answers: dict[str, KafkaError | None] = {}  # Kafka's error, None once it took it
+    sent: dict[str, StreamEntry] = {}
     no_bytes: list[str] = []
     left: set[str] = set()
     for place, entry in enumerate(chunk):
@@ -259,9 +265,14 @@ def _replay_chunk(engine: Engine, stream: DeadLetterStream, chunk: list[StreamEn
         elif (whole := publisher.with_bytes(entry)) is None:
             no_bytes.append(key)
         else:
-            answers[key] = _UNANSWERED
+            answers[key], sent[key] = _UNANSWERED, whole
             publisher.publish(whole, _recorder(answers, key))
     publisher.flush()
+    if len(sent) > 1:  # sent again one at a time: a message is refused for its own size only
+        for key in [key for key, error in answers.items()
+                    if error is not None and error.code() in _TOO_LARGE]:
+            publisher.publish(sent[key], _recorder(answers, key))
+            publisher.flush()
     published = [key for key, error in answers.items() if error is None]
     rejected = {key: error for key, error in answers.items()
                 if error is not None and error.code() in _REFUSED_FOR_GOOD}

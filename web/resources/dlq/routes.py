@@ -132,8 +132,8 @@ class ReplayEntry(MethodView):
                                 [_entry(path["entry_id"])], _publisher())
         if result.rejected:
             conflict(f"Kafka refuses this entry's message: {result.why_rejected}; it stays in "
-                     "the dead-letter queue (a replay again fails alike: purge it, or change "
-                     "what Kafka refuses, the topic's max.message.bytes say)")
+                     "the dead-letter queue, and a replay again fails alike until what Kafka "
+                     "refuses changes (the topic's max.message.bytes, its ACLs)")
         if result.refused:
             raise TransientError("Kafka did not acknowledge the replayed message; it stays in "
                                  "the dead-letter queue")

@@ -200,11 +200,10 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
     replaced, got its first position past every event, none of which it held, and was never
     read again.)"""
     needed: dict[int, list[Span]] = {}
+    own = {p: position for p, position in kept.items() if position.topic_id == topic_id}
     for partition, taken in settled.items():
-        position = kept.get(partition)
         # The position vouches for what is below it: the ranges there are deleted.
-        floor = position.next_offset if position is not None \
-            and position.topic_id == topic_id else 0
+        floor = own[partition].next_offset if partition in own else 0
         if clipped := merged((max(first, floor), last) for first, last in taken
                              if last >= floor):
             needed[partition] = clipped
@@ -218,9 +217,7 @@ def _unheld(conn: Connection, topic: str, topic_id: str, settled: Mapping[int, S
     lost: dict[int, Lost] = {}
     for partition, wanted in needed.items():
         if missing := uncovered(wanted, held.get(partition, [])):
-            position = kept.get(partition)
-            since = " since its position" if position is not None \
-                and position.topic_id == topic_id else ", and holds no position of it"
+            since = " since its position" if partition in own else ", and holds no position of it"
             lost[partition] = Lost(f"the database lacks {missing} message(s) the workers "
                                    f"recorded as done{since}", missing)
     return lost

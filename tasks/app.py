@@ -302,7 +302,7 @@ def _queues_consumed() -> list[str]:
 
 
 # How often a worker looks for the files beside the embedded database (its descriptors, read
-# from /proc): the file itself is looked at before every batch.
+# from /proc): the file itself is looked at before every batch and reconciler round.
 DATABASE_FILE_EVERY_S = 1.0
 
 

@@ -54,12 +54,12 @@ FLUSH_TIMEOUT_S = 10.0
 # wait for acknowledgements (the command line's is longer): "does not answer" comes this soon.
 ANSWER_TIMEOUT_S = 10.0
 REPLAY_CLAIM_S = 300.0
-# What Kafka, or its client before sending, answers about the message itself: the same message
-# is refused alike however often it is sent again.
-# Kafka refuses a record batch too large for the topic whole, each of its messages with it.
-_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 # A message's answer until Kafka's comes (`Publisher.flush` serves every one it waited out).
 _UNANSWERED = KafkaError(KafkaError._MSG_TIMED_OUT)
+# Kafka refuses a record batch too large for the topic whole, each of its messages with it.
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+# What Kafka, or its client before sending, answers about the message itself: the same message
+# is refused alike however often it is sent again (until the topic's bounds or ACLs change).
 _REFUSED_FOR_GOOD = frozenset({
     KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
     KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED,

@@ -73,9 +73,9 @@ def project(engine: Engine, stream: DeadLetterStream, fetch: Fetch | None,
     need none and go first; then letters it does not show, whatever their revision (a
     replay's copy failing again is a letter the DLQ no longer shows, begun anew: else it
     would take back at once the room its replay freed, for ever, ahead of letters that never
-    had any). While the
-    stream refuses letters for want of room (`refusing`), a batch's new letters (no `fetch`)
-    wait for the reconciler's rounds, which take every waiting letter in that order."""
+    had any). While the stream refuses letters for want of room (`refusing`), a batch's new
+    letters (no `fetch`) wait for the reconciler's rounds, which take every waiting letter in
+    that order."""
     report = Projected()
     with reading(engine) as conn:  # marked below only where the revision read still holds
         pending = records.unprojected(conn, limit, None if fetch else list(payloads or ()),

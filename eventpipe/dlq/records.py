@@ -396,11 +396,11 @@ def unprojected(conn: Connection, limit: int, keys: Collection[str] | None = Non
     (the projection gives room in that order: those that waited longest must be among those it
     reads, however many letters were saved before). Taking an entry out needs no room and
     makes some; replacing one needs none: a full DLQ must not keep them waiting behind new
-    letters. While the stream is
-    `rebuilding`, every letter is put anew, in the order they last failed, which is the
-    stream's own (oldest failure first), whatever their revision. A letter a replay holds
-    is left out: its entry stays as it is until the replay ends (past Kafka's retention the
-    entry has the only copy of its bytes, which the letter needs should it come back)."""
+    letters. While the stream is `rebuilding`, every letter is put anew, in the order they
+    last failed, which is the stream's own (oldest failure first), whatever their revision.
+    A letter a replay holds is left out: its entry stays as it is until the replay ends (past
+    Kafka's retention the entry has the only copy of its bytes, which the letter needs should
+    it come back)."""
     query = select(dead_letters).where(*_UNPROJECTED)
     if keys is not None:
         if not keys:

@@ -54,6 +54,8 @@ FLUSH_TIMEOUT_S = 10.0
 # wait for acknowledgements (the command line's is longer): "does not answer" comes this soon.
 ANSWER_TIMEOUT_S = 10.0
 REPLAY_CLAIM_S = 300.0
+# What Kafka answers of a topic it does not have, or whose name it refuses.
+_NO_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_EXCEPTION})
 # A message's answer until Kafka's comes (`Publisher.flush` serves every one it waited out).
 _UNANSWERED = KafkaError(KafkaError._MSG_TIMED_OUT)
 # Kafka refuses a record batch too large for the topic whole, each of its messages with it.
@@ -63,7 +65,9 @@ _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TO
 _REFUSED_FOR_GOOD = frozenset({
     KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
     KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-    KafkaError.INVALID_REQUIRED_ACKS, KafkaError._INVALID_ARG})
+    KafkaError.INVALID_REQUIRED_ACKS, KafkaError._INVALID_ARG,
+    # A topic Kafka does not have (librdkafka's too, once its metadata says so for long).
+    KafkaError._UNKNOWN_TOPIC})
 
 
 def _utc_now() -> datetime:
@@ -144,6 +148,9 @@ class Publisher:
             done(error)
 
         topic = entry.letter.position.topic or self.settings.kafka_topic
+        if self._count(topic) == 0:  # sent, it would wait out the timeout, at every call again
+            done(KafkaError(KafkaError._UNKNOWN_TOPIC, f"Kafka has no topic {topic!r}"))
+            return
         try:
             message = entry.raw
             assert message is not None  # `with_bytes` is asked first
@@ -165,9 +172,10 @@ class Publisher:
         return position.partition if position.partition < (self._count(topic) or 0) else -1
 
     def _count(self, topic: str) -> int | None:
-        """How many partitions the topic has (0: none, or no such topic); None when Kafka did
-        not answer. Asked once per topic and replay, answered or not: a Kafka that does not
-        answer would otherwise cost every entry the whole wait."""
+        """How many partitions the topic has (0: no such topic); None when Kafka did not
+        answer, or not of it (its leader being elected, say). Asked once per topic and replay,
+        answered or not: a Kafka that does not answer would otherwise cost every entry the
+        whole wait."""
         if topic not in self._partitions:
             try:
                 found = self.producer.list_topics(
@@ -175,8 +183,10 @@ class Publisher:
             except KafkaException:
                 self._partitions[topic] = None
             else:
-                self._partitions[topic] = len(found.partitions) \
-                    if found is not None and found.error is None else 0
+                error = None if found is None else found.error
+                self._partitions[topic] = \
+                    0 if found is None or (error is not None and error.code() in _NO_TOPIC) \
+                    else None if error is not None else len(found.partitions)
         return self._partitions[topic]
 
     def flush(self) -> None:

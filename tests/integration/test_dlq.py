@@ -1015,7 +1015,10 @@ def test_an_entry_kafka_refuses_stays_and_its_neighbours_still_leave(
                                                 position=Position("bad topic!", 0, 1)))
     result = actions.replay(engine, stream, [entries[0], broken, entries[2]],
                             actions.Publisher(settings_for(kafka_broker, topic), timeout_s=5))
-    assert (result.replayed, result.refused) == (2, 1)
+    # Refused for good, at once, with Kafka's reason (before: a wait of the whole timeout,
+    # then a 503 to retry, at every call again: a review's finding).
+    assert (result.replayed, result.refused, result.rejected) == (2, 0, 1)
+    assert result.why_rejected == "Kafka has no topic 'bad topic!'"
     assert [e.letter.dlq_key for e in stream.scan()] == [entries[1].letter.dlq_key]
     with engine.connect() as conn:
         states = {r.dlq_key: r.state for r in conn.execute(select(dead_letters))}

@@ -19,6 +19,7 @@ from confluent_kafka import TopicPartition
 
 from bridge.service import Bridge
 from cli.errors import explain
+from eventpipe import positions
 from eventpipe.errors import KEY_OF_ANOTHER_KIND, TransientError
 from launcher.embedded import start_redis
 from tests.support.broker import (
@@ -467,6 +468,8 @@ def test_a_bridge_commits_nothing_of_a_topic_made_again_under_it(
         bridge._on_assign(bridge.consumer, [TopicPartition(topic, 0)])
         progress = bridge.partitions[0]
         progress.dispatched([0, 1, 2], bridge.clock())
+        with bridge.engine.begin() as conn:  # as the workers record what they applied
+            positions.record_done(conn, positions.Done(topic, bridge.topic_id or "", 0, [0, 1, 2]))
         progress.observe({0, 1, 2}, set(), bridge.clock())
         bridge._commit({0: progress}, bridge.clock(), final=True)
         assert progress.committed == 3  # the same topic: committed

@@ -62,9 +62,8 @@ _UNANSWERED = KafkaError(KafkaError._MSG_TIMED_OUT)
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 # What Kafka, or its client before sending, answers about the message itself: the same message
 # is refused alike however often it is sent again (until the topic's bounds or ACLs change).
-_REFUSED_FOR_GOOD = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
-    KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+_REFUSED_FOR_GOOD = _TOO_LARGE | frozenset({
+    KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION, KafkaError.TOPIC_AUTHORIZATION_FAILED,
     KafkaError.INVALID_REQUIRED_ACKS, KafkaError._INVALID_ARG,
     # A topic Kafka does not have (librdkafka's too, once its metadata says so for long).
     KafkaError._UNKNOWN_TOPIC})

@@ -473,12 +473,13 @@ class DeadLetterStream:
         return {key for key, line in zip(dlq_keys, named, strict=True) if line is not None}
 
     def standing(self, dlq_keys: list[str]) -> tuple[set[str], bool]:
-        """`holding` these keys, and whether it is `refusing`, in one round trip."""
+        """`holding` these keys (at least one), and whether it is `refusing`, in one round
+        trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(self.index, dlq_keys or [""])
+        pipe.hmget(self.index, dlq_keys)
         pipe.exists(self.refusal)
         named, refused = pipe.execute()
-        return ({key for key, line in zip(dlq_keys, named, strict=False) if line is not None},
+        return ({key for key, line in zip(dlq_keys, named, strict=True) if line is not None},
                 bool(refused))
 
     def remove(self, *dlq_keys: str) -> int:

@@ -11,6 +11,7 @@ import difflib
 import io
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 from kombu.transport import TRANSPORT_ALIASES
+from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -32,6 +34,19 @@ DATABASES = ("postgresql", "mssql", "sqlite")  # SQLAlchemy's backend names
 SUPPORTED_URLS = "postgresql+psycopg://, mssql+pyodbc:// or sqlite:///"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 MAX_PARTITIONS = 10_000
+# The longest time a setting may name: ten years, "never" for any of them. Beyond it (and
+# well before the float's bound) they overflow where they are used: a date past the year
+# 9999, a timer's or a driver's bound, a retry's due time.
+MAX_SECONDS = 10 * 365 * 24 * 3600
+# PostgreSQL's and SQL Server's bound on a statement or lock timeout: 2**31 - 1 milliseconds.
+MAX_DATABASE_TIMEOUT_S = 2_147_483
+# The most messages the Kafka client hands over at once (confluent-kafka's `consume`).
+MAX_BATCH_EVENTS = 1_000_000
+# Kafka's longest topic name, 249, less the worker pool's suffix (`tasks.pool.pool_topic`).
+MAX_TOPIC_LENGTH = 249 - len(".workers")
+_TOPIC = re.compile(f"[A-Za-z0-9._-]{{1,{MAX_TOPIC_LENGTH}}}")
+# How redis-py reads a URL's options (`?socket_timeout=…`), typed here: redis-py's is not.
+_redis_url_options: Callable[[str], dict[str, Any]] = parse_url
 
 
 class SettingsError(ValueError):
@@ -233,6 +248,10 @@ class Settings:
             raise SettingsError(f"REDIS_URL: {scheme!r} is not a Redis URL's scheme: use "
                                 "redis://, rediss:// or unix://")
         _check_server_url("REDIS_URL", self.redis_url)
+        try:  # its options, as redis-py reads them: here, not at the first connection
+            _redis_url_options(self.redis_url)
+        except ValueError as exc:  # its words name the option, never the URL
+            raise SettingsError(f"REDIS_URL: {exc}") from None
         for broker in self.celery_broker_url.split(";"):  # Celery's brokers to fail over to
             transport = broker.partition("://")[0].partition("+")[0].lower()
             # (a dotted name is a transport class of one's own)
@@ -267,6 +286,10 @@ class Settings:
                            ("MAX_IN_FLIGHT_PER_PARTITION", self.max_in_flight_per_partition)):
             if value < 1:
                 raise SettingsError(f"{env}={value!r}: must be at least 1")
+        if self.batch_max_events > MAX_BATCH_EVENTS:
+            raise SettingsError(f"BATCH_MAX_EVENTS={self.batch_max_events!r}: at most "
+                                f"{MAX_BATCH_EVENTS}, the most the Kafka client hands over at once")
+        self._times_in_bounds()
         # A queue, a row of the status and a series per partition: a typo of a few digits
         # more would take the memory (`eventpipe status` of 10**11 partitions), not a topic.
         if self.kafka_partitions > MAX_PARTITIONS:
@@ -290,6 +313,28 @@ class Settings:
                 raise SettingsError(f"{env}={port!r}: must be a port, 0 to 65535")
         if not self.kafka_topic.strip():
             raise SettingsError("KAFKA_TOPIC is empty: name the events' topic")
+        # Kafka's own rule, with room for the worker pool's topic (`{topic}.workers`): said
+        # here, not as a broker's refusal once the bridge or a worker runs.
+        if _TOPIC.fullmatch(self.kafka_topic) is None or self.kafka_topic in (".", ".."):
+            raise SettingsError(f"KAFKA_TOPIC={self.kafka_topic!r}: Kafka names a topic with "
+                                f"at most {MAX_TOPIC_LENGTH} of a-z, A-Z, 0-9, '.', '_' and "
+                                "'-' (the worker pool's topic adds '.workers' to it)")
+
+    def _times_in_bounds(self) -> None:
+        """No time longer than the process, its database or its dates can hold."""
+        for setting in dataclasses.fields(self):
+            env = setting.metadata["env"]
+            value = getattr(self, setting.name)
+            if env in ("DATABASE_STATEMENT_TIMEOUT_S", "DATABASE_LOCK_TIMEOUT_S"):
+                bound, unit = MAX_DATABASE_TIMEOUT_S, "the database's bound"
+            elif env.endswith("_S"):
+                bound, unit = MAX_SECONDS, "ten years"
+            elif env.endswith("_MS"):
+                bound, unit = MAX_SECONDS * 1000, "ten years"
+            else:
+                continue
+            if value > bound:
+                raise SettingsError(f"{env}={value!r}: at most {bound} ({unit})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str | None]) -> Settings:
@@ -309,7 +354,11 @@ def _check_server_url(env: str, url: str) -> None:
     `redis://host/abc` for database 0 without a word, which may be another program's. Said
     without any of the URL, which may hold a password (one not URL-encoded is what moves
     text into the port or the path)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a '[' or ']' around no IPv6 address: a password's, not URL-encoded
+        raise SettingsError(f"{env}: not a URL (URL-encode {_URL_SPECIALS}, '[' and ']' in a "
+                            "password)") from None
     try:
         parts.port  # noqa: B018 - read for the ValueError of a port that is no number
     except ValueError:

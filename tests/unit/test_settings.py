@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from eventpipe.settings import (
+    MAX_BATCH_EVENTS,
+    MAX_DATABASE_TIMEOUT_S,
     MAX_PARTITIONS,
+    MAX_SECONDS,
     Settings,
     SettingsError,
     env_vars,
@@ -73,11 +77,50 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("CELERY_BROKER_URL", "amqp://u:p@h:5672x/vhost", "CELERY_BROKER_URL: its port is not"),
     ("DATABASE_URL", "postgresql+psycopg://u@h:abc/db", "DATABASE_URL: not a SQLAlchemy URL, "
                                                         "or its port is no number"),
+    # A traceback at every command, `migrate` too.
+    ("REDIS_URL", "redis://:p[ss@h:6379/1", "REDIS_URL: not a URL (URL-encode"),
+    ("CELERY_BROKER_URL", "redis://:p]ss@h:6379/1", "CELERY_BROKER_URL: not a URL"),
+    # A traceback at each command that reads the DLQ; a worker that hung.
+    ("REDIS_URL", "redis://h:6379/0?socket_timeout=abc",
+     "REDIS_URL: Invalid value for 'socket_timeout' in connection URL."),
+    # Times that passed, then overflowed where they were used: a reconciler round failing at
+    # every try (a parking deadline past the year 9999), every batch failing as its
+    # processor was made, workers exiting at each start, every connection refused.
+    ("PARK_TIMEOUT_S", "1e12", "PARK_TIMEOUT_S=1000000000000.0: at most 315360000 (ten "
+                               "years)"),
+    ("MAX_FUTURE_SKEW_S", "1e308", "MAX_FUTURE_SKEW_S=1e+308: at most 315360000"),
+    ("RETRY_BACKOFF_MAX_S", "1e308", "RETRY_BACKOFF_MAX_S=1e+308: at most 315360000"),
+    ("BATCH_MAX_WAIT_MS", "1" + "0" * 30, "BATCH_MAX_WAIT_MS=1000000000000000000000000000000: "
+                                          "at most 315360000000 (ten years)"),
+    ("DATABASE_STATEMENT_TIMEOUT_S", "3e6",
+     "DATABASE_STATEMENT_TIMEOUT_S=3000000.0: at most 2147483 (the database's bound)"),
+    ("DATABASE_LOCK_TIMEOUT_S", "1e12", "DATABASE_LOCK_TIMEOUT_S=1000000000000.0: at most"),
+    # Refused by Kafka only once the bridge or a worker asked for the topic.
+    ("KAFKA_TOPIC", "my events", "KAFKA_TOPIC='my events': Kafka names a topic with at most "
+                                 "241 of a-z, A-Z, 0-9, '.', '_' and '-'"),
+    ("KAFKA_TOPIC", "événements", "KAFKA_TOPIC='événements': Kafka names a topic"),
+    ("KAFKA_TOPIC", "e" * 242, "KAFKA_TOPIC='eeee"),
+    ("KAFKA_TOPIC", "..", "KAFKA_TOPIC='..': Kafka names a topic"),
+    # The bridge's every read refused by the Kafka client.
+    ("BATCH_MAX_EVENTS", "1000001", "BATCH_MAX_EVENTS=1000001: at most 1000000, the most the "
+                                    "Kafka client hands over at once"),
 ])
 def test_values_no_process_runs_with_are_refused(env: str, value: str, said: str) -> None:
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({env: value})
     assert str(caught.value).startswith(said)
+
+
+def test_the_longest_values_allowed_are_taken() -> None:
+    longest = Settings.from_env({
+        "PARK_TIMEOUT_S": str(MAX_SECONDS), "BATCH_MAX_WAIT_MS": str(MAX_SECONDS * 1000),
+        "DATABASE_STATEMENT_TIMEOUT_S": str(MAX_DATABASE_TIMEOUT_S),
+        "BATCH_MAX_EVENTS": str(MAX_BATCH_EVENTS), "KAFKA_TOPIC": "e." * 120 + "_"})
+    assert len(longest.kafka_topic) == 241
+    # Each as it is used: a parking deadline, the database's timeout in milliseconds.
+    assert datetime.now(UTC) + timedelta(seconds=longest.park_timeout_s) < datetime.max.replace(
+        tzinfo=UTC)
+    assert longest.database_statement_timeout_s * 1000 < 2**31
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/1", "rediss://h/1", "amqp://u:p@h/vhost",

@@ -6,6 +6,9 @@ import argparse
 import math
 from collections.abc import Callable
 
+from eventpipe.errors import InvalidEvent
+from eventpipe.events import MAX_ID_LENGTH, check_text
+
 
 def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An integer of `minimum` or more, and of `maximum` or less if given."""
@@ -52,6 +55,17 @@ def text(value: str) -> str:
         value.encode()
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError("not UTF-8 text") from None
+    return value
+
+
+def event_id(value: str) -> str:
+    """An id as events may have it: another names no event, and is said so, not looked for."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty: an event id has a character that is no space")
+    try:
+        check_text(value, "eventId", MAX_ID_LENGTH)
+    except InvalidEvent as exc:
+        raise argparse.ArgumentTypeError(f"no event id: it {exc.reason}") from None
     return value
 
 

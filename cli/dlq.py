@@ -85,13 +85,20 @@ def _entry_id(text: str) -> str:
 
 
 def iso_time(text: str) -> datetime:
-    """An ISO-8601 time, UTC unless it names an offset (as the API reads it)."""
+    """An ISO-8601 time, UTC unless it names an offset, in UTC (as the API reads it: a time
+    that leaves the calendar there, `0001-01-01T00:00:00+05:00`, is refused)."""
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO-8601 time such as 2026-01-31T12:00:00Z") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time in UTC: it leaves the calendar there") from None
 
 
 def _stream(settings: Settings) -> DeadLetterStream:

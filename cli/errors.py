@@ -84,8 +84,10 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
         if not_a_sqlite_database(exc):
             return (f"the database at {where} is not a SQLite database, or is damaged: "
                     f"{_first_line(orig or exc)}")
+        # No statement: refused as it connected, whatever the driver calls it (psycopg's
+        # ProgrammingError for an option of the URL it cannot read, `?connect_timeout=abc`).
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) \
-                or _odbc_driver_missing(orig):
+                or exc.statement is None or _odbc_driver_missing(orig):
             return f"the database at {where} cannot be used: {_first_line(orig or exc)}"
     if isinstance(exc, TransientError):  # the pipeline's own, written for operators
         return _first_line(exc)

@@ -18,7 +18,7 @@ from importlib import metadata
 from sqlalchemy.engine import make_url
 
 from cli import dlq, errors, status, verify
-from cli.arguments import at_least, positive, ratio, text
+from cli.arguments import at_least, event_id, positive, ratio
 from eventpipe import logs
 from eventpipe.settings import Settings, SettingsError, get_settings
 from producer.stream import MAX_COUNT
@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_produce_generate)
 
     trace = commands.add_parser("trace", help="show an event's life by its eventId")
-    trace.add_argument("event_id", type=text)
+    trace.add_argument("event_id", type=event_id)
     trace.add_argument("--no-kafka", action="store_true", help="don't fetch the message")
     trace.set_defaults(handler=_trace)
 

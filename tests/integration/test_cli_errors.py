@@ -84,6 +84,16 @@ def eventpipe(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
          {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:{port}/x"}, 3,
          "eventpipe: the database at DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:"
          "{port}/x cannot be used"),
+        # An option of the URL the driver cannot read: a traceback of 123 lines.
+        (["trace", "e-1", "--no-kafka"],
+         {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:{port}/x?connect_timeout=a"},
+         3, "eventpipe: the database at DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:"
+            "{port}/x?connect_timeout=a cannot be used: bad value for connect_timeout"),
+        # A traceback at every command, `migrate` too; and one at each command reading Redis.
+        (["migrate"], {"REDIS_URL": "redis://:p[ss@127.0.0.1:{port}/0"}, 2,
+         "eventpipe: bad setting: REDIS_URL: not a URL"),
+        (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:{port}/0?socket_timeout=abc"}, 2,
+         "eventpipe: bad setting: REDIS_URL: Invalid value for 'socket_timeout'"),
         (["dlq", "list"], {"LOG_LEVEL": "verbose"}, 2,
          "eventpipe: bad setting: LOG_LEVEL='verbose': use one of DEBUG, INFO, WARNING, ERROR"),
         (["status"], {"REDIS_URL": "redis://127.0.0.1:{port}/0",
@@ -371,6 +381,17 @@ def test_a_redis_that_takes_connections_and_answers_nothing_is_named_within_seco
                                       "such as 1764000000000-0"),
     (["dlq", "purge", "x"], "argument entry_ids: 'x' is not a stream entry id such as "
                             "1764000000000-0"),
+    # "not yet consumed by the pipeline, or never sent", and exit 1: no event has such an id.
+    (["trace", " "], "argument event_id: empty: an event id has a character that is no space"),
+    (["trace", "x" * 65], "argument event_id: no event id: it must be at most 64 characters "
+                          "(UTF-16 code units)"),
+    # Listed all before, where the API answers 422.
+    (["dlq", "list", "--since", "0001-01-01T00:00:00+14:00"],
+     "argument --since: '0001-01-01T00:00:00+14:00' is not a time in UTC: it leaves the "
+     "calendar there"),
+    (["dlq", "replay", "--until", "9999-12-31T23:00:00-05:00"],
+     "argument --until: '9999-12-31T23:00:00-05:00' is not a time in UTC: it leaves the "
+     "calendar there"),
 ])
 def test_a_value_no_command_can_use_is_a_usage_error(tmp_path: Path, args: list[str],
                                                      says: str) -> None:

@@ -339,10 +339,41 @@ def _long_digits(value: bytes | str) -> bool:
         and _LONG_DIGITS_TEXT.search(value) is not None
 
 
+class _Fraction(float):
+    """A number whose text has a fraction that its double rounds away (`0.99999999999999999`
+    is 1.0): no integer, as its text says, and shown as written."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, value: float, text: str) -> _Fraction:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+    def is_integer(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _float_literal(text: str) -> float:
+    """A number of the JSON text that has a fraction or an exponent, as a double; one whose
+    fraction the double rounded away is a `_Fraction`, so that only a zero fraction makes an
+    integer (`2.0`, `1e2`). Few messages hold such numbers: the exact look is for those."""
+    value = float(text)
+    if value.is_integer() and (exact := Decimal(text)) != exact.to_integral_value():
+        return _Fraction(value, text)
+    return value
+
+
 # One decoder for every message: `json.loads` with options builds a new one per call. Its
 # integers are read in C but for a message with a long run of digits (`_integer_literal`).
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant,
+                                parse_float=_float_literal).decode
 _decode_json_long = json.JSONDecoder(parse_constant=_reject_constant,
+                                     parse_float=_float_literal,
                                      parse_int=_integer_literal).decode
 # msgspec's decoder, in C, reads the benchmark's events in a third of the time `json` takes
 # (1.2 against 3.3 µs an event). Whatever it refuses, for whatever reason (a byte order mark,
@@ -350,7 +381,7 @@ _decode_json_long = json.JSONDecoder(parse_constant=_reject_constant,
 # again, and its verdict and message stand; what it accepts, `json` accepts and reads the same
 # (`tests/unit/test_events.py` holds the two to that). Nesting is the exception: each stops
 # at its own depth, near a thousand, so a message with that many brackets is `json`'s alone.
-_decode_fast = msgspec.json.Decoder().decode
+_decode_fast = msgspec.json.Decoder(float_hook=_float_literal).decode
 # Arrays and objects nest at most this deep. Counted before `json` reads a message, since
 # `json` stops at a depth that depends on its caller's stack (about a thousand frames less
 # those already used): the same bytes would be an event for one caller and not for another.

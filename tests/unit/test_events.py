@@ -299,9 +299,39 @@ def test_what_the_fast_decoder_accepts_json_reads_the_same(value: bytes | str) -
     """The parser reads messages with msgspec's decoder and leaves what it refuses to
     `json`: that is the contract's reading only if msgspec never accepts what `json`
     refuses, nor reads it otherwise."""
-    fast = _verdict(msgspec.json.Decoder().decode, value)
+    fast = _verdict(events._decode_fast, value)
     if fast != "refused":
         assert _verdict(decode_json, value) == fast
+
+
+@pytest.mark.parametrize("decode", ["msgspec", "json"])
+@pytest.mark.parametrize(("field", "literal", "read"), [
+    # A fraction a double rounds away: was read as 1, 10**12 (at the delta's bound) and 1.
+    ("delta", "0.99999999999999999", None), ("delta", "999999999999.99999", None),
+    ("schemaVersion", "0.99999999999999999", None), ("delta", "-1.0000000000000001", None),
+    # A zero fraction, an exponent: integers, as JSON Schema says.
+    ("delta", "2.0", 2), ("delta", "-1e2", -100), ("delta", "1.5e1", 15),
+    ("schemaVersion", "1.000", 1), ("schemaVersion", "10e-1", 1),
+])
+def test_only_a_number_whose_text_has_no_fraction_is_an_integer(
+    field: str, literal: str, read: int | None, decode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, doc = inventory_adjusted("S", 7, occurred_at=WHEN)
+    value = encode(doc)
+    written = b'"delta":7' if field == "delta" else b'"schemaVersion":1'
+    assert written in value
+    value = value.replace(written, written.split(b":")[0] + b":" + literal.encode())
+    if decode == "json":
+        monkeypatch.setattr(events, "_decode_fast", _refused)
+    if read is None:
+        with pytest.raises(InvalidEvent) as caught:
+            parse_event(value)
+        assert caught.value.field == ("data.delta" if field == "delta" else field)
+        assert literal in caught.value.reason  # as written, not as the double reads it
+        return
+    event = parse_event(value)
+    assert isinstance(event.data, InventoryAdjusted)
+    assert (event.data.delta if field == "delta" else 1) == read
 
 
 def _refused(_value: bytes | str) -> Any:

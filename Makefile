@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Lint, type-check and run every test (integration tests need PostgreSQL and Redis).
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

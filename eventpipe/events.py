@@ -287,7 +287,7 @@ def peek_identity(value: bytes | str | None) -> Identity:
         return Identity(None, None)
     try:
         document = _decode(value)
-    except InvalidEvent:
+    except Exception:  # InvalidEvent, or whatever else reading these bytes raises
         return Identity(None, None)
     if not isinstance(document, dict):
         return Identity(None, None)
@@ -358,14 +358,44 @@ class _Fraction(float):
         return self.text
 
 
+# Named as the double it is where a reason names a value's type ("not float").
+_Fraction.__name__ = _Fraction.__qualname__ = "float"
+
+_NUMBER_TEXT = re.compile(r"-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?)([0-9]+))?")
+# An exponent of more digits moves the point further than a message has digits
+# (`MAX_MESSAGE_BYTES`): its sign alone says whether a non-zero number keeps a fraction.
+_EXPONENT_DIGITS = 7
+
+
 def _float_literal(text: str) -> float:
     """A number of the JSON text that has a fraction or an exponent, as a double; one whose
     fraction the double rounded away is a `_Fraction`, so that only a zero fraction makes an
-    integer (`2.0`, `1e2`). Few messages hold such numbers: the exact look is for those."""
+    integer (`2.0`, `1e2`)."""
     value = float(text)
-    if value.is_integer() and (exact := Decimal(text)) != exact.to_integral_value():
+    if value.is_integer() and _fraction_rounded_away(text):
         return _Fraction(value, text)
     return value
+
+
+def _fraction_rounded_away(text: str) -> bool:
+    """Whether the number `text` has a digit other than 0 after the point once its exponent
+    moved it, read from the text alone (a `Decimal` refuses exponents past 10**18)."""
+    number = _NUMBER_TEXT.fullmatch(text)
+    if number is None:  # not JSON's syntax: the decoder refuses it
+        return False
+    whole, fraction, sign, exponent = number.groups()
+    fraction = fraction or ""
+    digits = whole + fraction
+    significant = digits.rstrip("0")
+    if not significant.strip("0"):
+        return False  # zero, whatever its exponent
+    # Places after the point the last digit other than 0 holds, before the exponent moves it.
+    places = len(fraction) - (len(digits) - len(significant))
+    if exponent is None:
+        return places > 0
+    if len(exponent.lstrip("0")) > _EXPONENT_DIGITS:
+        return sign == "-"
+    return places > (-int(exponent) if sign == "-" else int(exponent))
 
 
 # One decoder for every message: `json.loads` with options builds a new one per call. Its

@@ -311,7 +311,10 @@ def test_what_the_fast_decoder_accepts_json_reads_the_same(value: bytes | str) -
     ("schemaVersion", "0.99999999999999999", None), ("delta", "-1.0000000000000001", None),
     # A zero fraction, an exponent: integers, as JSON Schema says.
     ("delta", "2.0", 2), ("delta", "-1e2", -100), ("delta", "1.5e1", 15),
-    ("schemaVersion", "1.000", 1), ("schemaVersion", "10e-1", 1),
+    ("schemaVersion", "1.000", 1), ("schemaVersion", "10e-1", 1), ("delta", "100e-2", 1),
+    ("delta", "0.000070e6", 70), ("delta", "1" + "0" * 30 + "e-30", 1),
+    # Exponents past what a Decimal takes: a fraction, and a zero.
+    ("schemaVersion", "1e-99999999999999999999", None),
 ])
 def test_only_a_number_whose_text_has_no_fraction_is_an_integer(
     field: str, literal: str, read: int | None, decode: str, monkeypatch: pytest.MonkeyPatch
@@ -332,6 +335,30 @@ def test_only_a_number_whose_text_has_no_fraction_is_an_integer(
     event = parse_event(value)
     assert isinstance(event.data, InventoryAdjusted)
     assert (event.data.delta if field == "delta" else 1) == read
+
+
+@pytest.mark.parametrize("decode", ["msgspec", "json"])
+@pytest.mark.parametrize("literal", ["0e99999999999999999999", "1e-99999999999999999999",
+                                     "0.5", "1e400", "-0.0", "1E+2"])
+def test_a_number_in_a_field_the_contract_ignores_changes_nothing(
+    literal: str, decode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: an exponent of twenty digits raised from the number's reading, in
+    `peek_identity` too (which never raises): the worker failed the message at every try,
+    and its partition waited for good (an adversarial review's finding)."""
+    _, doc = inventory_adjusted("S", 7, occurred_at=WHEN, event_id="e-7")
+    value = encode(doc).replace(b'"reason":', b'"note":' + literal.encode() + b',"reason":')
+    if decode == "json":
+        monkeypatch.setattr(events, "_decode_fast", _refused)
+    event = parse_event(value)
+    assert isinstance(event.data, InventoryAdjusted) and event.data.delta == 7
+    assert peek_identity(value).event_id == "e-7"
+
+
+def test_a_reason_names_a_number_written_with_a_fraction_as_the_double_it_is() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(b"0.99999999999999999")
+    assert caught.value.reason == "must be a JSON object, not float"
 
 
 def _refused(_value: bytes | str) -> Any:

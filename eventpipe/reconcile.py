@@ -285,21 +285,16 @@ class _Sync:
             deadline=self.now + self.park_timeout if held.waits else None)
 
     def _held(self, letter: DeadLetter, held: Held) -> DeadLetter | None:
-        """The letter still held, as it should now read; None when it reads so already. A
-        rejection that turns into a wait for a parent (a payment of another currency whose
-        order then left the read model) waits its parking time from now, as the same events
-        in another order make it: it was open for a reason that no longer holds."""
-        state, deadline = letter.state, letter.deadline
-        if state == WAITING and (not held.waits or (deadline or self.now) <= self.now):
-            state, deadline = OPEN, None
-        elif state == OPEN and held.waits and held.error_class != letter.error_class:
-            state, deadline = WAITING, self.now + self.park_timeout
+        """The letter still held, as it should now read; None when it reads so already."""
+        state = letter.state
+        if state == WAITING and (not held.waits or (letter.deadline or self.now) <= self.now):
+            state = OPEN
         if (state, held.error_class, held.reason, held.parent_key) == (
                 letter.state, letter.error_class, letter.reason, letter.parent_key):
             return None
         return replace(
-            letter, state=state, deadline=deadline, error_class=held.error_class,
-            reason=held.reason, parent_kind=held.parent_kind, parent_key=held.parent_key,
+            letter, state=state, error_class=held.error_class, reason=held.reason,
+            parent_kind=held.parent_kind, parent_key=held.parent_key,
             last_failure_at=self.now if state != letter.state else letter.last_failure_at)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 from collections.abc import Iterator
@@ -66,6 +67,15 @@ def require_database(settings: Settings) -> None:
             f"runs, or `eventpipe migrate` to make it")
 
 
+# The longest timeout PostgreSQL and SQL Server take: 2**31 - 1 milliseconds.
+_LONGEST_TIMEOUT_MS = 2**31 - 1
+
+
+def _milliseconds(seconds: float) -> int:
+    """A timeout as the servers count it; a positive one at least 1 ms, as 0 means none."""
+    return min(math.ceil(round(seconds * 1000, 6)), _LONGEST_TIMEOUT_MS)
+
+
 def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
                 synced: bool = True, brief: bool = False) -> Engine:
     """An engine for `settings.database_url`.
@@ -82,8 +92,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
     url = make_url(settings.database_url)
     options: dict[str, Any] = {"pool_pre_ping": True}
     backend = url.get_backend_name()
-    statement_ms = round(settings.database_statement_timeout_s * 1000)
-    lock_ms = round(settings.database_lock_timeout_s * 1000)
+    statement_ms = _milliseconds(settings.database_statement_timeout_s)
+    lock_ms = _milliseconds(settings.database_lock_timeout_s)
     if brief:
         statement_ms = min(statement_ms or BRIEF_S * 1000, BRIEF_S * 1000)
         lock_ms = min(lock_ms or BRIEF_S * 1000, BRIEF_S * 1000)
@@ -119,7 +129,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         if not synced:
             server += " -c synchronous_commit=off"
         if statement_ms:
-            server += f" -c idle_in_transaction_session_timeout={statement_ms * 5}"
+            idle_ms = min(statement_ms * 5, _LONGEST_TIMEOUT_MS)
+            server += f" -c idle_in_transaction_session_timeout={idle_ms}"
         options["connect_args"] = {"options": server,
                                    # Planned for the tables as they are at each execution:
                                    # a prepared statement's generic plan, made while a table

@@ -327,6 +327,29 @@ def test_postgresql_takes_any_text_whatever_the_database_s_client_encoding() -> 
             engine.dispose()
 
 
+@pytest.mark.parametrize(("statement_s", "lock_s", "said"), [
+    # Before: the idle limit, five times the statement's, past PostgreSQL's bound (2**31 - 1
+    # ms) refused every connection (an adversarial review's finding).
+    (2_000_000.0, 20.0, ("2000000s", "20s", "2147483647ms")),
+    # Before: a limit under half a millisecond was 0 ms, which is none at all.
+    (0.0004, 0.0004, ("1ms", "1ms", "5ms")),
+    (0.0, 0.0, ("0", "0", "0")),
+])
+def test_postgresql_is_given_the_timeouts_as_it_can_take_them(
+    postgresql_url: str, statement_s: float, lock_s: float, said: tuple[str, str, str],
+) -> None:
+    engine = make_engine(Settings(database_url=postgresql_url,
+                                  database_statement_timeout_s=statement_s,
+                                  database_lock_timeout_s=lock_s))
+    try:
+        with engine.connect() as conn:
+            assert tuple(conn.execute(text(f"SHOW {name}")).scalar_one() for name in (
+                "statement_timeout", "lock_timeout",
+                "idle_in_transaction_session_timeout")) == said
+    finally:
+        engine.dispose()
+
+
 def test_a_brief_engine_waits_on_postgresql_for_seconds_not_a_minute(postgresql_url: str) -> None:
     """The bridge's: its loop sends every partition's batches while the database is silent."""
     engine = make_engine(Settings(database_url=postgresql_url), brief=True)

@@ -59,9 +59,10 @@ def text(value: str) -> str:
 
 
 def event_id(value: str) -> str:
-    """An id as events may have it: another names no event, and is said so, not looked for."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty: an event id has a character that is no space")
+    """An id as the DLQ may show one (a message that is no event keeps the id it gave, blank
+    or not): another names nothing, and is said so, not looked for."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty: name an event id")
     try:
         check_text(value, "eventId", MAX_ID_LENGTH)
     except InvalidEvent as exc:

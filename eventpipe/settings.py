@@ -40,6 +40,8 @@ MAX_PARTITIONS = 10_000
 MAX_SECONDS = 10 * 365 * 24 * 3600
 # PostgreSQL's and SQL Server's bound on a statement or lock timeout: 2**31 - 1 milliseconds.
 MAX_DATABASE_TIMEOUT_S = 2_147_483
+# The most any count or size may be: what Redis, the databases and the Kafka client count to.
+MAX_COUNT = 2**63 - 1
 # The most messages the Kafka client hands over at once (confluent-kafka's `consume`).
 MAX_BATCH_EVENTS = 1_000_000
 # Kafka's longest topic name, 249, less the worker pool's suffix (`tasks.pool.pool_topic`).
@@ -265,7 +267,10 @@ class Settings:
         # below.
         for setting in dataclasses.fields(self):
             value = getattr(self, setting.name)
-            if setting.type in ("int", "float") and not (math.isfinite(value) and value >= 0):
+            # (An integer is finite, and one past a double's range has no float to test.)
+            negative = value < 0 if setting.type == "int" else \
+                setting.type == "float" and not (math.isfinite(value) and value >= 0)
+            if negative:
                 raise SettingsError(f"{setting.metadata['env']}={value!r}: must be a number, "
                                     "0 or more")
         # librdkafka wants it a second under its socket timeout (60 s), or requests time out.
@@ -289,7 +294,7 @@ class Settings:
         if self.batch_max_events > MAX_BATCH_EVENTS:
             raise SettingsError(f"BATCH_MAX_EVENTS={self.batch_max_events!r}: at most "
                                 f"{MAX_BATCH_EVENTS}, the most the Kafka client hands over at once")
-        self._times_in_bounds()
+        self._within_bounds()
         # A queue, a row of the status and a series per partition: a typo of a few digits
         # more would take the memory (`eventpipe status` of 10**11 partitions), not a topic.
         if self.kafka_partitions > MAX_PARTITIONS:
@@ -320,8 +325,9 @@ class Settings:
                                 f"at most {MAX_TOPIC_LENGTH} of a-z, A-Z, 0-9, '.', '_' and "
                                 "'-' (the worker pool's topic adds '.workers' to it)")
 
-    def _times_in_bounds(self) -> None:
-        """No time longer than the process, its database or its dates can hold."""
+    def _within_bounds(self) -> None:
+        """No time longer than the process, its database or its dates can hold, and no
+        count or size beyond what Redis, the databases and the Kafka client count to."""
         for setting in dataclasses.fields(self):
             env = setting.metadata["env"]
             value = getattr(self, setting.name)
@@ -331,6 +337,8 @@ class Settings:
                 bound, unit = MAX_SECONDS, "ten years"
             elif env.endswith("_MS"):
                 bound, unit = MAX_SECONDS * 1000, "ten years"
+            elif setting.type == "int":
+                bound, unit = MAX_COUNT, "2**63 - 1"
             else:
                 continue
             if value > bound:

@@ -101,6 +101,10 @@ def test_a_fetch_wait_librdkafka_would_time_out_on_is_refused() -> None:
     ("KAFKA_TOPIC", "événements", "KAFKA_TOPIC='événements': Kafka names a topic"),
     ("KAFKA_TOPIC", "e" * 242, "KAFKA_TOPIC='eeee"),
     ("KAFKA_TOPIC", "..", "KAFKA_TOPIC='..': Kafka names a topic"),
+    # A traceback: an integer past a double's range has no float to be checked as one.
+    ("DLQ_MAX_ENTRIES", "1" + "0" * 400, "DLQ_MAX_ENTRIES=1000000000000000000000000000000000"),
+    ("RETRY_MAX_ATTEMPTS", str(2**63), f"RETRY_MAX_ATTEMPTS={2**63}: at most "
+                                       "9223372036854775807 (2**63 - 1)"),
     # The bridge's every read refused by the Kafka client.
     ("BATCH_MAX_EVENTS", "1000001", "BATCH_MAX_EVENTS=1000001: at most 1000000, the most the "
                                     "Kafka client hands over at once"),

@@ -192,9 +192,10 @@ def prepared_statement_failed(orig: BaseException) -> bool:
 
 # "relation does not exist" (PostgreSQL), "Invalid object name" (SQL Server).
 _MISSING_TABLE = frozenset({"42P01", "42S02"})
-# A column not there (PostgreSQL's 42703, ODBC's 42S22), or a table: the schema is older
-# than the code, or gone.
-_OUT_OF_STEP = _MISSING_TABLE | {"42703", "42S22"}
+# A column not there (PostgreSQL's 42703, ODBC's 42S22), or a table; or no key for an
+# upsert's ON CONFLICT (42P10: a restore loads the rows first and the keys last, a key
+# rebuilt by hand): the schema is older than the code, gone, or not whole yet.
+_OUT_OF_STEP = _MISSING_TABLE | {"42703", "42S22", "42P10"}
 
 
 def schema_missing(exc: BaseException) -> bool:
@@ -203,11 +204,12 @@ def schema_missing(exc: BaseException) -> bool:
 
 
 def schema_out_of_step(exc: BaseException) -> bool:
-    """Whether the database lacks a table or column the code names: a schema never
-    migrated, dropped, or older than the code (a worker deployed before `eventpipe migrate`
-    ran). The world's failure, not the events': on SQLite, whose error for it is an
-    `OperationalError`, it always was one."""
-    return _said(exc, _OUT_OF_STEP, ("no such table", "no such column"))
+    """Whether the database lacks a table, column or key the code names: a schema never
+    migrated, dropped, older than the code (a worker deployed before `eventpipe migrate`
+    ran), or being restored. The world's failure, not the events': on SQLite, whose error
+    for it is an `OperationalError`, it always was one."""
+    return _said(exc, _OUT_OF_STEP, ("no such table", "no such column",
+                                     "ON CONFLICT clause does not match any PRIMARY KEY"))
 
 
 def _said(exc: BaseException, states: frozenset[str], sqlite_says: tuple[str, ...]) -> bool:

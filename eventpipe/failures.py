@@ -72,8 +72,8 @@ Decision = RetryLater | Split | RetryAlone | GiveUp
 
 # Waited for, not blamed on the events: the message the database adds names what is missing,
 # for an operator to tell a schema behind (migrate) from a table dropped or a view changed.
-SCHEMA_OUT_OF_STEP = ("the database lacks a table or column this code uses: run `eventpipe "
-                      "migrate` if its schema is behind")
+SCHEMA_OUT_OF_STEP = ("the database lacks a table, column or key this code uses: run "
+                      "`eventpipe migrate` if its schema is behind")
 
 
 def describe(exc: BaseException) -> str:

@@ -105,6 +105,9 @@ class PostgresSaid(Exception):
             "no such table: inventory")), FailureKind.TRANSIENT),
         (wrapped(sqlalchemy.exc.OperationalError, sqlite3.OperationalError(
             "no such column: version_at")), FailureKind.TRANSIENT),
+        # No key for an upsert's ON CONFLICT: a restore that makes the keys last.
+        (wrapped(sqlalchemy.exc.ProgrammingError,
+                 postgres(psycopg.errors.InvalidColumnReference)), FailureKind.TRANSIENT),
         # What an event chose, quoted in the message, is not what the database said.
         (wrapped(sqlalchemy.exc.IntegrityError, postgres(
             psycopg.errors.CheckViolation, 'new row violates check constraint\nDETAIL: '

@@ -39,6 +39,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from eventpipe import logs, metrics
+from eventpipe.errors import redis_refuses_writes
 from eventpipe.queues import partition_of
 
 log = logging.getLogger(__name__)
@@ -190,15 +191,63 @@ class _CheckingClient(redis.Redis):
 
 
 class _QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unrecorded: set[Any] = set()  # deliveries Redis took no record of (`append`)
+
     def append(self, message: Any, delivery_tag: Any) -> None:
         """kombu's, once more after its record of the message fails on a key of another kind
-        renamed aside meanwhile (the message was popped: else it would be lost to Redis)."""
+        renamed aside meanwhile (the message was popped: else it would be lost to Redis). A
+        Redis that takes no writes for now (at its memory bound, or failing to save its
+        snapshot) keeps no record of it: the task runs all the same, recorded only in this
+        process, rather than end the worker, which kombu would, unrecoverable. The record
+        only hands a task whose worker died to another after the visibility timeout; the
+        bridge reads such a task's events again from Kafka well before."""
         try:
             super().append(message, delivery_tag)
         except redis.ResponseError as exc:
+            if (refused := redis_refuses_writes(exc)) is not None:
+                _say_refused(refused)
+                virtual.QoS.append(self, message, delivery_tag)
+                self._unrecorded.add(delivery_tag)
+                return
             if not (_wrong_type(exc) and self.channel.set_aside_records_of_another_kind()):
                 raise
             super().append(message, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """kombu's hand-back of tasks whose worker died, under a lock it writes: skipped
+        while Redis takes no writes (it is asked again at each poll), where kombu would
+        end the worker, at its start too."""
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if (refused := redis_refuses_writes(exc)) is None:
+                raise
+            _say_refused(refused)
+
+    def ack(self, delivery_tag: Any) -> None:
+        """kombu's, with nothing asked of Redis for a delivery it has no record of."""
+        if delivery_tag in self._unrecorded:
+            self._unrecorded.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """kombu's; a delivery Redis has no record of cannot be put back from one: it goes,
+        and the bridge reads its events again from Kafka once their lease lapses."""
+        if delivery_tag in self._unrecorded:
+            self.ack(delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+
+def _say_refused(refused: str) -> None:
+    if _SAID.let_through("refused") is not None:
+        log.error("the Celery broker (CELERY_BROKER_URL) takes no writes: %s; tasks run with "
+                  "no record of their delivery, and none is handed back from one, until it "
+                  "does", refused)
 
 
 def requeue_next(message: Any) -> None:

@@ -51,6 +51,7 @@ from eventpipe.samples import (
     user_created,
 )
 from eventpipe.verify import render
+from launcher.embedded import start_redis
 from tests.support.databases import drop_database, new_database, postgres_database
 from tests.support.model import expected_state, stored_state
 from tests.support.pipeline import (
@@ -232,6 +233,45 @@ def test_celery_broker_flushed_mid_stream_loses_nothing(make_pipeline: Any) -> N
     drained(pipeline, sent)
     assert_state(pipeline, [doc for _, doc in messages])
     assert pipeline.dead_letters() == []
+
+
+def test_a_celery_broker_at_its_memory_bound_stops_no_worker(make_pipeline: Any) -> None:
+    """Before: a worker taking tasks while the Celery broker's Redis was at its memory bound
+    (`maxmemory`, evicting nothing, as the pipeline's keys need) died at once, kombu's record
+    of the delivery refused and its lock for handing tasks back too, unrecoverable; a bare
+    `celery -A tasks worker` stayed down (an adversarial probe's finding). Now the tasks run
+    with no record of their delivery, said in one line, and the worker goes on."""
+    broker_server = start_redis()
+    try:
+        pipeline: Pipeline = make_pipeline(celery_broker_url=f"{broker_server.url}/1")
+        broker = redis.Redis.from_url(f"{broker_server.url}/1")
+        messages = stream(400, seed=131)
+        worker = pipeline.start_worker()
+        wait_until(lambda: " ready." in pipeline.log_of("worker").read_text(), 60,
+                   "the worker ready")
+        # Its tasks queued while it is stopped (but for the one its waiting BRPOP takes).
+        worker.send_signal(signal.SIGSTOP)
+        sent = pipeline.send(messages)
+        pipeline.start_bridge()
+
+        def queued() -> int:
+            return sum(int(broker.llen(queue_name(p))) for p in range(pipeline.partitions))
+
+        wait_until(lambda: queued() >= pipeline.partitions - 1, 60, "the tasks queued")
+        broker.config_set("maxmemory-policy", "noeviction")
+        broker.config_set("maxmemory", 1)  # no write taken from here on
+        worker.send_signal(signal.SIGCONT)
+        wait_until(lambda: queued() == 0 and pipeline.applied_count() > 0, 60,
+                   "the queued tasks taken and applied")
+        assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
+        assert "the Celery broker (CELERY_BROKER_URL) takes no writes: it is at its memory " \
+               "bound (maxmemory)" in pipeline.log_of("worker").read_text()
+        broker.config_set("maxmemory", 0)
+        drained(pipeline, sent)
+        assert_state(pipeline, [doc for _, doc in messages])
+        assert worker.poll() is None
+    finally:
+        broker_server.stop()
 
 
 @pytest.mark.parametrize("same_topic", [False, True],

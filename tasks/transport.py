@@ -156,6 +156,24 @@ class _Checks(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             return bool(set_aside(client, keys))
 
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        """kombu's, from its record of the delivery; one taken with no record (`_QoS`), as
+        this process holds it (a worker stopping hands back what it holds)."""
+        unrecorded: set[Any] = getattr(self.qos, "unrecorded", set())
+        if message.delivery_tag not in unrecorded:
+            super()._restore(message, leftmost)
+            return
+        unrecorded.discard(message.delivery_tag)
+        self.push_back(message, leftmost)
+
+    def push_back(self, message: Any, leftmost: bool = False) -> None:
+        """A delivered message back in its queue, as this process holds it: in front (where
+        it came from) unless `leftmost`."""
+        delivery = message.delivery_info
+        with self.conn_or_acquire() as client:
+            self._do_restore_message(message._raw, delivery["exchange"],
+                                     delivery["routing_key"], client, leftmost)
+
     def set_aside_records_of_another_kind(self) -> bool:
         """Rename aside kombu's record of delivered messages, and its index, where either is
         no longer of its kind: whether either was."""
@@ -191,63 +209,85 @@ class _CheckingClient(redis.Redis):
 
 
 class _QoS(kombu_redis.QoS):
+    """kombu's record of delivered tasks, which hands a task whose worker died to another once
+    the visibility timeout passes. While Redis takes no writes (at its memory bound, or failing
+    to save its snapshot) kombu would end the worker at the first write the record needs,
+    unrecoverable, and a bare `celery worker` stays down. Here the worker goes on: a task taken
+    then runs with no record of its delivery (the bridge, not the record, reads again the
+    events of a task whose worker dies, well before the visibility timeout), the record of one
+    taken before is left to Redis if it refuses to drop it (handed back later: a copy, as any
+    redelivery), and the hand-back waits for writes."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._unrecorded: set[Any] = set()  # deliveries Redis took no record of (`append`)
+        self.unrecorded: set[Any] = set()  # delivered with no record in Redis (`append`)
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """kombu's, once more after its record of the message fails on a key of another kind
-        renamed aside meanwhile (the message was popped: else it would be lost to Redis). A
-        Redis that takes no writes for now (at its memory bound, or failing to save its
-        snapshot) keeps no record of it: the task runs all the same, recorded only in this
-        process, rather than end the worker, which kombu would, unrecoverable. The record
-        only hands a task whose worker died to another after the visibility timeout; the
-        bridge reads such a task's events again from Kafka well before."""
+        renamed aside meanwhile (the message was popped: else it would be lost to Redis)."""
         try:
             super().append(message, delivery_tag)
         except redis.ResponseError as exc:
-            if (refused := redis_refuses_writes(exc)) is not None:
-                _say_refused(refused)
+            if _refused(exc):
                 virtual.QoS.append(self, message, delivery_tag)
-                self._unrecorded.add(delivery_tag)
+                self.unrecorded.add(delivery_tag)
                 return
             if not (_wrong_type(exc) and self.channel.set_aside_records_of_another_kind()):
                 raise
             super().append(message, delivery_tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        """kombu's hand-back of tasks whose worker died, under a lock it writes: skipped
-        while Redis takes no writes (it is asked again at each poll), where kombu would
-        end the worker, at its start too."""
+        """kombu's hand-back, under a lock it writes: asked again at the next poll."""
         try:
             super().restore_visible(*args, **kwargs)
         except redis.ResponseError as exc:
-            if (refused := redis_refuses_writes(exc)) is None:
+            if not _refused(exc):
                 raise
-            _say_refused(refused)
 
     def ack(self, delivery_tag: Any) -> None:
-        """kombu's, with nothing asked of Redis for a delivery it has no record of."""
-        if delivery_tag in self._unrecorded:
-            self._unrecorded.discard(delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)
-            return
-        super().ack(delivery_tag)
+        if delivery_tag in self.unrecorded:
+            self.unrecorded.discard(delivery_tag)
+        else:
+            try:
+                super().ack(delivery_tag)
+                return
+            except redis.ResponseError as exc:
+                if not _refused(exc):
+                    raise
+                self._drop_record(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        """kombu's; a delivery Redis has no record of cannot be put back from one: it goes,
-        and the bridge reads its events again from Kafka once their lease lapses."""
-        if delivery_tag in self._unrecorded:
-            self.ack(delivery_tag)
-            return
-        super().reject(delivery_tag, requeue=requeue)
+        """kombu's; what Redis refuses is left as the record says (see the class)."""
+        if delivery_tag not in self.unrecorded:
+            try:
+                super().reject(delivery_tag, requeue=requeue)
+                return
+            except redis.ResponseError as exc:
+                if not _refused(exc):
+                    raise
+        self.unrecorded.discard(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _drop_record(self, delivery_tag: Any) -> None:
+        """The record of a task done, dropped outside a transaction: Redis at its memory
+        bound refuses every command of one, these too, but takes them alone."""
+        try:
+            with self.channel.conn_or_acquire() as client:
+                client.pipeline(transaction=False).zrem(self.unacked_index_key, delivery_tag) \
+                    .hdel(self.unacked_key, delivery_tag).execute()
+        except redis.RedisError:
+            pass  # kept: handed back once the visibility timeout passes, and applied again
 
 
-def _say_refused(refused: str) -> None:
-    if _SAID.let_through("refused") is not None:
+def _refused(exc: Exception) -> bool:
+    """Whether Redis refused for its state, not the command's; said once a minute."""
+    refused = redis_refuses_writes(exc)
+    if refused is not None and _SAID.let_through("refused") is not None:
         log.error("the Celery broker (CELERY_BROKER_URL) takes no writes: %s; tasks run with "
                   "no record of their delivery, and none is handed back from one, until it "
                   "does", refused)
+    return refused is not None
 
 
 def requeue_next(message: Any) -> None:
@@ -260,8 +300,18 @@ def requeue_next(message: Any) -> None:
     (`QoS.reject` → `restore_by_tag(leftmost=True)` → LPUSH), behind every batch of the
     partition queued since, which would then be applied before it."""
     channel = message.channel
-    # One transaction: out of kombu's unacked hash and index, RPUSHed.
-    channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    unrecorded: set[Any] = getattr(channel.qos, "unrecorded", set())
+    try:
+        if message.delivery_tag in unrecorded:  # taken while Redis took no record of it
+            channel.push_back(message)
+        else:  # one transaction: out of kombu's unacked hash and index, RPUSHed
+            channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    except redis.ResponseError as exc:
+        # Redis takes no writes: the record, if any, hands it back once the visibility
+        # timeout passes; the bridge reads its events again before.
+        if not _refused(exc):
+            raise
+    unrecorded.discard(message.delivery_tag)
     # Forgotten in this process only (the in-memory half of kombu's ack): Redis holds no
     # record of it any more, and its next consumer may hold one under the same tag already.
     virtual.QoS.ack(channel.qos, message.delivery_tag)

@@ -25,6 +25,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from bridge.service import Bridge
@@ -266,6 +267,40 @@ def test_a_celery_broker_at_its_memory_bound_stops_no_worker(make_pipeline: Any)
         assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
         assert "the Celery broker (CELERY_BROKER_URL) takes no writes: it is at its memory " \
                "bound (maxmemory)" in pipeline.log_of("worker").read_text()
+        broker.config_set("maxmemory", 0)
+        drained(pipeline, sent)
+        assert_state(pipeline, [doc for _, doc in messages])
+        assert worker.poll() is None
+    finally:
+        broker_server.stop()
+
+
+def test_a_task_whose_broker_fills_up_while_it_runs_ends_and_its_worker_goes_on(
+    make_pipeline: Any,
+) -> None:
+    """Before: a task taken, with its record, before the Celery broker's Redis reached its
+    memory bound, and done after, could not be acknowledged (Redis refuses every command of a
+    transaction then, the removal of the record too), and its worker died (an adversarial
+    review's finding)."""
+    broker_server = start_redis()
+    try:
+        pipeline: Pipeline = make_pipeline(celery_broker_url=f"{broker_server.url}/1")
+        broker = redis.Redis.from_url(f"{broker_server.url}/1")
+        messages = stream(400, seed=137)
+        worker = pipeline.start_worker()
+        with pipeline.engine.connect() as holder:  # the worker's batch waits on this lock
+            holder.begin()
+            holder.execute(text("LOCK TABLE applied_events IN ACCESS EXCLUSIVE MODE"))
+            sent = pipeline.send(messages)
+            pipeline.start_bridge()
+            wait_until(lambda: broker.hlen("unacked") > 0, 60, "a task taken, and recorded")
+            broker.config_set("maxmemory-policy", "noeviction")
+            broker.config_set("maxmemory", 1)
+            holder.rollback()
+        wait_until(lambda: pipeline.applied_count() > 0, 60, "its events applied")
+        wait_until(lambda: "takes no writes" in pipeline.log_of("worker").read_text(), 30,
+                   "the refusal said")
+        assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
         broker.config_set("maxmemory", 0)
         drained(pipeline, sent)
         assert_state(pipeline, [doc for _, doc in messages])

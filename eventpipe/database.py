@@ -72,8 +72,10 @@ _LONGEST_TIMEOUT_MS = 2**31 - 1
 
 
 def _milliseconds(seconds: float) -> int:
-    """A timeout as the servers count it; a positive one at least 1 ms, as 0 means none."""
-    return min(math.ceil(round(seconds * 1000, 6)), _LONGEST_TIMEOUT_MS)
+    """A timeout as the servers count it: 0 is none, so a positive one is at least 1 ms."""
+    if seconds <= 0:
+        return 0
+    return min(max(1, math.ceil(round(seconds * 1000, 6))), _LONGEST_TIMEOUT_MS)
 
 
 def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
@@ -155,7 +157,8 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         event.listen(engine, "connect", _names_of_its_own)
         event.listen(engine, "do_execute", _prepared)
     elif backend == "mssql":
-        _configure_mssql(engine, statement_s=round(statement_ms / 1000),
+        # Whole seconds there, 0 none: a limit under half a second was none at all.
+        _configure_mssql(engine, statement_s=math.ceil(statement_ms / 1000),
                          lock_ms=lock_ms or -1)
     return engine
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -332,7 +333,7 @@ def test_postgresql_takes_any_text_whatever_the_database_s_client_encoding() -> 
     # ms) refused every connection (an adversarial review's finding).
     (2_000_000.0, 20.0, ("2000000s", "20s", "2147483647ms")),
     # Before: a limit under half a millisecond was 0 ms, which is none at all.
-    (0.0004, 0.0004, ("1ms", "1ms", "5ms")),
+    (60.0, 0.0004, ("1min", "1ms", "5min")), (60.0, 1e-10, ("1min", "1ms", "5min")),
     (0.0, 0.0, ("0", "0", "0")),
 ])
 def test_postgresql_is_given_the_timeouts_as_it_can_take_them(
@@ -348,6 +349,33 @@ def test_postgresql_is_given_the_timeouts_as_it_can_take_them(
                 "idle_in_transaction_session_timeout")) == said
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(("statement_s", "lock_s", "said"), [
+    (60.0, 20.0, (60, "SET LOCK_TIMEOUT 20000")),
+    # Before: a statement limit under half a second was 0 s there, which is none at all.
+    (0.3, 0.0004, (1, "SET LOCK_TIMEOUT 1")),
+    (0.0, 0.0, (0, "SET LOCK_TIMEOUT -1")),
+])
+def test_sql_server_is_given_the_timeouts_as_it_can_take_them(
+    statement_s: float, lock_s: float, said: tuple[int, str],
+) -> None:
+    engine = make_engine(Settings(
+        database_url="mssql+pyodbc://sa:pw@127.0.0.1:1/x?driver=FreeTDS",
+        database_statement_timeout_s=statement_s, database_lock_timeout_s=lock_s))
+    executed: list[str] = []
+
+    class Connection:  # pyodbc's, as the engine's connect listener sees it
+        timeout = -1
+
+        def cursor(self) -> Any:
+            return SimpleNamespace(execute=executed.append, close=lambda: None)
+
+    made = Connection()
+    for listener in engine.pool.dispatch.connect:  # this project's, not the dialect's own
+        if listener.__module__ == "eventpipe.database":
+            listener(made, None)
+    assert (made.timeout, executed) == (said[0], [said[1]])
 
 
 def test_a_brief_engine_waits_on_postgresql_for_seconds_not_a_minute(postgresql_url: str) -> None:

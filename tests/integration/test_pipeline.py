@@ -236,16 +236,43 @@ def test_celery_broker_flushed_mid_stream_loses_nothing(make_pipeline: Any) -> N
     assert pipeline.dead_letters() == []
 
 
+@contextmanager
+def _broker_of_its_own(make_pipeline: Any) -> Iterator[tuple[Pipeline, redis.Redis]]:
+    """A pipeline whose Celery broker is a Redis apart from its offset ledger's, to be filled
+    to its memory bound alone; and a client of that broker."""
+    server = start_redis()
+    try:
+        pipeline: Pipeline = make_pipeline(celery_broker_url=f"{server.url}/1")
+        yield pipeline, redis.Redis.from_url(f"{server.url}/1")
+    finally:
+        server.stop()
+
+
+def _filled(broker: redis.Redis) -> None:
+    """The broker at its memory bound, evicting nothing (as the pipeline's keys need): no
+    write taken from here on."""
+    broker.config_set("maxmemory-policy", "noeviction")
+    broker.config_set("maxmemory", 1)
+
+
+def _freed_and_drained(pipeline: Pipeline, broker: redis.Redis, worker: subprocess.Popen[bytes],
+                       sent: int, messages: list[Message]) -> None:
+    assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
+    assert "the Celery broker (CELERY_BROKER_URL) takes no writes: it is at its memory bound " \
+           "(maxmemory)" in pipeline.log_of("worker").read_text()
+    broker.config_set("maxmemory", 0)
+    drained(pipeline, sent)
+    assert_state(pipeline, [doc for _, doc in messages])
+    assert worker.poll() is None
+
+
 def test_a_celery_broker_at_its_memory_bound_stops_no_worker(make_pipeline: Any) -> None:
     """Before: a worker taking tasks while the Celery broker's Redis was at its memory bound
-    (`maxmemory`, evicting nothing, as the pipeline's keys need) died at once, kombu's record
-    of the delivery refused and its lock for handing tasks back too, unrecoverable; a bare
-    `celery -A tasks worker` stayed down (an adversarial probe's finding). Now the tasks run
-    with no record of their delivery, said in one line, and the worker goes on."""
-    broker_server = start_redis()
-    try:
-        pipeline: Pipeline = make_pipeline(celery_broker_url=f"{broker_server.url}/1")
-        broker = redis.Redis.from_url(f"{broker_server.url}/1")
+    died at once, kombu's record of the delivery refused and its lock for handing tasks back
+    too, unrecoverable; a bare `celery -A tasks worker` stayed down (an adversarial probe's
+    finding). Now the tasks run with no record of their delivery, said in one line, and the
+    worker goes on."""
+    with _broker_of_its_own(make_pipeline) as (pipeline, broker):
         messages = stream(400, seed=131)
         worker = pipeline.start_worker()
         wait_until(lambda: " ready." in pipeline.log_of("worker").read_text(), 60,
@@ -259,20 +286,11 @@ def test_a_celery_broker_at_its_memory_bound_stops_no_worker(make_pipeline: Any)
             return sum(int(broker.llen(queue_name(p))) for p in range(pipeline.partitions))
 
         wait_until(lambda: queued() >= pipeline.partitions - 1, 60, "the tasks queued")
-        broker.config_set("maxmemory-policy", "noeviction")
-        broker.config_set("maxmemory", 1)  # no write taken from here on
+        _filled(broker)
         worker.send_signal(signal.SIGCONT)
         wait_until(lambda: queued() == 0 and pipeline.applied_count() > 0, 60,
                    "the queued tasks taken and applied")
-        assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
-        assert "the Celery broker (CELERY_BROKER_URL) takes no writes: it is at its memory " \
-               "bound (maxmemory)" in pipeline.log_of("worker").read_text()
-        broker.config_set("maxmemory", 0)
-        drained(pipeline, sent)
-        assert_state(pipeline, [doc for _, doc in messages])
-        assert worker.poll() is None
-    finally:
-        broker_server.stop()
+        _freed_and_drained(pipeline, broker, worker, sent, messages)
 
 
 def test_a_task_whose_broker_fills_up_while_it_runs_ends_and_its_worker_goes_on(
@@ -282,10 +300,7 @@ def test_a_task_whose_broker_fills_up_while_it_runs_ends_and_its_worker_goes_on(
     memory bound, and done after, could not be acknowledged (Redis refuses every command of a
     transaction then, the removal of the record too), and its worker died (an adversarial
     review's finding)."""
-    broker_server = start_redis()
-    try:
-        pipeline: Pipeline = make_pipeline(celery_broker_url=f"{broker_server.url}/1")
-        broker = redis.Redis.from_url(f"{broker_server.url}/1")
+    with _broker_of_its_own(make_pipeline) as (pipeline, broker):
         messages = stream(400, seed=137)
         worker = pipeline.start_worker()
         with pipeline.engine.connect() as holder:  # the worker's batch waits on this lock
@@ -294,19 +309,12 @@ def test_a_task_whose_broker_fills_up_while_it_runs_ends_and_its_worker_goes_on(
             sent = pipeline.send(messages)
             pipeline.start_bridge()
             wait_until(lambda: broker.hlen("unacked") > 0, 60, "a task taken, and recorded")
-            broker.config_set("maxmemory-policy", "noeviction")
-            broker.config_set("maxmemory", 1)
+            _filled(broker)
             holder.rollback()
         wait_until(lambda: pipeline.applied_count() > 0, 60, "its events applied")
         wait_until(lambda: "takes no writes" in pipeline.log_of("worker").read_text(), 30,
                    "the refusal said")
-        assert worker.poll() is None, pipeline.log_of("worker").read_text()[-3000:]
-        broker.config_set("maxmemory", 0)
-        drained(pipeline, sent)
-        assert_state(pipeline, [doc for _, doc in messages])
-        assert worker.poll() is None
-    finally:
-        broker_server.stop()
+        _freed_and_drained(pipeline, broker, worker, sent, messages)
 
 
 @pytest.mark.parametrize("same_topic", [False, True],

@@ -64,7 +64,7 @@ def event_id(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("empty: name an event id")
     try:
-        check_text(value, "eventId", MAX_ID_LENGTH)
+        check_text(text(value), "eventId", MAX_ID_LENGTH)
     except InvalidEvent as exc:
         raise argparse.ArgumentTypeError(f"no event id: it {exc.reason}") from None
     return value

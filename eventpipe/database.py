@@ -18,7 +18,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from eventpipe import sqlite_turns
 from eventpipe.errors import prepared_statement_failed, read_only, sqlstate
-from eventpipe.settings import Settings, SettingsError
+from eventpipe.settings import MAX_DATABASE_TIMEOUT_MS, Settings, SettingsError
 from eventpipe.sqlite_file import in_a_file
 from eventpipe.sqlite_turns import TakesTurns, begin_writing
 
@@ -67,15 +67,11 @@ def require_database(settings: Settings) -> None:
             f"runs, or `eventpipe migrate` to make it")
 
 
-# The longest timeout PostgreSQL and SQL Server take: 2**31 - 1 milliseconds.
-_LONGEST_TIMEOUT_MS = 2**31 - 1
-
-
 def _milliseconds(seconds: float) -> int:
     """A timeout as the servers count it: 0 is none, so a positive one is at least 1 ms."""
     if seconds <= 0:
         return 0
-    return min(max(1, math.ceil(round(seconds * 1000, 6))), _LONGEST_TIMEOUT_MS)
+    return min(max(1, math.ceil(round(seconds * 1000, 6))), MAX_DATABASE_TIMEOUT_MS)
 
 
 def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
@@ -131,7 +127,7 @@ def make_engine(settings: Settings, *, writer: bool = True, create: bool = True,
         if not synced:
             server += " -c synchronous_commit=off"
         if statement_ms:
-            idle_ms = min(statement_ms * 5, _LONGEST_TIMEOUT_MS)
+            idle_ms = min(statement_ms * 5, MAX_DATABASE_TIMEOUT_MS)
             server += f" -c idle_in_transaction_session_timeout={idle_ms}"
         options["connect_args"] = {"options": server,
                                    # Planned for the tables as they are at each execution:

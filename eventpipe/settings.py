@@ -39,7 +39,8 @@ MAX_PARTITIONS = 10_000
 # 9999, a timer's or a driver's bound, a retry's due time.
 MAX_SECONDS = 10 * 365 * 24 * 3600
 # PostgreSQL's and SQL Server's bound on a statement or lock timeout: 2**31 - 1 milliseconds.
-MAX_DATABASE_TIMEOUT_S = 2_147_483
+MAX_DATABASE_TIMEOUT_MS = 2**31 - 1
+MAX_DATABASE_TIMEOUT_S = MAX_DATABASE_TIMEOUT_MS // 1000
 # The most any count or size may be: what Redis, the databases and the Kafka client count to.
 MAX_COUNT = 2**63 - 1
 # The most messages the Kafka client hands over at once (confluent-kafka's `consume`).
